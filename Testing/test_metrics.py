@@ -224,9 +224,7 @@ def test_metrics_table_renders_exactly(tmp_path):
     t.add_row(metric="lung noise reduction", change=74.375, unit="%")
     csv_text = t.to_csv(tmp_path / "t.csv")
     assert csv_text == (
-        "metric,before,after,change,unit\n"
-        "lung std,80,20.5,-59.5,HU\n"
-        "lung noise reduction,,,74.375,%\n"
+        "metric,before,after,change,unit\nlung std,80,20.5,-59.5,HU\nlung noise reduction,,,74.375,%\n"
     )
     assert (tmp_path / "t.csv").read_text() == csv_text
     assert t.to_markdown() == (
@@ -258,7 +256,9 @@ def test_roi_comparison_table_on_ct_small(ct_small):
     lung = binary_erosion(ct_small < -600, iterations=2)
     soft = binary_erosion((ct_small > -100) & (ct_small < 100), iterations=3)
     assert lung.sum() > 500 and soft.sum() > 500
-    table = M.roi_comparison_table(Volume(before[None]), after[None], {"lung": lung[None], "soft_tissue": soft[None]})
+    table = M.roi_comparison_table(
+        Volume(before[None]), after[None], {"lung": lung[None], "soft_tissue": soft[None]}
+    )
     d = dict(zip(table.as_dict()["metric"], table.rows))
     assert len(table.rows) == 2 * 5 + 2
     b, a = M.roi_stats(before, soft), M.roi_stats(after, soft)

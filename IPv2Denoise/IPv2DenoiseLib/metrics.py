@@ -17,13 +17,7 @@ import numpy as np
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from .errors import UserError
-from .metrics_table import MetricsTable
-
-__all__ = [
-    "LUNG_WINDOW", "LUNG_DISPLAY", "MEDIASTINAL_DISPLAY", "RoiStats", "NPS", "MetricsTable",
-    "roi_stats", "noise_std", "noise_from_realisations", "cnr", "psnr", "ssim", "rmse", "nps_2d",
-    "laa950", "roi_comparison_table",
-]
+from .metrics_table import MetricsTable  # re-exported: metrics.MetricsTable
 
 LUNG_WINDOW: tuple[float, float] = (-1350.0, 150.0)
 """(low, high) HU: the one window for PSNR/SSIM/RMSE (= display level −600, width 1500)."""
@@ -173,7 +167,12 @@ def rmse(reference: Any, test: Any, *, mask: Any = None, window: tuple[float, fl
 
 
 def ssim(
-    reference: Any, test: Any, *, mask: Any = None, window: tuple[float, float] = LUNG_WINDOW, win_size: int = 7
+    reference: Any,
+    test: Any,
+    *,
+    mask: Any = None,
+    window: tuple[float, float] = LUNG_WINDOW,
+    win_size: int = 7,
 ) -> float:
     """Mean structural similarity (Wang et al. 2004) of ``test`` against ``reference``.
 
@@ -197,7 +196,9 @@ def ssim(
     """
     ref, tst, m, _ = _windowed("ssim", reference, test, mask, window)
     if ref.ndim not in (2, 3) or min(ref.shape[-2:]) < win_size:
-        raise UserError(f"ssim: image shape {ref.shape} must be 2D/3D with slices of at least {win_size}×{win_size}")
+        raise UserError(
+            f"ssim: image shape {ref.shape} must be 2D/3D with slices of at least {win_size}×{win_size}"
+        )
     ref, tst = ref.reshape((-1, *ref.shape[-2:])), tst.reshape((-1, *tst.shape[-2:]))
     m = np.ones(ref.shape, bool) if m is None else m.reshape(ref.shape)
     pad = (win_size - 1) // 2
@@ -292,7 +293,9 @@ def nps_2d(
     dx, dy = (float(pixel_spacing_mm),) * 2 if np.isscalar(pixel_spacing_mm) else map(float, pixel_spacing_mm)
     r, step = int(roi_size), int(stride or roi_size)
     if r < 4 or step < 1 or dx <= 0 or dy <= 0:
-        raise UserError(f"nps_2d: roi_size {roi_size}, stride {stride}, spacing {pixel_spacing_mm} out of range")
+        raise UserError(
+            f"nps_2d: roi_size {roi_size}, stride {stride}, spacing {pixel_spacing_mm} out of range"
+        )
     m = None if mask is None else _mask("nps_2d", mask, img.shape)
     img3 = img.reshape((-1, *img.shape[-2:]))
     m3 = None if m is None else m.reshape(img3.shape)
@@ -315,9 +318,13 @@ def nps_2d(
         acc += (np.abs(np.fft.fft2(rois)) ** 2).sum(axis=0)
         n += len(keep)
     if n == 0:
-        raise UserError(f"nps_2d: no {r}×{r} ROI fits in the image {img.shape} (inside the mask); use a smaller roi_size")
+        raise UserError(
+            f"nps_2d: no {r}×{r} ROI fits in the image {img.shape} (inside the mask); use a smaller roi_size"
+        )
     nps = np.fft.fftshift(acc / n * dx * dy / (r * r))
-    fy, fx = np.meshgrid(np.fft.fftshift(np.fft.fftfreq(r, dy)), np.fft.fftshift(np.fft.fftfreq(r, dx)), indexing="ij")
+    fy, fx = np.meshgrid(
+        np.fft.fftshift(np.fft.fftfreq(r, dy)), np.fft.fftshift(np.fft.fftfreq(r, dx)), indexing="ij"
+    )
     f = np.hypot(fx, fy)
     df = 1.0 / (r * max(dx, dy))
     ring = np.rint(f / df).astype(int)

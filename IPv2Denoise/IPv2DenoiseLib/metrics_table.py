@@ -55,7 +55,9 @@ class MetricsTable:
                 raise UserError(f"add_row: unknown column(s) {unknown}; columns are {self.columns}")
             values = tuple(named.get(c) for c in self.columns)
         if len(values) != len(self.columns):
-            raise UserError(f"add_row: got {len(values)} values for {len(self.columns)} columns {self.columns}")
+            raise UserError(
+                f"add_row: got {len(values)} values for {len(self.columns)} columns {self.columns}"
+            )
         self.rows.append(list(values))
 
     def as_dict(self) -> dict[str, list[Any]]:
