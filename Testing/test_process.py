@@ -1,0 +1,116 @@
+"""Background subprocess runner: JSON-lines progress, tree kill on cancel, stderr of a dying child."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+import time
+
+import psutil
+import pytest
+
+from IPv2DenoiseLib.process import (
+    BackgroundProcess,
+    ExitCode,
+    JobStatus,
+    denoise_command,
+    parse_json_line,
+)
+
+PROGRESS_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, time
+    print(json.dumps({"device": "CPU (1 threads)"}), flush=True)
+    print("a plain log line", flush=True)
+    for i in range(1, 5):
+        time.sleep(0.05)
+        print(json.dumps({"progress": i / 4, "eta_s": (4 - i) * 0.05, "message": f"slab {i}/4"}), flush=True)
+    print(json.dumps({"result": "out.nrrd", "seconds": 0.2}), flush=True)
+    """
+)
+
+# The child starts a grandchild (sleeping), prints both pids, then sleeps itself.
+TREE_SCRIPT = textwrap.dedent(
+    """
+    import json, subprocess, sys, time
+    grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    print(json.dumps({"pids": [__import__("os").getpid(), grandchild.pid]}), flush=True)
+    print(json.dumps({"progress": 0.1, "eta_s": 100, "message": "working"}), flush=True)
+    time.sleep(120)
+    """
+)
+
+
+def _wait_for(predicate, timeout=10.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_parse_json_line():
+    assert parse_json_line('{"progress": 0.5}\n') == {"progress": 0.5}
+    assert parse_json_line("warning: something") is None
+    assert parse_json_line("{not json}") is None
+    assert parse_json_line("[1, 2]") is None
+
+
+def test_progress_records_are_parsed_while_running():
+    proc = BackgroundProcess([sys.executable, "-c", PROGRESS_SCRIPT]).start()
+    seen = []
+    assert _wait_for(lambda: (seen.extend(proc.poll()) or proc.finished()))
+    proc.poll()
+    fractions = [r["progress"] for r in seen if isinstance(r, dict) and "progress" in r]
+    assert fractions == [0.25, 0.5, 0.75, 1.0]
+    assert proc.returncode == ExitCode.OK
+    assert proc.status.device == "CPU (1 threads)"
+    assert proc.status.result == "out.nrrd" and proc.status.seconds == pytest.approx(0.2)
+    assert proc.status.fraction == 1.0
+    assert proc.status.log == ["a plain log line"]
+
+
+def test_cancel_kills_child_and_grandchild_and_is_sticky():
+    proc = BackgroundProcess([sys.executable, "-c", TREE_SCRIPT]).start()
+    records = []
+    assert _wait_for(lambda: any("pids" in r for r in (records.extend(proc.poll()) or records) if isinstance(r, dict)))
+    pids = next(r["pids"] for r in records if isinstance(r, dict) and "pids" in r)
+    assert all(psutil.pid_exists(p) for p in pids)
+    proc.cancel()
+    assert proc.wait(timeout=10) == ExitCode.CANCELLED
+    assert proc.cancel_requested
+
+    def gone(pid):
+        try:
+            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    assert _wait_for(lambda: all(gone(p) for p in pids), timeout=10)
+
+
+def test_dying_child_stderr_is_captured():
+    script = "import sys; print('{\"progress\": 0.3, \"eta_s\": 1}', flush=True); " \
+             "sys.stderr.write('ipv2-denoise denoise: error: input: not a CT volume\\n'); sys.exit(2)"
+    proc = BackgroundProcess([sys.executable, "-c", script]).start()
+    assert proc.wait(timeout=20) == ExitCode.USER_ERROR
+    assert proc.error_message() == "ipv2-denoise denoise: error: input: not a CT volume"
+    assert proc.status.result is None and proc.status.fraction == pytest.approx(0.3)
+
+
+def test_status_fraction_never_decreases():
+    status = JobStatus()
+    status.apply({"progress": 0.6, "eta_s": 2})
+    status.apply({"progress": 0.4, "eta_s": 3})
+    assert status.fraction == 0.6 and status.eta_s == 3
+
+
+def test_denoise_command():
+    cmd = denoise_command("in.nrrd", "out.nrrd", model="unet-ipv2", device="cpu", remove_background=False,
+                          python="PythonSlicer")
+    assert cmd[:4] == ["PythonSlicer", "-m", "IPv2DenoiseLib", "denoise"]
+    assert cmd[cmd.index("--device") + 1] == "cpu" and "--no-remove-background" in cmd
+    assert "--json-progress" in cmd
+    with pytest.raises(ValueError, match="device"):
+        denoise_command("a", "b", model="m", device="gpu")
