@@ -303,7 +303,7 @@ def nps_2d(
     corners = [(y, x) for y in range(0, ny - r + 1, step) for x in range(0, nx - r + 1, step)]
     yy, xx = np.mgrid[0:r, 0:r]
     design = np.stack([np.ones(r * r), xx.ravel(), yy.ravel()], axis=1)
-    project = design @ np.linalg.pinv(design)  # plane fit as a projection matrix
+    fit = np.linalg.pinv(design)  # (3, r²): least-squares plane coefficients of a flattened ROI
     acc, n = np.zeros((r, r)), 0
     for z in range(img3.shape[0]):
         keep = [(y, x) for y, x in corners if m3 is None or m3[z, y : y + r, x : x + r].all()]
@@ -314,7 +314,7 @@ def nps_2d(
             rois -= rois.mean(axis=(1, 2), keepdims=True)
         else:
             flat = rois.reshape(len(keep), -1)
-            rois = (flat - flat @ project.T).reshape(rois.shape)
+            rois = (flat - (flat @ fit.T) @ design.T).reshape(rois.shape)
         acc += (np.abs(np.fft.fft2(rois)) ** 2).sum(axis=0)
         n += len(keep)
     if n == 0:
