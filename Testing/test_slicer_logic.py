@@ -1,0 +1,202 @@
+"""MRML side of the module on a real vtkMRMLScene (PyPI slicer-core): nodes, geometry, tables, layout."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+pytest.importorskip("slicer.util", reason="slicer-core not installed")
+import slicer  # noqa: E402
+
+from IPv2DenoiseLib import slicer_bridge as sb  # noqa: E402
+from IPv2DenoiseLib.errors import UserError  # noqa: E402
+from IPv2DenoiseLib.metrics import roi_comparison_table  # noqa: E402
+from IPv2DenoiseLib.progress import Cancelled  # noqa: E402
+from IPv2DenoiseLib.volume import Volume  # noqa: E402
+
+
+@pytest.fixture()
+def scene():
+    slicer.mrmlScene = slicer.vtkMRMLScene()
+    yield slicer.mrmlScene
+    slicer.mrmlScene.Clear(True)
+
+
+def _oblique_volume(shape=(6, 24, 28), seed=0):
+    """A noisy 'chest': air, a body disk at 40 HU with two lungs at -850 HU; oblique geometry."""
+    rng = np.random.default_rng(seed)
+    z, y, x = np.indices(shape)
+    cy, cx = shape[1] / 2, shape[2] / 2
+    hu = np.full(shape, -1000.0, dtype=np.float32)
+    body = ((y - cy) / (0.45 * shape[1])) ** 2 + ((x - cx) / (0.45 * shape[2])) ** 2 < 1
+    hu[body] = 40.0
+    for sx in (-1, 1):
+        lung = ((y - cy) / (0.25 * shape[1])) ** 2 + ((x - cx - sx * 0.2 * shape[2]) / (0.12 * shape[2])) ** 2 < 1
+        hu[lung] = -850.0
+    hu += rng.normal(0, 60, shape).astype(np.float32)
+    t = np.deg2rad(15)
+    rot = np.array([[np.cos(t), 0, np.sin(t)], [0, 1, 0], [-np.sin(t), 0, np.cos(t)]])
+    return Volume(hu, spacing=(0.7, 0.8, 2.5), origin=(-12.0, 30.5, -100.0), direction=rot.ravel())
+
+
+def _geometry(node):
+    import vtk
+
+    m = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(m)
+    return np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def test_volume_node_round_trip_keeps_lps_geometry(scene):
+    vol = _oblique_volume()
+    node = sb.add_volume_node(vol, "chest")
+    # IJK->RAS of the node is the LPS geometry with the first two rows negated
+    np.testing.assert_allclose(_geometry(node), sb.ijk_to_ras(vol), atol=1e-9)
+    ras_origin = np.array(node.GetOrigin())
+    np.testing.assert_allclose(ras_origin, [12.0, -30.5, -100.0])
+    back = sb.volume_from_node(node)
+    assert back.same_geometry(vol, atol=1e-9)
+    np.testing.assert_array_equal(back.array, vol.array)
+    # voxel (i, j, k) lands at the same physical point both ways
+    i, j, k = 3, 5, 2
+    lps = np.asarray(vol.origin) + np.asarray(vol.direction).reshape(3, 3) @ (np.array([i, j, k]) * vol.spacing)
+    ras = _geometry(node) @ np.array([i, j, k, 1.0])
+    np.testing.assert_allclose(ras[:3], sb.LPS_TO_RAS @ lps, atol=1e-9)
+
+
+def test_denoise_node_with_tiny_model_keeps_geometry_and_study(scene):
+    torch = pytest.importorskip("torch")
+    from IPv2DenoiseLib.infer import Denoiser
+    from IPv2DenoiseLib.models import UNet
+
+    torch.manual_seed(0)
+    denoiser = Denoiser(UNet(in_slices=3, base_channels=4))
+    vol = _oblique_volume()
+    node = sb.add_volume_node(vol, "chest")
+    node.GetDisplayNode().SetAutoWindowLevel(False)
+    node.GetDisplayNode().SetWindowLevel(1500, -600)
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    patient = sh.CreateSubjectItem(sh.GetSceneItemID(), "Patient 1")
+    study = sh.CreateStudyItem(patient, "Study 1")
+    item = sh.GetItemByDataNode(node)
+    if item:  # Slicer's SH plugin logic made one
+        sh.SetItemParent(item, study)
+    else:  # bare slicer-core scene
+        sh.CreateItem(study, node)
+
+    out = sb.denoise_node(node, denoise=lambda v: denoiser.denoise(v, device="cpu", remove_background=True))
+    assert out.GetName() == "chest denoised"
+    np.testing.assert_allclose(_geometry(out), _geometry(node), atol=1e-9)
+    result = slicer.util.arrayFromVolume(out)
+    assert result.shape == vol.shape and np.isfinite(result).all()
+    # background removed: the corners (outside air) are exactly -1000 HU
+    assert result[:, 0, 0].tolist() == [-1000.0] * vol.shape[0]
+    assert sh.GetItemParent(sh.GetItemByDataNode(out)) == study
+    assert (out.GetDisplayNode().GetWindow(), out.GetDisplayNode().GetLevel()) == (1500, -600)
+    # the input is untouched
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(node), vol.array)
+
+
+def test_table_node_matches_metrics_table(scene):
+    vol = _oblique_volume()
+    after = vol.with_array(vol.array * 0.5 + 0.5 * np.round(vol.array / 100) * 100)
+    lung = vol.array < -500
+    lung[:, :, : vol.shape[2] // 4] = False
+    regions = {"lung": lung & (np.abs(np.indices(vol.shape)[1] - 12) < 4), "soft_tissue": np.abs(vol.array - 40) < 50}
+    table = roi_comparison_table(vol.array, after.array, regions)
+    node = sb.table_node_from_metrics(table)
+    vt = node.GetTable()
+    assert [vt.GetColumnName(c) for c in range(vt.GetNumberOfColumns())] == table.columns
+    assert vt.GetNumberOfRows() == len(table.rows)
+    for r, row in enumerate(table.rows):
+        for c, value in enumerate(row):
+            cell = vt.GetValue(r, c)
+            if isinstance(value, str):
+                assert cell.ToString() == value
+            elif value is None or (isinstance(value, float) and np.isnan(value)):
+                assert np.isnan(cell.ToDouble()) or cell.ToString() == ""
+            else:
+                assert cell.ToDouble() == pytest.approx(float(value), rel=1e-12)
+    # refill the same node with a different table: no stale rows
+    small = roi_comparison_table(vol.array, after.array, {"lung": regions["lung"]})
+    assert sb.table_node_from_metrics(small, node=node) is node
+    assert node.GetTable().GetNumberOfRows() == len(small.rows)
+
+
+def test_comparison_layout_links_views_and_sets_window(scene):
+    vol = _oblique_volume()
+    a = sb.add_volume_node(vol, "before")
+    b = sb.add_volume_node(vol.with_array(vol.array * 0.9), "after")
+    previous = sb.setup_comparison(a, b, preset="Lung")
+    layout = scene.GetNodesByClass("vtkMRMLLayoutNode").GetItemAsObject(0)
+    assert layout.GetViewArrangement() == sb.SIDE_BY_SIDE_LAYOUT == slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView
+    red, yellow = sb.composite_node("Red"), sb.composite_node("Yellow")
+    assert red.GetBackgroundVolumeID() == a.GetID() and yellow.GetBackgroundVolumeID() == b.GetID()
+    assert red.GetLinkedControl() and red.GetHotLinkedControl() and yellow.GetHotLinkedControl()
+    for n in (a, b):
+        assert (n.GetDisplayNode().GetWindow(), n.GetDisplayNode().GetLevel()) == (1500, -600)
+    sb.setup_comparison(a, b, preset="Mediastinal")
+    assert (b.GetDisplayNode().GetWindow(), b.GetDisplayNode().GetLevel()) == (400, 40)
+    sb.restore_layout(previous)
+    assert layout.GetViewArrangement() == previous
+    diff = sb.difference_node(a, b)
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(diff), -0.1 * vol.array, atol=1e-3)
+
+
+def test_volume_from_node_rejects_empty_node(scene):
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")
+    with pytest.raises(UserError, match="no image data"):
+        sb.volume_from_node(node)
+
+
+# A stand-in for ``ipv2-denoise denoise``: same protocol, reads/writes through IPv2DenoiseLib.io.
+FAKE_DENOISER = textwrap.dedent(
+    """
+    import json, sys, time
+    from IPv2DenoiseLib.io import read_volume, write_volume
+    src, dst, mode = sys.argv[1:4]
+    print(json.dumps({"device": "CPU (1 threads)"}), flush=True)
+    if mode == "fail":
+        sys.stderr.write("ipv2-denoise denoise: error: model 'nope' is unknown\\n"); sys.exit(2)
+    if mode == "hang":
+        print(json.dumps({"progress": 0.1, "eta_s": 60, "message": "slab 1/10"}), flush=True)
+        time.sleep(60)
+    v = read_volume(src, force=True)
+    print(json.dumps({"progress": 1.0, "eta_s": 0, "message": "done"}), flush=True)
+    write_volume(v.with_array(v.array * 0.5 - 500), dst)
+    print(json.dumps({"result": dst, "seconds": 0.1}), flush=True)
+    """
+)
+
+
+@pytest.mark.parametrize("mode", ["ok", "fail", "hang"])
+def test_denoise_job_subprocess(scene, mode):
+    vol = _oblique_volume(shape=(4, 20, 22))
+    node = sb.add_volume_node(vol, "chest")
+    n_nodes = scene.GetNumberOfNodes()
+    job = sb.DenoiseJob(node, model="unet-ipv2",
+                        command=[sys.executable, "-c", FAKE_DENOISER, "{input}", "{output}", mode]).start()
+    workdir = job.workdir
+    if mode == "ok":
+        out = job.wait(timeout=60)
+        assert job.status.device == "CPU (1 threads)" and job.status.fraction == 1.0
+        np.testing.assert_allclose(slicer.util.arrayFromVolume(out), vol.array * 0.5 - 500, atol=1e-3)
+        np.testing.assert_allclose(_geometry(out), _geometry(node), atol=1e-6)
+    elif mode == "fail":
+        with pytest.raises(UserError, match="model 'nope' is unknown"):
+            job.wait(timeout=60)
+        assert scene.GetNumberOfNodes() == n_nodes
+    else:
+        import time
+
+        deadline = time.monotonic() + 30
+        while job.poll().fraction < 0.1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        job.cancel()
+        with pytest.raises(Cancelled):
+            job.wait(timeout=30)
+        assert scene.GetNumberOfNodes() == n_nodes
+    assert not workdir.exists()
