@@ -89,6 +89,9 @@ class UNet(Denoiser2p5D):
         self.downs = nn.ModuleList(Down(widths[i - 1], widths[i]) for i in range(1, levels))
         self.ups = nn.ModuleList(UpCat(widths[i], widths[i - 1], widths[i - 1]) for i in range(levels - 1, 0, -1))
         self.head = nn.Conv2d(widths[0], 1, 1)
+        # start as the identity (zero noise estimate): training then only ever improves on the input
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
 
     def activation_floats_per_pixel(self) -> int:
         # full-resolution skip (base) + concat (2 base) + conv output (base) + input, plus coarser levels
