@@ -200,3 +200,28 @@ def test_denoise_job_subprocess(scene, mode):
             job.wait(timeout=30)
         assert scene.GetNumberOfNodes() == n_nodes
     assert not workdir.exists()
+
+
+def test_roi_mask_and_roi_table(scene):
+    vol = _oblique_volume(shape=(6, 40, 44))
+    vol = Volume(vol.array, spacing=(0.7, 0.8, 2.5), origin=(-12.0, 30.5, -100.0))  # axis-aligned
+    before = sb.add_volume_node(vol, "before")
+    smooth = vol.with_array(np.where(vol.array > -900, np.round(vol.array / 200) * 200, -1000.0))
+    after = sb.add_volume_node(smooth, "after")
+    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "box")
+    # a box over voxels i 10..19, j 5..14, k 1..3 (RAS: x and y negated)
+    lo = np.array(vol.origin) + np.array([10, 5, 1]) * vol.spacing - 1e-3
+    hi = np.array(vol.origin) + np.array([19, 14, 3]) * vol.spacing + 1e-3
+    center_lps, size = (lo + hi) / 2, hi - lo
+    roi.SetCenter(*(sb.LPS_TO_RAS @ center_lps))
+    roi.SetSize(*size)
+    mask = sb.roi_mask(before, roi)
+    expected = np.zeros(vol.shape, bool)
+    expected[1:4, 5:15, 10:20] = True
+    np.testing.assert_array_equal(mask, expected)
+    table = sb.roi_table(before, after, roi_node=roi)
+    metrics = table.as_dict()["metric"]
+    assert "user ROI std" in metrics and "lung noise reduction" in metrics
+    row = table.rows[metrics.index("user ROI mean")]
+    assert row[1] == pytest.approx(float(vol.array[expected].mean()), rel=1e-5)
+    assert row[2] == pytest.approx(float(smooth.array[expected].mean()), rel=1e-5)

@@ -456,3 +456,69 @@ class DenoiseJob:
         if self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
             self.workdir = None
+
+
+# ---------------------------------------------------------------------------------- ROI metrics
+
+
+def roi_mask(volume_node, roi_node) -> np.ndarray:
+    """Boolean ``[z, y, x]`` mask of the voxels whose centres lie inside a markups ROI (box)."""
+    import vtk as _vtk
+
+    shape = slicer.util.arrayFromVolume(volume_node).shape
+    m = _vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(m)
+    ijk_to_ras_m = np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
+    roi_to_world = roi_node.GetObjectToWorldMatrix()  # box centred at 0 and axis-aligned in "object"
+    world_to_roi = np.linalg.inv(np.array([[roi_to_world.GetElement(r, c) for c in range(4)] for r in range(4)]))
+    half = 0.5 * np.asarray(roi_node.GetSize(), dtype=float)
+    # only look at the voxels inside the IJK bounding box of the ROI's 8 corners
+    corners = np.array([[sx * half[0], sy * half[1], sz * half[2], 1.0]
+                        for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)]).T
+    roi_to_world_np = np.linalg.inv(world_to_roi)
+    corners_ijk = (np.linalg.inv(ijk_to_ras_m) @ roi_to_world_np @ corners)[:3]
+    size_ijk = np.array(shape[::-1])
+    lo = np.clip(np.floor(corners_ijk.min(axis=1)).astype(int), 0, size_ijk)
+    hi = np.clip(np.ceil(corners_ijk.max(axis=1)).astype(int) + 1, 0, size_ijk)
+    mask = np.zeros(shape, dtype=bool)
+    if np.any(hi <= lo):
+        return mask
+    k, j, i = np.meshgrid(*(np.arange(lo[a], hi[a], dtype=float) for a in (2, 1, 0)), indexing="ij")
+    ijk = np.stack([i.ravel(), j.ravel(), k.ravel(), np.ones(i.size)])
+    local = (world_to_roi @ ijk_to_ras_m @ ijk)[:3]
+    inside = np.all(np.abs(local) <= half[:, None] + 1e-6, axis=0).reshape(k.shape)
+    mask[lo[2]:hi[2], lo[1]:hi[1], lo[0]:hi[0]] = inside
+    return mask
+
+
+def automatic_regions(volume: Volume) -> dict[str, np.ndarray]:
+    """Lung, soft tissue and background air masks of a (denoised) volume, from :mod:`masks`."""
+    from . import masks
+
+    body = masks.body_mask(volume.array)
+    return {
+        "lung": masks.lung_mask(volume.array, body=body, spacing=volume.spacing),
+        "soft_tissue": masks.soft_tissue_mask(volume.array, body=body),
+        "background": masks.background_mask(volume.array),
+    }
+
+
+def roi_table(original_node, denoised_node, *, roi_node=None, segmentation_node=None, segment_id=None) -> MetricsTable:
+    """Before/after ROI table for two volume nodes on the same grid.
+
+    Regions: automatic lung, soft tissue and background air (masks of the denoised volume, used
+    for both so the voxels are the same), plus ``user ROI`` from a markups ROI node and/or
+    ``segment`` from a segmentation.
+    """
+    from .metrics import roi_comparison_table
+
+    before, after = volume_from_node(original_node), volume_from_node(denoised_node)
+    if not before.same_geometry(after):
+        raise UserError("metrics: the original and denoised volumes are on different grids")
+    regions = automatic_regions(after)
+    if roi_node is not None:
+        regions["user ROI"] = roi_mask(original_node, roi_node)
+    if segmentation_node is not None and segment_id:
+        seg = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation_node, segment_id, original_node)
+        regions[segmentation_node.GetSegmentation().GetSegment(segment_id).GetName()] = seg.astype(bool)
+    return roi_comparison_table(before.array, after.array, regions, lung_key="lung", soft_tissue_key="soft_tissue")
