@@ -20,10 +20,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy import ndimage
 
 from .device import resolve_device
 from .errors import UserError
+from .masks import background_mask
 from .models._common import Denoiser2p5D
 from .normalization import hu_to_net, net_to_hu
 from .progress import CancelToken, ProgressCallback
@@ -59,25 +59,6 @@ def run_slab(model: torch.nn.Module, batch: torch.Tensor, device: torch.device) 
         else:
             y = model(x)
         return y.float().to("cpu").contiguous()
-
-
-def _fallback_background_mask(hu: np.ndarray, *, threshold: float = -500.0) -> np.ndarray:
-    """Dark voxels (< ``threshold`` HU) connected to the slice border, per axial slice."""
-    dark = hu < threshold
-    out = np.zeros_like(dark)
-    for z in range(hu.shape[0]):
-        body = ndimage.binary_opening(~dark[z], iterations=1)
-        out[z] = ~ndimage.binary_fill_holes(body) & dark[z]
-    return out
-
-
-def background_mask(hu: np.ndarray) -> np.ndarray:
-    """The project's background mask (:func:`IPv2DenoiseLib.masks.background_mask` when present)."""
-    try:
-        from .masks import background_mask as project_mask
-    except ImportError:
-        return _fallback_background_mask(hu)
-    return np.asarray(project_mask(hu), dtype=bool)
 
 
 def _check_hu(hu: Any) -> np.ndarray:
@@ -301,4 +282,4 @@ class Denoiser:
         )
 
 
-__all__ = ["AIR_HU", "Denoiser", "SlabRunner", "autocast_dtype", "background_mask", "run_slab"]
+__all__ = ["AIR_HU", "Denoiser", "SlabRunner", "autocast_dtype", "run_slab"]
