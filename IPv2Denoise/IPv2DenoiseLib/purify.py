@@ -314,9 +314,12 @@ def _default_simulator(spacing_xy: tuple[float, float] | None, progress, cancel)
     lowdose = importlib.import_module(f"{__package__}.lowdose")
 
     def simulate(hu: np.ndarray, dose: float, seed: int) -> np.ndarray:
-        return lowdose.simulate_low_dose(
-            hu, dose=dose, spacing_mm=float(spacing_xy[0]), seed=seed, progress=progress, cancel=cancel
+        single = hu.ndim == 3 and hu.shape[0] == 1  # lowdose wants a [y, x] slice, not [1, y, x]
+        out = lowdose.simulate_low_dose(
+            hu[0] if single else hu, dose=dose, spacing_mm=float(spacing_xy[0]), seed=seed,
+            progress=progress, cancel=cancel,
         )
+        return np.asarray(out)[None] if single else out
 
     return simulate
 
