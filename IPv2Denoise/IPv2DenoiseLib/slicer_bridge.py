@@ -40,6 +40,7 @@ __all__ = [
     "dicom_source_files",
     "ijk_to_ras",
     "place_in_study",
+    "safe_name",
     "set_window_level",
     "setup_comparison",
     "table_node_from_metrics",
@@ -52,6 +53,11 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 SIDE_BY_SIDE_LAYOUT = 29
 #: (window, level) presets in HU.
 WINDOW_PRESETS = {"Lung": (1500.0, -600.0), "Mediastinal": (400.0, 40.0)}
+
+
+def safe_name(name: str) -> str:
+    """A file-name-safe version of a node name."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip("._") or "volume"
 
 
 def _scene(scene=None):

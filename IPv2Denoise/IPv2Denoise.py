@@ -1,0 +1,546 @@
+"""IPv2 Denoise: denoise ultra-low-dose lung CT in 3D Slicer (thin glue over IPv2DenoiseLib)."""
+
+import enum
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import qt
+import slicer
+import vtk
+from slicer import vtkMRMLMarkupsROINode, vtkMRMLScalarVolumeNode, vtkMRMLTableNode
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.parameterNodeWrapper import parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+_MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
+if _MODULE_DIR not in sys.path:  # IPv2DenoiseLib lives next to this file
+    sys.path.insert(0, _MODULE_DIR)
+
+from IPv2DenoiseLib import slicer_bridge  # noqa: E402
+from IPv2DenoiseLib.errors import UserError  # noqa: E402
+from IPv2DenoiseLib.progress import Cancelled  # noqa: E402
+from IPv2DenoiseLib.resources import resources_dir  # noqa: E402
+
+SAMPLE_CATEGORY = "IPv2 Denoise"
+
+
+def resourcePath(relative):
+    """A file under Resources/ (source checkout: ../Resources; built module: ./Resources)."""
+    return str(resources_dir() / relative)
+
+
+#
+# Module
+#
+
+
+class IPv2Denoise(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("IPv2 Denoise")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Filtering.Denoising")]
+        self.parent.dependencies = []
+        self.parent.contributors = ["IPv2 Denoise contributors"]
+        self.parent.helpText = _(
+            "Denoises real-world ultra-low-dose (2 % dose) lung CT with a small PyTorch network "
+            "(GPU when present, CPU otherwise), optionally removing the background air, and shows "
+            "the result side by side with ROI metrics and a derived DICOM export.<br><br>"
+            "The networks are trained with the IPv2 image purification strategy: aligned training "
+            "pairs are built from misaligned ULDCT/NDCT scans by taking the background from the "
+            "normal-dose scan (Remove Background), adding simulated noise to its lungs (Add noise) "
+            "and testing against a weakly denoised lung (Remove noise).<br><br>"
+            "Reference: Gong &amp; Yu, arXiv 2602.19314. "
+            "See <a href='https://github.com/ipv2-denoise/IPv2Denoise/blob/main/docs/slicer-module.md'>the module docs</a>."
+        )
+        self.parent.acknowledgementText = _(
+            "Built on 3D Slicer, PyTorch, SimpleITK, scikit-image and pydicom. The IPv2 method is by "
+            "Gong and Yu (arXiv 2602.19314); this is an independent implementation. "
+            "Not a medical device: for research use only."
+        )
+        iconPath = os.path.join(os.path.dirname(_MODULE_DIR), "Resources", "Icons", "IPv2Denoise.png")
+        if os.path.exists(iconPath):
+            self.parent.icon = qt.QIcon(iconPath)
+        slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+def registerSampleData():
+    """Register the bundled sample ULDCT/NDCT volumes (file URIs + SHA256) in Sample Data."""
+    import SampleData
+
+    folder = resources_dir() / "SampleData"
+    sums = folder / "SHA256SUMS"
+    if not sums.exists():
+        return
+    thumbnail = resourcePath("Icons/IPv2Denoise.png")
+    for line in sums.read_text().splitlines():
+        parts = line.split()
+        if len(parts) != 2 or not parts[1].endswith((".nrrd", ".nii.gz", ".nii")):
+            continue
+        digest, name = parts[0], parts[1].lstrip("*")
+        stem = name.split(".")[0]
+        SampleData.SampleDataLogic.registerCustomSampleDataSource(
+            category=SAMPLE_CATEGORY,
+            sampleName=stem,
+            thumbnailFileName=thumbnail,
+            uris=(folder / name).as_uri(),
+            fileNames=name,
+            nodeNames=stem,
+            checksums=f"SHA256:{digest}",
+            loadFileType="VolumeFile",
+        )
+
+
+#
+# Parameter node
+#
+
+
+@parameterNodeWrapper
+class IPv2DenoiseParameterNode:
+    inputVolume: vtkMRMLScalarVolumeNode
+    outputVolume: vtkMRMLScalarVolumeNode
+    removeBackground: bool = True
+    model: str = ""
+    device: str = "auto"
+    showDifference: bool = False
+    roiNode: vtkMRMLMarkupsROINode
+    metricsTable: vtkMRMLTableNode
+
+
+class State(enum.Enum):
+    IDLE = "idle"
+    RUNNING = "running"
+    CANCEL_REQUESTED = "cancel requested"
+    FAILED = "failed"
+
+
+DEVICES = (("Auto (GPU if available)", "auto"), ("CPU", "cpu"), ("GPU (CUDA)", "cuda"))
+
+#
+# Widget
+#
+
+
+class IPv2DenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None):
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._job = None
+        self._state = State.IDLE
+        self._previousLayout = None
+        self._logShown = 0
+
+    def setup(self):
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(resourcePath("UI/IPv2Denoise.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = IPv2DenoiseLogic()
+
+        for name, summary in self.logic.models():
+            self.ui.modelComboBox.addItem(name, name)
+            self.ui.modelComboBox.setItemData(self.ui.modelComboBox.count - 1, summary, qt.Qt.ToolTipRole)
+        for text, value in DEVICES:
+            self.ui.deviceComboBox.addItem(text, value)
+        self.ui.progressBar.setRange(0, 1000)
+        self.ui.progressBar.hide()
+
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
+        self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
+        self.ui.compareButton.connect("clicked(bool)", self.onCompare)
+        self.ui.lungPresetButton.connect("clicked(bool)", lambda: self.onPreset("Lung"))
+        self.ui.mediastinalPresetButton.connect("clicked(bool)", lambda: self.onPreset("Mediastinal"))
+        self.ui.restoreLayoutButton.connect("clicked(bool)", self.onRestoreLayout)
+        self.ui.showDifferenceCheckBox.connect("toggled(bool)", lambda on: self.onCompare() if on else None)
+        self.ui.computeMetricsButton.connect("clicked(bool)", self.onComputeMetrics)
+        self.ui.exportCsvButton.connect("clicked(bool)", self.onExportCsv)
+        self.ui.exportDicomButton.connect("clicked(bool)", self.onExportDicom)
+        self.ui.exportFileButton.connect("clicked(bool)", self.onExportFile)
+
+        self._timer = qt.QTimer()
+        self._timer.setInterval(150)
+        self._timer.connect("timeout()", self.onPoll)
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.initializeParameterNode()
+        self._setState(State.IDLE)
+
+    def cleanup(self):
+        if self._job is not None:
+            self._job.cancel()
+        self.removeObservers()
+
+    def enter(self):
+        self.initializeParameterNode()
+
+    def exit(self):
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
+
+    def onSceneStartClose(self, caller, event):
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event):
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self):
+        self.setParameterNode(self.logic.getParameterNode())
+        p = self._parameterNode
+        if not p.inputVolume:
+            p.inputVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+        if not p.model and self.ui.modelComboBox.count:
+            p.model = self.ui.modelComboBox.itemData(0)
+
+    def setParameterNode(self, inputParameterNode):
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
+            self._updateGui()
+
+    def _updateGui(self, caller=None, event=None):
+        p = self._parameterNode
+        if p is None:
+            return
+        for combo, value in ((self.ui.modelComboBox, p.model), (self.ui.deviceComboBox, p.device)):
+            index = combo.findData(value)
+            if index >= 0 and index != combo.currentIndex:
+                combo.setCurrentIndex(index)
+        index = self.ui.modelComboBox.currentIndex
+        self.ui.modelSummaryLabel.text = self.ui.modelComboBox.itemData(index, qt.Qt.ToolTipRole) if index >= 0 else ""
+        self._setState(self._state)
+
+    def onModelChanged(self, index):
+        if self._parameterNode and index >= 0:
+            self._parameterNode.model = self.ui.modelComboBox.itemData(index)
+
+    def onDeviceChanged(self, index):
+        if self._parameterNode and index >= 0:
+            self._parameterNode.device = self.ui.deviceComboBox.itemData(index)
+
+    # -------------------------------------------------------------- state machine + processing
+
+    def _setState(self, state, message=None):
+        self._state = state
+        p = self._parameterNode
+        button = self.ui.applyButton
+        if state == State.RUNNING:
+            button.text, button.toolTip, button.enabled = _("Cancel"), _("Stop the denoiser (scene is left as it was)"), True
+        elif state == State.CANCEL_REQUESTED:
+            button.text, button.enabled = _("Cancelling..."), False
+        else:
+            button.text, button.toolTip = _("Apply"), _("Run the denoiser in a background process")
+            button.enabled = bool(p and p.inputVolume and self.ui.modelComboBox.count)
+            if p and not self.ui.modelComboBox.count:
+                button.toolTip = _("No model in Resources/Models/models.json")
+        self.ui.progressBar.setVisible(state in (State.RUNNING, State.CANCEL_REQUESTED))
+        busy = state in (State.RUNNING, State.CANCEL_REQUESTED)
+        for w in (self.ui.inputSelector, self.ui.outputSelector, self.ui.modelComboBox, self.ui.deviceComboBox,
+                  self.ui.removeBackgroundCheckBox):
+            w.enabled = not busy
+        if message is not None:
+            color = "#c62828" if state == State.FAILED else "palette(text)"
+            self.ui.statusLabel.setText(f"<span style='color:{color}'>{message}</span>")
+
+    def onApplyButton(self):
+        if self._state == State.RUNNING:
+            self._job.cancel()
+            self._setState(State.CANCEL_REQUESTED, _("Cancelling..."))
+            return
+        p = self._parameterNode
+        try:
+            self.logic.ensureDependencies()
+            self._job = self.logic.process(p.inputVolume, p.outputVolume, model=p.model, device=p.device,
+                                           removeBackground=p.removeBackground, synchronous=False)
+        except Exception as exc:  # dependency declined, bad input: show it, change nothing
+            self._setState(State.FAILED, str(exc))
+            return
+        self.ui.progressBar.value = 0
+        self.ui.logTextEdit.clear()
+        self._logShown = 0
+        self._setState(State.RUNNING, _("Starting the denoiser..."))
+        self._timer.start()
+
+    def onPoll(self):
+        job = self._job
+        status = job.poll()
+        self.ui.progressBar.value = int(1000 * status.fraction)
+        if status.device:
+            self.ui.deviceLabel.text = _("running on: {device}").format(device=status.device)
+        for line in status.log[self._logShown:]:
+            self.ui.logTextEdit.appendPlainText(line)
+        self._logShown = len(status.log)
+        if self._state == State.RUNNING:
+            eta = f" — about {status.eta_s:.0f} s left" if status.eta_s else ""
+            self._setState(State.RUNNING, f"{status.message or _('Denoising')}{eta}")
+        if not job.done():
+            return
+        self._timer.stop()
+        self._job = None
+        try:
+            output = job.finish()
+        except Cancelled:
+            self._setState(State.IDLE, _("Cancelled; the scene was left unchanged."))
+            return
+        except UserError as exc:
+            stderr = job.process.stderr if job.process else ""
+            if stderr:
+                self.ui.logTextEdit.appendPlainText(stderr)
+            self._setState(State.FAILED, str(exc))
+            return
+        self._parameterNode.outputVolume = output
+        seconds = f" in {status.seconds:.1f} s" if status.seconds else ""
+        self._setState(State.IDLE, _("Done{seconds}: {name}").format(seconds=seconds, name=output.GetName()))
+        self.onCompare()
+
+    # --------------------------------------------------------------------- compare, metrics, export
+
+    def _pair(self):
+        p = self._parameterNode
+        if not (p.inputVolume and p.outputVolume):
+            slicer.util.errorDisplay(_("Run the denoiser first (or pick an output volume)."))
+            return None
+        return p.inputVolume, p.outputVolume
+
+    def onCompare(self):
+        pair = self._pair()
+        if pair:
+            previous = self.logic.showComparison(*pair, showDifference=self._parameterNode.showDifference)
+            if self._previousLayout is None:
+                self._previousLayout = previous
+
+    def onPreset(self, preset):
+        pair = self._pair()
+        if pair:
+            slicer_bridge.set_window_level(pair, *slicer_bridge.WINDOW_PRESETS[preset])
+
+    def onRestoreLayout(self):
+        if self._previousLayout is not None:
+            slicer.app.layoutManager().setLayout(self._previousLayout)
+            self._previousLayout = None
+
+    def onComputeMetrics(self):
+        pair = self._pair()
+        if not pair:
+            return
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay(_("Failed to compute the ROI table."), waitCursor=True):
+            segmentation = self.ui.segmentSelector.currentNode()
+            segmentId = self.ui.segmentSelector.currentSegmentID() if segmentation else None
+            p.metricsTable = self.logic.computeRoiTable(*pair, roiNode=p.roiNode, segmentationNode=segmentation,
+                                                        segmentId=segmentId, tableNode=p.metricsTable)
+            slicer_bridge.show_table(p.metricsTable)
+
+    def onExportCsv(self):
+        table = self._parameterNode.metricsTable
+        if table is None:
+            slicer.util.errorDisplay(_("Compute the ROI table first."))
+            return
+        path = qt.QFileDialog.getSaveFileName(None, _("Save ROI table"), "ipv2_roi_metrics.csv", "CSV (*.csv)")
+        if path:
+            with slicer.util.tryWithErrorDisplay(_("Failed to save the table."), waitCursor=True):
+                slicer.util.saveNode(table, path)
+
+    def onExportDicom(self):
+        pair = self._pair()
+        if not pair:
+            return
+        folder = qt.QFileDialog.getExistingDirectory(None, _("Folder for the new DICOM series"))
+        if not folder:
+            return
+        outDir = Path(folder) / (slicer_bridge.safe_name(pair[1].GetName()) + "_dicom")
+        with slicer.util.tryWithErrorDisplay(_("DICOM export failed."), waitCursor=True):
+            files = self.logic.exportDicom(pair[1], outDir, sourceNode=pair[0], modelName=self._parameterNode.model)
+            self.ui.statusLabel.text = _("Wrote {n} DICOM files to {folder}").format(n=len(files), folder=outDir)
+
+    def onExportFile(self):
+        pair = self._pair()
+        if not pair:
+            return
+        path = qt.QFileDialog.getSaveFileName(None, _("Save denoised volume"), pair[1].GetName() + ".nrrd",
+                                              "NRRD (*.nrrd);;NIfTI (*.nii.gz *.nii)")
+        if path:
+            with slicer.util.tryWithErrorDisplay(_("Saving failed."), waitCursor=True):
+                self.logic.exportVolume(pair[1], path)
+
+
+#
+# Logic
+#
+
+
+class IPv2DenoiseLogic(ScriptedLoadableModuleLogic):
+    """Everything the module does, usable from scripts without the GUI."""
+
+    def __init__(self):
+        ScriptedLoadableModuleLogic.__init__(self)
+        self.lastMetrics = None
+
+    def getParameterNode(self):
+        return IPv2DenoiseParameterNode(super().getParameterNode())
+
+    @staticmethod
+    def models():
+        """[(name, one-line summary)] from Resources/Models/models.json, the default first."""
+        import json
+
+        try:
+            registry = json.loads((resources_dir() / "Models" / "models.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError, UserError):
+            return []
+        models = registry.get("models") or {}
+        names = sorted(models, key=lambda n: (n != registry.get("default"), n))
+        return [(n, str(models[n].get("summary", ""))) for n in names]
+
+    @staticmethod
+    def ensureDependencies():
+        """Install missing packages with the user's consent (raises DependencyError if declined)."""
+        from IPv2DenoiseLib.dependencies import ensure_in_slicer
+
+        ensure_in_slicer()
+
+    def process(self, inputVolumeNode, outputVolumeNode=None, *, model, device="auto", removeBackground=True,
+                synchronous=True):
+        """Denoise ``inputVolumeNode`` in a ``PythonSlicer -m IPv2DenoiseLib denoise`` subprocess.
+
+        Returns the output node (``synchronous=True``) or a started
+        :class:`IPv2DenoiseLib.slicer_bridge.DenoiseJob` to poll. A new output node named
+        "<input> denoised" is created only on success when ``outputVolumeNode`` is None.
+        """
+        if inputVolumeNode is None:
+            raise ValueError("inputVolumeNode: no input volume selected")
+        python = shutil.which("PythonSlicer") or sys.executable
+        job = slicer_bridge.DenoiseJob(inputVolumeNode, outputVolumeNode, model=model, device=device,
+                                       remove_background=removeBackground, python=python).start()
+        if not synchronous:
+            return job
+        logging.info("IPv2 Denoise: running %s", " ".join(job.process.args))
+        return job.wait()
+
+    def showComparison(self, originalNode, denoisedNode, *, preset="Lung", showDifference=False):
+        """Side-by-side linked views (returns the previous layout id); optional difference overlay."""
+        previous = slicer_bridge.setup_comparison(originalNode, denoisedNode, preset=preset)
+        yellow = slicer_bridge.composite_node("Yellow")
+        if showDifference:
+            diff = slicer.mrmlScene.GetFirstNodeByName(denoisedNode.GetName() + " difference")
+            diff = slicer_bridge.difference_node(originalNode, denoisedNode, existing=diff)
+            diff.GetDisplayNode().SetAndObserveColorNodeID("vtkMRMLColorTableNodeFileColdToHotRainbow.txt")
+            yellow.SetForegroundVolumeID(diff.GetID())
+            yellow.SetForegroundOpacity(0.5)
+        else:
+            yellow.SetForegroundVolumeID(None)
+        return previous
+
+    def computeRoiTable(self, originalNode, denoisedNode, *, roiNode=None, segmentationNode=None, segmentId=None,
+                        tableNode=None):
+        """ROI table node (lung, soft tissue, background air + optional ROI/segment) before vs after."""
+        self.lastMetrics = slicer_bridge.roi_table(originalNode, denoisedNode, roi_node=roiNode,
+                                                   segmentation_node=segmentationNode, segment_id=segmentId)
+        return slicer_bridge.table_node_from_metrics(self.lastMetrics, node=tableNode,
+                                                     name=f"{denoisedNode.GetName()} ROI metrics")
+
+    def exportDicom(self, denoisedNode, outDir, *, sourceNode=None, modelName="", strategy="ipv2",
+                    importToDatabase=True):
+        """Write a derived DICOM series (in the source's study when it came from DICOM)."""
+        from IPv2DenoiseLib.dicom_export import export_derived_series
+
+        sources = slicer_bridge.dicom_source_files(sourceNode) if sourceNode is not None else None
+        volume = slicer_bridge.volume_from_node(denoisedNode)
+        files = export_derived_series(volume, outDir, source_files=sources, model_name=modelName or "unknown",
+                                      strategy=strategy)
+        if importToDatabase and getattr(slicer, "dicomDatabase", None) is not None:
+            from DICOMLib import DICOMUtils
+
+            DICOMUtils.importDicom(str(outDir))
+        return files
+
+    @staticmethod
+    def exportVolume(node, path):
+        """Save as NRRD / NIfTI / MHA through IPv2DenoiseLib.io (atomic, geometry unchanged)."""
+        from IPv2DenoiseLib.io import write_volume
+
+        return write_volume(slicer_bridge.volume_from_node(node), path)
+
+
+#
+# Test
+#
+
+
+class IPv2DenoiseTest(ScriptedLoadableModuleTest):
+    """Full workflow on a small volume with a tiny (untrained) model; seconds on a CPU."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_IPv2Denoise_workflow()
+
+    def test_IPv2Denoise_workflow(self):
+        import tempfile
+
+        import numpy as np
+        import torch
+
+        from IPv2DenoiseLib.infer import Denoiser
+        from IPv2DenoiseLib.models import UNet
+        from IPv2DenoiseLib.volume import Volume
+
+        self.delayDisplay("Creating a small chest-like volume")
+        z, y, x = np.indices((8, 64, 64))
+        hu = np.where((y - 32) ** 2 + (x - 32) ** 2 < 26**2, 40.0, -1000.0)
+        hu[((y - 32) ** 2 / 14**2 + (x - 20) ** 2 / 7**2) < 1] = -850.0
+        hu[((y - 32) ** 2 / 14**2 + (x - 44) ** 2 / 7**2) < 1] = -850.0
+        hu = hu + np.random.default_rng(0).normal(0, 80, hu.shape)
+        inputNode = slicer_bridge.add_volume_node(Volume(hu, spacing=(0.7, 0.7, 2.5)), "ULDCT")
+
+        self.delayDisplay("Denoising with a tiny model")
+        torch.manual_seed(0)
+        tiny = Denoiser(UNet(in_slices=3, base_channels=4))
+        outputNode = slicer_bridge.denoise_node(inputNode, denoise=lambda v: tiny.denoise(v, device="cpu"))
+        self.assertEqual(outputNode.GetName(), "ULDCT denoised")
+        self.assertEqual(slicer.util.arrayFromVolume(outputNode).shape, hu.shape)
+
+        logic = IPv2DenoiseLogic()
+        self.delayDisplay("Side-by-side comparison")
+        logic.showComparison(inputNode, outputNode, showDifference=True)
+        self.assertEqual(slicer.app.layoutManager().layout, slicer_bridge.SIDE_BY_SIDE_LAYOUT)
+
+        self.delayDisplay("ROI metrics")
+        table = logic.computeRoiTable(inputNode, outputNode)
+        self.assertEqual(table.GetTable().GetNumberOfRows(), len(logic.lastMetrics.rows))
+
+        self.delayDisplay("Export")
+        with tempfile.TemporaryDirectory() as tmp:
+            files = logic.exportDicom(outputNode, Path(tmp) / "dicom", sourceNode=inputNode, modelName="tiny",
+                                      importToDatabase=False)
+            self.assertEqual(len(files), hu.shape[0])
+            logic.exportVolume(outputNode, Path(tmp) / "out.nrrd")
+        if logic.models():  # a registered model: the real subprocess path on the CPU
+            self.delayDisplay("Subprocess run")
+            node = logic.process(inputNode, None, model=logic.models()[0][0], device="cpu")
+            self.assertIsNotNone(node.GetImageData())
+        self.delayDisplay("Test passed")
