@@ -118,7 +118,7 @@ def _validate_ct(volume: Volume, *, where: str, force: bool) -> None:
     if not force and float(array.min()) > AIR_HU:
         raise UserError(
             f"{where}: no voxel below {AIR_HU:g} HU (minimum {float(array.min()):.0f}); this does not look like "
-            "a CT in Hounsfield units (pass force to read it anyway)"
+            "a CT in Hounsfield units (use --force (force=True) to read it anyway)"
         )
 
 
@@ -189,7 +189,7 @@ def _read_dicom_files(files: list[Path], *, series_uid: str | None, force: bool,
         pool = ct or (list(series) if force else [])
         if not pool:
             found = ", ".join(sorted(set(modalities.values()))) or "unknown"
-            raise UserError(f"{where}: no CT series (modality {found}); pass force to read a non-CT image anyway")
+            raise UserError(f"{where}: no CT series (modality {found}); use --force (force=True) to read a non-CT image anyway")
         chosen = max(pool, key=lambda uid: len(series[uid]))
         choice = (
             f"series {chosen} ({len(series[chosen])} slices), the largest of {len(pool)} CT series"
@@ -199,7 +199,7 @@ def _read_dicom_files(files: list[Path], *, series_uid: str | None, force: bool,
     members = series[chosen]
     modality = str(members[0][1].get("Modality", ""))
     if modality != "CT" and not force:
-        raise UserError(f"{where}: modality is {modality or 'missing'}, not CT; pass force to read it anyway")
+        raise UserError(f"{where}: modality is {modality or 'missing'}, not CT; use --force (force=True) to read it anyway")
     return _assemble_series(members, where=where, choice=choice, n_series=len(series))
 
 
