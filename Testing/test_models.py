@@ -97,7 +97,12 @@ def test_flops_per_voxel_counts_two_flops_per_mac():
     model = DnCNN(in_slices=3, depth=5, width=8, batch_norm=False)
     macs = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Conv2d))
     assert flops_per_voxel(model, 3, size=32) == pytest.approx(2 * macs)
-    assert model.training  # mode restored
+    assert model.training and next(model.parameters()).device.type == "cpu"  # model untouched
+
+
+def test_redcnn_cost_matches_the_reference_at_512():
+    # 3.50 MFLOP per pixel for a 512x512 slice: reference/ldct-anchors.md A4 (917 GFLOP per slice).
+    assert flops_per_voxel(REDCNN(), 1, size=512) == pytest.approx(3.50e6, rel=0.01)
 
 
 def test_build_model_refuses_unknown_architecture_and_bad_keywords():

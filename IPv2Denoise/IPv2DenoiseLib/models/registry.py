@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -45,22 +47,19 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def flops_per_voxel(model: nn.Module, in_slices: int | None = None, size: int = 64) -> float:
+def flops_per_voxel(model: nn.Module, in_slices: int | None = None, size: int = 512) -> float:
     """Forward FLOPs (2 x multiply-accumulates of convs and matmuls) per output voxel.
 
-    Counted with :class:`torch.utils.flop_counter.FlopCounterMode` on one ``size x size``
-    input; biases, activations and pooling are not counted (they are < 2 % here).
+    Counted with :class:`torch.utils.flop_counter.FlopCounterMode` on one ``size x size`` input
+    of a copy of the model on the ``meta`` device (no arithmetic is done, so any size is free);
+    biases, activations and pooling are not counted (< 2 % here). The default 512 is the usual CT
+    slice: RED-CNN's valid convolutions make its cost per pixel depend on the size (3.50 MFLOP/px
+    at 512, 2.28 at 64).
     """
     if in_slices is None:
         in_slices = getattr(model, "in_slices", 1)
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    x = torch.zeros(1, in_slices, size, size, device=device)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(x)
-    finally:
-        model.train(was_training)
+    meta = copy.deepcopy(model).to("meta").eval()
+    x = torch.zeros(1, in_slices, size, size, device="meta")
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        meta(x)
     return counter.get_total_flops() / float(size * size)
