@@ -397,7 +397,7 @@ class _Anatomy:
         return d > margin
 
 
-def _grow_trees(anat: _Anatomy, r_min: float, n_points: int = 5000, r_root: float = 7.0) -> VesselTree:
+def _grow_trees(anat: _Anatomy, r_min: float, n_points: int = 3000, r_root: float = 7.0) -> VesselTree:
     """Grow one space-filling vessel tree per lung from the hilum by territory splitting.
 
     Each lung is represented by ``n_points`` random points inside it (its perfusion territory).
@@ -405,7 +405,7 @@ def _grow_trees(anat: _Anatomy, r_min: float, n_points: int = 5000, r_root: floa
     centroid, then the territory is split across its principal axis at a random quantile and each
     half feeds one child. Radii follow Murray's law, r^3 proportional to the territory size, so
     r_child = r * (n_child / n)^(1/3) < r: radii shrink at every bifurcation, from ``r_root`` at
-    the hilum to about r_root * n_points^(-1/3) (0.4 mm for 5000 points) at the leaves.
+    the hilum to about r_root * n_points^(-1/3) (0.5 mm for 3000 points) at the leaves.
     """
     rng = np.random.default_rng([anat.seed, 2])
     segs: list[tuple] = []  # (p0, p1, r, gen, side, parent)
@@ -427,9 +427,12 @@ def _grow_trees(anat: _Anatomy, r_min: float, n_points: int = 5000, r_root: floa
             segs.append((p0, p1, r, gen, side, parent))
             if len(terr) < 2:
                 continue
-            sub = tp if len(tp) <= 256 else tp[rng.choice(len(tp), 256, replace=False)]
-            axis = np.linalg.svd(sub - sub.mean(0), full_matrices=False)[2][0]
-            proj = (tp - p1) @ axis
+            if len(tp) > 32:
+                sub = tp if len(tp) <= 256 else tp[rng.choice(len(tp), 256, replace=False)]
+                axis = np.linalg.svd(sub - sub.mean(0), full_matrices=False)[2][0]
+                proj = (tp - p1) @ axis
+            else:
+                proj = tp[:, np.argmax(np.ptp(tp, axis=0))]
             order = np.argsort(proj)
             k = int(np.clip(round(rng.uniform(0.3, 0.7) * len(terr)), 1, len(terr) - 1))
             for child in (terr[order[:k]], terr[order[k:]]):
@@ -606,6 +609,7 @@ def make_chest_phantom(
     for name, a in _TEXTURE_HU.items():
         amp[LABELS[name]] = a
     cv.hu += amp[cv.labels] * fine
+    np.maximum(cv.hu, -1000.0, out=cv.hu)  # nothing is less dense than air
 
     return Phantom(hu=cv.hu, labels=cv.labels, spacing=spacing, origin=origin, params=params,
                    vessels=tree, nodules=tuple(nod_list))
