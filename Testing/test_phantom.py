@@ -148,3 +148,16 @@ def test_bad_arguments_raise_user_error():
     ph = make_chest_phantom(shape=(4, 32, 32), spacing=(10.0, 10.0, 10.0))
     with pytest.raises(UserError, match="amplitude_mm"):
         breathing_motion(ph, amplitude_mm=100.0)
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2.0 * np.logical_and(a, b).sum() / max(1, a.sum() + b.sum())
+
+
+def test_masks_find_the_phantom_lungs_and_background():
+    from IPv2DenoiseLib.masks import background_mask, lung_mask
+
+    ph = make_chest_phantom(shape=(16, 128, 128), spacing=(2.8, 2.8, 3.5), seed=4)
+    lungs = ph.mask("lung", "lung_vessel", "nodule_solid", "nodule_ggo", "emphysema")
+    assert _dice(lung_mask(ph.hu), lungs) > 0.9
+    assert _dice(background_mask(ph.hu), ph.mask("air", "pad")) > 0.9
