@@ -32,8 +32,8 @@ from .weights import load_model
 
 #: HU written into background voxels by *Remove Background* (air).
 AIR_HU = -1000.0
-#: Most slices per slab on the CPU (larger batches gain nothing there and coarsen progress).
-CPU_MAX_SLAB = 16
+#: Most slices per slab on the CPU (measured: larger batches gain nothing there; they cost memory and coarsen progress).
+CPU_MAX_SLAB = 4
 
 #: ``runner(model, batch, device) -> output``: ``batch`` is a CPU float32 ``[B, k, H, W]`` tensor in
 #: network units, the result a CPU float32 ``[B, 1, H, W]`` tensor. Injectable for tests.
