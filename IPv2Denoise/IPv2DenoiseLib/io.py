@@ -293,11 +293,18 @@ def write_volume(volume: Volume, path: str | os.PathLike, *, dtype: np.dtype | t
     os.close(fd)
     try:
         sitk.WriteImage(image, tmp, useCompression=suffix != ".nii")
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return out
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_mask(mask: np.ndarray, like: Volume, path: str | os.PathLike) -> Path:

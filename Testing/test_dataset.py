@@ -1,0 +1,68 @@
+"""Synthetic ULDCT/NDCT cases: files, geometry, noise levels, misalignment, resume, atomic folders."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from IPv2DenoiseLib import UserError
+from IPv2DenoiseLib.cli import main
+from IPv2DenoiseLib.dataset import CASE_FILES, CaseSpec, make_case
+from IPv2DenoiseLib.io import read_volume
+from IPv2DenoiseLib.phantom import LABELS
+
+SMALL = {"size": 112, "slices": 6, "spacing_mm": 3.2, "slice_thickness_mm": 5.0}
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ds") / "case_000"
+    record = make_case(CaseSpec(seed=5, amplitude_mm=15.0, z_center_mm=-100.0, **SMALL), folder, device="cpu")
+    return folder, record
+
+
+def test_case_files_geometry_and_record(case) -> None:
+    folder, record = case
+    assert sorted(p.name for p in folder.iterdir()) == sorted([f"{n}.nrrd" for n in CASE_FILES] + ["case.json"])
+    volumes = {n: read_volume(folder / f"{n}.nrrd", force=n.startswith("labels")) for n in CASE_FILES}
+    first = volumes["ndct"]
+    assert first.shape == (6, 112, 112) and first.spacing == pytest.approx((3.2, 3.2, 5.0))
+    assert all(v.same_geometry(first) for v in volumes.values())
+    assert json.loads((folder / "case.json").read_text()) == record
+    assert record["incident_photons_per_ray"] == pytest.approx(record["i0_full_dose"] * 0.02)
+    assert set(np.unique(volumes["labels_ndct"].array)) <= set(LABELS.values())
+
+
+def test_uldct_is_noisier_and_misaligned(case) -> None:
+    folder, record = case
+    v = {n: read_volume(folder / f"{n}.nrrd", force=n.startswith("labels")).array for n in CASE_FILES}
+    muscle = v["labels_ndct"] == LABELS["muscle"]
+    muscle_u = v["labels_uldct"] == LABELS["muscle"]
+    noise_n = np.std((v["ndct"] - v["ndct_clean"])[muscle])
+    noise_u = np.std((v["uldct"] - v["uldct_clean"])[muscle_u])
+    assert noise_u > 4 * noise_n  # 2 % dose: about sqrt(50) = 7x the full-dose noise
+    # breathing moved the lungs: the two noise-free anatomies differ inside the chest
+    lungs = v["labels_ndct"] == LABELS["lung"]
+    assert np.mean(v["labels_uldct"][lungs] != LABELS["lung"]) > 0.005
+    assert 1.0 < record["motion_mm"]["max_mm"] <= 15.0 + 1e-6
+
+
+def test_existing_case_is_refused_and_failed_case_leaves_nothing(case, tmp_path) -> None:
+    folder, _ = case
+    with pytest.raises(UserError, match="already exists"):
+        make_case(CaseSpec(seed=5, **SMALL), folder)
+    with pytest.raises(UserError, match="dose"):
+        make_case(CaseSpec(seed=5, dose=1.5, **SMALL), tmp_path / "bad")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_make_dataset_cli_resumes(tmp_path, capsys) -> None:
+    args = ["make-dataset", "--cases", "1", "--out", str(tmp_path / "ds"), "--size", "96", "--slices", "4",
+            "--spacing", "3.6", "--slice-thickness", "5", "--device", "cpu"]
+    assert main(args) == 0
+    made = (tmp_path / "ds" / "case_000" / "case.json").read_text()
+    assert main(args) == 0  # second run keeps the complete case
+    assert (tmp_path / "ds" / "case_000" / "case.json").read_text() == made
+    assert "1 cases" in capsys.readouterr().out
