@@ -67,7 +67,7 @@ class IPv2Denoise(ScriptedLoadableModule):
             "Gong and Yu (arXiv 2602.19314); this is an independent implementation. "
             "Not a medical device: for research use only."
         )
-        iconPath = os.path.join(os.path.dirname(_MODULE_DIR), "Resources", "Icons", "IPv2Denoise.png")
+        iconPath = resourcePath("Icons/IPv2Denoise.png")
         if os.path.exists(iconPath):
             self.parent.icon = qt.QIcon(iconPath)
         slicer.app.connect("startupCompleted()", registerSampleData)
@@ -81,13 +81,15 @@ def registerSampleData():
     sums = folder / "SHA256SUMS"
     if not sums.exists():
         return
-    thumbnail = resourcePath("Icons/IPv2Denoise.png")
+    icon = resourcePath("Icons/IPv2Denoise.png")
     for line in sums.read_text().splitlines():
         parts = line.split()
         if len(parts) != 2 or not parts[1].endswith((".nrrd", ".nii.gz", ".nii")):
             continue
         digest, name = parts[0], parts[1].lstrip("*")
         stem = name.split(".")[0]
+        thumbnail = folder / f"{stem}.png"  # a lung-window view of the middle slice
+        thumbnail = str(thumbnail) if thumbnail.exists() else icon
         SampleData.SampleDataLogic.registerCustomSampleDataSource(
             category=SAMPLE_CATEGORY,
             sampleName=stem,
