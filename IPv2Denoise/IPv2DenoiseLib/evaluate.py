@@ -74,8 +74,8 @@ def preset(name: str) -> EvalConfig:
         return EvalConfig(
             name="reduced", shape=(10, 160, 160), spacing=(2.5, 2.5, 2.5), dose=0.003, n_train=3, n_test=2,
             models={
-                "redcnn": {"in_slices": 3, "channels": 24},
-                "dncnn": {"in_slices": 3, "depth": 8, "width": 24},
+                "redcnn": {"in_slices": 3, "channels": 16, "kernel_size": 3},
+                "dncnn": {"in_slices": 3, "depth": 8, "width": 16},
                 "unet": {"in_slices": 3, "base_channels": 12, "levels": 3},
             },
             iterations=300, batch=8, patch=48, lr=2e-3,

@@ -1,0 +1,230 @@
+"""Inference benchmark: the default denoiser against classical baselines on held-out 2 % cases.
+
+One command, one run::
+
+    OMP_NUM_THREADS=2 python benchmarks/bench_infer.py [--weights FILE | --model default] [--data DIR]
+
+Without ``--data`` it makes ``--cases`` held-out synthetic cases (default 2 of 512×512×16 at
+0.7 mm, 2 % dose, anatomy seeds never used for training) with the project's own
+``IPv2DenoiseLib.dataset.make_dataset``. Every method runs in a fresh process (multiprocessing
+``spawn``) limited to ``--threads`` threads, so its peak RSS (``resource.getrusage``
+``ru_maxrss``) is its own; the table reports that peak and the increase over the same process
+just before denoising (after loading the volume). Speed counts only the denoising call.
+
+Quality is measured against the noise-free truth (the clean anatomy of the ULDCT acquisition,
+``uldct_clean``): PSNR/SSIM in the lung window inside the body, noise = SD of (output − truth) in
+the lungs, soft tissue and background air, and the mean soft-tissue bias. Prints one Markdown
+table, the model's speed ratio to each baseline and PASS/FAIL per goal; writes
+``benchmarks/results/bench_infer.md`` and ``.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+GOALS = {
+    "cpu_mvox_s": 0.5,  # default model on 2 CPU cores
+    "psnr_margin_db": 2.0,  # over the best classical method
+    "lung_noise_hu": 30.0,
+    "background_noise_hu": 5.0,
+    "soft_tissue_bias_hu": 5.0,
+    "cuda_mvox_s": 100.0,
+}
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def _worker(method: str, paths: list[str], out_dir: str, threads: int, model_spec: dict, device: str, queue) -> None:
+    """Runs in a fresh spawned process: load, denoise each case, report time and RSS."""
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    import torch
+
+    torch.set_num_threads(threads)
+    from IPv2DenoiseLib.io import read_volume
+
+    vols = [read_volume(p) for p in paths]
+    result = {"method": method, "seconds": 0.0, "voxels": 0, "outputs": []}
+    denoise = None
+    if method == "model":
+        from IPv2DenoiseLib.infer import Denoiser
+
+        den = (Denoiser.from_file(model_spec["weights"]) if model_spec.get("weights")
+               else Denoiser.from_registry(model_spec.get("model", "default")))
+        result["model_name"] = den.name
+        result["model_card"] = {k: den.card.get(k) for k in ("architecture", "kwargs", "parameters", "flops_per_voxel",
+                                                             "strategy", "iterations")}
+        if device == "cuda":  # warm-up (kernels, autotuning) outside the timed region
+            den.denoise_array(vols[0].array[:4], device="cuda")
+            torch.cuda.synchronize()
+
+        def denoise(hu):
+            return den.denoise_array(hu, remove_background=True, device=device)
+    elif method != "input":
+        from IPv2DenoiseLib.classical import denoise_classical
+
+        def denoise(hu):
+            return denoise_classical(hu, method)
+    rss_before = _rss_mb()
+    for i, vol in enumerate(vols):
+        t = time.perf_counter()
+        out = vol.array.copy() if denoise is None else denoise(vol.array)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        result["seconds"] += time.perf_counter() - t
+        result["voxels"] += int(vol.array.size)
+        path = Path(out_dir) / f"{method}_{device}_{i}.npy"
+        np.save(path, np.asarray(out, np.float32))
+        result["outputs"].append(str(path))
+    result["rss_peak_mb"] = _rss_mb()
+    result["rss_delta_mb"] = result["rss_peak_mb"] - rss_before
+    queue.put(result)
+
+
+def run_isolated(method: str, paths, out_dir, threads, model_spec, device) -> dict:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_worker, args=(method, [str(p) for p in paths], str(out_dir), threads, model_spec, device, queue))
+    proc.start()
+    try:
+        result = queue.get(timeout=3600)
+    finally:
+        proc.join()
+    if proc.exitcode != 0:
+        raise SystemExit(f"{method} failed in its subprocess (exit {proc.exitcode})")
+    return result
+
+
+def held_out_cases(args) -> list[Path]:
+    """Case folders: ``--data`` or freshly made synthetic ones (cached in ``--cache``)."""
+    if args.data:
+        root = Path(args.data)
+        cases = sorted(c for c in root.iterdir() if (c / "uldct.nrrd").exists() and (c / "uldct_clean.nrrd").exists())
+        if (root / "test").is_dir():
+            cases = sorted(c for c in (root / "test").iterdir() if (c / "uldct_clean.nrrd").exists())
+        if not cases:
+            raise SystemExit(f"--data {root}: no case folders with uldct.nrrd and uldct_clean.nrrd")
+        return cases[-args.cases:]
+    from IPv2DenoiseLib.dataset import make_dataset
+
+    cache = Path(args.cache)
+    print(f"making {args.cases} held-out cases ({args.slices}x{args.size}x{args.size}, {args.spacing} mm) in {cache} ...",
+          flush=True)
+    make_dataset(cache, cases=args.cases, seed=args.seed, size=args.size, slices=args.slices, spacing_mm=args.spacing,
+                 dose=0.02)
+    return sorted(c for c in cache.iterdir() if (c / "case.json").exists())[: args.cases]
+
+
+def score(outputs: list[np.ndarray], truths: list[np.ndarray]) -> dict[str, float]:
+    from IPv2DenoiseLib.evaluate import region_masks
+    from IPv2DenoiseLib.metrics import psnr, ssim
+
+    acc: dict[str, list[float]] = {}
+    for out, truth in zip(outputs, truths):
+        masks = region_masks(truth)
+        diff = out.astype(np.float64) - truth
+        values = {
+            "psnr": psnr(truth, out, mask=masks["whole_body"]),
+            "ssim": ssim(truth, out, mask=masks["whole_body"]),
+            "lung_noise": float(diff[masks["lungs"]].std()),
+            "soft_tissue_noise": float(diff[masks["soft_tissue"]].std()),
+            "background_noise": float(diff[masks["background"]].std()),
+            "soft_tissue_bias": float(diff[masks["soft_tissue"]].mean()),
+        }
+        for k, v in values.items():
+            acc.setdefault(k, []).append(v)
+    return {k: float(np.mean(v)) for k, v in acc.items()}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--weights", default=None, help="safetensors weights (default: the registry's model)")
+    parser.add_argument("--model", default="default", help="registry name when --weights is not given")
+    parser.add_argument("--data", default=None, help="dataset folder of held-out cases (with uldct_clean.nrrd)")
+    parser.add_argument("--cases", type=int, default=2)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--slices", type=int, default=16)
+    parser.add_argument("--spacing", type=float, default=0.7)
+    parser.add_argument("--seed", type=int, default=9000, help="dataset seed (held out: training uses small seeds)")
+    parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "ipv2_bench_infer_cases"))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--methods", nargs="+", default=["nlm", "tv", "curvature"])
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from IPv2DenoiseLib.io import read_volume
+
+    cases = held_out_cases(args)
+    paths = [c / "uldct.nrrd" for c in cases]
+    truths = [read_volume(c / "uldct_clean.nrrd").array for c in cases]
+    model_spec = {"weights": args.weights, "model": args.model}
+    runs = [("input", "cpu"), ("model", "cpu")] + [(m, "cpu") for m in args.methods]
+    if torch.cuda.is_available():
+        runs.append(("model", "cuda"))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for method, device in runs:
+            print(f"running {method} on {device} ...", flush=True)
+            r = run_isolated(method, paths, tmp, args.threads, model_spec, device)
+            outputs = [np.load(p) for p in r.pop("outputs")]
+            r.update(score(outputs, truths))
+            r["device"] = device
+            r["mvox_s"] = r["voxels"] / r["seconds"] / 1e6 if r["seconds"] > 0 else float("nan")
+            rows.append(r)
+
+    model = next(r for r in rows if r["method"] == "model" and r["device"] == "cpu")
+    classical = [r for r in rows if r["method"] not in ("input", "model")]
+    best = max(classical, key=lambda r: r["psnr"]) if classical else None
+    header = ("| method | device | Mvoxel/s | s | peak RSS (MB) | RSS Δ (MB) | PSNR (dB) | SSIM | noise lungs (HU) "
+              "| noise soft tissue (HU) | noise background (HU) | bias soft tissue (HU) |")
+    lines = [header, "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        name = f"model ({r.get('model_name', '')})" if r["method"] == "model" else r["method"]
+        speed = "–" if r["method"] == "input" else f"{r['mvox_s']:.3f}"
+        lines.append(f"| {name} | {r['device']} | {speed} | {r['seconds']:.2f} | {r['rss_peak_mb']:.0f} | "
+                     f"{r['rss_delta_mb']:.0f} | {r['psnr']:.2f} | {r['ssim']:.3f} | {r['lung_noise']:.1f} | "
+                     f"{r['soft_tissue_noise']:.1f} | {r['background_noise']:.1f} | {r['soft_tissue_bias']:+.1f} |")
+    ratios = [f"model / {r['method']}: {model['mvox_s'] / r['mvox_s']:.2f}x" for r in classical]
+    goals = [("CPU speed >= 0.5 Mvoxel/s", model["mvox_s"] >= GOALS["cpu_mvox_s"], f"{model['mvox_s']:.3f}")]
+    if best is not None:
+        goals.append((f"PSNR >= best classical ({best['method']} {best['psnr']:.2f}) + 2 dB",
+                      model["psnr"] >= best["psnr"] + GOALS["psnr_margin_db"], f"{model['psnr']:.2f}"))
+    goals += [
+        ("lung noise <= 30 HU", model["lung_noise"] <= GOALS["lung_noise_hu"], f"{model['lung_noise']:.1f}"),
+        ("background noise <= 5 HU", model["background_noise"] <= GOALS["background_noise_hu"], f"{model['background_noise']:.1f}"),
+        ("|soft-tissue bias| <= 5 HU", abs(model["soft_tissue_bias"]) <= GOALS["soft_tissue_bias_hu"], f"{model['soft_tissue_bias']:+.1f}"),
+    ]
+    cuda = [r for r in rows if r["method"] == "model" and r["device"] == "cuda"]
+    if cuda:
+        goals.append(("CUDA speed >= 100 Mvoxel/s", cuda[0]["mvox_s"] >= GOALS["cuda_mvox_s"], f"{cuda[0]['mvox_s']:.1f}"))
+    shape = read_volume(paths[0]).shape
+    meta = (f"{len(cases)} held-out cases of {shape[0]}x{shape[1]}x{shape[2]} voxels, {args.threads} threads per method, "
+            f"{platform.processor() or platform.machine()}, torch {torch.__version__}; "
+            f"model card: {json.dumps(model.get('model_card'))}")
+    text = "\n".join([f"# bench_infer\n\n{meta}\n", *lines, "", "Speed ratios: " + ", ".join(ratios), "",
+                      *[f"- {'PASS' if ok else 'FAIL'}: {name} (measured {value})" for name, ok, value in goals]])
+    print(text)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_infer.md").write_text(text + "\n", encoding="utf-8")
+    (out / "bench_infer.json").write_text(json.dumps({"meta": meta, "rows": rows, "goals": [
+        {"goal": n, "pass": bool(ok), "measured": v} for n, ok, v in goals]}, indent=1), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
