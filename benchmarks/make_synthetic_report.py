@@ -83,20 +83,21 @@ def window(display: tuple[float, float]) -> tuple[float, float]:
 
 
 def tissue_table(cases: list[dict]) -> list[str]:
-    rows = ["| label | nominal HU | clean median | clean mean | NDCT mean ± SD | ULDCT mean ± SD | voxels (NDCT) |",
-            "|---|---|---|---|---|---|---|"]
+    rows = ["| label | nominal HU | clean median | clean mean ± SD | NDCT mean ± SD | clean ULDCT mean | "
+            "ULDCT mean ± SD | voxels (NDCT) |", "|---|---|---|---|---|---|---|---|"]
     for name, lid in LABELS.items():
+        lo, hi = HU_RANGES[name]
         clean = np.concatenate([c["ndct_clean"][c["labels_ndct"] == lid] for c in cases])
         if clean.size == 0:
-            rows.append(f"| {name} | {HU_RANGES[name][0]:g} … {HU_RANGES[name][1]:g} | — | — | — | — | 0 |")
+            rows.append(f"| {name} | {lo:g} … {hi:g} | — | — | — | — | — | 0 |")
             continue
         nd = np.concatenate([c["ndct"][c["labels_ndct"] == lid] for c in cases])
         ul = np.concatenate([c["uldct"][c["labels_uldct"] == lid] for c in cases])
-        lo, hi = HU_RANGES[name]
+        ul_clean = np.concatenate([c["uldct_clean"][c["labels_uldct"] == lid] for c in cases])
         med = float(np.median(clean))
         flag = "" if lo <= med <= hi else " ✗"
-        ul_txt = f"{ul.mean():.0f} ± {ul.std():.0f}" if ul.size else "—"
-        rows.append(f"| {name} | {lo:g} … {hi:g} | {med:.0f}{flag} | {clean.mean():.0f} | "
+        ul_txt = f"{ul_clean.mean():.0f} | {ul.mean():.0f} ± {ul.std():.0f}" if ul.size else "— | —"
+        rows.append(f"| {name} | {lo:g} … {hi:g} | {med:.0f}{flag} | {clean.mean():.0f} ± {clean.std():.0f} | "
                     f"{nd.mean():.0f} ± {nd.std():.0f} | {ul_txt} | {clean.size} |")
     return rows
 
@@ -282,6 +283,8 @@ def motion_figure(case: dict, path: Path) -> dict[str, float]:
     slab = (r["origin_xyz_mm"][2], r["origin_xyz_mm"][2] + (r["shape_zyx"][0] - 1) * r["spacing_xyz_mm"][2])
     for ax, (name, view, axis, o, s) in zip(axes, views):
         hu, m, d_in, d_si = ref.hu[view], mag[view], disp[axis][view], disp[0][view]
+        still = m < 0.5  # no arrows where nothing moves
+        d_in, d_si = np.where(still, np.nan, d_in), np.where(still, np.nan, d_si)
         extent = (o, o + hu.shape[1] * s, z[0], z[-1])
         ax.imshow(hu, cmap="gray", vmin=vmin, vmax=vmax, origin="lower", extent=extent, aspect="equal")
         im = ax.imshow(np.ma.masked_less(m, 0.5), cmap="inferno", vmin=0, vmax=r["amplitude_mm"], alpha=0.6,
