@@ -161,3 +161,12 @@ def test_masks_find_the_phantom_lungs_and_background():
     lungs = ph.mask("lung", "lung_vessel", "nodule_solid", "nodule_ggo", "emphysema")
     assert _dice(lung_mask(ph.hu), lungs) > 0.9
     assert _dice(background_mask(ph.hu), ph.mask("air", "pad")) > 0.9
+
+
+def test_no_motion_gives_the_same_anatomy_nodules_included(small):
+    """A zero-amplitude breath hold rebuilds a taller slab; nodules must not move with it."""
+    moved, disp = breathing_motion(small, amplitude_mm=0.0, seed=3)
+    assert float(np.abs(disp).max()) == 0.0
+    for name in ("nodule_solid", "nodule_ggo"):
+        np.testing.assert_array_equal(moved.mask(name), small.mask(name))
+    np.testing.assert_array_equal(moved.labels, small.labels)

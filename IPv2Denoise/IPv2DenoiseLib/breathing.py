@@ -131,7 +131,9 @@ def breathing_motion(phantom: Phantom, *, amplitude_mm: float = 10.0, seed: int 
     if p.get("shape") == phantom.shape:
         pad = int(math.ceil((amplitude_mm + 4.0) / phantom.spacing[2]))
         shape = (phantom.shape[0] + 2 * pad,) + phantom.shape[1:]
-        src = make_chest_phantom(**{**p, "shape": shape})
+        z = phantom.origin[2] + np.array([0.0, (phantom.shape[0] - 1) * phantom.spacing[2]])
+        nodule_range = p.get("nodule_z_range_mm") or (float(z.min()), float(z.max()))
+        src = make_chest_phantom(**{**p, "shape": shape, "nodule_z_range_mm": nodule_range})
     disp = breathing_displacement(src, amplitude_mm=amplitude_mm, seed=seed, ap_fraction=ap_fraction)
     moved = warp(src, disp)
     crop = np.s_[pad:pad + phantom.shape[0]]

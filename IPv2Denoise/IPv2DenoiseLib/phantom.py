@@ -454,6 +454,7 @@ def make_chest_phantom(
     emphysema: bool = False,
     nodules: bool = True,
     vessel_min_radius_mm: float = 0.3,
+    nodule_z_range_mm: tuple[float, float] | None = None,
 ) -> Phantom:
     """Build a seeded, noise-free chest CT phantom in HU.
 
@@ -468,6 +469,7 @@ def make_chest_phantom(
     emphysema : add low-attenuation (< -950 HU) regions in the upper lungs.
     nodules : add two solid nodules and one ground-glass nodule inside the imaged slab.
     vessel_min_radius_mm : the vessel trees branch until this radius.
+    nodule_z_range_mm : (zmin, zmax) mm the nodule positions are drawn from (default: the slab).
 
     Returns
     -------
@@ -488,7 +490,7 @@ def make_chest_phantom(
     if not -170.0 <= z_center_mm <= 95.0:
         raise UserError(f"z_center_mm must lie in the lungs' range [-170, 95] mm, got {z_center_mm}")
     params = dict(shape=shape, spacing=spacing, z_center_mm=float(z_center_mm), seed=int(seed), arms=arms,
-                  table=table, emphysema=emphysema, nodules=nodules,
+                  table=table, emphysema=emphysema, nodules=nodules, nodule_z_range_mm=nodule_z_range_mm,
                   vessel_min_radius_mm=float(vessel_min_radius_mm))
     anat = _Anatomy(int(seed))
     x, y, z = axes = _axes(shape, spacing, z_center_mm)
@@ -602,7 +604,7 @@ def make_chest_phantom(
     # nodules -------------------------------------------------------------------------------
     nod_list: list[dict[str, Any]] = []
     if nodules:
-        nod_list = _paint_nodules(cv, anat, X, Y, Z, seed)
+        nod_list = _paint_nodules(cv, anat, X, Y, Z, seed, z_range=nodule_z_range_mm)
 
     # fine tissue texture, per label (lung texture was painted with the lung) ---------------
     amp = np.zeros(256, np.float32)
@@ -711,10 +713,14 @@ def _seg_dist2d(x, y, a, b):
     return np.hypot(px - t * d[0], py - t * d[1])
 
 
-def _paint_nodules(cv, anat, X, Y, Z, seed):
-    """Two solid nodules and one ground-glass nodule at random lung positions inside the slab."""
+def _paint_nodules(cv, anat, X, Y, Z, seed, z_range=None):
+    """Two solid nodules and one ground-glass nodule at random lung positions inside the slab.
+
+    ``z_range`` (mm) fixes the range the positions are drawn from, so a taller rebuild of the same
+    phantom (breathing motion) places the nodules where the original slab had them.
+    """
     rng = np.random.default_rng([seed, 3])
-    zmin, zmax = float(Z.min()), float(Z.max())
+    zmin, zmax = (float(Z.min()), float(Z.max())) if z_range is None else (float(z_range[0]), float(z_range[1]))
     out = []
     for kind, radius_range, hu in (("nodule_solid", (3.0, 8.0), 45.0), ("nodule_solid", (3.0, 6.0), 40.0),
                                    ("nodule_ggo", (5.0, 10.0), -560.0)):
