@@ -8,8 +8,9 @@ Without ``--data`` it makes ``--cases`` held-out synthetic cases (default 2 of 5
 0.7 mm, 2 % dose, anatomy seeds never used for training) with the project's own
 ``IPv2DenoiseLib.dataset.make_dataset``. Every method runs in a fresh process (multiprocessing
 ``spawn``) limited to ``--threads`` threads, so its peak RSS (``resource.getrusage``
-``ru_maxrss``) is its own; the table reports that peak and the increase over the same process
-just before denoising (after loading the volume). Speed counts only the denoising call.
+``ru_maxrss``) is its own; the table reports that peak and "RSS Δ", the peak minus the process's
+resident memory just before denoising (after imports, loading the volumes and one warm-up call
+on three slices). Speed counts only the denoising calls after the warm-up.
 
 Quality is measured against the noise-free truth (the clean anatomy of the ULDCT acquisition,
 ``uldct_clean``): PSNR/SSIM in the lung window inside the body, noise = SD of (output − truth) in
@@ -66,10 +67,6 @@ def _worker(method: str, paths: list[str], out_dir: str, threads: int, model_spe
         result["model_name"] = den.name
         result["model_card"] = {k: den.card.get(k) for k in ("architecture", "kwargs", "parameters", "flops_per_voxel",
                                                              "strategy", "iterations")}
-        if device == "cuda":  # warm-up (kernels, autotuning) outside the timed region
-            den.denoise_array(vols[0].array[:4], device="cuda")
-            torch.cuda.synchronize()
-
         def denoise(hu):
             return den.denoise_array(hu, remove_background=True, device=device)
     elif method != "input":
@@ -77,7 +74,11 @@ def _worker(method: str, paths: list[str], out_dir: str, threads: int, model_spe
 
         def denoise(hu):
             return denoise_classical(hu, method)
-    rss_before = _rss_mb()
+    if denoise is not None:  # warm-up outside the timed region: lazy imports, first-call set-up
+        denoise(vols[0].array[:3])
+    import psutil
+
+    rss_before = psutil.Process().memory_info().rss / 2**20
     for i, vol in enumerate(vols):
         t = time.perf_counter()
         out = vol.array.copy() if denoise is None else denoise(vol.array)

@@ -228,12 +228,18 @@ def ipv2_test_label(case: Case, config: EvalConfig) -> np.ndarray:
 
 
 def region_masks(reference: np.ndarray) -> dict[str, np.ndarray]:
-    """Background air, lungs and body (not lungs) of a noise-free (or low-noise) reference."""
+    """Background air, lungs and body (not lungs) of a noise-free (or low-noise) reference.
+
+    Background is the border-connected air *below −950 HU*: the foam pad under the patient
+    (−800…−700 HU) is border-connected too, and the inference's background removal erases it, which
+    is not noise.
+    """
     from .masks import background_mask, body_mask, lung_mask, soft_tissue_mask
 
     body = body_mask(reference)
     lungs = lung_mask(reference) & body
-    return {"background": background_mask(reference), "lungs": lungs, "body": body & ~lungs,
+    air = background_mask(reference) & (np.asarray(reference) < -950.0)
+    return {"background": air, "lungs": lungs, "body": body & ~lungs,
             "soft_tissue": soft_tissue_mask(reference), "whole_body": body}
 
 
