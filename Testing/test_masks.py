@@ -163,3 +163,19 @@ def test_masks_2d_slice_matches_volume_slice():
     z = 10
     np.testing.assert_array_equal(masks.dark_mask(c.hu[z]), masks.dark_mask(c.hu)[z])
     np.testing.assert_array_equal(masks.background_mask(c.hu[z]), masks.background_mask(c.hu)[z])
+
+
+def test_lung_parenchyma_excludes_vessels_and_standard_rois() -> None:
+    from IPv2DenoiseLib.masks import lung_parenchyma_mask, standard_rois
+    from IPv2DenoiseLib.phantom import make_chest_phantom
+
+    ph = make_chest_phantom(shape=(4, 160, 160), spacing=(2.2, 2.2, 2.5), seed=2)
+    rois = standard_rois(ph.hu, spacing=ph.spacing)
+    paren, lungs = rois["lung"], rois["lungs_whole"]
+    assert paren.sum() > 0.5 * lungs.sum() and not (paren & ~lungs).any()
+    vessels = ph.mask("lung_vessel") & (ph.hu > -300)
+    assert (paren & vessels).sum() < 0.02 * vessels.sum()
+    assert ph.hu[paren].std() < 0.6 * ph.hu[lungs].std()  # more homogeneous: vessels no longer dominate
+    assert ph.hu[paren].mean() < ph.hu[lungs].mean() - 30
+    assert not (rois["background"] & lungs).any() and not (rois["soft_tissue"] & lungs).any()
+    np.testing.assert_array_equal(lung_parenchyma_mask(ph.hu[1], lungs=lungs[1]), paren[1])  # 2-D slice

@@ -273,3 +273,17 @@ def test_roi_comparison_table_on_ct_small(ct_small):
     assert "| LAA-950 |" in table.to_markdown()
     only_soft = M.roi_comparison_table(before, after, {"soft_tissue": soft})
     assert [r[0] for r in only_soft.rows][-1] == "soft_tissue noise reduction"
+
+
+def test_roi_table_laa_over_given_lung_mask() -> None:
+    from IPv2DenoiseLib.metrics import roi_comparison_table
+
+    before = np.full((1, 4, 5), -900.0)
+    before[0, 0, :] = -1000.0  # 5 of 20 voxels below -950 in the whole "lung"
+    after = np.full((1, 4, 5), -900.0)
+    whole = np.ones((1, 4, 5), bool)
+    parenchyma = np.zeros((1, 4, 5), bool)
+    parenchyma[0, 1:, :] = True  # no voxel below -950 here
+    table = roi_comparison_table(before, after, {"lung": parenchyma}, laa_mask=whole).as_dict()
+    row = table["metric"].index("LAA-950")
+    assert table["before"][row] == 25.0 and table["after"][row] == 0.0

@@ -473,3 +473,50 @@ def soft_tissue_mask(
     if erosion_radius > 0:
         tissue = ndi.binary_erosion(tissue, _disk_2d(erosion_radius))
     return _out(tissue, was_2d)
+
+
+def lung_parenchyma_mask(
+    hu: np.ndarray,
+    *,
+    lungs: np.ndarray | None = None,
+    vessel_hu: float = -600.0,
+    smooth_px: float = 0.7,
+    erosion_radius: int = 1,
+) -> np.ndarray:
+    """Homogeneous lung parenchyma (lungs without vessels, airways walls and nodules) for noise ROIs.
+
+    Lung voxels at least one pixel away from anything brighter than ``vessel_hu`` (in-plane
+    smoothed by ``smooth_px`` so 2 %-dose noise does not count as vessel), eroded by
+    ``erosion_radius`` px in-plane. The std of HU inside the whole lung mask is dominated by vessels (about 190 HU on a
+    chest), so lung *noise* must be measured here instead (DESIGN.md §6: homogeneous ROIs).
+
+    Returns
+    -------
+    ndarray of bool
+        On a chest CT: the parenchyma between vessels, typically 80–90 % of the lung volume.
+    """
+    vol, was_2d = _as_hu(hu)
+    lung_m = lung_mask(vol) if lungs is None else _as_mask(lungs, "lungs")[0]
+    bright = _smooth_in_plane(vol, smooth_px) >= vessel_hu
+    paren = lung_m & ~ndi.binary_dilation(bright, _disk_2d(1))
+    if erosion_radius > 0:
+        paren = ndi.binary_erosion(paren, _disk_2d(erosion_radius))
+    return _out(paren, was_2d)
+
+
+def standard_rois(hu: np.ndarray, *, spacing: tuple[float, float, float] | None = None) -> dict[str, np.ndarray]:
+    """The automatic ROIs of every before/after table: lung parenchyma, soft tissue, background air.
+
+    Also returns the whole ``lungs`` under the key ``"lungs_whole"`` (for LAA-950, which by
+    convention counts vessels in the denominator); it is not a noise ROI.
+    """
+    vol, was_2d = _as_hu(hu)
+    body = body_mask(vol)
+    lungs = lung_mask(vol, body=body, spacing=spacing)
+    rois = {
+        "lung": lung_parenchyma_mask(vol, lungs=lungs),
+        "soft_tissue": soft_tissue_mask(vol, body=body),
+        "background": background_mask(vol),
+        "lungs_whole": lungs,
+    }
+    return {name: _out(mask, was_2d) for name, mask in rois.items()}

@@ -358,6 +358,7 @@ def roi_comparison_table(
     *,
     lung_key: str = "lung",
     soft_tissue_key: str | None = None,
+    laa_mask: Any = None,
 ) -> MetricsTable:
     """The "before/after denoising" ROI table (DESIGN.md §6).
 
@@ -365,7 +366,8 @@ def roi_comparison_table(
     noise reduction ``100·(1 − std_after/std_before)`` in %. If ``regions`` has ``lung_key``: the
     CNR of lung against soft tissue (the first of ``soft_tissue``, ``soft tissue``, ``mediastinum``,
     ``muscle``, or ``soft_tissue_key``; noise from the soft-tissue std) and LAA-950 (%, change in
-    percentage points).
+    percentage points) over ``laa_mask`` (the whole lungs, vessels included, by convention) or, if
+    not given, over the ``lung_key`` region.
     """
     before, after = _array(before_hu), _array(after_hu)
     _check_shapes("roi_comparison_table", ("before_hu", "after_hu"), before, after)
@@ -381,7 +383,8 @@ def roi_comparison_table(
     if lung_key in regions and soft in regions:
         cb, ca = (cnr(x, regions[lung_key], regions[soft]) for x in (before, after))
         table.add_row(f"CNR {lung_key} vs {soft}", cb, ca, ca - cb, "")
-    if lung_key in regions:
-        lb, la = (laa950(x, regions[lung_key]) for x in (before, after))
+    if laa_mask is not None or lung_key in regions:
+        lungs = regions[lung_key] if laa_mask is None else laa_mask
+        lb, la = (laa950(x, lungs) for x in (before, after))
         table.add_row("LAA-950", lb, la, la - lb, "%")
     return table

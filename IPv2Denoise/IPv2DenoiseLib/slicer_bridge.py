@@ -498,15 +498,10 @@ def roi_mask(volume_node, roi_node) -> np.ndarray:
 
 
 def automatic_regions(volume: Volume) -> dict[str, np.ndarray]:
-    """Lung, soft tissue and background air masks of a (denoised) volume, from :mod:`masks`."""
-    from . import masks
+    """Lung parenchyma, soft tissue and background air masks (plus ``lungs_whole`` for LAA-950)."""
+    from .masks import standard_rois
 
-    body = masks.body_mask(volume.array)
-    return {
-        "lung": masks.lung_mask(volume.array, body=body, spacing=volume.spacing),
-        "soft_tissue": masks.soft_tissue_mask(volume.array, body=body),
-        "background": masks.background_mask(volume.array),
-    }
+    return standard_rois(volume.array, spacing=volume.spacing)
 
 
 def roi_table(original_node, denoised_node, *, roi_node=None, segmentation_node=None, segment_id=None) -> MetricsTable:
@@ -522,9 +517,12 @@ def roi_table(original_node, denoised_node, *, roi_node=None, segmentation_node=
     if not before.same_geometry(after):
         raise UserError("metrics: the original and denoised volumes are on different grids")
     regions = automatic_regions(after)
+    lungs = regions.pop("lungs_whole")
     if roi_node is not None:
         regions["user ROI"] = roi_mask(original_node, roi_node)
     if segmentation_node is not None and segment_id:
         seg = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation_node, segment_id, original_node)
         regions[segmentation_node.GetSegmentation().GetSegment(segment_id).GetName()] = seg.astype(bool)
-    return roi_comparison_table(before.array, after.array, regions, lung_key="lung", soft_tissue_key="soft_tissue")
+    return roi_comparison_table(
+        before.array, after.array, regions, lung_key="lung", soft_tissue_key="soft_tissue", laa_mask=lungs
+    )

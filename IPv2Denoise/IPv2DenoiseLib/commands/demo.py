@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from ..figures import comparison_figure, pick_slice
     from ..infer import Denoiser
     from ..io import read_volume, write_volume
-    from ..masks import background_mask, body_mask, lung_mask, soft_tissue_mask
+    from ..masks import standard_rois
     from ..metrics import roi_comparison_table
     from ..progress import TqdmProgress, make_progress
 
@@ -58,13 +58,9 @@ def run(args: argparse.Namespace) -> int:
     seconds = time.monotonic() - began
 
     volume_path = write_volume(denoised, out / "denoised.nrrd")
-    body = body_mask(volume.array)
-    regions = {
-        "lung": lung_mask(volume.array, body=body),
-        "soft_tissue": soft_tissue_mask(volume.array, body=body),
-        "background": background_mask(volume.array),
-    }
-    table = roi_comparison_table(volume.array, denoised.array, regions)
+    regions = standard_rois(volume.array, spacing=volume.spacing)
+    lungs = regions.pop("lungs_whole")
+    table = roi_comparison_table(volume.array, denoised.array, regions, laa_mask=lungs)
     table.to_csv(out / "metrics.csv")
     (out / "metrics.md").write_text(
         f"# ROI metrics: {source.name} denoised with {denoiser.name}\n\n" + table.to_markdown() + "\n"
@@ -72,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     figure = comparison_figure(
         [("ULDCT (input)", volume.array), ("denoised", denoised.array)],
         out / "before_after.png",
-        slice_index=pick_slice(volume.array, regions["lung"]),
+        slice_index=pick_slice(volume.array, lungs),
         spacing=volume.spacing,
         difference=("ULDCT (input)", "denoised"),
         title=f"{source.name} — {denoiser.name}",

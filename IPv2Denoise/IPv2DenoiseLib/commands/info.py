@@ -21,17 +21,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def describe(volume) -> dict:
     """The facts ``info`` prints, as a JSON-ready dict."""
-    from ..masks import background_mask, body_mask, lung_mask, soft_tissue_mask
+    from ..masks import body_mask, standard_rois
     from ..metrics import roi_stats
 
     hu = volume.array
+    regions = standard_rois(hu, spacing=volume.spacing)
+    lungs, background = regions.pop("lungs_whole"), regions["background"]
     body = body_mask(hu)
-    lungs = lung_mask(hu, body=body)
-    background = background_mask(hu)
-    soft = soft_tissue_mask(hu, body=body)
     ml = volume.voxel_volume_ml
     rois = {}
-    for name, mask in (("lung", lungs), ("soft_tissue", soft), ("background", background)):
+    for name, mask in regions.items():
         stats = roi_stats(hu, mask)
         rois[name] = {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in asdict(stats).items()}
     meta = {k: v for k, v in volume.meta.items() if k not in {"dicom_files", "SOPInstanceUIDs"}}
