@@ -90,3 +90,24 @@ def test_train_cli_on_made_dataset(tmp_path, capsys) -> None:
     assert "psnr_truth_lungs" in card["validation"] and "psnr_label" in card["validation"]
     denoiser = Denoiser.from_file(out / "tiny.safetensors", expected_sha256=card["sha256"])
     assert denoiser.denoise_array(np.full((2, 40, 40), -1000.0, np.float32), device="cpu").shape == (2, 40, 40)
+
+
+def test_fine_tune_starts_from_given_weights(tmp_path) -> None:
+    from IPv2DenoiseLib import UserError
+    from IPv2DenoiseLib.models import UNet
+    from IPv2DenoiseLib.weights import load_model, save_model
+
+    start = tmp_path / "start.safetensors"
+    trained = UNet(in_slices=3, base_channels=4, levels=2)
+    torch.nn.init.normal_(trained.head.weight, std=0.1)  # not the identity start of a fresh net
+    save_model(trained, start, {})
+    cfg = TrainConfig(cases=[], out=str(tmp_path / "ft"), model_kwargs={"in_slices": 3, "base_channels": 4, "levels": 2},
+                      patch=32, batch=2, iterations=1, val_every=1, lr=1e-9, device="cpu", name="ft",
+                      init_weights=str(start))
+    card = train(cfg, prepared=([toy_case(0)], []))
+    assert card["initialised_from"] == "start.safetensors"
+    tuned, _ = load_model(tmp_path / "ft" / "ft.safetensors")
+    torch.testing.assert_close(tuned.head.weight, trained.head.weight, atol=1e-6, rtol=0)
+    cfg.out, cfg.model_kwargs = str(tmp_path / "bad"), {"in_slices": 3, "base_channels": 8, "levels": 2}
+    with pytest.raises(UserError, match="does not match"):
+        train(cfg, prepared=([toy_case(0)], []))

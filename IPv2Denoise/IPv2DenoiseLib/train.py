@@ -60,6 +60,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     name: str = "model"
+    #: Start from these safetensors weights (fine-tuning) instead of a fresh network.
+    init_weights: str | None = None
 
 
 @dataclass
@@ -257,7 +259,18 @@ def train(
     if not train_cases:
         raise UserError("no training cases given")
 
-    model = build_model(config.arch, **config.model_kwargs).to(device)
+    model = build_model(config.arch, **config.model_kwargs)
+    if config.init_weights:
+        from .weights import load_model
+
+        start_from, start_card = load_model(config.init_weights)
+        if start_from.ARCH != model.ARCH or start_from.config != model.config:
+            raise UserError(
+                f"--init {config.init_weights} is {start_card.get('architecture')} {start_from.config}; "
+                f"it does not match --arch {config.arch} {model.config}"
+            )
+        model.load_state_dict(start_from.state_dict())
+    model = model.to(device)
     in_slices = model.in_slices
     if device.type == "cpu":
         model = model.to(memory_format=torch.channels_last)
@@ -344,6 +357,7 @@ def train(
                 "region_shares": list(config.region_shares),
             },
             "iterations": config.iterations,
+            "initialised_from": Path(config.init_weights).name if config.init_weights else None,
             "loss": config.loss,
             "hardware": f"{describe_device(device)} x{world}; {platform.processor() or platform.machine()}",
             "training_seconds": round(seconds, 1),

@@ -46,6 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val-every", type=int, default=250)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto (CUDA, MPS, CPU), cuda, mps or cpu")
+    parser.add_argument("--init", default=None, help="fine-tune: start from these .safetensors weights (same architecture)")
     parser.add_argument("--json-progress", action="store_true", help="JSON-lines progress on stdout")
 
 
@@ -77,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
         val_every=args.val_every,
         seed=args.seed,
         device=args.device,
+        init_weights=args.init,
     )
     if kwargs:
         config.model_kwargs = kwargs
