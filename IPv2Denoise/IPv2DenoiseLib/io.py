@@ -10,7 +10,6 @@ interrupted write never leaves a half file under the final name.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from .atomic import atomic_path
 from .errors import UserError
 from .volume import Volume
 
@@ -289,22 +289,9 @@ def write_volume(volume: Volume, path: str | os.PathLike, *, dtype: np.dtype | t
     image.SetSpacing(volume.spacing)
     image.SetOrigin(volume.origin)
     image.SetDirection(volume.direction)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=f".partial{suffix}", dir=out.parent)
-    os.close(fd)
-    try:
+    with atomic_path(out, suffix=suffix) as tmp:
         sitk.WriteImage(image, tmp, useCompression=suffix != ".nii")
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return out
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def write_mask(mask: np.ndarray, like: Volume, path: str | os.PathLike) -> Path:
