@@ -16,6 +16,8 @@ HELP = (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="demo-output", help="output folder (created; default demo-output)")
     parser.add_argument("--input", default=None, help="a CT volume instead of the bundled sample ULDCT")
+    parser.add_argument("--reference", default=None,
+                        help="a normal-dose scan of the same patient to show beside (default: the bundled sample NDCT)")
     parser.add_argument("--model", default="default", help="registry name in Resources/Models/models.json")
     parser.add_argument("--weights", default=None, help="a .safetensors file instead of a registry model")
     parser.add_argument("--device", default="auto", help="auto (CUDA, MPS, CPU), cuda, mps or cpu")
@@ -35,6 +37,7 @@ def sample_uldct() -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..errors import UserError
     from ..figures import comparison_figure, pick_slice
     from ..infer import Denoiser
     from ..io import read_volume, write_volume
@@ -44,6 +47,10 @@ def run(args: argparse.Namespace) -> int:
 
     source = Path(args.input) if args.input else sample_uldct()
     volume = read_volume(source)
+    reference_path = args.reference or (None if args.input else source.with_name(source.name.replace("uldct", "ndct")))
+    reference = read_volume(reference_path) if reference_path and Path(reference_path).exists() else None
+    if reference is not None and reference.shape != volume.shape:
+        raise UserError(f"--reference shape {reference.shape} differs from the input's {volume.shape}")
     denoiser = Denoiser.from_file(args.weights) if args.weights else Denoiser.from_registry(args.model)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -65,8 +72,11 @@ def run(args: argparse.Namespace) -> int:
     (out / "metrics.md").write_text(
         f"# ROI metrics: {source.name} denoised with {denoiser.name}\n\n" + table.to_markdown() + "\n"
     )
+    shown = [("ULDCT (input)", volume.array), ("denoised", denoised.array)]
+    if reference is not None:
+        shown.append(("NDCT (other breath hold)", reference.array))
     figure = comparison_figure(
-        [("ULDCT (input)", volume.array), ("denoised", denoised.array)],
+        shown,
         out / "before_after.png",
         slice_index=pick_slice(volume.array, lungs),
         spacing=volume.spacing,
