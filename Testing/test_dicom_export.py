@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import copy
 import shutil
 import subprocess
 
 import numpy as np
 import pydicom
 import pytest
+from conftest import write_ct_series
 from pydicom.data import get_testdata_file
-from pydicom.uid import generate_uid
 
 from IPv2DenoiseLib.dicom_export import export_derived_series, slice_positions
 from IPv2DenoiseLib.errors import UserError
@@ -24,26 +23,8 @@ DZ = 2.5
 def source_series(tmp_path):
     """A 4-slice CT series built from pydicom's CT_small.dcm (new UIDs, stepped positions)."""
     template = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
-    series_uid = generate_uid()
-    rng = np.random.default_rng(0)
-    src_dir = tmp_path / "src"
-    src_dir.mkdir()
-    paths, hu = [], []
-    for k in range(NZ):
-        ds = copy.deepcopy(template)
-        ds.SeriesInstanceUID = series_uid
-        ds.SOPInstanceUID = generate_uid()
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.InstanceNumber = k + 1
-        x0, y0, z0 = (float(v) for v in template.ImagePositionPatient)
-        ds.ImagePositionPatient = [x0, y0, z0 + k * DZ]
-        ds.SliceThickness = DZ
-        pixels = template.pixel_array.astype(np.int16) + rng.integers(-20, 20, template.pixel_array.shape)
-        ds.PixelData = pixels.astype(np.int16).tobytes()
-        hu.append(pixels * float(ds.RescaleSlope) + float(ds.RescaleIntercept))
-        path = src_dir / f"s{k}.dcm"
-        ds.save_as(path)
-        paths.append(path)
+    paths = write_ct_series(tmp_path / "src", NZ, slice_spacing=DZ, shuffle=False)
+    hu = [ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept) for ds in map(pydicom.dcmread, paths)]
     return template, paths, np.stack(hu).astype(np.float32)
 
 

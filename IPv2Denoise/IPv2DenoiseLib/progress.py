@@ -111,3 +111,18 @@ class TqdmProgress:
 def make_progress(json_progress: bool, desc: str = "", unit: str = "it"):
     """The CLI's callback: JSON lines when asked (Slicer subprocess), else a tqdm bar."""
     return JsonLinesProgress() if json_progress else TqdmProgress(desc=desc, unit=unit)
+
+
+class Steps:
+    """Counts units of work: each call checks the cancel token, then reports ``(done, total, message)``."""
+
+    def __init__(self, total: int, progress: ProgressCallback | None = None, cancel: CancelToken | None = None) -> None:
+        self.total, self.done = total, 0
+        self.progress, self.cancel = progress, cancel
+
+    def __call__(self, message: str = "") -> None:
+        self.done += 1
+        if self.cancel is not None:
+            self.cancel.check()
+        if self.progress is not None:
+            self.progress(self.done, self.total, message)

@@ -43,7 +43,7 @@ from scipy import ndimage as ndi
 
 from .errors import UserError
 from .masks import common_dark_mask, soft_tissue_mask, split_dark
-from .progress import CancelToken, ProgressCallback
+from .progress import CancelToken, ProgressCallback, Steps
 
 Simulator = Callable[[np.ndarray, float, int], np.ndarray]
 SliceDenoiser = Callable[[np.ndarray], np.ndarray]
@@ -388,15 +388,7 @@ def build_pairs(
     u3, n3 = (u[None], n[None]) if was_2d else (u, n)
     nz = u3.shape[0]
     stages = 1 + int(strategy.add_noise) + int(strategy.remove_noise)
-    total, done = nz * stages, 0
-
-    def tick(message: str) -> None:
-        nonlocal done
-        done += 1
-        if cancel is not None:
-            cancel.check()
-        if progress is not None:
-            progress(done, total, message)
+    tick = Steps(nz * stages, progress, cancel)
 
     # masks, slice by slice (Otsu and the flood fill are per slice)
     dark = np.empty(u3.shape, dtype=bool)
@@ -420,9 +412,8 @@ def build_pairs(
             if sim.shape != n3.shape:
                 raise UserError(f"simulate returned shape {sim.shape}; expected the NDCT's {n3.shape}")
             train_input[purified] = sim[purified]
-            done += nz
-            if progress is not None:
-                progress(done, total, "add noise")
+            tick.done += nz - 1  # the whole volume was simulated in one call
+            tick("add noise")
         else:
             train_input[purified] = n3[purified]
         if strategy.remove_noise:
