@@ -43,6 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--patch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--loss", choices=["l1", "l2"], default="l1")
+    parser.add_argument("--region-shares", type=float, nargs=3, metavar=("LUNGS", "BODY", "BACKGROUND"),
+                        default=None, help="share of patches centred in each region (default 0.45 0.4 0.15)")
     parser.add_argument("--val-every", type=int, default=250)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto (CUDA, MPS, CPU), cuda, mps or cpu")
@@ -82,6 +84,10 @@ def run(args: argparse.Namespace) -> int:
     )
     if kwargs:
         config.model_kwargs = kwargs
+    if args.region_shares:
+        if min(args.region_shares) < 0 or sum(args.region_shares) <= 0:
+            raise UserError(f"--region-shares must be non-negative with a positive sum, got {args.region_shares}")
+        config.region_shares = tuple(args.region_shares)
     progress = make_progress(args.json_progress, desc="train", unit="it")
     card = train(config, progress=progress)
     if card:
