@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from IPv2DenoiseLib.classical import CLASSICAL_METHODS, available_methods, denoise_classical, estimate_noise
+from IPv2DenoiseLib.classical import CLASSICAL_METHODS, available_methods, denoise_classical
 from IPv2DenoiseLib.errors import UserError
 from IPv2DenoiseLib.metrics import psnr
+from IPv2DenoiseLib.noise_estimate import estimate_noise_hu
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,7 @@ def scan():
 def test_noise_estimate_close_to_true_noise(scan):
     truth, noisy, soft, _ = scan
     true_sd = float((noisy - truth)[soft].std())
-    assert 0.6 * true_sd < estimate_noise(noisy) < 1.4 * true_sd
+    assert 0.6 * true_sd < estimate_noise_hu(noisy) < 1.4 * true_sd
 
 
 @pytest.mark.parametrize("method", CLASSICAL_METHODS)

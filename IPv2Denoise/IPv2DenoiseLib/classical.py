@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from .errors import UserError
+from .noise_estimate import estimate_noise_hu
 from .progress import CancelToken, ProgressCallback
 
 #: Methods always available.
@@ -26,32 +27,6 @@ def available_methods() -> tuple[str, ...]:
     """The classical methods usable here (``bm3d`` only when that package is importable)."""
     extra = ("bm3d",) if importlib.util.find_spec("bm3d") is not None else ()
     return CLASSICAL_METHODS + extra
-
-
-def estimate_noise(hu: np.ndarray) -> float:
-    """Noise SD in HU of a CT.
-
-    :func:`IPv2DenoiseLib.purify.estimate_noise_hu` (median local SD in homogeneous soft tissue)
-    when there is enough soft tissue (>= 200 px after a 7x7 erosion, its own condition); otherwise
-    the robust SD of horizontal pixel differences inside the body divided by √2. We avoid the
-    wavelet fallback of ``estimate_noise_hu`` (``skimage.restoration.estimate_sigma``): it assumes
-    white noise and gives about half the true SD of CT's correlated noise on small slices.
-    """
-    from scipy import ndimage as ndi
-
-    from .masks import body_mask, soft_tissue_mask
-    from .purify import estimate_noise_hu
-
-    vol = np.asarray(hu, dtype=np.float32)
-    vol3 = vol[None] if vol.ndim == 2 else vol
-    region = soft_tissue_mask(vol3)
-    if ndi.binary_erosion(region, np.ones((1, 7, 7), dtype=bool)).sum() >= 200:
-        return float(estimate_noise_hu(vol3, region=region))
-    diff = np.diff(vol3, axis=-1)
-    inside = body_mask(vol3)[..., 1:]
-    values = diff[inside] if inside.sum() >= 100 else diff.ravel()
-    mad = np.median(np.abs(values - np.median(values)))
-    return float(1.4826 * mad / np.sqrt(2.0))
 
 
 def _slice_function(method: str, noise_hu: float) -> Callable[[np.ndarray], np.ndarray]:
@@ -122,7 +97,7 @@ def denoise_classical(
         Pixel size; accepted for a uniform signature (these methods work in pixel units).
     noise_hu : float, optional
         Noise SD of the input; by default estimated with
-        :func:`IPv2DenoiseLib.purify.estimate_noise_hu` (soft-tissue local SD).
+        :func:`IPv2DenoiseLib.noise_estimate.estimate_noise_hu`.
     progress, cancel
         Progress ``(done, total, message)`` per slice and a cancel token checked between slices.
 
@@ -146,7 +121,7 @@ def denoise_classical(
         raise UserError("classical denoiser: the CT contains NaN or infinite values")
     vol = arr[None] if arr.ndim == 2 else arr
     if noise_hu is None:
-        noise_hu = estimate_noise(vol)
+        noise_hu = estimate_noise_hu(vol)
     if not (noise_hu is not None and np.isfinite(noise_hu) and noise_hu > 0):
         raise UserError(f"noise_hu must be a positive number of HU, got {noise_hu!r}")
     fn = _slice_function(name, float(noise_hu))

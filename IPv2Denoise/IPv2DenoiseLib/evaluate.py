@@ -214,11 +214,10 @@ def purified_training_cases(cases: Sequence[Case], strategy: str, config: EvalCo
 
 def ipv2_test_label(case: Case, config: EvalConfig) -> np.ndarray:
     """The IPv2 refined test label: NDCT in body and background, WD(ULDCT) in the lungs."""
-    from .classical import estimate_noise
+    from .noise_estimate import estimate_noise_hu
     from .purify import build_pairs, make_weak_denoiser
 
-    # the noise estimate of classical.estimate_noise also works on small slices (no PyWavelets)
-    wd = make_weak_denoiser(config.weak_denoiser, spacing=case.spacing, noise_hu=estimate_noise(case.uldct))
+    wd = make_weak_denoiser(config.weak_denoiser, spacing=case.spacing, noise_hu=estimate_noise_hu(case.uldct))
     # rb+rn gives the same test label as ipv2 without simulating the (unused) Add-noise input
     return build_pairs(case.uldct, case.ndct, "rb+rn", dose=config.dose, spacing=case.spacing,
                        weak_denoiser=wd).test_label

@@ -42,7 +42,8 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from .errors import UserError
-from .masks import common_dark_mask, soft_tissue_mask, split_dark
+from .masks import common_dark_mask, split_dark
+from .noise_estimate import estimate_noise_hu
 from .progress import CancelToken, ProgressCallback, Steps
 
 Simulator = Callable[[np.ndarray, float, int], np.ndarray]
@@ -215,30 +216,6 @@ def remove_background(hu: np.ndarray, background_mask: np.ndarray, *, air_hu: fl
     out = arr.astype(np.float32, copy=True)
     out[mask] = np.float32(air_hu)
     return out
-
-
-def estimate_noise_hu(hu: np.ndarray, *, region: np.ndarray | None = None, window: int = 7) -> float:
-    """Noise SD in HU: median of the local SD in ``window``² patches over a homogeneous region.
-
-    ``region`` defaults to :func:`~IPv2DenoiseLib.masks.soft_tissue_mask`. With fewer than 200
-    region pixels the wavelet estimate of ``skimage.restoration.estimate_sigma`` is used (which
-    assumes white noise and so underestimates CT's correlated noise).
-    """
-    vol = np.asarray(hu, dtype=np.float32)
-    vol3 = vol[None] if vol.ndim == 2 else vol
-    if region is None:
-        region = soft_tissue_mask(vol3)
-    region = np.asarray(region, dtype=bool).reshape(vol3.shape)
-    size = (1, window, window)
-    mean = ndi.uniform_filter(vol3.astype(np.float64), size=size)
-    sq = ndi.uniform_filter(vol3.astype(np.float64) ** 2, size=size)
-    local_sd = np.sqrt(np.maximum(sq - mean * mean, 0.0))
-    inner = ndi.binary_erosion(region, np.ones((1, window, window), dtype=bool))
-    if inner.sum() >= 200:
-        return float(np.median(local_sd[inner]) * np.sqrt(window * window / (window * window - 1)))
-    from skimage.restoration import estimate_sigma
-
-    return float(np.median([estimate_sigma(s) for s in vol3]))
 
 
 def make_weak_denoiser(

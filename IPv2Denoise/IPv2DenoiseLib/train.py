@@ -275,9 +275,12 @@ def train(
     if device.type == "cpu":
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=config.lr, total_steps=config.iterations, pct_start=0.05
-    )
+    if config.iterations >= 100:  # warm up over 5 %, then cosine decay
+        schedule = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=config.lr, total_steps=config.iterations, pct_start=0.05
+        )
+    else:  # too short for a warm-up phase (OneCycleLR needs several steps per phase)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     history: dict[str, list] = {"iteration": [], "loss": [], "val": []}
     start = 0
     checkpoint = out / "checkpoint.pt"
