@@ -227,19 +227,21 @@ def ipv2_test_label(case: Case, config: EvalConfig) -> np.ndarray:
 
 
 def region_masks(reference: np.ndarray) -> dict[str, np.ndarray]:
-    """Background air, lungs and body (not lungs) of a noise-free (or low-noise) reference.
+    """Background air, lungs, body (not lungs), soft tissue and vessel-free lung parenchyma of a
+    noise-free (or low-noise) reference.
 
     Background is the border-connected air *below −950 HU*: the foam pad under the patient
     (−800…−700 HU) is border-connected too, and the inference's background removal erases it, which
     is not noise.
     """
-    from .masks import background_mask, body_mask, lung_mask, soft_tissue_mask
+    from .masks import background_mask, body_mask, lung_mask, lung_parenchyma_mask, soft_tissue_mask
 
     body = body_mask(reference)
     lungs = lung_mask(reference) & body
     air = background_mask(reference) & (np.asarray(reference) < -950.0)
     return {"background": air, "lungs": lungs, "body": body & ~lungs,
-            "soft_tissue": soft_tissue_mask(reference), "whole_body": body}
+            "soft_tissue": soft_tissue_mask(reference), "whole_body": body,
+            "lung_parenchyma": lung_parenchyma_mask(reference, lungs=lungs)}
 
 
 def score(output: np.ndarray, reference: np.ndarray, masks: dict[str, np.ndarray], spacing) -> dict[str, float]:
