@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
-from .progress import CancelToken, ProgressCallback
+from .progress import CancelToken, ProgressCallback, Steps
 
 #: Strategies of the grid: naive, IPv1, IPv2 and the two single-module ablations.
 GRID_STRATEGIES = ("naive", "ipv1", "rb", "an", "ipv2")
@@ -399,16 +399,11 @@ def run_grid(
         from .purify import Strategy
 
         Strategy.from_name(s)
-    n_jobs = 2 + len(config.classical) + len(config.strategies) * (1 + len(config.models) * len(seeds))
-    done = 0
+    steps = Steps(2 + len(config.classical) + len(config.strategies) * (1 + len(config.models) * len(seeds)),
+                  progress, cancel)
 
     def tick(message: str) -> None:
-        nonlocal done
-        done += 1
-        if cancel is not None:
-            cancel.check()
-        if progress is not None:
-            progress(done, n_jobs, message)
+        steps(message)
         say(f"[{time.monotonic() - began:7.1f} s] {message}")
 
     if data is not None:
