@@ -507,8 +507,9 @@ def automatic_regions(volume: Volume) -> dict[str, np.ndarray]:
 def roi_table(original_node, denoised_node, *, roi_node=None, segmentation_node=None, segment_id=None) -> MetricsTable:
     """Before/after ROI table for two volume nodes on the same grid.
 
-    Regions: automatic lung, soft tissue and background air (masks of the denoised volume, used
-    for both so the voxels are the same), plus ``user ROI`` from a markups ROI node and/or
+    Regions: automatic lung parenchyma, soft tissue and background air (masks of the original
+    volume, robust to its noise, used for both so the voxels are the same), plus ``user ROI`` from
+    a markups ROI node and/or
     ``segment`` from a segmentation.
     """
     from .metrics import roi_comparison_table
@@ -516,7 +517,7 @@ def roi_table(original_node, denoised_node, *, roi_node=None, segmentation_node=
     before, after = volume_from_node(original_node), volume_from_node(denoised_node)
     if not before.same_geometry(after):
         raise UserError("metrics: the original and denoised volumes are on different grids")
-    regions = automatic_regions(after)
+    regions = automatic_regions(before)  # the same ROIs as `ipv2-denoise demo` and `info`
     lungs = regions.pop("lungs_whole")
     if roi_node is not None:
         regions["user ROI"] = roi_mask(original_node, roi_node)
