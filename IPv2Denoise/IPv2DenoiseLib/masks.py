@@ -504,14 +504,17 @@ def lung_parenchyma_mask(
     return _out(paren, was_2d)
 
 
-def standard_rois(hu: np.ndarray, *, spacing: tuple[float, float, float] | None = None) -> dict[str, np.ndarray]:
+def standard_rois(
+    hu: np.ndarray, *, spacing: tuple[float, float, float] | None = None, body: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
     """The automatic ROIs of every before/after table: lung parenchyma, soft tissue, background air.
 
     Also returns the whole ``lungs`` under the key ``"lungs_whole"`` (for LAA-950, which by
-    convention counts vessels in the denominator); it is not a noise ROI.
+    convention counts vessels in the denominator); it is not a noise ROI. ``body`` reuses a body
+    mask the caller already has.
     """
     vol, was_2d = _as_hu(hu)
-    body = body_mask(vol)
+    body = body_mask(vol) if body is None else _as_mask(body, "body")[0]
     lungs = lung_mask(vol, body=body, spacing=spacing)
     rois = {
         "lung": lung_parenchyma_mask(vol, lungs=lungs),

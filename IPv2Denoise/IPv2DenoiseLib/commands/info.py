@@ -25,9 +25,9 @@ def describe(volume) -> dict:
     from ..metrics import roi_stats
 
     hu = volume.array
-    regions = standard_rois(hu, spacing=volume.spacing)
-    lungs, background = regions.pop("lungs_whole"), regions["background"]
     body = body_mask(hu)
+    regions = standard_rois(hu, spacing=volume.spacing, body=body)
+    lungs, background = regions.pop("lungs_whole"), regions["background"]
     ml = volume.voxel_volume_ml
     rois = {}
     for name, mask in regions.items():
