@@ -26,10 +26,10 @@ _MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
 if _MODULE_DIR not in sys.path:  # IPv2DenoiseLib lives next to this file
     sys.path.insert(0, _MODULE_DIR)
 
-from IPv2DenoiseLib import slicer_bridge  # noqa: E402
-from IPv2DenoiseLib.errors import UserError  # noqa: E402
-from IPv2DenoiseLib.progress import Cancelled  # noqa: E402
-from IPv2DenoiseLib.resources import resources_dir  # noqa: E402
+from IPv2DenoiseLib.app import slicer_bridge  # noqa: E402
+from IPv2DenoiseLib.core.errors import UserError  # noqa: E402
+from IPv2DenoiseLib.core.progress import Cancelled  # noqa: E402
+from IPv2DenoiseLib.core.resources import resources_dir  # noqa: E402
 
 SAMPLE_CATEGORY = "IPv2 Denoise"
 
@@ -231,7 +231,9 @@ class IPv2DenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if index >= 0 and index != combo.currentIndex:
                 combo.setCurrentIndex(index)
         index = self.ui.modelComboBox.currentIndex
-        self.ui.modelSummaryLabel.text = self.ui.modelComboBox.itemData(index, qt.Qt.ToolTipRole) if index >= 0 else ""
+        self.ui.modelSummaryLabel.text = (
+            self.ui.modelComboBox.itemData(index, qt.Qt.ToolTipRole) if index >= 0 else ""
+        )
         self._setState(self._state)
 
     def onModelChanged(self, index):
@@ -249,7 +251,11 @@ class IPv2DenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         button = self.ui.applyButton
         if state == State.RUNNING:
-            button.text, button.toolTip, button.enabled = _("Cancel"), _("Stop the denoiser (scene is left as it was)"), True
+            button.text, button.toolTip, button.enabled = (
+                _("Cancel"),
+                _("Stop the denoiser (scene is left as it was)"),
+                True,
+            )
         elif state == State.CANCEL_REQUESTED:
             button.text, button.enabled = _("Cancelling..."), False
         else:
@@ -259,8 +265,13 @@ class IPv2DenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 button.toolTip = _("No model in Resources/Models/models.json")
         self.ui.progressBar.setVisible(state in (State.RUNNING, State.CANCEL_REQUESTED))
         busy = state in (State.RUNNING, State.CANCEL_REQUESTED)
-        for w in (self.ui.inputSelector, self.ui.outputSelector, self.ui.modelComboBox, self.ui.deviceComboBox,
-                  self.ui.removeBackgroundCheckBox):
+        for w in (
+            self.ui.inputSelector,
+            self.ui.outputSelector,
+            self.ui.modelComboBox,
+            self.ui.deviceComboBox,
+            self.ui.removeBackgroundCheckBox,
+        ):
             w.enabled = not busy
         if message is not None:
             color = "#c62828" if state == State.FAILED else "palette(text)"
@@ -274,8 +285,14 @@ class IPv2DenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         try:
             self.logic.ensureDependencies()
-            self._job = self.logic.process(p.inputVolume, p.outputVolume, model=p.model, device=p.device,
-                                           removeBackground=p.removeBackground, synchronous=False)
+            self._job = self.logic.process(
+                p.inputVolume,
+                p.outputVolume,
+                model=p.model,
+                device=p.device,
+                removeBackground=p.removeBackground,
+                synchronous=False,
+            )
         except Exception as exc:  # dependency declined, bad input: show it, change nothing
             self._setState(State.FAILED, str(exc))
             return
@@ -291,7 +308,7 @@ class IPv2DenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.progressBar.value = int(1000 * status.fraction)
         if status.device:
             self.ui.deviceLabel.text = _("running on: {device}").format(device=status.device)
-        for line in status.log[self._logShown:]:
+        for line in status.log[self._logShown :]:
             self.ui.logTextEdit.appendPlainText(line)
         self._logShown = len(status.log)
         if self._state == State.RUNNING:
@@ -351,8 +368,13 @@ class IPv2DenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay(_("Failed to compute the ROI table."), waitCursor=True):
             segmentation = self.ui.segmentSelector.currentNode()
             segmentId = self.ui.segmentSelector.currentSegmentID() if segmentation else None
-            p.metricsTable = self.logic.computeRoiTable(*pair, roiNode=p.roiNode, segmentationNode=segmentation,
-                                                        segmentId=segmentId, tableNode=p.metricsTable)
+            p.metricsTable = self.logic.computeRoiTable(
+                *pair,
+                roiNode=p.roiNode,
+                segmentationNode=segmentation,
+                segmentId=segmentId,
+                tableNode=p.metricsTable,
+            )
             slicer_bridge.show_table(p.metricsTable)
 
     def onExportCsv(self):
@@ -360,7 +382,9 @@ class IPv2DenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if table is None:
             slicer.util.errorDisplay(_("Compute the ROI table first."))
             return
-        path = qt.QFileDialog.getSaveFileName(None, _("Save ROI table"), "ipv2_roi_metrics.csv", "CSV (*.csv)")
+        path = qt.QFileDialog.getSaveFileName(
+            None, _("Save ROI table"), "ipv2_roi_metrics.csv", "CSV (*.csv)"
+        )
         if path:
             with slicer.util.tryWithErrorDisplay(_("Failed to save the table."), waitCursor=True):
                 slicer.util.saveNode(table, path)
@@ -374,15 +398,23 @@ class IPv2DenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         outDir = Path(folder) / (slicer_bridge.safe_name(pair[1].GetName()) + "_dicom")
         with slicer.util.tryWithErrorDisplay(_("DICOM export failed."), waitCursor=True):
-            files = self.logic.exportDicom(pair[1], outDir, sourceNode=pair[0], modelName=self._parameterNode.model)
-            self.ui.statusLabel.text = _("Wrote {n} DICOM files to {folder}").format(n=len(files), folder=outDir)
+            files = self.logic.exportDicom(
+                pair[1], outDir, sourceNode=pair[0], modelName=self._parameterNode.model
+            )
+            self.ui.statusLabel.text = _("Wrote {n} DICOM files to {folder}").format(
+                n=len(files), folder=outDir
+            )
 
     def onExportFile(self):
         pair = self._pair()
         if not pair:
             return
-        path = qt.QFileDialog.getSaveFileName(None, _("Save denoised volume"), pair[1].GetName() + ".nrrd",
-                                              "NRRD (*.nrrd);;NIfTI (*.nii.gz *.nii)")
+        path = qt.QFileDialog.getSaveFileName(
+            None,
+            _("Save denoised volume"),
+            pair[1].GetName() + ".nrrd",
+            "NRRD (*.nrrd);;NIfTI (*.nii.gz *.nii)",
+        )
         if path:
             with slicer.util.tryWithErrorDisplay(_("Saving failed."), waitCursor=True):
                 self.logic.exportVolume(pair[1], path)
@@ -419,23 +451,37 @@ class IPv2DenoiseLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def ensureDependencies():
         """Install missing packages with the user's consent (raises DependencyError if declined)."""
-        from IPv2DenoiseLib.dependencies import ensure_in_slicer
+        from IPv2DenoiseLib.app.dependencies import ensure_in_slicer
 
         ensure_in_slicer()
 
-    def process(self, inputVolumeNode, outputVolumeNode=None, *, model, device="auto", removeBackground=True,
-                synchronous=True):
+    def process(
+        self,
+        inputVolumeNode,
+        outputVolumeNode=None,
+        *,
+        model,
+        device="auto",
+        removeBackground=True,
+        synchronous=True,
+    ):
         """Denoise ``inputVolumeNode`` in a ``PythonSlicer -m IPv2DenoiseLib denoise`` subprocess.
 
         Returns the output node (``synchronous=True``) or a started
-        :class:`IPv2DenoiseLib.slicer_bridge.DenoiseJob` to poll. A new output node named
+        :class:`IPv2DenoiseLib.app.slicer_bridge.DenoiseJob` to poll. A new output node named
         "<input> denoised" is created only on success when ``outputVolumeNode`` is None.
         """
         if inputVolumeNode is None:
             raise ValueError("inputVolumeNode: no input volume selected")
         python = shutil.which("PythonSlicer") or sys.executable
-        job = slicer_bridge.DenoiseJob(inputVolumeNode, outputVolumeNode, model=model, device=device,
-                                       remove_background=removeBackground, python=python).start()
+        job = slicer_bridge.DenoiseJob(
+            inputVolumeNode,
+            outputVolumeNode,
+            model=model,
+            device=device,
+            remove_background=removeBackground,
+            python=python,
+        ).start()
         if not synchronous:
             return job
         logging.info("IPv2 Denoise: running %s", " ".join(job.process.args))
@@ -455,23 +501,39 @@ class IPv2DenoiseLogic(ScriptedLoadableModuleLogic):
             yellow.SetForegroundVolumeID(None)
         return previous
 
-    def computeRoiTable(self, originalNode, denoisedNode, *, roiNode=None, segmentationNode=None, segmentId=None,
-                        tableNode=None):
+    def computeRoiTable(
+        self,
+        originalNode,
+        denoisedNode,
+        *,
+        roiNode=None,
+        segmentationNode=None,
+        segmentId=None,
+        tableNode=None,
+    ):
         """ROI table node (lung, soft tissue, background air + optional ROI/segment) before vs after."""
-        self.lastMetrics = slicer_bridge.roi_table(originalNode, denoisedNode, roi_node=roiNode,
-                                                   segmentation_node=segmentationNode, segment_id=segmentId)
-        return slicer_bridge.table_node_from_metrics(self.lastMetrics, node=tableNode,
-                                                     name=f"{denoisedNode.GetName()} ROI metrics")
+        self.lastMetrics = slicer_bridge.roi_table(
+            originalNode,
+            denoisedNode,
+            roi_node=roiNode,
+            segmentation_node=segmentationNode,
+            segment_id=segmentId,
+        )
+        return slicer_bridge.table_node_from_metrics(
+            self.lastMetrics, node=tableNode, name=f"{denoisedNode.GetName()} ROI metrics"
+        )
 
-    def exportDicom(self, denoisedNode, outDir, *, sourceNode=None, modelName="", strategy="ipv2",
-                    importToDatabase=True):
+    def exportDicom(
+        self, denoisedNode, outDir, *, sourceNode=None, modelName="", strategy="ipv2", importToDatabase=True
+    ):
         """Write a derived DICOM series (in the source's study when it came from DICOM)."""
-        from IPv2DenoiseLib.dicom_export import export_derived_series
+        from IPv2DenoiseLib.io.dicom_export import export_derived_series
 
         sources = slicer_bridge.dicom_source_files(sourceNode) if sourceNode is not None else None
         volume = slicer_bridge.volume_from_node(denoisedNode)
-        files = export_derived_series(volume, outDir, source_files=sources, model_name=modelName or "unknown",
-                                      strategy=strategy)
+        files = export_derived_series(
+            volume, outDir, source_files=sources, model_name=modelName or "unknown", strategy=strategy
+        )
         if importToDatabase and getattr(slicer, "dicomDatabase", None) is not None:
             from DICOMLib import DICOMUtils
 
@@ -480,8 +542,8 @@ class IPv2DenoiseLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def exportVolume(node, path):
-        """Save as NRRD / NIfTI / MHA through IPv2DenoiseLib.io (atomic, geometry unchanged)."""
-        from IPv2DenoiseLib.io import write_volume
+        """Save as NRRD / NIfTI / MHA through IPv2DenoiseLib.io.volumes (atomic, geometry unchanged)."""
+        from IPv2DenoiseLib.io.volumes import write_volume
 
         return write_volume(slicer_bridge.volume_from_node(node), path)
 
@@ -507,9 +569,9 @@ class IPv2DenoiseTest(ScriptedLoadableModuleTest):
         import numpy as np
         import torch
 
-        from IPv2DenoiseLib.infer import Denoiser
-        from IPv2DenoiseLib.models import UNet
-        from IPv2DenoiseLib.volume import Volume
+        from IPv2DenoiseLib.core.volume import Volume
+        from IPv2DenoiseLib.denoiser.infer import Denoiser
+        from IPv2DenoiseLib.denoiser.models import UNet
 
         self.delayDisplay("Creating a small chest-like volume")
         z, y, x = np.indices((8, 64, 64))
@@ -537,8 +599,13 @@ class IPv2DenoiseTest(ScriptedLoadableModuleTest):
 
         self.delayDisplay("Export")
         with tempfile.TemporaryDirectory() as tmp:
-            files = logic.exportDicom(outputNode, Path(tmp) / "dicom", sourceNode=inputNode, modelName="tiny",
-                                      importToDatabase=False)
+            files = logic.exportDicom(
+                outputNode,
+                Path(tmp) / "dicom",
+                sourceNode=inputNode,
+                modelName="tiny",
+                importToDatabase=False,
+            )
             self.assertEqual(len(files), hu.shape[0])
             logic.exportVolume(outputNode, Path(tmp) / "out.nrrd")
         if logic.models():  # a registered model: the real subprocess path on the CPU

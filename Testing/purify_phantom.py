@@ -44,12 +44,9 @@ def chest(*, lung_shift_px: int = 0, noise_hu: float = 0.0, seed: int = 0, shape
     hu[spine] = 400.0
     lungs = np.zeros(shape, dtype=bool)
     for cx in LUNG_X:
-        lungs |= (
-            ((z - LUNG_CENTRE_Z) / LUNG_AXES[0]) ** 2
-            + ((y - 42 - lung_shift_px) / LUNG_AXES[1]) ** 2
-            + ((x - cx) / LUNG_AXES[2]) ** 2
-            <= 1
-        )
+        lungs |= ((z - LUNG_CENTRE_Z) / LUNG_AXES[0]) ** 2 + (
+            (y - 42 - lung_shift_px) / LUNG_AXES[1]
+        ) ** 2 + ((x - cx) / LUNG_AXES[2]) ** 2 <= 1
     hu[lungs] = -850.0
     vessels = np.zeros(shape, dtype=bool)
     for vy, vx in ((40, 32), (48, 40), (38, 78), (50, 72)):
@@ -58,8 +55,10 @@ def chest(*, lung_shift_px: int = 0, noise_hu: float = 0.0, seed: int = 0, shape
     tube = ((y - TRACHEA["y"]) ** 2 + (x - TRACHEA["x"]) ** 2 <= TRACHEA["r"] ** 2) & (z < TRACHEA["z_stop"])
     bronchi = (z == TRACHEA["z_stop"]) & (np.abs(y - TRACHEA["y"]) <= 1) & (np.abs(x - 56) <= 12)
     hu[tube | bronchi] = -1000.0
-    bubble = ((y - BUBBLE["y"]) ** 2 + (x - BUBBLE["x"]) ** 2 <= BUBBLE["r"] ** 2) & (z >= BUBBLE["z"][0]) & (
-        z < BUBBLE["z"][1]
+    bubble = (
+        ((y - BUBBLE["y"]) ** 2 + (x - BUBBLE["x"]) ** 2 <= BUBBLE["r"] ** 2)
+        & (z >= BUBBLE["z"][0])
+        & (z < BUBBLE["z"][1])
     )
     hu[bubble] = -1000.0
     table = (y >= TABLE_ROWS[0]) & (y < TABLE_ROWS[1])

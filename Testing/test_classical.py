@@ -5,17 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from IPv2DenoiseLib.classical import CLASSICAL_METHODS, available_methods, denoise_classical
-from IPv2DenoiseLib.errors import UserError
-from IPv2DenoiseLib.metrics import psnr
-from IPv2DenoiseLib.noise_estimate import estimate_noise_hu
+from IPv2DenoiseLib.core.errors import UserError
+from IPv2DenoiseLib.imaging.classical import CLASSICAL_METHODS, available_methods, denoise_classical
+from IPv2DenoiseLib.imaging.metrics import psnr
+from IPv2DenoiseLib.imaging.noise_estimate import estimate_noise_hu
 
 
 @pytest.fixture(scope="module")
 def scan():
-    from IPv2DenoiseLib.lowdose import simulate_low_dose
-    from IPv2DenoiseLib.masks import body_mask, soft_tissue_mask
-    from IPv2DenoiseLib.phantom import make_chest_phantom
+    from IPv2DenoiseLib.imaging.masks import body_mask, soft_tissue_mask
+    from IPv2DenoiseLib.physics.lowdose import simulate_low_dose
+    from IPv2DenoiseLib.synthetic.phantom import make_chest_phantom
 
     phantom = make_chest_phantom(shape=(2, 128, 128), spacing=(3.0, 3.0, 3.0), seed=0)
     truth = phantom.hu

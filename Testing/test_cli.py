@@ -13,9 +13,9 @@ import SimpleITK as sitk
 from pydicom.data import get_testdata_file
 
 from IPv2DenoiseLib import Volume
-from IPv2DenoiseLib.cli import main
-from IPv2DenoiseLib.io import write_volume
-from IPv2DenoiseLib.phantom import make_chest_phantom
+from IPv2DenoiseLib.app.cli import main
+from IPv2DenoiseLib.io.volumes import write_volume
+from IPv2DenoiseLib.synthetic.phantom import make_chest_phantom
 
 
 @pytest.fixture(scope="module")
@@ -101,14 +101,23 @@ def test_mr_reads_when_forced_for_info(capsys) -> None:
 
 
 def test_demo_with_given_input_and_weights(chest, tmp_path) -> None:
-    from IPv2DenoiseLib.models import UNet
-    from IPv2DenoiseLib.weights import save_model
+    from IPv2DenoiseLib.denoiser.models import UNet
+    from IPv2DenoiseLib.denoiser.weights import save_model
 
     weights = tmp_path / "tiny.safetensors"
     save_model(UNet(in_slices=3, base_channels=4, levels=2), weights, {"strategy": "ipv2"})
     out = tmp_path / "demo"
-    result = run_cli("demo", "--input", str(chest / "chest.nrrd"), "--weights", str(weights), "--out", str(out),
-                     "--device", "cpu")
+    result = run_cli(
+        "demo",
+        "--input",
+        str(chest / "chest.nrrd"),
+        "--weights",
+        str(weights),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+    )
     assert result.returncode == 0, result.stderr
     for name in ("denoised.nrrd", "before_after.png", "metrics.csv", "metrics.md"):
         assert (out / name).stat().st_size > 0, name

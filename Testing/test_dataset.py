@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from IPv2DenoiseLib import UserError
-from IPv2DenoiseLib.cli import main
-from IPv2DenoiseLib.dataset import CASE_FILES, CaseSpec, make_case
-from IPv2DenoiseLib.io import read_volume
-from IPv2DenoiseLib.phantom import LABELS
+from IPv2DenoiseLib.app.cli import main
+from IPv2DenoiseLib.io.volumes import read_volume
+from IPv2DenoiseLib.synthetic.dataset import CASE_FILES, CaseSpec, make_case
+from IPv2DenoiseLib.synthetic.phantom import LABELS
 
 SMALL = {"size": 112, "slices": 6, "spacing_mm": 3.2, "slice_thickness_mm": 5.0}
 
@@ -25,7 +25,9 @@ def case(tmp_path_factory):
 
 def test_case_files_geometry_and_record(case) -> None:
     folder, record = case
-    assert sorted(p.name for p in folder.iterdir()) == sorted([f"{n}.nrrd" for n in CASE_FILES] + ["case.json"])
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [f"{n}.nrrd" for n in CASE_FILES] + ["case.json"]
+    )
     volumes = {n: read_volume(folder / f"{n}.nrrd", force=n.startswith("labels")) for n in CASE_FILES}
     first = volumes["ndct"]
     assert first.shape == (6, 112, 112) and first.spacing == pytest.approx((3.2, 3.2, 5.0))
@@ -59,8 +61,23 @@ def test_existing_case_is_refused_and_failed_case_leaves_nothing(case, tmp_path)
 
 
 def test_make_dataset_cli_resumes(tmp_path, capsys) -> None:
-    args = ["make-dataset", "--cases", "1", "--out", str(tmp_path / "ds"), "--size", "96", "--slices", "4",
-            "--spacing", "3.6", "--slice-thickness", "5", "--device", "cpu"]
+    args = [
+        "make-dataset",
+        "--cases",
+        "1",
+        "--out",
+        str(tmp_path / "ds"),
+        "--size",
+        "96",
+        "--slices",
+        "4",
+        "--spacing",
+        "3.6",
+        "--slice-thickness",
+        "5",
+        "--device",
+        "cpu",
+    ]
     assert main(args) == 0
     made = (tmp_path / "ds" / "case_000" / "case.json").read_text()
     assert main(args) == 0  # second run keeps the complete case

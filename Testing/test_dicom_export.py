@@ -11,9 +11,9 @@ import pytest
 from conftest import write_ct_series
 from pydicom.data import get_testdata_file
 
-from IPv2DenoiseLib.dicom_export import export_derived_series, slice_positions
-from IPv2DenoiseLib.errors import UserError
-from IPv2DenoiseLib.volume import Volume
+from IPv2DenoiseLib.core.errors import UserError
+from IPv2DenoiseLib.core.volume import Volume
+from IPv2DenoiseLib.io.dicom_export import export_derived_series, slice_positions
 
 NZ = 4
 DZ = 2.5
@@ -24,7 +24,10 @@ def source_series(tmp_path):
     """A 4-slice CT series built from pydicom's CT_small.dcm (new UIDs, stepped positions)."""
     template = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
     paths = write_ct_series(tmp_path / "src", NZ, slice_spacing=DZ, shuffle=False)
-    hu = [ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept) for ds in map(pydicom.dcmread, paths)]
+    hu = [
+        ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+        for ds in map(pydicom.dcmread, paths)
+    ]
     return template, paths, np.stack(hu).astype(np.float32)
 
 
@@ -94,7 +97,9 @@ def test_oblique_geometry_without_sources(tmp_path):
     iop = np.array([float(v) for v in out[0].ImageOrientationPatient])
     np.testing.assert_allclose(iop, np.concatenate([rot[:, 0], rot[:, 1]]), atol=1e-9)
     for k, ds in enumerate(out):
-        np.testing.assert_allclose([float(v) for v in ds.ImagePositionPatient], slice_positions(vol)[k], atol=1e-6)
+        np.testing.assert_allclose(
+            [float(v) for v in ds.ImagePositionPatient], slice_positions(vol)[k], atol=1e-6
+        )
         assert np.max(np.abs(ds.pixel_array.astype(float) - hu[k])) <= 0.5
 
 

@@ -8,13 +8,31 @@ import math
 import numpy as np
 import pytest
 
-from IPv2DenoiseLib.errors import UserError
-from IPv2DenoiseLib.evaluate import REFERENCES, REGIONS, EvalConfig, preset, region_masks, run_grid, score
+from IPv2DenoiseLib.core.errors import UserError
+from IPv2DenoiseLib.training.grid import (
+    REFERENCES,
+    REGIONS,
+    EvalConfig,
+    preset,
+    region_masks,
+    run_grid,
+    score,
+)
 
 MICRO = EvalConfig(
-    name="micro", shape=(4, 64, 64), spacing=(6.0, 6.0, 6.0), dose=0.003, n_train=1, n_test=1,
-    strategies=("naive", "ipv2"), models={"unet": {"in_slices": 3, "base_channels": 4, "levels": 2}},
-    classical=("tv",), iterations=40, batch=4, patch=32, device="cpu",
+    name="micro",
+    shape=(4, 64, 64),
+    spacing=(6.0, 6.0, 6.0),
+    dose=0.003,
+    n_train=1,
+    n_test=1,
+    strategies=("naive", "ipv2"),
+    models={"unet": {"in_slices": 3, "base_channels": 4, "levels": 2}},
+    classical=("tv",),
+    iterations=40,
+    batch=4,
+    patch=32,
+    device="cpu",
 )
 
 
@@ -37,7 +55,11 @@ def test_grid_structure_and_files(grid):
     data = json.loads((out / "results.json").read_text())
     assert len(data["records"]) == len(result.records) == 4 * len(REFERENCES)  # 4 methods x 1 case
     md = (out / "results.md").read_text()
-    for heading in ("Quality against the noise-free truth", "Noise against the IPv2 refined test label", "Claims"):
+    for heading in (
+        "Quality against the noise-free truth",
+        "Noise against the IPv2 refined test label",
+        "Claims",
+    ):
         assert heading in md
     assert (out / "results_grid.png").stat().st_size > 10_000
     assert (out / "models" / "ipv2" / "unet" / "seed0" / "model.safetensors").exists()
@@ -69,13 +91,13 @@ def test_rerun_resumes_from_cached_weights(grid, tmp_path):
 
 
 def test_score_identity_and_denoiser():
-    from IPv2DenoiseLib.phantom import make_chest_phantom
+    from IPv2DenoiseLib.synthetic.phantom import make_chest_phantom
 
     truth = make_chest_phantom(shape=(2, 96, 96), spacing=(4.0, 4.0, 4.0), seed=3).hu
     masks = region_masks(truth)
     rng = np.random.default_rng(0)
     noisy = truth + rng.normal(0, 60, truth.shape).astype(np.float32)
-    from IPv2DenoiseLib.classical import denoise_classical
+    from IPv2DenoiseLib.imaging.classical import denoise_classical
 
     m_noisy = score(noisy, truth, masks, (4.0, 4.0, 4.0))
     m_tv = score(denoise_classical(noisy, "tv", noise_hu=60.0), truth, masks, (4.0, 4.0, 4.0))
@@ -92,7 +114,7 @@ def test_presets_and_bad_names():
 
 
 def test_cli_bad_arguments(tmp_path):
-    from IPv2DenoiseLib.cli import main
+    from IPv2DenoiseLib.app.cli import main
 
     assert main(["evaluate", "--out", str(tmp_path), "--models", "vgg"]) == 2
     assert main(["evaluate", "--out", str(tmp_path), "--iterations", "5"]) == 2

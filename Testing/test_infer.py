@@ -8,16 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from IPv2DenoiseLib.cli import main as cli_main
-from IPv2DenoiseLib.device import describe_device, resolve_device
-from IPv2DenoiseLib.errors import UserError
-from IPv2DenoiseLib.infer import AIR_HU, Denoiser
-from IPv2DenoiseLib.io import read_volume, write_volume
-from IPv2DenoiseLib.models import UNet
-from IPv2DenoiseLib.models._common import Denoiser2p5D
-from IPv2DenoiseLib.progress import Cancelled, CancelToken
-from IPv2DenoiseLib.volume import Volume
-from IPv2DenoiseLib.weights import save_model
+from IPv2DenoiseLib.app.cli import main as cli_main
+from IPv2DenoiseLib.core.device import describe_device, resolve_device
+from IPv2DenoiseLib.core.errors import UserError
+from IPv2DenoiseLib.core.progress import Cancelled, CancelToken
+from IPv2DenoiseLib.core.volume import Volume
+from IPv2DenoiseLib.denoiser.infer import AIR_HU, Denoiser
+from IPv2DenoiseLib.denoiser.models import UNet
+from IPv2DenoiseLib.denoiser.models.base import Denoiser2p5D
+from IPv2DenoiseLib.denoiser.weights import save_model
+from IPv2DenoiseLib.io.volumes import read_volume, write_volume
 
 
 class AddOneWithNeighbours(Denoiser2p5D):
@@ -85,7 +85,8 @@ def test_no_slab_seams_for_any_slab_size(in_slices):
     hu = _arange_volume()
     denoiser = Denoiser(AddOneWithNeighbours(in_slices))
     results = [
-        denoiser.denoise_array(hu, remove_background=False, device="cpu", slab_slices=s) for s in (1, 3, 7, None)
+        denoiser.denoise_array(hu, remove_background=False, device="cpu", slab_slices=s)
+        for s in (1, 3, 7, None)
     ]
     np.testing.assert_allclose(results[0], _expected(hu, in_slices), atol=2e-3)
     for other in results[1:]:
@@ -115,10 +116,17 @@ def test_real_unet_is_deterministic_and_slab_independent():
 
 def test_denoise_keeps_geometry_and_leaves_the_input_untouched():
     hu = _chest()
-    volume = Volume(hu, spacing=(0.7, 0.7, 2.5), origin=(-170, -160, 30), direction=(1, 0, 0, 0, -1, 0, 0, 0, 1),
-                    meta={"PatientID": "P1"})
+    volume = Volume(
+        hu,
+        spacing=(0.7, 0.7, 2.5),
+        origin=(-170, -160, 30),
+        direction=(1, 0, 0, 0, -1, 0, 0, 0, 1),
+        meta={"PatientID": "P1"},
+    )
     before = volume.array.copy()
-    out = Denoiser(AddOneWithNeighbours(), name="test-model").denoise(volume, device="cpu", remove_background=False)
+    out = Denoiser(AddOneWithNeighbours(), name="test-model").denoise(
+        volume, device="cpu", remove_background=False
+    )
     assert out.same_geometry(volume) and out.array is not volume.array
     np.testing.assert_array_equal(volume.array, before)
     assert out.meta["PatientID"] == "P1" and out.meta["denoiser"] == "test-model"
@@ -190,7 +198,10 @@ def test_oom_on_the_gpu_at_one_slice_falls_back_to_the_cpu():
     messages = []
     # a torch.device is used as given, so the CUDA path runs here without a GPU (the runner fakes it)
     out = Denoiser(AddOneWithNeighbours(), runner=runner).denoise_array(
-        hu, device=torch.device("cuda"), slab_slices=4, remove_background=False,
+        hu,
+        device=torch.device("cuda"),
+        slab_slices=4,
+        remove_background=False,
         progress=lambda d, t, m: messages.append(m),
     )
     assert runner.calls[:3] == [(4, "cuda"), (2, "cuda"), (1, "cuda")]
@@ -229,8 +240,10 @@ def test_from_registry_loads_by_name_and_checks_sha256(tmp_path):
     torch.manual_seed(3)
     model = UNet(in_slices=3, base_channels=4)
     card = save_model(model, tmp_path / "tiny.safetensors", {"strategy": "ipv2"})
-    registry = {"default": "tiny", "models": {"tiny": {"file": "tiny.safetensors", "sha256": card["sha256"],
-                                                       "summary": "test"}}}
+    registry = {
+        "default": "tiny",
+        "models": {"tiny": {"file": "tiny.safetensors", "sha256": card["sha256"], "summary": "test"}},
+    }
     path = tmp_path / "models.json"
     path.write_text(json.dumps(registry))
     d = Denoiser.from_registry(models_json=path)
@@ -244,7 +257,7 @@ def test_from_registry_loads_by_name_and_checks_sha256(tmp_path):
 
 
 def test_shipped_registry_parses():
-    from IPv2DenoiseLib.resources import models_dir
+    from IPv2DenoiseLib.core.resources import models_dir
 
     registry = json.loads((models_dir() / "models.json").read_text())
     assert "default" in registry and isinstance(registry["models"], dict)
@@ -259,7 +272,9 @@ def test_device_resolution_and_description():
     with pytest.raises(UserError, match="--device 'tpu' is not one of auto, cpu, cuda, mps"):
         resolve_device("tpu")
     if not torch.cuda.is_available():
-        with pytest.raises(UserError, match="^CUDA requested but no CUDA GPU is available; use --device auto or cpu$"):
+        with pytest.raises(
+            UserError, match="^CUDA requested but no CUDA GPU is available; use --device auto or cpu$"
+        ):
             resolve_device("cuda")
 
 
@@ -290,8 +305,20 @@ def cli_case(tmp_path):
 
 def test_cli_json_progress_protocol(cli_case, capsys):
     tmp, volume = cli_case
-    rc = cli_main(["denoise", str(tmp / "in.nrrd"), str(tmp / "out.nrrd"), "--weights", str(tmp / "w.safetensors"),
-                   "--device", "cpu", "--slab", "1", "--json-progress"])
+    rc = cli_main(
+        [
+            "denoise",
+            str(tmp / "in.nrrd"),
+            str(tmp / "out.nrrd"),
+            "--weights",
+            str(tmp / "w.safetensors"),
+            "--device",
+            "cpu",
+            "--slab",
+            "1",
+            "--json-progress",
+        ]
+    )
     assert rc == 0
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert records[0]["device"].startswith("CPU (") and records[0]["model"] == "w.safetensors"
@@ -310,8 +337,17 @@ def test_cli_cuda_without_gpu_is_a_one_line_error(cli_case, capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has a CUDA GPU")
     tmp, _ = cli_case
-    rc = cli_main(["denoise", str(tmp / "in.nrrd"), str(tmp / "out.nrrd"), "--weights", str(tmp / "w.safetensors"),
-                   "--device", "cuda"])
+    rc = cli_main(
+        [
+            "denoise",
+            str(tmp / "in.nrrd"),
+            str(tmp / "out.nrrd"),
+            "--weights",
+            str(tmp / "w.safetensors"),
+            "--device",
+            "cuda",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.endswith("CUDA requested but no CUDA GPU is available; use --device auto or cpu")
     assert "\n" not in err and not (tmp / "out.nrrd").exists()

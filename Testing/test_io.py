@@ -8,7 +8,7 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from IPv2DenoiseLib import UserError, Volume
-from IPv2DenoiseLib.io import read_volume, write_mask, write_volume
+from IPv2DenoiseLib.io.volumes import read_volume, write_mask, write_volume
 
 
 def oblique_volume() -> Volume:

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from IPv2DenoiseLib.errors import UserError
-from IPv2DenoiseLib.lowdose import insert_noise, simulate_low_dose
-from IPv2DenoiseLib.projector import FanGeometry, FanRebinner, ParallelProjector
+from IPv2DenoiseLib.core.errors import UserError
+from IPv2DenoiseLib.physics.lowdose import insert_noise, simulate_low_dose
+from IPv2DenoiseLib.physics.projector import FanGeometry, FanRebinner, ParallelProjector
 
 N = 96
 SPACING = 2.0  # mm: a 192 mm field, like a small chest
@@ -92,8 +92,9 @@ def test_fan_rebinning_round_trip():
     fan_sino = rb.to_fan(par)
     assert fan_sino.shape == (1, 144, 121)
     # the central channel of fan view β is the parallel ray θ = β, s = 0
-    assert torch.allclose(fan_sino[0, :72, 60], par[0, :, (proj.n_det - 1) // 2:(proj.n_det + 2) // 2].mean(1),
-                          atol=0.5)
+    assert torch.allclose(
+        fan_sino[0, :72, 60], par[0, :, (proj.n_det - 1) // 2 : (proj.n_det + 2) // 2].mean(1), atol=0.5
+    )
     back = rb.to_parallel(fan_sino)
     inner = slice(proj.n_det // 2 - 25, proj.n_det // 2 + 25)
     err = (back - par)[..., inner].abs().max() / par.abs().max()
@@ -104,8 +105,15 @@ def test_noise_scales_with_inverse_sqrt_dose_and_mean_is_kept():
     img = np.stack([body(), body()])
     sds = {}
     for dose in (1.0, 0.25, 0.1):
-        rec = simulate_low_dose(img, dose=dose, spacing_mm=SPACING, geometry="parallel",
-                                views=VIEWS["parallel"], seed=3, device="cpu")
+        rec = simulate_low_dose(
+            img,
+            dose=dose,
+            spacing_mm=SPACING,
+            geometry="parallel",
+            views=VIEWS["parallel"],
+            seed=3,
+            device="cpu",
+        )
         sds[dose] = noise_sd(rec)
         bias = float((rec[:, ROI[0], ROI[1]] - img[:, ROI[0], ROI[1]]).mean())
         assert abs(bias) < 0.15 * sds[dose]  # mean HU kept (no starvation here)
@@ -134,8 +142,9 @@ def test_fan_and_parallel_give_similar_noise():
     img = np.stack([body(), body()])
     sd = {}
     for geometry in ("fan", "parallel"):
-        rec = simulate_low_dose(img, dose=0.25, spacing_mm=SPACING, geometry=geometry,
-                                views=VIEWS[geometry], seed=1)
+        rec = simulate_low_dose(
+            img, dose=0.25, spacing_mm=SPACING, geometry=geometry, views=VIEWS[geometry], seed=1
+        )
         sd[geometry] = noise_sd(rec)
         assert abs(float((rec[:, ROI[0], ROI[1]] - img[:, ROI[0], ROI[1]]).mean())) < 0.2 * sd[geometry]
     assert 0.7 < sd["fan"] / sd["parallel"] < 1.4, sd
@@ -143,8 +152,14 @@ def test_fan_and_parallel_give_similar_noise():
 
 def test_filters_trade_noise_for_resolution():
     img = np.stack([body(), body()])
-    sd = {f: noise_sd(simulate_low_dose(img, dose=0.25, spacing_mm=SPACING, geometry="parallel",
-                                        views=60, seed=2, filter=f)) for f in ("ramp", "shepp-logan", "hann")}
+    sd = {
+        f: noise_sd(
+            simulate_low_dose(
+                img, dose=0.25, spacing_mm=SPACING, geometry="parallel", views=60, seed=2, filter=f
+            )
+        )
+        for f in ("ramp", "shepp-logan", "hann")
+    }
     assert sd["hann"] < sd["shepp-logan"] < sd["ramp"]
 
 
@@ -208,11 +223,18 @@ def test_non_square_slices_and_starvation_are_handled():
 
 
 def test_progress_and_cancel():
-    from IPv2DenoiseLib.progress import Cancelled, CancelToken
+    from IPv2DenoiseLib.core.progress import Cancelled, CancelToken
 
     seen = []
-    simulate_low_dose(np.stack([body(32)] * 3), dose=0.5, spacing_mm=4.0, geometry="parallel", views=30,
-                      batch=2, progress=lambda d, t, m: seen.append((d, t)))
+    simulate_low_dose(
+        np.stack([body(32)] * 3),
+        dose=0.5,
+        spacing_mm=4.0,
+        geometry="parallel",
+        views=30,
+        batch=2,
+        progress=lambda d, t, m: seen.append((d, t)),
+    )
     assert seen == [(2, 3), (3, 3)]
     tok = CancelToken()
     tok.cancel()
@@ -227,21 +249,35 @@ def test_cuda_path_matches_cpu_noise_level():
     gpu = simulate_low_dose(img, device="cuda", **kw)
     cpu = simulate_low_dose(img, device="cpu", **kw)
     assert abs(noise_sd(gpu) / noise_sd(cpu) - 1) < 0.15
-    clean = ParallelProjector(64, 45, device="cuda").forward(torch.from_numpy(disk(64, 15, 0, 0))[None].cuda())
+    clean = ParallelProjector(64, 45, device="cuda").forward(
+        torch.from_numpy(disk(64, 15, 0, 0))[None].cuda()
+    )
     ref = ParallelProjector(64, 45).forward(torch.from_numpy(disk(64, 15, 0, 0))[None])
     assert torch.allclose(clean.cpu(), ref, atol=1e-2)
 
 
 def test_cli_simulate_writes_noisier_volume_with_same_geometry(tmp_path):
-    from IPv2DenoiseLib.cli import main
-    from IPv2DenoiseLib.io import read_volume, write_volume
-    from IPv2DenoiseLib.volume import Volume
+    from IPv2DenoiseLib.app.cli import main
+    from IPv2DenoiseLib.core.volume import Volume
+    from IPv2DenoiseLib.io.volumes import read_volume, write_volume
 
     vol = Volume(np.stack([body(64)] * 2), spacing=(3.0, 3.0, 5.0), origin=(1.0, 2.0, 3.0))
     src, dst = tmp_path / "in.nrrd", tmp_path / "out.nrrd"
     write_volume(vol, src)
-    rc = main(["simulate", str(src), str(dst), "--dose", "0.1", "--geometry", "parallel", "--views", "60",
-               "--json-progress"])
+    rc = main(
+        [
+            "simulate",
+            str(src),
+            str(dst),
+            "--dose",
+            "0.1",
+            "--geometry",
+            "parallel",
+            "--views",
+            "60",
+            "--json-progress",
+        ]
+    )
     assert rc == 0
     out = read_volume(dst)
     assert out.same_geometry(vol)

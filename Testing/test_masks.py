@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from purify_phantom import SPACING, chest, misaligned_pair
 
-from IPv2DenoiseLib import masks
-from IPv2DenoiseLib.errors import UserError
+from IPv2DenoiseLib.core.errors import UserError
+from IPv2DenoiseLib.imaging import masks
 
 
 @pytest.fixture(scope="module")
@@ -166,8 +166,8 @@ def test_masks_2d_slice_matches_volume_slice():
 
 
 def test_lung_parenchyma_excludes_vessels_and_standard_rois() -> None:
-    from IPv2DenoiseLib.masks import lung_parenchyma_mask, standard_rois
-    from IPv2DenoiseLib.phantom import make_chest_phantom
+    from IPv2DenoiseLib.imaging.masks import lung_parenchyma_mask, standard_rois
+    from IPv2DenoiseLib.synthetic.phantom import make_chest_phantom
 
     ph = make_chest_phantom(shape=(4, 160, 160), spacing=(2.2, 2.2, 2.5), seed=2)
     rois = standard_rois(ph.hu, spacing=ph.spacing)

@@ -1,4 +1,4 @@
-"""Tests for IPv2DenoiseLib.metrics and metrics_table against hand-computed values."""
+"""Tests for IPv2DenoiseLib.imaging.metrics and metrics_table against hand-computed values."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from pydicom.data import get_testdata_file
 from scipy.ndimage import binary_erosion, gaussian_filter
 from skimage.metrics import structural_similarity
 
-from IPv2DenoiseLib import metrics as M
-from IPv2DenoiseLib.errors import UserError
-from IPv2DenoiseLib.metrics_table import MetricsTable
-from IPv2DenoiseLib.volume import Volume
+from IPv2DenoiseLib.core.errors import UserError
+from IPv2DenoiseLib.core.volume import Volume
+from IPv2DenoiseLib.imaging import metrics as M
+from IPv2DenoiseLib.imaging.metrics_table import MetricsTable
 
 
 @pytest.fixture(scope="module")
@@ -276,7 +276,7 @@ def test_roi_comparison_table_on_ct_small(ct_small):
 
 
 def test_roi_table_laa_over_given_lung_mask() -> None:
-    from IPv2DenoiseLib.metrics import roi_comparison_table
+    from IPv2DenoiseLib.imaging.metrics import roi_comparison_table
 
     before = np.full((1, 4, 5), -900.0)
     before[0, 0, :] = -1000.0  # 5 of 20 voxels below -950 in the whole "lung"

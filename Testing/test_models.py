@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from IPv2DenoiseLib.errors import UserError
-from IPv2DenoiseLib.models import (
+from IPv2DenoiseLib.core.errors import UserError
+from IPv2DenoiseLib.denoiser.models import (
     MODEL_CLASSES,
     REDCNN,
     DnCNN,
@@ -18,8 +18,8 @@ from IPv2DenoiseLib.models import (
     count_parameters,
     flops_per_voxel,
 )
-from IPv2DenoiseLib.normalization import hu_to_net, net_to_hu
-from IPv2DenoiseLib.weights import card_path, load_model, save_model, sha256_file
+from IPv2DenoiseLib.denoiser.normalization import hu_to_net, net_to_hu
+from IPv2DenoiseLib.denoiser.weights import card_path, load_model, save_model, sha256_file
 
 #: Small configurations of every architecture (fast on 2 cores).
 TINY = {

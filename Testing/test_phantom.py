@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from IPv2DenoiseLib.breathing import breathing_motion, motion_stats
-from IPv2DenoiseLib.errors import UserError
-from IPv2DenoiseLib.phantom import HU_RANGES, LABELS, make_chest_phantom
+from IPv2DenoiseLib.core.errors import UserError
+from IPv2DenoiseLib.synthetic.breathing import breathing_motion, motion_stats
+from IPv2DenoiseLib.synthetic.phantom import HU_RANGES, LABELS, make_chest_phantom
 
 SMALL = dict(shape=(16, 96, 96), spacing=(3.5, 3.5, 3.5))
 
@@ -50,17 +50,46 @@ def test_geometry_and_dtypes(small):
     assert vol.spacing == (3.5, 3.5, 3.5)
     # the field of view is centred in x and y
     assert vol.origin[0] == pytest.approx(-(96 - 1) / 2 * 3.5)
-    for name in ("air", "table", "pad", "fat", "muscle", "bone_cortical", "heart", "lung", "lung_vessel",
-                 "airway", "great_vessels", "mediastinum"):
+    for name in (
+        "air",
+        "table",
+        "pad",
+        "fat",
+        "muscle",
+        "bone_cortical",
+        "heart",
+        "lung",
+        "lung_vessel",
+        "airway",
+        "great_vessels",
+        "mediastinum",
+    ):
         assert (small.labels == LABELS[name]).any(), name
 
 
-@pytest.mark.parametrize("kwargs,names", [
-    (SMALL, ("air", "pad", "fat", "muscle", "heart", "great_vessels", "mediastinum", "lung", "spinal_canal")),
-    (dict(shape=(8, 128, 128), spacing=(1.0, 1.0, 2.0), emphysema=True),
-     ("muscle", "bone_cortical", "bone_cancellous", "heart", "great_vessels", "mediastinum", "airway",
-      "lung", "emphysema")),
-])
+@pytest.mark.parametrize(
+    "kwargs,names",
+    [
+        (
+            SMALL,
+            ("air", "pad", "fat", "muscle", "heart", "great_vessels", "mediastinum", "lung", "spinal_canal"),
+        ),
+        (
+            dict(shape=(8, 128, 128), spacing=(1.0, 1.0, 2.0), emphysema=True),
+            (
+                "muscle",
+                "bone_cortical",
+                "bone_cancellous",
+                "heart",
+                "great_vessels",
+                "mediastinum",
+                "airway",
+                "lung",
+                "emphysema",
+            ),
+        ),
+    ],
+)
 def test_median_hu_of_each_tissue_in_range(kwargs, names):
     ph = make_chest_phantom(**kwargs, seed=3)
     for name in names:
@@ -120,7 +149,10 @@ def test_breathing_motion_range_and_rigid_spine():
     assert st["lung_mean_mm"] > 1.5
     mag = np.sqrt((disp**2).sum(0))
     x = ph.origin[0] + np.arange(64) * 5.0
-    spine = np.isin(ph.labels, [LABELS["bone_cortical"], LABELS["bone_cancellous"]]) & (np.abs(x) < 20)[None, None, :]
+    spine = (
+        np.isin(ph.labels, [LABELS["bone_cortical"], LABELS["bone_cancellous"]])
+        & (np.abs(x) < 20)[None, None, :]
+    )
     assert spine.any() and mag[spine].max() < 0.5
     # motion is smooth: neighbouring voxels differ by far less than the amplitude
     assert np.abs(np.diff(disp[0], axis=0)).max() < 3.0
@@ -155,7 +187,7 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def test_masks_find_the_phantom_lungs_and_background():
-    from IPv2DenoiseLib.masks import background_mask, lung_mask
+    from IPv2DenoiseLib.imaging.masks import background_mask, lung_mask
 
     ph = make_chest_phantom(shape=(16, 128, 128), spacing=(2.8, 2.8, 3.5), seed=4)
     lungs = ph.mask("lung", "lung_vessel", "nodule_solid", "nodule_ggo", "emphysema")

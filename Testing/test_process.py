@@ -9,7 +9,7 @@ import time
 import psutil
 import pytest
 
-from IPv2DenoiseLib.process import (
+from IPv2DenoiseLib.app.process import (
     BackgroundProcess,
     ExitCode,
     JobStatus,
@@ -60,7 +60,7 @@ def test_parse_json_line():
 def test_progress_records_are_parsed_while_running():
     proc = BackgroundProcess([sys.executable, "-c", PROGRESS_SCRIPT]).start()
     seen = []
-    assert _wait_for(lambda: (seen.extend(proc.poll()) or proc.finished()))
+    assert _wait_for(lambda: seen.extend(proc.poll()) or proc.finished())
     proc.poll()
     fractions = [r["progress"] for r in seen if isinstance(r, dict) and "progress" in r]
     assert fractions == [0.25, 0.5, 0.75, 1.0]
@@ -74,7 +74,9 @@ def test_progress_records_are_parsed_while_running():
 def test_cancel_kills_child_and_grandchild_and_is_sticky():
     proc = BackgroundProcess([sys.executable, "-c", TREE_SCRIPT]).start()
     records = []
-    assert _wait_for(lambda: any("pids" in r for r in (records.extend(proc.poll()) or records) if isinstance(r, dict)))
+    assert _wait_for(
+        lambda: any("pids" in r for r in (records.extend(proc.poll()) or records) if isinstance(r, dict))
+    )
     pids = next(r["pids"] for r in records if isinstance(r, dict) and "pids" in r)
     assert all(psutil.pid_exists(p) for p in pids)
     proc.cancel()
@@ -91,8 +93,10 @@ def test_cancel_kills_child_and_grandchild_and_is_sticky():
 
 
 def test_dying_child_stderr_is_captured():
-    script = "import sys; print('{\"progress\": 0.3, \"eta_s\": 1}', flush=True); " \
-             "sys.stderr.write('ipv2-denoise denoise: error: input: not a CT volume\\n'); sys.exit(2)"
+    script = (
+        'import sys; print(\'{"progress": 0.3, "eta_s": 1}\', flush=True); '
+        "sys.stderr.write('ipv2-denoise denoise: error: input: not a CT volume\\n'); sys.exit(2)"
+    )
     proc = BackgroundProcess([sys.executable, "-c", script]).start()
     assert proc.wait(timeout=20) == ExitCode.USER_ERROR
     assert proc.error_message() == "ipv2-denoise denoise: error: input: not a CT volume"
@@ -107,8 +111,9 @@ def test_status_fraction_never_decreases():
 
 
 def test_denoise_command():
-    cmd = denoise_command("in.nrrd", "out.nrrd", model="unet-ipv2", device="cpu", remove_background=False,
-                          python="PythonSlicer")
+    cmd = denoise_command(
+        "in.nrrd", "out.nrrd", model="unet-ipv2", device="cpu", remove_background=False, python="PythonSlicer"
+    )
     assert cmd[:4] == ["PythonSlicer", "-m", "IPv2DenoiseLib", "denoise"]
     assert cmd[cmd.index("--device") + 1] == "cpu" and "--no-remove-background" in cmd
     assert "--json-progress" in cmd

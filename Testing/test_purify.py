@@ -9,9 +9,9 @@ import pytest
 from purify_phantom import SPACING, misaligned_pair
 from scipy import ndimage as ndi
 
-from IPv2DenoiseLib import masks
-from IPv2DenoiseLib.errors import UserError
-from IPv2DenoiseLib.purify import (
+from IPv2DenoiseLib.core.errors import UserError
+from IPv2DenoiseLib.imaging import masks
+from IPv2DenoiseLib.purification.pairs import (
     Strategy,
     build_pairs,
     estimate_noise_hu,
@@ -126,15 +126,10 @@ def test_shape_mismatch_and_bad_dose(pair):
         build_pairs(bad, n, "ipv1")
 
 
-def test_default_simulator_needs_spacing_or_lowdose(pair):
-    import importlib.util
-
+def test_default_simulator_needs_spacing(pair):
     u, n = pair
-    with pytest.raises(UserError, match="spacing|lowdose"):
+    with pytest.raises(UserError, match="spacing"):
         build_pairs(u, n, "an", spacing=None)
-    if importlib.util.find_spec("IPv2DenoiseLib.lowdose") is None:
-        with pytest.raises(UserError, match="lowdose"):
-            build_pairs(u, n, "an", spacing=SPACING)
 
 
 def test_all_air_and_all_tissue_slices(pair):
@@ -196,7 +191,7 @@ def test_remove_background_helper(pair):
 
 
 def test_progress_and_cancel(pair):
-    from IPv2DenoiseLib.progress import Cancelled, CancelToken
+    from IPv2DenoiseLib.core.progress import Cancelled, CancelToken
 
     u, n = pair
     seen = []
@@ -217,7 +212,7 @@ WINDOW = (-600.0, 1500.0)
 def _write_png_dataset(root, u, n, *, names=("a.png", "b.png"), rgb_lq=True):
     from skimage import io
 
-    from IPv2DenoiseLib.png_dataset import hu_to_grey
+    from IPv2DenoiseLib.purification.png_dataset import hu_to_grey
 
     for split, idx in (("train", [0, 1]), ("test", [2])):
         (root / split / "lq").mkdir(parents=True)
@@ -225,7 +220,9 @@ def _write_png_dataset(root, u, n, *, names=("a.png", "b.png"), rgb_lq=True):
         for i in idx:
             name = names[i % len(names)] if split == "train" else "c.png"
             g_lq, g_gt = hu_to_grey(u[2 + i], WINDOW), hu_to_grey(n[2 + i], WINDOW)
-            io.imsave(root / split / "lq" / name, np.stack([g_lq] * 3, -1) if rgb_lq else g_lq, check_contrast=False)
+            io.imsave(
+                root / split / "lq" / name, np.stack([g_lq] * 3, -1) if rgb_lq else g_lq, check_contrast=False
+            )
             io.imsave(root / split / "gt" / name, g_gt, check_contrast=False)
 
 
@@ -233,14 +230,15 @@ def _write_png_dataset(root, u, n, *, names=("a.png", "b.png"), rgb_lq=True):
 def test_png_dataset_round_trip(tmp_path, pair, strategy):
     from skimage import io
 
-    from IPv2DenoiseLib.png_dataset import grey_to_hu, purify_png_dataset, read_grey_png
+    from IPv2DenoiseLib.purification.png_dataset import grey_to_hu, purify_png_dataset, read_grey_png
 
     u, n = pair
     root, out = tmp_path / "ds", tmp_path / "out"
     _write_png_dataset(root, u, n)
     sim = RecordingSimulator()
-    counts = purify_png_dataset(root, out, window=WINDOW, strategy=strategy, simulate=sim,
-                                weak_denoiser=slice_wd, seed=5)
+    counts = purify_png_dataset(
+        root, out, window=WINDOW, strategy=strategy, simulate=sim, weak_denoiser=slice_wd, seed=5
+    )
     assert counts == {"train": 2, "test": 1}
     if strategy == "ipv2":
         assert [s for _, s in sim.calls] == [5, 6, 7]  # one seed per slice
@@ -250,8 +248,14 @@ def test_png_dataset_round_trip(tmp_path, pair, strategy):
         lq_bar = io.imread(out / split / "lq_bar" / name)
         gt_bar = io.imread(out / split / "gt_bar" / name)
         assert lq_bar.dtype == np.uint8 and lq_bar.shape == lq.shape and gt_bar.shape == gt.shape
-        expected = build_pairs(grey_to_hu(lq, WINDOW), grey_to_hu(gt, WINDOW), strategy, simulate=RecordingSimulator(),
-                               weak_denoiser=slice_wd, seed=0)
+        expected = build_pairs(
+            grey_to_hu(lq, WINDOW),
+            grey_to_hu(gt, WINDOW),
+            strategy,
+            simulate=RecordingSimulator(),
+            weak_denoiser=slice_wd,
+            seed=0,
+        )
         body, lungs, bg = ~expected.dark, expected.lungs, expected.background
         assert lungs.any() and body.any()
         np.testing.assert_array_equal(lq_bar[body], lq[body])  # grey -> HU -> grey is exact
@@ -268,7 +272,7 @@ def test_png_dataset_round_trip(tmp_path, pair, strategy):
 
 
 def test_png_dataset_unmatched_names(tmp_path, pair):
-    from IPv2DenoiseLib.png_dataset import purify_png_dataset
+    from IPv2DenoiseLib.purification.png_dataset import purify_png_dataset
 
     u, n = pair
     root = tmp_path / "ds"
@@ -284,8 +288,8 @@ def test_png_dataset_unmatched_names(tmp_path, pair):
 
 
 def _write_pair_nrrd(folder, u, n, *, n_spacing=SPACING):
-    from IPv2DenoiseLib.io import write_volume
-    from IPv2DenoiseLib.volume import Volume
+    from IPv2DenoiseLib.core.volume import Volume
+    from IPv2DenoiseLib.io.volumes import write_volume
 
     folder.mkdir(parents=True, exist_ok=True)
     write_volume(Volume(u, SPACING, (1.0, 2.0, 3.0)), folder / "u.nrrd")
@@ -296,20 +300,41 @@ def _write_pair_nrrd(folder, u, n, *, n_spacing=SPACING):
 def test_cli_purify_volumes_with_real_simulator(tmp_path, pair, capsys):
     import json
 
-    from IPv2DenoiseLib.cli import main
-    from IPv2DenoiseLib.io import read_volume
+    from IPv2DenoiseLib.app.cli import main
+    from IPv2DenoiseLib.io.volumes import read_volume
 
     u, n = pair
     u3, n3 = u[2:4], n[2:4]  # two slices keep the real dose simulation short
     pu, pn = _write_pair_nrrd(tmp_path / "in", u3, n3)
     out = tmp_path / "out"
-    rc = main(["purify", "--uldct", str(pu), "--ndct", str(pn), "--out", str(out), "--strategy", "ipv2",
-               "--weak-denoiser", "gaussian", "--dose", "0.02", "--json-progress"])
+    rc = main(
+        [
+            "purify",
+            "--uldct",
+            str(pu),
+            "--ndct",
+            str(pn),
+            "--out",
+            str(out),
+            "--strategy",
+            "ipv2",
+            "--weak-denoiser",
+            "gaussian",
+            "--dose",
+            "0.02",
+            "--json-progress",
+        ]
+    )
     assert rc == 0
     lines = [json.loads(s) for s in capsys.readouterr().out.splitlines()]
     assert lines[-1]["strategy"] == "ipv2" and any("progress" in r for r in lines)
-    vols = {k: read_volume(out / f"{k}.nrrd", force=True) for k in ("train_input", "train_label", "test_label")}
-    maskv = {k: read_volume(out / f"mask_{k}.nrrd", force=True).array > 0.5 for k in ("dark", "background", "lungs")}
+    vols = {
+        k: read_volume(out / f"{k}.nrrd", force=True) for k in ("train_input", "train_label", "test_label")
+    }
+    maskv = {
+        k: read_volume(out / f"mask_{k}.nrrd", force=True).array > 0.5
+        for k in ("dark", "background", "lungs")
+    }
     for v in vols.values():
         assert v.spacing == pytest.approx(SPACING) and v.origin == pytest.approx((1.0, 2.0, 3.0))
     np.testing.assert_allclose(vols["train_label"].array, n3, atol=1e-3)
@@ -327,31 +352,61 @@ def test_cli_purify_volumes_with_real_simulator(tmp_path, pair, capsys):
 
 
 def test_cli_purify_user_errors(tmp_path, pair, capsys):
-    from IPv2DenoiseLib.cli import main
+    from IPv2DenoiseLib.app.cli import main
 
     u, n = pair
     pu, pn = _write_pair_nrrd(tmp_path / "in", u, n, n_spacing=(1.0, 1.0, 2.5))
     assert main(["purify", "--uldct", str(pu), "--ndct", str(pn), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "spacing" in err and "(1.5, 1.5, 2.5)" in err and "(1.0, 1.0, 2.5)" in err
-    assert main(["purify", "--uldct", str(pu), "--ndct", str(pu), "--out", str(tmp_path / "o"),
-                 "--dose", "2"]) == 2
+    assert (
+        main(["purify", "--uldct", str(pu), "--ndct", str(pu), "--out", str(tmp_path / "o"), "--dose", "2"])
+        == 2
+    )
     assert "dose" in capsys.readouterr().err
     assert main(["purify", "--png-dataset", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "--window" in capsys.readouterr().err
-    assert main(["purify", "--uldct", str(pu), "--ndct", str(pu), "--out", str(tmp_path / "o"),
-                 "--strategy", "xyz"]) == 2
+    assert (
+        main(
+            [
+                "purify",
+                "--uldct",
+                str(pu),
+                "--ndct",
+                str(pu),
+                "--out",
+                str(tmp_path / "o"),
+                "--strategy",
+                "xyz",
+            ]
+        )
+        == 2
+    )
     assert "xyz" in capsys.readouterr().err
 
 
 def test_cli_purify_png_dataset(tmp_path, pair, capsys):
-    from IPv2DenoiseLib.cli import main
+    from IPv2DenoiseLib.app.cli import main
 
     u, n = pair
     root = tmp_path / "ds"
     _write_png_dataset(root, u, n)
-    rc = main(["purify", "--png-dataset", str(root), "--window", "-600", "1500", "--out", str(tmp_path / "o"),
-               "--strategy", "rb+rn", "--weak-denoiser", "median"])
+    rc = main(
+        [
+            "purify",
+            "--png-dataset",
+            str(root),
+            "--window",
+            "-600",
+            "1500",
+            "--out",
+            str(tmp_path / "o"),
+            "--strategy",
+            "rb+rn",
+            "--weak-denoiser",
+            "median",
+        ]
+    )
     assert rc == 0
     assert sorted(p.name for p in (tmp_path / "o" / "train" / "lq_bar").iterdir()) == ["a.png", "b.png"]
     assert (tmp_path / "o" / "test" / "gt_bar" / "c.png").is_file()

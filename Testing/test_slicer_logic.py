@@ -11,11 +11,11 @@ import pytest
 pytest.importorskip("slicer.util", reason="slicer-core not installed")
 import slicer  # noqa: E402
 
-from IPv2DenoiseLib import slicer_bridge as sb  # noqa: E402
-from IPv2DenoiseLib.errors import UserError  # noqa: E402
-from IPv2DenoiseLib.metrics import roi_comparison_table  # noqa: E402
-from IPv2DenoiseLib.progress import Cancelled  # noqa: E402
-from IPv2DenoiseLib.volume import Volume  # noqa: E402
+from IPv2DenoiseLib.app import slicer_bridge as sb  # noqa: E402
+from IPv2DenoiseLib.core.errors import UserError  # noqa: E402
+from IPv2DenoiseLib.core.progress import Cancelled  # noqa: E402
+from IPv2DenoiseLib.core.volume import Volume  # noqa: E402
+from IPv2DenoiseLib.imaging.metrics import roi_comparison_table  # noqa: E402
 
 
 @pytest.fixture()
@@ -34,7 +34,9 @@ def _oblique_volume(shape=(6, 24, 28), seed=0):
     body = ((y - cy) / (0.45 * shape[1])) ** 2 + ((x - cx) / (0.45 * shape[2])) ** 2 < 1
     hu[body] = 40.0
     for sx in (-1, 1):
-        lung = ((y - cy) / (0.25 * shape[1])) ** 2 + ((x - cx - sx * 0.2 * shape[2]) / (0.12 * shape[2])) ** 2 < 1
+        lung = ((y - cy) / (0.25 * shape[1])) ** 2 + (
+            (x - cx - sx * 0.2 * shape[2]) / (0.12 * shape[2])
+        ) ** 2 < 1
         hu[lung] = -850.0
     hu += rng.normal(0, 60, shape).astype(np.float32)
     t = np.deg2rad(15)
@@ -62,15 +64,17 @@ def test_volume_node_round_trip_keeps_lps_geometry(scene):
     np.testing.assert_array_equal(back.array, vol.array)
     # voxel (i, j, k) lands at the same physical point both ways
     i, j, k = 3, 5, 2
-    lps = np.asarray(vol.origin) + np.asarray(vol.direction).reshape(3, 3) @ (np.array([i, j, k]) * vol.spacing)
+    lps = np.asarray(vol.origin) + np.asarray(vol.direction).reshape(3, 3) @ (
+        np.array([i, j, k]) * vol.spacing
+    )
     ras = _geometry(node) @ np.array([i, j, k, 1.0])
     np.testing.assert_allclose(ras[:3], sb.LPS_TO_RAS @ lps, atol=1e-9)
 
 
 def test_denoise_node_with_tiny_model_keeps_geometry_and_study(scene):
     torch = pytest.importorskip("torch")
-    from IPv2DenoiseLib.infer import Denoiser
-    from IPv2DenoiseLib.models import UNet
+    from IPv2DenoiseLib.denoiser.infer import Denoiser
+    from IPv2DenoiseLib.denoiser.models import UNet
 
     torch.manual_seed(0)
     denoiser = Denoiser(UNet(in_slices=3, base_channels=4))
@@ -105,7 +109,10 @@ def test_table_node_matches_metrics_table(scene):
     after = vol.with_array(vol.array * 0.5 + 0.5 * np.round(vol.array / 100) * 100)
     lung = vol.array < -500
     lung[:, :, : vol.shape[2] // 4] = False
-    regions = {"lung": lung & (np.abs(np.indices(vol.shape)[1] - 12) < 4), "soft_tissue": np.abs(vol.array - 40) < 50}
+    regions = {
+        "lung": lung & (np.abs(np.indices(vol.shape)[1] - 12) < 4),
+        "soft_tissue": np.abs(vol.array - 40) < 50,
+    }
     table = roi_comparison_table(vol.array, after.array, regions)
     node = sb.table_node_from_metrics(table)
     vt = node.GetTable()
@@ -132,7 +139,11 @@ def test_comparison_layout_links_views_and_sets_window(scene):
     b = sb.add_volume_node(vol.with_array(vol.array * 0.9), "after")
     previous = sb.setup_comparison(a, b, preset="Lung")
     layout = scene.GetNodesByClass("vtkMRMLLayoutNode").GetItemAsObject(0)
-    assert layout.GetViewArrangement() == sb.SIDE_BY_SIDE_LAYOUT == slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView
+    assert (
+        layout.GetViewArrangement()
+        == sb.SIDE_BY_SIDE_LAYOUT
+        == slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView
+    )
     red, yellow = sb.composite_node("Red"), sb.composite_node("Yellow")
     assert red.GetBackgroundVolumeID() == a.GetID() and yellow.GetBackgroundVolumeID() == b.GetID()
     assert red.GetLinkedControl() and red.GetHotLinkedControl() and yellow.GetHotLinkedControl()
@@ -152,11 +163,11 @@ def test_volume_from_node_rejects_empty_node(scene):
         sb.volume_from_node(node)
 
 
-# A stand-in for ``ipv2-denoise denoise``: same protocol, reads/writes through IPv2DenoiseLib.io.
+# A stand-in for ``ipv2-denoise denoise``: same protocol, reads/writes through IPv2DenoiseLib.io.volumes.
 FAKE_DENOISER = textwrap.dedent(
     """
     import json, sys, time
-    from IPv2DenoiseLib.io import read_volume, write_volume
+    from IPv2DenoiseLib.io.volumes import read_volume, write_volume
     src, dst, mode = sys.argv[1:4]
     print(json.dumps({"device": "CPU (1 threads)"}), flush=True)
     if mode == "fail":
@@ -177,8 +188,9 @@ def test_denoise_job_subprocess(scene, mode):
     vol = _oblique_volume(shape=(4, 20, 22))
     node = sb.add_volume_node(vol, "chest")
     n_nodes = scene.GetNumberOfNodes()
-    job = sb.DenoiseJob(node, model="unet-ipv2",
-                        command=[sys.executable, "-c", FAKE_DENOISER, "{input}", "{output}", mode]).start()
+    job = sb.DenoiseJob(
+        node, model="unet-ipv2", command=[sys.executable, "-c", FAKE_DENOISER, "{input}", "{output}", mode]
+    ).start()
     workdir = job.workdir
     if mode == "ok":
         out = job.wait(timeout=60)

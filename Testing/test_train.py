@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from IPv2DenoiseLib.train import BACKGROUND, BODY, LUNGS, CasePairs, PatchSampler, TrainConfig, train
+from IPv2DenoiseLib.training.trainer import (
+    BACKGROUND,
+    BODY,
+    LUNGS,
+    CasePairs,
+    PatchSampler,
+    TrainConfig,
+    train,
+)
 
 
 def toy_case(seed: int) -> CasePairs:
@@ -75,35 +83,94 @@ def test_train_loss_falls_exports_and_resumes(tmp_path) -> None:
 
 def test_train_cli_on_made_dataset(tmp_path, capsys) -> None:
     """End to end: make-dataset -> train (IPv2 pairs from purify) -> weights loadable by the Denoiser."""
-    from IPv2DenoiseLib.cli import main
-    from IPv2DenoiseLib.infer import Denoiser
+    from IPv2DenoiseLib.app.cli import main
+    from IPv2DenoiseLib.denoiser.infer import Denoiser
 
     data = tmp_path / "ds"
-    assert main(["make-dataset", "--cases", "2", "--out", str(data), "--size", "96", "--slices", "4",
-                 "--spacing", "3.6", "--slice-thickness", "5", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "make-dataset",
+                "--cases",
+                "2",
+                "--out",
+                str(data),
+                "--size",
+                "96",
+                "--slices",
+                "4",
+                "--spacing",
+                "3.6",
+                "--slice-thickness",
+                "5",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     out = tmp_path / "run"
-    assert main(["train", "--data", str(data / "case_000"), "--val", str(data / "case_001"), "--out", str(out),
-                 "--name", "tiny", "--model-kwargs", '{"in_slices": 3, "base_channels": 4, "levels": 2}',
-                 "--iterations", "6", "--val-every", "3", "--batch", "4", "--patch", "32", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(data / "case_000"),
+                "--val",
+                str(data / "case_001"),
+                "--out",
+                str(out),
+                "--name",
+                "tiny",
+                "--model-kwargs",
+                '{"in_slices": 3, "base_channels": 4, "levels": 2}',
+                "--iterations",
+                "6",
+                "--val-every",
+                "3",
+                "--batch",
+                "4",
+                "--patch",
+                "32",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     card = json.loads((out / "tiny.json").read_text())
     assert card["strategy"] == "ipv2" and card["data"]["training_cases"] == ["case_000"]
     assert "psnr_truth_lungs" in card["validation"] and "psnr_label" in card["validation"]
     denoiser = Denoiser.from_file(out / "tiny.safetensors", expected_sha256=card["sha256"])
-    assert denoiser.denoise_array(np.full((2, 40, 40), -1000.0, np.float32), device="cpu").shape == (2, 40, 40)
+    assert denoiser.denoise_array(np.full((2, 40, 40), -1000.0, np.float32), device="cpu").shape == (
+        2,
+        40,
+        40,
+    )
 
 
 def test_fine_tune_starts_from_given_weights(tmp_path) -> None:
     from IPv2DenoiseLib import UserError
-    from IPv2DenoiseLib.models import UNet
-    from IPv2DenoiseLib.weights import load_model, save_model
+    from IPv2DenoiseLib.denoiser.models import UNet
+    from IPv2DenoiseLib.denoiser.weights import load_model, save_model
 
     start = tmp_path / "start.safetensors"
     trained = UNet(in_slices=3, base_channels=4, levels=2)
     torch.nn.init.normal_(trained.head.weight, std=0.1)  # not the identity start of a fresh net
     save_model(trained, start, {})
-    cfg = TrainConfig(cases=[], out=str(tmp_path / "ft"), model_kwargs={"in_slices": 3, "base_channels": 4, "levels": 2},
-                      patch=32, batch=2, iterations=1, val_every=1, lr=1e-9, device="cpu", name="ft",
-                      init_weights=str(start))
+    cfg = TrainConfig(
+        cases=[],
+        out=str(tmp_path / "ft"),
+        model_kwargs={"in_slices": 3, "base_channels": 4, "levels": 2},
+        patch=32,
+        batch=2,
+        iterations=1,
+        val_every=1,
+        lr=1e-9,
+        device="cpu",
+        name="ft",
+        init_weights=str(start),
+    )
     card = train(cfg, prepared=([toy_case(0)], []))
     assert card["initialised_from"] == "start.safetensors"
     tuned, _ = load_model(tmp_path / "ft" / "ft.safetensors")

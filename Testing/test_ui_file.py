@@ -55,7 +55,12 @@ def test_parameter_bindings_name_real_fields():
 def test_input_selector_hides_labelmaps_and_scene_is_connected():
     widgets = _widgets()
     inp = widgets["inputSelector"]
-    hidden = [s.text for p in inp.findall("property") if p.get("name") == "hideChildNodeTypes" for s in p.iter("string")]
+    hidden = [
+        s.text
+        for p in inp.findall("property")
+        if p.get("name") == "hideChildNodeTypes"
+        for s in p.iter("string")
+    ]
     assert hidden == ["vtkMRMLLabelMapVolumeNode"]
     receivers = {c.find("receiver").text for c in ET.parse(UI).getroot().iter("connection")}
     assert {"inputSelector", "outputSelector", "roiSelector"} <= receivers

@@ -6,7 +6,7 @@ One command, one run::
 
 Without ``--data`` it makes ``--cases`` held-out synthetic cases (default 2 of 512×512×16 at
 0.7 mm, 2 % dose, anatomy seeds never used for training) with the project's own
-``IPv2DenoiseLib.dataset.make_dataset``. Every method runs in a fresh process (multiprocessing
+``IPv2DenoiseLib.synthetic.dataset.make_dataset``. Every method runs in a fresh process (multiprocessing
 ``spawn``) limited to ``--threads`` threads, so its peak RSS (``resource.getrusage``
 ``ru_maxrss``) is its own; the table reports that peak and "RSS Δ", the peak minus the process's
 resident memory just before denoising (after imports, loading the volumes and one warm-up call
@@ -49,32 +49,41 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
-def _worker(method: str, paths: list[str], out_dir: str, threads: int, model_spec: dict, device: str, queue) -> None:
+def _worker(
+    method: str, paths: list[str], out_dir: str, threads: int, model_spec: dict, device: str, queue
+) -> None:
     """Runs in a fresh spawned process: load, denoise each case, report time and RSS."""
     os.environ["OMP_NUM_THREADS"] = str(threads)
     import torch
 
     torch.set_num_threads(threads)
-    from IPv2DenoiseLib.io import read_volume
+    from IPv2DenoiseLib.io.volumes import read_volume
 
     vols = [read_volume(p) for p in paths]
     result = {"method": method, "seconds": 0.0, "voxels": 0, "outputs": []}
     denoise = None
     if method == "model":
-        from IPv2DenoiseLib.infer import Denoiser
+        from IPv2DenoiseLib.denoiser.infer import Denoiser
 
-        den = (Denoiser.from_file(model_spec["weights"]) if model_spec.get("weights")
-               else Denoiser.from_registry(model_spec.get("model", "default")))
+        den = (
+            Denoiser.from_file(model_spec["weights"])
+            if model_spec.get("weights")
+            else Denoiser.from_registry(model_spec.get("model", "default"))
+        )
         result["model_name"] = den.name
-        result["model_card"] = {k: den.card.get(k) for k in ("architecture", "kwargs", "parameters", "flops_per_voxel",
-                                                             "strategy", "iterations")}
+        result["model_card"] = {
+            k: den.card.get(k)
+            for k in ("architecture", "kwargs", "parameters", "flops_per_voxel", "strategy", "iterations")
+        }
+
         def denoise(hu):
             return den.denoise_array(hu, remove_background=True, device=device)
     elif method != "input":
-        from IPv2DenoiseLib.classical import denoise_classical
+        from IPv2DenoiseLib.imaging.classical import denoise_classical
 
         def denoise(hu):
             return denoise_classical(hu, method)
+
     if denoise is not None:  # warm-up outside the timed region: lazy imports, first-call set-up
         denoise(vols[0].array[:3])
     import psutil
@@ -98,7 +107,10 @@ def _worker(method: str, paths: list[str], out_dir: str, threads: int, model_spe
 def run_isolated(method: str, paths, out_dir, threads, model_spec, device) -> dict:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_worker, args=(method, [str(p) for p in paths], str(out_dir), threads, model_spec, device, queue))
+    proc = ctx.Process(
+        target=_worker,
+        args=(method, [str(p) for p in paths], str(out_dir), threads, model_spec, device, queue),
+    )
     proc.start()
     try:
         result = queue.get(timeout=3600)
@@ -113,25 +125,36 @@ def held_out_cases(args) -> list[Path]:
     """Case folders: ``--data`` or freshly made synthetic ones (cached in ``--cache``)."""
     if args.data:
         root = Path(args.data)
-        cases = sorted(c for c in root.iterdir() if (c / "uldct.nrrd").exists() and (c / "uldct_clean.nrrd").exists())
+        cases = sorted(
+            c for c in root.iterdir() if (c / "uldct.nrrd").exists() and (c / "uldct_clean.nrrd").exists()
+        )
         if (root / "test").is_dir():
             cases = sorted(c for c in (root / "test").iterdir() if (c / "uldct_clean.nrrd").exists())
         if not cases:
             raise SystemExit(f"--data {root}: no case folders with uldct.nrrd and uldct_clean.nrrd")
-        return cases[-args.cases:]
-    from IPv2DenoiseLib.dataset import make_dataset
+        return cases[-args.cases :]
+    from IPv2DenoiseLib.synthetic.dataset import make_dataset
 
     cache = Path(args.cache)
-    print(f"making {args.cases} held-out cases ({args.slices}x{args.size}x{args.size}, {args.spacing} mm) in {cache} ...",
-          flush=True)
-    make_dataset(cache, cases=args.cases, seed=args.seed, size=args.size, slices=args.slices, spacing_mm=args.spacing,
-                 dose=0.02)
+    print(
+        f"making {args.cases} held-out cases ({args.slices}x{args.size}x{args.size}, {args.spacing} mm) in {cache} ...",
+        flush=True,
+    )
+    make_dataset(
+        cache,
+        cases=args.cases,
+        seed=args.seed,
+        size=args.size,
+        slices=args.slices,
+        spacing_mm=args.spacing,
+        dose=0.02,
+    )
     return sorted(c for c in cache.iterdir() if (c / "case.json").exists())[: args.cases]
 
 
 def score(outputs: list[np.ndarray], truths: list[np.ndarray]) -> dict[str, float]:
-    from IPv2DenoiseLib.evaluate import region_masks
-    from IPv2DenoiseLib.metrics import psnr, ssim
+    from IPv2DenoiseLib.imaging.metrics import psnr, ssim
+    from IPv2DenoiseLib.training.grid import region_masks
 
     acc: dict[str, list[float]] = {}
     for out, truth in zip(outputs, truths):
@@ -157,12 +180,16 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--weights", default=None, help="safetensors weights (default: the registry's model)")
     parser.add_argument("--model", default="default", help="registry name when --weights is not given")
-    parser.add_argument("--data", default=None, help="dataset folder of held-out cases (with uldct_clean.nrrd)")
+    parser.add_argument(
+        "--data", default=None, help="dataset folder of held-out cases (with uldct_clean.nrrd)"
+    )
     parser.add_argument("--cases", type=int, default=2)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--slices", type=int, default=16)
     parser.add_argument("--spacing", type=float, default=0.7)
-    parser.add_argument("--seed", type=int, default=9000, help="dataset seed (held out: training uses small seeds)")
+    parser.add_argument(
+        "--seed", type=int, default=9000, help="dataset seed (held out: training uses small seeds)"
+    )
     parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "ipv2_bench_infer_cases"))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--methods", nargs="+", default=["nlm", "tv", "curvature"])
@@ -171,7 +198,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from IPv2DenoiseLib.io import read_volume
+    from IPv2DenoiseLib.io.volumes import read_volume
 
     cases = held_out_cases(args)
     paths = [c / "uldct.nrrd" for c in cases]
@@ -194,40 +221,86 @@ def main(argv=None) -> int:
     model = next(r for r in rows if r["method"] == "model" and r["device"] == "cpu")
     classical = [r for r in rows if r["method"] not in ("input", "model")]
     best = max(classical, key=lambda r: r["psnr"]) if classical else None
-    header = ("| method | device | Mvoxel/s | s | peak RSS (MB) | RSS Δ (MB) | PSNR (dB) | SSIM | noise lung parenchyma (HU) "
-              "| error whole lungs (HU) | noise soft tissue (HU) | noise background (HU) | bias soft tissue (HU) |")
+    header = (
+        "| method | device | Mvoxel/s | s | peak RSS (MB) | RSS Δ (MB) | PSNR (dB) | SSIM | noise lung parenchyma (HU) "
+        "| error whole lungs (HU) | noise soft tissue (HU) | noise background (HU) | bias soft tissue (HU) |"
+    )
     lines = [header, "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         name = f"model ({r.get('model_name', '')})" if r["method"] == "model" else r["method"]
         speed = "–" if r["method"] == "input" else f"{r['mvox_s']:.3f}"
-        lines.append(f"| {name} | {r['device']} | {speed} | {r['seconds']:.2f} | {r['rss_peak_mb']:.0f} | "
-                     f"{r['rss_delta_mb']:.0f} | {r['psnr']:.2f} | {r['ssim']:.3f} | {r['lung_noise']:.1f} | {r['lung_error']:.1f} | "
-                     f"{r['soft_tissue_noise']:.1f} | {r['background_noise']:.1f} | {r['soft_tissue_bias']:+.1f} |")
+        lines.append(
+            f"| {name} | {r['device']} | {speed} | {r['seconds']:.2f} | {r['rss_peak_mb']:.0f} | "
+            f"{r['rss_delta_mb']:.0f} | {r['psnr']:.2f} | {r['ssim']:.3f} | {r['lung_noise']:.1f} | {r['lung_error']:.1f} | "
+            f"{r['soft_tissue_noise']:.1f} | {r['background_noise']:.1f} | {r['soft_tissue_bias']:+.1f} |"
+        )
     ratios = [f"model / {r['method']}: {model['mvox_s'] / r['mvox_s']:.2f}x" for r in classical]
     goals = [("CPU speed >= 0.5 Mvoxel/s", model["mvox_s"] >= GOALS["cpu_mvox_s"], f"{model['mvox_s']:.3f}")]
     if best is not None:
-        goals.append((f"PSNR >= best classical ({best['method']} {best['psnr']:.2f}) + 2 dB",
-                      model["psnr"] >= best["psnr"] + GOALS["psnr_margin_db"], f"{model['psnr']:.2f}"))
+        goals.append(
+            (
+                f"PSNR >= best classical ({best['method']} {best['psnr']:.2f}) + 2 dB",
+                model["psnr"] >= best["psnr"] + GOALS["psnr_margin_db"],
+                f"{model['psnr']:.2f}",
+            )
+        )
     goals += [
-        ("lung (parenchyma) noise <= 30 HU", model["lung_noise"] <= GOALS["lung_noise_hu"], f"{model['lung_noise']:.1f}"),
-        ("background noise <= 5 HU", model["background_noise"] <= GOALS["background_noise_hu"], f"{model['background_noise']:.1f}"),
-        ("|soft-tissue bias| <= 5 HU", abs(model["soft_tissue_bias"]) <= GOALS["soft_tissue_bias_hu"], f"{model['soft_tissue_bias']:+.1f}"),
+        (
+            "lung (parenchyma) noise <= 30 HU",
+            model["lung_noise"] <= GOALS["lung_noise_hu"],
+            f"{model['lung_noise']:.1f}",
+        ),
+        (
+            "background noise <= 5 HU",
+            model["background_noise"] <= GOALS["background_noise_hu"],
+            f"{model['background_noise']:.1f}",
+        ),
+        (
+            "|soft-tissue bias| <= 5 HU",
+            abs(model["soft_tissue_bias"]) <= GOALS["soft_tissue_bias_hu"],
+            f"{model['soft_tissue_bias']:+.1f}",
+        ),
     ]
     cuda = [r for r in rows if r["method"] == "model" and r["device"] == "cuda"]
     if cuda:
-        goals.append(("CUDA speed >= 100 Mvoxel/s", cuda[0]["mvox_s"] >= GOALS["cuda_mvox_s"], f"{cuda[0]['mvox_s']:.1f}"))
+        goals.append(
+            (
+                "CUDA speed >= 100 Mvoxel/s",
+                cuda[0]["mvox_s"] >= GOALS["cuda_mvox_s"],
+                f"{cuda[0]['mvox_s']:.1f}",
+            )
+        )
     shape = read_volume(paths[0]).shape
-    meta = (f"{len(cases)} held-out cases of {shape[0]}x{shape[1]}x{shape[2]} voxels, {args.threads} threads per method, "
-            f"{platform.processor() or platform.machine()}, torch {torch.__version__}; "
-            f"model card: {json.dumps(model.get('model_card'))}")
-    text = "\n".join([f"# bench_infer\n\n{meta}\n", *lines, "", "Speed ratios: " + ", ".join(ratios), "",
-                      *[f"- {'PASS' if ok else 'FAIL'}: {name} (measured {value})" for name, ok, value in goals]])
+    meta = (
+        f"{len(cases)} held-out cases of {shape[0]}x{shape[1]}x{shape[2]} voxels, {args.threads} threads per method, "
+        f"{platform.processor() or platform.machine()}, torch {torch.__version__}; "
+        f"model card: {json.dumps(model.get('model_card'))}"
+    )
+    text = "\n".join(
+        [
+            f"# bench_infer\n\n{meta}\n",
+            *lines,
+            "",
+            "Speed ratios: " + ", ".join(ratios),
+            "",
+            *[f"- {'PASS' if ok else 'FAIL'}: {name} (measured {value})" for name, ok, value in goals],
+        ]
+    )
     print(text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_infer.md").write_text(text + "\n", encoding="utf-8")
-    (out / "bench_infer.json").write_text(json.dumps({"meta": meta, "rows": rows, "goals": [
-        {"goal": n, "pass": bool(ok), "measured": v} for n, ok, v in goals]}, indent=1), encoding="utf-8")
+    (out / "bench_infer.json").write_text(
+        json.dumps(
+            {
+                "meta": meta,
+                "rows": rows,
+                "goals": [{"goal": n, "pass": bool(ok), "measured": v} for n, ok, v in goals],
+            },
+            indent=1,
+        ),
+        encoding="utf-8",
+    )
     return 0
 
 

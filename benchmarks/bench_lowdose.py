@@ -19,8 +19,8 @@ import torch
 from skimage.data import shepp_logan_phantom
 from skimage.transform import iradon, radon, resize
 
-from IPv2DenoiseLib.lowdose import simulate_low_dose
-from IPv2DenoiseLib.projector import ParallelProjector
+from IPv2DenoiseLib.physics.lowdose import simulate_low_dose
+from IPv2DenoiseLib.physics.projector import ParallelProjector
 
 
 def rate(fn, n_slices: int, repeat: int = 1, warm: bool = True) -> float:
@@ -46,8 +46,10 @@ def main() -> None:
     img = resize(shepp_logan_phantom(), (n, n)).astype(np.float32)
     vol = np.stack([img] * k)
     theta = np.arange(v) * 180.0 / v
-    print(f"{k} slices of {n}², {v} parallel views, torch threads {torch.get_num_threads()}, "
-          f"cores {os.cpu_count()}")
+    print(
+        f"{k} slices of {n}², {v} parallel views, torch threads {torch.get_num_threads()}, "
+        f"cores {os.cpu_count()}"
+    )
 
     def skimage_run():
         for s in vol:
@@ -59,11 +61,17 @@ def main() -> None:
     proj = ParallelProjector(n, v, device="cpu")
     x = torch.from_numpy(vol)
     ours = rate(lambda: proj.fbp(proj.forward(x)), k, repeat=2)
-    print(f"ours ({proj.backend_name}) fwd+FBP   : {ours:8.2f} slices/s   ratio {ours / sk:5.1f}x (goal >= 10x)")
+    print(
+        f"ours ({proj.backend_name}) fwd+FBP   : {ours:8.2f} slices/s   ratio {ours / sk:5.1f}x (goal >= 10x)"
+    )
     hu = vol * 1000 - 1000
     for geometry in ("parallel", "fan"):
-        r = rate(lambda g=geometry: simulate_low_dose(hu, dose=0.02, spacing_mm=0.7, geometry=g, device="cpu",
-                                                        batch=k), k)
+        r = rate(
+            lambda g=geometry: simulate_low_dose(
+                hu, dose=0.02, spacing_mm=0.7, geometry=g, device="cpu", batch=k
+            ),
+            k,
+        )
         print(f"simulate_low_dose {geometry:8s} cpu : {r:8.2f} slices/s   ratio {r / sk:5.1f}x")
     if torch.cuda.is_available():
         kk = 64
@@ -73,8 +81,12 @@ def main() -> None:
         print(f"ours (torch, CUDA {torch.cuda.get_device_name()}) fwd+FBP: {g:8.1f} slices/s (goal >= 200)")
         hug = np.stack([img] * kk) * 1000 - 1000
         for geometry in ("parallel", "fan"):
-            r = rate(lambda g=geometry: simulate_low_dose(hug, dose=0.02, spacing_mm=0.7, geometry=g,
-                                                            device="cuda", batch=32), kk)
+            r = rate(
+                lambda g=geometry: simulate_low_dose(
+                    hug, dose=0.02, spacing_mm=0.7, geometry=g, device="cuda", batch=32
+                ),
+                kk,
+            )
             print(f"simulate_low_dose {geometry:8s} cuda: {r:8.1f} slices/s")
 
 

@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from IPv2DenoiseLib.lowdose import I0_FULL_DOSE, simulate_low_dose
+from IPv2DenoiseLib.physics.lowdose import I0_FULL_DOSE, simulate_low_dose
 
 
 def chest_phantom(n: int, spacing: float) -> tuple[np.ndarray, tuple[slice, slice], tuple[slice, slice]]:
@@ -44,8 +44,9 @@ def water_cylinder(n: int, spacing: float) -> tuple[np.ndarray, tuple[slice, sli
 
 def measure(img, rois, *, dose, spacing, geometry, i0, filter="ramp"):
     two = np.stack([img, img])  # per-slice seeds → two independent realisations in one call
-    rec = simulate_low_dose(two, dose=dose, spacing_mm=spacing, geometry=geometry, i0=i0, seed=1,
-                            filter=filter, device="cpu")
+    rec = simulate_low_dose(
+        two, dose=dose, spacing_mm=spacing, geometry=geometry, i0=i0, seed=1, filter=filter, device="cpu"
+    )
     out = []
     for roi in rois:
         d = (rec[0][roi] - rec[1][roi]) / np.sqrt(2)
@@ -65,20 +66,32 @@ def main() -> None:
     water, centre = water_cylinder(args.size, args.spacing)
     doses = [float(d) for d in args.doses.split(",")]
     print(f"{args.size}² px at {args.spacing} mm, filter {args.filter}")
-    print("| geometry | I0 (100 %) | dose | mediastinum SD | bias | lung SD | lung bias | water-300 SD | bias | "
-          "SD·√dose |")
+    print(
+        "| geometry | I0 (100 %) | dose | mediastinum SD | bias | lung SD | lung bias | water-300 SD | bias | "
+        "SD·√dose |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for geometry in ("fan", "parallel"):
         i0 = args.i0 or I0_FULL_DOSE[geometry]
         for dose in doses:
             t = time.perf_counter()
-            (sm, bm), (sl, bl) = measure(chest, [med, lung], dose=dose, spacing=args.spacing,
-                                         geometry=geometry, i0=i0, filter=args.filter)
-            ((sw, bw),) = measure(water, [centre], dose=dose, spacing=args.spacing, geometry=geometry,
-                                  i0=i0, filter=args.filter)
-            print(f"| {geometry} | {i0:.3g} | {dose:g} | {sm:.1f} | {bm:+.1f} | {sl:.1f} | {bl:+.1f} | "
-                  f"{sw:.1f} | {bw:+.1f} | {sm * np.sqrt(dose):.1f} |  ({time.perf_counter() - t:.1f} s)",
-                  flush=True)
+            (sm, bm), (sl, bl) = measure(
+                chest,
+                [med, lung],
+                dose=dose,
+                spacing=args.spacing,
+                geometry=geometry,
+                i0=i0,
+                filter=args.filter,
+            )
+            ((sw, bw),) = measure(
+                water, [centre], dose=dose, spacing=args.spacing, geometry=geometry, i0=i0, filter=args.filter
+            )
+            print(
+                f"| {geometry} | {i0:.3g} | {dose:g} | {sm:.1f} | {bm:+.1f} | {sl:.1f} | {bl:+.1f} | "
+                f"{sw:.1f} | {bw:+.1f} | {sm * np.sqrt(dose):.1f} |  ({time.perf_counter() - t:.1f} s)",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -5,14 +5,14 @@ Usage::
     OMP_NUM_THREADS=2 python benchmarks/make_synthetic_report.py [--data DIR | --out DIR]
         [--cases 2] [--slices 24] [--size 512] [--seed 0] [--figures docs/figures]
 
-Without ``--data`` it makes ``--cases`` cases with :func:`IPv2DenoiseLib.dataset.make_dataset`
+Without ``--data`` it makes ``--cases`` cases with :func:`IPv2DenoiseLib.synthetic.dataset.make_dataset`
 (in ``--out``, or a temporary folder that is removed afterwards); with ``--data`` it reads existing
 case folders. It prints, as Markdown tables ready to paste into docs/synthetic-data.md:
 
 * tissue HU per phantom label: nominal range, noise-free median/mean, NDCT and ULDCT mean ± SD;
 * noise per dose: SD of (scan − noise-free anatomy) per region for NDCT (100 %) and ULDCT (2 %),
   and on one slice re-simulated at 100/25/10/2 % (two realisations);
-* NPS (TG-233 style, :func:`IPv2DenoiseLib.metrics.nps_2d`) of the ULDCT and NDCT noise in
+* NPS (TG-233 style, :func:`IPv2DenoiseLib.imaging.metrics.nps_2d`) of the ULDCT and NDCT noise in
   soft-tissue ROIs against white Gaussian noise of the same SD on the same ROI layout;
 * breathing-motion statistics per case (``case.json``);
 * seconds per case (``case.json`` ``timings_s``) with the thread count and machine load;
@@ -40,11 +40,11 @@ import numpy as np  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
 import torch  # noqa: E402
 
-from IPv2DenoiseLib.breathing import breathing_motion  # noqa: E402
-from IPv2DenoiseLib.dataset import CASE_FILES, make_dataset  # noqa: E402
-from IPv2DenoiseLib.lowdose import I0_FULL_DOSE, simulate_low_dose  # noqa: E402
-from IPv2DenoiseLib.metrics import LUNG_DISPLAY, MEDIASTINAL_DISPLAY, nps_2d  # noqa: E402
-from IPv2DenoiseLib.phantom import HU_RANGES, LABELS, make_chest_phantom  # noqa: E402
+from IPv2DenoiseLib.imaging.metrics import LUNG_DISPLAY, MEDIASTINAL_DISPLAY, nps_2d  # noqa: E402
+from IPv2DenoiseLib.physics.lowdose import I0_FULL_DOSE, simulate_low_dose  # noqa: E402
+from IPv2DenoiseLib.synthetic.breathing import breathing_motion  # noqa: E402
+from IPv2DenoiseLib.synthetic.dataset import CASE_FILES, make_dataset  # noqa: E402
+from IPv2DenoiseLib.synthetic.phantom import HU_RANGES, LABELS, make_chest_phantom  # noqa: E402
 
 #: Regions of the noise tables (label names pooled into each).
 NOISE_REGIONS = {
@@ -83,8 +83,11 @@ def window(display: tuple[float, float]) -> tuple[float, float]:
 
 
 def tissue_table(cases: list[dict]) -> list[str]:
-    rows = ["| label | nominal HU | clean median | clean mean ± SD | NDCT mean ± SD | clean ULDCT mean | "
-            "ULDCT mean ± SD | voxels (NDCT) |", "|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| label | nominal HU | clean median | clean mean ± SD | NDCT mean ± SD | clean ULDCT mean | "
+        "ULDCT mean ± SD | voxels (NDCT) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, lid in LABELS.items():
         lo, hi = HU_RANGES[name]
         clean = np.concatenate([c["ndct_clean"][c["labels_ndct"] == lid] for c in cases])
@@ -97,21 +100,29 @@ def tissue_table(cases: list[dict]) -> list[str]:
         med = float(np.median(clean))
         flag = "" if lo <= med <= hi else " ✗"
         ul_txt = f"{ul_clean.mean():.0f} | {ul.mean():.0f} ± {ul.std():.0f}" if ul.size else "— | —"
-        rows.append(f"| {name} | {lo:g} … {hi:g} | {med:.0f}{flag} | {clean.mean():.0f} ± {clean.std():.0f} | "
-                    f"{nd.mean():.0f} ± {nd.std():.0f} | {ul_txt} | {clean.size} |")
+        rows.append(
+            f"| {name} | {lo:g} … {hi:g} | {med:.0f}{flag} | {clean.mean():.0f} ± {clean.std():.0f} | "
+            f"{nd.mean():.0f} ± {nd.std():.0f} | {ul_txt} | {clean.size} |"
+        )
     return rows
 
 
 def noise_table(cases: list[dict], dose: float) -> list[str]:
-    rows = ["| region | NDCT 100 % SD | NDCT bias | ULDCT "
-            f"{dose:.0%} SD | ULDCT bias | ratio | ULDCT SD·√dose |",
-            "|---|---|---|---|---|---|---|"]
+    rows = [
+        f"| region | NDCT 100 % SD | NDCT bias | ULDCT {dose:.0%} SD | ULDCT bias | ratio | ULDCT SD·√dose |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for region, names in NOISE_REGIONS.items():
-        nd = np.concatenate([(c["ndct"] - c["ndct_clean"])[np.isin(c["labels_ndct"], ids(names))] for c in cases])
-        ul = np.concatenate([(c["uldct"] - c["uldct_clean"])[np.isin(c["labels_uldct"], ids(names))]
-                             for c in cases])
-        rows.append(f"| {region} | {nd.std():.1f} | {nd.mean():+.1f} | {ul.std():.1f} | {ul.mean():+.1f} | "
-                    f"{ul.std() / nd.std():.1f} | {ul.std() * np.sqrt(dose):.1f} |")
+        nd = np.concatenate(
+            [(c["ndct"] - c["ndct_clean"])[np.isin(c["labels_ndct"], ids(names))] for c in cases]
+        )
+        ul = np.concatenate(
+            [(c["uldct"] - c["uldct_clean"])[np.isin(c["labels_uldct"], ids(names))] for c in cases]
+        )
+        rows.append(
+            f"| {region} | {nd.std():.1f} | {nd.mean():+.1f} | {ul.std():.1f} | {ul.mean():+.1f} | "
+            f"{ul.std() / nd.std():.1f} | {ul.std() * np.sqrt(dose):.1f} |"
+        )
     return rows
 
 
@@ -121,15 +132,27 @@ def dose_sweep(case: dict, *, spacing_mm: float, geometry: str, doses=(1.0, 0.25
     k = int(np.argmax(lung.reshape(lung.shape[0], -1).sum(1)))
     clean, labels = case["ndct_clean"][k], case["labels_ndct"][k]
     head = "| dose | " + " | ".join(NOISE_REGIONS) + " | soft-tissue SD·√dose |"
-    rows = [f"slice {k} of {case['name']} ({geometry}, two realisations, SD of scan − clean in HU)", "",
-            head, "|---" * (len(NOISE_REGIONS) + 2) + "|"]
+    rows = [
+        f"slice {k} of {case['name']} ({geometry}, two realisations, SD of scan − clean in HU)",
+        "",
+        head,
+        "|---" * (len(NOISE_REGIONS) + 2) + "|",
+    ]
     for dose in doses:
-        rec = simulate_low_dose(np.stack([clean, clean]), dose=dose, spacing_mm=spacing_mm, geometry=geometry,
-                                seed=12345, device="cpu")
+        rec = simulate_low_dose(
+            np.stack([clean, clean]),
+            dose=dose,
+            spacing_mm=spacing_mm,
+            geometry=geometry,
+            seed=12345,
+            device="cpu",
+        )
         noise = rec - clean[None]
         sds = [float(noise[:, np.isin(labels, ids(names))].std()) for names in NOISE_REGIONS.values()]
         soft = float(noise[:, np.isin(labels, ids(("muscle", "heart", "great_vessels")))].std())
-        rows.append(f"| {dose:.0%} | " + " | ".join(f"{s:.1f}" for s in sds) + f" | {soft * np.sqrt(dose):.1f} |")
+        rows.append(
+            f"| {dose:.0%} | " + " | ".join(f"{s:.1f}" for s in sds) + f" | {soft * np.sqrt(dose):.1f} |"
+        )
     return rows
 
 
@@ -145,19 +168,26 @@ def nps_report(cases: list[dict], *, spacing_mm: float, path: Path) -> list[str]
     for label, noise in (("ULDCT 2 %", ul), ("NDCT 100 %", nd), (f"white Gaussian, SD {sd:.0f} HU", white)):
         results[label] = nps_2d(noise, pixel_spacing_mm=spacing_mm, roi_size=roi, stride=stride, mask=mask)
     nyq = 0.5 / spacing_mm
-    rows = [f"{roi}×{roi} px ROIs (stride {stride}) entirely inside {', '.join(NPS_LABELS)}; Nyquist "
-            f"{nyq:.2f} /mm", "",
-            "| noise | ROIs | SD from NPS (HU) | mean freq (/mm) | peak freq (/mm) | NPS at 0.1 /mm ÷ peak |",
-            "|---|---|---|---|---|---|"]
+    rows = [
+        f"{roi}×{roi} px ROIs (stride {stride}) entirely inside {', '.join(NPS_LABELS)}; Nyquist "
+        f"{nyq:.2f} /mm",
+        "",
+        "| noise | ROIs | SD from NPS (HU) | mean freq (/mm) | peak freq (/mm) | NPS at 0.1 /mm ÷ peak |",
+        "|---|---|---|---|---|---|",
+    ]
     for label, r in results.items():
         low = float(np.interp(0.1, r.freq, r.radial) / r.radial.max())
-        rows.append(f"| {label} | {r.n_rois} | {np.sqrt(r.variance):.1f} | {r.mean_freq:.3f} | "
-                    f"{r.peak_freq:.3f} | {low:.2f} |")
+        rows.append(
+            f"| {label} | {r.n_rois} | {np.sqrt(r.variance):.1f} | {r.mean_freq:.3f} | "
+            f"{r.peak_freq:.3f} | {low:.2f} |"
+        )
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     colors = ("tab:red", "tab:blue", "0.4")
     for (label, r), color in zip(results.items(), colors):
         axes[0].semilogy(r.freq[1:], r.radial[1:], color=color, label=label)  # the DC bin is 0 (mean removed)
-        axes[1].plot(r.freq[1:], r.radial[1:] / r.variance, color=color, label=f"{label} (mean f {r.mean_freq:.2f})")
+        axes[1].plot(
+            r.freq[1:], r.radial[1:] / r.variance, color=color, label=f"{label} (mean f {r.mean_freq:.2f})"
+        )
         axes[1].axvline(r.mean_freq, color=color, ls=":", lw=1)
     axes[0].set_ylabel("radial NPS (HU² mm²)")
     axes[0].set_title("noise power spectrum")
@@ -176,12 +206,16 @@ def nps_report(cases: list[dict], *, spacing_mm: float, path: Path) -> list[str]
 
 def motion_table(cases: list[dict]) -> list[str]:
     keys = ("max_mm", "mean_mm", "lung_mean_mm", "lung_p95_mm", "max_si_mm", "max_ap_mm", "bone_max_mm")
-    rows = ["| case | seed | slab centre z (mm) | amplitude (mm) | emphysema | " + " | ".join(keys) + " |",
-            "|---" * (len(keys) + 5) + "|"]
+    rows = [
+        "| case | seed | slab centre z (mm) | amplitude (mm) | emphysema | " + " | ".join(keys) + " |",
+        "|---" * (len(keys) + 5) + "|",
+    ]
     for c in cases:
         r, m = c["record"], c["record"]["motion_mm"]
-        rows.append(f"| {c['name']} | {r['seed']} | {r['z_center_mm']:.0f} | {r['amplitude_mm']:.1f} | "
-                    f"{r['emphysema']} | " + " | ".join(f"{m.get(k, float('nan')):.1f}" for k in keys) + " |")
+        rows.append(
+            f"| {c['name']} | {r['seed']} | {r['z_center_mm']:.0f} | {r['amplitude_mm']:.1f} | "
+            f"{r['emphysema']} | " + " | ".join(f"{m.get(k, float('nan')):.1f}" for k in keys) + " |"
+        )
     return rows
 
 
@@ -190,12 +224,18 @@ def timing_table(cases: list[dict]) -> list[str]:
     rows = ["| case | shape (z, y, x) | " + " | ".join(keys) + " |", "|---" * (len(keys) + 2) + "|"]
     for c in cases:
         t = c["record"]["timings_s"]
-        rows.append(f"| {c['name']} | {tuple(c['record']['shape_zyx'])} | " + " | ".join(f"{t[k]:.1f}" for k in keys)
-                    + " |")
+        rows.append(
+            f"| {c['name']} | {tuple(c['record']['shape_zyx'])} | "
+            + " | ".join(f"{t[k]:.1f}" for k in keys)
+            + " |"
+        )
     total = np.mean([c["record"]["timings_s"]["total_s"] for c in cases])
     slices = np.mean([c["record"]["shape_zyx"][0] for c in cases])
-    rows += ["", f"mean {total:.1f} s per case = {total / slices:.2f} s per slice (NDCT + ULDCT scans, phantom, "
-                 "motion, writing)"]
+    rows += [
+        "",
+        f"mean {total:.1f} s per case = {total / slices:.2f} s per slice (NDCT + ULDCT scans, phantom, "
+        "motion, writing)",
+    ]
     return rows
 
 
@@ -217,12 +257,14 @@ def _panels(case: dict, view: np.s_) -> list[tuple[str, np.ndarray, str]]:
     nd, ul = case["ndct"][view], case["uldct"][view]
     mis = case["uldct_clean"][view] - case["ndct_clean"][view]
     lw = "L {} W {}"
-    return [(f"NDCT 100 %  ({lw.format(*LUNG_DISPLAY)})", nd, "lung"),
-            (f"ULDCT 2 %  ({lw.format(*LUNG_DISPLAY)})", ul, "lung"),
-            (f"ULDCT − NDCT (±{DIFF_HU:.0f} HU): noise + misalignment", ul - nd, "diff"),
-            (f"NDCT 100 %  ({lw.format(*MEDIASTINAL_DISPLAY)})", nd, "mediastinal"),
-            (f"ULDCT 2 %  ({lw.format(*MEDIASTINAL_DISPLAY)})", ul, "mediastinal"),
-            (f"noise-free ULDCT − NDCT anatomy (±{DIFF_HU:.0f} HU): misalignment only", mis, "diff")]
+    return [
+        (f"NDCT 100 %  ({lw.format(*LUNG_DISPLAY)})", nd, "lung"),
+        (f"ULDCT 2 %  ({lw.format(*LUNG_DISPLAY)})", ul, "lung"),
+        (f"ULDCT − NDCT (±{DIFF_HU:.0f} HU): noise + misalignment", ul - nd, "diff"),
+        (f"NDCT 100 %  ({lw.format(*MEDIASTINAL_DISPLAY)})", nd, "mediastinal"),
+        (f"ULDCT 2 %  ({lw.format(*MEDIASTINAL_DISPLAY)})", ul, "mediastinal"),
+        (f"noise-free ULDCT − NDCT anatomy (±{DIFF_HU:.0f} HU): misalignment only", mis, "diff"),
+    ]
 
 
 def axial_figure(case: dict, spacing: tuple[float, float, float], path: Path) -> int:
@@ -256,8 +298,11 @@ def coronal_figure(case: dict, spacing: tuple[float, float, float], path: Path) 
         _show(ax, image, kind, aspect)
         ax.set_title(title, fontsize=9)
     y = case["record"]["origin_xyz_mm"][1] + j * spacing[1]
-    fig.suptitle(f"{case['name']}: coronal row {j} (y = {y:.0f} mm), {nz} slices × {spacing[2]} mm; superior up, "
-                 "patient's right on the left", fontsize=10)
+    fig.suptitle(
+        f"{case['name']}: coronal row {j} (y = {y:.0f} mm), {nz} slices × {spacing[2]} mm; superior up, "
+        "patient's right on the left",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -269,7 +314,9 @@ def motion_figure(case: dict, path: Path) -> dict[str, float]:
     r = case["record"]
     sp = (2.0, 2.0, 2.5)
     n, nz, zc = 180, 132, -45.0
-    ref = make_chest_phantom(shape=(nz, n, n), spacing=sp, seed=r["seed"], z_center_mm=zc, emphysema=r["emphysema"])
+    ref = make_chest_phantom(
+        shape=(nz, n, n), spacing=sp, seed=r["seed"], z_center_mm=zc, emphysema=r["emphysema"]
+    )
     moved, disp = breathing_motion(ref, amplitude_mm=r["amplitude_mm"], seed=r["seed"] + 1)
     mag = np.sqrt((disp**2).sum(0))
     lung = np.isin(ref.labels, ids(LUNG_LABELS))
@@ -278,8 +325,10 @@ def motion_figure(case: dict, path: Path) -> dict[str, float]:
     z = ref.origin[2] + np.arange(nz) * sp[2]
     vmin, vmax = window(LUNG_DISPLAY)
     fig, axes = plt.subplots(1, 3, figsize=(16, 5.4))
-    views = [("coronal", np.s_[:, j, :], 2, ref.origin[0], sp[0]),
-             ("sagittal (right lung)", np.s_[:, :, i], 1, ref.origin[1], sp[1])]
+    views = [
+        ("coronal", np.s_[:, j, :], 2, ref.origin[0], sp[0]),
+        ("sagittal (right lung)", np.s_[:, :, i], 1, ref.origin[1], sp[1]),
+    ]
     slab = (r["origin_xyz_mm"][2], r["origin_xyz_mm"][2] + (r["shape_zyx"][0] - 1) * r["spacing_xyz_mm"][2])
     for ax, (name, view, axis, o, s) in zip(axes, views):
         hu, m, d_in, d_si = ref.hu[view], mag[view], disp[axis][view], disp[0][view]
@@ -287,12 +336,29 @@ def motion_figure(case: dict, path: Path) -> dict[str, float]:
         d_in, d_si = np.where(still, np.nan, d_in), np.where(still, np.nan, d_si)
         extent = (o, o + hu.shape[1] * s, z[0], z[-1])
         ax.imshow(hu, cmap="gray", vmin=vmin, vmax=vmax, origin="lower", extent=extent, aspect="equal")
-        im = ax.imshow(np.ma.masked_less(m, 0.5), cmap="inferno", vmin=0, vmax=r["amplitude_mm"], alpha=0.6,
-                       origin="lower", extent=extent, aspect="equal")
+        im = ax.imshow(
+            np.ma.masked_less(m, 0.5),
+            cmap="inferno",
+            vmin=0,
+            vmax=r["amplitude_mm"],
+            alpha=0.6,
+            origin="lower",
+            extent=extent,
+            aspect="equal",
+        )
         step = 10
         yy, xx = np.mgrid[0 : hu.shape[0] : step, 0 : hu.shape[1] : step]
-        ax.quiver(o + xx * s, z[yy], d_in[::step, ::step], d_si[::step, ::step], angles="xy", scale_units="xy",
-                  scale=0.5, color="cyan", width=0.003)
+        ax.quiver(
+            o + xx * s,
+            z[yy],
+            d_in[::step, ::step],
+            d_si[::step, ::step],
+            angles="xy",
+            scale_units="xy",
+            scale=0.5,
+            color="cyan",
+            width=0.003,
+        )
         for zz in slab:
             ax.axhline(zz, color="lime", ls="--", lw=1)
         ax.set_title(f"{name}: |displacement| (mm), arrows ×2", fontsize=10)
@@ -301,13 +367,17 @@ def motion_figure(case: dict, path: Path) -> dict[str, float]:
         fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02, label="mm")
     diff = moved.hu[:, j, :] - ref.hu[:, j, :]
     extent = (ref.origin[0], ref.origin[0] + n * sp[0], z[0], z[-1])
-    im = axes[2].imshow(diff, cmap="RdBu_r", vmin=-DIFF_HU * 2, vmax=DIFF_HU * 2, origin="lower", extent=extent)
+    im = axes[2].imshow(
+        diff, cmap="RdBu_r", vmin=-DIFF_HU * 2, vmax=DIFF_HU * 2, origin="lower", extent=extent
+    )
     axes[2].set_title("coronal: moved − reference anatomy (HU)", fontsize=10)
     axes[2].set_xlabel("x (mm)")
     fig.colorbar(im, ax=axes[2], fraction=0.04, pad=0.02, label="HU")
-    fig.suptitle(f"{case['name']} anatomy (seed {r['seed']}) and breathing motion (amplitude {r['amplitude_mm']:.1f} mm) "
-                 f"rebuilt over the whole chest at 2 mm; green dashes: the case's {r['shape_zyx'][0]}-slice slab",
-                 fontsize=10)
+    fig.suptitle(
+        f"{case['name']} anatomy (seed {r['seed']}) and breathing motion (amplitude {r['amplitude_mm']:.1f} mm) "
+        f"rebuilt over the whole chest at 2 mm; green dashes: the case's {r['shape_zyx'][0]}-slice slab",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -322,7 +392,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--data", type=Path, help="read existing case folders (case_*/case.json) from DIR")
-    src.add_argument("--out", type=Path, help="make the cases in DIR and keep them (default: a temporary folder)")
+    src.add_argument(
+        "--out", type=Path, help="make the cases in DIR and keep them (default: a temporary folder)"
+    )
     ap.add_argument("--cases", type=int, default=2)
     ap.add_argument("--slices", type=int, default=24)
     ap.add_argument("--size", type=int, default=512)
@@ -332,8 +404,10 @@ def main() -> None:
 
     began = time.monotonic()
     print(f"# synthetic-data report ({time.strftime('%Y-%m-%d %H:%M')})")
-    print(f"cpu_count {os.cpu_count()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, torch threads "
-          f"{torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f} at start")
+    print(
+        f"cpu_count {os.cpu_count()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, torch threads "
+        f"{torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f} at start"
+    )
     tmp = None
     if args.data is not None:
         root = args.data
@@ -342,8 +416,10 @@ def main() -> None:
         tmp = None if args.out else root
         t = time.monotonic()
         make_dataset(root, cases=args.cases, seed=args.seed, device="cpu", size=args.size, slices=args.slices)
-        print(f"made {args.cases} cases of {args.slices}×{args.size}² in {time.monotonic() - t:.0f} s "
-              f"(load average {os.getloadavg()[0]:.1f})")
+        print(
+            f"made {args.cases} cases of {args.slices}×{args.size}² in {time.monotonic() - t:.0f} s "
+            f"(load average {os.getloadavg()[0]:.1f})"
+        )
     try:
         folders = sorted(p.parent for p in root.glob("case_*/case.json"))
         cases = [load_case(f) for f in folders]
@@ -355,17 +431,27 @@ def main() -> None:
     rec = cases[0]["record"]
     spacing = tuple(rec["spacing_xyz_mm"])
     dose, geometry = rec["dose"], rec["geometry"]
-    print(f"{len(cases)} cases from {root}: shape {tuple(rec['shape_zyx'])}, spacing {spacing} mm, {geometry} "
-          f"geometry, ULDCT dose {dose:.0%} (I0 {rec['i0_full_dose']:.3g} → {rec['incident_photons_per_ray']:.3g} "
-          "photons per ray)")
+    print(
+        f"{len(cases)} cases from {root}: shape {tuple(rec['shape_zyx'])}, spacing {spacing} mm, {geometry} "
+        f"geometry, ULDCT dose {dose:.0%} (I0 {rec['i0_full_dose']:.3g} → {rec['incident_photons_per_ray']:.3g} "
+        "photons per ray)"
+    )
     args.figures.mkdir(parents=True, exist_ok=True)
 
     sections = [
-        ("Tissue HU (all cases pooled; ULDCT uses the ULDCT labels; ✗ = clean median outside nominal)",
-         lambda: tissue_table(cases)),
+        (
+            "Tissue HU (all cases pooled; ULDCT uses the ULDCT labels; ✗ = clean median outside nominal)",
+            lambda: tissue_table(cases),
+        ),
         ("Noise: SD of (scan − noise-free anatomy), HU; bias = mean of it", lambda: noise_table(cases, dose)),
-        ("Noise vs dose on one slice", lambda: dose_sweep(cases[0], spacing_mm=spacing[0], geometry=geometry)),
-        ("NPS (soft tissue)", lambda: nps_report(cases, spacing_mm=spacing[0], path=args.figures / "synthetic_nps.png")),
+        (
+            "Noise vs dose on one slice",
+            lambda: dose_sweep(cases[0], spacing_mm=spacing[0], geometry=geometry),
+        ),
+        (
+            "NPS (soft tissue)",
+            lambda: nps_report(cases, spacing_mm=spacing[0], path=args.figures / "synthetic_nps.png"),
+        ),
         ("Breathing motion (mm, case.json)", lambda: motion_table(cases)),
         ("Seconds per case (case.json timings_s)", lambda: timing_table(cases)),
     ]
@@ -378,15 +464,23 @@ def main() -> None:
     t = time.monotonic()
     k = axial_figure(cases[0], spacing, args.figures / "synthetic_axial.png")
     j = coronal_figure(cases[0], spacing, args.figures / "synthetic_coronal.png")
-    print(f"\n## Figures   [{time.monotonic() - t:.1f} s]\n\naxial slice {k}, coronal row {j} of {cases[0]['name']}")
+    print(
+        f"\n## Figures   [{time.monotonic() - t:.1f} s]\n\naxial slice {k}, coronal row {j} of {cases[0]['name']}"
+    )
     t = time.monotonic()
     stats = motion_figure(cases[0], args.figures / "synthetic_motion.png")
-    print(f"whole-chest motion of {cases[0]['name']} at 2 mm [{time.monotonic() - t:.1f} s]: "
-          + ", ".join(f"{k} {v:.1f}" for k, v in stats.items()))
-    print(f"figures in {args.figures}: synthetic_axial.png, synthetic_coronal.png, synthetic_nps.png, "
-          "synthetic_motion.png")
-    print(f"\nreport done in {time.monotonic() - began:.0f} s (load average {os.getloadavg()[0]:.1f}); "
-          f"I0 full dose {I0_FULL_DOSE}")
+    print(
+        f"whole-chest motion of {cases[0]['name']} at 2 mm [{time.monotonic() - t:.1f} s]: "
+        + ", ".join(f"{k} {v:.1f}" for k, v in stats.items())
+    )
+    print(
+        f"figures in {args.figures}: synthetic_axial.png, synthetic_coronal.png, synthetic_nps.png, "
+        "synthetic_motion.png"
+    )
+    print(
+        f"\nreport done in {time.monotonic() - began:.0f} s (load average {os.getloadavg()[0]:.1f}); "
+        f"I0 full dose {I0_FULL_DOSE}"
+    )
 
 
 if __name__ == "__main__":

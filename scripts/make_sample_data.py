@@ -3,7 +3,7 @@
     python scripts/make_sample_data.py [--seed 2026] [--slices 24]
 
 One synthetic case at real size (512 x 512 at 0.7 mm, 1.25 mm slices) from
-``IPv2DenoiseLib.dataset.make_case``, cropped in-plane to the body with a margin of outside air
+``IPv2DenoiseLib.synthetic.dataset.make_case``, cropped in-plane to the body with a margin of outside air
 (so Remove Background still has air connected to the border), written as gzip NRRD int16 HU with
 thumbnails, SHA256SUMS and a README.
 """
@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from IPv2DenoiseLib.dataset import CaseSpec, make_case
-from IPv2DenoiseLib.io import read_volume, write_volume
-from IPv2DenoiseLib.phantom import LABELS
-from IPv2DenoiseLib.volume import Volume
+from IPv2DenoiseLib.core.volume import Volume
+from IPv2DenoiseLib.io.volumes import read_volume, write_volume
+from IPv2DenoiseLib.synthetic.dataset import CaseSpec, make_case
+from IPv2DenoiseLib.synthetic.phantom import LABELS
 
 OUT = Path(__file__).resolve().parents[1] / "Resources" / "SampleData"
 MARGIN_PX = 16
@@ -49,8 +49,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         record = make_case(spec, Path(tmp) / "case", device="cpu")
         case = Path(tmp) / "case"
-        labels = np.maximum(read_volume(case / "labels_ndct.nrrd", force=True).array,
-                            read_volume(case / "labels_uldct.nrrd", force=True).array)
+        labels = np.maximum(
+            read_volume(case / "labels_ndct.nrrd", force=True).array,
+            read_volume(case / "labels_uldct.nrrd", force=True).array,
+        )
         body = ~np.isin(labels, [LABELS["air"], LABELS["table"], LABELS["pad"]])
         ys, xs = np.nonzero(body.any(axis=0))
         y0, y1 = max(0, ys.min() - MARGIN_PX), min(body.shape[1], ys.max() + 1 + MARGIN_PX)
@@ -62,7 +64,11 @@ def main() -> None:
             sx, sy, _ = volume.spacing
             origin = (volume.origin[0] + x0 * sx, volume.origin[1] + y0 * sy, volume.origin[2])
             cropped = Volume(
-                np.ascontiguousarray(volume.array[:, y0:y1, x0:x1]), volume.spacing, origin, volume.direction, {}
+                np.ascontiguousarray(volume.array[:, y0:y1, x0:x1]),
+                volume.spacing,
+                origin,
+                volume.direction,
+                {},
             )
             path = write_volume(cropped, OUT / f"sample_{name}.nrrd", dtype=np.int16)
             thumbnail(cropped.array, OUT / f"sample_{name}.png")

@@ -2,6 +2,6 @@
 
 import sys
 
-from .cli import main
+from IPv2DenoiseLib.app.cli import main
 
 sys.exit(main())

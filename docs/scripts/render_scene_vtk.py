@@ -19,10 +19,10 @@ import numpy as np
 import slicer
 import vtk
 
-from IPv2DenoiseLib import slicer_bridge as sb
-from IPv2DenoiseLib.commands.demo import sample_uldct
-from IPv2DenoiseLib.infer import Denoiser
-from IPv2DenoiseLib.io import read_volume
+from IPv2DenoiseLib.app import slicer_bridge as sb
+from IPv2DenoiseLib.app.commands.demo import sample_uldct
+from IPv2DenoiseLib.denoiser.infer import Denoiser
+from IPv2DenoiseLib.io.volumes import read_volume
 
 LUNG_WINDOW, LUNG_LEVEL = 1500.0, -600.0
 
@@ -46,7 +46,9 @@ def axial_slice_actor(node, k: int) -> vtk.vtkImageActor:
     return actor
 
 
-def text_actor(text: str, *, size: int = 14, x: float = 0.02, y: float = 0.95, mono: bool = False) -> vtk.vtkTextActor:
+def text_actor(
+    text: str, *, size: int = 14, x: float = 0.02, y: float = 0.95, mono: bool = False
+) -> vtk.vtkTextActor:
     actor = vtk.vtkTextActor()
     actor.SetInput(text)
     prop = actor.GetTextProperty()
@@ -75,21 +77,29 @@ def table_text(table_node, rows: tuple[str, ...]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "figures" / "slicer_scene_render.png"))
+    parser.add_argument(
+        "--out", default=str(Path(__file__).resolve().parents[1] / "figures" / "slicer_scene_render.png")
+    )
     args = parser.parse_args()
 
     slicer.mrmlScene = slicer.vtkMRMLScene()
     original = sb.add_volume_node(read_volume(sample_uldct()), "sample_uldct")
     denoiser = Denoiser.from_registry("default")
-    denoised = sb.denoise_node(original, denoise=lambda v: denoiser.denoise(v, device="cpu"),
-                               name="sample_uldct denoised")
+    denoised = sb.denoise_node(
+        original, denoise=lambda v: denoiser.denoise(v, device="cpu"), name="sample_uldct denoised"
+    )
     table_node = sb.table_node_from_metrics(sb.roi_table(original, denoised))
 
     k = original.GetImageData().GetDimensions()[2] // 2
     window = vtk.vtkRenderWindow()
     window.SetOffScreenRendering(1)
     window.SetSize(1560, 560)
-    viewports = ((0.0, 0.12, 0.345, 1.0), (0.345, 0.12, 0.69, 1.0), (0.69, 0.0, 1.0, 1.0), (0.0, 0.0, 0.69, 0.12))
+    viewports = (
+        (0.0, 0.12, 0.345, 1.0),
+        (0.345, 0.12, 0.69, 1.0),
+        (0.69, 0.0, 1.0, 1.0),
+        (0.0, 0.0, 0.69, 0.12),
+    )
     titles = (f"Red: {original.GetName()} (original)", f"Yellow: {denoised.GetName()}", "", "")
     renderers = []
     for vp, title in zip(viewports, titles):
@@ -110,15 +120,31 @@ def main() -> None:
         camera.Zoom(1.35)
     # share one camera: the "linked" views of the layout
     renderers[1].SetActiveCamera(renderers[0].GetActiveCamera())
-    rows = ("lung mean", "lung std", "soft_tissue std", "background std", "lung noise reduction",
-            "soft_tissue noise reduction", "CNR lung vs soft_tissue", "LAA-950")
-    renderers[2].AddViewProp(text_actor(f"Table node: {table_node.GetName()}\n\n" + table_text(table_node, rows),
-                                        size=12, mono=True))
-    renderers[3].AddViewProp(text_actor(
-        "IPv2 Denoise — side-by-side layout, lung preset (W 1500 / L -600), slice "
-        f"{k + 1} of {original.GetImageData().GetDimensions()[2]}\n"
-        f"model: {denoiser.name}   remove background: on   rendered offscreen by VTK from the MRML scene "
-        "(slicer-core), not a Slicer screenshot", size=13, y=0.8))
+    rows = (
+        "lung mean",
+        "lung std",
+        "soft_tissue std",
+        "background std",
+        "lung noise reduction",
+        "soft_tissue noise reduction",
+        "CNR lung vs soft_tissue",
+        "LAA-950",
+    )
+    renderers[2].AddViewProp(
+        text_actor(
+            f"Table node: {table_node.GetName()}\n\n" + table_text(table_node, rows), size=12, mono=True
+        )
+    )
+    renderers[3].AddViewProp(
+        text_actor(
+            "IPv2 Denoise — side-by-side layout, lung preset (W 1500 / L -600), slice "
+            f"{k + 1} of {original.GetImageData().GetDimensions()[2]}\n"
+            f"model: {denoiser.name}   remove background: on   rendered offscreen by VTK from the MRML scene "
+            "(slicer-core), not a Slicer screenshot",
+            size=13,
+            y=0.8,
+        )
+    )
     window.Render()
     grab = vtk.vtkWindowToImageFilter()
     grab.SetInput(window)
@@ -127,8 +153,10 @@ def main() -> None:
     writer.SetFileName(args.out)
     writer.SetInputConnection(grab.GetOutputPort())
     writer.Write()
-    print(f"wrote {args.out}; table rows: {table_node.GetTable().GetNumberOfRows()}; "
-          f"voxels differ: {bool(np.any(slicer.util.arrayFromVolume(original) != slicer.util.arrayFromVolume(denoised)))}")
+    print(
+        f"wrote {args.out}; table rows: {table_node.GetTable().GetNumberOfRows()}; "
+        f"voxels differ: {bool(np.any(slicer.util.arrayFromVolume(original) != slicer.util.arrayFromVolume(denoised)))}"
+    )
 
 
 if __name__ == "__main__":

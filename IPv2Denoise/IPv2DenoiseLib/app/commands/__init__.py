@@ -1,0 +1,1 @@
+"""One module per ``ipv2-denoise`` subcommand; see :mod:`IPv2DenoiseLib.app.cli`."""

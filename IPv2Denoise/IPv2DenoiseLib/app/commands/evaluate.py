@@ -1,0 +1,81 @@
+"""``ipv2-denoise evaluate``: the strategy × model grid with classical baselines (issue #8)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+NAME = "evaluate"
+HELP = "Train and score naive/IPv1/IPv2/ablations x RED-CNN/DnCNN/U-Net plus classical baselines."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--out", required=True, help="output folder (caches, results.json, results.md, figure)"
+    )
+    parser.add_argument(
+        "--config",
+        default="reduced",
+        choices=["reduced", "full"],
+        help="reduced: small models and cases, < 1 h on 2 CPU cores; full: real sizes, for a GPU",
+    )
+    parser.add_argument(
+        "--data", default=None, help="dataset folder of case folders instead of synthetic cases"
+    )
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[0], help="training seeds (spread = mean ± SD)"
+    )
+    parser.add_argument("--strategies", nargs="+", default=None, help="subset of naive ipv1 rb an ipv2")
+    parser.add_argument("--models", nargs="+", default=None, help="subset of redcnn dncnn unet")
+    parser.add_argument("--iterations", type=int, default=None, help="override the training iterations")
+    parser.add_argument("--figure", default=None, help="figure grid path (default OUT/results_grid.png)")
+    parser.add_argument("--device", default=None, help="auto (default), cuda, mps or cpu")
+    parser.add_argument("--json-progress", action="store_true", help="JSON-lines progress on stdout")
+
+
+def run(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from IPv2DenoiseLib.core.errors import UserError
+    from IPv2DenoiseLib.core.progress import make_progress
+    from IPv2DenoiseLib.training.grid import claims_markdown, markdown_tables, preset, run_grid
+
+    config = preset(args.config)
+    if args.strategies:
+        config = replace(config, strategies=tuple(args.strategies))
+    if args.models:
+        unknown = [m for m in args.models if m not in config.models]
+        if unknown:
+            raise UserError(f"--models: unknown {', '.join(unknown)}; use {', '.join(config.models)}")
+        config = replace(config, models={m: config.models[m] for m in args.models})
+    if args.iterations is not None:
+        if args.iterations < 40:
+            raise UserError(f"--iterations: got {args.iterations}; use at least 40")
+        config = replace(config, iterations=args.iterations)
+    if args.device:
+        config = replace(config, device=args.device)
+    progress = make_progress(args.json_progress, desc="evaluate", unit="job")
+    log = (
+        (lambda line: None) if args.json_progress else (lambda line: print(line, file=sys.stderr, flush=True))
+    )
+    try:
+        result = run_grid(
+            config,
+            args.out,
+            seeds=args.seeds,
+            data=args.data,
+            figure_path=args.figure,
+            progress=progress,
+            log=log,
+        )
+    finally:
+        close = getattr(progress, "close", None)
+        if close:
+            close()
+    if not args.json_progress:
+        print(markdown_tables(result))
+        print(claims_markdown(result))
+        print(
+            f"\nwrote {args.out}/results.json, {args.out}/results.md and {result.figure} in {result.seconds:.0f} s"
+        )
+    return 0

@@ -1,0 +1,98 @@
+"""``ipv2-denoise info PATH``: what a CT volume holds — size, spacing, HU range, body/lung/air volumes, ROI stats."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+
+import numpy as np
+
+NAME = "info"
+HELP = "Describe a CT volume: dimensions, spacing, HU range, body/lung/background volumes (mL) and ROI stats."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", help="DICOM folder or file, NRRD, NIfTI (.nii/.nii.gz) or MHA/MHD")
+    parser.add_argument(
+        "--series-uid", help="SeriesInstanceUID to read when a DICOM folder holds several series"
+    )
+    parser.add_argument("--force", action="store_true", help="read non-CT modalities and volumes without air")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+def describe(volume) -> dict:
+    """The facts ``info`` prints, as a JSON-ready dict."""
+    from IPv2DenoiseLib.imaging.masks import body_mask, standard_rois
+    from IPv2DenoiseLib.imaging.metrics import roi_stats
+
+    hu = volume.array
+    body = body_mask(hu)
+    regions = standard_rois(hu, spacing=volume.spacing, body=body)
+    lungs, background = regions.pop("lungs_whole"), regions["background"]
+    ml = volume.voxel_volume_ml
+    rois = {}
+    for name, mask in regions.items():
+        stats = roi_stats(hu, mask)
+        rois[name] = {
+            k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in asdict(stats).items()
+        }
+    meta = {k: v for k, v in volume.meta.items() if k not in {"dicom_files", "SOPInstanceUIDs"}}
+    return {
+        "shape_zyx": list(volume.shape),
+        "spacing_xyz_mm": list(volume.spacing),
+        "origin_xyz_mm": list(volume.origin),
+        "direction": list(volume.direction),
+        "hu_min": float(hu.min()),
+        "hu_max": float(hu.max()),
+        "hu_mean": float(hu.mean()),
+        "volume_ml": {
+            "body": float(body.sum() * ml),
+            "lungs": float(lungs.sum() * ml),
+            "background": float(background.sum() * ml),
+        },
+        "roi_stats_hu": rois,
+        "meta": meta,
+    }
+
+
+def _text(facts: dict) -> str:
+    z, y, x = facts["shape_zyx"]
+    sx, sy, sz = facts["spacing_xyz_mm"]
+    lines = [
+        f"dimensions   {x} x {y} x {z} (x, y, z)",
+        f"spacing      {sx:.3f} x {sy:.3f} x {sz:.3f} mm",
+        f"origin       ({', '.join(f'{o:.1f}' for o in facts['origin_xyz_mm'])}) mm (LPS)",
+        f"HU range     {facts['hu_min']:.0f} .. {facts['hu_max']:.0f} (mean {facts['hu_mean']:.0f})",
+        "volumes      " + ", ".join(f"{k} {v:.1f} mL" for k, v in facts["volume_ml"].items()),
+        "ROI stats (HU)   mean     std      p5     p95    voxels",
+    ]
+    for name, s in facts["roi_stats_hu"].items():
+        if not s["count"]:
+            lines.append(f"  {name:<12} (empty)")
+            continue
+        lines.append(
+            f"  {name:<12} {s['mean']:7.1f} {s['std']:7.1f} {s['p5']:7.1f} {s['p95']:7.1f} {s['count']:9d}"
+        )
+    meta = facts["meta"]
+    for key in (
+        "series_choice",
+        "PatientID",
+        "StudyInstanceUID",
+        "SeriesDescription",
+        "kVp",
+        "mAs",
+        "CTDIvol",
+    ):
+        if key in meta:
+            lines.append(f"{key:<12} {meta[key]}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from IPv2DenoiseLib.io.volumes import read_volume
+
+    volume = read_volume(args.path, series_uid=args.series_uid, force=args.force)
+    facts = describe(volume)
+    print(json.dumps(facts, indent=2, default=str) if args.json else _text(facts))
+    return 0

@@ -1,0 +1,173 @@
+"""``ipv2-denoise purify``: IPv1/IPv2 training pairs and test labels from a misaligned ULDCT/NDCT pair.
+
+Volumes: ``--uldct U --ndct N --out DIR`` writes train_input, train_label, test_label and the dark,
+background and lung masks as NRRD with U's geometry, plus purify.json. PNG dataset (the authors'
+layout): ``--png-dataset ROOT --window L W --out DIR`` writes ``{split}/lq_bar`` and ``gt_bar``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+NAME = "purify"
+HELP = (
+    "Build IPv1/IPv2 training pairs and test labels from a misaligned ULDCT/NDCT pair "
+    "(volumes or the authors' PNG dataset layout)."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from IPv2DenoiseLib.purification.pairs import DEFAULT_WEAK_DENOISER, WEAK_DENOISERS
+
+    src = parser.add_argument_group("input (either a volume pair or a PNG dataset)")
+    src.add_argument("--uldct", help="ultra-low-dose CT: DICOM folder/file, NRRD, NIfTI or MHA")
+    src.add_argument("--ndct", help="normal-dose CT of the same patient, same grid as --uldct")
+    src.add_argument("--png-dataset", metavar="ROOT", help="folder with {train,val,test}/{lq,gt}/*.png")
+    src.add_argument(
+        "--window",
+        nargs=2,
+        type=float,
+        metavar=("L", "W"),
+        help="HU level and width the PNGs were made with (needed with --png-dataset)",
+    )
+    src.add_argument(
+        "--pixel-spacing",
+        type=float,
+        default=0.7,
+        metavar="MM",
+        help="pixel size assumed for PNG slices (default 0.7 mm)",
+    )
+    parser.add_argument("--out", required=True, help="output folder (created)")
+    parser.add_argument(
+        "--strategy",
+        default="ipv2",
+        help="naive, ipv1, ipv2 or switches rb/an/rn joined by '+' (default ipv2)",
+    )
+    parser.add_argument(
+        "--dose", type=float, default=0.02, help="simulated dose fraction for add-noise (default 0.02)"
+    )
+    parser.add_argument(
+        "--weak-denoiser",
+        default=DEFAULT_WEAK_DENOISER,
+        choices=WEAK_DENOISERS,
+        help=f"weak denoiser for the remove-noise test label (default {DEFAULT_WEAK_DENOISER})",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the dose simulation (default 0)")
+    parser.add_argument(
+        "--ignore-origin",
+        action="store_true",
+        help="accept different origins of ULDCT and NDCT (same size, spacing, direction)",
+    )
+    parser.add_argument("--json-progress", action="store_true", help="print progress as JSON lines")
+
+
+def _check_geometry(u, n, *, ignore_origin: bool) -> None:
+    from IPv2DenoiseLib.core.errors import UserError
+
+    if u.shape != n.shape:
+        raise UserError(
+            f"ULDCT shape {u.shape} (z, y, x) and NDCT shape {n.shape} differ; resample one onto the other"
+        )
+    if not np.allclose(u.spacing, n.spacing, atol=1e-3):
+        raise UserError(
+            f"ULDCT spacing {u.spacing} mm and NDCT spacing {n.spacing} mm differ; they must match"
+        )
+    if not np.allclose(u.direction, n.direction, atol=1e-3):
+        raise UserError(
+            f"ULDCT direction {u.direction} and NDCT direction {n.direction} differ; they must match"
+        )
+    if not ignore_origin and not np.allclose(u.origin, n.origin, atol=1e-2):
+        raise UserError(
+            f"ULDCT origin {u.origin} mm and NDCT origin {n.origin} mm differ; "
+            "pass --ignore-origin to pair them slice by slice anyway"
+        )
+
+
+def run(args: argparse.Namespace) -> int:
+    from IPv2DenoiseLib.core.errors import UserError
+    from IPv2DenoiseLib.core.progress import make_progress
+    from IPv2DenoiseLib.purification.pairs import Strategy
+
+    strategy = Strategy.from_name(args.strategy)
+    out = Path(args.out)
+    if args.png_dataset:
+        if args.uldct or args.ndct:
+            raise UserError("give either --png-dataset or --uldct/--ndct, not both")
+        if not args.window:
+            raise UserError("--png-dataset needs --window L W (the HU level and width of the PNGs)")
+        from IPv2DenoiseLib.purification.png_dataset import purify_png_dataset
+
+        out.mkdir(parents=True, exist_ok=True)
+        progress = make_progress(args.json_progress, desc="purify", unit="slice")
+        try:
+            counts = purify_png_dataset(
+                args.png_dataset,
+                out,
+                window=tuple(args.window),
+                strategy=strategy,
+                dose=args.dose,
+                weak_denoiser=args.weak_denoiser,
+                pixel_spacing_mm=args.pixel_spacing,
+                seed=args.seed,
+                progress=progress,
+            )
+        finally:
+            getattr(progress, "close", lambda: None)()
+        print(json.dumps({"result": str(out), "strategy": strategy.name, "slices": counts}))
+        return 0
+
+    if not (args.uldct and args.ndct):
+        raise UserError("give --uldct and --ndct (or --png-dataset with --window)")
+    from IPv2DenoiseLib.io.volumes import read_volume, write_mask, write_volume
+    from IPv2DenoiseLib.purification.pairs import build_pairs
+
+    u = read_volume(args.uldct)
+    n = read_volume(args.ndct)
+    _check_geometry(u, n, ignore_origin=args.ignore_origin)
+    out.mkdir(parents=True, exist_ok=True)
+    progress = make_progress(args.json_progress, desc="purify", unit="slice")
+    try:
+        pair = build_pairs(
+            u.array,
+            n.array,
+            strategy,
+            weak_denoiser=args.weak_denoiser,
+            dose=args.dose,
+            spacing=u.spacing,
+            seed=args.seed,
+            progress=progress,
+        )
+    finally:
+        getattr(progress, "close", lambda: None)()
+    written = {}
+    for name, arr in (
+        ("train_input", pair.train_input),
+        ("train_label", pair.train_label),
+        ("test_label", pair.test_label),
+    ):
+        written[name] = str(write_volume(u.with_array(arr, purify_output=name), out / f"{name}.nrrd"))
+    for name, mask in (("dark", pair.dark), ("background", pair.background), ("lungs", pair.lungs)):
+        written[f"mask_{name}"] = str(write_mask(mask, u, out / f"mask_{name}.nrrd"))
+    record = {
+        "strategy": strategy.name,
+        "dose": args.dose,
+        "weak_denoiser": args.weak_denoiser,
+        "seed": args.seed,
+        "noise_hu_uldct": pair.noise_hu,
+        "uldct": str(args.uldct),
+        "ndct": str(args.ndct),
+        "voxels": {
+            "dark": int(pair.dark.sum()),
+            "background": int(pair.background.sum()),
+            "lungs": int(pair.lungs.sum()),
+            "purified": int(pair.purified.sum()),
+        },
+        "files": written,
+    }
+    (out / "purify.json").write_text(json.dumps(record, indent=2))
+    print(json.dumps({"result": str(out), "strategy": strategy.name}))
+    return 0

@@ -1,0 +1,112 @@
+"""``ipv2-denoise train``: train a denoiser on IPv2 (or naive / IPv1 / ablation) pairs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+NAME = "train"
+HELP = "Train a denoiser on purified ULDCT/NDCT pairs (case folders with uldct.nrrd and ndct.nrrd)."
+
+
+def case_folders(paths: list[str]) -> list[str]:
+    """Expand dataset folders into their case folders (those holding ``uldct.*``)."""
+    from IPv2DenoiseLib.core.errors import UserError
+
+    cases: list[str] = []
+    for p in map(Path, paths):
+        if not p.is_dir():
+            raise UserError(f"training data folder not found: {p}")
+        if any(p.glob("uldct.*")):
+            cases.append(str(p))
+        else:
+            found = sorted(str(c) for c in p.iterdir() if c.is_dir() and any(c.glob("uldct.*")))
+            if not found:
+                raise UserError(f"{p}: no case folders with uldct.nrrd/ndct.nrrd inside")
+            cases.extend(found)
+    return cases
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", nargs="+", required=True, help="case folders or dataset folders of cases")
+    parser.add_argument(
+        "--val", nargs="*", default=[], help="held-out case folders for validation each round"
+    )
+    parser.add_argument("--out", required=True, help="output folder: weights, model card, curves, checkpoint")
+    parser.add_argument("--name", default="model", help="file stem of the exported weights")
+    parser.add_argument("--arch", default="unet", help="unet (default), redcnn or dncnn")
+    parser.add_argument(
+        "--model-kwargs", default=None, help="JSON constructor keywords, e.g. '{\"base_channels\": 16}'"
+    )
+    parser.add_argument(
+        "--strategy", default="ipv2", help="ipv2 (default), ipv1, naive, or a switch combination"
+    )
+    parser.add_argument("--dose", type=float, default=0.02, help="dose fraction of the Add-noise simulation")
+    parser.add_argument("--weak-denoiser", default=None, help="Remove-noise denoiser for the test labels")
+    parser.add_argument("--iterations", type=int, default=2000)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--patch", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--loss", choices=["l1", "l2"], default="l1")
+    parser.add_argument(
+        "--region-shares",
+        type=float,
+        nargs=3,
+        metavar=("LUNGS", "BODY", "BACKGROUND"),
+        default=None,
+        help="share of patches centred in each region (default 0.45 0.4 0.15)",
+    )
+    parser.add_argument("--val-every", type=int, default=250)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto (CUDA, MPS, CPU), cuda, mps or cpu")
+    parser.add_argument(
+        "--init", default=None, help="fine-tune: start from these .safetensors weights (same architecture)"
+    )
+    parser.add_argument("--json-progress", action="store_true", help="JSON-lines progress on stdout")
+
+
+def run(args: argparse.Namespace) -> int:
+    from IPv2DenoiseLib.core.errors import UserError
+    from IPv2DenoiseLib.core.progress import make_progress
+    from IPv2DenoiseLib.training.trainer import TrainConfig, train
+
+    kwargs = {}
+    if args.model_kwargs:
+        try:
+            kwargs = json.loads(args.model_kwargs)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"--model-kwargs is not valid JSON: {exc}") from None
+    config = TrainConfig(
+        cases=case_folders(args.data),
+        val_cases=case_folders(args.val) if args.val else [],
+        out=args.out,
+        name=args.name,
+        arch=args.arch,
+        strategy=args.strategy,
+        dose=args.dose,
+        weak_denoiser=args.weak_denoiser,
+        iterations=args.iterations,
+        batch=args.batch,
+        patch=args.patch,
+        lr=args.lr,
+        loss=args.loss,
+        val_every=args.val_every,
+        seed=args.seed,
+        device=args.device,
+        init_weights=args.init,
+    )
+    if kwargs:
+        config.model_kwargs = kwargs
+    if args.region_shares:
+        if min(args.region_shares) < 0 or sum(args.region_shares) <= 0:
+            raise UserError(
+                f"--region-shares must be non-negative with a positive sum, got {args.region_shares}"
+            )
+        config.region_shares = tuple(args.region_shares)
+    progress = make_progress(args.json_progress, desc="train", unit="it")
+    card = train(config, progress=progress)
+    if card:
+        print(f"weights: {Path(args.out) / (args.name + '.safetensors')}")
+        print(json.dumps(card.get("validation", {}), indent=2))
+    return 0

@@ -1,1 +1,0 @@
-"""One module per ``ipv2-denoise`` subcommand; see :mod:`IPv2DenoiseLib.cli`."""

@@ -1,0 +1,1 @@
+"""Shared basics every layer uses: Volume, UserError, atomic writes, progress, device selection, resources."""

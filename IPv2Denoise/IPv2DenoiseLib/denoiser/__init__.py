@@ -1,0 +1,3 @@
+"""Inference: network architectures, weights and model cards, HU normalization, the volume denoiser.
+
+Never imports training, synthetic or purification code."""

@@ -1,0 +1,298 @@
+"""Run a trained denoiser over a CT volume: weights, device, slabs, progress, cancel.
+
+HU in, HU out, geometry unchanged, input never modified. The volume is cut into slabs of axial
+slices; each slab (plus the 2.5D margin, replicate-padded at the volume ends so a one-slice
+volume works) is computed on the device and stitched into a CPU float32 output — the pattern of
+MONAI's ``sliding_window_inference`` with ``sw_device`` ≠ ``device``. The networks are 2D over
+whole slices, so slabs do not overlap in output and need no blending: the result does not depend
+on the slab size. CUDA out-of-memory halves the slab and retries, then falls back to the CPU
+(like MONAI's ``SlidingWindowInfererAdapt``). *Remove Background* (IPv2, Gong & Yu,
+arXiv 2602.19314) then sets the background — air connected to the image border — to −1000 HU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from IPv2DenoiseLib.core.device import resolve_device
+from IPv2DenoiseLib.core.errors import UserError
+from IPv2DenoiseLib.core.progress import CancelToken, ProgressCallback
+from IPv2DenoiseLib.core.volume import Volume
+from IPv2DenoiseLib.denoiser.models.base import Denoiser2p5D
+from IPv2DenoiseLib.denoiser.normalization import hu_to_net, net_to_hu
+from IPv2DenoiseLib.denoiser.weights import load_model
+from IPv2DenoiseLib.imaging.masks import background_mask
+
+#: HU written into background voxels by *Remove Background* (air).
+AIR_HU = -1000.0
+#: Most slices per slab on the CPU (measured: larger batches gain nothing there; they cost memory and coarsen progress).
+CPU_MAX_SLAB = 4
+
+#: ``runner(model, batch, device) -> output``: ``batch`` is a CPU float32 ``[B, k, H, W]`` tensor in
+#: network units, the result a CPU float32 ``[B, 1, H, W]`` tensor. Injectable for tests.
+SlabRunner = Callable[[torch.nn.Module, torch.Tensor, torch.device], torch.Tensor]
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """bf16 on CUDA GPUs that support it, else fp16 on CUDA; None (float32) elsewhere."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def run_slab(model: torch.nn.Module, batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The default :data:`SlabRunner`: channels_last, inference mode, autocast on CUDA."""
+    model.to(device=device, memory_format=torch.channels_last)
+    x = batch.to(device, non_blocking=device.type == "cuda").contiguous(memory_format=torch.channels_last)
+    amp = autocast_dtype(device)
+    with torch.inference_mode():
+        if amp is not None:
+            with torch.autocast(device_type=device.type, dtype=amp):
+                y = model(x)
+        else:
+            y = model(x)
+        return y.float().to("cpu").contiguous()
+
+
+def _check_hu(hu: Any) -> np.ndarray:
+    arr = np.asarray(hu)
+    if arr.ndim != 3 or arr.size == 0:
+        raise UserError(f"volume must be a non-empty 3-D [z, y, x] array, got shape {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
+        raise UserError(f"volume must hold real numbers (HU), got dtype {arr.dtype}")
+    return arr
+
+
+class Denoiser:
+    """A trained network ready to denoise CT volumes.
+
+    Parameters
+    ----------
+    model : Denoiser2p5D
+        Network from :mod:`IPv2DenoiseLib.denoiser.models` (input ``[B, in_slices, H, W]`` in network
+        units, output the denoised centre slice).
+    card : dict, optional
+        Its model card (see :mod:`IPv2DenoiseLib.denoiser.weights`).
+    name : str, optional
+        Registry name or file name, for messages.
+    runner : SlabRunner, optional
+        Computes one slab on a device; defaults to :func:`run_slab`.
+
+    Examples
+    --------
+    >>> from IPv2DenoiseLib.denoiser.models import UNet
+    >>> d = Denoiser(UNet(in_slices=3, base_channels=4))
+    >>> d.denoise_array(np.full((2, 17, 19), -1000.0), device="cpu").shape
+    (2, 17, 19)
+    """
+
+    def __init__(
+        self,
+        model: Denoiser2p5D,
+        *,
+        card: dict[str, Any] | None = None,
+        name: str | None = None,
+        runner: SlabRunner | None = None,
+    ) -> None:
+        self.model = model.eval()
+        self.card = dict(card or {})
+        self.name = name or self.card.get("weights") or type(model).__name__
+        self.runner: SlabRunner = runner or run_slab
+
+    # ----------------------------------------------------------------------------------- loading
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, *, expected_sha256: str | None = None) -> Denoiser:
+        """Load safetensors weights (+ model card); see :func:`IPv2DenoiseLib.denoiser.weights.load_model`."""
+        model, card = load_model(path, expected_sha256=expected_sha256)
+        return cls(model, card=card, name=Path(path).name)
+
+    @classmethod
+    def from_registry(
+        cls, name: str = "default", *, models_json: str | os.PathLike | None = None
+    ) -> Denoiser:
+        """Load a model listed in ``Resources/Models/models.json`` by name (``"default"`` allowed).
+
+        The registry is ``{"default": NAME, "models": {NAME: {"file": ..., "sha256": ...,
+        "summary": ...}}}`` with files relative to the JSON file's folder.
+
+        Raises
+        ------
+        UserError
+            Unknown name (the message lists the known ones), missing registry or weights file,
+            checksum mismatch.
+        """
+        if models_json is None:
+            from IPv2DenoiseLib.core.resources import models_dir
+
+            models_json = models_dir() / "models.json"
+        models_json = Path(models_json)
+        try:
+            registry = json.loads(models_json.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise UserError(
+                f"model registry {str(models_json)!r} does not exist; pass --weights FILE"
+            ) from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise UserError(f"model registry {str(models_json)!r} is not valid JSON: {exc}") from None
+        models = registry.get("models") or {}
+        key = registry.get("default") if name == "default" else name
+        if key not in models:
+            known = ", ".join(sorted(models)) or "none yet (train one, or pass --weights FILE)"
+            raise UserError(f"unknown model {name!r} in {models_json.name}; known models: {known}")
+        entry = models[key]
+        denoiser = cls.from_file(models_json.parent / entry["file"], expected_sha256=entry.get("sha256"))
+        denoiser.name = key
+        return denoiser
+
+    # ------------------------------------------------------------------------------------ sizing
+
+    def slab_size(
+        self, shape_yx: tuple[int, int], device: torch.device, *, memory_budget_mb: float | None = None
+    ) -> int:
+        """Slices per slab that fit ``memory_budget_mb`` (default: 50 % of free GPU memory,
+        or min(2 GiB, 25 % of available RAM) on the CPU), estimated from the model's width."""
+        if memory_budget_mb is None:
+            if device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(device)
+                memory_budget_mb = 0.5 * free / 2**20
+            else:
+                import psutil
+
+                memory_budget_mb = min(2048.0, 0.25 * psutil.virtual_memory().available / 2**20)
+        per_pixel = self.model.activation_floats_per_pixel() + 2 * self.model.in_slices + 2
+        bytes_per_slice = 2 * 4 * per_pixel * shape_yx[0] * shape_yx[1]  # float32, ×2 safety margin
+        slab = max(1, int(memory_budget_mb * 2**20 // bytes_per_slice))
+        return min(slab, CPU_MAX_SLAB) if device.type == "cpu" else slab
+
+    # ------------------------------------------------------------------------------- denoising
+
+    def denoise_array(
+        self,
+        hu: np.ndarray,
+        *,
+        remove_background: bool = True,
+        device: str | torch.device = "auto",
+        slab_slices: int | None = None,
+        memory_budget_mb: float | None = None,
+        progress: ProgressCallback | None = None,
+        cancel: CancelToken | None = None,
+    ) -> np.ndarray:
+        """Denoise a ``[z, y, x]`` HU array; returns a new float32 HU array (see :meth:`denoise`)."""
+        hu = _check_hu(hu)
+        if slab_slices is not None and (isinstance(slab_slices, bool) or int(slab_slices) < 1):
+            raise UserError(f"slab_slices must be a positive integer, got {slab_slices!r}")
+        depth, height, width = hu.shape
+        min_size = getattr(self.model, "min_size", 1)
+        if min(height, width) < min_size:
+            raise UserError(
+                f"slices of {height}x{width} px are too small for {self.name}; need at least {min_size} px"
+            )
+        dev = resolve_device(device)
+        k = self.model.in_slices
+        margin = k // 2
+        slab = min(
+            int(slab_slices)
+            if slab_slices
+            else self.slab_size((height, width), dev, memory_budget_mb=memory_budget_mb),
+            depth,
+        )
+        out = np.empty(hu.shape, dtype=np.float32)
+        report = progress or (lambda done, total, message: None)
+        report(0, depth, f"denoising {depth} slices, {slab} per slab, on {dev.type}")
+        done = 0
+        while done < depth:
+            if cancel is not None:
+                cancel.check()
+            n = min(slab, depth - done)
+            index = np.clip(np.arange(done - margin, done + n + margin), 0, depth - 1)
+            x = torch.from_numpy(hu_to_net(hu[index]))  # [n + 2m, H, W]
+            batch = x.unfold(0, k, 1).permute(0, 3, 1, 2)  # [n, k, H, W] windows, centre = slice
+            try:
+                y = self.runner(self.model, batch, dev)
+            except torch.cuda.OutOfMemoryError:
+                del batch, x
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+                if n > 1:
+                    slab = max(1, n // 2)
+                    report(done, depth, f"out of GPU memory; retrying with {slab}-slice slabs")
+                    continue
+                if dev.type != "cpu":
+                    dev = torch.device("cpu")
+                    slab = min(self.slab_size((height, width), dev, memory_budget_mb=None), depth - done)
+                    report(done, depth, "out of GPU memory even for one slice; continuing on the CPU")
+                    continue
+                raise UserError(f"out of memory denoising one {height}x{width} slice") from None
+            out[done : done + n] = net_to_hu(y[:, 0].numpy())
+            done += n
+            report(done, depth, f"denoised {done}/{depth} slices")
+        if remove_background:
+            out[background_mask(hu)] = AIR_HU
+        return out
+
+    def denoise(
+        self,
+        volume: Volume,
+        *,
+        remove_background: bool = True,
+        device: str | torch.device = "auto",
+        slab_slices: int | None = None,
+        memory_budget_mb: float | None = None,
+        progress: ProgressCallback | None = None,
+        cancel: CancelToken | None = None,
+    ) -> Volume:
+        """Denoise a CT volume.
+
+        Parameters
+        ----------
+        volume : Volume
+            Float32 HU ``[z, y, x]``; not modified.
+        remove_background : bool
+            Set the background (air connected to the image border) to −1000 HU afterwards.
+        device : {"auto", "cpu", "cuda", "mps"} or torch.device
+            Where the network runs; the output is always stitched on the CPU.
+        slab_slices : int, optional
+            Slices per slab; by default from ``memory_budget_mb``.
+        memory_budget_mb : float, optional
+            Activation memory a slab may use on the device (default: see :meth:`slab_size`).
+        progress : callable, optional
+            ``progress(done_slices, total_slices, message)`` once per slab and on fallbacks.
+        cancel : CancelToken, optional
+            Checked between slabs; cancelling raises :class:`~IPv2DenoiseLib.core.progress.Cancelled`.
+
+        Returns
+        -------
+        Volume
+            Same geometry, ``meta`` extended with ``denoiser`` (model name) and its sha256.
+
+        Raises
+        ------
+        UserError
+            Bad device, too-small slices, out of memory even on the CPU; ``Cancelled``.
+        """
+        array = self.denoise_array(
+            volume.array,
+            remove_background=remove_background,
+            device=device,
+            slab_slices=slab_slices,
+            memory_budget_mb=memory_budget_mb,
+            progress=progress,
+            cancel=cancel,
+        )
+        return volume.with_array(
+            array,
+            denoiser=self.name,
+            denoiser_sha256=self.card.get("sha256"),
+            remove_background=bool(remove_background),
+        )
+
+
+__all__ = ["AIR_HU", "Denoiser", "SlabRunner", "autocast_dtype", "run_slab"]

@@ -1,0 +1,26 @@
+"""Denoiser networks (2D / 2.5D residual CNNs) and their registry.
+
+See ``docs/models.md`` for parameters and cost of each architecture.
+"""
+
+from IPv2DenoiseLib.denoiser.models.base import Denoiser2p5D
+from IPv2DenoiseLib.denoiser.models.dncnn import DnCNN
+from IPv2DenoiseLib.denoiser.models.redcnn import REDCNN
+from IPv2DenoiseLib.denoiser.models.registry import (
+    MODEL_CLASSES,
+    build_model,
+    count_parameters,
+    flops_per_voxel,
+)
+from IPv2DenoiseLib.denoiser.models.unet import UNet
+
+__all__ = [
+    "MODEL_CLASSES",
+    "REDCNN",
+    "Denoiser2p5D",
+    "DnCNN",
+    "UNet",
+    "build_model",
+    "count_parameters",
+    "flops_per_voxel",
+]

@@ -1,0 +1,529 @@
+"""Region masks on CT volumes in HU: the IPv1/IPv2 dark mask, background, body, lungs, airways, soft tissue.
+
+Every function takes a float HU array ``[z, y, x]`` (a single ``[y, x]`` slice is accepted), never
+modifies it, and returns a bool array of the same shape. "Per slice" operations work on each axial
+slice on its own, as the IPv1/IPv2 reference code does on 8-bit PNG slices (Gong & Yu); "3D"
+operations use 6-connectivity across slices.
+
+References
+----------
+.. [1] G. Gong, M. Yu, "IPv2: an improved image purification strategy for real-world ultra-low-dose
+   lung CT denoising", arXiv:2602.19314 (2026).
+.. [2] G. Gong, M. Yu et al., "A denoising framework for real-world ultra-low dose lung CT images based
+   on an image purification strategy", arXiv:2510.07492 (2025).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from IPv2DenoiseLib.core.errors import UserError
+
+#: In-plane 4-connectivity (a 3x3 cross) as a 3-D structure: no links between slices.
+_CROSS_2D = np.zeros((3, 3, 3), dtype=bool)
+_CROSS_2D[1] = ndi.generate_binary_structure(2, 1)
+#: In-plane 8-connectivity, no links between slices.
+_SQUARE_2D = np.zeros((3, 3, 3), dtype=bool)
+_SQUARE_2D[1] = True
+#: 3-D 6-connectivity.
+_CROSS_3D = ndi.generate_binary_structure(3, 1)
+
+
+# --------------------------------------------------------------------------------------- helpers
+
+
+def _as_hu(hu: np.ndarray, name: str = "hu") -> tuple[np.ndarray, bool]:
+    """float32 3-D view/copy of ``hu`` and whether the input was 2-D. Never writes to the input."""
+    arr = np.asarray(hu)
+    if arr.ndim not in (2, 3):
+        raise UserError(
+            f"{name}: expected a 2-D [y, x] slice or a 3-D [z, y, x] volume, got shape {arr.shape}"
+        )
+    if arr.size == 0:
+        raise UserError(f"{name}: empty array of shape {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
+        raise UserError(f"{name}: expected real HU values, got dtype {arr.dtype}")
+    arr = arr.astype(np.float32, copy=False)
+    if not np.isfinite(arr).all():
+        raise UserError(f"{name}: contains NaN or infinite values; only finite HU are allowed")
+    return (arr[None] if arr.ndim == 2 else arr), arr.ndim == 2
+
+
+def _as_mask(mask: np.ndarray, name: str = "mask") -> tuple[np.ndarray, bool]:
+    arr = np.asarray(mask)
+    if arr.ndim not in (2, 3):
+        raise UserError(f"{name}: expected a 2-D or 3-D mask, got shape {arr.shape}")
+    arr = arr.astype(bool, copy=False)
+    return (arr[None] if arr.ndim == 2 else arr), arr.ndim == 2
+
+
+def _out(mask: np.ndarray, was_2d: bool) -> np.ndarray:
+    return mask[0] if was_2d else mask
+
+
+def _disk_2d(radius: int) -> np.ndarray:
+    """A disk of ``radius`` pixels as an in-plane 3-D structure ``(1, 2r+1, 2r+1)``."""
+    r = int(radius)
+    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
+    return (yy * yy + xx * xx <= r * r + r * 0.5)[None]  # r=1 gives the 3x3 cross (OpenCV's 3x3 ellipse)
+
+
+def _open_in_plane(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Binary opening per slice; pixels outside the image count as set during erosion.
+
+    scipy's default ``border_value=0`` would erode the outermost ring of every slice, cutting the
+    outside air off from the image border; OpenCV (used by the authors) replicates the border.
+    """
+    if radius <= 0:
+        return mask.copy()
+    se = _disk_2d(radius)
+    eroded = ndi.binary_erosion(mask, se, border_value=1)
+    return ndi.binary_dilation(eroded, se, border_value=0)
+
+
+def _fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
+    # The structure has no z offsets, so the fill runs from each slice's own in-plane border.
+    return ndi.binary_fill_holes(mask, structure=_CROSS_2D)
+
+
+def _in_plane_border(shape: tuple[int, ...]) -> np.ndarray:
+    border = np.zeros(shape, dtype=bool)
+    border[:, 0, :] = border[:, -1, :] = True
+    border[:, :, 0] = border[:, :, -1] = True
+    return border
+
+
+def _component_sizes(labels: np.ndarray, n: int) -> np.ndarray:
+    return np.bincount(labels.ravel(), minlength=n + 1)[1:]
+
+
+# --------------------------------------------------------------------------------------- IPv1/IPv2 masks
+
+
+def _otsu_dark_slice(
+    img: np.ndarray, *, clip: tuple[float, float], min_contrast: float, fallback: float
+) -> np.ndarray:
+    from skimage.filters import threshold_otsu
+
+    x = np.clip(img, *clip)
+    lo, hi = float(x.min()), float(x.max())
+    threshold = fallback
+    if hi - lo >= min_contrast:
+        t = float(threshold_otsu(x))
+        dark, bright = x[x <= t], x[x > t]
+        if dark.size and bright.size and float(bright.mean() - dark.mean()) >= min_contrast:
+            threshold = t
+    return img <= threshold
+
+
+def dark_mask(
+    hu: np.ndarray,
+    *,
+    opening_radius: int = 1,
+    clip: tuple[float, float] = (-1024.0, 400.0),
+    min_contrast: float = 300.0,
+    fallback_threshold: float = -400.0,
+) -> np.ndarray:
+    """The IPv1 dark-region mask: Otsu-dark pixels per slice, after a small opening.
+
+    Parameters
+    ----------
+    hu : ndarray, [z, y, x] or [y, x]
+        CT in HU.
+    opening_radius : int
+        Radius in pixels of the in-plane disk used for the binary opening (1 = the 3x3 cross, which is
+        what OpenCV's 3x3 elliptical kernel in the reference code is). 0 disables it.
+    clip : (low, high)
+        HU range the Otsu threshold is computed on, so bone, metal and the -2048/-3024 padding
+        outside the reconstruction circle do not pull the threshold.
+    min_contrast : float
+        If a slice's clipped range, or the gap between the two Otsu class means, is below this (HU),
+        the slice is not bimodal (all air, all tissue) and ``fallback_threshold`` is used instead.
+    fallback_threshold : float
+        Fixed air/tissue threshold (HU) for slices that are not bimodal.
+
+    Returns
+    -------
+    ndarray of bool, same shape as ``hu``
+        On a real chest slice: the outside air (including air under the table), both lungs,
+        the airways and enclosed gas; the body wall, mediastinum, bone and table are False.
+
+    Notes
+    -----
+    The reference code thresholds the 8-bit PNG with ``cv2.threshold(..., THRESH_BINARY_INV +
+    THRESH_OTSU)`` (per image, the fixed value 10 is ignored), opens once with a 3x3 ellipse and then
+    keeps pixels with a set 8-neighbour; after a cross-shaped opening every remaining pixel already
+    has one, so that last step is a no-op and is not repeated here. Without the ``min_contrast``
+    guard Otsu would split the noise of an all-tissue slice in half.
+    """
+    vol, was_2d = _as_hu(hu)
+    dark = np.empty(vol.shape, dtype=bool)
+    for z in range(vol.shape[0]):
+        dark[z] = _otsu_dark_slice(vol[z], clip=clip, min_contrast=min_contrast, fallback=fallback_threshold)
+    return _out(_open_in_plane(dark, opening_radius), was_2d)
+
+
+def common_dark_mask(u: np.ndarray, n: np.ndarray, **kw) -> np.ndarray:
+    """IPv1's common mask CM: dark in the ULDCT **or** dark in the NDCT (a true logical OR).
+
+    Parameters
+    ----------
+    u, n : ndarray
+        ULDCT and NDCT in HU, same shape.
+    **kw
+        Passed to :func:`dark_mask` for both images.
+
+    Returns
+    -------
+    ndarray of bool
+        Air + lungs of either scan: on a misaligned chest pair it also covers the band where the
+        lungs or the skin line moved between the two scans.
+
+    Notes
+    -----
+    The authors add the two 0/255 uint8 masks, so 255 + 255 wraps to 254 and the "dark in both"
+    region is weighted 0.996 instead of 1 in their blend. This is the exact OR they intended.
+    """
+    u_arr, n_arr = np.asarray(u), np.asarray(n)
+    if u_arr.shape != n_arr.shape:
+        raise UserError(f"ULDCT shape {u_arr.shape} and NDCT shape {n_arr.shape} differ; they must match")
+    return dark_mask(u_arr, **kw) | dark_mask(n_arr, **kw)
+
+
+def border_connected(mask: np.ndarray, *, per_slice: bool = True) -> np.ndarray:
+    """The parts of ``mask`` connected to the image border: IPv2's *Remove Background* flood fill.
+
+    Parameters
+    ----------
+    mask : ndarray of bool, [z, y, x] or [y, x]
+    per_slice : bool
+        True: per slice, 2-D 4-connectivity (like ``cv2.floodFill``'s default). False: 3-D
+        6-connectivity, keeping the 3-D components that touch the in-plane border of any slice (the
+        first and last slices are not "border": the lungs may be cut there).
+
+    Returns
+    -------
+    ndarray of bool
+        On the dark mask of a chest: the air outside the patient (above and below the table),
+        without the lungs, airways or enclosed gas.
+
+    Notes
+    -----
+    The reference code flood-fills from the single corner pixel (0, 0). We fill from every border
+    pixel: a table spanning the full width, an arm or a bright object in the corner can cut the air
+    below the table (or the whole outside) off from that corner, and the reference would then count
+    it as lung.
+    """
+    m, was_2d = _as_mask(mask)
+    labels, n = ndi.label(m, structure=_CROSS_2D if per_slice else _CROSS_3D)
+    if n == 0:
+        return _out(np.zeros(m.shape, dtype=bool), was_2d)
+    touching = np.unique(labels[_in_plane_border(m.shape)])
+    touching = touching[touching > 0]
+    keep = np.zeros(n + 1, dtype=bool)
+    keep[touching] = True
+    return _out(keep[labels], was_2d)
+
+
+def split_dark(dark: np.ndarray, *, per_slice: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Split the dark mask ``D`` into background ``B`` (border-connected) and lungs ``L = D & ~B``.
+
+    Returns
+    -------
+    background, lungs : ndarray of bool
+        On a chest: ``background`` = outside air; ``lungs`` = lungs, airways, enclosed gas and the
+        misalignment band inside the body (IPv2's CM2).
+    """
+    d, was_2d = _as_mask(dark, "dark")
+    background = border_connected(d, per_slice=per_slice)
+    return _out(background, was_2d), _out(d & ~background, was_2d)
+
+
+# --------------------------------------------------------------------------------------- anatomy masks
+
+
+def body_mask(
+    hu: np.ndarray,
+    *,
+    threshold: float = -500.0,
+    opening_radius: int = 3,
+    include_arms: bool = False,
+    arm_fraction: float = 0.02,
+) -> np.ndarray:
+    """The patient's body in 3D, without the scanner table, with the lungs inside.
+
+    Steps: voxels above ``threshold`` with holes filled per slice; an in-plane opening of ``opening_radius`` px cuts thin links
+    (table top, mattress, blankets, skin contact with the arms); the largest 3-D component is the
+    body; voxels of the filled mask within ``opening_radius`` of it are added back (so the skin
+    line keeps its detail); holes are filled per slice again (lungs, airways, gas stay inside).
+    A table that touches the body and encloses air under the back may be kept; at -500 HU the
+    mattress usually separates them.
+
+    Parameters
+    ----------
+    hu : ndarray, [z, y, x] or [y, x]
+    threshold : float
+        Air/tissue threshold in HU.
+    opening_radius : int
+        In-plane opening radius in pixels (3 px is about 2 mm at 0.7 mm pixels).
+    include_arms : bool
+        False (default): body = largest component only, so arms lying beside the trunk (separate
+        components) are excluded. True: also keep every component at least ``arm_fraction`` of the
+        largest one whose centroid lies within the trunk's anterior-posterior (y) extent: arms lie
+        beside the trunk, the table lies below (or above, prone) it, whatever its size.
+    arm_fraction : float
+        Size fraction for ``include_arms``.
+
+    Returns
+    -------
+    ndarray of bool
+        On a chest CT: trunk including lungs and mediastinum; not the table, not the outside air,
+        not the arms unless ``include_arms``. All-air input gives an all-False mask.
+    """
+    vol, was_2d = _as_hu(hu)
+    # Fill first: a lung close to the skin leaves a thin wall the opening would cut.
+    raw = _fill_holes_per_slice(vol > threshold)
+    opened = _open_in_plane(raw, opening_radius)
+    labels, n = ndi.label(opened, structure=_CROSS_3D)
+    if n == 0:
+        return _out(np.zeros(vol.shape, dtype=bool), was_2d)
+    sizes = _component_sizes(labels, n)
+    keep = np.zeros(n + 1, dtype=bool)
+    keep[1 + int(np.argmax(sizes))] = True
+    if include_arms:
+        ys = np.nonzero(labels == 1 + int(np.argmax(sizes)))[1]
+        y_lo, y_hi = ys.min(), ys.max()
+        centres = ndi.center_of_mass(opened, labels, np.arange(1, n + 1))
+        for i, (size, centre) in enumerate(zip(sizes, centres), start=1):
+            keep[i] |= size >= arm_fraction * sizes.max() and y_lo <= centre[1] <= y_hi
+    body = keep[labels]
+    if opening_radius > 0:
+        body = ndi.binary_dilation(body, _disk_2d(opening_radius)) & raw
+    return _out(_fill_holes_per_slice(body), was_2d)
+
+
+def background_mask(hu: np.ndarray, *, threshold: float = -500.0, per_slice: bool = True) -> np.ndarray:
+    """Air outside the patient: voxels below ``threshold`` connected to the image border.
+
+    Returns
+    -------
+    ndarray of bool
+        On a chest CT: the air around the patient and the table (also below a full-width table),
+        and the padding outside the reconstruction circle; not the lungs or enclosed gas.
+        Unlike :func:`split_dark` this uses a fixed threshold, not Otsu.
+    """
+    vol, was_2d = _as_hu(hu)
+    return _out(border_connected(vol < threshold, per_slice=per_slice), was_2d)
+
+
+def _smooth_in_plane(vol: np.ndarray, sigma_px: float) -> np.ndarray:
+    return ndi.gaussian_filter(vol, sigma=(0.0, sigma_px, sigma_px)) if sigma_px > 0 else vol
+
+
+def airway_mask(
+    hu: np.ndarray,
+    lungs: np.ndarray,
+    *,
+    body: np.ndarray | None = None,
+    spacing: Sequence[float] | None = None,
+    max_area_mm2: float = 700.0,
+    max_offset_mm: float = 20.0,
+    min_solidity: float = 0.7,
+    min_slices: int = 3,
+) -> np.ndarray:
+    """The trachea and main bronchi where they are separate tubes in the axial slices.
+
+    Rule (simple and documented rather than a full airway tree): in every slice, a 2-D component
+    of ``lungs`` is airway-like if its area is at most ``max_area_mm2``, it is convex-ish (solidity
+    >= ``min_solidity``) and its centroid is within ``max_offset_mm`` of the body's left-right
+    centre in that slice. Airway-like pieces are linked across slices (6-connectivity) and chains
+    spanning at least ``min_slices`` slices are kept. Lung apices are small and round too but lie
+    well off the midline (> 30 mm), which is what separates them.
+
+    Parameters
+    ----------
+    hu : ndarray
+        CT in HU (used for the body when ``body`` is not given).
+    lungs : ndarray of bool
+        Air-like voxels inside the body, e.g. ``lung_mask(hu)`` or IPv2's ``L``.
+    body : ndarray of bool, optional
+        Body mask; default :func:`body_mask` of ``hu``.
+    spacing : (sx, sy, sz) mm, optional
+        Voxel size (ITK order); default 1 mm, i.e. the mm limits are read as pixels.
+
+    Returns
+    -------
+    ndarray of bool
+        On a chest CT: the trachea from the top of the scan to the carina and the parts of the main
+        bronchi that are separate from the lung in the slice. Where a bronchus joins the lung within
+        a slice it stays part of the lung.
+    """
+    from skimage.measure import regionprops
+
+    vol, was_2d = _as_hu(hu)
+    lung, _ = _as_mask(lungs, "lungs")
+    if lung.shape != vol.shape:
+        raise UserError(f"lungs mask shape {lung.shape} does not match the CT shape {vol.shape}")
+    body_m = body_mask(vol) if body is None else _as_mask(body, "body")[0]
+    sx, sy = (1.0, 1.0) if spacing is None else (float(spacing[0]), float(spacing[1]))
+    candidates = np.zeros(vol.shape, dtype=bool)
+    for z in range(vol.shape[0]):
+        if not lung[z].any():
+            continue
+        cols = np.flatnonzero(body_m[z].any(axis=0))
+        centre_x = 0.5 * (cols[0] + cols[-1]) if cols.size else 0.5 * (vol.shape[2] - 1)
+        labels, n = ndi.label(lung[z], structure=np.ones((3, 3), dtype=bool))
+        for region in regionprops(labels):
+            if (
+                region.area * sx * sy <= max_area_mm2
+                and region.solidity >= min_solidity
+                and abs(region.centroid[1] - centre_x) * sx <= max_offset_mm
+            ):
+                candidates[z][labels == region.label] = True
+    chains, n = ndi.label(candidates, structure=_CROSS_3D)
+    airway = np.zeros(vol.shape, dtype=bool)
+    for i, sl in enumerate(ndi.find_objects(chains), start=1):
+        if sl is not None and sl[0].stop - sl[0].start >= min_slices:
+            airway[sl] |= chains[sl] == i
+    return _out(airway, was_2d)
+
+
+def lung_mask(
+    hu: np.ndarray,
+    *,
+    body: np.ndarray | None = None,
+    threshold: float = -400.0,
+    smooth_px: float = 1.0,
+    max_components: int = 2,
+    min_fraction: float = 0.1,
+    fill_vessels: bool = True,
+    separate_trachea: bool = False,
+    spacing: Sequence[float] | None = None,
+) -> np.ndarray:
+    """Both lungs: air-like voxels inside the body, the largest 3-D components only.
+
+    Steps: in-plane Gaussian (``smooth_px``) so 2 %-dose noise does not speckle the threshold;
+    voxels below ``threshold`` inside ``body`` and not connected to the image border; optionally
+    remove the airways (:func:`airway_mask`); keep at most ``max_components`` 3-D components, each at
+    least ``min_fraction`` of the largest (bowel and stomach gas, enclosed air drop out); with
+    ``fill_vessels`` fill holes per slice so vessels and nodules inside the lung count as lung
+    (as LAA-950 and lung-volume conventions expect).
+
+    Parameters
+    ----------
+    body : ndarray of bool, optional
+        Default :func:`body_mask` of ``hu``.
+    separate_trachea : bool
+        Remove the trachea/main bronchi before picking components (see :func:`airway_mask`).
+    spacing : (sx, sy, sz) mm, optional
+        Only used by ``separate_trachea``.
+
+    Returns
+    -------
+    ndarray of bool
+        On a chest CT: left and right lung (one component when the airways link them), vessels
+        included, no outside air, no gut gas; the trachea included only when it is connected and
+        ``separate_trachea`` is False. Empty when the slices hold no lung.
+    """
+    vol, was_2d = _as_hu(hu)
+    body_m = body_mask(vol) if body is None else _as_mask(body, "body")[0]
+    if body_m.shape != vol.shape:
+        raise UserError(f"body mask shape {body_m.shape} does not match the CT shape {vol.shape}")
+    air = _smooth_in_plane(vol, smooth_px) < threshold
+    candidates = air & body_m & ~border_connected(air)
+    if separate_trachea:
+        candidates &= ~airway_mask(vol, candidates, body=body_m, spacing=spacing)
+    labels, n = ndi.label(candidates, structure=_CROSS_3D)
+    if n == 0:
+        return _out(np.zeros(vol.shape, dtype=bool), was_2d)
+    sizes = _component_sizes(labels, n)
+    order = np.argsort(sizes)[::-1][:max_components]
+    keep = np.zeros(n + 1, dtype=bool)
+    keep[1 + order[sizes[order] >= min_fraction * sizes.max()]] = True
+    lungs = keep[labels]
+    if fill_vessels:
+        lungs = _fill_holes_per_slice(lungs)
+    return _out(lungs, was_2d)
+
+
+def soft_tissue_mask(
+    hu: np.ndarray,
+    *,
+    body: np.ndarray | None = None,
+    low: float = -100.0,
+    high: float = 100.0,
+    smooth_px: float = 1.5,
+    erosion_radius: int = 2,
+) -> np.ndarray:
+    """Homogeneous soft tissue (muscle, mediastinum, liver) for noise and CNR ROIs.
+
+    Body voxels whose in-plane smoothed HU lies in [``low``, ``high``], eroded by
+    ``erosion_radius`` px in-plane so edges (fat/muscle, vessel walls) stay out. The range test
+    uses the smoothed HU because at 2 % dose the raw noise (~90 HU) would scatter the range.
+
+    Returns
+    -------
+    ndarray of bool
+        On a chest CT: chest-wall muscles, heart and great vessels' interior, liver dome; no fat
+        (about -100 HU, at the edge of the range), lung, bone or air.
+    """
+    vol, was_2d = _as_hu(hu)
+    body_m = body_mask(vol) if body is None else _as_mask(body, "body")[0]
+    smooth = _smooth_in_plane(vol, smooth_px)
+    tissue = (smooth >= low) & (smooth <= high) & body_m
+    if erosion_radius > 0:
+        tissue = ndi.binary_erosion(tissue, _disk_2d(erosion_radius))
+    return _out(tissue, was_2d)
+
+
+def lung_parenchyma_mask(
+    hu: np.ndarray,
+    *,
+    lungs: np.ndarray | None = None,
+    vessel_hu: float = -600.0,
+    smooth_px: float = 0.7,
+    erosion_radius: int = 1,
+) -> np.ndarray:
+    """Homogeneous lung parenchyma (lungs without vessels, airways walls and nodules) for noise ROIs.
+
+    Lung voxels at least one pixel away from anything brighter than ``vessel_hu`` (in-plane
+    smoothed by ``smooth_px`` so 2 %-dose noise does not count as vessel), eroded by
+    ``erosion_radius`` px in-plane. The std of HU inside the whole lung mask is dominated by vessels (about 190 HU on a
+    chest), so lung *noise* must be measured here instead (DESIGN.md §6: homogeneous ROIs).
+
+    Returns
+    -------
+    ndarray of bool
+        On a chest CT: the parenchyma between vessels, typically 80–90 % of the lung volume.
+    """
+    vol, was_2d = _as_hu(hu)
+    lung_m = lung_mask(vol) if lungs is None else _as_mask(lungs, "lungs")[0]
+    bright = _smooth_in_plane(vol, smooth_px) >= vessel_hu
+    paren = lung_m & ~ndi.binary_dilation(bright, _disk_2d(1))
+    if erosion_radius > 0:
+        paren = ndi.binary_erosion(paren, _disk_2d(erosion_radius))
+    return _out(paren, was_2d)
+
+
+def standard_rois(
+    hu: np.ndarray, *, spacing: tuple[float, float, float] | None = None, body: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
+    """The automatic ROIs of every before/after table: lung parenchyma, soft tissue, background air.
+
+    Also returns the whole ``lungs`` under the key ``"lungs_whole"`` (for LAA-950, which by
+    convention counts vessels in the denominator); it is not a noise ROI. ``body`` reuses a body
+    mask the caller already has.
+    """
+    vol, was_2d = _as_hu(hu)
+    body = body_mask(vol) if body is None else _as_mask(body, "body")[0]
+    lungs = lung_mask(vol, body=body, spacing=spacing)
+    rois = {
+        "lung": lung_parenchyma_mask(vol, lungs=lungs),
+        "soft_tissue": soft_tissue_mask(vol, body=body),
+        "background": background_mask(vol),
+        "lungs_whole": lungs,
+    }
+    return {name: _out(mask, was_2d) for name, mask in rois.items()}

@@ -1,0 +1,360 @@
+"""Write a denoised volume as a *derived* DICOM CT series (pure pydicom, no Slicer).
+
+With the source series' files the result stays in the same patient, study and frame of
+reference (new Series and SOP Instance UIDs, ``ImageType = DERIVED\\SECONDARY\\AXIAL``,
+``DerivationDescription``, ``DerivationCodeSequence`` and one ``SourceImageSequence`` item per
+slice), so PACS viewers and Slicer's DICOM browser file it next to the original scan. Without
+sources a self-contained new CT series is written (new patient/study unless the volume's meta
+carries a StudyInstanceUID). Geometry (ImagePositionPatient per slice, ImageOrientationPatient,
+PixelSpacing, SliceThickness) comes from the :class:`~IPv2DenoiseLib.core.volume.Volume`, and the
+pixel data are int16 HU with RescaleSlope 1 / RescaleIntercept 0.
+
+References
+----------
+DICOM PS3.3 A.3 (CT Image IOD), C.7.6.1 (General Image: derivation), PS3.16 CID 7203 (Image
+Derivation: DCM 113087 "Smoothing") and CID 7202 (DCM 121322 "Source image for image processing
+operation"). Slicer uses SeriesNumber >= 300 for derived series (Slicer PR #6877).
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+from IPv2DenoiseLib import __version__
+from IPv2DenoiseLib.core.errors import UserError
+from IPv2DenoiseLib.core.progress import ProgressCallback
+from IPv2DenoiseLib.core.volume import Volume
+
+__all__ = ["export_derived_series", "slice_positions", "DERIVATION_CODE", "PURPOSE_CODE"]
+
+#: CID 7203 "Image Derivation": a denoiser smooths noise (there is no closer standard code).
+DERIVATION_CODE = ("113087", "DCM", "Smoothing")
+#: CID 7202 "Source Image Purpose of Reference".
+PURPOSE_CODE = ("121322", "DCM", "Source image for image processing operation")
+
+# Copied from the first source header: Patient, General Study, Patient Study, Frame of Reference.
+_PATIENT_STUDY = (
+    "SpecificCharacterSet",
+    "PatientName",
+    "PatientID",
+    "IssuerOfPatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "PatientAge",
+    "PatientSize",
+    "PatientWeight",
+    "PatientIdentityRemoved",
+    "DeidentificationMethod",
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+    "StudyDescription",
+    "FrameOfReferenceUID",
+    "PositionReferenceIndicator",
+)
+# Copied per slice: acquisition facts that still describe the derived image (CT Image module etc.).
+_ACQUISITION = (
+    "PatientPosition",
+    "BodyPartExamined",
+    "InstitutionName",
+    "AcquisitionNumber",
+    "AcquisitionDate",
+    "AcquisitionTime",
+    "KVP",
+    "XRayTubeCurrent",
+    "ExposureTime",
+    "Exposure",
+    "ConvolutionKernel",
+    "CTDIvol",
+    "DataCollectionDiameter",
+    "ReconstructionDiameter",
+    "GantryDetectorTilt",
+    "TableHeight",
+    "RotationDirection",
+    "FilterType",
+    "FocalSpots",
+    "ScanOptions",
+    "ContrastBolusAgent",
+    "ContrastBolusRoute",
+    "SliceThickness",
+)
+_HU_MIN, _HU_MAX = -32768, 32767
+
+
+def _code_item(code: tuple[str, str, str]) -> Dataset:
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = code
+    return item
+
+
+def _axes(volume: Volume) -> np.ndarray:
+    """3x3 matrix whose columns are the LPS unit vectors of the x, y, z array axes."""
+    return np.asarray(volume.direction, dtype=float).reshape(3, 3)
+
+
+def slice_positions(volume: Volume) -> np.ndarray:
+    """ImagePositionPatient (LPS mm) of every z slice, shape (nz, 3)."""
+    axes = _axes(volume)
+    k = np.arange(volume.shape[0], dtype=float)
+    return np.asarray(volume.origin, dtype=float)[None, :] + np.outer(k * volume.spacing[2], axes[:, 2])
+
+
+def _fmt(values: Sequence[float]) -> list[str]:
+    """DS strings (at most 16 characters) with as many significant digits as fit."""
+    out = []
+    for v in values:
+        v = 0.0 if abs(float(v)) < 1e-12 else float(v)
+        for digits in range(12, 4, -1):
+            s = f"{v:.{digits}g}"
+            if len(s) <= 16:
+                break
+        out.append(s)
+    return out
+
+
+def _now() -> tuple[str, str]:
+    now = _dt.datetime.now()
+    return now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+
+
+def _read_sources(source_files: Sequence[str | os.PathLike], nz: int) -> list[Dataset]:
+    if len(source_files) != nz:
+        raise UserError(
+            f"source_files: got {len(source_files)} files for a volume of {nz} slices; "
+            "pass exactly one source DICOM file per slice, sorted like the volume's z axis"
+        )
+    headers = []
+    for path in source_files:
+        try:
+            headers.append(pydicom.dcmread(path, stop_before_pixels=True))
+        except (OSError, pydicom.errors.InvalidDicomError) as exc:
+            raise UserError(f"source_files: cannot read {path!s} as DICOM ({exc})") from None
+    return headers
+
+
+def _check_source_geometry(headers: list[Dataset], positions: np.ndarray, spacing_z: float) -> None:
+    """Refuse sources whose slice positions disagree with the volume (wrong order or series)."""
+    for k, (hdr, pos) in enumerate(zip(headers, positions)):
+        ipp = getattr(hdr, "ImagePositionPatient", None)
+        if ipp is None:
+            continue
+        if np.linalg.norm(np.asarray(ipp, dtype=float) - pos) > max(0.5 * spacing_z, 0.1):
+            raise UserError(
+                f"source_files: slice {k} is at {list(map(float, ipp))} mm but the volume puts it at "
+                f"{pos.round(3).tolist()} mm; pass the volume's own source series, z-sorted"
+            )
+
+
+def _base_dataset(
+    volume: Volume,
+    template: Dataset | None,
+    *,
+    series_uid: str,
+    series_number: int,
+    series_description: str,
+    derivation: str,
+) -> Dataset:
+    ds = Dataset()
+    date, time = _now()
+    if template is not None:
+        for kw in _PATIENT_STUDY:
+            if kw in template:
+                setattr(ds, kw, template.data_element(kw).value)
+    else:
+        meta = volume.meta
+        reuse = bool(meta.get("StudyInstanceUID"))
+        ds.SpecificCharacterSet = "ISO_IR 192"
+        ds.PatientName = str(meta.get("PatientName") or "Anonymous^IPv2") if reuse else "Anonymous^IPv2"
+        ds.PatientID = (
+            str(meta.get("PatientID") or "IPV2-" + generate_uid()[-8:])
+            if reuse
+            else ("IPV2-" + generate_uid()[-8:])
+        )
+        ds.StudyInstanceUID = meta["StudyInstanceUID"] if reuse else generate_uid()
+        ds.FrameOfReferenceUID = meta.get("FrameOfReferenceUID") or generate_uid()
+        ds.StudyDate, ds.StudyTime = date, time
+        ds.StudyID = ""
+    for kw in (
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+        "PatientSex",
+        "StudyDate",
+        "StudyTime",
+        "ReferringPhysicianName",
+        "StudyID",
+        "AccessionNumber",
+        "PositionReferenceIndicator",
+    ):
+        if kw not in ds:
+            setattr(ds, kw, "")  # Type 2: present, may be empty
+    if "FrameOfReferenceUID" not in ds:
+        ds.FrameOfReferenceUID = generate_uid()
+
+    ds.SOPClassUID = CTImageStorage
+    ds.Modality = "CT"
+    ds.SeriesInstanceUID = series_uid
+    ds.SeriesNumber = series_number
+    ds.SeriesDescription = series_description[:64]
+    ds.SeriesDate, ds.SeriesTime = date, time
+    ds.ContentDate, ds.ContentTime = date, time
+    ds.Manufacturer = "IPv2 Denoise"
+    ds.SoftwareVersions = __version__
+    ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
+    ds.DerivationDescription = derivation[:1024]
+    ds.DerivationCodeSequence = DicomSequence([_code_item(DERIVATION_CODE)])
+    ds.BurnedInAnnotation = "NO"
+    if "KVP" not in ds:
+        ds.KVP = ""
+    if "AcquisitionNumber" not in ds:
+        ds.AcquisitionNumber = ""
+    if "PatientPosition" not in ds:
+        ds.PatientPosition = ""
+    ds.Laterality = ""  # Type 2C (paired body parts); a chest CT has none
+
+    axes = _axes(volume)
+    ds.ImageOrientationPatient = _fmt(np.concatenate([axes[:, 0], axes[:, 1]]))
+    sx, sy, sz = volume.spacing
+    ds.PixelSpacing = _fmt([sy, sx])  # row spacing (between rows = y), then column spacing
+    ds.SliceThickness = _fmt([sz])[0]
+    ds.SpacingBetweenSlices = _fmt([sz])[0]
+    nz, ny, nx = volume.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = ny, nx
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = "0", "1", "HU"
+    ds.WindowCenter, ds.WindowWidth = ["-600", "40"], ["1500", "400"]
+    ds.WindowCenterWidthExplanation = ["LUNG", "MEDIASTINUM"]
+    return ds
+
+
+def export_derived_series(
+    volume: Volume,
+    out_dir: str | os.PathLike,
+    *,
+    source_files: Sequence[str | os.PathLike] | None = None,
+    series_description: str | None = None,
+    model_name: str = "unet-ipv2",
+    strategy: str = "ipv2",
+    series_number: int | None = None,
+    progress: ProgressCallback | None = None,
+) -> list[Path]:
+    """Write ``volume`` as a derived CT series, one file per z slice, atomically.
+
+    Parameters
+    ----------
+    volume : Volume
+        The denoised volume in HU (its geometry is written as is).
+    out_dir : path
+        Folder to create; must not exist yet or be empty. Files are first written to a hidden
+        sibling temp folder that is renamed at the end, so no half-written series is left.
+    source_files : list of paths, optional
+        The source DICOM file of every slice, in the volume's z order. When given, patient, study
+        and frame of reference are copied from them and every slice references its source image.
+    series_description : str, optional
+        Default: the source description (or "CT") plus "IPv2 denoised (<model_name>)".
+    model_name, strategy : str
+        Named in DerivationDescription (e.g. ``unet-ipv2`` trained with the ``ipv2`` strategy).
+    series_number : int, optional
+        Must be >= 300 (derived-series convention); default 300 + the source series number.
+    progress : callable(done, total, message), optional
+
+    Returns
+    -------
+    list of Path
+        The written files, in slice order.
+
+    Raises
+    ------
+    UserError
+        Wrong number of source files, sources that do not match the geometry, a series number
+        below 300, or an ``out_dir`` that already holds files.
+    """
+    out_dir = Path(out_dir)
+    nz, ny, nx = volume.shape
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise UserError(f"out_dir: {out_dir} already exists and is not an empty folder; choose a new folder")
+    if not np.all(np.isfinite(volume.array)):
+        raise UserError("volume: contains NaN or infinite values; cannot write DICOM pixel data")
+    positions = slice_positions(volume)
+    headers = _read_sources(source_files, nz) if source_files is not None else None
+    if headers is not None:
+        _check_source_geometry(headers, positions, volume.spacing[2])
+    template = headers[0] if headers else None
+
+    if series_number is None:
+        base = int(getattr(template, "SeriesNumber", 0) or 0) if template is not None else 0
+        series_number = 300 + (base % 100 if base > 0 else 1)
+    if int(series_number) < 300:
+        raise UserError(f"series_number: got {series_number}; derived series use numbers >= 300")
+    if series_description is None:
+        src = str(getattr(template, "SeriesDescription", "") or volume.meta.get("SeriesDescription") or "CT")
+        series_description = f"{src} IPv2 denoised ({model_name})"
+    derivation = (
+        f"Denoised by IPv2 Denoise {__version__}: model {model_name} trained with the {strategy} "
+        "image purification strategy (Gong & Yu, arXiv 2602.19314)"
+    )
+    base_ds = _base_dataset(
+        volume,
+        template,
+        series_uid=generate_uid(),
+        series_number=int(series_number),
+        series_description=series_description,
+        derivation=derivation,
+    )
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    names = [f"IM{k + 1:06d}.dcm" for k in range(nz)]
+    hu = np.clip(np.rint(volume.array), _HU_MIN, _HU_MAX).astype(np.int16)
+    normal = _axes(volume)[:, 2]
+    try:
+        for k in range(nz):
+            ds = copy.deepcopy(base_ds)  # Dataset.copy() shares elements
+            if headers is not None:
+                src = headers[k]
+                for kw in _ACQUISITION:
+                    if kw in src:
+                        setattr(ds, kw, src.data_element(kw).value)
+                ref = Dataset()
+                ref.ReferencedSOPClassUID = src.SOPClassUID
+                ref.ReferencedSOPInstanceUID = src.SOPInstanceUID
+                ref.PurposeOfReferenceCodeSequence = DicomSequence([_code_item(PURPOSE_CODE)])
+                ds.SourceImageSequence = DicomSequence([ref])
+            ds.SOPInstanceUID = generate_uid()
+            ds.InstanceNumber = k + 1
+            ds.ImagePositionPatient = _fmt(positions[k])
+            ds.SliceLocation = _fmt([float(positions[k] @ normal)])[0]
+            ds.PixelData = np.ascontiguousarray(hu[k]).tobytes()
+            ds["PixelData"].VR = "OW"
+            meta = FileMetaDataset()
+            meta.MediaStorageSOPClassUID = ds.SOPClassUID
+            meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            ds.file_meta = meta
+            ds.save_as(tmp / names[k], enforce_file_format=True)
+            if progress is not None:
+                progress(k + 1, nz, "writing DICOM")
+        if out_dir.exists():
+            out_dir.rmdir()  # empty (checked above)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return [out_dir / n for n in names]

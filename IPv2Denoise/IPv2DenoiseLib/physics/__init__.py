@@ -1,0 +1,1 @@
+"""CT physics: the fast parallel/fan projector and the projection-domain low-dose simulator."""

@@ -1,0 +1,1 @@
+"""Synthetic chest CT: phantom, breathing motion, synthetic ULDCT/NDCT case folders."""

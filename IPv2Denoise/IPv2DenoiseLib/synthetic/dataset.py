@@ -1,0 +1,177 @@
+"""Real-world-like ULDCT/NDCT pairs: synthetic chest, breathing misalignment, physical 2 % dose.
+
+No real paired scans can be shipped, so we make our own the way the Patient-uLDCT pairs arise: the
+normal-dose scan (NDCT) images the reference anatomy at full dose; the ultra-low-dose scan (ULDCT)
+images the *same patient in another breath hold* (the anatomy moved by :func:`breathing_motion`) at
+a true 2 % of the photons. Both go through the same physical projector (:mod:`lowdose`), so the
+noise has the streaks and texture of a real reconstruction. The noise-free anatomies are kept as
+ground truth for the evaluation.
+
+Case folder layout (``DIR/case_000/``): ``ndct.nrrd``, ``uldct.nrrd``, ``ndct_clean.nrrd``,
+``uldct_clean.nrrd`` (int16 HU), ``labels_ndct.nrrd``, ``labels_uldct.nrrd`` (uint8, ids in
+:data:`IPv2DenoiseLib.synthetic.phantom.LABELS`) and ``case.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from IPv2DenoiseLib.core.errors import UserError
+from IPv2DenoiseLib.core.progress import CancelToken, ProgressCallback
+from IPv2DenoiseLib.core.volume import Volume
+from IPv2DenoiseLib.io.volumes import write_volume
+from IPv2DenoiseLib.physics.lowdose import I0_FULL_DOSE, simulate_low_dose
+from IPv2DenoiseLib.synthetic.breathing import breathing_motion, motion_stats
+from IPv2DenoiseLib.synthetic.phantom import LABELS, make_chest_phantom
+
+CASE_FILES = ("ndct", "uldct", "ndct_clean", "uldct_clean", "labels_ndct", "labels_uldct")
+
+
+@dataclass(frozen=True)
+class CaseSpec:
+    """How one synthetic case is made (written into its ``case.json``)."""
+
+    seed: int
+    size: int = 512
+    slices: int = 32
+    spacing_mm: float = 0.7
+    slice_thickness_mm: float = 1.25
+    dose: float = 0.02
+    amplitude_mm: float = 12.0
+    geometry: str = "fan"
+    emphysema: bool = False
+    z_center_mm: float = -30.0
+
+    @classmethod
+    def draw(cls, seed: int, **overrides) -> CaseSpec:
+        """A spec whose anatomy position, motion amplitude and emphysema vary with ``seed``."""
+        rng = np.random.default_rng(seed)
+        varied = {
+            "z_center_mm": float(rng.uniform(-110.0, 10.0)),
+            "amplitude_mm": float(rng.uniform(8.0, 20.0)),
+            "emphysema": bool(rng.random() < 0.3),
+        }
+        varied.update(overrides)
+        return cls(seed=seed, **varied)
+
+
+def make_case(
+    spec: CaseSpec,
+    out_dir: str | os.PathLike,
+    *,
+    device: str = "auto",
+    progress: ProgressCallback | None = None,
+    cancel: CancelToken | None = None,
+) -> dict:
+    """Make one case folder; returns its ``case.json`` content.
+
+    The folder is built under a temporary name and renamed when complete, so an interrupted run
+    never leaves a half case under the final name.
+    """
+    if not 0.0 < spec.dose <= 1.0:
+        raise UserError(f"dose must be in (0, 1], got {spec.dose}")
+    out = Path(out_dir)
+    if out.exists():
+        raise UserError(f"{out} already exists; remove it or choose another folder")
+    tmp = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    steps, began, timings = 4, time.monotonic(), {}
+
+    def step(done: int, message: str) -> None:
+        if cancel is not None:
+            cancel.check()
+        if progress is not None:
+            progress(done, steps, message)
+
+    try:
+        t = time.monotonic()
+        shape = (spec.slices, spec.size, spec.size)
+        spacing = (spec.spacing_mm, spec.spacing_mm, spec.slice_thickness_mm)
+        reference = make_chest_phantom(
+            shape=shape,
+            spacing=spacing,
+            seed=spec.seed,
+            z_center_mm=spec.z_center_mm,
+            emphysema=spec.emphysema,
+        )
+        timings["phantom_s"] = time.monotonic() - t
+        step(1, "breathing motion")
+        t = time.monotonic()
+        moved, displacement = breathing_motion(reference, amplitude_mm=spec.amplitude_mm, seed=spec.seed + 1)
+        motion = motion_stats(displacement, reference.labels)
+        del displacement
+        timings["motion_s"] = time.monotonic() - t
+        step(2, "NDCT scan (full dose)")
+        t = time.monotonic()
+        sim = {"spacing_mm": spec.spacing_mm, "geometry": spec.geometry, "device": device}
+        ndct = simulate_low_dose(reference.hu, dose=1.0, seed=spec.seed * 2 + 101, **sim)
+        step(3, f"ULDCT scan ({spec.dose:.0%} dose)")
+        uldct = simulate_low_dose(moved.hu, dose=spec.dose, seed=spec.seed * 2 + 102, **sim)
+        timings["scans_s"] = time.monotonic() - t
+
+        def save(name: str, array: np.ndarray, dtype) -> None:
+            volume = Volume(array, spacing, reference.origin, meta={})
+            write_volume(volume, tmp / f"{name}.nrrd", dtype=dtype)
+
+        save("ndct", ndct, np.int16)
+        save("uldct", uldct, np.int16)
+        save("ndct_clean", reference.hu, np.int16)
+        save("uldct_clean", moved.hu, np.int16)
+        save("labels_ndct", reference.labels, np.uint8)
+        save("labels_uldct", moved.labels, np.uint8)
+        timings["total_s"] = time.monotonic() - began
+        record = {
+            **asdict(spec),
+            "i0_full_dose": I0_FULL_DOSE[spec.geometry],
+            "incident_photons_per_ray": I0_FULL_DOSE[spec.geometry] * spec.dose,
+            "shape_zyx": list(shape),
+            "spacing_xyz_mm": list(spacing),
+            "origin_xyz_mm": list(reference.origin),
+            "motion_mm": {k: round(float(v), 3) for k, v in motion.items()},
+            "labels": dict(LABELS),
+            "timings_s": {k: round(v, 2) for k, v in timings.items()},
+            "files": {name: f"{name}.nrrd" for name in CASE_FILES},
+        }
+        (tmp / "case.json").write_text(json.dumps(record, indent=2))
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    step(4, "done")
+    return record
+
+
+def make_dataset(
+    out_dir: str | os.PathLike,
+    *,
+    cases: int,
+    seed: int = 0,
+    device: str = "auto",
+    progress: ProgressCallback | None = None,
+    cancel: CancelToken | None = None,
+    **spec_overrides,
+) -> list[dict]:
+    """Make ``cases`` case folders ``case_000 ...`` under ``out_dir``; complete ones are kept (resume)."""
+    if cases < 1:
+        raise UserError(f"--cases must be at least 1, got {cases}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    records = []
+    for i in range(cases):
+        folder = out / f"case_{i:03d}"
+        if (folder / "case.json").exists():
+            records.append(json.loads((folder / "case.json").read_text()))
+        else:
+            spec = CaseSpec.draw(seed * 1000 + i, **spec_overrides)
+            records.append(make_case(spec, folder, device=device, cancel=cancel))
+        if progress is not None:
+            progress(i + 1, cases, folder.name)
+    return records

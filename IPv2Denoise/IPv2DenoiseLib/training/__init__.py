@@ -1,0 +1,1 @@
+"""Training loop and the naive / IPv1 / IPv2 experiment grid."""

@@ -1,0 +1,418 @@
+"""Train a denoiser on pairs built by :func:`IPv2DenoiseLib.purification.pairs.build_pairs` (IPv2 by default).
+
+One loop with small hooks: the naive, IPv1 and IPv2 strategies differ only in the pairs that
+``purify`` builds. Patches are 2.5D (``in_slices`` adjacent slices in, centre slice out), sampled
+so that lungs, body and background air each get a fixed share of the batch — background
+suppression and lung denoising are what IPv2 adds, so they must be seen. Intensities use the one
+normalisation of :mod:`IPv2DenoiseLib.denoiser.normalization`.
+
+Runs on CPU, one GPU (AMP bf16) or several GPUs with ``torchrun --nproc_per_node N -m
+IPv2DenoiseLib train ...`` (DDP; rank 0 validates and writes). Checkpoints every validation and
+resumes from ``OUT/checkpoint.pt``. Exports ``safetensors`` weights plus a model card.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from IPv2DenoiseLib.core.errors import UserError
+from IPv2DenoiseLib.core.progress import CancelToken, ProgressCallback
+from IPv2DenoiseLib.denoiser.models import build_model, count_parameters, flops_per_voxel
+from IPv2DenoiseLib.denoiser.normalization import NORMALIZATION, hu_to_net, net_to_hu
+from IPv2DenoiseLib.io.volumes import read_volume
+
+#: Region codes of the sampling map.
+BODY, LUNGS, BACKGROUND = 0, 1, 2
+REGION_NAMES = {BODY: "body", LUNGS: "lungs", BACKGROUND: "background"}
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on; written into the model card."""
+
+    cases: list[str]
+    out: str
+    val_cases: list[str] = field(default_factory=list)
+    arch: str = "unet"
+    model_kwargs: dict = field(default_factory=lambda: {"in_slices": 3, "base_channels": 16, "levels": 3})
+    strategy: str = "ipv2"
+    dose: float = 0.02
+    weak_denoiser: str | None = None
+    patch: int = 64
+    batch: int = 16
+    iterations: int = 2000
+    lr: float = 1e-3
+    loss: str = "l1"
+    #: Share of patches centred in lungs, body and background air.
+    region_shares: tuple[float, float, float] = (0.45, 0.4, 0.15)
+    val_every: int = 250
+    seed: int = 0
+    device: str = "auto"
+    name: str = "model"
+    #: Start from these safetensors weights (fine-tuning) instead of a fresh network.
+    init_weights: str | None = None
+
+
+@dataclass
+class CasePairs:
+    """One case's training arrays (HU) and its sampling map, plus validation references."""
+
+    name: str
+    train_input: np.ndarray
+    train_label: np.ndarray
+    regions: np.ndarray  # uint8 BODY / LUNGS / BACKGROUND, 255 = outside every region
+    test_input: np.ndarray | None = None
+    test_label: np.ndarray | None = None
+    truth: np.ndarray | None = None  # noise-free anatomy of the test input, when known
+
+
+def _read_case(folder: Path) -> dict[str, np.ndarray | float]:
+    need = ("uldct", "ndct")
+    found = {}
+    for key in (*need, "uldct_clean"):
+        for suffix in (".nrrd", ".nii.gz", ".nii", ".mha"):
+            if (folder / f"{key}{suffix}").exists():
+                found[key] = read_volume(folder / f"{key}{suffix}")
+                break
+    missing = [k for k in need if k not in found]
+    if missing:
+        raise UserError(
+            f"{folder}: training case lacks {', '.join(missing)} (expected uldct.nrrd and ndct.nrrd)"
+        )
+    return found
+
+
+def prepare_case(folder: str | os.PathLike, config: TrainConfig, *, seed: int) -> CasePairs:
+    """Build the purified pair of one case folder (``uldct.*``, ``ndct.*``, optional ``uldct_clean.*``)."""
+    from IPv2DenoiseLib.purification.pairs import Strategy, build_pairs
+
+    folder = Path(folder)
+    vols = _read_case(folder)
+    u, n = vols["uldct"], vols["ndct"]
+    if not u.same_geometry(n, atol=1e-2):
+        raise UserError(
+            f"{folder}: uldct and ndct differ in geometry (shape {u.shape} vs {n.shape}, spacing {u.spacing} vs {n.spacing})"
+        )
+    kwargs = {"dose": config.dose, "spacing": u.spacing, "seed": seed}
+    if config.weak_denoiser:
+        kwargs["weak_denoiser"] = config.weak_denoiser
+    pair = build_pairs(u.array, n.array, Strategy.from_name(config.strategy), **kwargs)
+    regions = np.full(u.shape, 255, np.uint8)
+    from IPv2DenoiseLib.imaging.masks import body_mask
+
+    regions[body_mask(n.array) | body_mask(u.array)] = BODY
+    regions[pair.lungs] = LUNGS
+    regions[pair.background] = BACKGROUND
+    truth = vols["uldct_clean"].array if "uldct_clean" in vols else None
+    return CasePairs(
+        folder.name, pair.train_input, pair.train_label, regions, u.array, pair.test_label, truth
+    )
+
+
+class PatchSampler:
+    """Draws 2.5D patches whose centres fall in lungs / body / background with fixed shares."""
+
+    def __init__(self, cases: Sequence[CasePairs], *, patch: int, in_slices: int, shares, seed: int) -> None:
+        self.cases = list(cases)
+        self.patch = patch
+        self.margin = in_slices // 2
+        self.rng = np.random.default_rng(seed)
+        shares = np.asarray(shares, float)
+        self.centres: list[list[np.ndarray]] = []  # [region][case] flat indices
+        for region in (LUNGS, BODY, BACKGROUND):
+            per_case = []
+            for case in self.cases:
+                idx = np.flatnonzero(case.regions == region)
+                if idx.size > 200_000:
+                    idx = self.rng.choice(idx, 200_000, replace=False)
+                per_case.append(idx)
+            self.centres.append(per_case)
+        available = np.array([sum(i.size for i in per) > 0 for per in self.centres], float)
+        if not available.any():
+            raise UserError("no lung, body or background voxels found in the training cases")
+        self.shares = shares * available / (shares * available).sum()
+
+    def _patch(self, case: CasePairs, flat: int, flip: bool) -> tuple[np.ndarray, np.ndarray]:
+        z, y, x = np.unravel_index(flat, case.train_input.shape)
+        nz, ny, nx = case.train_input.shape
+        p = min(self.patch, ny, nx)
+        y0 = int(np.clip(y - p // 2, 0, ny - p))
+        x0 = int(np.clip(x - p // 2, 0, nx - p))
+        zs = np.clip(np.arange(z - self.margin, z + self.margin + 1), 0, nz - 1)
+        inp = case.train_input[zs, y0 : y0 + p, x0 : x0 + p]
+        lab = case.train_label[z : z + 1, y0 : y0 + p, x0 : x0 + p]
+        if flip:  # left-right mirror: plausible anatomy, doubles the data
+            inp, lab = inp[..., ::-1], lab[..., ::-1]
+        return inp, lab
+
+    def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        regions = self.rng.choice(3, size=size, p=self.shares)
+        inputs, labels = [], []
+        for r in regions:
+            per_case = self.centres[r]
+            weights = np.array([i.size for i in per_case], float)
+            c = int(self.rng.choice(len(per_case), p=weights / weights.sum()))
+            flat = int(per_case[c][self.rng.integers(per_case[c].size)])
+            inp, lab = self._patch(self.cases[c], flat, bool(self.rng.integers(2)))
+            inputs.append(hu_to_net(inp))
+            labels.append(hu_to_net(lab))
+        return torch.from_numpy(np.stack(inputs)), torch.from_numpy(np.stack(labels))
+
+
+def _denoise_slices(
+    model, hu: np.ndarray, device: torch.device, in_slices: int, batch: int = 4
+) -> np.ndarray:
+    """Whole-slice inference for validation (small volumes)."""
+    m = in_slices // 2
+    padded = np.pad(hu, ((m, m), (0, 0), (0, 0)), mode="edge")
+    out = np.empty_like(hu, dtype=np.float32)
+    model.eval()
+    with torch.inference_mode():
+        for z0 in range(0, hu.shape[0], batch):
+            zs = range(z0, min(z0 + batch, hu.shape[0]))
+            x = np.stack([padded[z : z + in_slices] for z in zs])
+            y = model(torch.from_numpy(hu_to_net(x)).to(device))
+            out[z0 : z0 + len(zs)] = net_to_hu(y[:, 0].float().cpu().numpy())
+    model.train()
+    return out
+
+
+def validate(model, cases: Sequence[CasePairs], device: torch.device, in_slices: int) -> dict[str, float]:
+    """Per-region metrics of the denoised test input, against the truth and the purified test label."""
+    from IPv2DenoiseLib.imaging.metrics import psnr, roi_stats
+
+    sums: dict[str, list[float]] = {}
+    for case in cases:
+        if case.test_input is None:
+            continue
+        out = _denoise_slices(model, case.test_input, device, in_slices)
+        body = (case.regions == BODY) | (case.regions == LUNGS)
+        refs = {"label": case.test_label}
+        if case.truth is not None:
+            refs["truth"] = case.truth
+        for ref_name, ref in refs.items():
+            sums.setdefault(f"psnr_{ref_name}", []).append(psnr(ref, out, mask=body))
+            for code, region in REGION_NAMES.items():
+                mask = case.regions == code
+                if mask.sum() < 10:
+                    continue
+                sums.setdefault(f"psnr_{ref_name}_{region}", []).append(psnr(ref, out, mask=mask))
+        if case.truth is not None:
+            for code, region in REGION_NAMES.items():
+                mask = case.regions == code
+                if mask.sum() >= 10:
+                    sums.setdefault(f"noise_{region}_hu", []).append(roi_stats(out - case.truth, mask).std)
+    return {k: float(np.mean(v)) for k, v in sums.items()}
+
+
+def _loss(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    if name == "l1":
+        return F.l1_loss
+    if name == "l2":
+        return F.mse_loss
+    raise UserError(f"unknown loss {name!r}; use l1 or l2")
+
+
+def _distributed() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+    rank = torch.distributed.get_rank() if world > 1 else 0
+    return rank, world
+
+
+def train(
+    config: TrainConfig,
+    *,
+    progress: ProgressCallback | None = None,
+    cancel: CancelToken | None = None,
+    prepared: tuple[Sequence[CasePairs], Sequence[CasePairs]] | None = None,
+) -> dict:
+    """Train, validate, checkpoint and export; returns the model card.
+
+    ``prepared`` skips reading case folders (tests and the evaluation pass pairs they built).
+    """
+    from IPv2DenoiseLib.core.device import describe_device, resolve_device
+    from IPv2DenoiseLib.denoiser.weights import save_model
+
+    if config.iterations < 1 or config.batch < 1 or config.patch < 8:
+        raise UserError("iterations and batch must be >= 1 and patch >= 8")
+    rank, world = _distributed()
+    device = resolve_device(config.device)
+    if world > 1 and device.type == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed + rank)
+
+    if prepared is None:
+        train_cases = [prepare_case(c, config, seed=config.seed + i) for i, c in enumerate(config.cases)]
+        val_cases = [prepare_case(c, config, seed=10_000 + i) for i, c in enumerate(config.val_cases)]
+    else:
+        train_cases, val_cases = prepared
+    if not train_cases:
+        raise UserError("no training cases given")
+
+    model = build_model(config.arch, **config.model_kwargs)
+    if config.init_weights:
+        from IPv2DenoiseLib.denoiser.weights import load_model
+
+        start_from, start_card = load_model(config.init_weights)
+        if start_from.ARCH != model.ARCH or start_from.config != model.config:
+            raise UserError(
+                f"--init {config.init_weights} is {start_card.get('architecture')} {start_from.config}; "
+                f"it does not match --arch {config.arch} {model.config}"
+            )
+        model.load_state_dict(start_from.state_dict())
+    model = model.to(device)
+    in_slices = model.in_slices
+    if device.type == "cpu":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=1e-4)
+    if config.iterations >= 100:  # warm up over 5 %, then cosine decay
+        schedule = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=config.lr, total_steps=config.iterations, pct_start=0.05
+        )
+    else:  # too short for a warm-up phase (OneCycleLR needs several steps per phase)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    history: dict[str, list] = {"iteration": [], "loss": [], "val": []}
+    start = 0
+    checkpoint = out / "checkpoint.pt"
+    if checkpoint.exists():
+        state = torch.load(checkpoint, map_location=device, weights_only=True)
+        if state.get("config") == json.loads(json.dumps(asdict(config))):
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            schedule.load_state_dict(state["schedule"])
+            history = state["history"]
+            start = int(state["iteration"])
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    sampler = PatchSampler(
+        train_cases,
+        patch=config.patch,
+        in_slices=in_slices,
+        shares=config.region_shares,
+        seed=config.seed + 7919 * (rank + 1) + start,
+    )
+    loss_fn = _loss(config.loss)
+    use_amp = device.type == "cuda"
+    running, began = [], time.monotonic()
+    for it in range(start, config.iterations):
+        if cancel is not None:
+            cancel.check()
+        x, y = sampler.batch(config.batch)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if device.type == "cpu":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            loss = loss_fn(net(x).float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        last_loss = loss.item()
+        running.append(last_loss)
+        done = it + 1
+        if done % config.val_every == 0 or done == config.iterations:
+            history["iteration"].append(done)
+            history["loss"].append(float(np.mean(running)))
+            running = []
+            if rank == 0:
+                history["val"].append(validate(model, val_cases, device, in_slices) if val_cases else {})
+                state = {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "schedule": schedule.state_dict(),
+                    "history": history,
+                    "iteration": done,
+                    "config": json.loads(json.dumps(asdict(config))),
+                }
+                tmp = checkpoint.with_suffix(".partial")
+                torch.save(state, tmp)
+                os.replace(tmp, checkpoint)
+        if progress is not None and rank == 0:
+            progress(done, config.iterations, f"loss {last_loss:.4f}")
+
+    card: dict = {}
+    if rank == 0:
+        model.eval()
+        seconds = time.monotonic() - began
+        card = {
+            "name": config.name,
+            "architecture": config.arch,
+            "kwargs": dict(model.config),
+            "in_slices": in_slices,
+            "parameters": count_parameters(model),
+            "flops_per_voxel": flops_per_voxel(
+                model.to("cpu").to(memory_format=torch.contiguous_format), in_slices
+            ),
+            "normalization": NORMALIZATION,
+            "strategy": config.strategy,
+            "data": {
+                "training_cases": [c.name for c in train_cases],
+                "validation_cases": [c.name for c in val_cases],
+                "dose": config.dose,
+                "patch": config.patch,
+                "batch": config.batch,
+                "region_shares": list(config.region_shares),
+            },
+            "iterations": config.iterations,
+            "initialised_from": Path(config.init_weights).name if config.init_weights else None,
+            "loss": config.loss,
+            "hardware": f"{describe_device(device)} x{world}; {platform.processor() or platform.machine()}",
+            "training_seconds": round(seconds, 1),
+            "validation": history["val"][-1] if history["val"] else {},
+            "history": history,
+        }
+        save_model(model, out / f"{config.name}.safetensors", card)
+        plot_training_curves(history, out / "training_curves.png", title=f"{config.arch} / {config.strategy}")
+    if world > 1:
+        torch.distributed.barrier()
+    return card
+
+
+def plot_training_curves(history: dict, path: str | os.PathLike, *, title: str = "") -> Path:
+    """Loss and validation PSNR per region against iterations, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    axes[0].plot(history["iteration"], history["loss"], marker="o")
+    axes[0].set(xlabel="iteration", ylabel="training loss", yscale="log", title="loss")
+    keys = sorted(
+        {k for v in history["val"] for k in v if k.startswith("psnr_truth_") or k.startswith("noise_")}
+    )
+    for key in [k for k in keys if k.startswith("psnr")]:
+        axes[1].plot(
+            history["iteration"], [v.get(key, math.nan) for v in history["val"]], marker="o", label=key[11:]
+        )
+    axes[1].set(xlabel="iteration", ylabel="PSNR vs truth (dB)", title="validation")
+    if axes[1].lines:
+        axes[1].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
