@@ -31,10 +31,24 @@ from IPv2DenoiseLib.core.progress import CancelToken, ProgressCallback
 from IPv2DenoiseLib.denoiser.models import build_model, count_parameters, flops_per_voxel
 from IPv2DenoiseLib.denoiser.normalization import NORMALIZATION, hu_to_net, net_to_hu
 from IPv2DenoiseLib.io.volumes import read_volume
+from IPv2DenoiseLib.physics.scanner_noise import ScannerProtocol
+from IPv2DenoiseLib.training.regions import BACKGROUND, BODY, LUNGS, REGION_NAMES
+from IPv2DenoiseLib.training.scanner_data import (
+    CleanVolume,
+    ScannerNoiseSampler,
+    load_clean_volumes,
+    region_map,
+    validation_slabs,
+)
 
-#: Region codes of the sampling map.
-BODY, LUNGS, BACKGROUND = 0, 1, 2
-REGION_NAMES = {BODY: "body", LUNGS: "lungs", BACKGROUND: "background"}
+#: Training data sources: purified ULDCT/NDCT pairs, or clean anatomy + fresh scanner-like noise.
+NOISE_SOURCES = ("pairs", "scanner")
+#: Learning-rate schedules: one-cycle (warm-up + cosine), or constant then a cosine decay at the end.
+SCHEDULES = ("onecycle", "constant")
+#: Fixed protocols the scanner-noise validation uses (the standard 2 % scan is the case's own ULDCT).
+VALIDATION_PROTOCOL = ScannerProtocol(
+    dose=0.02, kernel="shepp-logan", bowtie=True, tcm=0.5, z_correlation=0.45
+)
 
 
 @dataclass
@@ -62,6 +76,16 @@ class TrainConfig:
     name: str = "model"
     #: Start from these safetensors weights (fine-tuning) instead of a fresh network.
     init_weights: str | None = None
+    #: ``pairs`` (purified pairs of ``strategy``) or ``scanner`` (clean anatomy, fresh noise per batch).
+    noise: str = "pairs"
+    #: ``onecycle`` or ``constant`` (5 % warm-up, constant, cosine decay over the last ``decay_fraction``).
+    schedule: str = "onecycle"
+    decay_fraction: float = 0.25
+    #: Scanner-noise pool: slabs kept, and slabs replaced per iteration.
+    noise_pool: int = 24
+    noise_refresh: int = 1
+    #: Central slices per validation volume (scanner-noise validation).
+    val_slices: int = 8
 
 
 @dataclass
@@ -259,11 +283,19 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed + rank)
 
-    if prepared is None:
+    if config.noise not in NOISE_SOURCES:
+        raise UserError(f"noise={config.noise!r} is not known; allowed: {', '.join(NOISE_SOURCES)}")
+    if config.schedule not in SCHEDULES:
+        raise UserError(f"schedule={config.schedule!r} is not known; allowed: {', '.join(SCHEDULES)}")
+    scanner_val: list[CasePairs] = []
+    if prepared is not None:
+        train_cases, val_cases = prepared
+    elif config.noise == "scanner":
+        train_cases = load_clean_volumes(config.cases)
+        val_cases, scanner_val = scanner_validation(config.val_cases, slices=config.val_slices)
+    else:
         train_cases = [prepare_case(c, config, seed=config.seed + i) for i, c in enumerate(config.cases)]
         val_cases = [prepare_case(c, config, seed=10_000 + i) for i, c in enumerate(config.val_cases)]
-    else:
-        train_cases, val_cases = prepared
     if not train_cases:
         raise UserError("no training cases given")
 
@@ -283,14 +315,18 @@ def train(
     if device.type == "cpu":
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=1e-4)
-    if config.iterations >= 100:  # warm up over 5 %, then cosine decay
+    if config.schedule == "constant":
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, constant_then_decay(config.iterations, config.decay_fraction)
+        )
+    elif config.iterations >= 100:  # warm up over 5 %, then cosine decay
         schedule = torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=config.lr, total_steps=config.iterations, pct_start=0.05
         )
     else:  # too short for a warm-up phase (OneCycleLR needs several steps per phase)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     history: dict[str, list] = {"iteration": [], "loss": [], "val": []}
-    start = 0
+    start, elapsed_before = 0, 0.0
     checkpoint = out / "checkpoint.pt"
     if checkpoint.exists():
         state = torch.load(checkpoint, map_location=device, weights_only=True)
@@ -300,18 +336,31 @@ def train(
             schedule.load_state_dict(state["schedule"])
             history = state["history"]
             start = int(state["iteration"])
+            elapsed_before = float(history.get("seconds", [0.0])[-1])
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    sampler = PatchSampler(
-        train_cases,
-        patch=config.patch,
-        in_slices=in_slices,
-        shares=config.region_shares,
-        seed=config.seed + 7919 * (rank + 1) + start,
-    )
+    sampler_seed = config.seed + 7919 * (rank + 1) + start
+    if config.noise == "scanner" and prepared is None:
+        sampler = ScannerNoiseSampler(
+            train_cases,
+            patch=config.patch,
+            in_slices=in_slices,
+            shares=config.region_shares,
+            seed=sampler_seed,
+            pool=config.noise_pool,
+            refresh=config.noise_refresh,
+        )
+    else:
+        sampler = PatchSampler(
+            train_cases,
+            patch=config.patch,
+            in_slices=in_slices,
+            shares=config.region_shares,
+            seed=sampler_seed,
+        )
     loss_fn = _loss(config.loss)
     use_amp = device.type == "cuda"
     running, began = [], time.monotonic()
@@ -337,7 +386,12 @@ def train(
             history["loss"].append(float(np.mean(running)))
             running = []
             if rank == 0:
-                history["val"].append(validate(model, val_cases, device, in_slices) if val_cases else {})
+                record = validate(model, val_cases, device, in_slices) if val_cases else {}
+                if scanner_val:
+                    scanner = validate(model, scanner_val, device, in_slices)
+                    record.update({f"scanner_{k}": v for k, v in scanner.items()})
+                history["val"].append(record)
+                history.setdefault("seconds", []).append(round(time.monotonic() - began + elapsed_before, 1))
                 state = {
                     "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
@@ -355,7 +409,7 @@ def train(
     card: dict = {}
     if rank == 0:
         model.eval()
-        seconds = time.monotonic() - began
+        seconds = time.monotonic() - began + elapsed_before
         card = {
             "name": config.name,
             "architecture": config.arch,
@@ -374,10 +428,16 @@ def train(
                 "patch": config.patch,
                 "batch": config.batch,
                 "region_shares": list(config.region_shares),
+                **(
+                    scanner_data_record(sampler, train_cases)
+                    if isinstance(sampler, ScannerNoiseSampler)
+                    else {}
+                ),
             },
             "iterations": config.iterations,
             "initialised_from": Path(config.init_weights).name if config.init_weights else None,
             "loss": config.loss,
+            "schedule": {"name": config.schedule, "lr": config.lr, "decay_fraction": config.decay_fraction},
             "hardware": f"{describe_device(device)} x{world}; {platform.processor() or platform.machine()}",
             "training_seconds": round(seconds, 1),
             "validation": history["val"][-1] if history["val"] else {},
@@ -388,6 +448,79 @@ def train(
     if world > 1:
         torch.distributed.barrier()
     return card
+
+
+def constant_then_decay(iterations: int, decay_fraction: float) -> Callable[[int], float]:
+    """LR factor: 5 % linear warm-up, 1.0, then cosine to 0 over the last ``decay_fraction``.
+
+    The constant phase shows whether the validation curve has flattened before the decay starts.
+    """
+    if not 0.0 <= decay_fraction <= 1.0:
+        raise UserError(f"decay_fraction={decay_fraction}: need a fraction in [0, 1]")
+    warm = max(1, int(0.05 * iterations)) if iterations >= 100 else 0
+    decay_start = int(round(iterations * (1.0 - decay_fraction)))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if step < decay_start or iterations <= decay_start:
+            return 1.0
+        t = (step - decay_start) / max(1, iterations - decay_start)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+
+    return factor
+
+
+def scanner_validation(folders: Sequence[str], *, slices: int) -> tuple[list[CasePairs], list[CasePairs]]:
+    """Validation for scanner-noise training, from synthetic case folders.
+
+    Two sets of the same anatomy (the central ``slices`` of ``uldct_clean``): the case's own ULDCT
+    (the standard 2 % fan-beam ramp-filter scan of ``make-dataset``), and a fixed correlated,
+    smooth-kernel, bowtie + TCM scan (:data:`VALIDATION_PROTOCOL`). Labels are the truth.
+    """
+    standard, scanner = [], []
+    for i, folder in enumerate(map(Path, folders)):
+        vols = _read_case(folder)
+        if "uldct_clean" not in vols:
+            raise UserError(f"{folder}: scanner-noise validation needs uldct_clean.* (a make-dataset case)")
+        clean_vol = vols["uldct_clean"]
+        nz = clean_vol.shape[0]
+        z0 = max(0, (nz - slices) // 2)
+        keep = slice(z0, z0 + slices)
+        clean = clean_vol.array[keep].astype(np.float32)
+        regions = region_map(clean)
+        uldct = vols["uldct"].array[keep].astype(np.float32)
+        standard.append(CasePairs(folder.name, None, None, regions, uldct, clean, clean))
+        volume = CleanVolume(folder.name, clean, regions, tuple(clean_vol.spacing), True)
+        ((_, noisy, _, _),) = validation_slabs([volume], VALIDATION_PROTOCOL, slices=slices, seed=20_000 + i)
+        scanner.append(CasePairs(folder.name, None, None, regions, noisy, clean, clean))
+    return standard, scanner
+
+
+def scanner_data_record(sampler: ScannerNoiseSampler, volumes) -> dict:
+    """What the scanner-noise training saw, for the model card (incl. the ranges ``denoise`` checks)."""
+    spacings = np.array([v.spacing for v in volumes], float)
+    lo, hi = sampler.augmentation.zoom
+    noise = np.array(sampler.input_noise_hu or [np.nan])
+    return {
+        "noise": "scanner",
+        "training_volumes": [v.name for v in volumes],
+        "protocol_ranges": sampler.ranges.as_dict(),
+        "augmentation": sampler.augmentation.as_dict(),
+        "validation_protocol": VALIDATION_PROTOCOL.as_dict(),
+        "slabs_simulated": sampler.slabs_made,
+        "training_range": {
+            "input_noise_hu": [
+                round(float(np.nanpercentile(noise, 2)), 1),
+                round(float(np.nanpercentile(noise, 98)), 1),
+            ],
+            "pixel_mm": [
+                round(float(spacings[:, 0].min() / hi), 3),
+                round(float(spacings[:, 0].max() / lo), 3),
+            ],
+            "slice_mm": [round(float(spacings[:, 2].min()), 3), round(float(spacings[:, 2].max()), 3)],
+        },
+    }
 
 
 def plot_training_curves(history: dict, path: str | os.PathLike, *, title: str = "") -> Path:
@@ -401,11 +534,12 @@ def plot_training_curves(history: dict, path: str | os.PathLike, *, title: str =
     axes[0].plot(history["iteration"], history["loss"], marker="o")
     axes[0].set(xlabel="iteration", ylabel="training loss", yscale="log", title="loss")
     keys = sorted(
-        {k for v in history["val"] for k in v if k.startswith("psnr_truth_") or k.startswith("noise_")}
+        {k for v in history["val"] for k in v if k.startswith(("psnr_truth", "scanner_psnr_truth"))}
     )
-    for key in [k for k in keys if k.startswith("psnr")]:
+    for key in keys:
+        label = key.replace("psnr_truth", "").strip("_") or "all"
         axes[1].plot(
-            history["iteration"], [v.get(key, math.nan) for v in history["val"]], marker="o", label=key[11:]
+            history["iteration"], [v.get(key, math.nan) for v in history["val"]], marker="o", label=label
         )
     axes[1].set(xlabel="iteration", ylabel="PSNR vs truth (dB)", title="validation")
     if axes[1].lines:
