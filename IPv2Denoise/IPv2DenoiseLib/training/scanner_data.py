@@ -56,9 +56,13 @@ class Augmentation:
     #: Texture SD in HU: soft tissue and lungs, uniform from 0.
     soft_tissue_texture_hu: float = 12.0
     lung_texture_hu: float = 25.0
+    #: Share of slabs that are one slice repeated (what the denoiser feeds the network for a
+    #: single-slice input, and at a volume's first and last slice: its edge padding).
+    single_slice_share: float = 0.15
 
     def as_dict(self) -> dict:
         return {
+            "single_slice_share": self.single_slice_share,
             "zoom": list(self.zoom),
             "soft_tissue_texture_hu": self.soft_tissue_texture_hu,
             "lung_texture_hu": self.lung_texture_hu,
@@ -145,7 +149,10 @@ class ScannerNoiseSampler:
         nz = vol.hu.shape[0]
         z = int(rng.integers(nz))
         # one extra slice each side so the slice mixing of the noise sees real neighbours
+        single = rng.random() < self.augmentation.single_slice_share
         zs = np.clip(np.arange(z - self.m - 1, z + self.m + 2), 0, nz - 1)
+        if single:
+            zs = np.array([z])
         hu, regions = vol.hu[zs], vol.regions[zs]
         lo, hi = self.augmentation.zoom
         zoom = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
@@ -175,6 +182,10 @@ class ScannerNoiseSampler:
             device=self.device,
         )
         self.slabs_made += 1
+        if single:  # the denoiser's edge padding: the same noisy slice in every channel
+            hu = np.repeat(hu, self.in_slices + 2, axis=0)
+            noisy = np.repeat(noisy, self.in_slices + 2, axis=0)
+            regions = np.repeat(regions, self.in_slices + 2, axis=0)
         centre = self.m + 1
         self.input_noise_hu.append(estimate_noise_hu(noisy[centre]))
         return (
