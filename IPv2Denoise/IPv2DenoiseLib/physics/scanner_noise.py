@@ -158,8 +158,9 @@ def scanner_noise(
     if arr.ndim != 3:
         raise UserError(f"hu has shape {arr.shape}; need a [z, y, x] slab")
     scan = simulate_low_dose if clean else insert_noise
+    single = arr.shape[0] == 1  # lowdose takes a [y, x] slice, not [1, y, x]
     noisy = scan(
-        arr,
+        arr[0] if single else arr,
         dose=protocol.dose,
         spacing_mm=spacing_mm,
         geometry=protocol.geometry,
@@ -168,6 +169,7 @@ def scanner_noise(
         seed=seed,
         device=device,
     )
+    noisy = np.asarray(noisy)[None] if single else np.asarray(noisy)
     noise = correlate_slices(noisy - arr, protocol.z_correlation)
     return arr + noise
 
