@@ -331,7 +331,11 @@ class IPv2DenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self._parameterNode.outputVolume = output
         seconds = f" in {status.seconds:.1f} s" if status.seconds else ""
-        self._setState(State.IDLE, _("Done{seconds}: {name}").format(seconds=seconds, name=output.GetName()))
+        done = _("Done{seconds}: {name}").format(seconds=seconds, name=output.GetName())
+        if status.warning:  # input outside the model's training range: say so where the user looks
+            self.ui.logTextEdit.appendPlainText(f"warning: {status.warning}")
+            done += " — " + _("warning: {warning}").format(warning=status.warning)
+        self._setState(State.IDLE, done)
         self.onCompare()
 
     # --------------------------------------------------------------------- compare, metrics, export

@@ -71,12 +71,16 @@ class JobStatus:
     device: str | None = None
     result: str | None = None
     seconds: float | None = None
+    #: One line from the child when the input lies outside the model's training range.
+    warning: str | None = None
     log: list[str] = field(default_factory=list)
 
     def apply(self, record: Mapping[str, Any]) -> None:
         """Update from one JSON record (unknown keys are ignored)."""
         if "device" in record:
             self.device = str(record["device"])
+        if "warning" in record:
+            self.warning = str(record["warning"])
         if "progress" in record:
             self.fraction = max(self.fraction, min(1.0, float(record["progress"])))
             eta = record.get("eta_s")

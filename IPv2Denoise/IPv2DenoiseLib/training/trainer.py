@@ -330,7 +330,7 @@ def train(
     checkpoint = out / "checkpoint.pt"
     if checkpoint.exists():
         state = torch.load(checkpoint, map_location=device, weights_only=True)
-        if state.get("config") == json.loads(json.dumps(asdict(config))):
+        if same_run(state.get("config"), json.loads(json.dumps(asdict(config)))):
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             schedule.load_state_dict(state["schedule"])
@@ -448,6 +448,20 @@ def train(
     if world > 1:
         torch.distributed.barrier()
     return card
+
+
+def same_run(saved: dict | None, current: dict) -> bool:
+    """Whether a checkpoint's config continues the current run.
+
+    Everything must match except ``iterations``: a run may be extended or shortened on resume
+    (with ``--schedule constant`` the final decay moves with the new end).
+    """
+    if not saved:
+        return False
+    strip = lambda c: {k: v for k, v in c.items() if k != "iterations"}  # noqa: E731
+    return strip(saved) == strip(current) and (
+        current.get("schedule") == "constant" or saved.get("iterations") == current.get("iterations")
+    )
 
 
 def constant_then_decay(iterations: int, decay_fraction: float) -> Callable[[int], float]:

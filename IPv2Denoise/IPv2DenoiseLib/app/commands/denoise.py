@@ -66,6 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from IPv2DenoiseLib.core.device import describe_device, resolve_device
     from IPv2DenoiseLib.core.progress import JsonLinesProgress, TqdmProgress
+    from IPv2DenoiseLib.denoiser.applicability import applicability_warning
     from IPv2DenoiseLib.denoiser.infer import Denoiser
     from IPv2DenoiseLib.io.volumes import image_suffix, read_volume, write_volume
 
@@ -84,6 +85,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"running on: {where}; model {denoiser.name}", file=sys.stderr)
     try:
         volume = read_volume(args.input, series_uid=args.series_uid)
+        warning = applicability_warning(volume, denoiser.card)
+        if warning:
+            if args.json_progress:
+                progress.emit(warning=warning)
+            else:
+                print(f"warning: {warning}", file=sys.stderr)
         result = denoiser.denoise(
             volume,
             remove_background=args.remove_background,

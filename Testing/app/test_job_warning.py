@@ -1,0 +1,14 @@
+"""The denoise child's training-range warning reaches the job status the Slicer panel shows."""
+
+from __future__ import annotations
+
+from IPv2DenoiseLib.app.process import JobStatus
+
+
+def test_warning_record_is_kept() -> None:
+    status = JobStatus()
+    status.apply({"device": "CPU"})
+    assert status.warning is None
+    status.apply({"warning": "this scan is outside the model's training range: its noise (12 HU) ..."})
+    status.apply({"progress": 0.5})
+    assert status.warning.startswith("this scan is outside")
