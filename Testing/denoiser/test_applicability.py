@@ -13,7 +13,11 @@ from IPv2DenoiseLib.denoiser.applicability import TrainingRange, applicability_w
 from IPv2DenoiseLib.io.volumes import write_volume
 from IPv2DenoiseLib.synthetic.phantom import make_chest_phantom
 
-CARD = {"data": {"training_range": {"input_noise_hu": [80.0, 120.0], "pixel_mm": [0.6, 0.9], "slice_mm": [1.0, 1.5]}}}
+CARD = {
+    "data": {
+        "training_range": {"input_noise_hu": [80.0, 120.0], "pixel_mm": [0.6, 0.9], "slice_mm": [1.0, 1.5]}
+    }
+}
 
 
 def _chest(noise_hu: float, *, pixel: float = 0.7, slice_mm: float = 1.25, seed: int = 0) -> Volume:

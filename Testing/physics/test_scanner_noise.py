@@ -49,11 +49,18 @@ def test_bowtie_and_tcm_shapes() -> None:
 def test_scanner_noise_texture_and_periphery() -> None:
     ph = make_chest_phantom(shape=(3, 128, 128), spacing=(2.8, 2.8, 2.5), seed=2).hu
     kw = {"spacing_mm": 2.8, "seed": 3}
-    ramp = scanner_noise(ph, ScannerProtocol(dose=0.002, bowtie=False, tcm=0.0, geometry="parallel"), **kw) - ph
-    hann = scanner_noise(
-        ph, ScannerProtocol(dose=0.002, kernel="hann", bowtie=False, tcm=0.0, geometry="parallel"), **kw
-    ) - ph
-    bowtie = scanner_noise(ph, ScannerProtocol(dose=0.002, bowtie=True, tcm=0.0, geometry="parallel"), **kw) - ph
+    ramp = (
+        scanner_noise(ph, ScannerProtocol(dose=0.002, bowtie=False, tcm=0.0, geometry="parallel"), **kw) - ph
+    )
+    hann = (
+        scanner_noise(
+            ph, ScannerProtocol(dose=0.002, kernel="hann", bowtie=False, tcm=0.0, geometry="parallel"), **kw
+        )
+        - ph
+    )
+    bowtie = (
+        scanner_noise(ph, ScannerProtocol(dose=0.002, bowtie=True, tcm=0.0, geometry="parallel"), **kw) - ph
+    )
     body = (slice(None), slice(54, 74), slice(54, 74))
     air = (slice(None), slice(2, 12), slice(2, 12))
     assert hann[body].std() < 0.8 * ramp[body].std()

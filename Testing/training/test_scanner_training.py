@@ -74,4 +74,8 @@ def test_scanner_noise_training_end_to_end(tmp_path) -> None:
     assert rng["pixel_mm"][0] < 3.6 < rng["pixel_mm"][1] and rng["slice_mm"] == [5.0, 5.0]
     assert "scanner_psnr_truth" in card["validation"] and "psnr_truth" in card["validation"]
     denoiser = Denoiser.from_file(out / "tiny.safetensors", expected_sha256=card["sha256"])
-    assert denoiser.denoise_array(np.full((2, 40, 40), -1000.0, np.float32), device="cpu").shape == (2, 40, 40)
+    assert denoiser.denoise_array(np.full((2, 40, 40), -1000.0, np.float32), device="cpu").shape == (
+        2,
+        40,
+        40,
+    )
