@@ -7,6 +7,8 @@ import sys
 import time
 
 from IPv2DenoiseLib.core.device import DEVICE_CHOICES
+from IPv2DenoiseLib.core.errors import UserError
+from IPv2DenoiseLib.core.progress import JsonLinesProgress, TqdmProgress
 
 NAME = "denoise"
 HELP = "Denoise a CT volume (DICOM folder/file, NRRD, NIfTI, MHA) with a trained IPv2 model; writes NRRD/NIfTI/MHA."
@@ -64,16 +66,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # lazy: the CLI imports every command to build --help; torch & co. load on use
     from IPv2DenoiseLib.core.device import describe_device, resolve_device
-    from IPv2DenoiseLib.core.progress import JsonLinesProgress, TqdmProgress
     from IPv2DenoiseLib.denoiser.infer import Denoiser
     from IPv2DenoiseLib.io.volumes import image_suffix, read_volume, write_volume
 
     start = time.monotonic()
     device = resolve_device(args.device)  # fail fast: "--device cuda" without a GPU
     if image_suffix(args.output) not in {".nrrd", ".nii", ".nii.gz", ".mha"}:
-        from IPv2DenoiseLib.core.errors import UserError
-
         raise UserError(f"OUT {args.output!r}: unsupported output format; use .nrrd, .nii, .nii.gz or .mha")
     denoiser = Denoiser.from_file(args.weights) if args.weights else Denoiser.from_registry(args.model)
     progress = JsonLinesProgress() if args.json_progress else TqdmProgress(desc="denoise", unit="slice")
