@@ -1,12 +1,15 @@
 """IPv2 Denoise: denoise ultra-low-dose lung CT in 3D Slicer (thin glue over IPv2DenoiseLib)."""
 
 import enum
+import json
 import logging
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
+import numpy as np
 import qt
 import slicer
 import vtk
@@ -27,9 +30,11 @@ if _MODULE_DIR not in sys.path:  # IPv2DenoiseLib lives next to this file
     sys.path.insert(0, _MODULE_DIR)
 
 from IPv2DenoiseLib.app import slicer_bridge  # noqa: E402
+from IPv2DenoiseLib.app.dependencies import ensure_in_slicer  # noqa: E402
 from IPv2DenoiseLib.core.errors import UserError  # noqa: E402
 from IPv2DenoiseLib.core.progress import Cancelled  # noqa: E402
 from IPv2DenoiseLib.core.resources import resources_dir  # noqa: E402
+from IPv2DenoiseLib.core.volume import Volume  # noqa: E402
 
 SAMPLE_CATEGORY = "IPv2 Denoise"
 
@@ -75,7 +80,7 @@ class IPv2Denoise(ScriptedLoadableModule):
 
 def registerSampleData():
     """Register the bundled sample ULDCT/NDCT volumes (file URIs + SHA256) in Sample Data."""
-    import SampleData
+    import SampleData  # lazy: a Slicer module, importable once start-up has completed
 
     folder = resources_dir() / "SampleData"
     sums = folder / "SHA256SUMS"
@@ -438,8 +443,6 @@ class IPv2DenoiseLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def models():
         """[(name, one-line summary)] from Resources/Models/models.json, the default first."""
-        import json
-
         try:
             registry = json.loads((resources_dir() / "Models" / "models.json").read_text(encoding="utf-8"))
         except (OSError, ValueError, UserError):
@@ -451,8 +454,6 @@ class IPv2DenoiseLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def ensureDependencies():
         """Install missing packages with the user's consent (raises DependencyError if declined)."""
-        from IPv2DenoiseLib.app.dependencies import ensure_in_slicer
-
         ensure_in_slicer()
 
     def process(
@@ -527,6 +528,7 @@ class IPv2DenoiseLogic(ScriptedLoadableModuleLogic):
         self, denoisedNode, outDir, *, sourceNode=None, modelName="", strategy="ipv2", importToDatabase=True
     ):
         """Write a derived DICOM series (in the source's study when it came from DICOM)."""
+        # lazy: Slicer loads the module before ensure_in_slicer installs torch/pydicom/scikit-image
         from IPv2DenoiseLib.io.dicom_export import export_derived_series
 
         sources = slicer_bridge.dicom_source_files(sourceNode) if sourceNode is not None else None
@@ -535,7 +537,7 @@ class IPv2DenoiseLogic(ScriptedLoadableModuleLogic):
             volume, outDir, source_files=sources, model_name=modelName or "unknown", strategy=strategy
         )
         if importToDatabase and getattr(slicer, "dicomDatabase", None) is not None:
-            from DICOMLib import DICOMUtils
+            from DICOMLib import DICOMUtils  # lazy: the DICOM module exists only in the full application
 
             DICOMUtils.importDicom(str(outDir))
         return files
@@ -543,6 +545,7 @@ class IPv2DenoiseLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def exportVolume(node, path):
         """Save as NRRD / NIfTI / MHA through IPv2DenoiseLib.io.volumes (atomic, geometry unchanged)."""
+        # lazy: Slicer loads the module before ensure_in_slicer installs torch/pydicom/scikit-image
         from IPv2DenoiseLib.io.volumes import write_volume
 
         return write_volume(slicer_bridge.volume_from_node(node), path)
@@ -564,12 +567,9 @@ class IPv2DenoiseTest(ScriptedLoadableModuleTest):
         self.test_IPv2Denoise_workflow()
 
     def test_IPv2Denoise_workflow(self):
-        import tempfile
-
-        import numpy as np
+        # lazy: Slicer loads the module before ensure_in_slicer installs torch/pydicom/scikit-image
         import torch
 
-        from IPv2DenoiseLib.core.volume import Volume
         from IPv2DenoiseLib.denoiser.infer import Denoiser
         from IPv2DenoiseLib.denoiser.models import UNet
 

@@ -10,7 +10,7 @@ import pydicom
 import pytest
 from conftest import write_ct_series
 
-from IPv2DenoiseLib import __version__
+import IPv2DenoiseLib
 from IPv2DenoiseLib.core.volume import Volume
 from IPv2DenoiseLib.io.dicom_export import (
     MODIFYING_EQUIPMENT_CODE,
@@ -47,7 +47,7 @@ def test_provenance_in_every_instance(source, tmp_path) -> None:
         assert (code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning) == MODIFYING_EQUIPMENT_CODE
         assert equipment.Manufacturer == "IPv2 Denoise"
         assert equipment.ManufacturerModelName == "ipv2-denoise"
-        assert equipment.SoftwareVersions == __version__
+        assert equipment.SoftwareVersions == IPv2DenoiseLib.__version__
         assert ds.Laterality == ""  # as the source (which names no body part) has it
 
 

@@ -1,6 +1,6 @@
 """MRML side of the module: volume nodes <-> :class:`Volume`, tables, layouts, subject hierarchy.
 
-The only core file that imports ``slicer``/``vtk``. Everything here works on a bare
+With dependencies.py, the only package files that import ``slicer``/``vtk`` (app layer). Everything here works on a bare
 ``vtkMRMLScene`` (PyPI ``slicer-core``, used by the tests) as well as inside the Slicer
 application; GUI-only steps (switching the table layout, the DICOM database) are feature-detected.
 
@@ -25,6 +25,7 @@ import vtk
 
 from IPv2DenoiseLib.app.process import BackgroundProcess, ExitCode, JobStatus, denoise_command
 from IPv2DenoiseLib.core.errors import UserError
+from IPv2DenoiseLib.core.progress import Cancelled
 from IPv2DenoiseLib.core.volume import Volume
 from IPv2DenoiseLib.imaging.metrics_table import MetricsTable
 
@@ -358,7 +359,7 @@ def dicom_source_files(node, *, database=None) -> list[str] | None:
     files = [database.fileForInstance(uid) for uid in uids]
     if not all(files) or not all(os.path.exists(f) for f in files):
         return None
-    import pydicom
+    import pydicom  # lazy: Slicer loads this module before ensure_in_slicer installs pydicom
 
     _, origin, direction = _node_geometry(node)
     normal = np.asarray(direction).reshape(3, 3)[:, 2]
@@ -407,7 +408,7 @@ class DenoiseJob:
         self.process: BackgroundProcess | None = None
 
     def start(self) -> DenoiseJob:
-        from IPv2DenoiseLib.io.volumes import write_volume
+        from IPv2DenoiseLib.io.volumes import write_volume  # lazy: needs pydicom (see dicom_source_files)
 
         volume = volume_from_node(self.input_node)
         self.workdir = Path(tempfile.mkdtemp(prefix="IPv2Denoise-"))
@@ -461,8 +462,7 @@ class DenoiseJob:
         UserError
             The child failed (its last stderr line) or was cancelled (``Cancelled``).
         """
-        from IPv2DenoiseLib.core.progress import Cancelled
-        from IPv2DenoiseLib.io.volumes import read_volume
+        from IPv2DenoiseLib.io.volumes import read_volume  # lazy: needs pydicom
 
         try:
             code = self.process.returncode
@@ -487,10 +487,8 @@ class DenoiseJob:
 
 def roi_mask(volume_node, roi_node) -> np.ndarray:
     """Boolean ``[z, y, x]`` mask of the voxels whose centres lie inside a markups ROI (box)."""
-    import vtk as _vtk
-
     shape = slicer.util.arrayFromVolume(volume_node).shape
-    m = _vtk.vtkMatrix4x4()
+    m = vtk.vtkMatrix4x4()
     volume_node.GetIJKToRASMatrix(m)
     ijk_to_ras_m = np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
     roi_to_world = roi_node.GetObjectToWorldMatrix()  # box centred at 0 and axis-aligned in "object"
@@ -525,7 +523,7 @@ def roi_mask(volume_node, roi_node) -> np.ndarray:
 
 def automatic_regions(volume: Volume) -> dict[str, np.ndarray]:
     """Lung parenchyma, soft tissue and background air masks (plus ``lungs_whole`` for LAA-950)."""
-    from IPv2DenoiseLib.imaging.masks import standard_rois
+    from IPv2DenoiseLib.imaging.masks import standard_rois  # lazy: needs scikit-image
 
     return standard_rois(volume.array, spacing=volume.spacing)
 
@@ -540,7 +538,7 @@ def roi_table(
     a markups ROI node and/or
     ``segment`` from a segmentation.
     """
-    from IPv2DenoiseLib.imaging.metrics import roi_comparison_table
+    from IPv2DenoiseLib.imaging.metrics import roi_comparison_table  # lazy: needs scikit-image
 
     before, after = volume_from_node(original_node), volume_from_node(denoised_node)
     if not before.same_geometry(after):

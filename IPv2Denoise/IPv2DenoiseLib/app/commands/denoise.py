@@ -13,6 +13,8 @@ from pathlib import Path
 
 from IPv2DenoiseLib.app.commands.send import add_peer_arguments
 from IPv2DenoiseLib.core.device import DEVICE_CHOICES
+from IPv2DenoiseLib.core.errors import UserError
+from IPv2DenoiseLib.core.progress import JsonLinesProgress, TqdmProgress
 
 NAME = "denoise"
 HELP = (
@@ -145,9 +147,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # lazy: the CLI imports every command to build --help; torch & co. load on use
     from IPv2DenoiseLib.core.device import describe_device, resolve_device
-    from IPv2DenoiseLib.core.errors import UserError
-    from IPv2DenoiseLib.core.progress import JsonLinesProgress, TqdmProgress
     from IPv2DenoiseLib.denoiser.infer import Denoiser
     from IPv2DenoiseLib.io.dicom_export import export_derived_series
     from IPv2DenoiseLib.io.dicom_net import parse_destination
