@@ -28,12 +28,11 @@ from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.denoiser.normalization import hu_to_net
 from IPv2DenoiseLib.imaging.masks import body_mask, lung_mask
 from IPv2DenoiseLib.imaging.noise_estimate import estimate_noise_hu
+from IPv2DenoiseLib.io.case_folder import CASE_SUFFIXES
 from IPv2DenoiseLib.io.volumes import read_volume
 from IPv2DenoiseLib.physics.scanner_noise import ProtocolRanges, ScannerProtocol, draw_protocol, scanner_noise
 from IPv2DenoiseLib.synthetic.texture import add_tissue_texture
 from IPv2DenoiseLib.training.regions import BACKGROUND, BODY, LUNGS
-
-_SUFFIXES = (".nrrd", ".nii.gz", ".nii", ".mha")
 
 
 @dataclass
@@ -80,7 +79,7 @@ def region_map(hu: np.ndarray) -> np.ndarray:
 
 
 def _find(folder: Path, key: str) -> Path | None:
-    for suffix in _SUFFIXES:
+    for suffix in CASE_SUFFIXES:
         if (folder / f"{key}{suffix}").exists():
             return folder / f"{key}{suffix}"
     return None

@@ -25,13 +25,19 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from matplotlib.figure import Figure
 
+from IPv2DenoiseLib.core.device import describe_device, resolve_device
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.progress import CancelToken, ProgressCallback
 from IPv2DenoiseLib.denoiser.models import build_model, count_parameters, flops_per_voxel
 from IPv2DenoiseLib.denoiser.normalization import NORMALIZATION, hu_to_net, net_to_hu
-from IPv2DenoiseLib.io.volumes import read_volume
+from IPv2DenoiseLib.denoiser.weights import load_model, save_model
+from IPv2DenoiseLib.imaging.masks import body_mask
+from IPv2DenoiseLib.imaging.metrics import psnr, roi_stats
+from IPv2DenoiseLib.io.case_folder import read_case
 from IPv2DenoiseLib.physics.scanner_noise import ScannerProtocol
+from IPv2DenoiseLib.purification.pairs import Strategy, build_pairs
 from IPv2DenoiseLib.training.regions import BACKGROUND, BODY, LUNGS, REGION_NAMES
 from IPv2DenoiseLib.training.scanner_data import (
     CleanVolume,
@@ -101,28 +107,10 @@ class CasePairs:
     truth: np.ndarray | None = None  # noise-free anatomy of the test input, when known
 
 
-def _read_case(folder: Path) -> dict[str, np.ndarray | float]:
-    need = ("uldct", "ndct")
-    found = {}
-    for key in (*need, "uldct_clean"):
-        for suffix in (".nrrd", ".nii.gz", ".nii", ".mha"):
-            if (folder / f"{key}{suffix}").exists():
-                found[key] = read_volume(folder / f"{key}{suffix}")
-                break
-    missing = [k for k in need if k not in found]
-    if missing:
-        raise UserError(
-            f"{folder}: training case lacks {', '.join(missing)} (expected uldct.nrrd and ndct.nrrd)"
-        )
-    return found
-
-
 def prepare_case(folder: str | os.PathLike, config: TrainConfig, *, seed: int) -> CasePairs:
     """Build the purified pair of one case folder (``uldct.*``, ``ndct.*``, optional ``uldct_clean.*``)."""
-    from IPv2DenoiseLib.purification.pairs import Strategy, build_pairs
-
     folder = Path(folder)
-    vols = _read_case(folder)
+    vols = read_case(folder)
     u, n = vols["uldct"], vols["ndct"]
     if not u.same_geometry(n, atol=1e-2):
         raise UserError(
@@ -133,7 +121,6 @@ def prepare_case(folder: str | os.PathLike, config: TrainConfig, *, seed: int) -
         kwargs["weak_denoiser"] = config.weak_denoiser
     pair = build_pairs(u.array, n.array, Strategy.from_name(config.strategy), **kwargs)
     regions = np.full(u.shape, 255, np.uint8)
-    from IPv2DenoiseLib.imaging.masks import body_mask
 
     regions[body_mask(n.array) | body_mask(u.array)] = BODY
     regions[pair.lungs] = LUNGS
@@ -214,8 +201,6 @@ def _denoise_slices(
 
 def validate(model, cases: Sequence[CasePairs], device: torch.device, in_slices: int) -> dict[str, float]:
     """Per-region metrics of the denoised test input, against the truth and the purified test label."""
-    from IPv2DenoiseLib.imaging.metrics import psnr, roi_stats
-
     sums: dict[str, list[float]] = {}
     for case in cases:
         if case.test_input is None:
@@ -268,9 +253,6 @@ def train(
 
     ``prepared`` skips reading case folders (tests and the evaluation pass pairs they built).
     """
-    from IPv2DenoiseLib.core.device import describe_device, resolve_device
-    from IPv2DenoiseLib.denoiser.weights import save_model
-
     if config.iterations < 1 or config.batch < 1 or config.patch < 8:
         raise UserError("iterations and batch must be >= 1 and patch >= 8")
     rank, world = _distributed()
@@ -301,8 +283,6 @@ def train(
 
     model = build_model(config.arch, **config.model_kwargs)
     if config.init_weights:
-        from IPv2DenoiseLib.denoiser.weights import load_model
-
         start_from, start_card = load_model(config.init_weights)
         if start_from.ARCH != model.ARCH or start_from.config != model.config:
             raise UserError(
@@ -494,7 +474,7 @@ def scanner_validation(folders: Sequence[str], *, slices: int) -> tuple[list[Cas
     """
     standard, scanner = [], []
     for i, folder in enumerate(map(Path, folders)):
-        vols = _read_case(folder)
+        vols = read_case(folder)
         if "uldct_clean" not in vols:
             raise UserError(f"{folder}: scanner-noise validation needs uldct_clean.* (a make-dataset case)")
         clean_vol = vols["uldct_clean"]
@@ -539,12 +519,8 @@ def scanner_data_record(sampler: ScannerNoiseSampler, volumes) -> dict:
 
 def plot_training_curves(history: dict, path: str | os.PathLike, *, title: str = "") -> Path:
     """Loss and validation PSNR per region against iterations, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig = Figure(figsize=(10, 3.6))
+    axes = fig.subplots(1, 2)
     axes[0].plot(history["iteration"], history["loss"], marker="o")
     axes[0].set(xlabel="iteration", ylabel="training loss", yscale="log", title="loss")
     keys = sorted(
@@ -562,5 +538,4 @@ def plot_training_curves(history: dict, path: str | os.PathLike, *, title: str =
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
