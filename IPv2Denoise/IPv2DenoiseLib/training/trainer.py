@@ -400,7 +400,7 @@ def train(
                 model.to("cpu").to(memory_format=torch.contiguous_format), in_slices
             ),
             "normalization": NORMALIZATION,
-            "strategy": config.strategy,
+            "strategy": config.strategy if config.noise == "pairs" else "scanner-noise",
             "data": {
                 "training_cases": [c.name for c in train_cases],
                 "validation_cases": [c.name for c in val_cases],
@@ -424,7 +424,14 @@ def train(
             "history": history,
         }
         save_model(model, out / f"{config.name}.safetensors", card)
-        plot_training_curves(history, out / "training_curves.png", title=f"{config.arch} / {config.strategy}")
+        plot_training_curves(
+            history,
+            out / "training_curves.png",
+            title=f"{config.arch} / {config.strategy if config.noise == 'pairs' else 'scanner noise'}",
+            lr=constant_then_decay(config.iterations, config.decay_fraction)
+            if config.schedule == "constant"
+            else None,
+        )
     if world > 1:
         torch.distributed.barrier()
     return card
@@ -517,23 +524,40 @@ def scanner_data_record(sampler: ScannerNoiseSampler, volumes) -> dict:
     }
 
 
-def plot_training_curves(history: dict, path: str | os.PathLike, *, title: str = "") -> Path:
-    """Loss and validation PSNR per region against iterations, as a PNG."""
-    fig = Figure(figsize=(10, 3.6))
-    axes = fig.subplots(1, 2)
+def plot_training_curves(
+    history: dict,
+    path: str | os.PathLike,
+    *,
+    title: str = "",
+    lr: Callable[[int], float] | None = None,
+) -> Path:
+    """Loss (and the learning-rate factor ``lr(step)``) and validation PSNR per region, as a PNG.
+
+    One validation panel per set: the cases' own scans (``psnr_truth*``) and, for scanner-noise
+    training, the fixed scanner protocol (``scanner_psnr_truth*``).
+    """
+    sets = [("", "validation: own 2 % scans")]
+    if any(k.startswith("scanner_") for v in history["val"] for k in v):
+        sets.append(("scanner_", f"validation: {VALIDATION_PROTOCOL.kernel}, correlated, bowtie + TCM"))
+    fig = Figure(figsize=(5 * (1 + len(sets)), 3.6))
+    axes = fig.subplots(1, 1 + len(sets))
     axes[0].plot(history["iteration"], history["loss"], marker="o")
     axes[0].set(xlabel="iteration", ylabel="training loss", yscale="log", title="loss")
-    keys = sorted(
-        {k for v in history["val"] for k in v if k.startswith(("psnr_truth", "scanner_psnr_truth"))}
-    )
-    for key in keys:
-        label = key.replace("psnr_truth", "").strip("_") or "all"
-        axes[1].plot(
-            history["iteration"], [v.get(key, math.nan) for v in history["val"]], marker="o", label=label
-        )
-    axes[1].set(xlabel="iteration", ylabel="PSNR vs truth (dB)", title="validation")
-    if axes[1].lines:
-        axes[1].legend(fontsize=8)
+    if lr is not None and history["iteration"]:
+        steps = np.arange(0, history["iteration"][-1] + 1)
+        twin = axes[0].twinx()
+        twin.plot(steps, [lr(int(i)) for i in steps], color="0.6", lw=1)
+        twin.set(ylabel="learning-rate factor", ylim=(0, 1.05))
+    for ax, (prefix, name) in zip(axes[1:], sets):
+        keys = sorted({k for v in history["val"] for k in v if k.startswith(f"{prefix}psnr_truth")})
+        for key in keys:
+            label = key[len(prefix) :].replace("psnr_truth", "").strip("_") or "body + lungs"
+            ax.plot(
+                history["iteration"], [v.get(key, math.nan) for v in history["val"]], marker="o", label=label
+            )
+        ax.set(xlabel="iteration", ylabel="PSNR vs truth (dB)", title=name)
+        if ax.lines:
+            ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)
