@@ -250,9 +250,41 @@ def measure(out: np.ndarray, truth: np.ndarray, noisy: np.ndarray, reg: Regions,
 # ------------------------------------------------------------------------------------------ driver
 
 
+class OutputCache:
+    """Classical outputs on disk (``--cache DIR``): they do not change between model versions, so a
+    rerun that compares new weights recomputes only the networks. Keyed by image, noise, seed,
+    method and strength; None = no cache."""
+
+    def __init__(self, folder: str | None) -> None:
+        self.folder = Path(folder) if folder else None
+        if self.folder:
+            self.folder.mkdir(parents=True, exist_ok=True)
+
+    def get(self, key: str, compute, *args, **kwargs) -> np.ndarray:
+        """``compute(*args, **kwargs)``, or its stored result."""
+        if self.folder is None:
+            return compute(*args, **kwargs)
+        path = self.folder / f"{key}.npy"
+        if path.exists():
+            return np.load(path)
+        out = np.asarray(compute(*args, **kwargs), dtype=np.float32)
+        tmp = path.with_suffix(".partial.npy")
+        np.save(tmp, out)
+        os.replace(tmp, path)
+        return out
+
+
 def evaluate_image(
-    image: RealImage, models, *, seed: int, bm3d_mode: str, remove_background: bool, log
+    image: RealImage,
+    models,
+    *,
+    seed: int,
+    bm3d_mode: str,
+    remove_background: bool,
+    log,
+    cache: OutputCache | None = None,
 ) -> dict:
+    cache = cache or OutputCache(None)
     truth, pixel_mm = load_image(image)
     reg = regions_of(truth, pixel_mm, truncated=image.body_mm is not None)
     base = projection_noise(truth, pixel_mm, image.body_mm, image.body_hu, seed=seed)
@@ -261,13 +293,20 @@ def evaluate_image(
     for noise_name, noise in noises.items():
         noisy = truth + noise
         est = estimate_noise_hu(noisy)
+        tag = f"{image.name}-{noise_name}-seed{seed}"
         rows: dict[str, dict] = {"input": measure(noisy, truth, noisy, reg, pixel_mm)}
         outputs: dict[str, np.ndarray] = {"input": noisy}
         for method in ("nlm", "tv"):
             t = time.monotonic()
             best = None
             for factor in NLM_TV_FACTORS:
-                out = denoise_classical(noisy, method, noise_hu=est * factor)
+                out = cache.get(
+                    f"{tag}-{method}-{factor}",
+                    denoise_classical,
+                    noisy,
+                    method,
+                    noise_hu=est * factor,
+                )
                 score = psnr(truth, out, mask=reg.body)
                 if factor == 1.0:
                     rows[f"{method}_default"] = measure(out, truth, noisy, reg, pixel_mm)
@@ -279,13 +318,13 @@ def evaluate_image(
         if bm3d_mode != "off":
             t = time.monotonic()
             psd = noise_psd(noise, reg.body)
-            default = run_bm3d(noisy, psd, 1.0)
+            default = cache.get(f"{tag}-bm3d-1.0", run_bm3d, noisy, psd, 1.0)
             rows["bm3d_default"] = measure(default, truth, noisy, reg, pixel_mm)
             factor = 1.0
             if bm3d_mode == "full" or min(truth.shape) <= 192:
                 scored = [(psnr(truth, default, mask=reg.body), 1.0, default)]
                 for f in (f for f in BM3D_FACTORS if f != 1.0):
-                    o = run_bm3d(noisy, psd, f)
+                    o = cache.get(f"{tag}-bm3d-{f}", run_bm3d, noisy, psd, f)
                     scored.append((psnr(truth, o, mask=reg.body), f, o))
                 _, factor, best_out = max(scored, key=lambda s: s[0])
             else:  # choose the strength on the central 192² crop, then run the full image once
@@ -293,11 +332,19 @@ def evaluate_image(
                 crop = (slice(cy - 96, cy + 96), slice(cx - 96, cx + 96))
                 sub_psd = noise_psd(noise[crop], reg.body[crop])
                 scores = {
-                    f: psnr(truth[crop], run_bm3d(noisy[crop], sub_psd, f), mask=reg.body[crop])
+                    f: psnr(
+                        truth[crop],
+                        cache.get(f"{tag}-bm3d-crop-{f}", run_bm3d, noisy[crop], sub_psd, f),
+                        mask=reg.body[crop],
+                    )
                     for f in BM3D_FACTORS
                 }
                 factor = max(scores, key=scores.get)
-                best_out = default if factor == 1.0 else run_bm3d(noisy, psd, factor)
+                best_out = (
+                    default
+                    if factor == 1.0
+                    else cache.get(f"{tag}-bm3d-{factor}", run_bm3d, noisy, psd, factor)
+                )
             rows["bm3d_oracle"] = {**measure(best_out, truth, noisy, reg, pixel_mm), "factor": factor}
             outputs["bm3d_oracle"] = best_out
             log(f"  {image.name}/{noise_name} bm3d: {time.monotonic() - t:.1f} s")
@@ -401,6 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", nargs="*", default=[i.name for i in IMAGES], help="subset of images")
     parser.add_argument("--bm3d", choices=["quick", "full", "off"], default="quick")
     parser.add_argument("--seed", type=int, default=14)
+    parser.add_argument("--cache", default=None, help="folder keeping the classical outputs between runs")
     parser.add_argument(
         "--remove-background",
         action="store_true",
@@ -432,6 +480,7 @@ def main(argv: list[str] | None = None) -> int:
                 bm3d_mode=args.bm3d,
                 remove_background=args.remove_background,
                 log=lambda s: print(s, file=sys.stderr),
+                cache=OutputCache(args.cache),
             )
     summary = print_table(results, labels)
     write_figure(results, labels, Path(args.figure))
