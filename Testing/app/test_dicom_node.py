@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pydicom
@@ -25,19 +26,20 @@ NODE_AET = "IPV2NODE"
 LIB = Path(__file__).resolve().parents[2] / "IPv2Denoise"
 
 
-def _derived_in_orthanc(orthanc, study_uid: str, timeout: float = 60.0) -> list[pydicom.Dataset]:
-    """Wait for a derived (DERIVED\\SECONDARY) series in ``study_uid``; return its instances."""
+def _derived_in_orthanc(orthanc, study_uid: str, count: int, timeout: float = 60.0) -> list[pydicom.Dataset]:
+    """Wait until a derived ("denoised") series of ``count`` instances is in ``study_uid``; return them."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for series in orthanc.study_series(study_uid):
-            if "denoised" in series["MainDicomTags"].get("SeriesDescription", ""):
+            description = series["MainDicomTags"].get("SeriesDescription", "")
+            if "denoised" in description and len(series["Instances"]) >= count:
                 files = []
                 for instance in orthanc.get(f"/series/{series['ID']}/instances"):
                     raw = orthanc.get_bytes(f"/instances/{instance['ID']}/file")
                     files.append(pydicom.dcmread(pydicom.filebase.DicomBytesIO(raw)))
                 return files
         time.sleep(0.3)
-    raise AssertionError(f"no derived series appeared in study {study_uid} within {timeout:g} s")
+    raise AssertionError(f"no derived series of {count} instances in study {study_uid} within {timeout:g} s")
 
 
 def _fresh_study(folder: Path, n: int = 4) -> list[Path]:
@@ -61,7 +63,7 @@ def test_denoise_dicom_then_send(orthanc, tmp_path, capsys) -> None:
     )
     assert code == 0, capsys.readouterr().err
     assert len(list(out.iterdir())) == len(sources)
-    back = _derived_in_orthanc(orthanc, study_uid)
+    back = _derived_in_orthanc(orthanc, study_uid, len(sources))
     assert len(back) == len(sources)
     source_uids = {pydicom.dcmread(p).SOPInstanceUID for p in sources}
     for ds in back:
@@ -154,12 +156,20 @@ def test_serve_skips_bad_instances_and_resumes_after_sigterm(orthanc, tmp_path, 
 
     node = Node(spool, orthanc.node, quiet=1.0)  # the next start resumes it
     try:
-        log = node.wait_for("noise", 90)
-        back = _derived_in_orthanc(orthanc, study_uid)
+        log = node.wait_for("; noise ", 90)
+        back = _derived_in_orthanc(orthanc, study_uid, len(sources))
+        # two senders at once, each with its own series
+        more = [_fresh_study(tmp_path / f"sender{i}", n=3) for i in range(2)]
+        with ThreadPoolExecutor(2) as pool:
+            statuses = list(pool.map(lambda paths: _store(node.port, map(pydicom.dcmread, paths)), more))
+        assert statuses == [[0x0000] * 3] * 2
+        for paths in more:
+            assert len(_derived_in_orthanc(orthanc, pydicom.dcmread(paths[0]).StudyInstanceUID, 3)) == 3
     finally:
         assert node.stop() == 0
     assert "resuming 0 queued and 1 incoming series" in log
     assert len(back) == len(sources)
+    assert node.text().count("; noise ") == 3
     assert not list((spool / "incoming").iterdir()) and not list((spool / "ready").iterdir())
 
 
@@ -174,11 +184,11 @@ def test_orthanc_sends_study_to_serve_and_gets_the_derived_series(orthanc, tmp_p
         orthanc.add_modality("ipv2node", NODE_AET, node.port)
         job = orthanc.post("/modalities/ipv2node/store", study["ID"])
         assert job["InstancesCount"] == len(sources) and job["FailedInstancesCount"] == 0
-        log = node.wait_for("noise", 90)
-        back = _derived_in_orthanc(orthanc, study_uid)
+        log = node.wait_for("; noise ", 90)
+        back = _derived_in_orthanc(orthanc, study_uid, len(sources))
     finally:
         assert node.stop() == 0
-    line = next(line for line in log.splitlines() if "noise" in line)
+    line = next(line for line in log.splitlines() if "; noise " in line)
     assert "received 8 instance(s) from ORTHANC" in line and f"sent 8 to {orthanc.aet}" in line
     before, after = (float(v) for v in line.split("noise ")[1].removesuffix(" HU").split(" -> "))
     assert after < before
