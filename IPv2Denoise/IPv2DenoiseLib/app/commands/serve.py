@@ -76,6 +76,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="retries of transient forwarding failures (default: %(default)s)",
     )
+    _add_retry_argument(parser)
+
+
+def _add_retry_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--retry-seconds",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="first wait before re-sending to an unavailable --forward (doubles, at most 600 s) (default: %(default)s)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -117,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
         jobs=args.jobs,
         timeout=args.timeout,
         retries=args.retries,
+        retry_seconds=args.retry_seconds,
         options=DerivedSeriesOptions(model=provenance),
     )
 
