@@ -20,12 +20,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +49,8 @@ LOG = logging.getLogger("ipv2denoise.node")
 CANNOT_UNDERSTAND = 0xC210
 #: Modalities the node denoises; other instances are acknowledged and skipped.
 CT_MODALITIES = {"CT"}
+#: A DICOM UID (PS3.5 9.1): digits and dots, at most 64 characters; used as file and folder names.
+_UID = re.compile(r"[0-9][0-9.]{0,63}")
 #: Longest wait between attempts to reach an unavailable forward destination.
 MAX_RETRY_SECONDS = 600.0
 
@@ -119,10 +122,8 @@ class DenoisingNode:
         self._arrivals: dict[str, _Arrival] = {}
         self._stop = threading.Event()
         self._executor = ThreadPoolExecutor(max_workers=max(1, config.jobs), thread_name_prefix="denoise")
-        self._futures: set[Future] = set()
         self._server = None
         self._monitor: threading.Thread | None = None
-        self.processed: list[dict] = []  # one record per finished series (for tests and status)
 
     # ------------------------------------------------------------------------------- lifecycle
 
@@ -217,6 +218,8 @@ class DenoisingNode:
             sop_uid, series_uid = str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID)
             modality = str(ds.get("Modality", ""))
             ok = _pixel_data_ok(ds) if modality in CT_MODALITIES else True
+            if not (_UID.fullmatch(sop_uid) and _UID.fullmatch(series_uid)):  # they become file names
+                raise ValueError(f"invalid UID {sop_uid!r} / {series_uid!r}")
         except Exception as exc:  # noqa: BLE001 (whatever a peer sends, the node keeps serving)
             LOG.warning("refused a corrupt instance from %s: %s", sender, str(exc).splitlines()[0][:160])
             return CANNOT_UNDERSTAND
@@ -231,6 +234,8 @@ class DenoisingNode:
         fd, tmp = tempfile.mkstemp(suffix=".dcm", dir=self.dirs["tmp"])
         with os.fdopen(fd, "wb") as f:
             f.write(event.encoded_dataset(include_meta=True))
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the sender hears "success"
         with self._lock:
             folder = self.dirs["incoming"] / series_uid
             folder.mkdir(exist_ok=True)
@@ -258,9 +263,7 @@ class DenoisingNode:
     def _submit(self, job: Path, attempt: int = 0) -> None:
         if self._stop.is_set():
             return  # stays in ready/ for the next start
-        future = self._executor.submit(self._process, job, attempt)
-        self._futures.add(future)
-        future.add_done_callback(self._futures.discard)
+        self._executor.submit(self._process, job, attempt)
 
     # ------------------------------------------------------------------------------- processing
 
@@ -327,16 +330,6 @@ class DenoisingNode:
         shutil.rmtree(out, ignore_errors=True)
         shutil.rmtree(job, ignore_errors=True)
         seconds = time.monotonic() - start
-        record = {
-            "series": series_uid,
-            "received": received,
-            "senders": senders,
-            "sent": len(report.results),
-            "destination": str(self.config.forward),
-            "seconds": round(seconds, 2),
-            **{k: round(v, 2) for k, v in facts.items()},
-        }
-        self.processed.append(record)
         LOG.info(
             "series %s: received %d instance(s) from %s, denoised %d slice(s) in %.1f s, sent %d to %s; "
             "%.1f s in all; noise %.1f -> %.1f HU",

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from IPv2DenoiseLib import __version__
 from IPv2DenoiseLib.app.commands.send import add_peer_arguments, send_and_report
 from IPv2DenoiseLib.core.device import DEVICE_CHOICES
 from IPv2DenoiseLib.core.errors import UserError
@@ -70,8 +71,7 @@ def add_dicom_arguments(parser: argparse.ArgumentParser) -> None:
 
 def model_provenance(denoiser, *, registered: bool):
     """:class:`ModelProvenance` of a loaded Denoiser; a shipped (registered) model is versioned with the package."""
-    from IPv2DenoiseLib import __version__
-    from IPv2DenoiseLib.io.dicom_export import ModelProvenance
+    from IPv2DenoiseLib.io.dicom_export import ModelProvenance  # lazy: pydicom, not at CLI start-up
 
     return ModelProvenance.from_card(
         denoiser.name, denoiser.card, default_version=__version__ if registered else "unversioned"
@@ -80,7 +80,7 @@ def model_provenance(denoiser, *, registered: bool):
 
 def dicom_options(args: argparse.Namespace, provenance):
     """:class:`DerivedSeriesOptions` from the command line."""
-    from IPv2DenoiseLib.io.dicom_export import DerivedSeriesOptions
+    from IPv2DenoiseLib.io.dicom_export import DerivedSeriesOptions  # lazy: pydicom, not at CLI start-up
 
     return DerivedSeriesOptions(
         model=provenance,
