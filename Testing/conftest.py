@@ -10,6 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from IPv2DenoiseLib.core.volume import Volume
+from IPv2DenoiseLib.io.volumes import write_volume
+
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 
@@ -86,16 +89,13 @@ def chest_like_volume(seed: int, shape: tuple[int, int, int] = (8, 64, 64)) -> n
 def write_batch_archive(root: Path) -> dict[str, str]:
     """A small archive of six studies: four volume files (NIfTI, NRRD, MHA), one real DICOM CT series
     (pydicom's CT_small slice) and one truncated NRRD. Returns case id -> kind ("ok" or "corrupt")."""
-    from IPv2DenoiseLib.core.volume import Volume
-    from IPv2DenoiseLib.io.volumes import write_volume
-
     files = {
         "site_a/p01": "site_a/p01.nii.gz",
         "site_a/p02": "site_a/p02.nrrd",
         "site_b/p03": "site_b/p03.mha",
         "site_b/deep/p04": "site_b/deep/p04.nii.gz",
     }
-    for seed, (case, name) in enumerate(sorted(files.items())):
+    for seed, name in enumerate(sorted(files.values())):
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         write_volume(
             Volume(chest_like_volume(seed), (5.0, 5.0, 5.0), (-160.0, -160.0, 10.0 * seed)), root / name
@@ -116,3 +116,20 @@ def batch_archive(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     """Session-wide read-only archive for the batch tests (tests copy it before changing it)."""
     root = tmp_path_factory.mktemp("archive")
     return root, write_batch_archive(root)
+
+
+@pytest.fixture(scope="session")
+def orthanc(tmp_path_factory):
+    """A real Orthanc PACS (Debian ``orthanc`` + ``orthanc-dicomweb``) on free loopback ports.
+
+    Session-scoped (it starts in well under a second, but its storage is shared by the network
+    tests, which use fresh UIDs). Fails, never skips, when Orthanc is missing: CI installs it.
+    """
+    from orthanc_server import start_orthanc
+
+    try:
+        server = start_orthanc(tmp_path_factory.mktemp("orthanc"))
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    yield server
+    server.stop()

@@ -24,6 +24,8 @@ COMMAND_MODULES = (
     "denoise",
     "batch",
     "batch_summary",
+    "send",
+    "serve",
     "demo",
     "evaluate",
 )
@@ -43,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for module in command_modules():
-        p = sub.add_parser(module.NAME, help=module.HELP, description=module.HELP)
+        p = sub.add_parser(module.NAME, help=module.HELP.replace("%", "%%"), description=module.HELP)
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
     return parser

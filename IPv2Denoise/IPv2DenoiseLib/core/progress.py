@@ -90,7 +90,7 @@ class TqdmProgress:
     """A progress callback drawing a tqdm bar on stderr."""
 
     def __init__(self, desc: str = "", unit: str = "it", disable: bool | None = None) -> None:
-        from tqdm import tqdm
+        from tqdm import tqdm  # lazy: the Slicer module imports progress before tqdm is installed
 
         self.bar = tqdm(total=0, desc=desc, unit=unit, disable=disable, dynamic_ncols=True, file=sys.stderr)
 

@@ -16,6 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pydicom
+import SimpleITK as sitk
+from pydicom.errors import InvalidDicomError
 
 from IPv2DenoiseLib.core.atomic import atomic_path
 from IPv2DenoiseLib.core.errors import UserError
@@ -123,8 +126,6 @@ def _validate_ct(volume: Volume, *, where: str, force: bool) -> None:
 
 
 def _read_itk_image(path: Path) -> Volume:
-    import SimpleITK as sitk
-
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
@@ -198,9 +199,6 @@ def read_dicom_series(files: Iterable[str | os.PathLike], *, force: bool = False
 
 
 def _read_headers(files: Iterable[Path]):
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
     for f in files:
         try:
             ds = pydicom.dcmread(f, stop_before_pixels=True)
@@ -250,8 +248,6 @@ def _read_dicom_files(files: list[Path], *, series_uid: str | None, force: bool,
 
 
 def _assemble_series(members: list, *, where: str, choice: str, n_series: int) -> Volume:
-    import pydicom
-
     first = members[0][1]
     if int(first.get("SamplesPerPixel", 1)) != 1:
         raise UserError(
@@ -324,8 +320,6 @@ def write_volume(volume: Volume, path: str | os.PathLike, *, dtype: np.dtype | t
     ``dtype`` stores the voxels as another type (e.g. ``np.int16`` for compact HU, rounded and
     clipped to the type's range); the default keeps float32. Compressed where the format allows.
     """
-    import SimpleITK as sitk
-
     out = Path(path)
     suffix = image_suffix(out)
     if suffix not in {".nrrd", ".nii", ".nii.gz", ".mha"}:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from IPv2DenoiseLib.app.batch.cases import Case
 from IPv2DenoiseLib.app.batch.records import (
@@ -32,10 +33,15 @@ from IPv2DenoiseLib.app.batch.records import (
     verified_record,
     write_record,
 )
+from IPv2DenoiseLib.app.commands.denoise import model_provenance
 from IPv2DenoiseLib.core.atomic import remove_stale_partials
+from IPv2DenoiseLib.core.device import describe_device, resolve_device
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.volume import Volume
+from IPv2DenoiseLib.denoiser.infer import Denoiser
 from IPv2DenoiseLib.imaging.noise_estimate import estimate_noise_hu
+from IPv2DenoiseLib.io.dicom_export import DerivedSeriesOptions, export_derived_series
+from IPv2DenoiseLib.io.volumes import read_dicom_series, read_volume, write_volume
 
 #: Slices (evenly spaced) on which noise before/after is estimated: bounded time and memory per case.
 NOISE_SLICES = 16
@@ -106,11 +112,6 @@ class CaseProcessor:
     """Reads, denoises and writes cases with one model loaded once; thread-safe (one network at a time)."""
 
     def __init__(self, settings: BatchSettings, *, threads: int | None = None) -> None:
-        import torch
-
-        from IPv2DenoiseLib.core.device import describe_device, resolve_device
-        from IPv2DenoiseLib.denoiser.infer import Denoiser
-
         if threads:
             torch.set_num_threads(threads)
         self.settings = settings
@@ -167,8 +168,6 @@ class CaseProcessor:
 
     def load(self, case: Case, *, attempts: int = 1) -> Loaded | dict[str, Any]:
         """Read a case (or return its row when it is already done and verified, or cannot be read)."""
-        from IPv2DenoiseLib.io.volumes import read_dicom_series, read_volume
-
         started = time.monotonic()
         if case.error:
             return self.failed(case, case.error, started=started, attempts=attempts)
@@ -250,17 +249,16 @@ class CaseProcessor:
             return self.failed(case, _one_line(exc), started=loaded.started, attempts=loaded.attempts)
 
     def _write(self, loaded: Loaded, out: Path) -> None:
-        from IPv2DenoiseLib.io.volumes import write_volume
-
         if not self.settings.dicom:
             write_volume(loaded.result, out)
             return
-        from IPv2DenoiseLib.io.dicom_export import export_derived_series
-
         if out.exists():  # an earlier, unrecorded output of this case: ours to replace
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         sources = loaded.volume.meta.get("dicom_files") if loaded.case.kind == "dicom" else None
-        export_derived_series(loaded.result, out, source_files=sources, model_name=self.denoiser.name)
+        provenance = model_provenance(self.denoiser, registered=self.settings.weights is None)
+        export_derived_series(
+            loaded.result, out, source_files=sources, options=DerivedSeriesOptions(model=provenance)
+        )
 
     def process(self, case: Case, *, attempts: int = 1) -> dict[str, Any]:
         """All steps of one case in this thread (the Ray actors' unit of work, and ``--prefetch 0``)."""

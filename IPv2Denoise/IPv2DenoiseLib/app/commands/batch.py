@@ -13,8 +13,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TextIO
 
+from IPv2DenoiseLib.app.batch.records import summary_stem, totals, write_summary
 from IPv2DenoiseLib.core.device import DEVICE_CHOICES
 from IPv2DenoiseLib.core.errors import UserError
+from IPv2DenoiseLib.core.progress import JsonLinesProgress, make_progress
 
 NAME = "batch"
 HELP = (
@@ -167,6 +169,7 @@ def check_paths(input_path: Path, out_root: Path) -> None:
 
 def find_cases(args: argparse.Namespace, input_path: Path, out_root: Path):
     """The cases INPUT names (tree, manifest or one file), sharded when asked; and the shard."""
+    # lazy: the CLI imports every command to build --help; SimpleITK & co. load on use
     from IPv2DenoiseLib.app.batch.cases import Case, discover_tree, parse_shard, read_manifest, shard_cases
     from IPv2DenoiseLib.io.volumes import image_suffix
 
@@ -195,6 +198,7 @@ def find_cases(args: argparse.Namespace, input_path: Path, out_root: Path):
 
 
 def run(args: argparse.Namespace) -> int:
+    # lazy: the CLI imports every command to build --help; torch & co. load on use
     from IPv2DenoiseLib.app.batch.pipeline import BatchSettings
 
     start = time.monotonic()
@@ -237,9 +241,6 @@ def _stdout_for_json_only(enabled: bool) -> Iterator[TextIO | None]:
 
 
 def _run(args, input_path, out_root, cases, found, shard, settings, start, json_stream) -> int:
-    from IPv2DenoiseLib.app.batch.records import summary_stem, totals, write_summary
-    from IPv2DenoiseLib.core.progress import JsonLinesProgress, make_progress
-
     if json_stream is not None:
         progress = JsonLinesProgress(json_stream)
     else:
@@ -286,7 +287,7 @@ def _run(args, input_path, out_root, cases, found, shard, settings, start, json_
         if args.engine == "ray":
             _run_ray(args, cases, settings, on_row, event, stop)
         else:
-            from IPv2DenoiseLib.app.batch.pipeline import CaseProcessor, run_local
+            from IPv2DenoiseLib.app.batch.pipeline import CaseProcessor, run_local  # lazy: see run()
 
             processor = CaseProcessor(settings)
             event(device=processor.device_name, model=processor.denoiser.name)

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from IPv2DenoiseLib.app.batch.records import SUMMARY_STEM, combine_shard_summaries, totals, write_summary
 from IPv2DenoiseLib.core.errors import UserError
 
 NAME = "batch-summary"
@@ -20,8 +21,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from IPv2DenoiseLib.app.batch.records import SUMMARY_STEM, combine_shard_summaries, totals, write_summary
-
     out_root = Path(args.output)
     if not out_root.is_dir():
         raise UserError(f"OUT {out_root} is not a folder")
