@@ -29,21 +29,16 @@ from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.progress import CancelToken, ProgressCallback, Steps
 from IPv2DenoiseLib.denoiser.infer import Denoiser
 from IPv2DenoiseLib.imaging.classical import available_methods, denoise_classical
-from IPv2DenoiseLib.imaging.masks import (
-    background_mask,
-    body_mask,
-    lung_mask,
-    lung_parenchyma_mask,
-    soft_tissue_mask,
-)
+from IPv2DenoiseLib.imaging.masks import evaluation_rois
 from IPv2DenoiseLib.imaging.metrics import laa950, nps_2d, psnr, ssim
 from IPv2DenoiseLib.imaging.noise_estimate import estimate_noise_hu
 from IPv2DenoiseLib.io.case_folder import case_folders_in, read_case
 from IPv2DenoiseLib.physics.lowdose import simulate_low_dose
 from IPv2DenoiseLib.purification.pairs import Strategy, build_pairs, make_weak_denoiser
+from IPv2DenoiseLib.purification.regions import sampling_regions
 from IPv2DenoiseLib.synthetic.breathing import breathing_motion
 from IPv2DenoiseLib.synthetic.phantom import make_chest_phantom
-from IPv2DenoiseLib.training.trainer import BACKGROUND, BODY, LUNGS, CasePairs, TrainConfig, train
+from IPv2DenoiseLib.training.trainer import CasePairs, TrainConfig, train
 
 #: Strategies of the grid: naive, IPv1, IPv2 and the two single-module ablations.
 GRID_STRATEGIES = ("naive", "ipv1", "rb", "an", "ipv2")
@@ -227,10 +222,7 @@ def purified_training_cases(cases: Sequence[Case], strategy: str, config: EvalCo
         # the training input does not depend on the test label, so skip the weak denoiser here
         name = strategy.replace("ipv2", "rb+an") if strategy == "ipv2" else strategy
         pair = build_pairs(case.uldct, case.ndct, name, dose=config.dose, spacing=case.spacing, seed=7 + i)
-        regions = np.full(case.uldct.shape, 255, np.uint8)
-        regions[body_mask(case.ndct) | body_mask(case.uldct)] = BODY
-        regions[pair.lungs] = LUNGS
-        regions[pair.background] = BACKGROUND
+        regions = sampling_regions(case.uldct, case.ndct, pair)
         item = CasePairs(case.name, pair.train_input, pair.train_label, regions)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -253,27 +245,6 @@ def ipv2_test_label(case: Case, config: EvalConfig) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------- metrics
-
-
-def region_masks(reference: np.ndarray) -> dict[str, np.ndarray]:
-    """Background air, lungs, body (not lungs), soft tissue and vessel-free lung parenchyma of a
-    noise-free (or low-noise) reference.
-
-    Background is the border-connected air *below −950 HU*: the foam pad under the patient
-    (−800…−700 HU) is border-connected too, and the inference's background removal erases it, which
-    is not noise.
-    """
-    body = body_mask(reference)
-    lungs = lung_mask(reference) & body
-    air = background_mask(reference) & (np.asarray(reference) < -950.0)
-    return {
-        "background": air,
-        "lungs": lungs,
-        "body": body & ~lungs,
-        "soft_tissue": soft_tissue_mask(reference),
-        "whole_body": body,
-        "lung_parenchyma": lung_parenchyma_mask(reference, lungs=lungs),
-    }
 
 
 def score(
@@ -483,7 +454,7 @@ def run_grid(
 
     refs = []
     for case in test_cases:
-        masks = region_masks(case.truth if case.truth is not None else case.ndct)
+        masks = evaluation_rois(case.truth if case.truth is not None else case.ndct)
         refs.append({"truth": case.truth, "label": ipv2_test_label(case, config), "masks": masks})
     tick("IPv2 test labels")
     z_show = config.figure_slice if config.figure_slice is not None else test_cases[0].uldct.shape[0] // 2

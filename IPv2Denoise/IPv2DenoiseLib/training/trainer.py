@@ -33,14 +33,11 @@ from IPv2DenoiseLib.core.progress import CancelToken, ProgressCallback
 from IPv2DenoiseLib.denoiser.models import build_model, count_parameters, flops_per_voxel
 from IPv2DenoiseLib.denoiser.normalization import NORMALIZATION, hu_to_net, net_to_hu
 from IPv2DenoiseLib.denoiser.weights import load_model, save_model
-from IPv2DenoiseLib.imaging.masks import body_mask
+from IPv2DenoiseLib.denoiser.windows import slice_windows, window_indices
 from IPv2DenoiseLib.imaging.metrics import psnr, roi_stats
 from IPv2DenoiseLib.io.case_folder import read_case
 from IPv2DenoiseLib.purification.pairs import Strategy, build_pairs
-
-#: Region codes of the sampling map.
-BODY, LUNGS, BACKGROUND = 0, 1, 2
-REGION_NAMES = {BODY: "body", LUNGS: "lungs", BACKGROUND: "background"}
+from IPv2DenoiseLib.purification.regions import BACKGROUND, BODY, LUNGS, REGION_NAMES, sampling_regions
 
 
 @dataclass
@@ -96,11 +93,7 @@ def prepare_case(folder: str | os.PathLike, config: TrainConfig, *, seed: int) -
     if config.weak_denoiser:
         kwargs["weak_denoiser"] = config.weak_denoiser
     pair = build_pairs(u.array, n.array, Strategy.from_name(config.strategy), **kwargs)
-    regions = np.full(u.shape, 255, np.uint8)
-
-    regions[body_mask(n.array) | body_mask(u.array)] = BODY
-    regions[pair.lungs] = LUNGS
-    regions[pair.background] = BACKGROUND
+    regions = sampling_regions(u.array, n.array, pair)
     truth = vols["uldct_clean"].array if "uldct_clean" in vols else None
     return CasePairs(
         folder.name, pair.train_input, pair.train_label, regions, u.array, pair.test_label, truth
@@ -113,7 +106,7 @@ class PatchSampler:
     def __init__(self, cases: Sequence[CasePairs], *, patch: int, in_slices: int, shares, seed: int) -> None:
         self.cases = list(cases)
         self.patch = patch
-        self.margin = in_slices // 2
+        self.in_slices = in_slices
         self.rng = np.random.default_rng(seed)
         shares = np.asarray(shares, float)
         self.centres: list[list[np.ndarray]] = []  # [region][case] flat indices
@@ -136,7 +129,7 @@ class PatchSampler:
         p = min(self.patch, ny, nx)
         y0 = int(np.clip(y - p // 2, 0, ny - p))
         x0 = int(np.clip(x - p // 2, 0, nx - p))
-        zs = np.clip(np.arange(z - self.margin, z + self.margin + 1), 0, nz - 1)
+        zs = window_indices(z, z + 1, self.in_slices, nz)
         inp = case.train_input[zs, y0 : y0 + p, x0 : x0 + p]
         lab = case.train_label[z : z + 1, y0 : y0 + p, x0 : x0 + p]
         if flip:  # left-right mirror: plausible anatomy, doubles the data
@@ -161,14 +154,12 @@ def _denoise_slices(
     model, hu: np.ndarray, device: torch.device, in_slices: int, batch: int = 4
 ) -> np.ndarray:
     """Whole-slice inference for validation (small volumes)."""
-    m = in_slices // 2
-    padded = np.pad(hu, ((m, m), (0, 0), (0, 0)), mode="edge")
     out = np.empty_like(hu, dtype=np.float32)
     model.eval()
     with torch.inference_mode():
         for z0 in range(0, hu.shape[0], batch):
             zs = range(z0, min(z0 + batch, hu.shape[0]))
-            x = np.stack([padded[z : z + in_slices] for z in zs])
+            x = slice_windows(hu, zs.start, zs.stop, in_slices)
             y = model(torch.from_numpy(hu_to_net(x)).to(device))
             out[z0 : z0 + len(zs)] = net_to_hu(y[:, 0].float().cpu().numpy())
     model.train()
