@@ -15,7 +15,8 @@ def _case(folder, *, keys=("uldct", "ndct"), suffix=".nrrd"):
     folder.mkdir(parents=True)
     for i, key in enumerate(keys):
         write_volume(
-            Volume(np.full((2, 4, 5), -1000.0 + 10.0 * i, np.float32), (0.7, 0.7, 2.0)), folder / f"{key}{suffix}"
+            Volume(np.full((2, 4, 5), -1000.0 + 10.0 * i, np.float32), (0.7, 0.7, 2.0)),
+            folder / f"{key}{suffix}",
         )
     return folder
 
