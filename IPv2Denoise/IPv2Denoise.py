@@ -37,6 +37,8 @@ from IPv2DenoiseLib.core.resources import resources_dir  # noqa: E402
 from IPv2DenoiseLib.core.volume import Volume  # noqa: E402
 
 SAMPLE_CATEGORY = "IPv2 Denoise"
+#: Application setting (QSettings) holding the PACS node of *Export*: HOST:PORT:AET or a DICOMweb URL.
+PACS_SETTING = "IPv2Denoise/PACS"
 
 
 def resourcePath(relative):
@@ -178,6 +180,8 @@ class IPv2DenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.exportCsvButton.connect("clicked(bool)", self.onExportCsv)
         self.ui.exportDicomButton.connect("clicked(bool)", self.onExportDicom)
         self.ui.exportFileButton.connect("clicked(bool)", self.onExportFile)
+        self.ui.pacsLineEdit.text = str(qt.QSettings().value(PACS_SETTING, "") or "")
+        self.ui.sendToPacsCheckBox.checked = bool(self.ui.pacsLineEdit.text)
 
         self._timer = qt.QTimer()
         self._timer.setInterval(150)
@@ -402,13 +406,17 @@ class IPv2DenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not folder:
             return
         outDir = Path(folder) / (slicer_bridge.safe_name(pair[1].GetName()) + "_dicom")
+        pacs = self.ui.pacsLineEdit.text.strip()
+        qt.QSettings().setValue(PACS_SETTING, pacs)
+        sendTo = pacs if (pacs and self.ui.sendToPacsCheckBox.checked) else None
         with slicer.util.tryWithErrorDisplay(_("DICOM export failed."), waitCursor=True):
             files = self.logic.exportDicom(
-                pair[1], outDir, sourceNode=pair[0], modelName=self._parameterNode.model
+                pair[1], outDir, sourceNode=pair[0], modelName=self._parameterNode.model, sendTo=sendTo
             )
-            self.ui.statusLabel.text = _("Wrote {n} DICOM files to {folder}").format(
-                n=len(files), folder=outDir
-            )
+            message = _("Wrote {n} DICOM files to {folder}").format(n=len(files), folder=outDir)
+            if sendTo:
+                message += _("; sent to {pacs}").format(pacs=sendTo)
+            self.ui.statusLabel.text = message
 
     def onExportFile(self):
         pair = self._pair()
@@ -525,16 +533,27 @@ class IPv2DenoiseLogic(ScriptedLoadableModuleLogic):
         )
 
     def exportDicom(
-        self, denoisedNode, outDir, *, sourceNode=None, modelName="", strategy="ipv2", importToDatabase=True
+        self,
+        denoisedNode,
+        outDir,
+        *,
+        sourceNode=None,
+        modelName="",
+        sendTo=None,
+        callingAet=None,
+        importToDatabase=True,
     ):
-        """Write a derived DICOM series (in the source's study when it came from DICOM)."""
-        # lazy: Slicer loads the module before ensure_in_slicer installs torch/pydicom/scikit-image
-        from IPv2DenoiseLib.io.dicom_export import export_derived_series
+        """Write a derived DICOM series (in the source's study when it came from DICOM), optionally send it.
 
-        sources = slicer_bridge.dicom_source_files(sourceNode) if sourceNode is not None else None
-        volume = slicer_bridge.volume_from_node(denoisedNode)
-        files = export_derived_series(
-            volume, outDir, source_files=sources, model_name=modelName or "unknown", strategy=strategy
+        ``sendTo``: ``HOST:PORT:AET`` or a DICOMweb URL (the *PACS* setting). Returns the files.
+        """
+        files, _ = slicer_bridge.export_dicom(
+            denoisedNode,
+            outDir,
+            source_node=sourceNode,
+            model_name=modelName,
+            send_to=sendTo or None,
+            calling_aet=callingAet or None,
         )
         if importToDatabase and getattr(slicer, "dicomDatabase", None) is not None:
             from DICOMLib import DICOMUtils  # lazy: the DICOM module exists only in the full application

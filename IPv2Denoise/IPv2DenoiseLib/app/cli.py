@@ -22,6 +22,8 @@ COMMAND_MODULES = (
     "make_dataset",
     "train",
     "denoise",
+    "send",
+    "serve",
     "demo",
     "evaluate",
 )
@@ -41,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for module in command_modules():
-        p = sub.add_parser(module.NAME, help=module.HELP, description=module.HELP)
+        p = sub.add_parser(module.NAME, help=module.HELP.replace("%", "%%"), description=module.HELP)
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
     return parser

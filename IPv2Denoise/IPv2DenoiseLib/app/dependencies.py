@@ -40,6 +40,8 @@ REQUIREMENTS = {
     "scipy": "scipy>=1.10",
     "psutil": "psutil>=5.9",
     "tqdm": "tqdm>=4.60",
+    "pynetdicom": "pynetdicom>=2.1",
+    "dicomweb_client": "dicomweb-client>=0.59",
 }
 #: Packages pip must never replace inside Slicer (Slicer ships its own builds).
 SKIP_PACKAGES = ["SimpleITK", "numpy", "vtk", "torch", "requests"]

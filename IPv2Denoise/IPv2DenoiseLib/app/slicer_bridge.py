@@ -39,7 +39,9 @@ __all__ = [
     "denoise_node",
     "difference_node",
     "dicom_source_files",
+    "export_dicom",
     "ijk_to_ras",
+    "registered_model_provenance",
     "place_in_study",
     "safe_name",
     "set_window_level",
@@ -369,6 +371,75 @@ def dicom_source_files(node, *, database=None) -> list[str] | None:
         ipp = np.asarray(getattr(ds, "ImagePositionPatient", origin), dtype=float)
         keyed.append((float((ipp - np.asarray(origin)) @ normal), f))
     return [f for _, f in sorted(keyed)]
+
+
+def registered_model_provenance(model_name: str):
+    """:class:`ModelProvenance` of a model in ``Resources/Models/models.json`` (no torch needed).
+
+    Shipped models are versioned with the package, as in ``ipv2-denoise denoise --dicom``.
+    """
+    import json
+
+    from IPv2DenoiseLib import __version__ as package_version
+    from IPv2DenoiseLib.core.resources import models_dir
+    from IPv2DenoiseLib.io.dicom_export import ModelProvenance  # lazy: needs pydicom
+
+    try:
+        registry = json.loads((models_dir() / "models.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, UserError):
+        registry = {}
+    key = registry.get("default") if model_name == "default" else model_name
+    entry = (registry.get("models") or {}).get(key) or {}
+    card = {"sha256": entry.get("sha256"), "strategy": "ipv2"}
+    card_file = models_dir() / Path(entry["file"]).with_suffix(".json") if entry.get("file") else None
+    if card_file is not None and card_file.exists():
+        card.update(json.loads(card_file.read_text(encoding="utf-8")))
+    version = package_version if entry else "unversioned"  # not a shipped model: no version known
+    return ModelProvenance.from_card(key or model_name or "unknown", card, default_version=version)
+
+
+def export_dicom(
+    denoised_node,
+    out_dir: str | os.PathLike,
+    *,
+    source_node=None,
+    model_name: str = "",
+    send_to: str | None = None,
+    calling_aet: str | None = None,
+    timeout: float = 10.0,
+    database=None,
+):
+    """Write the denoised node as a derived DICOM series, optionally store it on a PACS.
+
+    The same writer as ``ipv2-denoise denoise --dicom`` (:func:`~IPv2DenoiseLib.io.dicom_export.
+    export_derived_series`): in the source node's study when it was loaded from DICOM (its files
+    come from the DICOM database), otherwise a new CT series. ``send_to`` is ``HOST:PORT:AET`` or a
+    DICOMweb URL (the module's *PACS* setting); the files stay in ``out_dir`` whatever the PACS says.
+
+    Returns
+    -------
+    (list of Path, SendReport or None)
+
+    Raises
+    ------
+    UserError
+        Export problems; PACS unreachable, association rejected, or instances refused (named).
+    """
+    # lazy: Slicer loads this module before ensure_in_slicer installs pydicom and pynetdicom
+    from IPv2DenoiseLib.io.dicom_export import DerivedSeriesOptions, export_derived_series
+    from IPv2DenoiseLib.io.dicom_net import DEFAULT_CALLING_AET, parse_destination, send
+
+    target = parse_destination(send_to) if send_to else None  # a bad setting fails before writing
+    sources = dicom_source_files(source_node, database=database) if source_node is not None else None
+    options = DerivedSeriesOptions(model=registered_model_provenance(model_name or "default"))
+    files = export_derived_series(
+        volume_from_node(denoised_node), out_dir, source_files=sources, options=options
+    )
+    report = None
+    if target is not None:
+        report = send(files, target, calling_aet=calling_aet or DEFAULT_CALLING_AET, timeout=timeout)
+        report.raise_for_failures()
+    return files, report
 
 
 # ---------------------------------------------------------------------------- background job
