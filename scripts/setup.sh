@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up .venv with everything IPv2 Denoise needs, from the package registries only.
 #   bash scripts/setup.sh          core + CLI
-#   bash scripts/setup.sh --test   also pytest, ruff and slicer-core (MRML tests)
+#   bash scripts/setup.sh --test   also pytest, ruff, slicer-core (MRML tests) and Ray (the [cluster] extra)
 # torch: the CUDA build only where an NVIDIA GPU answers; otherwise the CPU build (a local wheel
 # when the machine has one, else PyTorch's CPU index) — never the multi-GB CUDA build without a GPU.
 set -euo pipefail
@@ -29,7 +29,7 @@ if ! python -c "import torch" 2>/dev/null; then
 fi
 
 if [ "${1:-}" = "--test" ]; then
-  pip install -q -e ".[test]"
+  pip install -q -e ".[test,cluster]"
 else
   pip install -q -e .
 fi

@@ -6,6 +6,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from glob import escape as glob_escape
 from pathlib import Path
 
 
@@ -33,3 +34,19 @@ def atomic_path(path: str | os.PathLike, *, suffix: str = "") -> Iterator[str]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def remove_stale_partials(path: str | os.PathLike) -> list[Path]:
+    """Delete temporary files that an :func:`atomic_path` for ``path`` left behind when its process was killed.
+
+    Only call this when no other process is writing ``path``. Returns the removed files.
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    removed = []
+    for stale in path.parent.glob(f".{glob_escape(path.name)}.*.partial*"):
+        if stale.is_file():
+            stale.unlink(missing_ok=True)
+            removed.append(stale)
+    return removed

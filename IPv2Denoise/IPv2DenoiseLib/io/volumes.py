@@ -146,11 +146,18 @@ def _read_itk_image(path: Path) -> Volume:
     return Volume(array, image.GetSpacing(), image.GetOrigin(), image.GetDirection(), meta)
 
 
+#: File endings that are never DICOM (skipped without opening them).
+NOT_DICOM_SUFFIXES = frozenset({".json", ".txt", ".png", ".jpg", ".csv", ".md", ".py", ".raw", ".zraw"})
+
+
+def may_be_dicom(path: str | os.PathLike) -> bool:
+    """True when ``path`` is worth opening as DICOM: not hidden, not an image volume, not a known other type."""
+    p = Path(path)
+    return not p.name.startswith(".") and not image_suffix(p) and p.suffix.lower() not in NOT_DICOM_SUFFIXES
+
+
 def _dicom_candidates(folder: Path) -> list[Path]:
-    files = [f for f in sorted(folder.rglob("*")) if f.is_file() and not f.name.startswith(".")]
-    return [
-        f for f in files if not image_suffix(f) and f.suffix.lower() not in {".json", ".txt", ".png", ".jpg"}
-    ]
+    return [f for f in sorted(folder.rglob("*")) if f.is_file() and may_be_dicom(f)]
 
 
 def _read_dicom_folder(folder: Path, *, series_uid: str | None, force: bool) -> Volume:
@@ -158,6 +165,37 @@ def _read_dicom_folder(folder: Path, *, series_uid: str | None, force: bool) -> 
     if not files:
         raise UserError(f"{folder}: folder holds no DICOM files")
     return _read_dicom_files(files, series_uid=series_uid, force=force, where=str(folder))
+
+
+def group_dicom_series(files: Iterable[str | os.PathLike]) -> dict[str, list[Path]]:
+    """DICOM image files grouped by SeriesInstanceUID (headers only; other files are left out).
+
+    Used to find every series of an archive; read one with :func:`read_dicom_series`.
+    """
+    series: dict[str, list[Path]] = defaultdict(list)
+    for f, ds in _read_headers(Path(f) for f in files):
+        if "Rows" in ds:
+            series[str(ds.get("SeriesInstanceUID", "unknown"))].append(f)
+    return dict(series)
+
+
+def read_dicom_series(files: Iterable[str | os.PathLike], *, force: bool = False) -> Volume:
+    """Read exactly these DICOM files as one CT series in HU (checked like :func:`read_volume`).
+
+    Raises
+    ------
+    UserError
+        No files, no DICOM image among them, several series, not CT, undecodable pixels, no air.
+    """
+    paths = sorted(Path(f) for f in files)
+    if not paths:
+        raise UserError("no DICOM files given")
+    where = os.path.commonpath([str(p.parent) for p in paths])
+    volume = _read_dicom_files(paths, series_uid=None, force=force, where=where)
+    if volume.meta.get("series_in_input", 1) > 1:
+        raise UserError(f"{where}: the files hold {volume.meta['series_in_input']} series; expected one")
+    _validate_ct(volume, where=where, force=force)
+    return volume
 
 
 def _read_headers(files: Iterable[Path]):

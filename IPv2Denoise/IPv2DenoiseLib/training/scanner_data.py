@@ -31,8 +31,8 @@ from IPv2DenoiseLib.imaging.noise_estimate import estimate_noise_hu
 from IPv2DenoiseLib.io.case_folder import CASE_SUFFIXES
 from IPv2DenoiseLib.io.volumes import read_volume
 from IPv2DenoiseLib.physics.scanner_noise import ProtocolRanges, ScannerProtocol, draw_protocol, scanner_noise
+from IPv2DenoiseLib.purification.regions import BACKGROUND, BODY, LUNGS, OUTSIDE
 from IPv2DenoiseLib.synthetic.texture import add_tissue_texture
-from IPv2DenoiseLib.training.regions import BACKGROUND, BODY, LUNGS
 
 
 @dataclass
@@ -69,9 +69,9 @@ class Augmentation:
 
 
 def region_map(hu: np.ndarray) -> np.ndarray:
-    """BODY / LUNGS / BACKGROUND codes of a (clean or NDCT) volume, 255 elsewhere (table)."""
+    """BODY / LUNGS / BACKGROUND codes of a (clean or NDCT) volume, OUTSIDE elsewhere (table)."""
     body = body_mask(hu)
-    regions = np.full(hu.shape, 255, np.uint8)
+    regions = np.full(hu.shape, OUTSIDE, np.uint8)
     regions[body] = BODY
     regions[lung_mask(hu, body=body)] = LUNGS
     regions[~ndi.binary_dilation(body, iterations=3) & (hu < -900)] = BACKGROUND
@@ -156,7 +156,7 @@ class ScannerNoiseSampler:
         lo, hi = self.augmentation.zoom
         zoom = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
         if abs(zoom - 1.0) > 0.02:
-            hu, regions = _zoom_in_plane(hu, zoom, -1000.0, 1), _zoom_in_plane(regions, zoom, 255, 0)
+            hu, regions = _zoom_in_plane(hu, zoom, -1000.0, 1), _zoom_in_plane(regions, zoom, OUTSIDE, 0)
         if rng.random() < 0.5:
             hu, regions = hu[..., ::-1], regions[..., ::-1]
         sx, sy, sz = vol.spacing
