@@ -77,11 +77,13 @@ class RealImage:
     #: Body ellipse (width, height) mm when the field of view cuts the body, and its mean HU.
     body_mm: tuple[float, float] | None
     body_hu: float = 0.0
+    #: LAA-950 only where there is lung (elsewhere the low-attenuation voxels are bowel gas or air).
+    has_lung: bool = False
 
 
 IMAGES = (
     # a chest's mean density: lungs and tissue (the calibration phantom of docs/noise-calibration.md)
-    RealImage("chest", "pydicom:CT_small.dcm", (330.0, 230.0), -350.0),
+    RealImage("chest", "pydicom:CT_small.dcm", (330.0, 230.0), -350.0, has_lung=True),
     RealImage("head", "pydicom-data:693_UNCR.dcm", None),
     RealImage("neck", "pydicom-data:bad_sequence.dcm", (200.0, 160.0)),
     RealImage("abdomen", "pydicom-data:explicit_VR-UN.dcm", None),
@@ -204,7 +206,7 @@ class Regions:
     own_nps_freq: float
 
 
-def regions_of(truth: np.ndarray, pixel_mm: float, *, truncated: bool) -> Regions:
+def regions_of(truth: np.ndarray, pixel_mm: float, *, truncated: bool, has_lung: bool) -> Regions:
     vol = truth[None]
     # a field of view that cuts the body lies entirely inside the patient
     body = np.ones(truth.shape, bool) if truncated else body_mask(vol)[0]
@@ -212,7 +214,7 @@ def regions_of(truth: np.ndarray, pixel_mm: float, *, truncated: bool) -> Region
     lungs = lung_mask(vol, body=body[None])[0]
     if lungs.sum() < 200:  # lungs cut by the field of view are border-connected: threshold instead
         lungs = (ndi.gaussian_filter(truth, 1.5) < -500) & body
-    lungs = lungs if lungs.sum() >= 200 else None
+    lungs = lungs if has_lung and lungs.sum() >= 200 else None
     flat = ndi.binary_erosion(soft, iterations=2)
     try:
         own = nps_2d(truth, pixel_spacing_mm=pixel_mm, roi_size=32, mask=flat, detrend="plane", stride=16)
@@ -286,7 +288,7 @@ def evaluate_image(
 ) -> dict:
     cache = cache or OutputCache(None)
     truth, pixel_mm = load_image(image)
-    reg = regions_of(truth, pixel_mm, truncated=image.body_mm is not None)
+    reg = regions_of(truth, pixel_mm, truncated=image.body_mm is not None, has_lung=image.has_lung)
     base = projection_noise(truth, pixel_mm, image.body_mm, image.body_hu, seed=seed)
     noises = {"projection": base, "smooth-nps": smooth_nps_noise(base, pixel_mm, seed=seed + 1)}
     result = {"pixel_mm": pixel_mm, "shape": list(truth.shape), "own_nps_freq": reg.own_nps_freq, "noise": {}}
