@@ -54,7 +54,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--slab", type=_positive_int, metavar="N", help="slices per slab (default: from free memory)"
     )
     parser.add_argument(
-        "--series-uid", help="SeriesInstanceUID to read when a DICOM folder holds several series"
+        "--series",
+        "--series-uid",
+        dest="series_uid",
+        metavar="UID_OR_N",
+        help="the series to read when a DICOM folder holds several: its SeriesInstanceUID or its number "
+        "in the list the refusal prints",
+    )
+    parser.add_argument(
+        "--resample-gaps",
+        action="store_true",
+        help="interpolate a DICOM series with missing slices or uneven spacing onto an even grid "
+        "(default: refuse and say where the gap is)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it already exists")
+    parser.add_argument(
+        "--force", action="store_true", help="read non-CT modalities and volumes without air (no HU check)"
     )
     parser.add_argument(
         "--json-progress",
@@ -64,40 +79,62 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from IPv2DenoiseLib.core.atomic import check_output_path
     from IPv2DenoiseLib.core.device import describe_device, resolve_device
-    from IPv2DenoiseLib.core.progress import JsonLinesProgress, TqdmProgress
+    from IPv2DenoiseLib.core.errors import UserError
+    from IPv2DenoiseLib.core.progress import JsonLinesProgress, Stages, make_progress
     from IPv2DenoiseLib.denoiser.infer import Denoiser
     from IPv2DenoiseLib.io.volumes import image_suffix, read_volume, write_volume
 
     start = time.monotonic()
     device = resolve_device(args.device)  # fail fast: "--device cuda" without a GPU
     if image_suffix(args.output) not in {".nrrd", ".nii", ".nii.gz", ".mha"}:
-        from IPv2DenoiseLib.core.errors import UserError
-
         raise UserError(f"OUT {args.output!r}: unsupported output format; use .nrrd, .nii, .nii.gz or .mha")
-    denoiser = Denoiser.from_file(args.weights) if args.weights else Denoiser.from_registry(args.model)
-    progress = JsonLinesProgress() if args.json_progress else TqdmProgress(desc="denoise", unit="slice")
+    check_output_path(args.output, inputs=[args.input], overwrite=args.overwrite)
     where = describe_device(device)
     if args.json_progress:
-        progress.emit(device=where, model=denoiser.name)
-    else:
-        print(f"running on: {where}; model {denoiser.name}", file=sys.stderr)
+        JsonLinesProgress().emit(device=where)
+    else:  # before the bar exists, so the line never lands on its first frame
+        print(f"running on: {where}", file=sys.stderr, flush=True)
+    progress = make_progress(args.json_progress, desc="denoise", percent=True)
+    stages = Stages(progress, read=4, model=1, denoise=90, write=5)
+
+    def warn(message: str) -> None:
+        if args.json_progress:
+            progress.emit(warning=message)
+        else:
+            progress.write(f"warning: {message}")
+
     try:
-        volume = read_volume(args.input, series_uid=args.series_uid)
+        stages.start("read", f"reading {args.input}")
+        volume = read_volume(
+            args.input,
+            series_uid=args.series_uid,
+            force=args.force,
+            resample_gaps=args.resample_gaps,
+            progress=stages.stage("read"),
+        )
+        stages.start("model", "loading the model")
+        denoiser = Denoiser.from_file(args.weights) if args.weights else Denoiser.from_registry(args.model)
+        if args.json_progress:
+            progress.emit(model=denoiser.name)
         result = denoiser.denoise(
             volume,
             remove_background=args.remove_background,
             device=device,
             slab_slices=args.slab,
-            progress=progress,
+            progress=stages.stage("denoise"),
         )
+        for message in result.meta.get("warnings", []):
+            warn(message)
+        stages.start("write", f"writing {args.output}")
         write_volume(result, args.output)
+        stages.finish(f"wrote {args.output}")
     finally:
-        if isinstance(progress, TqdmProgress):
-            progress.close()
+        progress.close()
     seconds = round(time.monotonic() - start, 3)
     if args.json_progress:
         progress.emit(result=str(args.output), seconds=seconds)
     else:
-        print(f"wrote {args.output} ({seconds:.1f} s)", file=sys.stderr)
+        print(f"wrote {args.output} with {denoiser.name} ({seconds:.1f} s)", file=sys.stderr)
     return 0
