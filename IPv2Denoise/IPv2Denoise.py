@@ -60,7 +60,7 @@ class IPv2Denoise(ScriptedLoadableModule):
             "normal-dose scan (Remove Background), adding simulated noise to its lungs (Add noise) "
             "and testing against a weakly denoised lung (Remove noise).<br><br>"
             "Reference: Gong &amp; Yu, arXiv 2602.19314. "
-            "See <a href='https://github.com/ipv2-denoise/IPv2Denoise/blob/main/docs/slicer-module.md'>the module docs</a>."
+            "The module's documentation is docs/slicer-module.md in the extension's source folder."
         )
         self.parent.acknowledgementText = _(
             "Built on 3D Slicer, PyTorch, SimpleITK, scikit-image and pydicom. The IPv2 method is by "
