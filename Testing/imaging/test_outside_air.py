@@ -20,7 +20,9 @@ from IPv2DenoiseLib.physics.lowdose import simulate_low_dose
 from IPv2DenoiseLib.synthetic.phantom import LABELS, make_chest_phantom
 
 SPACING = (1.4, 1.4, 2.5)
-LUNG_LABELS = [LABELS[k] for k in ("airway", "lung", "lung_vessel", "nodule_solid", "nodule_ggo", "emphysema")]
+LUNG_LABELS = [
+    LABELS[k] for k in ("airway", "lung", "lung_vessel", "nodule_solid", "nodule_ggo", "emphysema")
+]
 #: (y, x) crops of a 256² chest at 1.4 mm: the body and both lungs cut by the image edge.
 CROPS = {
     "whole (arms and table at the edge)": np.s_[:, :, :],

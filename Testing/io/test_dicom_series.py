@@ -65,13 +65,17 @@ def write_series(
 
 def physical(volume: Volume, index_xyz) -> np.ndarray:
     axes = np.asarray(volume.direction).reshape(3, 3)
-    return np.asarray(volume.origin) + axes @ (np.asarray(index_xyz, dtype=float) * np.asarray(volume.spacing))
+    return np.asarray(volume.origin) + axes @ (
+        np.asarray(index_xyz, dtype=float) * np.asarray(volume.spacing)
+    )
 
 
 def test_missing_slice_is_refused_naming_the_gap_or_resampled_on_request(tmp_path) -> None:
     folder = tmp_path / "gap"
     write_series(folder, 8, step=(0, 0, 1.25), skip={4})
-    with pytest.raises(UserError, match=r"slice\(s\) missing: a step of 2.50 mm .*instance 4 and instance 6") as e:
+    with pytest.raises(
+        UserError, match=r"slice\(s\) missing: a step of 2.50 mm .*instance 4 and instance 6"
+    ) as e:
         read_volume(folder)
     assert "--resample-gaps" in str(e.value)
     volume = read_volume(folder, resample_gaps=True)

@@ -114,7 +114,6 @@ class TqdmProgress:
             dynamic_ncols=True,
             file=sys.stderr,
             bar_format=fmt,
-            delay=0.1,  # no frame before the first report
         )
 
     def __call__(self, done: int, total: int, message: str = "") -> None:

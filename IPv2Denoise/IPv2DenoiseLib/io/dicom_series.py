@@ -528,7 +528,9 @@ def read_dicom(
         info, where=where, force=force, resample_gaps=resample_gaps, n_series=len(found), progress=progress
     )
     if len(found) > len(candidates):
-        volume.meta["series_choice"] += f" (the only CT series; {len(found) - len(candidates)} non-CT left out)"
+        volume.meta["series_choice"] += (
+            f" (the only CT series; {len(found) - len(candidates)} non-CT left out)"
+        )
     return volume
 
 
