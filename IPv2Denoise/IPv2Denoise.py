@@ -1,12 +1,15 @@
 """IPv2 Denoise: denoise ultra-low-dose lung CT in 3D Slicer (thin glue over IPv2DenoiseLib)."""
 
 import enum
+import json
 import logging
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
+import numpy as np
 import qt
 import slicer
 import vtk
@@ -27,11 +30,15 @@ if _MODULE_DIR not in sys.path:  # IPv2DenoiseLib lives next to this file
     sys.path.insert(0, _MODULE_DIR)
 
 from IPv2DenoiseLib.app import slicer_bridge  # noqa: E402
+from IPv2DenoiseLib.app.dependencies import ensure_in_slicer  # noqa: E402
 from IPv2DenoiseLib.core.errors import UserError  # noqa: E402
 from IPv2DenoiseLib.core.progress import Cancelled  # noqa: E402
 from IPv2DenoiseLib.core.resources import resources_dir  # noqa: E402
+from IPv2DenoiseLib.core.volume import Volume  # noqa: E402
 
 SAMPLE_CATEGORY = "IPv2 Denoise"
+#: Application setting (QSettings) holding the PACS node of *Export*: HOST:PORT:AET or a DICOMweb URL.
+PACS_SETTING = "IPv2Denoise/PACS"
 
 
 def resourcePath(relative):
@@ -75,7 +82,7 @@ class IPv2Denoise(ScriptedLoadableModule):
 
 def registerSampleData():
     """Register the bundled sample ULDCT/NDCT volumes (file URIs + SHA256) in Sample Data."""
-    import SampleData
+    import SampleData  # lazy: a Slicer module, importable once start-up has completed
 
     folder = resources_dir() / "SampleData"
     sums = folder / "SHA256SUMS"
@@ -173,6 +180,8 @@ class IPv2DenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.exportCsvButton.connect("clicked(bool)", self.onExportCsv)
         self.ui.exportDicomButton.connect("clicked(bool)", self.onExportDicom)
         self.ui.exportFileButton.connect("clicked(bool)", self.onExportFile)
+        self.ui.pacsLineEdit.text = str(qt.QSettings().value(PACS_SETTING, "") or "")
+        self.ui.sendToPacsCheckBox.checked = bool(self.ui.pacsLineEdit.text)
 
         self._timer = qt.QTimer()
         self._timer.setInterval(150)
@@ -397,13 +406,17 @@ class IPv2DenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not folder:
             return
         outDir = Path(folder) / (slicer_bridge.safe_name(pair[1].GetName()) + "_dicom")
+        pacs = self.ui.pacsLineEdit.text.strip()
+        qt.QSettings().setValue(PACS_SETTING, pacs)
+        sendTo = pacs if (pacs and self.ui.sendToPacsCheckBox.checked) else None
         with slicer.util.tryWithErrorDisplay(_("DICOM export failed."), waitCursor=True):
             files = self.logic.exportDicom(
-                pair[1], outDir, sourceNode=pair[0], modelName=self._parameterNode.model
+                pair[1], outDir, sourceNode=pair[0], modelName=self._parameterNode.model, sendTo=sendTo
             )
-            self.ui.statusLabel.text = _("Wrote {n} DICOM files to {folder}").format(
-                n=len(files), folder=outDir
-            )
+            message = _("Wrote {n} DICOM files to {folder}").format(n=len(files), folder=outDir)
+            if sendTo:
+                message += _("; sent to {pacs}").format(pacs=sendTo)
+            self.ui.statusLabel.text = message
 
     def onExportFile(self):
         pair = self._pair()
@@ -438,8 +451,6 @@ class IPv2DenoiseLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def models():
         """[(name, one-line summary)] from Resources/Models/models.json, the default first."""
-        import json
-
         try:
             registry = json.loads((resources_dir() / "Models" / "models.json").read_text(encoding="utf-8"))
         except (OSError, ValueError, UserError):
@@ -451,8 +462,6 @@ class IPv2DenoiseLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def ensureDependencies():
         """Install missing packages with the user's consent (raises DependencyError if declined)."""
-        from IPv2DenoiseLib.app.dependencies import ensure_in_slicer
-
         ensure_in_slicer()
 
     def process(
@@ -524,18 +533,30 @@ class IPv2DenoiseLogic(ScriptedLoadableModuleLogic):
         )
 
     def exportDicom(
-        self, denoisedNode, outDir, *, sourceNode=None, modelName="", strategy="ipv2", importToDatabase=True
+        self,
+        denoisedNode,
+        outDir,
+        *,
+        sourceNode=None,
+        modelName="",
+        sendTo=None,
+        callingAet=None,
+        importToDatabase=True,
     ):
-        """Write a derived DICOM series (in the source's study when it came from DICOM)."""
-        from IPv2DenoiseLib.io.dicom_export import export_derived_series
+        """Write a derived DICOM series (in the source's study when it came from DICOM), optionally send it.
 
-        sources = slicer_bridge.dicom_source_files(sourceNode) if sourceNode is not None else None
-        volume = slicer_bridge.volume_from_node(denoisedNode)
-        files = export_derived_series(
-            volume, outDir, source_files=sources, model_name=modelName or "unknown", strategy=strategy
+        ``sendTo``: ``HOST:PORT:AET`` or a DICOMweb URL (the *PACS* setting). Returns the files.
+        """
+        files, _ = slicer_bridge.export_dicom(
+            denoisedNode,
+            outDir,
+            source_node=sourceNode,
+            model_name=modelName,
+            send_to=sendTo or None,
+            calling_aet=callingAet or None,
         )
         if importToDatabase and getattr(slicer, "dicomDatabase", None) is not None:
-            from DICOMLib import DICOMUtils
+            from DICOMLib import DICOMUtils  # lazy: the DICOM module exists only in the full application
 
             DICOMUtils.importDicom(str(outDir))
         return files
@@ -543,6 +564,7 @@ class IPv2DenoiseLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def exportVolume(node, path):
         """Save as NRRD / NIfTI / MHA through IPv2DenoiseLib.io.volumes (atomic, geometry unchanged)."""
+        # lazy: Slicer loads the module before ensure_in_slicer installs torch/pydicom/scikit-image
         from IPv2DenoiseLib.io.volumes import write_volume
 
         return write_volume(slicer_bridge.volume_from_node(node), path)
@@ -564,12 +586,9 @@ class IPv2DenoiseTest(ScriptedLoadableModuleTest):
         self.test_IPv2Denoise_workflow()
 
     def test_IPv2Denoise_workflow(self):
-        import tempfile
-
-        import numpy as np
+        # lazy: Slicer loads the module before ensure_in_slicer installs torch/pydicom/scikit-image
         import torch
 
-        from IPv2DenoiseLib.core.volume import Volume
         from IPv2DenoiseLib.denoiser.infer import Denoiser
         from IPv2DenoiseLib.denoiser.models import UNet
 

@@ -66,3 +66,20 @@ def ct_series(tmp_path: Path) -> Callable[..., Path]:
         return folder
 
     return make
+
+
+@pytest.fixture(scope="session")
+def orthanc(tmp_path_factory):
+    """A real Orthanc PACS (Debian ``orthanc`` + ``orthanc-dicomweb``) on free loopback ports.
+
+    Session-scoped (it starts in well under a second, but its storage is shared by the network
+    tests, which use fresh UIDs). Fails, never skips, when Orthanc is missing: CI installs it.
+    """
+    from orthanc_server import start_orthanc
+
+    try:
+        server = start_orthanc(tmp_path_factory.mktemp("orthanc"))
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    yield server
+    server.stop()

@@ -9,7 +9,7 @@ Rules (DESIGN.md §4, reference/slicer-conventions.md §2.5):
 - never on module load, never replacing Slicer's own SimpleITK, numpy, vtk, torch or requests;
 - probing uses ``importlib.util.find_spec`` so torch is not imported into the Slicer process.
 
-Only :func:`ensure_in_slicer` touches ``slicer`` (imported inside it); the rest is plain Python.
+Slicer-only (app layer, next to the bridge): imported by the Slicer module, never by the CLI.
 """
 
 from __future__ import annotations
@@ -17,6 +17,10 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Callable
 from pathlib import Path
+
+import slicer
+
+from IPv2DenoiseLib.core.resources import resources_dir
 
 __all__ = [
     "REQUIREMENTS",
@@ -36,6 +40,8 @@ REQUIREMENTS = {
     "scipy": "scipy>=1.10",
     "psutil": "psutil>=5.9",
     "tqdm": "tqdm>=4.60",
+    "pynetdicom": "pynetdicom>=2.1",
+    "dicomweb_client": "dicomweb-client>=0.59",
 }
 #: Packages pip must never replace inside Slicer (Slicer ships its own builds).
 SKIP_PACKAGES = ["SimpleITK", "numpy", "vtk", "torch", "requests"]
@@ -65,8 +71,6 @@ def missing_requirements(*, include_torch: bool = True) -> list[str]:
 
 def requirements_file() -> Path:
     """``Resources/requirements.txt`` (what ``slicer.packaging.load_requirements`` reads)."""
-    from IPv2DenoiseLib.core.resources import resources_dir
-
     return resources_dir() / "requirements.txt"
 
 
@@ -83,8 +87,6 @@ def ensure_in_slicer(*, confirm: Callable[[str, str], bool] | None = None) -> No
     DependencyError
         The user declined or an install failed; nothing was changed in the declined case.
     """
-    import slicer
-
     confirm = confirm or (
         lambda text, details: slicer.util.confirmOkCancelDisplay(text, detailedText=details)
     )

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from matplotlib.figure import Figure
 
 from IPv2DenoiseLib.imaging.metrics import LUNG_DISPLAY, MEDIASTINAL_DISPLAY
 
@@ -46,11 +47,6 @@ def comparison_figure(
     difference
         ``(label_a, label_b)``: add a column with ``a − b`` in ±``diff_range_hu`` (the removed noise).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     named = dict(images)
     columns = list(images)
     if difference is not None:
@@ -60,12 +56,8 @@ def comparison_figure(
     sx, sy, _ = spacing
     ny, nx = columns[0][1].shape[1:]
     aspect = sy / sx
-    fig, axes = plt.subplots(
-        len(rows),
-        len(columns),
-        figsize=(3.4 * len(columns), 3.4 * len(rows) * ny * aspect / nx + 0.5),
-        squeeze=False,
-    )
+    fig = Figure(figsize=(3.4 * len(columns), 3.4 * len(rows) * ny * aspect / nx + 0.5))
+    axes = fig.subplots(len(rows), len(columns), squeeze=False)
     for r, (row_name, display) in enumerate(rows):
         vmin, vmax = _window(display)
         for c, (label, volume) in enumerate(columns):
@@ -89,5 +81,4 @@ def comparison_figure(
     fig.tight_layout()
     out = Path(path)
     fig.savefig(out, dpi=110)
-    plt.close(fig)
     return out

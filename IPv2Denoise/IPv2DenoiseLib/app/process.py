@@ -32,6 +32,8 @@ from typing import IO, Any
 
 import psutil
 
+from IPv2DenoiseLib.core.device import check_device_name
+
 __all__ = [
     "BackgroundProcess",
     "ExitCode",
@@ -268,10 +270,14 @@ def denoise_command(
     """The ``python -m IPv2DenoiseLib denoise ... --json-progress`` command line.
 
     ``python`` defaults to ``sys.executable`` (inside Slicer: PythonSlicer, so the child sees the
-    torch installed into Slicer). ``device`` is ``auto``, ``cpu`` or ``cuda``.
+    torch installed into Slicer). ``device`` is one of :data:`~IPv2DenoiseLib.core.device.DEVICE_CHOICES`.
+
+    Raises
+    ------
+    UserError
+        Unknown device name.
     """
-    if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device: got {device!r}; allowed: auto, cpu, cuda")
+    device = check_device_name(device)
     cmd = [
         python or sys.executable,
         "-m",

@@ -1,6 +1,6 @@
 """MRML side of the module: volume nodes <-> :class:`Volume`, tables, layouts, subject hierarchy.
 
-The only core file that imports ``slicer``/``vtk``. Everything here works on a bare
+With dependencies.py, the only package files that import ``slicer``/``vtk`` (app layer). Everything here works on a bare
 ``vtkMRMLScene`` (PyPI ``slicer-core``, used by the tests) as well as inside the Slicer
 application; GUI-only steps (switching the table layout, the DICOM database) are feature-detected.
 
@@ -25,6 +25,7 @@ import vtk
 
 from IPv2DenoiseLib.app.process import BackgroundProcess, ExitCode, JobStatus, denoise_command
 from IPv2DenoiseLib.core.errors import UserError
+from IPv2DenoiseLib.core.progress import Cancelled
 from IPv2DenoiseLib.core.volume import Volume
 from IPv2DenoiseLib.imaging.metrics_table import MetricsTable
 
@@ -38,7 +39,9 @@ __all__ = [
     "denoise_node",
     "difference_node",
     "dicom_source_files",
+    "export_dicom",
     "ijk_to_ras",
+    "registered_model_provenance",
     "place_in_study",
     "safe_name",
     "set_window_level",
@@ -358,7 +361,7 @@ def dicom_source_files(node, *, database=None) -> list[str] | None:
     files = [database.fileForInstance(uid) for uid in uids]
     if not all(files) or not all(os.path.exists(f) for f in files):
         return None
-    import pydicom
+    import pydicom  # lazy: Slicer loads this module before ensure_in_slicer installs pydicom
 
     _, origin, direction = _node_geometry(node)
     normal = np.asarray(direction).reshape(3, 3)[:, 2]
@@ -368,6 +371,75 @@ def dicom_source_files(node, *, database=None) -> list[str] | None:
         ipp = np.asarray(getattr(ds, "ImagePositionPatient", origin), dtype=float)
         keyed.append((float((ipp - np.asarray(origin)) @ normal), f))
     return [f for _, f in sorted(keyed)]
+
+
+def registered_model_provenance(model_name: str):
+    """:class:`ModelProvenance` of a model in ``Resources/Models/models.json`` (no torch needed).
+
+    Shipped models are versioned with the package, as in ``ipv2-denoise denoise --dicom``.
+    """
+    import json
+
+    from IPv2DenoiseLib import __version__ as package_version
+    from IPv2DenoiseLib.core.resources import models_dir
+    from IPv2DenoiseLib.io.dicom_export import ModelProvenance  # lazy: needs pydicom
+
+    try:
+        registry = json.loads((models_dir() / "models.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, UserError):
+        registry = {}
+    key = registry.get("default") if model_name == "default" else model_name
+    entry = (registry.get("models") or {}).get(key) or {}
+    card = {"sha256": entry.get("sha256"), "strategy": "ipv2"}
+    card_file = models_dir() / Path(entry["file"]).with_suffix(".json") if entry.get("file") else None
+    if card_file is not None and card_file.exists():
+        card.update(json.loads(card_file.read_text(encoding="utf-8")))
+    version = package_version if entry else "unversioned"  # not a shipped model: no version known
+    return ModelProvenance.from_card(key or model_name or "unknown", card, default_version=version)
+
+
+def export_dicom(
+    denoised_node,
+    out_dir: str | os.PathLike,
+    *,
+    source_node=None,
+    model_name: str = "",
+    send_to: str | None = None,
+    calling_aet: str | None = None,
+    timeout: float = 10.0,
+    database=None,
+):
+    """Write the denoised node as a derived DICOM series, optionally store it on a PACS.
+
+    The same writer as ``ipv2-denoise denoise --dicom`` (:func:`~IPv2DenoiseLib.io.dicom_export.
+    export_derived_series`): in the source node's study when it was loaded from DICOM (its files
+    come from the DICOM database), otherwise a new CT series. ``send_to`` is ``HOST:PORT:AET`` or a
+    DICOMweb URL (the module's *PACS* setting); the files stay in ``out_dir`` whatever the PACS says.
+
+    Returns
+    -------
+    (list of Path, SendReport or None)
+
+    Raises
+    ------
+    UserError
+        Export problems; PACS unreachable, association rejected, or instances refused (named).
+    """
+    # lazy: Slicer loads this module before ensure_in_slicer installs pydicom and pynetdicom
+    from IPv2DenoiseLib.io.dicom_export import DerivedSeriesOptions, export_derived_series
+    from IPv2DenoiseLib.io.dicom_net import DEFAULT_CALLING_AET, parse_destination, send
+
+    target = parse_destination(send_to) if send_to else None  # a bad setting fails before writing
+    sources = dicom_source_files(source_node, database=database) if source_node is not None else None
+    options = DerivedSeriesOptions(model=registered_model_provenance(model_name or "default"))
+    files = export_derived_series(
+        volume_from_node(denoised_node), out_dir, source_files=sources, options=options
+    )
+    report = None
+    if target is not None:
+        report = send(files, target, calling_aet=calling_aet or DEFAULT_CALLING_AET, timeout=timeout)
+        report.raise_for_failures()
+    return files, report
 
 
 # ---------------------------------------------------------------------------- background job
@@ -407,7 +479,7 @@ class DenoiseJob:
         self.process: BackgroundProcess | None = None
 
     def start(self) -> DenoiseJob:
-        from IPv2DenoiseLib.io.volumes import write_volume
+        from IPv2DenoiseLib.io.volumes import write_volume  # lazy: needs pydicom (see dicom_source_files)
 
         volume = volume_from_node(self.input_node)
         self.workdir = Path(tempfile.mkdtemp(prefix="IPv2Denoise-"))
@@ -461,8 +533,7 @@ class DenoiseJob:
         UserError
             The child failed (its last stderr line) or was cancelled (``Cancelled``).
         """
-        from IPv2DenoiseLib.core.progress import Cancelled
-        from IPv2DenoiseLib.io.volumes import read_volume
+        from IPv2DenoiseLib.io.volumes import read_volume  # lazy: needs pydicom
 
         try:
             code = self.process.returncode
@@ -487,10 +558,8 @@ class DenoiseJob:
 
 def roi_mask(volume_node, roi_node) -> np.ndarray:
     """Boolean ``[z, y, x]`` mask of the voxels whose centres lie inside a markups ROI (box)."""
-    import vtk as _vtk
-
     shape = slicer.util.arrayFromVolume(volume_node).shape
-    m = _vtk.vtkMatrix4x4()
+    m = vtk.vtkMatrix4x4()
     volume_node.GetIJKToRASMatrix(m)
     ijk_to_ras_m = np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
     roi_to_world = roi_node.GetObjectToWorldMatrix()  # box centred at 0 and axis-aligned in "object"
@@ -525,7 +594,7 @@ def roi_mask(volume_node, roi_node) -> np.ndarray:
 
 def automatic_regions(volume: Volume) -> dict[str, np.ndarray]:
     """Lung parenchyma, soft tissue and background air masks (plus ``lungs_whole`` for LAA-950)."""
-    from IPv2DenoiseLib.imaging.masks import standard_rois
+    from IPv2DenoiseLib.imaging.masks import standard_rois  # lazy: needs scikit-image
 
     return standard_rois(volume.array, spacing=volume.spacing)
 
@@ -540,7 +609,7 @@ def roi_table(
     a markups ROI node and/or
     ``segment`` from a segmentation.
     """
-    from IPv2DenoiseLib.imaging.metrics import roi_comparison_table
+    from IPv2DenoiseLib.imaging.metrics import roi_comparison_table  # lazy: needs scikit-image
 
     before, after = volume_from_node(original_node), volume_from_node(denoised_node)
     if not before.same_geometry(after):

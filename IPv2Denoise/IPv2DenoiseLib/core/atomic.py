@@ -165,6 +165,9 @@ def check_output_path(
     elif out.exists() and not overwrite:
         raise UserError(f"{what} {out} already exists; pass {overwrite_hint} to replace it")
     parent = resolved.parent
+    if folder:  # an output folder is created with its parents: the nearest existing one must be writable
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
     if not parent.exists():
         raise UserError(f"{what}: folder {out.parent} does not exist; create it first")
     if not parent.is_dir():

@@ -103,7 +103,7 @@ class TqdmProgress:
     def __init__(
         self, desc: str = "", unit: str = "it", disable: bool | None = None, percent: bool = False
     ) -> None:
-        from tqdm import tqdm
+        from tqdm import tqdm  # lazy: the Slicer module imports progress before tqdm is installed
 
         fmt = "{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]" if percent else None
         self.bar = tqdm(

@@ -22,11 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import torch
 
 from IPv2DenoiseLib.core.device import resolve_device
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.progress import CancelToken, ProgressCallback
+from IPv2DenoiseLib.core.resources import models_dir
 from IPv2DenoiseLib.core.volume import Volume
 from IPv2DenoiseLib.denoiser.models.base import Denoiser2p5D
 from IPv2DenoiseLib.denoiser.normalization import hu_to_net, net_to_hu
@@ -135,8 +137,6 @@ class Denoiser:
             checksum mismatch.
         """
         if models_json is None:
-            from IPv2DenoiseLib.core.resources import models_dir
-
             models_json = models_dir() / "models.json"
         models_json = Path(models_json)
         try:
@@ -169,8 +169,6 @@ class Denoiser:
                 free, _ = torch.cuda.mem_get_info(device)
                 memory_budget_mb = 0.5 * free / 2**20
             else:
-                import psutil
-
                 memory_budget_mb = min(2048.0, 0.25 * psutil.virtual_memory().available / 2**20)
         per_pixel = self.model.activation_floats_per_pixel() + 2 * self.model.in_slices + 2
         bytes_per_slice = 2 * 4 * per_pixel * shape_yx[0] * shape_yx[1]  # float32, ×2 safety margin

@@ -19,6 +19,8 @@ from collections.abc import Sequence
 
 import numpy as np
 from scipy import ndimage as ndi
+from skimage.filters import threshold_otsu
+from skimage.measure import regionprops
 
 from IPv2DenoiseLib.core.errors import UserError
 
@@ -106,8 +108,6 @@ def _component_sizes(labels: np.ndarray, n: int) -> np.ndarray:
 def _otsu_dark_slice(
     img: np.ndarray, *, clip: tuple[float, float], min_contrast: float, fallback: float
 ) -> np.ndarray:
-    from skimage.filters import threshold_otsu
-
     x = np.clip(img, *clip)
     lo, hi = float(x.min()), float(x.max())
     threshold = fallback
@@ -524,8 +524,6 @@ def airway_mask(
         bronchi that are separate from the lung in the slice. Where a bronchus joins the lung within
         a slice it stays part of the lung.
     """
-    from skimage.measure import regionprops
-
     vol, was_2d = _as_hu(hu)
     lung, _ = _as_mask(lungs, "lungs")
     if lung.shape != vol.shape:

@@ -4,8 +4,10 @@ With the source series' files the result stays in the same patient, study and fr
 reference (new Series and SOP Instance UIDs, ``ImageType = DERIVED\\SECONDARY\\AXIAL``,
 ``DerivationDescription``, ``DerivationCodeSequence`` and one ``SourceImageSequence`` item per
 slice), so PACS viewers and Slicer's DICOM browser file it next to the original scan. Without
-sources a self-contained new CT series is written (new patient/study unless the volume's meta
-carries a StudyInstanceUID). Geometry (ImagePositionPatient per slice, ImageOrientationPatient,
+sources a self-contained new CT series is written (patient and study from
+:class:`DerivedSeriesOptions`, else from the volume's meta, else generated). Every instance names the
+software in ``ContributingEquipmentSequence`` (DCM 109103 "Modifying Equipment") and the model, its
+version and its weights' sha256 in ``DerivationDescription`` (:class:`ModelProvenance`). Geometry (ImagePositionPatient per slice, ImageOrientationPatient,
 PixelSpacing, SliceThickness) comes from the :class:`~IPv2DenoiseLib.core.volume.Volume`, and the
 pixel data are int16 HU with RescaleSlope 1 / RescaleIntercept 0.
 
@@ -13,7 +15,8 @@ References
 ----------
 DICOM PS3.3 A.3 (CT Image IOD), C.7.6.1 (General Image: derivation), PS3.16 CID 7203 (Image
 Derivation: DCM 113087 "Smoothing") and CID 7202 (DCM 121322 "Source image for image processing
-operation"). Slicer uses SeriesNumber >= 300 for derived series (Slicer PR #6877).
+operation"), C.12.1.1.5 (Contributing Equipment; PS3.16 CID 7005, DCM 109103). Slicer uses
+SeriesNumber >= 300 for derived series (Slicer PR #6877).
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ from __future__ import annotations
 import copy
 import datetime as _dt
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -36,12 +41,76 @@ from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.progress import ProgressCallback
 from IPv2DenoiseLib.core.volume import Volume
 
-__all__ = ["export_derived_series", "slice_positions", "DERIVATION_CODE", "PURPOSE_CODE"]
+__all__ = [
+    "DERIVATION_CODE",
+    "MODIFYING_EQUIPMENT_CODE",
+    "PURPOSE_CODE",
+    "DerivedSeriesOptions",
+    "ModelProvenance",
+    "export_derived_series",
+    "slice_positions",
+]
 
 #: CID 7203 "Image Derivation": a denoiser smooths noise (there is no closer standard code).
 DERIVATION_CODE = ("113087", "DCM", "Smoothing")
 #: CID 7202 "Source Image Purpose of Reference".
 PURPOSE_CODE = ("121322", "DCM", "Source image for image processing operation")
+#: CID 7005 "Contributing Equipment Purposes of Reference".
+MODIFYING_EQUIPMENT_CODE = ("109103", "DCM", "Modifying Equipment")
+MANUFACTURER = "IPv2 Denoise"
+SOFTWARE_NAME = "ipv2-denoise"
+
+
+@dataclass(frozen=True)
+class ModelProvenance:
+    """Which network made the pixels: written into DerivationDescription (and the CLI's log)."""
+
+    name: str = "unknown"
+    version: str = "unversioned"
+    sha256: str | None = None
+    strategy: str = "ipv2"
+
+    @classmethod
+    def from_card(
+        cls, name: str, card: Mapping[str, Any] | None, *, default_version: str = "unversioned"
+    ) -> ModelProvenance:
+        """From a model card (:mod:`IPv2DenoiseLib.denoiser.weights`): ``version``, ``sha256``, ``strategy``."""
+        card = card or {}
+        return cls(
+            name=str(name),
+            version=str(card.get("version") or default_version),
+            sha256=card.get("sha256"),
+            strategy=str(card.get("strategy") or "ipv2"),
+        )
+
+    def describe(self) -> str:
+        """One sentence for DerivationDescription (at most 1024 characters)."""
+        weights = f", weights sha256 {self.sha256}" if self.sha256 else ""
+        return (
+            f"Denoised by {SOFTWARE_NAME} {__version__}: model {self.name} version {self.version}{weights}, "
+            f"trained with the {self.strategy} image purification strategy (Gong & Yu, arXiv 2602.19314)"
+        )
+
+
+@dataclass(frozen=True)
+class DerivedSeriesOptions:
+    """What the caller decides about a derived series (everything else comes from the sources).
+
+    ``series_number`` must be >= 300 (default 300 + the source's number modulo 100).
+    ``series_description`` always says "denoised" (appended when the given text does not).
+    The patient and study fields apply only to a new series (no source files); unset ones come
+    from the volume's meta or are generated.
+    """
+
+    model: ModelProvenance = ModelProvenance()
+    series_number: int | None = None
+    series_description: str | None = None
+    patient_name: str | None = None
+    patient_id: str | None = None
+    study_instance_uid: str | None = None
+    study_description: str | None = None
+    accession_number: str | None = None
+
 
 # Copied from the first source header: Patient, General Study, Patient Study, Frame of Reference.
 _PATIENT_STUDY = (
@@ -159,35 +228,56 @@ def _check_source_geometry(headers: list[Dataset], positions: np.ndarray, spacin
             )
 
 
+def _new_patient_study(ds: Dataset, volume: Volume, options: DerivedSeriesOptions) -> None:
+    """Patient and study of a new series: options, else the volume's meta (same study), else generated."""
+    meta = volume.meta
+    study_uid = options.study_instance_uid or meta.get("StudyInstanceUID")
+    same_study = bool(study_uid) and not options.study_instance_uid
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.PatientName = options.patient_name or (same_study and meta.get("PatientName")) or "Anonymous^IPv2"
+    ds.PatientID = (
+        options.patient_id or (same_study and meta.get("PatientID")) or "IPV2-" + generate_uid()[-8:]
+    )
+    ds.StudyInstanceUID = study_uid or generate_uid()
+    ds.FrameOfReferenceUID = (same_study and meta.get("FrameOfReferenceUID")) or generate_uid()
+    ds.StudyDate, ds.StudyTime = _now()
+    ds.StudyID = "1"
+    description = options.study_description or (same_study and meta.get("StudyDescription"))
+    if description:
+        ds.StudyDescription = str(description)[:64]
+    if options.accession_number:
+        ds.AccessionNumber = options.accession_number[:16]
+
+
+def _contributing_equipment(description: str) -> DicomSequence:
+    item = Dataset()
+    item.PurposeOfReferenceCodeSequence = DicomSequence([_code_item(MODIFYING_EQUIPMENT_CODE)])
+    item.Manufacturer = MANUFACTURER
+    item.ManufacturerModelName = SOFTWARE_NAME
+    item.SoftwareVersions = __version__
+    item.ContributionDateTime = _dt.datetime.now().strftime("%Y%m%d%H%M%S")
+    item.ContributionDescription = description[:1024]
+    return DicomSequence([item])
+
+
 def _base_dataset(
     volume: Volume,
     template: Dataset | None,
     *,
+    options: DerivedSeriesOptions,
     series_uid: str,
     series_number: int,
     series_description: str,
-    derivation: str,
 ) -> Dataset:
     ds = Dataset()
     date, time = _now()
+    derivation = options.model.describe()
     if template is not None:
         for kw in _PATIENT_STUDY:
             if kw in template:
                 setattr(ds, kw, template.data_element(kw).value)
     else:
-        meta = volume.meta
-        reuse = bool(meta.get("StudyInstanceUID"))
-        ds.SpecificCharacterSet = "ISO_IR 192"
-        ds.PatientName = str(meta.get("PatientName") or "Anonymous^IPv2") if reuse else "Anonymous^IPv2"
-        ds.PatientID = (
-            str(meta.get("PatientID") or "IPV2-" + generate_uid()[-8:])
-            if reuse
-            else ("IPV2-" + generate_uid()[-8:])
-        )
-        ds.StudyInstanceUID = meta["StudyInstanceUID"] if reuse else generate_uid()
-        ds.FrameOfReferenceUID = meta.get("FrameOfReferenceUID") or generate_uid()
-        ds.StudyDate, ds.StudyTime = date, time
-        ds.StudyID = ""
+        _new_patient_study(ds, volume, options)
     for kw in (
         "PatientName",
         "PatientID",
@@ -212,8 +302,10 @@ def _base_dataset(
     ds.SeriesDescription = series_description[:64]
     ds.SeriesDate, ds.SeriesTime = date, time
     ds.ContentDate, ds.ContentTime = date, time
-    ds.Manufacturer = "IPv2 Denoise"
+    ds.Manufacturer = MANUFACTURER
+    ds.ManufacturerModelName = SOFTWARE_NAME
     ds.SoftwareVersions = __version__
+    ds.ContributingEquipmentSequence = _contributing_equipment(derivation)
     ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
     ds.DerivationDescription = derivation[:1024]
     ds.DerivationCodeSequence = DicomSequence([_code_item(DERIVATION_CODE)])
@@ -224,7 +316,10 @@ def _base_dataset(
         ds.AcquisitionNumber = ""
     if "PatientPosition" not in ds:
         ds.PatientPosition = ""
-    ds.Laterality = ""  # Type 2C (paired body parts); a chest CT has none
+    if template is None:
+        # A new series of a lung CT denoiser is a chest scan; naming the (unpaired) body part is what
+        # lets Laterality (Type 2C, paired body parts only) be absent rather than empty.
+        ds.BodyPartExamined = "CHEST"
 
     axes = _axes(volume)
     ds.ImageOrientationPatient = _fmt(np.concatenate([axes[:, 0], axes[:, 1]]))
@@ -248,10 +343,7 @@ def export_derived_series(
     out_dir: str | os.PathLike,
     *,
     source_files: Sequence[str | os.PathLike] | None = None,
-    series_description: str | None = None,
-    model_name: str = "unet-ipv2",
-    strategy: str = "ipv2",
-    series_number: int | None = None,
+    options: DerivedSeriesOptions | None = None,
     progress: ProgressCallback | None = None,
 ) -> list[Path]:
     """Write ``volume`` as a derived CT series, one file per z slice, atomically.
@@ -264,14 +356,12 @@ def export_derived_series(
         Folder to create; must not exist yet or be empty. Files are first written to a hidden
         staging folder beside it that is renamed at the end, so no half-written series is left.
     source_files : list of paths, optional
-        The source DICOM file of every slice, in the volume's z order. When given, patient, study
-        and frame of reference are copied from them and every slice references its source image.
-    series_description : str, optional
-        Default: the source description (or "CT") plus "IPv2 denoised (<model_name>)".
-    model_name, strategy : str
-        Named in DerivationDescription (e.g. ``unet-ipv2`` trained with the ``ipv2`` strategy).
-    series_number : int, optional
-        Must be >= 300 (derived-series convention); default 300 + the source series number.
+        The source DICOM file of every slice, in the volume's z order (``read_volume`` puts them in
+        ``meta["dicom_files"]``). When given, patient, study and frame of reference are copied from
+        them and every slice references its source image; without them a new CT series is written.
+    options : DerivedSeriesOptions, optional
+        Model provenance, series number and description, and patient/study of a new series.
+        Default description: the source's (or "CT") plus "IPv2 denoised (<model>)".
     progress : callable(done, total, message), optional
 
     Returns
@@ -286,6 +376,7 @@ def export_derived_series(
         below 300, or an ``out_dir`` that already holds files.
     """
     out_dir = Path(out_dir)
+    options = options or DerivedSeriesOptions()
     nz, ny, nx = volume.shape
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise UserError(f"out_dir: {out_dir} already exists and is not an empty folder; choose a new folder")
@@ -297,25 +388,25 @@ def export_derived_series(
         _check_source_geometry(headers, positions, volume.spacing[2])
     template = headers[0] if headers else None
 
+    series_number = options.series_number
     if series_number is None:
         base = int(getattr(template, "SeriesNumber", 0) or 0) if template is not None else 0
         series_number = 300 + (base % 100 if base > 0 else 1)
-    if int(series_number) < 300:
+    if not 300 <= int(series_number) <= 2**31 - 1:
         raise UserError(f"series_number: got {series_number}; derived series use numbers >= 300")
-    if series_description is None:
+    series_description = options.series_description
+    if not series_description:
         src = str(getattr(template, "SeriesDescription", "") or volume.meta.get("SeriesDescription") or "CT")
-        series_description = f"{src} IPv2 denoised ({model_name})"
-    derivation = (
-        f"Denoised by IPv2 Denoise {__version__}: model {model_name} trained with the {strategy} "
-        "image purification strategy (Gong & Yu, arXiv 2602.19314)"
-    )
+        series_description = f"{src} IPv2 denoised ({options.model.name})"
+    elif "denoised" not in series_description.lower():
+        series_description = f"{series_description} (denoised)"
     base_ds = _base_dataset(
         volume,
         template,
+        options=options,
         series_uid=generate_uid(),
         series_number=int(series_number),
         series_description=series_description,
-        derivation=derivation,
     )
 
     names = [f"IM{k + 1:06d}.dcm" for k in range(nz)]
@@ -329,6 +420,9 @@ def export_derived_series(
                 for kw in _ACQUISITION:
                     if kw in src:
                         setattr(ds, kw, src.data_element(kw).value)
+                if "Laterality" in src or "BodyPartExamined" not in src:
+                    # as the source says; else empty (Type 2C, "unknown"): the body part is not named
+                    ds.Laterality = src.get("Laterality", "")
                 ref = Dataset()
                 ref.ReferencedSOPClassUID = src.SOPClassUID
                 ref.ReferencedSOPInstanceUID = src.SOPInstanceUID

@@ -5,8 +5,9 @@ DICOM series are read by :mod:`IPv2DenoiseLib.io.dicom_series` (series choice, g
 Geometry follows ITK/DICOM: spacing ``(x, y, z)`` mm, origin in LPS mm, direction cosines row-major.
 Every reader validates that the data is a 3-D, single-channel CT in Hounsfield units (finite values,
 some air below −500 HU) and raises :class:`~IPv2DenoiseLib.core.errors.UserError` with one line otherwise.
-Writers go through a temporary file in the destination folder and an atomic rename, so an
-interrupted write never leaves a half file under the final name.
+Writers go through a staging folder beside the destination and an atomic rename
+(:func:`IPv2DenoiseLib.core.atomic.atomic_path`), so an interrupted write never leaves a half file
+under the final name.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import SimpleITK as sitk
 
 from IPv2DenoiseLib.core.atomic import atomic_path
 from IPv2DenoiseLib.core.errors import UserError
@@ -117,8 +119,6 @@ def _validate_ct(volume: Volume, *, where: str, force: bool) -> None:
 
 
 def _read_itk_image(path: Path) -> Volume:
-    import SimpleITK as sitk
-
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
@@ -148,8 +148,6 @@ def write_volume(volume: Volume, path: str | os.PathLike, *, dtype: np.dtype | t
     ``dtype`` stores the voxels as another type (e.g. ``np.int16`` for compact HU, rounded and
     clipped to the type's range); the default keeps float32. Compressed where the format allows.
     """
-    import SimpleITK as sitk
-
     out = Path(path)
     suffix = image_suffix(out)
     if suffix not in {".nrrd", ".nii", ".nii.gz", ".mha"}:

@@ -30,6 +30,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from IPv2DenoiseLib.core.device import resolve_device
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.progress import CancelToken, ProgressCallback
 from IPv2DenoiseLib.physics.projector import (
@@ -37,7 +38,6 @@ from IPv2DenoiseLib.physics.projector import (
     FanGeometry,
     FanRebinner,
     ParallelProjector,
-    resolve_device,
 )
 
 #: Linear attenuation of water at ~70 keV effective energy (120 kVp), 1/mm.
@@ -210,7 +210,7 @@ def _run(
     hu, *, dose, spacing_mm, geometry, views, filter, i0, seed, device, batch, progress, cancel, backend, draw
 ) -> np.ndarray:
     arr, views = _check(hu, dose, spacing_mm, geometry, views, filter, i0, batch)
-    dev = resolve_device(device)
+    dev = resolve_device(device, kinds=("cuda",))  # the projector runs on CPU or CUDA
     vol = arr[None] if arr.ndim == 2 else arr
     nz, ny, nx = vol.shape
     n = max(ny, nx)

@@ -24,11 +24,16 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 import torch
 
+try:  # optional: the torch back end serves where finufft is not installed
+    import finufft
+except ImportError:
+    finufft = None
+
+from IPv2DenoiseLib.core.device import resolve_device
 from IPv2DenoiseLib.core.errors import UserError
 
 #: FBP windows applied on top of the ramp (``f`` in cycles/sample, Nyquist 0.5).
@@ -79,8 +84,8 @@ class _FinufftBackend:
     """CPU NUFFT by finufft; plans are built per batch size and reused."""
 
     def __init__(self, n: int, wy: np.ndarray, wx: np.ndarray, eps: float) -> None:
-        import finufft  # noqa: F401  (import error surfaces at construction)
-
+        if finufft is None:
+            raise ImportError("finufft is not installed (use backend='torch')")
         self.n = n
         self.wy = np.ascontiguousarray(wy, dtype=np.float32)
         self.wx = np.ascontiguousarray(wx, dtype=np.float32)
@@ -88,8 +93,6 @@ class _FinufftBackend:
         self._plans: dict[tuple[int, int], object] = {}
 
     def _plan(self, kind: int, batch: int):
-        import finufft
-
         key = (kind, batch)
         plan = self._plans.get(key)
         if plan is None:
@@ -184,20 +187,6 @@ class _TorchGridBackend:
         return img * self.scale
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"`` → CUDA when present, else CPU; otherwise the named device (checked)."""
-    if isinstance(device, torch.device):
-        return device
-    name = str(device).lower()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device={device!r} was asked for but CUDA is not available; use 'cpu' or 'auto'")
-    if name == "cpu" or name.startswith("cuda"):
-        return torch.device(name)
-    raise UserError(f"device={device!r} is not supported; allowed: 'auto', 'cpu', 'cuda'")
-
-
 class ParallelProjector:
     """Parallel-beam forward projection and FBP for batches of ``n × n`` slices.
 
@@ -241,9 +230,11 @@ class ParallelProjector:
             n_det += n_det % 2
         self.n_det = int(n_det)
         self.m_pad = int(pad) * self.n_det
-        self.device = resolve_device(device)
+        self.device = resolve_device(device, kinds=("cuda",))  # sparse CSR / NUFFT: no MPS
         if backend == "auto":
-            backend = "torch" if self.device.type != "cpu" else ("finufft" if _has_finufft() else "torch")
+            backend = (
+                "torch" if self.device.type != "cpu" else ("finufft" if finufft is not None else "torch")
+            )
         if backend == "finufft" and self.device.type != "cpu":
             raise UserError(f"backend='finufft' runs on CPU only, device={self.device}")
         self.backend_name = backend
@@ -299,15 +290,6 @@ class ParallelProjector:
         spec = torch.fft.rfft(sino, n=self.m_pad, dim=-1) * (self._bp_base * window)
         img = self._nufft.type1(spec.reshape(b, -1)).to(self.device)
         return img.real.to(torch.float32)
-
-
-@lru_cache(maxsize=1)
-def _has_finufft() -> bool:
-    try:
-        import finufft  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 # ----------------------------------------------------------------------------------------------

@@ -37,7 +37,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import SimpleITK as sitk
 from scipy import ndimage as ndi
+from skimage.restoration import denoise_nl_means
 
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.progress import CancelToken, ProgressCallback, Steps
@@ -259,8 +261,6 @@ def make_weak_denoiser(
         footprint[:, rx] = True
         return lambda s: ndi.median_filter(s, footprint=footprint, mode="nearest").astype(np.float32)
     if method == "nlm":
-        from skimage.restoration import denoise_nl_means
-
         h = 0.8 * float(noise_hu)  # type: ignore[arg-type]
 
         def nlm(s: np.ndarray) -> np.ndarray:
@@ -277,8 +277,6 @@ def make_weak_denoiser(
         return nlm
 
     def bilateral(s: np.ndarray) -> np.ndarray:
-        import SimpleITK as sitk
-
         image = sitk.GetImageFromArray(s.astype(np.float32))
         image.SetSpacing((sx, sy))
         out = sitk.Bilateral(image, domainSigma=float(sigma_mm), rangeSigma=2.0 * float(noise_hu))

@@ -18,6 +18,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+from skimage import io as skimage_io
+from skimage.color import rgb2gray
 
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.progress import CancelToken, ProgressCallback
@@ -41,10 +43,8 @@ def hu_to_grey(hu: np.ndarray, window: tuple[float, float]) -> np.ndarray:
 
 def read_grey_png(path: Path) -> np.ndarray:
     """An 8-bit PNG as a 2-D uint8 grey image (RGB/RGBA → grey; identical channels taken as is)."""
-    from skimage import io
-
     try:
-        img = np.asarray(io.imread(path))
+        img = np.asarray(skimage_io.imread(path))
     except Exception as exc:  # imageio raises several types for corrupt files
         raise UserError(f"{path}: cannot read PNG ({exc.__class__.__name__}: {exc})") from exc
     if img.ndim == 3 and img.shape[-1] in (3, 4):
@@ -52,8 +52,6 @@ def read_grey_png(path: Path) -> np.ndarray:
         if np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2]):
             img = rgb[..., 0]
         else:
-            from skimage.color import rgb2gray
-
             img = np.rint(rgb2gray(rgb) * (255.0 if rgb.dtype == np.uint8 else 1.0))
     elif img.ndim == 3 and img.shape[-1] == 2:  # grey + alpha
         img = img[..., 0]
@@ -67,10 +65,8 @@ def read_grey_png(path: Path) -> np.ndarray:
 
 
 def _write_png(path: Path, grey: np.ndarray) -> None:
-    from skimage import io
-
     tmp = path.with_name(f".{path.stem}.partial.png")
-    io.imsave(tmp, grey, check_contrast=False)
+    skimage_io.imsave(tmp, grey, check_contrast=False)
     tmp.replace(path)
 
 

@@ -17,7 +17,7 @@ import numpy as np
 from scipy import ndimage
 
 from IPv2DenoiseLib.core.errors import UserError
-from IPv2DenoiseLib.synthetic.phantom import LABELS, Phantom, _interp_matrix, make_chest_phantom
+from IPv2DenoiseLib.synthetic.phantom import LABELS, Phantom, interp_matrix, make_chest_phantom
 
 #: Labels that do not move with breathing (displacement is zero on them).
 RIGID_LABELS = (
@@ -94,9 +94,9 @@ def breathing_displacement(
         0.08 * amplitude_mm * np.clip(xc / 100.0, -1, 1)[None, None, :] * base,
     ]
     out = np.empty((3, nz, ny, nx), np.float32)
-    mz = _interp_matrix(z, zc[0], cs[0], len(zc))
-    my = _interp_matrix(y, yc[0], cs[1], len(yc))
-    mx = _interp_matrix(x, xc[0], cs[2], len(xc))
+    mz = interp_matrix(z, zc[0], cs[0], len(zc))
+    my = interp_matrix(y, yc[0], cs[1], len(yc))
+    mx = interp_matrix(x, xc[0], cs[2], len(xc))
     for i, c in enumerate(comps):
         c = ndimage.gaussian_filter(c.astype(np.float32), sig) * w  # smooth, still 0 at rigid parts
         a = np.matmul(my, c @ mx.T)

@@ -7,7 +7,7 @@ a true 2 % of the photons. Both go through the same physical projector (:mod:`lo
 noise has the streaks and texture of a real reconstruction. The noise-free anatomies are kept as
 ground truth for the evaluation.
 
-Case folder layout (``DIR/case_000/``): ``ndct.nrrd``, ``uldct.nrrd``, ``ndct_clean.nrrd``,
+Case folder layout (:mod:`IPv2DenoiseLib.io.case_folder`; ``DIR/case_000/``): ``ndct.nrrd``, ``uldct.nrrd``, ``ndct_clean.nrrd``,
 ``uldct_clean.nrrd`` (int16 HU), ``labels_ndct.nrrd``, ``labels_uldct.nrrd`` (uint8, ids in
 :data:`IPv2DenoiseLib.synthetic.phantom.LABELS`) and ``case.json``.
 """
@@ -26,12 +26,11 @@ import numpy as np
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.progress import CancelToken, ProgressCallback
 from IPv2DenoiseLib.core.volume import Volume
+from IPv2DenoiseLib.io.case_folder import CASE_FILES
 from IPv2DenoiseLib.io.volumes import write_volume
 from IPv2DenoiseLib.physics.lowdose import I0_FULL_DOSE, simulate_low_dose
 from IPv2DenoiseLib.synthetic.breathing import breathing_motion, motion_stats
 from IPv2DenoiseLib.synthetic.phantom import LABELS, make_chest_phantom
-
-CASE_FILES = ("ndct", "uldct", "ndct_clean", "uldct_clean", "labels_ndct", "labels_uldct")
 
 
 @dataclass(frozen=True)

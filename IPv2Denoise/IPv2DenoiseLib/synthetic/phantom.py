@@ -170,7 +170,7 @@ def _axes(shape, spacing, z_center):
     return x, y, z
 
 
-def _interp_matrix(coords: np.ndarray, start: float, step: float, n: int) -> np.ndarray:
+def interp_matrix(coords: np.ndarray, start: float, step: float, n: int) -> np.ndarray:
     """Dense linear-interpolation matrix from a regular lattice (start, step, n) to ``coords``."""
     u = np.clip((coords - start) / step, 0.0, n - 1.000001)
     i0 = np.floor(u).astype(int)
@@ -200,9 +200,9 @@ def _lattice_noise(seed: int, key: int, axes, step: float, sigma_mm: float) -> n
     s = sigma_mm / step
     ndimage.gaussian_filter(planes, s, output=planes, mode="wrap")
     planes *= np.float32(np.sqrt((2.0 * np.sqrt(np.pi) * s) ** 3))  # back to unit variance
-    mz = _interp_matrix(z, k0 * step, step, planes.shape[0])
-    my = _interp_matrix(y, -_LATTICE_HALF, step, n_xy)
-    mx = _interp_matrix(x, -_LATTICE_HALF, step, n_xy)
+    mz = interp_matrix(z, k0 * step, step, planes.shape[0])
+    my = interp_matrix(y, -_LATTICE_HALF, step, n_xy)
+    mx = interp_matrix(x, -_LATTICE_HALF, step, n_xy)
     a = planes @ mx.T  # (kz, ky, nx)
     a = np.matmul(my, a)  # (kz, ny, nx)
     return np.tensordot(mz, a, axes=(1, 0)).astype(np.float32)  # (nz, ny, nx)

@@ -23,9 +23,27 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+from matplotlib.figure import Figure
 
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.progress import CancelToken, ProgressCallback, Steps
+from IPv2DenoiseLib.denoiser.infer import Denoiser
+from IPv2DenoiseLib.imaging.classical import available_methods, denoise_classical
+from IPv2DenoiseLib.imaging.masks import (
+    background_mask,
+    body_mask,
+    lung_mask,
+    lung_parenchyma_mask,
+    soft_tissue_mask,
+)
+from IPv2DenoiseLib.imaging.metrics import laa950, nps_2d, psnr, ssim
+from IPv2DenoiseLib.imaging.noise_estimate import estimate_noise_hu
+from IPv2DenoiseLib.io.case_folder import case_folders_in, read_case
+from IPv2DenoiseLib.physics.lowdose import simulate_low_dose
+from IPv2DenoiseLib.purification.pairs import Strategy, build_pairs, make_weak_denoiser
+from IPv2DenoiseLib.synthetic.breathing import breathing_motion
+from IPv2DenoiseLib.synthetic.phantom import make_chest_phantom
+from IPv2DenoiseLib.training.trainer import BACKGROUND, BODY, LUNGS, CasePairs, TrainConfig, train
 
 #: Strategies of the grid: naive, IPv1, IPv2 and the two single-module ablations.
 GRID_STRATEGIES = ("naive", "ipv1", "rb", "an", "ipv2")
@@ -111,13 +129,8 @@ class Case:
 
 def make_case(name: str, *, seed: int, config: EvalConfig) -> Case:
     """A synthetic misaligned pair: NDCT of the phantom, ULDCT of the same anatomy in another breath hold."""
-    from IPv2DenoiseLib.physics.lowdose import simulate_low_dose
-    from IPv2DenoiseLib.synthetic.phantom import make_chest_phantom
-
     phantom = make_chest_phantom(shape=tuple(config.shape), spacing=tuple(config.spacing), seed=seed)
     try:
-        from IPv2DenoiseLib.synthetic.breathing import breathing_motion
-
         moved, _ = breathing_motion(phantom, amplitude_mm=config.motion_mm, seed=seed + 1000)
         anatomy_u = moved.hu
     except ImportError:  # breathing model missing: a rigid 1-slice shift still misaligns the lungs
@@ -171,25 +184,19 @@ def synthetic_cases(
     return cases[: config.n_train], cases[config.n_train :]
 
 
-def _case_folders(folder: Path) -> list[Path]:
-    return sorted(c for c in folder.iterdir() if c.is_dir() and any(c.glob("uldct.*")))
-
-
 def dataset_cases(folder: str | os.PathLike, *, n_test: int = 2) -> tuple[list[Case], list[Case]]:
     """Cases from a dataset folder of case folders (``uldct.*``, ``ndct.*``, optional ``uldct_clean.*``).
 
     ``train/`` and ``test/`` subfolders are used when present; otherwise the last ``n_test`` case
     folders (sorted by name) are held out.
     """
-    from IPv2DenoiseLib.training.trainer import _read_case
-
     root = Path(folder)
     if not root.is_dir():
         raise UserError(f"--data: folder not found: {root}")
     if (root / "train").is_dir() and (root / "test").is_dir():
-        train_dirs, test_dirs = _case_folders(root / "train"), _case_folders(root / "test")
+        train_dirs, test_dirs = case_folders_in(root / "train"), case_folders_in(root / "test")
     else:
-        found = _case_folders(root)
+        found = case_folders_in(root)
         if len(found) < 2:
             raise UserError(f"--data: {root} holds {len(found)} case folders with uldct.*; need at least 2")
         n_test = min(max(1, n_test), len(found) - 1)
@@ -198,7 +205,7 @@ def dataset_cases(folder: str | os.PathLike, *, n_test: int = 2) -> tuple[list[C
         raise UserError(f"--data: {root} needs training and test case folders")
 
     def load(d: Path) -> Case:
-        vols = _read_case(d)
+        vols = read_case(d)
         truth = vols["uldct_clean"].array if "uldct_clean" in vols else None
         return Case(d.name, vols["uldct"].array, vols["ndct"].array, truth, tuple(vols["uldct"].spacing))
 
@@ -210,10 +217,6 @@ def dataset_cases(folder: str | os.PathLike, *, n_test: int = 2) -> tuple[list[C
 
 def purified_training_cases(cases: Sequence[Case], strategy: str, config: EvalConfig, cache: Path | None):
     """:class:`~IPv2DenoiseLib.training.trainer.CasePairs` of the training cases for one strategy (cached)."""
-    from IPv2DenoiseLib.imaging.masks import body_mask
-    from IPv2DenoiseLib.purification.pairs import build_pairs
-    from IPv2DenoiseLib.training.trainer import BACKGROUND, BODY, LUNGS, CasePairs
-
     out = []
     for i, case in enumerate(cases):
         path = None if cache is None else cache / f"{strategy.replace('+', '_')}_{case.name}.npz"
@@ -240,9 +243,6 @@ def purified_training_cases(cases: Sequence[Case], strategy: str, config: EvalCo
 
 def ipv2_test_label(case: Case, config: EvalConfig) -> np.ndarray:
     """The IPv2 refined test label: NDCT in body and background, WD(ULDCT) in the lungs."""
-    from IPv2DenoiseLib.imaging.noise_estimate import estimate_noise_hu
-    from IPv2DenoiseLib.purification.pairs import build_pairs, make_weak_denoiser
-
     wd = make_weak_denoiser(
         config.weak_denoiser, spacing=case.spacing, noise_hu=estimate_noise_hu(case.uldct)
     )
@@ -263,14 +263,6 @@ def region_masks(reference: np.ndarray) -> dict[str, np.ndarray]:
     (−800…−700 HU) is border-connected too, and the inference's background removal erases it, which
     is not noise.
     """
-    from IPv2DenoiseLib.imaging.masks import (
-        background_mask,
-        body_mask,
-        lung_mask,
-        lung_parenchyma_mask,
-        soft_tissue_mask,
-    )
-
     body = body_mask(reference)
     lungs = lung_mask(reference) & body
     air = background_mask(reference) & (np.asarray(reference) < -950.0)
@@ -289,8 +281,6 @@ def score(
 ) -> dict[str, float]:
     """Per-region PSNR, SSIM, noise (SD of output − reference), bias, plus NPS mean frequency and
     the LAA-950 error of ``output`` against ``reference`` (metric definitions: DESIGN.md §6)."""
-    from IPv2DenoiseLib.imaging.metrics import laa950, nps_2d, psnr, ssim
-
     diff = output.astype(np.float64) - reference
     m: dict[str, float] = {}
     for region in REGIONS:
@@ -339,8 +329,6 @@ class GridResult:
 
 
 def _denoise_model(weights: Path, hu: np.ndarray, device: str) -> np.ndarray:
-    from IPv2DenoiseLib.denoiser.infer import Denoiser
-
     # raw network output: background suppression must come from training, not from the mask step
     return Denoiser.from_file(weights).denoise_array(hu, remove_background=False, device=device)
 
@@ -466,9 +454,6 @@ def run_grid(
     -------
     GridResult
     """
-    from IPv2DenoiseLib.imaging.classical import available_methods, denoise_classical
-    from IPv2DenoiseLib.training.trainer import TrainConfig, train
-
     began = time.monotonic()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -478,8 +463,6 @@ def run_grid(
         if m not in available_methods():
             raise UserError(f"classical method {m!r} is not available; use {', '.join(available_methods())}")
     for s in config.strategies:
-        from IPv2DenoiseLib.purification.pairs import Strategy
-
         Strategy.from_name(s)
     steps = Steps(
         2 + len(config.classical) + len(config.strategies) * (1 + len(config.models) * len(seeds)),
@@ -703,14 +686,10 @@ def grid_figure(
     window: tuple[float, float] = (-1350.0, 150.0),
 ) -> Path:
     """First row: references and classical outputs; then one row per strategy, one column per model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     ncol = max(len(models), len(panels))
     nrow = 1 + len(strategies)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(2.2 * ncol, 2.3 * nrow), squeeze=False)
+    fig = Figure(figsize=(2.2 * ncol, 2.3 * nrow))
+    axes = fig.subplots(nrow, ncol, squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     aspect = float(spacing[1]) / float(spacing[0])
@@ -730,5 +709,4 @@ def grid_figure(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path

@@ -25,12 +25,18 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from matplotlib.figure import Figure
 
+from IPv2DenoiseLib.core.device import describe_device, resolve_device
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.progress import CancelToken, ProgressCallback
 from IPv2DenoiseLib.denoiser.models import build_model, count_parameters, flops_per_voxel
 from IPv2DenoiseLib.denoiser.normalization import NORMALIZATION, hu_to_net, net_to_hu
-from IPv2DenoiseLib.io.volumes import read_volume
+from IPv2DenoiseLib.denoiser.weights import load_model, save_model
+from IPv2DenoiseLib.imaging.masks import body_mask
+from IPv2DenoiseLib.imaging.metrics import psnr, roi_stats
+from IPv2DenoiseLib.io.case_folder import read_case
+from IPv2DenoiseLib.purification.pairs import Strategy, build_pairs
 
 #: Region codes of the sampling map.
 BODY, LUNGS, BACKGROUND = 0, 1, 2
@@ -77,28 +83,10 @@ class CasePairs:
     truth: np.ndarray | None = None  # noise-free anatomy of the test input, when known
 
 
-def _read_case(folder: Path) -> dict[str, np.ndarray | float]:
-    need = ("uldct", "ndct")
-    found = {}
-    for key in (*need, "uldct_clean"):
-        for suffix in (".nrrd", ".nii.gz", ".nii", ".mha"):
-            if (folder / f"{key}{suffix}").exists():
-                found[key] = read_volume(folder / f"{key}{suffix}")
-                break
-    missing = [k for k in need if k not in found]
-    if missing:
-        raise UserError(
-            f"{folder}: training case lacks {', '.join(missing)} (expected uldct.nrrd and ndct.nrrd)"
-        )
-    return found
-
-
 def prepare_case(folder: str | os.PathLike, config: TrainConfig, *, seed: int) -> CasePairs:
     """Build the purified pair of one case folder (``uldct.*``, ``ndct.*``, optional ``uldct_clean.*``)."""
-    from IPv2DenoiseLib.purification.pairs import Strategy, build_pairs
-
     folder = Path(folder)
-    vols = _read_case(folder)
+    vols = read_case(folder)
     u, n = vols["uldct"], vols["ndct"]
     if not u.same_geometry(n, atol=1e-2):
         raise UserError(
@@ -109,7 +97,6 @@ def prepare_case(folder: str | os.PathLike, config: TrainConfig, *, seed: int) -
         kwargs["weak_denoiser"] = config.weak_denoiser
     pair = build_pairs(u.array, n.array, Strategy.from_name(config.strategy), **kwargs)
     regions = np.full(u.shape, 255, np.uint8)
-    from IPv2DenoiseLib.imaging.masks import body_mask
 
     regions[body_mask(n.array) | body_mask(u.array)] = BODY
     regions[pair.lungs] = LUNGS
@@ -190,8 +177,6 @@ def _denoise_slices(
 
 def validate(model, cases: Sequence[CasePairs], device: torch.device, in_slices: int) -> dict[str, float]:
     """Per-region metrics of the denoised test input, against the truth and the purified test label."""
-    from IPv2DenoiseLib.imaging.metrics import psnr, roi_stats
-
     sums: dict[str, list[float]] = {}
     for case in cases:
         if case.test_input is None:
@@ -244,9 +229,6 @@ def train(
 
     ``prepared`` skips reading case folders (tests and the evaluation pass pairs they built).
     """
-    from IPv2DenoiseLib.core.device import describe_device, resolve_device
-    from IPv2DenoiseLib.denoiser.weights import save_model
-
     if config.iterations < 1 or config.batch < 1 or config.patch < 8:
         raise UserError("iterations and batch must be >= 1 and patch >= 8")
     rank, world = _distributed()
@@ -269,8 +251,6 @@ def train(
 
     model = build_model(config.arch, **config.model_kwargs)
     if config.init_weights:
-        from IPv2DenoiseLib.denoiser.weights import load_model
-
         start_from, start_card = load_model(config.init_weights)
         if start_from.ARCH != model.ARCH or start_from.config != model.config:
             raise UserError(
@@ -392,12 +372,8 @@ def train(
 
 def plot_training_curves(history: dict, path: str | os.PathLike, *, title: str = "") -> Path:
     """Loss and validation PSNR per region against iterations, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig = Figure(figsize=(10, 3.6))
+    axes = fig.subplots(1, 2)
     axes[0].plot(history["iteration"], history["loss"], marker="o")
     axes[0].set(xlabel="iteration", ylabel="training loss", yscale="log", title="loss")
     keys = sorted(
@@ -414,5 +390,4 @@ def plot_training_curves(history: dict, path: str | os.PathLike, *, title: str =
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path

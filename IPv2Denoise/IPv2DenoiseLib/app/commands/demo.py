@@ -7,6 +7,11 @@ import sys
 import time
 from pathlib import Path
 
+from IPv2DenoiseLib.core.atomic import make_output_folder
+from IPv2DenoiseLib.core.errors import UserError
+from IPv2DenoiseLib.core.progress import TqdmProgress, make_progress
+from IPv2DenoiseLib.core.resources import resources_dir
+
 NAME = "demo"
 HELP = (
     "Denoise the bundled sample ULDCT with the bundled default model; write the denoised volume, a "
@@ -30,9 +35,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def sample_uldct() -> Path:
     """The bundled sample ULDCT volume (``Resources/SampleData/*uldct*.nrrd``)."""
-    from IPv2DenoiseLib.core.errors import UserError
-    from IPv2DenoiseLib.core.resources import resources_dir
-
     folder = resources_dir() / "SampleData"
     found = sorted(p for p in folder.glob("*uldct*.nrrd") if "clean" not in p.name)
     if not found:
@@ -41,10 +43,8 @@ def sample_uldct() -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    # lazy: the CLI imports every command to build --help; torch & co. load on use
     from IPv2DenoiseLib.app.figures import comparison_figure, pick_slice
-    from IPv2DenoiseLib.core.atomic import make_output_folder
-    from IPv2DenoiseLib.core.errors import UserError
-    from IPv2DenoiseLib.core.progress import TqdmProgress, make_progress
     from IPv2DenoiseLib.denoiser.infer import Denoiser
     from IPv2DenoiseLib.imaging.masks import standard_rois
     from IPv2DenoiseLib.imaging.metrics import roi_comparison_table

@@ -1,4 +1,8 @@
-"""``ipv2-denoise denoise IN OUT``: denoise a CT volume with a trained model (CPU or GPU)."""
+"""``ipv2-denoise denoise IN OUT``: denoise a CT volume with a trained model (CPU or GPU).
+
+With ``--dicom`` OUT is a folder that receives a derived DICOM series (in the input's study when
+the input is DICOM, else a new CT series); ``--send DEST`` then stores it on a PACS.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +10,17 @@ import argparse
 import sys
 import time
 
+from IPv2DenoiseLib.app.commands.send import add_peer_arguments
+from IPv2DenoiseLib.core.atomic import check_output_path
 from IPv2DenoiseLib.core.device import DEVICE_CHOICES
+from IPv2DenoiseLib.core.errors import UserError
+from IPv2DenoiseLib.core.progress import JsonLinesProgress, Stages, make_progress
 
 NAME = "denoise"
-HELP = "Denoise a CT volume (DICOM folder/file, NRRD, NIfTI, MHA) with a trained IPv2 model; writes NRRD/NIfTI/MHA."
+HELP = (
+    "Denoise a CT volume (DICOM folder/file, NRRD, NIfTI, MHA) with a trained IPv2 model; "
+    "writes NRRD/NIfTI/MHA, or a derived DICOM series (--dicom) and sends it to a PACS (--send)."
+)
 
 
 def _positive_int(text: str) -> int:
@@ -22,12 +33,74 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _series_number(text: str) -> int:
+    value = _positive_int(text)
+    if value < 300:
+        raise argparse.ArgumentTypeError(f"derived series use numbers >= 300, got {value}")
+    return value
+
+
+def add_dicom_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of the derived DICOM series (shared with ``serve``)."""
+    group = parser.add_argument_group("derived DICOM series")
+    group.add_argument(
+        "--series-number",
+        type=_series_number,
+        metavar="N",
+        help="SeriesNumber, >= 300 (default: 300 + the source's number modulo 100)",
+    )
+    group.add_argument(
+        "--series-description",
+        metavar="TEXT",
+        help='SeriesDescription (default: the source\'s plus "IPv2 denoised (MODEL)"; always says "denoised")',
+    )
+    group.add_argument(
+        "--patient-name", metavar="NAME", help="non-DICOM input only: PatientName (default: generated)"
+    )
+    group.add_argument(
+        "--patient-id", metavar="ID", help="non-DICOM input only: PatientID (default: generated)"
+    )
+    group.add_argument(
+        "--study-uid",
+        metavar="UID",
+        help="non-DICOM input only: StudyInstanceUID to join (default: a new study)",
+    )
+    group.add_argument("--study-description", metavar="TEXT", help="non-DICOM input only: StudyDescription")
+
+
+def model_provenance(denoiser, *, registered: bool):
+    """:class:`ModelProvenance` of a loaded Denoiser; a shipped (registered) model is versioned with the package."""
+    from IPv2DenoiseLib import __version__
+    from IPv2DenoiseLib.io.dicom_export import ModelProvenance
+
+    return ModelProvenance.from_card(
+        denoiser.name, denoiser.card, default_version=__version__ if registered else "unversioned"
+    )
+
+
+def dicom_options(args: argparse.Namespace, provenance):
+    """:class:`DerivedSeriesOptions` from the command line."""
+    from IPv2DenoiseLib.io.dicom_export import DerivedSeriesOptions
+
+    return DerivedSeriesOptions(
+        model=provenance,
+        series_number=args.series_number,
+        series_description=args.series_description,
+        patient_name=args.patient_name,
+        patient_id=args.patient_id,
+        study_instance_uid=args.study_uid,
+        study_description=args.study_description,
+    )
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "input", metavar="IN", help="DICOM folder or file, NRRD, NIfTI (.nii/.nii.gz) or MHA/MHD"
     )
     parser.add_argument(
-        "output", metavar="OUT", help="output volume: .nrrd, .nii, .nii.gz or .mha (written atomically)"
+        "output",
+        metavar="OUT",
+        help="output volume: .nrrd, .nii, .nii.gz or .mha; with --dicom a new folder (written atomically)",
     )
     which = parser.add_mutually_exclusive_group()
     which.add_argument(
@@ -72,6 +145,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--force", action="store_true", help="read non-CT modalities and volumes without air (no HU check)"
     )
     parser.add_argument(
+        "--dicom", action="store_true", help="write OUT as a derived DICOM CT series (one file per slice)"
+    )
+    parser.add_argument(
+        "--send",
+        metavar="DEST",
+        help="with --dicom: then store the series on HOST:PORT:AET (or HOST:PORT --aet AET) or a DICOMweb URL",
+    )
+    add_dicom_arguments(parser)
+    add_peer_arguments(parser)
+    parser.add_argument(
         "--json-progress",
         action="store_true",
         help="print JSON lines: {'device': ...}, {'progress', 'eta_s', 'message'} ..., {'result', 'seconds'}",
@@ -79,18 +162,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from IPv2DenoiseLib.core.atomic import check_output_path
+    # lazy: the CLI imports every command to build --help; torch & co. load on use
     from IPv2DenoiseLib.core.device import describe_device, resolve_device
-    from IPv2DenoiseLib.core.errors import UserError
-    from IPv2DenoiseLib.core.progress import JsonLinesProgress, Stages, make_progress
     from IPv2DenoiseLib.denoiser.infer import Denoiser
+    from IPv2DenoiseLib.io.dicom_export import export_derived_series
+    from IPv2DenoiseLib.io.dicom_net import parse_destination
     from IPv2DenoiseLib.io.volumes import image_suffix, read_volume, write_volume
 
     start = time.monotonic()
     device = resolve_device(args.device)  # fail fast: "--device cuda" without a GPU
-    if image_suffix(args.output) not in {".nrrd", ".nii", ".nii.gz", ".mha"}:
-        raise UserError(f"OUT {args.output!r}: unsupported output format; use .nrrd, .nii, .nii.gz or .mha")
-    check_output_path(args.output, inputs=[args.input], overwrite=args.overwrite)
+    if args.dicom:
+        check_output_path(args.output, inputs=[args.input], folder=True)
+        if args.send:
+            parse_destination(args.send, args.aet)  # a malformed destination fails before any work
+    else:
+        if image_suffix(args.output) not in {".nrrd", ".nii", ".nii.gz", ".mha"}:
+            raise UserError(
+                f"OUT {args.output!r}: unsupported output format; use .nrrd, .nii, .nii.gz or .mha (or --dicom)"
+            )
+        used = [
+            o
+            for o in ("send", "series_number", "series_description", "patient_name", "patient_id")
+            if getattr(args, o)
+        ]
+        if used:
+            raise UserError(f"--{used[0].replace('_', '-')} needs --dicom")
+        check_output_path(args.output, inputs=[args.input], overwrite=args.overwrite)
     where = describe_device(device)
     if args.json_progress:
         JsonLinesProgress().emit(device=where)
@@ -128,10 +225,21 @@ def run(args: argparse.Namespace) -> int:
         for message in result.meta.get("warnings", []):
             warn(message)
         stages.start("write", f"writing {args.output}")
-        write_volume(result, args.output)
+        if args.dicom:
+            sources = volume.meta.get("dicom_files") if volume.meta.get("source") == "dicom" else None
+            provenance = model_provenance(denoiser, registered=not args.weights)
+            files = export_derived_series(
+                result, args.output, source_files=sources, options=dicom_options(args, provenance)
+            )
+        else:
+            write_volume(result, args.output)
         stages.finish(f"wrote {args.output}")
     finally:
         progress.close()
+    if args.dicom and args.send:
+        from IPv2DenoiseLib.app.commands.send import send_and_report
+
+        send_and_report(files, args.send, args)  # the series stays in OUT whatever happens
     seconds = round(time.monotonic() - start, 3)
     if args.json_progress:
         progress.emit(result=str(args.output), seconds=seconds)

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
+
+from IPv2DenoiseLib.core.errors import UserError
+from IPv2DenoiseLib.core.progress import make_progress
 
 NAME = "evaluate"
 HELP = "Train and score naive/IPv1/IPv2/ablations x RED-CNN/DnCNN/U-Net plus classical baselines."
@@ -34,10 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
-    from IPv2DenoiseLib.core.errors import UserError
-    from IPv2DenoiseLib.core.progress import make_progress
+    # lazy: the CLI imports every command to build --help; torch & co. load on use
     from IPv2DenoiseLib.training.grid import claims_markdown, markdown_tables, preset, run_grid
 
     config = preset(args.config)

@@ -35,6 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def describe(volume) -> dict:
     """The facts ``info`` prints, as a JSON-ready dict."""
+    # lazy: the CLI imports every command to build --help; torch & co. load on use
     from IPv2DenoiseLib.imaging.masks import body_mask, standard_rois, truncation_warning
     from IPv2DenoiseLib.imaging.metrics import roi_stats
 
@@ -109,6 +110,7 @@ def _text(facts: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    # lazy: the CLI imports every command to build --help; torch & co. load on use
     from IPv2DenoiseLib.io.volumes import read_volume
 
     volume = read_volume(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import time
 
+from IPv2DenoiseLib.core.progress import TqdmProgress, make_progress
+
 NAME = "make-dataset"
 HELP = (
     "Make synthetic chest CT cases: NDCT (full dose) and a breathing-misaligned ULDCT (2 % dose), with truth."
@@ -36,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from IPv2DenoiseLib.core.progress import TqdmProgress, make_progress
+    # lazy: the CLI imports every command to build --help; torch & co. load on use
     from IPv2DenoiseLib.synthetic.dataset import make_dataset
 
     overrides = {

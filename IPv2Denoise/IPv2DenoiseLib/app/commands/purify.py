@@ -13,6 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from IPv2DenoiseLib.core.errors import UserError
+from IPv2DenoiseLib.core.progress import make_progress
+
 NAME = "purify"
 HELP = (
     "Build IPv1/IPv2 training pairs and test labels from a misaligned ULDCT/NDCT pair "
@@ -21,6 +24,7 @@ HELP = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    # lazy: the CLI imports every command to build --help; torch & co. load on use
     from IPv2DenoiseLib.purification.pairs import DEFAULT_WEAK_DENOISER, WEAK_DENOISERS
 
     src = parser.add_argument_group("input (either a volume pair or a PNG dataset)")
@@ -66,8 +70,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _check_geometry(u, n, *, ignore_origin: bool) -> None:
-    from IPv2DenoiseLib.core.errors import UserError
-
     if u.shape != n.shape:
         raise UserError(
             f"ULDCT shape {u.shape} (z, y, x) and NDCT shape {n.shape} differ; resample one onto the other"
@@ -88,8 +90,7 @@ def _check_geometry(u, n, *, ignore_origin: bool) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from IPv2DenoiseLib.core.errors import UserError
-    from IPv2DenoiseLib.core.progress import make_progress
+    # lazy: the CLI imports every command to build --help; torch & co. load on use
     from IPv2DenoiseLib.purification.pairs import Strategy
 
     strategy = Strategy.from_name(args.strategy)
@@ -99,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
             raise UserError("give either --png-dataset or --uldct/--ndct, not both")
         if not args.window:
             raise UserError("--png-dataset needs --window L W (the HU level and width of the PNGs)")
+        # lazy: the CLI imports every command to build --help; torch & co. load on use
         from IPv2DenoiseLib.purification.png_dataset import purify_png_dataset
 
         out.mkdir(parents=True, exist_ok=True)
@@ -122,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
 
     if not (args.uldct and args.ndct):
         raise UserError("give --uldct and --ndct (or --png-dataset with --window)")
+    # lazy: the CLI imports every command to build --help; torch & co. load on use
     from IPv2DenoiseLib.io.volumes import read_volume, write_mask, write_volume
     from IPv2DenoiseLib.purification.pairs import build_pairs
 

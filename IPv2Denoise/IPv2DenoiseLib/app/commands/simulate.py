@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from IPv2DenoiseLib.core.errors import UserError
+from IPv2DenoiseLib.core.progress import JsonLinesProgress, make_progress
+
 NAME = "simulate"
 HELP = "Simulate a low-dose scan of a CT volume (Poisson + electronic noise in projections, FBP)."
 
@@ -32,15 +35,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from IPv2DenoiseLib.core.progress import JsonLinesProgress, make_progress
+    # lazy: the CLI imports every command to build --help; torch & co. load on use
     from IPv2DenoiseLib.io.volumes import read_volume, write_volume
     from IPv2DenoiseLib.physics.lowdose import insert_noise, simulate_low_dose
 
     vol = read_volume(args.input)
     sx, sy, _ = vol.spacing
     if abs(sx - sy) > 1e-3 * max(sx, sy):
-        from IPv2DenoiseLib.core.errors import UserError
-
         raise UserError(f"pixel spacing ({sx}, {sy}) mm is not square; resample the volume in-plane first")
     progress = make_progress(args.json_progress, desc="simulate", unit="slice")
     fn = simulate_low_dose if args.mode == "simulate" else insert_noise

@@ -6,26 +6,11 @@ import argparse
 import json
 from pathlib import Path
 
+from IPv2DenoiseLib.core.errors import UserError
+from IPv2DenoiseLib.core.progress import make_progress
+
 NAME = "train"
 HELP = "Train a denoiser on purified ULDCT/NDCT pairs (case folders with uldct.nrrd and ndct.nrrd)."
-
-
-def case_folders(paths: list[str]) -> list[str]:
-    """Expand dataset folders into their case folders (those holding ``uldct.*``)."""
-    from IPv2DenoiseLib.core.errors import UserError
-
-    cases: list[str] = []
-    for p in map(Path, paths):
-        if not p.is_dir():
-            raise UserError(f"training data folder not found: {p}")
-        if any(p.glob("uldct.*")):
-            cases.append(str(p))
-        else:
-            found = sorted(str(c) for c in p.iterdir() if c.is_dir() and any(c.glob("uldct.*")))
-            if not found:
-                raise UserError(f"{p}: no case folders with uldct.nrrd/ndct.nrrd inside")
-            cases.extend(found)
-    return cases
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,8 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from IPv2DenoiseLib.core.errors import UserError
-    from IPv2DenoiseLib.core.progress import make_progress
+    # lazy: the CLI imports every command to build --help; torch & co. load on use
+    from IPv2DenoiseLib.io.case_folder import expand_case_folders
     from IPv2DenoiseLib.training.trainer import TrainConfig, train
 
     kwargs = {}
@@ -78,8 +63,8 @@ def run(args: argparse.Namespace) -> int:
         except json.JSONDecodeError as exc:
             raise UserError(f"--model-kwargs is not valid JSON: {exc}") from None
     config = TrainConfig(
-        cases=case_folders(args.data),
-        val_cases=case_folders(args.val) if args.val else [],
+        cases=expand_case_folders(args.data),
+        val_cases=expand_case_folders(args.val) if args.val else [],
         out=args.out,
         name=args.name,
         arch=args.arch,

@@ -16,6 +16,7 @@ from IPv2DenoiseLib.app.process import (
     denoise_command,
     parse_json_line,
 )
+from IPv2DenoiseLib.core.errors import UserError
 
 PROGRESS_SCRIPT = textwrap.dedent(
     """
@@ -117,5 +118,5 @@ def test_denoise_command():
     assert cmd[:4] == ["PythonSlicer", "-m", "IPv2DenoiseLib", "denoise"]
     assert cmd[cmd.index("--device") + 1] == "cpu" and "--no-remove-background" in cmd
     assert "--json-progress" in cmd
-    with pytest.raises(ValueError, match="device"):
+    with pytest.raises(UserError, match="--device .gpu. is not one of auto, cpu, cuda, mps"):
         denoise_command("a", "b", model="m", device="gpu")

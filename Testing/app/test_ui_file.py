@@ -7,7 +7,7 @@ import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 UI = ROOT / "Resources" / "UI" / "IPv2Denoise.ui"
 MODULE = ROOT / "IPv2Denoise" / "IPv2Denoise.py"
 

@@ -13,7 +13,12 @@ from pydicom.data import get_testdata_file
 
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.volume import Volume
-from IPv2DenoiseLib.io.dicom_export import export_derived_series, slice_positions
+from IPv2DenoiseLib.io.dicom_export import (
+    DerivedSeriesOptions,
+    ModelProvenance,
+    export_derived_series,
+    slice_positions,
+)
 
 NZ = 4
 DZ = 2.5
@@ -45,7 +50,10 @@ def test_derived_series_keeps_study_and_references_sources(source_series, tmp_pa
     template, paths, hu = source_series
     denoised = _volume_from(template, hu - 0.4)  # non-integer HU to exercise rounding
     files = export_derived_series(
-        denoised, tmp_path / "out", source_files=paths, model_name="unet-ipv2", strategy="ipv2"
+        denoised,
+        tmp_path / "out",
+        source_files=paths,
+        options=DerivedSeriesOptions(model=ModelProvenance("unet-ipv2", strategy="ipv2")),
     )
     assert [f.name for f in files] == sorted(f.name for f in (tmp_path / "out").iterdir())
     out = _read_series(files)
@@ -111,7 +119,9 @@ def test_refuses_bad_arguments(source_series, tmp_path):
     with pytest.raises(UserError, match="source_files"):
         export_derived_series(vol, tmp_path / "b", source_files=paths[::-1])  # wrong z order
     with pytest.raises(UserError, match="series_number"):
-        export_derived_series(vol, tmp_path / "c", source_files=paths, series_number=5)
+        export_derived_series(
+            vol, tmp_path / "c", source_files=paths, options=DerivedSeriesOptions(series_number=5)
+        )
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x.txt").write_text("keep")
     with pytest.raises(UserError, match="out_dir"):

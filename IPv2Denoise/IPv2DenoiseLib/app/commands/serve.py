@@ -1,0 +1,133 @@
+"""``ipv2-denoise serve --port P --aet AET --forward HOST:PORT:AET``: a denoising DICOM node."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from IPv2DenoiseLib.core.device import DEVICE_CHOICES
+
+NAME = "serve"
+HELP = (
+    "Run a denoising DICOM node: receive CT series (Storage SCP), denoise each complete series "
+    "and C-STORE the derived series to --forward."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--port", type=int, required=True, help="TCP port to listen on (DICOM: often 104 or 11112)"
+    )
+    parser.add_argument(
+        "--aet",
+        required=True,
+        metavar="AET",
+        help="the node's AE title (called by senders, calling when forwarding)",
+    )
+    parser.add_argument(
+        "--forward",
+        required=True,
+        metavar="HOST:PORT:AET",
+        help="where derived series are stored (usually the PACS)",
+    )
+    parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default: %(default)s, all)")
+    parser.add_argument(
+        "--spool",
+        default="ipv2-spool",
+        metavar="DIR",
+        help="folder for received and queued series; kept across restarts (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--quiet-seconds",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="a series is complete when nothing of it arrived for S seconds (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--jobs", type=int, default=1, metavar="N", help="series denoised at once (default: %(default)s)"
+    )
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--model", default="default", help="model name from Resources/Models/models.json")
+    which.add_argument(
+        "--weights", metavar="FILE", help="a .safetensors weights file with its .json model card"
+    )
+    parser.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="where the network runs")
+    parser.add_argument(
+        "--no-remove-background",
+        dest="remove_background",
+        action="store_false",
+        help="keep the denoised background instead of setting air outside the patient to -1000 HU",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="network timeout in seconds (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--retries",
+        type=int,
+        default=3,
+        metavar="N",
+        help="retries of transient forwarding failures (default: %(default)s)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    # torch (through the Denoiser) and pynetdicom load here, not at CLI start-up.
+    from IPv2DenoiseLib.app.commands.denoise import model_provenance
+    from IPv2DenoiseLib.app.dicom_node import DenoisingNode, NodeConfig
+    from IPv2DenoiseLib.core.device import describe_device, resolve_device
+    from IPv2DenoiseLib.core.errors import UserError
+    from IPv2DenoiseLib.denoiser.infer import Denoiser
+    from IPv2DenoiseLib.io.dicom_export import DerivedSeriesOptions
+    from IPv2DenoiseLib.io.dicom_net import check_aet, parse_node
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr, force=True
+    )
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    if not 1 <= args.port <= 65535:
+        raise UserError(f"--port {args.port}: must be between 1 and 65535")
+    if args.jobs < 1:
+        raise UserError(f"--jobs {args.jobs}: must be at least 1")
+    check_aet(args.aet, "--aet")
+    forward = parse_node(args.forward, what="--forward")
+    spool = Path(args.spool)
+    if spool.exists() and not spool.is_dir():
+        raise UserError(f"--spool {spool}: exists and is not a folder")
+    device = resolve_device(args.device)
+    denoiser = Denoiser.from_file(args.weights) if args.weights else Denoiser.from_registry(args.model)
+    provenance = model_provenance(denoiser, registered=not args.weights)
+    logging.getLogger("ipv2denoise.node").info(
+        "model %s (sha256 %s) on %s", denoiser.name, provenance.sha256, describe_device(device)
+    )
+    config = NodeConfig(
+        aet=args.aet,
+        port=args.port,
+        forward=forward,
+        spool=spool,
+        host=args.host,
+        quiet_seconds=args.quiet_seconds,
+        jobs=args.jobs,
+        timeout=args.timeout,
+        retries=args.retries,
+        options=DerivedSeriesOptions(model=provenance),
+    )
+
+    def denoise(volume):
+        return denoiser.denoise(volume, device=device, remove_background=args.remove_background)
+
+    node = DenoisingNode(config, denoise).start()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: node.request_stop())
+    try:
+        node.wait()
+    finally:
+        node.stop()
+    return 0

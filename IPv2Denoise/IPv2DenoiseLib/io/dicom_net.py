@@ -1,0 +1,415 @@
+"""Send DICOM instances to a PACS: C-ECHO + C-STORE (pynetdicom) or STOW-RS (dicomweb-client).
+
+A destination is either a DICOM node ``HOST:PORT`` with its called AE title (``HOST:PORT:AET``
+or a separate ``aet``), or a DICOMweb base URL (``http(s)://host/dicom-web``). Sending checks the
+node first (TCP connect, then C-ECHO) so that an unreachable PACS or a wrong AE title costs one
+timeout and gives one clear line, then stores every instance and reports each one's outcome.
+Transient failures (association aborted, no response, "Refused: Out of Resources" 0xA7xx,
+HTTP 5xx) are retried with a growing delay; permanent refusals are not.
+
+References
+----------
+DICOM PS3.4 B.2.3 (Storage Service Class statuses), PS3.8 7.1.1.9 (A-ASSOCIATE-RJ reasons),
+PS3.18 10.5 (STOW-RS; FailedSOPSequence and FailureReason in the response).
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pydicom
+import requests
+from dicomweb_client.api import DICOMwebClient
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import Verification
+from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
+
+from IPv2DenoiseLib.core.errors import UserError
+from IPv2DenoiseLib.core.progress import ProgressCallback
+
+__all__ = [
+    "DEFAULT_CALLING_AET",
+    "DicomNode",
+    "InstanceResult",
+    "SendReport",
+    "dicom_files",
+    "echo",
+    "parse_destination",
+    "parse_node",
+    "send",
+    "send_instances",
+    "stow_instances",
+]
+
+DEFAULT_CALLING_AET = "IPV2DENOISE"
+#: Storage statuses worth another try: the SCP may have room again in a moment.
+_TRANSIENT = range(0xA700, 0xA800)
+#: Presentation contexts per association (PS3.8 allows 128).
+_MAX_CONTEXTS = 120
+
+
+@dataclass(frozen=True)
+class DicomNode:
+    """A DICOM application entity on the network."""
+
+    host: str
+    port: int
+    aet: str
+
+    def __str__(self) -> str:
+        return f"{self.aet}@{self.host}:{self.port}"
+
+
+def check_aet(aet: str, what: str = "AE title") -> str:
+    """An AE title as DICOM allows it (1-16 characters, no backslash or control characters)."""
+    aet = aet.strip()
+    if not 1 <= len(aet) <= 16 or "\\" in aet or not aet.isprintable():
+        raise UserError(f"{what} {aet!r}: must be 1 to 16 printable characters without a backslash")
+    return aet
+
+
+def parse_node(text: str, aet: str | None = None, *, what: str = "destination") -> DicomNode:
+    """``HOST:PORT:AET`` (or ``HOST:PORT`` plus ``aet``) -> :class:`DicomNode`."""
+    parts = text.rsplit(":", 2) if text.count(":") >= 2 else text.split(":")
+    if len(parts) == 3:
+        host, port, node_aet = parts
+        if aet and aet != node_aet:
+            raise UserError(f"{what} {text!r} names AE title {node_aet!r} but --aet says {aet!r}")
+    elif len(parts) == 2:
+        (host, port), node_aet = parts, aet
+    else:
+        raise UserError(f"{what} {text!r}: expected HOST:PORT:AET, HOST:PORT with --aet, or an http(s) URL")
+    if not node_aet:
+        raise UserError(f"{what} {text!r}: no called AE title; give HOST:PORT:AET or --aet AET")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise UserError(f"{what} {text!r}: expected HOST:PORT with a port between 1 and 65535")
+    return DicomNode(host.strip("[]"), int(port), check_aet(node_aet, "called AE title"))
+
+
+def parse_destination(text: str, aet: str | None = None) -> DicomNode | str:
+    """A DICOMweb base URL (returned as is) or a :class:`DicomNode`."""
+    if text.startswith(("http://", "https://")):
+        return text.rstrip("/")
+    return parse_node(text, aet)
+
+
+@dataclass
+class InstanceResult:
+    """What happened to one file."""
+
+    path: Path
+    sop_instance_uid: str = ""
+    ok: bool = False
+    status: str = "not sent"  # "0x0000", "0xA700", "HTTP 409", ...
+    reason: str = ""
+    attempts: int = 0
+
+    def line(self) -> str:
+        word = "stored" if self.ok and not self.reason else ("warning" if self.ok else "REFUSED")
+        tail = f"  {self.status} {self.reason}".rstrip() if (self.reason or not self.ok) else ""
+        return f"{word:8s} {self.path.name}  {self.sop_instance_uid}{tail}"
+
+
+@dataclass
+class SendReport:
+    """Per-instance outcome of one send."""
+
+    destination: str
+    results: list[InstanceResult] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def failed(self) -> list[InstanceResult]:
+        return [r for r in self.results if not r.ok]
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.results) and not self.failed
+
+    def summary(self) -> str:
+        n, bad = len(self.results), len(self.failed)
+        if not bad:
+            return f"stored {n} instance(s) on {self.destination} in {self.seconds:.1f} s"
+        shown = "; ".join(
+            f"{r.path.name} ({r.status} {r.reason})".replace(" )", ")") for r in self.failed[:5]
+        )
+        more = f"; and {bad - 5} more" if bad > 5 else ""
+        return f"{bad} of {n} instance(s) refused by {self.destination}: {shown}{more}"
+
+    def raise_for_failures(self) -> None:
+        """Raise a one-line :class:`UserError` naming the refused instances and why."""
+        if self.failed:
+            raise UserError(self.summary())
+
+
+def dicom_files(paths: str | Path | Iterable[str | Path]) -> list[Path]:
+    """The DICOM Part 10 files in a folder (recursively, hidden files skipped) or a list of paths."""
+    if isinstance(paths, (str, Path)):
+        root = Path(paths)
+        if not root.exists():
+            raise UserError(f"{root}: no such file or folder")
+        candidates = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        candidates = [p for p in candidates if not any(part.startswith(".") for part in p.parts[-1:])]
+    else:
+        candidates = [Path(p) for p in paths]
+    found = []
+    for p in candidates:
+        with open(p, "rb") as f:
+            head = f.read(132)
+        if len(head) == 132 and head[128:132] == b"DICM":
+            found.append(p)
+    if not found:
+        raise UserError(f"{paths}: no DICOM files (Part 10, 'DICM' preamble) found")
+    return found
+
+
+# ------------------------------------------------------------------------------------ DIMSE
+
+
+def _status_text(code: int) -> str:
+    return STORAGE_SERVICE_CLASS_STATUS.get(code, ("", "unknown status"))[1]
+
+
+def _check_reachable(node: DicomNode, timeout: float) -> None:
+    try:
+        with socket.create_connection((node.host, node.port), timeout=timeout):
+            pass
+    except socket.gaierror:
+        raise UserError(f"cannot reach {node}: unknown host {node.host!r}") from None
+    except TimeoutError:
+        raise UserError(
+            f"cannot reach {node}: no answer within {timeout:g} s (host down or firewalled?)"
+        ) from None
+    except OSError as exc:
+        raise UserError(f"cannot reach {node}: {exc.strerror or exc}") from None
+
+
+def _make_ae(calling_aet: str, timeout: float) -> AE:
+    ae = AE(ae_title=check_aet(calling_aet, "calling AE title"))
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.connection_timeout = timeout
+    return ae
+
+
+def _associate(ae: AE, node: DicomNode):
+    """An established association, or a UserError that says why not (rejection reason included)."""
+    answers: list = []  # the ACSE primitives the peer sent (A-ASSOCIATE-AC/RJ, A-ABORT, A-P-ABORT)
+
+    def on_acse(event) -> None:
+        answers.append(event.primitive)
+
+    assoc = ae.associate(node.host, node.port, ae_title=node.aet, evt_handlers=[(evt.EVT_ACSE_RECV, on_acse)])
+    if assoc.is_established:
+        return assoc
+    if assoc.is_rejected:
+        reasons = [a.reason_str for a in answers if getattr(a, "result", None) in (0x01, 0x02)]
+        reason = reasons[0] if reasons else "no reason given"
+        hint = " (check the called AE title)" if "Called AE" in reason else ""
+        hint = hint or (" (the PACS does not know this calling AE title)" if "Calling AE" in reason else "")
+        raise UserError(f"association with {node} rejected: {reason}{hint}")
+    if any(getattr(a, "result", None) == 0x00 for a in answers):
+        raise UserError(
+            f"association with {node} aborted: the PACS accepted none of our presentation contexts"
+        )
+    if answers:
+        raise UserError(f"association with {node} aborted by the peer")
+    raise UserError(f"association with {node} failed: no answer within {ae.acse_timeout:g} s")
+
+
+def echo(node: DicomNode, *, calling_aet: str = DEFAULT_CALLING_AET, timeout: float = 10.0) -> float:
+    """C-ECHO ``node``; returns the round-trip seconds or raises a one-line :class:`UserError`."""
+    _check_reachable(node, timeout)
+    ae = _make_ae(calling_aet, timeout)
+    ae.add_requested_context(Verification)
+    start = time.monotonic()
+    assoc = _associate(ae, node)
+    try:
+        status = assoc.send_c_echo()
+    finally:
+        assoc.release()
+    code = getattr(status, "Status", None)
+    if code != 0x0000:
+        raise UserError(
+            f"C-ECHO to {node} failed: {'no response' if code is None else f'status 0x{code:04X}'}"
+        )
+    return time.monotonic() - start
+
+
+def _contexts(headers: Sequence[Dataset]) -> list[tuple[str, list[str]]]:
+    """(SOP class, transfer syntaxes) to request: each file's own syntax plus the uncompressed ones."""
+    by_class: dict[str, list[str]] = {}
+    for ds in headers:
+        syntaxes = by_class.setdefault(str(ds.SOPClassUID), [])
+        for ts in (str(ds.file_meta.TransferSyntaxUID), ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+            if ts not in syntaxes:
+                syntaxes.append(ts)
+    if len(by_class) > _MAX_CONTEXTS:
+        raise UserError(f"{len(by_class)} different SOP classes in one send; at most {_MAX_CONTEXTS}")
+    return list(by_class.items())
+
+
+def send_instances(
+    paths: Sequence[str | Path],
+    node: DicomNode,
+    *,
+    calling_aet: str = DEFAULT_CALLING_AET,
+    timeout: float = 10.0,
+    retries: int = 3,
+    retry_delay: float = 1.0,
+    progress: ProgressCallback | None = None,
+) -> SendReport:
+    """C-STORE every file to ``node`` (after a C-ECHO); never raises for refused instances.
+
+    Transient failures are retried up to ``retries`` times, waiting ``retry_delay`` x 2^(n-1) s;
+    a dropped association is re-opened. Raises :class:`UserError` only when the node cannot be
+    reached or refuses the association (see :func:`echo`).
+    """
+    start = time.monotonic()
+    echo(node, calling_aet=calling_aet, timeout=timeout)
+    paths = [Path(p) for p in paths]
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
+    report = SendReport(str(node), [InstanceResult(p, str(h.SOPInstanceUID)) for p, h in zip(paths, headers)])
+    ae = _make_ae(calling_aet, timeout)
+    for sop_class, syntaxes in _contexts(headers):
+        ae.add_requested_context(sop_class, syntaxes)
+    pending = list(range(len(paths)))
+    for attempt in range(retries + 1):
+        if not pending:
+            break
+        if attempt:
+            time.sleep(retry_delay * 2 ** (attempt - 1))
+        assoc = _associate(ae, node)
+        retry_later = []
+        try:
+            for i in pending:
+                result = report.results[i]
+                result.attempts += 1
+                if not assoc.is_established:  # dropped mid-way: the rest go to the next attempt
+                    result.status, result.reason = "aborted", "association dropped"
+                    retry_later.append(i)
+                    continue
+                status = assoc.send_c_store(pydicom.dcmread(paths[i]))
+                code = getattr(status, "Status", None)
+                if code is None:
+                    result.status, result.reason = "no response", "association aborted or timed out"
+                    retry_later.append(i)
+                    continue
+                result.status = f"0x{code:04X}"
+                result.ok = code == 0x0000 or code in (0x0001, 0x0107, 0x0116) or 0xB000 <= code <= 0xBFFF
+                result.reason = "" if code == 0x0000 else _status_text(code)
+                comment = getattr(status, "ErrorComment", "")
+                if comment:
+                    result.reason = f"{result.reason}: {comment}"
+                if not result.ok and code in _TRANSIENT:
+                    retry_later.append(i)
+                if progress is not None:
+                    progress(sum(r.ok for r in report.results), len(paths), "C-STORE")
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        pending = retry_later
+    report.seconds = time.monotonic() - start
+    return report
+
+
+# ------------------------------------------------------------------------------------ DICOMweb
+
+
+def _stow_outcomes(response: Dataset) -> tuple[set[str], dict[str, str]]:
+    """(stored SOP Instance UIDs, {failed UID: reason}) from a STOW-RS response dataset."""
+    stored = {str(item.ReferencedSOPInstanceUID) for item in response.get("ReferencedSOPSequence", [])}
+    failed = {}
+    for item in response.get("FailedSOPSequence", []):
+        code = int(item.get("FailureReason", 0x0110))
+        failed[str(item.ReferencedSOPInstanceUID)] = f"0x{code:04X} {_status_text(code)}"
+    return stored, failed
+
+
+def stow_instances(
+    paths: Sequence[str | Path],
+    url: str,
+    *,
+    timeout: float = 30.0,
+    retries: int = 3,
+    batch: int = 16,
+    progress: ProgressCallback | None = None,
+) -> SendReport:
+    """STOW-RS every file to the DICOMweb base ``url`` (``.../dicom-web``) in batches.
+
+    dicomweb-client retries HTTP 429/5xx itself (``retries`` attempts); a 409 (some or all
+    refused) is read for its FailedSOPSequence. Raises :class:`UserError` when the server cannot
+    be reached or answers with another HTTP error (e.g. 404: wrong URL).
+    """
+    start = time.monotonic()
+    paths = [Path(p) for p in paths]
+    client = DICOMwebClient(url, timeout=timeout)
+    client.set_http_retry_params(
+        retry=retries > 0, max_attempts=max(1, retries + 1), wait_exponential_multiplier=500
+    )
+    report = SendReport(url)
+    for first in range(0, len(paths), batch):
+        chunk = [pydicom.dcmread(p) for p in paths[first : first + batch]]
+        results = [
+            InstanceResult(p, str(ds.SOPInstanceUID), attempts=1) for p, ds in zip(paths[first:], chunk)
+        ]
+        report.results.extend(results)
+        try:
+            response = client.store_instances(chunk)
+        except requests.HTTPError as exc:
+            code = exc.response.status_code if exc.response is not None else 0
+            try:
+                response = Dataset.from_json(exc.response.json())
+            except (ValueError, AttributeError):
+                if code in (400, 409):
+                    response = Dataset()
+                else:
+                    raise UserError(f"STOW-RS to {url} failed: HTTP {code} {exc.response.reason}") from None
+            for r in results:
+                r.status = f"HTTP {code}"
+        except requests.RequestException as exc:
+            raise UserError(
+                f"cannot reach {url}: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+            ) from None
+        stored, failed = _stow_outcomes(response)
+        for r in results:
+            if r.sop_instance_uid in failed:
+                r.ok, r.reason = False, failed[r.sop_instance_uid]
+            elif r.sop_instance_uid in stored or (not failed and r.status == "not sent"):
+                r.ok, r.status = True, "HTTP 200"
+                r.reason = ""
+            else:
+                r.reason = r.reason or "not acknowledged by the server"
+        if progress is not None:
+            progress(len(report.results), len(paths), "STOW-RS")
+    report.seconds = time.monotonic() - start
+    return report
+
+
+def send(
+    paths: Sequence[str | Path],
+    destination: DicomNode | str,
+    *,
+    calling_aet: str = DEFAULT_CALLING_AET,
+    timeout: float = 10.0,
+    retries: int = 3,
+    retry_delay: float = 1.0,
+    progress: ProgressCallback | None = None,
+) -> SendReport:
+    """Send to a :class:`DicomNode` (C-STORE) or a DICOMweb URL (STOW-RS)."""
+    if isinstance(destination, DicomNode):
+        return send_instances(
+            paths,
+            destination,
+            calling_aet=calling_aet,
+            timeout=timeout,
+            retries=retries,
+            retry_delay=retry_delay,
+            progress=progress,
+        )
+    return stow_instances(paths, destination, timeout=max(timeout, 1.0), retries=retries, progress=progress)

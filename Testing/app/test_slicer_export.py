@@ -1,0 +1,73 @@
+"""The Slicer module's Export on a real vtkMRMLScene (slicer-core): derived series in the source's study, sent to Orthanc."""
+
+from __future__ import annotations
+
+import json
+
+import pydicom
+import pytest
+
+pytest.importorskip("slicer.util", reason="slicer-core not installed")
+import slicer  # noqa: E402
+from conftest import write_ct_series  # noqa: E402
+
+from IPv2DenoiseLib.app import slicer_bridge as sb  # noqa: E402
+from IPv2DenoiseLib.core.errors import UserError  # noqa: E402
+from IPv2DenoiseLib.core.resources import models_dir  # noqa: E402
+from IPv2DenoiseLib.io.volumes import read_volume  # noqa: E402
+
+
+class FileDatabase:
+    """What :func:`slicer_bridge.dicom_source_files` asks of ``slicer.dicomDatabase`` (a CTK/Qt
+    object slicer-core does not have): the file of a SOP Instance UID."""
+
+    def __init__(self, files) -> None:
+        self.files = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID): str(f) for f in files}
+
+    def fileForInstance(self, uid: str) -> str:  # noqa: N802 (CTK's name)
+        return self.files.get(uid, "")
+
+
+@pytest.fixture()
+def scene():
+    slicer.mrmlScene = slicer.vtkMRMLScene()
+    yield slicer.mrmlScene
+    slicer.mrmlScene.Clear(True)
+
+
+def test_export_writes_derived_series_and_sends_it_to_the_pacs(scene, orthanc, tmp_path) -> None:
+    files = write_ct_series(tmp_path / "src", 3)
+    volume = read_volume(tmp_path / "src")
+    source = sb.add_volume_node(volume, "ULDCT")
+    source.SetAttribute("DICOM.instanceUIDs", " ".join(volume.meta["SOPInstanceUIDs"]))
+    denoised = sb.add_volume_node(volume.with_array(volume.array - 3.0), "ULDCT denoised")
+
+    written, report = sb.export_dicom(
+        denoised,
+        tmp_path / "out",
+        source_node=source,
+        model_name="default",
+        send_to=orthanc.node,
+        calling_aet="SLICER",
+        database=FileDatabase(files),
+    )
+    assert report is not None and report.ok and len(written) == 3
+    ds = pydicom.dcmread(written[0])
+    registry = json.loads((models_dir() / "models.json").read_text())
+    shipped = registry["models"][registry["default"]]
+    assert shipped["sha256"] in ds.DerivationDescription and registry["default"] in ds.DerivationDescription
+    in_pacs = orthanc.series_instances(ds.SeriesInstanceUID)
+    assert len(in_pacs) == 3
+    source_uids = set(volume.meta["SOPInstanceUIDs"])
+    for path in written:
+        derived = pydicom.dcmread(path)
+        assert derived.StudyInstanceUID == volume.meta["StudyInstanceUID"]
+        assert derived.SourceImageSequence[0].ReferencedSOPInstanceUID in source_uids
+
+
+def test_export_refuses_a_bad_pacs_setting_before_writing(scene, tmp_path) -> None:
+    volume = read_volume(write_ct_series(tmp_path / "src", 2)[0].parent)
+    node = sb.add_volume_node(volume, "CT")
+    with pytest.raises(UserError, match="HOST:PORT:AET"):
+        sb.export_dicom(node, tmp_path / "out", send_to="pacs-without-port")
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,215 @@
+"""The package's layer order, read from every module's imports (function-level ones included).
+
+core < io, imaging, physics < synthetic, purification, denoiser < training < app
+(docs/architecture.md). A layer imports only lower ranks; layers of one rank do not import each
+other. Only app/ (and the Slicer module IPv2Denoise.py beside the package) touch Slicer, Qt, CTK
+or VTK. No ``_private`` name is imported from another module.
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+PACKAGE = REPO / "IPv2Denoise" / "IPv2DenoiseLib"
+SLICER_MODULE = REPO / "IPv2Denoise" / "IPv2Denoise.py"
+
+#: Rank of each layer; the package's own ``__init__`` (re-exports of core) counts as core,
+#: ``__main__`` (runs the CLI) as app.
+RANK = {
+    "core": 0,
+    "io": 1,
+    "imaging": 1,
+    "physics": 1,
+    "synthetic": 2,
+    "purification": 2,
+    "denoiser": 2,
+    "training": 3,
+    "app": 4,
+}
+GUI_MODULES = {
+    "slicer",
+    "qt",
+    "ctk",
+    "vtk",
+    "vtkmodules",
+    "qSlicerBaseQTCorePythonQt",
+    "DICOMLib",
+    "SampleData",
+}
+GUI_LAYERS = {"app"}
+#: Only these third-party imports may run when Slicer loads the module: Slicer bundles them, and the
+#: rest (torch, pydicom, scikit-image, tqdm ...) is installed later by ensure_in_slicer.
+SLICER_BUNDLED = {"numpy", "psutil", "slicer", "qt", "ctk", "vtk"}
+
+
+@dataclass(frozen=True)
+class Import:
+    source: str  # dotted module name of the importing file
+    target: str  # dotted module name imported from
+    names: tuple[str, ...]  # names imported by ``from target import ...``; empty for ``import target``
+    line: int
+    top_level: bool  # at module level (runs on import) rather than inside a function
+
+    def where(self) -> str:
+        return f"{self.source}:{self.line}"
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def imports_of(path: Path, name: str) -> list[Import]:
+    """Every import statement of one file, with relative imports resolved."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    top = {id(node) for node in tree.body}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                found.append(Import(name, alias.name, (), node.lineno, id(node) in top))
+        elif isinstance(node, ast.ImportFrom):
+            target = node.module or ""
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                target = ".".join([*base, target] if target else base)
+            names = tuple(a.name for a in node.names)
+            found.append(Import(name, target, names, node.lineno, id(node) in top))
+    return found
+
+
+def package_imports() -> list[Import]:
+    return [imp for p in sorted(PACKAGE.rglob("*.py")) for imp in imports_of(p, module_name(p))]
+
+
+def layer_of(module: str) -> str | None:
+    """The layer of a dotted ``IPv2DenoiseLib...`` name; None outside the package."""
+    parts = module.split(".")
+    if parts[0] != "IPv2DenoiseLib":
+        return None
+    if len(parts) == 1:
+        return "core"
+    if parts[1] == "__main__":
+        return "app"
+    return parts[1]
+
+
+def test_every_module_is_in_a_layer():
+    stray = [
+        module_name(p)
+        for p in PACKAGE.rglob("*.py")
+        if layer_of(module_name(p)) not in RANK and module_name(p) != "IPv2DenoiseLib"
+    ]
+    assert not stray, f"modules outside the layers {sorted(RANK)}: {stray}"
+
+
+def test_layers_import_only_lower_ranks():
+    wrong = []
+    for imp in package_imports():
+        src, dst = layer_of(imp.source), layer_of(imp.target)
+        if dst is None or src == dst:
+            continue
+        if RANK[dst] >= RANK[src]:
+            wrong.append(
+                f"{imp.where()} ({src}, rank {RANK[src]}) imports {imp.target} ({dst}, rank {RANK[dst]})"
+            )
+    assert not wrong, "layer order broken:\n" + "\n".join(wrong)
+
+
+def test_denoiser_needs_no_training_code():
+    banned = {"training", "synthetic", "purification"}
+    wrong = [
+        f"{imp.where()} imports {imp.target}"
+        for imp in package_imports()
+        if layer_of(imp.source) == "denoiser" and layer_of(imp.target) in banned
+    ]
+    assert not wrong, "inference must not need training code:\n" + "\n".join(wrong)
+
+
+def test_only_app_touches_slicer_qt_ctk_vtk():
+    wrong = [
+        f"{imp.where()} imports {imp.target}"
+        for imp in package_imports()
+        if imp.target.split(".")[0] in GUI_MODULES and layer_of(imp.source) not in GUI_LAYERS
+    ]
+    assert not wrong, "Slicer/Qt/CTK/VTK outside app/:\n" + "\n".join(wrong)
+
+
+def test_no_private_names_across_modules():
+    wrong = []
+    for imp in package_imports():
+        if layer_of(imp.target) is None or imp.target == imp.source:
+            continue
+        private = [n for n in imp.names if n.startswith("_") and not n.startswith("__")]
+        if private or any(
+            part.startswith("_") and not part.startswith("__") for part in imp.target.split(".")
+        ):
+            wrong.append(f"{imp.where()} imports {', '.join(private) or imp.target} from {imp.target}")
+    assert not wrong, "private names imported across modules (give them a public home):\n" + "\n".join(wrong)
+
+
+def test_tests_import_no_private_package_names():
+    testing = REPO / "Testing"
+    wrong = []
+    for path in sorted(testing.rglob("*.py")):
+        for imp in imports_of(path, path.stem):
+            if layer_of(imp.target) is None:
+                continue
+            wrong += [
+                f"{path.relative_to(REPO)}:{imp.line} imports {n}" for n in imp.names if n.startswith("_")
+            ]
+    assert not wrong, "\n".join(wrong)
+
+
+def _top_level_closure(start: list[Import]) -> dict[str, str]:
+    """Third-party top-level modules imported (at module level) when ``start`` runs, with one importer."""
+    seen_modules: set[str] = set()
+    third_party: dict[str, str] = {}
+    todo = list(start)
+    while todo:
+        imp = todo.pop()
+        if not imp.top_level:
+            continue
+        targets = [imp.target] + [f"{imp.target}.{n}" for n in imp.names]
+        if layer_of(imp.target) is None:
+            root = imp.target.split(".")[0]
+            if root and root not in sys.stdlib_module_names and root != "__future__":
+                third_party.setdefault(root, imp.where())
+            continue
+        for target in targets:
+            parts = target.split(".")
+            for i in range(1, len(parts) + 1):
+                mod = ".".join(parts[:i])
+                path = PACKAGE.parent.joinpath(*parts[:i])
+                file = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+                if mod in seen_modules or not file.is_file():
+                    continue
+                seen_modules.add(mod)
+                todo += imports_of(file, mod)
+    return third_party
+
+
+def test_slicer_module_loads_with_bundled_packages_only():
+    """Loading IPv2Denoise.py in a fresh Slicer must not need torch or other not-yet-installed packages."""
+    third_party = _top_level_closure(imports_of(SLICER_MODULE, "IPv2Denoise"))
+    extra = {name: where for name, where in third_party.items() if name not in SLICER_BUNDLED | GUI_MODULES}
+    assert not extra, f"imported when Slicer loads the module (make them lazy, with a comment): {extra}"
+
+
+@pytest.mark.parametrize("heavy", ["torch", "scipy", "skimage", "SimpleITK", "matplotlib"])
+def test_cli_help_imports_no_heavy_library(heavy):
+    """``ipv2-denoise --help`` builds its parser from every command module; keep those imports light."""
+    commands = sorted((PACKAGE / "app" / "commands").glob("*.py"))
+    start = [imp for p in [PACKAGE / "app" / "cli.py", *commands] for imp in imports_of(p, module_name(p))]
+    third_party = _top_level_closure(start)
+    assert heavy not in third_party, f"{heavy} imported at CLI start-up via {third_party[heavy]}"

@@ -1,0 +1,106 @@
+"""Derived series provenance: Contributing Equipment, model/version/sha256, series options, dciodvfy."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import numpy as np
+import pydicom
+import pytest
+from conftest import write_ct_series
+
+import IPv2DenoiseLib
+from IPv2DenoiseLib.core.volume import Volume
+from IPv2DenoiseLib.io.dicom_export import (
+    MODIFYING_EQUIPMENT_CODE,
+    DerivedSeriesOptions,
+    ModelProvenance,
+    export_derived_series,
+)
+from IPv2DenoiseLib.io.volumes import read_volume
+
+SHA = "ab" * 32
+MODEL = ModelProvenance("unet-ipv2", version="0.1.0", sha256=SHA, strategy="ipv2")
+
+
+@pytest.fixture()
+def source(tmp_path):
+    """A real 3-slice CT series (CT_small.dcm) read back as a Volume with its files."""
+    write_ct_series(tmp_path / "src", 3, series_number=4)
+    return read_volume(tmp_path / "src")
+
+
+def test_provenance_in_every_instance(source, tmp_path) -> None:
+    options = DerivedSeriesOptions(model=MODEL, series_number=412, series_description="Lung 1mm")
+    files = export_derived_series(
+        source, tmp_path / "out", source_files=source.meta["dicom_files"], options=options
+    )
+    for path in files:
+        ds = pydicom.dcmread(path)
+        assert ds.SeriesNumber == 412
+        assert ds.SeriesDescription == "Lung 1mm (denoised)"
+        for text in ("unet-ipv2", "version 0.1.0", SHA, "ipv2"):
+            assert text in ds.DerivationDescription
+        (equipment,) = ds.ContributingEquipmentSequence
+        code = equipment.PurposeOfReferenceCodeSequence[0]
+        assert (code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning) == MODIFYING_EQUIPMENT_CODE
+        assert equipment.Manufacturer == "IPv2 Denoise"
+        assert equipment.ManufacturerModelName == "ipv2-denoise"
+        assert equipment.SoftwareVersions == IPv2DenoiseLib.__version__
+        assert ds.Laterality == ""  # as the source (which names no body part) has it
+
+
+def test_default_description_says_denoised_and_names_the_model(source, tmp_path) -> None:
+    files = export_derived_series(
+        source,
+        tmp_path / "out",
+        source_files=source.meta["dicom_files"],
+        options=DerivedSeriesOptions(model=MODEL),
+    )
+    ds = pydicom.dcmread(files[0])
+    assert "denoised" in ds.SeriesDescription and "unet-ipv2" in ds.SeriesDescription
+    assert ds.SeriesNumber == 304  # 300 + the source's number
+
+
+def test_new_series_takes_patient_and_study_from_options(tmp_path) -> None:
+    hu = np.full((2, 16, 16), -1000.0, dtype=np.float32)
+    options = DerivedSeriesOptions(
+        model=MODEL,
+        patient_name="Doe^Jane",
+        patient_id="P123",
+        study_instance_uid="1.2.3.4.5",
+        study_description="Low-dose chest",
+    )
+    files = export_derived_series(Volume(hu, spacing=(0.7, 0.7, 2.0)), tmp_path / "new", options=options)
+    out = [pydicom.dcmread(f) for f in files]
+    assert {(str(ds.PatientName), ds.PatientID, ds.StudyInstanceUID) for ds in out} == {
+        ("Doe^Jane", "P123", "1.2.3.4.5")
+    }
+    assert out[0].StudyDescription == "Low-dose chest" and out[0].StudyID
+    generated = pydicom.dcmread(export_derived_series(Volume(hu), tmp_path / "gen")[0])
+    assert generated.PatientID.startswith("IPV2-") and generated.StudyInstanceUID != "1.2.3.4.5"
+
+
+def _dciodvfy_warnings(path) -> set[str]:
+    res = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    lines = (res.stdout + res.stderr).splitlines()
+    errors = [line for line in lines if line.startswith("Error")]
+    assert not errors, "\n".join(lines)
+    return {line for line in lines if line.startswith("Warning")}
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (dicom3tools) not installed")
+def test_dciodvfy_no_error_and_no_warning_of_our_own(source, tmp_path) -> None:
+    """Derived: only the source's own warnings (e.g. its zero PatientWeight); new series: none."""
+    derived = export_derived_series(
+        source,
+        tmp_path / "derived",
+        source_files=source.meta["dicom_files"],
+        options=DerivedSeriesOptions(model=MODEL),
+    )
+    own = _dciodvfy_warnings(derived[0]) - _dciodvfy_warnings(source.meta["dicom_files"][0])
+    assert not own, own
+    new = export_derived_series(source.with_array(source.array), tmp_path / "new")
+    assert not _dciodvfy_warnings(new[0])
+    assert "Laterality" not in pydicom.dcmread(new[0])  # BodyPartExamined CHEST is unpaired

@@ -1,0 +1,165 @@
+"""``ipv2-denoise send`` against a real Orthanc: C-STORE, C-FIND, C-GET back, STOW-RS, and the failures."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import numpy as np
+import pydicom
+import pytest
+from conftest import write_ct_series
+from orthanc_server import free_port
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+from pynetdicom import AE, build_role, evt
+from pynetdicom.sop_class import (
+    CTImageStorage,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+)
+
+from IPv2DenoiseLib.app.cli import main
+from IPv2DenoiseLib.io.dicom_export import DerivedSeriesOptions, ModelProvenance, export_derived_series
+from IPv2DenoiseLib.io.volumes import read_volume
+
+TEST_AET = "IPV2TEST"
+
+
+@pytest.fixture()
+def derived_series(tmp_path):
+    """A derived series (3 slices of the real CT_small.dcm) written by the exporter, and its source."""
+    write_ct_series(tmp_path / "src", 3)
+    source = read_volume(tmp_path / "src")
+    files = export_derived_series(
+        source.with_array(source.array - 5.0),
+        tmp_path / "derived",
+        source_files=source.meta["dicom_files"],
+        options=DerivedSeriesOptions(model=ModelProvenance("unet-ipv2", sha256="0" * 64)),
+    )
+    return files, source
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_cstore_then_cfind_and_cget_back(orthanc, derived_series, capsys) -> None:
+    files, _ = derived_series
+    folder = files[0].parent
+    assert main(["send", str(folder), "--to", orthanc.node, "--calling-aet", TEST_AET]) == 0
+    out, err = capsys.readouterr()
+    assert out.count("stored") == len(files) and "stored 3 instance(s)" in err
+    sent = {str(ds.SOPInstanceUID): ds for ds in map(pydicom.dcmread, files)}
+    series_uid = next(iter(sent.values())).SeriesInstanceUID
+
+    ae = AE(ae_title=TEST_AET)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    ae.add_requested_context(CTImageStorage)
+    query = Dataset()
+    query.QueryRetrieveLevel = "SERIES"
+    query.StudyInstanceUID = next(iter(sent.values())).StudyInstanceUID
+    query.SeriesInstanceUID = series_uid
+    query.SeriesDescription = ""
+    query.NumberOfSeriesRelatedInstances = ""
+    received: list[Dataset] = []
+
+    def on_store(event) -> int:
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        received.append(ds)
+        return 0x0000
+
+    assoc = ae.associate(
+        "127.0.0.1",
+        orthanc.dicom_port,
+        ae_title=orthanc.aet,
+        ext_neg=[build_role(CTImageStorage, scp_role=True)],
+        evt_handlers=[(evt.EVT_C_STORE, on_store)],
+    )
+    assert assoc.is_established
+    try:
+        matches = [
+            ident
+            for status, ident in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind)
+            if status and status.Status in (0xFF00, 0xFF01)
+        ]
+        assert len(matches) == 1
+        assert "denoised" in matches[0].SeriesDescription
+        assert int(matches[0].NumberOfSeriesRelatedInstances) == len(files)
+        get = Dataset()
+        get.QueryRetrieveLevel = "SERIES"
+        get.StudyInstanceUID = query.StudyInstanceUID
+        get.SeriesInstanceUID = series_uid
+        statuses = [
+            status.Status for status, _ in assoc.send_c_get(get, StudyRootQueryRetrieveInformationModelGet)
+        ]
+        assert statuses[-1] == 0x0000
+    finally:
+        assoc.release()
+    assert {str(ds.SOPInstanceUID) for ds in received} == set(sent)
+    for ds in received:
+        original = sent[str(ds.SOPInstanceUID)]
+        np.testing.assert_array_equal(ds.pixel_array, original.pixel_array)
+        assert ds.DerivationDescription == original.DerivationDescription
+        assert (
+            ds.SourceImageSequence[0].ReferencedSOPInstanceUID
+            == original.SourceImageSequence[0].ReferencedSOPInstanceUID
+        )
+
+
+def test_stow_rs_into_orthanc_dicomweb(orthanc, derived_series, capsys) -> None:
+    files, _ = derived_series
+    assert main(["send", str(files[0].parent), "--to", orthanc.dicomweb_url]) == 0
+    assert "stored 3 instance(s)" in capsys.readouterr().err
+    series_uid = pydicom.dcmread(files[0]).SeriesInstanceUID
+    stored = orthanc.series_instances(series_uid)
+    assert len(stored) == len(files)
+
+
+def test_unreachable_pacs_is_one_line_exit_2(tmp_path, derived_series, capsys) -> None:
+    files, _ = derived_series
+    closed = free_port()  # nobody listens
+    start = time.monotonic()
+    assert main(["send", str(files[0].parent), "--to", f"127.0.0.1:{closed}:PACS", "--timeout", "2"]) == 2
+    assert "cannot reach PACS@127.0.0.1" in _one_line_error(capsys)
+    # a host that accepts the connection but never answers (a hung PACS): the timeout bounds the wait
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(1)
+        port = silent.getsockname()[1]
+        assert main(["send", str(files[0].parent), "--to", f"127.0.0.1:{port}:PACS", "--timeout", "1"]) == 2
+        assert "no answer within 1 s" in _one_line_error(capsys)
+    assert time.monotonic() - start < 15
+
+
+def test_wrong_called_aet_is_rejected(orthanc, derived_series, capsys) -> None:
+    files, _ = derived_series
+    node = f"127.0.0.1:{orthanc.dicom_port}"
+    assert main(["send", str(files[0].parent), "--to", node, "--aet", "NOT_ORTHANC"]) == 2
+    line = _one_line_error(capsys)
+    assert "rejected" in line and "Called AE title not recognised" in line and "NOT_ORTHANC" in line
+
+
+def test_refused_instances_are_named_and_the_rest_stored(orthanc, tmp_path, capsys) -> None:
+    """Orthanc refuses an instance without SeriesInstanceUID; the others must still arrive."""
+    paths = sorted(write_ct_series(tmp_path / "broken", 3))
+    for path in paths:  # fresh instance UIDs (the fixture series may be in Orthanc already)
+        ds = pydicom.dcmread(path)
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        if path == paths[1]:
+            del ds.SeriesInstanceUID
+        ds.save_as(path)
+    series_uid = pydicom.dcmread(paths[0]).SeriesInstanceUID
+    code = main(["send", str(tmp_path / "broken"), "--to", orthanc.node, "--retries", "1", "--timeout", "5"])
+    assert code == 2
+    out = capsys.readouterr()
+    lines = out.err.strip().splitlines()
+    assert len(lines) == 1 and f"1 of 3 instance(s) refused by {orthanc.aet}" in lines[0]
+    assert paths[1].name in lines[0] and "0xA700" in lines[0]
+    assert out.out.count("REFUSED") == 1 and out.out.count("stored") == 2
+    assert len(orthanc.series_instances(series_uid)) == 2
