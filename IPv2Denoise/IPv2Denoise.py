@@ -340,7 +340,10 @@ class IPv2DenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self._parameterNode.outputVolume = output
         seconds = f" in {status.seconds:.1f} s" if status.seconds else ""
-        self._setState(State.IDLE, _("Done{seconds}: {name}").format(seconds=seconds, name=output.GetName()))
+        done = _("Done{seconds}: {name}").format(seconds=seconds, name=output.GetName())
+        if status.warnings:  # e.g. a truncated field of view; each is in the log
+            done += " — " + _("warning: {text}").format(text=status.warnings[0])
+        self._setState(State.IDLE, done)
         self.onCompare()
 
     # --------------------------------------------------------------------- compare, metrics, export

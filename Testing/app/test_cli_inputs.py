@@ -317,3 +317,12 @@ def test_stale_staging_of_a_live_process_is_kept(tmp_path) -> None:
         sleeper.wait()
     time.sleep(0.1)
     assert clean_stale_staging(tmp_path) == [entry]
+
+
+def test_slicer_job_status_collects_warnings_for_the_module() -> None:
+    from IPv2DenoiseLib.app.process import JobStatus
+
+    status = JobStatus()
+    status.apply({"warning": "the field of view is truncated: ..."})
+    assert status.warnings == ["the field of view is truncated: ..."]
+    assert status.log == ["warning: the field of view is truncated: ..."]  # the module's log shows it

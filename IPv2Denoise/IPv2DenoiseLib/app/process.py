@@ -81,8 +81,9 @@ class JobStatus:
         """Update from one JSON record (unknown keys are ignored)."""
         if "device" in record:
             self.device = str(record["device"])
-        if "warning" in record:
+        if "warning" in record:  # also in the log, which the Slicer module shows
             self.warnings.append(str(record["warning"]))
+            self.log.append(f"warning: {record['warning']}")
         if "progress" in record:
             self.fraction = max(self.fraction, min(1.0, float(record["progress"])))
             eta = record.get("eta_s")
