@@ -10,6 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from IPv2DenoiseLib.core.volume import Volume
+from IPv2DenoiseLib.io.volumes import write_volume
+
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 
@@ -66,6 +69,53 @@ def ct_series(tmp_path: Path) -> Callable[..., Path]:
         return folder
 
     return make
+
+
+def chest_like_volume(seed: int, shape: tuple[int, int, int] = (8, 64, 64)) -> np.ndarray:
+    """A small noisy chest-like CT in HU (air, an elliptic body at 40 HU, two lungs at -850 HU); fast to make."""
+    rng = np.random.default_rng(seed)
+    nz, ny, nx = shape
+    yy, xx = np.mgrid[:ny, :nx].astype(np.float32)
+    cy, cx = ny / 2 + rng.uniform(-2, 2), nx / 2 + rng.uniform(-2, 2)
+    body = ((yy - cy) / (0.38 * ny)) ** 2 + ((xx - cx) / (0.45 * nx)) ** 2 < 1
+    lungs = np.zeros_like(body)
+    for side in (-1, 1):
+        lungs |= ((yy - cy) / (0.26 * ny)) ** 2 + ((xx - cx - side * 0.2 * nx) / (0.14 * nx)) ** 2 < 1
+    hu = np.where(body, 40.0, -1000.0) + np.where(lungs, -890.0, 0.0)
+    noisy = hu[None] + rng.normal(0.0, 60.0, (nz, ny, nx))
+    return noisy.astype(np.float32)
+
+
+def write_batch_archive(root: Path) -> dict[str, str]:
+    """A small archive of six studies: four volume files (NIfTI, NRRD, MHA), one real DICOM CT series
+    (pydicom's CT_small slice) and one truncated NRRD. Returns case id -> kind ("ok" or "corrupt")."""
+    files = {
+        "site_a/p01": "site_a/p01.nii.gz",
+        "site_a/p02": "site_a/p02.nrrd",
+        "site_b/p03": "site_b/p03.mha",
+        "site_b/deep/p04": "site_b/deep/p04.nii.gz",
+    }
+    for seed, name in enumerate(sorted(files.values())):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        write_volume(
+            Volume(chest_like_volume(seed), (5.0, 5.0, 5.0), (-160.0, -160.0, 10.0 * seed)), root / name
+        )
+    write_ct_series(root / "site_b" / "dicom" / "p05", 4)
+    corrupt = root / "site_a" / "p06.nrrd"
+    corrupt.write_bytes((root / files["site_a/p02"]).read_bytes()[:300])  # a transfer cut short
+    cases = {case: "ok" for case in files}
+    cases["site_b/dicom/p05"] = "ok"
+    cases["site_a/p06"] = "corrupt"
+    (root / ".hidden").mkdir()
+    write_volume(Volume(chest_like_volume(9), (5.0, 5.0, 5.0)), root / ".hidden" / "ignored.nrrd")
+    return cases
+
+
+@pytest.fixture(scope="session")
+def batch_archive(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """Session-wide read-only archive for the batch tests (tests copy it before changing it)."""
+    root = tmp_path_factory.mktemp("archive")
+    return root, write_batch_archive(root)
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up .venv with everything IPv2 Denoise needs, from pip's own configured package index.
 #   bash scripts/setup.sh          core + CLI
-#   bash scripts/setup.sh --test   also pytest, ruff, slicer-core (MRML tests) and pydicom-data
+#   bash scripts/setup.sh --test   also pytest, ruff, slicer-core (MRML tests), pydicom-data and Ray (the [cluster] extra)
 # pip's own index is never replaced: pip uses its configuration (pip.conf, PIP_INDEX_URL,
 # PIP_EXTRA_INDEX_URL), so setup works behind a hospital or company mirror.
 # torch: the CUDA build only where an NVIDIA GPU answers; otherwise the CPU build — never the
@@ -45,7 +45,7 @@ if ! python -c "import torch" 2>/dev/null; then
 fi
 
 if [ "${1:-}" = "--test" ]; then
-  pip install -q -e ".[test]"
+  pip install -q -e ".[test,cluster]"
 else
   pip install -q -e .
 fi

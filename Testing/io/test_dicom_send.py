@@ -17,6 +17,7 @@ from pynetdicom.sop_class import (
     CTImageStorage,
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
 )
 
 from IPv2DenoiseLib.app.cli import main
@@ -46,7 +47,7 @@ def _one_line_error(capsys) -> str:
     return err[0]
 
 
-def test_cstore_then_cfind_and_cget_back(orthanc, derived_series, capsys) -> None:
+def test_cstore_then_cfind_cget_and_cmove_back(orthanc, derived_series, capsys) -> None:
     files, _ = derived_series
     folder = files[0].parent
     assert main(["send", str(folder), "--to", orthanc.node, "--calling-aet", TEST_AET]) == 0
@@ -101,7 +102,9 @@ def test_cstore_then_cfind_and_cget_back(orthanc, derived_series, capsys) -> Non
     finally:
         assoc.release()
     assert {str(ds.SOPInstanceUID) for ds in received} == set(sent)
-    for ds in received:
+    moved = _c_move_series(orthanc, query.StudyInstanceUID, series_uid)
+    assert {str(ds.SOPInstanceUID) for ds in moved} == set(sent)
+    for ds in received + moved:
         original = sent[str(ds.SOPInstanceUID)]
         np.testing.assert_array_equal(ds.pixel_array, original.pixel_array)
         assert ds.DerivationDescription == original.DerivationDescription
@@ -109,6 +112,40 @@ def test_cstore_then_cfind_and_cget_back(orthanc, derived_series, capsys) -> Non
             ds.SourceImageSequence[0].ReferencedSOPInstanceUID
             == original.SourceImageSequence[0].ReferencedSOPInstanceUID
         )
+
+
+def _c_move_series(orthanc, study_uid: str, series_uid: str) -> list[Dataset]:
+    """C-MOVE a series from Orthanc to a Storage SCP started here (registered in Orthanc by AE title)."""
+    received: list[Dataset] = []
+
+    def on_store(event) -> int:
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        received.append(ds)
+        return 0x0000
+
+    scp = AE(ae_title="IPV2MOVE")
+    scp.add_supported_context(CTImageStorage)
+    port = free_port()
+    server = scp.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        orthanc.add_modality("ipv2move", "IPV2MOVE", port)
+        ae = AE(ae_title=TEST_AET)
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+        assoc = ae.associate("127.0.0.1", orthanc.dicom_port, ae_title=orthanc.aet)
+        assert assoc.is_established
+        move = Dataset()
+        move.QueryRetrieveLevel = "SERIES"
+        move.StudyInstanceUID = study_uid
+        move.SeriesInstanceUID = series_uid
+        try:
+            responses = list(assoc.send_c_move(move, "IPV2MOVE", StudyRootQueryRetrieveInformationModelMove))
+        finally:
+            assoc.release()
+        assert responses[-1][0].Status == 0x0000
+    finally:
+        server.shutdown()
+    return received
 
 
 def test_stow_rs_into_orthanc_dicomweb(orthanc, derived_series, capsys) -> None:
@@ -144,8 +181,10 @@ def test_wrong_called_aet_is_rejected(orthanc, derived_series, capsys) -> None:
     assert "rejected" in line and "Called AE title not recognised" in line and "NOT_ORTHANC" in line
 
 
-def test_refused_instances_are_named_and_the_rest_stored(orthanc, tmp_path, capsys) -> None:
-    """Orthanc refuses an instance without SeriesInstanceUID; the others must still arrive."""
+@pytest.mark.parametrize("protocol", ["dimse", "dicomweb"])
+def test_refused_instances_are_named_and_the_rest_stored(orthanc, tmp_path, capsys, protocol) -> None:
+    """Orthanc refuses an instance without SeriesInstanceUID (C-STORE 0xA700, STOW-RS FailureReason
+    0xC000); the others must still arrive."""
     paths = sorted(write_ct_series(tmp_path / "broken", 3))
     for path in paths:  # fresh instance UIDs (the fixture series may be in Orthanc already)
         ds = pydicom.dcmread(path)
@@ -155,11 +194,15 @@ def test_refused_instances_are_named_and_the_rest_stored(orthanc, tmp_path, caps
             del ds.SeriesInstanceUID
         ds.save_as(path)
     series_uid = pydicom.dcmread(paths[0]).SeriesInstanceUID
-    code = main(["send", str(tmp_path / "broken"), "--to", orthanc.node, "--retries", "1", "--timeout", "5"])
-    assert code == 2
+    destination, code, who = {
+        "dimse": (orthanc.node, "0xA700", orthanc.aet),
+        "dicomweb": (orthanc.dicomweb_url, "0xC000", orthanc.dicomweb_url),
+    }[protocol]
+    args = ["send", str(tmp_path / "broken"), "--to", destination, "--retries", "1", "--timeout", "5"]
+    assert main(args) == 2
     out = capsys.readouterr()
     lines = out.err.strip().splitlines()
-    assert len(lines) == 1 and f"1 of 3 instance(s) refused by {orthanc.aet}" in lines[0]
-    assert paths[1].name in lines[0] and "0xA700" in lines[0]
+    assert len(lines) == 1 and f"1 of 3 instance(s) refused by {who}" in lines[0]
+    assert paths[1].name in lines[0] and code in lines[0]
     assert out.out.count("REFUSED") == 1 and out.out.count("stored") == 2
     assert len(orthanc.series_instances(series_uid)) == 2

@@ -22,6 +22,8 @@ COMMAND_MODULES = (
     "make_dataset",
     "train",
     "denoise",
+    "batch",
+    "batch_summary",
     "send",
     "serve",
     "demo",

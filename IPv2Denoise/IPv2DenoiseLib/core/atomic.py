@@ -15,6 +15,7 @@ import socket
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from glob import escape as glob_escape
 from pathlib import Path
 
 from IPv2DenoiseLib.core.errors import UserError
@@ -65,6 +66,34 @@ def clean_stale_staging(folder: str | os.PathLike) -> list[Path]:
         staging.rmdir()  # only when empty
     except OSError:
         pass
+    return removed
+
+
+def remove_stale_partials(path: str | os.PathLike) -> list[Path]:
+    """Delete what a killed writer of ``path`` left: its staging entries, whatever their pid or host.
+
+    Only call this when no other process is writing ``path`` (e.g. a batch run that owns its
+    output tree). Also removes the ``.<name>.*.partial*`` files of versions before the staging
+    folder. Returns what was removed.
+    """
+    path = Path(path)
+    removed: list[Path] = []
+    if not path.parent.is_dir():
+        return removed
+    for stale in path.parent.glob(f".{glob_escape(path.name)}.*.partial*"):
+        if stale.is_file():
+            stale.unlink(missing_ok=True)
+            removed.append(stale)
+    staging = path.parent / STAGING_DIR
+    if staging.is_dir():
+        for entry in staging.iterdir():
+            if (entry / path.name).exists():
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(entry)
+        try:
+            staging.rmdir()
+        except OSError:
+            pass
     return removed
 
 
@@ -196,4 +225,5 @@ __all__ = [
     "check_output_path",
     "clean_stale_staging",
     "make_output_folder",
+    "remove_stale_partials",
 ]

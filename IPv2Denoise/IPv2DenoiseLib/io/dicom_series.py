@@ -25,6 +25,7 @@ axial for the network and back (see :meth:`IPv2DenoiseLib.core.volume.Volume.to_
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,6 +135,20 @@ def _slice_order(pair: tuple[Path, Dataset]) -> tuple[float, int]:
     iop, ipp = _iop(ds), _ipp(ds)
     height = float(ipp @ np.cross(iop[:3], iop[3:])) if iop is not None and ipp is not None else 0.0
     return height, int(ds.get("InstanceNumber", 0) or 0)
+
+
+def series_of_files(files: Iterable[Path]) -> list[SeriesInfo]:
+    """The image series among exactly these files, grouped by SeriesInstanceUID and sorted."""
+    grouped: dict[str, list[tuple[Path, Dataset]]] = {}
+    for f in files:
+        ds = _header(f)
+        if ds is not None:
+            grouped.setdefault(str(ds.get("SeriesInstanceUID", "unknown")), []).append((f, ds))
+    found = []
+    for uid, pairs in grouped.items():
+        pairs.sort(key=_slice_order)
+        found.append(SeriesInfo(uid, [f for f, _ in pairs], [h for _, h in pairs]))
+    return sorted(found, key=lambda s: (int(s.first.get("SeriesNumber", 0) or 0), s.uid))
 
 
 def find_series(path: str | os.PathLike) -> list[SeriesInfo]:
@@ -544,5 +559,6 @@ __all__ = [
     "orientation_name",
     "read_dicom",
     "read_series",
+    "series_of_files",
     "stack_geometry",
 ]

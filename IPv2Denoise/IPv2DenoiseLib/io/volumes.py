@@ -13,6 +13,7 @@ under the final name.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from IPv2DenoiseLib.core.atomic import atomic_path
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.progress import ProgressCallback
 from IPv2DenoiseLib.core.volume import Volume
-from IPv2DenoiseLib.io.dicom_series import read_dicom
+from IPv2DenoiseLib.io.dicom_series import read_dicom, read_series, series_of_files
 
 #: File name endings read and written through SimpleITK.
 IMAGE_SUFFIXES = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")
@@ -137,6 +138,49 @@ def _read_itk_image(path: Path) -> Volume:
         raise UserError(f"{path}: cannot read voxel data ({str(exc).splitlines()[0][:160]})") from None
     meta: dict[str, Any] = {"source": image_suffix(path).lstrip("."), "path": str(path)}
     return Volume(array, image.GetSpacing(), image.GetOrigin(), image.GetDirection(), meta)
+
+
+#: File endings that are never DICOM (skipped without opening them).
+NOT_DICOM_SUFFIXES = frozenset({".json", ".txt", ".png", ".jpg", ".csv", ".md", ".py", ".raw", ".zraw"})
+
+
+def may_be_dicom(path: str | os.PathLike) -> bool:
+    """True when ``path`` is worth opening as DICOM: not hidden, not an image volume, not a known other type."""
+    p = Path(path)
+    return not p.name.startswith(".") and not image_suffix(p) and p.suffix.lower() not in NOT_DICOM_SUFFIXES
+
+
+def group_dicom_series(files: Iterable[str | os.PathLike]) -> dict[str, list[Path]]:
+    """DICOM image files grouped by SeriesInstanceUID (headers only; other files are left out).
+
+    Used to find every series of an archive; read one with :func:`read_dicom_series`.
+    """
+    return {info.uid: info.files for info in series_of_files(Path(f) for f in files)}
+
+
+def read_dicom_series(
+    files: Iterable[str | os.PathLike], *, force: bool = False, resample_gaps: bool = False
+) -> Volume:
+    """Read exactly these DICOM files as one CT series in HU (checked like :func:`read_volume`).
+
+    Raises
+    ------
+    UserError
+        No files, no DICOM image among them, several series, not CT, missing slices, undecodable
+        pixels, no air.
+    """
+    paths = sorted(Path(f) for f in files)
+    if not paths:
+        raise UserError("no DICOM files given")
+    where = os.path.commonpath([str(p.parent) for p in paths])
+    found = series_of_files(paths)
+    if not found:
+        raise UserError(f"{where}: no DICOM image found among {len(paths)} files")
+    if len(found) > 1:
+        raise UserError(f"{where}: the files hold {len(found)} series; expected one")
+    volume = read_series(found[0], where=where, force=force, resample_gaps=resample_gaps)
+    _validate_ct(volume, where=where, force=force)
+    return volume
 
 
 # --------------------------------------------------------------------------------------- writing

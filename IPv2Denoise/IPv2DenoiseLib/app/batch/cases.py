@@ -1,0 +1,220 @@
+"""Find the cases of an archive: every DICOM series and every volume file of a folder tree, or a CSV manifest.
+
+A case is one study to denoise. Its ``case_id`` is a POSIX path relative to the input root (the
+series folder, or the volume file without its suffix); outputs and done records are named after
+it, so the output tree mirrors the input tree. Cases are sorted by ``case_id``, which makes
+``--shard K/N`` deterministic.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+from collections import Counter
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from IPv2DenoiseLib.core.errors import UserError
+from IPv2DenoiseLib.io.volumes import group_dicom_series, image_suffix, may_be_dicom
+
+#: Folders never searched for studies (besides hidden ones, whose names start with a dot).
+SKIP_DIRS = frozenset({"__pycache__", "node_modules", "site-packages", "venv"})
+#: Columns a manifest may have (``path`` and/or ``series_uid`` per row; ``case`` names the output).
+MANIFEST_COLUMNS = ("path", "series_uid", "case")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One study: a DICOM series (``kind="dicom"``, its files) or a volume file (``kind="volume"``).
+
+    ``error`` is set when the case could not even be located (a manifest row naming a missing
+    file or an unknown series); such a case is recorded as failed without being read.
+    """
+
+    case_id: str
+    kind: str
+    files: tuple[str, ...] = ()
+    series_uid: str = ""
+    source: str = ""
+    error: str = ""
+
+    def fingerprint(self) -> str:
+        """sha256 over name, size and modification time of every input file (cheap; no reading).
+
+        A done record only counts while the input still has this fingerprint.
+        """
+        digest = hashlib.sha256(self.kind.encode())
+        for name in sorted(self.files):
+            stat = os.stat(name)
+            digest.update(f"\0{Path(name).name}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
+        return digest.hexdigest()
+
+
+def _relative_id(path: Path, root: Path) -> str:
+    try:
+        rel = path.relative_to(root).as_posix()
+    except ValueError:
+        rel = path.as_posix().lstrip("/")
+    return rel if rel not in ("", ".") else path.name or "case"
+
+
+def _volume_id(path: Path, root: Path) -> str:
+    rel = _relative_id(path, root)
+    suffix = image_suffix(path)
+    return rel[: -len(suffix)] if suffix and rel.lower().endswith(suffix) else rel
+
+
+def _series_cases(series: dict[str, list[Path]], root: Path, *, source: str = "") -> list[Case]:
+    """One case per series; the id is the series folder, plus the SeriesInstanceUID when a folder holds several."""
+    folders = {uid: Path(os.path.commonpath([str(f.parent) for f in files])) for uid, files in series.items()}
+    per_folder = Counter(folders.values())
+    cases = []
+    for uid, files in series.items():
+        folder = folders[uid]
+        case_id = _relative_id(folder, root)
+        if per_folder[folder] > 1:
+            case_id = f"{case_id}/{uid}"
+        cases.append(Case(case_id, "dicom", tuple(sorted(str(f) for f in files)), uid, source or str(folder)))
+    return cases
+
+
+def _unique_ids(cases: list[Case]) -> list[Case]:
+    """Sort by id and make ids unique (a later duplicate gets a short hash of its first file)."""
+    cases = sorted(cases, key=lambda c: (c.case_id, c.files))
+    seen: set[str] = set()
+    out = []
+    for case in cases:
+        case_id = case.case_id
+        if case_id in seen:
+            tag = hashlib.sha1((case.files[0] if case.files else case.source).encode()).hexdigest()[:8]
+            case_id = f"{case_id}-{tag}"
+        seen.add(case_id)
+        out.append(replace(case, case_id=case_id))
+    return sorted(out, key=lambda c: c.case_id)
+
+
+def walk_files(root: Path, *, exclude: Path | None = None) -> list[Path]:
+    """Every non-hidden file under ``root``, skipping hidden folders, :data:`SKIP_DIRS` and ``exclude``."""
+    root = Path(root)
+    excluded = exclude.resolve() if exclude is not None else None
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        dirnames[:] = sorted(
+            d
+            for d in dirnames
+            if not d.startswith(".") and d not in SKIP_DIRS and (here / d).resolve() != excluded
+        )
+        found.extend(here / name for name in sorted(filenames) if not name.startswith("."))
+    return found
+
+
+def discover_tree(root: str | os.PathLike, *, exclude: str | os.PathLike | None = None) -> list[Case]:
+    """The cases under ``root``: each DICOM image series (grouped by SeriesInstanceUID) and each
+    NRRD/NIfTI/MHA file. Files that are neither are ignored; ``exclude`` (e.g. the output folder
+    inside the input) is not searched.
+    """
+    root = Path(root)
+    files = walk_files(root, exclude=Path(exclude) if exclude is not None else None)
+    volumes = [f for f in files if image_suffix(f)]
+    series = group_dicom_series(f for f in files if may_be_dicom(f))
+    cases = [Case(_volume_id(f, root), "volume", (str(f),), source=str(f)) for f in volumes]
+    return _unique_ids(cases + _series_cases(series, root))
+
+
+def read_manifest(
+    manifest: str | os.PathLike, *, search_root: str | os.PathLike | None = None
+) -> tuple[list[Case], Path]:
+    """The cases a CSV manifest lists, and the root their ids are relative to.
+
+    The CSV has a header with ``path`` and/or ``series_uid`` (and optionally ``case``, the output
+    name). ``path`` is a volume file or a DICOM folder, relative to the manifest's folder; a row
+    with only ``series_uid`` is looked up under ``search_root`` (default: the manifest's folder).
+    A row that cannot be located becomes a case with ``error`` set, so it is reported, not fatal.
+
+    Raises
+    ------
+    UserError
+        Unreadable file, no header, neither a ``path`` nor a ``series_uid`` column, no rows.
+    """
+    manifest = Path(manifest)
+    base = manifest.parent
+    root = Path(search_root) if search_root is not None else base
+    try:
+        with open(manifest, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            columns = [c.strip().lower() for c in reader.fieldnames or []]
+            rows = [{k.strip().lower(): (v or "").strip() for k, v in row.items() if k} for row in reader]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise UserError(f"manifest {manifest}: cannot read it as CSV ({exc})") from None
+    if "path" not in columns and "series_uid" not in columns:
+        raise UserError(
+            f"manifest {manifest}: needs a header with a 'path' and/or 'series_uid' column; found {columns or 'none'}"
+        )
+    rows = [r for r in rows if r.get("path") or r.get("series_uid")]
+    if not rows:
+        raise UserError(f"manifest {manifest}: lists no cases")
+
+    index: dict[str, list[Path]] | None = (
+        None  # SeriesInstanceUID -> files under root, built once when needed
+    )
+    cases = []
+    for number, row in enumerate(rows, start=2):
+        path_text, uid, name = row.get("path", ""), row.get("series_uid", ""), row.get("case", "")
+        where = f"manifest line {number}"
+        if path_text:
+            path = Path(path_text) if Path(path_text).is_absolute() else base / path_text
+            if not path.exists():
+                cases.append(
+                    Case(
+                        name or _volume_id(path, base),
+                        "missing",
+                        source=str(path),
+                        error=f"{where}: {path} not found",
+                    )
+                )
+                continue
+            if path.is_file() and image_suffix(path):
+                cases.append(Case(name or _volume_id(path, base), "volume", (str(path),), source=str(path)))
+                continue
+            found = group_dicom_series(walk_files(path) if path.is_dir() else [path])
+            label = name or _relative_id(path, base)
+        else:
+            if index is None:
+                index = group_dicom_series(f for f in walk_files(root) if may_be_dicom(f))
+            found = {uid: index[uid]} if uid in index else {}
+            label, path = name, root
+        if uid:
+            found = {uid: found[uid]} if uid in found else {}
+        if len(found) != 1:
+            problem = (
+                f"no DICOM series {uid} under {path}"
+                if uid
+                else f"{path} holds {len(found)} DICOM image series; add a series_uid column"
+            )
+            cases.append(
+                Case(label or uid, "missing", series_uid=uid, source=str(path), error=f"{where}: {problem}")
+            )
+            continue
+        ((series_uid, files),) = found.items()
+        case = _series_cases({series_uid: files}, base if path_text else root)[0]
+        cases.append(replace(case, case_id=label or case.case_id))
+    return _unique_ids(cases), base
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"K/N"`` → (K, N) with 0 ≤ K < N (K as in SLURM_ARRAY_TASK_ID or JOB_COMPLETION_INDEX)."""
+    try:
+        k_text, n_text = text.split("/")
+        k, n = int(k_text), int(n_text)
+    except ValueError:
+        raise UserError(f"--shard {text!r}: expected K/N, e.g. 0/4 (K counts from 0)") from None
+    if n < 1 or not 0 <= k < n:
+        raise UserError(f"--shard {text!r}: need N >= 1 and 0 <= K < N")
+    return k, n
+
+
+def shard_cases(cases: list[Case], k: int, n: int) -> list[Case]:
+    """Every ``n``-th case of the id-sorted list, starting at ``k``: shards 0..n-1 cover each case once."""
+    return sorted(cases, key=lambda c: c.case_id)[k::n]

@@ -1,0 +1,353 @@
+"""Process batch cases: read, denoise, write, record — and the local engine that overlaps them.
+
+:class:`CaseProcessor` holds the model (loaded once) and does the three steps of a case;
+every failure a study can cause (unreadable, not CT, too small, ...) becomes a ``failed`` row
+with a one-line reason instead of stopping the batch. :func:`run_local` runs the steps as a
+pipeline: a reader thread prefetches the next studies into a bounded queue while the main
+thread runs the network and a writer thread writes and records the previous case, so disk and
+decompression overlap with compute, and at most ``prefetch + 3`` volumes are in memory however
+large the archive.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from IPv2DenoiseLib.app.batch.cases import Case
+from IPv2DenoiseLib.app.batch.records import (
+    forget_record,
+    hash_output,
+    output_path,
+    verified_record,
+    write_record,
+)
+from IPv2DenoiseLib.app.commands.denoise import model_provenance
+from IPv2DenoiseLib.core.atomic import remove_stale_partials
+from IPv2DenoiseLib.core.device import describe_device, resolve_device
+from IPv2DenoiseLib.core.errors import UserError
+from IPv2DenoiseLib.core.volume import Volume
+from IPv2DenoiseLib.denoiser.infer import Denoiser
+from IPv2DenoiseLib.imaging.noise_estimate import estimate_noise_hu
+from IPv2DenoiseLib.io.dicom_export import DerivedSeriesOptions, export_derived_series
+from IPv2DenoiseLib.io.volumes import read_dicom_series, read_volume, write_volume
+
+#: Slices (evenly spaced) on which noise before/after is estimated: bounded time and memory per case.
+NOISE_SLICES = 16
+
+RowCallback = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    """What every worker needs to process cases the same way (plain values: sent to Ray actors)."""
+
+    out_root: str
+    model: str = "default"
+    weights: str | None = None
+    dicom: bool = False
+    remove_background: bool = True
+    device: str = "auto"
+    slab: int | None = None
+    run_id: str = ""
+
+
+@dataclass
+class Loaded:
+    """A case read into memory (between the pipeline's steps)."""
+
+    case: Case
+    volume: Volume
+    fingerprint: str
+    started: float
+    noise_before: float
+    attempts: int = 1
+    result: Volume | None = None
+
+
+def noise_sd(array: np.ndarray) -> float:
+    """Noise SD (HU) of a volume from :data:`NOISE_SLICES` evenly spaced slices (imaging.noise_estimate)."""
+    index = np.unique(
+        np.linspace(0, array.shape[0] - 1, min(NOISE_SLICES, array.shape[0])).round().astype(int)
+    )
+    return round(estimate_noise_hu(array[index]), 3)
+
+
+def case_row(case: Case, status: str, **values: Any) -> dict[str, Any]:
+    """A summary row for ``case`` (see :data:`~IPv2DenoiseLib.app.batch.records.SUMMARY_COLUMNS`)."""
+    row = {
+        "case": case.case_id,
+        "status": status,
+        "input": case.source or (case.files[0] if case.files else ""),
+        "output": "",
+        "series_uid": case.series_uid,
+        "seconds": 0.0,
+        "device": "",
+        "worker": "",
+        "attempts": 1,
+        "error": "",
+    }
+    row.update(values)
+    return row
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, UserError):
+        return str(exc)
+    return " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+
+
+class CaseProcessor:
+    """Reads, denoises and writes cases with one model loaded once; thread-safe (one network at a time)."""
+
+    def __init__(self, settings: BatchSettings, *, threads: int | None = None) -> None:
+        if threads:
+            torch.set_num_threads(threads)
+        self.settings = settings
+        self.out_root = Path(settings.out_root)
+        self.device = resolve_device(settings.device)
+        self.device_name = describe_device(self.device)
+        self.denoiser = (
+            Denoiser.from_file(settings.weights)
+            if settings.weights
+            else Denoiser.from_registry(settings.model)
+        )
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self._network = threading.Lock()
+
+    @property
+    def record_settings(self) -> dict[str, Any]:
+        """What a done record must match besides the input: the model and what is written."""
+        return {
+            "model": self.denoiser.name,
+            "model_sha256": self.denoiser.card.get("sha256"),
+            "remove_background": self.settings.remove_background,
+            "format": "dicom" if self.settings.dicom else "nrrd",
+        }
+
+    # ------------------------------------------------------------------------------------ rows
+
+    def _row(self, case: Case, status: str, **values: Any) -> dict[str, Any]:
+        out = output_path(self.out_root, case.case_id, dicom=self.settings.dicom)
+        output = out.relative_to(self.out_root).as_posix() if status != "failed" else ""
+        values = {"device": self.device_name, "worker": self.worker, **values}  # a record's own win
+        return case_row(case, status, output=output, **values)
+
+    def failed(
+        self, case: Case, error: str, *, started: float | None = None, attempts: int = 1
+    ) -> dict[str, Any]:
+        seconds = round(time.monotonic() - started, 3) if started is not None else 0.0
+        return self._row(case, "failed", error=error, seconds=seconds, attempts=attempts)
+
+    def _from_record(self, case: Case, record: dict[str, Any], attempts: int) -> dict[str, Any]:
+        # A retried case whose first attempt finished (then its worker died) was done in this run.
+        status = "done" if record.get("run_id") == self.settings.run_id else "skipped"
+        return self._row(
+            case,
+            status,
+            **{
+                k: record.get(k)
+                for k in ("shape", "seconds", "device", "worker", "noise_before_hu", "noise_after_hu")
+            },
+            output_sha256=record.get("output_sha256"),
+            attempts=attempts,
+        )
+
+    # ----------------------------------------------------------------------------------- steps
+
+    def load(self, case: Case, *, attempts: int = 1) -> Loaded | dict[str, Any]:
+        """Read a case (or return its row when it is already done and verified, or cannot be read)."""
+        started = time.monotonic()
+        if case.error:
+            return self.failed(case, case.error, started=started, attempts=attempts)
+        try:
+            fingerprint = case.fingerprint()
+            record = verified_record(
+                self.out_root,
+                case.case_id,
+                fingerprint=fingerprint,
+                settings=self.record_settings,
+                dicom=self.settings.dicom,
+            )
+            if record is not None:
+                return self._from_record(case, record, attempts)
+            volume = read_dicom_series(case.files) if case.kind == "dicom" else read_volume(case.files[0])
+            return Loaded(case, volume, fingerprint, started, noise_sd(volume.array), attempts)
+        except Exception as exc:  # one study's problem must not stop the archive
+            return self.failed(case, _one_line(exc), started=started, attempts=attempts)
+
+    def denoise(self, loaded: Loaded) -> Loaded | dict[str, Any]:
+        """Run the network (one case at a time per processor)."""
+        try:
+            with self._network:
+                loaded.result = self.denoiser.denoise(
+                    loaded.volume,
+                    remove_background=self.settings.remove_background,
+                    device=self.device,
+                    slab_slices=self.settings.slab,
+                )
+            return loaded
+        except Exception as exc:
+            return self.failed(loaded.case, _one_line(exc), started=loaded.started, attempts=loaded.attempts)
+
+    def store(self, loaded: Loaded) -> dict[str, Any]:
+        """Write the output atomically, then its done record; returns the summary row."""
+        case = loaded.case
+        try:
+            out = output_path(self.out_root, case.case_id, dicom=self.settings.dicom)
+            forget_record(self.out_root, case.case_id)  # from here on the case is not done until re-recorded
+            out.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_partials(out)
+            self._write(loaded, out)
+            sha256, size = hash_output(out)
+            noise_after = noise_sd(loaded.result.array)
+            seconds = round(time.monotonic() - loaded.started, 3)
+            shape = "x".join(map(str, loaded.volume.shape))
+            write_record(
+                self.out_root,
+                case.case_id,
+                {
+                    "case": case.case_id,
+                    "run_id": self.settings.run_id,
+                    "input_fingerprint": loaded.fingerprint,
+                    "inputs": len(case.files),
+                    "settings": self.record_settings,
+                    "output": out.relative_to(self.out_root).as_posix(),
+                    "output_sha256": sha256,
+                    "output_bytes": size,
+                    "shape": shape,
+                    "seconds": seconds,
+                    "device": self.device_name,
+                    "worker": self.worker,
+                    "noise_before_hu": loaded.noise_before,
+                    "noise_after_hu": noise_after,
+                    "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                },
+            )
+            return self._row(
+                case,
+                "done",
+                shape=shape,
+                seconds=seconds,
+                attempts=loaded.attempts,
+                noise_before_hu=loaded.noise_before,
+                noise_after_hu=noise_after,
+                output_sha256=sha256,
+            )
+        except Exception as exc:
+            return self.failed(case, _one_line(exc), started=loaded.started, attempts=loaded.attempts)
+
+    def _write(self, loaded: Loaded, out: Path) -> None:
+        if not self.settings.dicom:
+            write_volume(loaded.result, out)
+            return
+        if out.exists():  # an earlier, unrecorded output of this case: ours to replace
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        sources = loaded.volume.meta.get("dicom_files") if loaded.case.kind == "dicom" else None
+        provenance = model_provenance(self.denoiser, registered=self.settings.weights is None)
+        export_derived_series(
+            loaded.result, out, source_files=sources, options=DerivedSeriesOptions(model=provenance)
+        )
+
+    def process(self, case: Case, *, attempts: int = 1) -> dict[str, Any]:
+        """All steps of one case in this thread (the Ray actors' unit of work, and ``--prefetch 0``)."""
+        item = self.load(case, attempts=attempts)
+        if isinstance(item, Loaded):
+            item = self.denoise(item)
+        if isinstance(item, Loaded):
+            item = self.store(item)
+        return item
+
+
+_END = object()
+
+
+def run_local(
+    cases: Iterable[Case],
+    processor: CaseProcessor,
+    *,
+    prefetch: int = 2,
+    on_row: RowCallback | None = None,
+    stop: threading.Event | None = None,
+) -> list[dict[str, Any]]:
+    """Process ``cases`` on this machine; returns one row per case in completion order.
+
+    With ``prefetch >= 1`` a reader thread keeps up to ``prefetch`` read cases in a bounded
+    queue and a writer thread writes the previous result while the network runs; ``prefetch=0``
+    does each case's steps one after the other (the baseline the benchmark compares against).
+    ``stop`` ends the run after the cases in flight.
+    """
+    stop = stop or threading.Event()
+    rows: list[dict[str, Any]] = []
+
+    def emit(row: dict[str, Any]) -> None:
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+
+    if prefetch < 1:
+        for case in cases:
+            if stop.is_set():
+                break
+            emit(processor.process(case))
+        return rows
+
+    loaded_q: queue.Queue = queue.Queue(maxsize=prefetch)
+    written_q: queue.Queue = queue.Queue(maxsize=1)
+    crashed: list[BaseException] = []
+
+    def read_all() -> None:
+        try:
+            for case in cases:
+                if stop.is_set():
+                    break
+                loaded_q.put(processor.load(case))
+        except BaseException as exc:  # a bug here must surface in the main thread, not hang it
+            crashed.append(exc)
+        finally:
+            loaded_q.put(_END)
+
+    def write_all() -> None:
+        try:
+            while (item := written_q.get()) is not _END:
+                emit(processor.store(item) if isinstance(item, Loaded) else item)
+        except BaseException as exc:
+            crashed.append(exc)
+            stop.set()
+            while written_q.get() is not _END:  # keep draining so the main thread never blocks
+                pass
+
+    reader = threading.Thread(target=read_all, name="batch-reader", daemon=True)
+    writer = threading.Thread(target=write_all, name="batch-writer", daemon=True)
+    reader.start()
+    writer.start()
+    try:
+        while (item := loaded_q.get()) is not _END:
+            written_q.put(processor.denoise(item) if isinstance(item, Loaded) else item)
+    except BaseException:
+        stop.set()  # Ctrl-C: let the writer finish the case it holds, drop the rest
+        raise
+    finally:
+        written_q.put(_END)
+        writer.join()
+        if reader.is_alive():
+            while loaded_q.get() is not _END:  # unblock a reader waiting on a full queue
+                pass
+            reader.join()
+    if crashed:
+        raise crashed[0]
+    return rows
+
+
+__all__ = ["BatchSettings", "CaseProcessor", "Loaded", "NOISE_SLICES", "case_row", "noise_sd", "run_local"]

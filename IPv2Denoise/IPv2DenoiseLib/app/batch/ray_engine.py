@@ -1,0 +1,207 @@
+"""``--engine ray``: the batch on a Ray cluster, with actors that each hold the model.
+
+Imported only when ``--engine ray`` is asked for: this is the one module that imports ray (the
+optional extra ``ipv2-denoise[cluster]``). Each actor owns a :class:`CaseProcessor` (one per GPU,
+or one per ``cpus_per_worker`` CPUs) and runs the same read → denoise → write → record steps as
+the local engine, so outputs and summaries are the same. An actor is threaded (two calls at a
+time, the network behind a lock), so one case is read or written while another is denoised.
+
+A worker process that dies (killed, out of memory, node lost) is restarted by Ray
+(``max_restarts=-1``); the cases it held fail with ``RayActorError`` and are submitted again, to
+whichever actor is free, up to ``retries`` times. Nothing is written twice: outputs are atomic
+and the retry first checks the done record, so a case that finished before its worker died is
+recognised, not recomputed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
+
+import ray
+from ray.exceptions import RayActorError
+
+from IPv2DenoiseLib.app.batch.cases import Case
+from IPv2DenoiseLib.app.batch.pipeline import BatchSettings, CaseProcessor, case_row
+from IPv2DenoiseLib.core.errors import UserError
+
+#: Calls queued per actor: one being denoised while the next is read (the actor runs two threads).
+CALLS_PER_WORKER = 2
+
+
+@ray.remote(max_restarts=-1, max_task_retries=0, max_concurrency=CALLS_PER_WORKER)
+class BatchWorker:
+    """A Ray actor holding one :class:`CaseProcessor` (the model loaded once per worker process)."""
+
+    def __init__(self, settings: dict[str, Any], threads: int) -> None:
+        self.processor = CaseProcessor(BatchSettings(**settings), threads=threads)
+
+    def describe(self) -> dict[str, str]:
+        return {"worker": self.processor.worker, "device": self.processor.device_name}
+
+    def process(self, case: Case, attempts: int) -> dict[str, Any]:
+        return self.processor.process(case, attempts=attempts)
+
+
+def connect(address: str | None, *, num_cpus: int | None = None) -> bool:
+    """Join the cluster at ``address``, or start a local one; True when this call started Ray here."""
+    if ray.is_initialized():
+        return False
+    try:
+        local = {"num_cpus": num_cpus, "include_dashboard": False} if address is None else {}
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False, **local)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        where = f"the Ray cluster at {address}" if address else "a local Ray cluster"
+        raise UserError(f"cannot connect to {where}: {' '.join(str(exc).split())[:200]}") from None
+    return True
+
+
+def plan_workers(
+    *, workers: int | None, cpus_per_worker: float, gpus_per_worker: float | None, device: str
+) -> tuple[int, float, float]:
+    """(number of actors, CPUs each, GPUs each) from the cluster's resources.
+
+    By default one actor per GPU when the cluster has GPUs (and ``device`` is not ``cpu``),
+    otherwise one per ``cpus_per_worker`` CPUs.
+    """
+    resources = ray.cluster_resources()
+    cluster_gpus, cluster_cpus = float(resources.get("GPU", 0)), float(resources.get("CPU", 0))
+    if gpus_per_worker is None:
+        gpus_per_worker = 1.0 if cluster_gpus >= 1 and device != "cpu" else 0.0
+    if gpus_per_worker > 0:
+        fit = math.floor(cluster_gpus / gpus_per_worker + 1e-9)
+    else:
+        fit = math.floor(cluster_cpus / cpus_per_worker + 1e-9)
+    if fit < 1:
+        raise UserError(
+            f"the Ray cluster has {cluster_cpus:g} CPUs and {cluster_gpus:g} GPUs; one worker needs "
+            f"{cpus_per_worker:g} CPUs and {gpus_per_worker:g} GPUs"
+        )
+    return min(workers or fit, fit), cpus_per_worker, gpus_per_worker
+
+
+def run_ray(
+    cases: list[Case],
+    settings: BatchSettings,
+    *,
+    address: str | None = None,
+    workers: int | None = None,
+    cpus_per_worker: float = 1.0,
+    gpus_per_worker: float | None = None,
+    retries: int = 2,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
+    on_event: Callable[..., None] | None = None,
+    stop: threading.Event | None = None,
+) -> list[dict[str, Any]]:
+    """Process ``cases`` on Ray actors; returns one row per case in completion order.
+
+    ``on_event(**record)`` receives one ``worker_index`` event per actor (with ``worker``: host:pid,
+    and ``device``) and a ``retry`` event per resubmitted case.
+    A case whose worker died more than ``retries`` times is recorded as failed.
+    """
+    started_here = connect(address)
+    event = on_event or (lambda **record: None)
+    try:
+        count, cpus, gpus = plan_workers(
+            workers=workers,
+            cpus_per_worker=cpus_per_worker,
+            gpus_per_worker=gpus_per_worker,
+            device=settings.device,
+        )
+        if gpus > 0 and settings.device == "auto":
+            settings = BatchSettings(**{**asdict(settings), "device": "cuda"})
+        threads = max(1, int(cpus))
+        actors = [
+            BatchWorker.options(num_cpus=cpus, num_gpus=gpus).remote(asdict(settings), threads)
+            for _ in range(count)
+        ]
+        try:
+            described = ray.get([actor.describe.remote() for actor in actors])
+        except RayActorError as exc:  # the model or the device failed to load in a worker
+            cause = getattr(exc, "cause", None) or exc
+            raise UserError(f"a Ray worker could not start: {' '.join(str(cause).split())[:300]}") from None
+        for index, info in enumerate(described):
+            event(worker_index=index, **info)
+        return _schedule(
+            actors, cases, retries=retries, on_row=on_row, event=event, stop=stop or threading.Event()
+        )
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def _schedule(
+    actors: list, cases: list[Case], *, retries: int, on_row, event, stop: threading.Event
+) -> list[dict[str, Any]]:
+    """Feed cases to healthy actors, at most :data:`CALLS_PER_WORKER` each; resubmit the cases of a
+    dead one and probe it (the probe waits for Ray's restart) before giving it work again."""
+    pending: deque[tuple[Case, int]] = deque((case, 1) for case in cases)
+    in_flight: dict[Any, tuple[int, Case, int]] = {}
+    probes: dict[Any, int] = {}
+    healthy = set(range(len(actors)))
+    load = [0] * len(actors)
+    rows: list[dict[str, Any]] = []
+
+    def finish(row: dict[str, Any]) -> None:
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+
+    try:
+        while pending or in_flight:
+            while pending and not stop.is_set():
+                free = [i for i in healthy if load[i] < CALLS_PER_WORKER]
+                if not free:
+                    break
+                index = min(free, key=lambda i: load[i])
+                case, attempt = pending.popleft()
+                in_flight[actors[index].process.remote(case, attempt)] = (index, case, attempt)
+                load[index] += 1
+            if not in_flight and not probes:
+                if pending and not stop.is_set():  # every worker is gone for good
+                    for case, attempt in pending:
+                        finish(
+                            case_row(case, "failed", error="no Ray worker left to run it", attempts=attempt)
+                        )
+                break
+            (ref,), _ = ray.wait([*in_flight, *probes], num_returns=1)
+            if ref in probes:
+                index = probes.pop(ref)
+                try:
+                    info = ray.get(ref)
+                except RayActorError:  # died for good (restarts exhausted or its node is gone)
+                    continue
+                healthy.add(index)
+                event(worker_index=index, restarted=True, **info)
+                continue
+            index, case, attempt = in_flight.pop(ref)
+            load[index] -= 1
+            try:
+                row = ray.get(ref)
+            except RayActorError as exc:
+                if index in healthy:
+                    healthy.discard(index)
+                    probes[actors[index].describe.options(max_task_retries=-1).remote()] = index
+                if attempt <= retries:
+                    event(retry=case.case_id, attempt=attempt + 1, reason=type(exc).__name__)
+                    pending.appendleft((case, attempt + 1))
+                    continue
+                row = case_row(
+                    case,
+                    "failed",
+                    error=f"its Ray worker died {attempt} times ({type(exc).__name__})",
+                    attempts=attempt,
+                )
+            finish(row)
+    finally:
+        for actor in actors:
+            ray.kill(actor, no_restart=True)
+    return rows
+
+
+__all__ = ["BatchWorker", "connect", "plan_workers", "run_ray"]

@@ -1,0 +1,209 @@
+"""Done records, output verification and the batch summaries (CSV + JSON).
+
+A case counts as done only through its record ``OUT/.ipv2-batch/records/<case_id>.json``, written
+atomically *after* the output is atomically in place. The record holds the output's sha256 and
+size, the input's fingerprint and the settings (model, its sha256, background removal, format).
+A rerun skips a case only when its record matches all of these and the output on disk still has
+that hash, so a process killed at any moment leaves either a verified case or one that is redone.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from IPv2DenoiseLib.core.atomic import atomic_path
+from IPv2DenoiseLib.core.errors import UserError
+
+#: Hidden folder inside OUT holding the batch's own state.
+STATE_DIR = ".ipv2-batch"
+#: Summary file stem inside OUT (``.csv`` and ``.json``); shards add ``.shard-K-of-N``.
+SUMMARY_STEM = "batch-summary"
+#: Columns of the summary CSV, in order (the JSON rows have the same keys).
+SUMMARY_COLUMNS = (
+    "case",
+    "status",
+    "input",
+    "output",
+    "series_uid",
+    "shape",
+    "seconds",
+    "device",
+    "worker",
+    "attempts",
+    "noise_before_hu",
+    "noise_after_hu",
+    "output_sha256",
+    "error",
+)
+#: Row statuses: finished in this run, verified as finished by an earlier run, failed.
+STATUSES = ("done", "skipped", "failed")
+
+
+def output_path(out_root: Path, case_id: str, *, dicom: bool) -> Path:
+    """Where a case's output goes: ``OUT/<case_id>.nrrd``, or the folder ``OUT/<case_id>/`` of a DICOM series."""
+    return out_root / case_id if dicom else out_root / f"{case_id}.nrrd"
+
+
+def record_path(out_root: Path, case_id: str) -> Path:
+    return out_root / STATE_DIR / "records" / f"{case_id}.json"
+
+
+def hash_output(path: Path) -> tuple[str, int]:
+    """(sha256, bytes) of an output file, or of a folder's files (sha256 over sorted name + file hash)."""
+    if path.is_dir():
+        digest, total = hashlib.sha256(), 0
+        for f in sorted(p for p in path.rglob("*") if p.is_file()):
+            file_hash, size = hash_output(f)
+            digest.update(f"{f.relative_to(path).as_posix()}\0{file_hash}\n".encode())
+            total += size
+        return digest.hexdigest(), total
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest(), path.stat().st_size
+
+
+def write_record(out_root: Path, case_id: str, record: dict[str, Any]) -> Path:
+    """Write a done record atomically (call only once the output is in place)."""
+    path = record_path(out_root, case_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path, suffix=".json") as tmp:
+        Path(tmp).write_text(json.dumps(record, indent=1, sort_keys=True), encoding="utf-8")
+    return path
+
+
+def read_record(out_root: Path, case_id: str) -> dict[str, Any] | None:
+    try:
+        return json.loads(record_path(out_root, case_id).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+
+
+def verified_record(
+    out_root: Path, case_id: str, *, fingerprint: str, settings: dict[str, Any], dicom: bool
+) -> dict[str, Any] | None:
+    """The case's done record if it matches the input, the settings and the output on disk; else None."""
+    record = read_record(out_root, case_id)
+    if not record or record.get("input_fingerprint") != fingerprint or record.get("settings") != settings:
+        return None
+    out = output_path(out_root, case_id, dicom=dicom)
+    if not out.exists():
+        return None
+    try:
+        sha256, size = hash_output(out)
+    except OSError:
+        return None
+    if sha256 != record.get("output_sha256") or size != record.get("output_bytes"):
+        return None
+    return record
+
+
+def forget_record(out_root: Path, case_id: str) -> None:
+    """Remove a stale record before its case is redone (so a kill mid-redo never leaves it standing)."""
+    record_path(out_root, case_id).unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------- summaries
+
+
+def summary_stem(shard: tuple[int, int] | None) -> str:
+    return SUMMARY_STEM if shard is None else f"{SUMMARY_STEM}.shard-{shard[0]}-of-{shard[1]}"
+
+
+def totals(rows: Iterable[dict[str, Any]]) -> dict[str, int]:
+    counts = {status: 0 for status in STATUSES}
+    for row in rows:
+        counts[row["status"]] = counts.get(row["status"], 0) + 1
+    counts["cases"] = sum(counts[s] for s in STATUSES)
+    return counts
+
+
+def write_summary(out_root: Path, rows: list[dict[str, Any]], info: dict[str, Any], *, stem: str) -> Path:
+    """Write ``<stem>.csv`` and ``<stem>.json`` (rows sorted by case) atomically; returns the CSV path."""
+    rows = sorted(rows, key=lambda r: r["case"])
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=SUMMARY_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if row.get(k) is None else row.get(k) for k in SUMMARY_COLUMNS})
+    csv_path = out_root / f"{stem}.csv"
+    with atomic_path(csv_path, suffix=".csv") as tmp:
+        Path(tmp).write_text(text.getvalue(), encoding="utf-8")
+    document = {**info, "totals": totals(rows), "cases": rows}
+    with atomic_path(out_root / f"{stem}.json", suffix=".json") as tmp:
+        Path(tmp).write_text(json.dumps(document, indent=1), encoding="utf-8")
+    return csv_path
+
+
+_SHARD_FILE = re.compile(rf"^{re.escape(SUMMARY_STEM)}\.shard-(\d+)-of-(\d+)\.json$")
+
+
+def combine_shard_summaries(out_root: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Merge the shard summaries in ``out_root`` into one list of rows.
+
+    Raises
+    ------
+    UserError
+        No shard summaries, shards of different N, a missing shard, or a case in two shards.
+    """
+    found: dict[int, dict[str, Any]] = {}
+    counts = set()
+    for path in sorted(Path(out_root).glob(f"{SUMMARY_STEM}.shard-*-of-*.json")):
+        match = _SHARD_FILE.match(path.name)
+        if not match:
+            continue
+        k, n = int(match.group(1)), int(match.group(2))
+        try:
+            found[k] = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise UserError(f"{path}: unreadable shard summary ({exc})") from None
+        counts.add(n)
+    if not found:
+        raise UserError(f"{out_root}: no shard summaries ({SUMMARY_STEM}.shard-K-of-N.json) to combine")
+    if len(counts) != 1:
+        raise UserError(
+            f"{out_root}: shard summaries of different shard counts {sorted(counts)}; keep one run's"
+        )
+    (n,) = counts
+    missing = sorted(set(range(n)) - set(found))
+    if missing:
+        raise UserError(
+            f"{out_root}: shards {', '.join(map(str, missing))} of {n} have no summary yet; run them first"
+        )
+    rows: dict[str, dict[str, Any]] = {}
+    for k in range(n):
+        for row in found[k]["cases"]:
+            if row["case"] in rows:
+                raise UserError(
+                    f"case {row['case']!r} appears in two shards; the shards are not from one run"
+                )
+            rows[row["case"]] = row
+    info = {key: value for key, value in found[0].items() if key not in ("cases", "totals", "shard")}
+    info["combined_shards"] = n
+    info["seconds"] = round(max(float(found[k].get("seconds", 0.0)) for k in range(n)), 3)
+    return list(rows.values()), info
+
+
+__all__ = [
+    "STATE_DIR",
+    "SUMMARY_COLUMNS",
+    "combine_shard_summaries",
+    "forget_record",
+    "hash_output",
+    "output_path",
+    "read_record",
+    "record_path",
+    "summary_stem",
+    "totals",
+    "verified_record",
+    "write_record",
+    "write_summary",
+]

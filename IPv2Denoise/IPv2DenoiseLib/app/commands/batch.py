@@ -1,0 +1,344 @@
+"""``ipv2-denoise batch INPUT OUT``: denoise an archive, resumable, on one machine or a Ray cluster."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TextIO
+
+from IPv2DenoiseLib.app.batch.records import summary_stem, totals, write_summary
+from IPv2DenoiseLib.core.device import DEVICE_CHOICES
+from IPv2DenoiseLib.core.errors import UserError
+from IPv2DenoiseLib.core.progress import JsonLinesProgress, make_progress
+
+NAME = "batch"
+HELP = (
+    "Denoise every study of a folder tree or CSV manifest into a mirrored output tree; resumable, "
+    "failures isolated, on this machine or a Ray cluster."
+)
+EPILOG = """\
+exit status: 0 every case is done (now or by an earlier run); 1 the run finished but some cases
+failed (see the summary's error column); 2 bad arguments or paths, nothing processed; 130
+interrupted (finished cases are kept; rerun to continue).
+
+outputs: OUT/<case>.nrrd (or the derived DICOM series OUT/<case>/ with --dicom), a done record per
+case in OUT/.ipv2-batch/records/, and OUT/batch-summary.csv + .json (batch-summary.shard-K-of-N.*
+with --shard; combine them with `ipv2-denoise batch-summary OUT`).
+"""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EPILOG
+    parser.add_argument(
+        "input",
+        metavar="INPUT",
+        help="folder tree (each DICOM series and each NRRD/NIfTI/MHA file is a case), or a CSV manifest "
+        "with a 'path' and/or 'series_uid' column (optional 'case' column names the output)",
+    )
+    parser.add_argument("output", metavar="OUT", help="output folder; mirrors the input tree")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--model", default="default", help="model name from Resources/Models/models.json")
+    which.add_argument("--weights", metavar="FILE", help="a .safetensors weights file with its .json card")
+    parser.add_argument(
+        "--dicom",
+        action="store_true",
+        help="write each case as a derived DICOM series folder instead of NRRD",
+    )
+    parser.add_argument(
+        "--no-remove-background",
+        dest="remove_background",
+        action="store_false",
+        help="keep the denoised background instead of setting air outside the patient to -1000 HU",
+    )
+    parser.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="where the network runs")
+    parser.add_argument(
+        "--slab", type=_positive_int, metavar="N", help="slices per slab (default: from memory)"
+    )
+    parser.add_argument(
+        "--search-root",
+        metavar="DIR",
+        help="where manifest rows that give only a series_uid are looked up (default: the manifest's folder)",
+    )
+    parser.add_argument(
+        "--shard",
+        metavar="K/N",
+        help="process only every N-th case starting at K (0 <= K < N) of the sorted case list; "
+        "for SLURM arrays ($SLURM_ARRAY_TASK_ID) and Kubernetes indexed Jobs ($JOB_COMPLETION_INDEX)",
+    )
+    parser.add_argument(
+        "--prefetch",
+        type=_non_negative_int,
+        default=2,
+        metavar="N",
+        help="local engine: studies read ahead while the network runs (0: one step after another)",
+    )
+    parser.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="run here, or on Ray actors (extra [cluster])",
+    )
+    parser.add_argument(
+        "--address",
+        help="ray: address of a running cluster (e.g. ray://head:10001 or auto); default: start one here",
+    )
+    parser.add_argument("--workers", type=_positive_int, metavar="N", help="ray: at most N worker actors")
+    parser.add_argument(
+        "--cpus-per-worker",
+        type=_positive_float,
+        default=2.0,
+        metavar="N",
+        help="ray: CPUs per worker actor (and its torch threads) (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        metavar="G",
+        help="ray: GPUs per worker (default: 1 when the cluster has GPUs, else 0)",
+    )
+    parser.add_argument(
+        "--retries",
+        type=_non_negative_int,
+        default=2,
+        metavar="N",
+        help="ray: resubmit a case whose worker died up to N times (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--json-progress",
+        action="store_true",
+        help="print JSON lines: {'cases': n, ...}, {'case', 'status', ...} per case, progress with eta_s, {'summary', 'totals'}",
+    )
+
+
+def check_paths(input_path: Path, out_root: Path) -> None:
+    """Refuse a missing input or an output that would touch the input, then make OUT (one line, exit 2)."""
+    if not input_path.exists():
+        raise UserError(f"INPUT {input_path} does not exist")
+    if out_root.exists() and not out_root.is_dir():
+        raise UserError(f"OUT {out_root} exists and is not a folder")
+    if out_root.resolve() == input_path.resolve() or (
+        input_path.is_file() and out_root.resolve() == input_path.resolve().parent
+    ):
+        raise UserError(f"OUT {out_root} is the input's folder; choose a separate output folder")
+    try:
+        out_root.mkdir(parents=True, exist_ok=True)
+        probe = out_root / f".ipv2-batch-probe-{uuid.uuid4().hex[:8]}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"OUT {out_root}: cannot write there ({exc.strerror or exc})") from None
+
+
+def find_cases(args: argparse.Namespace, input_path: Path, out_root: Path):
+    """The cases INPUT names (tree, manifest or one file), sharded when asked; and the shard."""
+    # lazy: the CLI imports every command to build --help; SimpleITK & co. load on use
+    from IPv2DenoiseLib.app.batch.cases import Case, discover_tree, parse_shard, read_manifest, shard_cases
+    from IPv2DenoiseLib.io.volumes import image_suffix
+
+    shard = parse_shard(args.shard) if args.shard else None
+    if input_path.is_dir():
+        cases = discover_tree(input_path, exclude=out_root)
+    elif input_path.suffix.lower() == ".csv":
+        cases, _ = read_manifest(input_path, search_root=args.search_root)
+    elif image_suffix(input_path):
+        cases = [
+            Case(
+                input_path.name[: -len(image_suffix(input_path))],
+                "volume",
+                (str(input_path),),
+                source=str(input_path),
+            )
+        ]
+    else:
+        raise UserError(f"INPUT {input_path}: expected a folder, a .csv manifest or a volume file")
+    if not cases:
+        raise UserError(f"INPUT {input_path}: no DICOM series or NRRD/NIfTI/MHA volumes found")
+    total = len(cases)
+    if shard is not None:
+        cases = shard_cases(cases, *shard)
+    return cases, total, shard
+
+
+def run(args: argparse.Namespace) -> int:
+    # lazy: the CLI imports every command to build --help; torch & co. load on use
+    from IPv2DenoiseLib.app.batch.pipeline import BatchSettings
+
+    start = time.monotonic()
+    input_path, out_root = Path(args.input), Path(args.output)
+    check_paths(input_path, out_root)
+    cases, found, shard = find_cases(args, input_path, out_root)
+    settings = BatchSettings(
+        out_root=str(out_root.resolve()),
+        model=args.model,
+        weights=str(Path(args.weights).resolve()) if args.weights else None,
+        dicom=args.dicom,
+        remove_background=args.remove_background,
+        device=args.device,
+        slab=args.slab,
+        run_id=uuid.uuid4().hex,
+    )
+    with _stdout_for_json_only(args.json_progress and args.engine == "ray") as json_stream:
+        return _run(args, input_path, out_root, cases, found, shard, settings, start, json_stream)
+
+
+@contextmanager
+def _stdout_for_json_only(enabled: bool) -> Iterator[TextIO | None]:
+    """With ``--json-progress``, keep stdout a clean JSON-lines channel: Ray's own messages
+    (e.g. "(raylet) A worker died ...") are printed to file descriptor 1, so point that at stderr
+    and give the JSON lines a private duplicate of the real stdout."""
+    if not enabled:
+        yield None
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    stream = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")
+    os.dup2(2, 1)
+    try:
+        yield stream
+    finally:
+        stream.close()
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _run(args, input_path, out_root, cases, found, shard, settings, start, json_stream) -> int:
+    if json_stream is not None:
+        progress = JsonLinesProgress(json_stream)
+    else:
+        progress = make_progress(args.json_progress, desc="batch", unit="case")
+    json_lines = isinstance(progress, JsonLinesProgress)
+
+    def event(**record) -> None:
+        if json_lines:
+            progress.emit(**record)
+        elif "retry" in record:
+            print(
+                f"retrying {record['retry']} (attempt {record['attempt']}): {record['reason']}",
+                file=sys.stderr,
+            )
+
+    where = f"shard {shard[0]}/{shard[1]}: " if shard else ""
+    event(cases=len(cases), found=found, engine=args.engine, shard=args.shard, output=str(out_root))
+    if not json_lines:
+        print(f"{where}{len(cases)} of {found} cases; engine {args.engine}", file=sys.stderr)
+    rows: list[dict] = []
+    failed = 0
+
+    def on_row(row: dict) -> None:
+        nonlocal failed
+        rows.append(row)
+        failed += row["status"] == "failed"
+        event(
+            case=row["case"],
+            status=row["status"],
+            seconds=row.get("seconds"),
+            worker=row.get("worker"),
+            error=row.get("error") or None,
+        )
+        progress(
+            len(rows),
+            len(cases),
+            f"{row['case']}: {row['status']}" + (f" ({failed} failed)" if failed else ""),
+        )
+
+    progress(0, len(cases), "starting")
+    stop = threading.Event()
+    interrupted = False
+    try:
+        if args.engine == "ray":
+            _run_ray(args, cases, settings, on_row, event, stop)
+        else:
+            from IPv2DenoiseLib.app.batch.pipeline import CaseProcessor, run_local  # lazy: see run()
+
+            processor = CaseProcessor(settings)
+            event(device=processor.device_name, model=processor.denoiser.name)
+            run_local(cases, processor, prefetch=args.prefetch, on_row=on_row, stop=stop)
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        if hasattr(progress, "close"):
+            progress.close()
+        seconds = round(time.monotonic() - start, 3)
+        info = {
+            "input": str(input_path),
+            "output": str(out_root),
+            "engine": args.engine,
+            "model": args.weights or args.model,
+            "format": "dicom" if args.dicom else "nrrd",
+            "shard": args.shard,
+            "cases_found": found,
+            "seconds": seconds,
+            "interrupted": interrupted,
+        }
+        summary = write_summary(out_root, rows, info, stem=summary_stem(shard))
+    counts = totals(rows)
+    event(summary=str(summary), totals=counts, seconds=seconds)
+    print(
+        f"{where}{counts['done']} done, {counts['skipped']} already done, {counts['failed']} failed"
+        f" of {len(cases)} cases in {seconds:.1f} s; summary {summary}",
+        file=sys.stderr,
+    )
+    if interrupted:
+        print("interrupted: rerun the same command to finish the remaining cases", file=sys.stderr)
+        return 130
+    return 1 if counts["failed"] else 0
+
+
+def _run_ray(args, cases, settings, on_row, event, stop) -> None:
+    try:
+        from IPv2DenoiseLib.app.batch.ray_engine import run_ray  # lazy: ray is the optional [cluster] extra
+    except ModuleNotFoundError as exc:
+        if exc.name != "ray":
+            raise
+        raise UserError("--engine ray needs Ray: pip install 'ipv2-denoise[cluster]'") from None
+    run_ray(
+        cases,
+        settings,
+        address=args.address,
+        workers=args.workers,
+        cpus_per_worker=args.cpus_per_worker,
+        gpus_per_worker=args.gpus_per_worker,
+        retries=args.retries,
+        on_row=on_row,
+        on_event=event,
+        stop=stop,
+    )

@@ -1,0 +1,263 @@
+"""``ipv2-denoise batch`` on one machine: a tree with a corrupt study, resume after kill -9,
+manifests, shards, DICOM output, verified done records."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+from conftest import write_ct_series
+
+from IPv2DenoiseLib.app.batch.cases import discover_tree, parse_shard, shard_cases
+from IPv2DenoiseLib.app.batch.records import hash_output, read_record
+from IPv2DenoiseLib.app.cli import main
+from IPv2DenoiseLib.core.errors import UserError
+
+
+def summary_rows(out: Path, stem: str = "batch-summary") -> dict[str, dict]:
+    with open(out / f"{stem}.csv", newline="") as handle:
+        return {row["case"]: row for row in csv.DictReader(handle)}
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def partial_files(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if ".partial" in p.name or p.name.endswith(".tmp")]
+
+
+def test_tree_denoised_into_mirror_with_failures_isolated(batch_archive, tmp_path, capsys) -> None:
+    archive, expected = batch_archive
+    source = tmp_path / "archive"
+    shutil.copytree(archive, source)
+    write_ct_series(source / "site_c" / "mr", 3, modality="MR")  # a non-CT study in the archive
+    before = tree_digest(source)
+    out = tmp_path / "out"
+
+    assert main(["batch", str(source), str(out)]) == 1  # finished, with failures
+    rows = summary_rows(out)
+    assert set(rows) == set(expected) | {"site_c/mr"}  # hidden folders are not searched
+    for case, kind in expected.items():
+        row = rows[case]
+        if kind == "corrupt":
+            assert row["status"] == "failed" and "p06.nrrd" in row["error"] and "\n" not in row["error"]
+            assert not (out / f"{case}.nrrd").exists() and read_record(out, case) is None
+            continue
+        assert row["status"] == "done", row
+        assert row["output"] == f"{case}.nrrd" and row["error"] == ""
+        assert float(row["noise_after_hu"]) < float(row["noise_before_hu"])
+        assert row["device"].startswith("CPU") and float(row["seconds"]) > 0
+        record = read_record(out, case)
+        assert record["output_sha256"] == row["output_sha256"] == hash_output(out / row["output"])[0]
+    assert rows["site_c/mr"]["status"] == "failed" and "MR" in rows["site_c/mr"]["error"]
+    assert "5 done, 0 already done, 2 failed of 7 cases" in capsys.readouterr().err
+
+    denoised = sitk.ReadImage(str(out / "site_b/p03.nrrd"))
+    original = sitk.ReadImage(str(source / "site_b/p03.mha"))
+    assert denoised.GetSize() == original.GetSize()
+    assert np.allclose(denoised.GetOrigin(), original.GetOrigin()) and np.allclose(
+        denoised.GetSpacing(), original.GetSpacing()
+    )
+    dicom_out = sitk.ReadImage(str(out / "site_b/dicom/p05.nrrd"))
+    assert dicom_out.GetSize() == (128, 128, 4)
+
+    document = json.loads((out / "batch-summary.json").read_text())
+    assert document["totals"] == {"done": 5, "skipped": 0, "failed": 2, "cases": 7}
+    assert {row["case"] for row in document["cases"]} == set(rows)
+    assert tree_digest(source) == before  # the input is never modified
+    assert partial_files(out) == []
+
+    # Rerun: everything done is verified and skipped, outputs untouched; failures are tried again.
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.nrrd")}
+    assert main(["batch", str(source), str(out)]) == 1
+    again = summary_rows(out)
+    assert {c for c, r in again.items() if r["status"] == "skipped"} == {
+        c for c, k in expected.items() if k == "ok"
+    }
+    assert {c for c, r in again.items() if r["status"] == "failed"} == {"site_a/p06", "site_c/mr"}
+    assert again["site_a/p01"]["noise_after_hu"] == rows["site_a/p01"]["noise_after_hu"]
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.nrrd")} == stamps
+
+
+def test_rerun_redoes_what_it_cannot_verify(batch_archive, tmp_path) -> None:
+    archive, _ = batch_archive
+    source = tmp_path / "archive"
+    shutil.copytree(archive, source)
+    shutil.rmtree(source / "site_b")  # three cases are enough here
+    out = tmp_path / "out"
+    assert main(["batch", str(source), str(out), "--prefetch", "0"]) == 1
+
+    # p01: output cut short after the fact; p02: output in place but its record lost (kill between
+    # the two); site_b... gone. An edited input must be redone too.
+    (out / "site_a/p01.nrrd").write_bytes((out / "site_a/p01.nrrd").read_bytes()[:200])
+    (out / ".ipv2-batch/records/site_a/p02.json").unlink()
+    (out / "site_a/.p02.nrrd.abc123.partial.nrrd").write_bytes(b"half")  # what a kill -9 mid-write leaves
+    assert main(["batch", str(source), str(out)]) == 1
+    rows = summary_rows(out)
+    assert rows["site_a/p01"]["status"] == "done" and rows["site_a/p02"]["status"] == "done"
+    assert hash_output(out / "site_a/p01.nrrd")[0] == read_record(out, "site_a/p01")["output_sha256"]
+    assert partial_files(out) == []
+
+    os.utime(source / "site_a/p02.nrrd", ns=(time.time_ns(), time.time_ns()))  # the study was re-exported
+    assert main(["batch", str(source), str(out)]) == 1
+    rows = summary_rows(out)
+    assert rows["site_a/p02"]["status"] == "done" and rows["site_a/p01"]["status"] == "skipped"
+
+    # Another model (here: no background removal) is a different result: nothing counts as done.
+    assert main(["batch", str(source), str(out), "--no-remove-background"]) == 1
+    assert {r["status"] for r in summary_rows(out).values()} == {"done", "failed"}
+
+
+def test_resume_after_kill_finishes_only_what_was_left(batch_archive, tmp_path) -> None:
+    archive, expected = batch_archive
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "IPv2DenoiseLib", "batch", str(archive), str(out), "--json-progress"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    finished_before_kill = []
+    for line in proc.stdout:
+        event = json.loads(line)
+        if event.get("status") == "done":
+            finished_before_kill.append(event["case"])
+            os.kill(proc.pid, signal.SIGKILL)  # mid-run: the next cases are being read/denoised/written
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    recorded = {c for c in expected if read_record(out, c) is not None}
+    assert set(finished_before_kill) <= recorded
+    assert len(recorded) < sum(k == "ok" for k in expected.values())  # the kill really cut the run short
+    for case in recorded:  # a record always stands for a complete output
+        assert hash_output(out / f"{case}.nrrd")[0] == read_record(out, case)["output_sha256"]
+    stamps = {c: (out / f"{c}.nrrd").stat().st_mtime_ns for c in recorded}
+
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 1, rerun.stderr  # the corrupt study
+    rows = summary_rows(out)
+    assert {c for c, r in rows.items() if r["status"] == "skipped"} == recorded
+    assert {c for c, r in rows.items() if r["status"] == "done"} == {
+        c for c, k in expected.items() if k == "ok"
+    } - recorded
+    assert {c: (out / f"{c}.nrrd").stat().st_mtime_ns for c in recorded} == stamps  # not written twice
+    assert partial_files(out) == []
+
+
+def test_manifest_of_paths_and_series_uids(batch_archive, tmp_path) -> None:
+    archive, _ = batch_archive
+    series_uid = pydicom.dcmread(next((archive / "site_b/dicom/p05").iterdir())).SeriesInstanceUID
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(
+        "path,series_uid,case\n"
+        f"{archive / 'site_a/p01.nii.gz'},,\n"
+        f"{archive / 'site_b/p03.mha'},,renamed/p03\n"
+        f",{series_uid},\n"
+        "missing/scan.nrrd,,\n",
+        encoding="utf-8",
+    )
+    out = tmp_path / "out"
+    assert main(["batch", str(manifest), str(out), "--search-root", str(archive)]) == 1
+    rows = summary_rows(out)
+    assert rows["renamed/p03"]["status"] == "done" and (out / "renamed/p03.nrrd").is_file()
+    assert (
+        rows["site_b/dicom/p05"]["status"] == "done" and rows["site_b/dicom/p05"]["series_uid"] == series_uid
+    )
+    assert any(r["status"] == "done" and r["input"].endswith("p01.nii.gz") for r in rows.values())
+    missing = rows["missing/scan"]
+    assert missing["status"] == "failed" and "not found" in missing["error"]
+
+
+def test_shards_cover_every_case_exactly_once(batch_archive, tmp_path) -> None:
+    archive, expected = batch_archive
+    cases = discover_tree(archive)
+    for n in (1, 2, 4, 7):
+        ids = [c.case_id for k in range(n) for c in shard_cases(cases, k, n)]
+        assert sorted(ids) == sorted(expected)
+    with pytest.raises(UserError):
+        parse_shard("3/3")
+
+    out = tmp_path / "out"
+    for k in range(3):
+        assert main(["batch", str(archive), str(out), "--shard", f"{k}/3"]) in (0, 1)
+        if k == 1:
+            assert main(["batch-summary", str(out)]) == 2  # shard 2 has not run yet
+    per_shard = [summary_rows(out, f"batch-summary.shard-{k}-of-3") for k in range(3)]
+    assert sorted(c for rows in per_shard for c in rows) == sorted(expected)
+    assert main(["batch-summary", str(out)]) == 1  # combined; the corrupt study failed
+    combined = summary_rows(out)
+    assert set(combined) == set(expected)
+    assert combined["site_a/p06"]["status"] == "failed"
+    assert all(combined[c]["status"] == "done" for c, k in expected.items() if k == "ok")
+
+
+def test_dicom_output_is_a_derived_series_of_the_source(batch_archive, tmp_path) -> None:
+    archive, _ = batch_archive
+    manifest = tmp_path / "one.csv"
+    manifest.write_text(f"path\n{archive / 'site_b/dicom/p05'}\n", encoding="utf-8")
+    out = tmp_path / "out"
+    assert main(["batch", str(manifest), str(out), "--dicom"]) == 0
+    (row,) = summary_rows(out).values()
+    folder = out / row["output"]
+    files = sorted(folder.iterdir())
+    assert len(files) == 4
+    source = pydicom.dcmread(next((archive / "site_b/dicom/p05").iterdir()))
+    derived = pydicom.dcmread(files[0])
+    assert derived.StudyInstanceUID == source.StudyInstanceUID
+    assert derived.SeriesInstanceUID != source.SeriesInstanceUID
+    assert "DERIVED" in derived.ImageType and len(derived.SourceImageSequence) == 1
+    assert hash_output(folder)[0] == read_record(out, row["case"])["output_sha256"]
+    assert main(["batch", str(manifest), str(out), "--dicom"]) == 0  # verified folder: skipped
+    assert summary_rows(out)[row["case"]]["status"] == "skipped"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["{missing}", "{out}"], "does not exist"),
+        (["{archive}", "{archive}"], "input's folder"),
+        (["{archive}", "{out}", "--shard", "2/2"], "0 <= K < N"),
+        (["{empty}", "{out}"], "no DICOM series"),
+    ],
+)
+def test_user_errors_are_one_line_exit_2(batch_archive, tmp_path, capsys, args, message) -> None:
+    archive, _ = batch_archive
+    (tmp_path / "empty").mkdir()
+    paths = {
+        "missing": tmp_path / "nope",
+        "out": tmp_path / "out",
+        "archive": archive,
+        "empty": tmp_path / "empty",
+    }
+    assert main(["batch", *(a.format(**paths) for a in args)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_only_the_ray_engine_imports_ray() -> None:
+    """Ray is the optional [cluster] extra: the core, the CLI and the Slicer side never import it."""
+    code = (
+        "import importlib, pkgutil, sys, IPv2DenoiseLib\n"
+        "for m in pkgutil.walk_packages(IPv2DenoiseLib.__path__, 'IPv2DenoiseLib.'):\n"
+        "    if not m.name.endswith(('ray_engine', '__main__')):\n"
+        "        importlib.import_module(m.name)\n"
+        "from IPv2DenoiseLib.app.cli import build_parser\n"
+        "build_parser()\n"
+        "print('ray' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"

@@ -1,0 +1,102 @@
+"""``ipv2-denoise batch --engine ray`` on a real local Ray cluster (two CPU workers): the same
+outputs and summary as the local engine, and a worker killed mid-run whose cases are retried."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+import SimpleITK as sitk
+
+from IPv2DenoiseLib.app.batch.records import hash_output, read_record
+from IPv2DenoiseLib.app.cli import main
+
+#: Columns that must agree between engines (timing, device and worker naturally differ).
+SAME_COLUMNS = ("status", "input", "output", "series_uid", "shape", "error")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> str:
+    """One local Ray cluster (2 CPUs) for all Ray tests; its address for ``--address``."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="warning")
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+def summary_rows(out: Path) -> dict[str, dict]:
+    with open(out / "batch-summary.csv", newline="") as handle:
+        return {row["case"]: row for row in csv.DictReader(handle)}
+
+
+def test_ray_engine_matches_local_engine(ray_cluster, batch_archive, tmp_path) -> None:
+    archive, expected = batch_archive
+    local, distributed = tmp_path / "local", tmp_path / "ray"
+    assert main(["batch", str(archive), str(local)]) == 1
+    assert main(["batch", str(archive), str(distributed), "--engine", "ray", "--cpus-per-worker", "1"]) == 1
+
+    rows_local, rows_ray = summary_rows(local), summary_rows(distributed)
+    assert set(rows_local) == set(rows_ray) == set(expected)
+    workers = {row["worker"] for row in rows_ray.values() if row["status"] == "done"}
+    assert len(workers) == 2 and all(w != rows_local["site_a/p01"]["worker"] for w in workers)
+    for case, row in rows_local.items():
+        other = rows_ray[case]
+        assert {k: row[k] for k in SAME_COLUMNS} == {k: other[k] for k in SAME_COLUMNS}
+        if row["status"] != "done":
+            continue
+        for key in ("noise_before_hu", "noise_after_hu"):
+            assert float(other[key]) == pytest.approx(float(row[key]), abs=1e-3)
+        a = sitk.GetArrayFromImage(sitk.ReadImage(str(local / row["output"])))
+        b = sitk.GetArrayFromImage(sitk.ReadImage(str(distributed / row["output"])))
+        assert np.abs(a - b).max() <= 1e-3  # HU; threads per worker differ, so not always bit-equal
+
+
+def test_worker_killed_mid_run_has_its_cases_retried(ray_cluster, batch_archive, tmp_path) -> None:
+    archive, expected = batch_archive
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "IPv2DenoiseLib", "batch", str(archive), str(out), "--json-progress"]
+    command += ["--engine", "ray", "--address", ray_cluster, "--cpus-per-worker", "1"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    events, pids, killed = [], {}, None
+    for line in proc.stdout:
+        event = json.loads(line)
+        events.append(event)
+        if "worker_index" in event:
+            pids[event["worker"]] = int(event["worker"].rsplit(":", 1)[1])
+        if killed is None and event.get("status") == "done":
+            victim = next(w for w in pids if w != event.get("worker"))  # the other one is mid-case
+            os.kill(pids[victim], signal.SIGKILL)
+            killed = victim
+    proc.wait(timeout=300)
+    assert proc.returncode == 1, proc.stderr.read()  # only the corrupt study failed
+    assert killed is not None and len(pids) == 2
+
+    retried = {e["retry"] for e in events if "retry" in e}
+    assert retried, "the killed worker held no case"
+    rows = summary_rows(out)
+    assert set(rows) == set(expected)  # every case exactly once
+    for case, kind in expected.items():
+        row = rows[case]
+        if kind == "corrupt":
+            assert row["status"] == "failed"
+            continue
+        assert row["status"] == "done", row
+        assert hash_output(out / row["output"])[0] == read_record(out, case)["output_sha256"]
+    assert all(int(rows[c]["attempts"]) == 2 for c in retried)
+    assert not [p for p in out.rglob("*") if ".partial" in p.name]
+
+
+def test_workers_that_do_not_fit_the_cluster_are_refused(
+    ray_cluster, batch_archive, tmp_path, capsys
+) -> None:
+    archive, _ = batch_archive
+    args = ["batch", str(archive), str(tmp_path / "out"), "--engine", "ray", "--cpus-per-worker", "3"]
+    assert main(args) == 2
+    assert "one worker needs 3 CPUs" in capsys.readouterr().err
