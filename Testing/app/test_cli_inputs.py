@@ -30,6 +30,7 @@ from pydicom.data import get_testdata_file
 
 from IPv2DenoiseLib.app.cli import build_parser
 from IPv2DenoiseLib.app.cli import main as cli_main
+from IPv2DenoiseLib.app.process import JobStatus
 from IPv2DenoiseLib.core.atomic import STAGING_DIR, clean_stale_staging
 from IPv2DenoiseLib.core.volume import Volume
 from IPv2DenoiseLib.denoiser.models import UNet
@@ -320,8 +321,6 @@ def test_stale_staging_of_a_live_process_is_kept(tmp_path) -> None:
 
 
 def test_slicer_job_status_collects_warnings_for_the_module() -> None:
-    from IPv2DenoiseLib.app.process import JobStatus
-
     status = JobStatus()
     status.apply({"warning": "the field of view is truncated: ..."})
     assert status.warnings == ["the field of view is truncated: ..."]

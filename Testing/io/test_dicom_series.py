@@ -13,6 +13,7 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
+import torch
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
@@ -119,8 +120,6 @@ def test_coronal_series_keeps_its_geometry_and_denoises_as_its_axial_version(tmp
     assert plan is not None
     axial = coronal.reoriented(*plan)
     denoiser = Denoiser(UNet(in_slices=3, base_channels=4, levels=2))
-    import torch
-
     torch.manual_seed(0)
     torch.nn.init.normal_(denoiser.model.head.weight, std=0.05)
     out = denoiser.denoise(coronal, device="cpu", remove_background=False)
