@@ -153,12 +153,12 @@ def held_out_cases(args) -> list[Path]:
 
 
 def score(outputs: list[np.ndarray], truths: list[np.ndarray]) -> dict[str, float]:
+    from IPv2DenoiseLib.imaging.masks import evaluation_rois
     from IPv2DenoiseLib.imaging.metrics import psnr, ssim
-    from IPv2DenoiseLib.training.grid import region_masks
 
     acc: dict[str, list[float]] = {}
     for out, truth in zip(outputs, truths):
-        masks = region_masks(truth)
+        masks = evaluation_rois(truth)
         diff = out.astype(np.float64) - truth
         values = {
             "psnr": psnr(truth, out, mask=masks["whole_body"]),

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pydicom
@@ -25,19 +26,20 @@ NODE_AET = "IPV2NODE"
 LIB = Path(__file__).resolve().parents[2] / "IPv2Denoise"
 
 
-def _derived_in_orthanc(orthanc, study_uid: str, timeout: float = 60.0) -> list[pydicom.Dataset]:
-    """Wait for a derived (DERIVED\\SECONDARY) series in ``study_uid``; return its instances."""
+def _derived_in_orthanc(orthanc, study_uid: str, count: int, timeout: float = 60.0) -> list[pydicom.Dataset]:
+    """Wait until a derived ("denoised") series of ``count`` instances is in ``study_uid``; return them."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for series in orthanc.study_series(study_uid):
-            if "denoised" in series["MainDicomTags"].get("SeriesDescription", ""):
+            description = series["MainDicomTags"].get("SeriesDescription", "")
+            if "denoised" in description and len(series["Instances"]) >= count:
                 files = []
                 for instance in orthanc.get(f"/series/{series['ID']}/instances"):
                     raw = orthanc.get_bytes(f"/instances/{instance['ID']}/file")
                     files.append(pydicom.dcmread(pydicom.filebase.DicomBytesIO(raw)))
                 return files
         time.sleep(0.3)
-    raise AssertionError(f"no derived series appeared in study {study_uid} within {timeout:g} s")
+    raise AssertionError(f"no derived series of {count} instances in study {study_uid} within {timeout:g} s")
 
 
 def _fresh_study(folder: Path, n: int = 4) -> list[Path]:
@@ -61,7 +63,7 @@ def test_denoise_dicom_then_send(orthanc, tmp_path, capsys) -> None:
     )
     assert code == 0, capsys.readouterr().err
     assert len(list(out.iterdir())) == len(sources)
-    back = _derived_in_orthanc(orthanc, study_uid)
+    back = _derived_in_orthanc(orthanc, study_uid, len(sources))
     assert len(back) == len(sources)
     source_uids = {pydicom.dcmread(p).SOPInstanceUID for p in sources}
     for ds in back:
@@ -133,34 +135,52 @@ def spool(tmp_path) -> Path:
     return tmp_path / "spool"
 
 
-def test_serve_skips_bad_instances_and_resumes_after_sigterm(orthanc, tmp_path, spool) -> None:
-    sources = _fresh_study(tmp_path / "in")
-    study_uid = pydicom.dcmread(sources[0]).StudyInstanceUID
-    node = Node(spool, orthanc.node, quiet=60)  # nothing completes while this one runs
+def test_serve_skips_bad_instances_keeps_series_when_pacs_is_down_and_resumes(
+    orthanc, tmp_path, spool
+) -> None:
+    first = _fresh_study(tmp_path / "first")
+    second = _fresh_study(tmp_path / "second", n=3)
+    node = Node(spool, f"127.0.0.1:{free_port()}:PACS", quiet=3)  # the PACS is down
     try:
+        wrong = AE(ae_title="MODALITY")
+        wrong.add_requested_context(CTImageStorage)
+        assert wrong.associate("127.0.0.1", node.port, ae_title="NOT_THE_NODE").is_rejected
         mr = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
-        corrupt = pydicom.dcmread(sources[0])
+        corrupt = pydicom.dcmread(first[0])
         corrupt.SOPInstanceUID = pydicom.uid.generate_uid()
         corrupt.PixelData = corrupt.PixelData[:100]
-        statuses = _store(node.port, [mr, corrupt] + [pydicom.dcmread(p) for p in sources])
-        assert statuses == [0x0000, 0xC210] + [0x0000] * len(sources)
-        log = node.text()
+        statuses = _store(node.port, [mr, corrupt] + [pydicom.dcmread(p) for p in first])
+        assert statuses == [0x0000, 0xC210] + [0x0000] * len(first)
+        log = node.wait_for("will retry", 60)  # denoised, PACS unreachable: kept, not failed
         assert "skipped a MR instance" in log and "refused a corrupt CT instance" in log
+        assert "forward destination not available now" in log
+        assert _store(node.port, map(pydicom.dcmread, second)) == [0x0000] * 3  # still in its quiet period
     finally:
         assert node.stop() == 0  # SIGTERM: a clean stop
-    assert "1 series left in the spool" in node.text()
-    (left,) = (spool / "incoming").iterdir()
-    assert len(list(left.glob("*.dcm"))) == len(sources)
+    assert "2 series left in the spool" in node.text()
+    assert len(list((spool / "ready").iterdir())) == 1 and len(list((spool / "work").iterdir())) == 1
+    (arriving,) = (spool / "incoming").iterdir()
+    assert len(list(arriving.glob("*.dcm"))) == len(second)
 
-    node = Node(spool, orthanc.node, quiet=1.0)  # the next start resumes it
+    node = Node(spool, orthanc.node, quiet=1.0)  # the PACS is back; the next start resumes both
     try:
-        log = node.wait_for("noise", 90)
-        back = _derived_in_orthanc(orthanc, study_uid)
+        back = _derived_in_orthanc(orthanc, pydicom.dcmread(first[0]).StudyInstanceUID, len(first))
+        assert len(_derived_in_orthanc(orthanc, pydicom.dcmread(second[0]).StudyInstanceUID, 3)) == 3
+        # two senders at once, each with its own series
+        more = [_fresh_study(tmp_path / f"sender{i}", n=3) for i in range(2)]
+        with ThreadPoolExecutor(2) as pool:
+            statuses = list(pool.map(lambda paths: _store(node.port, map(pydicom.dcmread, paths)), more))
+        assert statuses == [[0x0000] * 3] * 2
+        for paths in more:
+            assert len(_derived_in_orthanc(orthanc, pydicom.dcmread(paths[0]).StudyInstanceUID, 3)) == 3
     finally:
         assert node.stop() == 0
-    assert "resuming 0 queued and 1 incoming series" in log
-    assert len(back) == len(sources)
-    assert not list((spool / "incoming").iterdir()) and not list((spool / "ready").iterdir())
+    log = node.text()
+    assert "resuming 1 queued and 1 incoming series" in log
+    assert log.count("; noise ") == 4
+    assert len(back) == len(first)
+    leftovers = [p for d in ("incoming", "ready", "work", "failed") for p in (spool / d).iterdir()]
+    assert not leftovers, (leftovers, log)
 
 
 def test_orthanc_sends_study_to_serve_and_gets_the_derived_series(orthanc, tmp_path, spool) -> None:
@@ -174,11 +194,11 @@ def test_orthanc_sends_study_to_serve_and_gets_the_derived_series(orthanc, tmp_p
         orthanc.add_modality("ipv2node", NODE_AET, node.port)
         job = orthanc.post("/modalities/ipv2node/store", study["ID"])
         assert job["InstancesCount"] == len(sources) and job["FailedInstancesCount"] == 0
-        log = node.wait_for("noise", 90)
-        back = _derived_in_orthanc(orthanc, study_uid)
+        log = node.wait_for("; noise ", 90)
+        back = _derived_in_orthanc(orthanc, study_uid, len(sources))
     finally:
         assert node.stop() == 0
-    line = next(line for line in log.splitlines() if "noise" in line)
+    line = next(line for line in log.splitlines() if "; noise " in line)
     assert "received 8 instance(s) from ORTHANC" in line and f"sent 8 to {orthanc.aet}" in line
     before, after = (float(v) for v in line.split("noise ")[1].removesuffix(" HU").split(" -> "))
     assert after < before

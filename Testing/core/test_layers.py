@@ -54,7 +54,8 @@ class Import:
     target: str  # dotted module name imported from
     names: tuple[str, ...]  # names imported by ``from target import ...``; empty for ``import target``
     line: int
-    top_level: bool  # at module level (runs on import) rather than inside a function
+    top_level: bool  # module or class level (also under try/if), not inside a function
+    typing_only: bool = False  # under ``if TYPE_CHECKING:``: never runs
 
     def where(self) -> str:
         return f"{self.source}:{self.line}"
@@ -71,12 +72,32 @@ def imports_of(path: Path, name: str) -> list[Import]:
     """Every import statement of one file, with relative imports resolved."""
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    top = {id(node) for node in tree.body}
+    in_functions = {
+        id(inner)
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        for inner in ast.walk(node)
+    }
+    typing_only = {
+        id(inner)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+        for inner in ast.walk(node)
+    }
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
-                found.append(Import(name, alias.name, (), node.lineno, id(node) in top))
+                found.append(
+                    Import(
+                        name,
+                        alias.name,
+                        (),
+                        node.lineno,
+                        id(node) not in in_functions,
+                        id(node) in typing_only,
+                    )
+                )
         elif isinstance(node, ast.ImportFrom):
             target = node.module or ""
             if node.level:
@@ -84,7 +105,11 @@ def imports_of(path: Path, name: str) -> list[Import]:
                 base = base[: len(base) - node.level + 1]
                 target = ".".join([*base, target] if target else base)
             names = tuple(a.name for a in node.names)
-            found.append(Import(name, target, names, node.lineno, id(node) in top))
+            found.append(
+                Import(
+                    name, target, names, node.lineno, id(node) not in in_functions, id(node) in typing_only
+                )
+            )
     return found
 
 
@@ -178,7 +203,7 @@ def _top_level_closure(start: list[Import]) -> dict[str, str]:
     todo = list(start)
     while todo:
         imp = todo.pop()
-        if not imp.top_level:
+        if not imp.top_level or imp.typing_only:
             continue
         targets = [imp.target] + [f"{imp.target}.{n}" for n in imp.names]
         if layer_of(imp.target) is None:
@@ -213,3 +238,23 @@ def test_cli_help_imports_no_heavy_library(heavy):
     start = [imp for p in [PACKAGE / "app" / "cli.py", *commands] for imp in imports_of(p, module_name(p))]
     third_party = _top_level_closure(start)
     assert heavy not in third_party, f"{heavy} imported at CLI start-up via {third_party[heavy]}"
+
+
+#: The only function-level imports below app/ (module, imported module), each for start-up or an
+#: optional package; see "Imports" in docs/architecture.md.
+LAZY_BELOW_APP = {
+    ("IPv2DenoiseLib.core.device", "torch"),  # the device vocabulary is read before torch is needed
+    ("IPv2DenoiseLib.core.progress", "tqdm"),  # the Slicer module loads progress before tqdm is installed
+    ("IPv2DenoiseLib.imaging.classical", "bm3d"),  # optional, non-commercial
+}
+
+
+def test_imports_at_module_top_below_app():
+    wrong = sorted(
+        f"{imp.where()} imports {imp.target} inside a function; move it to the top of the module"
+        for imp in package_imports()
+        if not imp.top_level
+        and layer_of(imp.source) != "app"
+        and (imp.source, imp.target) not in LAZY_BELOW_APP
+    )
+    assert not wrong, "\n".join(wrong)

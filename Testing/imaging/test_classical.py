@@ -63,3 +63,29 @@ def test_bad_inputs_raise_user_error(scan):
     bad[0, 0, 0] = np.nan
     with pytest.raises(UserError, match="NaN"):
         denoise_classical(bad, "tv")
+
+
+def test_nlm_strengths_pinned_to_scikit_image(scan):
+    """One NLM kernel: the baseline uses h = 0.9σ, the purification's weak denoiser h = 0.8σ."""
+    from skimage.restoration import denoise_nl_means
+
+    from IPv2DenoiseLib.purification.pairs import make_weak_denoiser
+
+    s = scan[1][0]
+    sigma = estimate_noise_hu(scan[1])
+    expected = {
+        factor: denoise_nl_means(
+            s.astype(np.float64),
+            patch_size=5,
+            patch_distance=6,
+            h=factor * sigma,
+            sigma=sigma,
+            fast_mode=True,
+        ).astype(np.float32)
+        for factor in (0.8, 0.9)
+    }
+    np.testing.assert_array_equal(denoise_classical(s, "nlm", noise_hu=sigma), expected[0.9])
+    np.testing.assert_array_equal(
+        make_weak_denoiser("nlm", spacing=(3.0, 3.0), noise_hu=sigma)(s), expected[0.8]
+    )
+    assert not np.array_equal(expected[0.8], expected[0.9])

@@ -17,6 +17,7 @@ from pynetdicom.sop_class import (
     CTImageStorage,
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
 )
 
 from IPv2DenoiseLib.app.cli import main
@@ -46,7 +47,7 @@ def _one_line_error(capsys) -> str:
     return err[0]
 
 
-def test_cstore_then_cfind_and_cget_back(orthanc, derived_series, capsys) -> None:
+def test_cstore_then_cfind_cget_and_cmove_back(orthanc, derived_series, capsys) -> None:
     files, _ = derived_series
     folder = files[0].parent
     assert main(["send", str(folder), "--to", orthanc.node, "--calling-aet", TEST_AET]) == 0
@@ -101,7 +102,9 @@ def test_cstore_then_cfind_and_cget_back(orthanc, derived_series, capsys) -> Non
     finally:
         assoc.release()
     assert {str(ds.SOPInstanceUID) for ds in received} == set(sent)
-    for ds in received:
+    moved = _c_move_series(orthanc, query.StudyInstanceUID, series_uid)
+    assert {str(ds.SOPInstanceUID) for ds in moved} == set(sent)
+    for ds in received + moved:
         original = sent[str(ds.SOPInstanceUID)]
         np.testing.assert_array_equal(ds.pixel_array, original.pixel_array)
         assert ds.DerivationDescription == original.DerivationDescription
@@ -109,6 +112,40 @@ def test_cstore_then_cfind_and_cget_back(orthanc, derived_series, capsys) -> Non
             ds.SourceImageSequence[0].ReferencedSOPInstanceUID
             == original.SourceImageSequence[0].ReferencedSOPInstanceUID
         )
+
+
+def _c_move_series(orthanc, study_uid: str, series_uid: str) -> list[Dataset]:
+    """C-MOVE a series from Orthanc to a Storage SCP started here (registered in Orthanc by AE title)."""
+    received: list[Dataset] = []
+
+    def on_store(event) -> int:
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        received.append(ds)
+        return 0x0000
+
+    scp = AE(ae_title="IPV2MOVE")
+    scp.add_supported_context(CTImageStorage)
+    port = free_port()
+    server = scp.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        orthanc.add_modality("ipv2move", "IPV2MOVE", port)
+        ae = AE(ae_title=TEST_AET)
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+        assoc = ae.associate("127.0.0.1", orthanc.dicom_port, ae_title=orthanc.aet)
+        assert assoc.is_established
+        move = Dataset()
+        move.QueryRetrieveLevel = "SERIES"
+        move.StudyInstanceUID = study_uid
+        move.SeriesInstanceUID = series_uid
+        try:
+            responses = list(assoc.send_c_move(move, "IPV2MOVE", StudyRootQueryRetrieveInformationModelMove))
+        finally:
+            assoc.release()
+        assert responses[-1][0].Status == 0x0000
+    finally:
+        server.shutdown()
+    return received
 
 
 def test_stow_rs_into_orthanc_dicomweb(orthanc, derived_series, capsys) -> None:

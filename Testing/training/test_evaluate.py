@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 
 from IPv2DenoiseLib.core.errors import UserError
+from IPv2DenoiseLib.imaging.masks import evaluation_rois
 from IPv2DenoiseLib.training.grid import (
     REFERENCES,
     REGIONS,
     EvalConfig,
     preset,
-    region_masks,
     run_grid,
     score,
 )
@@ -94,7 +94,7 @@ def test_score_identity_and_denoiser():
     from IPv2DenoiseLib.synthetic.phantom import make_chest_phantom
 
     truth = make_chest_phantom(shape=(2, 96, 96), spacing=(4.0, 4.0, 4.0), seed=3).hu
-    masks = region_masks(truth)
+    masks = evaluation_rois(truth)
     rng = np.random.default_rng(0)
     noisy = truth + rng.normal(0, 60, truth.shape).astype(np.float32)
     from IPv2DenoiseLib.imaging.classical import denoise_classical

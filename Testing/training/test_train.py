@@ -8,10 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from IPv2DenoiseLib.purification.regions import BACKGROUND, BODY, LUNGS
 from IPv2DenoiseLib.training.trainer import (
-    BACKGROUND,
-    BODY,
-    LUNGS,
     CasePairs,
     PatchSampler,
     TrainConfig,

@@ -17,14 +17,16 @@ Non-CT instances are acknowledged and skipped; corrupt ones are refused (0xC210)
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +39,7 @@ from IPv2DenoiseLib.core.volume import Volume
 from IPv2DenoiseLib.imaging.masks import soft_tissue_mask
 from IPv2DenoiseLib.imaging.noise_estimate import estimate_noise_hu
 from IPv2DenoiseLib.io.dicom_export import DerivedSeriesOptions, export_derived_series
-from IPv2DenoiseLib.io.dicom_net import DicomNode, check_aet, send_instances
+from IPv2DenoiseLib.io.dicom_net import DestinationUnavailable, DicomNode, check_aet, echo, send_instances
 from IPv2DenoiseLib.io.volumes import read_volume
 
 __all__ = ["NodeConfig", "DenoisingNode", "series_noise"]
@@ -47,6 +49,10 @@ LOG = logging.getLogger("ipv2denoise.node")
 CANNOT_UNDERSTAND = 0xC210
 #: Modalities the node denoises; other instances are acknowledged and skipped.
 CT_MODALITIES = {"CT"}
+#: A DICOM UID (PS3.5 9.1): digits and dots, at most 64 characters; used as file and folder names.
+_UID = re.compile(r"[0-9][0-9.]{0,63}")
+#: Longest wait between attempts to reach an unavailable forward destination.
+MAX_RETRY_SECONDS = 600.0
 
 
 @dataclass
@@ -64,6 +70,8 @@ class NodeConfig:
     retries: int = 3
     options: DerivedSeriesOptions = field(default_factory=DerivedSeriesOptions)
     stop_grace_seconds: float = 30.0
+    #: first wait before re-sending to an unavailable forward destination (doubles, at most 10 min)
+    retry_seconds: float = 30.0
 
 
 @dataclass
@@ -114,10 +122,8 @@ class DenoisingNode:
         self._arrivals: dict[str, _Arrival] = {}
         self._stop = threading.Event()
         self._executor = ThreadPoolExecutor(max_workers=max(1, config.jobs), thread_name_prefix="denoise")
-        self._futures: set[Future] = set()
         self._server = None
         self._monitor: threading.Thread | None = None
-        self.processed: list[dict] = []  # one record per finished series (for tests and status)
 
     # ------------------------------------------------------------------------------- lifecycle
 
@@ -125,9 +131,12 @@ class DenoisingNode:
         """Create the spool, resume what a previous run left, and start listening."""
         for d in self.dirs.values():
             d.mkdir(parents=True, exist_ok=True)
-        for leftover in list(self.dirs["work"].iterdir()) + list(self.dirs["tmp"].iterdir()):
-            shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink()
         resumed = sorted(self.dirs["ready"].iterdir())
+        keep = {job.name for job in resumed}  # a derived series waiting to be sent is not denoised again
+        for leftover in list(self.dirs["work"].iterdir()) + list(self.dirs["tmp"].iterdir()):
+            if leftover.name in keep and leftover.parent == self.dirs["work"]:
+                continue
+            shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink()
         for job in resumed:
             self._submit(job)
         now = time.monotonic()
@@ -167,6 +176,10 @@ class DenoisingNode:
             self.config.quiet_seconds,
             max(1, self.config.jobs),
         )
+        try:
+            echo(self.config.forward, calling_aet=self.aet, timeout=self.config.timeout)
+        except DestinationUnavailable as exc:
+            LOG.warning("forward destination not available now (series will wait in the spool): %s", exc)
         return self
 
     def stop(self) -> None:
@@ -205,6 +218,8 @@ class DenoisingNode:
             sop_uid, series_uid = str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID)
             modality = str(ds.get("Modality", ""))
             ok = _pixel_data_ok(ds) if modality in CT_MODALITIES else True
+            if not (_UID.fullmatch(sop_uid) and _UID.fullmatch(series_uid)):  # they become file names
+                raise ValueError(f"invalid UID {sop_uid!r} / {series_uid!r}")
         except Exception as exc:  # noqa: BLE001 (whatever a peer sends, the node keeps serving)
             LOG.warning("refused a corrupt instance from %s: %s", sender, str(exc).splitlines()[0][:160])
             return CANNOT_UNDERSTAND
@@ -219,6 +234,8 @@ class DenoisingNode:
         fd, tmp = tempfile.mkstemp(suffix=".dcm", dir=self.dirs["tmp"])
         with os.fdopen(fd, "wb") as f:
             f.write(event.encoded_dataset(include_meta=True))
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the sender hears "success"
         with self._lock:
             folder = self.dirs["incoming"] / series_uid
             folder.mkdir(exist_ok=True)
@@ -243,38 +260,62 @@ class DenoisingNode:
                     (job / ".senders").write_text(",".join(sorted(arrival.senders)))
                     self._submit(job)
 
-    def _submit(self, job: Path) -> None:
-        future = self._executor.submit(self._process, job)
-        self._futures.add(future)
-        future.add_done_callback(self._futures.discard)
+    def _submit(self, job: Path, attempt: int = 0) -> None:
+        if self._stop.is_set():
+            return  # stays in ready/ for the next start
+        self._executor.submit(self._process, job, attempt)
 
     # ------------------------------------------------------------------------------- processing
 
-    def _process(self, job: Path) -> None:
+    def _denoise_to(self, job: Path, out: Path) -> dict:
+        """Denoise the job's series into the derived series ``out``; its figures are kept in the job."""
+        facts_file = job / ".denoised.json"
+        if out.is_dir() and facts_file.exists():  # an earlier attempt denoised it; only sending failed
+            return json.loads(facts_file.read_text())
+        volume = read_volume(job)
+        t0 = time.monotonic()
+        result = self.denoise(volume)
+        denoise_s = time.monotonic() - t0
+        before, after = series_noise(volume, result)
+        shutil.rmtree(out, ignore_errors=True)
+        files = export_derived_series(
+            result, out, source_files=volume.meta["dicom_files"], options=self.config.options
+        )
+        facts = {
+            "slices": len(files),
+            "denoise_seconds": denoise_s,
+            "noise_before_hu": before,
+            "noise_after_hu": after,
+        }
+        facts_file.write_text(json.dumps(facts))
+        return facts
+
+    def _process(self, job: Path, attempt: int = 0) -> None:
         start = time.monotonic()
         series_uid = job.name.rsplit(".", 1)[0]
-        senders = (job / ".senders").read_text() if (job / ".senders").exists() else "?"
+        senders = (job / ".senders").read_text() if (job / ".senders").exists() else "spool"
         received = len(list(job.glob("*.dcm")))
         out = self.dirs["work"] / job.name
         try:
-            volume = read_volume(job)
-            t0 = time.monotonic()
-            result = self.denoise(volume)
-            denoise_s = time.monotonic() - t0
-            before, after = series_noise(volume, result)
-            files = export_derived_series(
-                result, out, source_files=volume.meta["dicom_files"], options=self.config.options
-            )
+            facts = self._denoise_to(job, out)
             report = send_instances(
-                files,
+                sorted(out.glob("*.dcm")),
                 self.config.forward,
                 calling_aet=self.aet,
                 timeout=self.config.timeout,
                 retries=self.config.retries,
             )
             report.raise_for_failures()
+        except DestinationUnavailable as exc:
+            delay = min(self.config.retry_seconds * 2**attempt, MAX_RETRY_SECONDS)
+            LOG.warning(
+                "series %s: denoised, but %s; will retry in %.0f s (kept in %s)", series_uid, exc, delay, job
+            )
+            self._retry_later(job, attempt + 1, delay)
+            return
         except Exception as exc:  # noqa: BLE001 (one bad series must not stop the node)
             reason = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+            shutil.rmtree(out, ignore_errors=True)
             self._fail(job, reason)
             LOG.error(
                 "series %s: received %d instance(s) from %s; FAILED after %.1f s: %s (kept in %s)",
@@ -286,37 +327,32 @@ class DenoisingNode:
                 self.dirs["failed"] / job.name,
             )
             return
-        finally:
-            shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
         shutil.rmtree(job, ignore_errors=True)
         seconds = time.monotonic() - start
-        record = {
-            "series": series_uid,
-            "received": received,
-            "senders": senders,
-            "denoised": len(files),
-            "sent": len(report.results),
-            "destination": str(self.config.forward),
-            "seconds": round(seconds, 2),
-            "denoise_seconds": round(denoise_s, 2),
-            "noise_before_hu": round(before, 1),
-            "noise_after_hu": round(after, 1),
-        }
-        self.processed.append(record)
         LOG.info(
             "series %s: received %d instance(s) from %s, denoised %d slice(s) in %.1f s, sent %d to %s; "
             "%.1f s in all; noise %.1f -> %.1f HU",
             series_uid,
             received,
             senders,
-            len(files),
-            denoise_s,
+            facts["slices"],
+            facts["denoise_seconds"],
             len(report.results),
             self.config.forward,
             seconds,
-            before,
-            after,
+            facts["noise_before_hu"],
+            facts["noise_after_hu"],
         )
+
+    def _retry_later(self, job: Path, attempt: int, delay: float) -> None:
+        """Queue ``job`` again after ``delay`` s, unless the node stops first (then the next start resumes it)."""
+
+        def resubmit() -> None:
+            if not self._stop.wait(delay):
+                self._submit(job, attempt)
+
+        threading.Thread(target=resubmit, name="retry", daemon=True).start()
 
     def _fail(self, job: Path, reason: str) -> None:
         target = self.dirs["failed"] / job.name

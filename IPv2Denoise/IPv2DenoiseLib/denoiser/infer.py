@@ -30,6 +30,7 @@ from IPv2DenoiseLib.core.volume import Volume
 from IPv2DenoiseLib.denoiser.models.base import Denoiser2p5D
 from IPv2DenoiseLib.denoiser.normalization import hu_to_net, net_to_hu
 from IPv2DenoiseLib.denoiser.weights import load_model
+from IPv2DenoiseLib.denoiser.windows import window_indices
 from IPv2DenoiseLib.imaging.masks import background_mask
 
 #: HU written into background voxels by *Remove Background* (air).
@@ -195,7 +196,6 @@ class Denoiser:
             )
         dev = resolve_device(device)
         k = self.model.in_slices
-        margin = k // 2
         slab = min(
             int(slab_slices)
             if slab_slices
@@ -210,7 +210,7 @@ class Denoiser:
             if cancel is not None:
                 cancel.check()
             n = min(slab, depth - done)
-            index = np.clip(np.arange(done - margin, done + n + margin), 0, depth - 1)
+            index = window_indices(done, done + n, k, depth)
             x = torch.from_numpy(hu_to_net(hu[index]))  # [n + 2m, H, W]
             batch = x.unfold(0, k, 1).permute(0, 3, 1, 2)  # [n, k, H, W] windows, centre = slice
             try:

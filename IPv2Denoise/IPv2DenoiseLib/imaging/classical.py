@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import SimpleITK as sitk
+from scipy import ndimage as ndi
 from skimage.restoration import denoise_nl_means, denoise_tv_chambolle
 
 from IPv2DenoiseLib.core.errors import UserError
@@ -25,52 +26,109 @@ CLASSICAL_METHODS = ("nlm", "tv", "curvature")
 TV_SCALE_HU = 4096.0
 
 
+#: Per-slice filter: ``[y, x]`` HU in, ``[y, x]`` float32 HU out.
+SliceFilter = Callable[[np.ndarray], np.ndarray]
+#: NLM filtering strength ``h`` as a multiple of the noise SD, for the baseline (the purification's
+#: weak denoiser passes its own, 0.8).
+NLM_H_FACTOR = 0.9
+
+
+def nlm_filter(noise_hu: float, *, h_factor: float = NLM_H_FACTOR) -> SliceFilter:
+    """Non-local means (scikit-image, fast mode, patch 5, distance 6, ``h = h_factor·noise_hu``)."""
+    sigma = float(noise_hu)
+
+    def nlm(s: np.ndarray) -> np.ndarray:
+        out = denoise_nl_means(
+            s.astype(np.float64),
+            patch_size=5,
+            patch_distance=6,
+            h=h_factor * sigma,
+            sigma=sigma,
+            fast_mode=True,
+        )
+        return out.astype(np.float32)
+
+    return nlm
+
+
+def tv_filter(noise_hu: float) -> SliceFilter:
+    """Chambolle TV on HU/4096 with weight ``noise_hu/4096`` (0.02 at 80 HU, the best weight measured
+    at 2 % dose)."""
+    weight = noise_hu / TV_SCALE_HU
+
+    def tv(s: np.ndarray) -> np.ndarray:
+        out = denoise_tv_chambolle(s.astype(np.float64) / TV_SCALE_HU, weight=weight) * TV_SCALE_HU
+        return out.astype(np.float32)
+
+    return tv
+
+
+def curvature_filter(noise_hu: float) -> SliceFilter:
+    """SimpleITK curvature anisotropic diffusion, ``clip(noise_hu/12, 3, 8)`` iterations (7 at ~80 HU)."""
+    iterations = int(np.clip(round(noise_hu / 12.0), 3, 8))
+
+    def curvature(s: np.ndarray) -> np.ndarray:
+        image = sitk.GetImageFromArray(s.astype(np.float32))  # unit spacing: time step 0.0625 is stable in 2D
+        out = sitk.CurvatureAnisotropicDiffusion(
+            image, timeStep=0.0625, conductanceParameter=1.0, numberOfIterations=iterations
+        )
+        return sitk.GetArrayFromImage(out)
+
+    return curvature
+
+
+def bm3d_filter(noise_hu: float) -> SliceFilter:
+    """BM3D (the optional ``bm3d`` package) with white ``sigma_psd = noise_hu``."""
+    import bm3d  # lazy: optional, non-commercial; only reached when available_methods() lists it
+
+    def bm3d_slice(s: np.ndarray) -> np.ndarray:
+        return bm3d.bm3d(s.astype(np.float64), sigma_psd=noise_hu).astype(np.float32)
+
+    return bm3d_slice
+
+
+def gaussian_filter_mm(sigma_mm: float, spacing_xy: tuple[float, float]) -> SliceFilter:
+    """Gaussian blur of ``sigma_mm`` (mm converted to pixels with ``spacing_xy = (sx, sy)``)."""
+    sx, sy = spacing_xy
+    return lambda s: ndi.gaussian_filter(s, sigma=(sigma_mm / sy, sigma_mm / sx)).astype(np.float32)
+
+
+def median_filter_mm(radius_mm: float, spacing_xy: tuple[float, float]) -> SliceFilter:
+    """Median over a disk of ``radius_mm`` (at least 3x3 pixels)."""
+    sx, sy = spacing_xy
+    ry, rx = max(1, round(radius_mm / sy)), max(1, round(radius_mm / sx))
+    yy, xx = np.mgrid[-ry : ry + 1, -rx : rx + 1]
+    footprint = (yy / ry) ** 2 + (xx / rx) ** 2 <= 1.0 + 1e-6
+    footprint[ry] = True
+    footprint[:, rx] = True
+    return lambda s: ndi.median_filter(s, footprint=footprint, mode="nearest").astype(np.float32)
+
+
+def bilateral_filter(sigma_mm: float, range_hu: float, spacing_xy: tuple[float, float]) -> SliceFilter:
+    """SimpleITK bilateral filter: domain sigma ``sigma_mm`` mm, range sigma ``range_hu``."""
+
+    def bilateral(s: np.ndarray) -> np.ndarray:
+        image = sitk.GetImageFromArray(s.astype(np.float32))
+        image.SetSpacing(tuple(spacing_xy))
+        out = sitk.Bilateral(image, domainSigma=float(sigma_mm), rangeSigma=float(range_hu))
+        return sitk.GetArrayFromImage(out).astype(np.float32)
+
+    return bilateral
+
+
 def available_methods() -> tuple[str, ...]:
     """The classical methods usable here (``bm3d`` only when that package is importable)."""
     extra = ("bm3d",) if importlib.util.find_spec("bm3d") is not None else ()
     return CLASSICAL_METHODS + extra
 
 
-def _slice_function(method: str, noise_hu: float) -> Callable[[np.ndarray], np.ndarray]:
-    if method == "nlm":
-
-        def nlm(s: np.ndarray) -> np.ndarray:
-            return denoise_nl_means(
-                s.astype(np.float64),
-                patch_size=5,
-                patch_distance=6,
-                h=0.9 * noise_hu,
-                sigma=noise_hu,
-                fast_mode=True,
-            )
-
-        return nlm
-    if method == "tv":
-        weight = noise_hu / TV_SCALE_HU  # 80 HU noise → 0.02, the best weight measured at 2 % dose
-
-        def tv(s: np.ndarray) -> np.ndarray:
-            return denoise_tv_chambolle(s.astype(np.float64) / TV_SCALE_HU, weight=weight) * TV_SCALE_HU
-
-        return tv
-    if method == "curvature":
-        iterations = int(np.clip(round(noise_hu / 12.0), 3, 8))  # 7 at ~80 HU, fewer for less noise
-
-        def curvature(s: np.ndarray) -> np.ndarray:
-            image = sitk.GetImageFromArray(
-                s.astype(np.float32)
-            )  # unit spacing: time step 0.0625 is stable in 2D
-            out = sitk.CurvatureAnisotropicDiffusion(
-                image, timeStep=0.0625, conductanceParameter=1.0, numberOfIterations=iterations
-            )
-            return sitk.GetArrayFromImage(out)
-
-        return curvature
-    import bm3d  # only reached when available_methods() lists it
-
-    def bm3d_slice(s: np.ndarray) -> np.ndarray:
-        return bm3d.bm3d(s.astype(np.float64), sigma_psd=noise_hu)
-
-    return bm3d_slice
+#: Baseline method name -> filter factory of the noise SD.
+_BASELINES: dict[str, Callable[[float], SliceFilter]] = {
+    "nlm": nlm_filter,
+    "tv": tv_filter,
+    "curvature": curvature_filter,
+    "bm3d": bm3d_filter,
+}
 
 
 def denoise_classical(
@@ -90,7 +148,7 @@ def denoise_classical(
         CT in HU; not modified.
     method : {"nlm", "tv", "curvature", "bm3d"}
         * ``nlm``: ``skimage.restoration.denoise_nl_means``, fast mode, patch 5, distance 6,
-          ``h = 0.9·noise_hu``.
+          ``h = 0.9·noise_hu`` (:data:`NLM_H_FACTOR`).
         * ``tv``: ``skimage.restoration.denoise_tv_chambolle`` on HU/4096 with weight
           ``noise_hu/4096`` (0.02 at 80 HU, the best measured weight at 2 % dose).
         * ``curvature``: SimpleITK ``CurvatureAnisotropicDiffusion``, time step 0.0625 (pixel
@@ -130,7 +188,7 @@ def denoise_classical(
         noise_hu = estimate_noise_hu(vol)
     if not (noise_hu is not None and np.isfinite(noise_hu) and noise_hu > 0):
         raise UserError(f"noise_hu must be a positive number of HU, got {noise_hu!r}")
-    fn = _slice_function(name, float(noise_hu))
+    fn = _BASELINES[name](float(noise_hu))
     out = np.empty(vol.shape, dtype=np.float32)
     for z in range(vol.shape[0]):
         if cancel is not None:

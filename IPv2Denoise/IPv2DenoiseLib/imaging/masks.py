@@ -525,3 +525,25 @@ def standard_rois(
         "lungs_whole": lungs,
     }
     return {name: _out(mask, was_2d) for name, mask in rois.items()}
+
+
+def evaluation_rois(reference: np.ndarray) -> dict[str, np.ndarray]:
+    """The regions the evaluation grid scores, on a noise-free (or low-noise) reference.
+
+    A variant of :func:`standard_rois` for scoring against a reference rather than measuring one
+    scan: ``background`` (border-connected air *below −950 HU*: the foam pad under the patient,
+    −800…−700 HU, is border-connected too, and the inference's background removal erases it, which
+    is not noise), ``lungs`` (whole), ``body`` (not lungs), ``soft_tissue``, ``whole_body`` and the
+    vessel-free ``lung_parenchyma``.
+    """
+    body = body_mask(reference)
+    lungs = lung_mask(reference) & body
+    air = background_mask(reference) & (np.asarray(reference) < -950.0)
+    return {
+        "background": air,
+        "lungs": lungs,
+        "body": body & ~lungs,
+        "soft_tissue": soft_tissue_mask(reference),
+        "whole_body": body,
+        "lung_parenchyma": lung_parenchyma_mask(reference, lungs=lungs),
+    }

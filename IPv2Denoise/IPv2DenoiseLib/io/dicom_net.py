@@ -35,6 +35,7 @@ from IPv2DenoiseLib.core.progress import ProgressCallback
 
 __all__ = [
     "DEFAULT_CALLING_AET",
+    "DestinationUnavailable",
     "DicomNode",
     "InstanceResult",
     "SendReport",
@@ -52,6 +53,13 @@ DEFAULT_CALLING_AET = "IPV2DENOISE"
 _TRANSIENT = range(0xA700, 0xA800)
 #: Presentation contexts per association (PS3.8 allows 128).
 _MAX_CONTEXTS = 120
+
+
+class DestinationUnavailable(UserError):
+    """The PACS cannot be reached, refuses the association or does not answer (nothing was stored).
+
+    A :class:`UserError` (one line, exit 2) that a long-running caller (the node) may retry later.
+    """
 
 
 @dataclass(frozen=True)
@@ -181,13 +189,13 @@ def _check_reachable(node: DicomNode, timeout: float) -> None:
         with socket.create_connection((node.host, node.port), timeout=timeout):
             pass
     except socket.gaierror:
-        raise UserError(f"cannot reach {node}: unknown host {node.host!r}") from None
+        raise DestinationUnavailable(f"cannot reach {node}: unknown host {node.host!r}") from None
     except TimeoutError:
-        raise UserError(
+        raise DestinationUnavailable(
             f"cannot reach {node}: no answer within {timeout:g} s (host down or firewalled?)"
         ) from None
     except OSError as exc:
-        raise UserError(f"cannot reach {node}: {exc.strerror or exc}") from None
+        raise DestinationUnavailable(f"cannot reach {node}: {exc.strerror or exc}") from None
 
 
 def _make_ae(calling_aet: str, timeout: float) -> AE:
@@ -212,14 +220,14 @@ def _associate(ae: AE, node: DicomNode):
         reason = reasons[0] if reasons else "no reason given"
         hint = " (check the called AE title)" if "Called AE" in reason else ""
         hint = hint or (" (the PACS does not know this calling AE title)" if "Calling AE" in reason else "")
-        raise UserError(f"association with {node} rejected: {reason}{hint}")
+        raise DestinationUnavailable(f"association with {node} rejected: {reason}{hint}")
     if any(getattr(a, "result", None) == 0x00 for a in answers):
-        raise UserError(
+        raise DestinationUnavailable(
             f"association with {node} aborted: the PACS accepted none of our presentation contexts"
         )
     if answers:
-        raise UserError(f"association with {node} aborted by the peer")
-    raise UserError(f"association with {node} failed: no answer within {ae.acse_timeout:g} s")
+        raise DestinationUnavailable(f"association with {node} aborted by the peer")
+    raise DestinationUnavailable(f"association with {node} failed: no answer within {ae.acse_timeout:g} s")
 
 
 def echo(node: DicomNode, *, calling_aet: str = DEFAULT_CALLING_AET, timeout: float = 10.0) -> float:
@@ -235,7 +243,7 @@ def echo(node: DicomNode, *, calling_aet: str = DEFAULT_CALLING_AET, timeout: fl
         assoc.release()
     code = getattr(status, "Status", None)
     if code != 0x0000:
-        raise UserError(
+        raise DestinationUnavailable(
             f"C-ECHO to {node} failed: {'no response' if code is None else f'status 0x{code:04X}'}"
         )
     return time.monotonic() - start
@@ -373,7 +381,7 @@ def stow_instances(
             for r in results:
                 r.status = f"HTTP {code}"
         except requests.RequestException as exc:
-            raise UserError(
+            raise DestinationUnavailable(
                 f"cannot reach {url}: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
             ) from None
         stored, failed = _stow_outcomes(response)

@@ -33,14 +33,11 @@ from IPv2DenoiseLib.core.progress import CancelToken, ProgressCallback
 from IPv2DenoiseLib.denoiser.models import build_model, count_parameters, flops_per_voxel
 from IPv2DenoiseLib.denoiser.normalization import NORMALIZATION, hu_to_net, net_to_hu
 from IPv2DenoiseLib.denoiser.weights import load_model, save_model
-from IPv2DenoiseLib.imaging.masks import body_mask
+from IPv2DenoiseLib.denoiser.windows import slice_windows, window_indices
 from IPv2DenoiseLib.imaging.metrics import psnr, roi_stats
 from IPv2DenoiseLib.io.case_folder import read_case
 from IPv2DenoiseLib.purification.pairs import Strategy, build_pairs
-
-#: Region codes of the sampling map.
-BODY, LUNGS, BACKGROUND = 0, 1, 2
-REGION_NAMES = {BODY: "body", LUNGS: "lungs", BACKGROUND: "background"}
+from IPv2DenoiseLib.purification.regions import BACKGROUND, BODY, LUNGS, REGION_NAMES, sampling_regions
 
 
 @dataclass
@@ -96,11 +93,7 @@ def prepare_case(folder: str | os.PathLike, config: TrainConfig, *, seed: int) -
     if config.weak_denoiser:
         kwargs["weak_denoiser"] = config.weak_denoiser
     pair = build_pairs(u.array, n.array, Strategy.from_name(config.strategy), **kwargs)
-    regions = np.full(u.shape, 255, np.uint8)
-
-    regions[body_mask(n.array) | body_mask(u.array)] = BODY
-    regions[pair.lungs] = LUNGS
-    regions[pair.background] = BACKGROUND
+    regions = sampling_regions(u.array, n.array, pair)
     truth = vols["uldct_clean"].array if "uldct_clean" in vols else None
     return CasePairs(
         folder.name, pair.train_input, pair.train_label, regions, u.array, pair.test_label, truth
@@ -113,7 +106,7 @@ class PatchSampler:
     def __init__(self, cases: Sequence[CasePairs], *, patch: int, in_slices: int, shares, seed: int) -> None:
         self.cases = list(cases)
         self.patch = patch
-        self.margin = in_slices // 2
+        self.in_slices = in_slices
         self.rng = np.random.default_rng(seed)
         shares = np.asarray(shares, float)
         self.centres: list[list[np.ndarray]] = []  # [region][case] flat indices
@@ -136,7 +129,7 @@ class PatchSampler:
         p = min(self.patch, ny, nx)
         y0 = int(np.clip(y - p // 2, 0, ny - p))
         x0 = int(np.clip(x - p // 2, 0, nx - p))
-        zs = np.clip(np.arange(z - self.margin, z + self.margin + 1), 0, nz - 1)
+        zs = window_indices(z, z + 1, self.in_slices, nz)
         inp = case.train_input[zs, y0 : y0 + p, x0 : x0 + p]
         lab = case.train_label[z : z + 1, y0 : y0 + p, x0 : x0 + p]
         if flip:  # left-right mirror: plausible anatomy, doubles the data
@@ -161,14 +154,12 @@ def _denoise_slices(
     model, hu: np.ndarray, device: torch.device, in_slices: int, batch: int = 4
 ) -> np.ndarray:
     """Whole-slice inference for validation (small volumes)."""
-    m = in_slices // 2
-    padded = np.pad(hu, ((m, m), (0, 0), (0, 0)), mode="edge")
     out = np.empty_like(hu, dtype=np.float32)
     model.eval()
     with torch.inference_mode():
         for z0 in range(0, hu.shape[0], batch):
             zs = range(z0, min(z0 + batch, hu.shape[0]))
-            x = np.stack([padded[z : z + in_slices] for z in zs])
+            x = slice_windows(hu, zs.start, zs.stop, in_slices)
             y = model(torch.from_numpy(hu_to_net(x)).to(device))
             out[z0 : z0 + len(zs)] = net_to_hu(y[:, 0].float().cpu().numpy())
     model.train()
@@ -218,6 +209,191 @@ def _distributed() -> tuple[int, int]:
     return rank, world
 
 
+def _training_device(name: str, rank: int, world: int) -> torch.device:
+    """The ``--device`` choice; under torchrun each rank takes its own GPU."""
+    device = resolve_device(name)
+    if world > 1 and device.type == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    return device
+
+
+def _build_model(config: TrainConfig, device: torch.device) -> torch.nn.Module:
+    """A fresh network of ``config.arch``, or the ``--init`` weights (which must match it), on ``device``."""
+    model = build_model(config.arch, **config.model_kwargs)
+    if config.init_weights:
+        start_from, start_card = load_model(config.init_weights)
+        if start_from.ARCH != model.ARCH or start_from.config != model.config:
+            raise UserError(
+                f"--init {config.init_weights} is {start_card.get('architecture')} {start_from.config}; "
+                f"it does not match --arch {config.arch} {model.config}"
+            )
+        model.load_state_dict(start_from.state_dict())
+    model = model.to(device)
+    if device.type == "cpu":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _schedule(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler:
+    if config.iterations >= 100:  # warm up over 5 %, then cosine decay
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=config.lr, total_steps=config.iterations, pct_start=0.05
+        )
+    # too short for a warm-up phase (OneCycleLR needs several steps per phase)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+class Trainer:
+    """One training run: the loop in :meth:`run`, with small hooks for a step, a round's end
+    (validation and checkpoint) and the export.
+
+    A run resumes from ``OUT/checkpoint.pt`` when that was written for the same config.
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        train_cases: Sequence[CasePairs],
+        val_cases: Sequence[CasePairs],
+        *,
+        device: torch.device,
+        rank: int = 0,
+        world: int = 1,
+    ) -> None:
+        self.config, self.device, self.rank, self.world = config, device, rank, world
+        self.train_cases, self.val_cases = list(train_cases), list(val_cases)
+        self.out = Path(config.out)
+        self.checkpoint = self.out / "checkpoint.pt"
+        self.model = _build_model(config, device)
+        self.in_slices = self.model.in_slices
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=1e-4)
+        self.schedule = _schedule(self.optimizer, config)
+        self.history: dict[str, list] = {"iteration": [], "loss": [], "val": []}
+        self.start = self._resume()
+        self.net = self.model
+        if world > 1:
+            self.net = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None
+            )
+        self.sampler = PatchSampler(
+            self.train_cases,
+            patch=config.patch,
+            in_slices=self.in_slices,
+            shares=config.region_shares,
+            seed=config.seed + 7919 * (rank + 1) + self.start,
+        )
+        self.loss_fn = _loss(config.loss)
+
+    def _config_json(self) -> dict:
+        return json.loads(json.dumps(asdict(self.config)))
+
+    def _resume(self) -> int:
+        """Load the checkpoint of this config, if any; the iteration to start from."""
+        if not self.checkpoint.exists():
+            return 0
+        state = torch.load(self.checkpoint, map_location=self.device, weights_only=True)
+        if state.get("config") != self._config_json():
+            return 0
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.history = state["history"]
+        return int(state["iteration"])
+
+    def run(self, *, progress: ProgressCallback | None = None, cancel: CancelToken | None = None) -> dict:
+        """Train from the start (or the checkpoint) to ``config.iterations``; the card (rank 0)."""
+        config = self.config
+        running, began = [], time.monotonic()
+        for it in range(self.start, config.iterations):
+            if cancel is not None:
+                cancel.check()
+            last_loss = self.step(*self.sampler.batch(config.batch))
+            running.append(last_loss)
+            done = it + 1
+            if done % config.val_every == 0 or done == config.iterations:
+                self.end_round(done, running)
+                running = []
+            if progress is not None and self.rank == 0:
+                progress(done, config.iterations, f"loss {last_loss:.4f}")
+        card = self.export(time.monotonic() - began) if self.rank == 0 else {}
+        if self.world > 1:
+            torch.distributed.barrier()
+        return card
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """One optimisation step on a batch (bf16 autocast on CUDA); the batch loss."""
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        if self.device.type == "cpu":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            loss = self.loss_fn(self.net(x).float(), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.schedule.step()
+        return loss.item()
+
+    def end_round(self, done: int, losses: Sequence[float]) -> None:
+        """Record the round's mean loss; rank 0 validates and writes the checkpoint."""
+        self.history["iteration"].append(done)
+        self.history["loss"].append(float(np.mean(losses)))
+        if self.rank != 0:
+            return
+        val = validate(self.model, self.val_cases, self.device, self.in_slices) if self.val_cases else {}
+        self.history["val"].append(val)
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "history": self.history,
+            "iteration": done,
+            "config": self._config_json(),
+        }
+        tmp = self.checkpoint.with_suffix(".partial")
+        torch.save(state, tmp)
+        os.replace(tmp, self.checkpoint)
+
+    def export(self, seconds: float) -> dict:
+        """Write the safetensors weights with their model card, and the training curves; the card."""
+        config, model = self.config, self.model
+        model.eval()
+        card = {
+            "name": config.name,
+            "architecture": config.arch,
+            "kwargs": dict(model.config),
+            "in_slices": self.in_slices,
+            "parameters": count_parameters(model),
+            "flops_per_voxel": flops_per_voxel(
+                model.to("cpu").to(memory_format=torch.contiguous_format), self.in_slices
+            ),
+            "normalization": NORMALIZATION,
+            "strategy": config.strategy,
+            "data": {
+                "training_cases": [c.name for c in self.train_cases],
+                "validation_cases": [c.name for c in self.val_cases],
+                "dose": config.dose,
+                "patch": config.patch,
+                "batch": config.batch,
+                "region_shares": list(config.region_shares),
+            },
+            "iterations": config.iterations,
+            "initialised_from": Path(config.init_weights).name if config.init_weights else None,
+            "loss": config.loss,
+            "hardware": f"{describe_device(self.device)} x{self.world}; {platform.processor() or platform.machine()}",
+            "training_seconds": round(seconds, 1),
+            "validation": self.history["val"][-1] if self.history["val"] else {},
+            "history": self.history,
+        }
+        save_model(model, self.out / f"{config.name}.safetensors", card)
+        plot_training_curves(
+            self.history, self.out / "training_curves.png", title=f"{config.arch} / {config.strategy}"
+        )
+        return card
+
+
 def train(
     config: TrainConfig,
     *,
@@ -232,15 +408,9 @@ def train(
     if config.iterations < 1 or config.batch < 1 or config.patch < 8:
         raise UserError("iterations and batch must be >= 1 and patch >= 8")
     rank, world = _distributed()
-    device = resolve_device(config.device)
-    if world > 1 and device.type == "cuda":
-        local = int(os.environ.get("LOCAL_RANK", rank))
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
+    device = _training_device(config.device, rank, world)
+    Path(config.out).mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed + rank)
-
     if prepared is None:
         train_cases = [prepare_case(c, config, seed=config.seed + i) for i, c in enumerate(config.cases)]
         val_cases = [prepare_case(c, config, seed=10_000 + i) for i, c in enumerate(config.val_cases)]
@@ -248,126 +418,8 @@ def train(
         train_cases, val_cases = prepared
     if not train_cases:
         raise UserError("no training cases given")
-
-    model = build_model(config.arch, **config.model_kwargs)
-    if config.init_weights:
-        start_from, start_card = load_model(config.init_weights)
-        if start_from.ARCH != model.ARCH or start_from.config != model.config:
-            raise UserError(
-                f"--init {config.init_weights} is {start_card.get('architecture')} {start_from.config}; "
-                f"it does not match --arch {config.arch} {model.config}"
-            )
-        model.load_state_dict(start_from.state_dict())
-    model = model.to(device)
-    in_slices = model.in_slices
-    if device.type == "cpu":
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=1e-4)
-    if config.iterations >= 100:  # warm up over 5 %, then cosine decay
-        schedule = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=config.lr, total_steps=config.iterations, pct_start=0.05
-        )
-    else:  # too short for a warm-up phase (OneCycleLR needs several steps per phase)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    history: dict[str, list] = {"iteration": [], "loss": [], "val": []}
-    start = 0
-    checkpoint = out / "checkpoint.pt"
-    if checkpoint.exists():
-        state = torch.load(checkpoint, map_location=device, weights_only=True)
-        if state.get("config") == json.loads(json.dumps(asdict(config))):
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            schedule.load_state_dict(state["schedule"])
-            history = state["history"]
-            start = int(state["iteration"])
-    net = model
-    if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    sampler = PatchSampler(
-        train_cases,
-        patch=config.patch,
-        in_slices=in_slices,
-        shares=config.region_shares,
-        seed=config.seed + 7919 * (rank + 1) + start,
-    )
-    loss_fn = _loss(config.loss)
-    use_amp = device.type == "cuda"
-    running, began = [], time.monotonic()
-    for it in range(start, config.iterations):
-        if cancel is not None:
-            cancel.check()
-        x, y = sampler.batch(config.batch)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if device.type == "cpu":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            loss = loss_fn(net(x).float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        last_loss = loss.item()
-        running.append(last_loss)
-        done = it + 1
-        if done % config.val_every == 0 or done == config.iterations:
-            history["iteration"].append(done)
-            history["loss"].append(float(np.mean(running)))
-            running = []
-            if rank == 0:
-                history["val"].append(validate(model, val_cases, device, in_slices) if val_cases else {})
-                state = {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "schedule": schedule.state_dict(),
-                    "history": history,
-                    "iteration": done,
-                    "config": json.loads(json.dumps(asdict(config))),
-                }
-                tmp = checkpoint.with_suffix(".partial")
-                torch.save(state, tmp)
-                os.replace(tmp, checkpoint)
-        if progress is not None and rank == 0:
-            progress(done, config.iterations, f"loss {last_loss:.4f}")
-
-    card: dict = {}
-    if rank == 0:
-        model.eval()
-        seconds = time.monotonic() - began
-        card = {
-            "name": config.name,
-            "architecture": config.arch,
-            "kwargs": dict(model.config),
-            "in_slices": in_slices,
-            "parameters": count_parameters(model),
-            "flops_per_voxel": flops_per_voxel(
-                model.to("cpu").to(memory_format=torch.contiguous_format), in_slices
-            ),
-            "normalization": NORMALIZATION,
-            "strategy": config.strategy,
-            "data": {
-                "training_cases": [c.name for c in train_cases],
-                "validation_cases": [c.name for c in val_cases],
-                "dose": config.dose,
-                "patch": config.patch,
-                "batch": config.batch,
-                "region_shares": list(config.region_shares),
-            },
-            "iterations": config.iterations,
-            "initialised_from": Path(config.init_weights).name if config.init_weights else None,
-            "loss": config.loss,
-            "hardware": f"{describe_device(device)} x{world}; {platform.processor() or platform.machine()}",
-            "training_seconds": round(seconds, 1),
-            "validation": history["val"][-1] if history["val"] else {},
-            "history": history,
-        }
-        save_model(model, out / f"{config.name}.safetensors", card)
-        plot_training_curves(history, out / "training_curves.png", title=f"{config.arch} / {config.strategy}")
-    if world > 1:
-        torch.distributed.barrier()
-    return card
+    trainer = Trainer(config, train_cases, val_cases, device=device, rank=rank, world=world)
+    return trainer.run(progress=progress, cancel=cancel)
 
 
 def plot_training_curves(history: dict, path: str | os.PathLike, *, title: str = "") -> Path:

@@ -11,7 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from IPv2DenoiseLib.app.commands.send import add_peer_arguments
+from IPv2DenoiseLib import __version__
+from IPv2DenoiseLib.app.commands.send import add_peer_arguments, send_and_report
 from IPv2DenoiseLib.core.device import DEVICE_CHOICES
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.progress import JsonLinesProgress, TqdmProgress
@@ -70,8 +71,7 @@ def add_dicom_arguments(parser: argparse.ArgumentParser) -> None:
 
 def model_provenance(denoiser, *, registered: bool):
     """:class:`ModelProvenance` of a loaded Denoiser; a shipped (registered) model is versioned with the package."""
-    from IPv2DenoiseLib import __version__
-    from IPv2DenoiseLib.io.dicom_export import ModelProvenance
+    from IPv2DenoiseLib.io.dicom_export import ModelProvenance  # lazy: pydicom, not at CLI start-up
 
     return ModelProvenance.from_card(
         denoiser.name, denoiser.card, default_version=__version__ if registered else "unversioned"
@@ -80,7 +80,7 @@ def model_provenance(denoiser, *, registered: bool):
 
 def dicom_options(args: argparse.Namespace, provenance):
     """:class:`DerivedSeriesOptions` from the command line."""
-    from IPv2DenoiseLib.io.dicom_export import DerivedSeriesOptions
+    from IPv2DenoiseLib.io.dicom_export import DerivedSeriesOptions  # lazy: pydicom, not at CLI start-up
 
     return DerivedSeriesOptions(
         model=provenance,
@@ -204,9 +204,10 @@ def run(args: argparse.Namespace) -> int:
         if isinstance(progress, TqdmProgress):
             progress.close()
     if args.dicom and args.send:
-        from IPv2DenoiseLib.app.commands.send import send_and_report
-
-        send_and_report(files, args.send, args)  # the series stays in OUT whatever happens
+        # the series stays in OUT whatever happens; with --json-progress stdout carries JSON only
+        report = send_and_report(files, args.send, args, lines=sys.stderr if args.json_progress else None)
+        if args.json_progress:
+            progress.emit(sent=len(report.results), destination=report.destination)
     seconds = round(time.monotonic() - start, 3)
     if args.json_progress:
         progress.emit(result=str(args.output), seconds=seconds)

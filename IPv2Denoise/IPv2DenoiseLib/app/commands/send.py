@@ -49,8 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_peer_arguments(parser)
 
 
-def send_and_report(files, destination: str, args: argparse.Namespace):
-    """Send ``files``; print one line per instance on stdout and the summary on stderr.
+def send_and_report(files, destination: str, args: argparse.Namespace, *, lines=None):
+    """Send ``files``; print one line per instance (on ``lines``, default stdout) and the summary on stderr.
 
     Raises
     ------
@@ -63,7 +63,7 @@ def send_and_report(files, destination: str, args: argparse.Namespace):
     calling_aet = args.calling_aet or DEFAULT_CALLING_AET
     report = send(files, target, calling_aet=calling_aet, timeout=args.timeout, retries=args.retries)
     for result in report.results:
-        print(result.line())
+        print(result.line(), file=lines or sys.stdout)
     report.raise_for_failures()
     print(report.summary(), file=sys.stderr)
     return report

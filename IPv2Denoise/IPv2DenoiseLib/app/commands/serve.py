@@ -8,7 +8,8 @@ import signal
 import sys
 from pathlib import Path
 
-from IPv2DenoiseLib.core.device import DEVICE_CHOICES
+from IPv2DenoiseLib.core.device import DEVICE_CHOICES, describe_device, resolve_device
+from IPv2DenoiseLib.core.errors import UserError
 
 NAME = "serve"
 HELP = (
@@ -76,14 +77,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="retries of transient forwarding failures (default: %(default)s)",
     )
+    parser.add_argument(
+        "--retry-seconds",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="first wait before re-sending to an unavailable --forward (doubles, at most 600 s) (default: %(default)s)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    # torch (through the Denoiser) and pynetdicom load here, not at CLI start-up.
+    # lazy: torch (through the Denoiser), pydicom and pynetdicom load here, not at every CLI start-up
     from IPv2DenoiseLib.app.commands.denoise import model_provenance
     from IPv2DenoiseLib.app.dicom_node import DenoisingNode, NodeConfig
-    from IPv2DenoiseLib.core.device import describe_device, resolve_device
-    from IPv2DenoiseLib.core.errors import UserError
     from IPv2DenoiseLib.denoiser.infer import Denoiser
     from IPv2DenoiseLib.io.dicom_export import DerivedSeriesOptions
     from IPv2DenoiseLib.io.dicom_net import check_aet, parse_node
@@ -117,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
         jobs=args.jobs,
         timeout=args.timeout,
         retries=args.retries,
+        retry_seconds=args.retry_seconds,
         options=DerivedSeriesOptions(model=provenance),
     )
 
