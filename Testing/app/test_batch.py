@@ -179,6 +179,31 @@ def test_manifest_of_paths_and_series_uids(batch_archive, tmp_path) -> None:
     assert any(r["status"] == "done" and r["input"].endswith("p01.nii.gz") for r in rows.values())
     missing = rows["missing/scan"]
     assert missing["status"] == "failed" and "not found" in missing["error"]
+    assert all(Path(out, r["output"]).resolve().is_relative_to(out.resolve()) for r in rows.values())
+
+
+def test_manifest_never_writes_outside_out_or_over_its_input(batch_archive, tmp_path, capsys) -> None:
+    archive, _ = batch_archive
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    shutil.copy(archive / "site_a/p02.nrrd", tmp_path / "p02.nrrd")
+    (lists / "up.csv").write_text("path\n../p02.nrrd\n", encoding="utf-8")
+    out = tmp_path / "out"
+    assert main(["batch", str(lists / "up.csv"), str(out)]) == 0
+    (row,) = summary_rows(out).values()
+    assert Path(out, row["output"]).resolve().is_relative_to(out.resolve())  # no "../" case names
+
+    (lists / "evil.csv").write_text("path,case\n../p02.nrrd,../../escaped\n", encoding="utf-8")
+    assert main(["batch", str(lists / "evil.csv"), str(out)]) == 2
+    assert "without '..'" in capsys.readouterr().err
+
+    # OUT chosen so that the case's output name is its own input file: refused for that case.
+    (tmp_path / "same.csv").write_text("path,case\np02.nrrd,p02\n", encoding="utf-8")
+    before = (tmp_path / "p02.nrrd").read_bytes()
+    assert main(["batch", str(tmp_path / "same.csv"), str(tmp_path / "sub" / "..")]) == 2  # OUT is its folder
+    (tmp_path / "inner.csv").write_text("path,case\np02.nrrd,../p02\n", encoding="utf-8")
+    assert main(["batch", str(tmp_path / "inner.csv"), str(tmp_path / "sub")]) == 2
+    assert (tmp_path / "p02.nrrd").read_bytes() == before
 
 
 def test_shards_cover_every_case_exactly_once(batch_archive, tmp_path) -> None:

@@ -52,11 +52,22 @@ class Case:
 
 
 def _relative_id(path: Path, root: Path) -> str:
+    """``path`` relative to ``root`` as a POSIX id (a path outside ``root`` keeps its absolute form
+    without the leading slash); never with ``..``, so outputs stay inside OUT."""
+    path, root = Path(os.path.abspath(path)), Path(os.path.abspath(root))
     try:
         rel = path.relative_to(root).as_posix()
     except ValueError:
         rel = path.as_posix().lstrip("/")
     return rel if rel not in ("", ".") else path.name or "case"
+
+
+def _checked_name(name: str, where: str) -> str:
+    """A manifest's ``case`` name as an id: relative, no ``..``."""
+    parts = [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
+    if not parts or ".." in parts or name.startswith("/"):
+        raise UserError(f"{where}: case name {name!r} must be a relative path without '..'")
+    return "/".join(parts)
 
 
 def _volume_id(path: Path, root: Path) -> str:
@@ -163,6 +174,7 @@ def read_manifest(
     for number, row in enumerate(rows, start=2):
         path_text, uid, name = row.get("path", ""), row.get("series_uid", ""), row.get("case", "")
         where = f"manifest line {number}"
+        name = _checked_name(name, f"manifest {manifest} line {number}") if name else ""
         if path_text:
             path = Path(path_text) if Path(path_text).is_absolute() else base / path_text
             if not path.exists():

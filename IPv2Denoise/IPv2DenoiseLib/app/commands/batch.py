@@ -156,7 +156,7 @@ def check_paths(input_path: Path, out_root: Path) -> None:
         raise UserError(f"OUT {out_root} exists and is not a folder")
     if out_root.resolve() == input_path.resolve() or (
         input_path.is_file() and out_root.resolve() == input_path.resolve().parent
-    ):
+    ):  # a manifest's folder is the root its paths (and so the outputs) are relative to
         raise UserError(f"OUT {out_root} is the input's folder; choose a separate output folder")
     try:
         out_root.mkdir(parents=True, exist_ok=True)
