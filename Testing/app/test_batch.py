@@ -23,6 +23,7 @@ from conftest import write_ct_series
 from IPv2DenoiseLib.app.batch.cases import discover_tree, parse_shard, shard_cases
 from IPv2DenoiseLib.app.batch.records import hash_output, read_record
 from IPv2DenoiseLib.app.cli import main
+from IPv2DenoiseLib.core.atomic import STAGING_DIR
 from IPv2DenoiseLib.core.errors import UserError
 
 
@@ -40,7 +41,8 @@ def tree_digest(root: Path) -> dict[str, str]:
 
 
 def partial_files(root: Path) -> list[Path]:
-    return [p for p in root.rglob("*") if ".partial" in p.name or p.name.endswith(".tmp")]
+    """What an interrupted write may leave: staging folders (core.atomic) and old-style partial files."""
+    return [p for p in root.rglob("*") if STAGING_DIR in p.parts or ".partial" in p.name]
 
 
 def test_tree_denoised_into_mirror_with_failures_isolated(batch_archive, tmp_path, capsys) -> None:
@@ -108,7 +110,9 @@ def test_rerun_redoes_what_it_cannot_verify(batch_archive, tmp_path) -> None:
     # the two); site_b... gone. An edited input must be redone too.
     (out / "site_a/p01.nrrd").write_bytes((out / "site_a/p01.nrrd").read_bytes()[:200])
     (out / ".ipv2-batch/records/site_a/p02.json").unlink()
-    (out / "site_a/.p02.nrrd.abc123.partial.nrrd").write_bytes(b"half")  # what a kill -9 mid-write leaves
+    staged = out / "site_a" / STAGING_DIR / "otherhost-1-abc" / "p02.nrrd"  # what a kill -9 mid-write leaves
+    staged.parent.mkdir(parents=True)
+    staged.write_bytes(b"half")
     assert main(["batch", str(source), str(out)]) == 1
     rows = summary_rows(out)
     assert rows["site_a/p01"]["status"] == "done" and rows["site_a/p02"]["status"] == "done"
@@ -253,7 +257,8 @@ def test_dicom_output_is_a_derived_series_of_the_source(batch_archive, tmp_path)
     "args, message",
     [
         (["{missing}", "{out}"], "does not exist"),
-        (["{archive}", "{archive}"], "input's folder"),
+        (["{archive}", "{archive}"], "input folder"),
+        (["{archive}", "{archive}/site_a/out"], "lies inside it"),
         (["{archive}", "{out}", "--shard", "2/2"], "0 <= K < N"),
         (["{empty}", "{out}"], "no DICOM series"),
     ],

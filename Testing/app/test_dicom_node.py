@@ -85,6 +85,16 @@ def test_denoise_dicom_from_nrrd_makes_a_new_series(tmp_path, capsys) -> None:
     assert "--send needs --dicom" in capsys.readouterr().err
     assert main(args) == 2  # OUT exists and is not empty: refused before any work
     assert "not an empty folder" in capsys.readouterr().err
+    # PACS unreachable after denoising: one line, exit 2, and the series is kept complete in OUT
+    kept = tmp_path / "kept"
+    closed = f"127.0.0.1:{free_port()}:PACS"
+    assert (
+        main(["denoise", str(tmp_path / "ct.nrrd"), str(kept), "--dicom", "--send", closed, "--timeout", "2"])
+        == 2
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "cannot reach PACS@127.0.0.1" in err[-1] and "Traceback" not in "".join(err)
+    assert len(list(kept.glob("*.dcm"))) == 2
 
 
 class Node:

@@ -181,8 +181,10 @@ def test_wrong_called_aet_is_rejected(orthanc, derived_series, capsys) -> None:
     assert "rejected" in line and "Called AE title not recognised" in line and "NOT_ORTHANC" in line
 
 
-def test_refused_instances_are_named_and_the_rest_stored(orthanc, tmp_path, capsys) -> None:
-    """Orthanc refuses an instance without SeriesInstanceUID; the others must still arrive."""
+@pytest.mark.parametrize("protocol", ["dimse", "dicomweb"])
+def test_refused_instances_are_named_and_the_rest_stored(orthanc, tmp_path, capsys, protocol) -> None:
+    """Orthanc refuses an instance without SeriesInstanceUID (C-STORE 0xA700, STOW-RS FailureReason
+    0xC000); the others must still arrive."""
     paths = sorted(write_ct_series(tmp_path / "broken", 3))
     for path in paths:  # fresh instance UIDs (the fixture series may be in Orthanc already)
         ds = pydicom.dcmread(path)
@@ -192,11 +194,15 @@ def test_refused_instances_are_named_and_the_rest_stored(orthanc, tmp_path, caps
             del ds.SeriesInstanceUID
         ds.save_as(path)
     series_uid = pydicom.dcmread(paths[0]).SeriesInstanceUID
-    code = main(["send", str(tmp_path / "broken"), "--to", orthanc.node, "--retries", "1", "--timeout", "5"])
-    assert code == 2
+    destination, code, who = {
+        "dimse": (orthanc.node, "0xA700", orthanc.aet),
+        "dicomweb": (orthanc.dicomweb_url, "0xC000", orthanc.dicomweb_url),
+    }[protocol]
+    args = ["send", str(tmp_path / "broken"), "--to", destination, "--retries", "1", "--timeout", "5"]
+    assert main(args) == 2
     out = capsys.readouterr()
     lines = out.err.strip().splitlines()
-    assert len(lines) == 1 and f"1 of 3 instance(s) refused by {orthanc.aet}" in lines[0]
-    assert paths[1].name in lines[0] and "0xA700" in lines[0]
+    assert len(lines) == 1 and f"1 of 3 instance(s) refused by {who}" in lines[0]
+    assert paths[1].name in lines[0] and code in lines[0]
     assert out.out.count("REFUSED") == 1 and out.out.count("stored") == 2
     assert len(orthanc.series_instances(series_uid)) == 2

@@ -11,6 +11,7 @@ columns); a volume node is RAS (``IJKToRAS``). Converting flips the sign of the 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -23,9 +24,11 @@ import slicer
 import slicer.util  # noqa: F401  (slicer-core does not import it on ``import slicer``)
 import vtk
 
+from IPv2DenoiseLib import __version__ as package_version
 from IPv2DenoiseLib.app.process import BackgroundProcess, ExitCode, JobStatus, denoise_command
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.progress import Cancelled
+from IPv2DenoiseLib.core.resources import models_dir
 from IPv2DenoiseLib.core.volume import Volume
 from IPv2DenoiseLib.imaging.metrics_table import MetricsTable
 
@@ -378,10 +381,6 @@ def registered_model_provenance(model_name: str):
 
     Shipped models are versioned with the package, as in ``ipv2-denoise denoise --dicom``.
     """
-    import json
-
-    from IPv2DenoiseLib import __version__ as package_version
-    from IPv2DenoiseLib.core.resources import models_dir
     from IPv2DenoiseLib.io.dicom_export import ModelProvenance  # lazy: needs pydicom
 
     try:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
-from collections import Counter
+from collections import Counter, defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -121,6 +122,19 @@ def walk_files(root: Path, *, exclude: Path | None = None) -> list[Path]:
     return found
 
 
+def _group_by_folder(files: Iterable[Path]) -> dict[str, list[Path]]:
+    """:func:`group_dicom_series` one folder at a time (headers of one folder in memory at once),
+    merged by SeriesInstanceUID across folders."""
+    by_folder: dict[Path, list[Path]] = defaultdict(list)
+    for f in files:
+        by_folder[f.parent].append(f)
+    series: dict[str, list[Path]] = defaultdict(list)
+    for folder in sorted(by_folder):
+        for uid, members in group_dicom_series(by_folder[folder]).items():
+            series[uid].extend(members)
+    return dict(series)
+
+
 def discover_tree(root: str | os.PathLike, *, exclude: str | os.PathLike | None = None) -> list[Case]:
     """The cases under ``root``: each DICOM image series (grouped by SeriesInstanceUID) and each
     NRRD/NIfTI/MHA file. Files that are neither are ignored; ``exclude`` (e.g. the output folder
@@ -129,7 +143,7 @@ def discover_tree(root: str | os.PathLike, *, exclude: str | os.PathLike | None 
     root = Path(root)
     files = walk_files(root, exclude=Path(exclude) if exclude is not None else None)
     volumes = [f for f in files if image_suffix(f)]
-    series = group_dicom_series(f for f in files if may_be_dicom(f))
+    series = _group_by_folder(f for f in files if may_be_dicom(f))
     cases = [Case(_volume_id(f, root), "volume", (str(f),), source=str(f)) for f in volumes]
     return _unique_ids(cases + _series_cases(series, root))
 
@@ -194,7 +208,7 @@ def read_manifest(
             label = name or _relative_id(path, base)
         else:
             if index is None:
-                index = group_dicom_series(f for f in walk_files(root) if may_be_dicom(f))
+                index = _group_by_folder(f for f in walk_files(root) if may_be_dicom(f))
             found = {uid: index[uid]} if uid in index else {}
             label, path = name, root
         if uid:

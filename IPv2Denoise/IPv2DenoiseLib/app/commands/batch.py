@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TextIO
 
 from IPv2DenoiseLib.app.batch.records import summary_stem, totals, write_summary
+from IPv2DenoiseLib.core.atomic import make_output_folder
 from IPv2DenoiseLib.core.device import DEVICE_CHOICES
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.progress import JsonLinesProgress, make_progress
@@ -152,19 +153,15 @@ def check_paths(input_path: Path, out_root: Path) -> None:
     """Refuse a missing input or an output that would touch the input, then make OUT (one line, exit 2)."""
     if not input_path.exists():
         raise UserError(f"INPUT {input_path} does not exist")
-    if out_root.exists() and not out_root.is_dir():
-        raise UserError(f"OUT {out_root} exists and is not a folder")
-    if out_root.resolve() == input_path.resolve() or (
-        input_path.is_file() and out_root.resolve() == input_path.resolve().parent
-    ):  # a manifest's folder is the root its paths (and so the outputs) are relative to
-        raise UserError(f"OUT {out_root} is the input's folder; choose a separate output folder")
-    try:
-        out_root.mkdir(parents=True, exist_ok=True)
-        probe = out_root / f".ipv2-batch-probe-{uuid.uuid4().hex[:8]}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise UserError(f"OUT {out_root}: cannot write there ({exc.strerror or exc})") from None
+    out, source = out_root.resolve(), input_path.resolve()
+    # A manifest's folder is the root its paths, and so the outputs, are relative to.
+    root = source if source.is_dir() else source.parent
+    if out == root or (source.is_dir() and out.is_relative_to(root)):
+        raise UserError(
+            f"OUT {out_root} is the input folder or lies inside it; the input is never modified, "
+            "choose an output folder outside it"
+        )
+    make_output_folder(out_root, what="OUT")
 
 
 def find_cases(args: argparse.Namespace, input_path: Path, out_root: Path):
