@@ -244,19 +244,25 @@ def _run(args, input_path, out_root, cases, found, shard, settings, start, json_
         progress = make_progress(args.json_progress, desc="batch", unit="case")
     json_lines = isinstance(progress, JsonLinesProgress)
 
+    where = f"shard {shard[0]}/{shard[1]}: " if shard else ""
+
     def event(**record) -> None:
+        """A JSON line with --json-progress; otherwise a text line above the bar for what a person should see."""
         if json_lines:
             progress.emit(**record)
         elif "retry" in record:
-            print(
-                f"retrying {record['retry']} (attempt {record['attempt']}): {record['reason']}",
-                file=sys.stderr,
+            progress.write(f"retrying {record['retry']} (attempt {record['attempt']}): {record['reason']}")
+        elif "worker_index" in record:
+            again = "restarted " if record.get("restarted") else ""
+            progress.write(
+                f"{again}worker {record['worker_index']}: {record['worker']} on {record['device']}"
             )
+        elif "device" in record:
+            progress.write(f"running on: {record['device']}; model {record['model']}")
+        elif "cases" in record:
+            progress.write(f"{where}{record['cases']} of {record['found']} cases; engine {record['engine']}")
 
-    where = f"shard {shard[0]}/{shard[1]}: " if shard else ""
     event(cases=len(cases), found=found, engine=args.engine, shard=args.shard, output=str(out_root))
-    if not json_lines:
-        print(f"{where}{len(cases)} of {found} cases; engine {args.engine}", file=sys.stderr)
     rows: list[dict] = []
     failed = 0
 
@@ -292,8 +298,7 @@ def _run(args, input_path, out_root, cases, found, shard, settings, start, json_
     except KeyboardInterrupt:
         interrupted = True
     finally:
-        if hasattr(progress, "close"):
-            progress.close()
+        progress.close()
         seconds = round(time.monotonic() - start, 3)
         info = {
             "input": str(input_path),
