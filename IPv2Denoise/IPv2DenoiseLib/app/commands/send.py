@@ -57,6 +57,7 @@ def send_and_report(files, destination: str, args: argparse.Namespace, *, lines=
     UserError
         PACS unreachable, association rejected, or any instance refused (named with the reason).
     """
+    # lazy: the CLI imports every command to build --help; pydicom & co. load on use
     from IPv2DenoiseLib.io.dicom_net import DEFAULT_CALLING_AET, parse_destination, send
 
     target = parse_destination(destination, args.aet)
@@ -70,6 +71,7 @@ def send_and_report(files, destination: str, args: argparse.Namespace, *, lines=
 
 
 def run(args: argparse.Namespace) -> int:
+    # lazy: the CLI imports every command to build --help; pydicom & co. load on use
     from IPv2DenoiseLib.io.dicom_net import dicom_files, parse_destination
 
     parse_destination(args.to, args.aet)  # check the destination before reading any file
