@@ -301,3 +301,23 @@ def test_only_the_ray_engine_imports_ray() -> None:
             if any(n == "ray" or n.startswith("ray.") for n in names):
                 importers.add(path.relative_to(package).as_posix())
     assert importers == {"IPv2DenoiseLib/app/batch/ray_engine.py"}
+
+
+def test_ctrl_c_keeps_finished_cases_and_says_how_to_continue(batch_archive, tmp_path) -> None:
+    archive, expected = batch_archive
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "IPv2DenoiseLib", "batch", str(archive), str(out), "--json-progress"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if json.loads(line).get("status") == "done":
+            proc.send_signal(signal.SIGINT)
+            break
+    proc.stdout.read()
+    assert proc.wait(timeout=120) == 130
+    assert "rerun the same command" in proc.stderr.read()
+    document = json.loads((out / "batch-summary.json").read_text())
+    assert document["interrupted"] is True
+    finished = {row["case"] for row in document["cases"] if row["status"] == "done"}
+    assert finished and finished < {c for c, k in expected.items() if k == "ok"}
+    assert {c for c in expected if read_record(out, c) is not None} == finished
+    assert partial_files(out) == []
