@@ -67,7 +67,7 @@ class IPv2Denoise(ScriptedLoadableModule):
             "normal-dose scan (Remove Background), adding simulated noise to its lungs (Add noise) "
             "and testing against a weakly denoised lung (Remove noise).<br><br>"
             "Reference: Gong &amp; Yu, arXiv 2602.19314. "
-            "See <a href='https://github.com/ipv2-denoise/IPv2Denoise/blob/main/docs/slicer-module.md'>the module docs</a>."
+            "The module's documentation is docs/slicer-module.md in the extension's source folder."
         )
         self.parent.acknowledgementText = _(
             "Built on 3D Slicer, PyTorch, SimpleITK, scikit-image and pydicom. The IPv2 method is by "
@@ -341,9 +341,8 @@ class IPv2DenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode.outputVolume = output
         seconds = f" in {status.seconds:.1f} s" if status.seconds else ""
         done = _("Done{seconds}: {name}").format(seconds=seconds, name=output.GetName())
-        if status.warning:  # input outside the model's training range: say so where the user looks
-            self.ui.logTextEdit.appendPlainText(f"warning: {status.warning}")
-            done += " — " + _("warning: {warning}").format(warning=status.warning)
+        if status.warnings:  # e.g. a truncated field of view; each is in the log
+            done += " — " + _("warning: {text}").format(text=status.warnings[0])
         self._setState(State.IDLE, done)
         self.onCompare()
 

@@ -133,3 +133,34 @@ def orthanc(tmp_path_factory):
         pytest.fail(str(exc))
     yield server
     server.stop()
+
+
+#: ``ipv2-denoise make-dataset`` arguments for two small synthetic cases (96² px, 4 slices) in OUT.
+def make_dataset_args(out: Path, cases: int = 2) -> list[str]:
+    return [
+        "make-dataset",
+        "--cases",
+        str(cases),
+        "--out",
+        str(out),
+        "--size",
+        "96",
+        "--slices",
+        "4",
+        "--spacing",
+        "3.6",
+        "--slice-thickness",
+        "5",
+        "--device",
+        "cpu",
+    ]
+
+
+@pytest.fixture(scope="session")
+def made_dataset(tmp_path_factory) -> Path:
+    """Two small synthetic case folders made once by the ``make-dataset`` command (read-only for tests)."""
+    from IPv2DenoiseLib.app.cli import main
+
+    out = tmp_path_factory.mktemp("made") / "ds"
+    assert main(make_dataset_args(out)) == 0
+    return out

@@ -1,13 +1,21 @@
 #!/usr/bin/env bash
-# Set up .venv with everything IPv2 Denoise needs, from the package registries only.
+# Set up .venv with everything IPv2 Denoise needs, from pip's own configured package index.
 #   bash scripts/setup.sh          core + CLI
-#   bash scripts/setup.sh --test   also pytest, ruff, slicer-core (MRML tests) and Ray (the [cluster] extra)
-# torch: the CUDA build only where an NVIDIA GPU answers; otherwise the CPU build (a local wheel
-# when the machine has one, else PyTorch's CPU index) — never the multi-GB CUDA build without a GPU.
+#   bash scripts/setup.sh --test   also pytest, ruff, slicer-core (MRML tests), pydicom-data and Ray (the [cluster] extra)
+# pip's own index is never replaced: pip uses its configuration (pip.conf, PIP_INDEX_URL,
+# PIP_EXTRA_INDEX_URL), so setup works behind a hospital or company mirror.
+# torch: the CUDA build only where an NVIDIA GPU answers; otherwise the CPU build — never the
+# multi-GB CUDA build without a GPU. The CPU build comes from, in this order: a local wheel pip can
+# find without an index (--find-links in pip's configuration); "torch==X+cpu" from pip's configured
+# index (a mirror that carries PyTorch's CPU wheels); "torch==X+cpu" with TORCH_CPU_INDEX_URL as an
+# *extra* index (default PyTorch's public CPU index). The "+cpu" pin means a CUDA wheel can never
+# be picked; without any source of it, setup stops with exit 2 and says what to set.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
+# Only for torch's "+cpu" build, added to (never replacing) pip's own index; set it to your mirror.
+TORCH_CPU_INDEX_URL=${TORCH_CPU_INDEX_URL:-https://download.pytorch.org/whl/cpu}
 
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 # shellcheck disable=SC1091
@@ -21,10 +29,18 @@ if ! python -c "import torch" 2>/dev/null; then
   elif pip install -q --no-index --no-deps "torch==$TORCH_VERSION" 2>/dev/null; then
     echo "setup: no NVIDIA GPU, installed the local CPU build of torch==$TORCH_VERSION"
     pip install -q "torch==$TORCH_VERSION"   # its small dependencies; torch itself is satisfied
+  elif [ "$(uname -s)" = Darwin ]; then
+    echo "setup: macOS, installing torch==$TORCH_VERSION (CPU/MPS build) from pip's configured index"
+    pip install -q "torch==$TORCH_VERSION"
+  elif pip install -q "torch==$TORCH_VERSION+cpu" 2>/dev/null; then
+    echo "setup: no NVIDIA GPU, installed torch==$TORCH_VERSION+cpu from pip's configured index"
+  elif pip install -q "torch==$TORCH_VERSION+cpu" --extra-index-url "$TORCH_CPU_INDEX_URL"; then
+    echo "setup: no NVIDIA GPU, installed torch==$TORCH_VERSION+cpu (extra index $TORCH_CPU_INDEX_URL)"
   else
-    echo "setup: no NVIDIA GPU, installing the CPU build of torch==$TORCH_VERSION"
-    pip install -q "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu \
-      --extra-index-url https://pypi.org/simple
+    echo "setup: no NVIDIA GPU and no CPU build of torch==$TORCH_VERSION on pip's configured index;" >&2
+    echo "setup: set TORCH_CPU_INDEX_URL to an index holding torch==$TORCH_VERSION+cpu (e.g. your mirror of" >&2
+    echo "setup: PyTorch's CPU wheels) and run this again; the CUDA build is never installed without a GPU" >&2
+    exit 2
   fi
 fi
 

@@ -45,16 +45,17 @@ def test_dicom_series_sorted_by_position_not_file_name(ct_series) -> None:
     assert len(volume.meta["dicom_files"]) == 6
 
 
-def test_several_series_largest_ct_chosen_or_by_uid(ct_series, tmp_path) -> None:
+def test_several_ct_series_are_listed_and_one_is_chosen_by_uid_or_number(ct_series, tmp_path) -> None:
     ct_series(3, name="mixed/a", series_number=1)
     ct_series(5, name="mixed/b", series_number=2)
     ct_series(7, name="mixed/c", series_number=3, modality="MR")
-    volume = read_volume(tmp_path / "mixed")
-    assert volume.shape[0] == 5  # the MR series is larger but not CT
-    assert "largest of 2 CT series" in volume.meta["series_choice"]
+    with pytest.raises(UserError, match=r"holds 2 image series; choose one with --series") as refused:
+        read_volume(tmp_path / "mixed")  # never a silent pick, whatever the sizes or file names
+    assert "3 slices" in str(refused.value) and "5 slices" in str(refused.value)
     uid_small = pydicom.dcmread(next((tmp_path / "mixed/a").iterdir())).SeriesInstanceUID
     assert read_volume(tmp_path / "mixed", series_uid=uid_small).shape[0] == 3
-    with pytest.raises(UserError, match="no series with SeriesInstanceUID"):
+    assert read_volume(tmp_path / "mixed", series_uid="2").shape[0] == 5  # number in the list
+    with pytest.raises(UserError, match="no series '1.2.3'"):
         read_volume(tmp_path / "mixed", series_uid="1.2.3")
 
 

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import make_dataset_args
 
 from IPv2DenoiseLib import UserError
 from IPv2DenoiseLib.app.cli import main
@@ -60,26 +61,9 @@ def test_existing_case_is_refused_and_failed_case_leaves_nothing(case, tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
-def test_make_dataset_cli_resumes(tmp_path, capsys) -> None:
-    args = [
-        "make-dataset",
-        "--cases",
-        "1",
-        "--out",
-        str(tmp_path / "ds"),
-        "--size",
-        "96",
-        "--slices",
-        "4",
-        "--spacing",
-        "3.6",
-        "--slice-thickness",
-        "5",
-        "--device",
-        "cpu",
-    ]
-    assert main(args) == 0
-    made = (tmp_path / "ds" / "case_000" / "case.json").read_text()
-    assert main(args) == 0  # second run keeps the complete case
-    assert (tmp_path / "ds" / "case_000" / "case.json").read_text() == made
-    assert "1 cases" in capsys.readouterr().out
+def test_make_dataset_cli_resumes(made_dataset, capsys) -> None:
+    made = (made_dataset / "case_001" / "case.json").read_text()
+    capsys.readouterr()
+    assert main(make_dataset_args(made_dataset)) == 0  # second run keeps the complete cases
+    assert (made_dataset / "case_001" / "case.json").read_text() == made
+    assert "2 cases" in capsys.readouterr().out

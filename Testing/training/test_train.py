@@ -79,34 +79,12 @@ def test_train_loss_falls_exports_and_resumes(tmp_path) -> None:
     assert fresh["history"]["iteration"] == [50]
 
 
-def test_train_cli_on_made_dataset(tmp_path, capsys) -> None:
+def test_train_cli_on_made_dataset(made_dataset, tmp_path) -> None:
     """End to end: make-dataset -> train (IPv2 pairs from purify) -> weights loadable by the Denoiser."""
     from IPv2DenoiseLib.app.cli import main
     from IPv2DenoiseLib.denoiser.infer import Denoiser
 
-    data = tmp_path / "ds"
-    assert (
-        main(
-            [
-                "make-dataset",
-                "--cases",
-                "2",
-                "--out",
-                str(data),
-                "--size",
-                "96",
-                "--slices",
-                "4",
-                "--spacing",
-                "3.6",
-                "--slice-thickness",
-                "5",
-                "--device",
-                "cpu",
-            ]
-        )
-        == 0
-    )
+    data = made_dataset
     out = tmp_path / "run"
     assert (
         main(

@@ -10,6 +10,7 @@ Protocol (``ipv2-denoise denoise ... --json-progress``), one JSON object per std
 
     {"device": "CUDA NVIDIA H100 80GB HBM3, 79 GiB"}
     {"progress": 0.42, "eta_s": 12.3, "message": "slab 3/7"}
+    {"warning": "the field of view is truncated: ..."}
     {"result": "/tmp/out.nrrd", "seconds": 3.2}
 
 Exit status 0 on success, 2 with a one-line stderr on a user error, 130 when cancelled.
@@ -73,16 +74,22 @@ class JobStatus:
     device: str | None = None
     result: str | None = None
     seconds: float | None = None
-    #: One line from the child when the input lies outside the model's training range.
-    warning: str | None = None
     log: list[str] = field(default_factory=list)
+    #: One line each from the child (a truncated field of view, input outside the training range, ...).
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def warning(self) -> str | None:
+        """The first warning, or None."""
+        return self.warnings[0] if self.warnings else None
 
     def apply(self, record: Mapping[str, Any]) -> None:
         """Update from one JSON record (unknown keys are ignored)."""
         if "device" in record:
             self.device = str(record["device"])
-        if "warning" in record:
-            self.warning = str(record["warning"])
+        if "warning" in record:  # also in the log, which the Slicer module shows
+            self.warnings.append(str(record["warning"]))
+            self.log.append(f"warning: {record['warning']}")
         if "progress" in record:
             self.fraction = max(self.fraction, min(1.0, float(record["progress"])))
             eta = record.get("eta_s")

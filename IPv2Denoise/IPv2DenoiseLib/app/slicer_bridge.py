@@ -11,6 +11,7 @@ columns); a volume node is RAS (``IJKToRAS``). Converting flips the sign of the 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -24,9 +25,11 @@ import slicer
 import slicer.util  # noqa: F401  (slicer-core does not import it on ``import slicer``)
 import vtk
 
+from IPv2DenoiseLib import __version__ as package_version
 from IPv2DenoiseLib.app.process import BackgroundProcess, ExitCode, JobStatus, denoise_command
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.progress import Cancelled
+from IPv2DenoiseLib.core.resources import models_dir
 from IPv2DenoiseLib.core.volume import Volume
 from IPv2DenoiseLib.imaging.metrics_table import MetricsTable
 
@@ -379,10 +382,6 @@ def registered_model_provenance(model_name: str):
 
     Shipped models are versioned with the package, as in ``ipv2-denoise denoise --dicom``.
     """
-    import json
-
-    from IPv2DenoiseLib import __version__ as package_version
-    from IPv2DenoiseLib.core.resources import models_dir
     from IPv2DenoiseLib.io.dicom_export import ModelProvenance  # lazy: needs pydicom
 
     try:
@@ -545,8 +544,8 @@ class DenoiseJob:
                 raise UserError(f"denoising failed: {self.process.error_message()}")
             result = read_volume(self.output_path, force=True)
             self.output_node = _import_result(self.input_node, self.output_node, result)
-            if self.process.status.warning:
-                logging.warning("IPv2 Denoise: %s", self.process.status.warning)
+            for message in self.process.status.warnings:
+                logging.warning("IPv2 Denoise: %s", message)
             return self.output_node
         finally:
             self.cleanup()

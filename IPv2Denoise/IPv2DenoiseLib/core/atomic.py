@@ -1,13 +1,27 @@
-"""Write files so that a reader never sees a half-written one (DESIGN.md §3)."""
+"""Write files so that a reader never sees a half-written one, and check output paths up front.
+
+Outputs are written under a *staging folder* beside the destination,
+``<folder>/.ipv2-denoise-tmp/<host>-<pid>-<random>/<name>``, and renamed into place at the end
+(same file system, so the rename is atomic). A crash or ``kill -9`` therefore leaves nothing with
+the output's name, only a hidden, clearly named folder that holds the writer's process id; the
+next write into the same folder removes the leftovers of writers that are no longer running.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
+import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from glob import escape as glob_escape
 from pathlib import Path
+
+from IPv2DenoiseLib.core.errors import UserError
+
+#: Name of the hidden staging folder created beside outputs while they are written.
+STAGING_DIR = ".ipv2-denoise-tmp"
 
 
 def _umask() -> int:
@@ -16,37 +30,200 @@ def _umask() -> int:
     return mask
 
 
-@contextmanager
-def atomic_path(path: str | os.PathLike, *, suffix: str = "") -> Iterator[str]:
-    """Yield a temporary file name beside ``path``; rename it to ``path`` when the block succeeds.
+def _host() -> str:
+    return socket.gethostname().replace("-", "_") or "host"
 
-    ``suffix`` keeps the extension writers dispatch on (e.g. ``.nii.gz``). On any error the
-    temporary file is removed and ``path`` is left as it was. The file gets the usual permissions
-    (0666 minus the umask), not mkstemp's 0600.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".partial{suffix}", dir=path.parent)
-    os.close(fd)
+
+def _pid_alive(pid: int) -> bool:
     try:
-        yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def clean_stale_staging(folder: str | os.PathLike) -> list[Path]:
+    """Remove what crashed writers left in ``folder``'s staging folder; returns what was removed.
+
+    Only entries made on this host by a process that is no longer running are removed, so a
+    concurrent writer (another process, or another machine on a shared disk) is never disturbed.
+    """
+    staging = Path(folder) / STAGING_DIR
+    removed: list[Path] = []
+    if not staging.is_dir():
+        return removed
+    host = _host()
+    for entry in staging.iterdir():
+        parts = entry.name.split("-")
+        if len(parts) < 3 or parts[0] != host or not parts[1].isdigit():
+            continue
+        if int(parts[1]) != os.getpid() and not _pid_alive(int(parts[1])):
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+            removed.append(entry)
+    try:
+        staging.rmdir()  # only when empty
+    except OSError:
+        pass
+    return removed
 
 
 def remove_stale_partials(path: str | os.PathLike) -> list[Path]:
-    """Delete temporary files that an :func:`atomic_path` for ``path`` left behind when its process was killed.
+    """Delete what a killed writer of ``path`` left: its staging entries, whatever their pid or host.
 
-    Only call this when no other process is writing ``path``. Returns the removed files.
+    Only call this when no other process is writing ``path`` (e.g. a batch run that owns its
+    output tree). Also removes the ``.<name>.*.partial*`` files of versions before the staging
+    folder. Returns what was removed.
     """
     path = Path(path)
+    removed: list[Path] = []
     if not path.parent.is_dir():
-        return []
-    removed = []
+        return removed
     for stale in path.parent.glob(f".{glob_escape(path.name)}.*.partial*"):
         if stale.is_file():
             stale.unlink(missing_ok=True)
             removed.append(stale)
+    staging = path.parent / STAGING_DIR
+    if staging.is_dir():
+        for entry in staging.iterdir():
+            if (entry / path.name).exists():
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(entry)
+        try:
+            staging.rmdir()
+        except OSError:
+            pass
     return removed
+
+
+@contextmanager
+def _staging_entry(destination: Path) -> Iterator[Path]:
+    """A fresh private folder under ``destination.parent``'s staging folder, removed afterwards."""
+    clean_stale_staging(destination.parent)
+    staging = destination.parent / STAGING_DIR
+    staging.mkdir(exist_ok=True)
+    entry = Path(tempfile.mkdtemp(prefix=f"{_host()}-{os.getpid()}-", dir=staging))
+    try:
+        yield entry
+    finally:
+        shutil.rmtree(entry, ignore_errors=True)
+        try:
+            staging.rmdir()
+        except OSError:
+            pass
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike, *, suffix: str = "") -> Iterator[str]:
+    """Yield a temporary file name for ``path``; move it to ``path`` when the block succeeds.
+
+    The temporary file has ``path``'s own name (writers dispatch on the extension) inside the
+    staging folder (see the module docstring). On any error it is removed and ``path`` is left as
+    it was. The file gets the usual permissions (0666 minus the umask). ``suffix`` is accepted for
+    compatibility; the name already carries the extension.
+    """
+    path = Path(path)
+    with _staging_entry(path) as entry:
+        tmp = entry / path.name
+        yield str(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder to fill; it becomes ``path`` (absent or empty) when the block succeeds.
+
+    The folder gets the usual permissions (0777 minus the umask), not ``mkdtemp``'s 0700.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _staging_entry(path) as entry:
+        tmp = entry / path.name
+        tmp.mkdir()
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())
+        if path.exists():
+            path.rmdir()  # callers check it is empty first
+        os.replace(tmp, path)
+
+
+def _probe_writable(folder: Path, what: str) -> None:
+    """Create and remove a file in ``folder``: ``os.access`` says yes to root on read-only disks."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".ipv2-denoise-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UserError(f"{what}: cannot write into {folder} ({exc.strerror or exc})") from None
+
+
+def check_output_path(
+    path: str | os.PathLike,
+    *,
+    inputs: Iterable[str | os.PathLike] = (),
+    overwrite: bool = False,
+    folder: bool = False,
+    what: str = "OUT",
+    overwrite_hint: str = "--overwrite",
+) -> Path:
+    """Check before any work that ``path`` can be written; returns it as a Path.
+
+    Refused, each with one line: ``path`` is (or lies inside) one of ``inputs``, or would hold
+    one of them (the input is never modified); ``path`` exists and ``overwrite`` is False (for
+    ``folder=True``: exists and is not an empty folder); its parent folder is missing, not a
+    folder, or not writable (checked by creating a file there).
+    """
+    out = Path(path)
+    resolved = out.resolve()
+    for source in inputs:
+        src = Path(source).resolve()
+        if resolved == src or (src.is_dir() and resolved.is_relative_to(src)):
+            raise UserError(
+                f"{what} {out} is the input or lies inside it; the input is never modified, "
+                "choose an output outside it"
+            )
+        if src.is_relative_to(resolved) and (folder or out.is_dir()):
+            raise UserError(f"{what} {out} contains the input {source}; choose another output")
+    if folder:
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise UserError(f"{what} {out} already exists and is not an empty folder; choose a new folder")
+    elif out.is_dir():
+        raise UserError(f"{what} {out} is a folder; give a file name such as {out / 'denoised.nrrd'}")
+    elif out.exists() and not overwrite:
+        raise UserError(f"{what} {out} already exists; pass {overwrite_hint} to replace it")
+    parent = resolved.parent
+    if folder:  # an output folder is created with its parents: the nearest existing one must be writable
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+    if not parent.exists():
+        raise UserError(f"{what}: folder {out.parent} does not exist; create it first")
+    if not parent.is_dir():
+        raise UserError(f"{what}: {out.parent} is not a folder")
+    _probe_writable(parent, what)
+    return out
+
+
+def make_output_folder(path: str | os.PathLike, *, what: str = "--out") -> Path:
+    """Create ``path`` (and parents) for outputs and check it is writable, before any work."""
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{what}: cannot create folder {out} ({exc.strerror or exc})") from None
+    if not out.is_dir():
+        raise UserError(f"{what}: {out} exists and is not a folder")
+    _probe_writable(out, what)
+    return out
+
+
+__all__ = [
+    "STAGING_DIR",
+    "atomic_dir",
+    "atomic_path",
+    "check_output_path",
+    "clean_stale_staging",
+    "make_output_folder",
+    "remove_stale_partials",
+]

@@ -56,6 +56,63 @@ class Volume:
             raise ValueError(f"shape {array.shape} does not match the volume's {self.array.shape}")
         return replace(self, array=array, meta={**self.meta, **meta_updates})
 
+    def axial_plan(self) -> tuple[tuple[int, int, int], tuple[bool, bool, bool]] | None:
+        """How to make the slices axial: ``(order, flips)`` for :meth:`reoriented`, None when they are.
+
+        ``order[j]`` is the ITK axis (0 = x, 1 = y, 2 = z) that becomes axis ``j`` so that the new
+        axes point along L, P, S (DICOM patient axes), ``flips[j]`` whether it is reversed. A
+        volume whose z axis already runs along the patient's S-I axis needs nothing (None); so does
+        an oblique one whose axes are not each closest to a different patient axis.
+        """
+        axes = np.asarray(self.direction, dtype=float).reshape(3, 3)
+        patient_axis = np.argmax(np.abs(axes), axis=0)  # for each array axis, its closest patient axis
+        if sorted(patient_axis.tolist()) != [0, 1, 2] or patient_axis[2] == 2:
+            return None
+        order = tuple(int(np.flatnonzero(patient_axis == j)[0]) for j in range(3))
+        flips = tuple(bool(axes[j, order[j]] < 0) for j in range(3))
+        return order, flips  # type: ignore[return-value]
+
+    def reoriented(self, order: tuple[int, int, int], flips: tuple[bool, bool, bool]) -> Volume:
+        """The same voxels with the array axes permuted/reversed (exact: no interpolation).
+
+        New ITK axis ``j`` is old axis ``order[j]``, reversed when ``flips[j]``; the geometry is
+        updated so every voxel keeps its physical position. See :meth:`axial_plan`.
+        """
+        axes = np.asarray(self.direction, dtype=float).reshape(3, 3)
+        size_xyz = self.shape[::-1]
+        origin = np.asarray(self.origin, dtype=float).copy()
+        columns, spacing = [], []
+        for j in range(3):
+            a = order[j]
+            column = axes[:, a] * (-1.0 if flips[j] else 1.0)
+            if flips[j]:
+                origin += (size_xyz[a] - 1) * self.spacing[a] * axes[:, a]
+            columns.append(column)
+            spacing.append(self.spacing[a])
+        # numpy axis of ITK axis a is 2 - a
+        array = np.transpose(self.array, [2 - order[2], 2 - order[1], 2 - order[0]])
+        flip_axes = tuple(2 - j for j in range(3) if flips[j])
+        if flip_axes:
+            array = np.flip(array, axis=flip_axes)
+        return replace(
+            self,
+            array=np.ascontiguousarray(array),
+            spacing=tuple(spacing),
+            origin=tuple(origin),
+            direction=tuple(np.column_stack(columns).ravel()),
+        )
+
+    @staticmethod
+    def inverse_plan(
+        order: tuple[int, int, int], flips: tuple[bool, bool, bool]
+    ) -> tuple[tuple[int, int, int], tuple[bool, bool, bool]]:
+        """The ``(order, flips)`` that undoes :meth:`reoriented` with ``(order, flips)``."""
+        inverse = [0, 0, 0]
+        inverse_flips = [False, False, False]
+        for j, a in enumerate(order):
+            inverse[a], inverse_flips[a] = j, flips[j]
+        return tuple(inverse), tuple(inverse_flips)  # type: ignore[return-value]
+
     def same_geometry(self, other: Volume, *, atol: float = 1e-3) -> bool:
         """True when shape, spacing, origin and direction agree within ``atol``."""
         return (

@@ -7,7 +7,10 @@ MONAI's ``sliding_window_inference`` with ``sw_device`` ≠ ``device``. The netw
 whole slices, so slabs do not overlap in output and need no blending: the result does not depend
 on the slab size. CUDA out-of-memory halves the slab and retries, then falls back to the CPU
 (like MONAI's ``SlidingWindowInfererAdapt``). *Remove Background* (IPv2, Gong & Yu,
-arXiv 2602.19314) then sets the background — air connected to the image border — to −1000 HU.
+arXiv 2602.19314) then blends the air outside the patient towards −1000 HU with
+:func:`~IPv2DenoiseLib.imaging.masks.background_weight`: 0 on every tissue voxel (skin, lungs
+also where they reach a cropped image edge, table, arms), 1 a few mm away from it. Coronal and
+sagittal volumes are reoriented to axial slices for the network and back (exact permutations).
 """
 
 from __future__ import annotations
@@ -31,10 +34,12 @@ from IPv2DenoiseLib.denoiser.models.base import Denoiser2p5D
 from IPv2DenoiseLib.denoiser.normalization import hu_to_net, net_to_hu
 from IPv2DenoiseLib.denoiser.weights import load_model
 from IPv2DenoiseLib.denoiser.windows import window_indices
-from IPv2DenoiseLib.imaging.masks import background_mask
+from IPv2DenoiseLib.imaging.masks import background_weight, truncation_warning
 
 #: HU written into background voxels by *Remove Background* (air).
 AIR_HU = -1000.0
+#: Smallest slice side (pixels) the networks are run on: a 2.5D CT denoiser needs image context.
+MIN_SLICE_PX = 16
 #: Most slices per slab on the CPU (measured: larger batches gain nothing there; they cost memory and coarsen progress).
 CPU_MAX_SLAB = 4
 
@@ -178,21 +183,26 @@ class Denoiser:
         hu: np.ndarray,
         *,
         remove_background: bool = True,
+        spacing: tuple[float, float, float] | None = None,
         device: str | torch.device = "auto",
         slab_slices: int | None = None,
         memory_budget_mb: float | None = None,
         progress: ProgressCallback | None = None,
         cancel: CancelToken | None = None,
     ) -> np.ndarray:
-        """Denoise a ``[z, y, x]`` HU array; returns a new float32 HU array (see :meth:`denoise`)."""
+        """Denoise axial ``[z, y, x]`` HU slices; returns a new float32 HU array (see :meth:`denoise`).
+
+        ``spacing`` (x, y, z mm) sizes the background blend (default: 1 mm pixels).
+        """
         hu = _check_hu(hu)
         if slab_slices is not None and (isinstance(slab_slices, bool) or int(slab_slices) < 1):
             raise UserError(f"slab_slices must be a positive integer, got {slab_slices!r}")
         depth, height, width = hu.shape
-        min_size = getattr(self.model, "min_size", 1)
+        min_size = max(getattr(self.model, "min_size", 1), MIN_SLICE_PX)
         if min(height, width) < min_size:
             raise UserError(
-                f"slices of {height}x{width} px are too small for {self.name}; need at least {min_size} px"
+                f"slices of {width} x {height} px (x, y) are too small to denoise with {self.name}; "
+                f"need at least {min_size} x {min_size} px"
             )
         dev = resolve_device(device)
         k = self.model.in_slices
@@ -233,7 +243,8 @@ class Denoiser:
             done += n
             report(done, depth, f"denoised {done}/{depth} slices")
         if remove_background:
-            out[background_mask(hu)] = AIR_HU
+            weight = background_weight(hu, spacing=spacing)
+            out += weight * (AIR_HU - out)  # (1 - w) * denoised + w * air; w = 0 on tissue
         return out
 
     def denoise(
@@ -254,7 +265,8 @@ class Denoiser:
         volume : Volume
             Float32 HU ``[z, y, x]``; not modified.
         remove_background : bool
-            Set the background (air connected to the image border) to −1000 HU afterwards.
+            Blend the air outside the patient to −1000 HU afterwards (never tissue; see the module
+            docstring).
         device : {"auto", "cpu", "cuda", "mps"} or torch.device
             Where the network runs; the output is always stitched on the CPU.
         slab_slices : int, optional
@@ -269,28 +281,44 @@ class Denoiser:
         Returns
         -------
         Volume
-            Same geometry, ``meta`` extended with ``denoiser`` (model name) and its sha256.
+            Same geometry, ``meta`` extended with ``denoiser`` (model name), its sha256 and
+            ``warnings`` (one line each: truncated field of view, reorientation, and those of the
+            reader).
 
         Raises
         ------
         UserError
             Bad device, too-small slices, out of memory even on the CPU; ``Cancelled``.
         """
+        warnings = list(volume.meta.get("warnings", []))
+        plan = volume.axial_plan()
+        work = volume.reoriented(*plan) if plan else volume
+        if plan:
+            warnings.append(
+                f"{volume.meta.get('orientation', 'non-axial')} slices: reoriented to axial for the network "
+                "and written back in the input's own geometry"
+            )
         array = self.denoise_array(
-            volume.array,
+            work.array,
             remove_background=remove_background,
+            spacing=work.spacing,
             device=device,
             slab_slices=slab_slices,
             memory_budget_mb=memory_budget_mb,
             progress=progress,
             cancel=cancel,
         )
-        return volume.with_array(
+        truncated = truncation_warning(work.array, spacing=work.spacing)
+        if truncated:
+            warnings.append(truncated)
+        result = work.with_array(
             array,
             denoiser=self.name,
             denoiser_sha256=self.card.get("sha256"),
             remove_background=bool(remove_background),
+            warnings=warnings,
         )
+        return result.reoriented(*Volume.inverse_plan(*plan)) if plan else result
 
 
-__all__ = ["AIR_HU", "Denoiser", "SlabRunner", "autocast_dtype", "run_slab"]
+__all__ = ["AIR_HU", "MIN_SLICE_PX", "Denoiser", "SlabRunner", "autocast_dtype", "run_slab"]

@@ -302,25 +302,188 @@ def body_mask(
     body = keep[labels]
     if opening_radius > 0:
         body = ndi.binary_dilation(body, _disk_2d(opening_radius)) & raw
-    return _out(_fill_holes_per_slice(body), was_2d)
+    body = _fill_holes_per_slice(body)
+    # A truncated field of view opens the body wall at the image edge: the air there that is not
+    # outside air (a lung reaching the edge) is still inside the body.
+    open_inside = border_connected(~raw) & ~outside_air(vol, threshold=threshold)
+    if open_inside.any():
+        pieces, n_pieces = ndi.label(open_inside, structure=_CROSS_2D)
+        touching = np.unique(pieces[ndi.binary_dilation(body, _CROSS_2D) & open_inside])
+        body |= np.isin(pieces, touching[touching > 0])
+    return _out(body, was_2d)
 
 
-def background_mask(hu: np.ndarray, *, threshold: float = -500.0, per_slice: bool = True) -> np.ndarray:
-    """Air outside the patient: voxels below ``threshold`` connected to the image border.
+def _smooth_in_plane(vol: np.ndarray, sigma_px: float) -> np.ndarray:
+    return ndi.gaussian_filter(vol, sigma=(0.0, sigma_px, sigma_px)) if sigma_px > 0 else vol
+
+
+def _pure_air(values: np.ndarray, pure_air_hu: float, min_fraction: float) -> bool:
+    """True for a region that is mostly pure air (smoothed HU below ``pure_air_hu``); lung is not."""
+    return values.size >= 20 and float(np.mean(values < pure_air_hu)) >= min_fraction
+
+
+def outside_air(
+    hu: np.ndarray,
+    *,
+    threshold: float = -500.0,
+    smooth_px: float = 1.0,
+    pure_air_hu: float = -950.0,
+    pure_fraction: float = 0.8,
+    min_body_fraction: float = 0.02,
+) -> np.ndarray:
+    """The air outside the patient, per axial slice; never lung, also when the body is cut by the image edge.
+
+    Rule, per slice: air (in-plane smoothed HU below ``threshold``) connected to the image border
+    is outside air when the slice's body lies wholly inside the image, since a closed body wall
+    encloses the lungs. When a large tissue region (at least ``min_body_fraction`` of the slice:
+    a body, not a table or a blanket) touches the image border, the field of view is truncated
+    and a lung may reach the edge: there a border-connected air region counts as outside air only
+    when it is *mostly pure air*: at least ``pure_fraction`` of it (its 2-px rim left out) is below
+    ``pure_air_hu`` after a 2-px in-plane smoothing. Lung parenchyma (about −850 HU, with vessels)
+    fails that test even with severe emphysema; outside air passes it also with a foam pad, a
+    blanket or arms in it (those are tissue and are kept by :func:`background_weight`). A lung
+    that is mostly bullae or a large pneumothorax reaching the edge of a truncated image would
+    pass it: that is the rule's limit.
+
+    Returns
+    -------
+    ndarray of bool
+        The air regions; they still contain their rim next to tissue. :func:`background_weight`
+        keeps the removal away from tissue.
+    """
+    vol, was_2d = _as_hu(hu)
+    smooth = _smooth_in_plane(vol, smooth_px)
+    air = smooth < threshold
+    air_labels, n_air = ndi.label(air, structure=_CROSS_2D)
+    tissue_labels, n_tissue = ndi.label(~air, structure=_CROSS_2D)
+    border = _in_plane_border(vol.shape)
+    outside = np.zeros(n_air + 1, dtype=bool)
+    if n_air == 0:
+        return _out(np.zeros(vol.shape, dtype=bool), was_2d)
+    outside[np.unique(air_labels[border])] = True
+    outside[0] = False
+    truncated = _truncated_by_tissue(tissue_labels, n_tissue, border, min_body_fraction)
+    if truncated.any():
+        interior = ndi.binary_erosion(air, _disk_2d(2), border_value=1)
+        smoother = _smooth_in_plane(vol, 2.0)
+        slices_of = ndi.find_objects(air_labels)
+        for label in np.flatnonzero(outside):
+            z = slices_of[label - 1][0].start  # in-plane labelling: one slice per label
+            if truncated[z]:
+                region = air_labels[z] == label
+                values = smoother[z][region & interior[z]]
+                outside[label] = _pure_air(values, pure_air_hu, pure_fraction)
+    return _out(outside[air_labels], was_2d)
+
+
+def _truncated_by_tissue(
+    tissue_labels: np.ndarray, n_tissue: int, border: np.ndarray, min_fraction: float
+) -> np.ndarray:
+    """Per slice: does a tissue region of at least ``min_fraction`` of the slice touch the border?"""
+    depth = tissue_labels.shape[0]
+    truncated = np.zeros(depth, dtype=bool)
+    if n_tissue == 0:
+        return truncated
+    sizes = _component_sizes(tissue_labels, n_tissue)
+    slice_area = tissue_labels.shape[1] * tissue_labels.shape[2]
+    big = np.zeros(n_tissue + 1, dtype=bool)
+    big[1:] = sizes >= min_fraction * slice_area
+    for z in range(depth):
+        truncated[z] = bool(big[tissue_labels[z][border[z]]].any())
+    return truncated
+
+
+def background_weight(
+    hu: np.ndarray,
+    *,
+    spacing: Sequence[float] | None = None,
+    tissue_hu: float = -900.0,
+    margin_mm: float = 1.0,
+    blend_mm: float = 3.0,
+    smooth_px: float = 1.0,
+) -> np.ndarray:
+    """How much of each voxel *Remove Background* may set to air: 0 on tissue, 1 deep in outside air.
+
+    A voxel is tissue when its in-plane smoothed HU is above ``tissue_hu`` (skin, table, clothes,
+    blankets, arms, and every partial-volume voxel at their edge). The weight is 0 on tissue and
+    within ``margin_mm`` (at least 1.5 px: its partial-volume neighbours) of it, and on every voxel whose own HU is above ``tissue_hu``, rises linearly to 1 over the next ``blend_mm`` and is non-zero only
+    in :func:`outside_air`. The denoiser blends ``(1 - w) * denoised + w * (−1000 HU)``, so the
+    edge of the body is kept as the network made it and no tissue voxel changes.
+
+    Parameters
+    ----------
+    spacing : (sx, sy, sz) mm, optional
+        Voxel size, ITK order; default 1 mm (the mm values are read as pixels).
+
+    Returns
+    -------
+    float32 ndarray, same shape as ``hu``, values in [0, 1].
+    """
+    vol, was_2d = _as_hu(hu)
+    sx, sy = (1.0, 1.0) if spacing is None else (float(spacing[0]), float(spacing[1]))
+    outside = outside_air(vol, smooth_px=smooth_px)
+    tissue = _smooth_in_plane(vol, smooth_px) > tissue_hu
+    weight = np.zeros(vol.shape, dtype=np.float32)
+    margin = max(margin_mm, 1.5 * max(sx, sy))  # the 8 neighbours of tissue are partial-volume voxels
+    for z in np.flatnonzero(outside.any(axis=(1, 2))):
+        if tissue[z].any():
+            distance = ndi.distance_transform_edt(~tissue[z], sampling=(sy, sx))
+        else:
+            distance = np.full(tissue[z].shape, np.inf)
+        ramp = np.clip((distance - margin) / max(blend_mm, 1e-6), 0.0, 1.0)
+        # a voxel above tissue_hu is never touched, even a lone one in noisy air
+        weight[z] = np.where(outside[z] & (vol[z] <= tissue_hu), ramp, 0.0)
+    return _out(weight, was_2d)
+
+
+def background_mask(hu: np.ndarray, *, spacing: Sequence[float] | None = None) -> np.ndarray:
+    """Air outside the patient that *Remove Background* touches: ``background_weight(hu) > 0``.
 
     Returns
     -------
     ndarray of bool
         On a chest CT: the air around the patient and the table (also below a full-width table),
-        and the padding outside the reconstruction circle; not the lungs or enclosed gas.
-        Unlike :func:`split_dark` this uses a fixed threshold, not Otsu.
+        and the padding outside the reconstruction circle, at least 1 mm away from any tissue;
+        never the lungs or enclosed gas, also when they reach the image edge (see
+        :func:`outside_air`), never skin, table, arms or clothes.
     """
-    vol, was_2d = _as_hu(hu)
-    return _out(border_connected(vol < threshold, per_slice=per_slice), was_2d)
+    return background_weight(hu, spacing=spacing) > 0
 
 
-def _smooth_in_plane(vol: np.ndarray, sigma_px: float) -> np.ndarray:
-    return ndi.gaussian_filter(vol, sigma=(0.0, sigma_px, sigma_px)) if sigma_px > 0 else vol
+def truncated_slices(
+    hu: np.ndarray,
+    *,
+    body: np.ndarray | None = None,
+    spacing: Sequence[float] | None = None,
+    min_contact_mm: float = 10.0,
+) -> np.ndarray:
+    """Per axial slice: does the body touch the image edge along at least ``min_contact_mm``?
+
+    A truncated (cropped) field of view: anatomy is missing beyond the edge, and ROI volumes and
+    background removal there are less certain. ``body`` defaults to :func:`body_mask`.
+    """
+    vol, _ = _as_hu(hu)
+    body_m = body_mask(vol) if body is None else _as_mask(body, "body")[0]
+    sx, sy = (1.0, 1.0) if spacing is None else (float(spacing[0]), float(spacing[1]))
+    contact = (body_m[:, 0, :].sum(axis=1) + body_m[:, -1, :].sum(axis=1)) * sx + (
+        body_m[:, :, 0].sum(axis=1) + body_m[:, :, -1].sum(axis=1)
+    ) * sy
+    return contact >= min_contact_mm
+
+
+def truncation_warning(
+    hu: np.ndarray, *, body: np.ndarray | None = None, spacing: Sequence[float] | None = None
+) -> str | None:
+    """One line saying the field of view is truncated (see :func:`truncated_slices`), or None."""
+    cut = truncated_slices(hu, body=body, spacing=spacing)
+    if not cut.any():
+        return None
+    first = int(np.flatnonzero(cut)[0])
+    return (
+        f"the field of view is truncated: the body touches the image edge in {int(cut.sum())} of {cut.size} "
+        f"slices (first: slice {first}); anatomy beyond the edge is missing, and air touching the edge is "
+        "kept unless it is pure air outside the body"
+    )
 
 
 def airway_mask(
@@ -431,7 +594,8 @@ def lung_mask(
     if body_m.shape != vol.shape:
         raise UserError(f"body mask shape {body_m.shape} does not match the CT shape {vol.shape}")
     air = _smooth_in_plane(vol, smooth_px) < threshold
-    candidates = air & body_m & ~border_connected(air)
+    # not border_connected(air): in a truncated field of view the lungs reach the image edge
+    candidates = air & body_m & ~outside_air(vol, threshold=threshold, smooth_px=smooth_px)
     if separate_trachea:
         candidates &= ~airway_mask(vol, candidates, body=body_m, spacing=spacing)
     labels, n = ndi.label(candidates, structure=_CROSS_3D)
@@ -521,7 +685,7 @@ def standard_rois(
     rois = {
         "lung": lung_parenchyma_mask(vol, lungs=lungs),
         "soft_tissue": soft_tissue_mask(vol, body=body),
-        "background": background_mask(vol),
+        "background": background_mask(vol, spacing=spacing),
         "lungs_whole": lungs,
     }
     return {name: _out(mask, was_2d) for name, mask in rois.items()}

@@ -24,8 +24,6 @@ from __future__ import annotations
 import copy
 import datetime as _dt
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +36,7 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from IPv2DenoiseLib import __version__
+from IPv2DenoiseLib.core.atomic import atomic_dir
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.progress import ProgressCallback
 from IPv2DenoiseLib.core.volume import Volume
@@ -355,7 +354,7 @@ def export_derived_series(
         The denoised volume in HU (its geometry is written as is).
     out_dir : path
         Folder to create; must not exist yet or be empty. Files are first written to a hidden
-        sibling temp folder that is renamed at the end, so no half-written series is left.
+        staging folder beside it that is renamed at the end, so no half-written series is left.
     source_files : list of paths, optional
         The source DICOM file of every slice, in the volume's z order (``read_volume`` puts them in
         ``meta["dicom_files"]``). When given, patient, study and frame of reference are copied from
@@ -410,12 +409,10 @@ def export_derived_series(
         series_description=series_description,
     )
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     names = [f"IM{k + 1:06d}.dcm" for k in range(nz)]
     hu = np.clip(np.rint(volume.array), _HU_MIN, _HU_MAX).astype(np.int16)
     normal = _axes(volume)[:, 2]
-    try:
+    with atomic_dir(out_dir) as tmp:  # hidden staging folder with our pid; stale ones are cleaned
         for k in range(nz):
             ds = copy.deepcopy(base_ds)  # Dataset.copy() shares elements
             if headers is not None:
@@ -445,10 +442,4 @@ def export_derived_series(
             ds.save_as(tmp / names[k], enforce_file_format=True)
             if progress is not None:
                 progress(k + 1, nz, "writing DICOM")
-        if out_dir.exists():
-            out_dir.rmdir()  # empty (checked above)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return [out_dir / n for n in names]

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
+from IPv2DenoiseLib.core.atomic import make_output_folder
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.progress import TqdmProgress, make_progress
 from IPv2DenoiseLib.core.resources import resources_dir
@@ -48,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from IPv2DenoiseLib.imaging.metrics import roi_comparison_table
     from IPv2DenoiseLib.io.volumes import read_volume, write_volume
 
+    out = make_output_folder(args.out)  # before any work: a path that cannot be made is one line
     source = Path(args.input) if args.input else sample_uldct()
     volume = read_volume(source)
     reference_path = args.reference or (
@@ -57,8 +60,6 @@ def run(args: argparse.Namespace) -> int:
     if reference is not None and reference.shape != volume.shape:
         raise UserError(f"--reference shape {reference.shape} differs from the input's {volume.shape}")
     denoiser = Denoiser.from_file(args.weights) if args.weights else Denoiser.from_registry(args.model)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
 
     progress = make_progress(args.json_progress, desc="denoise", unit="slice")
     began = time.monotonic()
@@ -68,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
         if isinstance(progress, TqdmProgress):
             progress.close()
     seconds = time.monotonic() - began
+    for message in denoised.meta.get("warnings", []):
+        print(f"warning: {message}", file=sys.stderr)
 
     volume_path = write_volume(denoised, out / "denoised.nrrd")
     regions = standard_rois(volume.array, spacing=volume.spacing)

@@ -9,13 +9,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 from IPv2DenoiseLib import __version__
 from IPv2DenoiseLib.app.commands.send import add_peer_arguments, send_and_report
+from IPv2DenoiseLib.core.atomic import check_output_path
 from IPv2DenoiseLib.core.device import DEVICE_CHOICES
 from IPv2DenoiseLib.core.errors import UserError
-from IPv2DenoiseLib.core.progress import JsonLinesProgress, TqdmProgress
+from IPv2DenoiseLib.core.progress import JsonLinesProgress, Stages, make_progress
 
 NAME = "denoise"
 HELP = (
@@ -127,7 +127,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--slab", type=_positive_int, metavar="N", help="slices per slab (default: from free memory)"
     )
     parser.add_argument(
-        "--series-uid", help="SeriesInstanceUID to read when a DICOM folder holds several series"
+        "--series",
+        "--series-uid",
+        dest="series_uid",
+        metavar="UID_OR_N",
+        help="the series to read when a DICOM folder holds several: its SeriesInstanceUID or its number "
+        "in the list the refusal prints",
+    )
+    parser.add_argument(
+        "--resample-gaps",
+        action="store_true",
+        help="interpolate a DICOM series with missing slices or uneven spacing onto an even grid "
+        "(default: refuse and say where the gap is)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it already exists")
+    parser.add_argument(
+        "--force", action="store_true", help="read non-CT modalities and volumes without air (no HU check)"
     )
     parser.add_argument(
         "--dicom", action="store_true", help="write OUT as a derived DICOM CT series (one file per slice)"
@@ -158,11 +173,7 @@ def run(args: argparse.Namespace) -> int:
     start = time.monotonic()
     device = resolve_device(args.device)  # fail fast: "--device cuda" without a GPU
     if args.dicom:
-        out = Path(args.output)
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise UserError(
-                f"OUT {args.output!r}: already exists and is not an empty folder; choose a new folder"
-            )
+        check_output_path(args.output, inputs=[args.input], folder=True)
         if args.send:
             parse_destination(args.send, args.aet)  # a malformed destination fails before any work
     else:
@@ -177,28 +188,47 @@ def run(args: argparse.Namespace) -> int:
         ]
         if used:
             raise UserError(f"--{used[0].replace('_', '-')} needs --dicom")
-    denoiser = Denoiser.from_file(args.weights) if args.weights else Denoiser.from_registry(args.model)
-    progress = JsonLinesProgress() if args.json_progress else TqdmProgress(desc="denoise", unit="slice")
+        check_output_path(args.output, inputs=[args.input], overwrite=args.overwrite)
     where = describe_device(device)
     if args.json_progress:
-        progress.emit(device=where, model=denoiser.name)
-    else:
-        print(f"running on: {where}; model {denoiser.name}", file=sys.stderr)
+        JsonLinesProgress().emit(device=where)
+    else:  # before the bar exists, so the line never lands on its first frame
+        print(f"running on: {where}", file=sys.stderr, flush=True)
+    progress = make_progress(args.json_progress, desc="denoise", percent=True)
+    stages = Stages(progress, read=4, model=1, denoise=90, write=5)
+
+    def warn(message: str) -> None:
+        if args.json_progress:
+            progress.emit(warning=message)
+        else:
+            progress.write(f"warning: {message}")
+
     try:
-        volume = read_volume(args.input, series_uid=args.series_uid)
-        warning = applicability_warning(volume, denoiser.card)
-        if warning:
-            if args.json_progress:
-                progress.emit(warning=warning)
-            else:
-                print(f"warning: {warning}", file=sys.stderr)
+        stages.start("read", f"reading {args.input}")
+        volume = read_volume(
+            args.input,
+            series_uid=args.series_uid,
+            force=args.force,
+            resample_gaps=args.resample_gaps,
+            progress=stages.stage("read"),
+        )
+        stages.start("model", "loading the model")
+        denoiser = Denoiser.from_file(args.weights) if args.weights else Denoiser.from_registry(args.model)
+        if args.json_progress:
+            progress.emit(model=denoiser.name)
+        applicability = applicability_warning(volume, denoiser.card)
+        if applicability:  # input outside the model's training range
+            warn(applicability)
         result = denoiser.denoise(
             volume,
             remove_background=args.remove_background,
             device=device,
             slab_slices=args.slab,
-            progress=progress,
+            progress=stages.stage("denoise"),
         )
+        for message in result.meta.get("warnings", []):
+            warn(message)
+        stages.start("write", f"writing {args.output}")
         if args.dicom:
             sources = volume.meta.get("dicom_files") if volume.meta.get("source") == "dicom" else None
             provenance = model_provenance(denoiser, registered=not args.weights)
@@ -207,9 +237,9 @@ def run(args: argparse.Namespace) -> int:
             )
         else:
             write_volume(result, args.output)
+        stages.finish(f"wrote {args.output}")
     finally:
-        if isinstance(progress, TqdmProgress):
-            progress.close()
+        progress.close()
     if args.dicom and args.send:
         # the series stays in OUT whatever happens; with --json-progress stdout carries JSON only
         report = send_and_report(files, args.send, args, lines=sys.stderr if args.json_progress else None)
@@ -219,5 +249,5 @@ def run(args: argparse.Namespace) -> int:
     if args.json_progress:
         progress.emit(result=str(args.output), seconds=seconds)
     else:
-        print(f"wrote {args.output} ({seconds:.1f} s)", file=sys.stderr)
+        print(f"wrote {args.output} with {denoiser.name} ({seconds:.1f} s)", file=sys.stderr)
     return 0

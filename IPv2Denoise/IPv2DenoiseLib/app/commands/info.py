@@ -15,20 +15,36 @@ HELP = "Describe a CT volume: dimensions, spacing, HU range, body/lung/backgroun
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", help="DICOM folder or file, NRRD, NIfTI (.nii/.nii.gz) or MHA/MHD")
     parser.add_argument(
-        "--series-uid", help="SeriesInstanceUID to read when a DICOM folder holds several series"
+        "--series",
+        "--series-uid",
+        dest="series_uid",
+        metavar="UID_OR_N",
+        help="the series to read when a DICOM folder holds several: its SeriesInstanceUID or its number "
+        "in the list the refusal prints",
     )
-    parser.add_argument("--force", action="store_true", help="read non-CT modalities and volumes without air")
+    parser.add_argument(
+        "--resample-gaps",
+        action="store_true",
+        help="interpolate a DICOM series with missing slices or uneven spacing (default: refuse)",
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="read non-CT modalities, non-HU values and volumes without air"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 
 def describe(volume) -> dict:
     """The facts ``info`` prints, as a JSON-ready dict."""
     # lazy: the CLI imports every command to build --help; torch & co. load on use
-    from IPv2DenoiseLib.imaging.masks import body_mask, standard_rois
+    from IPv2DenoiseLib.imaging.masks import body_mask, standard_rois, truncation_warning
     from IPv2DenoiseLib.imaging.metrics import roi_stats
 
     hu = volume.array
     body = body_mask(hu)
+    warnings = list(volume.meta.get("warnings", []))
+    truncated = truncation_warning(hu, body=body, spacing=volume.spacing)
+    if truncated:
+        warnings.append(truncated)
     regions = standard_rois(hu, spacing=volume.spacing, body=body)
     lungs, background = regions.pop("lungs_whole"), regions["background"]
     ml = volume.voxel_volume_ml
@@ -38,7 +54,8 @@ def describe(volume) -> dict:
         rois[name] = {
             k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in asdict(stats).items()
         }
-    meta = {k: v for k, v in volume.meta.items() if k not in {"dicom_files", "SOPInstanceUIDs"}}
+    hidden = {"dicom_files", "SOPInstanceUIDs", "dicom_series_files", "warnings"}
+    meta = {k: v for k, v in volume.meta.items() if k not in hidden}
     return {
         "shape_zyx": list(volume.shape),
         "spacing_xyz_mm": list(volume.spacing),
@@ -54,6 +71,7 @@ def describe(volume) -> dict:
         },
         "roi_stats_hu": rois,
         "meta": meta,
+        "warnings": warnings,
     }
 
 
@@ -87,6 +105,7 @@ def _text(facts: dict) -> str:
     ):
         if key in meta:
             lines.append(f"{key:<12} {meta[key]}")
+    lines.extend(f"warning      {w}" for w in facts["warnings"])
     return "\n".join(lines)
 
 
@@ -94,7 +113,9 @@ def run(args: argparse.Namespace) -> int:
     # lazy: the CLI imports every command to build --help; torch & co. load on use
     from IPv2DenoiseLib.io.volumes import read_volume
 
-    volume = read_volume(args.path, series_uid=args.series_uid, force=args.force)
+    volume = read_volume(
+        args.path, series_uid=args.series_uid, force=args.force, resample_gaps=args.resample_gaps
+    )
     facts = describe(volume)
     print(json.dumps(facts, indent=2, default=str) if args.json else _text(facts))
     return 0

@@ -1,0 +1,564 @@
+"""Read a DICOM CT series as a float32 HU volume with correct geometry, or refuse in one line.
+
+GDCM (through SimpleITK's ``ImageSeriesReader``) finds the series in each folder, sorts their
+files along the slice normal and decodes the pixels (also the JPEG/JPEG 2000 syntaxes pydicom
+cannot decode without plugins). pydicom reads the headers, from which the geometry is checked,
+because ITK builds a volume from the first slice's orientation and the mean slice step and so
+silently misplaces slices when the series is not a regular stack:
+
+* several CT series in the input: listed (UID, description, slices, orientation) and refused
+  unless one is chosen by UID or by its number in that list; never a silent pick (series of
+  other modalities are left out unless ``force``);
+* missing slices or uneven spacing: refused with the position of the gap, unless
+  ``resample_gaps`` asks for linear interpolation onto the median step;
+* gantry tilt (slices stepping sideways, i.e. a sheared stack): every slice is moved in its own
+  plane onto a regular grid (the standard correction, as dcm2niix does), so every pixel keeps its
+  true position; the grid grows to hold the shifted slices (new pixels are air, −1024 HU);
+* two slices at one position, slices of different orientation or size: refused;
+* enhanced (multi-frame) CT: read through GDCM, the geometry checked against the per-frame
+  positions, and refused when its values are not HU (e.g. a perfusion map).
+
+Coronal and sagittal series are read in their own geometry; the denoiser reorients them to
+axial for the network and back (see :meth:`IPv2DenoiseLib.core.volume.Volume.to_axial`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import SimpleITK as sitk
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from scipy import ndimage as ndi
+
+from IPv2DenoiseLib.core.errors import UserError
+from IPv2DenoiseLib.core.progress import ProgressCallback
+from IPv2DenoiseLib.core.volume import Volume
+
+#: Folders never searched for DICOM files (besides hidden ones such as .venv or .git).
+SKIPPED_FOLDERS = {"__pycache__", "node_modules", "site-packages"}
+#: HU of pixels outside the measured field of view (padding, shifted-in margins).
+PADDING_HU = -1024.0
+#: Relative deviation from the median slice step that counts as a gap or uneven spacing.
+GAP_TOLERANCE = 0.1
+#: In-plane drift (mm) over the whole stack above which slices are shifted onto a regular grid.
+SHEAR_TOLERANCE_MM = 0.05
+
+_META_KEYWORDS = {
+    "PatientID": "PatientID",
+    "PatientName": "PatientName",
+    "StudyInstanceUID": "StudyInstanceUID",
+    "SeriesInstanceUID": "SeriesInstanceUID",
+    "FrameOfReferenceUID": "FrameOfReferenceUID",
+    "StudyDescription": "StudyDescription",
+    "SeriesDescription": "SeriesDescription",
+    "SeriesNumber": "SeriesNumber",
+    "Manufacturer": "Manufacturer",
+    "ConvolutionKernel": "ConvolutionKernel",
+    "kVp": "KVP",
+    "mAs": "Exposure",
+    "tube_current_mA": "XRayTubeCurrent",
+    "CTDIvol": "CTDIvol",
+    "SliceThickness": "SliceThickness",
+}
+_NUMERIC_META = {"SeriesNumber", "kVp", "mAs", "tube_current_mA", "CTDIvol", "SliceThickness"}
+
+
+# --------------------------------------------------------------------------------------- finding
+
+
+def orientation_name(iop: Any) -> str:
+    """'axial', 'coronal' or 'sagittal' for the axis the slice normal is closest to ('oblique' past 30°)."""
+    v = np.asarray([float(x) for x in iop], dtype=float)
+    normal = np.cross(v[:3], v[3:])
+    axis = int(np.argmax(np.abs(normal)))
+    name = ("sagittal", "coronal", "axial")[axis]
+    return name if abs(normal[axis]) >= np.cos(np.deg2rad(30)) else f"oblique (near {name})"
+
+
+@dataclass
+class SeriesInfo:
+    """One image series found in the input: its files (GDCM order) and their headers."""
+
+    uid: str
+    files: list[Path]
+    headers: list[Dataset] = field(repr=False)
+
+    @property
+    def first(self) -> Dataset:
+        return self.headers[0]
+
+    @property
+    def n_slices(self) -> int:
+        return sum(int(h.get("NumberOfFrames", 1) or 1) for h in self.headers)
+
+    @property
+    def modality(self) -> str:
+        return str(self.first.get("Modality", "") or "")
+
+    @property
+    def orientation(self) -> str:
+        iop = _iop(self.first)
+        return "unknown orientation" if iop is None else orientation_name(iop)
+
+    def summary(self) -> str:
+        desc = str(self.first.get("SeriesDescription", "") or "").strip() or "no description"
+        return f"{self.uid} '{desc}' {self.modality or '?'}, {self.n_slices} slices, {self.orientation}"
+
+
+def _search_folders(root: Path) -> list[Path]:
+    """``root`` and its subfolders, skipping hidden ones (.venv, .git) and caches."""
+    folders = []
+    for current, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in SKIPPED_FOLDERS)
+        if any(not f.startswith(".") for f in files):
+            folders.append(Path(current))
+    return folders
+
+
+def _header(path: Path) -> Dataset | None:
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+    except (InvalidDicomError, OSError, ValueError, TypeError, AttributeError, EOFError):
+        return None
+    return ds if "Rows" in ds else None
+
+
+def _slice_order(pair: tuple[Path, Dataset]) -> tuple[float, int]:
+    ds = pair[1]
+    iop, ipp = _iop(ds), _ipp(ds)
+    height = float(ipp @ np.cross(iop[:3], iop[3:])) if iop is not None and ipp is not None else 0.0
+    return height, int(ds.get("InstanceNumber", 0) or 0)
+
+
+def series_of_files(files: Iterable[Path]) -> list[SeriesInfo]:
+    """The image series among exactly these files, grouped by SeriesInstanceUID and sorted."""
+    grouped: dict[str, list[tuple[Path, Dataset]]] = {}
+    for f in files:
+        ds = _header(f)
+        if ds is not None:
+            grouped.setdefault(str(ds.get("SeriesInstanceUID", "unknown")), []).append((f, ds))
+    found = []
+    for uid, pairs in grouped.items():
+        pairs.sort(key=_slice_order)
+        found.append(SeriesInfo(uid, [f for f, _ in pairs], [h for _, h in pairs]))
+    return sorted(found, key=lambda s: (int(s.first.get("SeriesNumber", 0) or 0), s.uid))
+
+
+def find_series(path: str | os.PathLike) -> list[SeriesInfo]:
+    """Every image series in a DICOM file or folder (searched recursively, hidden folders skipped).
+
+    GDCM groups the files of each folder by SeriesInstanceUID and sorts them; files of one series
+    spread over several folders are merged. Non-image objects (SR, RT structures) are left out.
+    """
+    p = Path(path)
+    grouped: dict[str, list[Path]] = {}
+    if p.is_file():
+        ds = _header(p)
+        if ds is not None:
+            grouped[str(ds.get("SeriesInstanceUID", "unknown"))] = [p]
+    else:
+        for folder in _search_folders(p):
+            for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)):
+                names = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
+                grouped.setdefault(uid, []).extend(Path(n) for n in names)
+    found = []
+    for uid, files in grouped.items():
+        pairs = [(f, h) for f in files if (h := _header(f)) is not None]
+        if pairs:
+            pairs.sort(key=_slice_order)  # GDCM sorts each folder; folders are merged here
+            found.append(SeriesInfo(uid, [f for f, _ in pairs], [h for _, h in pairs]))
+    return sorted(found, key=lambda s: (int(s.first.get("SeriesNumber", 0) or 0), s.uid))
+
+
+def choose_series(series: list[SeriesInfo], selector: str | None, *, where: str) -> SeriesInfo:
+    """The series named by ``selector`` (a SeriesInstanceUID or its 1-based number in the list).
+
+    With one series and no selector, that one. With several and no selector: refused, listing
+    them, so the user picks; the tool never guesses.
+    """
+    listing = "; ".join(f"{i}) {s.summary()}" for i, s in enumerate(series, start=1))
+    if selector is not None:
+        for s in series:
+            if s.uid == selector:
+                return s
+        if selector.isdigit() and 1 <= int(selector) <= len(series):
+            return series[int(selector) - 1]
+        raise UserError(f"{where}: no series {selector!r}; found: {listing}")
+    if len(series) == 1:
+        return series[0]
+    raise UserError(
+        f"{where} holds {len(series)} image series; choose one with --series UID or --series N: {listing}"
+    )
+
+
+# --------------------------------------------------------------------------------------- geometry
+
+
+def _iop(ds: Dataset) -> list[float] | None:
+    iop = ds.get("ImageOrientationPatient")
+    return None if iop is None else [float(v) for v in iop]
+
+
+def _ipp(ds: Dataset) -> np.ndarray | None:
+    ipp = ds.get("ImagePositionPatient")
+    return None if ipp is None else np.array([float(v) for v in ipp])
+
+
+def _label(ds: Dataset) -> str:
+    number = ds.get("InstanceNumber")
+    return f"instance {number}" if number not in (None, "") else "no instance number"
+
+
+@dataclass
+class StackGeometry:
+    """Where the slices of a sorted series lie: the regular grid they form, and how they deviate."""
+
+    row: np.ndarray
+    col: np.ndarray
+    normal: np.ndarray
+    positions: np.ndarray  # (n, 3) ImagePositionPatient, sorted along the normal
+    heights: np.ndarray  # (n,) position along the normal
+    step: float  # median step along the normal (mm)
+    in_plane: np.ndarray  # (n, 2) in-plane offset of each slice from the first, along row/col (mm)
+
+    @property
+    def irregular(self) -> np.ndarray:
+        """Indices k where the step from slice k to k+1 deviates from the median step."""
+        steps = np.diff(self.heights)
+        return np.flatnonzero(np.abs(steps - self.step) > GAP_TOLERANCE * self.step)
+
+    @property
+    def sheared(self) -> bool:
+        return bool(np.abs(self.in_plane).max(initial=0.0) > SHEAR_TOLERANCE_MM)
+
+    @property
+    def tilt_degrees(self) -> float:
+        span = self.heights[-1] - self.heights[0]
+        drift = float(np.linalg.norm(self.in_plane[-1])) if len(self.in_plane) else 0.0
+        return float(np.degrees(np.arctan2(drift, span))) if span > 0 else 0.0
+
+
+def stack_geometry(headers: list[Dataset], *, where: str, default_step: float) -> StackGeometry:
+    """Check orientations and positions of sorted slice headers; refuse stacks that are not one volume."""
+    iops = [_iop(h) for h in headers]
+    if any(i is None for i in iops) or any(_ipp(h) is None for h in headers):
+        if len(headers) > 1:
+            raise UserError(
+                f"{where}: slices lack ImagePositionPatient/ImageOrientationPatient; cannot place them"
+            )
+        iops = [[1.0, 0.0, 0.0, 0.0, 1.0, 0.0]]
+    ref = np.array(iops[0])
+    for h, iop in zip(headers, iops):
+        if np.abs(np.array(iop) - ref).max() > 1e-3:
+            raise UserError(
+                f"{where}: slices have different orientations ({_label(headers[0])}: {ref.round(4).tolist()}, "
+                f"{_label(h)}: {np.round(iop, 4).tolist()}); a volume needs parallel slices"
+            )
+    row, col = ref[:3] / np.linalg.norm(ref[:3]), ref[3:] / np.linalg.norm(ref[3:])
+    normal = np.cross(row, col)
+    positions = np.array([_ipp(h) if _ipp(h) is not None else np.zeros(3) for h in headers])
+    heights = positions @ normal  # sorted by find_series
+    steps = np.diff(heights)
+    if len(headers) > 1:
+        step = float(np.median(steps))
+        same = np.flatnonzero(steps < 1e-3 * max(step, 1e-3) + 1e-4)
+        if step <= 0 or same.size:
+            k = int(same[0]) if same.size else 0
+            raise UserError(
+                f"{where}: two slices at the same position {heights[k]:.2f} mm ({_label(headers[k])}, "
+                f"{_label(headers[k + 1])}); the folder mixes acquisitions; choose one series"
+            )
+    else:
+        step = default_step
+    offsets = positions - positions[:1] - np.outer(heights - heights[0], normal)
+    in_plane = np.column_stack([offsets @ row, offsets @ col])
+    return StackGeometry(row, col, normal, positions, heights, step, in_plane)
+
+
+def gap_message(geometry: StackGeometry, headers: list[Dataset], *, where: str) -> str:
+    """One line naming the worst deviation from the regular step."""
+    steps = np.diff(geometry.heights)
+    bad = geometry.irregular
+    k = int(bad[np.argmax(np.abs(steps[bad] - geometry.step))])
+    missing = steps[k] / geometry.step - 1
+    what = f"about {round(missing)} slice(s) missing" if missing > 0.5 else "uneven slice spacing"
+    more = f" ({len(bad)} irregular steps in all)" if len(bad) > 1 else ""
+    return (
+        f"{where}: {what}: a step of {steps[k]:.2f} mm between the slices at {geometry.heights[k]:.2f} and "
+        f"{geometry.heights[k + 1]:.2f} mm along the slice normal ({_label(headers[k])} and "
+        f"{_label(headers[k + 1])}) where the series steps {geometry.step:.2f} mm{more}; "
+        "pass --resample-gaps to interpolate onto an even grid"
+    )
+
+
+# --------------------------------------------------------------------------------------- pixels
+
+
+def _read_pixels(files: list[Path], *, where: str, progress: ProgressCallback | None) -> np.ndarray:
+    """HU of every file (slope/intercept applied by GDCM), in the given order, in chunks for progress."""
+    chunks, done, chunk = [], 0, 32
+    warnings_were = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK warns about spacing we check ourselves
+    try:
+        for start in range(0, len(files), chunk):
+            reader = sitk.ImageSeriesReader()
+            reader.SetFileNames([str(f) for f in files[start : start + chunk]])
+            try:
+                image = reader.Execute()
+            except RuntimeError as exc:
+                first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "unreadable")
+                raise UserError(f"{where}: cannot decode the pixel data ({first[:160]})") from None
+            if image.GetNumberOfComponentsPerPixel() != 1:
+                raise UserError(
+                    f"{where}: images have {image.GetNumberOfComponentsPerPixel()} samples per pixel (RGB); CT has one"
+                )
+            chunks.append(sitk.GetArrayFromImage(image).astype(np.float32, copy=False))
+            done += len(files[start : start + chunk])
+            if progress is not None:
+                progress(done, len(files), f"reading DICOM {done}/{len(files)} files")
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(warnings_were)
+    return np.concatenate(chunks) if len(chunks) > 1 else chunks[0]
+
+
+def _apply_padding(hu: np.ndarray, headers: list[Dataset]) -> None:
+    """Pixels equal to PixelPaddingValue (outside the scan's field of view) become air, in place."""
+    for k, h in enumerate(headers):
+        padding = h.get("PixelPaddingValue")
+        if padding is None:
+            continue
+        slope = float(h.get("RescaleSlope", 1) or 1)
+        intercept = float(h.get("RescaleIntercept", 0) or 0)
+        hu[k][np.isclose(hu[k], float(padding) * slope + intercept)] = PADDING_HU
+
+
+def _check_hu_units(ds: Dataset, *, where: str, force: bool) -> None:
+    """Refuse values that are not HU (RescaleType other than HU, e.g. a perfusion map)."""
+    rescale_type = ds.get("RescaleType")
+    for group in ds.get("SharedFunctionalGroupsSequence", []) or []:
+        for item in group.get("PixelValueTransformationSequence", []) or []:
+            rescale_type = item.get("RescaleType", rescale_type)
+    if force or rescale_type in (None, "", "HU"):
+        return
+    kind = "\\".join(
+        str(v)
+        for g in ds.get("SharedFunctionalGroupsSequence", []) or []
+        for f in g.get("CTImageFrameTypeSequence", []) or []
+        for v in f.get("FrameType", [])
+    ) or "\\".join(str(v) for v in ds.get("ImageType", []))
+    raise UserError(
+        f"{where}: pixel values are not Hounsfield units (RescaleType {rescale_type}; image type {kind or '?'}); "
+        "the denoiser needs a CT in HU (info and denoise read it anyway with --force)"
+    )
+
+
+# --------------------------------------------------------------------------------------- volumes
+
+
+def _meta(ds: Dataset, info: SeriesInfo, n_series: int) -> dict[str, Any]:
+    meta: dict[str, Any] = {"source": "dicom", "series_choice": info.summary(), "series_in_input": n_series}
+    for key, keyword in _META_KEYWORDS.items():
+        value = ds.get(keyword)
+        if value not in (None, ""):
+            try:
+                meta[key] = float(value) if key in _NUMERIC_META else str(value)
+            except (TypeError, ValueError):
+                meta[key] = str(value)
+    meta["Modality"] = str(ds.get("Modality", ""))
+    meta["orientation"] = info.orientation
+    meta["warnings"] = []
+    return meta
+
+
+def _read_multiframe(info: SeriesInfo, *, where: str, force: bool, n_series: int) -> Volume:
+    """An enhanced (multi-frame) CT object, read by GDCM; geometry checked against its frames."""
+    if len(info.files) != 1:
+        raise UserError(
+            f"{where}: series {info.uid} mixes {len(info.files)} multi-frame files; read one at a time"
+        )
+    path = info.files[0]
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    _check_hu_units(ds, where=where, force=force)
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        raise UserError(
+            f"{path}: cannot read the multi-frame image ({str(exc).splitlines()[0][:160]})"
+        ) from None
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise UserError(f"{path}: multi-frame image is not one grey 3-D volume")
+    frames = ds.get("PerFrameFunctionalGroupsSequence", []) or []
+    positions = [
+        [float(v) for v in f.PlanePositionSequence[0].ImagePositionPatient]
+        for f in frames
+        if "PlanePositionSequence" in f
+    ]
+    volume = Volume(
+        sitk.GetArrayFromImage(image).astype(np.float32),
+        image.GetSpacing(),
+        image.GetOrigin(),
+        image.GetDirection(),
+        _meta(ds, info, n_series),
+    )
+    if len(positions) == volume.shape[0]:
+        expected = np.array(positions)
+        got = np.array([image.TransformIndexToPhysicalPoint((0, 0, k)) for k in range(volume.shape[0])])
+        if np.abs(expected - got).max() > 0.1:
+            raise UserError(
+                f"{path}: the frames are not a regular stack (frame positions differ from the grid by up to "
+                f"{np.abs(expected - got).max():.1f} mm); export it as a classic CT series"
+            )
+    volume.meta["dicom_files"] = [str(path)]
+    return volume
+
+
+def _shift_in_plane(hu: np.ndarray, geometry: StackGeometry, spacing_xy: tuple[float, float]):
+    """Move every slice in its own plane so the stack becomes a regular grid; returns (array, origin shift in px)."""
+    sx, sy = spacing_xy
+    shift_px = np.column_stack([geometry.in_plane[:, 0] / sx, geometry.in_plane[:, 1] / sy])  # (x, y)
+    lo = np.floor(shift_px.min(axis=0)).astype(int)  # <= 0
+    hi = np.ceil(shift_px.max(axis=0)).astype(int)  # >= 0
+    lo, hi = np.minimum(lo, 0), np.maximum(hi, 0)
+    nz, ny, nx = hu.shape
+    out = np.full((nz, ny + hi[1] - lo[1], nx + hi[0] - lo[0]), PADDING_HU, dtype=np.float32)
+    for k in range(nz):
+        canvas = np.full(out.shape[1:], PADDING_HU, dtype=np.float32)
+        canvas[:ny, :nx] = hu[k]
+        # slice k pixel (i, j) lies at grid pixel (i + shift_x - lo_x, j + shift_y - lo_y)
+        dy, dx = shift_px[k, 1] - lo[1], shift_px[k, 0] - lo[0]
+        out[k] = ndi.shift(canvas, (dy, dx), order=1, mode="constant", cval=PADDING_HU)
+    return out, lo
+
+
+def _resample_heights(hu: np.ndarray, heights: np.ndarray, step: float) -> tuple[np.ndarray, np.ndarray]:
+    """Linear interpolation of the slices (at ``heights``) onto an even grid of ``step`` mm."""
+    n = int(round((heights[-1] - heights[0]) / step)) + 1
+    grid = heights[0] + step * np.arange(n)
+    upper = np.clip(np.searchsorted(heights, grid, side="right"), 1, len(heights) - 1)
+    lower = upper - 1
+    weight = np.clip((grid - heights[lower]) / (heights[upper] - heights[lower]), 0.0, 1.0)
+    out = (1 - weight)[:, None, None] * hu[lower] + weight[:, None, None] * hu[upper]
+    return out.astype(np.float32), grid
+
+
+def read_series(
+    info: SeriesInfo,
+    *,
+    where: str,
+    force: bool = False,
+    resample_gaps: bool = False,
+    n_series: int = 1,
+    progress: ProgressCallback | None = None,
+) -> Volume:
+    """The series as a volume on a regular grid (see the module docstring for what is refused)."""
+    first = info.first
+    if info.modality != "CT" and not force:
+        raise UserError(
+            f"{where}: modality is {info.modality or 'missing'}, not CT "
+            "(info and denoise read it anyway with --force)"
+        )
+    if int(first.get("NumberOfFrames", 1) or 1) > 1:
+        return _read_multiframe(info, where=where, force=force, n_series=n_series)
+    _check_hu_units(first, where=where, force=force)
+    shapes = {(int(h.Rows), int(h.Columns)) for h in info.headers}
+    if len(shapes) != 1:
+        raise UserError(f"{where}: slices of the series have different sizes {sorted(shapes)}")
+    default_step = float(first.get("SpacingBetweenSlices", first.get("SliceThickness", 1.0)) or 1.0)
+    geometry = stack_geometry(info.headers, where=where, default_step=default_step)
+    resample = geometry.irregular.size > 0
+    if resample and not resample_gaps:
+        raise UserError(gap_message(geometry, info.headers, where=where))
+
+    hu = _read_pixels(info.files, where=where, progress=progress)
+    _apply_padding(hu, info.headers)
+    pixel_spacing = [float(v) for v in first.get("PixelSpacing", [1, 1])]
+    sx, sy = pixel_spacing[1], pixel_spacing[0]
+    meta = _meta(first, info, n_series)
+    origin = geometry.positions[0].copy()
+    if geometry.sheared:
+        hu, lo = _shift_in_plane(hu, geometry, (sx, sy))
+        origin = origin + lo[0] * sx * geometry.row + lo[1] * sy * geometry.col
+        tilt = first.get("GantryDetectorTilt")
+        told = f" (GantryDetectorTilt {float(tilt):g}°)" if tilt not in (None, "") else ""
+        meta["warnings"].append(
+            f"tilted stack: the slices step {geometry.tilt_degrees:.1f}° off their normal{told}; every slice was "
+            f"shifted in its own plane onto a regular grid (up to {np.abs(geometry.in_plane).max():.1f} mm), "
+            "so positions are true; the output covers the enlarged grid"
+        )
+    if resample:
+        message = gap_message(geometry, info.headers, where=where).split(": ", 1)[1].split("; pass")[0]
+        hu, _ = _resample_heights(hu, geometry.heights, geometry.step)
+        meta["warnings"].append(f"{message}; interpolated onto an even grid (--resample-gaps)")
+    direction = np.column_stack([geometry.row, geometry.col, geometry.normal]).ravel()
+    if not (resample or geometry.sheared):  # slices are the files' own, one to one
+        meta["dicom_files"] = [str(f) for f in info.files]
+        meta["SOPInstanceUIDs"] = [str(h.get("SOPInstanceUID", "")) for h in info.headers]
+    else:
+        meta["dicom_series_files"] = [str(f) for f in info.files]
+    return Volume(hu, (sx, sy, geometry.step), tuple(origin), direction, meta)
+
+
+def read_dicom(
+    path: str | os.PathLike,
+    *,
+    series: str | None = None,
+    force: bool = False,
+    resample_gaps: bool = False,
+    progress: ProgressCallback | None = None,
+) -> Volume:
+    """Read the DICOM CT series in a file or folder; see the module docstring.
+
+    Parameters
+    ----------
+    series
+        SeriesInstanceUID, or the 1-based number of the series in the list a refusal prints.
+    force
+        Accept non-CT modalities and values that are not HU.
+    resample_gaps
+        Interpolate missing slices / uneven spacing instead of refusing.
+    """
+    where = str(path)
+    found = find_series(path)
+    if not found:
+        hint = " (hidden folders such as .venv are not searched)" if Path(path).is_dir() else ""
+        raise UserError(
+            f"{where}: no DICOM image found{hint}; give a DICOM series folder, a DICOM file or an "
+            "NRRD/NIfTI/MHA image"
+        )
+    candidates = found if force else [s for s in found if s.modality == "CT"]
+    if not candidates:
+        modalities = ", ".join(sorted({s.modality or "missing" for s in found}))
+        raise UserError(
+            f"{where}: no CT series (modality {modalities}); info and denoise read it anyway with --force"
+        )
+    info = choose_series(candidates, series, where=where)
+    volume = read_series(
+        info, where=where, force=force, resample_gaps=resample_gaps, n_series=len(found), progress=progress
+    )
+    if len(found) > len(candidates):
+        volume.meta["series_choice"] += (
+            f" (the only CT series; {len(found) - len(candidates)} non-CT left out)"
+        )
+    return volume
+
+
+__all__ = [
+    "GAP_TOLERANCE",
+    "PADDING_HU",
+    "SeriesInfo",
+    "StackGeometry",
+    "choose_series",
+    "find_series",
+    "orientation_name",
+    "read_dicom",
+    "read_series",
+    "series_of_files",
+    "stack_geometry",
+]
