@@ -3,6 +3,7 @@ manifests, shards, DICOM output, verified done records."""
 
 from __future__ import annotations
 
+import ast
 import csv
 import hashlib
 import json
@@ -23,7 +24,10 @@ from conftest import write_ct_series
 from IPv2DenoiseLib.app.batch.cases import discover_tree, parse_shard, shard_cases
 from IPv2DenoiseLib.app.batch.records import hash_output, read_record
 from IPv2DenoiseLib.app.cli import main
+from IPv2DenoiseLib.core.atomic import STAGING_DIR
 from IPv2DenoiseLib.core.errors import UserError
+from IPv2DenoiseLib.core.volume import Volume
+from IPv2DenoiseLib.io.volumes import write_volume
 
 
 def summary_rows(out: Path, stem: str = "batch-summary") -> dict[str, dict]:
@@ -40,7 +44,8 @@ def tree_digest(root: Path) -> dict[str, str]:
 
 
 def partial_files(root: Path) -> list[Path]:
-    return [p for p in root.rglob("*") if ".partial" in p.name or p.name.endswith(".tmp")]
+    """What an interrupted write may leave: staging folders (core.atomic) and old-style partial files."""
+    return [p for p in root.rglob("*") if STAGING_DIR in p.parts or ".partial" in p.name]
 
 
 def test_tree_denoised_into_mirror_with_failures_isolated(batch_archive, tmp_path, capsys) -> None:
@@ -48,12 +53,15 @@ def test_tree_denoised_into_mirror_with_failures_isolated(batch_archive, tmp_pat
     source = tmp_path / "archive"
     shutil.copytree(archive, source)
     write_ct_series(source / "site_c" / "mr", 3, modality="MR")  # a non-CT study in the archive
+    write_volume(
+        Volume(np.full((8, 1, 64), -1000.0, np.float32)), source / "site_c" / "tiny.nrrd"
+    )  # too small
     before = tree_digest(source)
     out = tmp_path / "out"
 
     assert main(["batch", str(source), str(out)]) == 1  # finished, with failures
     rows = summary_rows(out)
-    assert set(rows) == set(expected) | {"site_c/mr"}  # hidden folders are not searched
+    assert set(rows) == set(expected) | {"site_c/mr", "site_c/tiny"}  # hidden folders are not searched
     for case, kind in expected.items():
         row = rows[case]
         if kind == "corrupt":
@@ -67,7 +75,8 @@ def test_tree_denoised_into_mirror_with_failures_isolated(batch_archive, tmp_pat
         record = read_record(out, case)
         assert record["output_sha256"] == row["output_sha256"] == hash_output(out / row["output"])[0]
     assert rows["site_c/mr"]["status"] == "failed" and "MR" in rows["site_c/mr"]["error"]
-    assert "5 done, 0 already done, 2 failed of 7 cases" in capsys.readouterr().err
+    assert rows["site_c/tiny"]["status"] == "failed" and "degenerate" in rows["site_c/tiny"]["error"]
+    assert "5 done, 0 already done, 3 failed of 8 cases" in capsys.readouterr().err
 
     denoised = sitk.ReadImage(str(out / "site_b/p03.nrrd"))
     original = sitk.ReadImage(str(source / "site_b/p03.mha"))
@@ -79,7 +88,7 @@ def test_tree_denoised_into_mirror_with_failures_isolated(batch_archive, tmp_pat
     assert dicom_out.GetSize() == (128, 128, 4)
 
     document = json.loads((out / "batch-summary.json").read_text())
-    assert document["totals"] == {"done": 5, "skipped": 0, "failed": 2, "cases": 7}
+    assert document["totals"] == {"done": 5, "skipped": 0, "failed": 3, "cases": 8}
     assert {row["case"] for row in document["cases"]} == set(rows)
     assert tree_digest(source) == before  # the input is never modified
     assert partial_files(out) == []
@@ -91,7 +100,11 @@ def test_tree_denoised_into_mirror_with_failures_isolated(batch_archive, tmp_pat
     assert {c for c, r in again.items() if r["status"] == "skipped"} == {
         c for c, k in expected.items() if k == "ok"
     }
-    assert {c for c, r in again.items() if r["status"] == "failed"} == {"site_a/p06", "site_c/mr"}
+    assert {c for c, r in again.items() if r["status"] == "failed"} == {
+        "site_a/p06",
+        "site_c/mr",
+        "site_c/tiny",
+    }
     assert again["site_a/p01"]["noise_after_hu"] == rows["site_a/p01"]["noise_after_hu"]
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.nrrd")} == stamps
 
@@ -108,7 +121,9 @@ def test_rerun_redoes_what_it_cannot_verify(batch_archive, tmp_path) -> None:
     # the two); site_b... gone. An edited input must be redone too.
     (out / "site_a/p01.nrrd").write_bytes((out / "site_a/p01.nrrd").read_bytes()[:200])
     (out / ".ipv2-batch/records/site_a/p02.json").unlink()
-    (out / "site_a/.p02.nrrd.abc123.partial.nrrd").write_bytes(b"half")  # what a kill -9 mid-write leaves
+    staged = out / "site_a" / STAGING_DIR / "otherhost-1-abc" / "p02.nrrd"  # what a kill -9 mid-write leaves
+    staged.parent.mkdir(parents=True)
+    staged.write_bytes(b"half")
     assert main(["batch", str(source), str(out)]) == 1
     rows = summary_rows(out)
     assert rows["site_a/p01"]["status"] == "done" and rows["site_a/p02"]["status"] == "done"
@@ -179,6 +194,31 @@ def test_manifest_of_paths_and_series_uids(batch_archive, tmp_path) -> None:
     assert any(r["status"] == "done" and r["input"].endswith("p01.nii.gz") for r in rows.values())
     missing = rows["missing/scan"]
     assert missing["status"] == "failed" and "not found" in missing["error"]
+    assert all(Path(out, r["output"]).resolve().is_relative_to(out.resolve()) for r in rows.values())
+
+
+def test_manifest_never_writes_outside_out_or_over_its_input(batch_archive, tmp_path, capsys) -> None:
+    archive, _ = batch_archive
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    shutil.copy(archive / "site_a/p02.nrrd", tmp_path / "p02.nrrd")
+    (lists / "up.csv").write_text("path\n../p02.nrrd\n", encoding="utf-8")
+    out = tmp_path / "out"
+    assert main(["batch", str(lists / "up.csv"), str(out)]) == 0
+    (row,) = summary_rows(out).values()
+    assert Path(out, row["output"]).resolve().is_relative_to(out.resolve())  # no "../" case names
+
+    (lists / "evil.csv").write_text("path,case\n../p02.nrrd,../../escaped\n", encoding="utf-8")
+    assert main(["batch", str(lists / "evil.csv"), str(out)]) == 2
+    assert "without '..'" in capsys.readouterr().err
+
+    # OUT chosen so that the case's output name is its own input file: refused for that case.
+    (tmp_path / "same.csv").write_text("path,case\np02.nrrd,p02\n", encoding="utf-8")
+    before = (tmp_path / "p02.nrrd").read_bytes()
+    assert main(["batch", str(tmp_path / "same.csv"), str(tmp_path / "sub" / "..")]) == 2  # OUT is its folder
+    (tmp_path / "inner.csv").write_text("path,case\np02.nrrd,../p02\n", encoding="utf-8")
+    assert main(["batch", str(tmp_path / "inner.csv"), str(tmp_path / "sub")]) == 2
+    assert (tmp_path / "p02.nrrd").read_bytes() == before
 
 
 def test_shards_cover_every_case_exactly_once(batch_archive, tmp_path) -> None:
@@ -228,7 +268,8 @@ def test_dicom_output_is_a_derived_series_of_the_source(batch_archive, tmp_path)
     "args, message",
     [
         (["{missing}", "{out}"], "does not exist"),
-        (["{archive}", "{archive}"], "input's folder"),
+        (["{archive}", "{archive}"], "input folder"),
+        (["{archive}", "{archive}/site_a/out"], "lies inside it"),
         (["{archive}", "{out}", "--shard", "2/2"], "0 <= K < N"),
         (["{empty}", "{out}"], "no DICOM series"),
     ],
@@ -248,16 +289,35 @@ def test_user_errors_are_one_line_exit_2(batch_archive, tmp_path, capsys, args, 
 
 
 def test_only_the_ray_engine_imports_ray() -> None:
-    """Ray is the optional [cluster] extra: the core, the CLI and the Slicer side never import it."""
-    code = (
-        "import importlib, pkgutil, sys, IPv2DenoiseLib\n"
-        "for m in pkgutil.walk_packages(IPv2DenoiseLib.__path__, 'IPv2DenoiseLib.'):\n"
-        "    if not m.name.endswith(('ray_engine', '__main__')):\n"
-        "        importlib.import_module(m.name)\n"
-        "from IPv2DenoiseLib.app.cli import build_parser\n"
-        "build_parser()\n"
-        "print('ray' in sys.modules)\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "False"
+    """Ray is the optional [cluster] extra: no module but app/batch/ray_engine.py imports it (any
+    import statement, function-level ones included), so the core, the CLI and Slicer never need it."""
+    package = Path(__file__).resolve().parents[2] / "IPv2Denoise"
+    importers = set()
+    for path in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            if any(n == "ray" or n.startswith("ray.") for n in names):
+                importers.add(path.relative_to(package).as_posix())
+    assert importers == {"IPv2DenoiseLib/app/batch/ray_engine.py"}
+
+
+def test_ctrl_c_keeps_finished_cases_and_says_how_to_continue(batch_archive, tmp_path) -> None:
+    archive, expected = batch_archive
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "IPv2DenoiseLib", "batch", str(archive), str(out), "--json-progress"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if json.loads(line).get("status") == "done":
+            proc.send_signal(signal.SIGINT)
+            break
+    proc.stdout.read()
+    assert proc.wait(timeout=120) == 130
+    assert "rerun the same command" in proc.stderr.read()
+    document = json.loads((out / "batch-summary.json").read_text())
+    assert document["interrupted"] is True
+    finished = {row["case"] for row in document["cases"] if row["status"] == "done"}
+    assert finished and finished < {c for c, k in expected.items() if k == "ok"}
+    assert {c for c in expected if read_record(out, c) is not None} == finished
+    assert partial_files(out) == []

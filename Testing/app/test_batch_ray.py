@@ -18,6 +18,7 @@ import SimpleITK as sitk
 
 from IPv2DenoiseLib.app.batch.records import hash_output, read_record
 from IPv2DenoiseLib.app.cli import main
+from IPv2DenoiseLib.core.atomic import STAGING_DIR
 
 #: Columns that must agree between engines (timing, device and worker naturally differ).
 SAME_COLUMNS = ("status", "input", "output", "series_uid", "shape", "error")
@@ -90,7 +91,7 @@ def test_worker_killed_mid_run_has_its_cases_retried(ray_cluster, batch_archive,
         assert row["status"] == "done", row
         assert hash_output(out / row["output"])[0] == read_record(out, case)["output_sha256"]
     assert all(int(rows[c]["attempts"]) == 2 for c in retried)
-    assert not [p for p in out.rglob("*") if ".partial" in p.name]
+    assert not [p for p in out.rglob("*") if STAGING_DIR in p.parts]
 
 
 def test_workers_that_do_not_fit_the_cluster_are_refused(

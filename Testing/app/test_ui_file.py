@@ -64,3 +64,17 @@ def test_input_selector_hides_labelmaps_and_scene_is_connected():
     assert hidden == ["vtkMRMLLabelMapVolumeNode"]
     receivers = {c.find("receiver").text for c in ET.parse(UI).getroot().iter("connection")}
     assert {"inputSelector", "outputSelector", "roiSelector"} <= receivers
+
+
+def test_device_choices_are_the_one_vocabulary():
+    """The module's device combo offers only names of core.device (what the background job accepts)."""
+    from IPv2DenoiseLib.core.device import DEVICE_CHOICES
+
+    tree = ast.parse(MODULE.read_text(encoding="utf-8"))
+    node = next(
+        n
+        for n in tree.body
+        if isinstance(n, ast.Assign) and any(getattr(t, "id", "") == "DEVICES" for t in n.targets)
+    )
+    values = [value for _, value in ast.literal_eval(node.value)]
+    assert values and set(values) <= set(DEVICE_CHOICES), values

@@ -258,3 +258,34 @@ def test_imports_at_module_top_below_app():
         and (imp.source, imp.target) not in LAZY_BELOW_APP
     )
     assert not wrong, "\n".join(wrong)
+
+
+def test_every_function_level_import_says_why():
+    """A lazy import carries a ``# lazy: <reason>`` comment on its line or just above its group."""
+    wrong = []
+    for path in [SLICER_MODULE, *sorted(PACKAGE.rglob("*.py"))]:
+        lines = path.read_text(encoding="utf-8").splitlines()
+        tree = ast.parse("\n".join(lines))
+        for fn in ast.walk(tree):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            body_imports = [n for n in fn.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+            nested = [
+                n
+                for stmt in fn.body
+                if not isinstance(stmt, (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef))
+                for n in ast.walk(stmt)
+                if isinstance(n, (ast.Import, ast.ImportFrom))
+            ]
+            groups: list[list[ast.stmt]] = []
+            for node in sorted(body_imports + nested, key=lambda n: n.lineno):
+                if groups and node.lineno <= groups[-1][-1].end_lineno + 2:
+                    groups[-1].append(node)
+                else:
+                    groups.append([node])
+            for group in groups:
+                first, last = group[0].lineno, group[-1].end_lineno
+                context = "\n".join(lines[max(0, first - 3) : last])
+                if "lazy" not in context:
+                    wrong.append(f"{path.relative_to(REPO)}:{first}: {ast.unparse(group[0])}")
+    assert not wrong, "function-level imports without a '# lazy: why' comment:\n" + "\n".join(wrong)

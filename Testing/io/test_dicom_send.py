@@ -176,9 +176,11 @@ def test_unreachable_pacs_is_one_line_exit_2(tmp_path, derived_series, capsys) -
 def test_wrong_called_aet_is_rejected(orthanc, derived_series, capsys) -> None:
     files, _ = derived_series
     node = f"127.0.0.1:{orthanc.dicom_port}"
-    assert main(["send", str(files[0].parent), "--to", node, "--aet", "NOT_ORTHANC"]) == 2
-    line = _one_line_error(capsys)
-    assert "rejected" in line and "Called AE title not recognised" in line and "NOT_ORTHANC" in line
+    code = main(["send", str(files[0].parent), "--to", node, "--aet", "NOT_ORTHANC", "--timeout", "30"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.count("\n") == 1 and "Called AE title not recognised" in err, err
+    assert "rejected" in err and "NOT_ORTHANC" in err, err
 
 
 @pytest.mark.parametrize("protocol", ["dimse", "dicomweb"])

@@ -111,7 +111,7 @@ def ensure_in_slicer(*, confirm: Callable[[str, str], bool] | None = None) -> No
 
 def _ensure_torch(slicer, confirm: Callable[[str, str], bool]) -> None:
     try:
-        import PyTorchUtils  # the PyTorch extension (EXTENSION_DEPENDS "PyTorch")
+        import PyTorchUtils  # lazy: the optional PyTorch extension (EXTENSION_DEPENDS "PyTorch")
     except ImportError:
         PyTorchUtils = None
     if PyTorchUtils is not None:

@@ -287,7 +287,7 @@ def send_instances(
     for sop_class, syntaxes in _contexts(headers):
         ae.add_requested_context(sop_class, syntaxes)
     pending = list(range(len(paths)))
-    for attempt in range(retries + 1):
+    for attempt in range(max(0, retries) + 1):
         if not pending:
             break
         if attempt:

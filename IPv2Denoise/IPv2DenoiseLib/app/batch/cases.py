@@ -11,7 +11,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
-from collections import Counter
+from collections import Counter, defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -52,11 +53,22 @@ class Case:
 
 
 def _relative_id(path: Path, root: Path) -> str:
+    """``path`` relative to ``root`` as a POSIX id (a path outside ``root`` keeps its absolute form
+    without the leading slash); never with ``..``, so outputs stay inside OUT."""
+    path, root = Path(os.path.abspath(path)), Path(os.path.abspath(root))
     try:
         rel = path.relative_to(root).as_posix()
     except ValueError:
         rel = path.as_posix().lstrip("/")
     return rel if rel not in ("", ".") else path.name or "case"
+
+
+def _checked_name(name: str, where: str) -> str:
+    """A manifest's ``case`` name as an id: relative, no ``..``."""
+    parts = [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
+    if not parts or ".." in parts or name.startswith("/"):
+        raise UserError(f"{where}: case name {name!r} must be a relative path without '..'")
+    return "/".join(parts)
 
 
 def _volume_id(path: Path, root: Path) -> str:
@@ -110,6 +122,19 @@ def walk_files(root: Path, *, exclude: Path | None = None) -> list[Path]:
     return found
 
 
+def _group_by_folder(files: Iterable[Path]) -> dict[str, list[Path]]:
+    """:func:`group_dicom_series` one folder at a time (headers of one folder in memory at once),
+    merged by SeriesInstanceUID across folders."""
+    by_folder: dict[Path, list[Path]] = defaultdict(list)
+    for f in files:
+        by_folder[f.parent].append(f)
+    series: dict[str, list[Path]] = defaultdict(list)
+    for folder in sorted(by_folder):
+        for uid, members in group_dicom_series(by_folder[folder]).items():
+            series[uid].extend(members)
+    return dict(series)
+
+
 def discover_tree(root: str | os.PathLike, *, exclude: str | os.PathLike | None = None) -> list[Case]:
     """The cases under ``root``: each DICOM image series (grouped by SeriesInstanceUID) and each
     NRRD/NIfTI/MHA file. Files that are neither are ignored; ``exclude`` (e.g. the output folder
@@ -118,7 +143,7 @@ def discover_tree(root: str | os.PathLike, *, exclude: str | os.PathLike | None 
     root = Path(root)
     files = walk_files(root, exclude=Path(exclude) if exclude is not None else None)
     volumes = [f for f in files if image_suffix(f)]
-    series = group_dicom_series(f for f in files if may_be_dicom(f))
+    series = _group_by_folder(f for f in files if may_be_dicom(f))
     cases = [Case(_volume_id(f, root), "volume", (str(f),), source=str(f)) for f in volumes]
     return _unique_ids(cases + _series_cases(series, root))
 
@@ -163,6 +188,7 @@ def read_manifest(
     for number, row in enumerate(rows, start=2):
         path_text, uid, name = row.get("path", ""), row.get("series_uid", ""), row.get("case", "")
         where = f"manifest line {number}"
+        name = _checked_name(name, f"manifest {manifest} line {number}") if name else ""
         if path_text:
             path = Path(path_text) if Path(path_text).is_absolute() else base / path_text
             if not path.exists():
@@ -182,7 +208,7 @@ def read_manifest(
             label = name or _relative_id(path, base)
         else:
             if index is None:
-                index = group_dicom_series(f for f in walk_files(root) if may_be_dicom(f))
+                index = _group_by_folder(f for f in walk_files(root) if may_be_dicom(f))
             found = {uid: index[uid]} if uid in index else {}
             label, path = name, root
         if uid:

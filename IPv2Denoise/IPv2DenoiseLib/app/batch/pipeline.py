@@ -172,6 +172,9 @@ class CaseProcessor:
         if case.error:
             return self.failed(case, case.error, started=started, attempts=attempts)
         try:
+            out = output_path(self.out_root, case.case_id, dicom=self.settings.dicom).resolve()
+            if any(out == Path(f).resolve() or out in Path(f).resolve().parents for f in case.files):
+                raise UserError(f"{out} would overwrite the input; choose an OUT outside the input files")
             fingerprint = case.fingerprint()
             record = verified_record(
                 self.out_root,

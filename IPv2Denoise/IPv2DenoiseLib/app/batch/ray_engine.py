@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -52,6 +53,9 @@ def connect(address: str | None, *, num_cpus: int | None = None) -> bool:
     """Join the cluster at ``address``, or start a local one; True when this call started Ray here."""
     if ray.is_initialized():
         return False
+    address = (
+        address or os.environ.get("RAY_ADDRESS") or None
+    )  # Ray's own convention (e.g. in `ray job submit`)
     try:
         local = {"num_cpus": num_cpus, "include_dashboard": False} if address is None else {}
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False, **local)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TextIO
 
 from IPv2DenoiseLib.app.batch.records import summary_stem, totals, write_summary
+from IPv2DenoiseLib.core.atomic import make_output_folder
 from IPv2DenoiseLib.core.device import DEVICE_CHOICES
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.progress import JsonLinesProgress, make_progress
@@ -152,19 +153,15 @@ def check_paths(input_path: Path, out_root: Path) -> None:
     """Refuse a missing input or an output that would touch the input, then make OUT (one line, exit 2)."""
     if not input_path.exists():
         raise UserError(f"INPUT {input_path} does not exist")
-    if out_root.exists() and not out_root.is_dir():
-        raise UserError(f"OUT {out_root} exists and is not a folder")
-    if out_root.resolve() == input_path.resolve() or (
-        input_path.is_file() and out_root.resolve() == input_path.resolve().parent
-    ):
-        raise UserError(f"OUT {out_root} is the input's folder; choose a separate output folder")
-    try:
-        out_root.mkdir(parents=True, exist_ok=True)
-        probe = out_root / f".ipv2-batch-probe-{uuid.uuid4().hex[:8]}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise UserError(f"OUT {out_root}: cannot write there ({exc.strerror or exc})") from None
+    out, source = out_root.resolve(), input_path.resolve()
+    # A manifest's folder is the root its paths, and so the outputs, are relative to.
+    root = source if source.is_dir() else source.parent
+    if out == root or (source.is_dir() and out.is_relative_to(root)):
+        raise UserError(
+            f"OUT {out_root} is the input folder or lies inside it; the input is never modified, "
+            "choose an output folder outside it"
+        )
+    make_output_folder(out_root, what="OUT")
 
 
 def find_cases(args: argparse.Namespace, input_path: Path, out_root: Path):
@@ -247,19 +244,25 @@ def _run(args, input_path, out_root, cases, found, shard, settings, start, json_
         progress = make_progress(args.json_progress, desc="batch", unit="case")
     json_lines = isinstance(progress, JsonLinesProgress)
 
+    where = f"shard {shard[0]}/{shard[1]}: " if shard else ""
+
     def event(**record) -> None:
+        """A JSON line with --json-progress; otherwise a text line above the bar for what a person should see."""
         if json_lines:
             progress.emit(**record)
         elif "retry" in record:
-            print(
-                f"retrying {record['retry']} (attempt {record['attempt']}): {record['reason']}",
-                file=sys.stderr,
+            progress.write(f"retrying {record['retry']} (attempt {record['attempt']}): {record['reason']}")
+        elif "worker_index" in record:
+            again = "restarted " if record.get("restarted") else ""
+            progress.write(
+                f"{again}worker {record['worker_index']}: {record['worker']} on {record['device']}"
             )
+        elif "device" in record:
+            progress.write(f"running on: {record['device']}; model {record['model']}")
+        elif "cases" in record:
+            progress.write(f"{where}{record['cases']} of {record['found']} cases; engine {record['engine']}")
 
-    where = f"shard {shard[0]}/{shard[1]}: " if shard else ""
     event(cases=len(cases), found=found, engine=args.engine, shard=args.shard, output=str(out_root))
-    if not json_lines:
-        print(f"{where}{len(cases)} of {found} cases; engine {args.engine}", file=sys.stderr)
     rows: list[dict] = []
     failed = 0
 
@@ -295,8 +298,7 @@ def _run(args, input_path, out_root, cases, found, shard, settings, start, json_
     except KeyboardInterrupt:
         interrupted = True
     finally:
-        if hasattr(progress, "close"):
-            progress.close()
+        progress.close()
         seconds = round(time.monotonic() - start, 3)
         info = {
             "input": str(input_path),

@@ -12,6 +12,28 @@ NAME = "send"
 HELP = "Send DICOM files to a PACS: C-ECHO then C-STORE to HOST:PORT (--aet), or STOW-RS to a DICOMweb URL."
 
 
+def positive_seconds(text: str) -> float:
+    """argparse type: a number of seconds > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected seconds > 0, got {text}")
+    return value
+
+
+def retry_count(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more, got {value}")
+    return value
+
+
 def add_peer_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared by every command that talks to a PACS (send, denoise --send)."""
     parser.add_argument("--aet", metavar="AET", help="called AE title of the PACS (or give HOST:PORT:AET)")
@@ -22,14 +44,14 @@ def add_peer_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--timeout",
-        type=float,
+        type=positive_seconds,
         default=10.0,
         metavar="S",
         help="seconds to wait for connect, association and each response (default: %(default)s)",
     )
     parser.add_argument(
         "--retries",
-        type=int,
+        type=retry_count,
         default=3,
         metavar="N",
         help="retries of transient failures (aborted association, out of resources, HTTP 5xx) (default: %(default)s)",
@@ -57,6 +79,7 @@ def send_and_report(files, destination: str, args: argparse.Namespace, *, lines=
     UserError
         PACS unreachable, association rejected, or any instance refused (named with the reason).
     """
+    # lazy: the CLI imports every command to build --help; pydicom & co. load on use
     from IPv2DenoiseLib.io.dicom_net import DEFAULT_CALLING_AET, parse_destination, send
 
     target = parse_destination(destination, args.aet)
@@ -70,6 +93,7 @@ def send_and_report(files, destination: str, args: argparse.Namespace, *, lines=
 
 
 def run(args: argparse.Namespace) -> int:
+    # lazy: the CLI imports every command to build --help; pydicom & co. load on use
     from IPv2DenoiseLib.io.dicom_net import dicom_files, parse_destination
 
     parse_destination(args.to, args.aet)  # check the destination before reading any file

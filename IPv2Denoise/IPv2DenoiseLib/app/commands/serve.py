@@ -8,6 +8,7 @@ import signal
 import sys
 from pathlib import Path
 
+from IPv2DenoiseLib.app.commands.send import positive_seconds, retry_count
 from IPv2DenoiseLib.core.device import DEVICE_CHOICES, describe_device, resolve_device
 from IPv2DenoiseLib.core.errors import UserError
 
@@ -43,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--quiet-seconds",
-        type=float,
+        type=positive_seconds,
         default=10.0,
         metavar="S",
         help="a series is complete when nothing of it arrived for S seconds (default: %(default)s)",
@@ -65,21 +66,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--timeout",
-        type=float,
+        type=positive_seconds,
         default=30.0,
         metavar="S",
         help="network timeout in seconds (default: %(default)s)",
     )
     parser.add_argument(
         "--retries",
-        type=int,
+        type=retry_count,
         default=3,
         metavar="N",
         help="retries of transient forwarding failures (default: %(default)s)",
     )
     parser.add_argument(
         "--retry-seconds",
-        type=float,
+        type=positive_seconds,
         default=30.0,
         metavar="S",
         help="first wait before re-sending to an unavailable --forward (doubles, at most 600 s) (default: %(default)s)",
