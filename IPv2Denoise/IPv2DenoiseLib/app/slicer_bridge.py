@@ -544,8 +544,8 @@ class DenoiseJob:
                 raise UserError(f"denoising failed: {self.process.error_message()}")
             result = read_volume(self.output_path, force=True)
             self.output_node = _import_result(self.input_node, self.output_node, result)
-            for warning in self.process.status.warnings:  # e.g. outside the training range
-                logging.warning("IPv2 Denoise: %s", warning)
+            for message in self.process.status.warnings:
+                logging.warning("IPv2 Denoise: %s", message)
             return self.output_node
         finally:
             self.cleanup()

@@ -216,9 +216,9 @@ def run(args: argparse.Namespace) -> int:
         denoiser = Denoiser.from_file(args.weights) if args.weights else Denoiser.from_registry(args.model)
         if args.json_progress:
             progress.emit(model=denoiser.name)
-        warning = applicability_warning(volume, denoiser.card)
-        if warning:  # outside the model's training range: the result is still written
-            warn(warning)
+        applicability = applicability_warning(volume, denoiser.card)
+        if applicability:  # input outside the model's training range
+            warn(applicability)
         result = denoiser.denoise(
             volume,
             remove_background=args.remove_background,
