@@ -298,6 +298,7 @@ class Trainer:
         self.train_cases, self.val_cases = list(train_cases), list(val_cases)
         self.scanner_val = list(scanner_val)
         self.elapsed_before = 0.0  # training seconds of the run before this resume
+        self.sampler_before: dict | None = None  # scanner-noise statistics of the run before this resume
         self.out = Path(config.out)
         self.checkpoint = self.out / "checkpoint.pt"
         self.model = _build_model(config, device)
@@ -322,6 +323,9 @@ class Trainer:
                 pool=config.noise_pool,
                 refresh=config.noise_refresh,
             )
+            if self.sampler_before:  # the training range covers the whole run, not just this part
+                self.sampler.slabs_made += int(self.sampler_before["slabs_made"])
+                self.sampler.input_noise_hu[:0] = [float(v) for v in self.sampler_before["input_noise_hu"]]
         else:
             self.sampler = PatchSampler(
                 self.train_cases,
@@ -347,6 +351,7 @@ class Trainer:
         self.schedule.load_state_dict(state["schedule"])
         self.history = state["history"]
         self.elapsed_before = float((self.history.get("seconds") or [0.0])[-1])
+        self.sampler_before = state.get("sampler")
         return int(state["iteration"])
 
     def run(self, *, progress: ProgressCallback | None = None, cancel: CancelToken | None = None) -> dict:
@@ -405,6 +410,9 @@ class Trainer:
             "history": self.history,
             "iteration": done,
             "config": self._config_json(),
+            "sampler": {"slabs_made": self.sampler.slabs_made, "input_noise_hu": self.sampler.input_noise_hu}
+            if isinstance(self.sampler, ScannerNoiseSampler)
+            else None,
         }
         tmp = self.checkpoint.with_suffix(".partial")
         torch.save(state, tmp)
