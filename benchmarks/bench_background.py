@@ -10,7 +10,7 @@ The baseline is the removal of main at e139d9c, measured in the same run: every 
 "Tissue" comes from the input: voxels above −900 HU on the real scans, voxels whose noise-free
 value is above −900 HU on the phantom (its 2 %-dose scan is what the masks see). Also printed:
 the share of outside air farther than 6 mm from tissue that ours sets fully to air (the removal
-still does its job). Cases: pydicom's CT_small.dcm (a cropped chest, lungs at the edge), the CT
+still does its job), and the time of both rules. Cases: pydicom's CT_small.dcm (a cropped chest, lungs at the edge), the CT
 slices of the ``pydicom-data`` package, and a 256² chest phantom at 1.4 mm with arms and table,
 whole and cropped so that body and lungs touch the image edge. Writes
 ``benchmarks/results/bench_background.md``.
@@ -52,7 +52,9 @@ def row(name, hu, tissue, spacing, lungs=None, air=None) -> dict:
     start = time.perf_counter()
     ours = background_weight(hu, spacing=spacing)
     seconds = time.perf_counter() - start
+    start = time.perf_counter()
     base = baseline_changed(hu)
+    base_seconds = time.perf_counter() - start
     air = ~tissue if air is None else air
     far = air & (ndi.distance_transform_edt(air, sampling=(1e6, spacing[1], spacing[0])) > 6.0)
     return {
@@ -63,7 +65,8 @@ def row(name, hu, tissue, spacing, lungs=None, air=None) -> dict:
         "baseline: lung changed": "" if lungs is None else int((base & lungs).sum()),
         "ours: lung changed": "" if lungs is None else int(((ours > 0) & lungs).sum()),
         "ours: far air removed": f"{(ours[far] == 1).mean():.1%}" if far.any() else "no outside air",
-        "ours: s": f"{seconds:.2f}",
+        "ours: s": round(seconds, 3),
+        "baseline: s": round(base_seconds, 3),
     }
 
 
@@ -97,6 +100,9 @@ def main() -> int:
         f"tissue voxels changed by Remove Background: ours {total_ours}, baseline (main e139d9c) "
         f"{total_base}; ratio {total_ours / max(total_base, 1):.4f} (goal: 0)"
     )
+    ours_s = sum(r["ours: s"] for r in rows)
+    base_s = sum(r["baseline: s"] for r in rows)
+    summary += f"\ntime: ours {ours_s:.2f} s, baseline {base_s:.2f} s; ratio {ours_s / max(base_s, 1e-9):.1f}"
     text = "\n".join(lines) + "\n\n" + summary + "\n"
     print(text)
     out = Path(__file__).resolve().parent / "results" / "bench_background.md"

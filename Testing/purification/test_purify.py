@@ -410,3 +410,40 @@ def test_cli_purify_png_dataset(tmp_path, pair, capsys):
     assert rc == 0
     assert sorted(p.name for p in (tmp_path / "o" / "train" / "lq_bar").iterdir()) == ["a.png", "b.png"]
     assert (tmp_path / "o" / "test" / "gt_bar" / "c.png").is_file()
+
+
+def test_sim_only_control_is_sim_of_ndct_everywhere(pair):
+    u, n = pair
+    sim = RecordingSimulator()
+    out = build_pairs(u, n, "sim", simulate=sim, weak_denoiser=slice_wd, dose=0.05, seed=3)
+    assert out.strategy.name == "sim" and sim.calls == [(0.05, 3)]
+    np.testing.assert_array_equal(out.train_input, sim.last)  # Sim(N) in body, lungs and background
+    np.testing.assert_array_equal(out.train_label, n)
+    np.testing.assert_array_equal(out.test_label, n)
+    assert out.purified.all()
+    assert not np.array_equal(out.train_input[~out.dark], u[~out.dark])  # no real ULDCT in training
+
+
+@pytest.mark.parametrize("name, t, base", [("ipv1+tb", 0.1, "ipv1"), ("ipv2+tb0.3", 0.3, "ipv2")])
+def test_texture_blend_formula(pair, name, t, base):
+    """IPv1 HEAD: lq_bar = CM·N + (1−CM)·((1−T)·U + T·N); the purified region follows the switches."""
+    u, n = pair
+    sim = RecordingSimulator()
+    out = build_pairs(u, n, name, simulate=sim, weak_denoiser=slice_wd, dose=0.05, seed=1)
+    plain = build_pairs(u, n, base, simulate=RecordingSimulator(), weak_denoiser=slice_wd, dose=0.05, seed=1)
+    assert out.strategy.texture_blend == t and Strategy.from_name(out.strategy.name) == out.strategy
+    outside = ~out.purified
+    np.testing.assert_allclose(out.train_input[outside], (1 - t) * u[outside] + t * n[outside], atol=1e-3)
+    np.testing.assert_array_equal(out.train_input[out.purified], plain.train_input[out.purified])
+    np.testing.assert_array_equal(out.test_label, plain.test_label)  # the blend changes training only
+    np.testing.assert_array_equal(out.train_label, n)
+
+
+def test_new_strategy_parts_refuse_bad_combinations():
+    assert Strategy.from_name("ipv1+tb") == Strategy(texture_blend=0.1)
+    assert Strategy.from_name("texture_blend0.2").name == "ipv1+tb0.2"
+    for bad, match in (("sim+rb", "sim"), ("tb1.5", "texture blend"), ("tbx", "texture blend")):
+        with pytest.raises(UserError, match=match):
+            Strategy.from_name(bad)
+    with pytest.raises(UserError, match="naive"):
+        Strategy(purify=False, texture_blend=0.1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -88,6 +89,25 @@ def test_rerun_resumes_from_cached_weights(grid, tmp_path):
     second = {(r["method"], r["reference"]): r["metrics"]["psnr"] for r in again.records}
     assert first == pytest.approx(second)
     assert again.seconds < result.seconds
+
+
+def test_grid_reports_mismatch_and_training_checks(grid):
+    out, result, _, _ = grid
+    assert result.config["noise"] == "mismatched"
+    # the scanner's slice-correlated noise against the simulator's independent slices
+    assert result.mismatch["real"]["z_correlation"] > result.mismatch["sim"]["z_correlation"]
+    assert {(c["strategy"], c["seed"]) for c in result.training} == {("naive", 0), ("ipv2", 0)}
+    for c in result.training:
+        assert isinstance(c["trained"], bool) and np.isfinite(c["change"])
+    assert all(c["verdict"] == "cannot tell" for c in result.claims)  # one seed: no spread
+    md = (out / "results.md").read_text()
+    assert "Noise of the ULDCT vs Sim(N)" in md and "Did every run train?" in md
+
+
+def test_out_of_another_noise_condition_is_refused(grid):
+    out, _, _, _ = grid
+    with pytest.raises(UserError, match="noise"):
+        run_grid(replace(MICRO, noise="matched"), out, seeds=[0])
 
 
 def test_score_identity_and_denoiser():

@@ -75,7 +75,13 @@ class JobStatus:
     result: str | None = None
     seconds: float | None = None
     log: list[str] = field(default_factory=list)
+    #: One line each from the child (a truncated field of view, input outside the training range, ...).
     warnings: list[str] = field(default_factory=list)
+
+    @property
+    def warning(self) -> str | None:
+        """The first warning, or None."""
+        return self.warnings[0] if self.warnings else None
 
     def apply(self, record: Mapping[str, Any]) -> None:
         """Update from one JSON record (unknown keys are ignored)."""

@@ -12,6 +12,7 @@ columns); a volume node is RAS (``IJKToRAS``). Converting flips the sign of the 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -535,6 +536,7 @@ class DenoiseJob:
         from IPv2DenoiseLib.io.volumes import read_volume  # lazy: needs pydicom
 
         try:
+            self.process.poll()  # fold the last records (result, warning) into the status
             code = self.process.returncode
             if code == ExitCode.CANCELLED or self.process.cancel_requested:
                 raise Cancelled("denoising cancelled; the scene was left unchanged")
@@ -542,6 +544,8 @@ class DenoiseJob:
                 raise UserError(f"denoising failed: {self.process.error_message()}")
             result = read_volume(self.output_path, force=True)
             self.output_node = _import_result(self.input_node, self.output_node, result)
+            for message in self.process.status.warnings:
+                logging.warning("IPv2 Denoise: %s", message)
             return self.output_node
         finally:
             self.cleanup()

@@ -353,16 +353,30 @@ def outside_air(
     """
     vol, was_2d = _as_hu(hu)
     smooth = _smooth_in_plane(vol, smooth_px)
+    outside = _outside_air(vol, smooth, threshold, pure_air_hu, pure_fraction, min_body_fraction)
+    return _out(outside, was_2d)
+
+
+def _outside_air(
+    vol: np.ndarray,
+    smooth: np.ndarray,
+    threshold: float,
+    pure_air_hu: float,
+    pure_fraction: float,
+    min_body_fraction: float,
+) -> np.ndarray:
+    """:func:`outside_air` of a 3-D volume whose in-plane smoothed copy is ``smooth``."""
     air = smooth < threshold
     air_labels, n_air = ndi.label(air, structure=_CROSS_2D)
-    tissue_labels, n_tissue = ndi.label(~air, structure=_CROSS_2D)
     border = _in_plane_border(vol.shape)
     outside = np.zeros(n_air + 1, dtype=bool)
     if n_air == 0:
-        return _out(np.zeros(vol.shape, dtype=bool), was_2d)
+        return np.zeros(vol.shape, dtype=bool)
     outside[np.unique(air_labels[border])] = True
     outside[0] = False
-    truncated = _truncated_by_tissue(tissue_labels, n_tissue, border, min_body_fraction)
+    truncated = np.zeros(vol.shape[0], dtype=bool)
+    for z in np.flatnonzero((~air & border).any(axis=(1, 2))):  # only these can be truncated
+        truncated[z] = _large_tissue_at_border(~air[z], border[z], min_body_fraction)
     if truncated.any():
         interior = ndi.binary_erosion(air, _disk_2d(2), border_value=1)
         smoother = _smooth_in_plane(vol, 2.0)
@@ -373,24 +387,31 @@ def outside_air(
                 region = air_labels[z] == label
                 values = smoother[z][region & interior[z]]
                 outside[label] = _pure_air(values, pure_air_hu, pure_fraction)
-    return _out(outside[air_labels], was_2d)
+    return outside[air_labels]
 
 
-def _truncated_by_tissue(
-    tissue_labels: np.ndarray, n_tissue: int, border: np.ndarray, min_fraction: float
-) -> np.ndarray:
-    """Per slice: does a tissue region of at least ``min_fraction`` of the slice touch the border?"""
-    depth = tissue_labels.shape[0]
-    truncated = np.zeros(depth, dtype=bool)
-    if n_tissue == 0:
-        return truncated
-    sizes = _component_sizes(tissue_labels, n_tissue)
-    slice_area = tissue_labels.shape[1] * tissue_labels.shape[2]
-    big = np.zeros(n_tissue + 1, dtype=bool)
-    big[1:] = sizes >= min_fraction * slice_area
-    for z in range(depth):
-        truncated[z] = bool(big[tissue_labels[z][border[z]]].any())
-    return truncated
+def _large_tissue_at_border(tissue: np.ndarray, border: np.ndarray, min_fraction: float) -> bool:
+    """Does a tissue region of at least ``min_fraction`` of this slice touch its border?"""
+    labels, n = ndi.label(tissue)
+    if n == 0:
+        return False
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    touching = np.unique(labels[border])
+    touching = touching[touching > 0]
+    return bool((sizes[touching] >= min_fraction * tissue.size).any())
+
+
+def _dilate_in_plane(mask: np.ndarray, *, square: bool) -> np.ndarray:
+    """In-plane 3x3 square (or cross) dilation of a bool ``[z, y, x]`` mask by shifted ORs
+    (several times faster than ``ndimage.binary_dilation`` for these small structures)."""
+    rows = mask.copy()
+    rows[:, 1:] |= mask[:, :-1]
+    rows[:, :-1] |= mask[:, 1:]
+    source = rows if square else mask
+    grown = rows.copy()
+    grown[:, :, 1:] |= source[:, :, :-1]
+    grown[:, :, :-1] |= source[:, :, 1:]
+    return grown
 
 
 def background_weight(
@@ -421,18 +442,23 @@ def background_weight(
     """
     vol, was_2d = _as_hu(hu)
     sx, sy = (1.0, 1.0) if spacing is None else (float(spacing[0]), float(spacing[1]))
-    outside = outside_air(vol, smooth_px=smooth_px)
-    tissue = _smooth_in_plane(vol, smooth_px) > tissue_hu
-    weight = np.zeros(vol.shape, dtype=np.float32)
+    smooth = _smooth_in_plane(vol, smooth_px)
+    outside = _outside_air(vol, smooth, -500.0, -950.0, 0.8, 0.02)
+    tissue = smooth > tissue_hu
+    # a voxel above tissue_hu is never touched, even a lone one in noisy air
+    weight = (outside & ~tissue & (vol <= tissue_hu)).astype(np.float32)
     margin = max(margin_mm, 1.5 * max(sx, sy))  # the 8 neighbours of tissue are partial-volume voxels
-    for z in np.flatnonzero(outside.any(axis=(1, 2))):
-        if tissue[z].any():
-            distance = ndi.distance_transform_edt(~tissue[z], sampling=(sy, sx))
-        else:
-            distance = np.full(tissue[z].shape, np.inf)
-        ramp = np.clip((distance - margin) / max(blend_mm, 1e-6), 0.0, 1.0)
-        # a voxel above tissue_hu is never touched, even a lone one in noisy air
-        weight[z] = np.where(outside[z] & (vol[z] <= tissue_hu), ramp, 0.0)
+    # Distance to tissue in octagonal steps (3x3 square, then cross, alternating) of the smaller
+    # pixel side: within 8 % of the Euclidean distance and never more within the first two
+    # pixels, so tissue's partial-volume neighbours stay at 0; shifted-OR dilations cost a
+    # fraction of a Euclidean distance transform per slice.
+    step_mm = min(sx, sy)
+    reached = tissue
+    for k in range(1, int(np.ceil((margin + blend_mm) / step_mm)) + 1):
+        grown = _dilate_in_plane(reached, square=k % 2 == 1)
+        ring = grown & ~reached
+        weight[ring] *= float(np.clip((k * step_mm - margin) / max(blend_mm, 1e-6), 0.0, 1.0))
+        reached = grown
     return _out(weight, was_2d)
 
 
@@ -456,19 +482,34 @@ def truncated_slices(
     body: np.ndarray | None = None,
     spacing: Sequence[float] | None = None,
     min_contact_mm: float = 10.0,
+    coarse_mm: float = 2.0,
 ) -> np.ndarray:
     """Per axial slice: does the body touch the image edge along at least ``min_contact_mm``?
 
     A truncated (cropped) field of view: anatomy is missing beyond the edge, and ROI volumes and
-    background removal there are less certain. ``body`` defaults to :func:`body_mask`.
+    background removal there are less certain. Without ``body``, :func:`body_mask` is computed on
+    a grid of about ``coarse_mm`` pixels (the first and last rows and columns kept), which is
+    plenty for a contact of centimetres and costs a fraction of the full-resolution mask.
     """
     vol, _ = _as_hu(hu)
-    body_m = body_mask(vol) if body is None else _as_mask(body, "body")[0]
     sx, sy = (1.0, 1.0) if spacing is None else (float(spacing[0]), float(spacing[1]))
+    if body is None:
+        rows = _coarse_axis(vol.shape[1], sy, coarse_mm)
+        cols = _coarse_axis(vol.shape[2], sx, coarse_mm)
+        body_m = body_mask(vol[:, rows][:, :, cols])
+        sy, sx = sy * vol.shape[1] / len(rows), sx * vol.shape[2] / len(cols)
+    else:
+        body_m = _as_mask(body, "body")[0]
     contact = (body_m[:, 0, :].sum(axis=1) + body_m[:, -1, :].sum(axis=1)) * sx + (
         body_m[:, :, 0].sum(axis=1) + body_m[:, :, -1].sum(axis=1)
     ) * sy
     return contact >= min_contact_mm
+
+
+def _coarse_axis(n: int, spacing_mm: float, target_mm: float) -> np.ndarray:
+    """About every ``target_mm / spacing_mm``-th index of an axis of ``n``, first and last included."""
+    count = max(2, min(n, int(np.ceil(n * spacing_mm / target_mm)) + 1))
+    return np.unique(np.rint(np.linspace(0, n - 1, count)).astype(int))
 
 
 def truncation_warning(

@@ -24,7 +24,7 @@ identical for the same seed whatever the batch size or device order of work.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 
 import numpy as np
@@ -54,6 +54,13 @@ COUNT_FLOOR = 1.0
 #: Default views: parallel over 180°, fan over 360° (Siemens-like 1152 per rotation).
 DEFAULT_VIEWS = {"parallel": 720, "fan": 1152}
 GEOMETRIES = ("fan", "parallel")
+
+#: Per-ray exposure model: ``(p, ray_offsets_mm) -> relative flux``. ``p`` holds the clean line
+#: integrals ``[slices, views, rays]`` in the measurement domain (fan or parallel), ``ray_offsets_mm``
+#: each ray's distance from the isocentre ``[rays]``; the result (broadcastable to ``p``) multiplies
+#: the incident photons of every ray: a bowtie filter, tube-current modulation (see
+#: :mod:`IPv2DenoiseLib.physics.scanner_noise`). ``None`` = uniform flux.
+FluxModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def hu_to_mu(hu: np.ndarray | torch.Tensor, mu_water: float = MU_WATER_PER_MM):
@@ -85,6 +92,15 @@ class _Scanner:
             channels = 2 * int(math.ceil(half / dgamma)) + 1
             fan = FanGeometry(views=views, channels=channels, dgamma=dgamma)
             self.rebin = FanRebinner(fan, n_det=self.proj.n_det, ds_mm=pixel_mm, device=device)
+
+    def ray_offsets_mm(self, pixel_mm: float) -> torch.Tensor:
+        """Distance of each measured ray from the isocentre (fan: ``R sin γ``; parallel: ``s``)."""
+        if self.rebin is not None:
+            fan = self.rebin.fan
+            gamma = (torch.arange(fan.channels, dtype=torch.float64) - (fan.channels - 1) / 2) * fan.dgamma
+            return (fan.source_to_iso_mm * torch.sin(gamma)).float()
+        m = self.proj.n_det
+        return ((torch.arange(m, dtype=torch.float64) - (m - 1) / 2) * pixel_mm).float()
 
     def line_integrals(self, mu_px: torch.Tensor) -> torch.Tensor:
         p = self.proj.forward(mu_px)
@@ -127,42 +143,53 @@ def slice_generators(
 def draw_count_noise(
     p: torch.Tensor,
     *,
-    i0: float,
+    i0: float | torch.Tensor,
     electronic_sigma: float,
     count_floor: float,
     generators: Sequence[torch.Generator],
 ) -> torch.Tensor:
-    """Line-integral error of a scan with ``i0`` incident photons per ray.
+    """Line-integral error of a scan with ``i0`` incident photons per ray (a number, or a tensor of
+    ``p``'s shape for a per-ray exposure).
 
     Counts ``y = Poisson(i0·e^{−p}) + N(0, σ_e²)``; safe log ``p̂ = −ln(max(y, floor)/i0)``.
     Returns ``p̂ − p`` (same shape as ``p``, first axis = slices).
     """
+    per_ray = isinstance(i0, torch.Tensor)
+    i0 = i0.double().expand_as(p) if per_ray else i0
     lam = i0 * torch.exp(-p.double())
     out = torch.empty_like(p)
     for i, g in enumerate(generators):
+        i0_i = i0[i] if per_ray else i0
         counts = torch.poisson(lam[i], generator=g)
         if electronic_sigma > 0:
             counts = counts + electronic_sigma * torch.randn(
                 lam[i].shape, generator=g, device=p.device, dtype=lam.dtype
             )
-        p_hat = -torch.log(counts.clamp_min(count_floor) / i0)
+        p_hat = -torch.log(counts.clamp_min(count_floor) / i0_i)
         out[i] = (p_hat - p[i].double()).to(p.dtype)
     return out
 
 
-def insertion_variance(p: torch.Tensor, *, dose: float, i0: float, electronic_sigma: float) -> torch.Tensor:
+def insertion_variance(
+    p: torch.Tensor, *, dose: float, i0: float | torch.Tensor, electronic_sigma: float
+) -> torch.Tensor:
     """Extra line-integral variance taking a dose-1 scan to dose fraction ``dose`` (Yu 2012 / Zeng 2015).
 
     ``σ² = (1−a)/a · e^{p}/I0 · (1 + (1+a)/a · σ_e² e^{p}/I0)``, the variance of
     ``−ln(y_a/(a I0))`` minus that already present in the normal-dose measurement (first order).
     """
     a = dose
-    q = torch.exp(p.double()) / i0
+    q = torch.exp(p.double()) / (i0.double() if isinstance(i0, torch.Tensor) else i0)
     return (1 - a) / a * q * (1 + (1 + a) / a * electronic_sigma**2 * q)
 
 
 def draw_insertion_noise(
-    p: torch.Tensor, *, dose: float, i0: float, electronic_sigma: float, generators: Sequence[torch.Generator]
+    p: torch.Tensor,
+    *,
+    dose: float,
+    i0: float | torch.Tensor,
+    electronic_sigma: float,
+    generators: Sequence[torch.Generator],
 ) -> torch.Tensor:
     """Zero-mean Gaussian line-integral noise with :func:`insertion_variance`."""
     sd = insertion_variance(p, dose=dose, i0=i0, electronic_sigma=electronic_sigma).sqrt()
@@ -207,7 +234,22 @@ def _check(hu, dose, spacing_mm, geometry, views, filter, i0, batch) -> tuple[np
 
 
 def _run(
-    hu, *, dose, spacing_mm, geometry, views, filter, i0, seed, device, batch, progress, cancel, backend, draw
+    hu,
+    *,
+    dose,
+    spacing_mm,
+    geometry,
+    views,
+    filter,
+    i0,
+    seed,
+    device,
+    batch,
+    progress,
+    cancel,
+    backend,
+    draw,
+    flux,
 ) -> np.ndarray:
     arr, views = _check(hu, dose, spacing_mm, geometry, views, filter, i0, batch)
     dev = resolve_device(device, kinds=("cuda",))  # the projector runs on CPU or CUDA
@@ -219,6 +261,7 @@ def _run(
     i0 = float(i0 if i0 is not None else I0_FULL_DOSE[geometry])
     batch = int(batch or (32 if dev.type == "cuda" else 8))
     gens = slice_generators(seed, nz, dev)
+    offsets = scanner.ray_offsets_mm(float(spacing_mm)).to(dev) if flux is not None else None
     out = np.empty_like(vol)
     for start in range(0, nz, batch):
         if cancel is not None:
@@ -229,7 +272,7 @@ def _run(
         slab = slab.to(dev)
         mu_px = hu_to_mu(slab) * float(spacing_mm)  # attenuation per pixel: p is dimensionless
         p = scanner.line_integrals(mu_px)
-        dp = draw(p, i0, gens[start:stop])
+        dp = draw(p, i0 if flux is None else i0 * flux(p, offsets), gens[start:stop])
         dmu = scanner.reconstruct(dp, filter) / float(spacing_mm)
         d_hu = 1000.0 * dmu / MU_WATER_PER_MM
         out[start:stop] = vol[start:stop] + d_hu[:, oy : oy + ny, ox : ox + nx].cpu().numpy()
@@ -249,6 +292,7 @@ def simulate_low_dose(
     electronic_sigma: float | None = None,
     count_floor: float = COUNT_FLOOR,
     filter: str = "ramp",
+    flux: FluxModel | None = None,
     seed: int | np.random.Generator | None = 0,
     device: str = "auto",
     batch: int | None = None,
@@ -268,6 +312,7 @@ def simulate_low_dose(
     i0 : full-dose incident photons per ray (default :data:`I0_FULL_DOSE` for the geometry).
     electronic_sigma : electronic noise SD in counts (default :data:`ELECTRONIC_SIGMA`); count_floor : safe-log floor in counts.
     filter : FBP window: ``ramp``, ``shepp-logan``, ``cosine``, ``hann``.
+    flux : optional per-ray exposure (:data:`FluxModel`: bowtie, tube-current modulation).
     seed : int, numpy Generator or None; same int → identical output.
     device : ``auto``, ``cpu`` or ``cuda``; batch : slices per projector call.
     progress, cancel : progress callback ``(done, total, message)`` and cancel token.
@@ -310,6 +355,7 @@ def simulate_low_dose(
         cancel=cancel,
         backend=backend,
         draw=draw,
+        flux=flux,
     )
 
 
@@ -323,6 +369,7 @@ def insert_noise(
     i0: float | None = None,
     electronic_sigma: float | None = None,
     filter: str = "ramp",
+    flux: FluxModel | None = None,
     seed: int | np.random.Generator | None = 0,
     device: str = "auto",
     batch: int | None = None,
@@ -368,4 +415,5 @@ def insert_noise(
         cancel=cancel,
         backend=backend,
         draw=draw,
+        flux=flux,
     )

@@ -13,7 +13,16 @@ IPv1      body (not D)           U               N               N
 IPv2      B (Remove Background)  U               N               N
 IPv2      L (Add noise)          Sim(N)          N               WD(U) (Remove noise)
 IPv2      body (not D)           U               N               N
+IPv1+tb   D                      N               N               U
+IPv1+tb   body (not D)           0.9·U + 0.1·N   N               N
+sim       all                    Sim(N)          N               N
 ========  =====================  ==============  ==============  ==============
+
+``IPv1+tb`` is the *texture blend* of the authors' newer IPv1 code (repository HEAD, Dec 2025):
+``lq_bar = CM·NDCT + (1−CM)·((1−T)·uLDCT + T·NDCT)`` with ``T = 0.1``, giving the training input
+"a bit of gt texture" outside the purified region; any switch may be combined with it
+(``texture_blend``). ``sim`` is the *simulation-only* control: the training input is ``Sim(N)``
+everywhere (no real ULDCT in training at all), as in denoisers trained on simulated low-dose scans.
 
 Every IPv2 module is a switch of :class:`Strategy`; the switches act on the *purified region*
 ``P`` (``L`` with *remove_background*, else all of ``D``):
@@ -65,6 +74,9 @@ _SWITCH_ALIASES = {
     "removenoise": "remove_noise",
 }
 _SHORT = {"remove_background": "rb", "add_noise": "an", "remove_noise": "rn"}
+#: Share ``T`` of the NDCT in the training input outside the purified region for the IPv1 texture
+#: blend (``tb``); the authors' code uses 0.1 (its comment lists 0.1-0.4).
+DEFAULT_TEXTURE_BLEND = 0.1
 
 #: Weak denoisers for the *Remove noise* test label, and the default.
 WEAK_DENOISERS = ("nlm", "gaussian", "bilateral", "median")
@@ -92,38 +104,63 @@ class Strategy:
     purify : bool
         IPv1 purification of the dark region at all. False is the *naive* strategy (U→N everywhere,
         test label N); the three switches need it True.
+    texture_blend : float
+        ``T`` of the IPv1 texture blend: outside the purified region the training input is
+        ``(1−T)·U + T·N`` instead of ``U`` (0 = off; ``tb`` in names = :data:`DEFAULT_TEXTURE_BLEND`).
+    sim_only : bool
+        Simulation-only control: training input ``Sim(N)`` everywhere, label ``N``, test label ``N``.
+        Needs ``purify=False`` semantics, so it combines with no other switch.
     """
 
     remove_background: bool = False
     add_noise: bool = False
     remove_noise: bool = False
     purify: bool = True
+    texture_blend: float = 0.0
+    sim_only: bool = False
 
     def __post_init__(self) -> None:
         if not self.purify and (self.remove_background or self.add_noise or self.remove_noise):
             raise UserError(
                 "strategy: the naive strategy (purify=False) cannot be combined with IPv2 switches"
             )
+        if not 0.0 <= float(self.texture_blend) < 1.0:
+            raise UserError(f"strategy: texture blend T={self.texture_blend}; need 0 <= T < 1")
+        if self.texture_blend and not self.purify:
+            raise UserError("strategy: the texture blend (tb) needs purification; naive has none")
+        switches = self.remove_background or self.add_noise or self.remove_noise or self.texture_blend
+        if self.sim_only and (switches or not self.purify):
+            raise UserError("strategy: sim (Sim(N) -> N everywhere) cannot be combined with other parts")
 
     @classmethod
     def from_name(cls, name: str) -> Strategy:
-        """Parse ``naive``, ``ipv1``, ``ipv2`` or switches joined by ``+`` or ``,``.
+        """Parse ``naive``, ``sim``, ``ipv1``, ``ipv2`` or switches joined by ``+`` or ``,``.
 
-        Switch names: ``remove_background``/``rb``, ``add_noise``/``an``, ``remove_noise``/``rn``
-        (case and ``-``/``_`` do not matter); ``ipv1`` may be combined with them (``ipv1+rb`` =
-        ``rb``) and ``ipv2`` is ``rb+an+rn``.
+        Switch names: ``remove_background``/``rb``, ``add_noise``/``an``, ``remove_noise``/``rn``,
+        ``texture_blend``/``tb`` (``tb`` = T 0.1, ``tb0.3`` = T 0.3); case and ``-``/``_`` do not
+        matter. ``ipv1`` may be combined with them (``ipv1+rb`` = ``rb``, ``ipv1+tb`` is the IPv1
+        texture blend) and ``ipv2`` is ``rb+an+rn``.
         """
         if not isinstance(name, str) or not name.strip():
             raise UserError(f"strategy: got {name!r}; use naive, ipv1, ipv2 or switches like rb+an")
         text = name.strip().lower().replace("-", "_").replace(" ", "")
         if text == "naive":
             return cls(purify=False)
-        switches = dict.fromkeys(_SHORT, False)
+        if text in ("sim", "sim_only"):
+            return cls(sim_only=True)
+        switches: dict = dict.fromkeys(_SHORT, False)
         for part in text.replace(",", "+").split("+"):
             if part == "ipv1":
                 continue
             if part == "ipv2":
-                switches = dict.fromkeys(_SHORT, True)
+                switches.update(dict.fromkeys(_SHORT, True))
+                continue
+            if part.startswith(("tb", "texture_blend")):
+                blend = part.removeprefix("texture_blend") if part.startswith("texture_") else part[2:]
+                try:
+                    switches["texture_blend"] = float(blend) if blend else DEFAULT_TEXTURE_BLEND
+                except ValueError:
+                    raise UserError(f"strategy: texture blend {part!r}: use tb or tb0.2") from None
                 continue
             key = _SWITCH_ALIASES.get(part)
             if key is None:
@@ -136,16 +173,22 @@ class Strategy:
 
     @property
     def name(self) -> str:
-        """Canonical name: ``naive``, ``ipv1``, ``ipv2`` or e.g. ``rb+an``."""
+        """Canonical name: ``naive``, ``sim``, ``ipv1``, ``ipv1+tb``, ``ipv2`` or e.g. ``rb+an``."""
+        if self.sim_only:
+            return "sim"
         if not self.purify:
             return "naive"
         on = [_SHORT[k] for k in _SHORT if getattr(self, k)]
-        return "ipv1" if not on else "ipv2" if len(on) == 3 else "+".join(on)
+        base = "ipv1" if not on else "ipv2" if len(on) == 3 else "+".join(on)
+        if not self.texture_blend:
+            return base
+        t = self.texture_blend
+        return f"{base}+tb" + ("" if t == DEFAULT_TEXTURE_BLEND else f"{t:g}")
 
     @staticmethod
     def presets() -> dict[str, Strategy]:
         """Named strategies: naive, ipv1, ipv2 and every single/double switch ablation."""
-        names = ["naive", "ipv1", "rb", "an", "rn", "rb+an", "rb+rn", "an+rn", "ipv2"]
+        names = ["naive", "sim", "ipv1", "ipv1+tb", "rb", "an", "rn", "rb+an", "rb+rn", "an+rn", "ipv2"]
         return {n: Strategy.from_name(n) for n in names}
 
 
@@ -284,6 +327,14 @@ def _default_simulator(spacing_xy: tuple[float, float] | None, progress, cancel)
     return simulate
 
 
+def _simulated(simulate: Simulator, n3: np.ndarray, dose: float, seed: int) -> np.ndarray:
+    """``Sim(N)`` of the whole NDCT, checked for shape."""
+    sim = np.asarray(simulate(n3.copy(), float(dose), int(seed)), dtype=np.float32)
+    if sim.shape != n3.shape:
+        raise UserError(f"simulate returned shape {sim.shape}; expected the NDCT's {n3.shape}")
+    return sim
+
+
 # --------------------------------------------------------------------------------------- main entry
 
 
@@ -342,12 +393,12 @@ def build_pairs(
     if isinstance(strategy, str):
         strategy = Strategy.from_name(strategy)
     spacing_xy = _spacing_xy(spacing)
-    if strategy.add_noise and simulate is None:
+    if (strategy.add_noise or strategy.sim_only) and simulate is None:
         simulate = _default_simulator(spacing_xy, None, cancel)
     was_2d = u.ndim == 2
     u3, n3 = (u[None], n[None]) if was_2d else (u, n)
     nz = u3.shape[0]
-    stages = 1 + int(strategy.add_noise) + int(strategy.remove_noise)
+    stages = 1 + int(strategy.add_noise or strategy.sim_only) + int(strategy.remove_noise)
     tick = Steps(nz * stages, progress, cancel)
 
     # masks, slice by slice (Otsu and the flood fill are per slice)
@@ -356,7 +407,9 @@ def build_pairs(
         dark[z] = common_dark_mask(u3[z], n3[z])
         tick("masks")
     background, lungs = split_dark(dark)
-    if not strategy.purify:
+    if strategy.sim_only:
+        purified = np.ones(u3.shape, dtype=bool)
+    elif not strategy.purify:
         purified = np.zeros(u3.shape, dtype=bool)
     else:
         purified = lungs if strategy.remove_background else dark
@@ -366,11 +419,16 @@ def build_pairs(
     test_label = n3.copy()
     noise_hu = None
 
-    if strategy.purify:
+    if strategy.sim_only:
+        train_input = _simulated(simulate, n3, dose, seed)
+        tick.done += nz - 1
+        tick("simulate")
+    elif strategy.purify:
+        if strategy.texture_blend:
+            t = np.float32(strategy.texture_blend)
+            train_input = (np.float32(1.0) - t) * u3 + t * n3
         if strategy.add_noise:
-            sim = np.asarray(simulate(n3.copy(), float(dose), int(seed)), dtype=np.float32)  # type: ignore[misc]
-            if sim.shape != n3.shape:
-                raise UserError(f"simulate returned shape {sim.shape}; expected the NDCT's {n3.shape}")
+            sim = _simulated(simulate, n3, dose, seed)
             train_input[purified] = sim[purified]
             tick.done += nz - 1  # the whole volume was simulated in one call
             tick("add noise")

@@ -36,8 +36,25 @@ from IPv2DenoiseLib.denoiser.weights import load_model, save_model
 from IPv2DenoiseLib.denoiser.windows import slice_windows, window_indices
 from IPv2DenoiseLib.imaging.metrics import psnr, roi_stats
 from IPv2DenoiseLib.io.case_folder import read_case
+from IPv2DenoiseLib.physics.scanner_noise import ScannerProtocol
 from IPv2DenoiseLib.purification.pairs import Strategy, build_pairs
 from IPv2DenoiseLib.purification.regions import BACKGROUND, BODY, LUNGS, REGION_NAMES, sampling_regions
+from IPv2DenoiseLib.training.scanner_data import (
+    CleanVolume,
+    ScannerNoiseSampler,
+    load_clean_volumes,
+    region_map,
+    validation_slabs,
+)
+
+#: Training data sources: purified ULDCT/NDCT pairs, or clean anatomy + fresh scanner-like noise.
+NOISE_SOURCES = ("pairs", "scanner")
+#: Learning-rate schedules: one-cycle (warm-up + cosine), or constant then a cosine decay at the end.
+SCHEDULES = ("onecycle", "constant")
+#: Fixed protocols the scanner-noise validation uses (the standard 2 % scan is the case's own ULDCT).
+VALIDATION_PROTOCOL = ScannerProtocol(
+    dose=0.02, kernel="shepp-logan", bowtie=True, tcm=0.5, z_correlation=0.45
+)
 
 
 @dataclass
@@ -65,6 +82,16 @@ class TrainConfig:
     name: str = "model"
     #: Start from these safetensors weights (fine-tuning) instead of a fresh network.
     init_weights: str | None = None
+    #: ``pairs`` (purified pairs of ``strategy``) or ``scanner`` (clean anatomy, fresh noise per batch).
+    noise: str = "pairs"
+    #: ``onecycle`` or ``constant`` (5 % warm-up, constant, cosine decay over the last ``decay_fraction``).
+    schedule: str = "onecycle"
+    decay_fraction: float = 0.25
+    #: Scanner-noise pool: slabs kept, and slabs replaced per iteration.
+    noise_pool: int = 24
+    noise_refresh: int = 1
+    #: Central slices per validation volume (scanner-noise validation).
+    val_slices: int = 8
 
 
 @dataclass
@@ -237,6 +264,10 @@ def _build_model(config: TrainConfig, device: torch.device) -> torch.nn.Module:
 
 
 def _schedule(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler:
+    if config.schedule == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, constant_then_decay(config.iterations, config.decay_fraction)
+        )
     if config.iterations >= 100:  # warm up over 5 %, then cosine decay
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=config.lr, total_steps=config.iterations, pct_start=0.05
@@ -261,9 +292,12 @@ class Trainer:
         device: torch.device,
         rank: int = 0,
         world: int = 1,
+        scanner_val: Sequence[CasePairs] = (),
     ) -> None:
         self.config, self.device, self.rank, self.world = config, device, rank, world
         self.train_cases, self.val_cases = list(train_cases), list(val_cases)
+        self.scanner_val = list(scanner_val)
+        self.elapsed_before = 0.0  # training seconds of the run before this resume
         self.out = Path(config.out)
         self.checkpoint = self.out / "checkpoint.pt"
         self.model = _build_model(config, device)
@@ -277,13 +311,25 @@ class Trainer:
             self.net = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[device.index] if device.type == "cuda" else None
             )
-        self.sampler = PatchSampler(
-            self.train_cases,
-            patch=config.patch,
-            in_slices=self.in_slices,
-            shares=config.region_shares,
-            seed=config.seed + 7919 * (rank + 1) + self.start,
-        )
+        seed = config.seed + 7919 * (rank + 1) + self.start
+        if self.train_cases and isinstance(self.train_cases[0], CleanVolume):
+            self.sampler: PatchSampler | ScannerNoiseSampler = ScannerNoiseSampler(
+                self.train_cases,
+                patch=config.patch,
+                in_slices=self.in_slices,
+                shares=config.region_shares,
+                seed=seed,
+                pool=config.noise_pool,
+                refresh=config.noise_refresh,
+            )
+        else:
+            self.sampler = PatchSampler(
+                self.train_cases,
+                patch=config.patch,
+                in_slices=self.in_slices,
+                shares=config.region_shares,
+                seed=seed,
+            )
         self.loss_fn = _loss(config.loss)
 
     def _config_json(self) -> dict:
@@ -294,18 +340,20 @@ class Trainer:
         if not self.checkpoint.exists():
             return 0
         state = torch.load(self.checkpoint, map_location=self.device, weights_only=True)
-        if state.get("config") != self._config_json():
+        if not same_run(state.get("config"), self._config_json()):
             return 0
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         self.history = state["history"]
+        self.elapsed_before = float((self.history.get("seconds") or [0.0])[-1])
         return int(state["iteration"])
 
     def run(self, *, progress: ProgressCallback | None = None, cancel: CancelToken | None = None) -> dict:
         """Train from the start (or the checkpoint) to ``config.iterations``; the card (rank 0)."""
         config = self.config
-        running, began = [], time.monotonic()
+        running = []
+        self.began = time.monotonic()
         for it in range(self.start, config.iterations):
             if cancel is not None:
                 cancel.check()
@@ -317,7 +365,7 @@ class Trainer:
                 running = []
             if progress is not None and self.rank == 0:
                 progress(done, config.iterations, f"loss {last_loss:.4f}")
-        card = self.export(time.monotonic() - began) if self.rank == 0 else {}
+        card = self.export(time.monotonic() - self.began + self.elapsed_before) if self.rank == 0 else {}
         if self.world > 1:
             torch.distributed.barrier()
         return card
@@ -343,7 +391,13 @@ class Trainer:
         if self.rank != 0:
             return
         val = validate(self.model, self.val_cases, self.device, self.in_slices) if self.val_cases else {}
+        if self.scanner_val:
+            scanner = validate(self.model, self.scanner_val, self.device, self.in_slices)
+            val.update({f"scanner_{k}": v for k, v in scanner.items()})
         self.history["val"].append(val)
+        self.history.setdefault("seconds", []).append(
+            round(time.monotonic() - self.began + self.elapsed_before, 1)
+        )
         state = {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -370,7 +424,7 @@ class Trainer:
                 model.to("cpu").to(memory_format=torch.contiguous_format), self.in_slices
             ),
             "normalization": NORMALIZATION,
-            "strategy": config.strategy,
+            "strategy": config.strategy if config.noise == "pairs" else "scanner-noise",
             "data": {
                 "training_cases": [c.name for c in self.train_cases],
                 "validation_cases": [c.name for c in self.val_cases],
@@ -378,10 +432,16 @@ class Trainer:
                 "patch": config.patch,
                 "batch": config.batch,
                 "region_shares": list(config.region_shares),
+                **(
+                    scanner_data_record(self.sampler, self.train_cases)
+                    if isinstance(self.sampler, ScannerNoiseSampler)
+                    else {}
+                ),
             },
             "iterations": config.iterations,
             "initialised_from": Path(config.init_weights).name if config.init_weights else None,
             "loss": config.loss,
+            "schedule": {"name": config.schedule, "lr": config.lr, "decay_fraction": config.decay_fraction},
             "hardware": f"{describe_device(self.device)} x{self.world}; {platform.processor() or platform.machine()}",
             "training_seconds": round(seconds, 1),
             "validation": self.history["val"][-1] if self.history["val"] else {},
@@ -389,7 +449,12 @@ class Trainer:
         }
         save_model(model, self.out / f"{config.name}.safetensors", card)
         plot_training_curves(
-            self.history, self.out / "training_curves.png", title=f"{config.arch} / {config.strategy}"
+            self.history,
+            self.out / "training_curves.png",
+            title=f"{config.arch} / {config.strategy if config.noise == 'pairs' else 'scanner noise'}",
+            lr=constant_then_decay(config.iterations, config.decay_fraction)
+            if config.schedule == "constant"
+            else None,
         )
         return card
 
@@ -411,33 +476,148 @@ def train(
     device = _training_device(config.device, rank, world)
     Path(config.out).mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed + rank)
-    if prepared is None:
+    if config.noise not in NOISE_SOURCES:
+        raise UserError(f"noise={config.noise!r} is not known; allowed: {', '.join(NOISE_SOURCES)}")
+    if config.schedule not in SCHEDULES:
+        raise UserError(f"schedule={config.schedule!r} is not known; allowed: {', '.join(SCHEDULES)}")
+    scanner_val: list[CasePairs] = []
+    if prepared is not None:
+        train_cases, val_cases = prepared
+    elif config.noise == "scanner":
+        train_cases = load_clean_volumes(config.cases)
+        val_cases, scanner_val = scanner_validation(config.val_cases, slices=config.val_slices)
+    else:
         train_cases = [prepare_case(c, config, seed=config.seed + i) for i, c in enumerate(config.cases)]
         val_cases = [prepare_case(c, config, seed=10_000 + i) for i, c in enumerate(config.val_cases)]
-    else:
-        train_cases, val_cases = prepared
     if not train_cases:
         raise UserError("no training cases given")
-    trainer = Trainer(config, train_cases, val_cases, device=device, rank=rank, world=world)
+    trainer = Trainer(
+        config, train_cases, val_cases, device=device, rank=rank, world=world, scanner_val=scanner_val
+    )
     return trainer.run(progress=progress, cancel=cancel)
 
 
-def plot_training_curves(history: dict, path: str | os.PathLike, *, title: str = "") -> Path:
-    """Loss and validation PSNR per region against iterations, as a PNG."""
-    fig = Figure(figsize=(10, 3.6))
-    axes = fig.subplots(1, 2)
+def same_run(saved: dict | None, current: dict) -> bool:
+    """Whether a checkpoint's config continues the current run.
+
+    Everything must match except ``iterations``: a run may be extended or shortened on resume
+    (with ``--schedule constant`` the final decay moves with the new end).
+    """
+    if not saved:
+        return False
+    strip = lambda c: {k: v for k, v in c.items() if k != "iterations"}  # noqa: E731
+    return strip(saved) == strip(current) and (
+        current.get("schedule") == "constant" or saved.get("iterations") == current.get("iterations")
+    )
+
+
+def constant_then_decay(iterations: int, decay_fraction: float) -> Callable[[int], float]:
+    """LR factor: 5 % linear warm-up, 1.0, then cosine to 0 over the last ``decay_fraction``.
+
+    The constant phase shows whether the validation curve has flattened before the decay starts.
+    """
+    if not 0.0 <= decay_fraction <= 1.0:
+        raise UserError(f"decay_fraction={decay_fraction}: need a fraction in [0, 1]")
+    warm = max(1, int(0.05 * iterations)) if iterations >= 100 else 0
+    decay_start = int(round(iterations * (1.0 - decay_fraction)))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if step < decay_start or iterations <= decay_start:
+            return 1.0
+        t = (step - decay_start) / max(1, iterations - decay_start)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+
+    return factor
+
+
+def scanner_validation(folders: Sequence[str], *, slices: int) -> tuple[list[CasePairs], list[CasePairs]]:
+    """Validation for scanner-noise training, from synthetic case folders.
+
+    Two sets of the same anatomy (the central ``slices`` of ``uldct_clean``): the case's own ULDCT
+    (the standard 2 % fan-beam ramp-filter scan of ``make-dataset``), and a fixed correlated,
+    smooth-kernel, bowtie + TCM scan (:data:`VALIDATION_PROTOCOL`). Labels are the truth.
+    """
+    standard, scanner = [], []
+    for i, folder in enumerate(map(Path, folders)):
+        vols = read_case(folder)
+        if "uldct_clean" not in vols:
+            raise UserError(f"{folder}: scanner-noise validation needs uldct_clean.* (a make-dataset case)")
+        clean_vol = vols["uldct_clean"]
+        nz = clean_vol.shape[0]
+        z0 = max(0, (nz - slices) // 2)
+        keep = slice(z0, z0 + slices)
+        clean = clean_vol.array[keep].astype(np.float32)
+        regions = region_map(clean)
+        uldct = vols["uldct"].array[keep].astype(np.float32)
+        standard.append(CasePairs(folder.name, None, None, regions, uldct, clean, clean))
+        volume = CleanVolume(folder.name, clean, regions, tuple(clean_vol.spacing), True)
+        ((_, noisy, _, _),) = validation_slabs([volume], VALIDATION_PROTOCOL, slices=slices, seed=20_000 + i)
+        scanner.append(CasePairs(folder.name, None, None, regions, noisy, clean, clean))
+    return standard, scanner
+
+
+def scanner_data_record(sampler: ScannerNoiseSampler, volumes) -> dict:
+    """What the scanner-noise training saw, for the model card (incl. the ranges ``denoise`` checks)."""
+    spacings = np.array([v.spacing for v in volumes], float)
+    lo, hi = sampler.augmentation.zoom
+    noise = np.array(sampler.input_noise_hu or [np.nan])
+    return {
+        "noise": "scanner",
+        "training_volumes": [v.name for v in volumes],
+        "protocol_ranges": sampler.ranges.as_dict(),
+        "augmentation": sampler.augmentation.as_dict(),
+        "validation_protocol": VALIDATION_PROTOCOL.as_dict(),
+        "slabs_simulated": sampler.slabs_made,
+        "training_range": {
+            "input_noise_hu": [
+                round(float(np.nanpercentile(noise, 2)), 1),
+                round(float(np.nanpercentile(noise, 98)), 1),
+            ],
+            "pixel_mm": [
+                round(float(spacings[:, 0].min() / hi), 3),
+                round(float(spacings[:, 0].max() / lo), 3),
+            ],
+            "slice_mm": [round(float(spacings[:, 2].min()), 3), round(float(spacings[:, 2].max()), 3)],
+        },
+    }
+
+
+def plot_training_curves(
+    history: dict,
+    path: str | os.PathLike,
+    *,
+    title: str = "",
+    lr: Callable[[int], float] | None = None,
+) -> Path:
+    """Loss (and the learning-rate factor ``lr(step)``) and validation PSNR per region, as a PNG.
+
+    One validation panel per set: the cases' own scans (``psnr_truth*``) and, for scanner-noise
+    training, the fixed scanner protocol (``scanner_psnr_truth*``).
+    """
+    sets = [("", "validation: own 2 % scans")]
+    if any(k.startswith("scanner_") for v in history["val"] for k in v):
+        sets.append(("scanner_", f"validation: {VALIDATION_PROTOCOL.kernel}, correlated, bowtie + TCM"))
+    fig = Figure(figsize=(5 * (1 + len(sets)), 3.6))
+    axes = fig.subplots(1, 1 + len(sets))
     axes[0].plot(history["iteration"], history["loss"], marker="o")
     axes[0].set(xlabel="iteration", ylabel="training loss", yscale="log", title="loss")
-    keys = sorted(
-        {k for v in history["val"] for k in v if k.startswith("psnr_truth_") or k.startswith("noise_")}
-    )
-    for key in [k for k in keys if k.startswith("psnr")]:
-        axes[1].plot(
-            history["iteration"], [v.get(key, math.nan) for v in history["val"]], marker="o", label=key[11:]
-        )
-    axes[1].set(xlabel="iteration", ylabel="PSNR vs truth (dB)", title="validation")
-    if axes[1].lines:
-        axes[1].legend(fontsize=8)
+    if lr is not None and history["iteration"]:
+        steps = np.arange(0, history["iteration"][-1] + 1)
+        twin = axes[0].twinx()
+        twin.plot(steps, [lr(int(i)) for i in steps], color="0.6", lw=1)
+        twin.set(ylabel="learning-rate factor", ylim=(0, 1.05))
+    for ax, (prefix, name) in zip(axes[1:], sets):
+        keys = sorted({k for v in history["val"] for k in v if k.startswith(f"{prefix}psnr_truth")})
+        for key in keys:
+            label = key[len(prefix) :].replace("psnr_truth", "").strip("_") or "body + lungs"
+            ax.plot(
+                history["iteration"], [v.get(key, math.nan) for v in history["val"]], marker="o", label=label
+            )
+        ax.set(xlabel="iteration", ylabel="PSNR vs truth (dB)", title=name)
+        if ax.lines:
+            ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)

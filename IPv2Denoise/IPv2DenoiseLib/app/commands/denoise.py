@@ -164,6 +164,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     # lazy: the CLI imports every command to build --help; torch & co. load on use
     from IPv2DenoiseLib.core.device import describe_device, resolve_device
+    from IPv2DenoiseLib.denoiser.applicability import applicability_warning
     from IPv2DenoiseLib.denoiser.infer import Denoiser
     from IPv2DenoiseLib.io.dicom_export import export_derived_series
     from IPv2DenoiseLib.io.dicom_net import parse_destination
@@ -215,6 +216,9 @@ def run(args: argparse.Namespace) -> int:
         denoiser = Denoiser.from_file(args.weights) if args.weights else Denoiser.from_registry(args.model)
         if args.json_progress:
             progress.emit(model=denoiser.name)
+        applicability = applicability_warning(volume, denoiser.card)
+        if applicability:  # input outside the model's training range
+            warn(applicability)
         result = denoiser.denoise(
             volume,
             remove_background=args.remove_background,

@@ -10,7 +10,7 @@ from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.progress import make_progress
 
 NAME = "evaluate"
-HELP = "Train and score naive/IPv1/IPv2/ablations x RED-CNN/DnCNN/U-Net plus classical baselines."
+HELP = "Train and score naive/sim/IPv1/IPv2/ablations x denoisers plus classical baselines, under matched or mismatched noise."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,12 +24,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="reduced: small models and cases, < 1 h on 2 CPU cores; full: real sizes, for a GPU",
     )
     parser.add_argument(
+        "--noise",
+        default="mismatched",
+        choices=["matched", "mismatched"],
+        help="how the synthetic 'real' ULDCT is made: mismatched (a scanner: other kernel, bowtie, TCM, "
+        "slice-correlated noise; default) or matched (the product's own simulator, the control)",
+    )
+    parser.add_argument(
         "--data", default=None, help="dataset folder of case folders instead of synthetic cases"
     )
     parser.add_argument(
         "--seeds", type=int, nargs="+", default=[0], help="training seeds (spread = mean ± SD)"
     )
-    parser.add_argument("--strategies", nargs="+", default=None, help="subset of naive ipv1 rb an ipv2")
+    parser.add_argument(
+        "--strategies",
+        nargs="+",
+        default=None,
+        help="subset of naive sim ipv1 ipv1+tb rb an ipv2 (any strategy name)",
+    )
     parser.add_argument("--models", nargs="+", default=None, help="subset of redcnn dncnn unet")
     parser.add_argument("--iterations", type=int, default=None, help="override the training iterations")
     parser.add_argument("--figure", default=None, help="figure grid path (default OUT/results_grid.png)")
@@ -39,9 +51,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # lazy: the CLI imports every command to build --help; torch & co. load on use
-    from IPv2DenoiseLib.training.grid import claims_markdown, markdown_tables, preset, run_grid
+    from IPv2DenoiseLib.training.grid import (
+        claims_markdown,
+        markdown_tables,
+        mismatch_markdown,
+        preset,
+        run_grid,
+        training_markdown,
+    )
 
-    config = preset(args.config)
+    config = preset(args.config, noise=args.noise)
     if args.strategies:
         config = replace(config, strategies=tuple(args.strategies))
     if args.models:
@@ -74,7 +93,9 @@ def run(args: argparse.Namespace) -> int:
         if close:
             close()
     if not args.json_progress:
+        print(mismatch_markdown(result))
         print(markdown_tables(result))
+        print(training_markdown(result))
         print(claims_markdown(result))
         print(
             f"\nwrote {args.out}/results.json, {args.out}/results.md and {result.figure} in {result.seconds:.0f} s"

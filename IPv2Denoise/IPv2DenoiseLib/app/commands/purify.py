@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--strategy",
         default="ipv2",
-        help="naive, ipv1, ipv2 or switches rb/an/rn joined by '+' (default ipv2)",
+        help="naive, sim, ipv1, ipv2 or switches rb/an/rn/tb joined by '+' (default ipv2)",
     )
     parser.add_argument(
         "--dose", type=float, default=0.02, help="simulated dose fraction for add-noise (default 0.02)"

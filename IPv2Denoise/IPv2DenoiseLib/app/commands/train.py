@@ -48,6 +48,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--init", default=None, help="fine-tune: start from these .safetensors weights (same architecture)"
     )
+    parser.add_argument(
+        "--noise",
+        choices=["pairs", "scanner"],
+        default="pairs",
+        help="pairs (default): purified ULDCT/NDCT pairs of --strategy; scanner: clean anatomy "
+        "(ndct_clean/uldct_clean, else ndct) with fresh scanner-like noise every batch (random dose, "
+        "kernel, bowtie, tube-current modulation, slice correlation, body size; docs/training.md)",
+    )
+    parser.add_argument(
+        "--schedule",
+        choices=["onecycle", "constant"],
+        default="onecycle",
+        help="onecycle (default): warm-up + cosine; constant: constant LR, cosine decay over the last "
+        "--decay-fraction (shows the curve flatten before the decay)",
+    )
+    parser.add_argument("--decay-fraction", type=float, default=0.25)
+    parser.add_argument(
+        "--noise-pool", type=int, default=24, help="scanner noise: noisy slabs kept in memory (default 24)"
+    )
+    parser.add_argument(
+        "--noise-refresh",
+        type=int,
+        default=1,
+        help="scanner noise: slabs re-simulated per iteration (default 1)",
+    )
     parser.add_argument("--json-progress", action="store_true", help="JSON-lines progress on stdout")
 
 
@@ -62,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
             kwargs = json.loads(args.model_kwargs)
         except json.JSONDecodeError as exc:
             raise UserError(f"--model-kwargs is not valid JSON: {exc}") from None
+    if args.noise_pool < 1 or args.noise_refresh < 0:
+        raise UserError("--noise-pool must be >= 1 and --noise-refresh >= 0")
     config = TrainConfig(
         cases=expand_case_folders(args.data),
         val_cases=expand_case_folders(args.val) if args.val else [],
@@ -80,6 +107,11 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device,
         init_weights=args.init,
+        noise=args.noise,
+        schedule=args.schedule,
+        decay_fraction=args.decay_fraction,
+        noise_pool=args.noise_pool,
+        noise_refresh=args.noise_refresh,
     )
     if kwargs:
         config.model_kwargs = kwargs

@@ -17,22 +17,59 @@ cases, cached), :mod:`.pairs` (purified training pairs and the IPv2 test label, 
 (results JSON and Markdown), :mod:`.figure` (the figure grid) and :mod:`.run` (the loop).
 """
 
-from IPv2DenoiseLib.training.grid.cases import Case, dataset_cases, make_case, synthetic_cases
-from IPv2DenoiseLib.training.grid.config import GRID_STRATEGIES, REFERENCES, REGIONS, EvalConfig, preset
+from IPv2DenoiseLib.training.grid.cases import Case, dataset_cases, make_case, scan_uldct, synthetic_cases
+from IPv2DenoiseLib.training.grid.config import (
+    GRID_STRATEGIES,
+    NOISE_CONDITIONS,
+    REFERENCES,
+    REGIONS,
+    SCANNER_PROTOCOL,
+    EvalConfig,
+    preset,
+)
 from IPv2DenoiseLib.training.grid.figure import grid_figure
+from IPv2DenoiseLib.training.grid.mismatch import noise_mismatch, noise_profile, slice_correlation
 from IPv2DenoiseLib.training.grid.pairs import ipv2_test_label, purified_training_cases
 from IPv2DenoiseLib.training.grid.report import (
     TABLE_COLUMNS,
     GridResult,
     claims_markdown,
     markdown_tables,
+    mismatch_markdown,
+    training_markdown,
     write_results,
 )
 from IPv2DenoiseLib.training.grid.run import run_grid
-from IPv2DenoiseLib.training.grid.scoring import CLAIMS, check_claims, score, summarize
+from IPv2DenoiseLib.training.grid.scoring import (
+    CANNOT_TELL,
+    CLAIMS,
+    DOES_NOT_HOLD,
+    HOLDS,
+    METRIC_REGIONS,
+    check_claims,
+    overall_verdict,
+    score,
+    summarize,
+    training_check,
+    verdict,
+)
 
 __all__ = [
+    "CANNOT_TELL",
     "CLAIMS",
+    "DOES_NOT_HOLD",
+    "HOLDS",
+    "METRIC_REGIONS",
+    "NOISE_CONDITIONS",
+    "SCANNER_PROTOCOL",
+    "mismatch_markdown",
+    "noise_mismatch",
+    "noise_profile",
+    "overall_verdict",
+    "slice_correlation",
+    "training_check",
+    "training_markdown",
+    "verdict",
     "GRID_STRATEGIES",
     "REFERENCES",
     "REGIONS",
@@ -46,6 +83,7 @@ __all__ = [
     "grid_figure",
     "ipv2_test_label",
     "make_case",
+    "scan_uldct",
     "markdown_tables",
     "preset",
     "purified_training_cases",

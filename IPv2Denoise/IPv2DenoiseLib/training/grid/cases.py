@@ -12,6 +12,7 @@ from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.progress import ProgressCallback
 from IPv2DenoiseLib.io.case_folder import case_folders_in, read_case
 from IPv2DenoiseLib.physics.lowdose import simulate_low_dose
+from IPv2DenoiseLib.physics.scanner_noise import ScannerProtocol, scanner_noise
 from IPv2DenoiseLib.synthetic.breathing import breathing_motion
 from IPv2DenoiseLib.synthetic.phantom import make_chest_phantom
 from IPv2DenoiseLib.training.grid.config import EvalConfig
@@ -28,6 +29,16 @@ class Case:
     spacing: tuple[float, float, float]
 
 
+def scan_uldct(anatomy: np.ndarray, *, seed: int, config: EvalConfig) -> np.ndarray:
+    """The grid's "real" ULDCT of ``anatomy``: the product's simulator (``matched``) or the
+    scanner of ``config.scanner`` at the same dose (``mismatched``)."""
+    px = float(config.spacing[0])
+    if config.noise == "matched":
+        return simulate_low_dose(anatomy, dose=config.dose, spacing_mm=px, seed=seed)
+    protocol = ScannerProtocol(dose=config.dose, **config.scanner)
+    return scanner_noise(anatomy, protocol, spacing_mm=px, seed=seed)
+
+
 def make_case(name: str, *, seed: int, config: EvalConfig) -> Case:
     """A synthetic misaligned pair: NDCT of the phantom, ULDCT of the same anatomy in another breath hold."""
     phantom = make_chest_phantom(shape=tuple(config.shape), spacing=tuple(config.spacing), seed=seed)
@@ -37,7 +48,7 @@ def make_case(name: str, *, seed: int, config: EvalConfig) -> Case:
     except ImportError:  # breathing model missing: a rigid 1-slice shift still misaligns the lungs
         anatomy_u = np.roll(phantom.hu, 1, axis=0)
     px = float(config.spacing[0])
-    uldct = simulate_low_dose(anatomy_u, dose=config.dose, spacing_mm=px, seed=seed * 2 + 1)
+    uldct = scan_uldct(anatomy_u, seed=seed * 2 + 1, config=config)
     ndct = simulate_low_dose(phantom.hu, dose=1.0, spacing_mm=px, seed=seed * 2 + 2)
     return Case(
         name,
@@ -70,7 +81,10 @@ def _cached_case(path: Path, make) -> Case:
 def synthetic_cases(
     config: EvalConfig, cache: Path, *, progress: ProgressCallback | None = None
 ) -> tuple[list[Case], list[Case]]:
-    """Training and held-out test cases (different anatomy seeds), cached as ``cache/*.npz``."""
+    """Training and held-out test cases (different anatomy seeds), cached as ``cache/*.npz``.
+
+    Use one cache folder per noise condition: the cached ULDCT is made by ``config.noise``.
+    """
     cache.mkdir(parents=True, exist_ok=True)
     specs = [(f"train{i}", 100 + i) for i in range(config.n_train)] + [
         (f"test{i}", 500 + i) for i in range(config.n_test)

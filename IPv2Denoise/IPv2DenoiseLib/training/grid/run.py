@@ -15,15 +15,17 @@ import numpy as np
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.progress import CancelToken, ProgressCallback, Steps
 from IPv2DenoiseLib.denoiser.infer import Denoiser
+from IPv2DenoiseLib.denoiser.weights import card_path
 from IPv2DenoiseLib.imaging.classical import available_methods, denoise_classical
 from IPv2DenoiseLib.imaging.masks import evaluation_rois
 from IPv2DenoiseLib.purification.pairs import Strategy
 from IPv2DenoiseLib.training.grid.cases import Case, dataset_cases, synthetic_cases
 from IPv2DenoiseLib.training.grid.config import REFERENCES, EvalConfig
 from IPv2DenoiseLib.training.grid.figure import grid_figure
+from IPv2DenoiseLib.training.grid.mismatch import noise_mismatch
 from IPv2DenoiseLib.training.grid.pairs import ipv2_test_label, purified_training_cases
 from IPv2DenoiseLib.training.grid.report import GridResult, write_results
-from IPv2DenoiseLib.training.grid.scoring import check_claims, score, summarize
+from IPv2DenoiseLib.training.grid.scoring import check_claims, score, summarize, training_check
 from IPv2DenoiseLib.training.trainer import CasePairs, TrainConfig, train
 
 
@@ -34,6 +36,28 @@ def _check(config: EvalConfig) -> None:
             raise UserError(f"classical method {m!r} is not available; use {', '.join(available_methods())}")
     for s in config.strategies:
         Strategy.from_name(s)
+
+
+#: Config fields that decide the cached cases and pairs under OUT.
+_CASE_FIELDS = ("shape", "spacing", "dose", "noise", "scanner", "n_train", "n_test", "motion_mm")
+
+
+def _claim_output_folder(out: Path, config: EvalConfig, data) -> None:
+    """Stamp OUT with what its caches were made from; refuse an OUT made from something else."""
+    stamp = {k: getattr(config, k) for k in _CASE_FIELDS} | {"data": str(data) if data else None}
+    stamp = json.loads(json.dumps(stamp))
+    path = out / "grid_cases.json"
+    if path.exists():
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        if saved != stamp:
+            changed = ", ".join(k for k in stamp if saved.get(k) != stamp[k])
+            raise UserError(
+                f"--out {out}: its cached cases were made with another {changed}; use another --out"
+            )
+        return
+    tmp = path.with_suffix(".partial")
+    tmp.write_text(json.dumps(stamp, indent=1), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def _denoise_model(weights: Path, hu: np.ndarray, device: str) -> np.ndarray:
@@ -67,13 +91,19 @@ def _train_model(
             batch=config.batch,
             iterations=config.iterations,
             lr=config.lr,
-            val_every=config.iterations,
+            val_every=max(1, config.iterations // max(1, config.loss_rounds)),
             seed=seed,
             device=config.device,
             name="model",
         )
         train(tcfg, prepared=(pairs, []), cancel=cancel)
     return weights
+
+
+def _round_losses(weights: Path) -> list[float]:
+    """The mean training loss per round, from the model card next to ``weights``."""
+    card = json.loads(card_path(weights).read_text(encoding="utf-8"))
+    return [float(v) for v in card.get("history", {}).get("loss", [])]
 
 
 @dataclass
@@ -167,8 +197,9 @@ def run_grid(
     say = log or (lambda line: None)
     seeds = [int(s) for s in seeds] or [0]
     _check(config)
+    _claim_output_folder(out, config, data)
     steps = Steps(
-        2 + len(config.classical) + len(config.strategies) * (1 + len(config.models) * len(seeds)),
+        3 + len(config.classical) + len(config.strategies) * (1 + len(config.models) * len(seeds)),
         progress,
         cancel,
     )
@@ -198,7 +229,10 @@ def run_grid(
         panels[name.upper() if name != "curvature" else "curvature AD"] = outputs[0][z_show]
         tick(f"classical {name}")
 
+    mismatch = noise_mismatch(test_cases, config)
+    tick(f"noise of the {config.noise} ULDCT vs Sim(N)")
     model_panels: dict[tuple[str, str], np.ndarray] = {}
+    checks: list[dict] = []
     for strategy in config.strategies:
         pairs = purified_training_cases(train_cases, strategy, config, out / "pairs")
         tick(f"pairs {strategy}")
@@ -218,11 +252,19 @@ def run_grid(
                 )
                 outputs = [_denoise_model(weights, c.uldct, config.device) for c in test_cases]
                 board.record(f"{strategy}/{arch}", strategy, arch, seed, outputs)
+                check = training_check(
+                    _round_losses(weights), outputs[0], test_cases[0].uldct, board.refs[0]["masks"]["body"]
+                )
+                checks.append({"strategy": strategy, "model": arch, "seed": seed, **check})
                 if seed == seeds[0]:
                     model_panels[(strategy, arch)] = outputs[0][z_show]
-                tick(f"{strategy} / {arch} / seed {seed}")
+                flag = "" if check["trained"] else " (DID NOT TRAIN)"
+                tick(f"{strategy} / {arch} / seed {seed}{flag}")
 
     summary = summarize(board.records)
+    untrained = [(c["strategy"], c["model"], c["seed"]) for c in checks if not c["trained"]]
+    for row in summary:
+        row["untrained_seeds"] = [sd for st, m, sd in untrained if (st, m) == (row["strategy"], row["model"])]
     figure = Path(figure_path) if figure_path is not None else out / "results_grid.png"
     grid_figure(
         panels,
@@ -238,9 +280,11 @@ def run_grid(
         seeds=seeds,
         records=board.records,
         summary=summary,
-        claims=check_claims(summary, list(config.models)),
+        claims=check_claims(summary, list(config.models), untrained=untrained),
         seconds=round(time.monotonic() - began, 1),
         figure=str(figure),
+        training=checks,
+        mismatch=mismatch,
     )
     write_results(result, out)
     return result

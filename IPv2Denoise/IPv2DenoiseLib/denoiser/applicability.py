@@ -1,0 +1,99 @@
+"""Is this scan within what the model was trained on? One warning line when it is not.
+
+A denoiser trained on 2 %-dose noise removes noise of that strength and texture. Given a
+normal-dose scan (far less noise) it still removes what it believes is noise and over-smooths real
+anatomy; given pixels or slices far from its training data, its 2.5D filters see structures at a
+scale they never learnt. The model card records the ranges it saw (``data.training_range``:
+``input_noise_hu``, ``pixel_mm``, ``slice_mm``, written by the trainer or measured for older
+models); :func:`applicability_warning` compares a scan with them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from IPv2DenoiseLib.core.volume import Volume
+from IPv2DenoiseLib.imaging.noise_estimate import estimate_noise_hu
+
+#: A scan is "far below" the training noise when its measured noise is under this share of the
+#: lowest training noise (the 2nd percentile the trainer records).
+FAR_BELOW = 0.5
+#: Relative tolerance on pixel size and slice thickness.
+SPACING_TOLERANCE = 0.1
+#: Slices used to measure the noise of a large volume (evenly spaced; enough for a robust median).
+NOISE_SLICES = 8
+
+
+@dataclass(frozen=True)
+class TrainingRange:
+    """What a model was trained on; any bound may be missing (None)."""
+
+    input_noise_hu: tuple[float, float] | None = None
+    pixel_mm: tuple[float, float] | None = None
+    slice_mm: tuple[float, float] | None = None
+
+    @classmethod
+    def from_card(cls, card: Mapping[str, Any]) -> TrainingRange | None:
+        """The range in a model card (``data.training_range``), or None when the card has none."""
+        data = card.get("data") or {}
+        rng = data.get("training_range") if isinstance(data, Mapping) else None
+        if not isinstance(rng, Mapping):
+            return None
+
+        def pair(key: str) -> tuple[float, float] | None:
+            value = rng.get(key)
+            if not value or len(value) != 2:
+                return None
+            return (float(value[0]), float(value[1]))
+
+        return cls(pair("input_noise_hu"), pair("pixel_mm"), pair("slice_mm"))
+
+
+def measured_noise_hu(hu: np.ndarray) -> float:
+    """Noise SD (HU) of a scan, from up to :data:`NOISE_SLICES` evenly spaced slices."""
+    vol = np.asarray(hu)
+    vol = vol[None] if vol.ndim == 2 else vol
+    picks = np.unique(np.linspace(0, vol.shape[0] - 1, min(NOISE_SLICES, vol.shape[0])).round().astype(int))
+    return estimate_noise_hu(vol[picks])
+
+
+def applicability_warning(
+    volume: Volume, card: Mapping[str, Any], *, noise_hu: float | None = None
+) -> str | None:
+    """One line saying how ``volume`` lies outside the model's training range, or None.
+
+    Checks: measured noise far below the training noise (a normal-dose scan would be
+    over-smoothed), in-plane pixel size and slice thickness outside the trained range. A card
+    without a training range gives None (nothing to compare with).
+    """
+    rng = TrainingRange.from_card(card)
+    if rng is None:
+        return None
+    problems = []
+    if rng.input_noise_hu is not None:
+        noise = measured_noise_hu(volume.array) if noise_hu is None else float(noise_hu)
+        if math.isfinite(noise) and noise < FAR_BELOW * rng.input_noise_hu[0]:
+            problems.append(
+                f"its noise ({noise:.0f} HU) is far below the {rng.input_noise_hu[0]:.0f}–"
+                f"{rng.input_noise_hu[1]:.0f} HU the model was trained on (a normal-dose scan will be over-smoothed)"
+            )
+    sx, sy, sz = (float(s) for s in volume.spacing)
+    for what, value, bounds in (
+        ("pixel size", (sx + sy) / 2, rng.pixel_mm),
+        ("slice thickness", sz, rng.slice_mm),
+    ):
+        if bounds is None or volume.shape[0] < 2 and what == "slice thickness":
+            continue
+        lo, hi = bounds[0] * (1 - SPACING_TOLERANCE), bounds[1] * (1 + SPACING_TOLERANCE)
+        if not lo <= value <= hi:
+            problems.append(
+                f"its {what} ({value:.2f} mm) is outside the trained {bounds[0]:.2f}–{bounds[1]:.2f} mm"
+            )
+    if not problems:
+        return None
+    return "this scan is outside the model's training range: " + "; ".join(problems)

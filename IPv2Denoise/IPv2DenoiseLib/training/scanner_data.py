@@ -1,0 +1,240 @@
+"""Training on clean anatomy with fresh, scanner-like noise every batch (``train --noise scanner``).
+
+The purified pairs of :mod:`IPv2DenoiseLib.purification.pairs` are fixed: one noise draw per case,
+one kernel, one dose, slice-independent noise. Here the noise is drawn anew while training:
+:class:`ScannerNoiseSampler` keeps a pool of noisy slabs; every batch replaces some of them with a
+slab of clean anatomy (zoomed to another body size, with tissue texture added) scanned with a random
+:class:`~IPv2DenoiseLib.physics.scanner_noise.ScannerProtocol` (dose, kernel, bowtie, TCM,
+slice correlation), and patches are drawn from the pool with fixed lung / body / background shares.
+The label is the clean centre slice.
+
+Clean anatomy comes from case folders: ``ndct_clean.*`` and ``uldct_clean.*`` when present (the
+synthetic cases of ``make-dataset``), else ``ndct.*`` (a real normal-dose scan: its noise stays in
+the label, and only the extra low-dose noise is inserted).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage as ndi
+
+from IPv2DenoiseLib.core.errors import UserError
+from IPv2DenoiseLib.denoiser.normalization import hu_to_net
+from IPv2DenoiseLib.imaging.masks import body_mask, lung_mask
+from IPv2DenoiseLib.imaging.noise_estimate import estimate_noise_hu
+from IPv2DenoiseLib.io.case_folder import CASE_SUFFIXES
+from IPv2DenoiseLib.io.volumes import read_volume
+from IPv2DenoiseLib.physics.scanner_noise import ProtocolRanges, ScannerProtocol, draw_protocol, scanner_noise
+from IPv2DenoiseLib.purification.regions import BACKGROUND, BODY, LUNGS, OUTSIDE
+from IPv2DenoiseLib.synthetic.texture import add_tissue_texture
+
+
+@dataclass
+class CleanVolume:
+    """One anatomy volume (HU) and its sampling map; ``clean`` False for a real NDCT."""
+
+    name: str
+    hu: np.ndarray
+    regions: np.ndarray
+    spacing: tuple[float, float, float]  # (sx, sy, sz) mm
+    clean: bool
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """What besides the protocol varies per slab (recorded in the model card)."""
+
+    #: In-plane zoom of the anatomy (body size), log-uniform.
+    zoom: tuple[float, float] = (0.75, 1.35)
+    #: Texture SD in HU: soft tissue and lungs, uniform from 0.
+    soft_tissue_texture_hu: float = 12.0
+    lung_texture_hu: float = 25.0
+    #: Share of slabs that are one slice repeated (what the denoiser feeds the network for a
+    #: single-slice input, and at a volume's first and last slice: its edge padding).
+    single_slice_share: float = 0.15
+
+    def as_dict(self) -> dict:
+        return {
+            "single_slice_share": self.single_slice_share,
+            "zoom": list(self.zoom),
+            "soft_tissue_texture_hu": self.soft_tissue_texture_hu,
+            "lung_texture_hu": self.lung_texture_hu,
+        }
+
+
+def region_map(hu: np.ndarray) -> np.ndarray:
+    """BODY / LUNGS / BACKGROUND codes of a (clean or NDCT) volume, OUTSIDE elsewhere (table)."""
+    body = body_mask(hu)
+    regions = np.full(hu.shape, OUTSIDE, np.uint8)
+    regions[body] = BODY
+    regions[lung_mask(hu, body=body)] = LUNGS
+    regions[~ndi.binary_dilation(body, iterations=3) & (hu < -900)] = BACKGROUND
+    return regions
+
+
+def _find(folder: Path, key: str) -> Path | None:
+    for suffix in CASE_SUFFIXES:
+        if (folder / f"{key}{suffix}").exists():
+            return folder / f"{key}{suffix}"
+    return None
+
+
+def load_clean_volumes(folders: Sequence[str | os.PathLike]) -> list[CleanVolume]:
+    """Anatomy volumes of case folders (``*_clean`` when present, else ``ndct``)."""
+    volumes = []
+    for folder in map(Path, folders):
+        found = [(k, _find(folder, k)) for k in ("ndct_clean", "uldct_clean")]
+        found = [(k, p) for k, p in found if p is not None]
+        clean = bool(found)
+        if not found:
+            ndct = _find(folder, "ndct")
+            if ndct is None:
+                raise UserError(
+                    f"{folder}: no ndct_clean.*, uldct_clean.* or ndct.* volume for scanner-noise training"
+                )
+            found = [("ndct", ndct)]
+        for key, path in found:
+            vol = read_volume(path)
+            hu = vol.array.astype(np.float32)
+            volumes.append(CleanVolume(f"{folder.name}/{key}", hu, region_map(hu), tuple(vol.spacing), clean))
+    return volumes
+
+
+class ScannerNoiseSampler:
+    """Patches of clean anatomy under fresh scanner-like noise; same interface as ``PatchSampler``."""
+
+    def __init__(
+        self,
+        volumes: Sequence[CleanVolume],
+        *,
+        patch: int,
+        in_slices: int,
+        shares: Sequence[float],
+        seed: int,
+        ranges: ProtocolRanges | None = None,
+        augmentation: Augmentation | None = None,
+        pool: int = 24,
+        refresh: int = 1,
+        device: str = "cpu",
+    ) -> None:
+        if not volumes:
+            raise UserError("no training volumes for scanner-noise training")
+        self.volumes = list(volumes)
+        self.patch, self.in_slices, self.m = patch, in_slices, in_slices // 2
+        self.rng = np.random.default_rng(seed)
+        self.ranges = ranges or ProtocolRanges()
+        self.augmentation = augmentation or Augmentation()
+        self.refresh, self.device = refresh, device
+        self.shares = np.asarray(shares, float) / np.sum(shares)
+        self.pool: list[
+            tuple[np.ndarray, np.ndarray, np.ndarray]
+        ] = []  # (noisy, clean centre, regions centre)
+        self.slabs_made = 0
+        #: Noise SD (HU, :func:`estimate_noise_hu`) of every simulated input slice: the training range.
+        self.input_noise_hu: list[float] = []
+        for _ in range(pool):
+            self.pool.append(self.make_slab())
+
+    def make_slab(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One noisy ``in_slices`` slab, its clean centre slice and the centre's regions."""
+        rng = self.rng
+        vol = self.volumes[int(rng.integers(len(self.volumes)))]
+        nz = vol.hu.shape[0]
+        z = int(rng.integers(nz))
+        # one extra slice each side so the slice mixing of the noise sees real neighbours
+        single = rng.random() < self.augmentation.single_slice_share
+        zs = np.clip(np.arange(z - self.m - 1, z + self.m + 2), 0, nz - 1)
+        if single:
+            zs = np.array([z])
+        hu, regions = vol.hu[zs], vol.regions[zs]
+        lo, hi = self.augmentation.zoom
+        zoom = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+        if abs(zoom - 1.0) > 0.02:
+            hu, regions = _zoom_in_plane(hu, zoom, -1000.0, 1), _zoom_in_plane(regions, zoom, OUTSIDE, 0)
+        if rng.random() < 0.5:
+            hu, regions = hu[..., ::-1], regions[..., ::-1]
+        sx, sy, sz = vol.spacing
+        if vol.clean:
+            hu = add_tissue_texture(
+                hu,
+                lungs=regions == LUNGS,
+                body=regions == BODY,
+                spacing_mm=(sz, sy, sx),
+                rng=rng,
+                soft_tissue_sd=float(rng.uniform(0, self.augmentation.soft_tissue_texture_hu)),
+                lung_sd=float(rng.uniform(0, self.augmentation.lung_texture_hu)),
+                beta=float(rng.uniform(2.5, 3.5)),
+            )
+        protocol = draw_protocol(rng, self.ranges)
+        noisy = scanner_noise(
+            np.ascontiguousarray(hu),
+            protocol,
+            spacing_mm=float(sx),
+            seed=int(rng.integers(2**62)),
+            clean=vol.clean,
+            device=self.device,
+        )
+        self.slabs_made += 1
+        if single:  # the denoiser's edge padding: the same noisy slice in every channel
+            hu = np.repeat(hu, self.in_slices + 2, axis=0)
+            noisy = np.repeat(noisy, self.in_slices + 2, axis=0)
+            regions = np.repeat(regions, self.in_slices + 2, axis=0)
+        centre = self.m + 1
+        self.input_noise_hu.append(estimate_noise_hu(noisy[centre]))
+        return (
+            noisy[1:-1].astype(np.float32),
+            np.ascontiguousarray(hu[centre : centre + 1]).astype(np.float32),
+            np.ascontiguousarray(regions[centre]),
+        )
+
+    def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        for _ in range(self.refresh):
+            self.pool[int(self.rng.integers(len(self.pool)))] = self.make_slab()
+        inputs, labels = [], []
+        for region in self.rng.choice(3, size=size, p=self.shares):
+            code = (LUNGS, BODY, BACKGROUND)[region]
+            for _ in range(8):  # a slab may lack the region (e.g. lungs outside a zoomed crop)
+                noisy, clean, regions = self.pool[int(self.rng.integers(len(self.pool)))]
+                idx = np.flatnonzero(regions == code)
+                if idx.size:
+                    break
+            else:
+                idx = np.arange(regions.size)
+            y, x = np.unravel_index(int(idx[self.rng.integers(idx.size)]), regions.shape)
+            ny, nx = regions.shape
+            p = min(self.patch, ny, nx)
+            y0, x0 = int(np.clip(y - p // 2, 0, ny - p)), int(np.clip(x - p // 2, 0, nx - p))
+            inputs.append(hu_to_net(noisy[:, y0 : y0 + p, x0 : x0 + p]))
+            labels.append(hu_to_net(clean[:, y0 : y0 + p, x0 : x0 + p]))
+        return torch.from_numpy(np.stack(inputs)), torch.from_numpy(np.stack(labels))
+
+
+def _zoom_in_plane(arr: np.ndarray, zoom: float, fill: float, order: int) -> np.ndarray:
+    """Scale ``[z, y, x]`` in-plane about the centre, cropped or padded (with ``fill``) to the same size."""
+    nz, ny, nx = arr.shape
+    cy, cx = (ny - 1) / 2, (nx - 1) / 2
+    matrix = np.diag([1.0, 1.0 / zoom, 1.0 / zoom])
+    offset = np.array([0.0, cy - cy / zoom, cx - cx / zoom])
+    return ndi.affine_transform(arr, matrix, offset=offset, order=order, mode="constant", cval=fill).astype(
+        arr.dtype
+    )
+
+
+def validation_slabs(
+    volumes: Sequence[CleanVolume], protocol: ScannerProtocol, *, slices: int, seed: int
+) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
+    """Fixed (name, noisy, clean, regions) validation volumes: the central ``slices`` of each volume."""
+    out = []
+    for i, vol in enumerate(volumes):
+        nz = vol.hu.shape[0]
+        z0 = max(0, (nz - slices) // 2)
+        hu = vol.hu[z0 : z0 + slices]
+        noisy = scanner_noise(hu, protocol, spacing_mm=float(vol.spacing[0]), seed=seed + i, clean=vol.clean)
+        out.append((vol.name, noisy, hu, vol.regions[z0 : z0 + slices]))
+    return out

@@ -1,0 +1,79 @@
+"""Scanner-like noise: bowtie, tube-current modulation, kernels and slice correlation (issue #14)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from IPv2DenoiseLib.core.errors import UserError
+from IPv2DenoiseLib.physics.scanner_noise import (
+    MAX_Z_CORRELATION,
+    ScannerProtocol,
+    bowtie_transmission,
+    correlate_slices,
+    draw_protocol,
+    mixing_weight,
+    scanner_noise,
+    tcm_factor,
+)
+from IPv2DenoiseLib.synthetic.phantom import make_chest_phantom
+
+
+@pytest.mark.parametrize("rho", [0.0, 0.2, 0.45, 0.7])
+def test_slice_mixing_reaches_the_asked_correlation_and_keeps_variance(rho) -> None:
+    noise = np.random.default_rng(0).standard_normal((40, 64, 64)).astype(np.float32)
+    mixed = correlate_slices(noise, rho)
+    a, b = mixed[1:-2].ravel(), mixed[2:-1].ravel()
+    assert np.corrcoef(a, b)[0, 1] == pytest.approx(rho, abs=0.02)
+    assert mixed[1:-1].std() == pytest.approx(1.0, abs=0.02)
+
+
+def test_mixing_weight_bounds() -> None:
+    assert mixing_weight(0.0) == 0.0
+    assert mixing_weight(MAX_Z_CORRELATION) == pytest.approx(1 / np.sqrt(2), abs=1e-6)
+    with pytest.raises(UserError):
+        mixing_weight(0.9)
+
+
+def test_bowtie_and_tcm_shapes() -> None:
+    t = bowtie_transmission(torch.linspace(-250, 250, 101))
+    assert t[50] == pytest.approx(1.0) and t.min() >= 0.079 and (t[50:].diff() <= 1e-7).all()
+    p = torch.zeros(2, 8, 30)
+    p[:, ::2, 10:20] = 4.0  # every other view crosses more tissue
+    m = tcm_factor(p, alpha=0.5)
+    assert m.shape == (2, 8, 1) and m.mean(dim=1).allclose(torch.ones(2, 1))
+    assert (m[:, ::2] > m[:, 1::2]).all()
+
+
+def test_scanner_noise_texture_and_periphery() -> None:
+    ph = make_chest_phantom(shape=(3, 128, 128), spacing=(2.8, 2.8, 2.5), seed=2).hu
+    kw = {"spacing_mm": 2.8, "seed": 3}
+    ramp = (
+        scanner_noise(ph, ScannerProtocol(dose=0.002, bowtie=False, tcm=0.0, geometry="parallel"), **kw) - ph
+    )
+    hann = (
+        scanner_noise(
+            ph, ScannerProtocol(dose=0.002, kernel="hann", bowtie=False, tcm=0.0, geometry="parallel"), **kw
+        )
+        - ph
+    )
+    bowtie = (
+        scanner_noise(ph, ScannerProtocol(dose=0.002, bowtie=True, tcm=0.0, geometry="parallel"), **kw) - ph
+    )
+    body = (slice(None), slice(54, 74), slice(54, 74))
+    air = (slice(None), slice(2, 12), slice(2, 12))
+    assert hann[body].std() < 0.8 * ramp[body].std()
+    assert bowtie[air].std() > 1.3 * ramp[air].std()  # peripheral rays get fewer photons
+    corr = scanner_noise(ph, ScannerProtocol(dose=0.002, z_correlation=0.6, geometry="parallel"), **kw) - ph
+    assert np.corrcoef(corr[0][body[1:]].ravel(), corr[1][body[1:]].ravel())[0, 1] > 0.3
+
+
+def test_draw_protocol_covers_the_ranges() -> None:
+    rng = np.random.default_rng(0)
+    protocols = [draw_protocol(rng) for _ in range(200)]
+    assert {p.kernel for p in protocols} == {"ramp", "shepp-logan", "cosine", "hann"}
+    assert {p.geometry for p in protocols} == {"fan", "parallel"}
+    doses = [p.dose for p in protocols]
+    assert 0.01 <= min(doses) < 0.013 and 0.03 < max(doses) <= 0.04
+    assert any(p.z_correlation == 0 for p in protocols) and max(p.z_correlation for p in protocols) > 0.5

@@ -1,0 +1,511 @@
+"""Real-anatomy benchmark: our denoiser against oracle-tuned classical filters on real CT slices.
+
+One command::
+
+    OMP_NUM_THREADS=2 python benchmarks/bench_real_anatomy.py [--model default | --weights FILE ...]
+
+Images (real scans that ship in registry packages, nothing downloaded at run time):
+
+* ``chest``: pydicom's ``CT_small.dcm`` (128² crop of a chest at 0.66 mm: spine, aorta, lung);
+* ``head``, ``neck``, ``abdomen``: the CT slices of the ``pydicom-data`` package
+  (``693_UNCR.dcm`` 0.48 mm, ``bad_sequence.dcm`` 0.29 mm, ``explicit_VR-UN.dcm`` 0.86 mm).
+
+Each image is the *truth* (a normal-dose scan, with its own small noise). Two low-dose versions:
+
+* ``projection``: 2 %-dose noise inserted in the projection domain by
+  :func:`IPv2DenoiseLib.physics.lowdose.insert_noise` (fan beam, ramp filter). Body size is matched
+  to each image: an image whose field of view cuts the body (chest, neck) is set into a water
+  ellipse of that body part's size, so the rays cross a whole patient; pixels finer than 0.6 mm
+  (a real detector's resolution) are simulated on a 0.6 mm grid and the noise is interpolated back.
+* ``smooth-nps``: a different model, built in the image domain without our projector: Gaussian
+  noise shaped by a smooth-kernel NPS (``f·exp(−2(f/0.45)²)``, f in 1/mm), its local SD following
+  that of the projection noise × 0.6 (a smooth kernel at the same dose).
+
+Methods: the network(s) given, and NLM, TV (``imaging.classical``) and BM3D (the ``bm3d`` package,
+given the true noise PSD; benchmark-only, non-commercial licence: ``pip install -e .[bench]``),
+each at its default and tuned per image against the truth (an *oracle*: the best of a strength
+sweep). BM3D is slow (~20–50 s per 512² slice on a loaded core): its sweep is chosen on the
+central 192² crop and the full image is then run once at the chosen strength.
+
+Metrics inside the body (DESIGN.md §6): PSNR and SSIM in the lung window; noise SD and bias of
+(output − truth) in soft tissue; LAA-950 error (pp) where there is lung; ``nps`` = NPS mean
+frequency of (output − truth) over that of the truth's own noise (plane-detrended 32² ROIs of the
+truth in homogeneous soft tissue), and ``nps_vs_input`` the same against the inserted noise (< 1 =
+blotchier, "plastic"). Prints the table and each model's margin over the best oracle; writes
+``benchmarks/results/bench_real_anatomy.json`` and ``docs/figures/real_anatomy.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage as ndi
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "IPv2Denoise"))
+
+from IPv2DenoiseLib.core.errors import UserError  # noqa: E402
+from IPv2DenoiseLib.imaging.classical import denoise_classical  # noqa: E402
+from IPv2DenoiseLib.imaging.masks import body_mask, lung_mask, soft_tissue_mask  # noqa: E402
+from IPv2DenoiseLib.imaging.metrics import laa950, nps_2d, psnr, ssim  # noqa: E402
+from IPv2DenoiseLib.imaging.noise_estimate import estimate_noise_hu  # noqa: E402
+from IPv2DenoiseLib.io.volumes import read_volume  # noqa: E402
+from IPv2DenoiseLib.physics.lowdose import insert_noise  # noqa: E402
+
+DOSE = 0.02
+#: Finest pixel a real detector resolves (mm): finer images get the noise of this grid, interpolated.
+DETECTOR_MM = 0.6
+SOFT_WINDOW = (-160.0, 240.0)
+LUNG_WINDOW = (-1350.0, 150.0)
+NLM_TV_FACTORS = (0.5, 0.7, 1.0, 1.4, 2.0)
+BM3D_FACTORS = (0.6, 1.0, 1.6)
+
+
+@dataclass(frozen=True)
+class RealImage:
+    name: str
+    source: str  # "pydicom:<file>" or "pydicom-data:<file>"
+    #: Body ellipse (width, height) mm when the field of view cuts the body, and its mean HU.
+    body_mm: tuple[float, float] | None
+    body_hu: float = 0.0
+    #: LAA-950 only where there is lung (elsewhere the low-attenuation voxels are bowel gas or air).
+    has_lung: bool = False
+
+
+IMAGES = (
+    # a chest's mean density: lungs and tissue (the calibration phantom of docs/noise-calibration.md)
+    RealImage("chest", "pydicom:CT_small.dcm", (330.0, 230.0), -350.0, has_lung=True),
+    RealImage("head", "pydicom-data:693_UNCR.dcm", None),
+    RealImage("neck", "pydicom-data:bad_sequence.dcm", (200.0, 160.0)),
+    RealImage("abdomen", "pydicom-data:explicit_VR-UN.dcm", None),
+)
+
+
+def load_image(image: RealImage) -> tuple[np.ndarray, float]:
+    """The image's HU slice and pixel size (mm)."""
+    kind, name = image.source.split(":", 1)
+    if kind == "pydicom":
+        from pydicom.data import get_testdata_file
+
+        path = get_testdata_file(name)
+    else:
+        try:
+            import data_store  # the pydicom-data package
+        except ImportError:
+            raise UserError("the pydicom-data package is missing: pip install -e .[bench]") from None
+        path = Path(data_store.__file__).parent / "data" / name
+    vol = read_volume(path)
+    return vol.array[0].astype(np.float32), float(vol.spacing[0])
+
+
+# ------------------------------------------------------------------------------------------ noise
+
+
+def _ellipse_canvas(
+    image: np.ndarray, pixel_mm: float, body_mm: tuple[float, float], body_hu: float
+) -> tuple[np.ndarray, tuple]:
+    """``image`` set into the centre of an ellipse of ``body_mm`` at ``body_hu``, in air; returns canvas, crop."""
+    ny, nx = image.shape
+    n = int(math.ceil(max(max(body_mm) / pixel_mm + 16, ny + 16, nx + 16)))
+    yy, xx = np.mgrid[0:n, 0:n]
+    c = (n - 1) / 2
+    inside = ((xx - c) * pixel_mm / (body_mm[0] / 2)) ** 2 + (
+        (yy - c) * pixel_mm / (body_mm[1] / 2)
+    ) ** 2 <= 1
+    canvas = np.where(inside, body_hu, -1000.0).astype(np.float32)
+    y0, x0 = (n - ny) // 2, (n - nx) // 2
+    crop = (slice(y0, y0 + ny), slice(x0, x0 + nx))
+    canvas[crop] = image
+    return canvas, crop
+
+
+def projection_noise(truth: np.ndarray, pixel_mm: float, body_mm, body_hu: float, *, seed: int) -> np.ndarray:
+    """2 %-dose noise (HU, truth's grid) inserted in the projection domain, body size matched."""
+    sim_mm = max(pixel_mm, DETECTOR_MM)
+    scale = pixel_mm / sim_mm
+    img = ndi.zoom(truth, scale, order=3, mode="nearest") if scale < 0.999 else truth
+    if body_mm is not None:
+        canvas, crop = _ellipse_canvas(img, sim_mm, body_mm, body_hu)
+    else:
+        canvas, crop = img, (slice(None), slice(None))
+    noise = (insert_noise(canvas, dose=DOSE, spacing_mm=sim_mm, seed=seed) - canvas)[crop]
+    if scale < 0.999:  # back onto the image grid (cubic spline)
+        ny, nx = truth.shape
+        yy, xx = np.mgrid[0:ny, 0:nx].astype(np.float64)
+        coords = [(yy + 0.5) * scale - 0.5, (xx + 0.5) * scale - 0.5]
+        noise = ndi.map_coordinates(noise, coords, order=3, mode="nearest")
+    return noise.astype(np.float32)
+
+
+def smooth_nps_noise(reference_noise: np.ndarray, pixel_mm: float, *, seed: int) -> np.ndarray:
+    """Image-domain noise with a smooth-kernel NPS and the local SD of ``reference_noise`` × 0.6."""
+    rng = np.random.default_rng(seed)
+    ny, nx = reference_noise.shape
+    fy = np.fft.fftfreq(ny, pixel_mm)[:, None]
+    fx = np.fft.fftfreq(nx, pixel_mm)[None, :]
+    f = np.hypot(fy, fx)
+    shape = np.sqrt(f * np.exp(-2.0 * (f / 0.45) ** 2))
+    white = rng.standard_normal((ny, nx))
+    field = np.real(np.fft.ifft2(np.fft.fft2(white) * shape))
+    field /= field.std()
+    local_sd = np.sqrt(ndi.gaussian_filter(reference_noise.astype(np.float64) ** 2, 10.0 / pixel_mm))
+    return (0.6 * local_sd * field).astype(np.float32)
+
+
+def noise_psd(noise: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The noise PSD BM3D wants (``E|FFT|²``, same shape as the image), from the known noise in ``mask``."""
+    inside = np.where(mask, noise, 0.0)
+    # E|FFT(n)|² = M·N·σ² for white noise σ² (bm3d's convention); correct for the masked share
+    psd = np.abs(np.fft.fft2(inside)) ** 2 * (mask.size / max(1, int(mask.sum())))
+    # smooth the periodogram (one realisation) over neighbouring frequencies
+    return np.fft.ifftshift(ndi.gaussian_filter(np.fft.fftshift(psd), 2.0, mode="wrap"))
+
+
+# ---------------------------------------------------------------------------------------- methods
+
+
+def run_bm3d(noisy: np.ndarray, psd: np.ndarray, factor: float) -> np.ndarray:
+    if not hasattr(np, "trapz"):  # bm4d 4.2.5 still calls np.trapz, removed in NumPy 2
+        np.trapz = np.trapezoid
+    import bm3d
+
+    scale = 1000.0  # BM3D works on HU/1000 (its PSD in the same units)
+    return (bm3d.bm3d(noisy.astype(np.float64) / scale, sigma_psd=psd * factor / scale**2) * scale).astype(
+        np.float32
+    )
+
+
+def load_models(specs: list[str]):
+    from IPv2DenoiseLib.denoiser.infer import Denoiser
+
+    models = []
+    for spec in specs:
+        den = Denoiser.from_file(spec) if spec.endswith(".safetensors") else Denoiser.from_registry(spec)
+        label = spec if not spec.endswith(".safetensors") else Path(spec).stem
+        models.append((f"model:{label}", den))
+    return models
+
+
+# ---------------------------------------------------------------------------------------- metrics
+
+
+@dataclass
+class Regions:
+    body: np.ndarray
+    soft: np.ndarray
+    lungs: np.ndarray | None
+    own_nps_freq: float
+
+
+def regions_of(truth: np.ndarray, pixel_mm: float, *, truncated: bool, has_lung: bool) -> Regions:
+    vol = truth[None]
+    # a field of view that cuts the body lies entirely inside the patient
+    body = np.ones(truth.shape, bool) if truncated else body_mask(vol)[0]
+    soft = soft_tissue_mask(vol, body=body[None])[0]
+    lungs = lung_mask(vol, body=body[None])[0]
+    if lungs.sum() < 200:  # lungs cut by the field of view are border-connected: threshold instead
+        lungs = (ndi.gaussian_filter(truth, 1.5) < -500) & body
+    lungs = lungs if has_lung and lungs.sum() >= 200 else None
+    flat = ndi.binary_erosion(soft, iterations=2)
+    try:
+        own = nps_2d(truth, pixel_spacing_mm=pixel_mm, roi_size=32, mask=flat, detrend="plane", stride=16)
+        own_freq = own.mean_freq
+    except UserError:
+        own_freq = math.nan
+    return Regions(body, soft, lungs, own_freq)
+
+
+def measure(out: np.ndarray, truth: np.ndarray, noisy: np.ndarray, reg: Regions, pixel_mm: float) -> dict:
+    err = out - truth
+    rec = {
+        "psnr": psnr(truth, out, mask=reg.body),
+        "ssim": ssim(truth, out, mask=reg.body),
+        "psnr_soft_window": psnr(truth, out, mask=reg.body, window=SOFT_WINDOW),
+        "noise_sd_hu": float(err[reg.soft].std()) if reg.soft.any() else math.nan,
+        "bias_hu": float(err[reg.soft].mean()) if reg.soft.any() else math.nan,
+    }
+    if reg.lungs is not None:
+        rec["laa950_error_pp"] = laa950(out, reg.lungs) - laa950(truth, reg.lungs)
+    roi = 32 if min(truth.shape) < 256 else 64
+    try:
+        f_out = nps_2d(err, pixel_spacing_mm=pixel_mm, roi_size=roi, mask=reg.body, stride=roi // 2).mean_freq
+        f_in = nps_2d(
+            noisy - truth, pixel_spacing_mm=pixel_mm, roi_size=roi, mask=reg.body, stride=roi // 2
+        ).mean_freq
+    except UserError:
+        f_out = f_in = math.nan
+    rec["nps_freq"] = f_out
+    rec["nps"] = f_out / reg.own_nps_freq if reg.own_nps_freq > 0 else math.nan
+    rec["nps_vs_input"] = f_out / f_in if f_in > 0 else math.nan
+    return rec
+
+
+# ------------------------------------------------------------------------------------------ driver
+
+
+class OutputCache:
+    """Classical outputs on disk (``--cache DIR``): they do not change between model versions, so a
+    rerun that compares new weights recomputes only the networks. Keyed by image, noise, seed,
+    method and strength; None = no cache."""
+
+    def __init__(self, folder: str | None) -> None:
+        self.folder = Path(folder) if folder else None
+        if self.folder:
+            self.folder.mkdir(parents=True, exist_ok=True)
+
+    def get(self, key: str, compute, *args, **kwargs) -> np.ndarray:
+        """``compute(*args, **kwargs)``, or its stored result."""
+        if self.folder is None:
+            return compute(*args, **kwargs)
+        path = self.folder / f"{key}.npy"
+        if path.exists():
+            return np.load(path)
+        out = np.asarray(compute(*args, **kwargs), dtype=np.float32)
+        tmp = path.with_suffix(".partial.npy")
+        np.save(tmp, out)
+        os.replace(tmp, path)
+        return out
+
+
+def evaluate_image(
+    image: RealImage,
+    models,
+    *,
+    seed: int,
+    bm3d_mode: str,
+    remove_background: bool,
+    log,
+    cache: OutputCache | None = None,
+) -> dict:
+    cache = cache or OutputCache(None)
+    truth, pixel_mm = load_image(image)
+    reg = regions_of(truth, pixel_mm, truncated=image.body_mm is not None, has_lung=image.has_lung)
+    base = projection_noise(truth, pixel_mm, image.body_mm, image.body_hu, seed=seed)
+    noises = {"projection": base, "smooth-nps": smooth_nps_noise(base, pixel_mm, seed=seed + 1)}
+    result = {"pixel_mm": pixel_mm, "shape": list(truth.shape), "own_nps_freq": reg.own_nps_freq, "noise": {}}
+    for noise_name, noise in noises.items():
+        noisy = truth + noise
+        est = estimate_noise_hu(noisy)
+        tag = f"{image.name}-{noise_name}-seed{seed}"
+        rows: dict[str, dict] = {"input": measure(noisy, truth, noisy, reg, pixel_mm)}
+        outputs: dict[str, np.ndarray] = {"input": noisy}
+        for method in ("nlm", "tv"):
+            t = time.monotonic()
+            best = None
+            for factor in NLM_TV_FACTORS:
+                out = cache.get(
+                    f"{tag}-{method}-{factor}",
+                    denoise_classical,
+                    noisy,
+                    method,
+                    noise_hu=est * factor,
+                )
+                score = psnr(truth, out, mask=reg.body)
+                if factor == 1.0:
+                    rows[f"{method}_default"] = measure(out, truth, noisy, reg, pixel_mm)
+                if best is None or score > best[0]:
+                    best = (score, factor, out)
+            rows[f"{method}_oracle"] = {**measure(best[2], truth, noisy, reg, pixel_mm), "factor": best[1]}
+            outputs[f"{method}_oracle"] = best[2]
+            log(f"  {image.name}/{noise_name} {method}: {time.monotonic() - t:.1f} s")
+        if bm3d_mode != "off":
+            t = time.monotonic()
+            psd = noise_psd(noise, reg.body)
+            default = cache.get(f"{tag}-bm3d-1.0", run_bm3d, noisy, psd, 1.0)
+            rows["bm3d_default"] = measure(default, truth, noisy, reg, pixel_mm)
+            factor = 1.0
+            if bm3d_mode == "full" or min(truth.shape) <= 192:
+                scored = [(psnr(truth, default, mask=reg.body), 1.0, default)]
+                for f in (f for f in BM3D_FACTORS if f != 1.0):
+                    o = cache.get(f"{tag}-bm3d-{f}", run_bm3d, noisy, psd, f)
+                    scored.append((psnr(truth, o, mask=reg.body), f, o))
+                _, factor, best_out = max(scored, key=lambda s: s[0])
+            else:  # choose the strength on the central 192² crop, then run the full image once
+                cy, cx = (s // 2 for s in truth.shape)
+                crop = (slice(cy - 96, cy + 96), slice(cx - 96, cx + 96))
+                sub_psd = noise_psd(noise[crop], reg.body[crop])
+                scores = {
+                    f: psnr(
+                        truth[crop],
+                        cache.get(f"{tag}-bm3d-crop-{f}", run_bm3d, noisy[crop], sub_psd, f),
+                        mask=reg.body[crop],
+                    )
+                    for f in BM3D_FACTORS
+                }
+                factor = max(scores, key=scores.get)
+                best_out = (
+                    default
+                    if factor == 1.0
+                    else cache.get(f"{tag}-bm3d-{factor}", run_bm3d, noisy, psd, factor)
+                )
+            rows["bm3d_oracle"] = {**measure(best_out, truth, noisy, reg, pixel_mm), "factor": factor}
+            outputs["bm3d_oracle"] = best_out
+            log(f"  {image.name}/{noise_name} bm3d: {time.monotonic() - t:.1f} s")
+        for label, den in models:
+            t = time.monotonic()
+            out = den.denoise_array(noisy[None], device="cpu", remove_background=remove_background)[0]
+            rows[label] = {**measure(out, truth, noisy, reg, pixel_mm), "seconds": time.monotonic() - t}
+            outputs[label] = out
+        oracle = max((k for k in rows if k.endswith("_oracle")), key=lambda k: rows[k]["psnr"])
+        result["noise"][noise_name] = {
+            "estimated_noise_hu": est,
+            "rows": rows,
+            "best_oracle": oracle,
+            "margins_db": {label: rows[label]["psnr"] - rows[oracle]["psnr"] for label, _ in models},
+        }
+        if noise_name == "projection":
+            result["_figure"] = {
+                "truth": truth,
+                **{k: outputs[k] for k in ("input", oracle)},
+                "oracle": oracle,
+            }
+            result["_figure"].update({label: outputs[label] for label, _ in models})
+    return result
+
+
+def write_figure(results: dict, labels: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    cols = ["input", "oracle", *labels, "truth"]
+    fig, axes = plt.subplots(len(names), 2 * len(cols), figsize=(2.2 * 2 * len(cols), 2.3 * len(names)))
+    axes = np.atleast_2d(axes)
+    for r, name in enumerate(names):
+        fig_data = results[name]["_figure"]
+        for w, (window, wname) in enumerate(((LUNG_WINDOW, "lung"), (SOFT_WINDOW, "soft tissue"))):
+            for c, col in enumerate(cols):
+                ax = axes[r, w * len(cols) + c]
+                img = fig_data[fig_data["oracle"]] if col == "oracle" else fig_data[col]
+                ax.imshow(img, cmap="gray", vmin=window[0], vmax=window[1])
+                title = (
+                    fig_data["oracle"].replace("_oracle", " (oracle)")
+                    if col == "oracle"
+                    else col.replace("model:", "")
+                )
+                ax.set_title(f"{name}: {title}\n{wname}", fontsize=7)
+                ax.axis("off")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".partial.png")
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def print_table(results: dict, labels: list[str]) -> dict:
+    summary: dict = {}
+    for noise_name in ("projection", "smooth-nps"):
+        print(f"\n### noise: {noise_name}\n")
+        print(
+            "| image | method | PSNR | SSIM | noise SD (HU) | bias (HU) | LAA-950 err (pp) | NPS f̄ / truth's | NPS f̄ / input's |"
+        )
+        print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+        margins: dict[str, list[float]] = {label: [] for label in labels}
+        for name, res in results.items():
+            block = res["noise"][noise_name]
+            for method, row in block["rows"].items():
+                laa = row.get("laa950_error_pp", math.nan)
+                print(
+                    f"| {name} | {method.replace('model:', '')} | {row['psnr']:.2f} | {row['ssim']:.3f} | "
+                    f"{row['noise_sd_hu']:.1f} | {row['bias_hu']:+.1f} | {laa:+.2f} | {row['nps']:.2f} | "
+                    f"{row['nps_vs_input']:.2f} |"
+                )
+            for label in labels:
+                margins[label].append(block["margins_db"][label])
+        for label in labels:
+            m = margins[label]
+            chest = (
+                results.get("chest", {}).get("noise", {}).get(noise_name, {}).get("margins_db", {}).get(label)
+            )
+            print(
+                f"\n{label.replace('model:', '')} vs best oracle ({noise_name}): "
+                + ", ".join(f"{n} {v:+.2f} dB" for n, v in zip(results, m))
+                + f"; mean {np.mean(m):+.2f} dB; loses on {sum(v < 0 for v in m)}"
+            )
+            summary.setdefault(label, {})[noise_name] = {
+                "margins_db": dict(zip(results, m)),
+                "mean_margin_db": float(np.mean(m)),
+                "chest_margin_db": chest,
+                "losses": int(sum(v < 0 for v in m)),
+            }
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", nargs="*", default=None, help="registry names (default: default)")
+    parser.add_argument("--weights", nargs="*", default=[], help=".safetensors files to benchmark as well")
+    parser.add_argument("--images", nargs="*", default=[i.name for i in IMAGES], help="subset of images")
+    parser.add_argument("--bm3d", choices=["quick", "full", "off"], default="quick")
+    parser.add_argument("--seed", type=int, default=14)
+    parser.add_argument("--cache", default=None, help="folder keeping the classical outputs between runs")
+    parser.add_argument(
+        "--remove-background",
+        action="store_true",
+        help="apply the product's background removal to the network output (default: raw network "
+        "output; the chest and neck crops have no outside air, and their border-touching lung/dark "
+        "regions would be erased)",
+    )
+    parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
+    parser.add_argument("--json", default=str(ROOT / "benchmarks/results/bench_real_anatomy.json"))
+    parser.add_argument("--figure", default=str(ROOT / "docs/figures/real_anatomy.png"))
+    args = parser.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    specs = (
+        args.model if args.model is not None else (["default"] if not args.weights else [])
+    ) + args.weights
+    models = load_models(specs)
+    labels = [label for label, _ in models]
+    began = time.monotonic()
+    results = {}
+    for image in IMAGES:
+        if image.name in args.images:
+            print(f"{image.name} ...", file=sys.stderr)
+            results[image.name] = evaluate_image(
+                image,
+                models,
+                seed=args.seed,
+                bm3d_mode=args.bm3d,
+                remove_background=args.remove_background,
+                log=lambda s: print(s, file=sys.stderr),
+                cache=OutputCache(args.cache),
+            )
+    summary = print_table(results, labels)
+    write_figure(results, labels, Path(args.figure))
+    seconds = time.monotonic() - began
+    print(f"\n{seconds:.0f} s on {platform.processor() or platform.machine()}, {args.threads} threads")
+    record = {
+        "command": "python benchmarks/bench_real_anatomy.py "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
+        "dose": DOSE,
+        "remove_background": args.remove_background,
+        "seconds": round(seconds, 1),
+        "models": {label: den.card.get("sha256") for label, den in models},
+        "images": {k: {kk: vv for kk, vv in v.items() if kk != "_figure"} for k, v in results.items()},
+        "summary": summary,
+    }
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".partial")
+    tmp.write_text(json.dumps(record, indent=1, default=float))
+    os.replace(tmp, out)
+    print(f"wrote {out} and {args.figure}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
