@@ -24,10 +24,17 @@ from IPv2DenoiseLib.core.atomic import STAGING_DIR
 SAME_COLUMNS = ("status", "input", "output", "series_uid", "shape", "error")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_cluster() -> str:
-    """One local Ray cluster (2 CPUs) for all Ray tests; its address for ``--address``."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="warning")
+    """One local Ray cluster (2 CPUs) for all Ray tests, its address for ``--address``; shut down
+    after this file, so its processes do not idle through the rest of the suite."""
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level="warning",
+        object_store_memory=128 * 2**20,  # the tests pass only small objects
+    )
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
