@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TextIO
 
+from IPv2DenoiseLib.app.arguments import non_negative_int, positive_float, positive_int
 from IPv2DenoiseLib.app.batch.records import summary_stem, totals, write_summary
 from IPv2DenoiseLib.core.atomic import make_output_folder
 from IPv2DenoiseLib.core.device import DEVICE_CHOICES
@@ -33,36 +34,6 @@ outputs: OUT/<case>.nrrd (or the derived DICOM series OUT/<case>/ with --dicom),
 case in OUT/.ipv2-batch/records/, and OUT/batch-summary.csv + .json (batch-summary.shard-K-of-N.*
 with --shard; combine them with `ipv2-denoise batch-summary OUT`).
 """
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -91,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="where the network runs")
     parser.add_argument(
-        "--slab", type=_positive_int, metavar="N", help="slices per slab (default: from memory)"
+        "--slab", type=positive_int, metavar="N", help="slices per slab (default: from memory)"
     )
     parser.add_argument(
         "--search-root",
@@ -106,7 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--prefetch",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=2,
         metavar="N",
         help="local engine: studies read ahead while the network runs (0: one step after another)",
@@ -121,10 +92,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--address",
         help="ray: address of a running cluster (e.g. ray://head:10001 or auto); default: start one here",
     )
-    parser.add_argument("--workers", type=_positive_int, metavar="N", help="ray: at most N worker actors")
+    parser.add_argument("--workers", type=positive_int, metavar="N", help="ray: at most N worker actors")
     parser.add_argument(
         "--cpus-per-worker",
-        type=_positive_float,
+        type=positive_float,
         default=2.0,
         metavar="N",
         help="ray: CPUs per worker actor (and its torch threads) (default: %(default)s)",
@@ -137,7 +108,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--retries",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=2,
         metavar="N",
         help="ray: resubmit a case whose worker died up to N times (default: %(default)s)",

@@ -11,6 +11,7 @@ import sys
 import time
 
 from IPv2DenoiseLib import __version__
+from IPv2DenoiseLib.app.arguments import add_reading_arguments, positive_int
 from IPv2DenoiseLib.app.commands.send import add_peer_arguments, send_and_report
 from IPv2DenoiseLib.core.atomic import check_output_path
 from IPv2DenoiseLib.core.device import DEVICE_CHOICES
@@ -24,18 +25,8 @@ HELP = (
 )
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def _series_number(text: str) -> int:
-    value = _positive_int(text)
+    value = positive_int(text)
     if value < 300:
         raise argparse.ArgumentTypeError(f"derived series use numbers >= 300, got {value}")
     return value
@@ -124,26 +115,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="where the network runs: auto = CUDA, then Apple MPS, then CPU (default: %(default)s)",
     )
     parser.add_argument(
-        "--slab", type=_positive_int, metavar="N", help="slices per slab (default: from free memory)"
+        "--slab", type=positive_int, metavar="N", help="slices per slab (default: from free memory)"
     )
-    parser.add_argument(
-        "--series",
-        "--series-uid",
-        dest="series_uid",
-        metavar="UID_OR_N",
-        help="the series to read when a DICOM folder holds several: its SeriesInstanceUID or its number "
-        "in the list the refusal prints",
-    )
-    parser.add_argument(
-        "--resample-gaps",
-        action="store_true",
-        help="interpolate a DICOM series with missing slices or uneven spacing onto an even grid "
-        "(default: refuse and say where the gap is)",
-    )
+    add_reading_arguments(parser)
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it already exists")
-    parser.add_argument(
-        "--force", action="store_true", help="read non-CT modalities and volumes without air (no HU check)"
-    )
     parser.add_argument(
         "--dicom", action="store_true", help="write OUT as a derived DICOM CT series (one file per slice)"
     )

@@ -8,28 +8,15 @@ from dataclasses import asdict
 
 import numpy as np
 
+from IPv2DenoiseLib.app.arguments import add_reading_arguments
+
 NAME = "info"
 HELP = "Describe a CT volume: dimensions, spacing, HU range, body/lung/background volumes (mL) and ROI stats."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", help="DICOM folder or file, NRRD, NIfTI (.nii/.nii.gz) or MHA/MHD")
-    parser.add_argument(
-        "--series",
-        "--series-uid",
-        dest="series_uid",
-        metavar="UID_OR_N",
-        help="the series to read when a DICOM folder holds several: its SeriesInstanceUID or its number "
-        "in the list the refusal prints",
-    )
-    parser.add_argument(
-        "--resample-gaps",
-        action="store_true",
-        help="interpolate a DICOM series with missing slices or uneven spacing (default: refuse)",
-    )
-    parser.add_argument(
-        "--force", action="store_true", help="read non-CT modalities, non-HU values and volumes without air"
-    )
+    add_reading_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 

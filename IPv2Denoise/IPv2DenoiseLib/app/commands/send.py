@@ -5,33 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+from IPv2DenoiseLib.app.arguments import non_negative_int, positive_seconds
+
 # pynetdicom, dicomweb-client and requests are imported by the functions below, not here: every
 # ``ipv2-denoise`` start builds all commands' parsers and should not pay ~1 s for them.
 
 NAME = "send"
 HELP = "Send DICOM files to a PACS: C-ECHO then C-STORE to HOST:PORT (--aet), or STOW-RS to a DICOMweb URL."
-
-
-def positive_seconds(text: str) -> float:
-    """argparse type: a number of seconds > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected seconds > 0, got {text}")
-    return value
-
-
-def retry_count(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected 0 or more, got {value}")
-    return value
 
 
 def add_peer_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,7 +31,7 @@ def add_peer_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--retries",
-        type=retry_count,
+        type=non_negative_int,
         default=3,
         metavar="N",
         help="retries of transient failures (aborted association, out of resources, HTTP 5xx) (default: %(default)s)",

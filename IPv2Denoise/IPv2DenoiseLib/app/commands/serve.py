@@ -8,7 +8,7 @@ import signal
 import sys
 from pathlib import Path
 
-from IPv2DenoiseLib.app.commands.send import positive_seconds, retry_count
+from IPv2DenoiseLib.app.arguments import non_negative_int, positive_seconds
 from IPv2DenoiseLib.core.device import DEVICE_CHOICES, describe_device, resolve_device
 from IPv2DenoiseLib.core.errors import UserError
 
@@ -73,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--retries",
-        type=retry_count,
+        type=non_negative_int,
         default=3,
         metavar="N",
         help="retries of transient forwarding failures (default: %(default)s)",

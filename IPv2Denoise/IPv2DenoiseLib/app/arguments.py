@@ -1,0 +1,56 @@
+"""Command-line argument types and option groups that several ``ipv2-denoise`` commands share.
+
+argparse ``type=`` callables raise :class:`argparse.ArgumentTypeError`, which argparse turns into
+one usage line and exit status 2, like every other error a user can cause.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+
+def _bounded(parse: Callable[[str], float], ok: Callable[[float], bool], what: str):
+    def convert(text: str):
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+        return value
+
+    return convert
+
+
+#: argparse type: an integer >= 1.
+positive_int = _bounded(int, lambda v: v >= 1, "a positive integer")
+#: argparse type: an integer >= 0 (counts, retries).
+non_negative_int = _bounded(int, lambda v: v >= 0, "an integer >= 0")
+#: argparse type: a number > 0 (sizes, CPUs).
+positive_float = _bounded(float, lambda v: v > 0, "a positive number")
+#: argparse type: a number of seconds > 0.
+positive_seconds = _bounded(float, lambda v: v > 0, "seconds > 0")
+
+
+def add_reading_arguments(parser: argparse.ArgumentParser) -> None:
+    """How a CT volume is read (``--series``, ``--resample-gaps``, ``--force``): info and denoise."""
+    parser.add_argument(
+        "--series",
+        "--series-uid",
+        dest="series_uid",
+        metavar="UID_OR_N",
+        help="the series to read when a DICOM folder holds several: its SeriesInstanceUID or its number "
+        "in the list the refusal prints",
+    )
+    parser.add_argument(
+        "--resample-gaps",
+        action="store_true",
+        help="interpolate a DICOM series with missing slices or uneven spacing onto an even grid "
+        "(default: refuse and say where the gap is)",
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="read non-CT modalities, non-HU values and volumes without air (no HU check)",
+    )
