@@ -88,7 +88,8 @@ class ModelProvenance:
         weights = f", weights sha256 {self.sha256}" if self.sha256 else ""
         return (
             f"Denoised by {SOFTWARE_NAME} {__version__}: model {self.name} version {self.version}{weights}, "
-            f"trained with the {self.strategy} image purification strategy (Gong & Yu, arXiv 2602.19314)"
+            f"training strategy {self.strategy} (see the model card; IPv2 image purification: Gong & Yu, "
+            "arXiv 2602.19314)"
         )
 
 
