@@ -119,9 +119,9 @@ def test_coronal_series_keeps_its_geometry_and_denoises_as_its_axial_version(tmp
     plan = coronal.axial_plan()
     assert plan is not None
     axial = coronal.reoriented(*plan)
+    torch.manual_seed(0)  # before building the net: its weights must not depend on earlier tests
     denoiser = Denoiser(UNet(in_slices=3, base_channels=4, levels=2))
-    torch.manual_seed(0)
-    torch.nn.init.normal_(denoiser.model.head.weight, std=0.05)
+    torch.nn.init.normal_(denoiser.model.head.weight, std=0.3)  # far enough from the identity
     out = denoiser.denoise(coronal, device="cpu", remove_background=False)
     assert out.same_geometry(coronal, atol=1e-6)
     assert any("reoriented to axial" in w for w in out.meta["warnings"])
