@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
+from IPv2DenoiseLib.core.device import DEVICE_CHOICES
+
 
 def _bounded(parse: Callable[[str], float], ok: Callable[[float], bool], what: str):
     def convert(text: str):
@@ -54,3 +56,36 @@ def add_reading_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="read non-CT modalities, non-HU values and volumes without air (no HU check)",
     )
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Which model runs where (``--model`` | ``--weights``, ``--device``, ``--no-remove-background``):
+    denoise, batch and serve."""
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument(
+        "--model",
+        default="default",
+        help="model name from Resources/Models/models.json (default: %(default)s)",
+    )
+    which.add_argument(
+        "--weights", metavar="FILE", help="a .safetensors weights file with its .json model card"
+    )
+    parser.add_argument(
+        "--device",
+        default="auto",
+        choices=DEVICE_CHOICES,
+        help="where the network runs: auto = CUDA, then Apple MPS, then CPU (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--no-remove-background",
+        dest="remove_background",
+        action="store_false",
+        help="keep the denoised background instead of setting air outside the patient to -1000 HU",
+    )
+
+
+def load_denoiser(args: argparse.Namespace):
+    """The :class:`~IPv2DenoiseLib.denoiser.infer.Denoiser` that ``--weights`` or ``--model`` names."""
+    from IPv2DenoiseLib.denoiser.infer import Denoiser  # lazy: torch, not at CLI start-up
+
+    return Denoiser.from_file(args.weights) if args.weights else Denoiser.from_registry(args.model)

@@ -13,10 +13,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TextIO
 
-from IPv2DenoiseLib.app.arguments import non_negative_int, positive_float, positive_int
+from IPv2DenoiseLib.app.arguments import add_model_arguments, non_negative_int, positive_float, positive_int
 from IPv2DenoiseLib.app.batch.records import summary_stem, totals, write_summary
 from IPv2DenoiseLib.core.atomic import make_output_folder
-from IPv2DenoiseLib.core.device import DEVICE_CHOICES
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.progress import JsonLinesProgress, make_progress
 
@@ -46,21 +45,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "with a 'path' and/or 'series_uid' column (optional 'case' column names the output)",
     )
     parser.add_argument("output", metavar="OUT", help="output folder; mirrors the input tree")
-    which = parser.add_mutually_exclusive_group()
-    which.add_argument("--model", default="default", help="model name from Resources/Models/models.json")
-    which.add_argument("--weights", metavar="FILE", help="a .safetensors weights file with its .json card")
+    add_model_arguments(parser)
     parser.add_argument(
         "--dicom",
         action="store_true",
         help="write each case as a derived DICOM series folder instead of NRRD",
     )
-    parser.add_argument(
-        "--no-remove-background",
-        dest="remove_background",
-        action="store_false",
-        help="keep the denoised background instead of setting air outside the patient to -1000 HU",
-    )
-    parser.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="where the network runs")
     parser.add_argument(
         "--slab", type=positive_int, metavar="N", help="slices per slab (default: from memory)"
     )

@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+from IPv2DenoiseLib.app.arguments import load_denoiser
 from IPv2DenoiseLib.core.atomic import make_output_folder
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.progress import TqdmProgress, make_progress
@@ -45,7 +46,6 @@ def sample_uldct() -> Path:
 def run(args: argparse.Namespace) -> int:
     # lazy: the CLI imports every command to build --help; torch & co. load on use
     from IPv2DenoiseLib.app.figures import comparison_figure, pick_slice
-    from IPv2DenoiseLib.denoiser.infer import Denoiser
     from IPv2DenoiseLib.imaging.masks import standard_rois
     from IPv2DenoiseLib.imaging.metrics import roi_comparison_table
     from IPv2DenoiseLib.io.volumes import read_volume, write_volume
@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     reference = read_volume(reference_path) if reference_path and Path(reference_path).exists() else None
     if reference is not None and reference.shape != volume.shape:
         raise UserError(f"--reference shape {reference.shape} differs from the input's {volume.shape}")
-    denoiser = Denoiser.from_file(args.weights) if args.weights else Denoiser.from_registry(args.model)
+    denoiser = load_denoiser(args)
 
     progress = make_progress(args.json_progress, desc="denoise", unit="slice")
     began = time.monotonic()

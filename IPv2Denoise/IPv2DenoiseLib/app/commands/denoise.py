@@ -11,10 +11,14 @@ import sys
 import time
 
 from IPv2DenoiseLib import __version__
-from IPv2DenoiseLib.app.arguments import add_reading_arguments, positive_int
+from IPv2DenoiseLib.app.arguments import (
+    add_model_arguments,
+    add_reading_arguments,
+    load_denoiser,
+    positive_int,
+)
 from IPv2DenoiseLib.app.commands.send import add_peer_arguments, send_and_report
 from IPv2DenoiseLib.core.atomic import check_output_path
-from IPv2DenoiseLib.core.device import DEVICE_CHOICES
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.progress import JsonLinesProgress, Stages, make_progress
 
@@ -93,27 +97,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="OUT",
         help="output volume: .nrrd, .nii, .nii.gz or .mha; with --dicom a new folder (written atomically)",
     )
-    which = parser.add_mutually_exclusive_group()
-    which.add_argument(
-        "--model",
-        default="default",
-        help="model name from Resources/Models/models.json (default: %(default)s)",
-    )
-    which.add_argument(
-        "--weights", metavar="FILE", help="a .safetensors weights file with its .json model card"
-    )
-    parser.add_argument(
-        "--no-remove-background",
-        dest="remove_background",
-        action="store_false",
-        help="keep the denoised background instead of setting air outside the patient to -1000 HU",
-    )
-    parser.add_argument(
-        "--device",
-        default="auto",
-        choices=DEVICE_CHOICES,
-        help="where the network runs: auto = CUDA, then Apple MPS, then CPU (default: %(default)s)",
-    )
+    add_model_arguments(parser)
     parser.add_argument(
         "--slab", type=positive_int, metavar="N", help="slices per slab (default: from free memory)"
     )
@@ -140,7 +124,6 @@ def run(args: argparse.Namespace) -> int:
     # lazy: the CLI imports every command to build --help; torch & co. load on use
     from IPv2DenoiseLib.core.device import describe_device, resolve_device
     from IPv2DenoiseLib.denoiser.applicability import applicability_warning
-    from IPv2DenoiseLib.denoiser.infer import Denoiser
     from IPv2DenoiseLib.io.dicom_export import export_derived_series
     from IPv2DenoiseLib.io.dicom_net import parse_destination
     from IPv2DenoiseLib.io.volumes import image_suffix, read_volume, write_volume
@@ -188,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
             progress=stages.stage("read"),
         )
         stages.start("model", "loading the model")
-        denoiser = Denoiser.from_file(args.weights) if args.weights else Denoiser.from_registry(args.model)
+        denoiser = load_denoiser(args)
         if args.json_progress:
             progress.emit(model=denoiser.name)
         applicability = applicability_warning(volume, denoiser.card)

@@ -89,9 +89,7 @@ def run(args: argparse.Namespace) -> int:
             log=log,
         )
     finally:
-        close = getattr(progress, "close", None)
-        if close:
-            close()
+        progress.close()
     if not args.json_progress:
         print(mismatch_markdown(result))
         print(markdown_tables(result))

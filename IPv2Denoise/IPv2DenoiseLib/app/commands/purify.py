@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
                 progress=progress,
             )
         finally:
-            getattr(progress, "close", lambda: None)()
+            progress.close()
         print(json.dumps({"result": str(out), "strategy": strategy.name, "slices": counts}))
         return 0
 
@@ -145,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
             progress=progress,
         )
     finally:
-        getattr(progress, "close", lambda: None)()
+        progress.close()
     written = {}
     for name, arr in (
         ("train_input", pair.train_input),

@@ -8,8 +8,13 @@ import signal
 import sys
 from pathlib import Path
 
-from IPv2DenoiseLib.app.arguments import non_negative_int, positive_seconds
-from IPv2DenoiseLib.core.device import DEVICE_CHOICES, describe_device, resolve_device
+from IPv2DenoiseLib.app.arguments import (
+    add_model_arguments,
+    load_denoiser,
+    non_negative_int,
+    positive_seconds,
+)
+from IPv2DenoiseLib.core.device import describe_device, resolve_device
 from IPv2DenoiseLib.core.errors import UserError
 
 NAME = "serve"
@@ -52,18 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--jobs", type=int, default=1, metavar="N", help="series denoised at once (default: %(default)s)"
     )
-    which = parser.add_mutually_exclusive_group()
-    which.add_argument("--model", default="default", help="model name from Resources/Models/models.json")
-    which.add_argument(
-        "--weights", metavar="FILE", help="a .safetensors weights file with its .json model card"
-    )
-    parser.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="where the network runs")
-    parser.add_argument(
-        "--no-remove-background",
-        dest="remove_background",
-        action="store_false",
-        help="keep the denoised background instead of setting air outside the patient to -1000 HU",
-    )
+    add_model_arguments(parser)
     parser.add_argument(
         "--timeout",
         type=positive_seconds,
@@ -91,7 +85,6 @@ def run(args: argparse.Namespace) -> int:
     # lazy: torch (through the Denoiser), pydicom and pynetdicom load here, not at every CLI start-up
     from IPv2DenoiseLib.app.commands.denoise import model_provenance
     from IPv2DenoiseLib.app.dicom_node import DenoisingNode, NodeConfig
-    from IPv2DenoiseLib.denoiser.infer import Denoiser
     from IPv2DenoiseLib.io.dicom_export import DerivedSeriesOptions
     from IPv2DenoiseLib.io.dicom_net import check_aet, parse_node
 
@@ -109,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     if spool.exists() and not spool.is_dir():
         raise UserError(f"--spool {spool}: exists and is not a folder")
     device = resolve_device(args.device)
-    denoiser = Denoiser.from_file(args.weights) if args.weights else Denoiser.from_registry(args.model)
+    denoiser = load_denoiser(args)
     provenance = model_provenance(denoiser, registered=not args.weights)
     logging.getLogger("ipv2denoise.node").info(
         "model %s (sha256 %s) on %s", denoiser.name, provenance.sha256, describe_device(device)

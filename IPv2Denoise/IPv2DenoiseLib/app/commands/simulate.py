@@ -60,8 +60,7 @@ def run(args: argparse.Namespace) -> int:
             progress=progress,
         )
     finally:
-        if hasattr(progress, "close"):
-            progress.close()
+        progress.close()
     desc = f"IPv2 {args.mode} {args.dose:g} dose ({args.geometry}, {args.filter}, seed {args.seed})"
     write_volume(vol.with_array(out, simulated_dose=args.dose, simulation=desc), args.output)
     if isinstance(progress, JsonLinesProgress):
