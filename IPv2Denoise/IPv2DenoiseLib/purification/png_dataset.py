@@ -21,6 +21,7 @@ import numpy as np
 from skimage import io as skimage_io
 from skimage.color import rgb2gray
 
+from IPv2DenoiseLib.core.atomic import atomic_path
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.progress import CancelToken, ProgressCallback
 from IPv2DenoiseLib.purification.pairs import DEFAULT_WEAK_DENOISER, Strategy, build_pairs
@@ -65,9 +66,8 @@ def read_grey_png(path: Path) -> np.ndarray:
 
 
 def _write_png(path: Path, grey: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.stem}.partial.png")
-    skimage_io.imsave(tmp, grey, check_contrast=False)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        skimage_io.imsave(tmp, grey, check_contrast=False)
 
 
 def matched_pairs(root: Path, split: str) -> list[str]:

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from IPv2DenoiseLib.core.atomic import atomic_dir
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.progress import CancelToken, ProgressCallback
 from IPv2DenoiseLib.core.volume import Volume
@@ -79,9 +79,6 @@ def make_case(
     out = Path(out_dir)
     if out.exists():
         raise UserError(f"{out} already exists; remove it or choose another folder")
-    tmp = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     steps, began, timings = 4, time.monotonic(), {}
 
     def step(done: int, message: str) -> None:
@@ -90,7 +87,7 @@ def make_case(
         if progress is not None:
             progress(done, steps, message)
 
-    try:
+    with atomic_dir(out) as tmp:
         t = time.monotonic()
         shape = (spec.slices, spec.size, spec.size)
         spacing = (spec.spacing_mm, spec.spacing_mm, spec.slice_thickness_mm)
@@ -140,10 +137,6 @@ def make_case(
             "files": {name: f"{name}.nrrd" for name in CASE_FILES},
         }
         (tmp / "case.json").write_text(json.dumps(record, indent=2))
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     step(4, "done")
     return record
 

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 
+from IPv2DenoiseLib.core.atomic import atomic_path
 from IPv2DenoiseLib.core.device import describe_device, resolve_device
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.progress import CancelToken, ProgressCallback
@@ -414,9 +415,8 @@ class Trainer:
             if isinstance(self.sampler, ScannerNoiseSampler)
             else None,
         }
-        tmp = self.checkpoint.with_suffix(".partial")
-        torch.save(state, tmp)
-        os.replace(tmp, self.checkpoint)
+        with atomic_path(self.checkpoint) as tmp:
+            torch.save(state, tmp)
 
     def export(self, seconds: float) -> dict:
         """Write the safetensors weights with their model card, and the training curves; the card."""

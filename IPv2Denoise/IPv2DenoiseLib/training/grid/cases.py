@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from IPv2DenoiseLib.core.atomic import atomic_path
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.progress import ProgressCallback
 from IPv2DenoiseLib.io.case_folder import case_folders_in, read_case
@@ -65,16 +66,15 @@ def _cached_case(path: Path, make) -> Case:
             truth = z["truth"] if z["truth"].size else None
             return Case(str(z["name"]), z["uldct"], z["ndct"], truth, tuple(float(v) for v in z["spacing"]))
     case = make()
-    tmp = path.with_suffix(".partial.npz")
-    np.savez(
-        tmp,
-        name=case.name,
-        uldct=case.uldct,
-        ndct=case.ndct,
-        truth=case.truth if case.truth is not None else np.zeros(0, np.float32),
-        spacing=np.array(case.spacing),
-    )
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        np.savez(
+            tmp,
+            name=case.name,
+            uldct=case.uldct,
+            ndct=case.ndct,
+            truth=case.truth if case.truth is not None else np.zeros(0, np.float32),
+            spacing=np.array(case.spacing),
+        )
     return case
 
 

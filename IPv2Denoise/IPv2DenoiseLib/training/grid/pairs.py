@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from IPv2DenoiseLib.core.atomic import atomic_path
 from IPv2DenoiseLib.imaging.noise_estimate import estimate_noise_hu
 from IPv2DenoiseLib.purification.pairs import build_pairs, make_weak_denoiser
 from IPv2DenoiseLib.purification.regions import sampling_regions
@@ -32,9 +32,8 @@ def purified_training_cases(cases: Sequence[Case], strategy: str, config: EvalCo
         item = CasePairs(case.name, pair.train_input, pair.train_label, regions)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".partial.npz")
-            np.savez(tmp, train_input=item.train_input, train_label=item.train_label, regions=regions)
-            os.replace(tmp, path)
+            with atomic_path(path) as tmp:
+                np.savez(tmp, train_input=item.train_input, train_label=item.train_label, regions=regions)
         out.append(item)
     return out
 

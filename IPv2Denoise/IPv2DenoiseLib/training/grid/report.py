@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from IPv2DenoiseLib.core.atomic import atomic_path
 from IPv2DenoiseLib.training.grid.config import GRID_STRATEGIES, REFERENCES
 from IPv2DenoiseLib.training.grid.scoring import CLAIMS, overall_verdict
 
@@ -187,9 +187,8 @@ def training_markdown(result: GridResult) -> str:
 def write_results(result: GridResult, out: Path) -> tuple[Path, Path]:
     """``out/results.json`` and ``out/results.md`` (tables + claims)."""
     js = out / "results.json"
-    tmp = js.with_suffix(".partial")
-    tmp.write_text(json.dumps(result.to_json(), indent=1, allow_nan=True), encoding="utf-8")
-    os.replace(tmp, js)
+    with atomic_path(js) as tmp:
+        Path(tmp).write_text(json.dumps(result.to_json(), indent=1, allow_nan=True), encoding="utf-8")
     md = out / "results.md"
     text = (
         f"# Evaluation grid ({result.config['name']}), seeds {result.seeds}, {result.seconds:.0f} s\n\n"

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from IPv2DenoiseLib.core.atomic import atomic_path
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.progress import CancelToken, ProgressCallback, Steps
 from IPv2DenoiseLib.denoiser.infer import Denoiser
@@ -55,9 +56,8 @@ def _claim_output_folder(out: Path, config: EvalConfig, data) -> None:
                 f"--out {out}: its cached cases were made with another {changed}; use another --out"
             )
         return
-    tmp = path.with_suffix(".partial")
-    tmp.write_text(json.dumps(stamp, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(json.dumps(stamp, indent=1), encoding="utf-8")
 
 
 def _denoise_model(weights: Path, hu: np.ndarray, device: str) -> np.ndarray:
