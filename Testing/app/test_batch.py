@@ -19,7 +19,7 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-from conftest import write_ct_series
+from conftest import chest_like_volume, write_ct_series
 
 from IPv2DenoiseLib.app.batch.cases import discover_tree, parse_shard, shard_cases
 from IPv2DenoiseLib.app.batch.records import hash_output, read_record
@@ -304,7 +304,16 @@ def test_only_the_ray_engine_imports_ray() -> None:
 
 
 def test_ctrl_c_keeps_finished_cases_and_says_how_to_continue(batch_archive, tmp_path) -> None:
-    archive, expected = batch_archive
+    # twelve more cases than the shared archive, so the signal lands while cases remain even on a
+    # fast idle machine (with six tiny cases the run could finish before SIGINT arrived)
+    archive, expected = tmp_path / "archive", dict(batch_archive[1])
+    shutil.copytree(batch_archive[0], archive)
+    (archive / "extra").mkdir()
+    for k in range(12):
+        write_volume(
+            Volume(chest_like_volume(100 + k), (5.0, 5.0, 5.0)), archive / "extra" / f"e{k:02d}.nrrd"
+        )
+        expected[f"extra/e{k:02d}"] = "ok"
     out = tmp_path / "out"
     command = [sys.executable, "-m", "IPv2DenoiseLib", "batch", str(archive), str(out), "--json-progress"]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
