@@ -32,7 +32,7 @@ from IPv2DenoiseLib.core.device import describe_device, resolve_device
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.progress import CancelToken, ProgressCallback
 from IPv2DenoiseLib.denoiser.models import build_model, count_parameters, flops_per_voxel
-from IPv2DenoiseLib.denoiser.normalization import NORMALIZATION, hu_to_net, net_to_hu
+from IPv2DenoiseLib.denoiser.normalization import HU_SCALE, NORMALIZATION, hu_to_net, net_to_hu
 from IPv2DenoiseLib.denoiser.weights import load_model, save_model
 from IPv2DenoiseLib.denoiser.windows import slice_windows, window_indices
 from IPv2DenoiseLib.imaging.metrics import psnr, roi_stats
@@ -50,6 +50,16 @@ from IPv2DenoiseLib.training.scanner_data import (
 
 #: Training data sources: purified ULDCT/NDCT pairs, or clean anatomy + fresh scanner-like noise.
 NOISE_SOURCES = ("pairs", "scanner")
+#: Training losses. ``huber`` (the default): L1 for residuals beyond :data:`HUBER_DELTA_HU`,
+#: quadratic below. Plain L1 has a kink at a zero residual, so on identity pairs (IPv1's N → N
+#: region, Remove Background's air) it acts as a lasso penalty on the predicted noise and pins a
+#: network that starts as the identity (the zero-head U-Net) at exactly the identity: in the 2 %
+#: grid 2 of 6 IPv1/RB U-Nets never left it even after 800 iterations (docs/results.md §1).
+#: Above the threshold Huber's gradient equals L1's, so L1's robustness to misaligned edges and
+#: its learning rates carry over.
+LOSSES = ("huber", "l1", "l2")
+#: Residual (HU) below which the ``huber`` loss is quadratic: well under the 2 % noise (45-90 HU).
+HUBER_DELTA_HU = 10.0
 #: Learning-rate schedules: one-cycle (warm-up + cosine), or constant then a cosine decay at the end.
 SCHEDULES = ("onecycle", "constant")
 #: Fixed protocols the scanner-noise validation uses (the standard 2 % scan is the case's own ULDCT).
@@ -74,7 +84,7 @@ class TrainConfig:
     batch: int = 16
     iterations: int = 2000
     lr: float = 1e-3
-    loss: str = "l1"
+    loss: str = "huber"
     #: Share of patches centred in lungs, body and background air.
     region_shares: tuple[float, float, float] = (0.45, 0.4, 0.15)
     val_every: int = 250
@@ -220,12 +230,16 @@ def validate(model, cases: Sequence[CasePairs], device: torch.device, in_slices:
     return {k: float(np.mean(v)) for k, v in sums.items()}
 
 
+def huber_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Huber (smooth L1) in network units with the knee at :data:`HUBER_DELTA_HU` (see :data:`LOSSES`)."""
+    return F.smooth_l1_loss(output, target, beta=HUBER_DELTA_HU / HU_SCALE)
+
+
 def _loss(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    if name == "l1":
-        return F.l1_loss
-    if name == "l2":
-        return F.mse_loss
-    raise UserError(f"unknown loss {name!r}; use l1 or l2")
+    losses = {"huber": huber_loss, "l1": F.l1_loss, "l2": F.mse_loss}
+    if name not in losses:
+        raise UserError(f"unknown loss {name!r}; use {', '.join(LOSSES)}")
+    return losses[name]
 
 
 def _distributed() -> tuple[int, int]:
@@ -488,6 +502,7 @@ def train(
         raise UserError(f"noise={config.noise!r} is not known; allowed: {', '.join(NOISE_SOURCES)}")
     if config.schedule not in SCHEDULES:
         raise UserError(f"schedule={config.schedule!r} is not known; allowed: {', '.join(SCHEDULES)}")
+    _loss(config.loss)  # an unknown loss fails before any pairs are built
     scanner_val: list[CasePairs] = []
     if prepared is not None:
         train_cases, val_cases = prepared

@@ -33,7 +33,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--patch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--loss", choices=["l1", "l2"], default="l1")
+    parser.add_argument(
+        "--loss",
+        choices=["huber", "l1", "l2"],
+        default="huber",
+        help="huber (default: L1 beyond 10 HU, quadratic below; plain l1 can pin a network at the "
+        "identity on IPv1/RB identity pairs), l1 or l2",
+    )
     parser.add_argument(
         "--region-shares",
         type=float,

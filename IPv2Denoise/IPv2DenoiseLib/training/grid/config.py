@@ -56,6 +56,8 @@ class EvalConfig:
     batch: int = 16
     patch: int = 64
     lr: float = 1e-3
+    #: Training loss (see :data:`~IPv2DenoiseLib.training.trainer.LOSSES`).
+    loss: str = "huber"
     weak_denoiser: str = "nlm"
     device: str = "auto"
     #: Index of the slice shown in the figure grid (default: middle).
@@ -69,22 +71,22 @@ class EvalConfig:
 
 
 def preset(name: str, *, noise: str = "mismatched") -> EvalConfig:
-    """``reduced`` (2 loaded CPU cores, under an hour per noise condition) or ``full`` (GPU).
+    """``reduced`` (one CPU core, about half an hour per noise condition) or ``full`` (GPU).
 
-    ``full`` is the study: 512² px of 0.7 mm, 16 slices, the true 2 % dose, the three paper
-    models at their sizes, 4000 iterations (run it with ``--seeds 0 1 2``). ``reduced`` is what
-    2 shared CPU cores can run: 160² px of 2.5 mm (the whole chest in a 400 mm field of view),
-    0.5 % dose, two small models, 160 iterations. At 2.5 mm pixels the FBP noise per pixel at
-    2 % dose is only about 20-25 HU (the task is nearly noise-free, misalignment dominates), so
-    the reduced grid lowers the dose to 0.5 % for about 45-55 HU in soft tissue, still below a
-    real 2 % scan at 0.7 mm (60-90 HU) and with a smaller photon-starvation bias than 0.3 %.
+    Both use the study's images: 512² px of 0.7 mm (the whole chest in a 358 mm field of view, so
+    the projector sees the whole body and the noise is that of a real 2 % scan, 45-70 HU) and the
+    true 2 % dose. ``full`` is the study: 16 slices, 4 training cases, the three paper models at
+    their sizes, 4000 iterations of 16 × 64² patches (run it with ``--seeds 0 1 2``). ``reduced``
+    keeps the images and trains on patches, so its cost is set by the iterations, not the image
+    size: 8 slices, 3 training cases, two small models (DnCNN 6 × 16, U-Net 12 × 2 levels), 600
+    iterations of 8 × 40² patches.
     """
     if name == "reduced":
         return EvalConfig(
             name="reduced",
-            shape=(10, 160, 160),
-            spacing=(2.5, 2.5, 2.5),
-            dose=0.005,
+            shape=(8, 512, 512),
+            spacing=(0.7, 0.7, 1.25),
+            dose=0.02,
             noise=noise,
             n_train=3,
             n_test=2,
@@ -92,7 +94,7 @@ def preset(name: str, *, noise: str = "mismatched") -> EvalConfig:
                 "dncnn": {"in_slices": 3, "depth": 6, "width": 16},
                 "unet": {"in_slices": 3, "base_channels": 12, "levels": 2},
             },
-            iterations=160,
+            iterations=600,
             batch=8,
             patch=40,
             lr=2e-3,

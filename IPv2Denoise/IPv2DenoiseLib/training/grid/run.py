@@ -91,6 +91,7 @@ def _train_model(
             batch=config.batch,
             iterations=config.iterations,
             lr=config.lr,
+            loss=config.loss,
             val_every=max(1, config.iterations // max(1, config.loss_rounds)),
             seed=seed,
             device=config.device,
