@@ -119,6 +119,7 @@ class IPv2DenoiseParameterNode:
     inputVolume: vtkMRMLScalarVolumeNode
     outputVolume: vtkMRMLScalarVolumeNode
     removeBackground: bool = True
+    adapt: bool = False
     model: str = ""
     device: str = "auto"
     showDifference: bool = False
@@ -280,6 +281,7 @@ class IPv2DenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.modelComboBox,
             self.ui.deviceComboBox,
             self.ui.removeBackgroundCheckBox,
+            self.ui.adaptCheckBox,
         ):
             w.enabled = not busy
         if message is not None:
@@ -300,6 +302,7 @@ class IPv2DenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 model=p.model,
                 device=p.device,
                 removeBackground=p.removeBackground,
+                adapt=p.adapt,
                 synchronous=False,
             )
         except Exception as exc:  # dependency declined, bad input: show it, change nothing
@@ -475,6 +478,7 @@ class IPv2DenoiseLogic(ScriptedLoadableModuleLogic):
         model,
         device="auto",
         removeBackground=True,
+        adapt=False,
         synchronous=True,
     ):
         """Denoise ``inputVolumeNode`` in a ``PythonSlicer -m IPv2DenoiseLib denoise`` subprocess.
@@ -492,6 +496,7 @@ class IPv2DenoiseLogic(ScriptedLoadableModuleLogic):
             model=model,
             device=device,
             remove_background=removeBackground,
+            adapt=adapt,
             python=python,
         ).start()
         if not synchronous:

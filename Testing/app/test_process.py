@@ -117,6 +117,7 @@ def test_denoise_command():
     )
     assert cmd[:4] == ["PythonSlicer", "-m", "IPv2DenoiseLib", "denoise"]
     assert cmd[cmd.index("--device") + 1] == "cpu" and "--no-remove-background" in cmd
-    assert "--json-progress" in cmd
+    assert "--json-progress" in cmd and "--adapt" not in cmd
+    assert "--adapt" in denoise_command("in.nrrd", "out.nrrd", model="unet-ipv2", adapt=True)
     with pytest.raises(UserError, match="--device .gpu. is not one of auto, cpu, cuda, mps"):
         denoise_command("a", "b", model="m", device="gpu")

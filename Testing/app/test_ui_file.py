@@ -50,6 +50,7 @@ def test_parameter_bindings_name_real_fields():
     assert set(bound.values()) <= fields, (bound, fields)
     assert bound["inputSelector"] == "inputVolume" and bound["outputSelector"] == "outputVolume"
     assert bound["removeBackgroundCheckBox"] == "removeBackground"
+    assert bound["adaptCheckBox"] == "adapt"  # scan-adaptive fine-tuning (denoise --adapt)
 
 
 def test_input_selector_hides_labelmaps_and_scene_is_connected():

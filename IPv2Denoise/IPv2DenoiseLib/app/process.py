@@ -272,6 +272,7 @@ def denoise_command(
     model: str,
     device: str = "auto",
     remove_background: bool = True,
+    adapt: bool = False,
     python: str | None = None,
 ) -> list[str]:
     """The ``python -m IPv2DenoiseLib denoise ... --json-progress`` command line.
@@ -300,4 +301,6 @@ def denoise_command(
     ]
     if not remove_background:
         cmd.append("--no-remove-background")
+    if adapt:  # scan-adaptive fine-tuning first (training/adapt.py)
+        cmd.append("--adapt")
     return cmd

@@ -467,6 +467,7 @@ class DenoiseJob:
         model: str,
         device: str = "auto",
         remove_background: bool = True,
+        adapt: bool = False,
         python: str | None = None,
         command: Sequence[str] | None = None,
         env: dict[str, str] | None = None,
@@ -474,6 +475,7 @@ class DenoiseJob:
         self.input_node = input_node
         self.output_node = output_node
         self.model, self.device, self.remove_background = model, device, remove_background
+        self.adapt = adapt
         self.python, self.command, self.env = python, command, env
         self.workdir: Path | None = None
         self.process: BackgroundProcess | None = None
@@ -497,6 +499,7 @@ class DenoiseJob:
                 model=self.model,
                 device=self.device,
                 remove_background=self.remove_background,
+                adapt=self.adapt,
                 python=self.python,
             )
         env = dict(self.env or {})

@@ -69,27 +69,37 @@ class ModelProvenance:
     version: str = "unversioned"
     sha256: str | None = None
     strategy: str = "ipv2"
+    #: Scan-adaptive fine-tuning on this very scan (``denoise --adapt``): "N steps in S s", else None.
+    adapted: str | None = None
 
     @classmethod
     def from_card(
         cls, name: str, card: Mapping[str, Any] | None, *, default_version: str = "unversioned"
     ) -> ModelProvenance:
-        """From a model card (:mod:`IPv2DenoiseLib.denoiser.weights`): ``version``, ``sha256``, ``strategy``."""
+        """From a model card (:mod:`IPv2DenoiseLib.denoiser.weights`): ``version``, ``sha256``, ``strategy``,
+        and ``adapted`` (the record of ``training.adapt`` when the model was fine-tuned on the scan)."""
         card = card or {}
+        adapted = card.get("adapted")
         return cls(
             name=str(name),
             version=str(card.get("version") or default_version),
             sha256=card.get("sha256"),
             strategy=str(card.get("strategy") or "ipv2"),
+            adapted=f"{adapted['iterations']} steps in {adapted['seconds']:.0f} s" if adapted else None,
         )
 
     def describe(self) -> str:
         """One sentence for DerivationDescription (at most 1024 characters)."""
         weights = f", weights sha256 {self.sha256}" if self.sha256 else ""
+        adapted = (
+            f", then fine-tuned on this scan alone ({self.adapted}, recorrupted pairs)"
+            if self.adapted
+            else ""
+        )
         return (
             f"Denoised by {SOFTWARE_NAME} {__version__}: model {self.name} version {self.version}{weights}, "
-            f"training strategy {self.strategy} (see the model card; IPv2 image purification: Gong & Yu, "
-            "arXiv 2602.19314)"
+            f"training strategy {self.strategy}{adapted} (see the model card; IPv2 image purification: "
+            "Gong & Yu, arXiv 2602.19314)"
         )
 
 

@@ -16,6 +16,7 @@ from IPv2DenoiseLib.app.arguments import (
     add_reading_arguments,
     load_denoiser,
     positive_int,
+    positive_seconds,
 )
 from IPv2DenoiseLib.app.commands.send import add_peer_arguments, send_and_report
 from IPv2DenoiseLib.core.atomic import check_output_path
@@ -27,6 +28,9 @@ HELP = (
     "Denoise a CT volume (DICOM folder/file, NRRD, NIfTI, MHA) with a trained IPv2 model; "
     "writes NRRD/NIfTI/MHA, or a derived DICOM series (--dicom) and sends it to a PACS (--send)."
 )
+#: Default fine-tuning budget of ``--adapt`` (s); the same as :class:`training.adapt.AdaptConfig`'s
+#: (checked by a test: the CLI must not import torch to build --help).
+ADAPT_SECONDS = 60.0
 
 
 def _series_number(text: str) -> int:
@@ -88,6 +92,23 @@ def dicom_options(args: argparse.Namespace, provenance):
     )
 
 
+def add_adapt_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--adapt [--adapt-seconds S]``: scan-adaptive fine-tuning before denoising (training/adapt.py)."""
+    group = parser.add_argument_group("scan-adaptive fine-tuning")
+    group.add_argument(
+        "--adapt",
+        action="store_true",
+        help="first fine-tune a copy of the model on this scan alone (recorrupted pairs; no normal-dose "
+        "scan needed), then denoise with it; the shipped weights are not changed",
+    )
+    group.add_argument(
+        "--adapt-seconds",
+        type=positive_seconds,
+        metavar="S",
+        help=f"with --adapt: wall-clock budget of the fine-tuning (default: {ADAPT_SECONDS:.0f} s)",
+    )
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "input", metavar="IN", help="DICOM folder or file, NRRD, NIfTI (.nii/.nii.gz) or MHA/MHD"
@@ -113,6 +134,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_dicom_arguments(parser)
     add_peer_arguments(parser)
+    add_adapt_arguments(parser)
     parser.add_argument(
         "--json-progress",
         action="store_true",
@@ -146,6 +168,8 @@ def run(args: argparse.Namespace) -> int:
         ]
         if used:
             raise UserError(f"--{used[0].replace('_', '-')} needs --dicom")
+    if args.adapt_seconds is not None and not args.adapt:
+        raise UserError("--adapt-seconds needs --adapt")
         check_output_path(args.output, inputs=[args.input], overwrite=args.overwrite)
     where = describe_device(device)
     if args.json_progress:
@@ -153,7 +177,9 @@ def run(args: argparse.Namespace) -> int:
     else:  # before the bar exists, so the line never lands on its first frame
         print(f"running on: {where}", file=sys.stderr, flush=True)
     progress = make_progress(args.json_progress, desc="denoise", percent=True)
-    stages = Stages(progress, read=4, model=1, denoise=90, write=5)
+    adapt_seconds = (args.adapt_seconds or ADAPT_SECONDS) if args.adapt else 0.0
+    # stage shares by expected time: the fine-tuning budget against ~30 s of denoising
+    stages = Stages(progress, read=4, model=1, adapt=adapt_seconds, denoise=max(30.0, adapt_seconds), write=5)
 
     def warn(message: str) -> None:
         if args.json_progress:
@@ -177,6 +203,19 @@ def run(args: argparse.Namespace) -> int:
         applicability = applicability_warning(volume, denoiser.card)
         if applicability:  # input outside the model's training range
             warn(applicability)
+        if args.adapt:
+            from IPv2DenoiseLib.training.adapt import AdaptConfig, adapt_denoiser  # lazy: only with --adapt
+
+            stages.start("adapt", "adapting the model to this scan")
+            denoiser, adapted = adapt_denoiser(
+                denoiser,
+                volume,
+                AdaptConfig(seconds=adapt_seconds),
+                device=device,
+                progress=stages.stage("adapt"),
+            )
+            if args.json_progress:
+                progress.emit(adapted=adapted.as_dict())
         result = denoiser.denoise(
             volume,
             remove_background=args.remove_background,

@@ -1,0 +1,276 @@
+"""Scan-adaptive fine-tuning: adapt a trained denoiser to one real ULDCT without any NDCT.
+
+A network trained on phantoms meets, on a patient, anatomy and noise it has never seen. This
+module fine-tunes a copy of it on the scan itself with *recorrupted* pairs (Noisier2Noise, Moran et
+al., CVPR 2020; in the unbiased form of Recorrupted-to-Recorrupted, Pang et al., CVPR 2021):
+
+* ``y = x + n`` is the scan. ``z`` is fresh noise of the same kind as ``n``, drawn with our own
+  projection-domain insertion (:func:`~IPv2DenoiseLib.physics.lowdose.detector_grid_noise`: the
+  scan's own attenuation sets where the noise is strong, streaks included), then matched to the
+  scan's noise level, texture and slice correlation.
+* The network learns ``y + α·z  →  y − z/α``. When ``z`` has the covariance of ``n``, the input's
+  noise ``n + αz`` and the target's ``n − z/α`` are uncorrelated, so the MSE minimiser is the
+  clean image's conditional mean: a denoiser, learnt from the noisy scan alone.
+* It starts from the shipped weights and runs for a fixed wall-clock budget, with progress and
+  cancel; the adapted copy then denoises ``y`` itself (noise ``n`` is √(1+α²)× below the training
+  input's, inside the range the pretrained network already covers).
+
+The pairs are unbiased only if ``z`` has the covariance of ``n``: a level 20 % low already makes the
+adapted network keep a third of the noise. The level, texture and slice correlation are therefore
+taken from the scan itself, from the pretrained network's residual ``y − f(y)`` (see
+:func:`recorruption_noise`), not from a blind estimate.
+
+Written by hand: no maintained library implements recorrupted self-supervised fine-tuning of a CT
+denoiser with a physical noise model.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage as ndi
+
+from IPv2DenoiseLib.core.device import resolve_device
+from IPv2DenoiseLib.core.errors import UserError
+from IPv2DenoiseLib.core.progress import CancelToken, ProgressCallback
+from IPv2DenoiseLib.core.volume import Volume
+from IPv2DenoiseLib.denoiser.infer import Denoiser
+from IPv2DenoiseLib.denoiser.normalization import HU_MAX, HU_MIN, HU_OFFSET, HU_SCALE
+from IPv2DenoiseLib.denoiser.windows import window_indices
+from IPv2DenoiseLib.imaging.masks import soft_tissue_mask
+from IPv2DenoiseLib.imaging.noise_estimate import estimate_slice_correlation
+from IPv2DenoiseLib.physics.lowdose import I0_FULL_DOSE, detector_grid_noise
+from IPv2DenoiseLib.physics.scanner_noise import MAX_Z_CORRELATION, correlate_slices
+
+__all__ = ["AdaptConfig", "AdaptReport", "adapt_denoiser", "recorruption_noise"]
+
+#: Dose the product is built for: the noise template is drawn as if the scan were at this dose,
+#: then scaled to the level measured on the scan.
+NOMINAL_DOSE = 0.02
+#: Tissue voxels (HU) patch centres are drawn from: the body and lungs, not the air around them.
+TISSUE_HU = -950.0
+
+
+@dataclass(frozen=True)
+class AdaptConfig:
+    """How long and how hard to adapt (defaults chosen on synthetic validation cases, see docs/training.md)."""
+
+    #: Wall-clock budget of the fine-tuning loop (s); the noise draws before it are not counted.
+    seconds: float = 60.0
+    #: Upper bound on optimiser steps (whichever of the two limits comes first).
+    max_iterations: int = 2000
+    batch: int = 8
+    patch: int = 64
+    lr: float = 1e-5
+    #: Recorruption strength α: input ``y + αz``, target ``y − z/α``.
+    alpha: float = 1.0
+    #: Independent noise realisations drawn before training (each is also used with its sign flipped).
+    noise_draws: int = 2
+    #: The scan's slices used: up to ``chunks`` runs of ``chunk_slices`` contiguous slices, spread evenly.
+    chunks: int = 4
+    chunk_slices: int = 6
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not (self.seconds > 0 and math.isfinite(self.seconds)):
+            raise UserError(f"adapt seconds={self.seconds!r}: need a positive number of seconds")
+        for name in ("max_iterations", "batch", "patch", "noise_draws", "chunks", "chunk_slices"):
+            if int(getattr(self, name)) < 1:
+                raise UserError(f"adapt {name}={getattr(self, name)!r}: need >= 1")
+        if not 0.0 < self.alpha <= 1.0:
+            raise UserError(f"adapt alpha={self.alpha!r}: need a value in (0, 1]")
+
+
+@dataclass
+class AdaptReport:
+    """What the adaptation did; written into the model card of the adapted copy and the output's metadata."""
+
+    iterations: int
+    seconds: float
+    noise_seconds: float
+    slices: int
+    noise_sd_hu: float
+    z_correlation: float
+    loss_first: float
+    loss_last: float
+    config: dict
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _chunks(depth: int, chunks: int, length: int) -> list[np.ndarray]:
+    """Up to ``chunks`` runs of ``length`` contiguous slice indices, spread evenly over ``depth``."""
+    length = min(length, depth)
+    starts = np.unique(np.linspace(0, depth - length, min(chunks, depth - length + 1)).round().astype(int))
+    return [np.arange(s, s + length) for s in starts]
+
+
+def _power_spectrum(noise: np.ndarray, sigma_bins: float = 2.0) -> np.ndarray:
+    """The 2D noise power spectrum of ``noise`` ``[z, y, x]``: mean periodogram over the slices, smoothed
+    over neighbouring frequencies (keeps the anisotropy of tube-current modulation and streaks)."""
+    power = (np.abs(np.fft.fft2(noise)) ** 2).mean(axis=0)
+    return np.fft.ifftshift(ndi.gaussian_filter(np.fft.fftshift(power), sigma_bins, mode="wrap"))
+
+
+def _local_sd(noise: np.ndarray, sigma_px: float) -> np.ndarray:
+    return np.sqrt(ndi.gaussian_filter(noise.astype(np.float64) ** 2, (0, sigma_px, sigma_px)))
+
+
+def recorruption_noise(
+    scan: np.ndarray,
+    residual: np.ndarray,
+    *,
+    spacing: tuple[float, float, float],
+    draws: int,
+    seed: int = 0,
+    device: str = "cpu",
+) -> tuple[np.ndarray, dict]:
+    """``draws`` realisations ``[draws, z, y, x]`` (HU) of noise like the scan's own, and how it was matched.
+
+    ``residual`` is the scan minus the pretrained network's output: mostly the scan's noise. The
+    template is projection-domain insertion as if ``scan`` were a 2 %-dose scan (where the noise is
+    strong, streaks); it is then given the residual's 2D noise power spectrum (over the slices: the
+    reconstruction kernel's texture, the anisotropy of tube-current modulation), the residual's local SD (a 10 mm neighbourhood: bowtie and
+    tube-current patterns) and the residual's slice-to-slice correlation. Recorrupted pairs are only
+    unbiased when the added noise has the scan's covariance, and a blind level estimate is off by
+    10-25 % on correlated CT noise, which biases the adapted network towards keeping noise.
+    """
+    pixel_mm = float(min(spacing[0], spacing[1]))
+    rng = np.random.default_rng(seed)
+    target_power = _power_spectrum(residual)
+    sigma_px = 10.0 / pixel_mm
+    target_sd = _local_sd(residual, sigma_px)
+    rho = min(estimate_slice_correlation(residual, region=soft_tissue_mask(scan)), MAX_Z_CORRELATION)
+    out = np.empty((draws, *scan.shape), dtype=np.float32)
+    for d in range(draws):
+        template = detector_grid_noise(
+            scan,
+            dose=0.5,  # as if the scan were full dose at I0 · 2 %: halving it adds its own variance
+            spacing_mm=pixel_mm,
+            i0=I0_FULL_DOSE["fan"] * NOMINAL_DOSE,
+            seed=int(rng.integers(2**31)),
+            device=device,
+        )
+        gain = np.clip(np.sqrt(target_power / np.maximum(_power_spectrum(template), 1e-12)), 0.0, 10.0)
+        shaped = np.real(np.fft.ifft2(np.fft.fft2(template) * gain))
+        shaped *= target_sd / np.maximum(_local_sd(shaped, sigma_px), 1e-3)
+        out[d] = correlate_slices(shaped.astype(np.float32), rho)
+    soft = soft_tissue_mask(scan)
+    sd = float(residual[soft].std()) if soft.any() else float(residual.std())
+    return out, {"z_correlation": rho, "noise_sd_hu": sd}
+
+
+def _to_net(hu: np.ndarray) -> np.ndarray:
+    """HU → network units without clipping the target's noise (the input is clipped as in inference)."""
+    return (hu + HU_OFFSET) / HU_SCALE
+
+
+def adapt_denoiser(
+    denoiser: Denoiser,
+    volume: Volume,
+    config: AdaptConfig | None = None,
+    *,
+    device: str | torch.device = "auto",
+    progress: ProgressCallback | None = None,
+    cancel: CancelToken | None = None,
+) -> tuple[Denoiser, AdaptReport]:
+    """A copy of ``denoiser`` fine-tuned on ``volume`` (axial HU, not modified); the original is untouched.
+
+    Progress is reported in seconds of the budget (``progress(elapsed_s, budget_s, message)``).
+    """
+    config = config or AdaptConfig()
+    dev = resolve_device(device)
+    report = progress or (lambda done, total, message: None)
+    plan = volume.axial_plan()
+    work = volume.reoriented(*plan) if plan else volume
+    hu = np.asarray(work.array, dtype=np.float32)
+    model = denoiser.model
+    k = model.in_slices
+    began = time.monotonic()
+    report(0.0, config.seconds, "adapt: measuring the scan's noise and drawing noise like it")
+    runs = _chunks(hu.shape[0], config.chunks, config.chunk_slices)
+    scans = [hu[run] for run in runs]
+    noises, matched = [], []
+    rng = np.random.default_rng(config.seed)
+    for scan in scans:
+        if cancel is not None:
+            cancel.check()
+        residual = scan - denoiser.denoise_array(scan, remove_background=False, device=dev)
+        noise, info = recorruption_noise(
+            scan, residual, spacing=work.spacing, draws=config.noise_draws, seed=int(rng.integers(2**31))
+        )
+        noises.append(noise)
+        matched.append(info)
+    noise_seconds = time.monotonic() - began
+    if cancel is not None:
+        cancel.check()
+
+    centres = []
+    for scan in scans:
+        tissue = ndi.gaussian_filter(scan, (0, 2, 2)) > TISSUE_HU
+        centres.append(np.flatnonzero(tissue) if tissue.any() else np.arange(scan.size))
+    rng = np.random.default_rng(config.seed + 1)
+    tuned = copy.deepcopy(model).to(dev).train()
+    optimiser = torch.optim.Adam(tuned.parameters(), lr=config.lr)
+    alpha = float(config.alpha)
+    losses: list[float] = []
+    start = time.monotonic()
+    iteration = 0
+    while iteration < config.max_iterations and time.monotonic() - start < config.seconds:
+        if cancel is not None:
+            cancel.check()
+        inputs, targets = [], []
+        for _ in range(config.batch):
+            c = int(rng.integers(len(scans)))
+            scan, noise = scans[c], noises[c]
+            nz, ny, nx = scan.shape
+            z, y, x = np.unravel_index(int(rng.choice(centres[c])), scan.shape)
+            p = min(config.patch, ny, nx)
+            y0, x0 = int(np.clip(y - p // 2, 0, ny - p)), int(np.clip(x - p // 2, 0, nx - p))
+            win = window_indices(z, z + 1, k, nz)
+            draw = noise[int(rng.integers(len(noise)))] * (1.0 if rng.integers(2) else -1.0)
+            y_win = scan[win, y0 : y0 + p, x0 : x0 + p]
+            z_win = draw[win, y0 : y0 + p, x0 : x0 + p]
+            noisier = np.clip(y_win + alpha * z_win, HU_MIN, HU_MAX)
+            target = y_win[k // 2 : k // 2 + 1] - z_win[k // 2 : k // 2 + 1] / alpha
+            if rng.integers(2):  # left-right mirror
+                noisier, target = noisier[..., ::-1], target[..., ::-1]
+            inputs.append(_to_net(noisier))
+            targets.append(_to_net(target))
+        x_t = torch.from_numpy(np.ascontiguousarray(np.stack(inputs), dtype=np.float32)).to(dev)
+        t_t = torch.from_numpy(np.ascontiguousarray(np.stack(targets), dtype=np.float32)).to(dev)
+        loss = F.mse_loss(tuned(x_t), t_t)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        losses.append(float(loss.detach()))
+        iteration += 1
+        if iteration % 10 == 0:
+            elapsed = min(time.monotonic() - start, config.seconds)
+            report(elapsed, config.seconds, f"adapt: step {iteration}, loss {np.mean(losses[-10:]):.2e}")
+    tuned.eval()
+    seconds = time.monotonic() - start
+    report(config.seconds, config.seconds, f"adapt: {iteration} steps in {seconds:.0f} s")
+    head = losses[: max(1, len(losses) // 10)]
+    tail = losses[-max(1, len(losses) // 10) :]
+    result = AdaptReport(
+        iterations=iteration,
+        seconds=round(seconds, 2),
+        noise_seconds=round(noise_seconds, 2),
+        slices=int(sum(len(r) for r in runs)),
+        noise_sd_hu=round(float(np.mean([m["noise_sd_hu"] for m in matched])), 2),
+        z_correlation=round(float(np.mean([m["z_correlation"] for m in matched])), 3),
+        loss_first=float(np.mean(head)) if losses else math.nan,
+        loss_last=float(np.mean(tail)) if losses else math.nan,
+        config=asdict(config),
+    )
+    card = {**denoiser.card, "adapted": result.as_dict()}
+    adapted = Denoiser(tuned.to("cpu"), card=card, name=f"{denoiser.name}+adapt", runner=denoiser.runner)
+    return adapted, result
