@@ -120,6 +120,7 @@ class IPv2DenoiseParameterNode:
     outputVolume: vtkMRMLScalarVolumeNode
     removeBackground: bool = True
     adapt: bool = False
+    bestQuality: bool = False
     model: str = ""
     device: str = "auto"
     showDifference: bool = False
@@ -282,6 +283,7 @@ class IPv2DenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.deviceComboBox,
             self.ui.removeBackgroundCheckBox,
             self.ui.adaptCheckBox,
+            self.ui.bestQualityCheckBox,
         ):
             w.enabled = not busy
         if message is not None:
@@ -303,6 +305,7 @@ class IPv2DenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 device=p.device,
                 removeBackground=p.removeBackground,
                 adapt=p.adapt,
+                ensemble=8 if p.bestQuality else 1,
                 synchronous=False,
             )
         except Exception as exc:  # dependency declined, bad input: show it, change nothing
@@ -479,6 +482,7 @@ class IPv2DenoiseLogic(ScriptedLoadableModuleLogic):
         device="auto",
         removeBackground=True,
         adapt=False,
+        ensemble=1,
         synchronous=True,
     ):
         """Denoise ``inputVolumeNode`` in a ``PythonSlicer -m IPv2DenoiseLib denoise`` subprocess.
@@ -497,6 +501,7 @@ class IPv2DenoiseLogic(ScriptedLoadableModuleLogic):
             device=device,
             remove_background=removeBackground,
             adapt=adapt,
+            ensemble=ensemble,
             python=python,
         ).start()
         if not synchronous:

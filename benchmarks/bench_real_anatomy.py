@@ -269,6 +269,16 @@ class OutputCache:
         return out
 
 
+def variant_label(name: str, ensemble: int) -> str:
+    return name if ensemble == 1 else f"{name}+ens{ensemble}"
+
+
+def model_labels(models, *, adapt: bool, ensembles: tuple[int, ...]) -> list[str]:
+    """Row labels of the networks: each model, then (``--adapt``) its adapted copy, each at every ensemble size."""
+    names = [label for label, _ in models] + ([f"{label}+adapt" for label, _ in models] if adapt else [])
+    return [variant_label(name, n) for name in names for n in ensembles]
+
+
 def evaluate_image(
     image: RealImage,
     models,
@@ -279,9 +289,10 @@ def evaluate_image(
     log,
     cache: OutputCache | None = None,
     adapt: AdaptConfig | None = None,
+    ensembles: tuple[int, ...] = (1,),
 ) -> dict:
     cache = cache or OutputCache(None)
-    labels = [label for label, _ in models] + ([f"{label}+adapt" for label, _ in models] if adapt else [])
+    labels = model_labels(models, adapt=adapt is not None, ensembles=ensembles)
     truth, pixel_mm = load_image(image)
     reg = regions_of(truth, pixel_mm, truncated=image.body_mm is not None, has_lung=image.has_lung)
     base = projection_noise(truth, pixel_mm, image.body_mm, image.body_hu, seed=seed)
@@ -347,21 +358,26 @@ def evaluate_image(
             outputs["bm3d_oracle"] = best_out
             log(f"  {image.name}/{noise_name} bm3d: {time.monotonic() - t:.1f} s")
         for label, den in models:
-            t = time.monotonic()
-            out = den.denoise_array(noisy[None], device="cpu", remove_background=remove_background)[0]
-            rows[label] = {**measure(out, truth, noisy, reg, pixel_mm), "seconds": time.monotonic() - t}
-            outputs[label] = out
+            variants = [(label, den, None, 0.0)]
             if adapt is not None:  # the same model fine-tuned on this noisy image alone (--adapt)
                 t = time.monotonic()
                 volume = Volume(noisy[None], (pixel_mm, pixel_mm, 1.0))
                 tuned, record = adapt_denoiser(den, volume, adapt, device="cpu")
-                out = tuned.denoise_array(noisy[None], device="cpu", remove_background=remove_background)[0]
-                rows[f"{label}+adapt"] = {
-                    **measure(out, truth, noisy, reg, pixel_mm),
-                    "seconds": time.monotonic() - t,
-                    "adapt": record.as_dict(),
-                }
-                outputs[f"{label}+adapt"] = out
+                variants.append((f"{label}+adapt", tuned, record, time.monotonic() - t))
+            for name, model, record, spent in variants:
+                for n in ensembles:
+                    t = time.monotonic()
+                    out = model.denoise_array(
+                        noisy[None], device="cpu", remove_background=remove_background, ensemble=n
+                    )[0]
+                    key = variant_label(name, n)
+                    rows[key] = {
+                        **measure(out, truth, noisy, reg, pixel_mm),
+                        "seconds": spent + time.monotonic() - t,
+                    }
+                    if record is not None:
+                        rows[key]["adapt"] = record.as_dict()
+                    outputs[key] = out
         oracle = max((k for k in rows if k.endswith("_oracle")), key=lambda k: rows[k]["psnr"])
         result["noise"][noise_name] = {
             "estimated_noise_hu": est,
@@ -472,6 +488,13 @@ def main(argv: list[str] | None = None) -> int:
         help="also run each model after scan-adaptive fine-tuning (denoise --adapt) on each noisy image "
         "for this budget (default budget of the product: 60)",
     )
+    parser.add_argument(
+        "--ensemble",
+        type=int,
+        default=1,
+        choices=(1, 2, 4, 8),
+        help="also run each network with this test-time flip ensemble (denoise --ensemble N)",
+    )
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     parser.add_argument("--json", default=str(ROOT / "benchmarks/results/bench_real_anatomy.json"))
     parser.add_argument("--figure", default=str(ROOT / "docs/figures/real_anatomy.png"))
@@ -483,10 +506,9 @@ def main(argv: list[str] | None = None) -> int:
         args.model if args.model is not None else (["default"] if not args.weights else [])
     ) + args.weights
     models = load_models(specs)
-    labels = [label for label, _ in models]
     adapt = AdaptConfig(seconds=args.adapt) if args.adapt else None
-    if adapt:
-        labels += [f"{label}+adapt" for label, _ in models]
+    ensembles = (1, args.ensemble) if args.ensemble > 1 else (1,)
+    labels = model_labels(models, adapt=adapt is not None, ensembles=ensembles)
     began = time.monotonic()
     results = {}
     for image in IMAGES:
@@ -501,6 +523,7 @@ def main(argv: list[str] | None = None) -> int:
                 log=lambda s: print(s, file=sys.stderr),
                 cache=OutputCache(args.cache),
                 adapt=adapt,
+                ensembles=ensembles,
             )
     summary = print_table(results, labels)
     write_figure(results, labels, Path(args.figure))

@@ -119,5 +119,8 @@ def test_denoise_command():
     assert cmd[cmd.index("--device") + 1] == "cpu" and "--no-remove-background" in cmd
     assert "--json-progress" in cmd and "--adapt" not in cmd
     assert "--adapt" in denoise_command("in.nrrd", "out.nrrd", model="unet-ipv2", adapt=True)
+    assert "--ensemble" not in cmd
+    best = denoise_command("in.nrrd", "out.nrrd", model="unet-ipv2", ensemble=8)
+    assert best[best.index("--ensemble") + 1] == "8"
     with pytest.raises(UserError, match="--device .gpu. is not one of auto, cpu, cuda, mps"):
         denoise_command("a", "b", model="m", device="gpu")

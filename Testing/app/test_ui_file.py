@@ -51,6 +51,7 @@ def test_parameter_bindings_name_real_fields():
     assert bound["inputSelector"] == "inputVolume" and bound["outputSelector"] == "outputVolume"
     assert bound["removeBackgroundCheckBox"] == "removeBackground"
     assert bound["adaptCheckBox"] == "adapt"  # scan-adaptive fine-tuning (denoise --adapt)
+    assert bound["bestQualityCheckBox"] == "bestQuality"  # denoise --ensemble 8
 
 
 def test_input_selector_hides_labelmaps_and_scene_is_connected():

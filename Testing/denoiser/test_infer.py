@@ -13,7 +13,7 @@ from IPv2DenoiseLib.core.device import describe_device, resolve_device
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.progress import Cancelled, CancelToken
 from IPv2DenoiseLib.core.volume import Volume
-from IPv2DenoiseLib.denoiser.infer import AIR_HU, Denoiser
+from IPv2DenoiseLib.denoiser.infer import AIR_HU, Denoiser, dihedral, undo_dihedral
 from IPv2DenoiseLib.denoiser.models import UNet
 from IPv2DenoiseLib.denoiser.models.base import Denoiser2p5D
 from IPv2DenoiseLib.denoiser.weights import save_model
@@ -361,3 +361,45 @@ def test_cli_unknown_model_lists_known_names(cli_case, capsys):
     rc = cli_main(["denoise", str(tmp / "in.nrrd"), str(tmp / "out.nrrd"), "--model", "no-such-model"])
     assert rc == 2 and "unknown model 'no-such-model'" in capsys.readouterr().err
     assert not (tmp / "out.nrrd").exists()
+
+
+def test_ensemble_is_the_mean_of_the_flipped_and_transposed_passes():
+    torch.manual_seed(0)
+    model = UNet(in_slices=3, base_channels=4, levels=2)
+    with torch.no_grad():  # a non-symmetric network, so every transform gives another output
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    hu = np.random.default_rng(1).normal(0.0, 60.0, (3, 24, 32)).astype(np.float32)
+    one = Denoiser(model)
+    kwargs = {"device": "cpu", "remove_background": False}
+    for n in (2, 4, 8):
+        manual = []
+        for index in range(n):
+            t = dihedral(torch.from_numpy(hu), index).contiguous().numpy()
+            manual.append(undo_dihedral(torch.from_numpy(one.denoise_array(t, **kwargs)), index).numpy())
+        np.testing.assert_allclose(
+            Denoiser(model, ensemble=n).denoise_array(hu, **kwargs), np.mean(manual, 0), atol=1e-3
+        )
+    assert not np.allclose(manual[0], manual[5], atol=1e-2)
+    assert one.denoise_array(hu, ensemble=8, **kwargs) == pytest.approx(
+        Denoiser(model, ensemble=8).denoise_array(hu, **kwargs), abs=1e-5
+    )
+    for bad in (0, 3, 16, True):
+        with pytest.raises(UserError, match="ensemble must be one of 1, 2, 4, 8"):
+            Denoiser(model, ensemble=bad)
+
+
+def test_ensemble_of_the_shipped_model_is_closer_to_the_truth():
+    from IPv2DenoiseLib.physics.lowdose import simulate_low_dose
+    from IPv2DenoiseLib.synthetic.phantom import make_chest_phantom
+
+    truth = make_chest_phantom(shape=(3, 160, 160), spacing=(2.0, 2.0, 1.25), seed=21).hu
+    noisy = simulate_low_dose(truth, dose=0.02, spacing_mm=2.0, seed=5, device="cpu")
+    shipped = Denoiser.from_registry("default")
+    body = truth > -900
+
+    def rmse(ensemble: int) -> float:
+        out = shipped.denoise_array(noisy, device="cpu", remove_background=False, ensemble=ensemble)
+        return float(np.sqrt(np.mean((out - truth)[1][body[1]] ** 2)))
+
+    assert rmse(8) < 0.98 * rmse(1)

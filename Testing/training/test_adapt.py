@@ -126,6 +126,10 @@ def test_denoise_cli_adapt(tmp_path, smooth_kernel_scan) -> None:
     )
     assert refused.returncode == 2 and "--adapt-seconds needs --adapt" in refused.stderr
     assert not (tmp_path / "b.nrrd").exists()
+    odd = subprocess.run(
+        [*cmd, str(tmp_path / "c.nrrd"), "--ensemble", "3"], capture_output=True, text=True, timeout=120
+    )
+    assert odd.returncode == 2 and "--ensemble" in odd.stderr and not (tmp_path / "c.nrrd").exists()
 
 
 def test_derived_series_says_the_model_was_adapted() -> None:

@@ -273,6 +273,7 @@ def denoise_command(
     device: str = "auto",
     remove_background: bool = True,
     adapt: bool = False,
+    ensemble: int = 1,
     python: str | None = None,
 ) -> list[str]:
     """The ``python -m IPv2DenoiseLib denoise ... --json-progress`` command line.
@@ -303,4 +304,6 @@ def denoise_command(
         cmd.append("--no-remove-background")
     if adapt:  # scan-adaptive fine-tuning first (training/adapt.py)
         cmd.append("--adapt")
+    if ensemble > 1:  # test-time flip ensemble (denoiser.infer)
+        cmd += ["--ensemble", str(int(ensemble))]
     return cmd

@@ -468,6 +468,7 @@ class DenoiseJob:
         device: str = "auto",
         remove_background: bool = True,
         adapt: bool = False,
+        ensemble: int = 1,
         python: str | None = None,
         command: Sequence[str] | None = None,
         env: dict[str, str] | None = None,
@@ -475,7 +476,7 @@ class DenoiseJob:
         self.input_node = input_node
         self.output_node = output_node
         self.model, self.device, self.remove_background = model, device, remove_background
-        self.adapt = adapt
+        self.adapt, self.ensemble = adapt, ensemble
         self.python, self.command, self.env = python, command, env
         self.workdir: Path | None = None
         self.process: BackgroundProcess | None = None
@@ -500,6 +501,7 @@ class DenoiseJob:
                 device=self.device,
                 remove_background=self.remove_background,
                 adapt=self.adapt,
+                ensemble=self.ensemble,
                 python=self.python,
             )
         env = dict(self.env or {})

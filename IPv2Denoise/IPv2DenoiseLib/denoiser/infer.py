@@ -43,6 +43,12 @@ MIN_SLICE_PX = 16
 #: Most slices per slab on the CPU (measured: larger batches gain nothing there; they cost memory and coarsen progress).
 CPU_MAX_SLAB = 4
 
+#: Test-time ensemble sizes: the first N of the 8 in-plane flips and transposes (the dihedral group of
+#: the square), each run through the network, undone, and averaged. A CT slice has no preferred
+#: orientation for noise, so the N outputs err differently and their mean is closer to the truth
+#: (+0.3-0.4 dB with 4-5 of them on `bench_adapt.py`'s synthetic scans) at N times the cost.
+ENSEMBLE_SIZES = (1, 2, 4, 8)
+
 #: ``runner(model, batch, device) -> output``: ``batch`` is a CPU float32 ``[B, k, H, W]`` tensor in
 #: network units, the result a CPU float32 ``[B, 1, H, W]`` tensor. Injectable for tests.
 SlabRunner = Callable[[torch.nn.Module, torch.Tensor, torch.device], torch.Tensor]
@@ -69,6 +75,35 @@ def run_slab(model: torch.nn.Module, batch: torch.Tensor, device: torch.device) 
         return y.float().to("cpu").contiguous()
 
 
+def dihedral(x: torch.Tensor, index: int) -> torch.Tensor:
+    """Transform ``index`` (0-7) of the last two axes: bit 4 transposes, bit 1 flips x, bit 2 flips y."""
+    if index & 4:
+        x = x.transpose(-1, -2)
+    if index & 1:
+        x = x.flip(-1)
+    if index & 2:
+        x = x.flip(-2)
+    return x
+
+
+def undo_dihedral(y: torch.Tensor, index: int) -> torch.Tensor:
+    """The inverse of :func:`dihedral` (same ``index``)."""
+    if index & 2:
+        y = y.flip(-2)
+    if index & 1:
+        y = y.flip(-1)
+    if index & 4:
+        y = y.transpose(-1, -2)
+    return y
+
+
+def check_ensemble(ensemble: object) -> int:
+    """A valid test-time ensemble size (see :data:`ENSEMBLE_SIZES`), or :class:`UserError`."""
+    if isinstance(ensemble, bool) or ensemble not in ENSEMBLE_SIZES:
+        raise UserError(f"ensemble must be one of {', '.join(map(str, ENSEMBLE_SIZES))}, got {ensemble!r}")
+    return int(ensemble)
+
+
 def _check_hu(hu: Any) -> np.ndarray:
     arr = np.asarray(hu)
     if arr.ndim != 3 or arr.size == 0:
@@ -92,6 +127,9 @@ class Denoiser:
         Registry name or file name, for messages.
     runner : SlabRunner, optional
         Computes one slab on a device; defaults to :func:`run_slab`.
+    ensemble : int
+        Test-time ensemble size (:data:`ENSEMBLE_SIZES`): 1 = one pass (the fast default), 8 = the
+        mean over all in-plane flips and transposes, 8 times slower.
 
     Examples
     --------
@@ -108,11 +146,30 @@ class Denoiser:
         card: dict[str, Any] | None = None,
         name: str | None = None,
         runner: SlabRunner | None = None,
+        ensemble: int = 1,
     ) -> None:
         self.model = model.eval()
         self.card = dict(card or {})
         self.name = name or self.card.get("weights") or type(model).__name__
         self.runner: SlabRunner = runner or run_slab
+        self.ensemble = ensemble
+
+    @property
+    def ensemble(self) -> int:
+        """Test-time ensemble size used by :meth:`denoise` (see :data:`ENSEMBLE_SIZES`)."""
+        return self._ensemble
+
+    @ensemble.setter
+    def ensemble(self, value: int) -> None:
+        self._ensemble = check_ensemble(value)
+
+    def run_ensemble(self, batch: torch.Tensor, device: torch.device, ensemble: int) -> torch.Tensor:
+        """The runner's output for ``batch``, averaged over the first ``ensemble`` dihedral transforms."""
+        total = None
+        for index in range(ensemble):
+            y = undo_dihedral(self.runner(self.model, dihedral(batch, index).contiguous(), device), index)
+            total = y if total is None else total + y
+        return total / ensemble if ensemble > 1 else total
 
     # ----------------------------------------------------------------------------------- loading
 
@@ -189,12 +246,15 @@ class Denoiser:
         memory_budget_mb: float | None = None,
         progress: ProgressCallback | None = None,
         cancel: CancelToken | None = None,
+        ensemble: int | None = None,
     ) -> np.ndarray:
         """Denoise axial ``[z, y, x]`` HU slices; returns a new float32 HU array (see :meth:`denoise`).
 
-        ``spacing`` (x, y, z mm) sizes the background blend (default: 1 mm pixels).
+        ``spacing`` (x, y, z mm) sizes the background blend (default: 1 mm pixels); ``ensemble``
+        overrides :attr:`ensemble`.
         """
         hu = _check_hu(hu)
+        ensemble = self.ensemble if ensemble is None else check_ensemble(ensemble)
         if slab_slices is not None and (isinstance(slab_slices, bool) or int(slab_slices) < 1):
             raise UserError(f"slab_slices must be a positive integer, got {slab_slices!r}")
         depth, height, width = hu.shape
@@ -214,7 +274,8 @@ class Denoiser:
         )
         out = np.empty(hu.shape, dtype=np.float32)
         report = progress or (lambda done, total, message: None)
-        report(0, depth, f"denoising {depth} slices, {slab} per slab, on {dev.type}")
+        passes = f", {ensemble} flipped passes each" if ensemble > 1 else ""
+        report(0, depth, f"denoising {depth} slices, {slab} per slab{passes}, on {dev.type}")
         done = 0
         while done < depth:
             if cancel is not None:
@@ -224,7 +285,7 @@ class Denoiser:
             x = torch.from_numpy(hu_to_net(hu[index]))  # [n + 2m, H, W]
             batch = x.unfold(0, k, 1).permute(0, 3, 1, 2)  # [n, k, H, W] windows, centre = slice
             try:
-                y = self.runner(self.model, batch, dev)
+                y = self.run_ensemble(batch, dev, ensemble)
             except torch.cuda.OutOfMemoryError:
                 del batch, x
                 if dev.type == "cuda":
@@ -316,9 +377,21 @@ class Denoiser:
             denoiser=self.name,
             denoiser_sha256=self.card.get("sha256"),
             remove_background=bool(remove_background),
+            ensemble=self.ensemble,
             warnings=warnings,
         )
         return result.reoriented(*Volume.inverse_plan(*plan)) if plan else result
 
 
-__all__ = ["AIR_HU", "MIN_SLICE_PX", "Denoiser", "SlabRunner", "autocast_dtype", "run_slab"]
+__all__ = [
+    "AIR_HU",
+    "ENSEMBLE_SIZES",
+    "MIN_SLICE_PX",
+    "Denoiser",
+    "SlabRunner",
+    "autocast_dtype",
+    "check_ensemble",
+    "dihedral",
+    "run_slab",
+    "undo_dihedral",
+]

@@ -272,5 +272,11 @@ def adapt_denoiser(
         config=asdict(config),
     )
     card = {**denoiser.card, "adapted": result.as_dict()}
-    adapted = Denoiser(tuned.to("cpu"), card=card, name=f"{denoiser.name}+adapt", runner=denoiser.runner)
+    adapted = Denoiser(
+        tuned.to("cpu"),
+        card=card,
+        name=f"{denoiser.name}+adapt",
+        runner=denoiser.runner,
+        ensemble=denoiser.ensemble,
+    )
     return adapted, result

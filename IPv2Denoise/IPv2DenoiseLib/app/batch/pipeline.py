@@ -58,6 +58,8 @@ class BatchSettings:
     weights: str | None = None
     dicom: bool = False
     remove_background: bool = True
+    #: Test-time ensemble size (``--ensemble``).
+    ensemble: int = 1
     device: str = "auto"
     slab: int | None = None
     run_id: str = ""
@@ -123,6 +125,7 @@ class CaseProcessor:
             if settings.weights
             else Denoiser.from_registry(settings.model)
         )
+        self.denoiser.ensemble = settings.ensemble
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self._network = threading.Lock()
 
@@ -133,6 +136,7 @@ class CaseProcessor:
             "model": self.denoiser.name,
             "model_sha256": self.denoiser.card.get("sha256"),
             "remove_background": self.settings.remove_background,
+            "ensemble": self.settings.ensemble,
             "format": "dicom" if self.settings.dicom else "nrrd",
         }
 

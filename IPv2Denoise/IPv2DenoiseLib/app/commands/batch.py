@@ -169,6 +169,7 @@ def run(args: argparse.Namespace) -> int:
         weights=str(Path(args.weights).resolve()) if args.weights else None,
         dicom=args.dicom,
         remove_background=args.remove_background,
+        ensemble=args.ensemble,
         device=args.device,
         slab=args.slab,
         run_id=uuid.uuid4().hex,
