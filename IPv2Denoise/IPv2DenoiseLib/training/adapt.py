@@ -115,7 +115,8 @@ def _chunks(depth: int, chunks: int, length: int) -> list[np.ndarray]:
 def _power_spectrum(noise: np.ndarray, sigma_bins: float = 2.0) -> np.ndarray:
     """The 2D noise power spectrum of ``noise`` ``[z, y, x]``: mean periodogram over the slices, smoothed
     over neighbouring frequencies (keeps the anisotropy of tube-current modulation and streaks)."""
-    power = (np.abs(np.fft.fft2(noise)) ** 2).mean(axis=0)
+    centred = noise - noise.mean(axis=(-2, -1), keepdims=True)  # a bias is not noise: no DC power
+    power = (np.abs(np.fft.fft2(centred)) ** 2).mean(axis=0)
     return np.fft.ifftshift(ndi.gaussian_filter(np.fft.fftshift(power), sigma_bins, mode="wrap"))
 
 
