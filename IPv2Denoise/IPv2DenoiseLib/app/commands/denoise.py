@@ -168,9 +168,9 @@ def run(args: argparse.Namespace) -> int:
         ]
         if used:
             raise UserError(f"--{used[0].replace('_', '-')} needs --dicom")
+        check_output_path(args.output, inputs=[args.input], overwrite=args.overwrite)
     if args.adapt_seconds is not None and not args.adapt:
         raise UserError("--adapt-seconds needs --adapt")
-        check_output_path(args.output, inputs=[args.input], overwrite=args.overwrite)
     where = describe_device(device)
     if args.json_progress:
         JsonLinesProgress().emit(device=where)
