@@ -7,6 +7,7 @@ import csv
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -108,3 +109,21 @@ def test_workers_that_do_not_fit_the_cluster_are_refused(
     args = ["batch", str(archive), str(tmp_path / "out"), "--engine", "ray", "--cpus-per-worker", "3"]
     assert main(args) == 2
     assert "one worker needs 3 CPUs" in capsys.readouterr().err
+
+
+def test_unreachable_cluster_is_a_one_line_error_in_seconds(batch_archive, tmp_path) -> None:
+    """``ray.init`` alone retries a dead head node for minutes; the batch says so at once."""
+    archive, _ = batch_archive
+    with socket.socket() as probe:  # a loopback port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = subprocess.run(  # Ray's own retries would run past the timeout
+        [sys.executable, "-m", "IPv2DenoiseLib", "batch", str(archive), str(tmp_path / "out")]
+        + ["--engine", "ray", "--address", f"127.0.0.1:{port}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert f"cannot connect to the Ray cluster at 127.0.0.1:{port}" in last and "ray start --head" in last

