@@ -180,6 +180,8 @@ def score(outputs: list[np.ndarray], truths: list[np.ndarray]) -> dict[str, floa
 
 
 def main(argv=None) -> int:
+    from IPv2DenoiseLib.denoiser.ensemble import ENSEMBLE_SIZES
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--weights", default=None, help="safetensors weights (default: the registry's model)")
     parser.add_argument("--model", default="default", help="registry name when --weights is not given")
@@ -201,7 +203,7 @@ def main(argv=None) -> int:
         "--ensemble",
         type=int,
         default=1,
-        choices=(1, 2, 4, 8),
+        choices=ENSEMBLE_SIZES,
         help="also run the model with this flip ensemble",
     )
     args = parser.parse_args(argv)

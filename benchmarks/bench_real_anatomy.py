@@ -57,6 +57,7 @@ sys.path.insert(0, str(ROOT / "IPv2Denoise"))
 
 from IPv2DenoiseLib.core.errors import UserError  # noqa: E402
 from IPv2DenoiseLib.core.volume import Volume  # noqa: E402
+from IPv2DenoiseLib.denoiser.ensemble import ENSEMBLE_SIZES  # noqa: E402
 from IPv2DenoiseLib.imaging.classical import denoise_classical  # noqa: E402
 from IPv2DenoiseLib.imaging.masks import body_mask, lung_mask, soft_tissue_mask  # noqa: E402
 from IPv2DenoiseLib.imaging.metrics import laa950, nps_2d, psnr, ssim  # noqa: E402
@@ -492,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
         "--ensemble",
         type=int,
         default=1,
-        choices=(1, 2, 4, 8),
+        choices=ENSEMBLE_SIZES,
         help="also run each network with this test-time flip ensemble (denoise --ensemble N)",
     )
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))

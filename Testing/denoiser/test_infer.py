@@ -13,7 +13,8 @@ from IPv2DenoiseLib.core.device import describe_device, resolve_device
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.progress import Cancelled, CancelToken
 from IPv2DenoiseLib.core.volume import Volume
-from IPv2DenoiseLib.denoiser.infer import AIR_HU, Denoiser, dihedral, undo_dihedral
+from IPv2DenoiseLib.denoiser.ensemble import dihedral, undo_dihedral
+from IPv2DenoiseLib.denoiser.infer import AIR_HU, Denoiser
 from IPv2DenoiseLib.denoiser.models import UNet
 from IPv2DenoiseLib.denoiser.models.base import Denoiser2p5D
 from IPv2DenoiseLib.denoiser.weights import save_model

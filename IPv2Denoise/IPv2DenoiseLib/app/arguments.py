@@ -10,10 +10,7 @@ import argparse
 from collections.abc import Callable
 
 from IPv2DenoiseLib.core.device import DEVICE_CHOICES
-
-#: ``--ensemble`` choices (the same as ``denoiser.infer.ENSEMBLE_SIZES``; not imported from there
-#: because that module loads torch, and building ``--help`` must not).
-ENSEMBLE_CHOICES = (1, 2, 4, 8)
+from IPv2DenoiseLib.denoiser.ensemble import ENSEMBLE_SIZES
 
 
 def _bounded(parse: Callable[[str], float], ok: Callable[[float], bool], what: str):
@@ -84,7 +81,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--ensemble",
         type=int,
         default=1,
-        choices=ENSEMBLE_CHOICES,
+        choices=ENSEMBLE_SIZES,
         metavar="N",
         help="average the network over N in-plane flips/transposes of each slice (1, 2, 4 or 8): "
         "N times slower, +0.3-0.5 dB; 8 is the quality setting for a GPU (default: %(default)s)",

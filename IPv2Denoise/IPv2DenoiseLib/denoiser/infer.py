@@ -30,6 +30,7 @@ from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.progress import CancelToken, ProgressCallback
 from IPv2DenoiseLib.core.resources import models_dir
 from IPv2DenoiseLib.core.volume import Volume
+from IPv2DenoiseLib.denoiser.ensemble import check_ensemble, dihedral, undo_dihedral
 from IPv2DenoiseLib.denoiser.models.base import Denoiser2p5D
 from IPv2DenoiseLib.denoiser.normalization import hu_to_net, net_to_hu
 from IPv2DenoiseLib.denoiser.weights import load_model
@@ -42,12 +43,6 @@ AIR_HU = -1000.0
 MIN_SLICE_PX = 16
 #: Most slices per slab on the CPU (measured: larger batches gain nothing there; they cost memory and coarsen progress).
 CPU_MAX_SLAB = 4
-
-#: Test-time ensemble sizes: the first N of the 8 in-plane flips and transposes (the dihedral group of
-#: the square), each run through the network, undone, and averaged. A CT slice has no preferred
-#: orientation for noise, so the N outputs err differently and their mean is closer to the truth
-#: (+0.3-0.4 dB with 4-5 of them on `bench_adapt.py`'s synthetic scans) at N times the cost.
-ENSEMBLE_SIZES = (1, 2, 4, 8)
 
 #: ``runner(model, batch, device) -> output``: ``batch`` is a CPU float32 ``[B, k, H, W]`` tensor in
 #: network units, the result a CPU float32 ``[B, 1, H, W]`` tensor. Injectable for tests.
@@ -75,35 +70,6 @@ def run_slab(model: torch.nn.Module, batch: torch.Tensor, device: torch.device) 
         return y.float().to("cpu").contiguous()
 
 
-def dihedral(x: torch.Tensor, index: int) -> torch.Tensor:
-    """Transform ``index`` (0-7) of the last two axes: bit 4 transposes, bit 1 flips x, bit 2 flips y."""
-    if index & 4:
-        x = x.transpose(-1, -2)
-    if index & 1:
-        x = x.flip(-1)
-    if index & 2:
-        x = x.flip(-2)
-    return x
-
-
-def undo_dihedral(y: torch.Tensor, index: int) -> torch.Tensor:
-    """The inverse of :func:`dihedral` (same ``index``)."""
-    if index & 2:
-        y = y.flip(-2)
-    if index & 1:
-        y = y.flip(-1)
-    if index & 4:
-        y = y.transpose(-1, -2)
-    return y
-
-
-def check_ensemble(ensemble: object) -> int:
-    """A valid test-time ensemble size (see :data:`ENSEMBLE_SIZES`), or :class:`UserError`."""
-    if isinstance(ensemble, bool) or ensemble not in ENSEMBLE_SIZES:
-        raise UserError(f"ensemble must be one of {', '.join(map(str, ENSEMBLE_SIZES))}, got {ensemble!r}")
-    return int(ensemble)
-
-
 def _check_hu(hu: Any) -> np.ndarray:
     arr = np.asarray(hu)
     if arr.ndim != 3 or arr.size == 0:
@@ -128,7 +94,7 @@ class Denoiser:
     runner : SlabRunner, optional
         Computes one slab on a device; defaults to :func:`run_slab`.
     ensemble : int
-        Test-time ensemble size (:data:`ENSEMBLE_SIZES`): 1 = one pass (the fast default), 8 = the
+        Test-time ensemble size (:data:`~IPv2DenoiseLib.denoiser.ensemble.ENSEMBLE_SIZES`): 1 = one pass (the fast default), 8 = the
         mean over all in-plane flips and transposes, 8 times slower.
 
     Examples
@@ -156,7 +122,7 @@ class Denoiser:
 
     @property
     def ensemble(self) -> int:
-        """Test-time ensemble size used by :meth:`denoise` (see :data:`ENSEMBLE_SIZES`)."""
+        """Test-time ensemble size used by :meth:`denoise` (:mod:`~IPv2DenoiseLib.denoiser.ensemble`)."""
         return self._ensemble
 
     @ensemble.setter
@@ -383,15 +349,4 @@ class Denoiser:
         return result.reoriented(*Volume.inverse_plan(*plan)) if plan else result
 
 
-__all__ = [
-    "AIR_HU",
-    "ENSEMBLE_SIZES",
-    "MIN_SLICE_PX",
-    "Denoiser",
-    "SlabRunner",
-    "autocast_dtype",
-    "check_ensemble",
-    "dihedral",
-    "run_slab",
-    "undo_dihedral",
-]
+__all__ = ["AIR_HU", "MIN_SLICE_PX", "Denoiser", "SlabRunner", "autocast_dtype", "run_slab"]

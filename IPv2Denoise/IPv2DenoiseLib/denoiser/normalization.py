@@ -21,8 +21,11 @@ NORMALIZATION = "hu_plus_1000_div_1000_clip_-1024_3071"
 ArrayLike = np.ndarray | torch.Tensor
 
 
-def hu_to_net(hu: ArrayLike) -> ArrayLike:
+def hu_to_net(hu: ArrayLike, *, clip: bool = True) -> ArrayLike:
     """HU → network units (float32 for arrays; tensors keep their dtype). Returns a new array.
+
+    ``clip=False`` keeps values outside the HU range (a training target's noise, which clipping
+    would bias in the air).
 
     Examples
     --------
@@ -30,8 +33,9 @@ def hu_to_net(hu: ArrayLike) -> ArrayLike:
     array([0.   , 1.   , 4.071], dtype=float32)
     """
     if isinstance(hu, torch.Tensor):
-        return (hu.clamp(HU_MIN, HU_MAX) + HU_OFFSET) / HU_SCALE
-    out = np.clip(np.asarray(hu, dtype=np.float32), HU_MIN, HU_MAX)
+        return ((hu.clamp(HU_MIN, HU_MAX) if clip else hu) + HU_OFFSET) / HU_SCALE
+    out = np.asarray(hu, dtype=np.float32)
+    out = np.clip(out, HU_MIN, HU_MAX) if clip else out.copy()
     out += np.float32(HU_OFFSET)
     out /= np.float32(HU_SCALE)
     return out

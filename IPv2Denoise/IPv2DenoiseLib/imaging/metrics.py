@@ -388,3 +388,18 @@ def roi_comparison_table(
         lb, la = (laa950(x, lungs) for x in (before, after))
         table.add_row("LAA-950", lb, la, la - lb, "%")
     return table
+
+
+def slice_correlation(noise: np.ndarray, mask: np.ndarray) -> float:
+    """Lag-1 correlation of ``noise`` between adjacent slices, over voxels in ``mask`` in both.
+
+    Written by hand: a Pearson correlation of the voxel pairs (z, z+1); no library call takes a mask.
+    """
+    if noise.ndim != 3 or noise.shape[0] < 2:
+        return math.nan
+    both = mask[:-1] & mask[1:]
+    if both.sum() < 10:
+        return math.nan
+    a, b = noise[:-1][both].astype(np.float64), noise[1:][both].astype(np.float64)
+    a, b = a - a.mean(), b - b.mean()
+    return float((a * b).sum() / math.sqrt((a * a).sum() * (b * b).sum()))

@@ -12,6 +12,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from IPv2DenoiseLib.imaging.masks import body_mask, soft_tissue_mask
+from IPv2DenoiseLib.imaging.metrics import slice_correlation
 
 
 def estimate_noise_hu(hu: np.ndarray, *, region: np.ndarray | None = None, window: int = 7) -> float:
@@ -60,6 +61,4 @@ def estimate_slice_correlation(hu: np.ndarray, *, region: np.ndarray | None = No
     if both.sum() < 200:
         return 0.0
     residual = vol.astype(np.float64) - ndi.uniform_filter(vol.astype(np.float64), size=(1, window, window))
-    a, b = residual[:-1][both], residual[1:][both]
-    a, b = a - a.mean(), b - b.mean()
-    return float(max(0.0, (a * b).mean() / np.sqrt((a * a).mean() * (b * b).mean())))
+    return max(0.0, slice_correlation(residual, region))

@@ -41,7 +41,7 @@ from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.progress import CancelToken, ProgressCallback
 from IPv2DenoiseLib.core.volume import Volume
 from IPv2DenoiseLib.denoiser.infer import Denoiser
-from IPv2DenoiseLib.denoiser.normalization import HU_MAX, HU_MIN, HU_OFFSET, HU_SCALE
+from IPv2DenoiseLib.denoiser.normalization import hu_to_net
 from IPv2DenoiseLib.denoiser.windows import window_indices
 from IPv2DenoiseLib.imaging.masks import soft_tissue_mask
 from IPv2DenoiseLib.imaging.noise_estimate import estimate_slice_correlation
@@ -89,7 +89,8 @@ class AdaptConfig:
 
 @dataclass
 class AdaptReport:
-    """What the adaptation did; written into the model card of the adapted copy and the output's metadata."""
+    """What the adaptation did: in the adapted copy's model card (``adapted``), hence in the derived
+    DICOM series' DerivationDescription and the ``denoise --json-progress`` record."""
 
     iterations: int
     seconds: float
@@ -138,8 +139,8 @@ def recorruption_noise(
     ``residual`` is the scan minus the pretrained network's output: mostly the scan's noise. The
     template is projection-domain insertion as if ``scan`` were a 2 %-dose scan (where the noise is
     strong, streaks); it is then given the residual's 2D noise power spectrum (over the slices: the
-    reconstruction kernel's texture, the anisotropy of tube-current modulation), the residual's local SD (a 10 mm neighbourhood: bowtie and
-    tube-current patterns) and the residual's slice-to-slice correlation. Recorrupted pairs are only
+    reconstruction kernel's texture, the anisotropy of tube-current modulation), the residual's
+    local SD (a 10 mm neighbourhood: bowtie and tube-current patterns) and the residual's slice-to-slice correlation. Recorrupted pairs are only
     unbiased when the added noise has the scan's covariance, and a blind level estimate is off by
     10-25 % on correlated CT noise, which biases the adapted network towards keeping noise.
     """
@@ -148,7 +149,8 @@ def recorruption_noise(
     target_power = _power_spectrum(residual)
     sigma_px = 10.0 / pixel_mm
     target_sd = _local_sd(residual, sigma_px)
-    rho = min(estimate_slice_correlation(residual, region=soft_tissue_mask(scan)), MAX_Z_CORRELATION)
+    soft = soft_tissue_mask(scan)
+    rho = min(estimate_slice_correlation(residual, region=soft), MAX_Z_CORRELATION)
     out = np.empty((draws, *scan.shape), dtype=np.float32)
     for d in range(draws):
         template = detector_grid_noise(
@@ -163,14 +165,8 @@ def recorruption_noise(
         shaped = np.real(np.fft.ifft2(np.fft.fft2(template) * gain))
         shaped *= target_sd / np.maximum(_local_sd(shaped, sigma_px), 1e-3)
         out[d] = correlate_slices(shaped.astype(np.float32), rho)
-    soft = soft_tissue_mask(scan)
     sd = float(residual[soft].std()) if soft.any() else float(residual.std())
     return out, {"z_correlation": rho, "noise_sd_hu": sd}
-
-
-def _to_net(hu: np.ndarray) -> np.ndarray:
-    """HU → network units without clipping the target's noise (the input is clipped as in inference)."""
-    return (hu + HU_OFFSET) / HU_SCALE
 
 
 def adapt_denoiser(
@@ -239,12 +235,12 @@ def adapt_denoiser(
             draw = noise[int(rng.integers(len(noise)))] * (1.0 if rng.integers(2) else -1.0)
             y_win = scan[win, y0 : y0 + p, x0 : x0 + p]
             z_win = draw[win, y0 : y0 + p, x0 : x0 + p]
-            noisier = np.clip(y_win + alpha * z_win, HU_MIN, HU_MAX)
+            noisier = y_win + alpha * z_win
             target = y_win[k // 2 : k // 2 + 1] - z_win[k // 2 : k // 2 + 1] / alpha
             if rng.integers(2):  # left-right mirror
                 noisier, target = noisier[..., ::-1], target[..., ::-1]
-            inputs.append(_to_net(noisier))
-            targets.append(_to_net(target))
+            inputs.append(hu_to_net(noisier))  # clipped, as in inference
+            targets.append(hu_to_net(target, clip=False))  # the target's noise stays unbiased
         x_t = torch.from_numpy(np.ascontiguousarray(np.stack(inputs), dtype=np.float32)).to(dev)
         t_t = torch.from_numpy(np.ascontiguousarray(np.stack(targets), dtype=np.float32)).to(dev)
         loss = F.mse_loss(tuned(x_t), t_t)

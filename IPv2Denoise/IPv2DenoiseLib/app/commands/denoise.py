@@ -28,8 +28,9 @@ HELP = (
     "Denoise a CT volume (DICOM folder/file, NRRD, NIfTI, MHA) with a trained IPv2 model; "
     "writes NRRD/NIfTI/MHA, or a derived DICOM series (--dicom) and sends it to a PACS (--send)."
 )
-#: Default fine-tuning budget of ``--adapt`` (s); the same as :class:`training.adapt.AdaptConfig`'s
-#: (checked by a test: the CLI must not import torch to build --help).
+#: The command line's fine-tuning budget for ``--adapt`` (s), always passed to
+#: :class:`training.adapt.AdaptConfig` (whose own default, for library callers, is the same minute;
+#: that module loads torch, which building ``--help`` must not).
 ADAPT_SECONDS = 60.0
 
 

@@ -28,7 +28,7 @@ from IPv2DenoiseLib.training.grid.config import (
     preset,
 )
 from IPv2DenoiseLib.training.grid.figure import grid_figure
-from IPv2DenoiseLib.training.grid.mismatch import noise_mismatch, noise_profile, slice_correlation
+from IPv2DenoiseLib.training.grid.mismatch import noise_mismatch, noise_profile
 from IPv2DenoiseLib.training.grid.pairs import ipv2_test_label, purified_training_cases
 from IPv2DenoiseLib.training.grid.report import (
     TABLE_COLUMNS,
@@ -66,7 +66,6 @@ __all__ = [
     "noise_mismatch",
     "noise_profile",
     "overall_verdict",
-    "slice_correlation",
     "training_check",
     "training_markdown",
     "verdict",

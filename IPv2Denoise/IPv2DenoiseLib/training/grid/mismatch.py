@@ -18,7 +18,7 @@ import numpy as np
 
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.imaging.masks import evaluation_rois
-from IPv2DenoiseLib.imaging.metrics import nps_2d, roi_stats
+from IPv2DenoiseLib.imaging.metrics import nps_2d, roi_stats, slice_correlation
 from IPv2DenoiseLib.imaging.noise_estimate import estimate_noise_hu
 from IPv2DenoiseLib.physics.lowdose import simulate_low_dose
 from IPv2DenoiseLib.training.grid.cases import Case
@@ -26,21 +26,6 @@ from IPv2DenoiseLib.training.grid.config import EvalConfig
 
 #: Regions whose noise SD is reported.
 MISMATCH_REGIONS = ("soft_tissue", "lungs", "background")
-
-
-def slice_correlation(noise: np.ndarray, mask: np.ndarray) -> float:
-    """Lag-1 correlation of ``noise`` between adjacent slices, over voxels in ``mask`` in both.
-
-    Written by hand: a Pearson correlation of the voxel pairs (z, z+1); no library call takes a mask.
-    """
-    if noise.ndim != 3 or noise.shape[0] < 2:
-        return math.nan
-    both = mask[:-1] & mask[1:]
-    if both.sum() < 10:
-        return math.nan
-    a, b = noise[:-1][both].astype(np.float64), noise[1:][both].astype(np.float64)
-    a, b = a - a.mean(), b - b.mean()
-    return float((a * b).sum() / math.sqrt((a * a).sum() * (b * b).sum()))
 
 
 def noise_profile(noisy: np.ndarray, truth: np.ndarray, spacing, masks: dict[str, np.ndarray]) -> dict:
