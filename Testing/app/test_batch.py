@@ -330,3 +330,45 @@ def test_ctrl_c_keeps_finished_cases_and_says_how_to_continue(batch_archive, tmp
     assert finished and finished < {c for c, k in expected.items() if k == "ok"}
     assert {c for c in expected if read_record(out, c) is not None} == finished
     assert partial_files(out) == []
+
+
+# --------------------------------------------------------------- hostile archives (issue #21)
+
+
+def hostile_series_archive(tmp_path: Path) -> tuple[Path, Path]:
+    """A folder holding two real CT series, one with a SeriesInstanceUID that climbs to ``victim``."""
+    source, victim = tmp_path / "archive", tmp_path / "victim"
+    write_ct_series(source / "site", 3, series_number=1)
+    for path in write_ct_series(tmp_path / "second", 3, series_number=2):
+        ds = pydicom.dcmread(path)
+        ds.SeriesInstanceUID = "../" * 30 + str(victim).lstrip("/")
+        ds.save_as(source / "site" / f"B{path.name}")
+    shutil.rmtree(tmp_path / "second")
+    victim.mkdir()
+    (victim / "keep.txt").write_text("precious", encoding="utf-8")
+    (tmp_path / "victim.nrrd").write_text("not yours", encoding="utf-8")
+    (tmp_path / "victim.json").write_text("not yours", encoding="utf-8")
+    return source, victim
+
+
+@pytest.mark.parametrize("mode", [["--dicom"], []], ids=["dicom", "nrrd"])
+def test_series_uid_never_becomes_a_path_outside_out(tmp_path, mode) -> None:
+    source, victim = hostile_series_archive(tmp_path)
+    before = tree_digest(tmp_path)
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "IPv2DenoiseLib", "batch", str(source), str(out), *mode],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (victim / "keep.txt").read_text(encoding="utf-8") == "precious"
+    after = tree_digest(tmp_path)
+    assert {k: v for k, v in after.items() if not k.startswith("out/")} == before  # nothing outside OUT
+    rows = summary_rows(out)
+    assert len(rows) == 2 and all(r["status"] == "done" for r in rows.values())
+    for row in rows.values():
+        assert ".." not in row["case"].split("/") and ".." not in row["output"].split("/")
+        assert (out / row["output"]).resolve().is_relative_to(out.resolve())
+        assert read_record(out, row["case"]) is not None

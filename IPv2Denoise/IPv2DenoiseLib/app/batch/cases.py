@@ -2,7 +2,9 @@
 
 A case is one study to denoise. Its ``case_id`` is a POSIX path relative to the input root (the
 series folder, or the volume file without its suffix); outputs and done records are named after
-it, so the output tree mirrors the input tree. Cases are sorted by ``case_id``, which makes
+it, so the output tree mirrors the input tree. Every part of an id passes through
+:func:`~IPv2DenoiseLib.core.paths.safe_component` (a SeriesInstanceUID or a manifest's ``case``
+is data, never a path: ``..``, ``/`` and hidden names cannot reach the output tree). Cases are sorted by ``case_id``, which makes
 ``--shard K/N`` deterministic.
 """
 
@@ -17,6 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from IPv2DenoiseLib.core.errors import UserError
+from IPv2DenoiseLib.core.paths import safe_component, safe_relative
 from IPv2DenoiseLib.io.volumes import group_dicom_series, image_suffix, may_be_dicom
 
 #: Folders never searched for studies (besides hidden ones, whose names start with a dot).
@@ -60,15 +63,15 @@ def _relative_id(path: Path, root: Path) -> str:
         rel = path.relative_to(root).as_posix()
     except ValueError:
         rel = path.as_posix().lstrip("/")
-    return rel if rel not in ("", ".") else path.name or "case"
+    return safe_relative(rel if rel not in ("", ".") else path.name or "case")
 
 
 def _checked_name(name: str, where: str) -> str:
-    """A manifest's ``case`` name as an id: relative, no ``..``."""
-    parts = [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
-    if not parts or ".." in parts or name.startswith("/"):
+    """A manifest's ``case`` name as an id: relative, no ``..``, every part a safe component."""
+    parts = [p for p in name.replace("\\", "/").split("/") if p.strip() not in ("", ".")]
+    if not parts or ".." in (p.strip() for p in parts) or name.startswith(("/", "\\")):
         raise UserError(f"{where}: case name {name!r} must be a relative path without '..'")
-    return "/".join(parts)
+    return "/".join(safe_component(p) for p in parts)
 
 
 def _volume_id(path: Path, root: Path) -> str:
@@ -86,14 +89,17 @@ def _series_cases(series: dict[str, list[Path]], root: Path, *, source: str = ""
         folder = folders[uid]
         case_id = _relative_id(folder, root)
         if per_folder[folder] > 1:
-            case_id = f"{case_id}/{uid}"
+            case_id = f"{case_id}/{safe_component(uid)}"  # a tag value: never a path
         cases.append(Case(case_id, "dicom", tuple(sorted(str(f) for f in files)), uid, source or str(folder)))
     return cases
 
 
 def _unique_ids(cases: list[Case]) -> list[Case]:
-    """Sort by id and make ids unique (a later duplicate gets a short hash of its first file)."""
-    cases = sorted(cases, key=lambda c: (c.case_id, c.files))
+    """Make every id a safe relative path, sort by id and make ids unique (a later duplicate gets
+    a short hash of its first file)."""
+    cases = sorted(
+        (replace(c, case_id=safe_relative(c.case_id)) for c in cases), key=lambda c: (c.case_id, c.files)
+    )
     seen: set[str] = set()
     out = []
     for case in cases:

@@ -143,8 +143,10 @@ class CaseProcessor:
     # ------------------------------------------------------------------------------------ rows
 
     def _row(self, case: Case, status: str, **values: Any) -> dict[str, Any]:
-        out = output_path(self.out_root, case.case_id, dicom=self.settings.dicom)
-        output = out.relative_to(self.out_root).as_posix() if status != "failed" else ""
+        output = ""
+        if status != "failed":  # a failed case may be one whose id was refused as an output path
+            out = output_path(self.out_root, case.case_id, dicom=self.settings.dicom)
+            output = out.relative_to(self.out_root).as_posix()
         values = {"device": self.device_name, "worker": self.worker, **values}  # a record's own win
         return case_row(case, status, output=output, **values)
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from IPv2DenoiseLib.core.atomic import atomic_path
 from IPv2DenoiseLib.core.errors import UserError
+from IPv2DenoiseLib.core.paths import path_inside
 
 #: Hidden folder inside OUT holding the batch's own state.
 STATE_DIR = ".ipv2-batch"
@@ -47,12 +48,23 @@ STATUSES = ("done", "skipped", "failed")
 
 
 def output_path(out_root: Path, case_id: str, *, dicom: bool) -> Path:
-    """Where a case's output goes: ``OUT/<case_id>.nrrd``, or the folder ``OUT/<case_id>/`` of a DICOM series."""
-    return out_root / case_id if dicom else out_root / f"{case_id}.nrrd"
+    """Where a case's output goes: ``OUT/<case_id>.nrrd``, or the folder ``OUT/<case_id>/`` of a DICOM series.
+
+    Checked to lie inside OUT (symlinks resolved) and outside the batch's state folder, so no case
+    id can make the batch write or remove anything else (:class:`UserError` otherwise).
+    """
+    out = out_root / case_id if dicom else out_root / f"{case_id}.nrrd"
+    if path_inside(out_root, out).is_relative_to(Path(out_root, STATE_DIR).resolve()):
+        raise UserError(f"case {case_id!r} would write into the batch's state folder {STATE_DIR}; refused")
+    return out
 
 
 def record_path(out_root: Path, case_id: str) -> Path:
-    return out_root / STATE_DIR / "records" / f"{case_id}.json"
+    """``OUT/.ipv2-batch/records/<case_id>.json``, checked to lie inside that folder."""
+    records = Path(out_root) / STATE_DIR / "records"
+    path = records / f"{case_id}.json"
+    path_inside(records, path)
+    return path
 
 
 def hash_output(path: Path) -> tuple[str, int]:
