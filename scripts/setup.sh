@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up .venv with everything IPv2 Denoise needs, from pip's own configured package index.
 #   bash scripts/setup.sh          core + CLI
-#   bash scripts/setup.sh --test   also pytest, ruff, slicer-core (MRML tests), pydicom-data and Ray (the [cluster] extra)
+#   bash scripts/setup.sh --test   also pytest, ruff, slicer-core (MRML tests), pydicom-data and Ray (the [cluster] extra),
+#                                  and (as root, with apt) the system packages the tests use: dicom3tools, Orthanc
 # pip's own index is never replaced: pip uses its configuration (pip.conf, PIP_INDEX_URL,
 # PIP_EXTRA_INDEX_URL), so setup works behind a hospital or company mirror.
 # torch: the CUDA build only where an NVIDIA GPU answers; otherwise the CPU build — never the
@@ -45,6 +46,27 @@ if ! python -c "import torch" 2>/dev/null; then
 fi
 
 if [ "${1:-}" = "--test" ]; then
+  # System packages the tests use: dicom3tools (dciodvfy checks derived series), Orthanc and its
+  # DICOMweb plugin (the real PACS of the DICOM network tests). Installed with apt as root;
+  # otherwise setup stops and prints the command to run.
+  need=()
+  command -v dciodvfy >/dev/null 2>&1 || need+=(dicom3tools)
+  command -v Orthanc >/dev/null 2>&1 || need+=(orthanc)
+  [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need+=(orthanc-dicomweb)
+  if [ ${#need[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+      echo "setup: installing system packages for the tests: ${need[*]}"
+      apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+      # Debian starts Orthanc as a service on install; the tests start their own on free loopback ports
+      if command -v systemctl >/dev/null 2>&1; then systemctl stop orthanc >/dev/null 2>&1 || true; fi
+    else
+      echo "setup: the tests need system packages that are missing: ${need[*]}" >&2
+      echo "setup: run as root:  apt-get update && apt-get install -y ${need[*]}" >&2
+      echo "setup: then run this again" >&2
+      exit 2
+    fi
+  fi
   pip install -q -e ".[test,cluster]"
 else
   pip install -q -e .

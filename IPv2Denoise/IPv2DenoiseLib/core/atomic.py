@@ -20,6 +20,11 @@ from pathlib import Path
 
 from IPv2DenoiseLib.core.errors import UserError
 
+try:  # POSIX; on Windows the claim falls back to the no-clobber rename alone
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+
 #: Name of the hidden staging folder created beside outputs while they are written.
 STAGING_DIR = ".ipv2-denoise-tmp"
 
@@ -114,28 +119,47 @@ def _staging_entry(destination: Path) -> Iterator[Path]:
             pass
 
 
+def _written_meanwhile(path: Path) -> UserError:
+    return UserError(
+        f"{path} was written by another run while this one worked; the first writer wins, "
+        "this result was discarded (pass --overwrite to replace it)"
+    )
+
+
 @contextmanager
-def atomic_path(path: str | os.PathLike, *, suffix: str = "") -> Iterator[str]:
+def atomic_path(path: str | os.PathLike, *, suffix: str = "", replace: bool = True) -> Iterator[str]:
     """Yield a temporary file name for ``path``; move it to ``path`` when the block succeeds.
 
     The temporary file has ``path``'s own name (writers dispatch on the extension) inside the
     staging folder (see the module docstring). On any error it is removed and ``path`` is left as
-    it was. The file gets the usual permissions (0666 minus the umask). ``suffix`` is accepted for
-    compatibility; the name already carries the extension.
+    it was. The file gets the usual permissions (0666 minus the umask). With ``replace=False`` an
+    existing ``path`` is never replaced, not even one another process created meanwhile (the
+    move is a hard link, which fails atomically when the name exists): :class:`UserError`.
+    ``suffix`` is accepted for compatibility; the name already carries the extension.
     """
     path = Path(path)
     with _staging_entry(path) as entry:
         tmp = entry / path.name
         yield str(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+            return
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise _written_meanwhile(path) from None
 
 
 @contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder to fill; it becomes ``path`` (absent or empty) when the block succeeds.
+def atomic_dir(path: str | os.PathLike, *, replace: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder to fill; it becomes ``path`` when the block succeeds.
 
-    The folder gets the usual permissions (0777 minus the umask), not ``mkdtemp``'s 0700.
+    ``path`` must be absent or empty, unless ``replace`` is True: then an existing folder is
+    moved aside into the staging folder, the new one renamed into place, and the old one removed
+    (callers check first that it is theirs to replace). Another writer that filled ``path``
+    meanwhile is never overwritten without ``replace``: :class:`UserError`. The folder gets the
+    usual permissions (0777 minus the umask), not ``mkdtemp``'s 0700.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -144,9 +168,64 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         tmp.mkdir()
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())
-        if path.exists():
-            path.rmdir()  # callers check it is empty first
-        os.replace(tmp, path)
+        try:
+            if replace and path.is_dir() and any(path.iterdir()):
+                os.replace(path, entry / f"{path.name}.replaced")  # removed with the staging entry
+            elif path.exists():
+                path.rmdir()  # callers check it is empty first; another writer may have filled it
+            os.replace(tmp, path)
+        except OSError as exc:
+            if path.exists():
+                raise _written_meanwhile(path) from None
+            raise UserError(f"cannot move the finished output to {path} ({exc.strerror or exc})") from None
+
+
+@contextmanager
+def claim_output(path: str | os.PathLike, *, what: str = "OUT") -> Iterator[None]:
+    """Hold an exclusive claim on writing ``path`` for the block: a second writer fails at once.
+
+    Two runs writing one output would otherwise both work and one result would be lost. The claim
+    is an ``flock`` on ``<folder>/.ipv2-denoise-tmp/<name>.lock``: the kernel releases it when
+    the holder dies (``kill -9`` included), so a crashed run never blocks the next one. The lock
+    file names the holder (host and pid) for the error message. Call it after the output checks
+    and before the work; the first writer wins, the second gets :class:`UserError`.
+    """
+    path = Path(path)
+    staging = path.parent / STAGING_DIR
+    if fcntl is None:  # pragma: no cover - Windows: the no-clobber rename still protects the output
+        yield
+        return
+    staging.mkdir(exist_ok=True)
+    lock = staging / f"{path.name}.lock"
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise UserError(
+                f"{what} {path} is being written by another run ({holder}); wait for it to finish "
+                "or choose another output"
+            ) from None
+        try:  # the holder before us may have removed the file after we opened it: retry on the new one
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        os.close(fd)
+        try:
+            staging.rmdir()
+        except OSError:
+            pass
 
 
 def _probe_writable(folder: Path, what: str) -> None:
@@ -172,7 +251,7 @@ def check_output_path(
 
     Refused, each with one line: ``path`` is (or lies inside) one of ``inputs``, or would hold
     one of them (the input is never modified); ``path`` exists and ``overwrite`` is False (for
-    ``folder=True``: exists and is not an empty folder); its parent folder is missing, not a
+    ``folder=True``: exists and is not an empty folder, or is not a folder at all); its parent folder is missing, not a
     folder, or not writable (checked by creating a file there).
     """
     out = Path(path)
@@ -187,8 +266,13 @@ def check_output_path(
         if src.is_relative_to(resolved) and (folder or out.is_dir()):
             raise UserError(f"{what} {out} contains the input {source}; choose another output")
     if folder:
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise UserError(f"{what} {out} already exists and is not an empty folder; choose a new folder")
+        if out.exists() and not out.is_dir():
+            raise UserError(f"{what} {out} already exists and is not a folder; choose a new folder")
+        if out.exists() and any(out.iterdir()) and not overwrite:
+            raise UserError(
+                f"{what} {out} already exists and is not an empty folder; choose a new folder "
+                f"(or pass {overwrite_hint} to replace it)"
+            )
     elif out.is_dir():
         raise UserError(f"{what} {out} is a folder; give a file name such as {out / 'denoised.nrrd'}")
     elif out.exists() and not overwrite:
@@ -223,6 +307,7 @@ __all__ = [
     "atomic_dir",
     "atomic_path",
     "check_output_path",
+    "claim_output",
     "clean_stale_staging",
     "make_output_folder",
     "remove_stale_partials",

@@ -47,6 +47,7 @@ __all__ = [
     "PURPOSE_CODE",
     "DerivedSeriesOptions",
     "ModelProvenance",
+    "check_replaceable_series",
     "export_derived_series",
     "slice_positions",
 ]
@@ -121,6 +122,9 @@ class DerivedSeriesOptions:
     study_instance_uid: str | None = None
     study_description: str | None = None
     accession_number: str | None = None
+    #: Warning lines about this scan (``denoiser.applicability``, truncated field of view), appended
+    #: to DerivationDescription so that a reader of the derived series in the PACS sees them too.
+    warnings: tuple[str, ...] = ()
 
 
 # Copied from the first source header: Patient, General Study, Patient Study, Frame of Reference.
@@ -283,6 +287,8 @@ def _base_dataset(
     ds = Dataset()
     date, time = _now()
     derivation = options.model.describe()
+    if options.warnings:
+        derivation += ". Warning: " + "; ".join(options.warnings)
     if template is not None:
         for kw in _PATIENT_STUDY:
             if kw in template:
@@ -349,6 +355,24 @@ def _base_dataset(
     return ds
 
 
+def check_replaceable_series(out_dir: str | os.PathLike) -> None:
+    """Refuse to replace ``out_dir`` unless it looks like a series we wrote: ``*.dcm`` files only.
+
+    ``--overwrite`` must never delete a folder of other things a user pointed at by mistake.
+    """
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        raise UserError(
+            f"{out_dir} exists and is not a folder; --overwrite replaces only a DICOM series folder"
+        )
+    strangers = [p.name for p in out_dir.iterdir() if not (p.is_file() and p.suffix.lower() == ".dcm")]
+    if strangers:
+        raise UserError(
+            f"{out_dir} holds {strangers[0]!r}, which is not a DICOM file of a series; --overwrite replaces "
+            "only a folder of *.dcm files, choose another output"
+        )
+
+
 def export_derived_series(
     volume: Volume,
     out_dir: str | os.PathLike,
@@ -356,6 +380,7 @@ def export_derived_series(
     source_files: Sequence[str | os.PathLike] | None = None,
     options: DerivedSeriesOptions | None = None,
     progress: ProgressCallback | None = None,
+    replace: bool = False,
 ) -> list[Path]:
     """Write ``volume`` as a derived CT series, one file per z slice, atomically.
 
@@ -374,6 +399,9 @@ def export_derived_series(
         Model provenance, series number and description, and patient/study of a new series.
         Default description: the source's (or "CT") plus "IPv2 denoised (<model>)".
     progress : callable(done, total, message), optional
+    replace : bool
+        Replace an ``out_dir`` that holds an earlier series (``*.dcm`` files only, no folders);
+        the old one stays in place until the new one is complete.
 
     Returns
     -------
@@ -390,7 +418,12 @@ def export_derived_series(
     options = options or DerivedSeriesOptions()
     nz, ny, nx = volume.shape
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise UserError(f"out_dir: {out_dir} already exists and is not an empty folder; choose a new folder")
+        if not replace:
+            raise UserError(
+                f"out_dir: {out_dir} already exists and is not an empty folder; choose a new folder "
+                "(or pass --overwrite to replace an earlier series)"
+            )
+        check_replaceable_series(out_dir)
     if not np.all(np.isfinite(volume.array)):
         raise UserError("volume: contains NaN or infinite values; cannot write DICOM pixel data")
     positions = slice_positions(volume)
@@ -423,7 +456,9 @@ def export_derived_series(
     names = [f"IM{k + 1:06d}.dcm" for k in range(nz)]
     hu = np.clip(np.rint(volume.array), _HU_MIN, _HU_MAX).astype(np.int16)
     normal = _axes(volume)[:, 2]
-    with atomic_dir(out_dir) as tmp:  # hidden staging folder with our pid; stale ones are cleaned
+    with atomic_dir(
+        out_dir, replace=replace
+    ) as tmp:  # hidden staging folder with our pid; stale ones are cleaned
         for k in range(nz):
             ds = copy.deepcopy(base_ds)  # Dataset.copy() shares elements
             if headers is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from IPv2DenoiseLib import __version__
 from IPv2DenoiseLib.app.arguments import (
@@ -19,7 +20,7 @@ from IPv2DenoiseLib.app.arguments import (
     positive_seconds,
 )
 from IPv2DenoiseLib.app.commands.send import add_peer_arguments, send_and_report
-from IPv2DenoiseLib.core.atomic import check_output_path
+from IPv2DenoiseLib.core.atomic import check_output_path, claim_output
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.progress import JsonLinesProgress, Stages, make_progress
 
@@ -124,7 +125,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--slab", type=positive_int, metavar="N", help="slices per slab (default: from free memory)"
     )
     add_reading_arguments(parser)
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it already exists")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace OUT if it already exists (with --dicom: a folder of *.dcm files only)",
+    )
     parser.add_argument(
         "--dicom", action="store_true", help="write OUT as a derived DICOM CT series (one file per slice)"
     )
@@ -146,15 +151,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     # lazy: the CLI imports every command to build --help; torch & co. load on use
     from IPv2DenoiseLib.core.device import describe_device, resolve_device
-    from IPv2DenoiseLib.denoiser.applicability import applicability_warning
-    from IPv2DenoiseLib.io.dicom_export import export_derived_series
     from IPv2DenoiseLib.io.dicom_net import parse_destination
-    from IPv2DenoiseLib.io.volumes import image_suffix, read_volume, write_volume
+    from IPv2DenoiseLib.io.volumes import image_suffix
 
     start = time.monotonic()
     device = resolve_device(args.device)  # fail fast: "--device cuda" without a GPU
     if args.dicom:
-        check_output_path(args.output, inputs=[args.input], folder=True)
+        check_output_path(args.output, inputs=[args.input], folder=True, overwrite=args.overwrite)
+        if args.overwrite and Path(args.output).exists():
+            from IPv2DenoiseLib.io.dicom_export import check_replaceable_series  # lazy: pydicom
+
+            check_replaceable_series(args.output)
         if args.send:
             parse_destination(args.send, args.aet)  # a malformed destination fails before any work
     else:
@@ -188,6 +195,42 @@ def run(args: argparse.Namespace) -> int:
         else:
             progress.write(f"warning: {message}")
 
+    with claim_output(args.output):  # a second run to the same OUT fails now, not after the work
+        files, model_name = _denoise_and_write(args, device, progress, stages, adapt_seconds, warn)
+    if args.dicom and args.send:
+        _send_written(files, args, progress)
+    seconds = round(time.monotonic() - start, 3)
+    if args.json_progress:
+        progress.emit(result=str(args.output), seconds=seconds)
+    else:
+        print(f"wrote {args.output} with {model_name} ({seconds:.1f} s)", file=sys.stderr)
+    return 0
+
+
+def _send_written(files, args: argparse.Namespace, progress) -> None:
+    """``--send``: store the written series; on failure say what was written and how to finish."""
+    try:
+        # the series stays in OUT whatever happens; with --json-progress stdout carries JSON only
+        report = send_and_report(files, args.send, args, lines=sys.stderr if args.json_progress else None)
+    except UserError as exc:
+        raise UserError(
+            f"{exc} — the derived series is complete in {args.output} ({len(files)} files); store it later "
+            f"with: ipv2-denoise send {args.output} --to {args.send}"
+            + (f" --aet {args.aet}" if args.aet else "")
+        ) from None
+    if args.json_progress:
+        progress.emit(sent=len(report.results), destination=report.destination)
+
+
+def _denoise_and_write(args: argparse.Namespace, device, progress, stages, adapt_seconds: float, warn):
+    """Read, check, (adapt,) denoise and write; returns the written DICOM files (``--dicom``, else
+    None) and the model's name."""
+    # lazy: torch & co. load on use
+    from IPv2DenoiseLib.denoiser.applicability import applicability_warning
+    from IPv2DenoiseLib.io.dicom_export import export_derived_series
+    from IPv2DenoiseLib.io.volumes import read_volume, write_volume
+
+    files = None
     try:
         stages.start("read", f"reading {args.input}")
         volume = read_volume(
@@ -231,21 +274,15 @@ def run(args: argparse.Namespace) -> int:
             sources = volume.meta.get("dicom_files") if volume.meta.get("source") == "dicom" else None
             provenance = model_provenance(denoiser, registered=not args.weights)
             files = export_derived_series(
-                result, args.output, source_files=sources, options=dicom_options(args, provenance)
+                result,
+                args.output,
+                source_files=sources,
+                options=dicom_options(args, provenance),
+                replace=args.overwrite,
             )
         else:
             write_volume(result, args.output)
         stages.finish(f"wrote {args.output}")
     finally:
         progress.close()
-    if args.dicom and args.send:
-        # the series stays in OUT whatever happens; with --json-progress stdout carries JSON only
-        report = send_and_report(files, args.send, args, lines=sys.stderr if args.json_progress else None)
-        if args.json_progress:
-            progress.emit(sent=len(report.results), destination=report.destination)
-    seconds = round(time.monotonic() - start, 3)
-    if args.json_progress:
-        progress.emit(result=str(args.output), seconds=seconds)
-    else:
-        print(f"wrote {args.output} with {denoiser.name} ({seconds:.1f} s)", file=sys.stderr)
-    return 0
+    return files, denoiser.name

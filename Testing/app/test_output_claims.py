@@ -1,0 +1,186 @@
+"""Two writers, one output (issue #21 item 7), and ``--overwrite`` of a derived DICOM series.
+
+The first writer of an output wins; a second run to the same output gets one line and exit 2 before
+any work. The claim is held by a real second process here (a subprocess that takes it and waits), so
+the race is deterministic, and a ``kill -9`` of the holder must release it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from IPv2DenoiseLib.app.cli import main as cli_main
+from IPv2DenoiseLib.core.atomic import STAGING_DIR, atomic_dir, atomic_path, claim_output
+from IPv2DenoiseLib.core.errors import UserError
+from IPv2DenoiseLib.core.volume import Volume
+from IPv2DenoiseLib.denoiser.models import UNet
+from IPv2DenoiseLib.denoiser.weights import save_model
+from IPv2DenoiseLib.io.volumes import write_volume
+
+LIB = Path(__file__).resolve().parents[2] / "IPv2Denoise"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    """A small chest-like NRRD and a tiny model (fast enough to denoise in a second)."""
+    from conftest import chest_like_volume
+
+    tmp = tmp_path_factory.mktemp("claims")
+    write_volume(Volume(chest_like_volume(3, (4, 48, 48)), (0.7, 0.7, 1.25)), tmp / "in.nrrd")
+    save_model(UNet(in_slices=3, base_channels=4, levels=2), tmp / "w.safetensors", card={"name": "tiny"})
+    return tmp
+
+
+def _cli(capsys, *args: str) -> tuple[int, str]:
+    try:
+        code = cli_main(list(args))
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    return code, capsys.readouterr().err
+
+
+class Holder:
+    """Another process that holds the claim on ``path`` until it is killed."""
+
+    def __init__(self, path: Path) -> None:
+        script = f"""
+            import sys, time
+            from IPv2DenoiseLib.core.atomic import claim_output
+            with claim_output({str(path)!r}):
+                print("held", flush=True)
+                time.sleep(120)
+        """
+        env = {**os.environ, "PYTHONPATH": str(LIB)}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(script)], stdout=subprocess.PIPE, text=True, env=env
+        )
+        assert self.proc.stdout.readline().strip() == "held"
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize("dicom", [False, True], ids=["nrrd", "dicom"])
+def test_second_writer_of_one_output_gets_one_line_and_exit_2(tiny, tmp_path, capsys, dicom) -> None:
+    out = tmp_path / ("series" if dicom else "out.nrrd")
+    holder = Holder(out)
+    try:
+        args = ["denoise", str(tiny / "in.nrrd"), str(out), "--weights", str(tiny / "w.safetensors")]
+        code, err = _cli(capsys, *args, *(["--dicom"] if dicom else []), "--device", "cpu")
+        assert code == 2
+        lines = [line for line in err.splitlines() if "error" in line]
+        assert len(lines) == 1 and "being written by another run" in lines[0], err
+        assert f"pid {holder.proc.pid}" in lines[0]
+        assert "Traceback" not in err
+        assert not out.exists()  # the loser wrote nothing
+    finally:
+        holder.kill()
+    # the kernel released the claim of the killed holder: the next run works
+    code, err = _cli(capsys, *args, *(["--dicom"] if dicom else []), "--device", "cpu")
+    assert code == 0, err
+    assert out.exists()
+    assert not list((out.parent / STAGING_DIR).glob("*")) if (out.parent / STAGING_DIR).exists() else True
+
+
+def test_a_claim_cannot_be_taken_twice_and_is_released_after_the_block(tmp_path) -> None:
+    target = tmp_path / "out.nrrd"
+    with claim_output(target):
+        holder_check = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "from IPv2DenoiseLib.core.atomic import claim_output\n"
+                f"with claim_output({str(target)!r}): pass",
+            ],
+            env={**os.environ, "PYTHONPATH": str(LIB)},
+            capture_output=True,
+            text=True,
+        )
+        assert holder_check.returncode != 0 and "being written by another run" in holder_check.stderr
+    with claim_output(target):  # released: taken again at once
+        pass
+    assert not (tmp_path / STAGING_DIR).exists()  # the lock file and staging folder are gone
+
+
+def test_no_clobber_writes_never_replace_what_another_writer_made_meanwhile(tmp_path) -> None:
+    target = tmp_path / "out.txt"
+    with pytest.raises(UserError, match="first writer wins"):
+        with atomic_path(target, replace=False) as tmp:
+            Path(tmp).write_text("ours")
+            target.write_text("theirs")  # another writer finished first
+    assert target.read_text() == "theirs"
+    folder = tmp_path / "series"
+    with pytest.raises(UserError, match="first writer wins"):
+        with atomic_dir(folder) as tmp:
+            (tmp / "IM000001.dcm").write_text("ours")
+            folder.mkdir()
+            (folder / "IM000001.dcm").write_text("theirs")
+    assert (folder / "IM000001.dcm").read_text() == "theirs"
+
+
+def test_overwrite_replaces_a_derived_series_and_nothing_else(tiny, tmp_path, capsys, ct_series) -> None:
+    source = ct_series(3)
+    out = tmp_path / "derived"
+    args = ["denoise", str(source), str(out), "--dicom", "--weights", str(tiny / "w.safetensors")]
+    assert _cli(capsys, *args, "--device", "cpu")[0] == 0
+    first = {pydicom.dcmread(f).SeriesInstanceUID for f in out.iterdir()}
+    code, err = _cli(capsys, *args, "--device", "cpu")
+    assert code == 2 and "--overwrite" in err  # the refusal names the option that helps
+    code, err = _cli(capsys, *args, "--overwrite", "--device", "cpu")
+    assert code == 0, err
+    second = {pydicom.dcmread(f).SeriesInstanceUID for f in out.iterdir()}
+    assert len(second) == 1 and second != first and len(list(out.iterdir())) == 3
+    # a folder that is not a series is never replaced, even with --overwrite
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    code, err = _cli(capsys, *args[:2], str(precious), *args[3:], "--overwrite", "--device", "cpu")
+    assert code == 2 and "notes.txt" in err
+    assert (precious / "notes.txt").read_text() == "keep me"
+
+
+def test_send_to_an_unreachable_pacs_names_the_written_series_and_the_command(
+    tiny, tmp_path, capsys, ct_series
+) -> None:
+    import socket
+
+    with socket.socket() as sock:  # a free loopback port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "derived"
+    code, err = _cli(
+        capsys,
+        "denoise",
+        str(ct_series(2)),
+        str(out),
+        "--dicom",
+        "--send",
+        f"127.0.0.1:{port}:NOBODY",
+        "--timeout",
+        "2",
+        "--retries",
+        "0",
+        "--weights",
+        str(tiny / "w.safetensors"),
+        "--device",
+        "cpu",
+    )
+    assert code == 2
+    error = [line for line in err.splitlines() if "error:" in line]
+    assert len(error) == 1
+    assert (
+        f"complete in {out}" in error[0]
+        and f"ipv2-denoise send {out} --to 127.0.0.1:{port}:NOBODY" in error[0]
+    )
+    assert len(list(out.glob("*.dcm"))) == 2
+    assert np.isfinite(pydicom.dcmread(next(out.glob("*.dcm"))).pixel_array).all()
