@@ -372,3 +372,38 @@ def test_series_uid_never_becomes_a_path_outside_out(tmp_path, mode) -> None:
         assert ".." not in row["case"].split("/") and ".." not in row["output"].split("/")
         assert (out / row["output"]).resolve().is_relative_to(out.resolve())
         assert read_record(out, row["case"]) is not None
+
+
+def test_second_run_on_one_out_is_refused_and_a_killed_one_does_not_block(batch_archive, tmp_path) -> None:
+    archive, expected = batch_archive
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "IPv2DenoiseLib", "batch", str(archive), str(out), "--json-progress"]
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert "cases" in json.loads(first.stdout.readline())  # the first run holds OUT now
+        first.send_signal(signal.SIGSTOP)  # and keeps holding it, however fast this machine is
+        second = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2 and second.stdout == ""
+        (line,) = second.stderr.strip().splitlines()
+        assert f"is in use by another batch run (pid {first.pid} on host " in line, line
+    finally:
+        first.kill()  # kill -9: the kernel drops its lock
+        first.wait(timeout=60)
+    third = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert third.returncode == 1, third.stderr  # ran (the corrupt study failed), not blocked
+    assert set(summary_rows(out)) == set(expected)
+
+
+def test_shards_share_out_but_each_shard_runs_once(batch_archive, tmp_path, capsys) -> None:
+    from IPv2DenoiseLib.app.batch.lock import batch_lock
+
+    archive, _ = batch_archive
+    out = tmp_path / "out"
+    out.mkdir()
+    with batch_lock(out, (0, 2)):  # shard 0/2 of the job is running (a real flock, another file description)
+        assert main(["batch", str(archive), str(out), "--shard", "0/2"]) == 2
+        assert "in use by another batch run (shard 0/2: pid" in capsys.readouterr().err
+        assert main(["batch", str(archive), str(out)]) == 2  # an unsharded run would redo the shard's cases
+        assert "shard-0-of-2: pid" in capsys.readouterr().err
+        assert main(["batch", str(archive), str(out), "--shard", "1/2"]) in (0, 1)  # the other shard runs
+    assert main(["batch", str(archive), str(out), "--shard", "0/2"]) in (0, 1)  # released

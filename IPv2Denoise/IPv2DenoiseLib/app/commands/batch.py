@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TextIO
 
 from IPv2DenoiseLib.app.arguments import add_model_arguments, non_negative_int, positive_float, positive_int
+from IPv2DenoiseLib.app.batch.lock import batch_lock
 from IPv2DenoiseLib.app.batch.records import summary_stem, totals, write_summary
 from IPv2DenoiseLib.core.atomic import make_output_folder
 from IPv2DenoiseLib.core.errors import UserError
@@ -26,8 +27,11 @@ HELP = (
 )
 EPILOG = """\
 exit status: 0 every case is done (now or by an earlier run); 1 the run finished but some cases
-failed (see the summary's error column); 2 bad arguments or paths, nothing processed; 130
-interrupted (finished cases are kept; rerun to continue).
+failed (see the summary's error column); 2 bad arguments or paths, or OUT in use by another run
+(nothing processed); 130 interrupted (finished cases are kept; rerun to continue).
+
+one run per OUT at a time (a lock in OUT/.ipv2-batch/locks/); the shards K/N of one job may share
+OUT, each shard once.
 
 outputs: OUT/<case>.nrrd (or the derived DICOM series OUT/<case>/ with --dicom), a done record per
 case in OUT/.ipv2-batch/records/, and OUT/batch-summary.csv + .json (batch-summary.shard-K-of-N.*
@@ -156,12 +160,20 @@ def find_cases(args: argparse.Namespace, input_path: Path, out_root: Path):
 
 
 def run(args: argparse.Namespace) -> int:
-    # lazy: the CLI imports every command to build --help; torch & co. load on use
-    from IPv2DenoiseLib.app.batch.pipeline import BatchSettings
+    # lazy: the CLI imports every command to build --help; SimpleITK, torch & co. load on use
+    from IPv2DenoiseLib.app.batch.cases import parse_shard
 
     start = time.monotonic()
     input_path, out_root = Path(args.input), Path(args.output)
+    shard = parse_shard(args.shard) if args.shard else None
     check_paths(input_path, out_root)
+    with batch_lock(out_root, shard):  # held until the summary is written
+        return _locked_run(args, input_path, out_root, start)
+
+
+def _locked_run(args: argparse.Namespace, input_path: Path, out_root: Path, start: float) -> int:
+    from IPv2DenoiseLib.app.batch.pipeline import BatchSettings  # lazy: see run()
+
     cases, found, shard = find_cases(args, input_path, out_root)
     settings = BatchSettings(
         out_root=str(out_root.resolve()),

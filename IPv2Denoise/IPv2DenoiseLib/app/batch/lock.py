@@ -1,0 +1,120 @@
+"""One batch run per output folder (or per shard of it), held with ``flock`` for the whole run.
+
+Two runs on one OUT would both do all the work and race on every output. A run without
+``--shard`` takes an exclusive lock on ``OUT/.ipv2-batch/locks/run.lock``. A shard ``K/N`` takes
+a *shared* lock on that file (shards of one job run side by side, but never beside an unsharded
+run) and an exclusive lock on ``shard-K-of-N.lock`` (the same shard never runs twice at once).
+The kernel releases a lock when its holder dies, even by ``kill -9``, so a stale lock never
+blocks. Each lock file holds its holder's ``pid N on host H`` for the refusal message. On a
+shared file system ``flock`` must reach across machines (NFS does; Lustre needs ``-o flock``).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+from IPv2DenoiseLib.app.batch.records import STATE_DIR
+from IPv2DenoiseLib.core.errors import UserError
+
+#: Folder inside OUT holding the lock files.
+LOCK_DIR = f"{STATE_DIR}/locks"
+#: The lock every run takes: exclusive without ``--shard``, shared by shards.
+RUN_LOCK = "run.lock"
+
+
+def shard_lock_name(shard: tuple[int, int]) -> str:
+    return f"shard-{shard[0]}-of-{shard[1]}.lock"
+
+
+def _open(path: Path) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    except OSError as exc:
+        raise UserError(f"cannot open the lock file {path} ({exc.strerror or exc})") from None
+
+
+def _try_lock(fd: int, mode: int) -> bool:
+    try:
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _holder(path: Path) -> str:
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except OSError:
+        text = ""
+    return text or "pid ? on host ?"
+
+
+def _live_shard_holders(lock_dir: Path) -> list[str]:
+    """``pid N on host H`` of every shard lock that is held right now (probed, not guessed)."""
+    holders = []
+    for path in sorted(lock_dir.glob("shard-*-of-*.lock")):
+        fd = _open(path)
+        try:
+            if _try_lock(fd, fcntl.LOCK_EX):
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            else:
+                holders.append(f"{path.stem}: {_holder(path)}")
+        finally:
+            os.close(fd)
+    return holders
+
+
+def _refuse(out_root: Path, holder: str) -> UserError:
+    return UserError(
+        f"OUT {out_root} is in use by another batch run ({holder}); wait for it to end, "
+        "or split the work with --shard K/N (shards of one job may share OUT)"
+    )
+
+
+def _claim(fd: int) -> None:
+    """Write who holds the exclusive lock into its file."""
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode(), 0)
+
+
+@contextmanager
+def batch_lock(out_root: str | os.PathLike, shard: tuple[int, int] | None = None) -> Iterator[None]:
+    """Hold OUT (or one shard of it) for a batch run; refuse at once when another run holds it.
+
+    Raises
+    ------
+    UserError
+        Another live run holds the lock (its pid and host named), or the lock file cannot be opened.
+    """
+    out_root = Path(out_root)
+    lock_dir = out_root / LOCK_DIR
+    run_path = lock_dir / RUN_LOCK
+    with ExitStack() as stack:
+        run_fd = _open(run_path)
+        stack.callback(os.close, run_fd)  # closing the descriptor releases its lock
+        if shard is None:
+            if not _try_lock(run_fd, fcntl.LOCK_EX):
+                if _try_lock(run_fd, fcntl.LOCK_SH):  # only shards hold it
+                    fcntl.flock(run_fd, fcntl.LOCK_UN)
+                    raise _refuse(out_root, "; ".join(_live_shard_holders(lock_dir)) or "a shard run")
+                raise _refuse(out_root, _holder(run_path))
+            _claim(run_fd)
+        else:
+            if not _try_lock(run_fd, fcntl.LOCK_SH):
+                raise _refuse(out_root, _holder(run_path))
+            shard_path = lock_dir / shard_lock_name(shard)
+            shard_fd = _open(shard_path)
+            stack.callback(os.close, shard_fd)
+            if not _try_lock(shard_fd, fcntl.LOCK_EX):
+                raise _refuse(out_root, f"shard {shard[0]}/{shard[1]}: {_holder(shard_path)}")
+            _claim(shard_fd)
+        yield
+
+
+__all__ = ["LOCK_DIR", "RUN_LOCK", "batch_lock", "shard_lock_name"]
