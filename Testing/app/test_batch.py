@@ -407,3 +407,31 @@ def test_shards_share_out_but_each_shard_runs_once(batch_archive, tmp_path, caps
         assert "shard-0-of-2: pid" in capsys.readouterr().err
         assert main(["batch", str(archive), str(out), "--shard", "1/2"]) in (0, 1)  # the other shard runs
     assert main(["batch", str(archive), str(out), "--shard", "0/2"]) in (0, 1)  # released
+
+
+def test_stray_corrupt_copy_in_another_folder_fails_alone(tmp_path) -> None:
+    source = tmp_path / "archive"
+    files = write_ct_series(source / "patient" / "ct", 4)
+    stray = source / "old_copy" / files[1].name  # an old, cut-short copy of one slice elsewhere
+    stray.parent.mkdir()
+    stray.write_bytes(files[1].read_bytes()[:-3000])
+    out = tmp_path / "out"
+    assert main(["batch", str(source), str(out)]) == 1
+    rows = summary_rows(out)
+    assert rows["patient/ct"]["status"] == "done"  # the healthy series is not taken down with it
+    assert rows["patient/ct"]["shape"] == "4x128x128"
+    bad = rows["old_copy"]
+    assert bad["status"] == "failed" and bad["input"] == str(stray.parent) and "old_copy" in bad["error"]
+
+    uid = pydicom.dcmread(files[0]).SeriesInstanceUID  # a manifest naming only the UID cannot pick one
+    (tmp_path / "by_uid.csv").write_text(f"series_uid\n{uid}\n", encoding="utf-8")
+    assert (
+        main(["batch", str(tmp_path / "by_uid.csv"), str(tmp_path / "out2"), "--search-root", str(source)])
+        == 1
+    )
+    (row,) = summary_rows(tmp_path / "out2").values()
+    assert (
+        row["status"] == "failed"
+        and "old_copy" in row["error"]
+        and str(source / "patient/ct") in row["error"]
+    )

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.paths import safe_component, safe_relative
-from IPv2DenoiseLib.io.volumes import group_dicom_series, image_suffix, may_be_dicom
+from IPv2DenoiseLib.io.dicom_series import SeriesInfo, series_of_files
+from IPv2DenoiseLib.io.volumes import image_suffix, may_be_dicom
 
 #: Folders never searched for studies (besides hidden ones, whose names start with a dot).
 SKIP_DIRS = frozenset({"__pycache__", "node_modules", "site-packages", "venv"})
@@ -80,13 +81,16 @@ def _volume_id(path: Path, root: Path) -> str:
     return rel[: -len(suffix)] if suffix and rel.lower().endswith(suffix) else rel
 
 
-def _series_cases(series: dict[str, list[Path]], root: Path, *, source: str = "") -> list[Case]:
+#: One DICOM series of an archive: (SeriesInstanceUID, its files).
+Series = tuple[str, list[Path]]
+
+
+def _series_cases(series: list[Series], root: Path, *, source: str = "") -> list[Case]:
     """One case per series; the id is the series folder, plus the SeriesInstanceUID when a folder holds several."""
-    folders = {uid: Path(os.path.commonpath([str(f.parent) for f in files])) for uid, files in series.items()}
-    per_folder = Counter(folders.values())
+    folders = [Path(os.path.commonpath([str(f.parent) for f in files])) for _, files in series]
+    per_folder = Counter(folders)
     cases = []
-    for uid, files in series.items():
-        folder = folders[uid]
+    for (uid, files), folder in zip(series, folders):
         case_id = _relative_id(folder, root)
         if per_folder[folder] > 1:
             case_id = f"{case_id}/{safe_component(uid)}"  # a tag value: never a path
@@ -128,17 +132,44 @@ def walk_files(root: Path, *, exclude: Path | None = None) -> list[Path]:
     return found
 
 
-def _group_by_folder(files: Iterable[Path]) -> dict[str, list[Path]]:
-    """:func:`group_dicom_series` one folder at a time (headers of one folder in memory at once),
-    merged by SeriesInstanceUID across folders."""
+def _slice_keys(info: SeriesInfo) -> set[str]:
+    """What two copies of one slice share: its SOPInstanceUID and its position."""
+    keys = set()
+    for header in info.headers:
+        if header.get("SOPInstanceUID"):
+            keys.add(f"sop {header.SOPInstanceUID}")
+        try:
+            keys.add("position " + " ".join(f"{float(v):.3f}" for v in header.ImagePositionPatient))
+        except (AttributeError, TypeError, ValueError):  # multi-frame or no position: by SOP UID only
+            pass
+    return keys
+
+
+def _group_by_folder(files: Iterable[Path]) -> list[Series]:
+    """The DICOM image series among ``files``, grouped one folder at a time (headers of one folder
+    in memory at once) and merged by SeriesInstanceUID across folders, unless two folders hold the
+    same slice (the same SOPInstanceUID or position: a stray copy, or another acquisition under a
+    reused UID). Then each folder's part stays a case of its own, so a bad copy fails alone, named
+    by its folder, and does not take the healthy series with it."""
     by_folder: dict[Path, list[Path]] = defaultdict(list)
     for f in files:
         by_folder[f.parent].append(f)
-    series: dict[str, list[Path]] = defaultdict(list)
+    parts: dict[str, list[tuple[list[Path], set[str]]]] = defaultdict(list)
     for folder in sorted(by_folder):
-        for uid, members in group_dicom_series(by_folder[folder]).items():
-            series[uid].extend(members)
-    return dict(series)
+        for info in series_of_files(by_folder[folder]):
+            parts[info.uid].append((list(info.files), _slice_keys(info)))
+    series: list[Series] = []
+    for uid, pieces in parts.items():
+        seen: set[str] = set()
+        clash = False
+        for _, keys in pieces:
+            clash = clash or not seen.isdisjoint(keys)
+            seen |= keys
+        if clash:
+            series.extend((uid, files) for files, _ in pieces)
+        else:
+            series.append((uid, [f for files, _ in pieces for f in files]))
+    return series
 
 
 def discover_tree(root: str | os.PathLike, *, exclude: str | os.PathLike | None = None) -> list[Case]:
@@ -187,9 +218,7 @@ def read_manifest(
     if not rows:
         raise UserError(f"manifest {manifest}: lists no cases")
 
-    index: dict[str, list[Path]] | None = (
-        None  # SeriesInstanceUID -> files under root, built once when needed
-    )
+    index: list[Series] | None = None  # the series under root, found once when needed
     cases = []
     for number, row in enumerate(rows, start=2):
         path_text, uid, name = row.get("path", ""), row.get("series_uid", ""), row.get("case", "")
@@ -210,27 +239,27 @@ def read_manifest(
             if path.is_file() and image_suffix(path):
                 cases.append(Case(name or _volume_id(path, base), "volume", (str(path),), source=str(path)))
                 continue
-            found = group_dicom_series(walk_files(path) if path.is_dir() else [path])
+            found = _group_by_folder(walk_files(path) if path.is_dir() else [path])
             label = name or _relative_id(path, base)
         else:
             if index is None:
                 index = _group_by_folder(f for f in walk_files(root) if may_be_dicom(f))
-            found = {uid: index[uid]} if uid in index else {}
-            label, path = name, root
+            found, label, path = index, name, root
         if uid:
-            found = {uid: found[uid]} if uid in found else {}
+            found = [s for s in found if s[0] == uid]
         if len(found) != 1:
-            problem = (
-                f"no DICOM series {uid} under {path}"
-                if uid
-                else f"{path} holds {len(found)} DICOM image series; add a series_uid column"
-            )
+            if len(found) > 1 and uid:
+                folders = ", ".join(os.path.commonpath([str(f.parent) for f in files]) for _, files in found)
+                problem = f"series {uid} has copies of the same slices in {folders}; give one folder as path"
+            elif uid:
+                problem = f"no DICOM series {uid} under {path}"
+            else:
+                problem = f"{path} holds {len(found)} DICOM image series; add a series_uid column"
             cases.append(
                 Case(label or uid, "missing", series_uid=uid, source=str(path), error=f"{where}: {problem}")
             )
             continue
-        ((series_uid, files),) = found.items()
-        case = _series_cases({series_uid: files}, base if path_text else root)[0]
+        case = _series_cases(found, base if path_text else root)[0]
         cases.append(replace(case, case_id=label or case.case_id))
     return _unique_ids(cases), base
 
