@@ -124,3 +124,16 @@ def test_demo_with_given_input_and_weights(chest, tmp_path) -> None:
     csv = (out / "metrics.csv").read_text()
     assert "lung" in csv and "background" in csv
     assert "figure:" in result.stdout
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging left
+
+    # an existing output is never replaced silently; --overwrite replaces a demo output only
+    args = ["demo", "--input", str(chest / "chest.nrrd"), "--weights", str(weights), "--device", "cpu"]
+    again = run_cli(*args, "--out", str(out))
+    assert again.returncode == 2 and "--overwrite" in again.stderr and "Traceback" not in again.stderr
+    (out / "metrics.md").write_text("older run")
+    assert run_cli(*args, "--out", str(out), "--overwrite").returncode == 0
+    assert (out / "metrics.md").read_text() != "older run"
+    (out / "my-notes.txt").write_text("keep")
+    refused = run_cli(*args, "--out", str(out), "--overwrite")
+    assert refused.returncode == 2 and "my-notes.txt" in refused.stderr
+    assert (out / "my-notes.txt").read_text() == "keep"

@@ -143,7 +143,7 @@ def test_unwritable_output_is_refused_before_any_work(case, denoise, where, expe
 def test_demo_out_that_cannot_be_made_is_one_line_before_any_work(case, run) -> None:
     (case / "blocker").write_text("x")
     result = run("demo", "--out", str(case / "blocker" / "sub"), "--weights", str(case / "w.safetensors"))
-    one_line_exit_2(result, "--out: cannot create folder")
+    one_line_exit_2(result, "blocker is not a folder")
 
 
 def test_degenerate_shapes_are_refused(case, denoise) -> None:

@@ -208,3 +208,37 @@ def test_refused_instances_are_named_and_the_rest_stored(orthanc, tmp_path, caps
     assert paths[1].name in lines[0] and code in lines[0]
     assert out.out.count("REFUSED") == 1 and out.out.count("stored") == 2
     assert len(orthanc.series_instances(series_uid)) == 2
+
+
+def test_stow_rs_to_a_url_that_answers_404_with_json_is_one_line(derived_series, capsys) -> None:
+    """A real HTTP server answering every POST with 404 and a JSON body (a wrong DICOMweb base URL)."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class NotFound(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            body = json.dumps({"HttpError": "Not Found", "Message": "Unknown resource"}).encode()
+            self.send_response(404)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        files, _ = derived_series
+        url = f"http://127.0.0.1:{server.server_address[1]}/wrong/dicom-web"
+        code = main(["send", str(files[0].parent), "--to", url, "--retries", "0"])
+    finally:
+        server.shutdown()
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "HTTP 404" in lines[0] and "Unknown resource" in lines[0], err

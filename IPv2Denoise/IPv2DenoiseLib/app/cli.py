@@ -7,7 +7,9 @@ A :class:`~IPv2DenoiseLib.core.errors.UserError` is printed as one line on stder
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -36,13 +38,54 @@ def command_modules():
     return [importlib.import_module(f"{__package__}.commands.{name}") for name in COMMAND_MODULES]
 
 
+#: Exit status after the reader of our output went away (``info --json | head``): 128 + SIGPIPE,
+#: what a shell reports for a process killed by it.
+BROKEN_PIPE_EXIT = 141
+#: Errors of the machine or the file system that a user can cause or fix (a full disk, a folder
+#: that vanished, a loop of symbolic links, no permission): one line and exit 2, never a traceback.
+ENVIRONMENT_ERRNOS = frozenset(
+    {
+        errno.ENOSPC,
+        errno.EDQUOT,
+        errno.EACCES,
+        errno.EPERM,
+        errno.ENOENT,
+        errno.ELOOP,
+        errno.EROFS,
+        errno.EIO,
+        errno.ENOTDIR,
+        errno.EISDIR,
+        errno.ENAMETOOLONG,
+        errno.EMFILE,
+    }
+)
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """A parser whose errors are one line (``ipv2-denoise denoise: error: ...``), not the whole usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def describe_os_error(exc: OSError) -> str:
+    """One line for an :class:`OSError` of the file system: what failed, on which path."""
+    where = f" {exc.filename}" if exc.filename else ""
+    if exc.filename2:
+        where += f" -> {exc.filename2}"
+    reason = exc.strerror or str(exc)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        reason += " (free some space or choose an output on another disk)"
+    return f"{reason}:{where}" if where else reason
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="ipv2-denoise",
         description="Denoise ultra-low-dose lung CT with IPv2-trained models (Gong & Yu, arXiv 2602.19314).",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineErrorParser)
     sub.required = True
     for module in command_modules():
         # argparse %-formats help strings: a literal "2 %" in HELP must not crash --help
@@ -56,13 +99,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit status."""
     args = build_parser().parse_args(argv)
     try:
-        return int(args._run(args) or 0)
+        status = int(args._run(args) or 0)
+        sys.stdout.flush()  # inside the try: a closed pipe surfaces here, not at interpreter exit
+        return status
     except UserError as exc:
         print(f"ipv2-denoise {args.command}: error: {exc}", file=sys.stderr)
         return UserError.exit_code
     except KeyboardInterrupt:
         print(f"ipv2-denoise {args.command}: cancelled", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader stopped reading (| head): quiet, and no second error when Python flushes stdout
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return BROKEN_PIPE_EXIT
+    except OSError as exc:
+        if exc.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        print(f"ipv2-denoise {args.command}: error: {describe_os_error(exc)}", file=sys.stderr)
+        return UserError.exit_code
 
 
 if __name__ == "__main__":

@@ -238,6 +238,16 @@ def _probe_writable(folder: Path, what: str) -> None:
         raise UserError(f"{what}: cannot write into {folder} ({exc.strerror or exc})") from None
 
 
+def resolve_path(path: Path, what: str) -> Path:
+    """``path.resolve()``, with a loop of symbolic links as :class:`UserError` (pathlib raises RuntimeError)."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError) as exc:
+        raise UserError(
+            f"{what} {path}: cannot follow it ({exc}); a symbolic link points to itself"
+        ) from None
+
+
 def check_output_path(
     path: str | os.PathLike,
     *,
@@ -255,9 +265,9 @@ def check_output_path(
     folder, or not writable (checked by creating a file there).
     """
     out = Path(path)
-    resolved = out.resolve()
+    resolved = resolve_path(out, what)
     for source in inputs:
-        src = Path(source).resolve()
+        src = resolve_path(Path(source), "IN")
         if resolved == src or (src.is_dir() and resolved.is_relative_to(src)):
             raise UserError(
                 f"{what} {out} is the input or lies inside it; the input is never modified, "
@@ -311,4 +321,5 @@ __all__ = [
     "clean_stale_staging",
     "make_output_folder",
     "remove_stale_partials",
+    "resolve_path",
 ]

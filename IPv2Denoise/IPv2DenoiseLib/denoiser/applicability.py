@@ -62,6 +62,12 @@ def measured_noise_hu(hu: np.ndarray) -> float:
     return estimate_noise_hu(vol[picks])
 
 
+def describe_range(bounds: tuple[float, float]) -> str:
+    """``0.52–0.93``, or ``1.25`` when both ends are equal (never "1.25–1.25")."""
+    lo, hi = (f"{b:.2f}" for b in bounds)
+    return lo if lo == hi else f"{lo}–{hi}"
+
+
 def applicability_warning(
     volume: Volume, card: Mapping[str, Any], *, noise_hu: float | None = None
 ) -> str | None:
@@ -91,9 +97,7 @@ def applicability_warning(
             continue
         lo, hi = bounds[0] * (1 - SPACING_TOLERANCE), bounds[1] * (1 + SPACING_TOLERANCE)
         if not lo <= value <= hi:
-            problems.append(
-                f"its {what} ({value:.2f} mm) is outside the trained {bounds[0]:.2f}–{bounds[1]:.2f} mm"
-            )
+            problems.append(f"its {what} ({value:.2f} mm) is outside the trained {describe_range(bounds)} mm")
     if not problems:
         return None
     return "this scan is outside the model's training range: " + "; ".join(problems)

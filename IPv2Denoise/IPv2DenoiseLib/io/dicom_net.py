@@ -339,6 +339,29 @@ def _stow_outcomes(response: Dataset) -> tuple[set[str], dict[str, str]]:
     return stored, failed
 
 
+#: HTTP codes whose body is a STOW-RS response naming stored and failed instances (PS3.18 10.5.3).
+STOW_PARTIAL_CODES = (400, 409)
+
+
+def http_body_excerpt(response: requests.Response | None, limit: int = 120) -> str:
+    """`` (server says: ...)`` from the first line of an error body, or nothing."""
+    if response is None:
+        return ""
+    try:
+        text = response.text.strip().splitlines()[0][:limit] if response.text.strip() else ""
+    except (ValueError, AttributeError, IndexError):
+        return ""
+    return f" (server says: {text})" if text else ""
+
+
+def stow_response_dataset(response: requests.Response) -> Dataset:
+    """The STOW-RS response dataset of a 400/409 answer; empty when the body is not one (any JSON)."""
+    try:
+        return Dataset.from_json(response.json())
+    except Exception:  # noqa: BLE001 - a server's body is hostile: any JSON, any shape
+        return Dataset()
+
+
 def stow_instances(
     paths: Sequence[str | Path],
     url: str,
@@ -371,13 +394,12 @@ def stow_instances(
             response = client.store_instances(chunk)
         except requests.HTTPError as exc:
             code = exc.response.status_code if exc.response is not None else 0
-            try:
-                response = Dataset.from_json(exc.response.json())
-            except (ValueError, AttributeError):
-                if code in (400, 409):
-                    response = Dataset()
-                else:
-                    raise UserError(f"STOW-RS to {url} failed: HTTP {code} {exc.response.reason}") from None
+            if code not in STOW_PARTIAL_CODES:  # 404 (wrong URL), 401/403, ...: no STOW response to read
+                raise UserError(
+                    f"STOW-RS to {url} failed: HTTP {code} {getattr(exc.response, 'reason', '')}"
+                    f"{http_body_excerpt(exc.response)}; check the DICOMweb base URL (…/dicom-web)"
+                ) from None
+            response = stow_response_dataset(exc.response)
             for r in results:
                 r.status = f"HTTP {code}"
         except requests.RequestException as exc:

@@ -13,6 +13,7 @@ under the final name.
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -210,7 +211,16 @@ def write_volume(volume: Volume, path: str | os.PathLike, *, dtype: np.dtype | t
     image.SetOrigin(volume.origin)
     image.SetDirection(volume.direction)
     with atomic_path(out, suffix=suffix) as tmp:
-        sitk.WriteImage(image, tmp, useCompression=suffix != ".nii")
+        try:
+            sitk.WriteImage(image, tmp, useCompression=suffix != ".nii")
+        except RuntimeError:  # ITK's message is a build path and a stack of nrrd lines: say what failed
+            free = shutil.disk_usage(Path(tmp).parent).free
+            if free < array.nbytes:
+                raise UserError(
+                    f"cannot write {out}: No space left on device ({free / 1e6:.1f} MB free, "
+                    f"up to {array.nbytes / 1e6:.1f} MB needed); free some space or choose another disk"
+                ) from None
+            raise UserError(f"cannot write {out}: the image writer failed (is the disk healthy?)") from None
     return out
 
 

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from IPv2DenoiseLib.app.arguments import load_denoiser
-from IPv2DenoiseLib.core.atomic import make_output_folder
+from IPv2DenoiseLib.core.atomic import atomic_dir, check_output_path, claim_output
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.progress import TqdmProgress, make_progress
 from IPv2DenoiseLib.core.resources import resources_dir
@@ -21,7 +21,12 @@ HELP = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="demo-output", help="output folder (created; default demo-output)")
+    parser.add_argument(
+        "--out",
+        default="demo-output",
+        help="output folder: new or empty (default: %(default)s); written completely or not at all",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier demo output in --out")
     parser.add_argument("--input", default=None, help="a CT volume instead of the bundled sample ULDCT")
     parser.add_argument(
         "--reference",
@@ -43,14 +48,37 @@ def sample_uldct() -> Path:
     return found[0]
 
 
+#: What ``demo`` writes into ``--out``; ``--overwrite`` replaces only a folder holding nothing else.
+DEMO_FILES = frozenset({"denoised.nrrd", "metrics.csv", "metrics.md", "before_after.png"})
+
+
+def check_demo_output(out: Path, overwrite: bool) -> None:
+    """Before any work: ``--out`` is new or empty, or (``--overwrite``) an earlier demo output."""
+    check_output_path(out, folder=True, overwrite=overwrite, what="--out")
+    if out.is_dir():
+        strangers = sorted(p.name for p in out.iterdir() if p.name not in DEMO_FILES)
+        if strangers:
+            raise UserError(
+                f"--out {out} holds {strangers[0]!r}, which the demo did not write; --overwrite replaces "
+                "only an earlier demo output, choose a new folder"
+            )
+
+
 def run(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    check_demo_output(out, args.overwrite)  # before any work
+    with claim_output(out, what="--out"), atomic_dir(out, replace=True) as staging:
+        return write_demo(args, staging, out)
+
+
+def write_demo(args: argparse.Namespace, out: Path, final: Path) -> int:
+    """Denoise the sample and write the volume, metrics and figure into ``out`` (renamed to ``final``)."""
     # lazy: the CLI imports every command to build --help; torch & co. load on use
     from IPv2DenoiseLib.app.figures import comparison_figure, pick_slice
     from IPv2DenoiseLib.imaging.masks import standard_rois
     from IPv2DenoiseLib.imaging.metrics import roi_comparison_table
     from IPv2DenoiseLib.io.volumes import read_volume, write_volume
 
-    out = make_output_folder(args.out)  # before any work: a path that cannot be made is one line
     source = Path(args.input) if args.input else sample_uldct()
     volume = read_volume(source)
     reference_path = args.reference or (
@@ -97,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
         f"({voxels / seconds / 1e6:.2f} Mvoxel/s) with {denoiser.name}"
     )
     print(table.to_markdown())
-    print(f"volume:  {volume_path}")
-    print(f"figure:  {figure}")
-    print(f"metrics: {out / 'metrics.csv'} and {out / 'metrics.md'}")
+    print(f"volume:  {final / volume_path.name}")
+    print(f"figure:  {final / Path(figure).name}")
+    print(f"metrics: {final / 'metrics.csv'} and {final / 'metrics.md'}")
     return 0

@@ -1,0 +1,81 @@
+"""Errors of the machine and the shell are one line, never a traceback (issue #21, friction).
+
+A bad option value, a reader that closes the pipe (``info --json | head``), a full disk and a loop
+of symbolic links: one line on stderr and a fixed exit status.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from IPv2DenoiseLib.app.cli import BROKEN_PIPE_EXIT
+
+REPO = Path(__file__).resolve().parents[2]
+SAMPLE = REPO / "Resources" / "SampleData" / "sample_uldct.nrrd"
+
+
+def _cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO / "IPv2Denoise"), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "IPv2DenoiseLib", *args], capture_output=True, text=True, env=env, **kwargs
+    )
+
+
+def test_a_bad_option_value_is_one_line_not_the_whole_usage(tmp_path) -> None:
+    result = _cli("denoise", str(SAMPLE), str(tmp_path / "o.nrrd"), "--ensemble", "3")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "--ensemble" in lines[0] and "1, 2, 4, 8" in lines[0] and "usage:" not in result.stderr
+
+
+def test_a_reader_that_closes_the_pipe_ends_quietly() -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO / "IPv2Denoise"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "IPv2DenoiseLib", "info", str(SAMPLE), "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    proc.stdout.close()  # as `| head -0` does: nobody reads what info prints
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == BROKEN_PIPE_EXIT
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
+def test_a_self_referencing_symlink_as_output_folder_is_one_line(tmp_path) -> None:
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    result = _cli("denoise", str(SAMPLE), str(loop / "out.nrrd"))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 256 kB tmpfs: too small for the sample's denoised volume (root only; skipped otherwise)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(tiny_disk) -> None:
+    out = tiny_disk / "denoised.nrrd"
+    result = _cli("denoise", str(SAMPLE), str(out), "--device", "cpu")
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "No space left on device" in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert list(tiny_disk.iterdir()) == []  # no half-written output, no staging left behind
