@@ -2,59 +2,24 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pydicom
 import pytest
-from conftest import write_ct_series
 from orthanc_server import free_port
 from pydicom.data import get_testdata_file
 from pynetdicom import AE
-from pynetdicom.sop_class import CTImageStorage, MRImageStorage
+from pynetdicom.sop_class import CTImageStorage
+from serve_node import NODE_AET, Node, derived_in_orthanc, fresh_study, store
 
 from IPv2DenoiseLib.app.cli import main
 from IPv2DenoiseLib.core.volume import Volume
 from IPv2DenoiseLib.io.volumes import read_volume, write_volume
 
-NODE_AET = "IPV2NODE"
-LIB = Path(__file__).resolve().parents[2] / "IPv2Denoise"
-
-
-def _derived_in_orthanc(orthanc, study_uid: str, count: int, timeout: float = 60.0) -> list[pydicom.Dataset]:
-    """Wait until a derived ("denoised") series of ``count`` instances is in ``study_uid``; return them."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for series in orthanc.study_series(study_uid):
-            description = series["MainDicomTags"].get("SeriesDescription", "")
-            if "denoised" in description and len(series["Instances"]) >= count:
-                files = []
-                for instance in orthanc.get(f"/series/{series['ID']}/instances"):
-                    raw = orthanc.get_bytes(f"/instances/{instance['ID']}/file")
-                    files.append(pydicom.dcmread(pydicom.filebase.DicomBytesIO(raw)))
-                return files
-        time.sleep(0.3)
-    raise AssertionError(f"no derived series of {count} instances in study {study_uid} within {timeout:g} s")
-
-
-def _fresh_study(folder: Path, n: int = 4) -> list[Path]:
-    """A CT series of its own study (new StudyInstanceUID) so tests sharing Orthanc do not collide."""
-    paths = write_ct_series(folder, n, shuffle=False)
-    study = pydicom.uid.generate_uid()
-    for path in paths:
-        ds = pydicom.dcmread(path)
-        ds.StudyInstanceUID = study
-        ds.save_as(path)
-    return paths
-
 
 def test_denoise_dicom_then_send(orthanc, tmp_path, capsys) -> None:
-    sources = _fresh_study(tmp_path / "in")
+    sources = fresh_study(tmp_path / "in")
     study_uid = pydicom.dcmread(sources[0]).StudyInstanceUID
     out = tmp_path / "derived"
     code = main(
@@ -63,7 +28,7 @@ def test_denoise_dicom_then_send(orthanc, tmp_path, capsys) -> None:
     )
     assert code == 0, capsys.readouterr().err
     assert len(list(out.iterdir())) == len(sources)
-    back = _derived_in_orthanc(orthanc, study_uid, len(sources))
+    back = derived_in_orthanc(orthanc, study_uid, len(sources))
     assert len(back) == len(sources)
     source_uids = {pydicom.dcmread(p).SOPInstanceUID for p in sources}
     for ds in back:
@@ -97,49 +62,6 @@ def test_denoise_dicom_from_nrrd_makes_a_new_series(tmp_path, capsys) -> None:
     assert len(list(kept.glob("*.dcm"))) == 2
 
 
-class Node:
-    """``ipv2-denoise serve`` as a child process (the real CLI, its own model load)."""
-
-    def __init__(self, spool: Path, forward: str, quiet: float) -> None:
-        self.port = free_port()
-        self.log = spool.parent / f"serve-{self.port}.log"
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(LIB), os.environ.get("PYTHONPATH", "")]))
-        cmd = [sys.executable, "-m", "IPv2DenoiseLib", "serve", "--port", str(self.port), "--aet", NODE_AET]
-        cmd += ["--forward", forward, "--spool", str(spool), "--quiet-seconds", str(quiet), "--device", "cpu"]
-        cmd += ["--host", "127.0.0.1", "--jobs", "2"]
-        self.process = subprocess.Popen(cmd, stderr=open(self.log, "w"), env=env)  # noqa: SIM115
-        self.wait_for("listening as", 60)
-
-    def text(self) -> str:
-        return self.log.read_text()
-
-    def wait_for(self, needle: str, timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if needle in self.text():
-                return self.text()
-            if self.process.poll() is not None:
-                raise AssertionError(f"serve exited {self.process.returncode}:\n{self.text()}")
-            time.sleep(0.1)
-        raise AssertionError(f"{needle!r} not logged within {timeout:g} s:\n{self.text()}")
-
-    def stop(self) -> int:
-        self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout=60)
-
-
-def _store(port: int, datasets) -> list[int]:
-    ae = AE(ae_title="MODALITY")
-    ae.add_requested_context(CTImageStorage)
-    ae.add_requested_context(MRImageStorage)
-    assoc = ae.associate("127.0.0.1", port, ae_title=NODE_AET)
-    assert assoc.is_established
-    try:
-        return [assoc.send_c_store(ds).Status for ds in datasets]
-    finally:
-        assoc.release()
-
-
 @pytest.fixture()
 def spool(tmp_path) -> Path:
     return tmp_path / "spool"
@@ -148,8 +70,8 @@ def spool(tmp_path) -> Path:
 def test_serve_skips_bad_instances_keeps_series_when_pacs_is_down_and_resumes(
     orthanc, tmp_path, spool
 ) -> None:
-    first = _fresh_study(tmp_path / "first")
-    second = _fresh_study(tmp_path / "second", n=3)
+    first = fresh_study(tmp_path / "first")
+    second = fresh_study(tmp_path / "second", n=3)
     node = Node(spool, f"127.0.0.1:{free_port()}:PACS", quiet=3)  # the PACS is down
     try:
         wrong = AE(ae_title="MODALITY")
@@ -159,12 +81,12 @@ def test_serve_skips_bad_instances_keeps_series_when_pacs_is_down_and_resumes(
         corrupt = pydicom.dcmread(first[0])
         corrupt.SOPInstanceUID = pydicom.uid.generate_uid()
         corrupt.PixelData = corrupt.PixelData[:100]
-        statuses = _store(node.port, [mr, corrupt] + [pydicom.dcmread(p) for p in first])
+        statuses = store(node.port, [mr, corrupt] + [pydicom.dcmread(p) for p in first])
         assert statuses == [0x0000, 0xC210] + [0x0000] * len(first)
         log = node.wait_for("will retry", 60)  # denoised, PACS unreachable: kept, not failed
         assert "skipped a MR instance" in log and "refused a corrupt CT instance" in log
         assert "forward destination not available now" in log
-        assert _store(node.port, map(pydicom.dcmread, second)) == [0x0000] * 3  # still in its quiet period
+        assert store(node.port, map(pydicom.dcmread, second)) == [0x0000] * 3  # still in its quiet period
     finally:
         assert node.stop() == 0  # SIGTERM: a clean stop
     assert "2 series left in the spool" in node.text()
@@ -174,15 +96,15 @@ def test_serve_skips_bad_instances_keeps_series_when_pacs_is_down_and_resumes(
 
     node = Node(spool, orthanc.node, quiet=1.0)  # the PACS is back; the next start resumes both
     try:
-        back = _derived_in_orthanc(orthanc, pydicom.dcmread(first[0]).StudyInstanceUID, len(first))
-        assert len(_derived_in_orthanc(orthanc, pydicom.dcmread(second[0]).StudyInstanceUID, 3)) == 3
+        back = derived_in_orthanc(orthanc, pydicom.dcmread(first[0]).StudyInstanceUID, len(first))
+        assert len(derived_in_orthanc(orthanc, pydicom.dcmread(second[0]).StudyInstanceUID, 3)) == 3
         # two senders at once, each with its own series
-        more = [_fresh_study(tmp_path / f"sender{i}", n=3) for i in range(2)]
+        more = [fresh_study(tmp_path / f"sender{i}", n=3) for i in range(2)]
         with ThreadPoolExecutor(2) as pool:
-            statuses = list(pool.map(lambda paths: _store(node.port, map(pydicom.dcmread, paths)), more))
+            statuses = list(pool.map(lambda paths: store(node.port, map(pydicom.dcmread, paths)), more))
         assert statuses == [[0x0000] * 3] * 2
         for paths in more:
-            assert len(_derived_in_orthanc(orthanc, pydicom.dcmread(paths[0]).StudyInstanceUID, 3)) == 3
+            assert len(derived_in_orthanc(orthanc, pydicom.dcmread(paths[0]).StudyInstanceUID, 3)) == 3
     finally:
         assert node.stop() == 0
     log = node.text()
@@ -194,7 +116,7 @@ def test_serve_skips_bad_instances_keeps_series_when_pacs_is_down_and_resumes(
 
 
 def test_orthanc_sends_study_to_serve_and_gets_the_derived_series(orthanc, tmp_path, spool) -> None:
-    sources = _fresh_study(tmp_path / "in", n=8)
+    sources = fresh_study(tmp_path / "in", n=8)
     for path in sources:
         orthanc.post_bytes("/instances", path.read_bytes())
     study_uid = pydicom.dcmread(sources[0]).StudyInstanceUID
@@ -205,7 +127,7 @@ def test_orthanc_sends_study_to_serve_and_gets_the_derived_series(orthanc, tmp_p
         job = orthanc.post("/modalities/ipv2node/store", study["ID"])
         assert job["InstancesCount"] == len(sources) and job["FailedInstancesCount"] == 0
         log = node.wait_for("; noise ", 90)
-        back = _derived_in_orthanc(orthanc, study_uid, len(sources))
+        back = derived_in_orthanc(orthanc, study_uid, len(sources))
     finally:
         assert node.stop() == 0
     line = next(line for line in log.splitlines() if "; noise " in line)
@@ -217,3 +139,76 @@ def test_orthanc_sends_study_to_serve_and_gets_the_derived_series(orthanc, tmp_p
     assert all(list(ds.ImageType)[:2] == ["DERIVED", "SECONDARY"] for ds in back)
     leftovers = [p for d in ("incoming", "ready", "work", "failed") for p in (spool / d).iterdir()]
     assert not leftovers, (leftovers, log)
+
+
+def test_serve_accepts_only_allowed_peers_caps_instances_and_takes_compressed_ct(
+    orthanc, tmp_path, spool, capsys
+) -> None:
+    sources = fresh_study(tmp_path / "in", n=4)
+    allow = ["--allow-aet", "MODALITY", "--allow-aet", "SCANNER2", "--allow-host", "127.0.0.1"]
+    node = Node(spool, orthanc.node, quiet=1.0, host=None, extra=allow + ["--max-instance-mb", "0.1"])
+    try:
+        log = node.text()
+        assert "accepting from calling AE MODALITY, SCANNER2 at 127.0.0.1/32; instances up to 0.1 MB" in log
+        assert (
+            f"listening as {NODE_AET} on 127.0.0.1:{node.port}" in log
+        )  # loopback unless --host says otherwise
+        stranger = AE(ae_title="INTRUDER")
+        stranger.add_requested_context(CTImageStorage)
+        assoc = stranger.associate("127.0.0.1", node.port, ae_title=NODE_AET)
+        assert assoc.is_rejected
+        answer = (
+            assoc.acceptor.primitive
+        )  # rejected permanent, by the service user: calling AE not recognised
+        assert (answer.result, answer.result_source, answer.diagnostic) == (0x01, 0x01, 0x03)
+        other_host = AE(ae_title="MODALITY")
+        other_host.add_requested_context(CTImageStorage)
+        assoc = other_host.associate("127.0.0.1", node.port, ae_title=NODE_AET, bind_address=("127.0.0.2", 0))
+        assert assoc.is_rejected and assoc.acceptor.primitive.result == 0x01
+        # compressed as a scanner sends it (RLE Lossless), one corrupt compressed and one too large instance
+        rle = [pydicom.dcmread(p) for p in sources]
+        for ds in rle:
+            ds.compress(pydicom.uid.RLELossless)
+        broken = pydicom.dcmread(sources[0])
+        broken.SOPInstanceUID = pydicom.uid.generate_uid()
+        broken.compress(pydicom.uid.RLELossless)
+        broken.PixelData = broken.PixelData[:-2000]
+        large = pydicom.dcmread(sources[0])
+        large.SOPInstanceUID = pydicom.uid.generate_uid()
+        large.add_new(0x00091010, "OB", bytes(120_000))
+        large.compress(pydicom.uid.RLELossless)
+        statuses = store(node.port, [broken, large, *rle], transfer_syntax=pydicom.uid.RLELossless)
+        assert statuses == [0xC210, 0xA700] + [0x0000] * len(rle)
+        back = derived_in_orthanc(orthanc, rle[0].StudyInstanceUID, len(rle))
+        log = node.wait_for("; noise ", 30)
+    finally:
+        assert node.stop() == 0
+    assert "rejected an association from INTRUDER@127.0.0.1: calling AE not in --allow-aet" in log
+    assert "rejected an association from MODALITY@127.0.0.2: host not in --allow-host" in log
+    assert "larger than --max-instance-mb 0.1" in log and "refused a corrupt CT instance" in log
+    assert len(back) == len(rle)
+    # the warnings reach the log and the derived series, worded exactly as `denoise` prints them
+    assert main(["denoise", str(tmp_path / "in"), str(tmp_path / "d.nrrd"), "--device", "cpu"]) == 0
+    printed = [line.removeprefix("warning: ") for line in capsys.readouterr().err.splitlines()]
+    warnings = [line for line in printed if "training range" in line or "truncated" in line]
+    assert warnings, printed
+    for message in warnings:
+        assert f"warning: {message}" in log
+        assert all(message in ds.DerivationDescription for ds in back)
+
+
+def test_serve_without_allow_lists_says_so_loudly_and_hints_name_its_own_options(
+    tmp_path, spool, capsys
+) -> None:
+    node = Node(spool, f"127.0.0.1:{free_port()}:PACS", quiet=1.0, host=None)
+    try:
+        warning = next(line for line in node.text().splitlines() if "accepting from" in line)
+    finally:
+        assert node.stop() == 0
+    assert "WARNING" in warning and "ANY calling AE" in warning and "any host" in warning
+    assert main(["serve", "--port", "11112", "--aet", "NODE", "--forward", "pacs:104"]) == 2
+    err = capsys.readouterr().err
+    assert "expected HOST:PORT:AET" in err and "--aet" not in err
+    bad_host = ["--forward", "pacs:104:PACS", "--allow-host", "pacs.example.org"]
+    assert main(["serve", "--port", "11112", "--aet", "NODE", *bad_host]) == 2
+    assert "--allow-host 'pacs.example.org': expected an IP address or network" in capsys.readouterr().err

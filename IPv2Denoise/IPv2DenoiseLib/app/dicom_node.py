@@ -1,69 +1,167 @@
 """A denoising DICOM node: Storage SCP in, derived series out to a forward destination.
 
 A scanner or PACS C-STOREs CT instances to the node (pynetdicom Storage SCP, several associations
-at once). Each instance is written atomically into a spool folder per series
-(``incoming/<SeriesInstanceUID>/``). A series is complete when no instance of it has arrived for
-``quiet_seconds``; it is then renamed to ``ready/`` and queued. At most ``jobs`` series are
-denoised at a time (one model, loaded once); each becomes a derived series (``io.dicom_export``)
-that is C-STOREd to the forward node (``io.dicom_net``), then the spool copy is removed.
+at once). Only the calling AE titles and hosts of the allow-lists may associate (others are
+rejected at association time); one instance may be at most ``max_instance_bytes``. Uncompressed
+and the compressed transfer syntaxes scanners send (JPEG lossless, JPEG-LS, JPEG 2000, RLE) are
+accepted; compressed pixel data is decoded once on arrival (pydicom's GDCM plugin) to refuse
+corrupt instances.
 
-Nothing is lost on a stop: every stored instance is on disk before the sender gets its
-success status; on SIGTERM the node stops listening, lets open associations and running jobs
-finish, and leaves queued and still-arriving series in the spool, where the next start resumes
-them (``ready/`` at once, ``incoming/`` after a new quiet period). A series that fails
-(unreadable, refused by the forward node) moves to ``failed/`` with a ``reason.txt``.
-Non-CT instances are acknowledged and skipped; corrupt ones are refused (0xC210); both are logged.
+The spool (``incoming/<SeriesInstanceUID>/``) is the node's promise to the sender. An instance is
+acknowledged (0x0000) only when its file is on disk (fsync) and its SOPInstanceUID is appended
+(fsync) to the series' manifest ``.acknowledged``; when that cannot be done (full disk) the
+answer is 0xA700 "Out of Resources" and the refusal is remembered (in memory and as an empty
+``<uid>.refused`` marker). A series is complete when no instance of it has arrived for
+``quiet_seconds``: if one of its instances was refused and not sent again it moves to
+``failed/`` (never forwarded partial), else it is renamed to ``ready/`` and queued. Before
+denoising, every acknowledged instance must be present (files nobody acknowledged, left by a
+kill during a transfer, are dropped). At most ``jobs`` series are denoised at a time (one model,
+loaded once); each becomes a derived series (``io.dicom_export``) in ``work/`` that is C-STOREd to
+the forward node (``io.dicom_net``). After the send the job leaves ``ready/`` by one rename (the
+"sent" mark) before anything is deleted, so a kill at any step never re-denoises a sent series
+(which would give a second derived series) nor sends half of one. A series that fails
+(unreadable, mixed patients, refused by the forward node) moves to ``failed/`` with a
+``reason.txt``. The training-range and truncated-field-of-view warnings (worded by
+``denoiser.applicability`` and ``imaging.masks``) go to the log and into the derived series'
+DerivationDescription.
 """
 
 from __future__ import annotations
 
+import errno
+import ipaddress
 import json
 import logging
 import os
 import re
 import shutil
+import signal
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from pydicom.dataset import Dataset
+from pydicom.uid import (
+    JPEG2000,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.volume import Volume
+from IPv2DenoiseLib.denoiser.applicability import applicability_warning
 from IPv2DenoiseLib.imaging.masks import soft_tissue_mask
 from IPv2DenoiseLib.imaging.noise_estimate import estimate_noise_hu
 from IPv2DenoiseLib.io.dicom_export import DerivedSeriesOptions, export_derived_series
 from IPv2DenoiseLib.io.dicom_net import DestinationUnavailable, DicomNode, check_aet, echo, send_instances
 from IPv2DenoiseLib.io.volumes import read_volume
 
-__all__ = ["NodeConfig", "DenoisingNode", "series_noise"]
+__all__ = [
+    "ACCEPTED_TRANSFER_SYNTAXES",
+    "DenoisingNode",
+    "HostAllowList",
+    "NodeConfig",
+    "series_noise",
+]
 
 LOG = logging.getLogger("ipv2denoise.node")
 #: C-STORE status "Cannot understand" (PS3.4 B.2.3), sent back for an instance we cannot decode.
 CANNOT_UNDERSTAND = 0xC210
+#: C-STORE status "Refused: Out of Resources" (PS3.4 B.2.3): spool full, or instance over the size cap.
+OUT_OF_RESOURCES = 0xA700
+#: A-ASSOCIATE-RJ: rejected permanent, by the service user; reason "no reason given" (a host not
+#: allowed; PS3.8 has no reason for it) or "calling AE title not recognised".
+REJECT_PERMANENT, REJECT_BY_USER, NO_REASON, CALLING_AE_NOT_RECOGNISED = 0x01, 0x01, 0x01, 0x03
 #: Modalities the node denoises; other instances are acknowledged and skipped.
 CT_MODALITIES = {"CT"}
+#: Transfer syntaxes the node accepts (GDCM, in SimpleITK for reading and python-gdcm for pydicom,
+#: decodes all of them): uncompressed, then what scanners and PACS send compressed.
+ACCEPTED_TRANSFER_SYNTAXES = [
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    JPEGLosslessSV1,
+    JPEGLossless,
+    JPEGLSLossless,
+    JPEG2000Lossless,
+    RLELossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLSNearLossless,
+    JPEG2000,
+]
 #: A DICOM UID (PS3.5 9.1): digits and dots, at most 64 characters; used as file and folder names.
-_UID = re.compile(r"[0-9][0-9.]{0,63}")
+UID_PATTERN = re.compile(r"[0-9][0-9.]{0,63}")
 #: Longest wait between attempts to reach an unavailable forward destination.
 MAX_RETRY_SECONDS = 600.0
+#: Per-series manifest of acknowledged instances: one "SOPInstanceUID<TAB>calling AE" line each.
+MANIFEST = ".acknowledged"
+#: Suffix of the empty marker left for an instance refused for lack of space.
+REFUSED = ".refused"
+#: Facts of a denoised series (kept in the job so a re-send does not denoise again).
+FACTS = ".denoised.json"
+#: Disk-space errors: the series waits in the spool and is tried again (never FAILED for it).
+NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
+#: Fault injection for the kill tests: the node SIGKILLs itself at this step (see ``_crash_point``).
+KILL_AT_ENV = "IPV2DENOISE_NODE_KILL_AT"
+
+
+class HostAllowList:
+    """Hosts allowed to associate: IP addresses and networks (``10.0.0.0/24``, ``::1``); empty: any."""
+
+    def __init__(self, entries: Sequence[str] = ()) -> None:
+        self.entries = tuple(entries)
+        self.networks = []
+        for entry in self.entries:
+            try:
+                self.networks.append(ipaddress.ip_network(entry.strip(), strict=False))
+            except ValueError:
+                raise UserError(
+                    f"--allow-host {entry!r}: expected an IP address or network (e.g. 10.0.0.5 or 10.0.0.0/24)"
+                ) from None
+
+    def allows(self, address: str) -> bool:
+        if not self.networks:
+            return True
+        try:
+            ip = ipaddress.ip_address(address.split("%")[0])
+        except ValueError:
+            return False
+        if ip.version == 6 and ip.ipv4_mapped:
+            ip = ip.ipv4_mapped
+        return any(ip in net for net in self.networks)
+
+    def __str__(self) -> str:
+        return ", ".join(str(n) for n in self.networks) if self.networks else "any host"
 
 
 @dataclass
 class NodeConfig:
-    """How the node listens, where it spools and where it forwards."""
+    """How the node listens, whom it accepts, where it spools and where it forwards."""
 
     aet: str
     port: int
     forward: DicomNode
     spool: Path
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"
     quiet_seconds: float = 10.0
     jobs: int = 1
     timeout: float = 30.0
@@ -72,13 +170,22 @@ class NodeConfig:
     stop_grace_seconds: float = 30.0
     #: first wait before re-sending to an unavailable forward destination (doubles, at most 10 min)
     retry_seconds: float = 30.0
+    #: calling AE titles allowed to associate; empty: any (logged loudly)
+    allow_aets: tuple[str, ...] = ()
+    #: hosts allowed to associate; empty: any
+    allow_hosts: HostAllowList = field(default_factory=HostAllowList)
+    #: largest instance accepted (encoded bytes); larger ones are refused with 0xA700
+    max_instance_bytes: int = 512 * 2**20
+    #: the model card, for the training-range warning (``denoiser.applicability``)
+    model_card: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class _Arrival:
     last_seen: float
-    instances: int = 0
+    acknowledged: set[str] = field(default_factory=set)
     senders: set[str] = field(default_factory=set)
+    refused: set[str] = field(default_factory=set)
 
 
 def series_noise(before: Volume, after: Volume) -> tuple[float, float]:
@@ -87,12 +194,16 @@ def series_noise(before: Volume, after: Volume) -> tuple[float, float]:
     return estimate_noise_hu(before.array, region=region), estimate_noise_hu(after.array, region=region)
 
 
-def _pixel_data_ok(ds: Dataset) -> bool:
-    """Uncompressed pixel data as long as Rows x Columns x frames x samples x bytes says."""
+def _pixel_data_problem(ds: Dataset) -> str | None:
+    """Why the CT instance's pixel data is unusable, or None: missing, short, or not decodable."""
     if "PixelData" not in ds:
-        return False
+        return "no pixel data"
     if ds.file_meta.TransferSyntaxUID.is_compressed:
-        return True  # checked when the series is read
+        try:
+            ds.pixel_array  # noqa: B018 (decoded once by pydicom's plugins to refuse corrupt data now)
+        except Exception as exc:  # noqa: BLE001 (any decoder failure means the same to the sender)
+            return f"compressed pixel data cannot be decoded: {str(exc).splitlines()[0][:120]}"
+        return None
     expected = (
         int(ds.Rows)
         * int(ds.Columns)
@@ -100,7 +211,51 @@ def _pixel_data_ok(ds: Dataset) -> bool:
         * int(getattr(ds, "SamplesPerPixel", 1))
         * (int(ds.BitsAllocated) // 8)
     )
-    return len(ds.PixelData) >= expected
+    return None if len(ds.PixelData) >= expected else "pixel data too short"
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename or a new file in ``folder`` durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _append_manifest(folder: Path, sop_uid: str, sender: str) -> None:
+    """Append one acknowledged instance to the series manifest, durably; on failure leave it unchanged."""
+    line = f"{sop_uid}\t{''.join(c if c.isprintable() else '?' for c in sender)}\n".encode()
+    fd = os.open(folder / MANIFEST, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            os.write(fd, line)
+            os.fsync(fd)
+        except OSError:
+            os.ftruncate(fd, size)  # never leave a torn line that would claim an unacknowledged instance
+            raise
+    finally:
+        os.close(fd)
+
+
+def read_manifest(folder: Path) -> dict[str, str] | None:
+    """SOPInstanceUID -> calling AE of the acknowledged instances; None when the folder has no manifest."""
+    path = folder / MANIFEST
+    if not path.exists():
+        return None
+    acknowledged = {}
+    for line in path.read_text(errors="replace").splitlines(keepends=True):
+        sop_uid, _, sender = line.rstrip("\n").partition("\t")
+        if line.endswith("\n") and UID_PATTERN.fullmatch(sop_uid):
+            acknowledged[sop_uid] = sender
+    return acknowledged
+
+
+def _crash_point(step: str) -> None:
+    """Fault injection for the kill tests: SIGKILL this process at ``step`` when asked to."""
+    if os.environ.get(KILL_AT_ENV) == step:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class DenoisingNode:
@@ -110,13 +265,15 @@ class DenoisingNode:
     ----------
     config : NodeConfig
     denoise : callable(Volume) -> Volume
-        The loaded model's denoising (called from up to ``config.jobs`` threads at once).
+        The loaded model's denoising (called from up to ``config.jobs`` threads at once); the
+        result's ``meta["warnings"]`` are logged and written into the derived series.
     """
 
     def __init__(self, config: NodeConfig, denoise: Callable[[Volume], Volume]) -> None:
         self.config = config
         self.denoise = denoise
         self.aet = check_aet(config.aet, "--aet")
+        self.allow_aets = tuple(check_aet(a, "--allow-aet") for a in config.allow_aets)
         self.dirs = {name: config.spool / name for name in ("incoming", "ready", "work", "failed", "tmp")}
         self._lock = threading.Lock()
         self._arrivals: dict[str, _Arrival] = {}
@@ -124,6 +281,17 @@ class DenoisingNode:
         self._executor = ThreadPoolExecutor(max_workers=max(1, config.jobs), thread_name_prefix="denoise")
         self._server = None
         self._monitor: threading.Thread | None = None
+
+    def accepted_line(self) -> str:
+        """One line saying whom the node accepts C-STOREs from."""
+        if self.allow_aets:
+            who = "calling AE " + ", ".join(self.allow_aets)
+        else:
+            who = "ANY calling AE (no --allow-aet: whoever reaches the port can store here and have series forwarded)"
+        return (
+            f"accepting from {who} at {self.config.allow_hosts}; instances up to "
+            f"{self.config.max_instance_bytes / 2**20:.4g} MB"
+        )
 
     # ------------------------------------------------------------------------------- lifecycle
 
@@ -141,7 +309,11 @@ class DenoisingNode:
             self._submit(job)
         now = time.monotonic()
         for folder in sorted(self.dirs["incoming"].iterdir()):
-            self._arrivals[folder.name] = _Arrival(now, len(list(folder.glob("*.dcm"))), {"spool"})
+            acknowledged = read_manifest(folder) or {}
+            refused = {p.name.removesuffix(REFUSED) for p in folder.glob(f"*{REFUSED}")}
+            self._arrivals[folder.name] = _Arrival(
+                now, set(acknowledged), set(acknowledged.values()) or {"spool"}, refused - set(acknowledged)
+            )
         if resumed or self._arrivals:
             LOG.info(
                 "resuming %d queued and %d incoming series from %s",
@@ -153,13 +325,14 @@ class DenoisingNode:
         ae.require_called_aet = True
         ae.maximum_associations = 32
         ae.network_timeout = ae.acse_timeout = ae.dimse_timeout = self.config.timeout
-        ae.supported_contexts = AllStoragePresentationContexts
+        for context in AllStoragePresentationContexts:
+            ae.add_supported_context(context.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
         try:
             self._server = ae.start_server(
                 (self.config.host, self.config.port),
                 block=False,
-                evt_handlers=[(evt.EVT_C_STORE, self._on_store)],
+                evt_handlers=[(evt.EVT_REQUESTED, self._on_requested), (evt.EVT_C_STORE, self._on_store)],
             )
         except OSError as exc:
             raise UserError(
@@ -167,6 +340,7 @@ class DenoisingNode:
             ) from None
         self._monitor = threading.Thread(target=self._watch, name="quiet-period", daemon=True)
         self._monitor.start()
+        (LOG.info if self.allow_aets else LOG.warning)(self.accepted_line())
         LOG.info(
             "listening as %s on %s:%d; forwarding to %s; series complete after %g s quiet; %d job(s) at a time",
             self.aet,
@@ -210,15 +384,44 @@ class DenoisingNode:
 
     # -------------------------------------------------------------------------------- receiving
 
-    def _on_store(self, event) -> int:
-        sender = f"{event.assoc.requestor.ae_title}@{event.assoc.requestor.address}"
+    def _on_requested(self, event) -> None:
+        """Reject an association from a host or calling AE title not on the allow-lists."""
+        requestor = event.assoc.requestor  # its ae_title is filled in only after negotiation
+        calling, address = str(requestor.primitive.calling_ae_title).strip(), str(requestor.address)
+        if not self.config.allow_hosts.allows(address):
+            why, diagnostic = "host not in --allow-host", NO_REASON
+        elif self.allow_aets and calling not in self.allow_aets:
+            why, diagnostic = "calling AE not in --allow-aet", CALLING_AE_NOT_RECOGNISED
+        else:
+            return
+        LOG.warning("rejected an association from %s@%s: %s", calling, address, why)
+        # as pynetdicom rejects (acse.negotiate_association): the A-ASSOCIATE-RJ, then end the association
+        event.assoc.acse.send_reject(REJECT_PERMANENT, REJECT_BY_USER, diagnostic)
+        evt.trigger(event.assoc, evt.EVT_REJECTED, {})
+        event.assoc.kill()
+
+    def _on_store(self, event) -> int | Dataset:
+        calling = str(event.assoc.requestor.ae_title).strip()
+        sender = f"{calling}@{event.assoc.requestor.address}"
+        size = event.request.DataSet.getbuffer().nbytes
+        if size > self.config.max_instance_bytes:
+            LOG.warning(
+                "refused an instance of %.2f MB from %s: larger than --max-instance-mb %.4g",
+                size / 2**20,
+                sender,
+                self.config.max_instance_bytes / 2**20,
+            )
+            status = Dataset()
+            status.Status = OUT_OF_RESOURCES
+            status.ErrorComment = "instance larger than this node accepts"
+            return status
         try:
             ds = event.dataset
             ds.file_meta = event.file_meta
             sop_uid, series_uid = str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID)
             modality = str(ds.get("Modality", ""))
-            ok = _pixel_data_ok(ds) if modality in CT_MODALITIES else True
-            if not (_UID.fullmatch(sop_uid) and _UID.fullmatch(series_uid)):  # they become file names
+            problem = _pixel_data_problem(ds) if modality in CT_MODALITIES else None
+            if not (UID_PATTERN.fullmatch(sop_uid) and UID_PATTERN.fullmatch(series_uid)):  # file names
                 raise ValueError(f"invalid UID {sop_uid!r} / {series_uid!r}")
         except Exception as exc:  # noqa: BLE001 (whatever a peer sends, the node keeps serving)
             LOG.warning("refused a corrupt instance from %s: %s", sender, str(exc).splitlines()[0][:160])
@@ -228,37 +431,104 @@ class DenoisingNode:
                 "skipped a %s instance %s from %s (only CT is denoised)", modality or "?", sop_uid, sender
             )
             return 0x0000
-        if not ok:
-            LOG.warning("refused a corrupt CT instance %s from %s: pixel data too short", sop_uid, sender)
+        if problem:
+            LOG.warning("refused a corrupt CT instance %s from %s: %s", sop_uid, sender, problem)
             return CANNOT_UNDERSTAND
+        try:
+            self._spool_instance(event.encoded_dataset(include_meta=True), series_uid, sop_uid, calling)
+        except OSError as exc:
+            self._remember_refusal(series_uid, sop_uid)
+            LOG.error(
+                "refused instance %s of series %s from %s with 0xA700 Out of Resources: cannot store it in %s: %s",
+                sop_uid,
+                series_uid,
+                sender,
+                self.config.spool,
+                exc.strerror or exc,
+            )
+            return OUT_OF_RESOURCES
+        return 0x0000
+
+    def _spool_instance(self, data: bytes, series_uid: str, sop_uid: str, calling: str) -> None:
+        """Put one instance durably into ``incoming/<series>/`` and the manifest; raise OSError when it cannot."""
         fd, tmp = tempfile.mkstemp(suffix=".dcm", dir=self.dirs["tmp"])
-        with os.fdopen(fd, "wb") as f:
-            f.write(event.encoded_dataset(include_meta=True))
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the sender hears "success"
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())  # on disk before the sender hears "success"
+            with self._lock:
+                folder = self.dirs["incoming"] / series_uid
+                folder.mkdir(exist_ok=True)
+                arrival = self._arrivals.setdefault(series_uid, _Arrival(time.monotonic()))
+                already = sop_uid in arrival.acknowledged  # sent again: the same instance
+                target = folder / f"{sop_uid}.dcm"
+                os.replace(tmp, target)
+                _fsync_dir(folder)
+                _crash_point("received")
+                if not already:
+                    try:
+                        _append_manifest(folder, sop_uid, calling)
+                    except OSError:
+                        target.unlink(missing_ok=True)  # not acknowledged: not part of the series
+                        raise
+                (folder / f"{sop_uid}{REFUSED}").unlink(missing_ok=True)
+                arrival.last_seen = time.monotonic()
+                arrival.acknowledged.add(sop_uid)
+                arrival.senders.add(calling)
+                arrival.refused.discard(sop_uid)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def _remember_refusal(self, series_uid: str, sop_uid: str) -> None:
+        """Record that an instance of the series was refused: the series must not be forwarded without it."""
         with self._lock:
-            folder = self.dirs["incoming"] / series_uid
-            folder.mkdir(exist_ok=True)
-            os.replace(tmp, folder / f"{sop_uid}.dcm")
             arrival = self._arrivals.setdefault(series_uid, _Arrival(0.0))
             arrival.last_seen = time.monotonic()
-            arrival.instances += 1
-            arrival.senders.add(str(event.assoc.requestor.ae_title))
-        return 0x0000
+            arrival.refused.add(sop_uid)
+            folder = self.dirs["incoming"] / series_uid
+            try:  # an empty file needs no data block: it usually fits on a full disk, and survives a restart
+                folder.mkdir(exist_ok=True)
+                (folder / f"{sop_uid}{REFUSED}").touch()
+            except OSError:
+                pass  # remembered in memory only
 
     def _watch(self) -> None:
         while not self._stop.wait(min(0.25, self.config.quiet_seconds / 4)):
-            now = time.monotonic()
-            with self._lock:
-                quiet = [
-                    uid for uid, a in self._arrivals.items() if now - a.last_seen >= self.config.quiet_seconds
-                ]
-                for uid in quiet:
-                    arrival = self._arrivals.pop(uid)
-                    job = self.dirs["ready"] / f"{uid}.{time.time_ns()}"
-                    os.replace(self.dirs["incoming"] / uid, job)
-                    (job / ".senders").write_text(",".join(sorted(arrival.senders)))
+            try:
+                self._close_quiet_series()
+            except Exception as exc:  # noqa: BLE001 (the thread must outlive a full disk; it retries)
+                LOG.error("quiet-period check failed, will try again: %s", exc)
+
+    def _close_quiet_series(self) -> None:
+        """Queue (or fail, when incomplete) each series nothing arrived for during the quiet period."""
+        now = time.monotonic()
+        with self._lock:
+            quiet = [
+                uid for uid, a in self._arrivals.items() if now - a.last_seen >= self.config.quiet_seconds
+            ]
+            for uid in quiet:
+                arrival = self._arrivals[uid]
+                folder = self.dirs["incoming"] / uid
+                name = f"{uid}.{time.time_ns()}"
+                if not folder.is_dir():
+                    LOG.error("series %s: nothing stored; %d instance(s) refused", uid, len(arrival.refused))
+                elif arrival.refused:
+                    reason = (
+                        f"{len(arrival.refused)} instance(s) were refused (0xA700, spool full) and not sent "
+                        f"again, e.g. {sorted(arrival.refused)[0]}; the series is incomplete and was not "
+                        "denoised: free space and send the whole series again"
+                    )
+                    self._fail(
+                        folder, name, reason, received=len(arrival.acknowledged), senders=arrival.senders
+                    )
+                else:
+                    job = self.dirs["ready"] / name
+                    os.replace(folder, job)
+                    _fsync_dir(self.dirs["ready"])
                     self._submit(job)
+                del self._arrivals[uid]
 
     def _submit(self, job: Path, attempt: int = 0) -> None:
         if self._stop.is_set():
@@ -267,37 +537,65 @@ class DenoisingNode:
 
     # ------------------------------------------------------------------------------- processing
 
+    def _check_complete(self, job: Path) -> None:
+        """Every acknowledged instance present; drop files nobody acknowledged (a kill mid-transfer)."""
+        acknowledged = read_manifest(job)
+        if acknowledged is None:
+            return  # spooled by an older version of the node: every file was acknowledged
+        present = {p.stem for p in job.glob("*.dcm")}
+        missing = sorted(set(acknowledged) - present)
+        if missing:
+            raise UserError(
+                f"{len(missing)} acknowledged instance(s) are missing from the spool, e.g. {missing[0]}; "
+                "not forwarding a partial series"
+            )
+        for stray in sorted(present - set(acknowledged)):
+            LOG.warning("series %s: dropped instance %s, never acknowledged (cut off)", job.name, stray)
+            (job / f"{stray}.dcm").unlink()
+
     def _denoise_to(self, job: Path, out: Path) -> dict:
         """Denoise the job's series into the derived series ``out``; its figures are kept in the job."""
-        facts_file = job / ".denoised.json"
+        facts_file = job / FACTS
         if out.is_dir() and facts_file.exists():  # an earlier attempt denoised it; only sending failed
             return json.loads(facts_file.read_text())
+        self._check_complete(job)
         volume = read_volume(job)
         t0 = time.monotonic()
         result = self.denoise(volume)
         denoise_s = time.monotonic() - t0
+        warnings = [applicability_warning(volume, self.config.model_card)]
+        warnings = [w for w in warnings + list(result.meta.get("warnings", [])) if w]
         before, after = series_noise(volume, result)
         shutil.rmtree(out, ignore_errors=True)
         files = export_derived_series(
-            result, out, source_files=volume.meta["dicom_files"], options=self.config.options
+            result,
+            out,
+            source_files=volume.meta["dicom_files"],
+            options=replace(self.config.options, warnings=tuple(warnings)),
         )
         facts = {
             "slices": len(files),
             "denoise_seconds": denoise_s,
             "noise_before_hu": before,
             "noise_after_hu": after,
+            "warnings": warnings,
         }
-        facts_file.write_text(json.dumps(facts))
+        staged = job / f"{FACTS}.tmp"
+        staged.write_text(json.dumps(facts))
+        os.replace(staged, facts_file)  # whole or absent: the mark that ``out`` is complete
         return facts
 
     def _process(self, job: Path, attempt: int = 0) -> None:
         start = time.monotonic()
         series_uid = job.name.rsplit(".", 1)[0]
-        senders = (job / ".senders").read_text() if (job / ".senders").exists() else "spool"
+        senders = ",".join(sorted(set((read_manifest(job) or {}).values()))) or "spool"
         received = len(list(job.glob("*.dcm")))
         out = self.dirs["work"] / job.name
         try:
             facts = self._denoise_to(job, out)
+            for message in facts.get("warnings", []):
+                LOG.warning("series %s: warning: %s", series_uid, message)
+            _crash_point("denoised")
             report = send_instances(
                 sorted(out.glob("*.dcm")),
                 self.config.forward,
@@ -306,29 +604,23 @@ class DenoisingNode:
                 retries=self.config.retries,
             )
             report.raise_for_failures()
-        except DestinationUnavailable as exc:
+        except (DestinationUnavailable, OSError) as exc:
+            if isinstance(exc, OSError) and exc.errno not in NO_SPACE:
+                self._fail_job(job, out, f"{type(exc).__name__}: {exc}", received, senders, start)
+                return
             delay = min(self.config.retry_seconds * 2**attempt, MAX_RETRY_SECONDS)
+            what = "denoised, but " if out.is_dir() else ""
             LOG.warning(
-                "series %s: denoised, but %s; will retry in %.0f s (kept in %s)", series_uid, exc, delay, job
+                "series %s: %s%s; will retry in %.0f s (kept in %s)", series_uid, what, exc, delay, job
             )
             self._retry_later(job, attempt + 1, delay)
             return
         except Exception as exc:  # noqa: BLE001 (one bad series must not stop the node)
             reason = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
-            shutil.rmtree(out, ignore_errors=True)
-            self._fail(job, reason)
-            LOG.error(
-                "series %s: received %d instance(s) from %s; FAILED after %.1f s: %s (kept in %s)",
-                series_uid,
-                received,
-                senders,
-                time.monotonic() - start,
-                reason,
-                self.dirs["failed"] / job.name,
-            )
+            self._fail_job(job, out, reason, received, senders, start)
             return
-        shutil.rmtree(out, ignore_errors=True)
-        shutil.rmtree(job, ignore_errors=True)
+        _crash_point("sent")
+        self._discard_sent(job, out)
         seconds = time.monotonic() - start
         LOG.info(
             "series %s: received %d instance(s) from %s, denoised %d slice(s) in %.1f s, sent %d to %s; "
@@ -345,6 +637,22 @@ class DenoisingNode:
             facts["noise_after_hu"],
         )
 
+    def _discard_sent(self, job: Path, out: Path) -> None:
+        """Remove a sent series: first one rename out of ``ready/`` (the "sent" mark), then delete.
+
+        A kill before the rename re-sends the same derived instances (same UIDs: nothing new in the
+        PACS); after it, the next start finds nothing to do and clears ``tmp/``.
+        """
+        sent = self.dirs["tmp"] / f"sent-{job.name}"
+        os.replace(job, sent)
+        _fsync_dir(self.dirs["ready"])
+        _crash_point("cleanup")
+        derived = self.dirs["tmp"] / f"sent-{job.name}-derived"
+        if out.is_dir():
+            os.replace(out, derived)
+        shutil.rmtree(sent, ignore_errors=True)
+        shutil.rmtree(derived, ignore_errors=True)
+
     def _retry_later(self, job: Path, attempt: int, delay: float) -> None:
         """Queue ``job`` again after ``delay`` s, unless the node stops first (then the next start resumes it)."""
 
@@ -354,10 +662,42 @@ class DenoisingNode:
 
         threading.Thread(target=resubmit, name="retry", daemon=True).start()
 
-    def _fail(self, job: Path, reason: str) -> None:
-        target = self.dirs["failed"] / job.name
+    def _fail_job(self, job: Path, out: Path, reason: str, received: int, senders: str, start: float) -> None:
+        shutil.rmtree(out, ignore_errors=True)
+        self._fail(job, job.name, reason, received=received, senders=senders, start=start)
+
+    def _fail(
+        self,
+        folder: Path,
+        name: str,
+        reason: str,
+        *,
+        received: int,
+        senders: str | set[str],
+        start: float | None = None,
+    ) -> None:
+        """Move a series' instances to ``failed/NAME`` with ``reason.txt``; log one line with the final path."""
+        target = self.dirs["failed"] / name
+        reason = reason.replace(str(folder), str(target))  # the reader names the folder it read
+        if re.search(r"--(force|series|resample-gaps)\b", reason):
+            reason += (
+                f" (those are options of `ipv2-denoise denoise`: run it on {target} with --dicom and "
+                f"--send {self.config.forward.host}:{self.config.forward.port}:{self.config.forward.aet})"
+            )
         try:
-            os.replace(job, target)
+            os.replace(folder, target)
             (target / "reason.txt").write_text(reason + "\n")
         except OSError as exc:
-            LOG.error("could not move %s to %s: %s", job, target, exc)
+            LOG.error("could not move %s to %s: %s", folder, target, exc)
+            target = folder
+        senders = ",".join(sorted(senders)) if isinstance(senders, set) else senders
+        after = f" after {time.monotonic() - start:.1f} s" if start is not None else ""
+        LOG.error(
+            "series %s: received %d instance(s) from %s; FAILED%s: %s (kept in %s)",
+            name.rsplit(".", 1)[0],
+            received,
+            senders or "spool",
+            after,
+            reason,
+            target,
+        )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import signal
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from IPv2DenoiseLib.app.arguments import (
     add_model_arguments,
     load_denoiser,
     non_negative_int,
+    positive_float,
     positive_seconds,
 )
 from IPv2DenoiseLib.core.device import describe_device, resolve_device
@@ -40,7 +42,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="HOST:PORT:AET",
         help="where derived series are stored (usually the PACS)",
     )
-    parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default: %(default)s, all)")
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default: %(default)s, this machine only; 0.0.0.0 for every interface)",
+    )
+    parser.add_argument(
+        "--allow-aet",
+        action="append",
+        default=[],
+        metavar="AET",
+        help="accept associations only from this calling AE title (repeatable; default: any, logged as a warning)",
+    )
+    parser.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="HOST/CIDR",
+        help="accept associations only from this IP address or network, e.g. 10.0.0.0/24 (repeatable; default: any)",
+    )
+    parser.add_argument(
+        "--max-instance-mb",
+        type=positive_float,
+        default=512.0,
+        metavar="MB",
+        help="refuse (0xA700) a received instance larger than this (default: %(default)g)",
+    )
     parser.add_argument(
         "--spool",
         default="ipv2-spool",
@@ -84,7 +111,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     # lazy: torch (through the Denoiser), pydicom and pynetdicom load here, not at every CLI start-up
     from IPv2DenoiseLib.app.commands.denoise import model_provenance
-    from IPv2DenoiseLib.app.dicom_node import DenoisingNode, NodeConfig
+    from IPv2DenoiseLib.app.dicom_node import DenoisingNode, HostAllowList, NodeConfig
     from IPv2DenoiseLib.io.dicom_export import DerivedSeriesOptions
     from IPv2DenoiseLib.io.dicom_net import check_aet, parse_node
 
@@ -94,10 +121,18 @@ def run(args: argparse.Namespace) -> int:
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     if not 1 <= args.port <= 65535:
         raise UserError(f"--port {args.port}: must be between 1 and 65535")
+    if not math.isfinite(args.max_instance_mb):
+        raise UserError(f"--max-instance-mb {args.max_instance_mb}: must be a finite number of MB")
     if args.jobs < 1:
         raise UserError(f"--jobs {args.jobs}: must be at least 1")
     check_aet(args.aet, "--aet")
+    if args.forward.count(":") < 2:  # parse_node's hint would name --aet, which here is the node's own title
+        raise UserError(
+            f"--forward {args.forward!r}: expected HOST:PORT:AET (AET: the PACS's called AE title)"
+        )
     forward = parse_node(args.forward, what="--forward")
+    allow_hosts = HostAllowList(args.allow_host)
+    allow_aets = tuple(check_aet(aet, "--allow-aet") for aet in args.allow_aet)
     spool = Path(args.spool)
     if spool.exists() and not spool.is_dir():
         raise UserError(f"--spool {spool}: exists and is not a folder")
@@ -119,14 +154,19 @@ def run(args: argparse.Namespace) -> int:
         retries=args.retries,
         retry_seconds=args.retry_seconds,
         options=DerivedSeriesOptions(model=provenance),
+        allow_aets=allow_aets,
+        allow_hosts=allow_hosts,
+        max_instance_bytes=int(args.max_instance_mb * 2**20),
+        model_card=denoiser.card,
     )
 
     def denoise(volume):
         return denoiser.denoise(volume, device=device, remove_background=args.remove_background)
 
-    node = DenoisingNode(config, denoise).start()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    node = DenoisingNode(config, denoise)
+    for sig in (signal.SIGTERM, signal.SIGINT):  # before start: a stop while it starts is a clean stop too
         signal.signal(sig, lambda *_: node.request_stop())
+    node.start()
     try:
         node.wait()
     finally:
