@@ -16,7 +16,18 @@ silently misplaces slices when the series is not a regular stack:
   true position; the grid grows to hold the shifted slices (new pixels are air, −1024 HU);
 * two slices at one position, slices of different orientation or size: refused;
 * enhanced (multi-frame) CT: read through GDCM, the geometry checked against the per-frame
-  positions, and refused when its values are not HU (e.g. a perfusion map).
+  positions, and refused when its values are not HU (e.g. a perfusion map);
+* slices of two patients or two studies under one SeriesInstanceUID: refused, naming both files;
+* a damaged slice (PixelData shorter or longer than Rows x Columns x BitsAllocated/8 x frames, a
+  file cut short) or a file beside the series that looks like one of its slices but cannot be
+  read: a missing slice, refused naming the file unless ``resample_gaps`` (then left out);
+* RescaleSlope <= 0 or a non-finite slope/intercept: refused.
+
+Which neighbouring files count as "looks like a slice" (:func:`unreadable_neighbours`): a file in
+a folder of the series, not hidden, not read as an image of any series, and either starting with
+the DICOM preamble (``DICM`` at byte 128), named ``*.dcm``/``*.dicom``/``*.ima``, or named like the
+series' own files up to the digits (``IM0007`` beside ``IM0001``). A README, a ``DICOMDIR`` or a
+readable non-image object (SR, RT structures) is left alone.
 
 Coronal and sagittal series are read in their own geometry; the denoiser reorients them to
 axial for the network and back (see :meth:`IPv2DenoiseLib.core.volume.Volume.to_axial`).
@@ -24,8 +35,11 @@ axial for the network and back (see :meth:`IPv2DenoiseLib.core.volume.Volume.to_
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +47,8 @@ from typing import Any
 import numpy as np
 import pydicom
 import SimpleITK as sitk
+from pydicom.config import disable_value_validation
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from scipy import ndimage as ndi
@@ -49,6 +65,12 @@ PADDING_HU = -1024.0
 GAP_TOLERANCE = 0.1
 #: In-plane drift (mm) over the whole stack above which slices are shifted onto a regular grid.
 SHEAR_TOLERANCE_MM = 0.05
+#: File endings that mark a file as DICOM even when it cannot be parsed.
+DICOM_SUFFIXES = frozenset({".dcm", ".dicom", ".ima"})
+#: Values larger than this (bytes) are not loaded with a header, only located (PixelData).
+_DEFER_BYTES = 256
+_PIXEL_DATA_TAG = 0x7FE00010
+_UNDEFINED_LENGTH = 0xFFFFFFFF
 
 _META_KEYWORDS = {
     "PatientID": "PatientID",
@@ -122,10 +144,55 @@ def _search_folders(root: Path) -> list[Path]:
     return folders
 
 
-def _header(path: Path) -> Dataset | None:
+@contextmanager
+def quiet_readers() -> Iterator[None]:
+    """Keep pydicom's value-validation warnings and ITK's warning blocks off the terminal.
+
+    Odd VRs in a scanner's header are not the user's problem (the values we need are checked
+    ourselves), and GDCM's "No Series were found" block says what our own refusal says better.
+    """
+    itk_warnings = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-    except (InvalidDicomError, OSError, ValueError, TypeError, AttributeError, EOFError):
+        with disable_value_validation():
+            yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(itk_warnings)
+
+
+_HEADER_ERRORS = (InvalidDicomError, OSError, ValueError, TypeError, AttributeError, EOFError, KeyError)
+
+
+def _convert_values(ds: Dataset) -> None:
+    """Turn every loaded raw element into its value now, without validation warnings (pydicom
+    converts lazily, so an odd VR would otherwise warn wherever a value is first used)."""
+    for tag in list(ds.keys()):
+        raw = ds.get_item(tag, keep_deferred=True)
+        if isinstance(raw, RawDataElement) and raw.value is None:
+            continue  # deferred (PixelData, large private blobs): located, not loaded
+        try:
+            element = ds[tag]
+        except (ValueError, TypeError, KeyError):
+            del ds[tag]  # a value that cannot be converted: as if absent (checked where it matters)
+            continue
+        if element.VR == "SQ":
+            for item in element.value:
+                _convert_values(item)
+
+
+def read_header(path: Path) -> Dataset:
+    """The DICOM header of ``path``; PixelData is located (offset, length) but not loaded."""
+    with disable_value_validation():
+        ds = pydicom.dcmread(path, defer_size=_DEFER_BYTES)
+        _convert_values(ds)
+    return ds
+
+
+def _header(path: Path) -> Dataset | None:
+    """The header of an image file (one with Rows), or None for anything else."""
+    try:
+        ds = read_header(path)
+    except _HEADER_ERRORS:
         return None
     return ds if "Rows" in ds else None
 
@@ -164,10 +231,11 @@ def find_series(path: str | os.PathLike) -> list[SeriesInfo]:
         if ds is not None:
             grouped[str(ds.get("SeriesInstanceUID", "unknown"))] = [p]
     else:
-        for folder in _search_folders(p):
-            for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)):
-                names = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
-                grouped.setdefault(uid, []).extend(Path(n) for n in names)
+        with quiet_readers():
+            for folder in _search_folders(p):
+                for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)):
+                    names = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
+                    grouped.setdefault(uid, []).extend(Path(n) for n in names)
     found = []
     for uid, files in grouped.items():
         pairs = [(f, h) for f in files if (h := _header(f)) is not None]
@@ -296,6 +364,183 @@ def gap_message(geometry: StackGeometry, headers: list[Dataset], *, where: str) 
         f"{_label(headers[k + 1])}) where the series steps {geometry.step:.2f} mm{more}; "
         "pass --resample-gaps to interpolate onto an even grid"
     )
+
+
+# --------------------------------------------------------------------------------------- integrity
+
+
+def check_one_patient(info: SeriesInfo, *, where: str) -> None:
+    """Refuse a series whose slices belong to two patients or two studies (one UID, two people).
+
+    A derived series is filed under the first slice's patient and study; a mixed one would put
+    another patient's images there.
+    """
+    for keyword, what in (("PatientID", "patients"), ("StudyInstanceUID", "studies")):
+        first = str(info.first.get(keyword, "") or "")
+        for path, header in zip(info.files, info.headers):
+            value = str(header.get(keyword, "") or "")
+            if value != first:
+                raise UserError(
+                    f"{where}: series {info.uid} mixes two {what}: {keyword} {first or '(empty)'} "
+                    f"(file {info.files[0]}) and {value or '(empty)'} (file {path}); one series is one "
+                    f"patient's scan: remove the files that do not belong"
+                )
+
+
+def _rescale_pairs(ds: Dataset) -> Iterator[tuple[Any, Any]]:
+    yield ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+    for groups in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        for group in ds.get(groups, []) or []:
+            for item in group.get("PixelValueTransformationSequence", []) or []:
+                yield item.get("RescaleSlope"), item.get("RescaleIntercept")
+
+
+def check_rescale(ds: Dataset, path: Path) -> None:
+    """Refuse RescaleSlope <= 0 and non-finite slope or intercept: HU = slope x stored + intercept."""
+    for slope, intercept in _rescale_pairs(ds):
+        for name, value, positive in (("RescaleSlope", slope, True), ("RescaleIntercept", intercept, False)):
+            if value in (None, ""):
+                continue
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                number = math.nan
+            if not math.isfinite(number) or (positive and number <= 0):
+                need = "a positive finite number" if positive else "a finite number"
+                raise UserError(
+                    f"{path}: {name} {value!s} is not {need}; HU = RescaleSlope x stored value + "
+                    "RescaleIntercept would be nonsense"
+                )
+
+
+def _expected_pixel_bytes(ds: Dataset) -> int:
+    bits = (
+        int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0) * int(ds.get("SamplesPerPixel", 1) or 1)
+    )
+    bits *= int(ds.get("NumberOfFrames", 1) or 1) * int(ds.get("BitsAllocated", 16) or 16)
+    return (bits + 7) // 8
+
+
+def pixel_data_problem(path: Path, ds: Dataset) -> str | None:
+    """What is wrong with the stored PixelData of ``path`` (None when its size is right).
+
+    GDCM reads a short PixelData into an uninitialised buffer (different values on every run), so
+    the sizes are checked here: the element's length against Rows x Columns x samples x frames x
+    BitsAllocated/8, and the file's size against where the element ends. Compressed
+    (encapsulated) pixel data has no fixed size; GDCM's decoder checks it.
+    """
+    element = ds.get_item(_PIXEL_DATA_TAG, keep_deferred=True)
+    if element is None:
+        return "no pixel data"
+    if isinstance(element, RawDataElement):
+        length, ends_at = element.length, element.value_tell + element.length
+    else:
+        length, ends_at = len(element.value or b""), None
+    if length == _UNDEFINED_LENGTH:
+        return None
+    expected = _expected_pixel_bytes(ds)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if length < expected:
+        return (
+            f"PixelData holds {length} bytes where Rows x Columns x BitsAllocated/8 x {frames} frame(s) "
+            f"needs {expected}"
+        )
+    if length > expected + 1:  # one byte of padding to an even length is allowed
+        if frames > 1 or "NumberOfFrames" in ds:
+            return (
+                f"NumberOfFrames {frames} declares fewer frames than PixelData holds ({length} bytes, "
+                f"{length / max(expected // frames, 1):.1f} frames)"
+            )
+        return f"PixelData holds {length} bytes where the header's image size needs {expected}"
+    size = path.stat().st_size
+    if ends_at is not None and ends_at > size:
+        return f"the file is cut short: it ends {ends_at - size} bytes before its pixel data does"
+    return None
+
+
+def _name_shape(name: str) -> str:
+    """A file name with its digits blanked: IM0007 and IM0001 have one shape."""
+    return re.sub(r"\d+", "#", name)
+
+
+def _has_dicom_preamble(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def _why_unreadable(path: Path) -> str:
+    """One phrase: why ``path`` does not read as a DICOM image (permission, cut short, not DICOM)."""
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except PermissionError:
+        return "permission denied"
+    except OSError as exc:
+        return exc.strerror or "unreadable"
+    try:
+        ds = read_header(path)
+    except InvalidDicomError:
+        return "not a DICOM file (garbage or another format)"
+    except _HEADER_ERRORS as exc:
+        return f"its DICOM header is damaged or cut short ({type(exc).__name__})"
+    if "Rows" not in ds or _PIXEL_DATA_TAG not in ds:
+        return "its DICOM header is cut short (no image in it)"
+    return "GDCM cannot read it"
+
+
+def _is_image_sop_class(ds: Dataset) -> bool:
+    uid = ds.get("SOPClassUID") or getattr(ds, "file_meta", Dataset()).get("MediaStorageSOPClassUID")
+    return uid is None or "Image" in getattr(uid, "name", "")
+
+
+def unreadable_neighbours(info: SeriesInfo) -> list[tuple[Path, str]]:
+    """Files beside the series' slices that look like slices of it but cannot be read (see the module doc).
+
+    Readable images of other series, readable non-image DICOM (SR, RT, DICOMDIR) and files that look
+    like nothing DICOM (README.txt, notes) are left alone.
+    """
+    members = {f.resolve() for f in info.files}
+    shapes = {_name_shape(f.name) for f in info.files}
+    found = []
+    for folder in sorted({f.parent for f in info.files}):
+        try:
+            entries = sorted(folder.iterdir())
+        except OSError:
+            continue
+        for path in entries:
+            if path.name.startswith(".") or path.name.upper() == "DICOMDIR" or not path.is_file():
+                continue
+            if path.resolve() in members:
+                continue
+            try:
+                ds = read_header(path)
+            except _HEADER_ERRORS:
+                ds = None
+            if ds is not None and "Rows" in ds and _PIXEL_DATA_TAG in ds:
+                if str(ds.get("SeriesInstanceUID", "")) == info.uid:  # ours, but GDCM left it out
+                    found.append((path, pixel_data_problem(path, ds) or "GDCM cannot read it"))
+                continue  # an image of another series
+            if ds is not None and not _is_image_sop_class(ds):
+                continue  # a readable non-image object (SR, RT structure set, DICOMDIR)
+            looks_dicom = (
+                ds is not None
+                or _has_dicom_preamble(path)
+                or path.suffix.lower() in DICOM_SUFFIXES
+                or _name_shape(path.name) in shapes
+            )
+            if looks_dicom:
+                found.append((path, _why_unreadable(path)))
+    return found
+
+
+def damaged_files(info: SeriesInfo, *, check_folders: bool) -> list[tuple[Path, str]]:
+    """Slices of the series whose pixel data is the wrong size, then unreadable neighbours."""
+    damaged = [(f, why) for f, h in zip(info.files, info.headers) if (why := pixel_data_problem(f, h))]
+    return damaged + (unreadable_neighbours(info) if check_folders else [])
 
 
 # --------------------------------------------------------------------------------------- pixels
@@ -456,14 +701,67 @@ def read_series(
     resample_gaps: bool = False,
     n_series: int = 1,
     progress: ProgressCallback | None = None,
+    check_folders: bool = True,
 ) -> Volume:
-    """The series as a volume on a regular grid (see the module docstring for what is refused)."""
+    """The series as a volume on a regular grid (see the module docstring for what is refused).
+
+    ``check_folders`` also looks at the other files in the series' folders for unreadable slices
+    (off when the user named one file).
+    """
+    with quiet_readers():
+        return _read_series(
+            info,
+            where=where,
+            force=force,
+            resample_gaps=resample_gaps,
+            n_series=n_series,
+            progress=progress,
+            check_folders=check_folders,
+        )
+
+
+def _left_out_damaged(info: SeriesInfo, *, where: str, resample_gaps: bool, check_folders: bool):
+    """The series without its damaged slices (only with ``resample_gaps``), and a warning or None."""
+    damaged = damaged_files(info, check_folders=check_folders)
+    if not damaged:
+        return info, None
+    path, why = damaged[0]
+    more = f" ({len(damaged)} such files in all)" if len(damaged) > 1 else ""
+    multiframe = int(info.first.get("NumberOfFrames", 1) or 1) > 1
+    if not resample_gaps or multiframe:
+        hint = "" if multiframe else "; pass --resample-gaps to leave it out (and interpolate over it)"
+        raise UserError(f"{where}: {path}: {why}{more}; a slice that cannot be read is a missing slice{hint}")
+    bad = {f for f, _ in damaged}
+    kept = [(f, h) for f, h in zip(info.files, info.headers) if f not in bad]
+    if not kept:
+        raise UserError(f"{where}: no readable slice in series {info.uid} ({path}: {why})")
+    warning = f"left out {len(damaged)} unreadable file(s) of series {info.uid} (first: {path}: {why}) (--resample-gaps)"
+    return SeriesInfo(info.uid, [f for f, _ in kept], [h for _, h in kept]), warning
+
+
+def _read_series(
+    info: SeriesInfo,
+    *,
+    where: str,
+    force: bool,
+    resample_gaps: bool,
+    n_series: int,
+    progress: ProgressCallback | None,
+    check_folders: bool,
+) -> Volume:
     first = info.first
     if info.modality != "CT" and not force:
         raise UserError(
             f"{where}: modality is {info.modality or 'missing'}, not CT "
             "(info and denoise read it anyway with --force)"
         )
+    check_one_patient(info, where=where)
+    for path, header in zip(info.files, info.headers):
+        check_rescale(header, path)
+    info, left_out = _left_out_damaged(
+        info, where=where, resample_gaps=resample_gaps, check_folders=check_folders
+    )
+    first = info.first
     if int(first.get("NumberOfFrames", 1) or 1) > 1:
         return _read_multiframe(info, where=where, force=force, n_series=n_series)
     _check_hu_units(first, where=where, force=force)
@@ -481,6 +779,8 @@ def read_series(
     pixel_spacing = [float(v) for v in first.get("PixelSpacing", [1, 1])]
     sx, sy = pixel_spacing[1], pixel_spacing[0]
     meta = _meta(first, info, n_series)
+    if left_out:
+        meta["warnings"].append(left_out)
     origin = geometry.positions[0].copy()
     if geometry.sheared:
         hu, lo = _shift_in_plane(hu, geometry, (sx, sy))
@@ -525,7 +825,8 @@ def read_dicom(
         Interpolate missing slices / uneven spacing instead of refusing.
     """
     where = str(path)
-    found = find_series(path)
+    with quiet_readers():
+        found = find_series(path)
     if not found:
         hint = " (hidden folders such as .venv are not searched)" if Path(path).is_dir() else ""
         raise UserError(
@@ -540,7 +841,13 @@ def read_dicom(
         )
     info = choose_series(candidates, series, where=where)
     volume = read_series(
-        info, where=where, force=force, resample_gaps=resample_gaps, n_series=len(found), progress=progress
+        info,
+        where=where,
+        force=force,
+        resample_gaps=resample_gaps,
+        n_series=len(found),
+        progress=progress,
+        check_folders=not Path(path).is_file(),
     )
     if len(found) > len(candidates):
         volume.meta["series_choice"] += (
@@ -554,11 +861,18 @@ __all__ = [
     "PADDING_HU",
     "SeriesInfo",
     "StackGeometry",
+    "check_one_patient",
+    "check_rescale",
     "choose_series",
+    "damaged_files",
     "find_series",
     "orientation_name",
+    "pixel_data_problem",
+    "quiet_readers",
     "read_dicom",
+    "read_header",
     "read_series",
     "series_of_files",
     "stack_geometry",
+    "unreadable_neighbours",
 ]

@@ -1,0 +1,198 @@
+"""Hostile and damaged inputs (issue #21): read with every slice, or refused in one line naming the file.
+
+Real DICOM from pydicom's CT_small.dcm (conftest's ``write_ct_series``) and pydicom's enhanced CT,
+damaged the ways an archive damages them: two patients under one series UID, a first or last
+file cut short or overwritten, PixelData shorter than the image, nonsense rescale values.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from conftest import write_ct_series
+from pydicom.config import disable_value_validation
+from pydicom.data import get_testdata_file
+from pydicom.dataelem import DataElement
+
+from IPv2DenoiseLib import UserError
+from IPv2DenoiseLib.io.volumes import read_dicom_series, read_volume
+
+N_SLICES = 8
+
+
+def series(folder: Path) -> list[Path]:
+    """Eight real CT slices in slice order (IM0000 is the first, IM0007 the last)."""
+    return write_ct_series(folder, N_SLICES, shuffle=False)
+
+
+def edit(path: Path, **values) -> None:
+    """Rewrite header values of one file (validation off, so nonsense can be written)."""
+    with disable_value_validation():
+        ds = pydicom.dcmread(path)
+        for keyword, value in values.items():
+            tag = pydicom.datadict.tag_for_keyword(keyword)
+            ds[keyword] = DataElement(tag, pydicom.datadict.dictionary_VR(tag), value)
+        ds.save_as(path)
+
+
+# --------------------------------------------------------------------------------------- patients
+
+
+@pytest.mark.parametrize(("keyword", "what"), [("PatientID", "patients"), ("StudyInstanceUID", "studies")])
+def test_series_mixing_two_patients_or_studies_is_refused_naming_both(tmp_path, keyword, what) -> None:
+    paths = series(tmp_path / "s")
+    first = str(pydicom.dcmread(paths[0]).get(keyword))
+    edit(paths[5], **{keyword: "OTHER.1"})
+    for read in (lambda: read_volume(tmp_path / "s"), lambda: read_dicom_series(paths)):
+        with pytest.raises(UserError, match=f"mixes two {what}: {keyword} ") as e:
+            read()
+        message = str(e.value)
+        assert first in message and "OTHER.1" in message, message
+        assert str(paths[0]) in message and str(paths[5]) in message, message
+
+
+# --------------------------------------------------------------------------------------- slices
+
+
+def cut_header(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:300])
+
+
+def garbage(path: Path) -> None:
+    path.write_bytes(np.random.default_rng(0).bytes(path.stat().st_size))
+
+
+def cut_pixels(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-5000])
+
+
+def short_pixel_data(path: Path) -> None:
+    ds = pydicom.dcmread(path)
+    ds.PixelData = ds.PixelData[: len(ds.PixelData) // 2]
+    ds.save_as(path)
+
+
+@pytest.mark.parametrize("index", [0, N_SLICES - 1])
+@pytest.mark.parametrize(
+    ("damage", "why"),
+    [
+        (cut_header, "its DICOM header is cut short"),
+        (garbage, "not a DICOM file"),
+        (cut_pixels, "the file is cut short"),
+        (short_pixel_data, "PixelData holds 16384 bytes where .* needs 32768"),
+    ],
+)
+def test_unreadable_first_or_last_slice_is_a_missing_slice(tmp_path, index, damage, why) -> None:
+    paths = series(tmp_path / "s")
+    damage(paths[index])
+    with pytest.raises(UserError, match=f"{paths[index]}: {why}.*pass --resample-gaps to leave it out"):
+        read_volume(tmp_path / "s")
+    with pytest.raises(UserError, match=f"{paths[index]}: {why}"):
+        read_dicom_series(paths)  # batch reads exactly the files it grouped: same rule
+    volume = read_volume(tmp_path / "s", resample_gaps=True)
+    assert volume.shape[0] == N_SLICES - 1
+    assert any(
+        "left out 1 unreadable file(s)" in w and str(paths[index]) in w for w in volume.meta["warnings"]
+    )
+
+
+def test_unreadable_middle_slice_is_interpolated_only_on_request(tmp_path) -> None:
+    paths = series(tmp_path / "s")
+    cut_pixels(paths[3])
+    with pytest.raises(UserError, match=f"{paths[3]}: the file is cut short"):
+        read_volume(tmp_path / "s")
+    volume = read_volume(tmp_path / "s", resample_gaps=True)
+    assert volume.shape[0] == N_SLICES  # the gap is interpolated like any missing slice
+    assert "dicom_files" not in volume.meta
+
+
+def test_short_pixel_data_never_reaches_the_image(tmp_path) -> None:
+    """GDCM reads a short PixelData into uninitialised memory: a different image on every run."""
+    paths = series(tmp_path / "s")
+    short_pixel_data(paths[4])
+    for _ in range(2):
+        with pytest.raises(UserError, match=f"{paths[4]}: PixelData holds 16384 bytes"):
+            read_volume(tmp_path / "s")
+
+
+def test_non_dicom_neighbours_are_still_ignored(tmp_path) -> None:
+    """README.txt, notes, a DICOMDIR and a readable non-image object beside the slices change nothing."""
+    folder = tmp_path / "s"
+    series(folder)
+    (folder / "README.txt").write_text("scanned 2026-01-01\n")
+    (folder / "notes").write_text("nothing here\n")
+    shutil.copy(get_testdata_file("DICOMDIR"), folder / "DICOMDIR")
+    sr = pydicom.dcmread(get_testdata_file("test-SR.dcm"))
+    sr.save_as(folder / "report.dcm")
+    volume = read_volume(folder)
+    assert volume.shape[0] == N_SLICES and not any("left out" in w for w in volume.meta["warnings"])
+    assert len(volume.meta["dicom_files"]) == N_SLICES
+
+
+def test_a_file_named_like_the_slices_that_is_not_dicom_is_refused(tmp_path) -> None:
+    folder = tmp_path / "s"
+    series(folder)
+    (folder / "IM0008").write_bytes(b"\x00" * 1000)  # a slice name, zero bytes of image
+    with pytest.raises(UserError, match="IM0008: not a DICOM file"):
+        read_volume(folder)
+
+
+def test_one_named_file_is_read_without_looking_at_its_neighbours(tmp_path) -> None:
+    paths = series(tmp_path / "s")
+    garbage(paths[0])
+    assert read_volume(paths[3]).shape[0] == 1
+
+
+# --------------------------------------------------------------------------------------- values
+
+
+@pytest.mark.parametrize(
+    ("keyword", "value"),
+    [("RescaleSlope", "-1"), ("RescaleSlope", "0"), ("RescaleSlope", "nan"), ("RescaleIntercept", "inf")],
+)
+def test_nonsense_rescale_is_refused_naming_the_file(tmp_path, keyword, value) -> None:
+    paths = series(tmp_path / "s")
+    edit(paths[2], **{keyword: value})
+    with pytest.raises(UserError, match=f"{paths[2]}: {keyword} {value} is not a"):
+        read_volume(tmp_path / "s")
+
+
+@pytest.mark.parametrize(
+    ("frames", "fault"), [(1, "declares fewer frames than PixelData holds"), (3, "needs")]
+)
+def test_multiframe_frame_count_must_match_its_pixel_data(tmp_path, frames, fault) -> None:
+    path = tmp_path / "enhanced.dcm"
+    shutil.copy(get_testdata_file("eCT_Supplemental.dcm"), path)  # 2 frames of 512 x 512
+    edit(path, NumberOfFrames=str(frames))
+    with pytest.raises(UserError, match=f"{path}: .*{fault}"):
+        read_volume(path, force=True)
+
+
+# --------------------------------------------------------------------------------------- terminal
+
+
+def test_reader_noise_never_reaches_the_terminal(tmp_path) -> None:
+    """pydicom's VR warnings and ITK's "No Series were found" block are not the user's business."""
+    paths = series(tmp_path / "s")
+    for path in paths:
+        edit(path, InstanceNumber="1.5", SeriesDescription="x" * 80)  # IS not an integer, LO too long
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "README.txt").write_text("no images\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cli = [sys.executable, "-m", "IPv2DenoiseLib.app.cli", "info"]
+    good = subprocess.run([*cli, str(tmp_path / "s")], capture_output=True, text=True, env=env, timeout=300)
+    assert good.returncode == 0, good.stderr
+    assert "Warning" not in good.stderr and "Invalid value" not in good.stderr, good.stderr
+    empty = subprocess.run(
+        [*cli, str(tmp_path / "empty")], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert empty.returncode == 2
+    assert empty.stderr.strip().splitlines() == [empty.stderr.strip()], empty.stderr
+    assert "no DICOM image found" in empty.stderr
