@@ -16,6 +16,7 @@ from IPv2DenoiseLib.io.dicom_export import (
     MODIFYING_EQUIPMENT_CODE,
     DerivedSeriesOptions,
     ModelProvenance,
+    default_series_number,
     export_derived_series,
 )
 from IPv2DenoiseLib.io.volumes import read_volume
@@ -48,7 +49,7 @@ def test_provenance_in_every_instance(source, tmp_path) -> None:
         assert equipment.Manufacturer == "IPv2 Denoise"
         assert equipment.ManufacturerModelName == "ipv2-denoise"
         assert equipment.SoftwareVersions == IPv2DenoiseLib.__version__
-        assert ds.Laterality == ""  # as the source (which names no body part) has it
+        assert ds.Laterality == ""  # the source names no body part: Type 2C needs it, and empty is true
 
 
 def test_default_description_says_denoised_and_names_the_model(source, tmp_path) -> None:
@@ -60,7 +61,41 @@ def test_default_description_says_denoised_and_names_the_model(source, tmp_path)
     )
     ds = pydicom.dcmread(files[0])
     assert "denoised" in ds.SeriesDescription and "unet-ipv2" in ds.SeriesDescription
-    assert ds.SeriesNumber == 304  # 300 + the source's number
+    assert str(ds.SeriesNumber).startswith("304") and len(str(ds.SeriesNumber)) == 9  # 300 + the source's 4
+
+
+def test_default_series_numbers_differ_between_runs_from_one_source(source) -> None:
+    template = pydicom.dcmread(source.meta["dicom_files"][0])
+    first, later = default_series_number(template, now=1_000), default_series_number(template, now=1_001)
+    assert first != later and str(first).startswith("304") and str(later).startswith("304")
+    assert default_series_number(template, now=2**40) <= 2**31 - 1  # DICOM IS range
+
+
+def test_laterality_is_copied_never_empty_when_the_body_part_is_named(tmp_path) -> None:
+    paths = write_ct_series(tmp_path / "chest", 2, series_number=5)
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        ds.BodyPartExamined, ds.Laterality = "CHEST", ""  # an empty Laterality in the source
+        ds.save_as(path)
+    chest = read_volume(tmp_path / "chest")
+    (first, _) = export_derived_series(chest, tmp_path / "out", source_files=chest.meta["dicom_files"])
+    assert "Laterality" not in pydicom.dcmread(first)
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        ds.BodyPartExamined, ds.Laterality = "BREAST", "L"
+        ds.save_as(path)
+    breast = read_volume(tmp_path / "chest")
+    (first, _) = export_derived_series(breast, tmp_path / "out2", source_files=breast.meta["dicom_files"])
+    assert pydicom.dcmread(first).Laterality == "L"
+
+
+def test_one_slice_has_no_invented_spacing_between_slices(tmp_path) -> None:
+    hu = np.full((1, 16, 16), -1000.0, dtype=np.float32)
+    (path,) = export_derived_series(Volume(hu, spacing=(0.7, 0.7, 1.0)), tmp_path / "one")
+    ds = pydicom.dcmread(path)
+    assert "SpacingBetweenSlices" not in ds and float(ds.SliceThickness) == 1.0
+    two = export_derived_series(Volume(np.repeat(hu, 2, axis=0), spacing=(0.7, 0.7, 1.0)), tmp_path / "two")
+    assert float(pydicom.dcmread(two[0]).SpacingBetweenSlices) == 1.0
 
 
 def test_new_series_takes_patient_and_study_from_options(tmp_path) -> None:

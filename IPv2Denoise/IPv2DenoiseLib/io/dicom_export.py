@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import datetime as _dt
 import os
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,7 @@ __all__ = [
     "DerivedSeriesOptions",
     "ModelProvenance",
     "check_replaceable_series",
+    "default_series_number",
     "export_derived_series",
     "slice_positions",
 ]
@@ -108,7 +110,8 @@ class ModelProvenance:
 class DerivedSeriesOptions:
     """What the caller decides about a derived series (everything else comes from the sources).
 
-    ``series_number`` must be >= 300 (default 300 + the source's number modulo 100).
+    ``series_number`` must be >= 300 (default: :func:`default_series_number`, which starts with 300 +
+    the source's number modulo 100 and differs between runs).
     ``series_description`` always says "denoised" (appended when the given text does not).
     The patient and study fields apply only to a new series (no source files); unset ones come
     from the volume's meta or are generated.
@@ -343,7 +346,8 @@ def _base_dataset(
     sx, sy, sz = volume.spacing
     ds.PixelSpacing = _fmt([sy, sx])  # row spacing (between rows = y), then column spacing
     ds.SliceThickness = _fmt([sz])[0]
-    ds.SpacingBetweenSlices = _fmt([sz])[0]
+    if volume.shape[0] > 1:  # one slice has no spacing between slices: never invent one
+        ds.SpacingBetweenSlices = _fmt([sz])[0]
     nz, ny, nx = volume.shape
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
@@ -353,6 +357,20 @@ def _base_dataset(
     ds.WindowCenter, ds.WindowWidth = ["-600", "40"], ["1500", "400"]
     ds.WindowCenterWidthExplanation = ["LUNG", "MEDIASTINUM"]
     return ds
+
+
+def default_series_number(template: Dataset | None, *, now: float | None = None) -> int:
+    """A SeriesNumber for a new derived series that differs from those made earlier from the same source.
+
+    ``(300 + source number mod 100) * 10**6 + (seconds since the epoch mod 10**6)``: it starts with
+    the 3xx of a derived series of that source (Slicer's convention) and a PACS shows each run as its
+    own series; two derivations of one source collide only when made in the same second (or exactly
+    11.6 days apart to the second). The largest value, 399 999 999, fits DICOM's IS range.
+    """
+    base = int(getattr(template, "SeriesNumber", 0) or 0) if template is not None else 0
+    prefix = 300 + (base % 100 if base > 0 else 1)
+    seconds = int(time.time() if now is None else now)
+    return prefix * 1_000_000 + seconds % 1_000_000
 
 
 def check_replaceable_series(out_dir: str | os.PathLike) -> None:
@@ -434,8 +452,7 @@ def export_derived_series(
 
     series_number = options.series_number
     if series_number is None:
-        base = int(getattr(template, "SeriesNumber", 0) or 0) if template is not None else 0
-        series_number = 300 + (base % 100 if base > 0 else 1)
+        series_number = default_series_number(template)
     if not 300 <= int(series_number) <= 2**31 - 1:
         raise UserError(f"series_number: got {series_number}; derived series use numbers >= 300")
     series_description = options.series_description
@@ -466,9 +483,13 @@ def export_derived_series(
                 for kw in _ACQUISITION:
                     if kw in src:
                         setattr(ds, kw, src.data_element(kw).value)
-                if "Laterality" in src or "BodyPartExamined" not in src:
-                    # as the source says; else empty (Type 2C, "unknown"): the body part is not named
-                    ds.Laterality = src.get("Laterality", "")
+                if str(src.get("Laterality", "") or "").strip():
+                    ds.Laterality = src.Laterality  # as the source says
+                elif not str(src.get("BodyPartExamined", "") or "").strip():
+                    # Type 2C: required unless the body part is named and unpaired; with no body
+                    # part named it must be present, and empty is the only truthful value
+                    ds.Laterality = ""
+                # else absent: a named body part and no laterality (an empty copy says nothing)
                 ref = Dataset()
                 ref.ReferencedSOPClassUID = src.SOPClassUID
                 ref.ReferencedSOPInstanceUID = src.SOPInstanceUID

@@ -49,7 +49,7 @@ def add_dicom_arguments(parser: argparse.ArgumentParser) -> None:
         "--series-number",
         type=_series_number,
         metavar="N",
-        help="SeriesNumber, >= 300 (default: 300 + the source's number modulo 100)",
+        help="SeriesNumber, >= 300 (default: 3NN followed by six digits of the time, NN the source's number mod 100: each run differs)",
     )
     group.add_argument(
         "--series-description",
