@@ -24,7 +24,8 @@ class Node:
     """``ipv2-denoise serve`` as a child process (the real CLI, its own model load).
 
     ``host=None`` leaves ``--host`` at its default; ``extra`` are more options; ``env`` more
-    environment variables (e.g. the node's fault injection).
+    environment variables (e.g. the node's fault injection); the log goes to ``log_dir`` (default:
+    beside the spool).
     """
 
     def __init__(
@@ -37,9 +38,10 @@ class Node:
         extra: Iterable[str] = (),
         env: dict[str, str] | None = None,
         wait_for: str = "listening as",
+        log_dir: Path | None = None,
     ) -> None:
         self.port = free_port()
-        self.log = spool.parent / f"serve-{self.port}.log"
+        self.log = (log_dir or spool.parent) / f"serve-{self.port}.log"
         environment = dict(
             os.environ, PYTHONPATH=os.pathsep.join([str(LIB), os.environ.get("PYTHONPATH", "")])
         )
