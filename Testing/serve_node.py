@@ -55,10 +55,11 @@ class Node:
     def text(self) -> str:
         return self.log.read_text()
 
-    def wait_for(self, needle: str, timeout: float) -> str:
+    def wait_for(self, needle: str, timeout: float, count: int = 1) -> str:
+        """The log once it holds ``needle`` (``count`` times); fails after ``timeout`` s or when the node ends."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if needle in self.text():
+            if self.text().count(needle) >= count:
                 return self.text()
             if self.process.poll() is not None:
                 raise AssertionError(f"serve exited {self.process.returncode}:\n{self.text()}")

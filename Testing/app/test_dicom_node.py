@@ -11,7 +11,7 @@ from orthanc_server import free_port
 from pydicom.data import get_testdata_file
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
-from serve_node import NODE_AET, Node, derived_in_orthanc, fresh_study, store
+from serve_node import NODE_AET, Node, derived_in_orthanc, derived_series_count, fresh_study, store
 
 from IPv2DenoiseLib.app.cli import main
 from IPv2DenoiseLib.core.volume import Volume
@@ -212,3 +212,30 @@ def test_serve_without_allow_lists_says_so_loudly_and_hints_name_its_own_options
     bad_host = ["--forward", "pacs:104:PACS", "--allow-host", "pacs.example.org"]
     assert main(["serve", "--port", "11112", "--aet", "NODE", *bad_host]) == 2
     assert "--allow-host 'pacs.example.org': expected an IP address or network" in capsys.readouterr().err
+
+
+def test_serve_fails_mixed_patients_and_gaps_naming_the_final_path_and_its_own_remedy(
+    orthanc, tmp_path, spool
+) -> None:
+    mixed = [pydicom.dcmread(p) for p in fresh_study(tmp_path / "mixed", n=4)]
+    for ds in mixed[2:]:
+        ds.PatientID = "SOMEONE-ELSE"
+    gapped = [pydicom.dcmread(p) for p in fresh_study(tmp_path / "gapped", n=5)]
+    del gapped[2]  # a slice missing in the middle
+    node = Node(spool, orthanc.node, quiet=1.0)
+    try:
+        assert store(node.port, mixed + gapped) == [0x0000] * 8
+        node.wait_for("FAILED", 60, count=2)
+    finally:
+        assert node.stop() == 0
+    failed_lines = [line for line in node.text().splitlines() if "FAILED" in line]
+    assert len(failed_lines) == 2
+    by_series = {line.split("series ")[1].split(":")[0]: line for line in failed_lines}
+    mixed_line, gap_line = by_series[mixed[0].SeriesInstanceUID], by_series[gapped[0].SeriesInstanceUID]
+    for line in (mixed_line, gap_line):
+        assert str(spool / "ready") not in line and str(spool / "failed") in line  # the path after the move
+    assert "mixes two patients" in mixed_line and "SOMEONE-ELSE" in mixed_line
+    assert "--resample-gaps" in gap_line and "those are options of `ipv2-denoise denoise`" in gap_line
+    for folder in (spool / "failed").iterdir():
+        assert str(spool / "ready") not in (folder / "reason.txt").read_text()
+    assert derived_series_count(orthanc, mixed[0].StudyInstanceUID) == []
