@@ -6,6 +6,7 @@ of symbolic links: one line on stderr and a fixed exit status.
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -79,3 +80,34 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(tiny_disk) -> None:
     assert len(errors) == 1 and "No space left on device" in errors[0], result.stderr
     assert "Traceback" not in result.stderr
     assert list(tiny_disk.iterdir()) == []  # no half-written output, no staging left behind
+
+
+@pytest.mark.parametrize(
+    "command", ["denoise", "batch", "serve", "demo", "simulate", "make-dataset", "evaluate"]
+)
+def test_device_cuda_n_reaches_the_device_module(command) -> None:
+    """``--device cuda:1`` is one definition for every command and is checked by core.device, not
+    refused by argparse's ``choices``; an unknown device is one line."""
+    from IPv2DenoiseLib.app.cli import build_parser
+
+    parser = build_parser()
+    sub = parser._subparsers._group_actions[0].choices[command]  # noqa: SLF001 - argparse has no public accessor
+    (device,) = [a for a in sub._actions if "--device" in a.option_strings]  # noqa: SLF001
+    assert device.type("cuda:1") == "cuda:1" and device.type("CPU") == "cpu"
+    assert device.choices is None
+    result = _cli(command, "--device", "tpu")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "'tpu' is not one of auto, cpu, cuda, mps" in result.stderr
+
+
+def test_every_option_of_every_command_has_help() -> None:
+    from IPv2DenoiseLib.app.cli import build_parser
+
+    parser = build_parser()
+    missing = [
+        f"{name} {action.option_strings or action.dest}"
+        for name, sub in parser._subparsers._group_actions[0].choices.items()  # noqa: SLF001
+        for action in sub._actions  # noqa: SLF001
+        if not action.help and not isinstance(action, argparse._HelpAction)  # noqa: SLF001
+    ]
+    assert not missing, missing

@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-from IPv2DenoiseLib.core.device import DEVICE_CHOICES
+from IPv2DenoiseLib.core.device import check_device_name
+from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.denoiser.ensemble import ENSEMBLE_SIZES
 
 
@@ -34,6 +35,35 @@ non_negative_int = _bounded(int, lambda v: v >= 0, "an integer >= 0")
 positive_float = _bounded(float, lambda v: v > 0, "a positive number")
 #: argparse type: a number of seconds > 0.
 positive_seconds = _bounded(float, lambda v: v > 0, "seconds > 0")
+
+
+def device_name(text: str) -> str:
+    """argparse type: a ``--device`` value of :mod:`core.device` (``auto``, ``cpu``, ``cuda``,
+    ``cuda:N``, ``mps``), checked there without loading torch."""
+    try:
+        return check_device_name(text)
+    except UserError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--device ")) from None
+
+
+#: What each kind of job can run on: the network (CUDA, Apple MPS, CPU), the projector (CUDA, CPU).
+DEVICE_HELP = {
+    "network": "where the network runs: auto = CUDA, then Apple MPS, then CPU; cuda:N picks one GPU",
+    "projector": "where the projector runs: auto = CUDA when present, else CPU; cuda:N picks one GPU",
+}
+
+
+def add_device_argument(
+    parser: argparse.ArgumentParser, *, runs: str = "network", default: str = "auto"
+) -> None:
+    """``--device``: the one definition of the option for every command (``runs`` words its help)."""
+    parser.add_argument(
+        "--device",
+        type=device_name,
+        default=default,
+        metavar="DEVICE",
+        help=f"{DEVICE_HELP[runs]} (default: %(default)s)",
+    )
 
 
 def add_reading_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,12 +101,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     which.add_argument(
         "--weights", metavar="FILE", help="a .safetensors weights file with its .json model card"
     )
-    parser.add_argument(
-        "--device",
-        default="auto",
-        choices=DEVICE_CHOICES,
-        help="where the network runs: auto = CUDA, then Apple MPS, then CPU (default: %(default)s)",
-    )
+    add_device_argument(parser)
     parser.add_argument(
         "--ensemble",
         type=int,

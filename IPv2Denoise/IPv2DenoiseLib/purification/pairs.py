@@ -58,6 +58,7 @@ from IPv2DenoiseLib.imaging.classical import (
 from IPv2DenoiseLib.imaging.masks import common_dark_mask, split_dark
 from IPv2DenoiseLib.imaging.noise_estimate import estimate_noise_hu
 from IPv2DenoiseLib.physics.lowdose import simulate_low_dose
+from IPv2DenoiseLib.purification.weak_denoisers import DEFAULT_WEAK_DENOISER, WEAK_DENOISERS
 
 Simulator = Callable[[np.ndarray, float, int], np.ndarray]
 SliceDenoiser = Callable[[np.ndarray], np.ndarray]
@@ -78,9 +79,6 @@ _SHORT = {"remove_background": "rb", "add_noise": "an", "remove_noise": "rn"}
 #: blend (``tb``); the authors' code uses 0.1 (its comment lists 0.1-0.4).
 DEFAULT_TEXTURE_BLEND = 0.1
 
-#: Weak denoisers for the *Remove noise* test label, and the default.
-WEAK_DENOISERS = ("nlm", "gaussian", "bilateral", "median")
-DEFAULT_WEAK_DENOISER = "nlm"
 #: NLM strength of the weak denoiser, ``h = 0.8·noise_hu`` (milder than the 0.9 of the baseline).
 WEAK_NLM_H_FACTOR = 0.8
 

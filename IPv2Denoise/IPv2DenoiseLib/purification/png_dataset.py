@@ -24,7 +24,8 @@ from skimage.color import rgb2gray
 from IPv2DenoiseLib.core.atomic import atomic_path
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.progress import CancelToken, ProgressCallback
-from IPv2DenoiseLib.purification.pairs import DEFAULT_WEAK_DENOISER, Strategy, build_pairs
+from IPv2DenoiseLib.purification.pairs import Strategy, build_pairs
+from IPv2DenoiseLib.purification.weak_denoisers import DEFAULT_WEAK_DENOISER
 
 SPLITS = ("train", "val", "test")
 

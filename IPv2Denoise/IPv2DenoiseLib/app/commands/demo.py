@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from IPv2DenoiseLib.app.arguments import load_denoiser
+from IPv2DenoiseLib.app.arguments import add_device_argument, load_denoiser
 from IPv2DenoiseLib.core.atomic import atomic_dir, check_output_path, claim_output
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.progress import TqdmProgress, make_progress
@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--model", default="default", help="registry name in Resources/Models/models.json")
     parser.add_argument("--weights", default=None, help="a .safetensors file instead of a registry model")
-    parser.add_argument("--device", default="auto", help="auto (CUDA, MPS, CPU), cuda, mps or cpu")
+    add_device_argument(parser)
     parser.add_argument("--json-progress", action="store_true", help="JSON-lines progress on stdout")
 
 

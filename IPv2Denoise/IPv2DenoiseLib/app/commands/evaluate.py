@@ -6,6 +6,7 @@ import argparse
 import sys
 from dataclasses import replace
 
+from IPv2DenoiseLib.app.arguments import add_device_argument
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.progress import make_progress
 
@@ -46,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", nargs="+", default=None, help="subset of redcnn dncnn unet")
     parser.add_argument("--iterations", type=int, default=None, help="override the training iterations")
     parser.add_argument("--figure", default=None, help="figure grid path (default OUT/results_grid.png)")
-    parser.add_argument("--device", default=None, help="auto (default), cuda, mps or cpu")
+    add_device_argument(parser)
     parser.add_argument("--json-progress", action="store_true", help="JSON-lines progress on stdout")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from IPv2DenoiseLib.app.arguments import add_device_argument
 from IPv2DenoiseLib.core.progress import TqdmProgress, make_progress
 
 NAME = "make-dataset"
@@ -31,9 +32,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="breathing amplitude at the diaphragm in mm (default: drawn per case in 8..20)",
     )
-    parser.add_argument("--geometry", choices=["fan", "parallel"], default="fan")
+    parser.add_argument(
+        "--geometry",
+        choices=["fan", "parallel"],
+        default="fan",
+        help="scanner geometry of the simulated ULDCT (default: %(default)s)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="dataset seed (case i uses seed*1000+i)")
-    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cuda or cpu")
+    add_device_argument(parser, runs="projector")
     parser.add_argument("--json-progress", action="store_true", help="JSON-lines progress on stdout")
 
 

@@ -15,6 +15,7 @@ import numpy as np
 
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.progress import make_progress
+from IPv2DenoiseLib.purification.weak_denoisers import DEFAULT_WEAK_DENOISER, WEAK_DENOISERS
 
 NAME = "purify"
 HELP = (
@@ -24,9 +25,6 @@ HELP = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    # lazy: the CLI imports every command to build --help; torch & co. load on use
-    from IPv2DenoiseLib.purification.pairs import DEFAULT_WEAK_DENOISER, WEAK_DENOISERS
-
     src = parser.add_argument_group("input (either a volume pair or a PNG dataset)")
     src.add_argument("--uldct", help="ultra-low-dose CT: DICOM folder/file, NRRD, NIfTI or MHA")
     src.add_argument("--ndct", help="normal-dose CT of the same patient, same grid as --uldct")

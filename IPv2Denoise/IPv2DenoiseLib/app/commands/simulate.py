@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from IPv2DenoiseLib.app.arguments import add_device_argument
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.progress import JsonLinesProgress, make_progress
 
@@ -22,15 +23,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="simulate: treat IN as noise-free; insert: IN is a real normal-dose scan, "
         "add only the extra noise (Yu 2012 / Zeng 2015)",
     )
-    parser.add_argument("--geometry", choices=("fan", "parallel"), default="fan")
+    parser.add_argument(
+        "--geometry",
+        choices=("fan", "parallel"),
+        default="fan",
+        help="scanner geometry: fan (a clinical CT's fan beam) or parallel beam (default: %(default)s)",
+    )
     parser.add_argument("--views", type=int, default=None, help="views (default 1152 fan / 720 parallel)")
-    parser.add_argument("--filter", choices=("ramp", "shepp-logan", "cosine", "hann"), default="ramp")
+    parser.add_argument(
+        "--filter",
+        choices=("ramp", "shepp-logan", "cosine", "hann"),
+        default="ramp",
+        help="FBP reconstruction filter, sharp (ramp) to smooth (hann) (default: %(default)s)",
+    )
     parser.add_argument(
         "--i0", type=float, default=None, help="full-dose photons per ray (default calibrated)"
     )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--batch", type=int, default=None, help="slices per projector call")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="random seed of the noise: same seed, same scan (default: %(default)s)",
+    )
+    add_device_argument(parser, runs="projector")
+    parser.add_argument(
+        "--batch", type=int, default=None, help="slices per projector call (default: from free memory)"
+    )
     parser.add_argument("--json-progress", action="store_true", help="print JSON-lines progress")
 
 
