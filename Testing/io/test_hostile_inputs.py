@@ -7,8 +7,10 @@ file cut short or overwritten, PixelData shorter than the image, nonsense rescal
 
 from __future__ import annotations
 
+import gzip
 import os
 import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -16,13 +18,16 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+import SimpleITK as sitk
 from conftest import write_ct_series
 from pydicom.config import disable_value_validation
 from pydicom.data import get_testdata_file
 from pydicom.dataelem import DataElement
 
 from IPv2DenoiseLib import UserError
-from IPv2DenoiseLib.io.volumes import read_dicom_series, read_volume
+from IPv2DenoiseLib.core.volume import Volume
+from IPv2DenoiseLib.io.image_headers import MEMORY_LIMIT_ENV
+from IPv2DenoiseLib.io.volumes import read_dicom_series, read_volume, write_volume
 
 N_SLICES = 8
 
@@ -173,6 +178,115 @@ def test_multiframe_frame_count_must_match_its_pixel_data(tmp_path, frames, faul
     edit(path, NumberOfFrames=str(frames))
     with pytest.raises(UserError, match=f"{path}: .*{fault}"):
         read_volume(path, force=True)
+
+
+# --------------------------------------------------------------------------------------- volumes
+
+SHAPE = (6, 20, 24)  # z, y, x
+
+
+@pytest.fixture
+def small_ct() -> Volume:
+    array = np.full(SHAPE, -1000.0, np.float32)
+    array[:, 5:15, 5:19] = 40.0
+    return Volume(array, (0.8, 0.8, 2.0))
+
+
+def replace_in(path: Path, old: bytes, new: bytes, out: Path | None = None) -> Path:
+    data = path.read_bytes()
+    assert old in data
+    out = out or path
+    out.write_bytes(data.replace(old, new))
+    return out
+
+
+def test_a_tiny_gzip_nrrd_declaring_gigabytes_is_refused_before_allocation(tmp_path, monkeypatch) -> None:
+    """131 bytes declaring 2000 x 2000 x 100 floats: refused against the memory budget, then against its data."""
+    path = tmp_path / "bomb.nrrd"
+    header = b"NRRD0004\ntype: float\ndimension: 3\nsizes: 2000 2000 100\nencoding: gzip\n\n"
+    path.write_bytes(header + gzip.compress(b"\0" * 4096))
+    assert path.stat().st_size < 200
+    monkeypatch.setenv(MEMORY_LIMIT_ENV, "1")
+    with pytest.raises(
+        UserError, match=r"declares 2000 x 2000 x 100 values of 4 bytes \(1.6 GB\); .* needs about "
+    ):
+        read_volume(path)
+    monkeypatch.setenv(MEMORY_LIMIT_ENV, "1000")  # memory is no excuse: the data are 4 kB, not 1.6 GB
+    with pytest.raises(
+        UserError, match="gzip data decompress to only 4096 bytes of image; the file is cut short"
+    ):
+        read_volume(path)
+
+
+@pytest.mark.parametrize("suffix", [".nrrd", ".mha", ".nii.gz", ".nii", ".raw.nrrd", ".mhd"])
+def test_header_declaring_fewer_or_more_slices_than_its_data_is_refused(tmp_path, small_ct, suffix) -> None:
+    path = tmp_path / f"ct{suffix}"
+    if suffix in (".raw.nrrd", ".mhd"):  # raw data (attached NRRD, detached MetaImage)
+        image = sitk.GetImageFromArray(small_ct.array)
+        sitk.WriteImage(image, str(path), useCompression=False)
+    else:
+        write_volume(small_ct, path)
+    assert read_volume(path).shape == SHAPE
+    header = path if suffix != ".nii.gz" else None
+    for declared, fault in ((5, "declares too few"), (7, "cut short")):
+        if suffix.startswith(".nii"):
+            out = tmp_path / f"bad{declared}{suffix}"
+            set_nifti_slices(path, out, declared)
+        else:
+            old = b"sizes: 24 20 6" if suffix.endswith("nrrd") else b"DimSize = 24 20 6"
+            out = replace_in(
+                header, old, old[:-1] + str(declared).encode(), tmp_path / f"bad{declared}{suffix}"
+            )
+            if suffix == ".mhd":
+                (tmp_path / f"bad{declared}.raw").write_bytes((tmp_path / "ct.raw").read_bytes())
+                replace_in(out, b"ct.raw", f"bad{declared}.raw".encode())
+        with pytest.raises(UserError, match=fault):
+            read_volume(out)
+
+
+def set_nifti_slices(path: Path, out: Path, slices: int) -> None:
+    """Copy a NIfTI-1 file with dim[3] (the slice count) changed in its header."""
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        data = bytearray(f.read())
+    assert struct.unpack("<h", data[46:48])[0] == SHAPE[0]
+    data[46:48] = struct.pack("<h", slices)
+    with opener(out, "wb") as f:
+        f.write(bytes(data))
+
+
+@pytest.mark.parametrize("where", ["/etc/passwd", "../outside.raw", "link.raw"])
+def test_mhd_data_file_outside_its_folder_is_refused(tmp_path, small_ct, where) -> None:
+    folder = tmp_path / "case"
+    folder.mkdir()
+    sitk.WriteImage(sitk.GetImageFromArray(small_ct.array), str(folder / "ct.mhd"), useCompression=False)
+    (tmp_path / "outside.raw").write_bytes((folder / "ct.raw").read_bytes())
+    (folder / "link.raw").symlink_to(tmp_path / "outside.raw")
+    replace_in(folder / "ct.mhd", b"ElementDataFile = ct.raw", f"ElementDataFile = {where}".encode())
+    with pytest.raises(UserError, match=f"ElementDataFile '{where}' .*outside the header's folder"):
+        read_volume(folder / "ct.mhd")
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "why"),
+    [
+        ("garbage.nrrd", b"garbage", "not an NRRD file"),
+        ("garbage.nii", b"garbage" * 100, "not a NIfTI file"),
+        ("garbage.mha", b"ObjectType = Image\nNDims = 3\n", "not a MetaImage header"),
+    ],
+)
+def test_a_file_that_is_no_volume_says_so_not_where_itk_was_built(tmp_path, name, content, why) -> None:
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(UserError, match=why) as e:
+        read_volume(tmp_path / name)
+    assert "/src/" not in str(e.value) and ".cxx" not in str(e.value)
+
+
+def test_a_self_referencing_symlink_is_one_line(tmp_path) -> None:
+    loop = tmp_path / "loop.nrrd"
+    loop.symlink_to(loop)
+    with pytest.raises(UserError, match="symbolic link loop"):
+        read_volume(loop)
 
 
 # --------------------------------------------------------------------------------------- terminal

@@ -1,6 +1,8 @@
 """Read and write CT volumes: DICOM series, NRRD, NIfTI, MHA/MHD — float32 HU ``[z, y, x]`` + geometry.
 
-DICOM series are read by :mod:`IPv2DenoiseLib.io.dicom_series` (series choice, gaps, tilt).
+DICOM series are read by :mod:`IPv2DenoiseLib.io.dicom_series` (series choice, gaps, tilt);
+NRRD, MetaImage and NIfTI headers are checked by :mod:`IPv2DenoiseLib.io.image_headers` (declared
+size against memory and data, data file inside its folder) before SimpleITK allocates anything.
 
 Geometry follows ITK/DICOM: spacing ``(x, y, z)`` mm, origin in LPS mm, direction cosines row-major.
 Every reader validates that the data is a 3-D, single-channel CT in Hounsfield units (finite values,
@@ -12,7 +14,9 @@ under the final name.
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
@@ -25,7 +29,8 @@ from IPv2DenoiseLib.core.atomic import atomic_path
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.progress import ProgressCallback
 from IPv2DenoiseLib.core.volume import Volume
-from IPv2DenoiseLib.io.dicom_series import read_dicom, read_series, series_of_files
+from IPv2DenoiseLib.io.dicom_series import quiet_readers, read_dicom, read_series, series_of_files
+from IPv2DenoiseLib.io.image_headers import check_image_file
 
 #: File name endings read and written through SimpleITK.
 IMAGE_SUFFIXES = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")
@@ -90,8 +95,7 @@ def read_volume(
         smaller than :data:`MIN_SLICE_PX`.
     """
     p = Path(path)
-    if not p.exists():
-        raise UserError(f"input not found: {p}")
+    check_input_path(p)
     if image_suffix(p) and p.is_file():
         volume = _read_itk_image(p)
     else:
@@ -120,12 +124,47 @@ def _validate_ct(volume: Volume, *, where: str, force: bool) -> None:
         )
 
 
-def _read_itk_image(path: Path) -> Volume:
+def check_input_path(path: Path) -> None:
+    """Refuse, in one line, an input that does not exist, loops, or cannot be opened."""
     try:
-        image = sitk.ReadImage(str(path))
+        path.stat()
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UserError(
+                f"{path}: a symbolic link loop (the link points back to itself); give the real file"
+            ) from None
+        if path.is_symlink():
+            raise UserError(f"{path}: a broken symbolic link (to {os.readlink(path)})") from None
+        if exc.errno == errno.EACCES:
+            raise UserError(f"{path}: permission denied") from None
+        raise UserError(f"input not found: {path}") from None
+    if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
+        raise UserError(f"{path}: permission denied; the input must be readable")
+
+
+#: ITK's message parts that name its own build tree or objects rather than the file.
+_ITK_NOISE = re.compile(
+    r"(\S*/(?:src|Code|Modules|ITK)/\S*|itk::ERROR:\s*|\w+ImageIO\(0x[0-9a-f]+\):\s*|\(0x[0-9a-f]+\))"
+)
+
+
+def itk_failure(exc: RuntimeError) -> str:
+    """What ITK's exception says about the file, without its source paths and object addresses."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    wanted = [
+        ln for ln in lines if "Exception thrown in SimpleITK" not in ln and not ln.startswith("sitk::ERROR")
+    ]
+    text = " ".join(_ITK_NOISE.sub("", ln) for ln in (wanted or lines)).strip(" :")
+    return text[:200] or "not an image ITK can read"
+
+
+def _read_itk_image(path: Path) -> Volume:
+    check_image_file(path)  # declared size vs memory and data, data file inside its folder
+    try:
+        with quiet_readers():
+            image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
-        first = next((line for line in str(exc).splitlines() if line.strip()), "unreadable")
-        raise UserError(f"{path}: cannot read image ({first.strip()[:160]})") from None
+        raise UserError(f"{path}: not a readable {image_suffix(path)} volume ({itk_failure(exc)})") from None
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise UserError(
             f"{path}: image has {image.GetNumberOfComponentsPerPixel()} components per voxel (RGB/vector); "
@@ -136,7 +175,7 @@ def _read_itk_image(path: Path) -> Volume:
     try:
         array = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
     except RuntimeError as exc:  # truncated data is sometimes only noticed here
-        raise UserError(f"{path}: cannot read voxel data ({str(exc).splitlines()[0][:160]})") from None
+        raise UserError(f"{path}: cannot read its voxel data ({itk_failure(exc)})") from None
     meta: dict[str, Any] = {"source": image_suffix(path).lstrip("."), "path": str(path)}
     return Volume(array, image.GetSpacing(), image.GetOrigin(), image.GetDirection(), meta)
 
@@ -174,7 +213,8 @@ def read_dicom_series(
     if not paths:
         raise UserError("no DICOM files given")
     where = os.path.commonpath([str(p.parent) for p in paths])
-    found = series_of_files(paths)
+    with quiet_readers():
+        found = series_of_files(paths)
     if not found:
         raise UserError(f"{where}: no DICOM image found among {len(paths)} files")
     if len(found) > 1:
