@@ -310,3 +310,26 @@ def test_reader_noise_never_reaches_the_terminal(tmp_path) -> None:
     assert empty.returncode == 2
     assert empty.stderr.strip().splitlines() == [empty.stderr.strip()], empty.stderr
     assert "no DICOM image found" in empty.stderr
+
+
+def test_refusals_reach_the_user_as_one_line_and_exit_2(tmp_path, capsys, monkeypatch) -> None:
+    """`info` and `denoise` on a mixed-patient series and on a gzip bomb: one error line, status 2."""
+    from IPv2DenoiseLib.app.cli import main as cli_main  # lazy: the CLI only for this test
+
+    paths = series(tmp_path / "mixed")
+    edit(paths[-1], PatientID="B")
+    bomb = tmp_path / "bomb.nrrd"
+    bomb.write_bytes(
+        b"NRRD0004\ntype: float\ndimension: 3\nsizes: 4000 4000 200\nencoding: gzip\n\n" + gzip.compress(b"")
+    )
+    monkeypatch.setenv(MEMORY_LIMIT_ENV, "1000")
+    for args, expected in (
+        (["info", str(tmp_path / "mixed")], "mixes two patients: PatientID 1CT1"),
+        (["denoise", str(tmp_path / "mixed"), str(tmp_path / "out.nrrd")], "mixes two patients"),
+        (["info", str(bomb)], "decompress to only 0 bytes of image"),
+    ):
+        code = cli_main(args)
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and expected in lines[-1] and "error: " in lines[-1], lines
+        assert sum("error" in line for line in lines) == 1 and "Traceback" not in "".join(lines), lines
+    assert not (tmp_path / "out.nrrd").exists()

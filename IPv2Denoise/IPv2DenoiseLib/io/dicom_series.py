@@ -38,6 +38,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -160,32 +161,17 @@ def quiet_readers() -> Iterator[None]:
         sitk.ProcessObject.SetGlobalWarningDisplay(itk_warnings)
 
 
+# pydicom checks each value against its VR when it is first used (lazily, anywhere), and warns on
+# stderr; a scanner's odd VRs are not the user's problem, and the values we need are checked here.
+warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom\.valuerep")
+
 _HEADER_ERRORS = (InvalidDicomError, OSError, ValueError, TypeError, AttributeError, EOFError, KeyError)
-
-
-def _convert_values(ds: Dataset) -> None:
-    """Turn every loaded raw element into its value now, without validation warnings (pydicom
-    converts lazily, so an odd VR would otherwise warn wherever a value is first used)."""
-    for tag in list(ds.keys()):
-        raw = ds.get_item(tag, keep_deferred=True)
-        if isinstance(raw, RawDataElement) and raw.value is None:
-            continue  # deferred (PixelData, large private blobs): located, not loaded
-        try:
-            element = ds[tag]
-        except (ValueError, TypeError, KeyError):
-            del ds[tag]  # a value that cannot be converted: as if absent (checked where it matters)
-            continue
-        if element.VR == "SQ":
-            for item in element.value:
-                _convert_values(item)
 
 
 def read_header(path: Path) -> Dataset:
     """The DICOM header of ``path``; PixelData is located (offset, length) but not loaded."""
     with disable_value_validation():
-        ds = pydicom.dcmread(path, defer_size=_DEFER_BYTES)
-        _convert_values(ds)
-    return ds
+        return pydicom.dcmread(path, defer_size=_DEFER_BYTES)
 
 
 def _header(path: Path) -> Dataset | None:
