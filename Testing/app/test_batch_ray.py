@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ import pytest
 import ray
 import SimpleITK as sitk
 
+from IPv2DenoiseLib.app.batch.ray_watchdog import descendants, stop
 from IPv2DenoiseLib.app.batch.records import hash_output, read_record
 from IPv2DenoiseLib.app.cli import main
 from IPv2DenoiseLib.core.atomic import STAGING_DIR
@@ -127,3 +129,43 @@ def test_unreachable_cluster_is_a_one_line_error_in_seconds(batch_archive, tmp_p
     assert result.returncode == 2, result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert f"cannot connect to the Ray cluster at 127.0.0.1:{port}" in last and "ray start --head" in last
+
+
+def test_kill_9_of_the_driver_stops_the_local_cluster_it_started(batch_archive, tmp_path) -> None:
+    """Without --address the run starts Ray here; killed with SIGKILL, it leaves no Ray process
+    behind (Ray's own fate sharing misses the raylet's agents), and Ray's token notice never
+    reaches the terminal."""
+    archive, _ = batch_archive
+    command = [sys.executable, "-m", "IPv2DenoiseLib", "batch", str(archive), str(tmp_path / "out")]
+    command += ["--engine", "ray", "--workers", "1", "--cpus-per-worker", "1", "--json-progress"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a cluster of its own
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    started: set = set()
+    try:
+        for line in proc.stdout:
+            if "worker_index" in json.loads(line):  # the cluster is up and a worker holds the model
+                started = descendants(proc.pid)
+                break
+        names = {Path(f"/proc/{pid}/comm").read_text().strip() for pid, _ in started}
+        assert {"raylet", "gcs_server"} <= names and any(n.startswith("ray::Dashboard") for n in names), names
+        proc.kill()
+        proc.wait(timeout=60)
+        deadline = time.monotonic() + 60  # the watchdog's grace is 5 s
+        while (
+            left := {(pid, start) for pid, start in started if _alive(pid, start)}
+        ) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not left, [Path(f"/proc/{pid}/comm").read_text().strip() for pid, _ in left]
+        assert "Token authentication" not in proc.stderr.read()
+    finally:
+        proc.kill()
+        stop(started, grace=1.0)  # what this test started, should the run not have stopped it
+
+
+def _alive(pid: int, start: int) -> bool:
+    """Whether the process ``pid`` that started at ``start`` still runs (not reused, not a zombie)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return False
+    return fields[0] not in ("Z", "X") and int(fields[19]) == start

@@ -11,6 +11,9 @@ A worker process that dies (killed, out of memory, node lost) is restarted by Ra
 whichever actor is free, up to ``retries`` times. Nothing is written twice: outputs are atomic
 and the retry first checks the done record, so a case that finished before its worker died is
 recognised, not recomputed.
+
+A local cluster this module starts (no ``--address``) is stopped with the run, also when the run
+is killed: see :mod:`~IPv2DenoiseLib.app.batch.ray_watchdog`.
 """
 
 from __future__ import annotations
@@ -19,9 +22,11 @@ import logging
 import math
 import os
 import socket
+import subprocess
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from typing import Any
 
@@ -30,6 +35,7 @@ from ray.exceptions import RayActorError
 
 from IPv2DenoiseLib.app.batch.cases import Case
 from IPv2DenoiseLib.app.batch.pipeline import BatchSettings, CaseProcessor, case_row
+from IPv2DenoiseLib.app.batch.ray_watchdog import start_watchdog
 from IPv2DenoiseLib.core.errors import UserError
 
 #: Calls queued per actor: one being denoised while the next is read (the actor runs two threads).
@@ -74,22 +80,53 @@ def check_reachable(address: str, *, timeout: float = CONNECT_TIMEOUT_S) -> None
         ) from None
 
 
-def connect(address: str | None, *, num_cpus: int | None = None) -> bool:
-    """Join the cluster at ``address``, or start a local one; True when this call started Ray here."""
+class _DropTokenNotice(logging.Filter):
+    """Ray announces its default token authentication on every local start, one stray line on the
+    user's terminal; the setting itself (on, the secure default) is kept."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+
+
+#: The logger of that notice (a logger name, not an import of Ray's private module).
+_TOKEN_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+@contextmanager
+def connect(address: str | None, *, num_cpus: int | None = None) -> Iterator[bool]:
+    """Join the cluster at ``address``, or start a local one, for the ``with`` block; yields True
+    when this call started Ray. A local cluster started here is shut down at the end, and a
+    watchdog stops its processes even when this process is killed (``kill -9``)."""
     if ray.is_initialized():
-        return False
+        yield False
+        return
     address = (
         address or os.environ.get("RAY_ADDRESS") or None
     )  # Ray's own convention (e.g. in `ray job submit`)
     if address is not None:
         check_reachable(address)
+    watchdog: subprocess.Popen | None = None
+    if address is None:  # started before Ray, so it sees every process Ray starts here
+        watchdog = start_watchdog()
+    notice = _DropTokenNotice()
+    logging.getLogger(_TOKEN_LOGGER).addFilter(notice)
     try:
-        local = {"num_cpus": num_cpus, "include_dashboard": False} if address is None else {}
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False, **local)
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        where = f"the Ray cluster at {address}" if address else "a local Ray cluster"
-        raise UserError(f"cannot connect to {where}: {' '.join(str(exc).split())[:200]}") from None
-    return True
+        try:
+            local = {"num_cpus": num_cpus, "include_dashboard": False} if address is None else {}
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False, **local)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            where = f"the Ray cluster at {address}" if address else "a local Ray cluster"
+            raise UserError(f"cannot connect to {where}: {' '.join(str(exc).split())[:200]}") from None
+        finally:
+            logging.getLogger(_TOKEN_LOGGER).removeFilter(notice)
+        try:
+            yield True
+        finally:
+            ray.shutdown()
+    finally:
+        if watchdog is not None:
+            watchdog.stdin.close()  # the watchdog now stops whatever of the cluster is left
+            watchdog.wait()
 
 
 def plan_workers(
@@ -135,35 +172,54 @@ def run_ray(
     and ``device``) and a ``retry`` event per resubmitted case.
     A case whose worker died more than ``retries`` times is recorded as failed.
     """
-    started_here = connect(address)
-    event = on_event or (lambda **record: None)
-    try:
-        count, cpus, gpus = plan_workers(
+    with connect(address):
+        return _run_on_cluster(
+            cases,
+            settings,
             workers=workers,
             cpus_per_worker=cpus_per_worker,
             gpus_per_worker=gpus_per_worker,
-            device=settings.device,
+            retries=retries,
+            on_row=on_row,
+            event=on_event or (lambda **record: None),
+            stop=stop or threading.Event(),
         )
-        if gpus > 0 and settings.device == "auto":
-            settings = BatchSettings(**{**asdict(settings), "device": "cuda"})
-        threads = max(1, int(cpus))
-        actors = [
-            BatchWorker.options(num_cpus=cpus, num_gpus=gpus).remote(asdict(settings), threads)
-            for _ in range(count)
-        ]
-        try:
-            described = ray.get([actor.describe.remote() for actor in actors])
-        except RayActorError as exc:  # the model or the device failed to load in a worker
-            cause = getattr(exc, "cause", None) or exc
-            raise UserError(f"a Ray worker could not start: {' '.join(str(cause).split())[:300]}") from None
-        for index, info in enumerate(described):
-            event(worker_index=index, **info)
-        return _schedule(
-            actors, cases, retries=retries, on_row=on_row, event=event, stop=stop or threading.Event()
-        )
-    finally:
-        if started_here:
-            ray.shutdown()
+
+
+def _run_on_cluster(
+    cases: list[Case],
+    settings: BatchSettings,
+    *,
+    workers: int | None,
+    cpus_per_worker: float,
+    gpus_per_worker: float | None,
+    retries: int,
+    on_row: Callable[[dict[str, Any]], None] | None,
+    event: Callable[..., None],
+    stop: threading.Event,
+) -> list[dict[str, Any]]:
+    """Start the actors on the connected cluster and feed them the cases."""
+    count, cpus, gpus = plan_workers(
+        workers=workers,
+        cpus_per_worker=cpus_per_worker,
+        gpus_per_worker=gpus_per_worker,
+        device=settings.device,
+    )
+    if gpus > 0 and settings.device == "auto":
+        settings = BatchSettings(**{**asdict(settings), "device": "cuda"})
+    threads = max(1, int(cpus))
+    actors = [
+        BatchWorker.options(num_cpus=cpus, num_gpus=gpus).remote(asdict(settings), threads)
+        for _ in range(count)
+    ]
+    try:
+        described = ray.get([actor.describe.remote() for actor in actors])
+    except RayActorError as exc:  # the model or the device failed to load in a worker
+        cause = getattr(exc, "cause", None) or exc
+        raise UserError(f"a Ray worker could not start: {' '.join(str(cause).split())[:300]}") from None
+    for index, info in enumerate(described):
+        event(worker_index=index, **info)
+    return _schedule(actors, cases, retries=retries, on_row=on_row, event=event, stop=stop)
 
 
 def _schedule(
