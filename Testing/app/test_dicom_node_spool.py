@@ -140,3 +140,22 @@ def test_a_kill_at_any_step_still_delivers_one_complete_derived_series(orthanc, 
     }
     assert not _leftovers(spool), log
     assert not list((spool / "tmp").iterdir())
+
+
+def test_no_room_for_the_derived_series_is_retried_not_failed(orthanc, tmp_path, small_disk) -> None:
+    spool = small_disk / "spool"
+    sources = fresh_study(tmp_path / "in", n=4)
+    node = Node(spool, orthanc.node, quiet=1.0, log_dir=tmp_path, extra=["--retry-seconds", "1"])
+    try:
+        filler = _fill(
+            small_disk, 5, sources[0].stat().st_size
+        )  # room for the series, not for its derived copy
+        assert store(node.port, map(pydicom.dcmread, sources)) == [0x0000] * 4
+        log = node.wait_for("will retry", 60)
+        assert "no space left in the spool" in log and "FAILED" not in log
+        filler.unlink()
+        back = derived_in_orthanc(orthanc, pydicom.dcmread(sources[0]).StudyInstanceUID, 4)
+        node.wait_for("; noise ", 30)
+    finally:
+        assert node.stop() == 0
+    assert len(back) == 4 and not _leftovers(spool)

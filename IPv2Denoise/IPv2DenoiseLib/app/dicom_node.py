@@ -77,7 +77,10 @@ __all__ = [
     "ACCEPTED_TRANSFER_SYNTAXES",
     "DenoisingNode",
     "HostAllowList",
+    "KILL_AT_ENV",
     "NodeConfig",
+    "out_of_space",
+    "read_manifest",
     "series_noise",
 ]
 
@@ -250,6 +253,22 @@ def read_manifest(folder: Path) -> dict[str, str] | None:
         if line.endswith("\n") and UID_PATTERN.fullmatch(sop_uid):
             acknowledged[sop_uid] = sender
     return acknowledged
+
+
+def out_of_space(exc: BaseException) -> bool:
+    """True when ``exc`` (or what it wraps: pydicom re-raises write errors without errno) is a full disk."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in NO_SPACE:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _one_line(exc: BaseException) -> str:
+    """``Type: first line`` of an unexpected error (pydicom puts a whole traceback into its messages)."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
 def _crash_point(step: str) -> None:
@@ -604,20 +623,18 @@ class DenoisingNode:
                 retries=self.config.retries,
             )
             report.raise_for_failures()
-        except (DestinationUnavailable, OSError) as exc:
-            if isinstance(exc, OSError) and exc.errno not in NO_SPACE:
-                self._fail_job(job, out, f"{type(exc).__name__}: {exc}", received, senders, start)
+        except Exception as exc:  # noqa: BLE001 (one bad series must not stop the node)
+            if not isinstance(exc, DestinationUnavailable) and not out_of_space(exc):
+                reason = str(exc) if isinstance(exc, UserError) else _one_line(exc)
+                self._fail_job(job, out, reason, received, senders, start)
                 return
             delay = min(self.config.retry_seconds * 2**attempt, MAX_RETRY_SECONDS)
             what = "denoised, but " if out.is_dir() else ""
+            problem = exc if isinstance(exc, DestinationUnavailable) else "no space left in the spool"
             LOG.warning(
-                "series %s: %s%s; will retry in %.0f s (kept in %s)", series_uid, what, exc, delay, job
+                "series %s: %s%s; will retry in %.0f s (kept in %s)", series_uid, what, problem, delay, job
             )
             self._retry_later(job, attempt + 1, delay)
-            return
-        except Exception as exc:  # noqa: BLE001 (one bad series must not stop the node)
-            reason = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
-            self._fail_job(job, out, reason, received, senders, start)
             return
         _crash_point("sent")
         self._discard_sent(job, out)
