@@ -27,7 +27,13 @@ import numpy as np
 import torch
 
 from IPv2DenoiseLib.core.errors import UserError
-from IPv2DenoiseLib.physics.lowdose import MU_WATER_PER_MM, FluxModel, insert_noise, simulate_low_dose
+from IPv2DenoiseLib.physics.lowdose import (
+    I0_FULL_DOSE,
+    MU_WATER_PER_MM,
+    FluxModel,
+    insert_noise,
+    simulate_low_dose,
+)
 from IPv2DenoiseLib.physics.projector import FILTERS
 
 #: Radius (mm) of the water cylinder a body bowtie is shaped for, and its lowest transmission.
@@ -146,14 +152,18 @@ def scanner_noise(
     seed: int | np.random.Generator | None = 0,
     clean: bool = True,
     device: str = "auto",
+    flux_scale: float = 1.0,
 ) -> np.ndarray:
     """Scan the slab ``hu`` ``[z, y, x]`` with ``protocol``; returns the low-dose slab (HU).
 
     ``clean=True``: ``hu`` is noise-free anatomy (Poisson + electronic counts,
     :func:`lowdose.simulate_low_dose`); ``clean=False``: ``hu`` is a real normal-dose scan and only the
     extra noise is inserted (:func:`lowdose.insert_noise`). The noise (output − input) is then mixed
-    along z to ``protocol.z_correlation``.
+    along z to ``protocol.z_correlation``. ``flux_scale`` multiplies the calibrated full-dose flux
+    (:data:`lowdose.I0_FULL_DOSE`): a real scan whose own dose differs from the calibration's.
     """
+    if not (flux_scale > 0 and math.isfinite(flux_scale)):
+        raise UserError(f"flux_scale={flux_scale!r}: need a positive number")
     arr = np.asarray(hu, dtype=np.float32)
     if arr.ndim != 3:
         raise UserError(f"hu has shape {arr.shape}; need a [z, y, x] slab")
@@ -168,6 +178,7 @@ def scanner_noise(
         flux=exposure_model(protocol),
         seed=seed,
         device=device,
+        i0=None if flux_scale == 1.0 else I0_FULL_DOSE[protocol.geometry] * flux_scale,
     )
     noisy = np.asarray(noisy)[None] if single else np.asarray(noisy)
     noise = correlate_slices(noisy - arr, protocol.z_correlation)

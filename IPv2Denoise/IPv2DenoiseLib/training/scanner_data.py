@@ -10,14 +10,16 @@ The label is the clean centre slice.
 
 Clean anatomy comes from case folders: ``ndct_clean.*`` and ``uldct_clean.*`` when present (the
 synthetic cases of ``make-dataset``), else ``ndct.*`` (a real normal-dose scan: its noise stays in
-the label, and only the extra low-dose noise is inserted).
+the label, and only the extra low-dose noise is inserted). Real normal-dose CT also comes as plain
+series or volumes (``train --anatomy``, :func:`load_anatomy_volumes`), mixed with the phantoms at a
+chosen share of slabs (``real_share``): a hospital fine-tunes on its own archive, no pairs needed.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,10 +28,10 @@ from scipy import ndimage as ndi
 
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.denoiser.normalization import hu_to_net
-from IPv2DenoiseLib.imaging.masks import body_mask, lung_mask
+from IPv2DenoiseLib.imaging.masks import body_mask, lung_mask, soft_tissue_mask
 from IPv2DenoiseLib.imaging.noise_estimate import estimate_noise_hu
 from IPv2DenoiseLib.io.case_folder import CASE_SUFFIXES
-from IPv2DenoiseLib.io.volumes import read_volume
+from IPv2DenoiseLib.io.volumes import image_suffix, read_volume
 from IPv2DenoiseLib.physics.scanner_noise import ProtocolRanges, ScannerProtocol, draw_protocol, scanner_noise
 from IPv2DenoiseLib.purification.regions import BACKGROUND, BODY, LUNGS, OUTSIDE
 from IPv2DenoiseLib.synthetic.texture import add_tissue_texture
@@ -44,6 +46,9 @@ class CleanVolume:
     regions: np.ndarray
     spacing: tuple[float, float, float]  # (sx, sy, sz) mm
     clean: bool
+    #: Full-dose flux of this scan relative to the simulator's calibration (real scans:
+    #: :func:`own_dose_flux_scale`), so that a drawn dose is a fraction of the scan's own dose.
+    flux_scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -106,6 +111,71 @@ def load_clean_volumes(folders: Sequence[str | os.PathLike]) -> list[CleanVolume
     return volumes
 
 
+def load_anatomy_volumes(paths: Sequence[str | os.PathLike]) -> list[CleanVolume]:
+    """Real normal-dose CT as training anatomy (``clean=False``: its own noise stays in the label).
+
+    Each path is a volume file (NRRD, NIfTI, MHA), a folder of such files, or a folder holding one
+    DICOM series (read by :func:`~IPv2DenoiseLib.io.volumes.read_volume`, which refuses a folder of
+    several series: give one path per series).
+    """
+    volumes = []
+    for path in map(Path, paths):
+        if not path.exists():
+            raise UserError(f"--anatomy {path}: not found")
+        files = sorted(f for f in path.iterdir() if f.is_file() and image_suffix(f)) if path.is_dir() else []
+        for source in files or [path]:
+            vol = read_volume(source)
+            hu = vol.array.astype(np.float32)
+            if hu.shape[0] < 1 or min(hu.shape[1:]) < 64:
+                raise UserError(f"--anatomy {source}: slices of {hu.shape[1:]} pixels are too small")
+            spacing = tuple(vol.spacing)
+            scale = own_dose_flux_scale(hu, spacing_mm=float(spacing[0]))
+            volumes.append(CleanVolume(f"real/{source.name}", hu, region_map(hu), spacing, False, scale))
+    return volumes
+
+
+#: Protocol of the flux calibration of a real scan: a middle kernel, uniform flux, parallel beam.
+CALIBRATION_PROTOCOL = ScannerProtocol(
+    dose=0.5, kernel="shepp-logan", bowtie=False, tcm=0.0, geometry="parallel"
+)
+
+
+def own_dose_flux_scale(hu: np.ndarray, *, spacing_mm: float, rounds: int = 2) -> float:
+    """Flux of a real normal-dose scan relative to the simulator's calibrated full dose.
+
+    Noise insertion assumes the scan was taken with the calibrated full-dose flux (a 0.7 mm chest).
+    A real archive differs: a large abdomen at its own normal dose has far more photons per ray
+    than the calibration, and inserting "2 %" with the calibrated flux gives it 1,000 HU of noise.
+    The scale is found on the central slice so that insertion at dose 0.5 (which adds once the
+    scan's own noise variance) adds the noise SD the scan itself shows (:func:`estimate_noise_hu`),
+    with :data:`CALIBRATION_PROTOCOL`; a second round corrects for the electronic noise. A drawn
+    dose ``a`` then gives about the scan's own noise / √a: a fraction of this scan's own dose.
+    """
+    z = hu.shape[0] // 2
+    one = np.ascontiguousarray(hu[z : z + 1], dtype=np.float32)
+    own = estimate_noise_hu(one)
+    tissue = soft_tissue_mask(one)
+    if own <= 0 or tissue.sum() < 200:
+        return 1.0
+    scale = 1.0
+    for _ in range(rounds):
+        noisy = scanner_noise(
+            one, CALIBRATION_PROTOCOL, spacing_mm=spacing_mm, seed=0, clean=False, flux_scale=scale
+        )
+        inserted = float(np.std((noisy - one)[tissue]))
+        scale = float(np.clip(scale * (inserted / own) ** 2, 0.05, 1e5))
+    return scale
+
+
+#: Exposure control for real anatomy: a real slab whose inserted noise (median local SD over soft
+#: tissue) exceeds this is scanned again at twice the dose, at most :data:`AEC_MAX_DOUBLINGS` times.
+#: A scanner's automatic exposure control does the same for a large patient: 2 % of the own dose of
+#: a 42 cm abdomen with the arms down is photon-starved (several hundred HU), far from any lung
+#: ULDCT the product meets (the phantom slabs span about 25-250 HU).
+AEC_MAX_NOISE_HU = 150.0
+AEC_MAX_DOUBLINGS = 3
+
+
 class ScannerNoiseSampler:
     """Patches of clean anatomy under fresh scanner-like noise; same interface as ``PatchSampler``."""
 
@@ -122,10 +192,18 @@ class ScannerNoiseSampler:
         pool: int = 24,
         refresh: int = 1,
         device: str = "cpu",
+        real_share: float | None = None,
     ) -> None:
         if not volumes:
             raise UserError("no training volumes for scanner-noise training")
+        if real_share is not None and not 0.0 <= real_share <= 1.0:
+            raise UserError(f"real share {real_share}: need a fraction in [0, 1]")
         self.volumes = list(volumes)
+        #: Share of slabs drawn from real normal-dose volumes (None: every volume equally likely).
+        self.real_share = real_share
+        self.real_slabs = 0
+        #: Dose of every slab after exposure control (real anatomy may be raised, see AEC_MAX_NOISE_HU).
+        self.doses: list[float] = []
         self.patch, self.in_slices, self.m = patch, in_slices, in_slices // 2
         self.rng = np.random.default_rng(seed)
         self.ranges = ranges or ProtocolRanges()
@@ -144,7 +222,7 @@ class ScannerNoiseSampler:
     def make_slab(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One noisy ``in_slices`` slab, its clean centre slice and the centre's regions."""
         rng = self.rng
-        vol = self.volumes[int(rng.integers(len(self.volumes)))]
+        vol = self.pick_volume()
         nz = vol.hu.shape[0]
         z = int(rng.integers(nz))
         # one extra slice each side so the slice mixing of the noise sees real neighbours
@@ -172,15 +250,25 @@ class ScannerNoiseSampler:
                 beta=float(rng.uniform(2.5, 3.5)),
             )
         protocol = draw_protocol(rng, self.ranges)
-        noisy = scanner_noise(
-            np.ascontiguousarray(hu),
-            protocol,
-            spacing_mm=float(sx),
-            seed=int(rng.integers(2**62)),
-            clean=vol.clean,
-            device=self.device,
-        )
+        tissue = regions == BODY
+        for _ in range(AEC_MAX_DOUBLINGS + 1):
+            noisy = scanner_noise(
+                np.ascontiguousarray(hu),
+                protocol,
+                spacing_mm=float(sx),
+                seed=int(rng.integers(2**62)),
+                clean=vol.clean,
+                device=self.device,
+                flux_scale=vol.flux_scale,
+            )
+            if vol.clean or protocol.dose >= 0.5 or tissue.sum() < 200:
+                break
+            if estimate_noise_hu(noisy - hu, region=tissue) <= AEC_MAX_NOISE_HU:
+                break
+            protocol = replace(protocol, dose=min(1.0, 2.0 * protocol.dose))  # the scanner's AEC
+        self.doses.append(protocol.dose)
         self.slabs_made += 1
+        self.real_slabs += int(not vol.clean)
         if single:  # the denoiser's edge padding: the same noisy slice in every channel
             hu = np.repeat(hu, self.in_slices + 2, axis=0)
             noisy = np.repeat(noisy, self.in_slices + 2, axis=0)
@@ -192,6 +280,15 @@ class ScannerNoiseSampler:
             np.ascontiguousarray(hu[centre : centre + 1]).astype(np.float32),
             np.ascontiguousarray(regions[centre]),
         )
+
+    def pick_volume(self) -> CleanVolume:
+        """A random volume: real with probability ``real_share`` when both kinds are present."""
+        real = [v for v in self.volumes if not v.clean]
+        synthetic = [v for v in self.volumes if v.clean]
+        pool = self.volumes
+        if self.real_share is not None and real and synthetic:
+            pool = real if self.rng.random() < self.real_share else synthetic
+        return pool[int(self.rng.integers(len(pool)))]
 
     def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         for _ in range(self.refresh):
@@ -235,6 +332,13 @@ def validation_slabs(
         nz = vol.hu.shape[0]
         z0 = max(0, (nz - slices) // 2)
         hu = vol.hu[z0 : z0 + slices]
-        noisy = scanner_noise(hu, protocol, spacing_mm=float(vol.spacing[0]), seed=seed + i, clean=vol.clean)
+        noisy = scanner_noise(
+            hu,
+            protocol,
+            spacing_mm=float(vol.spacing[0]),
+            seed=seed + i,
+            clean=vol.clean,
+            flux_scale=vol.flux_scale,
+        )
         out.append((vol.name, noisy, hu, vol.regions[z0 : z0 + slices]))
     return out

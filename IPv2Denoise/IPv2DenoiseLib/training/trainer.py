@@ -43,6 +43,7 @@ from IPv2DenoiseLib.purification.regions import BACKGROUND, BODY, LUNGS, REGION_
 from IPv2DenoiseLib.training.scanner_data import (
     CleanVolume,
     ScannerNoiseSampler,
+    load_anatomy_volumes,
     load_clean_volumes,
     region_map,
     validation_slabs,
@@ -103,6 +104,14 @@ class TrainConfig:
     noise_refresh: int = 1
     #: Central slices per validation volume (scanner-noise validation).
     val_slices: int = 8
+    #: Real normal-dose CT (volume files, folders of them, DICOM series folders) used as anatomy
+    #: by scanner-noise training, beside the case folders (:func:`load_anatomy_volumes`).
+    anatomy: list[str] = field(default_factory=list)
+    #: Share of scanner-noise slabs drawn from ``anatomy`` when case folders are given too.
+    real_share: float = 0.5
+    #: Stop this leg after so many minutes of wall time (validated, checkpointed and exported as
+    #: usual); the learning-rate schedule then follows the clock (``schedule="constant"`` only).
+    max_minutes: float | None = None
 
 
 @dataclass
@@ -261,9 +270,11 @@ def _training_device(name: str, rank: int, world: int) -> torch.device:
     return device
 
 
-def _build_model(config: TrainConfig, device: torch.device) -> torch.nn.Module:
-    """A fresh network of ``config.arch``, or the ``--init`` weights (which must match it), on ``device``."""
+def _build_model(config: TrainConfig, device: torch.device) -> tuple[torch.nn.Module, dict]:
+    """A fresh network of ``config.arch``, or the ``--init`` weights (which must match it), on
+    ``device``; and the model card of the ``--init`` weights (empty for a fresh network)."""
     model = build_model(config.arch, **config.model_kwargs)
+    start_card: dict = {}
     if config.init_weights:
         start_from, start_card = load_model(config.init_weights)
         if start_from.ARCH != model.ARCH or start_from.config != model.config:
@@ -275,7 +286,7 @@ def _build_model(config: TrainConfig, device: torch.device) -> torch.nn.Module:
     model = model.to(device)
     if device.type == "cpu":
         model = model.to(memory_format=torch.channels_last)
-    return model
+    return model, start_card
 
 
 def _schedule(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler:
@@ -316,12 +327,17 @@ class Trainer:
         self.sampler_before: dict | None = None  # scanner-noise statistics of the run before this resume
         self.out = Path(config.out)
         self.checkpoint = self.out / "checkpoint.pt"
-        self.model = _build_model(config, device)
+        self.model, init_card = _build_model(config, device)
+        #: The legs of the campaign before this one (from the ``--init`` weights' model card).
+        self.legs_before: list[dict] = list(init_card.get("legs") or [])
         self.in_slices = self.model.in_slices
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=1e-4)
         self.schedule = _schedule(self.optimizer, config)
         self.history: dict[str, list] = {"iteration": [], "loss": [], "val": []}
         self.start = self._resume()
+        #: This leg: iterations reached, why it stopped, when it began (reset by :meth:`run`).
+        self.done, self.stopped_by = self.start, "iterations"
+        self.began, self.started_utc = time.monotonic(), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         self.net = self.model
         if world > 1:
             self.net = torch.nn.parallel.DistributedDataParallel(
@@ -337,6 +353,7 @@ class Trainer:
                 seed=seed,
                 pool=config.noise_pool,
                 refresh=config.noise_refresh,
+                real_share=config.real_share,
             )
             if self.sampler_before:  # the training range covers the whole run, not just this part
                 self.sampler.slabs_made += int(self.sampler_before["slabs_made"])
@@ -374,12 +391,20 @@ class Trainer:
         config = self.config
         running = []
         self.began = time.monotonic()
+        self.started_utc = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        self.stopped_by = "iterations"
+        self.done = self.start
         for it in range(self.start, config.iterations):
             if cancel is not None:
                 cancel.check()
-            last_loss = self.step(*self.sampler.batch(config.batch))
+            if self.out_of_time():
+                self.stopped_by = "max_minutes"
+                if running:
+                    self.end_round(it, running)
+                break
+            last_loss = self.step(*self.sampler.batch(config.batch), it=it)
             running.append(last_loss)
-            done = it + 1
+            done = self.done = it + 1
             if done % config.val_every == 0 or done == config.iterations:
                 self.end_round(done, running)
                 running = []
@@ -390,8 +415,30 @@ class Trainer:
             torch.distributed.barrier()
         return card
 
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        """One optimisation step on a batch (bf16 autocast on CUDA); the batch loss."""
+    def out_of_time(self) -> bool:
+        """Whether this leg's ``max_minutes`` are spent (the same answer on every DDP rank)."""
+        if self.config.max_minutes is None:
+            return False
+        over = torch.tensor(float(time.monotonic() - self.began >= 60.0 * self.config.max_minutes))
+        if self.world > 1:
+            over = over.to(self.device)
+            torch.distributed.all_reduce(over, op=torch.distributed.ReduceOp.MAX)
+        return bool(over.item())
+
+    def clock_lr_factor(self, it: int) -> float:
+        """Learning-rate factor of a leg with ``max_minutes``: the ``constant`` schedule's warm-up,
+        plateau and decay, run at the pace of whichever ends first, the iterations or the clock."""
+        config = self.config
+        fraction = (time.monotonic() - self.began) / (60.0 * config.max_minutes)
+        left = config.iterations - self.start
+        step = max(it, self.start + int(fraction * left))
+        return constant_then_decay(config.iterations, config.decay_fraction)(min(step, config.iterations))
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, *, it: int | None = None) -> float:
+        """One optimisation step on a batch (bf16 autocast on CUDA); the batch loss.
+
+        ``it`` (the iteration) sets the learning rate from the clock when ``max_minutes`` is set.
+        """
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         if self.device.type == "cpu":
             x = x.contiguous(memory_format=torch.channels_last)
@@ -400,6 +447,10 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        if self.config.max_minutes is not None and it is not None:
+            factor = self.clock_lr_factor(it)
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.config.lr * factor
         self.optimizer.step()
         self.schedule.step()
         return loss.item()
@@ -460,7 +511,7 @@ class Trainer:
                     else {}
                 ),
             },
-            "iterations": config.iterations,
+            "iterations": self.done,
             "initialised_from": Path(config.init_weights).name if config.init_weights else None,
             "loss": config.loss,
             "schedule": {"name": config.schedule, "lr": config.lr, "decay_fraction": config.decay_fraction},
@@ -469,6 +520,7 @@ class Trainer:
             "validation": self.history["val"][-1] if self.history["val"] else {},
             "history": self.history,
         }
+        card["legs"] = [*self.legs_before, self.leg_record(card)]
         save_model(model, self.out / f"{config.name}.safetensors", card)
         plot_training_curves(
             self.history,
@@ -479,6 +531,38 @@ class Trainer:
             else None,
         )
         return card
+
+    def leg_record(self, card: dict) -> dict:
+        """This leg of a campaign, for the model card's ``legs`` list (a campaign runs in legs, each
+        started with ``--init`` from the previous leg's weights on any machine)."""
+        sampler = self.sampler
+        mix: dict = {
+            "training": card["data"]["training_cases"],
+            "validation": card["data"]["validation_cases"],
+        }
+        if isinstance(sampler, ScannerNoiseSampler):
+            mix |= {
+                "noise": "scanner",
+                "real_share": sampler.real_share,
+                "slabs": sampler.slabs_made,
+                "real_slabs": sampler.real_slabs,
+            }
+        else:
+            mix |= {"noise": "pairs", "strategy": self.config.strategy}
+        return {
+            "leg": len(self.legs_before) + 1,
+            "started_utc": self.started_utc,
+            "initialised_from": card["initialised_from"],
+            "iterations": [self.start, self.done],
+            "stopped_by": self.stopped_by,
+            "wall_seconds": round(time.monotonic() - self.began, 1),
+            "batch": self.config.batch,
+            "patch": self.config.patch,
+            "lr": self.config.lr,
+            "hardware": card["hardware"],
+            "data": mix,
+            "validation": card["validation"],
+        }
 
 
 def train(
@@ -503,11 +587,19 @@ def train(
     if config.schedule not in SCHEDULES:
         raise UserError(f"schedule={config.schedule!r} is not known; allowed: {', '.join(SCHEDULES)}")
     _loss(config.loss)  # an unknown loss fails before any pairs are built
+    if config.anatomy and config.noise != "scanner":
+        raise UserError("--anatomy (real normal-dose CT) needs --noise scanner")
+    if not 0.0 <= config.real_share <= 1.0:
+        raise UserError(f"--real-share {config.real_share}: need a fraction in [0, 1]")
+    if config.max_minutes is not None and (config.max_minutes <= 0 or config.schedule != "constant"):
+        raise UserError(
+            "--max-minutes needs a positive number and --schedule constant (its decay follows the clock)"
+        )
     scanner_val: list[CasePairs] = []
     if prepared is not None:
         train_cases, val_cases = prepared
     elif config.noise == "scanner":
-        train_cases = load_clean_volumes(config.cases)
+        train_cases = load_clean_volumes(config.cases) + load_anatomy_volumes(config.anatomy)
         val_cases, scanner_val = scanner_validation(config.val_cases, slices=config.val_slices)
     else:
         train_cases = [prepare_case(c, config, seed=config.seed + i) for i, c in enumerate(config.cases)]
@@ -523,12 +615,12 @@ def train(
 def same_run(saved: dict | None, current: dict) -> bool:
     """Whether a checkpoint's config continues the current run.
 
-    Everything must match except ``iterations``: a run may be extended or shortened on resume
-    (with ``--schedule constant`` the final decay moves with the new end).
+    Everything must match except ``iterations`` and ``max_minutes``: a run may be extended or
+    shortened on resume (with ``--schedule constant`` the final decay moves with the new end).
     """
     if not saved:
         return False
-    strip = lambda c: {k: v for k, v in c.items() if k != "iterations"}  # noqa: E731
+    strip = lambda c: {k: v for k, v in c.items() if k not in ("iterations", "max_minutes")}  # noqa: E731
     return strip(saved) == strip(current) and (
         current.get("schedule") == "constant" or saved.get("iterations") == current.get("iterations")
     )

@@ -1,0 +1,210 @@
+"""``train --noise scanner --anatomy``: real normal-dose CT as clean anatomy, legs of a campaign (issue #24)."""
+
+from __future__ import annotations
+
+import io
+import json
+import plistlib
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import write_ct_series
+
+from IPv2DenoiseLib.imaging.masks import soft_tissue_mask
+from IPv2DenoiseLib.imaging.noise_estimate import estimate_noise_hu
+from IPv2DenoiseLib.physics.scanner_noise import ProtocolRanges
+from IPv2DenoiseLib.training.scanner_data import Augmentation, ScannerNoiseSampler, load_anatomy_volumes
+
+REPO = Path(__file__).resolve().parents[2]
+#: The shared real corpus (20 abdomen slices, Apache-2.0; ../shared/data/real-ct/README.md).
+ABDOMEN = REPO.parent / "shared" / "data" / "real-ct" / "abdomen-series"
+TINY = [
+    "--model-kwargs",
+    '{"in_slices": 3, "base_channels": 4, "levels": 2}',
+    "--batch",
+    "4",
+    "--patch",
+    "32",
+]
+
+
+@pytest.fixture(scope="module")
+def real_series(tmp_path_factory) -> Path:
+    """A real normal-dose DICOM series: the shared abdomen corpus, else a series written from a real slice."""
+    if ABDOMEN.is_dir():
+        return ABDOMEN
+    folder = tmp_path_factory.mktemp("real") / "series"
+    write_ct_series(folder, 4)
+    return folder
+
+
+def test_real_slab_keeps_the_real_label_and_gets_the_low_dose_difference_noise(real_series) -> None:
+    (volume,) = load_anatomy_volumes([real_series])
+    assert not volume.clean and volume.name == f"real/{real_series.name}" and volume.flux_scale > 0
+    # a dose where quantum noise dominates: below ~10 % the electronic noise of the photon-starved
+    # lateral rays adds more (physics, not a fault), and exposure control may raise the dose
+    dose = 0.25
+    ranges = ProtocolRanges(
+        dose=(dose, dose),
+        kernels=("shepp-logan",),
+        bowtie_share=0.0,
+        tcm=(0.0, 0.0),
+        correlated_share=0.0,
+        fan_share=0.0,
+    )
+    no_aug = Augmentation(
+        zoom=(1.0, 1.0), soft_tissue_texture_hu=0.0, lung_texture_hu=0.0, single_slice_share=0.0
+    )
+    sampler = ScannerNoiseSampler(
+        [volume],
+        patch=32,
+        in_slices=3,
+        shares=(0.45, 0.4, 0.15),
+        seed=3,
+        ranges=ranges,
+        augmentation=no_aug,
+        pool=2,
+    )
+    assert sampler.real_slabs == 2 and sampler.doses == pytest.approx([dose, dose])
+    for noisy, label, _ in sampler.pool:
+        # the label is a real slice of the scan, untouched (or mirrored left-right)
+        matches = [
+            z
+            for z, s in enumerate(volume.hu)
+            if np.array_equal(s, label[0]) or np.array_equal(s[:, ::-1], label[0])
+        ]
+        assert len(matches) == 1
+        own = estimate_noise_hu(label[0])
+        tissue = soft_tissue_mask(label)[0]
+        inserted = float(np.std((noisy[1] - label[0])[tissue]))
+        # the scan's own noise taken to dose a: total own/sqrt(a), so the inserted part own*sqrt((1-a)/a)
+        expected = own * np.sqrt((1 - dose) / dose)
+        assert inserted == pytest.approx(expected, rel=0.3), (inserted, expected, own)
+        assert abs(float(np.mean((noisy[1] - label[0])[tissue]))) < 0.1 * expected  # no bias
+
+
+def test_train_on_real_anatomy_mixed_with_phantoms_records_legs(real_series, made_dataset, tmp_path) -> None:
+    from IPv2DenoiseLib.app.cli import main
+
+    first = tmp_path / "leg1"
+    common = [
+        "train",
+        "--noise",
+        "scanner",
+        "--schedule",
+        "constant",
+        "--noise-pool",
+        "3",
+        "--device",
+        "cpu",
+        *TINY,
+    ]
+    phantom = str(made_dataset / "case_000")
+    leg1 = [
+        *common,
+        "--anatomy",
+        str(real_series),
+        "--data",
+        phantom,
+        "--real-share",
+        "0.5",
+        "--out",
+        str(first),
+    ]
+    assert (
+        main([*leg1, "--iterations", "2", "--val", str(made_dataset / "case_001"), "--val-every", "2"]) == 0
+    )
+    card = json.loads((first / "model.json").read_text())
+    assert f"real/{real_series.name}" in card["data"]["training_volumes"]
+    (leg,) = card["legs"]
+    assert leg["leg"] == 1 and leg["iterations"] == [0, 2] and leg["stopped_by"] == "iterations"
+    assert leg["data"]["real_share"] == 0.5 and 0 <= leg["data"]["real_slabs"] <= leg["data"]["slabs"]
+    assert "psnr_truth" in leg["validation"]  # validation on the synthetic case only
+
+    # the next leg, from the weights alone (any machine): real anatomy only, stopped by the clock
+    second = tmp_path / "leg2"
+    leg2 = [
+        *common,
+        "--anatomy",
+        str(real_series),
+        "--out",
+        str(second),
+        "--init",
+        str(first / "model.safetensors"),
+    ]
+    assert main([*leg2, "--iterations", "100000", "--max-minutes", "0.001"]) == 0
+    card2 = json.loads((second / "model.json").read_text())
+    assert [g["leg"] for g in card2["legs"]] == [1, 2] and card2["legs"][0] == leg
+    last = card2["legs"][1]
+    assert last["stopped_by"] == "max_minutes" and last["iterations"][1] < 100000
+    assert (
+        last["initialised_from"] == "model.safetensors"
+        and last["data"]["real_slabs"] == last["data"]["slabs"]
+    )
+    assert card2["iterations"] == last["iterations"][1]
+
+
+def test_train_refuses_bad_real_anatomy_options(real_series, tmp_path, capsys) -> None:
+    from IPv2DenoiseLib.app.cli import main
+
+    out = str(tmp_path / "run")
+    assert main(["train", "--out", out]) == 2  # neither --data nor --anatomy
+    assert (
+        main(["train", "--anatomy", str(real_series), "--out", out]) == 2
+    )  # --anatomy needs --noise scanner
+    assert main(["train", "--noise", "scanner", "--anatomy", str(tmp_path / "nope"), "--out", out]) == 2
+    base = ["train", "--noise", "scanner", "--anatomy", str(real_series), "--out", out]
+    assert main([*base, "--max-minutes", "5"]) == 2  # the clock schedule needs --schedule constant
+    assert main([*base, "--real-share", "1.5", "--schedule", "constant"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("ipv2-denoise train: error:") == 5 and "Traceback" not in err
+
+
+def _inv3(
+    path: Path, matrix: np.ndarray, spacing, *, filename: str = "matrix.dat", size: int | None = None
+) -> Path:
+    """A minimal InVesalius project: a gzipped tar of main.plist + the raw matrix."""
+    plist = {
+        "modality": "CT",
+        "spacing": list(spacing),
+        "matrix": {"dtype": "int16", "filename": filename, "shape": list(matrix.shape)},
+    }
+    raw = matrix.astype("<i2").tobytes()[: size if size is not None else None]
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in (("tmpabc/main.plist", plistlib.dumps(plist)), ("tmpabc/matrix.dat", raw)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_inv3_converter_round_trip_and_refusals(tmp_path) -> None:
+    from IPv2DenoiseLib.io.volumes import read_volume
+
+    rng = np.random.default_rng(0)
+    matrix = np.full((3, 64, 64), -1000, np.int16)
+    matrix[:, 16:48, 16:48] = rng.integers(-100, 200, (3, 32, 32))
+    src = _inv3(tmp_path / "head.inv3", matrix, (0.9, 0.9, 1.5))
+    script = [sys.executable, str(REPO / "scripts" / "inv3_to_nrrd.py")]
+    out = tmp_path / "corpus" / "head.nrrd"
+    assert subprocess.run([*script, str(src), str(out)], capture_output=True).returncode == 0
+    vol = read_volume(out)
+    assert np.array_equal(vol.array, matrix.astype(np.float32)) and vol.spacing == pytest.approx(
+        (0.9, 0.9, 1.5)
+    )
+    assert src.stat().st_size > 0  # the input is read in memory, never modified or extracted
+    for bad in (
+        _inv3(tmp_path / "short.inv3", matrix, (0.9, 0.9, 1.5), size=100),
+        _inv3(tmp_path / "escape.inv3", matrix, (0.9, 0.9, 1.5), filename="../matrix.dat"),
+        _inv3(tmp_path / "spacing.inv3", matrix, (0.0, 0.9, 1.5)),
+    ):
+        run = subprocess.run(
+            [*script, str(bad), str(tmp_path / f"{bad.stem}.nrrd")], capture_output=True, text=True
+        )
+        assert run.returncode == 2 and run.stderr.startswith("inv3_to_nrrd: error:"), run.stderr
+        assert not (tmp_path / f"{bad.stem}.nrrd").exists()
+    assert subprocess.run([*script, str(src), str(out)], capture_output=True).returncode == 2  # exists
