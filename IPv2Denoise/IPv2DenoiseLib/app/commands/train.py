@@ -14,7 +14,35 @@ HELP = "Train a denoiser on purified ULDCT/NDCT pairs (case folders with uldct.n
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", nargs="+", required=True, help="case folders or dataset folders of cases")
+    parser.add_argument(
+        "--data",
+        nargs="+",
+        default=[],
+        help="case folders or dataset folders of cases (required unless --noise scanner gets --anatomy)",
+    )
+    parser.add_argument(
+        "--anatomy",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="PATH",
+        help="--noise scanner: real normal-dose CT as clean anatomy (a DICOM series folder, a volume "
+        "file, or a folder of volume files; repeatable). Its own noise stays in the label; only the "
+        "extra low-dose noise is inserted (docs/training.md: fine-tune on your own archive)",
+    )
+    parser.add_argument(
+        "--real-share",
+        type=float,
+        default=0.5,
+        help="--noise scanner with --data and --anatomy: share of noisy slabs cut from --anatomy (default 0.5)",
+    )
+    parser.add_argument(
+        "--max-minutes",
+        type=float,
+        default=None,
+        help="end this leg after so many minutes (validates, checkpoints and exports; needs --schedule "
+        "constant: the decay then follows the clock). Resume a campaign with --init on the weights",
+    )
     parser.add_argument(
         "--val", nargs="*", default=[], help="held-out case folders for validation each round"
     )
@@ -95,8 +123,10 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--model-kwargs is not valid JSON: {exc}") from None
     if args.noise_pool < 1 or args.noise_refresh < 0:
         raise UserError("--noise-pool must be >= 1 and --noise-refresh >= 0")
+    if not args.data and not (args.noise == "scanner" and args.anatomy):
+        raise UserError("give --data (case folders), or --noise scanner with --anatomy (normal-dose CT)")
     config = TrainConfig(
-        cases=expand_case_folders(args.data),
+        cases=expand_case_folders(args.data) if args.data else [],
         val_cases=expand_case_folders(args.val) if args.val else [],
         out=args.out,
         name=args.name,
@@ -118,6 +148,9 @@ def run(args: argparse.Namespace) -> int:
         decay_fraction=args.decay_fraction,
         noise_pool=args.noise_pool,
         noise_refresh=args.noise_refresh,
+        anatomy=[str(p) for p in args.anatomy],
+        real_share=args.real_share,
+        max_minutes=args.max_minutes,
     )
     if kwargs:
         config.model_kwargs = kwargs
