@@ -405,6 +405,8 @@ def test_shards_share_out_but_each_shard_runs_once(batch_archive, tmp_path, caps
         assert "in use by another batch run (shard 0/2: pid" in capsys.readouterr().err
         assert main(["batch", str(archive), str(out)]) == 2  # an unsharded run would redo the shard's cases
         assert "shard-0-of-2: pid" in capsys.readouterr().err
+        assert main(["batch", str(archive), str(out), "--shard", "1/3"]) == 2  # another job's split overlaps
+        assert "shard-0-of-2: pid" in capsys.readouterr().err
         assert main(["batch", str(archive), str(out), "--shard", "1/2"]) in (0, 1)  # the other shard runs
     assert main(["batch", str(archive), str(out), "--shard", "0/2"]) in (0, 1)  # released
 

@@ -3,7 +3,8 @@
 Two runs on one OUT would both do all the work and race on every output. A run without
 ``--shard`` takes an exclusive lock on ``OUT/.ipv2-batch/locks/run.lock``. A shard ``K/N`` takes
 a *shared* lock on that file (shards of one job run side by side, but never beside an unsharded
-run) and an exclusive lock on ``shard-K-of-N.lock`` (the same shard never runs twice at once).
+run) and an exclusive lock on ``shard-K-of-N.lock`` (the same shard never runs twice at once);
+a shard of another N holding its lock refuses the run too.
 The kernel releases a lock when its holder dies, even by ``kill -9``, so a stale lock never
 blocks. Each lock file holds its holder's ``pid N on host H`` for the refusal message. On a
 shared file system ``flock`` must reach across machines (NFS does; Lustre needs ``-o flock``).
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import socket
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -55,10 +57,17 @@ def _holder(path: Path) -> str:
     return text or "pid ? on host ?"
 
 
-def _live_shard_holders(lock_dir: Path) -> list[str]:
-    """``pid N on host H`` of every shard lock that is held right now (probed, not guessed)."""
+_SHARD_LOCK = re.compile(r"^shard-(\d+)-of-(\d+)\.lock$")
+
+
+def _live_shard_holders(lock_dir: Path, *, except_of: int | None = None) -> list[str]:
+    """``pid N on host H`` of every shard lock that is held right now (probed, not guessed),
+    leaving out the shards of ``except_of`` shards (one's own job)."""
     holders = []
     for path in sorted(lock_dir.glob("shard-*-of-*.lock")):
+        match = _SHARD_LOCK.match(path.name)
+        if not match or int(match.group(2)) == except_of:
+            continue
         fd = _open(path)
         try:
             if _try_lock(fd, fcntl.LOCK_EX):
@@ -114,6 +123,11 @@ def batch_lock(out_root: str | os.PathLike, shard: tuple[int, int] | None = None
             if not _try_lock(shard_fd, fcntl.LOCK_EX):
                 raise _refuse(out_root, f"shard {shard[0]}/{shard[1]}: {_holder(shard_path)}")
             _claim(shard_fd)
+            # Shards of another N cover other case lists; checked after locking ours, so of two
+            # such runs starting at once at least one sees the other.
+            others = _live_shard_holders(lock_dir, except_of=shard[1])
+            if others:
+                raise _refuse(out_root, "; ".join(others))
         yield
 
 
