@@ -275,6 +275,8 @@ def test_help_loads_no_heavy_library(command):
 LAZY_BELOW_APP = {
     ("IPv2DenoiseLib.core.device", "torch"),  # the device vocabulary is read before torch is needed
     ("IPv2DenoiseLib.core.progress", "tqdm"),  # the Slicer module loads progress before tqdm is installed
+    # the model reference lists models and states provenance without torch (Slicer, --help)
+    ("IPv2DenoiseLib.denoiser.model_reference", "IPv2DenoiseLib.denoiser.infer"),
     ("IPv2DenoiseLib.imaging.classical", "bm3d"),  # optional, non-commercial
 }
 

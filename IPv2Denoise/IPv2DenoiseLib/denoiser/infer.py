@@ -15,7 +15,6 @@ sagittal volumes are reoriented to axial slices for the network and back (exact 
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -28,9 +27,9 @@ import torch
 from IPv2DenoiseLib.core.device import resolve_device
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.progress import CancelToken, ProgressCallback
-from IPv2DenoiseLib.core.resources import models_dir
 from IPv2DenoiseLib.core.volume import Volume
 from IPv2DenoiseLib.denoiser.ensemble import check_ensemble, dihedral, undo_dihedral
+from IPv2DenoiseLib.denoiser.model_reference import ModelReference
 from IPv2DenoiseLib.denoiser.models.base import Denoiser2p5D
 from IPv2DenoiseLib.denoiser.normalization import hu_to_net, net_to_hu
 from IPv2DenoiseLib.denoiser.weights import load_model
@@ -149,9 +148,10 @@ class Denoiser:
     def from_registry(
         cls, name: str = "default", *, models_json: str | os.PathLike | None = None
     ) -> Denoiser:
-        """Load a model listed in ``Resources/Models/models.json`` by name (``"default"`` allowed).
+        """Load a model listed in ``Resources/Models/models.json`` by name (``"default"`` allowed);
+        see :class:`~IPv2DenoiseLib.denoiser.model_reference.ModelReference`.
 
-        The registry is ``{"default": NAME, "models": {NAME: {"file": ..., "sha256": ...,
+        The catalogue is ``{"default": NAME, "models": {NAME: {"file": ..., "sha256": ...,
         "summary": ...}}}`` with files relative to the JSON file's folder.
 
         Raises
@@ -160,26 +160,7 @@ class Denoiser:
             Unknown name (the message lists the known ones), missing registry or weights file,
             checksum mismatch.
         """
-        if models_json is None:
-            models_json = models_dir() / "models.json"
-        models_json = Path(models_json)
-        try:
-            registry = json.loads(models_json.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise UserError(
-                f"model registry {str(models_json)!r} does not exist; pass --weights FILE"
-            ) from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise UserError(f"model registry {str(models_json)!r} is not valid JSON: {exc}") from None
-        models = registry.get("models") or {}
-        key = registry.get("default") if name == "default" else name
-        if key not in models:
-            known = ", ".join(sorted(models)) or "none yet (train one, or pass --weights FILE)"
-            raise UserError(f"unknown model {name!r} in {models_json.name}; known models: {known}")
-        entry = models[key]
-        denoiser = cls.from_file(models_json.parent / entry["file"], expected_sha256=entry.get("sha256"))
-        denoiser.name = key
-        return denoiser
+        return ModelReference.resolve(name, models_json=models_json).load()
 
     # ------------------------------------------------------------------------------------ sizing
 

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from IPv2DenoiseLib.core.atomic import atomic_path
 from IPv2DenoiseLib.core.errors import UserError
+from IPv2DenoiseLib.denoiser.model_reference import card_path, read_card
 from IPv2DenoiseLib.denoiser.models import build_model, count_parameters, flops_per_voxel
 from IPv2DenoiseLib.denoiser.models.base import Denoiser2p5D
 from IPv2DenoiseLib.denoiser.normalization import NORMALIZATION
@@ -33,11 +34,6 @@ DERIVED_KEYS = (
     "normalization",
     "sha256",
 )
-
-
-def card_path(weights_path: str | os.PathLike) -> Path:
-    """The model card next to a weights file: ``x.safetensors`` → ``x.json``."""
-    return Path(weights_path).with_suffix(".json")
 
 
 def sha256_file(path: str | os.PathLike, *, chunk: int = 1 << 20) -> str:
@@ -103,19 +99,6 @@ def save_model(
     return full
 
 
-def _read_card(path: Path) -> dict[str, Any] | None:
-    cpath = card_path(path)
-    if not cpath.is_file():
-        return None
-    try:
-        card = json.loads(cpath.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"model card {str(cpath)!r} is not valid JSON: {exc}") from None
-    if not isinstance(card, dict):
-        raise UserError(f"model card {str(cpath)!r} must hold a JSON object, got {type(card).__name__}")
-    return card
-
-
 def load_model(
     path: str | os.PathLike, *, expected_sha256: str | None = None
 ) -> tuple[Denoiser2p5D, dict[str, Any]]:
@@ -145,7 +128,7 @@ def load_model(
     if not path.is_file():
         raise UserError(f"weights file {str(path)!r} does not exist")
     digest = sha256_file(path)
-    card = _read_card(path)
+    card = read_card(path)
     for source, want in (("expected", expected_sha256), ("model card", (card or {}).get("sha256"))):
         if want and want.lower() != digest:
             raise UserError(f"checksum mismatch for {str(path)!r}: {source} sha256 {want}, file has {digest}")

@@ -25,10 +25,9 @@ import copy
 import datetime as _dt
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pydicom
@@ -40,6 +39,7 @@ from IPv2DenoiseLib import __version__
 from IPv2DenoiseLib.core.atomic import atomic_dir
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.progress import ProgressCallback
+from IPv2DenoiseLib.core.provenance import SOFTWARE_NAME, ModelProvenance
 from IPv2DenoiseLib.core.volume import Volume
 
 __all__ = [
@@ -61,49 +61,6 @@ PURPOSE_CODE = ("121322", "DCM", "Source image for image processing operation")
 #: CID 7005 "Contributing Equipment Purposes of Reference".
 MODIFYING_EQUIPMENT_CODE = ("109103", "DCM", "Modifying Equipment")
 MANUFACTURER = "IPv2 Denoise"
-SOFTWARE_NAME = "ipv2-denoise"
-
-
-@dataclass(frozen=True)
-class ModelProvenance:
-    """Which network made the pixels: written into DerivationDescription (and the CLI's log)."""
-
-    name: str = "unknown"
-    version: str = "unversioned"
-    sha256: str | None = None
-    strategy: str = "ipv2"
-    #: Scan-adaptive fine-tuning on this very scan (``denoise --adapt``): "N steps in S s", else None.
-    adapted: str | None = None
-
-    @classmethod
-    def from_card(
-        cls, name: str, card: Mapping[str, Any] | None, *, default_version: str = "unversioned"
-    ) -> ModelProvenance:
-        """From a model card (:mod:`IPv2DenoiseLib.denoiser.weights`): ``version``, ``sha256``, ``strategy``,
-        and ``adapted`` (the record of ``training.adapt`` when the model was fine-tuned on the scan)."""
-        card = card or {}
-        adapted = card.get("adapted")
-        return cls(
-            name=str(name),
-            version=str(card.get("version") or default_version),
-            sha256=card.get("sha256"),
-            strategy=str(card.get("strategy") or "ipv2"),
-            adapted=f"{adapted['iterations']} steps in {adapted['seconds']:.0f} s" if adapted else None,
-        )
-
-    def describe(self) -> str:
-        """One sentence for DerivationDescription (at most 1024 characters)."""
-        weights = f", weights sha256 {self.sha256}" if self.sha256 else ""
-        adapted = (
-            f", then fine-tuned on this scan alone ({self.adapted}, recorrupted pairs)"
-            if self.adapted
-            else ""
-        )
-        return (
-            f"Denoised by {SOFTWARE_NAME} {__version__}: model {self.name} version {self.version}{weights}, "
-            f"training strategy {self.strategy}{adapted} (see the model card; IPv2 image purification: "
-            "Gong & Yu, arXiv 2602.19314)"
-        )
 
 
 @dataclass(frozen=True)

@@ -33,12 +33,12 @@ from IPv2DenoiseLib.app.batch.records import (
     verified_record,
     write_record,
 )
-from IPv2DenoiseLib.app.commands.denoise import model_provenance
 from IPv2DenoiseLib.core.atomic import remove_stale_partials
 from IPv2DenoiseLib.core.device import describe_device, resolve_device
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.volume import Volume
 from IPv2DenoiseLib.denoiser.infer import Denoiser
+from IPv2DenoiseLib.denoiser.model_reference import ModelReference
 from IPv2DenoiseLib.imaging.noise_estimate import estimate_noise_hu
 from IPv2DenoiseLib.io.dicom_export import DerivedSeriesOptions, export_derived_series
 from IPv2DenoiseLib.io.volumes import read_dicom_series, read_volume, write_volume
@@ -264,7 +264,8 @@ class CaseProcessor:
         if out.exists():  # an earlier, unrecorded output of this case: ours to replace
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         sources = loaded.volume.meta.get("dicom_files") if loaded.case.kind == "dicom" else None
-        provenance = model_provenance(self.denoiser, registered=self.settings.weights is None)
+        reference = ModelReference.resolve(self.settings.model, self.settings.weights)
+        provenance = reference.provenance(self.denoiser.card)
         export_derived_series(
             loaded.result, out, source_files=sources, options=DerivedSeriesOptions(model=provenance)
         )

@@ -11,28 +11,23 @@ import sys
 import time
 from pathlib import Path
 
-from IPv2DenoiseLib import __version__
 from IPv2DenoiseLib.app.arguments import (
     add_model_arguments,
     add_reading_arguments,
-    load_denoiser,
     positive_int,
     positive_seconds,
 )
 from IPv2DenoiseLib.app.commands.send import add_peer_arguments, send_and_report
+from IPv2DenoiseLib.app.pipeline import ADAPT_SECONDS, DenoiseOptions, DenoisePipeline
 from IPv2DenoiseLib.core.atomic import check_output_path, claim_output
 from IPv2DenoiseLib.core.errors import UserError
-from IPv2DenoiseLib.core.progress import JsonLinesProgress, Stages, make_progress
+from IPv2DenoiseLib.core.progress import JsonLinesProgress, make_progress
 
 NAME = "denoise"
 HELP = (
     "Denoise a CT volume (DICOM folder/file, NRRD, NIfTI, MHA) with a trained IPv2 model; "
     "writes NRRD/NIfTI/MHA, or a derived DICOM series (--dicom) and sends it to a PACS (--send)."
 )
-#: The command line's fine-tuning budget for ``--adapt`` (s), always passed to
-#: :class:`training.adapt.AdaptConfig` (whose own default, for library callers, is the same minute;
-#: that module loads torch, which building ``--help`` must not).
-ADAPT_SECONDS = 60.0
 
 
 def _series_number(text: str) -> int:
@@ -70,21 +65,11 @@ def add_dicom_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--study-description", metavar="TEXT", help="non-DICOM input only: StudyDescription")
 
 
-def model_provenance(denoiser, *, registered: bool):
-    """:class:`ModelProvenance` of a loaded Denoiser; a shipped (registered) model is versioned with the package."""
-    from IPv2DenoiseLib.io.dicom_export import ModelProvenance  # lazy: pydicom, not at CLI start-up
-
-    return ModelProvenance.from_card(
-        denoiser.name, denoiser.card, default_version=__version__ if registered else "unversioned"
-    )
-
-
-def dicom_options(args: argparse.Namespace, provenance):
-    """:class:`DerivedSeriesOptions` from the command line."""
+def series_options(args: argparse.Namespace):
+    """:class:`DerivedSeriesOptions` from the command line (the pipeline adds model and warnings)."""
     from IPv2DenoiseLib.io.dicom_export import DerivedSeriesOptions  # lazy: pydicom, not at CLI start-up
 
     return DerivedSeriesOptions(
-        model=provenance,
         series_number=args.series_number,
         series_description=args.series_description,
         patient_name=args.patient_name,
@@ -149,13 +134,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    # lazy: the CLI imports every command to build --help; torch & co. load on use
+    # lazy: the CLI imports every command to build --help; pydicom & co. load on use
     from IPv2DenoiseLib.core.device import describe_device, resolve_device
     from IPv2DenoiseLib.io.dicom_net import parse_destination
     from IPv2DenoiseLib.io.volumes import image_suffix
 
     start = time.monotonic()
-    device = resolve_device(args.device)  # fail fast: "--device cuda" without a GPU
+    if args.adapt_seconds is not None and not args.adapt:
+        raise UserError("--adapt-seconds needs --adapt")
     if args.dicom:
         check_output_path(args.output, inputs=[args.input], folder=True, overwrite=args.overwrite)
         if args.overwrite and Path(args.output).exists():
@@ -177,17 +163,14 @@ def run(args: argparse.Namespace) -> int:
         if used:
             raise UserError(f"--{used[0].replace('_', '-')} needs --dicom")
         check_output_path(args.output, inputs=[args.input], overwrite=args.overwrite)
-    if args.adapt_seconds is not None and not args.adapt:
-        raise UserError("--adapt-seconds needs --adapt")
-    where = describe_device(device)
+    options = DenoiseOptions.from_args(args)
+    options.reference()  # an unknown --model fails before any work
+    where = describe_device(resolve_device(options.device))  # "--device cuda" without a GPU fails here
     if args.json_progress:
         JsonLinesProgress().emit(device=where)
     else:  # before the bar exists, so the line never lands on its first frame
         print(f"running on: {where}", file=sys.stderr, flush=True)
     progress = make_progress(args.json_progress, desc="denoise", percent=True)
-    adapt_seconds = (args.adapt_seconds or ADAPT_SECONDS) if args.adapt else 0.0
-    # stage shares by expected time: the fine-tuning budget against ~30 s of denoising
-    stages = Stages(progress, read=4, model=1, adapt=adapt_seconds, denoise=max(30.0, adapt_seconds), write=5)
 
     def warn(message: str) -> None:
         if args.json_progress:
@@ -195,15 +178,36 @@ def run(args: argparse.Namespace) -> int:
         else:
             progress.write(f"warning: {message}")
 
+    pipeline = DenoisePipeline(options, progress=progress, warn=warn)
+    files = None
     with claim_output(args.output):  # a second run to the same OUT fails now, not after the work
-        files, model_name = _denoise_and_write(args, device, progress, stages, adapt_seconds, warn)
+        try:
+            volume = pipeline.read(
+                args.input, series_uid=args.series_uid, force=args.force, resample_gaps=args.resample_gaps
+            )
+            if args.json_progress:
+                progress.emit(model=pipeline.reference.name)
+            outcome = pipeline.denoise(volume)
+            if args.json_progress and outcome.adapted:
+                progress.emit(adapted=outcome.adapted)
+            if args.dicom:
+                files = pipeline.export_dicom(
+                    outcome,
+                    args.output,
+                    series_options=series_options(args),
+                    replace_existing=args.overwrite,
+                )
+            else:
+                pipeline.write_volume(outcome, args.output)
+        finally:
+            progress.close()
     if args.dicom and args.send:
         _send_written(files, args, progress)
     seconds = round(time.monotonic() - start, 3)
     if args.json_progress:
         progress.emit(result=str(args.output), seconds=seconds)
     else:
-        print(f"wrote {args.output} with {model_name} ({seconds:.1f} s)", file=sys.stderr)
+        print(f"wrote {args.output} with {outcome.model_name} ({seconds:.1f} s)", file=sys.stderr)
     return 0
 
 
@@ -220,69 +224,3 @@ def _send_written(files, args: argparse.Namespace, progress) -> None:
         ) from None
     if args.json_progress:
         progress.emit(sent=len(report.results), destination=report.destination)
-
-
-def _denoise_and_write(args: argparse.Namespace, device, progress, stages, adapt_seconds: float, warn):
-    """Read, check, (adapt,) denoise and write; returns the written DICOM files (``--dicom``, else
-    None) and the model's name."""
-    # lazy: torch & co. load on use
-    from IPv2DenoiseLib.denoiser.applicability import applicability_warning
-    from IPv2DenoiseLib.io.dicom_export import export_derived_series
-    from IPv2DenoiseLib.io.volumes import read_volume, write_volume
-
-    files = None
-    try:
-        stages.start("read", f"reading {args.input}")
-        volume = read_volume(
-            args.input,
-            series_uid=args.series_uid,
-            force=args.force,
-            resample_gaps=args.resample_gaps,
-            progress=stages.stage("read"),
-        )
-        stages.start("model", "loading the model")
-        denoiser = load_denoiser(args)
-        if args.json_progress:
-            progress.emit(model=denoiser.name)
-        applicability = applicability_warning(volume, denoiser.card)
-        if applicability:  # input outside the model's training range
-            warn(applicability)
-        if args.adapt:
-            from IPv2DenoiseLib.training.adapt import AdaptConfig, adapt_denoiser  # lazy: only with --adapt
-
-            stages.start("adapt", "adapting the model to this scan")
-            denoiser, adapted = adapt_denoiser(
-                denoiser,
-                volume,
-                AdaptConfig(seconds=adapt_seconds),
-                device=device,
-                progress=stages.stage("adapt"),
-            )
-            if args.json_progress:
-                progress.emit(adapted=adapted.as_dict())
-        result = denoiser.denoise(
-            volume,
-            remove_background=args.remove_background,
-            device=device,
-            slab_slices=args.slab,
-            progress=stages.stage("denoise"),
-        )
-        for message in result.meta.get("warnings", []):
-            warn(message)
-        stages.start("write", f"writing {args.output}")
-        if args.dicom:
-            sources = volume.meta.get("dicom_files") if volume.meta.get("source") == "dicom" else None
-            provenance = model_provenance(denoiser, registered=not args.weights)
-            files = export_derived_series(
-                result,
-                args.output,
-                source_files=sources,
-                options=dicom_options(args, provenance),
-                replace=args.overwrite,
-            )
-        else:
-            write_volume(result, args.output)
-        stages.finish(f"wrote {args.output}")
-    finally:
-        progress.close()
-    return files, denoiser.name

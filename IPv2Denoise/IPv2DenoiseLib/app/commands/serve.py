@@ -16,6 +16,7 @@ from IPv2DenoiseLib.app.arguments import (
     positive_float,
     positive_seconds,
 )
+from IPv2DenoiseLib.app.pipeline import DenoiseOptions
 from IPv2DenoiseLib.core.device import describe_device, resolve_device
 from IPv2DenoiseLib.core.errors import UserError
 
@@ -110,7 +111,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # lazy: torch (through the Denoiser), pydicom and pynetdicom load here, not at every CLI start-up
-    from IPv2DenoiseLib.app.commands.denoise import model_provenance
     from IPv2DenoiseLib.app.dicom_node import DenoisingNode, HostAllowList, NodeConfig
     from IPv2DenoiseLib.io.dicom_export import DerivedSeriesOptions
     from IPv2DenoiseLib.io.dicom_net import check_aet, parse_node
@@ -138,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--spool {spool}: exists and is not a folder")
     device = resolve_device(args.device)
     denoiser = load_denoiser(args)
-    provenance = model_provenance(denoiser, registered=not args.weights)
+    provenance = DenoiseOptions.from_args(args).reference().provenance(denoiser.card)
     logging.getLogger("ipv2denoise.node").info(
         "model %s (sha256 %s) on %s", denoiser.name, provenance.sha256, describe_device(device)
     )

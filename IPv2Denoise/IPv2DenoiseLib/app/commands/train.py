@@ -57,10 +57,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--dose", type=float, default=0.02, help="dose fraction of the Add-noise simulation")
     parser.add_argument("--weak-denoiser", default=None, help="Remove-noise denoiser for the test labels")
-    parser.add_argument("--iterations", type=int, default=2000)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--patch", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument(
+        "--iterations", type=int, default=2000, help="optimiser steps in all (default: %(default)s)"
+    )
+    parser.add_argument("--batch", type=int, default=16, help="patches per step (default: %(default)s)")
+    parser.add_argument("--patch", type=int, default=64, help="patch side in pixels (default: %(default)s)")
+    parser.add_argument(
+        "--lr", type=float, default=1e-3, help="peak learning rate of Adam (default: %(default)s)"
+    )
     parser.add_argument(
         "--loss",
         choices=["huber", "l1", "l2"],
@@ -76,8 +80,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="share of patches centred in each region (default 0.45 0.4 0.15)",
     )
-    parser.add_argument("--val-every", type=int, default=250)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--val-every", type=int, default=250, help="validate every N steps (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="random seed: patches, noise, init (default: %(default)s)"
+    )
     parser.add_argument("--device", default="auto", help="auto (CUDA, MPS, CPU), cuda, mps or cpu")
     parser.add_argument(
         "--init", default=None, help="fine-tune: start from these .safetensors weights (same architecture)"
@@ -97,7 +105,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="onecycle (default): warm-up + cosine; constant: constant LR, cosine decay over the last "
         "--decay-fraction (shows the curve flatten before the decay)",
     )
-    parser.add_argument("--decay-fraction", type=float, default=0.25)
+    parser.add_argument(
+        "--decay-fraction",
+        type=float,
+        default=0.25,
+        help="constant schedule: the last share of the steps, over which the learning rate decays (cosine) (default: %(default)s)",
+    )
     parser.add_argument(
         "--noise-pool", type=int, default=24, help="scanner noise: noisy slabs kept in memory (default 24)"
     )

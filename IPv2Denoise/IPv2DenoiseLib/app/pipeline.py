@@ -1,0 +1,289 @@
+"""One denoising pipeline for every front end: read → check → (adapt) → denoise → warn → write or export.
+
+``denoise``, ``batch``, ``serve``, the Slicer module (through its background ``denoise`` process)
+and the web app all run a scan through :class:`DenoisePipeline`, configured per call by one
+:class:`DenoiseOptions` (model, device, background removal, ensemble, adaptation). So every front
+end warns alike (training range, truncated field of view, reorientation), records the same
+provenance in what it writes (the model, its checksum, a fine-tuning on the scan) and loads the
+model through the one :class:`~IPv2DenoiseLib.denoiser.model_reference.ModelReference`.
+
+The pipeline holds the loaded network, so a long-running front end (``batch``, ``serve``, the
+web server) loads it once and denoises many scans.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from IPv2DenoiseLib.core.device import check_device_name
+from IPv2DenoiseLib.core.errors import UserError
+from IPv2DenoiseLib.core.progress import CancelToken, ProgressCallback, Stages
+from IPv2DenoiseLib.core.provenance import ModelProvenance
+from IPv2DenoiseLib.core.volume import Volume
+from IPv2DenoiseLib.denoiser.ensemble import check_ensemble
+from IPv2DenoiseLib.denoiser.model_reference import DEFAULT_MODEL, ModelReference
+
+if TYPE_CHECKING:
+    from IPv2DenoiseLib.denoiser.infer import Denoiser
+
+#: Wall-clock budget of ``--adapt`` (s) unless the caller gives one.
+ADAPT_SECONDS = 60.0
+
+WarningSink = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class DenoiseOptions:
+    """How to denoise, passed per call: which model, where, and with which extras.
+
+    ``weights`` (a file) takes precedence over ``model`` (a catalogue name). ``adapt_seconds`` is
+    the fine-tuning budget when ``adapt`` is set. Checked on creation (one line each).
+    """
+
+    model: str = DEFAULT_MODEL
+    weights: str | None = None
+    device: str = "auto"
+    remove_background: bool = True
+    ensemble: int = 1
+    adapt: bool = False
+    adapt_seconds: float = ADAPT_SECONDS
+    #: Slices per slab (None: from free memory).
+    slab: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "device", check_device_name(self.device))
+        object.__setattr__(self, "ensemble", check_ensemble(int(self.ensemble)))
+        if not self.adapt_seconds > 0:
+            raise UserError(f"adapt seconds: expected > 0, got {self.adapt_seconds}")
+        if self.slab is not None and int(self.slab) < 1:
+            raise UserError(f"slab: expected a positive number of slices, got {self.slab}")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> DenoiseOptions:
+        """From the options of :func:`~IPv2DenoiseLib.app.arguments.add_model_arguments` (and
+        ``--adapt``/``--adapt-seconds``/``--slab`` where a command has them)."""
+        seconds = getattr(args, "adapt_seconds", None)
+        return cls(
+            model=getattr(args, "model", None) or DEFAULT_MODEL,
+            weights=getattr(args, "weights", None),
+            device=getattr(args, "device", "auto"),
+            remove_background=getattr(args, "remove_background", True),
+            ensemble=getattr(args, "ensemble", 1),
+            adapt=bool(getattr(args, "adapt", False)),
+            adapt_seconds=seconds if seconds else ADAPT_SECONDS,
+            slab=getattr(args, "slab", None),
+        )
+
+    def command_line(self) -> list[str]:
+        """These options as ``ipv2-denoise denoise`` arguments (the Slicer module's background job)."""
+        args = ["--weights", str(self.weights)] if self.weights else ["--model", self.model]
+        args += ["--device", self.device]
+        if not self.remove_background:
+            args.append("--no-remove-background")
+        if self.ensemble > 1:
+            args += ["--ensemble", str(self.ensemble)]
+        if self.adapt:
+            args += ["--adapt", "--adapt-seconds", f"{self.adapt_seconds:g}"]
+        if self.slab:
+            args += ["--slab", str(int(self.slab))]
+        return args
+
+    def reference(self) -> ModelReference:
+        """The model these options name (torch-free)."""
+        return ModelReference.resolve(self.model, self.weights)
+
+    def stage_weights(self) -> dict[str, float]:
+        """Shares of the progress bar by expected time (the fine-tuning budget against ~30 s)."""
+        adapt = self.adapt_seconds if self.adapt else 0.0
+        return {"read": 4, "model": 1, "adapt": adapt, "denoise": max(30.0, adapt), "write": 5}
+
+
+@dataclass
+class DenoiseOutcome:
+    """One denoised scan with everything a front end shows or writes about it."""
+
+    source: Volume
+    denoised: Volume
+    model_name: str
+    provenance: ModelProvenance
+    #: One line each: training range, truncated field of view, reorientation, the reader's.
+    warnings: list[str] = field(default_factory=list)
+    #: The record of ``--adapt`` (iterations, seconds, ...), else None.
+    adapted: dict[str, Any] | None = None
+
+    def source_dicom_files(self) -> list[str] | None:
+        """The source's DICOM files in slice order (a derived series references them), else None."""
+        meta = self.source.meta
+        return (
+            list(meta["dicom_files"]) if meta.get("source") == "dicom" and meta.get("dicom_files") else None
+        )
+
+
+class DenoisePipeline:
+    """Read, check, (adapt,) denoise, warn, write or export one scan at a time; see the module docstring.
+
+    Parameters
+    ----------
+    options : DenoiseOptions
+        Model, device, background removal, ensemble, adaptation.
+    progress : ProgressCallback, optional
+        One 0..1000 scale over the stages (read, model, adapt, denoise, write).
+    warn : callable(str), optional
+        Called once per warning line as soon as it is known (a log, a terminal, a browser).
+    cancel : CancelToken, optional
+        Checked between slabs and adaptation steps.
+    """
+
+    def __init__(
+        self,
+        options: DenoiseOptions | None = None,
+        *,
+        progress: ProgressCallback | None = None,
+        warn: WarningSink | None = None,
+        cancel: CancelToken | None = None,
+    ) -> None:
+        self.options = options or DenoiseOptions()
+        self.reference = self.options.reference()  # an unknown model fails before any reading
+        self.stages = Stages(progress, **self.options.stage_weights())
+        self.warn = warn or (lambda message: None)
+        self.cancel = cancel
+        self._denoiser: Denoiser | None = None
+        self._device = None
+
+    # ------------------------------------------------------------------------------------ steps
+
+    @property
+    def device(self):
+        """The resolved torch device (``--device cuda`` without a GPU fails here, before work)."""
+        if self._device is None:
+            from IPv2DenoiseLib.core.device import resolve_device  # lazy: torch
+
+            self._device = resolve_device(self.options.device)
+        return self._device
+
+    def denoiser(self) -> Denoiser:
+        """The network, loaded once per pipeline."""
+        if self._denoiser is None:
+            self.stages.start("model", "loading the model")
+            self._denoiser = self.reference.load(ensemble=self.options.ensemble)
+        return self._denoiser
+
+    def read(
+        self,
+        source: str | os.PathLike,
+        *,
+        series_uid: str | None = None,
+        force: bool = False,
+        resample_gaps: bool = False,
+    ) -> Volume:
+        """Read a CT volume or DICOM series with every input check (``io.volumes.read_volume``)."""
+        from IPv2DenoiseLib.io.volumes import read_volume  # lazy: SimpleITK, pydicom
+
+        self.stages.start("read", f"reading {source}")
+        return read_volume(
+            source,
+            series_uid=series_uid,
+            force=force,
+            resample_gaps=resample_gaps,
+            progress=self.stages.stage("read"),
+        )
+
+    def denoise(self, volume: Volume) -> DenoiseOutcome:
+        """Check the scan against the model's training range, adapt if asked, denoise; warn as we go."""
+        from IPv2DenoiseLib.denoiser.applicability import applicability_warning  # lazy: SciPy
+
+        denoiser = self.denoiser()
+        warnings: list[str] = []
+
+        def note(message: str | None) -> None:
+            if message and message not in warnings:
+                warnings.append(message)
+                self.warn(message)
+
+        note(applicability_warning(volume, denoiser.card))
+        adapted = None
+        if self.options.adapt:
+            # lazy: training code loads only when the user asks for --adapt
+            from IPv2DenoiseLib.training.adapt import AdaptConfig, adapt_denoiser
+
+            self.stages.start("adapt", "adapting the model to this scan")
+            denoiser, report = adapt_denoiser(
+                denoiser,
+                volume,
+                AdaptConfig(seconds=self.options.adapt_seconds),
+                device=self.device,
+                progress=self.stages.stage("adapt"),
+                cancel=self.cancel,
+            )
+            adapted = report.as_dict()
+        result = denoiser.denoise(
+            volume,
+            remove_background=self.options.remove_background,
+            device=self.device,
+            slab_slices=self.options.slab,
+            progress=self.stages.stage("denoise"),
+            cancel=self.cancel,
+        )
+        for message in result.meta.get("warnings", []):
+            note(message)
+        provenance = self.reference.provenance(denoiser.card, adapted=adapted)
+        return DenoiseOutcome(volume, result, self.reference.name, provenance, warnings, adapted)
+
+    def write_volume(self, outcome: DenoiseOutcome, path: str | os.PathLike) -> Path:
+        """Write the denoised volume (NRRD, NIfTI, MHA), atomically."""
+        from IPv2DenoiseLib.io.volumes import write_volume  # lazy: SimpleITK
+
+        self.stages.start("write", f"writing {path}")
+        written = write_volume(outcome.denoised, path)
+        self.stages.finish(f"wrote {path}")
+        return written
+
+    def export_dicom(
+        self,
+        outcome: DenoiseOutcome,
+        out_dir: str | os.PathLike,
+        *,
+        series_options=None,
+        source_files: Sequence[str | os.PathLike] | None = None,
+        replace_existing: bool = False,
+    ) -> list[Path]:
+        """Write the derived DICOM series (in the source's study when it is DICOM) with the model's
+        provenance and the warnings in DerivationDescription.
+
+        ``series_options`` (:class:`~IPv2DenoiseLib.io.dicom_export.DerivedSeriesOptions`) sets the
+        series number, description and the patient/study of a new series; its ``model`` and
+        ``warnings`` are always this outcome's. ``source_files`` overrides the source's own list
+        (the Slicer module takes them from its DICOM database).
+        """
+        # lazy: pydicom
+        from IPv2DenoiseLib.io.dicom_export import DerivedSeriesOptions, export_derived_series
+
+        options = replace(
+            series_options or DerivedSeriesOptions(),
+            model=outcome.provenance,
+            warnings=tuple(outcome.warnings),
+        )
+        sources = list(source_files) if source_files is not None else outcome.source_dicom_files()
+        self.stages.start("write", f"writing {out_dir}")
+        files = export_derived_series(
+            outcome.denoised,
+            out_dir,
+            source_files=sources,
+            options=options,
+            progress=self.stages.stage("write"),
+            replace=replace_existing,
+        )
+        self.stages.finish(f"wrote {out_dir}")
+        return files
+
+    def run(self, source: str | os.PathLike, **read_options: Any) -> DenoiseOutcome:
+        """:meth:`read` then :meth:`denoise`."""
+        return self.denoise(self.read(source, **read_options))
+
+
+__all__ = ["ADAPT_SECONDS", "DenoiseOptions", "DenoiseOutcome", "DenoisePipeline"]

@@ -1,0 +1,63 @@
+"""Which network made the pixels: the provenance every derived output carries.
+
+One home for the sentence a derived DICOM series (DerivationDescription, ContributingEquipment)
+and the command line's log give about the model; :mod:`IPv2DenoiseLib.denoiser.model_reference`
+makes it for a model, :mod:`IPv2DenoiseLib.io.dicom_export` writes it. Plain data: no torch, no
+pydicom.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from IPv2DenoiseLib import __version__
+
+#: The software named as the modifying equipment and in every provenance sentence.
+SOFTWARE_NAME = "ipv2-denoise"
+
+
+@dataclass(frozen=True)
+class ModelProvenance:
+    """Which network made the pixels: written into DerivationDescription (and the CLI's log)."""
+
+    name: str = "unknown"
+    version: str = "unversioned"
+    sha256: str | None = None
+    strategy: str = "ipv2"
+    #: Scan-adaptive fine-tuning on this very scan (``denoise --adapt``): "N steps in S s", else None.
+    adapted: str | None = None
+
+    @classmethod
+    def from_card(
+        cls, name: str, card: Mapping[str, Any] | None, *, default_version: str = "unversioned"
+    ) -> ModelProvenance:
+        """From a model card (:mod:`IPv2DenoiseLib.denoiser.weights`): ``version``, ``sha256``, ``strategy``,
+        and ``adapted`` (the record of ``training.adapt`` when the model was fine-tuned on the scan)."""
+        card = card or {}
+        adapted = card.get("adapted")
+        return cls(
+            name=str(name),
+            version=str(card.get("version") or default_version),
+            sha256=card.get("sha256"),
+            strategy=str(card.get("strategy") or "ipv2"),
+            adapted=f"{adapted['iterations']} steps in {adapted['seconds']:.0f} s" if adapted else None,
+        )
+
+    def describe(self) -> str:
+        """One sentence for DerivationDescription (at most 1024 characters)."""
+        weights = f", weights sha256 {self.sha256}" if self.sha256 else ""
+        adapted = (
+            f", then fine-tuned on this scan alone ({self.adapted}, recorrupted pairs)"
+            if self.adapted
+            else ""
+        )
+        return (
+            f"Denoised by {SOFTWARE_NAME} {__version__}: model {self.name} version {self.version}{weights}, "
+            f"training strategy {self.strategy}{adapted} (see the model card; IPv2 image purification: "
+            "Gong & Yu, arXiv 2602.19314)"
+        )
+
+
+__all__ = ["SOFTWARE_NAME", "ModelProvenance"]

@@ -1,0 +1,217 @@
+"""Which model, from where: the shipped-model catalogue (``models.json``) and a reference to one model.
+
+The one door to "which model runs": the command line (``--model`` / ``--weights``), ``batch``,
+``serve``, the Slicer module, the web app and the benchmarks all turn their choice into a
+:class:`ModelReference`, which reads the catalogue once, finds the weights and their model card,
+loads a :class:`~IPv2DenoiseLib.denoiser.infer.Denoiser` and states its provenance (adaptation
+included). Torch-free until :meth:`ModelReference.load`, so the Slicer module and ``--help`` can
+list models and describe provenance before torch is installed.
+
+Two words, two things: the **catalogue** is ``Resources/Models/models.json`` (trained models we
+ship, by name); the **architecture registry** (:mod:`IPv2DenoiseLib.denoiser.models.registry`) maps
+an architecture name in a model card to its network class.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from IPv2DenoiseLib import __version__
+from IPv2DenoiseLib.core.errors import UserError
+from IPv2DenoiseLib.core.provenance import ModelProvenance
+from IPv2DenoiseLib.core.resources import models_dir
+
+if TYPE_CHECKING:
+    from IPv2DenoiseLib.denoiser.infer import Denoiser
+
+#: The name that stands for the catalogue's default model.
+DEFAULT_MODEL = "default"
+
+
+def card_path(weights_path: str | os.PathLike) -> Path:
+    """The model card next to a weights file: ``x.safetensors`` → ``x.json``."""
+    return Path(weights_path).with_suffix(".json")
+
+
+def read_card(weights_path: str | os.PathLike) -> dict[str, Any] | None:
+    """The model card of a weights file as a dict, or None when there is none.
+
+    Raises
+    ------
+    UserError
+        The card is not valid JSON or not a JSON object.
+    """
+    path = card_path(weights_path)
+    if not path.is_file():
+        return None
+    try:
+        card = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"model card {str(path)!r} is not valid JSON: {exc}") from None
+    if not isinstance(card, dict):
+        raise UserError(f"model card {str(path)!r} must hold a JSON object, got {type(card).__name__}")
+    return card
+
+
+@dataclass(frozen=True)
+class CatalogueEntry:
+    """One shipped model: its name, weights file, checksum and one-line summary."""
+
+    name: str
+    weights: Path
+    sha256: str | None = None
+    summary: str = ""
+
+
+@dataclass(frozen=True)
+class ModelCatalogue:
+    """The shipped models (``models.json``: ``{"default": NAME, "models": {NAME: {"file", "sha256",
+    "summary"}}}``, files relative to the JSON file's folder)."""
+
+    path: Path
+    default: str | None
+    entries: Mapping[str, CatalogueEntry] = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, models_json: str | os.PathLike | None = None) -> ModelCatalogue:
+        """Read a catalogue (default: the bundled one, read once per process).
+
+        Raises
+        ------
+        UserError
+            Missing or invalid file.
+        """
+        path = Path(models_json) if models_json is not None else models_dir() / "models.json"
+        return _read_catalogue(str(path.resolve()), _mtime(path))
+
+    def entry(self, name: str = DEFAULT_MODEL) -> CatalogueEntry:
+        """The entry for ``name`` (``"default"`` allowed).
+
+        Raises
+        ------
+        UserError
+            Unknown name; the message lists the known ones.
+        """
+        key = self.default if name == DEFAULT_MODEL else name
+        if key not in self.entries:
+            known = ", ".join(sorted(self.entries)) or "none yet (train one, or pass --weights FILE)"
+            raise UserError(f"unknown model {name!r} in {self.path.name}; known models: {known}")
+        return self.entries[key]
+
+    def names(self) -> list[str]:
+        """The shipped model names, the default first."""
+        return sorted(self.entries, key=lambda n: (n != self.default, n))
+
+
+def _mtime(path: Path) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return 0
+
+
+@lru_cache(maxsize=8)
+def _read_catalogue(path_text: str, mtime_ns: int) -> ModelCatalogue:
+    """Parse once per file version (the mtime is part of the cache key)."""
+    path = Path(path_text)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"model registry {str(path)!r} does not exist; pass --weights FILE") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"model registry {str(path)!r} is not valid JSON: {exc}") from None
+    models = raw.get("models") if isinstance(raw, dict) else None
+    if not isinstance(models, dict):
+        raise UserError(f"model registry {str(path)!r} has no 'models' object")
+    entries = {}
+    for name, item in models.items():
+        if not isinstance(item, dict) or not isinstance(item.get("file"), str):
+            raise UserError(f"model registry {str(path)!r}: entry {name!r} names no weights 'file'")
+        weights = (path.parent / item["file"]).resolve()
+        if not weights.is_relative_to(path.parent.resolve()):
+            raise UserError(f"model registry {str(path)!r}: entry {name!r} points outside its folder")
+        entries[str(name)] = CatalogueEntry(
+            str(name), weights, item.get("sha256"), str(item.get("summary", ""))
+        )
+    return ModelCatalogue(path, raw.get("default"), entries)
+
+
+@dataclass(frozen=True)
+class ModelReference:
+    """One model to run: a catalogue entry (``registered``) or a weights file the user gave.
+
+    Shipped models are versioned with the package; a user's file is "unversioned" unless its
+    card says otherwise.
+    """
+
+    name: str
+    weights: Path
+    sha256: str | None = None
+    registered: bool = False
+
+    @classmethod
+    def resolve(
+        cls,
+        model: str | None = DEFAULT_MODEL,
+        weights: str | os.PathLike | None = None,
+        *,
+        models_json: str | os.PathLike | None = None,
+    ) -> ModelReference:
+        """``--weights FILE`` when given, else ``--model NAME`` from the catalogue.
+
+        Raises
+        ------
+        UserError
+            Unknown model name, missing catalogue, or a weights file that does not exist.
+        """
+        if weights:
+            path = Path(weights)
+            if not path.is_file():
+                raise UserError(f"weights file {str(path)!r} does not exist")
+            return cls(path.name, path)
+        entry = ModelCatalogue.read(models_json).entry(model or DEFAULT_MODEL)
+        return cls(entry.name, entry.weights, entry.sha256, registered=True)
+
+    def card(self) -> dict[str, Any]:
+        """The model card (empty when there is none); torch-free."""
+        return read_card(self.weights) or {}
+
+    def load(self, *, ensemble: int = 1) -> Denoiser:
+        """The network, ready to denoise (checksum verified); ``ensemble`` as ``--ensemble``."""
+        # lazy: torch; listing models and describing provenance must work without it (Slicer, --help)
+        from IPv2DenoiseLib.denoiser.infer import Denoiser
+
+        denoiser = Denoiser.from_file(self.weights, expected_sha256=self.sha256)
+        denoiser.name = self.name
+        denoiser.ensemble = ensemble
+        return denoiser
+
+    def provenance(
+        self, card: Mapping[str, Any] | None = None, *, adapted: Mapping[str, Any] | None = None
+    ) -> ModelProvenance:
+        """What a derived output says about its model; ``card`` is the loaded model's (else read
+        from disk), ``adapted`` the record of a scan-adaptive fine-tuning (``iterations``, ``seconds``)."""
+        card = dict(self.card() if card is None else card)
+        if self.sha256 and not card.get("sha256"):
+            card["sha256"] = self.sha256
+        if adapted:
+            card["adapted"] = dict(adapted)
+        return ModelProvenance.from_card(
+            self.name, card, default_version=__version__ if self.registered else "unversioned"
+        )
+
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "CatalogueEntry",
+    "ModelCatalogue",
+    "ModelReference",
+    "card_path",
+    "read_card",
+]
