@@ -18,6 +18,7 @@ from IPv2DenoiseLib.app.batch.lock import batch_lock
 from IPv2DenoiseLib.app.batch.records import summary_stem, totals, write_summary
 from IPv2DenoiseLib.core.atomic import make_output_folder
 from IPv2DenoiseLib.core.errors import UserError
+from IPv2DenoiseLib.core.paths import safe_component
 from IPv2DenoiseLib.core.progress import JsonLinesProgress, make_progress
 
 NAME = "batch"
@@ -143,7 +144,7 @@ def find_cases(args: argparse.Namespace, input_path: Path, out_root: Path):
     elif image_suffix(input_path):
         cases = [
             Case(
-                input_path.name[: -len(image_suffix(input_path))],
+                safe_component(input_path.name[: -len(image_suffix(input_path))]),
                 "volume",
                 (str(input_path),),
                 source=str(input_path),
