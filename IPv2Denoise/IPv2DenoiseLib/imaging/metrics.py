@@ -1,4 +1,4 @@
-"""Image-quality metrics with one definition everywhere (DESIGN.md §6).
+"""Image-quality metrics with one definition everywhere .
 
 ROI statistics, noise, CNR, PSNR/SSIM/RMSE in the lung window, the noise power spectrum (AAPM TG-233
 style) and LAA-950, plus :func:`roi_comparison_table` for the "before/after denoising" report. Every
@@ -17,6 +17,7 @@ import numpy as np
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from IPv2DenoiseLib.core.errors import UserError
+from IPv2DenoiseLib.imaging.masks import standard_rois
 from IPv2DenoiseLib.imaging.metrics_table import MetricsTable  # re-exported: metrics.MetricsTable
 
 LUNG_WINDOW: tuple[float, float] = (-1350.0, 150.0)
@@ -360,7 +361,7 @@ def roi_comparison_table(
     soft_tissue_key: str | None = None,
     laa_mask: Any = None,
 ) -> MetricsTable:
-    """The "before/after denoising" ROI table (DESIGN.md §6).
+    """The "before/after denoising" ROI table .
 
     Per region: mean, std, p5, p95 before and after (HU) with ``change = after − before``, and the
     noise reduction ``100·(1 − std_after/std_before)`` in %. If ``regions`` has ``lung_key``: the
@@ -403,3 +404,26 @@ def slice_correlation(noise: np.ndarray, mask: np.ndarray) -> float:
     a, b = noise[:-1][both].astype(np.float64), noise[1:][both].astype(np.float64)
     a, b = a - a.mean(), b - b.mean()
     return float((a * b).sum() / math.sqrt((a * a).sum() * (b * b).sum()))
+
+
+def scan_comparison_table(
+    before_hu: Any,
+    after_hu: Any,
+    *,
+    spacing: tuple[float, float, float] | None = None,
+    extra_regions: dict[str, Any] | None = None,
+) -> MetricsTable:
+    """The ROI metrics table of one scan before and after denoising: the numbers every front end shows.
+
+    Regions are :func:`~IPv2DenoiseLib.imaging.masks.standard_rois` of the scan *before* denoising
+    (lung parenchyma, soft tissue, background air; the same voxels for both), plus
+    ``extra_regions`` (a user's ROI or segment); LAA-950 over the whole lungs. ``demo``, the Slicer
+    module and the web app call this, so their tables agree to the last digit.
+    """
+    before = _array(before_hu)
+    regions = standard_rois(before, spacing=spacing)
+    lungs = regions.pop("lungs_whole")
+    regions.update(extra_regions or {})
+    return roi_comparison_table(
+        before, after_hu, regions, lung_key="lung", soft_tissue_key="soft_tissue", laa_mask=lungs
+    )

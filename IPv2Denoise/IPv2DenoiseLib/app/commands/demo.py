@@ -7,7 +7,8 @@ import sys
 import time
 from pathlib import Path
 
-from IPv2DenoiseLib.app.arguments import add_device_argument, load_denoiser
+from IPv2DenoiseLib.app.arguments import add_model_arguments
+from IPv2DenoiseLib.app.pipeline import DenoiseOptions, DenoisePipeline
 from IPv2DenoiseLib.core.atomic import atomic_dir, check_output_path, claim_output
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.progress import TqdmProgress, make_progress
@@ -33,9 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="a normal-dose scan of the same patient to show beside (default: the bundled sample NDCT)",
     )
-    parser.add_argument("--model", default="default", help="registry name in Resources/Models/models.json")
-    parser.add_argument("--weights", default=None, help="a .safetensors file instead of a registry model")
-    add_device_argument(parser)
+    add_model_arguments(parser)
     parser.add_argument("--json-progress", action="store_true", help="JSON-lines progress on stdout")
 
 
@@ -75,9 +74,9 @@ def write_demo(args: argparse.Namespace, out: Path, final: Path) -> int:
     """Denoise the sample and write the volume, metrics and figure into ``out`` (renamed to ``final``)."""
     # lazy: the CLI imports every command to build --help; torch & co. load on use
     from IPv2DenoiseLib.app.figures import comparison_figure, pick_slice
-    from IPv2DenoiseLib.imaging.masks import standard_rois
-    from IPv2DenoiseLib.imaging.metrics import roi_comparison_table
-    from IPv2DenoiseLib.io.volumes import read_volume, write_volume
+    from IPv2DenoiseLib.imaging.masks import lung_mask
+    from IPv2DenoiseLib.imaging.metrics import scan_comparison_table
+    from IPv2DenoiseLib.io.volumes import read_volume
 
     source = Path(args.input) if args.input else sample_uldct()
     volume = read_volume(source)
@@ -87,26 +86,26 @@ def write_demo(args: argparse.Namespace, out: Path, final: Path) -> int:
     reference = read_volume(reference_path) if reference_path and Path(reference_path).exists() else None
     if reference is not None and reference.shape != volume.shape:
         raise UserError(f"--reference shape {reference.shape} differs from the input's {volume.shape}")
-    denoiser = load_denoiser(args)
-
-    progress = make_progress(args.json_progress, desc="denoise", unit="slice")
+    progress = make_progress(args.json_progress, desc="denoise", percent=True)
+    pipeline = DenoisePipeline(
+        DenoiseOptions.from_args(args),
+        progress=progress,
+        warn=lambda line: print(f"warning: {line}", file=sys.stderr),
+    )
     began = time.monotonic()
     try:
-        denoised = denoiser.denoise(volume, device=args.device, progress=progress)
+        outcome = pipeline.denoise(volume)
+        volume_path = pipeline.write_volume(outcome, out / "denoised.nrrd")
     finally:
         if isinstance(progress, TqdmProgress):
             progress.close()
     seconds = time.monotonic() - began
-    for message in denoised.meta.get("warnings", []):
-        print(f"warning: {message}", file=sys.stderr)
-
-    volume_path = write_volume(denoised, out / "denoised.nrrd")
-    regions = standard_rois(volume.array, spacing=volume.spacing)
-    lungs = regions.pop("lungs_whole")
-    table = roi_comparison_table(volume.array, denoised.array, regions, laa_mask=lungs)
+    denoised = outcome.denoised
+    denoiser_name = outcome.model_name
+    table = scan_comparison_table(volume.array, denoised.array, spacing=volume.spacing)
     table.to_csv(out / "metrics.csv")
     (out / "metrics.md").write_text(
-        f"# ROI metrics: {source.name} denoised with {denoiser.name}\n\n" + table.to_markdown() + "\n"
+        f"# ROI metrics: {source.name} denoised with {denoiser_name}\n\n" + table.to_markdown() + "\n"
     )
     shown = [("ULDCT (input)", volume.array), ("denoised", denoised.array)]
     if reference is not None:
@@ -114,15 +113,15 @@ def write_demo(args: argparse.Namespace, out: Path, final: Path) -> int:
     figure = comparison_figure(
         shown,
         out / "before_after.png",
-        slice_index=pick_slice(volume.array, lungs),
+        slice_index=pick_slice(volume.array, lung_mask(volume.array, spacing=volume.spacing)),
         spacing=volume.spacing,
         difference=("ULDCT (input)", "denoised"),
-        title=f"{source.name} — {denoiser.name}",
+        title=f"{source.name} — {denoiser_name}",
     )
     voxels = volume.array.size
     print(
         f"denoised {volume.shape[2]}x{volume.shape[1]}x{volume.shape[0]} in {seconds:.1f} s "
-        f"({voxels / seconds / 1e6:.2f} Mvoxel/s) with {denoiser.name}"
+        f"({voxels / seconds / 1e6:.2f} Mvoxel/s) with {denoiser_name}"
     )
     print(table.to_markdown())
     print(f"volume:  {final / volume_path.name}")
