@@ -437,3 +437,26 @@ def test_stray_corrupt_copy_in_another_folder_fails_alone(tmp_path) -> None:
         and "old_copy" in row["error"]
         and str(source / "patient/ct") in row["error"]
     )
+
+
+def test_nested_series_folders_never_nest_their_dicom_outputs(tmp_path) -> None:
+    """A series in ``p/`` and one in ``p/sub/``: the first one's derived-series folder must not hold
+    the second's, or redoing it would delete the other's output (a rerun used to say "skipped"
+    for a case whose output it had just removed)."""
+    source, out = tmp_path / "archive", tmp_path / "out"
+    write_ct_series(source / "p", 3, series_number=1)
+    write_ct_series(source / "p" / "sub", 3, series_number=2)
+    assert main(["batch", str(source), str(out), "--dicom"]) == 0
+    rows = summary_rows(out)
+    outputs = [Path(row["output"]) for row in rows.values()]
+    assert not any(a != b and a in b.parents for a in outputs for b in outputs), outputs
+
+    def outputs_only() -> dict[str, str]:
+        return {k: v for k, v in tree_digest(out).items() if not k.startswith("batch-summary")}
+
+    before = outputs_only()
+    assert main(["batch", str(source), str(out), "--dicom"]) == 0
+    assert {row["status"] for row in summary_rows(out).values()} == {"skipped"}
+    assert outputs_only() == before  # nothing redone, nothing removed
+    for case, row in summary_rows(out).items():
+        assert hash_output(out / row["output"])[0] == read_record(out, case)["output_sha256"]

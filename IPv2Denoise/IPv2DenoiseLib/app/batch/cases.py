@@ -100,7 +100,7 @@ def _series_cases(series: list[Series], root: Path, *, source: str = "") -> list
 
 def _unique_ids(cases: list[Case]) -> list[Case]:
     """Make every id a safe relative path, sort by id and make ids unique (a later duplicate gets
-    a short hash of its first file)."""
+    a short hash of its first file), and keep outputs from nesting (see :func:`_unnest`)."""
     cases = sorted(
         (replace(c, case_id=safe_relative(c.case_id)) for c in cases), key=lambda c: (c.case_id, c.files)
     )
@@ -113,7 +113,26 @@ def _unique_ids(cases: list[Case]) -> list[Case]:
             case_id = f"{case_id}-{tag}"
         seen.add(case_id)
         out.append(replace(case, case_id=case_id))
-    return sorted(out, key=lambda c: c.case_id)
+    return sorted(_unnest(out), key=lambda c: c.case_id)
+
+
+def _unnest(cases: list[Case]) -> list[Case]:
+    """A case whose id is a folder of another case's id (a series in ``p/`` and one in ``p/sub/``)
+    goes one level down, ``p/<its SeriesInstanceUID or file name>``: with ``--dicom`` its output
+    folder would otherwise hold the other's output, and replacing it would delete that."""
+    parents = {str(parent) for c in cases for parent in Path(c.case_id).parents if str(parent) != "."}
+    taken = {c.case_id for c in cases}
+    out = []
+    for case in cases:
+        if case.case_id in parents:
+            leaf = safe_component(case.series_uid or Path(case.source or case.case_id).name)
+            case_id = f"{case.case_id}/{leaf}"
+            while case_id in taken:
+                case_id += "_"
+            taken.add(case_id)
+            case = replace(case, case_id=case_id)
+        out.append(case)
+    return out
 
 
 def walk_files(root: Path, *, exclude: Path | None = None) -> list[Path]:
