@@ -129,3 +129,29 @@ def fresh_study(folder: Path, n: int = 4) -> list[Path]:
         ds.StudyInstanceUID = study
         ds.save_as(path)
     return paths
+
+
+def jpeg_lossless(paths: Iterable[Path], folder: Path) -> list[pydicom.Dataset]:
+    """The files re-encoded as JPEG Lossless SV1 (what many CT scanners send), by GDCM; as datasets."""
+    import gdcm  # lazy: only these tests transcode
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for path in paths:
+        reader = gdcm.ImageReader()
+        reader.SetFileName(str(path))
+        assert reader.Read(), path
+        change = gdcm.ImageChangeTransferSyntax()
+        change.SetTransferSyntax(gdcm.TransferSyntax(gdcm.TransferSyntax.JPEGLosslessProcess14_1))
+        change.SetInput(reader.GetImage())
+        assert change.Change(), path
+        writer = gdcm.ImageWriter()
+        writer.SetFileName(str(folder / path.name))
+        writer.SetFile(reader.GetFile())
+        writer.SetImage(change.GetOutput())
+        assert writer.Write(), path
+        ds = pydicom.dcmread(path)  # GDCM's writer also edits the header (RescaleType): keep ours
+        ds["PixelData"] = pydicom.dcmread(folder / path.name)["PixelData"]  # encapsulated, undefined length
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.JPEGLosslessSV1
+        out.append(ds)
+    return out

@@ -11,7 +11,15 @@ from orthanc_server import free_port
 from pydicom.data import get_testdata_file
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
-from serve_node import NODE_AET, Node, derived_in_orthanc, derived_series_count, fresh_study, store
+from serve_node import (
+    NODE_AET,
+    Node,
+    derived_in_orthanc,
+    derived_series_count,
+    fresh_study,
+    jpeg_lossless,
+    store,
+)
 
 from IPv2DenoiseLib.app.cli import main
 from IPv2DenoiseLib.core.volume import Volume
@@ -165,7 +173,7 @@ def test_serve_accepts_only_allowed_peers_caps_instances_and_takes_compressed_ct
         other_host.add_requested_context(CTImageStorage)
         assoc = other_host.associate("127.0.0.1", node.port, ae_title=NODE_AET, bind_address=("127.0.0.2", 0))
         assert assoc.is_rejected and assoc.acceptor.primitive.result == 0x01
-        # compressed as a scanner sends it (RLE Lossless), one corrupt compressed and one too large instance
+        # compressed as scanners send it (RLE, JPEG lossless), one corrupt compressed and one too large instance
         rle = [pydicom.dcmread(p) for p in sources]
         for ds in rle:
             ds.compress(pydicom.uid.RLELossless)
@@ -180,7 +188,11 @@ def test_serve_accepts_only_allowed_peers_caps_instances_and_takes_compressed_ct
         statuses = store(node.port, [broken, large, *rle], transfer_syntax=pydicom.uid.RLELossless)
         assert statuses == [0xC210, 0xA700] + [0x0000] * len(rle)
         back = derived_in_orthanc(orthanc, rle[0].StudyInstanceUID, len(rle))
-        log = node.wait_for("; noise ", 30)
+        jpeg = jpeg_lossless(fresh_study(tmp_path / "jpeg", n=3), tmp_path / "jpeg-lossless")
+        assert {str(ds.file_meta.TransferSyntaxUID) for ds in jpeg} == {pydicom.uid.JPEGLosslessSV1}
+        assert store(node.port, jpeg, transfer_syntax=pydicom.uid.JPEGLosslessSV1) == [0x0000] * 3
+        assert len(derived_in_orthanc(orthanc, jpeg[0].StudyInstanceUID, 3)) == 3
+        log = node.wait_for("; noise ", 30, count=2)
     finally:
         assert node.stop() == 0
     assert "rejected an association from INTRUDER@127.0.0.1: calling AE not in --allow-aet" in log
