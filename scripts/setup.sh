@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Set up .venv with everything IPv2 Denoise needs, from pip's own configured package index.
 #   bash scripts/setup.sh          core + CLI
-#   bash scripts/setup.sh --test   also pytest, ruff, slicer-core (MRML tests), pydicom-data and Ray (the [cluster] extra),
-#                                  and (as root, with apt) the system packages the tests use: dicom3tools, Orthanc
+#   bash scripts/setup.sh --test   also pytest, ruff, slicer-core (MRML tests), pydicom-data, Ray (the [cluster] extra),
+#                                  trame-slicer (the [web] extra) and playwright, and (as root, with apt) the system
+#                                  packages the tests use: dicom3tools, Orthanc, Chromium and Mesa EGL (browser tests)
 # pip's own index is never replaced: pip uses its configuration (pip.conf, PIP_INDEX_URL,
 # PIP_EXTRA_INDEX_URL), so setup works behind a hospital or company mirror.
 # torch: the CUDA build only where an NVIDIA GPU answers; otherwise the CPU build — never the
@@ -47,12 +48,18 @@ fi
 
 if [ "${1:-}" = "--test" ]; then
   # System packages the tests use: dicom3tools (dciodvfy checks derived series), Orthanc and its
-  # DICOMweb plugin (the real PACS of the DICOM network tests). Installed with apt as root;
+  # DICOMweb plugin (the real PACS of the DICOM network tests), Debian's Chromium and Mesa's EGL
+  # (offscreen rendering) for the browser tests of `ipv2-denoise web` (playwright drives that
+  # Chromium: no browser download). Installed with apt as root;
   # otherwise setup stops and prints the command to run.
   need=()
   command -v dciodvfy >/dev/null 2>&1 || need+=(dicom3tools)
   command -v Orthanc >/dev/null 2>&1 || need+=(orthanc)
   [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need+=(orthanc-dicomweb)
+  command -v chromium >/dev/null 2>&1 || need+=(chromium)
+  compgen -G '/usr/lib/*/libEGL.so.1' >/dev/null || need+=(libegl1)
+  compgen -G '/usr/lib/*/libEGL_mesa.so.0' >/dev/null || need+=(libegl-mesa0)
+  compgen -G '/usr/lib/*/dri/swrast_dri.so' >/dev/null || need+=(libgl1-mesa-dri)
   if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
       echo "setup: installing system packages for the tests: ${need[*]}"
@@ -67,7 +74,7 @@ if [ "${1:-}" = "--test" ]; then
       exit 2
     fi
   fi
-  pip install -q -e ".[test,cluster]"
+  pip install -q -e ".[test,cluster,web]"
 else
   pip install -q -e .
 fi
