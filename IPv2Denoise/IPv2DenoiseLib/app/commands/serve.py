@@ -119,6 +119,8 @@ def run(args: argparse.Namespace) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr, force=True
     )
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # pydicom logs a whole traceback when a decoder fails; the node logs the refusal in one line
+    logging.getLogger("pydicom").setLevel(logging.CRITICAL)
     if not 1 <= args.port <= 65535:
         raise UserError(f"--port {args.port}: must be between 1 and 65535")
     if not math.isfinite(args.max_instance_mb):
