@@ -713,10 +713,14 @@ def _left_out_damaged(info: SeriesInfo, *, where: str, resample_gaps: bool, chec
         return info, None
     path, why = damaged[0]
     more = f" ({len(damaged)} such files in all)" if len(damaged) > 1 else ""
-    multiframe = int(info.first.get("NumberOfFrames", 1) or 1) > 1
-    if not resample_gaps or multiframe:
-        hint = "" if multiframe else "; pass --resample-gaps to leave it out (and interpolate over it)"
-        raise UserError(f"{where}: {path}: {why}{more}; a slice that cannot be read is a missing slice{hint}")
+    named = str(path) if str(path) == where else f"{where}: {path}"
+    if len(info.files) == 1 or int(info.first.get("NumberOfFrames", 1) or 1) > 1:  # nothing to leave out
+        raise UserError(f"{named}: {why}; the image cannot be read as it is")
+    if not resample_gaps:
+        raise UserError(
+            f"{named}: {why}{more}; a slice that cannot be read is a missing slice; pass --resample-gaps "
+            "to leave it out (and interpolate over it)"
+        )
     bad = {f for f, _ in damaged}
     kept = [(f, h) for f, h in zip(info.files, info.headers) if f not in bad]
     if not kept:
