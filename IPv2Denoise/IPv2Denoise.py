@@ -1,7 +1,6 @@
 """IPv2 Denoise: denoise ultra-low-dose lung CT in 3D Slicer (thin glue over IPv2DenoiseLib)."""
 
 import enum
-import json
 import logging
 import os
 import shutil
@@ -29,12 +28,26 @@ _MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
 if _MODULE_DIR not in sys.path:  # IPv2DenoiseLib lives next to this file
     sys.path.insert(0, _MODULE_DIR)
 
-from IPv2DenoiseLib.app import slicer_bridge  # noqa: E402
-from IPv2DenoiseLib.app.dependencies import ensure_in_slicer  # noqa: E402
+from IPv2DenoiseLib.app.pipeline import DenoiseOptions  # noqa: E402
+from IPv2DenoiseLib.app.slicer_support.dependencies import ensure_in_slicer  # noqa: E402
+from IPv2DenoiseLib.app.slicer_support.dicom import export_dicom  # noqa: E402
+from IPv2DenoiseLib.app.slicer_support.job import DenoiseJob  # noqa: E402
+from IPv2DenoiseLib.app.slicer_support.roi_metrics import roi_table, table_node_from_metrics  # noqa: E402
+from IPv2DenoiseLib.app.slicer_support.scene import add_volume_node, denoise_node, safe_name, volume_from_node  # noqa: E402
+from IPv2DenoiseLib.app.slicer_support.views import (  # noqa: E402
+    SIDE_BY_SIDE_LAYOUT,
+    WINDOW_PRESETS,
+    composite_node,
+    difference_node,
+    set_window_level,
+    setup_comparison,
+    show_table,
+)
 from IPv2DenoiseLib.core.errors import UserError  # noqa: E402
 from IPv2DenoiseLib.core.progress import Cancelled  # noqa: E402
 from IPv2DenoiseLib.core.resources import resources_dir  # noqa: E402
 from IPv2DenoiseLib.core.volume import Volume  # noqa: E402
+from IPv2DenoiseLib.denoiser.model_reference import ModelCatalogue  # noqa: E402
 
 SAMPLE_CATEGORY = "IPv2 Denoise"
 #: Application setting (QSettings) holding the PACS node of *Export*: HOST:PORT:AET or a DICOMweb URL.
@@ -371,7 +384,7 @@ class IPv2DenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onPreset(self, preset):
         pair = self._pair()
         if pair:
-            slicer_bridge.set_window_level(pair, *slicer_bridge.WINDOW_PRESETS[preset])
+            set_window_level(pair, *WINDOW_PRESETS[preset])
 
     def onRestoreLayout(self):
         if self._previousLayout is not None:
@@ -393,7 +406,7 @@ class IPv2DenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 segmentId=segmentId,
                 tableNode=p.metricsTable,
             )
-            slicer_bridge.show_table(p.metricsTable)
+            show_table(p.metricsTable)
 
     def onExportCsv(self):
         table = self._parameterNode.metricsTable
@@ -414,7 +427,7 @@ class IPv2DenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         folder = qt.QFileDialog.getExistingDirectory(None, _("Folder for the new DICOM series"))
         if not folder:
             return
-        outDir = Path(folder) / (slicer_bridge.safe_name(pair[1].GetName()) + "_dicom")
+        outDir = Path(folder) / (safe_name(pair[1].GetName()) + "_dicom")
         pacs = self.ui.pacsLineEdit.text.strip()
         qt.QSettings().setValue(PACS_SETTING, pacs)
         sendTo = pacs if (pacs and self.ui.sendToPacsCheckBox.checked) else None
@@ -461,12 +474,10 @@ class IPv2DenoiseLogic(ScriptedLoadableModuleLogic):
     def models():
         """[(name, one-line summary)] from Resources/Models/models.json, the default first."""
         try:
-            registry = json.loads((resources_dir() / "Models" / "models.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError, UserError):
+            catalogue = ModelCatalogue.read()
+        except UserError:
             return []
-        models = registry.get("models") or {}
-        names = sorted(models, key=lambda n: (n != registry.get("default"), n))
-        return [(n, str(models[n].get("summary", ""))) for n in names]
+        return [(name, catalogue.entries[name].summary) for name in catalogue.names()]
 
     @staticmethod
     def ensureDependencies():
@@ -488,22 +499,16 @@ class IPv2DenoiseLogic(ScriptedLoadableModuleLogic):
         """Denoise ``inputVolumeNode`` in a ``PythonSlicer -m IPv2DenoiseLib denoise`` subprocess.
 
         Returns the output node (``synchronous=True``) or a started
-        :class:`IPv2DenoiseLib.app.slicer_bridge.DenoiseJob` to poll. A new output node named
+        :class:`IPv2DenoiseLib.app.slicer_support.job.DenoiseJob` to poll. A new output node named
         "<input> denoised" is created only on success when ``outputVolumeNode`` is None.
         """
         if inputVolumeNode is None:
             raise ValueError("inputVolumeNode: no input volume selected")
         python = shutil.which("PythonSlicer") or sys.executable
-        job = slicer_bridge.DenoiseJob(
-            inputVolumeNode,
-            outputVolumeNode,
-            model=model,
-            device=device,
-            remove_background=removeBackground,
-            adapt=adapt,
-            ensemble=ensemble,
-            python=python,
-        ).start()
+        options = DenoiseOptions(
+            model=model, device=device, remove_background=removeBackground, adapt=adapt, ensemble=ensemble
+        )
+        job = DenoiseJob(inputVolumeNode, outputVolumeNode, options=options, python=python).start()
         if not synchronous:
             return job
         logging.info("IPv2 Denoise: running %s", " ".join(job.process.args))
@@ -511,11 +516,11 @@ class IPv2DenoiseLogic(ScriptedLoadableModuleLogic):
 
     def showComparison(self, originalNode, denoisedNode, *, preset="Lung", showDifference=False):
         """Side-by-side linked views (returns the previous layout id); optional difference overlay."""
-        previous = slicer_bridge.setup_comparison(originalNode, denoisedNode, preset=preset)
-        yellow = slicer_bridge.composite_node("Yellow")
+        previous = setup_comparison(originalNode, denoisedNode, preset=preset)
+        yellow = composite_node("Yellow")
         if showDifference:
             diff = slicer.mrmlScene.GetFirstNodeByName(denoisedNode.GetName() + " difference")
-            diff = slicer_bridge.difference_node(originalNode, denoisedNode, existing=diff)
+            diff = difference_node(originalNode, denoisedNode, existing=diff)
             diff.GetDisplayNode().SetAndObserveColorNodeID("vtkMRMLColorTableNodeFileColdToHotRainbow.txt")
             yellow.SetForegroundVolumeID(diff.GetID())
             yellow.SetForegroundOpacity(0.5)
@@ -534,14 +539,14 @@ class IPv2DenoiseLogic(ScriptedLoadableModuleLogic):
         tableNode=None,
     ):
         """ROI table node (lung, soft tissue, background air + optional ROI/segment) before vs after."""
-        self.lastMetrics = slicer_bridge.roi_table(
+        self.lastMetrics = roi_table(
             originalNode,
             denoisedNode,
             roi_node=roiNode,
             segmentation_node=segmentationNode,
             segment_id=segmentId,
         )
-        return slicer_bridge.table_node_from_metrics(
+        return table_node_from_metrics(
             self.lastMetrics, node=tableNode, name=f"{denoisedNode.GetName()} ROI metrics"
         )
 
@@ -560,7 +565,7 @@ class IPv2DenoiseLogic(ScriptedLoadableModuleLogic):
 
         ``sendTo``: ``HOST:PORT:AET`` or a DICOMweb URL (the *PACS* setting). Returns the files.
         """
-        files, _ = slicer_bridge.export_dicom(
+        files, _ = export_dicom(
             denoisedNode,
             outDir,
             source_node=sourceNode,
@@ -580,7 +585,7 @@ class IPv2DenoiseLogic(ScriptedLoadableModuleLogic):
         # lazy: Slicer loads the module before ensure_in_slicer installs torch/pydicom/scikit-image
         from IPv2DenoiseLib.io.volumes import write_volume
 
-        return write_volume(slicer_bridge.volume_from_node(node), path)
+        return write_volume(volume_from_node(node), path)
 
 
 #
@@ -611,19 +616,19 @@ class IPv2DenoiseTest(ScriptedLoadableModuleTest):
         hu[((y - 32) ** 2 / 14**2 + (x - 20) ** 2 / 7**2) < 1] = -850.0
         hu[((y - 32) ** 2 / 14**2 + (x - 44) ** 2 / 7**2) < 1] = -850.0
         hu = hu + np.random.default_rng(0).normal(0, 80, hu.shape)
-        inputNode = slicer_bridge.add_volume_node(Volume(hu, spacing=(0.7, 0.7, 2.5)), "ULDCT")
+        inputNode = add_volume_node(Volume(hu, spacing=(0.7, 0.7, 2.5)), "ULDCT")
 
         self.delayDisplay("Denoising with a tiny model")
         torch.manual_seed(0)
         tiny = Denoiser(UNet(in_slices=3, base_channels=4))
-        outputNode = slicer_bridge.denoise_node(inputNode, denoise=lambda v: tiny.denoise(v, device="cpu"))
+        outputNode = denoise_node(inputNode, denoise=lambda v: tiny.denoise(v, device="cpu"))
         self.assertEqual(outputNode.GetName(), "ULDCT denoised")
         self.assertEqual(slicer.util.arrayFromVolume(outputNode).shape, hu.shape)
 
         logic = IPv2DenoiseLogic()
         self.delayDisplay("Side-by-side comparison")
         logic.showComparison(inputNode, outputNode, showDifference=True)
-        self.assertEqual(slicer.app.layoutManager().layout, slicer_bridge.SIDE_BY_SIDE_LAYOUT)
+        self.assertEqual(slicer.app.layoutManager().layout, SIDE_BY_SIDE_LAYOUT)
 
         self.delayDisplay("ROI metrics")
         table = logic.computeRoiTable(inputNode, outputNode)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from IPv2DenoiseLib.app.cli import BROKEN_PIPE_EXIT
+from IPv2DenoiseLib.core.errors import ExitCode
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "Resources" / "SampleData" / "sample_uldct.nrrd"
@@ -45,7 +45,7 @@ def test_a_reader_that_closes_the_pipe_ends_quietly() -> None:
     )
     proc.stdout.close()  # as `| head -0` does: nobody reads what info prints
     err = proc.stderr.read().decode()
-    assert proc.wait(timeout=120) == BROKEN_PIPE_EXIT
+    assert proc.wait(timeout=120) == ExitCode.BROKEN_PIPE
     assert "Traceback" not in err and "BrokenPipeError" not in err, err
 
 

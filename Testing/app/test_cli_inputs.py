@@ -30,7 +30,7 @@ from pydicom.data import get_testdata_file
 
 from IPv2DenoiseLib.app.cli import build_parser
 from IPv2DenoiseLib.app.cli import main as cli_main
-from IPv2DenoiseLib.app.process import JobStatus
+from IPv2DenoiseLib.app.slicer_support.process import JobStatus
 from IPv2DenoiseLib.core.atomic import STAGING_DIR, clean_stale_staging
 from IPv2DenoiseLib.core.volume import Volume
 from IPv2DenoiseLib.denoiser.models import UNet

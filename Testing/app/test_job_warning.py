@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from IPv2DenoiseLib.app.process import JobStatus
+from IPv2DenoiseLib.app.slicer_support.process import JobStatus
 
 
 def test_warning_record_is_kept() -> None:

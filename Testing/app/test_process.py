@@ -9,14 +9,14 @@ import time
 import psutil
 import pytest
 
-from IPv2DenoiseLib.app.process import (
+from IPv2DenoiseLib.app.pipeline import DenoiseOptions
+from IPv2DenoiseLib.app.slicer_support.process import (
     BackgroundProcess,
-    ExitCode,
     JobStatus,
     denoise_command,
     parse_json_line,
 )
-from IPv2DenoiseLib.core.errors import UserError
+from IPv2DenoiseLib.core.errors import ExitCode, UserError
 
 PROGRESS_SCRIPT = textwrap.dedent(
     """
@@ -112,15 +112,20 @@ def test_status_fraction_never_decreases():
 
 
 def test_denoise_command():
-    cmd = denoise_command(
-        "in.nrrd", "out.nrrd", model="unet-ipv2", device="cpu", remove_background=False, python="PythonSlicer"
-    )
+    options = DenoiseOptions(model="unet-ipv2", device="cpu", remove_background=False)
+    cmd = denoise_command("in.nrrd", "out.nrrd", options, python="PythonSlicer")
     assert cmd[:4] == ["PythonSlicer", "-m", "IPv2DenoiseLib", "denoise"]
     assert cmd[cmd.index("--device") + 1] == "cpu" and "--no-remove-background" in cmd
     assert "--json-progress" in cmd and "--adapt" not in cmd
-    assert "--adapt" in denoise_command("in.nrrd", "out.nrrd", model="unet-ipv2", adapt=True)
+    assert "--adapt" in denoise_command("in.nrrd", "out.nrrd", DenoiseOptions(model="unet-ipv2", adapt=True))
     assert "--ensemble" not in cmd
-    best = denoise_command("in.nrrd", "out.nrrd", model="unet-ipv2", ensemble=8)
+    best = denoise_command("in.nrrd", "out.nrrd", DenoiseOptions(model="unet-ipv2", ensemble=8))
     assert best[best.index("--ensemble") + 1] == "8"
     with pytest.raises(UserError, match="--device .gpu. is not one of auto, cpu, cuda, mps"):
-        denoise_command("a", "b", model="m", device="gpu")
+        DenoiseOptions(model="m", device="gpu")
+    # the command the Slicer job runs parses back into the same options
+    from IPv2DenoiseLib.app.cli import build_parser
+
+    adapted = DenoiseOptions(model="unet-ipv2", device="cuda:1", ensemble=4, adapt=True, adapt_seconds=20)
+    args = build_parser().parse_args(denoise_command("in.nrrd", "out.nrrd", adapted)[3:])
+    assert DenoiseOptions.from_args(args) == adapted

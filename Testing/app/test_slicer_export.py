@@ -11,14 +11,15 @@ pytest.importorskip("slicer.util", reason="slicer-core not installed")
 import slicer  # noqa: E402
 from conftest import write_ct_series  # noqa: E402
 
-from IPv2DenoiseLib.app import slicer_bridge as sb  # noqa: E402
+from IPv2DenoiseLib.app.slicer_support.dicom import export_dicom  # noqa: E402
+from IPv2DenoiseLib.app.slicer_support.scene import add_volume_node  # noqa: E402
 from IPv2DenoiseLib.core.errors import UserError  # noqa: E402
 from IPv2DenoiseLib.core.resources import models_dir  # noqa: E402
 from IPv2DenoiseLib.io.volumes import read_volume  # noqa: E402
 
 
 class FileDatabase:
-    """What :func:`slicer_bridge.dicom_source_files` asks of ``slicer.dicomDatabase`` (a CTK/Qt
+    """What :func:`~IPv2DenoiseLib.app.slicer_support.dicom.dicom_source_files` asks of ``slicer.dicomDatabase`` (a CTK/Qt
     object slicer-core does not have): the file of a SOP Instance UID."""
 
     def __init__(self, files) -> None:
@@ -38,11 +39,11 @@ def scene():
 def test_export_writes_derived_series_and_sends_it_to_the_pacs(scene, orthanc, tmp_path) -> None:
     files = write_ct_series(tmp_path / "src", 3)
     volume = read_volume(tmp_path / "src")
-    source = sb.add_volume_node(volume, "ULDCT")
+    source = add_volume_node(volume, "ULDCT")
     source.SetAttribute("DICOM.instanceUIDs", " ".join(volume.meta["SOPInstanceUIDs"]))
-    denoised = sb.add_volume_node(volume.with_array(volume.array - 3.0), "ULDCT denoised")
+    denoised = add_volume_node(volume.with_array(volume.array - 3.0), "ULDCT denoised")
 
-    written, report = sb.export_dicom(
+    written, report = export_dicom(
         denoised,
         tmp_path / "out",
         source_node=source,
@@ -67,7 +68,7 @@ def test_export_writes_derived_series_and_sends_it_to_the_pacs(scene, orthanc, t
 
 def test_export_refuses_a_bad_pacs_setting_before_writing(scene, tmp_path) -> None:
     volume = read_volume(write_ct_series(tmp_path / "src", 2)[0].parent)
-    node = sb.add_volume_node(volume, "CT")
+    node = add_volume_node(volume, "CT")
     with pytest.raises(UserError, match="HOST:PORT:AET"):
-        sb.export_dicom(node, tmp_path / "out", send_to="pacs-without-port")
+        export_dicom(node, tmp_path / "out", send_to="pacs-without-port")
     assert not (tmp_path / "out").exists()

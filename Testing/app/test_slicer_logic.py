@@ -11,7 +11,23 @@ import pytest
 pytest.importorskip("slicer.util", reason="slicer-core not installed")
 import slicer  # noqa: E402
 
-from IPv2DenoiseLib.app import slicer_bridge as sb  # noqa: E402
+from IPv2DenoiseLib.app.pipeline import DenoiseOptions
+from IPv2DenoiseLib.app.slicer_support.job import DenoiseJob  # noqa: E402
+from IPv2DenoiseLib.app.slicer_support.roi_metrics import roi_mask, roi_table, table_node_from_metrics  # noqa: E402
+from IPv2DenoiseLib.app.slicer_support.scene import (  # noqa: E402
+    LPS_TO_RAS,
+    add_volume_node,
+    denoise_node,
+    ijk_to_ras,
+    volume_from_node,
+)
+from IPv2DenoiseLib.app.slicer_support.views import (  # noqa: E402
+    SIDE_BY_SIDE_LAYOUT,
+    composite_node,
+    difference_node,
+    restore_layout,
+    setup_comparison,
+)
 from IPv2DenoiseLib.core.errors import UserError  # noqa: E402
 from IPv2DenoiseLib.core.progress import Cancelled  # noqa: E402
 from IPv2DenoiseLib.core.volume import Volume  # noqa: E402
@@ -54,12 +70,12 @@ def _geometry(node):
 
 def test_volume_node_round_trip_keeps_lps_geometry(scene):
     vol = _oblique_volume()
-    node = sb.add_volume_node(vol, "chest")
+    node = add_volume_node(vol, "chest")
     # IJK->RAS of the node is the LPS geometry with the first two rows negated
-    np.testing.assert_allclose(_geometry(node), sb.ijk_to_ras(vol), atol=1e-9)
+    np.testing.assert_allclose(_geometry(node), ijk_to_ras(vol), atol=1e-9)
     ras_origin = np.array(node.GetOrigin())
     np.testing.assert_allclose(ras_origin, [12.0, -30.5, -100.0])
-    back = sb.volume_from_node(node)
+    back = volume_from_node(node)
     assert back.same_geometry(vol, atol=1e-9)
     np.testing.assert_array_equal(back.array, vol.array)
     # voxel (i, j, k) lands at the same physical point both ways
@@ -68,7 +84,7 @@ def test_volume_node_round_trip_keeps_lps_geometry(scene):
         np.array([i, j, k]) * vol.spacing
     )
     ras = _geometry(node) @ np.array([i, j, k, 1.0])
-    np.testing.assert_allclose(ras[:3], sb.LPS_TO_RAS @ lps, atol=1e-9)
+    np.testing.assert_allclose(ras[:3], LPS_TO_RAS @ lps, atol=1e-9)
 
 
 def test_denoise_node_with_tiny_model_keeps_geometry_and_study(scene):
@@ -79,7 +95,7 @@ def test_denoise_node_with_tiny_model_keeps_geometry_and_study(scene):
     torch.manual_seed(0)
     denoiser = Denoiser(UNet(in_slices=3, base_channels=4))
     vol = _oblique_volume()
-    node = sb.add_volume_node(vol, "chest")
+    node = add_volume_node(vol, "chest")
     node.GetDisplayNode().SetAutoWindowLevel(False)
     node.GetDisplayNode().SetWindowLevel(1500, -600)
     sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
@@ -91,7 +107,7 @@ def test_denoise_node_with_tiny_model_keeps_geometry_and_study(scene):
     else:  # bare slicer-core scene
         sh.CreateItem(study, node)
 
-    out = sb.denoise_node(node, denoise=lambda v: denoiser.denoise(v, device="cpu", remove_background=True))
+    out = denoise_node(node, denoise=lambda v: denoiser.denoise(v, device="cpu", remove_background=True))
     assert out.GetName() == "chest denoised"
     np.testing.assert_allclose(_geometry(out), _geometry(node), atol=1e-9)
     result = slicer.util.arrayFromVolume(out)
@@ -120,7 +136,7 @@ def test_table_node_matches_metrics_table(scene):
         "soft_tissue": np.abs(vol.array - 40) < 50,
     }
     table = roi_comparison_table(vol.array, after.array, regions)
-    node = sb.table_node_from_metrics(table)
+    node = table_node_from_metrics(table)
     vt = node.GetTable()
     assert [vt.GetColumnName(c) for c in range(vt.GetNumberOfColumns())] == table.columns
     assert vt.GetNumberOfRows() == len(table.rows)
@@ -135,38 +151,38 @@ def test_table_node_matches_metrics_table(scene):
                 assert cell.ToDouble() == pytest.approx(float(value), rel=1e-12)
     # refill the same node with a different table: no stale rows
     small = roi_comparison_table(vol.array, after.array, {"lung": regions["lung"]})
-    assert sb.table_node_from_metrics(small, node=node) is node
+    assert table_node_from_metrics(small, node=node) is node
     assert node.GetTable().GetNumberOfRows() == len(small.rows)
 
 
 def test_comparison_layout_links_views_and_sets_window(scene):
     vol = _oblique_volume()
-    a = sb.add_volume_node(vol, "before")
-    b = sb.add_volume_node(vol.with_array(vol.array * 0.9), "after")
-    previous = sb.setup_comparison(a, b, preset="Lung")
+    a = add_volume_node(vol, "before")
+    b = add_volume_node(vol.with_array(vol.array * 0.9), "after")
+    previous = setup_comparison(a, b, preset="Lung")
     layout = scene.GetNodesByClass("vtkMRMLLayoutNode").GetItemAsObject(0)
     assert (
         layout.GetViewArrangement()
-        == sb.SIDE_BY_SIDE_LAYOUT
+        == SIDE_BY_SIDE_LAYOUT
         == slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView
     )
-    red, yellow = sb.composite_node("Red"), sb.composite_node("Yellow")
+    red, yellow = composite_node("Red"), composite_node("Yellow")
     assert red.GetBackgroundVolumeID() == a.GetID() and yellow.GetBackgroundVolumeID() == b.GetID()
     assert red.GetLinkedControl() and red.GetHotLinkedControl() and yellow.GetHotLinkedControl()
     for n in (a, b):
         assert (n.GetDisplayNode().GetWindow(), n.GetDisplayNode().GetLevel()) == (1500, -600)
-    sb.setup_comparison(a, b, preset="Mediastinal")
+    setup_comparison(a, b, preset="Mediastinal")
     assert (b.GetDisplayNode().GetWindow(), b.GetDisplayNode().GetLevel()) == (400, 40)
-    sb.restore_layout(previous)
+    restore_layout(previous)
     assert layout.GetViewArrangement() == previous
-    diff = sb.difference_node(a, b)
+    diff = difference_node(a, b)
     np.testing.assert_allclose(slicer.util.arrayFromVolume(diff), -0.1 * vol.array, atol=1e-3)
 
 
 def test_volume_from_node_rejects_empty_node(scene):
     node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")
     with pytest.raises(UserError, match="no image data"):
-        sb.volume_from_node(node)
+        volume_from_node(node)
 
 
 # A stand-in for ``ipv2-denoise denoise``: same protocol, reads/writes through IPv2DenoiseLib.io.volumes.
@@ -192,10 +208,12 @@ FAKE_DENOISER = textwrap.dedent(
 @pytest.mark.parametrize("mode", ["ok", "fail", "hang"])
 def test_denoise_job_subprocess(scene, mode):
     vol = _oblique_volume(shape=(4, 20, 22))
-    node = sb.add_volume_node(vol, "chest")
+    node = add_volume_node(vol, "chest")
     n_nodes = scene.GetNumberOfNodes()
-    job = sb.DenoiseJob(
-        node, model="unet-ipv2", command=[sys.executable, "-c", FAKE_DENOISER, "{input}", "{output}", mode]
+    job = DenoiseJob(
+        node,
+        options=DenoiseOptions(model="unet-ipv2"),
+        command=[sys.executable, "-c", FAKE_DENOISER, "{input}", "{output}", mode],
     ).start()
     workdir = job.workdir
     if mode == "ok":
@@ -223,21 +241,21 @@ def test_denoise_job_subprocess(scene, mode):
 def test_roi_mask_and_roi_table(scene):
     vol = _oblique_volume(shape=(6, 40, 44))
     vol = Volume(vol.array, spacing=(0.7, 0.8, 2.5), origin=(-12.0, 30.5, -100.0))  # axis-aligned
-    before = sb.add_volume_node(vol, "before")
+    before = add_volume_node(vol, "before")
     smooth = vol.with_array(np.where(vol.array > -900, np.round(vol.array / 200) * 200, -1000.0))
-    after = sb.add_volume_node(smooth, "after")
+    after = add_volume_node(smooth, "after")
     roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "box")
     # a box over voxels i 10..19, j 5..14, k 1..3 (RAS: x and y negated)
     lo = np.array(vol.origin) + np.array([10, 5, 1]) * vol.spacing - 1e-3
     hi = np.array(vol.origin) + np.array([19, 14, 3]) * vol.spacing + 1e-3
     center_lps, size = (lo + hi) / 2, hi - lo
-    roi.SetCenter(*(sb.LPS_TO_RAS @ center_lps))
+    roi.SetCenter(*(LPS_TO_RAS @ center_lps))
     roi.SetSize(*size)
-    mask = sb.roi_mask(before, roi)
+    mask = roi_mask(before, roi)
     expected = np.zeros(vol.shape, bool)
     expected[1:4, 5:15, 10:20] = True
     np.testing.assert_array_equal(mask, expected)
-    table = sb.roi_table(before, after, roi_node=roi)
+    table = roi_table(before, after, roi_node=roi)
     metrics = table.as_dict()["metric"]
     assert "user ROI std" in metrics and "lung noise reduction" in metrics
     row = table.rows[metrics.index("user ROI mean")]

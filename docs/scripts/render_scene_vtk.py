@@ -3,7 +3,7 @@
     python docs/scripts/render_scene_vtk.py [--out docs/figures/slicer_scene_render.png]
 
 Runs the module's workflow on the bundled sample with the Logic's building blocks
-(``slicer_bridge`` on the PyPI ``slicer-core`` scene): load the sample ULDCT as a volume node,
+(``app.slicer_support`` on the PyPI ``slicer-core`` scene): load the sample ULDCT as a volume node,
 denoise it in-process with the shipped model into a new node, compute the ROI table node, then
 render what the side-by-side layout shows — the original (left) and denoised (right) axial slice
 through each node's IJK-to-RAS geometry in the lung window, with the table node's rows — in an
@@ -19,8 +19,9 @@ import numpy as np
 import slicer
 import vtk
 
-from IPv2DenoiseLib.app import slicer_bridge as sb
 from IPv2DenoiseLib.app.commands.demo import sample_uldct
+from IPv2DenoiseLib.app.slicer_support.roi_metrics import roi_table, table_node_from_metrics
+from IPv2DenoiseLib.app.slicer_support.scene import add_volume_node, denoise_node
 from IPv2DenoiseLib.denoiser.infer import Denoiser
 from IPv2DenoiseLib.io.volumes import read_volume
 
@@ -83,12 +84,12 @@ def main() -> None:
     args = parser.parse_args()
 
     slicer.mrmlScene = slicer.vtkMRMLScene()
-    original = sb.add_volume_node(read_volume(sample_uldct()), "sample_uldct")
+    original = add_volume_node(read_volume(sample_uldct()), "sample_uldct")
     denoiser = Denoiser.from_registry("default")
-    denoised = sb.denoise_node(
+    denoised = denoise_node(
         original, denoise=lambda v: denoiser.denoise(v, device="cpu"), name="sample_uldct denoised"
     )
-    table_node = sb.table_node_from_metrics(sb.roi_table(original, denoised))
+    table_node = table_node_from_metrics(roi_table(original, denoised))
 
     k = original.GetImageData().GetDimensions()[2] // 2
     window = vtk.vtkRenderWindow()

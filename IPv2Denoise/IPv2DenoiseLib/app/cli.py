@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from IPv2DenoiseLib import __version__
-from IPv2DenoiseLib.core.errors import UserError
+from IPv2DenoiseLib.core.errors import ExitCode, UserError
 
 #: Command modules in the order ``--help`` lists them.
 COMMAND_MODULES = (
@@ -38,9 +38,6 @@ def command_modules():
     return [importlib.import_module(f"{__package__}.commands.{name}") for name in COMMAND_MODULES]
 
 
-#: Exit status after the reader of our output went away (``info --json | head``): 128 + SIGPIPE,
-#: what a shell reports for a process killed by it.
-BROKEN_PIPE_EXIT = 141
 #: Errors of the machine or the file system that a user can cause or fix (a full disk, a folder
 #: that vanished, a loop of symbolic links, no permission): one line and exit 2, never a traceback.
 ENVIRONMENT_ERRNOS = frozenset(
@@ -104,19 +101,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return status
     except UserError as exc:
         print(f"ipv2-denoise {args.command}: error: {exc}", file=sys.stderr)
-        return UserError.exit_code
+        return ExitCode.USER_ERROR
     except KeyboardInterrupt:
         print(f"ipv2-denoise {args.command}: cancelled", file=sys.stderr)
-        return 130
+        return ExitCode.CANCELLED
     except BrokenPipeError:
         # the reader stopped reading (| head): quiet, and no second error when Python flushes stdout
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return BROKEN_PIPE_EXIT
+        return ExitCode.BROKEN_PIPE
     except OSError as exc:
         if exc.errno not in ENVIRONMENT_ERRNOS:
             raise
         print(f"ipv2-denoise {args.command}: error: {describe_os_error(exc)}", file=sys.stderr)
-        return UserError.exit_code
+        return ExitCode.USER_ERROR
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 background job, the projector), and a one-line description for the "running on:" label.
 
 torch is imported inside the functions, not at the top: the Slicer module checks device names
-(through :mod:`IPv2DenoiseLib.app.process`) before torch is installed, and ``ipv2-denoise --help``
+(through :mod:`IPv2DenoiseLib.app.slicer_support.process`) before torch is installed, and ``ipv2-denoise --help``
 builds its parser from :data:`DEVICE_CHOICES` without loading torch.
 """
 

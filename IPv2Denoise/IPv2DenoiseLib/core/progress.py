@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import TextIO
 
-from IPv2DenoiseLib.core.errors import UserError
+from IPv2DenoiseLib.core.errors import ExitCode, UserError
 
 ProgressCallback = Callable[[int, int, str], None]
 
@@ -23,7 +23,7 @@ ProgressCallback = Callable[[int, int, str], None]
 class Cancelled(UserError):
     """Raised by :meth:`CancelToken.check` once cancellation was requested."""
 
-    exit_code = 130
+    exit_code = ExitCode.CANCELLED
 
 
 class CancelToken:

@@ -16,16 +16,17 @@ from typing import Any
 import numpy as np
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
+from IPv2DenoiseLib.core.display import LUNG, MEDIASTINAL
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.imaging.masks import standard_rois
 from IPv2DenoiseLib.imaging.metrics_table import MetricsTable  # re-exported: metrics.MetricsTable
 
-LUNG_WINDOW: tuple[float, float] = (-1350.0, 150.0)
-"""(low, high) HU: the one window for PSNR/SSIM/RMSE (= display level −600, width 1500)."""
-LUNG_DISPLAY: tuple[float, float] = (-600, 1500)
-"""(level, width) HU for showing lungs."""
-MEDIASTINAL_DISPLAY: tuple[float, float] = (40, 400)
-"""(level, width) HU for showing the mediastinum and soft tissue."""
+LUNG_WINDOW: tuple[float, float] = LUNG.low_high
+"""(low, high) HU: the one window for PSNR/SSIM/RMSE (the lung display preset, −1350 … 150)."""
+LUNG_DISPLAY: tuple[float, float] = (LUNG.level, LUNG.width)
+"""(level, width) HU for showing lungs (:data:`core.display.LUNG`)."""
+MEDIASTINAL_DISPLAY: tuple[float, float] = (MEDIASTINAL.level, MEDIASTINAL.width)
+"""(level, width) HU for showing the mediastinum and soft tissue (:data:`core.display.MEDIASTINAL`)."""
 
 SOFT_TISSUE_KEYS = ("soft_tissue", "soft tissue", "mediastinum", "muscle")
 

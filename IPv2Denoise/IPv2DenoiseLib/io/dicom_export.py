@@ -37,6 +37,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from IPv2DenoiseLib import __version__
 from IPv2DenoiseLib.core.atomic import atomic_dir
+from IPv2DenoiseLib.core.display import DISPLAY_PRESETS
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.progress import ProgressCallback
 from IPv2DenoiseLib.core.provenance import SOFTWARE_NAME, ModelProvenance
@@ -311,8 +312,9 @@ def _base_dataset(
     ds.Rows, ds.Columns = ny, nx
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
     ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = "0", "1", "HU"
-    ds.WindowCenter, ds.WindowWidth = ["-600", "40"], ["1500", "400"]
-    ds.WindowCenterWidthExplanation = ["LUNG", "MEDIASTINUM"]
+    ds.WindowCenter = [f"{w.level:g}" for w in DISPLAY_PRESETS.values()]
+    ds.WindowWidth = [f"{w.width:g}" for w in DISPLAY_PRESETS.values()]
+    ds.WindowCenterWidthExplanation = [name.upper() for name in DISPLAY_PRESETS]
     return ds
 
 

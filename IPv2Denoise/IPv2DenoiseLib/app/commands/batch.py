@@ -17,7 +17,7 @@ from IPv2DenoiseLib.app.arguments import add_model_arguments, non_negative_int, 
 from IPv2DenoiseLib.app.batch.lock import batch_lock
 from IPv2DenoiseLib.app.batch.records import summary_stem, totals, write_summary
 from IPv2DenoiseLib.core.atomic import make_output_folder
-from IPv2DenoiseLib.core.errors import UserError
+from IPv2DenoiseLib.core.errors import ExitCode, UserError
 from IPv2DenoiseLib.core.paths import safe_component
 from IPv2DenoiseLib.core.progress import JsonLinesProgress, make_progress
 
@@ -296,8 +296,8 @@ def _run(args, input_path, out_root, cases, found, shard, settings, start, json_
     )
     if interrupted:
         print("interrupted: rerun the same command to finish the remaining cases", file=sys.stderr)
-        return 130
-    return 1 if counts["failed"] else 0
+        return ExitCode.CANCELLED
+    return ExitCode.SOME_FAILED if counts["failed"] else ExitCode.OK
 
 
 def _run_ray(args, cases, settings, on_row, event, stop) -> None:

@@ -18,7 +18,6 @@ Exit status 0 on success, 2 with a one-line stderr on a user error, 130 when can
 
 from __future__ import annotations
 
-import enum
 import json
 import os
 import queue
@@ -32,7 +31,8 @@ from typing import IO, Any
 
 import psutil
 
-from IPv2DenoiseLib.core.device import check_device_name
+from IPv2DenoiseLib.app.pipeline import DenoiseOptions
+from IPv2DenoiseLib.core.errors import ExitCode
 
 __all__ = [
     "BackgroundProcess",
@@ -42,14 +42,6 @@ __all__ = [
     "kill_process_tree",
     "parse_json_line",
 ]
-
-
-class ExitCode(enum.IntEnum):
-    """Exit statuses of ``ipv2-denoise`` (and the one this module reports after cancel)."""
-
-    OK = 0
-    USER_ERROR = 2
-    CANCELLED = 130
 
 
 def parse_json_line(line: str) -> dict[str, Any] | None:
@@ -77,6 +69,9 @@ class JobStatus:
     log: list[str] = field(default_factory=list)
     #: One line each from the child (a truncated field of view, input outside the training range, ...).
     warnings: list[str] = field(default_factory=list)
+    #: The model the child loaded, and the record of its fine-tuning on the scan (``--adapt``).
+    model: str | None = None
+    adapted: dict[str, Any] | None = None
 
     @property
     def warning(self) -> str | None:
@@ -87,6 +82,10 @@ class JobStatus:
         """Update from one JSON record (unknown keys are ignored)."""
         if "device" in record:
             self.device = str(record["device"])
+        if "model" in record:
+            self.model = str(record["model"])
+        if isinstance(record.get("adapted"), Mapping):
+            self.adapted = dict(record["adapted"])
         if "warning" in record:  # also in the log, which the Slicer module shows
             self.warnings.append(str(record["warning"]))
             self.log.append(f"warning: {record['warning']}")
@@ -268,42 +267,22 @@ class BackgroundProcess:
 def denoise_command(
     input_path: str | os.PathLike,
     output_path: str | os.PathLike,
+    options: DenoiseOptions,
     *,
-    model: str,
-    device: str = "auto",
-    remove_background: bool = True,
-    adapt: bool = False,
-    ensemble: int = 1,
     python: str | None = None,
 ) -> list[str]:
-    """The ``python -m IPv2DenoiseLib denoise ... --json-progress`` command line.
+    """The ``python -m IPv2DenoiseLib denoise IN OUT OPTIONS --json-progress`` command line.
 
     ``python`` defaults to ``sys.executable`` (inside Slicer: PythonSlicer, so the child sees the
-    torch installed into Slicer). ``device`` is one of :data:`~IPv2DenoiseLib.core.device.DEVICE_CHOICES`.
-
-    Raises
-    ------
-    UserError
-        Unknown device name.
+    torch installed into Slicer). The options were checked when ``options`` was made.
     """
-    device = check_device_name(device)
-    cmd = [
+    return [
         python or sys.executable,
         "-m",
         "IPv2DenoiseLib",
         "denoise",
         str(input_path),
         str(output_path),
-        "--model",
-        model,
-        "--device",
-        device,
+        *options.command_line(),
         "--json-progress",
     ]
-    if not remove_background:
-        cmd.append("--no-remove-background")
-    if adapt:  # scan-adaptive fine-tuning first (training/adapt.py)
-        cmd.append("--adapt")
-    if ensemble > 1:  # test-time flip ensemble (denoiser.infer)
-        cmd += ["--ensemble", str(int(ensemble))]
-    return cmd

@@ -1,0 +1,137 @@
+"""DICOM in the scene: the source files of a node, and the derived series export (with provenance).
+
+A denoised node carries how it was made in the attribute :data:`PROVENANCE_ATTRIBUTE` (set by
+:class:`~IPv2DenoiseLib.app.slicer_support.job.DenoiseJob`): the model, a weights file, the record
+of a fine-tuning on the scan (*Adapt*) and the warnings. The export writes exactly that into the
+derived series, as ``ipv2-denoise denoise --dicom`` does, whatever happened in the scene since.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import slicer
+
+from IPv2DenoiseLib.app.pipeline import DenoiseOptions
+from IPv2DenoiseLib.app.slicer_support.scene import node_geometry, volume_from_node
+from IPv2DenoiseLib.core.provenance import ModelProvenance
+from IPv2DenoiseLib.denoiser.model_reference import ModelReference
+
+#: Node attribute holding the JSON record of how the node was denoised.
+PROVENANCE_ATTRIBUTE = "IPv2Denoise.Provenance"
+
+
+def store_provenance(
+    node,
+    options: DenoiseOptions,
+    *,
+    adapted: Mapping[str, Any] | None = None,
+    warnings: list[str] | None = None,
+) -> None:
+    """Record on a denoised node which model made it and how (read back by :func:`node_provenance`)."""
+    record = {
+        "model": options.model,
+        "weights": options.weights,
+        "adapted": dict(adapted) if adapted else None,
+        "warnings": list(warnings or []),
+    }
+    node.SetAttribute(PROVENANCE_ATTRIBUTE, json.dumps(record))
+
+
+def node_provenance(node, *, model_name: str = "") -> tuple[ModelProvenance, list[str]]:
+    """(provenance, warnings) of a denoised node: from its record, else from ``model_name`` (a node
+    denoised by a script, or loaded from a file: the catalogue's model, nothing more is known)."""
+    try:
+        record = json.loads(node.GetAttribute(PROVENANCE_ATTRIBUTE) or "{}")
+    except ValueError:
+        record = {}
+    model = record.get("model") or model_name or "default"
+    try:
+        reference = ModelReference.resolve(model, record.get("weights"))
+    except Exception:  # noqa: BLE001 - a weights file moved since: still name the model
+        return ModelProvenance(name=str(model)), list(record.get("warnings") or [])
+    return reference.provenance(adapted=record.get("adapted")), list(record.get("warnings") or [])
+
+
+def dicom_source_files(node, *, database=None) -> list[str] | None:
+    """The source DICOM files of a node loaded from DICOM, in the node's k (z) order, or None.
+
+    Uses the node's ``DICOM.instanceUIDs`` attribute and the DICOM database
+    (``slicer.dicomDatabase`` inside Slicer), then sorts the files by their position along the
+    volume's slice axis so file ``k`` is slice ``k``.
+    """
+    uids = (node.GetAttribute("DICOM.instanceUIDs") or "").split()
+    database = database if database is not None else getattr(slicer, "dicomDatabase", None)
+    if not uids or database is None:
+        return None
+    files = [database.fileForInstance(uid) for uid in uids]
+    if not all(files) or not all(os.path.exists(f) for f in files):
+        return None
+    import pydicom  # lazy: Slicer loads this module before ensure_in_slicer installs pydicom
+
+    _, origin, direction = node_geometry(node)
+    normal = np.asarray(direction).reshape(3, 3)[:, 2]
+    keyed = []
+    for f in files:
+        ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["ImagePositionPatient"])
+        ipp = np.asarray(getattr(ds, "ImagePositionPatient", origin), dtype=float)
+        keyed.append((float((ipp - np.asarray(origin)) @ normal), f))
+    return [f for _, f in sorted(keyed)]
+
+
+def export_dicom(
+    denoised_node,
+    out_dir: str | os.PathLike,
+    *,
+    source_node=None,
+    model_name: str = "",
+    send_to: str | None = None,
+    calling_aet: str | None = None,
+    timeout: float = 10.0,
+    database=None,
+):
+    """Write the denoised node as a derived DICOM series, optionally store it on a PACS.
+
+    The same writer as ``ipv2-denoise denoise --dicom`` (:func:`~IPv2DenoiseLib.io.dicom_export.
+    export_derived_series`): in the source node's study when it was loaded from DICOM (its files
+    come from the DICOM database), otherwise a new CT series. ``send_to`` is ``HOST:PORT:AET`` or a
+    DICOMweb URL (the module's *PACS* setting); the files stay in ``out_dir`` whatever the PACS says.
+
+    Returns
+    -------
+    (list of Path, SendReport or None)
+
+    Raises
+    ------
+    UserError
+        Export problems; PACS unreachable, association rejected, or instances refused (named).
+    """
+    # lazy: Slicer loads this module before ensure_in_slicer installs pydicom and pynetdicom
+    from IPv2DenoiseLib.io.dicom_export import DerivedSeriesOptions, export_derived_series
+    from IPv2DenoiseLib.io.dicom_net import DEFAULT_CALLING_AET, parse_destination, send
+
+    target = parse_destination(send_to) if send_to else None  # a bad setting fails before writing
+    sources = dicom_source_files(source_node, database=database) if source_node is not None else None
+    provenance, warnings = node_provenance(denoised_node, model_name=model_name)
+    options = DerivedSeriesOptions(model=provenance, warnings=tuple(warnings))
+    files = export_derived_series(
+        volume_from_node(denoised_node), out_dir, source_files=sources, options=options
+    )
+    report = None
+    if target is not None:
+        report = send(files, target, calling_aet=calling_aet or DEFAULT_CALLING_AET, timeout=timeout)
+        report.raise_for_failures()
+    return files, report
+
+
+__all__ = [
+    "PROVENANCE_ATTRIBUTE",
+    "dicom_source_files",
+    "export_dicom",
+    "node_provenance",
+    "store_provenance",
+]
