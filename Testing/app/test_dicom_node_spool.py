@@ -46,6 +46,18 @@ def _fill(disk: Path, leave_instances: int, instance_bytes: int) -> Path:
     return filler
 
 
+def _fill_up(path: Path) -> None:
+    """Write to ``path`` until the disk is full (tmpfs allocates whole pages)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while True:
+            os.write(fd, bytes(4096))
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def _leftovers(spool: Path) -> list[Path]:
     return [p for d in SPOOL_DIRS for p in (spool / d).iterdir()]
 
@@ -81,12 +93,15 @@ def test_full_spool_answers_out_of_resources_and_never_forwards_a_partial_series
         assert 0 < statuses.count(0x0000) < len(again) and 0xC211 not in statuses
     finally:
         node.kill()
+    _fill_up(small_disk / "last-bytes")  # not even reason.txt fits now
     node = Node(spool, orthanc.node, quiet=1.0, log_dir=tmp_path)
     try:
         log = node.wait_for("FAILED", 30)
     finally:
         assert node.stop() == 0
     assert "resuming 0 queued and 1 incoming series" in log and "were refused (0xA700, spool full)" in log
+    failed_line = next(line for line in log.splitlines() if "FAILED" in line)
+    assert f"kept in {spool / 'failed'}" in failed_line and "could not write" in log
     assert derived_series_count(orthanc, pydicom.dcmread(big[0]).StudyInstanceUID) == []
     assert derived_series_count(orthanc, pydicom.dcmread(again[0]).StudyInstanceUID) == []
     assert len(list((spool / "failed").iterdir())) == 2

@@ -703,10 +703,13 @@ class DenoisingNode:
             )
         try:
             os.replace(folder, target)
-            (target / "reason.txt").write_text(reason + "\n")
         except OSError as exc:
             LOG.error("could not move %s to %s: %s", folder, target, exc)
             target = folder
+        try:
+            (target / "reason.txt").write_text(reason + "\n")
+        except OSError as exc:  # a full disk: the log line below still says why
+            LOG.error("could not write %s: %s", target / "reason.txt", exc.strerror or exc)
         senders = ",".join(sorted(senders)) if isinstance(senders, set) else senders
         after = f" after {time.monotonic() - start:.1f} s" if start is not None else ""
         LOG.error(
