@@ -33,15 +33,13 @@ from IPv2DenoiseLib.app.batch.records import (
     verified_record,
     write_record,
 )
+from IPv2DenoiseLib.app.pipeline import DenoiseOptions, DenoiseOutcome, DenoisePipeline
 from IPv2DenoiseLib.core.atomic import remove_stale_partials
-from IPv2DenoiseLib.core.device import describe_device, resolve_device
+from IPv2DenoiseLib.core.device import describe_device
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.volume import Volume
-from IPv2DenoiseLib.denoiser.infer import Denoiser
-from IPv2DenoiseLib.denoiser.model_reference import ModelReference
 from IPv2DenoiseLib.imaging.noise_estimate import estimate_noise_hu
-from IPv2DenoiseLib.io.dicom_export import DerivedSeriesOptions, export_derived_series
-from IPv2DenoiseLib.io.volumes import read_dicom_series, read_volume, write_volume
+from IPv2DenoiseLib.io.volumes import read_dicom_series, read_volume
 
 #: Slices (evenly spaced) on which noise before/after is estimated: bounded time and memory per case.
 NOISE_SLICES = 16
@@ -51,17 +49,12 @@ RowCallback = Callable[[dict[str, Any]], None]
 
 @dataclass(frozen=True)
 class BatchSettings:
-    """What every worker needs to process cases the same way (plain values: sent to Ray actors)."""
+    """What every worker needs to process cases the same way (picklable: sent to Ray actors)."""
 
     out_root: str
-    model: str = "default"
-    weights: str | None = None
+    #: Model, device, background removal, ensemble, slab: as ``denoise`` (``adapt`` is not offered).
+    options: DenoiseOptions = DenoiseOptions()
     dicom: bool = False
-    remove_background: bool = True
-    #: Test-time ensemble size (``--ensemble``).
-    ensemble: int = 1
-    device: str = "auto"
-    slab: int | None = None
     run_id: str = ""
 
 
@@ -75,7 +68,12 @@ class Loaded:
     started: float
     noise_before: float
     attempts: int = 1
-    result: Volume | None = None
+    outcome: DenoiseOutcome | None = None
+
+    @property
+    def result(self) -> Volume | None:
+        """The denoised volume, once denoised."""
+        return self.outcome.denoised if self.outcome is not None else None
 
 
 def noise_sd(array: np.ndarray) -> float:
@@ -118,14 +116,10 @@ class CaseProcessor:
             torch.set_num_threads(threads)
         self.settings = settings
         self.out_root = Path(settings.out_root)
-        self.device = resolve_device(settings.device)
+        self.pipeline = DenoisePipeline(settings.options)  # one model, loaded once per worker
+        self.device = self.pipeline.device
         self.device_name = describe_device(self.device)
-        self.denoiser = (
-            Denoiser.from_file(settings.weights)
-            if settings.weights
-            else Denoiser.from_registry(settings.model)
-        )
-        self.denoiser.ensemble = settings.ensemble
+        self.denoiser = self.pipeline.denoiser()
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self._network = threading.Lock()
 
@@ -135,8 +129,8 @@ class CaseProcessor:
         return {
             "model": self.denoiser.name,
             "model_sha256": self.denoiser.card.get("sha256"),
-            "remove_background": self.settings.remove_background,
-            "ensemble": self.settings.ensemble,
+            "remove_background": self.settings.options.remove_background,
+            "ensemble": self.settings.options.ensemble,
             "format": "dicom" if self.settings.dicom else "nrrd",
         }
 
@@ -166,6 +160,7 @@ class CaseProcessor:
                 k: record.get(k)
                 for k in ("shape", "seconds", "device", "worker", "noise_before_hu", "noise_after_hu")
             },
+            warnings="; ".join(record.get("warnings") or []),
             output_sha256=record.get("output_sha256"),
             attempts=attempts,
         )
@@ -200,12 +195,7 @@ class CaseProcessor:
         """Run the network (one case at a time per processor)."""
         try:
             with self._network:
-                loaded.result = self.denoiser.denoise(
-                    loaded.volume,
-                    remove_background=self.settings.remove_background,
-                    device=self.device,
-                    slab_slices=self.settings.slab,
-                )
+                loaded.outcome = self.pipeline.denoise(loaded.volume)
             return loaded
         except Exception as exc:
             return self.failed(loaded.case, _one_line(exc), started=loaded.started, attempts=loaded.attempts)
@@ -241,6 +231,7 @@ class CaseProcessor:
                     "worker": self.worker,
                     "noise_before_hu": loaded.noise_before,
                     "noise_after_hu": noise_after,
+                    "warnings": loaded.outcome.warnings,
                     "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 },
             )
@@ -253,22 +244,18 @@ class CaseProcessor:
                 noise_before_hu=loaded.noise_before,
                 noise_after_hu=noise_after,
                 output_sha256=sha256,
+                warnings="; ".join(loaded.outcome.warnings),
             )
         except Exception as exc:
             return self.failed(case, _one_line(exc), started=loaded.started, attempts=loaded.attempts)
 
     def _write(self, loaded: Loaded, out: Path) -> None:
         if not self.settings.dicom:
-            write_volume(loaded.result, out)
+            self.pipeline.write_volume(loaded.outcome, out)
             return
         if out.exists():  # an earlier, unrecorded output of this case: ours to replace
             shutil.rmtree(out) if out.is_dir() else out.unlink()
-        sources = loaded.volume.meta.get("dicom_files") if loaded.case.kind == "dicom" else None
-        reference = ModelReference.resolve(self.settings.model, self.settings.weights)
-        provenance = reference.provenance(self.denoiser.card)
-        export_derived_series(
-            loaded.result, out, source_files=sources, options=DerivedSeriesOptions(model=provenance)
-        )
+        self.pipeline.export_dicom(loaded.outcome, out)
 
     def process(self, case: Case, *, attempts: int = 1) -> dict[str, Any]:
         """All steps of one case in this thread (the Ray actors' unit of work, and ``--prefetch 0``)."""

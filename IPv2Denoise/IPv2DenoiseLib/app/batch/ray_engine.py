@@ -27,7 +27,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import replace
 from typing import Any
 
 import ray
@@ -46,8 +46,8 @@ CALLS_PER_WORKER = 2
 class BatchWorker:
     """A Ray actor holding one :class:`CaseProcessor` (the model loaded once per worker process)."""
 
-    def __init__(self, settings: dict[str, Any], threads: int) -> None:
-        self.processor = CaseProcessor(BatchSettings(**settings), threads=threads)
+    def __init__(self, settings: BatchSettings, threads: int) -> None:
+        self.processor = CaseProcessor(settings, threads=threads)
 
     def describe(self) -> dict[str, str]:
         return {"worker": self.processor.worker, "device": self.processor.device_name}
@@ -203,14 +203,13 @@ def _run_on_cluster(
         workers=workers,
         cpus_per_worker=cpus_per_worker,
         gpus_per_worker=gpus_per_worker,
-        device=settings.device,
+        device=settings.options.device,
     )
-    if gpus > 0 and settings.device == "auto":
-        settings = BatchSettings(**{**asdict(settings), "device": "cuda"})
+    if gpus > 0 and settings.options.device == "auto":
+        settings = replace(settings, options=replace(settings.options, device="cuda"))
     threads = max(1, int(cpus))
     actors = [
-        BatchWorker.options(num_cpus=cpus, num_gpus=gpus).remote(asdict(settings), threads)
-        for _ in range(count)
+        BatchWorker.options(num_cpus=cpus, num_gpus=gpus).remote(settings, threads) for _ in range(count)
     ]
     try:
         described = ray.get([actor.describe.remote() for actor in actors])

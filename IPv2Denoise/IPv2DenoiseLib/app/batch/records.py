@@ -41,6 +41,7 @@ SUMMARY_COLUMNS = (
     "noise_before_hu",
     "noise_after_hu",
     "output_sha256",
+    "warnings",
     "error",
 )
 #: Row statuses: finished in this run, verified as finished by an earlier run, failed.

@@ -10,12 +10,14 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import TextIO
 
 from IPv2DenoiseLib.app.arguments import add_model_arguments, non_negative_int, positive_float, positive_int
 from IPv2DenoiseLib.app.batch.lock import batch_lock
 from IPv2DenoiseLib.app.batch.records import summary_stem, totals, write_summary
+from IPv2DenoiseLib.app.pipeline import DenoiseOptions
 from IPv2DenoiseLib.core.atomic import make_output_folder
 from IPv2DenoiseLib.core.errors import ExitCode, UserError
 from IPv2DenoiseLib.core.paths import safe_component
@@ -176,16 +178,11 @@ def _locked_run(args: argparse.Namespace, input_path: Path, out_root: Path, star
     from IPv2DenoiseLib.app.batch.pipeline import BatchSettings  # lazy: see run()
 
     cases, found, shard = find_cases(args, input_path, out_root)
+    options = DenoiseOptions.from_args(args)
+    if options.weights:  # workers may run elsewhere (Ray): an absolute path
+        options = replace(options, weights=str(Path(options.weights).resolve()))
     settings = BatchSettings(
-        out_root=str(out_root.resolve()),
-        model=args.model,
-        weights=str(Path(args.weights).resolve()) if args.weights else None,
-        dicom=args.dicom,
-        remove_background=args.remove_background,
-        ensemble=args.ensemble,
-        device=args.device,
-        slab=args.slab,
-        run_id=uuid.uuid4().hex,
+        out_root=str(out_root.resolve()), options=options, dicom=args.dicom, run_id=uuid.uuid4().hex
     )
     with _stdout_for_json_only(args.json_progress and args.engine == "ray") as json_stream:
         return _run(args, input_path, out_root, cases, found, shard, settings, start, json_stream)
