@@ -166,7 +166,7 @@ def score(outputs: list[np.ndarray], truths: list[np.ndarray]) -> dict[str, floa
         values = {
             "psnr": psnr(truth, out, mask=masks["whole_body"]),
             "ssim": ssim(truth, out, mask=masks["whole_body"]),
-            # noise in a homogeneous ROI (DESIGN.md §6): the vessel-free parenchyma
+            # noise in a homogeneous ROI (docs/results.md, metrics): the vessel-free parenchyma
             "lung_noise": float(diff[masks["lung_parenchyma"]].std()),
             # SD of the error over the whole lungs: residual noise plus vessel blur
             "lung_error": float(diff[masks["lungs"]].std()),

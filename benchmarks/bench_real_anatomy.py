@@ -28,7 +28,7 @@ each at its default and tuned per image against the truth (an *oracle*: the best
 sweep). BM3D is slow (~20–50 s per 512² slice on a loaded core): its sweep is chosen on the
 central 192² crop and the full image is then run once at the chosen strength.
 
-Metrics inside the body (DESIGN.md §6): PSNR and SSIM in the lung window; noise SD and bias of
+Metrics inside the body (docs/results.md, metrics): PSNR and SSIM in the lung window; noise SD and bias of
 (output − truth) in soft tissue; LAA-950 error (pp) where there is lung; ``nps`` = NPS mean
 frequency of (output − truth) over that of the truth's own noise (plane-detrended 32² ROIs of the
 truth in homogeneous soft tissue), and ``nps_vs_input`` the same against the inserted noise (< 1 =

@@ -81,12 +81,12 @@ def test_unet_pads_to_a_multiple_of_the_coarsest_level():
 
 
 def test_redcnn_matches_the_reference_parameter_count():
-    # 1,848,865 parameters: ldct-benchmark's RED-CNN (96 ch, 5x5, 1 slice), reference/ldct-anchors.md A4.
+    # 1,848,865 parameters: ldct-benchmark's RED-CNN (96 ch, 5x5, 1 slice) (docs/models.md).
     assert count_parameters(REDCNN()) == 1_848_865
 
 
 def test_default_unet_size_and_cost_match_design_measurement():
-    # DESIGN.md §5: a 3-level U-Net with 16 base channels, 3 slices: 117 k parameters, 49 kFLOP/px.
+    # docs/models.md: a 3-level U-Net with 16 base channels, 3 slices: 117 k parameters, 49 kFLOP/px.
     model = UNet()
     assert abs(count_parameters(model) - 117_000) < 1_000
     assert abs(flops_per_voxel(model, 3) - 49_000) < 1_000
@@ -101,7 +101,7 @@ def test_flops_per_voxel_counts_two_flops_per_mac():
 
 
 def test_redcnn_cost_matches_the_reference_at_512():
-    # 3.50 MFLOP per pixel for a 512x512 slice: reference/ldct-anchors.md A4 (917 GFLOP per slice).
+    # 3.50 MFLOP per pixel for a 512x512 slice (docs/models.md) (917 GFLOP per slice).
     assert flops_per_voxel(REDCNN(), 1, size=512) == pytest.approx(3.50e6, rel=0.01)
 
 

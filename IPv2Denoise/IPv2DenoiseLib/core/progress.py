@@ -1,4 +1,4 @@
-"""Progress reporting and cancellation shared by every long job (DESIGN.md §3).
+"""Progress reporting and cancellation shared by every long job (docs/architecture.md).
 
 A job takes ``progress: ProgressCallback | None`` and ``cancel: CancelToken | None``; it calls
 ``progress(done, total, message)`` and ``cancel.check()`` between units of work. Front ends turn

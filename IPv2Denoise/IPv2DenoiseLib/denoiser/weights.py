@@ -1,4 +1,4 @@
-"""Model weights as ``safetensors`` plus a JSON model card; never pickle (DESIGN.md §3).
+"""Model weights as ``safetensors`` plus a JSON model card; never pickle (docs/architecture.md).
 
 ``unet_ipv2.safetensors`` holds the tensors (and, in its header metadata, the architecture and
 constructor kwargs, so the file alone can rebuild the network); ``unet_ipv2.json`` next to it is

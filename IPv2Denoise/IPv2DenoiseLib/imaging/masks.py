@@ -695,7 +695,7 @@ def lung_parenchyma_mask(
     Lung voxels at least one pixel away from anything brighter than ``vessel_hu`` (in-plane
     smoothed by ``smooth_px`` so 2 %-dose noise does not count as vessel), eroded by
     ``erosion_radius`` px in-plane. The std of HU inside the whole lung mask is dominated by vessels (about 190 HU on a
-    chest), so lung *noise* must be measured here instead (DESIGN.md §6: homogeneous ROIs).
+    chest), so lung *noise* must be measured here instead (docs/results.md, metrics: homogeneous ROIs).
 
     Returns
     -------

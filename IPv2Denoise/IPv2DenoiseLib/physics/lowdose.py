@@ -1,4 +1,4 @@
-"""Add noise: physically based low-dose CT simulation in HU (IPv2's *Sim(N)*, DESIGN.md §1).
+"""Add noise: physically based low-dose CT simulation in HU (IPv2's *Sim(N)*, docs/purification.md).
 
 Two public functions, both HU in → HU out, ``[y, x]`` or ``[z, y, x]``, per axial slice:
 

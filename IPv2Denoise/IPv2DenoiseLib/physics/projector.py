@@ -1,7 +1,7 @@
 """Parallel- and fan-beam CT projector and filtered back-projection via the Fourier-slice theorem.
 
 Why our own: scikit-image's ``radon``/``iradon`` take ~3.5 s per 512² slice at 720 views, the
-fast peers are GPL/non-commercial or CUDA-only (DESIGN.md §5). The Fourier-slice route computes
+fast peers are GPL/non-commercial or CUDA-only (docs/models.md). The Fourier-slice route computes
 every view's 1-D spectrum with one type-2 non-uniform FFT of the image (a polar grid of
 frequencies), the projections with a 1-D inverse FFT, and FBP as the adjoint (type-1 NUFFT) with
 the ramp weight. Two interchangeable NUFFT back ends do the heavy part:

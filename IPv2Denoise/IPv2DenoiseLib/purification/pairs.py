@@ -1,6 +1,6 @@
 """IPv1 / IPv2 image purification: aligned training pairs and test labels from misaligned ULDCT/NDCT.
 
-The table of DESIGN.md §1, in HU, per axial slice. ``U`` = real ULDCT, ``N`` = real NDCT,
+The IPv2 table (docs/purification.md), in HU, per axial slice. ``U`` = real ULDCT, ``N`` = real NDCT,
 ``D`` = dark in U or dark in N (:func:`~IPv2DenoiseLib.imaging.masks.common_dark_mask`), ``B`` = the part of
 ``D`` connected to the image border (outside air), ``L = D & ~B`` (lungs, airways, enclosed air).
 

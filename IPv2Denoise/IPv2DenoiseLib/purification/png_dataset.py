@@ -7,7 +7,7 @@ and the results go back through the same window to ``OUT/{split}/lq_bar/*.png`` 
 ``OUT/{split}/gt_bar/*.png`` (test label), single-channel uint8, rounded and clipped. The training
 label is the untouched ``gt`` slice, so it is not written again.
 
-The authors' PNG window is unknown (reference/ipv2-method.md §2); pick the one the PNGs were made
+The authors' PNG window is unknown (docs/purification.md); pick the one the PNGs were made
 with. Grey levels saturated by that window (e.g. air below ``L - W/2``) are clipped HU, so Otsu and
 the dose simulation see clipped values — a limit of working from PNGs rather than DICOM.
 """

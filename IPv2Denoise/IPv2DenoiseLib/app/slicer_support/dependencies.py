@@ -1,6 +1,6 @@
 """Python packages the denoiser subprocess needs, installed lazily (at Apply) and only with consent.
 
-Rules (DESIGN.md §4, reference/slicer-conventions.md §2.5):
+Rules (docs/slicer-module.md, installing dependencies):
 
 - torch through the PyTorch extension (``PyTorchUtils``) when it is installed, which picks the
   CUDA build matching the driver; otherwise ``pip install torch`` after the user agreed;

@@ -27,7 +27,7 @@ class REDCNN(Denoiser2p5D):
     H, W >= ``5 * (kernel_size - 1) + 1`` works and the output has the input's size. The last
     shortcut adds the centre slice, i.e. output = centre − noise; no final ReLU (our network
     units can be negative near air). 96 channels, 1 slice: 1,848,865 parameters, 3.5 MFLOP per
-    pixel — GPU only for whole volumes (DESIGN.md §5).
+    pixel — GPU only for whole volumes (docs/models.md).
 
     References
     ----------

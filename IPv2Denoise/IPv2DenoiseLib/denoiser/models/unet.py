@@ -61,7 +61,7 @@ class UNet(Denoiser2p5D):
     Output = centre slice − predicted noise (residual learning, Zhang 2017). The defaults
     (3 slices, 16 channels, 3 levels) give 117,041 parameters and about 49 kFLOP per output
     pixel — cheap enough to denoise a 300-slice chest on 2 CPU cores in a few minutes
-    (DESIGN.md §5). See ``docs/models.md``.
+    (docs/models.md). See ``docs/models.md``.
 
     References
     ----------

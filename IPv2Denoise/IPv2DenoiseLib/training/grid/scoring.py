@@ -1,6 +1,6 @@
 """Scores of one output against a reference per region, their summary over seeds, the paper's claims.
 
-Metric definitions: DESIGN.md §6.
+Metric definitions: docs/results.md, metrics.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def score(
     output: np.ndarray, reference: np.ndarray, masks: dict[str, np.ndarray], spacing
 ) -> dict[str, float]:
     """Per-region PSNR, SSIM, noise (SD of output − reference), bias, plus NPS mean frequency and
-    the LAA-950 error of ``output`` against ``reference`` (metric definitions: DESIGN.md §6)."""
+    the LAA-950 error of ``output`` against ``reference`` (metric definitions: docs/results.md, metrics)."""
     diff = output.astype(np.float64) - reference
     m: dict[str, float] = {}
     for region in REGIONS:
