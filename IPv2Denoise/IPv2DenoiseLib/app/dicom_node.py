@@ -15,15 +15,15 @@ answer is 0xA700 "Out of Resources" and the refusal is remembered (in memory and
 ``quiet_seconds``: if one of its instances was refused and not sent again it moves to
 ``failed/`` (never forwarded partial), else it is renamed to ``ready/`` and queued. Before
 denoising, every acknowledged instance must be present (files nobody acknowledged, left by a
-kill during a transfer, are dropped). At most ``jobs`` series are denoised at a time (one model,
-loaded once); each becomes a derived series (``io.dicom_export``) in ``work/`` that is C-STOREd to
-the forward node (``io.dicom_net``). After the send the job leaves ``ready/`` by one rename (the
+kill during a transfer, are dropped). At most ``jobs`` series are denoised at a time, each by the
+one :class:`~IPv2DenoiseLib.app.pipeline.DenoisePipeline` (one model, loaded once; read, check,
+denoise, warn, export as ``denoise --dicom`` does); each becomes a derived series in ``work/``
+that is C-STOREd to the forward node (``io.dicom_net``). After the send the job leaves ``ready/`` by one rename (the
 "sent" mark) before anything is deleted, so a kill at any step never re-denoises a sent series
 (which would give a second derived series) nor sends half of one. A series that fails
 (unreadable, mixed patients, refused by the forward node) moves to ``failed/`` with a
-``reason.txt``. The training-range and truncated-field-of-view warnings (worded by
-``denoiser.applicability`` and ``imaging.masks``) go to the log and into the derived series'
-DerivationDescription.
+``reason.txt``. The pipeline's warnings (training range, truncated field of view, the reader's),
+worded as ``denoise`` prints them, go to the log and into the derived series' DerivationDescription.
 """
 
 from __future__ import annotations
@@ -39,11 +39,10 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.uid import (
@@ -64,14 +63,13 @@ from pydicom.uid import (
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
+from IPv2DenoiseLib.app.pipeline import DenoisePipeline
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.volume import Volume
-from IPv2DenoiseLib.denoiser.applicability import applicability_warning
 from IPv2DenoiseLib.imaging.masks import soft_tissue_mask
 from IPv2DenoiseLib.imaging.noise_estimate import estimate_noise_hu
-from IPv2DenoiseLib.io.dicom_export import DerivedSeriesOptions, export_derived_series
+from IPv2DenoiseLib.io.dicom_export import DerivedSeriesOptions
 from IPv2DenoiseLib.io.dicom_net import DestinationUnavailable, DicomNode, check_aet, echo, send_instances
-from IPv2DenoiseLib.io.volumes import read_volume
 
 __all__ = [
     "ACCEPTED_TRANSFER_SYNTAXES",
@@ -169,6 +167,7 @@ class NodeConfig:
     jobs: int = 1
     timeout: float = 30.0
     retries: int = 3
+    #: series number and description of the derived series (model and warnings come from the pipeline)
     options: DerivedSeriesOptions = field(default_factory=DerivedSeriesOptions)
     stop_grace_seconds: float = 30.0
     #: first wait before re-sending to an unavailable forward destination (doubles, at most 10 min)
@@ -179,8 +178,6 @@ class NodeConfig:
     allow_hosts: HostAllowList = field(default_factory=HostAllowList)
     #: largest instance accepted (encoded bytes); larger ones are refused with 0xA700
     max_instance_bytes: int = 512 * 2**20
-    #: the model card, for the training-range warning (``denoiser.applicability``)
-    model_card: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -283,14 +280,15 @@ class DenoisingNode:
     Parameters
     ----------
     config : NodeConfig
-    denoise : callable(Volume) -> Volume
-        The loaded model's denoising (called from up to ``config.jobs`` threads at once); the
-        result's ``meta["warnings"]`` are logged and written into the derived series.
+    pipeline : DenoisePipeline
+        Reads, denoises and exports each series (from up to ``config.jobs`` threads at once; load
+        its model first with ``pipeline.denoiser()``); its warnings are logged and written into the
+        derived series.
     """
 
-    def __init__(self, config: NodeConfig, denoise: Callable[[Volume], Volume]) -> None:
+    def __init__(self, config: NodeConfig, pipeline: DenoisePipeline) -> None:
         self.config = config
-        self.denoise = denoise
+        self.pipeline = pipeline
         self.aet = check_aet(config.aet, "--aet")
         self.allow_aets = tuple(check_aet(a, "--allow-aet") for a in config.allow_aets)
         self.dirs = {name: config.spool / name for name in ("incoming", "ready", "work", "failed", "tmp")}
@@ -578,26 +576,19 @@ class DenoisingNode:
         if out.is_dir() and facts_file.exists():  # an earlier attempt denoised it; only sending failed
             return json.loads(facts_file.read_text())
         self._check_complete(job)
-        volume = read_volume(job)
+        volume = self.pipeline.read(job)
         t0 = time.monotonic()
-        result = self.denoise(volume)
+        outcome = self.pipeline.denoise(volume)
         denoise_s = time.monotonic() - t0
-        warnings = [applicability_warning(volume, self.config.model_card)]
-        warnings = [w for w in warnings + list(result.meta.get("warnings", [])) if w]
-        before, after = series_noise(volume, result)
+        before, after = series_noise(volume, outcome.denoised)
         shutil.rmtree(out, ignore_errors=True)
-        files = export_derived_series(
-            result,
-            out,
-            source_files=volume.meta["dicom_files"],
-            options=replace(self.config.options, warnings=tuple(warnings)),
-        )
+        files = self.pipeline.export_dicom(outcome, out, series_options=self.config.options)
         facts = {
             "slices": len(files),
             "denoise_seconds": denoise_s,
             "noise_before_hu": before,
             "noise_after_hu": after,
-            "warnings": warnings,
+            "warnings": outcome.warnings,
         }
         staged = job / f"{FACTS}.tmp"
         staged.write_text(json.dumps(facts))

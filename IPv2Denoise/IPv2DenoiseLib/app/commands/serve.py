@@ -11,13 +11,12 @@ from pathlib import Path
 
 from IPv2DenoiseLib.app.arguments import (
     add_model_arguments,
-    load_denoiser,
     non_negative_int,
     positive_float,
     positive_seconds,
 )
 from IPv2DenoiseLib.app.pipeline import DenoiseOptions
-from IPv2DenoiseLib.core.device import describe_device, resolve_device
+from IPv2DenoiseLib.core.device import describe_device
 from IPv2DenoiseLib.core.errors import UserError
 
 NAME = "serve"
@@ -112,6 +111,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     # lazy: torch (through the Denoiser), pydicom and pynetdicom load here, not at every CLI start-up
     from IPv2DenoiseLib.app.dicom_node import DenoisingNode, HostAllowList, NodeConfig
+    from IPv2DenoiseLib.app.pipeline import DenoisePipeline
     from IPv2DenoiseLib.io.dicom_export import DerivedSeriesOptions
     from IPv2DenoiseLib.io.dicom_net import check_aet, parse_node
 
@@ -138,9 +138,10 @@ def run(args: argparse.Namespace) -> int:
     spool = Path(args.spool)
     if spool.exists() and not spool.is_dir():
         raise UserError(f"--spool {spool}: exists and is not a folder")
-    device = resolve_device(args.device)
-    denoiser = load_denoiser(args)
-    provenance = DenoiseOptions.from_args(args).reference().provenance(denoiser.card)
+    pipeline = DenoisePipeline(DenoiseOptions.from_args(args))
+    device = pipeline.device  # "--device cuda" without a GPU fails before the model loads
+    denoiser = pipeline.denoiser()  # loaded once, before the job threads share it
+    provenance = pipeline.reference.provenance(denoiser.card)
     logging.getLogger("ipv2denoise.node").info(
         "model %s (sha256 %s) on %s", denoiser.name, provenance.sha256, describe_device(device)
     )
@@ -155,17 +156,12 @@ def run(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         retries=args.retries,
         retry_seconds=args.retry_seconds,
-        options=DerivedSeriesOptions(model=provenance),
+        options=DerivedSeriesOptions(),
         allow_aets=allow_aets,
         allow_hosts=allow_hosts,
         max_instance_bytes=int(args.max_instance_mb * 2**20),
-        model_card=denoiser.card,
     )
-
-    def denoise(volume):
-        return denoiser.denoise(volume, device=device, remove_background=args.remove_background)
-
-    node = DenoisingNode(config, denoise)
+    node = DenoisingNode(config, pipeline)
     for sig in (signal.SIGTERM, signal.SIGINT):  # before start: a stop while it starts is a clean stop too
         signal.signal(sig, lambda *_: node.request_stop())
     node.start()
