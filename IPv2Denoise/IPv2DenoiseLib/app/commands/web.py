@@ -1,0 +1,135 @@
+"""``ipv2-denoise web [INPUT]``: the denoising panel in a browser, on Slicer's own views (the [web] extra)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from IPv2DenoiseLib.app.arguments import add_device_argument
+from IPv2DenoiseLib.app.web.data_root import DataRoot
+from IPv2DenoiseLib.core.errors import UserError
+
+NAME = "web"
+HELP = (
+    "Serve the denoising panel to a browser: open a scan from --data-root, denoise with progress and "
+    "Cancel, compare original, denoised and difference on linked Slicer views, read the ROI metrics, "
+    "export the derived DICOM series (into the data root or to --pacs)."
+)
+#: Environment variable holding the access token (not visible in the process list, unlike --token).
+TOKEN_ENV = "IPV2_DENOISE_WEB_TOKEN"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "input", nargs="?", default=None, help="a CT volume or DICOM folder inside --data-root to open first"
+    )
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default: %(default)s, this machine only; see docs/web.md before 0.0.0.0)",
+    )
+    parser.add_argument(
+        "--port", type=int, default=8080, help="TCP port (default: %(default)s; 0: any free one)"
+    )
+    parser.add_argument(
+        "--data-root",
+        default=".",
+        metavar="DIR",
+        help="the only folder the page may open scans from and export into (default: the current folder)",
+    )
+    parser.add_argument(
+        "--token",
+        default=None,
+        help=f"access token the page must carry (URL ...?secret=TOKEN); better set {TOKEN_ENV}, "
+        "which other users cannot read in the process list",
+    )
+    parser.add_argument(
+        "--pacs",
+        default=None,
+        metavar="HOST:PORT:AET|URL",
+        help="a PACS the page may send the derived series to (C-STORE, or STOW-RS to a DICOMweb URL)",
+    )
+    parser.add_argument("--calling-aet", metavar="AET", help="our AE title, as the PACS knows it")
+    parser.add_argument(
+        "--weights", default=None, help="a .safetensors model offered besides the shipped ones (listed first)"
+    )
+    add_device_argument(parser)
+
+
+def configure_rendering() -> None:
+    """Offscreen rendering through Mesa EGL where there is no display.
+
+    VTK tries X first when ``VTK_DEFAULT_OPENGL_WINDOW`` is unset and crashes when it is set but
+    empty; so without ``DISPLAY`` it becomes ``vtkEGLRenderWindow`` before VTK is imported. A
+    non-empty value the user set is kept.
+    """
+    if not os.environ.get("VTK_DEFAULT_OPENGL_WINDOW") and not os.environ.get("DISPLAY"):
+        os.environ["VTK_DEFAULT_OPENGL_WINDOW"] = "vtkEGLRenderWindow"
+
+
+@contextlib.contextmanager
+def trame_argv(token: str | None) -> Iterator[None]:
+    """trame reads its options from ``sys.argv``: give it only ours (the token), not the CLI's."""
+    saved = sys.argv
+    sys.argv = [saved[0], *(["--authKey", token] if token else [])]
+    try:
+        yield
+    finally:
+        sys.argv = saved
+
+
+def run(args: argparse.Namespace) -> int:
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port {args.port}: expected 0..65535")
+    root = DataRoot(args.data_root)
+    if args.input:
+        start = Path(args.input)
+        start = start if not start.is_absolute() else Path(os.path.relpath(start.resolve(), root.root))
+        root.input(str(start))  # refused here, before the server starts, when outside --data-root
+    if args.weights and not Path(args.weights).is_file():
+        raise UserError(f"--weights {args.weights} does not exist")
+    pacs = None
+    if args.pacs:
+        from IPv2DenoiseLib.io.dicom_net import parse_destination  # lazy: pynetdicom
+
+        pacs = parse_destination(args.pacs)
+    token = args.token or os.environ.get(TOKEN_ENV) or None
+
+    configure_rendering()
+    try:  # lazy: trame, slicer and VTK are the optional [web] extra
+        from IPv2DenoiseLib.app.web.server import DenoiseWebApp, WebConfig, available_models
+    except ImportError as exc:
+        raise UserError(
+            f"the web app needs the [web] extra ({exc.name or exc}): pip install 'ipv2-denoise[web]'"
+        ) from None
+
+    config = WebConfig(
+        data_root=root.root,
+        input=str(start) if args.input else None,
+        device=args.device,
+        weights=args.weights,
+        pacs=pacs,
+        pacs_text=args.pacs or "",
+        calling_aet=args.calling_aet,
+        models=available_models(args.weights),
+    )
+    app = DenoiseWebApp(config)
+
+    def announce(**_) -> None:
+        url = f"http://{args.host}:{app.server.port}/"
+        if args.token:
+            url += f"?secret={args.token}"
+        elif token:
+            url += f"?secret=<{TOKEN_ENV}>"
+        print(f"ipv2-denoise web: serving {url} (data root {root.root})", flush=True)
+
+    app.ctrl.on_server_ready.add(announce)
+    with trame_argv(token):
+        app.server.start(
+            host=args.host, port=args.port, open_browser=False, show_connection_info=False, timeout=0
+        )
+    return 0

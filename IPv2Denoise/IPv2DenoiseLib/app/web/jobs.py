@@ -1,0 +1,295 @@
+"""One job at a time per web server: read, denoise or export in a background thread, with progress,
+ETA, warnings and Cancel.
+
+The work itself is :class:`~IPv2DenoiseLib.app.pipeline.DenoisePipeline` (the same read, checks,
+model, warnings and derived-series export as ``denoise``) and
+:func:`~IPv2DenoiseLib.imaging.metrics.scan_comparison_table` (the numbers of ``demo`` and the
+Slicer module). :class:`JobRunner` only schedules it: the page polls :meth:`JobRunner.snapshot`,
+so any number of browsers can watch one job without touching it, and a second start while one
+runs is refused with a "busy" message.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from IPv2DenoiseLib.app.pipeline import DenoiseOptions, DenoiseOutcome, DenoisePipeline, WarningSink
+from IPv2DenoiseLib.core.errors import UserError
+from IPv2DenoiseLib.core.progress import Cancelled, CancelToken, EtaEstimator, ProgressCallback
+from IPv2DenoiseLib.core.volume import Volume
+from IPv2DenoiseLib.imaging.metrics_table import MetricsTable
+
+log = logging.getLogger(__name__)
+
+#: What a job runs: ``work(progress, warn, cancel)`` returns its result or raises.
+Work = Callable[[ProgressCallback, WarningSink, CancelToken], Any]
+
+IDLE, RUNNING, DONE, FAILED, CANCELLED = "idle", "running", "done", "failed", "cancelled"
+
+
+@dataclass(frozen=True)
+class JobSnapshot:
+    """What the page shows about the current (or last) job."""
+
+    serial: int = 0
+    kind: str = ""
+    state: str = IDLE
+    fraction: float = 0.0
+    eta_s: float | None = None
+    message: str = ""
+    warnings: tuple[str, ...] = ()
+    error: str = ""
+    seconds: float = 0.0
+
+    @property
+    def busy(self) -> bool:
+        return self.state == RUNNING
+
+
+@dataclass
+class _Job:
+    serial: int
+    kind: str
+    cancel: CancelToken = field(default_factory=CancelToken)
+    eta: EtaEstimator = field(default_factory=EtaEstimator)
+    started: float = field(default_factory=time.monotonic)
+    state: str = RUNNING
+    fraction: float = 0.0
+    eta_s: float | None = None
+    message: str = ""
+    warnings: list[str] = field(default_factory=list)
+    error: str = ""
+    seconds: float = 0.0
+    result: Any = None
+
+
+class JobRunner:
+    """Runs at most one :data:`Work` at a time in a daemon thread; thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._job: _Job | None = None
+        self._thread: threading.Thread | None = None
+        self._serial = 0
+
+    def start(self, kind: str, work: Work) -> int:
+        """Start ``work``; returns its serial number.
+
+        Raises
+        ------
+        UserError
+            A job is already running (the server is busy).
+        """
+        with self._lock:
+            if self._job is not None and self._job.state == RUNNING:
+                raise UserError(f"busy: a {self._job.kind} job is running; wait for it or cancel it")
+            self._serial += 1
+            job = _Job(self._serial, kind, message=f"{kind}: starting")
+            self._job = job
+            self._thread = threading.Thread(
+                target=self._run, args=(job, work), name=f"ipv2-web-{kind}-{job.serial}", daemon=True
+            )
+            self._thread.start()
+            return job.serial
+
+    def _run(self, job: _Job, work: Work) -> None:
+        def progress(done: int, total: int, message: str = "") -> None:
+            job.cancel.check()  # also stops steps that take no token (the DICOM writer)
+            with self._lock:
+                job.fraction = min(1.0, done / total) if total else 0.0
+                job.eta_s = job.eta.eta(done, total)
+                if message:
+                    job.message = message
+
+        def warn(message: str) -> None:
+            with self._lock:
+                if message not in job.warnings:
+                    job.warnings.append(message)
+
+        try:
+            result = work(progress, warn, job.cancel)
+        except Cancelled:
+            state, error, result = CANCELLED, "", None
+        except UserError as exc:
+            state, error, result = FAILED, str(exc), None
+        except Exception as exc:  # a bug must reach the page (and the log), not kill the thread silently
+            log.exception("%s job failed", job.kind)
+            state, error, result = FAILED, f"{type(exc).__name__}: {exc}", None
+        else:
+            state, error = DONE, ""
+        with self._lock:
+            job.state, job.error, job.result = state, error, result
+            job.seconds = time.monotonic() - job.started
+            job.eta_s = None
+            if state == DONE:
+                job.fraction = 1.0
+            job.message = {DONE: f"{job.kind}: done", CANCELLED: f"{job.kind}: cancelled"}.get(
+                state, f"{job.kind}: failed"
+            )
+
+    def cancel(self) -> bool:
+        """Ask the running job to stop at its next check; False when none runs."""
+        with self._lock:
+            if self._job is None or self._job.state != RUNNING:
+                return False
+            self._job.cancel.cancel()
+            self._job.message = f"{self._job.kind}: cancelling"
+            return True
+
+    def snapshot(self) -> JobSnapshot:
+        """The current or last job, as the page shows it."""
+        with self._lock:
+            job = self._job
+            if job is None:
+                return JobSnapshot()
+            seconds = job.seconds if job.state != RUNNING else time.monotonic() - job.started
+            return JobSnapshot(
+                job.serial,
+                job.kind,
+                job.state,
+                job.fraction,
+                job.eta_s,
+                job.message,
+                tuple(job.warnings),
+                job.error,
+                seconds,
+            )
+
+    def result(self, serial: int) -> Any:
+        """The result of finished job ``serial`` (None when it failed, was cancelled or is not the last)."""
+        with self._lock:
+            job = self._job
+            return job.result if job is not None and job.serial == serial and job.state == DONE else None
+
+    def wait(self, timeout: float | None = None) -> JobSnapshot:
+        """Block until the current job ends (scripts and tests)."""
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+        return self.snapshot()
+
+
+# ----------------------------------------------------------------------------------- the work
+
+
+@dataclass
+class DenoiseResult:
+    """A denoised scan and its ROI metrics table (the same numbers as ``demo``)."""
+
+    outcome: DenoiseOutcome
+    table: MetricsTable
+
+
+@dataclass
+class ExportResult:
+    """A derived DICOM series written into the data root, and what the PACS said (if sent)."""
+
+    folder: Path
+    files: list[Path]
+    sent: str = ""
+
+
+def read_work(source: Path) -> Work:
+    """Read a volume file or DICOM series with every input check of the CLI."""
+
+    def work(progress: ProgressCallback, warn: WarningSink, cancel: CancelToken) -> Volume:
+        volume = DenoisePipeline(progress=progress, warn=warn, cancel=cancel).read(source)
+        for message in volume.meta.get("warnings", []):
+            warn(message)
+        return volume
+
+    return work
+
+
+def denoise_work(volume: Volume, options: DenoiseOptions) -> Work:
+    """Denoise ``volume`` through the pipeline, then the ROI metrics table of ``demo``."""
+
+    def work(progress: ProgressCallback, warn: WarningSink, cancel: CancelToken) -> DenoiseResult:
+        from IPv2DenoiseLib.imaging.metrics import scan_comparison_table  # lazy: scikit-image
+
+        outcome = DenoisePipeline(options, progress=progress, warn=warn, cancel=cancel).denoise(volume)
+        cancel.check()
+        table = scan_comparison_table(
+            outcome.source.array, outcome.denoised.array, spacing=outcome.source.spacing
+        )
+        return DenoiseResult(outcome, table)
+
+    return work
+
+
+def export_work(
+    result: DenoiseResult,
+    folder: Path,
+    *,
+    options: DenoiseOptions,
+    pacs: Any = None,
+    calling_aet: str | None = None,
+) -> Work:
+    """Write the derived DICOM series into ``folder`` (atomically), then send it to ``pacs`` if given."""
+
+    def work(progress: ProgressCallback, warn: WarningSink, cancel: CancelToken) -> ExportResult:
+        pipeline = DenoisePipeline(options, progress=progress, warn=warn, cancel=cancel)
+        files = pipeline.export_dicom(result.outcome, folder)
+        sent = ""
+        if pacs is not None:
+            from IPv2DenoiseLib.io.dicom_net import DEFAULT_CALLING_AET, send  # lazy: pynetdicom
+
+            report = send(files, pacs, calling_aet=calling_aet or DEFAULT_CALLING_AET, progress=progress)
+            report.raise_for_failures()
+            sent = report.summary()
+        return ExportResult(folder, files, sent)
+
+    return work
+
+
+def table_cells(table: MetricsTable) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the table as ``demo``'s metrics.md shows them (the same rounding)."""
+    lines = [line for line in table.to_markdown().splitlines() if line.startswith("|")]
+    header, *rows = [
+        [cell.strip().replace("\\|", "|") for cell in line.strip().strip("|").split(" | ")]
+        for line in lines
+        if not line.startswith("|---")
+    ]
+    return header, rows
+
+
+def format_eta(seconds: float | None) -> str:
+    """``1 min 05 s left`` / ``12 s left`` / empty when unknown."""
+    if seconds is None:
+        return ""
+    seconds = int(round(seconds))
+    return f"{seconds // 60} min {seconds % 60:02d} s left" if seconds >= 60 else f"{seconds} s left"
+
+
+def warnings_of(snapshots: Sequence[JobSnapshot]) -> list[str]:
+    """Every distinct warning of these jobs, in order."""
+    seen: list[str] = []
+    for snap in snapshots:
+        seen.extend(w for w in snap.warnings if w not in seen)
+    return seen
+
+
+__all__ = [
+    "CANCELLED",
+    "DONE",
+    "FAILED",
+    "IDLE",
+    "RUNNING",
+    "DenoiseResult",
+    "ExportResult",
+    "JobRunner",
+    "JobSnapshot",
+    "Work",
+    "denoise_work",
+    "export_work",
+    "format_eta",
+    "read_work",
+    "table_cells",
+    "warnings_of",
+]

@@ -1,0 +1,500 @@
+"""The trame app of ``ipv2-denoise web``: Slicer's MRML scene and slice views (trame-slicer), the panel.
+
+Three linked axial views (original, denoised, difference) render offscreen (Mesa EGL without a
+display) and stream to every browser attached; the controls beside them mirror the Slicer panel.
+All work goes through :class:`~IPv2DenoiseLib.app.web.jobs.JobRunner` (one job per server); the
+MRML nodes come from :mod:`IPv2DenoiseLib.app.slicer_support`, the same code the Slicer module uses.
+The server's state is shared by every browser, so a second browser sees the running job, its
+progress and result, and cannot start another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from slicer import vtkMRMLScalarVolumeNode
+from trame.app import TrameApp
+from trame.widgets import html
+from trame_server import Server
+from trame_slicer.app.logic import connect_slice_view_slider_to_state
+from trame_slicer.app.ui import Slider
+from trame_slicer.core import LayoutManager, SlicerApp
+from trame_slicer.rca_view import register_rca_factories
+from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition
+from trame_vuetify.ui.vuetify3 import SinglePageWithDrawerLayout
+from trame_vuetify.widgets import vuetify3 as v3
+
+from IPv2DenoiseLib.app.pipeline import DenoiseOptions
+from IPv2DenoiseLib.app.slicer_support.scene import add_volume_node, update_node_from_volume
+from IPv2DenoiseLib.app.slicer_support.views import (
+    WINDOW_PRESETS,
+    composite_node,
+    difference_node,
+    set_window_level,
+)
+from IPv2DenoiseLib.app.web.data_root import DataRoot
+from IPv2DenoiseLib.app.web.jobs import (
+    DONE,
+    DenoiseResult,
+    ExportResult,
+    JobRunner,
+    JobSnapshot,
+    denoise_work,
+    export_work,
+    format_eta,
+    read_work,
+    table_cells,
+)
+from IPv2DenoiseLib.core.errors import UserError
+from IPv2DenoiseLib.core.volume import Volume
+from IPv2DenoiseLib.denoiser.ensemble import ENSEMBLE_SIZES
+from IPv2DenoiseLib.denoiser.model_reference import ModelCatalogue
+
+log = logging.getLogger(__name__)
+
+#: (view name in the MRML scene, title shown on it, colour of its bar).
+VIEWS = (
+    ("Red", "Original", "#F34A33"),
+    ("Yellow", "Denoised", "#EFD64D"),
+    ("Green", "Difference", "#6DAD4A"),
+)
+#: Seconds between two looks at the running job.
+POLL_S = 0.2
+LAYOUT_ID = "IPv2 comparison"
+
+
+@dataclass
+class WebConfig:
+    """What ``ipv2-denoise web`` was started with."""
+
+    data_root: Path
+    input: str | None = None
+    device: str = "auto"
+    #: A weights file offered besides the shipped models (``--weights``).
+    weights: str | None = None
+    #: A parsed ``--pacs`` destination (DicomNode or DICOMweb URL), or None.
+    pacs: Any = None
+    pacs_text: str = ""
+    calling_aet: str | None = None
+    models: list[str] = field(default_factory=list)
+
+
+class DenoiseWebApp(TrameApp):
+    """The page and its server-side logic; one instance per server process."""
+
+    def __init__(self, config: WebConfig, server: Server | None = None) -> None:
+        super().__init__(server=server, client_type="vue3")
+        self.config = config
+        self.data_root = DataRoot(config.data_root)
+        self.runner = JobRunner()
+        self.handled_serial = 0
+        self.fitted_sizes: dict[str, tuple[int, int]] = {}
+        self.source_path: Path | None = None
+        self.source: Volume | None = None
+        self.result: DenoiseResult | None = None
+        self.options: DenoiseOptions | None = None
+        self.nodes: dict[str, vtkMRMLScalarVolumeNode | None] = {"Red": None, "Yellow": None, "Green": None}
+
+        self.slicer = SlicerApp()
+        register_rca_factories(self.slicer.view_manager, self.server, slice_view_ui_f=self._slice_view_ui)
+        self.layout_manager = LayoutManager(self.slicer.scene, self.slicer.view_manager, self.server)
+        self.layout_manager.register_layout(
+            LAYOUT_ID,
+            Layout(
+                LayoutDirection.Horizontal,
+                [
+                    ViewLayoutDefinition.slice_view("Axial", label=name, color=color)
+                    for name, _, color in VIEWS
+                ],
+            ),
+        )
+        self.layout_manager.set_layout(LAYOUT_ID)
+        for name, _, _ in VIEWS:  # linked: slice, pan and zoom follow in all three views
+            composite = composite_node(name, scene=self.slicer.scene)
+            composite.SetLinkedControl(True)
+            composite.SetHotLinkedControl(True)
+
+        self._init_state()
+        self._build_ui()
+        self.ctrl.on_server_ready.add(self._on_server_ready)
+        if config.input:
+            self.state.input_path = config.input
+            self.open_input()
+
+    # ------------------------------------------------------------------------------ state, UI
+
+    def _init_state(self) -> None:
+        s = self.state
+        s.inputs = self.data_root.inputs()
+        s.input_path = ""
+        s.loaded_name = ""
+        s.models = self.config.models
+        s.model = self.config.models[0] if self.config.models else ""
+        s.remove_background = True
+        s.ensembles = list(ENSEMBLE_SIZES)
+        s.ensemble = 1
+        s.adapt = False
+        s.preset = "Lung"
+        s.presets = list(WINDOW_PRESETS)
+        s.job_busy = False
+        s.job_kind = ""
+        s.job_state = "idle"
+        s.job_percent = 0
+        s.job_message = ""
+        s.job_eta = ""
+        s.error = ""
+        s.warnings = []
+        s.has_result = False
+        s.metrics_header = []
+        s.metrics_rows = []
+        s.export_folder = "ipv2-denoised"
+        s.export_message = ""
+        s.pacs = self.config.pacs_text
+        s.send_to_pacs = False
+
+    def _slice_view_ui(self, server: Server, view_id: str, view) -> None:
+        """A slice view's overlay: its title (Original / Denoised / Difference) and its slice slider."""
+        title = {name: title for name, title, _ in VIEWS}.get(view.get_singleton_tag(), view_id)
+        html.Div(
+            title,
+            classes="view-title text-white text-subtitle-2 px-2",
+            style="position:absolute;top:4px;right:8px;background:rgba(0,0,0,.55);pointer-events:none;",
+            id=f"title-{title.lower()}",
+        )
+        with html.Div(
+            style="position:absolute;bottom:0;left:0;width:100%;background-color:transparent;",
+            id=f"slider-{title.lower()}",
+        ):
+            Slider(
+                typed_state=connect_slice_view_slider_to_state(server, view),
+                classes="slice-slider",
+                theme="dark",
+                dense=True,
+            )
+
+    def _build_ui(self) -> None:
+        with SinglePageWithDrawerLayout(self.server, full_height=True) as layout:
+            layout.title.set_text("IPv2 Denoise")
+            layout.icon.hide()
+            with layout.toolbar:
+                v3.VSpacer()
+                v3.VChip(
+                    "{{ job_busy ? 'busy: ' + job_kind : 'ready' }}",
+                    id="busy-chip",
+                    color=("job_busy ? 'orange' : 'green'",),
+                    classes="mr-4",
+                )
+            with layout.drawer as drawer:
+                drawer.width = 380
+                self._controls()
+            with layout.content:
+                with html.Div(classes="d-flex flex-column", style="height: calc(100vh - 64px);"):
+                    # the views keep their size whatever appears above or below them (a fitted
+                    # slice stays fitted)
+                    with html.Div(
+                        v_if="warnings.length",
+                        classes="pa-1",
+                        id="warnings",
+                        style="flex: 0 0 auto; max-height: 12vh; overflow: auto;",
+                    ):
+                        v3.VAlert(
+                            "{{ w }}",
+                            v_for="(w, i) in warnings",
+                            key="i",
+                            type="warning",
+                            density="compact",
+                            classes="mb-1 warning-line",
+                        )
+                    with html.Div(style="flex: 0 0 58vh; position: relative;", id="views"):
+                        self.layout_manager.initialize_layout_grid(layout)
+                    with html.Div(style="flex: 1 1 0; overflow: auto;", classes="pa-2"):
+                        self._metrics_table()
+
+    def _controls(self) -> None:
+        with html.Div(classes="pa-3 d-flex flex-column ga-2"):
+            v3.VCombobox(
+                v_model=("input_path",),
+                items=("inputs",),
+                label="CT volume or DICOM folder (inside the data root)",
+                id="input-path",
+                density="compact",
+                hide_details=True,
+            )
+            v3.VBtn(
+                "Open",
+                id="open-btn",
+                click=self.open_input,
+                disabled=("job_busy",),
+                block=True,
+            )
+            html.Div("{{ loaded_name }}", id="loaded-name", classes="text-caption")
+            v3.VAlert("{{ error }}", v_if="error", type="error", density="compact", id="error-message")
+            v3.VDivider()
+            v3.VSelect(v_model=("model",), items=("models",), label="Model", id="model", density="compact")
+            v3.VCheckbox(
+                v_model=("remove_background",),
+                label="Remove background (air outside the body)",
+                density="compact",
+                hide_details=True,
+                id="remove-background",
+            )
+            v3.VSelect(
+                v_model=("ensemble",),
+                items=("ensembles",),
+                label="Ensemble (flipped passes averaged: quality for time)",
+                density="compact",
+                id="ensemble",
+            )
+            v3.VCheckbox(
+                v_model=("adapt",),
+                label="Adapt the model to this scan first (60 s)",
+                density="compact",
+                hide_details=True,
+                id="adapt",
+            )
+            with html.Div(classes="d-flex ga-2"):
+                v3.VBtn(
+                    "Denoise",
+                    id="denoise-btn",
+                    color="primary",
+                    click=self.denoise,
+                    disabled=("job_busy || !loaded_name",),
+                    classes="flex-grow-1",
+                )
+                v3.VBtn("Cancel", id="cancel-btn", click=self.cancel, disabled=("!job_busy",), color="error")
+            v3.VProgressLinear(
+                model_value=("job_percent",),
+                height=18,
+                color=("job_state === 'failed' ? 'error' : 'primary'",),
+                id="progress",
+                children=["{{ job_percent }} %"],
+            )
+            html.Div("{{ job_message }} {{ job_eta }}", id="job-message", classes="text-caption")
+            v3.VDivider()
+            with v3.VBtnToggle(
+                v_model=("preset",), mandatory=True, density="compact", divided=True, id="presets"
+            ):
+                for name in WINDOW_PRESETS:
+                    v3.VBtn(name, value=name, id=f"preset-{name.lower()}")
+            v3.VDivider()
+            v3.VTextField(
+                v_model=("export_folder",),
+                label="Export folder for the derived DICOM series (inside the data root)",
+                density="compact",
+                id="export-folder",
+                hide_details=True,
+            )
+            v3.VCheckbox(
+                v_model=("send_to_pacs",),
+                label=("'Also send to the PACS ' + pacs",),
+                v_if="pacs",
+                density="compact",
+                hide_details=True,
+                id="send-to-pacs",
+            )
+            v3.VBtn(
+                "Export DICOM",
+                id="export-btn",
+                click=self.export,
+                disabled=("job_busy || !has_result",),
+                block=True,
+            )
+            html.Div("{{ export_message }}", id="export-message", classes="text-caption")
+
+    def _metrics_table(self) -> None:
+        with v3.VTable(density="compact", id="metrics", v_if="metrics_rows.length"):
+            with html.Thead(), html.Tr():
+                html.Th("{{ h }}", v_for="(h, i) in metrics_header", key="i")
+            with html.Tbody():
+                with html.Tr(v_for="(row, r) in metrics_rows", key="r"):
+                    html.Td("{{ cell }}", v_for="(cell, c) in row", key="c")
+
+    # ----------------------------------------------------------------------------- actions
+
+    def _refuse(self, exc: UserError) -> None:
+        with self.state:
+            self.state.error = str(exc)
+
+    def open_input(self) -> None:
+        """Read the chosen volume or DICOM series (inside the data root) in the background."""
+        try:
+            path = self.data_root.input(self.state.input_path)
+            self.runner.start("read", read_work(path))
+        except UserError as exc:
+            self._refuse(exc)
+            return
+        self.source_path = path
+        self.state.error = ""
+
+    def denoise(self) -> None:
+        """Denoise the open scan with the page's options in the background."""
+        try:
+            if self.source is None:
+                raise UserError("open a CT volume or DICOM series first")
+            self.options = self._options()
+            self.runner.start("denoise", denoise_work(self.source, self.options))
+        except UserError as exc:
+            self._refuse(exc)
+            return
+        self.state.error = ""
+
+    def _options(self) -> DenoiseOptions:
+        model = str(self.state.model or "")
+        weights = (
+            self.config.weights if self.config.weights and model == Path(self.config.weights).name else None
+        )
+        return DenoiseOptions(
+            model=model if not weights else "default",
+            weights=weights,
+            device=self.config.device,
+            remove_background=bool(self.state.remove_background),
+            ensemble=int(self.state.ensemble),
+            adapt=bool(self.state.adapt),
+        )
+
+    def cancel(self) -> None:
+        self.runner.cancel()
+
+    def export(self) -> None:
+        """Write the derived DICOM series into a new folder inside the data root (and send it)."""
+        try:
+            if self.result is None or self.options is None:
+                raise UserError("denoise a scan first")
+            folder = self.data_root.export_folder(self.state.export_folder, source=self.source_path)
+            pacs = self.config.pacs if self.state.send_to_pacs else None
+            self.runner.start(
+                "export",
+                export_work(
+                    self.result, folder, options=self.options, pacs=pacs, calling_aet=self.config.calling_aet
+                ),
+            )
+        except UserError as exc:
+            self._refuse(exc)
+            return
+        self.state.error = ""
+        self.state.export_message = ""
+
+    # ------------------------------------------------------------------------- job → page
+
+    def _on_server_ready(self, **_: Any) -> None:
+        self.state.change("preset")(self._apply_preset)
+        asyncio.get_event_loop().create_task(self._poll())
+
+    async def _poll(self) -> None:
+        while True:
+            try:
+                self._show(self.runner.snapshot())
+                self._fit_resized_views()
+            except Exception:  # the page must keep updating whatever one look raised
+                log.exception("web: updating the page failed")
+            await asyncio.sleep(POLL_S)
+
+    def _show(self, snap: JobSnapshot) -> None:
+        with self.state:
+            s = self.state
+            s.job_busy = snap.busy
+            s.job_kind = snap.kind
+            s.job_state = snap.state
+            s.job_percent = int(round(100 * snap.fraction))
+            s.job_message = snap.message
+            s.job_eta = format_eta(snap.eta_s)
+            if snap.serial and snap.serial != self.handled_serial and not snap.busy:
+                self.handled_serial = snap.serial
+                self._finished(snap)
+            for w in snap.warnings:
+                if w not in s.warnings:
+                    s.warnings = [*s.warnings, w]
+
+    def _finished(self, snap: JobSnapshot) -> None:
+        s = self.state
+        if snap.error:
+            s.error = snap.error
+        if snap.state != DONE:
+            return
+        result = self.runner.result(snap.serial)
+        if snap.kind == "read":
+            self._show_source(result, list(snap.warnings))
+        elif snap.kind == "denoise":
+            self._show_result(result)
+        elif snap.kind == "export":
+            self._show_export(result)
+
+    def _show_source(self, volume: Volume, warnings: list[str]) -> None:
+        scene = self.slicer.scene
+        for name, node in self.nodes.items():
+            if node is not None:
+                scene.RemoveNode(node)
+            self.nodes[name] = None
+        self.source, self.result = volume, None
+        name = self.source_path.name if self.source_path else "input"
+        self.nodes["Red"] = add_volume_node(volume, name, scene=scene)
+        for view, _, _ in VIEWS:
+            composite = composite_node(view, scene=scene)
+            composite.SetBackgroundVolumeID(self.nodes["Red"].GetID() if view == "Red" else None)
+        self._apply_preset(self.state.preset)
+        s = self.state
+        s.loaded_name = (
+            f"{self.data_root.relative(self.source_path)}: {'x'.join(map(str, volume.shape[::-1]))} voxels"
+        )
+        s.warnings = list(warnings)
+        s.has_result = False
+        s.metrics_header, s.metrics_rows = [], []
+        s.export_message = ""
+        self._fit_views()
+
+    def _show_result(self, result: DenoiseResult) -> None:
+        scene = self.slicer.scene
+        self.result = result
+        original = self.nodes["Red"]
+        denoised = self.nodes["Yellow"]
+        if denoised is None:
+            denoised = add_volume_node(result.outcome.denoised, f"{original.GetName()} denoised", scene=scene)
+            self.nodes["Yellow"] = denoised
+        else:
+            update_node_from_volume(denoised, result.outcome.denoised)
+        self.nodes["Green"] = difference_node(original, denoised, existing=self.nodes["Green"])
+        for view, _, _ in VIEWS:
+            composite_node(view, scene=scene).SetBackgroundVolumeID(self.nodes[view].GetID())
+        self._apply_preset(self.state.preset)
+        s = self.state
+        s.has_result = True
+        s.metrics_header, s.metrics_rows = table_cells(result.table)
+        s.export_message = ""
+        self._fit_views()
+
+    def _show_export(self, result: ExportResult) -> None:
+        where = self.data_root.relative(result.folder)
+        text = f"wrote {len(result.files)} DICOM files into {where}"
+        self.state.export_message = f"{text}; {result.sent}" if result.sent else text
+
+    def _apply_preset(self, preset: str = "Lung", **_: Any) -> None:
+        window, level = WINDOW_PRESETS.get(preset, WINDOW_PRESETS["Lung"])
+        set_window_level([self.nodes["Red"], self.nodes["Yellow"]], window, level)
+
+    def _fit_views(self) -> None:
+        for view in self.slicer.view_manager.get_slice_views():
+            view.fit_view_to_content()
+            self.fitted_sizes[view.get_singleton_tag()] = tuple(view.render_window().GetSize())
+
+    def _fit_resized_views(self) -> None:
+        """Fit the scan again when a browser resized the views (first connection, window resize)."""
+        if self.source is None:
+            return
+        views = self.slicer.view_manager.get_slice_views()
+        if any(
+            self.fitted_sizes.get(v.get_singleton_tag()) != tuple(v.render_window().GetSize()) for v in views
+        ):
+            self._fit_views()
+
+
+def available_models(weights: str | None) -> list[str]:
+    """The shipped model names (default first), plus the file name of ``--weights``."""
+    names = ModelCatalogue.read().names()
+    return [Path(weights).name, *names] if weights else names
+
+
+__all__ = ["VIEWS", "DenoiseWebApp", "WebConfig", "available_models"]
