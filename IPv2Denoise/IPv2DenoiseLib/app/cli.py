@@ -30,6 +30,7 @@ COMMAND_MODULES = (
     "serve",
     "demo",
     "evaluate",
+    "web",
 )
 
 
