@@ -11,7 +11,7 @@ import pytest
 
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.imaging.masks import evaluation_rois
-from IPv2DenoiseLib.training.grid import (
+from IPv2DenoiseLib.training.evaluation import (
     REFERENCES,
     REGIONS,
     EvalConfig,

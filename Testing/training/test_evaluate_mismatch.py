@@ -11,12 +11,12 @@ from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.imaging.masks import evaluation_rois
 from IPv2DenoiseLib.physics.lowdose import simulate_low_dose
 from IPv2DenoiseLib.synthetic.phantom import make_chest_phantom
-from IPv2DenoiseLib.training.grid import (
+from IPv2DenoiseLib.training.evaluation import (
     CANNOT_TELL,
     DOES_NOT_HOLD,
     HOLDS,
-    Case,
     EvalConfig,
+    EvaluationCase,
     check_claims,
     noise_mismatch,
     overall_verdict,
@@ -34,10 +34,10 @@ def anatomy():
     return make_chest_phantom(shape=TINY.shape, spacing=TINY.spacing, seed=11).hu.astype(np.float32)
 
 
-def _case(anatomy, noise: str) -> Case:
+def _case(anatomy, noise: str) -> EvaluationCase:
     config = replace(TINY, noise=noise)
     uldct = scan_uldct(anatomy, seed=5, config=config).astype(np.float32)
-    return Case("t", uldct, anatomy, anatomy, TINY.spacing)
+    return EvaluationCase("t", uldct, anatomy, anatomy, TINY.spacing)
 
 
 def test_matched_uldct_is_the_products_simulator(anatomy):

@@ -16,8 +16,8 @@ from IPv2DenoiseLib.denoiser.infer import Denoiser
 from IPv2DenoiseLib.imaging.masks import evaluation_rois
 from IPv2DenoiseLib.purification.pairs import build_pairs
 from IPv2DenoiseLib.purification.regions import sampling_regions
-from IPv2DenoiseLib.training.grid import make_case, preset
-from IPv2DenoiseLib.training.grid.scoring import TRAINED_MIN_CHANGE, training_check
+from IPv2DenoiseLib.training.evaluation import make_case, preset
+from IPv2DenoiseLib.training.evaluation.scoring import TRAINED_MIN_CHANGE, training_check
 from IPv2DenoiseLib.training.trainer import CasePairs, TrainConfig, train
 
 

@@ -53,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # lazy: the CLI imports every command to build --help; torch & co. load on use
-    from IPv2DenoiseLib.training.grid import (
+    from IPv2DenoiseLib.training.evaluation import (
         claims_markdown,
         markdown_tables,
         mismatch_markdown,

@@ -21,8 +21,8 @@ from IPv2DenoiseLib.imaging.masks import evaluation_rois
 from IPv2DenoiseLib.imaging.metrics import nps_2d, roi_stats, slice_correlation
 from IPv2DenoiseLib.imaging.noise_estimate import estimate_noise_hu
 from IPv2DenoiseLib.physics.lowdose import simulate_low_dose
-from IPv2DenoiseLib.training.grid.cases import Case
-from IPv2DenoiseLib.training.grid.config import EvalConfig
+from IPv2DenoiseLib.training.evaluation.cases import EvaluationCase
+from IPv2DenoiseLib.training.evaluation.config import EvalConfig
 
 #: Regions whose noise SD is reported.
 MISMATCH_REGIONS = ("soft_tissue", "lungs", "background")
@@ -51,7 +51,7 @@ def noise_profile(noisy: np.ndarray, truth: np.ndarray, spacing, masks: dict[str
     return out
 
 
-def noise_mismatch(cases: Sequence[Case], config: EvalConfig, *, seed: int = 4242) -> dict:
+def noise_mismatch(cases: Sequence[EvaluationCase], config: EvalConfig, *, seed: int = 4242) -> dict:
     """Noise of the grid's ULDCT ("real") and of Sim at the same dose ("sim"), averaged over
     ``cases`` (those with a known truth); ``ratio`` = real / sim per scalar figure."""
     profiles: dict[str, list[dict]] = {"real": [], "sim": []}

@@ -13,7 +13,7 @@ import numpy as np
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.imaging.metrics import laa950, nps_2d, psnr, ssim
 from IPv2DenoiseLib.imaging.noise_estimate import estimate_noise_hu
-from IPv2DenoiseLib.training.grid.config import REFERENCES, REGIONS
+from IPv2DenoiseLib.training.evaluation.config import REFERENCES, REGIONS
 
 #: Where each claim metric is measured (regions of :func:`~IPv2DenoiseLib.imaging.masks.evaluation_rois`
 #: on the truth; the reference is the truth unless the row says label).

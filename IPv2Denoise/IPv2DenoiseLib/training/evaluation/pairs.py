@@ -11,12 +11,14 @@ from IPv2DenoiseLib.core.atomic import atomic_path
 from IPv2DenoiseLib.imaging.noise_estimate import estimate_noise_hu
 from IPv2DenoiseLib.purification.pairs import build_pairs, make_weak_denoiser
 from IPv2DenoiseLib.purification.regions import sampling_regions
-from IPv2DenoiseLib.training.grid.cases import Case
-from IPv2DenoiseLib.training.grid.config import EvalConfig
+from IPv2DenoiseLib.training.evaluation.cases import EvaluationCase
+from IPv2DenoiseLib.training.evaluation.config import EvalConfig
 from IPv2DenoiseLib.training.trainer import CasePairs
 
 
-def purified_training_cases(cases: Sequence[Case], strategy: str, config: EvalConfig, cache: Path | None):
+def purified_training_cases(
+    cases: Sequence[EvaluationCase], strategy: str, config: EvalConfig, cache: Path | None
+):
     """:class:`~IPv2DenoiseLib.training.trainer.CasePairs` of the training cases for one strategy (cached)."""
     out = []
     for i, case in enumerate(cases):
@@ -38,7 +40,7 @@ def purified_training_cases(cases: Sequence[Case], strategy: str, config: EvalCo
     return out
 
 
-def ipv2_test_label(case: Case, config: EvalConfig) -> np.ndarray:
+def ipv2_test_label(case: EvaluationCase, config: EvalConfig) -> np.ndarray:
     """The IPv2 refined test label: NDCT in body and background, WD(ULDCT) in the lungs."""
     wd = make_weak_denoiser(
         config.weak_denoiser, spacing=case.spacing, noise_hu=estimate_noise_hu(case.uldct)

@@ -16,11 +16,11 @@ from IPv2DenoiseLib.physics.lowdose import simulate_low_dose
 from IPv2DenoiseLib.physics.scanner_noise import ScannerProtocol, scanner_noise
 from IPv2DenoiseLib.synthetic.breathing import breathing_motion
 from IPv2DenoiseLib.synthetic.phantom import make_chest_phantom
-from IPv2DenoiseLib.training.grid.config import EvalConfig
+from IPv2DenoiseLib.training.evaluation.config import EvalConfig
 
 
 @dataclass
-class Case:
+class EvaluationCase:
     """One ULDCT/NDCT pair; ``truth`` is the noise-free anatomy of the ULDCT when known."""
 
     name: str
@@ -40,7 +40,7 @@ def scan_uldct(anatomy: np.ndarray, *, seed: int, config: EvalConfig) -> np.ndar
     return scanner_noise(anatomy, protocol, spacing_mm=px, seed=seed)
 
 
-def make_case(name: str, *, seed: int, config: EvalConfig) -> Case:
+def make_case(name: str, *, seed: int, config: EvalConfig) -> EvaluationCase:
     """A synthetic misaligned pair: NDCT of the phantom, ULDCT of the same anatomy in another breath hold."""
     phantom = make_chest_phantom(shape=tuple(config.shape), spacing=tuple(config.spacing), seed=seed)
     try:
@@ -51,7 +51,7 @@ def make_case(name: str, *, seed: int, config: EvalConfig) -> Case:
     px = float(config.spacing[0])
     uldct = scan_uldct(anatomy_u, seed=seed * 2 + 1, config=config)
     ndct = simulate_low_dose(phantom.hu, dose=1.0, spacing_mm=px, seed=seed * 2 + 2)
-    return Case(
+    return EvaluationCase(
         name,
         uldct.astype(np.float32),
         ndct.astype(np.float32),
@@ -60,11 +60,13 @@ def make_case(name: str, *, seed: int, config: EvalConfig) -> Case:
     )
 
 
-def _cached_case(path: Path, make) -> Case:
+def _cached_case(path: Path, make) -> EvaluationCase:
     if path.exists():
         with np.load(path) as z:
             truth = z["truth"] if z["truth"].size else None
-            return Case(str(z["name"]), z["uldct"], z["ndct"], truth, tuple(float(v) for v in z["spacing"]))
+            return EvaluationCase(
+                str(z["name"]), z["uldct"], z["ndct"], truth, tuple(float(v) for v in z["spacing"])
+            )
     case = make()
     with atomic_path(path) as tmp:
         np.savez(
@@ -80,7 +82,7 @@ def _cached_case(path: Path, make) -> Case:
 
 def synthetic_cases(
     config: EvalConfig, cache: Path, *, progress: ProgressCallback | None = None
-) -> tuple[list[Case], list[Case]]:
+) -> tuple[list[EvaluationCase], list[EvaluationCase]]:
     """Training and held-out test cases (different anatomy seeds), cached as ``cache/*.npz``.
 
     Use one cache folder per noise condition: the cached ULDCT is made by ``config.noise``.
@@ -99,7 +101,9 @@ def synthetic_cases(
     return cases[: config.n_train], cases[config.n_train :]
 
 
-def dataset_cases(folder: str | os.PathLike, *, n_test: int = 2) -> tuple[list[Case], list[Case]]:
+def dataset_cases(
+    folder: str | os.PathLike, *, n_test: int = 2
+) -> tuple[list[EvaluationCase], list[EvaluationCase]]:
     """Cases from a dataset folder of case folders (``uldct.*``, ``ndct.*``, optional ``uldct_clean.*``).
 
     ``train/`` and ``test/`` subfolders are used when present; otherwise the last ``n_test`` case
@@ -119,9 +123,11 @@ def dataset_cases(folder: str | os.PathLike, *, n_test: int = 2) -> tuple[list[C
     if not train_dirs or not test_dirs:
         raise UserError(f"--data: {root} needs training and test case folders")
 
-    def load(d: Path) -> Case:
+    def load(d: Path) -> EvaluationCase:
         vols = read_case(d)
         truth = vols["uldct_clean"].array if "uldct_clean" in vols else None
-        return Case(d.name, vols["uldct"].array, vols["ndct"].array, truth, tuple(vols["uldct"].spacing))
+        return EvaluationCase(
+            d.name, vols["uldct"].array, vols["ndct"].array, truth, tuple(vols["uldct"].spacing)
+        )
 
     return [load(d) for d in train_dirs], [load(d) for d in test_dirs]

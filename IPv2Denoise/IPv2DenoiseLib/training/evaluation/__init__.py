@@ -17,8 +17,14 @@ cases, cached), :mod:`.pairs` (purified training pairs and the IPv2 test label, 
 (results JSON and Markdown), :mod:`.figure` (the figure grid) and :mod:`.run` (the loop).
 """
 
-from IPv2DenoiseLib.training.grid.cases import Case, dataset_cases, make_case, scan_uldct, synthetic_cases
-from IPv2DenoiseLib.training.grid.config import (
+from IPv2DenoiseLib.training.evaluation.cases import (
+    EvaluationCase,
+    dataset_cases,
+    make_case,
+    scan_uldct,
+    synthetic_cases,
+)
+from IPv2DenoiseLib.training.evaluation.config import (
     GRID_STRATEGIES,
     NOISE_CONDITIONS,
     REFERENCES,
@@ -27,10 +33,10 @@ from IPv2DenoiseLib.training.grid.config import (
     EvalConfig,
     preset,
 )
-from IPv2DenoiseLib.training.grid.figure import grid_figure
-from IPv2DenoiseLib.training.grid.mismatch import noise_mismatch, noise_profile
-from IPv2DenoiseLib.training.grid.pairs import ipv2_test_label, purified_training_cases
-from IPv2DenoiseLib.training.grid.report import (
+from IPv2DenoiseLib.training.evaluation.figure import grid_figure
+from IPv2DenoiseLib.training.evaluation.mismatch import noise_mismatch, noise_profile
+from IPv2DenoiseLib.training.evaluation.pairs import ipv2_test_label, purified_training_cases
+from IPv2DenoiseLib.training.evaluation.report import (
     TABLE_COLUMNS,
     GridResult,
     claims_markdown,
@@ -39,8 +45,8 @@ from IPv2DenoiseLib.training.grid.report import (
     training_markdown,
     write_results,
 )
-from IPv2DenoiseLib.training.grid.run import run_grid
-from IPv2DenoiseLib.training.grid.scoring import (
+from IPv2DenoiseLib.training.evaluation.run import run_grid
+from IPv2DenoiseLib.training.evaluation.scoring import (
     CANNOT_TELL,
     CLAIMS,
     DOES_NOT_HOLD,
@@ -73,7 +79,7 @@ __all__ = [
     "REFERENCES",
     "REGIONS",
     "TABLE_COLUMNS",
-    "Case",
+    "EvaluationCase",
     "EvalConfig",
     "GridResult",
     "check_claims",

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from IPv2DenoiseLib.core.atomic import atomic_path
-from IPv2DenoiseLib.training.grid.config import GRID_STRATEGIES, REFERENCES
-from IPv2DenoiseLib.training.grid.scoring import CLAIMS, overall_verdict
+from IPv2DenoiseLib.training.evaluation.config import GRID_STRATEGIES, REFERENCES
+from IPv2DenoiseLib.training.evaluation.scoring import CLAIMS, overall_verdict
 
 
 @dataclass

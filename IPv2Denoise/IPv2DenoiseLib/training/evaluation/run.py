@@ -20,13 +20,13 @@ from IPv2DenoiseLib.denoiser.weights import card_path
 from IPv2DenoiseLib.imaging.classical import available_methods, denoise_classical
 from IPv2DenoiseLib.imaging.masks import evaluation_rois
 from IPv2DenoiseLib.purification.pairs import Strategy
-from IPv2DenoiseLib.training.grid.cases import Case, dataset_cases, synthetic_cases
-from IPv2DenoiseLib.training.grid.config import REFERENCES, EvalConfig
-from IPv2DenoiseLib.training.grid.figure import grid_figure
-from IPv2DenoiseLib.training.grid.mismatch import noise_mismatch
-from IPv2DenoiseLib.training.grid.pairs import ipv2_test_label, purified_training_cases
-from IPv2DenoiseLib.training.grid.report import GridResult, write_results
-from IPv2DenoiseLib.training.grid.scoring import check_claims, score, summarize, training_check
+from IPv2DenoiseLib.training.evaluation.cases import EvaluationCase, dataset_cases, synthetic_cases
+from IPv2DenoiseLib.training.evaluation.config import REFERENCES, EvalConfig
+from IPv2DenoiseLib.training.evaluation.figure import grid_figure
+from IPv2DenoiseLib.training.evaluation.mismatch import noise_mismatch
+from IPv2DenoiseLib.training.evaluation.pairs import ipv2_test_label, purified_training_cases
+from IPv2DenoiseLib.training.evaluation.report import GridResult, write_results
+from IPv2DenoiseLib.training.evaluation.scoring import check_claims, score, summarize, training_check
 from IPv2DenoiseLib.training.trainer import CasePairs, TrainConfig, train
 
 
@@ -67,7 +67,7 @@ def _denoise_model(weights: Path, hu: np.ndarray, device: str) -> np.ndarray:
 
 def _train_model(
     folder: Path,
-    train_cases: Sequence[Case],
+    train_cases: Sequence[EvaluationCase],
     pairs: Sequence[CasePairs],
     *,
     arch: str,
@@ -111,7 +111,7 @@ def _round_losses(weights: Path) -> list[float]:
 class _Scoreboard:
     """Scores every method's outputs on the test cases against each available reference."""
 
-    test_cases: Sequence[Case]
+    test_cases: Sequence[EvaluationCase]
     refs: list[dict]
     records: list[dict] = field(default_factory=list)
 
@@ -133,7 +133,7 @@ class _Scoreboard:
                 )
 
 
-def _references(test_cases: Sequence[Case], config: EvalConfig) -> list[dict]:
+def _references(test_cases: Sequence[EvaluationCase], config: EvalConfig) -> list[dict]:
     """Per test case: the truth (when known), the IPv2 test label and the evaluation ROIs."""
     refs = []
     for case in test_cases:
@@ -142,13 +142,13 @@ def _references(test_cases: Sequence[Case], config: EvalConfig) -> list[dict]:
     return refs
 
 
-def _figure_slice(config: EvalConfig, case: Case) -> int:
+def _figure_slice(config: EvalConfig, case: EvaluationCase) -> int:
     depth = case.uldct.shape[0]
     z = config.figure_slice if config.figure_slice is not None else depth // 2
     return int(np.clip(z, 0, depth - 1))
 
 
-def _reference_panels(case: Case, label: np.ndarray, z: int) -> dict[str, np.ndarray]:
+def _reference_panels(case: EvaluationCase, label: np.ndarray, z: int) -> dict[str, np.ndarray]:
     panels = {"ULDCT input": case.uldct[z], "NDCT (misaligned)": case.ndct[z], "IPv2 test label": label[z]}
     if case.truth is not None:
         panels["truth"] = case.truth[z]
@@ -171,7 +171,7 @@ def run_grid(
     Parameters
     ----------
     config : EvalConfig
-        Sizes; see :func:`~IPv2DenoiseLib.training.grid.config.preset`.
+        Sizes; see :func:`~IPv2DenoiseLib.training.evaluation.config.preset`.
     out : path
         Output folder: ``cases/``, ``pairs/``, ``models/`` caches (a rerun resumes), and
         ``results.json`` / ``results.md``.
@@ -180,7 +180,7 @@ def run_grid(
         are the same for every seed, so the spread is that of training.
     data : path, optional
         Dataset folder instead of synthetic cases (see
-        :func:`~IPv2DenoiseLib.training.grid.cases.dataset_cases`).
+        :func:`~IPv2DenoiseLib.training.evaluation.cases.dataset_cases`).
     figure_path : path, optional
         Where to write the figure grid (default ``out/results_grid.png``).
     progress, cancel
