@@ -21,6 +21,7 @@ from IPv2DenoiseLib.io.volumes import read_volume
 __all__ = [
     "CASE_FILES",
     "CASE_SUFFIXES",
+    "case_file",
     "REQUIRED_FILES",
     "case_folders_in",
     "expand_case_folders",
@@ -68,6 +69,16 @@ def expand_case_folders(paths: Iterable[str | os.PathLike]) -> list[str]:
     return cases
 
 
+def case_file(folder: str | os.PathLike, key: str) -> Path | None:
+    """The file ``key`` (``uldct``, ``ndct``, ``ndct_clean`` …) of a case folder in any of
+    :data:`CASE_SUFFIXES`, or None."""
+    folder = Path(folder)
+    for suffix in CASE_SUFFIXES:
+        if (folder / f"{key}{suffix}").exists():
+            return folder / f"{key}{suffix}"
+    return None
+
+
 def read_case(folder: str | os.PathLike) -> dict[str, Volume]:
     """``uldct``, ``ndct`` and, when present, ``uldct_clean`` of one case folder.
 
@@ -79,10 +90,9 @@ def read_case(folder: str | os.PathLike) -> dict[str, Volume]:
     folder = Path(folder)
     found: dict[str, Volume] = {}
     for key in (*REQUIRED_FILES, "uldct_clean"):
-        for suffix in CASE_SUFFIXES:
-            if (folder / f"{key}{suffix}").exists():
-                found[key] = read_volume(folder / f"{key}{suffix}")
-                break
+        path = case_file(folder, key)
+        if path is not None:
+            found[key] = read_volume(path)
     missing = [k for k in REQUIRED_FILES if k not in found]
     if missing:
         raise UserError(

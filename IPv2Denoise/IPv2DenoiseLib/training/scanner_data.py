@@ -28,12 +28,12 @@ from scipy import ndimage as ndi
 
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.denoiser.normalization import hu_to_net
-from IPv2DenoiseLib.imaging.masks import body_mask, lung_mask, soft_tissue_mask
+from IPv2DenoiseLib.imaging.masks import soft_tissue_mask
 from IPv2DenoiseLib.imaging.noise_estimate import estimate_noise_hu
-from IPv2DenoiseLib.io.case_folder import CASE_SUFFIXES
+from IPv2DenoiseLib.io.case_folder import case_file
 from IPv2DenoiseLib.io.volumes import image_suffix, read_volume
 from IPv2DenoiseLib.physics.scanner_noise import ProtocolRanges, ScannerProtocol, draw_protocol, scanner_noise
-from IPv2DenoiseLib.purification.regions import BACKGROUND, BODY, LUNGS, OUTSIDE
+from IPv2DenoiseLib.purification.regions import BACKGROUND, BODY, LUNGS, OUTSIDE, anatomy_regions
 from IPv2DenoiseLib.synthetic.texture import add_tissue_texture
 
 
@@ -73,32 +73,15 @@ class Augmentation:
         }
 
 
-def region_map(hu: np.ndarray) -> np.ndarray:
-    """BODY / LUNGS / BACKGROUND codes of a (clean or NDCT) volume, OUTSIDE elsewhere (table)."""
-    body = body_mask(hu)
-    regions = np.full(hu.shape, OUTSIDE, np.uint8)
-    regions[body] = BODY
-    regions[lung_mask(hu, body=body)] = LUNGS
-    regions[~ndi.binary_dilation(body, iterations=3) & (hu < -900)] = BACKGROUND
-    return regions
-
-
-def _find(folder: Path, key: str) -> Path | None:
-    for suffix in CASE_SUFFIXES:
-        if (folder / f"{key}{suffix}").exists():
-            return folder / f"{key}{suffix}"
-    return None
-
-
 def load_clean_volumes(folders: Sequence[str | os.PathLike]) -> list[CleanVolume]:
     """Anatomy volumes of case folders (``*_clean`` when present, else ``ndct``)."""
     volumes = []
     for folder in map(Path, folders):
-        found = [(k, _find(folder, k)) for k in ("ndct_clean", "uldct_clean")]
+        found = [(k, case_file(folder, k)) for k in ("ndct_clean", "uldct_clean")]
         found = [(k, p) for k, p in found if p is not None]
         clean = bool(found)
         if not found:
-            ndct = _find(folder, "ndct")
+            ndct = case_file(folder, "ndct")
             if ndct is None:
                 raise UserError(
                     f"{folder}: no ndct_clean.*, uldct_clean.* or ndct.* volume for scanner-noise training"
@@ -107,7 +90,9 @@ def load_clean_volumes(folders: Sequence[str | os.PathLike]) -> list[CleanVolume
         for key, path in found:
             vol = read_volume(path)
             hu = vol.array.astype(np.float32)
-            volumes.append(CleanVolume(f"{folder.name}/{key}", hu, region_map(hu), tuple(vol.spacing), clean))
+            volumes.append(
+                CleanVolume(f"{folder.name}/{key}", hu, anatomy_regions(hu), tuple(vol.spacing), clean)
+            )
     return volumes
 
 
@@ -130,7 +115,7 @@ def load_anatomy_volumes(paths: Sequence[str | os.PathLike]) -> list[CleanVolume
                 raise UserError(f"--anatomy {source}: slices of {hu.shape[1:]} pixels are too small")
             spacing = tuple(vol.spacing)
             scale = own_dose_flux_scale(hu, spacing_mm=float(spacing[0]))
-            volumes.append(CleanVolume(f"real/{source.name}", hu, region_map(hu), spacing, False, scale))
+            volumes.append(CleanVolume(f"real/{source.name}", hu, anatomy_regions(hu), spacing, False, scale))
     return volumes
 
 

@@ -39,13 +39,19 @@ from IPv2DenoiseLib.imaging.metrics import psnr, roi_stats
 from IPv2DenoiseLib.io.case_folder import read_case
 from IPv2DenoiseLib.physics.scanner_noise import ScannerProtocol
 from IPv2DenoiseLib.purification.pairs import Strategy, build_pairs
-from IPv2DenoiseLib.purification.regions import BACKGROUND, BODY, LUNGS, REGION_NAMES, sampling_regions
+from IPv2DenoiseLib.purification.regions import (
+    BACKGROUND,
+    BODY,
+    LUNGS,
+    REGION_NAMES,
+    anatomy_regions,
+    sampling_regions,
+)
 from IPv2DenoiseLib.training.scanner_data import (
     CleanVolume,
     ScannerNoiseSampler,
     load_anatomy_volumes,
     load_clean_volumes,
-    region_map,
     validation_slabs,
 )
 
@@ -664,7 +670,7 @@ def scanner_validation(folders: Sequence[str], *, slices: int) -> tuple[list[Cas
         z0 = max(0, (nz - slices) // 2)
         keep = slice(z0, z0 + slices)
         clean = clean_vol.array[keep].astype(np.float32)
-        regions = region_map(clean)
+        regions = anatomy_regions(clean)
         uldct = vols["uldct"].array[keep].astype(np.float32)
         standard.append(CasePairs(folder.name, None, None, regions, uldct, clean, clean))
         volume = CleanVolume(folder.name, clean, regions, tuple(clean_vol.spacing), True)
