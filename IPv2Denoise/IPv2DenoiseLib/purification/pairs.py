@@ -333,6 +333,106 @@ def _simulated(simulate: Simulator, n3: np.ndarray, dose: float, seed: int) -> n
     return sim
 
 
+def _check_dose(dose: float) -> None:
+    """Refuse a dose fraction outside (0, 1]."""
+    if not (isinstance(dose, (int, float, np.floating)) and 0.0 < float(dose) <= 1.0):
+        raise UserError(f"dose: got {dose!r}; it must be a fraction in (0, 1], e.g. 0.02 for 2 %")
+
+
+def _common_dark_volume(u3: np.ndarray, n3: np.ndarray, tick: Steps) -> np.ndarray:
+    """The common dark mask ``D`` of U and N, slice by slice (Otsu and the flood fill are per slice)."""
+    dark = np.empty(u3.shape, dtype=bool)
+    for z in range(u3.shape[0]):
+        dark[z] = common_dark_mask(u3[z], n3[z])
+        tick("masks")
+    return dark
+
+
+def _purified_region(strategy: Strategy, dark: np.ndarray, lungs: np.ndarray) -> np.ndarray:
+    """The region ``P`` the switches act on: everything (sim), nothing (naive), ``L`` (rb) or ``D``."""
+    if strategy.sim_only:
+        return np.ones(dark.shape, dtype=bool)
+    if not strategy.purify:
+        return np.zeros(dark.shape, dtype=bool)
+    return lungs if strategy.remove_background else dark
+
+
+def _train_input(
+    strategy: Strategy,
+    u3: np.ndarray,
+    n3: np.ndarray,
+    purified: np.ndarray,
+    simulate: Simulator | None,
+    dose: float,
+    seed: int,
+    tick: Steps,
+) -> np.ndarray:
+    """Training input: ``Sim(N)`` (sim), else U (or the texture blend) with ``P`` set to ``Sim(N)`` or N."""
+    nz = u3.shape[0]
+    if strategy.sim_only:
+        train_input = _simulated(simulate, n3, dose, seed)  # type: ignore[arg-type]
+        tick.done += nz - 1
+        tick("simulate")
+        return train_input
+    train_input = u3.copy()
+    if not strategy.purify:
+        return train_input
+    if strategy.texture_blend:
+        t = np.float32(strategy.texture_blend)
+        train_input = (np.float32(1.0) - t) * u3 + t * n3
+    if strategy.add_noise:
+        sim = _simulated(simulate, n3, dose, seed)  # type: ignore[arg-type]
+        train_input[purified] = sim[purified]
+        tick.done += nz - 1  # the whole volume was simulated in one call
+        tick("add noise")
+    else:
+        train_input[purified] = n3[purified]
+    return train_input
+
+
+def _weak_denoiser_for(
+    weak_denoiser: str | SliceDenoiser, u3: np.ndarray, spacing_xy: tuple[float, float] | None
+) -> tuple[SliceDenoiser, float | None]:
+    """``WD`` from a callable or a name, and the U noise SD a named nlm/bilateral one was tuned to."""
+    if callable(weak_denoiser):
+        return weak_denoiser, None
+    noise_hu = None
+    if str(weak_denoiser).lower() in ("nlm", "bilateral"):
+        noise_hu = estimate_noise_hu(u3)
+    return make_weak_denoiser(str(weak_denoiser), spacing=spacing_xy, noise_hu=noise_hu), noise_hu
+
+
+def _test_label(
+    strategy: Strategy,
+    u3: np.ndarray,
+    n3: np.ndarray,
+    purified: np.ndarray,
+    weak_denoiser: str | SliceDenoiser,
+    spacing_xy: tuple[float, float] | None,
+    tick: Steps,
+) -> tuple[np.ndarray, float | None]:
+    """Test label: N, with ``P`` set to U, or to ``WD(U)`` slice by slice with *remove_noise*.
+
+    Also returns the noise SD of U the weak denoiser was tuned to (None when none was measured).
+    """
+    test_label = n3.copy()
+    if not strategy.purify or strategy.sim_only:
+        return test_label, None
+    if not strategy.remove_noise:
+        test_label[purified] = u3[purified]
+        return test_label, None
+    wd, noise_hu = _weak_denoiser_for(weak_denoiser, u3, spacing_xy)
+    test_label[purified] = u3[purified]
+    for z in range(u3.shape[0]):
+        if purified[z].any():
+            out = np.asarray(wd(u3[z].copy()), dtype=np.float32)
+            if out.shape != u3[z].shape:
+                raise UserError(f"weak denoiser returned shape {out.shape}; expected {u3[z].shape}")
+            test_label[z][purified[z]] = out[purified[z]]
+        tick("remove noise")
+    return test_label, noise_hu
+
+
 # --------------------------------------------------------------------------------------- main entry
 
 
@@ -386,8 +486,7 @@ def build_pairs(
         or weak denoiser, *add_noise* without a simulator, simulator output of the wrong shape.
     """
     u, n = _check_pair(uldct, ndct)
-    if not (isinstance(dose, (int, float, np.floating)) and 0.0 < float(dose) <= 1.0):
-        raise UserError(f"dose: got {dose!r}; it must be a fraction in (0, 1], e.g. 0.02 for 2 %")
+    _check_dose(dose)
     if isinstance(strategy, str):
         strategy = Strategy.from_name(strategy)
     spacing_xy = _spacing_xy(spacing)
@@ -399,56 +498,12 @@ def build_pairs(
     stages = 1 + int(strategy.add_noise or strategy.sim_only) + int(strategy.remove_noise)
     tick = Steps(nz * stages, progress, cancel)
 
-    # masks, slice by slice (Otsu and the flood fill are per slice)
-    dark = np.empty(u3.shape, dtype=bool)
-    for z in range(nz):
-        dark[z] = common_dark_mask(u3[z], n3[z])
-        tick("masks")
+    dark = _common_dark_volume(u3, n3, tick)
     background, lungs = split_dark(dark)
-    if strategy.sim_only:
-        purified = np.ones(u3.shape, dtype=bool)
-    elif not strategy.purify:
-        purified = np.zeros(u3.shape, dtype=bool)
-    else:
-        purified = lungs if strategy.remove_background else dark
-
-    train_input = u3.copy()
+    purified = _purified_region(strategy, dark, lungs)
+    train_input = _train_input(strategy, u3, n3, purified, simulate, dose, seed, tick)
     train_label = n3.copy()
-    test_label = n3.copy()
-    noise_hu = None
-
-    if strategy.sim_only:
-        train_input = _simulated(simulate, n3, dose, seed)
-        tick.done += nz - 1
-        tick("simulate")
-    elif strategy.purify:
-        if strategy.texture_blend:
-            t = np.float32(strategy.texture_blend)
-            train_input = (np.float32(1.0) - t) * u3 + t * n3
-        if strategy.add_noise:
-            sim = _simulated(simulate, n3, dose, seed)
-            train_input[purified] = sim[purified]
-            tick.done += nz - 1  # the whole volume was simulated in one call
-            tick("add noise")
-        else:
-            train_input[purified] = n3[purified]
-        if strategy.remove_noise:
-            if callable(weak_denoiser):
-                wd = weak_denoiser
-            else:
-                if str(weak_denoiser).lower() in ("nlm", "bilateral"):
-                    noise_hu = estimate_noise_hu(u3)
-                wd = make_weak_denoiser(str(weak_denoiser), spacing=spacing_xy, noise_hu=noise_hu)
-            test_label[purified] = u3[purified]
-            for z in range(nz):
-                if purified[z].any():
-                    out = np.asarray(wd(u3[z].copy()), dtype=np.float32)
-                    if out.shape != u3[z].shape:
-                        raise UserError(f"weak denoiser returned shape {out.shape}; expected {u3[z].shape}")
-                    test_label[z][purified[z]] = out[purified[z]]
-                tick("remove noise")
-        else:
-            test_label[purified] = u3[purified]
+    test_label, noise_hu = _test_label(strategy, u3, n3, purified, weak_denoiser, spacing_xy, tick)
 
     def fix(a: np.ndarray) -> np.ndarray:
         return a[0] if was_2d else a

@@ -509,14 +509,7 @@ def make_chest_phantom(
     UserError
         If the shape or spacing is not positive or the field of view misses the chest.
     """
-    shape = tuple(int(s) for s in shape)
-    spacing = tuple(float(s) for s in spacing)
-    if len(shape) != 3 or min(shape) < 1:
-        raise UserError(f"shape must be three positive sizes (z, y, x), got {shape}")
-    if len(spacing) != 3 or min(spacing) <= 0:
-        raise UserError(f"spacing must be three positive mm values (sx, sy, sz), got {spacing}")
-    if not -170.0 <= z_center_mm <= 95.0:
-        raise UserError(f"z_center_mm must lie in the lungs' range [-170, 95] mm, got {z_center_mm}")
+    shape, spacing = _checked_geometry(shape, spacing, z_center_mm)
     params = dict(
         shape=shape,
         spacing=spacing,
@@ -537,55 +530,137 @@ def make_chest_phantom(
     X2, Y2 = x[None, :], y[:, None]
 
     fine = _lattice_noise(seed, 10, axes, 1.5, 1.5)
+    cav, th, body_depth, fat_t = _paint_body_slice(cv, anat, X2, Y2, table=table, arms=arms)
+    diaph = anat.diaphragm_z(X2, Y2)
+    _paint_abdomen(cv, diaph, cav, z, Z)
+    heart = _heart_depth_box(cv, anat, X, Y, Z)
+    _paint_lungs(cv, anat, axes, diaph, heart, fine, seed=seed, emphysema=emphysema)
+    _paint_mediastinal_organs(cv, anat, heart)
+    tree = _grow_trees(anat, vessel_min_radius_mm)
+    _paint_lung_vessels(cv, tree, z)
+    _paint_airways(cv, anat, tree)
+    _paint_bones(cv, anat, X, Y, Z, X2, Y2, th, body_depth, fat_t)
+    nod_list: list[dict[str, Any]] = []
+    if nodules:
+        nod_list = _paint_nodules(cv, anat, X, Y, Z, seed, z_range=nodule_z_range_mm)
+    _add_fine_texture(cv, fine)
 
-    # z-invariant layers on one slice: table, pad, body wall, cavity, spine's posterior parts -----
-    c2 = _Canvas((1,) + shape[1:], spacing, origin)
+    return Phantom(
+        hu=cv.hu,
+        labels=cv.labels,
+        spacing=spacing,
+        origin=origin,
+        params=params,
+        vessels=tree,
+        nodules=tuple(nod_list),
+    )
+
+
+def _checked_geometry(
+    shape: tuple[int, int, int], spacing: tuple[float, float, float], z_center_mm: float
+) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """Shape and spacing as int and float tuples; UserError when not positive or the slab misses the lungs."""
+    shape = tuple(int(s) for s in shape)
+    spacing = tuple(float(s) for s in spacing)
+    if len(shape) != 3 or min(shape) < 1:
+        raise UserError(f"shape must be three positive sizes (z, y, x), got {shape}")
+    if len(spacing) != 3 or min(spacing) <= 0:
+        raise UserError(f"spacing must be three positive mm values (sx, sy, sz), got {spacing}")
+    if not -170.0 <= z_center_mm <= 95.0:
+        raise UserError(f"z_center_mm must lie in the lungs' range [-170, 95] mm, got {z_center_mm}")
+    return shape, spacing
+
+
+def _paint_table(c2: _Canvas, X2: np.ndarray, Y2: np.ndarray) -> None:
+    """The curved carbon-fibre table (two skins) and its foam pad under the patient."""
+    top = _CY + _B_POST + 20.0 - X2**2 / (2 * 600.0)
+    inside_w = np.clip((165.0 - np.abs(X2)) / c2.h + 0.5, 0, 1)
+    c2.paint(np.minimum(c2.alpha(np.minimum(Y2 - (top - 20.0), top - Y2)), inside_w)[None], -750.0, "pad")
+    c2.paint(np.minimum(c2.alpha(np.minimum(Y2 - top, top + 24.0 - Y2)), inside_w)[None], -950.0, "table")
+    for y0 in (top, top + 22.0):
+        c2.paint(np.minimum(c2.alpha(np.minimum(Y2 - y0, y0 + 2.0 - Y2)), inside_w)[None], 200.0, "table")
+
+
+def _paint_arms(c2: _Canvas, X2: np.ndarray, Y2: np.ndarray) -> None:
+    """Both arms beside the chest: skin, fat, muscle and the humerus."""
+    for sgn in (-1, 1):
+        ax = sgn * (_A + 42.0)
+        ra = np.hypot(X2 - ax, (Y2 - _CY - 5) * 1.15)
+        c2.paint(c2.alpha(40.0 - ra)[None], 30.0, "skin")
+        c2.paint(c2.alpha(38.0 - ra)[None], -100.0, "fat")
+        c2.paint(c2.alpha(30.0 - ra)[None], 45.0, "muscle")
+        rb = np.hypot(X2 - ax - sgn * 4, Y2 - _CY - 5)
+        c2.paint(c2.alpha(11.0 - rb)[None], 1000.0, "bone_cortical")
+        c2.paint(c2.alpha(8.0 - rb)[None], 240.0, "bone_cancellous")
+
+
+def _paint_body_slice(
+    cv: _Canvas, anat: _Anatomy, X2: np.ndarray, Y2: np.ndarray, *, table: bool, arms: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Paint the z-invariant layers (table, pad, body wall, cavity, spine's posterior parts) into every slice.
+
+    They are painted once on a one-slice canvas and copied. Returns the cavity's occupancy and the
+    polar angle, body depth and fat thickness the bones are placed with.
+    """
+    c2 = _Canvas((1,) + cv.hu.shape[1:], cv.spacing, cv.origin)
     th, r = anat.polar(X2, Y2)
     body_depth = anat.body_radius(th) - r
     if table:
-        top = _CY + _B_POST + 20.0 - X2**2 / (2 * 600.0)
-        inside_w = np.clip((165.0 - np.abs(X2)) / cv.h + 0.5, 0, 1)
-        c2.paint(np.minimum(c2.alpha(np.minimum(Y2 - (top - 20.0), top - Y2)), inside_w)[None], -750.0, "pad")
-        c2.paint(np.minimum(c2.alpha(np.minimum(Y2 - top, top + 24.0 - Y2)), inside_w)[None], -950.0, "table")
-        for y0 in (top, top + 22.0):
-            c2.paint(np.minimum(c2.alpha(np.minimum(Y2 - y0, y0 + 2.0 - Y2)), inside_w)[None], 200.0, "table")
+        _paint_table(c2, X2, Y2)
     skin, fat_t, muscle_t = anat.wall(th)
     c2.paint(c2.alpha(body_depth)[None], 30.0, "skin")
     c2.paint(c2.alpha(body_depth - skin)[None], -100.0, "fat")
     c2.paint(c2.alpha(body_depth - skin - fat_t)[None], 45.0, "muscle")
     if arms:
-        for sgn in (-1, 1):
-            ax = sgn * (_A + 42.0)
-            ra = np.hypot(X2 - ax, (Y2 - _CY - 5) * 1.15)
-            c2.paint(c2.alpha(40.0 - ra)[None], 30.0, "skin")
-            c2.paint(c2.alpha(38.0 - ra)[None], -100.0, "fat")
-            c2.paint(c2.alpha(30.0 - ra)[None], 45.0, "muscle")
-            rb = np.hypot(X2 - ax - sgn * 4, Y2 - _CY - 5)
-            c2.paint(c2.alpha(11.0 - rb)[None], 1000.0, "bone_cortical")
-            c2.paint(c2.alpha(8.0 - rb)[None], 240.0, "bone_cancellous")
+        _paint_arms(c2, X2, Y2)
     cav = c2.alpha(anat.cavity_depth(X2, Y2))
     c2.paint(cav[None], -95.0, "mediastinum")
     _paint_spine_2d(c2, X2, Y2)
     cv.hu[:] = c2.hu
     cv.labels[:] = c2.labels
-    del c2
+    return cav, th, body_depth, fat_t
 
-    # abdomen below the diaphragm ----------------------------------------------------------
-    diaph = anat.diaphragm_z(X2, Y2)
+
+def _paint_abdomen(cv: _Canvas, diaph: np.ndarray, cav: np.ndarray, z: np.ndarray, Z: np.ndarray) -> None:
+    """The abdomen inside the cavity below the diaphragm (only the slices that reach below it)."""
     k_ab = np.flatnonzero(z < diaph.max() + 3.0 * cv.h)
     if k_ab.size:
         w = np.s_[k_ab[0] : k_ab[-1] + 1]
         a_ab = np.minimum(cav[None], cv.alpha(diaph[None] + 3.0 - Z[w]))
         cv.paint(a_ab, 55.0, "abdomen", w)
 
-    # lungs ---------------------------------------------------------------------------------
+
+def _heart_depth_box(
+    cv: _Canvas, anat: _Anatomy, X: np.ndarray, Y: np.ndarray, Z: np.ndarray
+) -> tuple[np.ndarray, tuple[slice, slice, slice]] | None:
+    """Depth inside the heart (mm) on the grid box around it, and that box; None if the slab misses it."""
+    hb0, hb1 = cv._box(anat.heart_c - anat.heart_ax - 10, anat.heart_c + anat.heart_ax + 10)
+    hsl = np.s_[hb0[2] : hb1[2], hb0[1] : hb1[1], hb0[0] : hb1[0]]
+    if not np.all(hb1 > hb0):
+        return None
+    return anat.heart_depth(X[..., hsl[2]], Y[:, hsl[1]], Z[hsl[0]]), hsl
+
+
+def _paint_lungs(
+    cv: _Canvas,
+    anat: _Anatomy,
+    axes: tuple[np.ndarray, np.ndarray, np.ndarray],
+    diaph: np.ndarray,
+    heart: tuple[np.ndarray, tuple[slice, slice, slice]] | None,
+    fine: np.ndarray,
+    *,
+    seed: int,
+    emphysema: bool,
+) -> None:
+    """Both lungs (textured parenchyma, kept off the heart and the aorta) and optional emphysema."""
+    x, y, z = axes
+    X, Y, Z = x[None, None, :], y[None, :, None], z[:, None, None]
+    X2, Y2 = x[None, :], y[:, None]
     ldepth = np.minimum(anat.cavity_depth(X2, Y2)[None], np.abs(X) - anat.median_halfwidth(Y, Z))
     ldepth = np.minimum(ldepth, Z - diaph[None])
     ldepth = np.minimum(ldepth, anat.apex_z(X2, Y2)[None] - Z)
-    hb0, hb1 = cv._box(anat.heart_c - anat.heart_ax - 10, anat.heart_c + anat.heart_ax + 10)
-    hsl = np.s_[hb0[2] : hb1[2], hb0[1] : hb1[1], hb0[0] : hb1[0]]
-    if np.all(hb1 > hb0):
-        hd = anat.heart_depth(X[..., hsl[2]], Y[:, hsl[1]], Z[hsl[0]])
+    if heart is not None:
+        hd, hsl = heart
         ldepth[hsl] = np.minimum(ldepth[hsl], -hd - 4.0)
     lung_a = cv.alpha(ldepth)
     del ldepth
@@ -601,10 +676,14 @@ def make_chest_phantom(
         upper = np.clip((Z + 40.0) / 60.0, 0, 1)
         em_a = np.clip((em + 0.8 * upper - 1.3) * 3.0, 0, 1) * (lung_a >= 0.5)
         cv.paint(em_a, -975.0, "emphysema")
-    del lung_a
 
-    # heart, great vessels, oesophagus ------------------------------------------------------
-    if np.all(hb1 > hb0):
+
+def _paint_mediastinal_organs(
+    cv: _Canvas, anat: _Anatomy, heart: tuple[np.ndarray, tuple[slice, slice, slice]] | None
+) -> None:
+    """Heart (with a darker blood pool), aorta, pulmonary arteries and oesophagus."""
+    if heart is not None:
+        hd, hsl = heart
         cv.paint(cv.alpha(hd), 42.0, "heart", hsl)
         cv.paint(cv.alpha(hd - 9.0), 38.0, "heart", hsl)  # blood pool a little darker
     for pts, rad in (
@@ -616,13 +695,16 @@ def make_chest_phantom(
         cv.paint_tubes(*_polyline(pts, rad, 4), 40.0, "great_vessels")
     cv.paint_tubes(*_polyline(anat.esophagus, 8.0, 4), 40.0, "muscle")
 
-    # lung vessel trees ---------------------------------------------------------------------
-    tree = _grow_trees(anat, vessel_min_radius_mm)
+
+def _paint_lung_vessels(cv: _Canvas, tree: VesselTree, z: np.ndarray) -> None:
+    """The segments of the lung vessel trees that reach within 20 mm of the slab."""
     zlo, zhi = z.min() - 20, z.max() + 20
     keep = (np.maximum(tree.p0[:, 2], tree.p1[:, 2]) > zlo) & (np.minimum(tree.p0[:, 2], tree.p1[:, 2]) < zhi)
     cv.paint_tubes(tree.p0[keep], tree.p1[keep], tree.radius[keep], 40.0, "lung_vessel")
 
-    # airways: trachea, main bronchi, lobar and segmental bronchi beside the arteries ---------
+
+def _paint_airways(cv: _Canvas, anat: _Anatomy, tree: VesselTree) -> None:
+    """Trachea, main bronchi, and lobar and segmental bronchi beside the first two artery generations."""
     aw0, aw1, awr = [], [], []
     for pts, rad in ((anat.trachea, 9.0), (anat.rmb, [7.5, 7.0, 6.0]), (anat.lmb, [7.0, 6.5, 5.5])):
         a, b, rr = _polyline(pts, rad, 4)
@@ -635,34 +717,18 @@ def make_chest_phantom(
         aw0.append(tree.p0[gen_mask] + off)
         aw1.append(tree.p1[gen_mask] + off)
         awr.append(0.8 * tree.radius[gen_mask])
-    aw0, aw1, awr = np.concatenate(aw0), np.concatenate(aw1), np.concatenate(awr)
-    cv.paint_tubes(aw0, aw1, awr + 0.3 + 0.15 * awr, 30.0, "airway_wall")
-    cv.paint_tubes(aw0, aw1, awr, -995.0, "airway")
+    p0, p1, radius = np.concatenate(aw0), np.concatenate(aw1), np.concatenate(awr)
+    cv.paint_tubes(p0, p1, radius + 0.3 + 0.15 * radius, 30.0, "airway_wall")
+    cv.paint_tubes(p0, p1, radius, -995.0, "airway")
 
-    # bones: vertebral bodies and discs, ribs, sternum, scapulae ------------------------------
-    _paint_bones(cv, anat, X, Y, Z, X2, Y2, th, body_depth, fat_t)
 
-    # nodules -------------------------------------------------------------------------------
-    nod_list: list[dict[str, Any]] = []
-    if nodules:
-        nod_list = _paint_nodules(cv, anat, X, Y, Z, seed, z_range=nodule_z_range_mm)
-
-    # fine tissue texture, per label (lung texture was painted with the lung) ---------------
+def _add_fine_texture(cv: _Canvas, fine: np.ndarray) -> None:
+    """Fine tissue texture with a per-label amplitude (the lungs got theirs when painted); floor at air."""
     amp = np.zeros(256, np.float32)
     for name, a in _TEXTURE_HU.items():
         amp[LABELS[name]] = a
     cv.hu += amp[cv.labels] * fine
     np.maximum(cv.hu, -1000.0, out=cv.hu)  # nothing is less dense than air
-
-    return Phantom(
-        hu=cv.hu,
-        labels=cv.labels,
-        spacing=spacing,
-        origin=origin,
-        params=params,
-        vessels=tree,
-        nodules=tuple(nod_list),
-    )
 
 
 #: Amplitude (HU) of the fine texture added to each label.
