@@ -1,0 +1,448 @@
+"""``ipv2-denoise web`` tested the way a person uses it: a real server process, Debian's Chromium
+driven by playwright (no browser download), Slicer's views rendered offscreen through Mesa EGL.
+
+What the page shows is asserted: the denoised view's pixels differ from the original's, the
+metrics table holds ``demo``'s numbers, Cancel stops the job and writes nothing, the export is a
+series ``dciodvfy`` accepts (and lands on a real Orthanc PACS), a path outside the data root is
+refused on the page. Screenshots go to ``docs/figures/web_*.png``. Plain-Python parts (the data
+root, the job runner) are tested first, without a browser.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import select
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+from IPv2DenoiseLib.app.web.data_root import DataRoot
+from IPv2DenoiseLib.app.web.jobs import CANCELLED, DONE, FAILED, JobRunner, table_cells
+from IPv2DenoiseLib.core.errors import UserError
+from IPv2DenoiseLib.core.progress import Cancelled
+from IPv2DenoiseLib.core.resources import resources_dir
+from IPv2DenoiseLib.imaging.metrics_table import MetricsTable
+
+REPO = Path(__file__).resolve().parents[2]
+FIGURES = REPO / "docs" / "figures"
+SAMPLE = resources_dir() / "SampleData" / "sample_uldct.nrrd"
+#: Generous bounds for waits (never asserted as speed): a slow shared machine must still pass.
+START_S = 180.0
+JOB_S = 240.0
+
+
+# ------------------------------------------------------------------ plain parts (no browser)
+
+
+def test_data_root_refuses_every_way_out(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "scans").mkdir(parents=True)
+    shutil.copy(SAMPLE, root / "scans" / "a.nrrd")
+    (root / "escape").symlink_to(tmp_path)
+    (tmp_path / "secret.nrrd").write_bytes(b"x")
+    data = DataRoot(root)
+    assert data.input("scans/a.nrrd") == (root / "scans" / "a.nrrd").resolve()
+    for outside in ("../secret.nrrd", str(tmp_path / "secret.nrrd"), "escape/secret.nrrd", "/etc/passwd"):
+        with pytest.raises(UserError, match="outside the data root"):
+            data.input(outside)
+    with pytest.raises(UserError, match="outside the data root"):
+        data.export_folder("../out")
+    with pytest.raises(UserError, match="is the input or lies inside it"):
+        data.export_folder("scans/derived", source=root / "scans")  # a DICOM folder's export
+    assert data.inputs() == ["scans/a.nrrd"]  # the link out of the root is not listed
+
+
+def test_job_runner_one_job_at_a_time_cancel_and_failure() -> None:
+    runner = JobRunner()
+    started, release = threading.Event(), threading.Event()
+
+    def slow(progress, warn, cancel):
+        warn("a warning")
+        for step in range(1000):
+            progress(step, 1000, "working")
+            started.set()
+            if release.wait(0.01):
+                return "finished"
+        return "finished"
+
+    serial = runner.start("denoise", slow)
+    assert started.wait(10)
+    with pytest.raises(UserError, match="busy: a denoise job is running"):
+        runner.start("export", slow)
+    assert runner.snapshot().busy and runner.snapshot().warnings == ("a warning",)
+    assert runner.cancel()
+    snap = runner.wait(10)
+    assert snap.state == CANCELLED and runner.result(serial) is None
+
+    release.set()
+    serial = runner.start("denoise", slow)
+    assert runner.wait(10).state == DONE and runner.result(serial) == "finished"
+
+    def broken(progress, warn, cancel):
+        raise UserError("input: not a CT")
+
+    runner.start("read", broken)
+    snap = runner.wait(10)
+    assert snap.state == FAILED and snap.error == "input: not a CT"
+    assert not runner.cancel()  # nothing runs
+    with pytest.raises(Cancelled):
+        raise Cancelled("x")
+
+
+def test_table_cells_are_demo_markdown_cells() -> None:
+    table = MetricsTable()
+    table.add_row("lung std", 94.444, 29.577, -64.867, "HU")
+    table.add_row("noise reduction", None, None, 68.68, "%")
+    header, rows = table_cells(table)
+    assert header == ["metric", "before", "after", "change", "unit"]
+    assert rows == [["lung std", "94.44", "29.58", "-64.87", "HU"], ["noise reduction", "", "", "68.68", "%"]]
+
+
+# ------------------------------------------------------------------------- the real server
+
+
+class WebServer:
+    """One ``ipv2-denoise web`` process on a free loopback port."""
+
+    def __init__(self, root: Path, args: list[str], log: Path) -> None:
+        self.root = root
+        self.log = log
+        self.began = time.monotonic()
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        env.pop("DISPLAY", None)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "IPv2DenoiseLib", "web", "--port", "0", "--data-root", str(root), *args],
+            stdout=subprocess.PIPE,
+            stderr=log.open("w"),
+            text=True,
+            env=env,
+        )
+        self.url = self._wait_for_url()
+        self.ready_s = time.monotonic() - self.began
+
+    def _wait_for_url(self) -> str:
+        deadline = time.monotonic() + START_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"web server exited {self.process.returncode}:\n{self.log.read_text()[-3000:]}"
+                )
+            ready, _, _ = select.select([self.process.stdout], [], [], 1.0)
+            if ready:
+                line = self.process.stdout.readline()
+                if "serving http://" in line:
+                    return line.split("serving ", 1)[1].split(" ", 1)[0]
+        raise RuntimeError(f"web server did not start within {START_S:g} s:\n{self.log.read_text()[-3000:]}")
+
+    def rss_mb(self) -> float:
+        return psutil.Process(self.process.pid).memory_info().rss / 2**20
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(10)
+
+
+@pytest.fixture(scope="module")
+def web_case(tmp_path_factory) -> Path:
+    """A data root holding the bundled sample; a file beside it that the page must never open."""
+    base = tmp_path_factory.mktemp("web")
+    root = base / "root"
+    (root / "scans").mkdir(parents=True)
+    shutil.copy(SAMPLE, root / "scans" / "sample_uldct.nrrd")
+    (base / "private.nrrd").write_bytes(SAMPLE.read_bytes()[:1000])
+    return base
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    playwright = pytest.importorskip("playwright.sync_api")
+    executable = shutil.which("chromium")
+    if executable is None:
+        pytest.fail("chromium is not installed: run scripts/setup.sh --test (apt-get install chromium)")
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=executable)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def server(web_case: Path, orthanc) -> Iterator[WebServer]:
+    web = WebServer(
+        web_case / "root",
+        [
+            "scans/sample_uldct.nrrd",
+            "--device",
+            "cpu",
+            "--pacs",
+            orthanc.node,
+        ],
+        web_case / "server.log",
+    )
+    yield web
+    web.stop()
+
+
+def wait_until(condition: Callable[[], object], timeout: float = JOB_S, what: str = "condition"):
+    """Poll ``condition`` until it is truthy (its value is returned)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+def view_pixels(page, title: str) -> np.ndarray:
+    """What the view titled ``title`` shows now (its streamed image, as RGB)."""
+    from PIL import Image
+
+    image = page.locator(f"#title-{title}").locator("xpath=..").locator("img.image-display-area")
+    return np.asarray(Image.open(io.BytesIO(image.screenshot())).convert("RGB"), dtype=np.int16)
+
+
+def lit(pixels: np.ndarray) -> float:
+    """Share of a view's pixels that are not (nearly) black: the title and slider overlays are small."""
+    return float((pixels.max(axis=2) > 30).mean())
+
+
+def graininess(pixels: np.ndarray) -> float:
+    """Mean absolute grey-level jump between horizontal neighbours inside the scan."""
+    grey = pixels.mean(axis=2)
+    inside = (grey[:, 1:] > 30) & (grey[:, :-1] > 30)
+    return float(np.abs(np.diff(grey, axis=1))[inside].mean())
+
+
+def open_page(browser, server: WebServer, *, query: str = ""):
+    page = browser.new_page(viewport={"width": 1400, "height": 860})
+    page.goto(server.url + query)
+    return page
+
+
+def shows_scan(page) -> bool:
+    """The original view holds a scan (not only black)."""
+    try:
+        return lit(view_pixels(page, "original")) > 0.2
+    except Exception:
+        return False
+
+
+def denoise_and_wait(page) -> float:
+    page.click("#denoise-btn")
+    clicked = time.monotonic()
+    wait_until(lambda: "denoise: done" in page.inner_text("#job-message"), what="the denoise job")
+    page.wait_for_selector("#metrics")
+    wait_until(lambda: lit(view_pixels(page, "denoised")) > 0.2, what="the denoised view")
+    return time.monotonic() - clicked
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "IPv2DenoiseLib", *args], capture_output=True, text=True, env=env, timeout=600
+    )
+
+
+def markdown_cells(path: Path) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of a metrics.md table, split like the page's."""
+    lines = [
+        line for line in path.read_text().splitlines() if line.startswith("|") and not line.startswith("|---")
+    ]
+    header, *rows = [[c.strip() for c in line.strip().strip("|").split(" | ")] for line in lines]
+    return header, rows
+
+
+# -------------------------------------------------------------------------- browser tests
+
+
+@pytest.mark.slow
+def test_denoise_in_the_browser_shows_demo_numbers(server, chromium, web_case, tmp_path) -> None:
+    """Open (the INPUT argument), click Denoise: the denoised view differs, the table is demo's."""
+    page = open_page(chromium, server)
+    wait_until(lambda: shows_scan(page), what="the first frame of the original view")
+    first_frame_s = time.monotonic() - server.began
+    rss_idle = server.rss_mb()
+    assert "sample_uldct.nrrd" in page.inner_text("#loaded-name")
+    before = view_pixels(page, "original")
+    assert lit(view_pixels(page, "denoised")) < 0.05  # nothing there yet
+
+    seconds = denoise_and_wait(page)
+    original, denoised = view_pixels(page, "original"), view_pixels(page, "denoised")
+    assert np.abs(original - before).mean() < 1  # the original view still shows the input
+    scan = original.max(axis=2) > 30
+    changed = (np.abs(denoised - original).max(axis=2) > 8)[scan].mean()
+    assert changed > 0.3, f"only {changed:.1%} of the scan differs in the denoised view"
+    # where it should: the grain is gone (pixel-to-pixel jumps inside the scan), the anatomy stays
+    assert graininess(denoised) < 0.6 * graininess(original)
+    assert abs(lit(denoised) - lit(original)) < 0.05
+    assert float(view_pixels(page, "difference").std()) > 5  # the difference view shows the noise removed
+
+    demo = run_cli(
+        "demo",
+        "--input",
+        str(web_case / "root" / "scans" / "sample_uldct.nrrd"),
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path / "demo"),
+    )
+    assert demo.returncode == 0, demo.stderr
+    header = [c.strip() for c in page.locator("#metrics thead th").all_inner_texts()]
+    rows = [
+        [c.strip() for c in row.locator("td").all_inner_texts()]
+        for row in page.locator("#metrics tbody tr").all()
+    ]
+    assert (header, rows) == markdown_cells(tmp_path / "demo" / "metrics.md")
+    page.screenshot(path=str(FIGURES / "web_denoised.png"))
+    print(
+        f"\nweb: server start to first frame {first_frame_s:.1f} s (server ready {server.ready_s:.1f} s), "
+        f"click to denoised view {seconds:.1f} s, server RSS {rss_idle:.0f} MB with a browser attached"
+    )
+    page.close()
+
+
+@pytest.mark.slow
+def test_linked_slices_presets_and_a_second_browser(server, chromium) -> None:
+    """Moving one slider moves all three views; the presets change the grey levels; two browsers
+    watch one job, the second sees it busy and cannot start another."""
+    first, second = open_page(chromium, server), open_page(chromium, server)
+    for page in (first, second):
+        wait_until(lambda page=page: shows_scan(page), what="the original view")
+    sliders = first.locator(".slice-slider [role=slider]")
+    values = lambda page: page.locator(".slice-slider [role=slider]").evaluate_all(  # noqa: E731
+        "els => els.map(e => e.getAttribute('aria-valuenow'))"
+    )
+    start = values(first)
+    assert len(set(start)) == 1
+    denoised_before = view_pixels(first, "denoised")
+    sliders.nth(0).focus()
+    for _ in range(5):
+        first.keyboard.press("ArrowRight")
+    moved = wait_until(
+        lambda: (v := values(first)) != start and len(set(v)) == 1 and v, what="linked sliders"
+    )
+    assert float(moved[0]) > float(start[0])
+    wait_until(lambda: values(second) == moved, what="the second browser's sliders")
+    wait_until(
+        lambda: np.abs(view_pixels(first, "denoised") - denoised_before).mean() > 1,
+        what="the denoised view to follow the original's slider",
+    )
+
+    lung = view_pixels(first, "original")
+    first.click("#preset-mediastinal")
+    wait_until(
+        lambda: np.abs(view_pixels(first, "original") - lung).mean() > 5, what="the mediastinal window"
+    )
+    first.screenshot(path=str(FIGURES / "web_mediastinal.png"))
+    first.click("#preset-lung")
+
+    first.click("#denoise-btn")
+    wait_until(lambda: "busy: denoise" in second.inner_text("#busy-chip"), what="busy in the second browser")
+    assert second.locator("#denoise-btn").is_disabled()
+    wait_until(
+        lambda: "denoise: done" in second.inner_text("#job-message"), what="the job seen by the second"
+    )
+    wait_until(lambda: "ready" in first.inner_text("#busy-chip"), what="ready again")
+    second.wait_for_selector("#metrics")
+    first.close()
+    second.close()
+
+
+@pytest.mark.slow
+def test_cancel_stops_and_writes_nothing(server, chromium) -> None:
+    """Adapt (a 60 s fine-tuning) then Cancel: the job stops, the data root is unchanged."""
+    before = sorted(p.relative_to(server.root) for p in server.root.rglob("*"))
+    page = open_page(chromium, server)
+    wait_until(lambda: shows_scan(page), what="the original view")
+    page.check("#adapt")
+    page.click("#denoise-btn")
+    wait_until(lambda: "adapting" in page.inner_text("#job-message"), what="the adaptation to start")
+    assert page.locator("#cancel-btn").is_enabled()
+    page.screenshot(path=str(FIGURES / "web_progress.png"))
+    page.click("#cancel-btn")
+    wait_until(lambda: "denoise: cancelled" in page.inner_text("#job-message"), what="the cancelled job")
+    assert "ready" in page.inner_text("#busy-chip")
+    assert sorted(p.relative_to(server.root) for p in server.root.rglob("*")) == before
+    page.uncheck("#adapt")
+    page.close()
+
+
+@pytest.mark.slow
+def test_export_is_valid_dicom_in_the_data_root_and_on_the_pacs(server, chromium, orthanc) -> None:
+    page = open_page(chromium, server)
+    wait_until(lambda: shows_scan(page), what="the original view")
+    if not page.locator("#metrics").count():
+        denoise_and_wait(page)
+    page.fill("#export-folder", "exports/web-series")
+    page.check("#send-to-pacs")
+    page.click("#export-btn")
+    text = wait_until(
+        lambda: (t := page.inner_text("#export-message")) and "wrote" in t and t, what="the export"
+    )
+    files = sorted((server.root / "exports" / "web-series").iterdir())
+    assert f"wrote {len(files)} DICOM files into exports/web-series" in text
+    assert "stored" in text and orthanc.aet in text
+    if shutil.which("dciodvfy"):
+        result = subprocess.run(["dciodvfy", str(files[0])], capture_output=True, text=True, timeout=60)
+        errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
+        assert not errors, errors
+    import pydicom
+
+    uid = pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID
+    assert len(orthanc.series_instances(uid)) == len(files)
+    page.close()
+
+
+@pytest.mark.slow
+def test_a_path_outside_the_data_root_is_refused_on_the_page(server, chromium, web_case) -> None:
+    page = open_page(chromium, server)
+    wait_until(lambda: shows_scan(page), what="the original view")
+    for outside in ("../private.nrrd", str(web_case / "private.nrrd")):
+        page.locator("#input-path").fill(outside)
+        page.keyboard.press("Enter")
+        page.click("#open-btn")
+        message = wait_until(
+            lambda: page.locator("#error-message").count() and page.inner_text("#error-message"),
+            what="the refusal",
+        )
+        assert "outside the data root; refused" in message
+    page.screenshot(path=str(FIGURES / "web_refused.png"))
+    assert "sample_uldct.nrrd" in page.inner_text("#loaded-name")  # what was open stays open
+    page.fill("#export-folder", "../outside-export")
+    page.click("#export-btn")
+    wait_until(
+        lambda: "outside the data root" in page.inner_text("#error-message"), what="the export refusal"
+    )
+    assert not (server.root.parent / "outside-export").exists()
+    page.close()
+
+
+@pytest.mark.slow
+def test_the_access_token_is_required(web_case, chromium) -> None:
+    web = WebServer(web_case / "root", ["--token", "s3cret", "--device", "cpu"], web_case / "token.log")
+    try:
+        assert web.url.endswith("?secret=s3cret")
+        base = web.url.split("?", 1)[0]
+        page = chromium.new_page()
+        page.goto(base + "?secret=wrong")
+        wait_until(lambda: "connect" in page.inner_text("#app"), what="the refused connection")
+        assert page.locator("#denoise-btn").count() == 0
+        page.goto(web.url)
+        page.wait_for_selector("#denoise-btn", timeout=JOB_S * 1000)
+        assert web.process.poll() is None
+        page.close()
+    finally:
+        web.stop()
