@@ -31,7 +31,17 @@ NOISE_SLICES = 8
 
 @dataclass(frozen=True)
 class TrainingRange:
-    """What a model was trained on; any bound may be missing (None)."""
+    """What a model was trained on; any bound may be missing (None).
+
+    Attributes
+    ----------
+    input_noise_hu : tuple of float or None
+        (low, high) noise SD of the training inputs, HU.
+    pixel_mm : tuple of float or None
+        (low, high) in-plane pixel size, mm.
+    slice_mm : tuple of float or None
+        (low, high) slice thickness, mm.
+    """
 
     input_noise_hu: tuple[float, float] | None = None
     pixel_mm: tuple[float, float] | None = None
@@ -39,7 +49,18 @@ class TrainingRange:
 
     @classmethod
     def from_card(cls, card: Mapping[str, Any]) -> TrainingRange | None:
-        """The range in a model card (``data.training_range``), or None when the card has none."""
+        """The range in a model card (``data.training_range``), or None when the card has none.
+
+        Parameters
+        ----------
+        card : Mapping
+            The parsed model card (JSON object).
+
+        Returns
+        -------
+        TrainingRange or None
+            The recorded bounds; a malformed bound is None, a card without a range gives None.
+        """
         data = card.get("data") or {}
         rng = data.get("training_range") if isinstance(data, Mapping) else None
         if not isinstance(rng, Mapping):
@@ -55,7 +76,18 @@ class TrainingRange:
 
 
 def measured_noise_hu(hu: np.ndarray) -> float:
-    """Noise SD (HU) of a scan, from up to :data:`NOISE_SLICES` evenly spaced slices."""
+    """Noise SD (HU) of a scan, from up to :data:`NOISE_SLICES` evenly spaced slices.
+
+    Parameters
+    ----------
+    hu : numpy.ndarray
+        The scan in HU, (z, y, x) or one (y, x) slice.
+
+    Returns
+    -------
+    float
+        The estimated noise SD, HU (as :func:`~IPv2DenoiseLib.imaging.noise_estimate.estimate_noise_hu`).
+    """
     vol = np.asarray(hu)
     vol = vol[None] if vol.ndim == 2 else vol
     picks = np.unique(np.linspace(0, vol.shape[0] - 1, min(NOISE_SLICES, vol.shape[0])).round().astype(int))
@@ -63,7 +95,18 @@ def measured_noise_hu(hu: np.ndarray) -> float:
 
 
 def describe_range(bounds: tuple[float, float]) -> str:
-    """``0.52–0.93``, or ``1.25`` when both ends are equal (never "1.25–1.25")."""
+    """``0.52–0.93``, or ``1.25`` when both ends are equal (never "1.25–1.25").
+
+    Parameters
+    ----------
+    bounds : tuple of float
+        (low, high), printed with two decimals.
+
+    Returns
+    -------
+    str
+        The range as a reader sees it in the warning.
+    """
     lo, hi = (f"{b:.2f}" for b in bounds)
     return lo if lo == hi else f"{lo}–{hi}"
 
@@ -76,6 +119,20 @@ def applicability_warning(
     Checks: measured noise far below the training noise (a normal-dose scan would be
     over-smoothed), in-plane pixel size and slice thickness outside the trained range. A card
     without a training range gives None (nothing to compare with).
+
+    Parameters
+    ----------
+    volume : Volume
+        The scan to denoise (HU; spacing in mm, x, y, z order).
+    card : Mapping
+        The model card of the denoiser.
+    noise_hu : float, optional
+        The scan's noise SD in HU when the caller has measured it already; measured here otherwise.
+
+    Returns
+    -------
+    str or None
+        One warning line naming every check that failed, or None when the scan is in range.
     """
     rng = TrainingRange.from_card(card)
     if rng is None:

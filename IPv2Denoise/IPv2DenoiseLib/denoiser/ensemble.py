@@ -26,7 +26,20 @@ ENSEMBLE_SIZES = (1, 2, 4, 8)
 
 
 def dihedral(x: torch.Tensor, index: int) -> torch.Tensor:
-    """Transform ``index`` (0-7) of the last two axes: bit 4 transposes, bit 1 flips x, bit 2 flips y."""
+    """Transform ``index`` (0-7) of the last two axes: bit 4 transposes, bit 1 flips x, bit 2 flips y.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        Slices, (..., y, x).
+    index : int
+        Which of the 8 transforms, 0 being the identity.
+
+    Returns
+    -------
+    torch.Tensor
+        The transformed view (no copy).
+    """
     if index & 4:
         x = x.transpose(-1, -2)
     if index & 1:
@@ -37,7 +50,20 @@ def dihedral(x: torch.Tensor, index: int) -> torch.Tensor:
 
 
 def undo_dihedral(y: torch.Tensor, index: int) -> torch.Tensor:
-    """The inverse of :func:`dihedral` (same ``index``)."""
+    """The inverse of :func:`dihedral` (same ``index``).
+
+    Parameters
+    ----------
+    y : torch.Tensor
+        Output of the network on ``dihedral(x, index)``, (..., y, x).
+    index : int
+        The transform that was applied (0-7).
+
+    Returns
+    -------
+    torch.Tensor
+        ``y`` back in the orientation of ``x``.
+    """
     if index & 2:
         y = y.flip(-2)
     if index & 1:
@@ -48,7 +74,23 @@ def undo_dihedral(y: torch.Tensor, index: int) -> torch.Tensor:
 
 
 def check_ensemble(ensemble: object) -> int:
-    """A valid ensemble size (see :data:`ENSEMBLE_SIZES`), or :class:`UserError`."""
+    """A valid ensemble size (see :data:`ENSEMBLE_SIZES`), or :class:`UserError`.
+
+    Parameters
+    ----------
+    ensemble : object
+        The size as given by a user or a caller.
+
+    Returns
+    -------
+    int
+        The size, one of :data:`ENSEMBLE_SIZES`.
+
+    Raises
+    ------
+    UserError
+        When it is not one of the sizes (booleans included).
+    """
     if isinstance(ensemble, bool) or ensemble not in ENSEMBLE_SIZES:
         raise UserError(f"ensemble must be one of {', '.join(map(str, ENSEMBLE_SIZES))}, got {ensemble!r}")
     return int(ensemble)

@@ -49,14 +49,40 @@ SlabRunner = Callable[[torch.nn.Module, torch.Tensor, torch.device], torch.Tenso
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """bf16 on CUDA GPUs that support it, else fp16 on CUDA; None (float32) elsewhere."""
+    """bf16 on CUDA GPUs that support it, else fp16 on CUDA; None (float32) elsewhere.
+
+    Parameters
+    ----------
+    device : torch.device
+        Where the network runs.
+
+    Returns
+    -------
+    torch.dtype or None
+        The autocast dtype, or None to run in float32.
+    """
     if device.type != "cuda":
         return None
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 def run_slab(model: torch.nn.Module, batch: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """The default :data:`SlabRunner`: channels_last, inference mode, autocast on CUDA."""
+    """The default :data:`SlabRunner`: channels_last, inference mode, autocast on CUDA.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The network; moved to ``device`` (channels_last).
+    batch : torch.Tensor
+        2.5D windows ``[B, in_slices, y, x]`` in network units.
+    device : torch.device
+        Where to compute.
+
+    Returns
+    -------
+    torch.Tensor
+        The denoised centre slices ``[B, 1, y, x]``, float32 on the CPU.
+    """
     model.to(device=device, memory_format=torch.channels_last)
     x = batch.to(device, non_blocking=device.type == "cuda").contiguous(memory_format=torch.channels_last)
     amp = autocast_dtype(device)
@@ -140,7 +166,20 @@ class Denoiser:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, *, expected_sha256: str | None = None) -> Denoiser:
-        """Load safetensors weights (+ model card); see :func:`IPv2DenoiseLib.denoiser.weights.load_model`."""
+        """Load safetensors weights (+ model card); see :func:`IPv2DenoiseLib.denoiser.weights.load_model`.
+
+        Parameters
+        ----------
+        path : path-like
+            The ``.safetensors`` file; its card ``.json`` beside it is read when present.
+        expected_sha256 : str, optional
+            The checksum the catalogue lists for the file.
+
+        Returns
+        -------
+        Denoiser
+            The network on the CPU, named after the file, ensemble size 1.
+        """
         model, card = load_model(path, expected_sha256=expected_sha256)
         return cls(model, card=card, name=Path(path).name)
 
@@ -153,6 +192,18 @@ class Denoiser:
 
         The catalogue is ``{"default": NAME, "models": {NAME: {"file": ..., "sha256": ...,
         "summary": ...}}}`` with files relative to the JSON file's folder.
+
+        Parameters
+        ----------
+        name : str
+            A catalogue name, or ``"default"`` for the catalogue's default model.
+        models_json : path-like, optional
+            Another catalogue file; the bundled one when omitted.
+
+        Returns
+        -------
+        Denoiser
+            The network, checksum verified, named after its catalogue entry.
 
         Raises
         ------

@@ -35,12 +35,33 @@ DEFAULT_MODEL = "default"
 
 
 def card_path(weights_path: str | os.PathLike) -> Path:
-    """The model card next to a weights file: ``x.safetensors`` → ``x.json``."""
+    """The model card next to a weights file: ``x.safetensors`` → ``x.json``.
+
+    Parameters
+    ----------
+    weights_path : path-like
+        The weights file (need not exist).
+
+    Returns
+    -------
+    pathlib.Path
+        The card's path.
+    """
     return Path(weights_path).with_suffix(".json")
 
 
 def read_card(weights_path: str | os.PathLike) -> dict[str, Any] | None:
     """The model card of a weights file as a dict, or None when there is none.
+
+    Parameters
+    ----------
+    weights_path : path-like
+        The weights file whose ``.json`` card is read.
+
+    Returns
+    -------
+    dict or None
+        The parsed card, or None when no card file exists.
 
     Raises
     ------
@@ -61,7 +82,19 @@ def read_card(weights_path: str | os.PathLike) -> dict[str, Any] | None:
 
 @dataclass(frozen=True)
 class CatalogueEntry:
-    """One shipped model: its name, weights file, checksum and one-line summary."""
+    """One shipped model: its name, weights file, checksum and one-line summary.
+
+    Attributes
+    ----------
+    name : str
+        The catalogue name (``--model NAME``).
+    weights : pathlib.Path
+        The resolved ``.safetensors`` file, inside the catalogue's folder.
+    sha256 : str or None
+        The checksum the catalogue lists, checked on load.
+    summary : str
+        One line for model lists.
+    """
 
     name: str
     weights: Path
@@ -72,7 +105,17 @@ class CatalogueEntry:
 @dataclass(frozen=True)
 class ModelCatalogue:
     """The shipped models (``models.json``: ``{"default": NAME, "models": {NAME: {"file", "sha256",
-    "summary"}}}``, files relative to the JSON file's folder)."""
+    "summary"}}}``, files relative to the JSON file's folder).
+
+    Attributes
+    ----------
+    path : pathlib.Path
+        The ``models.json`` file.
+    default : str or None
+        The name ``"default"`` stands for.
+    entries : Mapping of str to CatalogueEntry
+        The models by name.
+    """
 
     path: Path
     default: str | None
@@ -81,6 +124,16 @@ class ModelCatalogue:
     @classmethod
     def read(cls, models_json: str | os.PathLike | None = None) -> ModelCatalogue:
         """Read a catalogue (default: the bundled one, read once per process).
+
+        Parameters
+        ----------
+        models_json : path-like, optional
+            Another catalogue file; the bundled ``Resources/Models/models.json`` when omitted.
+
+        Returns
+        -------
+        ModelCatalogue
+            The parsed catalogue (cached until the file changes).
 
         Raises
         ------
@@ -148,6 +201,17 @@ class ModelReference:
 
     Shipped models are versioned with the package; a user's file is "unversioned" unless its
     card says otherwise.
+
+    Attributes
+    ----------
+    name : str
+        The catalogue name, or the weights file's name.
+    weights : pathlib.Path
+        The ``.safetensors`` file.
+    sha256 : str or None
+        The checksum to verify on load (catalogue entries only).
+    registered : bool
+        Whether it comes from the shipped catalogue.
     """
 
     name: str
@@ -164,6 +228,20 @@ class ModelReference:
         models_json: str | os.PathLike | None = None,
     ) -> ModelReference:
         """``--weights FILE`` when given, else ``--model NAME`` from the catalogue.
+
+        Parameters
+        ----------
+        model : str or None
+            A catalogue name (``"default"`` or None for the default model); ignored with ``weights``.
+        weights : path-like, optional
+            A weights file the user gave; it wins over ``model``.
+        models_json : path-like, optional
+            Another catalogue file; the bundled one when omitted.
+
+        Returns
+        -------
+        ModelReference
+            The model to load; nothing is loaded yet (torch-free).
 
         Raises
         ------

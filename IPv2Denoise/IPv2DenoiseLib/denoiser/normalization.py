@@ -27,6 +27,18 @@ def hu_to_net(hu: ArrayLike, *, clip: bool = True) -> ArrayLike:
     ``clip=False`` keeps values outside the HU range (a training target's noise, which clipping
     would bias in the air).
 
+    Parameters
+    ----------
+    hu : numpy.ndarray or torch.Tensor
+        Values in HU, any shape.
+    clip : bool
+        Clip to [:data:`HU_MIN`, :data:`HU_MAX`] first.
+
+    Returns
+    -------
+    numpy.ndarray or torch.Tensor
+        ``(HU + 1000) / 1000``, same shape and kind as ``hu``.
+
     Examples
     --------
     >>> hu_to_net(np.array([-1000.0, 0.0, 5000.0]))
@@ -42,7 +54,18 @@ def hu_to_net(hu: ArrayLike, *, clip: bool = True) -> ArrayLike:
 
 
 def net_to_hu(x: ArrayLike) -> ArrayLike:
-    """Network units → HU (no clipping; the inverse of :func:`hu_to_net` inside the HU range)."""
+    """Network units → HU (no clipping; the inverse of :func:`hu_to_net` inside the HU range).
+
+    Parameters
+    ----------
+    x : numpy.ndarray or torch.Tensor
+        Values in network units, any shape.
+
+    Returns
+    -------
+    numpy.ndarray or torch.Tensor
+        ``x * 1000 - 1000`` in HU (float32 for arrays; tensors keep their dtype).
+    """
     if isinstance(x, torch.Tensor):
         return x * HU_SCALE - HU_OFFSET
     out = np.asarray(x, dtype=np.float32) * np.float32(HU_SCALE)

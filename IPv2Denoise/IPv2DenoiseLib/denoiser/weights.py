@@ -37,7 +37,20 @@ DERIVED_KEYS = (
 
 
 def sha256_file(path: str | os.PathLike, *, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
+    """Hex sha256 of a file, read in chunks.
+
+    Parameters
+    ----------
+    path : path-like
+        The file.
+    chunk : int
+        Bytes read at a time (bounds memory for large files).
+
+    Returns
+    -------
+    str
+        The lowercase hex digest.
+    """
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
@@ -70,6 +83,11 @@ def save_model(
     -------
     dict
         The full card as written, including ``sha256`` of the weights file.
+
+    Raises
+    ------
+    UserError
+        ``path`` does not end in ``.safetensors``.
     """
     path = Path(path)
     if path.suffix != ".safetensors":

@@ -28,6 +28,11 @@ def build_model(arch: str, **kwargs) -> Denoiser2p5D:
     **kwargs
         The class's constructor keywords (e.g. ``in_slices=3, base_channels=16``).
 
+    Returns
+    -------
+    Denoiser2p5D
+        The network with freshly initialised weights, on the CPU.
+
     Raises
     ------
     UserError
@@ -43,7 +48,18 @@ def build_model(arch: str, **kwargs) -> Denoiser2p5D:
 
 
 def count_parameters(model: nn.Module) -> int:
-    """Number of trainable parameters."""
+    """Number of trainable parameters.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Any network.
+
+    Returns
+    -------
+    int
+        The count of elements of parameters that require gradients.
+    """
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
@@ -55,6 +71,20 @@ def flops_per_voxel(model: nn.Module, in_slices: int | None = None, size: int = 
     biases, activations and pooling are not counted (< 2 % here). The default 512 is the usual CT
     slice: RED-CNN's valid convolutions make its cost per pixel depend on the size (3.50 MFLOP/px
     at 512, 2.28 at 64).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The network (left untouched: a copy is counted).
+    in_slices : int, optional
+        Input channels; the model's ``in_slices`` (else 1) when omitted.
+    size : int
+        Height and width of the counted input, pixels.
+
+    Returns
+    -------
+    float
+        FLOPs per output pixel of one slice.
     """
     if in_slices is None:
         in_slices = getattr(model, "in_slices", 1)

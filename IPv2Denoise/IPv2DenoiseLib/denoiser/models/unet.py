@@ -13,7 +13,13 @@ from IPv2DenoiseLib.denoiser.models.base import Denoiser2p5D, check_input, check
 
 
 class TwoConv(nn.Sequential):
-    """Two 3x3 convolutions with ReLU, same size."""
+    """Two 3x3 convolutions with ReLU, same size.
+
+    Parameters
+    ----------
+    in_ch, out_ch : int
+        Input and output channels.
+    """
 
     def __init__(self, in_ch: int, out_ch: int) -> None:
         super().__init__(
@@ -25,14 +31,30 @@ class TwoConv(nn.Sequential):
 
 
 class Down(nn.Sequential):
-    """2x2 max-pool, then :class:`TwoConv`."""
+    """2x2 max-pool, then :class:`TwoConv`.
+
+    Parameters
+    ----------
+    in_ch, out_ch : int
+        Input and output channels.
+    """
 
     def __init__(self, in_ch: int, out_ch: int) -> None:
         super().__init__(nn.MaxPool2d(2), TwoConv(in_ch, out_ch))
 
 
 class UpCat(nn.Module):
-    """2x2 transposed-conv upsampling, concatenation with the skip, :class:`TwoConv`."""
+    """2x2 transposed-conv upsampling, concatenation with the skip, :class:`TwoConv`.
+
+    Parameters
+    ----------
+    in_ch : int
+        Channels of the coarser input.
+    skip_ch : int
+        Channels of the skip connection (the upsampling's output channels too).
+    out_ch : int
+        Output channels.
+    """
 
     def __init__(self, in_ch: int, skip_ch: int, out_ch: int) -> None:
         super().__init__()
