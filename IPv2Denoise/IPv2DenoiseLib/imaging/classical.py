@@ -34,7 +34,21 @@ NLM_H_FACTOR = 0.9
 
 
 def nlm_filter(noise_hu: float, *, h_factor: float = NLM_H_FACTOR) -> SliceFilter:
-    """Non-local means (scikit-image, fast mode, patch 5, distance 6, ``h = h_factor·noise_hu``)."""
+    """Non-local means (scikit-image, fast mode, patch 5, distance 6, ``h = h_factor·noise_hu``).
+
+    Parameters
+    ----------
+    noise_hu : float
+        Noise SD of the slices to filter, HU.
+    h_factor : float
+        Filtering strength as a multiple of ``noise_hu`` (0.9 for the baseline, 0.8 for the
+        purification's weak denoiser).
+
+    Returns
+    -------
+    SliceFilter
+        ``[y, x]`` HU in, float32 HU out.
+    """
     sigma = float(noise_hu)
 
     def nlm(s: np.ndarray) -> np.ndarray:
@@ -53,7 +67,18 @@ def nlm_filter(noise_hu: float, *, h_factor: float = NLM_H_FACTOR) -> SliceFilte
 
 def tv_filter(noise_hu: float) -> SliceFilter:
     """Chambolle TV on HU/4096 with weight ``noise_hu/4096`` (0.02 at 80 HU, the best weight measured
-    at 2 % dose)."""
+    at 2 % dose).
+
+    Parameters
+    ----------
+    noise_hu : float
+        Noise SD of the slices to filter, HU.
+
+    Returns
+    -------
+    SliceFilter
+        ``[y, x]`` HU in, float32 HU out.
+    """
     weight = noise_hu / TV_SCALE_HU
 
     def tv(s: np.ndarray) -> np.ndarray:
@@ -64,7 +89,18 @@ def tv_filter(noise_hu: float) -> SliceFilter:
 
 
 def curvature_filter(noise_hu: float) -> SliceFilter:
-    """SimpleITK curvature anisotropic diffusion, ``clip(noise_hu/12, 3, 8)`` iterations (7 at ~80 HU)."""
+    """SimpleITK curvature anisotropic diffusion, ``clip(noise_hu/12, 3, 8)`` iterations (7 at ~80 HU).
+
+    Parameters
+    ----------
+    noise_hu : float
+        Noise SD of the slices to filter, HU.
+
+    Returns
+    -------
+    SliceFilter
+        ``[y, x]`` HU in, float32 HU out (pixel units: time step 0.0625, conductance 1).
+    """
     iterations = int(np.clip(round(noise_hu / 12.0), 3, 8))
 
     def curvature(s: np.ndarray) -> np.ndarray:
@@ -78,7 +114,18 @@ def curvature_filter(noise_hu: float) -> SliceFilter:
 
 
 def bm3d_filter(noise_hu: float) -> SliceFilter:
-    """BM3D (the optional ``bm3d`` package) with white ``sigma_psd = noise_hu``."""
+    """BM3D (the optional ``bm3d`` package) with white ``sigma_psd = noise_hu``.
+
+    Parameters
+    ----------
+    noise_hu : float
+        Noise SD of the slices to filter, HU.
+
+    Returns
+    -------
+    SliceFilter
+        ``[y, x]`` HU in, float32 HU out; about 6.5 s per 512² slice on 2 cores.
+    """
     import bm3d  # lazy: optional, non-commercial; only reached when available_methods() lists it
 
     def bm3d_slice(s: np.ndarray) -> np.ndarray:
@@ -88,13 +135,39 @@ def bm3d_filter(noise_hu: float) -> SliceFilter:
 
 
 def gaussian_filter_mm(sigma_mm: float, spacing_xy: tuple[float, float]) -> SliceFilter:
-    """Gaussian blur of ``sigma_mm`` (mm converted to pixels with ``spacing_xy = (sx, sy)``)."""
+    """Gaussian blur of ``sigma_mm`` (mm converted to pixels with ``spacing_xy = (sx, sy)``).
+
+    Parameters
+    ----------
+    sigma_mm : float
+        Standard deviation of the Gaussian, mm.
+    spacing_xy : tuple of float
+        Pixel size (sx, sy), mm.
+
+    Returns
+    -------
+    SliceFilter
+        ``[y, x]`` HU in, float32 HU out.
+    """
     sx, sy = spacing_xy
     return lambda s: ndi.gaussian_filter(s, sigma=(sigma_mm / sy, sigma_mm / sx)).astype(np.float32)
 
 
 def median_filter_mm(radius_mm: float, spacing_xy: tuple[float, float]) -> SliceFilter:
-    """Median over a disk of ``radius_mm`` (at least 3x3 pixels)."""
+    """Median over a disk of ``radius_mm`` (at least 3x3 pixels).
+
+    Parameters
+    ----------
+    radius_mm : float
+        Radius of the disk, mm (an ellipse in pixels when the pixels are not square).
+    spacing_xy : tuple of float
+        Pixel size (sx, sy), mm.
+
+    Returns
+    -------
+    SliceFilter
+        ``[y, x]`` HU in, float32 HU out (edges repeated).
+    """
     sx, sy = spacing_xy
     ry, rx = max(1, round(radius_mm / sy)), max(1, round(radius_mm / sx))
     yy, xx = np.mgrid[-ry : ry + 1, -rx : rx + 1]
@@ -105,7 +178,22 @@ def median_filter_mm(radius_mm: float, spacing_xy: tuple[float, float]) -> Slice
 
 
 def bilateral_filter(sigma_mm: float, range_hu: float, spacing_xy: tuple[float, float]) -> SliceFilter:
-    """SimpleITK bilateral filter: domain sigma ``sigma_mm`` mm, range sigma ``range_hu``."""
+    """SimpleITK bilateral filter: domain sigma ``sigma_mm`` mm, range sigma ``range_hu``.
+
+    Parameters
+    ----------
+    sigma_mm : float
+        Spatial (domain) sigma, mm.
+    range_hu : float
+        Intensity (range) sigma, HU: edges stronger than this are kept.
+    spacing_xy : tuple of float
+        Pixel size (sx, sy), mm.
+
+    Returns
+    -------
+    SliceFilter
+        ``[y, x]`` HU in, float32 HU out.
+    """
 
     def bilateral(s: np.ndarray) -> np.ndarray:
         image = sitk.GetImageFromArray(s.astype(np.float32))
@@ -117,7 +205,13 @@ def bilateral_filter(sigma_mm: float, range_hu: float, spacing_xy: tuple[float, 
 
 
 def available_methods() -> tuple[str, ...]:
-    """The classical methods usable here (``bm3d`` only when that package is importable)."""
+    """The classical methods usable here (``bm3d`` only when that package is importable).
+
+    Returns
+    -------
+    tuple of str
+        :data:`CLASSICAL_METHODS`, plus ``"bm3d"`` when available.
+    """
     extra = ("bm3d",) if importlib.util.find_spec("bm3d") is not None else ()
     return CLASSICAL_METHODS + extra
 

@@ -186,6 +186,11 @@ def common_dark_mask(u: np.ndarray, n: np.ndarray, **kw) -> np.ndarray:
     -----
     The authors add the two 0/255 uint8 masks, so 255 + 255 wraps to 254 and the "dark in both"
     region is weighted 0.996 instead of 1 in their blend. This is the exact OR they intended.
+
+    Raises
+    ------
+    UserError
+        The two scans differ in shape (or either is not a finite 2-D/3-D HU array).
     """
     u_arr, n_arr = np.asarray(u), np.asarray(n)
     if u_arr.shape != n_arr.shape:
@@ -230,6 +235,13 @@ def border_connected(mask: np.ndarray, *, per_slice: bool = True) -> np.ndarray:
 
 def split_dark(dark: np.ndarray, *, per_slice: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Split the dark mask ``D`` into background ``B`` (border-connected) and lungs ``L = D & ~B``.
+
+    Parameters
+    ----------
+    dark : ndarray of bool, [z, y, x] or [y, x]
+        The dark mask (e.g. :func:`common_dark_mask`).
+    per_slice : bool
+        Flood fill per slice (2-D) or in 3-D; see :func:`border_connected`.
 
     Returns
     -------
@@ -345,6 +357,21 @@ def outside_air(
     that is mostly bullae or a large pneumothorax reaching the edge of a truncated image would
     pass it: that is the rule's limit.
 
+    Parameters
+    ----------
+    hu : ndarray, [z, y, x] or [y, x]
+        CT in HU.
+    threshold : float
+        Smoothed HU below which a voxel is air.
+    smooth_px : float
+        In-plane Gaussian sigma (pixels) before the air threshold.
+    pure_air_hu : float
+        HU below which a (2-px smoothed) voxel counts as pure air.
+    pure_fraction : float
+        Share of pure air an edge-touching region needs in a truncated slice.
+    min_body_fraction : float
+        Share of the slice a border-touching tissue region needs to mean a truncated body.
+
     Returns
     -------
     ndarray of bool
@@ -433,8 +460,18 @@ def background_weight(
 
     Parameters
     ----------
+    hu : ndarray, [z, y, x] or [y, x]
+        CT in HU.
     spacing : (sx, sy, sz) mm, optional
         Voxel size, ITK order; default 1 mm (the mm values are read as pixels).
+    tissue_hu : float
+        Smoothed HU above which a voxel is tissue.
+    margin_mm : float
+        Distance from tissue kept at weight 0, mm (at least 1.5 pixels).
+    blend_mm : float
+        Distance over which the weight then rises from 0 to 1, mm.
+    smooth_px : float
+        In-plane Gaussian sigma (pixels) before the tissue threshold.
 
     Returns
     -------
@@ -465,6 +502,13 @@ def background_weight(
 def background_mask(hu: np.ndarray, *, spacing: Sequence[float] | None = None) -> np.ndarray:
     """Air outside the patient that *Remove Background* touches: ``background_weight(hu) > 0``.
 
+    Parameters
+    ----------
+    hu : ndarray, [z, y, x] or [y, x]
+        CT in HU.
+    spacing : (sx, sy, sz) mm, optional
+        Voxel size, ITK order; default 1 mm.
+
     Returns
     -------
     ndarray of bool
@@ -490,6 +534,24 @@ def truncated_slices(
     background removal there are less certain. Without ``body``, :func:`body_mask` is computed on
     a grid of about ``coarse_mm`` pixels (the first and last rows and columns kept), which is
     plenty for a contact of centimetres and costs a fraction of the full-resolution mask.
+
+    Parameters
+    ----------
+    hu : ndarray, [z, y, x] or [y, x]
+        CT in HU.
+    body : ndarray of bool, optional
+        Body mask of ``hu`` when the caller has one.
+    spacing : (sx, sy, sz) mm, optional
+        Voxel size, ITK order; default 1 mm.
+    min_contact_mm : float
+        Length of body along the image edge that makes a slice truncated, mm.
+    coarse_mm : float
+        Pixel size of the coarse grid the body mask is computed on, mm.
+
+    Returns
+    -------
+    ndarray of bool, [z]
+        One flag per axial slice.
     """
     vol, _ = _as_hu(hu)
     sx, sy = (1.0, 1.0) if spacing is None else (float(spacing[0]), float(spacing[1]))
@@ -515,7 +577,22 @@ def _coarse_axis(n: int, spacing_mm: float, target_mm: float) -> np.ndarray:
 def truncation_warning(
     hu: np.ndarray, *, body: np.ndarray | None = None, spacing: Sequence[float] | None = None
 ) -> str | None:
-    """One line saying the field of view is truncated (see :func:`truncated_slices`), or None."""
+    """One line saying the field of view is truncated (see :func:`truncated_slices`), or None.
+
+    Parameters
+    ----------
+    hu : ndarray, [z, y, x] or [y, x]
+        CT in HU.
+    body : ndarray of bool, optional
+        Body mask of ``hu`` when the caller has one.
+    spacing : (sx, sy, sz) mm, optional
+        Voxel size, ITK order; default 1 mm.
+
+    Returns
+    -------
+    str or None
+        The warning (how many slices, the first one), or None when no slice is truncated.
+    """
     cut = truncated_slices(hu, body=body, spacing=spacing)
     if not cut.any():
         return None
@@ -557,6 +634,14 @@ def airway_mask(
         Body mask; default :func:`body_mask` of ``hu``.
     spacing : (sx, sy, sz) mm, optional
         Voxel size (ITK order); default 1 mm, i.e. the mm limits are read as pixels.
+    max_area_mm2 : float
+        Largest in-slice area of an airway piece, mm².
+    max_offset_mm : float
+        Largest left-right distance of its centroid from the body's centre, mm.
+    min_solidity : float
+        Smallest solidity (area / convex hull area) of an airway piece.
+    min_slices : int
+        Fewest slices a chain of airway pieces must span.
 
     Returns
     -------
@@ -564,6 +649,11 @@ def airway_mask(
         On a chest CT: the trachea from the top of the scan to the carina and the parts of the main
         bronchi that are separate from the lung in the slice. Where a bronchus joins the lung within
         a slice it stays part of the lung.
+
+    Raises
+    ------
+    UserError
+        ``lungs`` and ``hu`` differ in shape (or ``hu`` is not finite 2-D/3-D HU).
     """
     vol, was_2d = _as_hu(hu)
     lung, _ = _as_mask(lungs, "lungs")
@@ -616,8 +706,20 @@ def lung_mask(
 
     Parameters
     ----------
+    hu : ndarray, [z, y, x] or [y, x]
+        CT in HU.
     body : ndarray of bool, optional
         Default :func:`body_mask` of ``hu``.
+    threshold : float
+        Smoothed HU below which a voxel is air-like.
+    smooth_px : float
+        In-plane Gaussian sigma, pixels.
+    max_components : int
+        Most 3-D components kept (2: left and right lung).
+    min_fraction : float
+        Smallest size of a kept component, as a share of the largest.
+    fill_vessels : bool
+        Fill holes per slice so vessels and nodules count as lung.
     separate_trachea : bool
         Remove the trachea/main bronchi before picking components (see :func:`airway_mask`).
     spacing : (sx, sy, sz) mm, optional
@@ -629,6 +731,11 @@ def lung_mask(
         On a chest CT: left and right lung (one component when the airways link them), vessels
         included, no outside air, no gut gas; the trachea included only when it is connected and
         ``separate_trachea`` is False. Empty when the slices hold no lung.
+
+    Raises
+    ------
+    UserError
+        ``body`` and ``hu`` differ in shape (or ``hu`` is not finite 2-D/3-D HU).
     """
     vol, was_2d = _as_hu(hu)
     body_m = body_mask(vol) if body is None else _as_mask(body, "body")[0]
@@ -667,6 +774,19 @@ def soft_tissue_mask(
     ``erosion_radius`` px in-plane so edges (fat/muscle, vessel walls) stay out. The range test
     uses the smoothed HU because at 2 % dose the raw noise (~90 HU) would scatter the range.
 
+    Parameters
+    ----------
+    hu : ndarray, [z, y, x] or [y, x]
+        CT in HU.
+    body : ndarray of bool, optional
+        Default :func:`body_mask` of ``hu``.
+    low, high : float
+        The HU range of soft tissue (after smoothing).
+    smooth_px : float
+        In-plane Gaussian sigma before the range test, pixels.
+    erosion_radius : int
+        In-plane erosion that keeps edges out, pixels (0: none).
+
     Returns
     -------
     ndarray of bool
@@ -697,6 +817,19 @@ def lung_parenchyma_mask(
     ``erosion_radius`` px in-plane. The std of HU inside the whole lung mask is dominated by vessels (about 190 HU on a
     chest), so lung *noise* must be measured here instead (docs/results.md, metrics: homogeneous ROIs).
 
+    Parameters
+    ----------
+    hu : ndarray, [z, y, x] or [y, x]
+        CT in HU.
+    lungs : ndarray of bool, optional
+        Default :func:`lung_mask` of ``hu``.
+    vessel_hu : float
+        Smoothed HU at or above which a voxel is vessel (or wall, nodule).
+    smooth_px : float
+        In-plane Gaussian sigma before the vessel test, pixels.
+    erosion_radius : int
+        In-plane erosion of the result, pixels (0: none).
+
     Returns
     -------
     ndarray of bool
@@ -719,6 +852,20 @@ def standard_rois(
     Also returns the whole ``lungs`` under the key ``"lungs_whole"`` (for LAA-950, which by
     convention counts vessels in the denominator); it is not a noise ROI. ``body`` reuses a body
     mask the caller already has.
+
+    Parameters
+    ----------
+    hu : ndarray, [z, y, x] or [y, x]
+        CT in HU.
+    spacing : (sx, sy, sz) mm, optional
+        Voxel size, ITK order; default 1 mm.
+    body : ndarray of bool, optional
+        Body mask of ``hu``; computed when omitted.
+
+    Returns
+    -------
+    dict of str to ndarray of bool
+        ``lung``, ``soft_tissue``, ``background`` and ``lungs_whole``, each of ``hu``'s shape.
     """
     vol, was_2d = _as_hu(hu)
     body = body_mask(vol) if body is None else _as_mask(body, "body")[0]
@@ -740,6 +887,16 @@ def evaluation_rois(reference: np.ndarray) -> dict[str, np.ndarray]:
     −800…−700 HU, is border-connected too, and the inference's background removal erases it, which
     is not noise), ``lungs`` (whole), ``body`` (not lungs), ``soft_tissue``, ``whole_body`` and the
     vessel-free ``lung_parenchyma``.
+
+    Parameters
+    ----------
+    reference : ndarray, [z, y, x] or [y, x]
+        The reference CT in HU (noise-free or normal dose).
+
+    Returns
+    -------
+    dict of str to ndarray of bool
+        The six regions above by name, each of ``reference``'s shape.
     """
     body = body_mask(reference)
     lungs = lung_mask(reference) & body
