@@ -24,7 +24,6 @@ PACKAGE = Path(__file__).resolve().parents[2] / "IPv2Denoise" / "IPv2DenoiseLib"
 CHECKED_FOLDERS = ("io", "imaging", "denoiser", "denoiser/models")
 #: TODO(issue #22): modules whose docstrings are still being written; each leaves this set when done.
 PENDING = {
-    "imaging/metrics.py",
     "imaging/noise_estimate.py",
     "io/case_folder.py",
     "io/dicom_export.py",
@@ -134,10 +133,11 @@ def parse(docstring: str, where: str, problems: list[str]) -> NumpyDocString:
     return doc
 
 
-def documented_parameters(doc: NumpyDocString) -> set[str]:
-    """Every name of the ``Parameters`` section (``*args, **kwargs`` entries split)."""
+def documented_parameters(doc: NumpyDocString, section: str = "Parameters") -> set[str]:
+    """Every name of a section (``Parameters`` by default; grouped entries such as ``a, b`` or
+    ``*args, **kwargs`` split)."""
     names = set()
-    for entry in doc["Parameters"]:
+    for entry in doc[section]:
         names.update(part.strip().lstrip("*") for part in entry.name.split(","))
     return names
 
@@ -201,7 +201,7 @@ def check_class(where: str, node: ast.ClassDef, problems: list[str]) -> int:
         problems.append(f"{where}: no docstring")
     elif is_dataclass(node):
         doc = parse(docstring, where, problems)
-        named = documented_parameters(doc) | {entry.name.strip() for entry in doc["Attributes"]}
+        named = documented_parameters(doc) | documented_parameters(doc, "Attributes")
         missing = [name for name in dataclass_fields(node) if name not in named]
         if missing:
             problems.append(f"{where}: Parameters (or Attributes) section lacks the fields {missing}")

@@ -50,7 +50,17 @@ def _mask(func: str, mask: Any, shape: tuple[int, ...], name: str = "mask") -> n
 
 @dataclass(frozen=True)
 class RoiStats:
-    """HU statistics of the voxels in one region (NaN and ``count=0`` for an empty region)."""
+    """HU statistics of the voxels in one region (NaN and ``count=0`` for an empty region).
+
+    Attributes
+    ----------
+    mean, std : float
+        Mean and sample standard deviation (``ddof=1``), HU.
+    p5, p95 : float
+        5th and 95th percentile, HU.
+    count : int
+        Voxels in the region.
+    """
 
     mean: float
     std: float
@@ -87,7 +97,20 @@ def roi_stats(hu: Any, mask: Any) -> RoiStats:
 
 
 def noise_std(hu: Any, mask: Any) -> float:
-    """Noise as the standard deviation of HU in a homogeneous ROI (NaN when empty)."""
+    """Noise as the standard deviation of HU in a homogeneous ROI (NaN when empty).
+
+    Parameters
+    ----------
+    hu : array_like or Volume
+        Image in HU.
+    mask : array_like of bool, same shape as ``hu``
+        A homogeneous region (e.g. :func:`~IPv2DenoiseLib.imaging.masks.soft_tissue_mask`).
+
+    Returns
+    -------
+    float
+        Sample standard deviation, HU.
+    """
     return roi_stats(hu, mask).std
 
 
@@ -96,6 +119,18 @@ def noise_from_realisations(a: Any, b: Any, mask: Any) -> float:
 
     The structure cancels in the difference, so this works in non-uniform regions too; the √2
     undoes the doubled variance of a difference of two independent realisations.
+
+    Parameters
+    ----------
+    a, b : array_like or Volume
+        Two scans of the same object in HU, same shape, independent noise.
+    mask : array_like of bool, same shape
+        Where to measure.
+
+    Returns
+    -------
+    float
+        Noise SD of one realisation, HU (NaN when the mask is empty).
     """
     a, b = _array(a), _array(b)
     _check_shapes("noise_from_realisations", ("a", "b"), a, b)
@@ -109,7 +144,20 @@ def cnr(hu: Any, mask_a: Any, mask_b: Any, *, noise_mask: Any = None) -> float:
     ``noise`` is the standard deviation in ``mask_b`` (the background, e.g. soft tissue when
     ``mask_a`` is lung), or in ``noise_mask`` when given (a homogeneous ROI). CNR rewards
     over-smoothing, so report it next to an edge or texture metric (e.g. :func:`nps_2d`).
-    Returns NaN if a region is empty.
+
+    Parameters
+    ----------
+    hu : array_like or Volume
+        Image in HU.
+    mask_a, mask_b : array_like of bool, same shape as ``hu``
+        The two regions compared (``mask_b`` also gives the noise by default).
+    noise_mask : array_like of bool, optional
+        A homogeneous region for the noise instead of ``mask_b``.
+
+    Returns
+    -------
+    float
+        The CNR (unitless); NaN if a region is empty or the noise is zero.
     """
     a, b = roi_stats(hu, mask_a), roi_stats(hu, mask_b)
     noise = b.std if noise_mask is None else noise_std(hu, noise_mask)
@@ -139,6 +187,20 @@ def psnr(reference: Any, test: Any, *, mask: Any = None, window: tuple[float, fl
     ``data_range=1`` (:func:`skimage.metrics.peak_signal_noise_ratio`) over the voxels in ``mask``
     (all voxels if ``None``). Identical images give ``inf``; an empty mask gives NaN.
 
+    Parameters
+    ----------
+    reference, test : array_like or Volume
+        The reference (e.g. NDCT or noise-free truth) and the image scored, HU, same shape.
+    mask : array_like of bool, optional
+        Voxels scored; all when None.
+    window : (low, high) HU
+        Clipping window; the lung window by default.
+
+    Returns
+    -------
+    float
+        PSNR, dB.
+
     Raises
     ------
     UserError
@@ -159,6 +221,20 @@ def rmse(reference: Any, test: Any, *, mask: Any = None, window: tuple[float, fl
 
     Computed on the [0, 1]-scaled images like :func:`psnr` and multiplied back by the window
     width, so ``psnr = 20·log10(width / rmse)``. An empty mask gives NaN.
+
+    Parameters
+    ----------
+    reference, test : array_like or Volume
+        The reference and the image scored, HU, same shape.
+    mask : array_like of bool, optional
+        Voxels scored; all when None.
+    window : (low, high) HU
+        Clipping window; the lung window by default.
+
+    Returns
+    -------
+    float
+        RMSE, HU.
     """
     ref, tst, m, width = _windowed("rmse", reference, test, mask, window)
     if m is not None:
@@ -184,6 +260,22 @@ def ssim(
     voxels of ``mask`` (all voxels if ``None``) pooled over slices, leaving out a border of
     ``(win_size − 1)//2`` pixels where the filter sees padding — with no mask this equals
     skimage's own mean SSIM of a 2D image. Slices with no mask voxel are skipped; NaN if none is left.
+
+    Parameters
+    ----------
+    reference, test : array_like or Volume
+        The reference and the image scored, HU, same shape, 2D [y, x] or 3D [z, y, x].
+    mask : array_like of bool, optional
+        Voxels scored; all when None.
+    window : (low, high) HU
+        Clipping window; the lung window by default.
+    win_size : int
+        Side of the uniform SSIM window, pixels (odd).
+
+    Returns
+    -------
+    float
+        Mean SSIM, at most 1.
 
     Raises
     ------
@@ -347,6 +439,20 @@ def laa950(hu: Any, lung_mask: Any, *, threshold: float = -950.0) -> float:
     The emphysema index (RA950) at the usual −950 HU threshold for inspiratory CT. Noise inflates
     it and smoothing deflates it, so compare it against the standard-dose value. NaN for an empty
     lung mask.
+
+    Parameters
+    ----------
+    hu : array_like or Volume
+        Image in HU.
+    lung_mask : array_like of bool, same shape as ``hu``
+        The whole lungs (vessels included, by convention).
+    threshold : float
+        HU below which a voxel counts as low attenuation.
+
+    Returns
+    -------
+    float
+        Percent of lung voxels, 0–100.
     """
     img = _array(hu)
     vals = img[_mask("laa950", lung_mask, img.shape, "lung_mask")]
@@ -370,6 +476,24 @@ def roi_comparison_table(
     ``muscle``, or ``soft_tissue_key``; noise from the soft-tissue std) and LAA-950 (%, change in
     percentage points) over ``laa_mask`` (the whole lungs, vessels included, by convention) or, if
     not given, over the ``lung_key`` region.
+
+    Parameters
+    ----------
+    before_hu, after_hu : array_like or Volume
+        The scan before and after denoising, HU, same shape.
+    regions : dict of str to array_like of bool
+        The ROIs by name, each of the scan's shape.
+    lung_key : str
+        The region that is lung (for CNR and LAA-950).
+    soft_tissue_key : str, optional
+        The region that is soft tissue; found among the usual names when None.
+    laa_mask : array_like of bool, optional
+        The whole lungs for LAA-950; the ``lung_key`` region when None.
+
+    Returns
+    -------
+    MetricsTable
+        One row per statistic (before, after, change, unit).
     """
     before, after = _array(before_hu), _array(after_hu)
     _check_shapes("roi_comparison_table", ("before_hu", "after_hu"), before, after)
@@ -396,6 +520,18 @@ def slice_correlation(noise: np.ndarray, mask: np.ndarray) -> float:
     """Lag-1 correlation of ``noise`` between adjacent slices, over voxels in ``mask`` in both.
 
     Written by hand: a Pearson correlation of the voxel pairs (z, z+1); no library call takes a mask.
+
+    Parameters
+    ----------
+    noise : ndarray, [z, y, x]
+        A noise-only image, HU.
+    mask : ndarray of bool, same shape
+        Where to measure.
+
+    Returns
+    -------
+    float
+        The correlation in [-1, 1]; NaN for fewer than 2 slices or 10 voxel pairs.
     """
     if noise.ndim != 3 or noise.shape[0] < 2:
         return math.nan
@@ -420,6 +556,20 @@ def scan_comparison_table(
     (lung parenchyma, soft tissue, background air; the same voxels for both), plus
     ``extra_regions`` (a user's ROI or segment); LAA-950 over the whole lungs. ``demo``, the Slicer
     module and the web app call this, so their tables agree to the last digit.
+
+    Parameters
+    ----------
+    before_hu, after_hu : array_like or Volume
+        The scan before and after denoising, HU, (z, y, x), same shape.
+    spacing : (sx, sy, sz) mm, optional
+        Voxel size, ITK order, for the ROIs.
+    extra_regions : dict of str to array_like of bool, optional
+        More ROIs by name, each of the scan's shape.
+
+    Returns
+    -------
+    MetricsTable
+        As :func:`roi_comparison_table`.
     """
     before = _array(before_hu)
     regions = standard_rois(before, spacing=spacing)
