@@ -14,27 +14,83 @@ from scipy import ndimage as ndi
 from IPv2DenoiseLib.imaging.masks import body_mask, soft_tissue_mask
 from IPv2DenoiseLib.imaging.metrics import slice_correlation
 
+#: Width (pixels, Gaussian SD) of the in-region smoothing whose residual is the noise sample.
+HIGH_PASS_PX = 6.0
+#: In-plane smoothing (pixels) and erosion of the default soft-tissue region. The region is found
+#: on the noisy scan by its HU range; with the mask's own 1.5 px smoothing, smooth noise of 100+ HU
+#: scatters pixels out of the range wherever the noise is large, and what stays reads at half the
+#: SD. Smoothing over 8 px (and eroding as far, to keep the blurred edges out) fixes that.
+MASK_SMOOTH_PX = 8.0
+MASK_EROSION_PX = 8
+#: Noise correlation widths (pixels) of the model table that undoes the high-pass's loss.
+_MODEL_WIDTHS = np.linspace(0.0, 8.0, 81)
+
+
+def _high_pass_model(high_pass_px: float) -> tuple[np.ndarray, np.ndarray]:
+    """Lag-1 correlation of the residual, and the share of the noise variance it keeps, for noise of
+    Gaussian correlation width ``c`` (:data:`_MODEL_WIDTHS`) after removing a Gaussian mean of width
+    ``high_pass_px`` (computed on a 256² frequency grid)."""
+    k = 2.0 * np.pi * np.fft.fftfreq(256)
+    k2 = k[:, None] ** 2 + k[None, :] ** 2
+    keep = (1.0 - np.exp(-0.5 * k2 * high_pass_px**2)) ** 2
+    lag1, share = [], []
+    for c in _MODEL_WIDTHS:
+        psd = np.exp(-k2 * c * c)  # white noise smoothed by a Gaussian of SD c pixels
+        kept = psd * keep
+        share.append(kept.sum() / psd.sum())
+        lag1.append((kept * np.cos(k)[None, :]).sum() / kept.sum())
+    return np.asarray(lag1), np.asarray(share)
+
+
+_LAG1, _SHARE = _high_pass_model(HIGH_PASS_PX)
+
+
+def _robust_sd(values: np.ndarray) -> float:
+    return float(1.4826 * np.median(np.abs(values - np.median(values))))
+
 
 def estimate_noise_hu(hu: np.ndarray, *, region: np.ndarray | None = None, window: int = 7) -> float:
-    """Noise SD in HU of a CT slice or volume.
+    """Noise SD in HU of a CT slice or volume, also for smooth (coarse-grained) noise.
 
-    The median local SD in ``window``² patches over a homogeneous region (default
-    :func:`~IPv2DenoiseLib.imaging.masks.soft_tissue_mask`), corrected for the patch's degrees of freedom.
-    With fewer than 200 such pixels (small or tissue-poor slices): the robust SD (1.4826·MAD) of
-    horizontal pixel differences inside the body, divided by √2.
+    Over a homogeneous region (default :func:`~IPv2DenoiseLib.imaging.masks.soft_tissue_mask` of the
+    scan smoothed over :data:`MASK_SMOOTH_PX`, eroded by ``window // 2``) the anatomy is removed by a Gaussian mean of :data:`HIGH_PASS_PX`
+    pixels taken inside the region, and the residual's robust SD (1.4826·MAD) is measured. Smooth
+    noise (a soft kernel, or pixels finer than the detector) keeps much of its power below that
+    scale, and a plain local SD then reads it at half its SD; so the residual's lag-1 correlation
+    (robustly, from the MAD of its pixel differences) gives the noise's correlation width, and the
+    share of the variance the high-pass kept for noise of that width is divided out. Each slice is
+    measured in-plane, so slice-correlated noise reads the same as independent noise. With fewer than
+    200 such pixels (small or tissue-poor slices): the robust SD of horizontal pixel differences
+    inside the body, divided by √2.
     """
     vol = np.asarray(hu, dtype=np.float32)
     vol3 = vol[None] if vol.ndim == 2 else vol
+    square = np.ones((1, window, window), dtype=bool)
     if region is None:
-        region = soft_tissue_mask(vol3)
+        region = soft_tissue_mask(vol3, smooth_px=MASK_SMOOTH_PX, erosion_radius=MASK_EROSION_PX)
+        if ndi.binary_erosion(region, square).sum() < 200:  # small or tissue-poor slices
+            region = soft_tissue_mask(vol3)
     region = np.asarray(region, dtype=bool).reshape(vol3.shape)
-    inner = ndi.binary_erosion(region, np.ones((1, window, window), dtype=bool))
+    inner = ndi.binary_erosion(region, square)
     if inner.sum() >= 200:
-        size = (1, window, window)
-        mean = ndi.uniform_filter(vol3.astype(np.float64), size=size)
-        sq = ndi.uniform_filter(vol3.astype(np.float64) ** 2, size=size)
-        local_sd = np.sqrt(np.maximum(sq - mean * mean, 0.0))
-        return float(np.median(local_sd[inner]) * np.sqrt(window * window / (window * window - 1)))
+        weight = region.astype(np.float64)
+        sigma = (0.0, HIGH_PASS_PX, HIGH_PASS_PX)
+        mean = ndi.gaussian_filter(vol3 * weight, sigma) / np.maximum(
+            ndi.gaussian_filter(weight, sigma), 1e-6
+        )
+        residual = vol3 - mean
+        sd = _robust_sd(residual[inner])
+        pairs = np.concatenate(
+            [
+                (residual[..., 1:] - residual[..., :-1])[inner[..., 1:] & inner[..., :-1]],
+                (residual[:, 1:] - residual[:, :-1])[inner[:, 1:] & inner[:, :-1]],
+            ]
+        )
+        if sd <= 0 or pairs.size < 100:
+            return sd
+        lag1 = float(np.clip(1.0 - (_robust_sd(pairs) / sd) ** 2 / 2.0, _LAG1[0], _LAG1[-1]))
+        share = float(np.interp(lag1, _LAG1, _SHARE))
+        return sd / np.sqrt(share)
     diff = np.diff(vol3, axis=-1)
     inside = body_mask(vol3)[..., 1:]
     values = diff[inside] if inside.sum() >= 100 else diff.ravel()
