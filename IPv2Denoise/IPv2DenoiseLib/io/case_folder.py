@@ -38,17 +38,49 @@ CASE_SUFFIXES = (".nrrd", ".nii.gz", ".nii", ".mha")
 
 
 def is_case_folder(folder: str | os.PathLike) -> bool:
-    """Whether ``folder`` holds a ``uldct.*`` file."""
+    """Whether ``folder`` holds a ``uldct.*`` file.
+
+    Parameters
+    ----------
+    folder : path-like
+        The folder to look in.
+
+    Returns
+    -------
+    bool
+        True for a case folder.
+    """
     return any(Path(folder).glob("uldct.*"))
 
 
 def case_folders_in(folder: str | os.PathLike) -> list[Path]:
-    """The case folders directly inside ``folder``, sorted by name."""
+    """The case folders directly inside ``folder``, sorted by name.
+
+    Parameters
+    ----------
+    folder : path-like
+        A dataset folder (an existing folder).
+
+    Returns
+    -------
+    list of pathlib.Path
+        Its sub-folders that are case folders (not recursive).
+    """
     return sorted(c for c in Path(folder).iterdir() if c.is_dir() and is_case_folder(c))
 
 
 def expand_case_folders(paths: Iterable[str | os.PathLike]) -> list[str]:
     """Case folders from a mix of case folders and dataset folders (folders of case folders).
+
+    Parameters
+    ----------
+    paths : iterable of path-like
+        Case folders and dataset folders, as a user gave them.
+
+    Returns
+    -------
+    list of str
+        The case folders, in the order given (a dataset's sorted by name).
 
     Raises
     ------
@@ -71,7 +103,20 @@ def expand_case_folders(paths: Iterable[str | os.PathLike]) -> list[str]:
 
 def case_file(folder: str | os.PathLike, key: str) -> Path | None:
     """The file ``key`` (``uldct``, ``ndct``, ``ndct_clean`` …) of a case folder in any of
-    :data:`CASE_SUFFIXES`, or None."""
+    :data:`CASE_SUFFIXES`, or None.
+
+    Parameters
+    ----------
+    folder : path-like
+        The case folder.
+    key : str
+        The file stem, one of :data:`CASE_FILES`.
+
+    Returns
+    -------
+    pathlib.Path or None
+        The first existing file in suffix order, or None.
+    """
     folder = Path(folder)
     for suffix in CASE_SUFFIXES:
         if (folder / f"{key}{suffix}").exists():
@@ -81,6 +126,17 @@ def case_file(folder: str | os.PathLike, key: str) -> Path | None:
 
 def read_case(folder: str | os.PathLike) -> dict[str, Volume]:
     """``uldct``, ``ndct`` and, when present, ``uldct_clean`` of one case folder.
+
+    Parameters
+    ----------
+    folder : path-like
+        The case folder.
+
+    Returns
+    -------
+    dict of str to Volume
+        The volumes by key, read with :func:`~IPv2DenoiseLib.io.volumes.read_volume` (HU checks
+        included).
 
     Raises
     ------

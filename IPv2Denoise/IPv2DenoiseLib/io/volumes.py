@@ -43,7 +43,18 @@ MIN_SLICE_PX = 2
 
 
 def image_suffix(path: str | os.PathLike) -> str:
-    """The recognised image suffix of ``path`` ('' when none), ``.nii.gz`` treated as one suffix."""
+    """The recognised image suffix of ``path`` ('' when none), ``.nii.gz`` treated as one suffix.
+
+    Parameters
+    ----------
+    path : path-like
+        A file name (need not exist).
+
+    Returns
+    -------
+    str
+        One of :data:`IMAGE_SUFFIXES` in lower case, or ``''``.
+    """
     name = Path(path).name.lower()
     for suffix in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
         if name.endswith(suffix):
@@ -125,7 +136,19 @@ def _validate_ct(volume: Volume, *, where: str, force: bool) -> None:
 
 
 def check_input_path(path: Path) -> None:
-    """Refuse, in one line, an input that does not exist, loops, or cannot be opened."""
+    """Refuse, in one line, an input that does not exist, loops, or cannot be opened.
+
+    Parameters
+    ----------
+    path : pathlib.Path
+        The input file or folder a user gave.
+
+    Raises
+    ------
+    UserError
+        Missing path, a symbolic link loop, a broken link, or no permission to read it (or, for a
+        folder, to enter it).
+    """
     try:
         path.stat()
     except OSError as exc:
@@ -149,7 +172,18 @@ _ITK_NOISE = re.compile(
 
 
 def itk_failure(exc: RuntimeError) -> str:
-    """What ITK's exception says about the file, without its source paths and object addresses."""
+    """What ITK's exception says about the file, without its source paths and object addresses.
+
+    Parameters
+    ----------
+    exc : RuntimeError
+        The exception SimpleITK raised.
+
+    Returns
+    -------
+    str
+        At most 200 characters, for a one-line user error.
+    """
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     wanted = [
         ln for ln in lines if "Exception thrown in SimpleITK" not in ln and not ln.startswith("sitk::ERROR")
@@ -185,7 +219,18 @@ NOT_DICOM_SUFFIXES = frozenset({".json", ".txt", ".png", ".jpg", ".csv", ".md", 
 
 
 def may_be_dicom(path: str | os.PathLike) -> bool:
-    """True when ``path`` is worth opening as DICOM: not hidden, not an image volume, not a known other type."""
+    """True when ``path`` is worth opening as DICOM: not hidden, not an image volume, not a known other type.
+
+    Parameters
+    ----------
+    path : path-like
+        A file name (not opened).
+
+    Returns
+    -------
+    bool
+        False for hidden files, image volumes and :data:`NOT_DICOM_SUFFIXES`.
+    """
     p = Path(path)
     return not p.name.startswith(".") and not image_suffix(p) and p.suffix.lower() not in NOT_DICOM_SUFFIXES
 
@@ -194,6 +239,16 @@ def group_dicom_series(files: Iterable[str | os.PathLike]) -> dict[str, list[Pat
     """DICOM image files grouped by SeriesInstanceUID (headers only; other files are left out).
 
     Used to find every series of an archive; read one with :func:`read_dicom_series`.
+
+    Parameters
+    ----------
+    files : iterable of path-like
+        Candidate files (non-DICOM ones are skipped).
+
+    Returns
+    -------
+    dict of str to list of pathlib.Path
+        The files of each series by SeriesInstanceUID.
     """
     return {info.uid: info.files for info in series_of_files(Path(f) for f in files)}
 
@@ -202,6 +257,20 @@ def read_dicom_series(
     files: Iterable[str | os.PathLike], *, force: bool = False, resample_gaps: bool = False
 ) -> Volume:
     """Read exactly these DICOM files as one CT series in HU (checked like :func:`read_volume`).
+
+    Parameters
+    ----------
+    files : iterable of path-like
+        The files of one series (e.g. a value of :func:`group_dicom_series`).
+    force : bool
+        Skip the "is this a CT in HU" checks, as ``--force``.
+    resample_gaps : bool
+        Interpolate missing slices or uneven spacing instead of refusing them.
+
+    Returns
+    -------
+    Volume
+        float32 HU ``[z, y, x]`` with geometry and metadata, as :func:`read_volume`.
 
     Raises
     ------
@@ -232,6 +301,25 @@ def write_volume(volume: Volume, path: str | os.PathLike, *, dtype: np.dtype | t
 
     ``dtype`` stores the voxels as another type (e.g. ``np.int16`` for compact HU, rounded and
     clipped to the type's range); the default keeps float32. Compressed where the format allows.
+
+    Parameters
+    ----------
+    volume : Volume
+        The volume (HU, geometry in mm, LPS).
+    path : path-like
+        Output file ending in ``.nrrd``, ``.nii``, ``.nii.gz`` or ``.mha``; its folder must exist.
+    dtype : numpy dtype, optional
+        Voxel type on disk; float32 when omitted.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``, complete.
+
+    Raises
+    ------
+    UserError
+        Unsupported suffix, missing output folder, a full disk or a failing writer.
     """
     out = Path(path)
     suffix = image_suffix(out)
@@ -265,7 +353,27 @@ def write_volume(volume: Volume, path: str | os.PathLike, *, dtype: np.dtype | t
 
 
 def write_mask(mask: np.ndarray, like: Volume, path: str | os.PathLike) -> Path:
-    """Write a boolean/label mask as uint8 with the geometry of ``like``."""
+    """Write a boolean/label mask as uint8 with the geometry of ``like``.
+
+    Parameters
+    ----------
+    mask : ndarray, [z, y, x]
+        The mask or label map (values 0–255).
+    like : Volume
+        The volume whose geometry (spacing, origin, direction) the mask takes.
+    path : path-like
+        Output file, as :func:`write_volume`.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``, complete.
+
+    Raises
+    ------
+    UserError
+        ``mask`` and ``like`` differ in shape, or the write fails (see :func:`write_volume`).
+    """
     mask = np.asarray(mask)
     if mask.shape != like.shape:
         raise UserError(f"mask shape {mask.shape} does not match the volume's {like.shape}")
