@@ -28,7 +28,6 @@ PENDING = {
     "io/dicom_export.py",
     "io/dicom_net.py",
     "io/dicom_series.py",
-    "io/image_headers.py",
 }
 MODULES = sorted(
     path

@@ -76,7 +76,25 @@ _NIFTI_TYPES = {2: 1, 4: 2, 8: 4, 16: 4, 64: 8, 256: 1, 512: 2, 768: 4, 1024: 8,
 
 @dataclass
 class DeclaredImage:
-    """Where an image file says its data is, and how much of it there must be."""
+    """Where an image file says its data is, and how much of it there must be.
+
+    Attributes
+    ----------
+    path : pathlib.Path
+        The header (or single) file.
+    sizes : tuple of int
+        Declared size per axis, as the header lists them.
+    bytes_per_value : int
+        Bytes per voxel value (all components).
+    data_file : pathlib.Path
+        The file holding the voxels (``path`` itself, or one beside it).
+    data_offset : int or None
+        Where the voxel data start in ``data_file``; None: they are its last bytes.
+    encoding : str
+        ``"raw"``, ``"gzip"``, ``"bzip2"``, ``"zlib"`` or ``"text"`` (size not checked exactly).
+    skip_after_decoding : int
+        Bytes before the image in the decoded stream (NRRD byte skip, gzipped NIfTI header).
+    """
 
     path: Path
     sizes: tuple[int, ...]
@@ -100,7 +118,18 @@ def _gb(n: float) -> str:
 
 
 def memory_budget_bytes() -> int:
-    """The memory one input may take: ``$IPV2_DENOISE_MEMORY_LIMIT_GB`` GB, else what is available now."""
+    """The memory one input may take: ``$IPV2_DENOISE_MEMORY_LIMIT_GB`` GB, else what is available now.
+
+    Returns
+    -------
+    int
+        The budget, bytes.
+
+    Raises
+    ------
+    UserError
+        The environment variable is set but is not a positive number.
+    """
     value = os.environ.get(MEMORY_LIMIT_ENV, "").strip()
     if value:
         try:
@@ -303,7 +332,24 @@ def _decoded_chunks(path: Path, start: int, encoding: str, *, limit: int) -> Ite
 
 
 def declared_image(path: Path) -> DeclaredImage | None:
-    """What ``path`` declares, by its suffix (None for formats this module does not parse)."""
+    """What ``path`` declares, by its suffix (None for formats this module does not parse).
+
+    Parameters
+    ----------
+    path : pathlib.Path
+        An NRRD (``.nrrd``, ``.nhdr``), MetaImage (``.mha``, ``.mhd``) or NIfTI (``.nii``,
+        ``.nii.gz``) file.
+
+    Returns
+    -------
+    DeclaredImage or None
+        The declared size and data location; None for another suffix.
+
+    Raises
+    ------
+    UserError
+        A header that is malformed, cut short, or names a data file outside its folder.
+    """
     name = path.name.lower()
     if name.endswith((".nrrd", ".nhdr")):
         return _nrrd(path)
@@ -317,7 +363,21 @@ def declared_image(path: Path) -> DeclaredImage | None:
 def check_image_file(path: str | os.PathLike) -> DeclaredImage | None:
     """Refuse, in one line, an image file whose declared size does not fit memory or its data.
 
-    Returns what it declares (None for a format not checked here).
+    Parameters
+    ----------
+    path : path-like
+        The image file, before SimpleITK reads it.
+
+    Returns
+    -------
+    DeclaredImage or None
+        What it declares (None for a format not checked here).
+
+    Raises
+    ------
+    UserError
+        A bad header, a declared size above :func:`memory_budget_bytes`, a missing or unreadable
+        data file, or data shorter (or, raw, longer) than declared.
     """
     path = Path(path)
     declared = declared_image(path)
