@@ -204,6 +204,41 @@ def discover_tree(root: str | os.PathLike, *, exclude: str | os.PathLike | None 
     return _unique_ids(cases + _series_cases(series, root))
 
 
+def _manifest_rows(manifest: Path) -> list[dict[str, str]]:
+    """The manifest's rows that name a case, as lower-cased column -> stripped cell.
+
+    Raises
+    ------
+    UserError
+        Unreadable file, no header, neither a ``path`` nor a ``series_uid`` column, no rows.
+    """
+    try:
+        with open(manifest, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            columns = [c.strip().lower() for c in reader.fieldnames or []]
+            rows = [{k.strip().lower(): (v or "").strip() for k, v in row.items() if k} for row in reader]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise UserError(f"manifest {manifest}: cannot read it as CSV ({exc})") from None
+    if "path" not in columns and "series_uid" not in columns:
+        raise UserError(
+            f"manifest {manifest}: needs a header with a 'path' and/or 'series_uid' column; found {columns or 'none'}"
+        )
+    rows = [r for r in rows if r.get("path") or r.get("series_uid")]
+    if not rows:
+        raise UserError(f"manifest {manifest}: lists no cases")
+    return rows
+
+
+def _not_one_series_problem(found: list[Series], uid: str, path: Path) -> str:
+    """Why a manifest row located zero or several series: copies of one UID, a missing UID, or no UID."""
+    if len(found) > 1 and uid:
+        folders = ", ".join(os.path.commonpath([str(f.parent) for f in files]) for _, files in found)
+        return f"series {uid} has copies of the same slices in {folders}; give one folder as path"
+    if uid:
+        return f"no DICOM series {uid} under {path}"
+    return f"{path} holds {len(found)} DICOM image series; add a series_uid column"
+
+
 def read_manifest(
     manifest: str | os.PathLike, *, search_root: str | os.PathLike | None = None
 ) -> tuple[list[Case], Path]:
@@ -222,21 +257,7 @@ def read_manifest(
     manifest = Path(manifest)
     base = manifest.parent
     root = Path(search_root) if search_root is not None else base
-    try:
-        with open(manifest, newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            columns = [c.strip().lower() for c in reader.fieldnames or []]
-            rows = [{k.strip().lower(): (v or "").strip() for k, v in row.items() if k} for row in reader]
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise UserError(f"manifest {manifest}: cannot read it as CSV ({exc})") from None
-    if "path" not in columns and "series_uid" not in columns:
-        raise UserError(
-            f"manifest {manifest}: needs a header with a 'path' and/or 'series_uid' column; found {columns or 'none'}"
-        )
-    rows = [r for r in rows if r.get("path") or r.get("series_uid")]
-    if not rows:
-        raise UserError(f"manifest {manifest}: lists no cases")
-
+    rows = _manifest_rows(manifest)
     index: list[Series] | None = None  # the series under root, found once when needed
     cases = []
     for number, row in enumerate(rows, start=2):
@@ -267,13 +288,7 @@ def read_manifest(
         if uid:
             found = [s for s in found if s[0] == uid]
         if len(found) != 1:
-            if len(found) > 1 and uid:
-                folders = ", ".join(os.path.commonpath([str(f.parent) for f in files]) for _, files in found)
-                problem = f"series {uid} has copies of the same slices in {folders}; give one folder as path"
-            elif uid:
-                problem = f"no DICOM series {uid} under {path}"
-            else:
-                problem = f"{path} holds {len(found)} DICOM image series; add a series_uid column"
+            problem = _not_one_series_problem(found, uid, path)
             cases.append(
                 Case(label or uid, "missing", series_uid=uid, source=str(path), error=f"{where}: {problem}")
             )

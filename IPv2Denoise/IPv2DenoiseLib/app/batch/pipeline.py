@@ -294,39 +294,79 @@ def run_local(
             on_row(row)
 
     if prefetch < 1:
+        _run_one_by_one(cases, processor, emit, stop)
+    else:
+        _run_overlapped(cases, processor, emit, stop, prefetch)
+    return rows
+
+
+def _run_one_by_one(
+    cases: Iterable[Case], processor: CaseProcessor, emit: RowCallback, stop: threading.Event
+) -> None:
+    """Each case's read, denoise and write in turn, in this thread (``prefetch=0``)."""
+    for case in cases:
+        if stop.is_set():
+            break
+        emit(processor.process(case))
+
+
+def _read_all(
+    cases: Iterable[Case],
+    processor: CaseProcessor,
+    loaded_q: queue.Queue,
+    stop: threading.Event,
+    crashed: list[BaseException],
+) -> None:
+    """Reader thread: read cases into ``loaded_q`` until done or stopped, then put the end marker."""
+    try:
         for case in cases:
             if stop.is_set():
                 break
-            emit(processor.process(case))
-        return rows
+            loaded_q.put(processor.load(case))
+    except BaseException as exc:  # a bug here must surface in the main thread, not hang it
+        crashed.append(exc)
+    finally:
+        loaded_q.put(_END)
 
+
+def _write_all(
+    processor: CaseProcessor,
+    written_q: queue.Queue,
+    emit: RowCallback,
+    stop: threading.Event,
+    crashed: list[BaseException],
+) -> None:
+    """Writer thread: store each denoised case from ``written_q`` (or pass its failure row on)."""
+    try:
+        while (item := written_q.get()) is not _END:
+            emit(processor.store(item) if isinstance(item, Loaded) else item)
+    except BaseException as exc:
+        crashed.append(exc)
+        stop.set()
+        while written_q.get() is not _END:  # keep draining so the main thread never blocks
+            pass
+
+
+def _run_overlapped(
+    cases: Iterable[Case],
+    processor: CaseProcessor,
+    emit: RowCallback,
+    stop: threading.Event,
+    prefetch: int,
+) -> None:
+    """Read ahead and write behind in two threads while this thread runs the network.
+
+    Re-raises the first exception of either thread; on Ctrl-C the writer finishes the case it holds.
+    """
     loaded_q: queue.Queue = queue.Queue(maxsize=prefetch)
     written_q: queue.Queue = queue.Queue(maxsize=1)
     crashed: list[BaseException] = []
-
-    def read_all() -> None:
-        try:
-            for case in cases:
-                if stop.is_set():
-                    break
-                loaded_q.put(processor.load(case))
-        except BaseException as exc:  # a bug here must surface in the main thread, not hang it
-            crashed.append(exc)
-        finally:
-            loaded_q.put(_END)
-
-    def write_all() -> None:
-        try:
-            while (item := written_q.get()) is not _END:
-                emit(processor.store(item) if isinstance(item, Loaded) else item)
-        except BaseException as exc:
-            crashed.append(exc)
-            stop.set()
-            while written_q.get() is not _END:  # keep draining so the main thread never blocks
-                pass
-
-    reader = threading.Thread(target=read_all, name="batch-reader", daemon=True)
-    writer = threading.Thread(target=write_all, name="batch-writer", daemon=True)
+    reader = threading.Thread(
+        target=_read_all, args=(cases, processor, loaded_q, stop, crashed), name="batch-reader", daemon=True
+    )
+    writer = threading.Thread(
+        target=_write_all, args=(processor, written_q, emit, stop, crashed), name="batch-writer", daemon=True
+    )
     reader.start()
     writer.start()
     try:
@@ -344,7 +384,6 @@ def run_local(
             reader.join()
     if crashed:
         raise crashed[0]
-    return rows
 
 
 __all__ = ["BatchSettings", "CaseProcessor", "Loaded", "NOISE_SLICES", "case_row", "noise_sd", "run_local"]

@@ -225,69 +225,103 @@ def _schedule(
     actors: list, cases: list[Case], *, retries: int, on_row, event, stop: threading.Event
 ) -> list[dict[str, Any]]:
     """Feed cases to healthy actors, at most :data:`CALLS_PER_WORKER` each; resubmit the cases of a
-    dead one and probe it (the probe waits for Ray's restart) before giving it work again."""
-    pending: deque[tuple[Case, int]] = deque((case, 1) for case in cases)
-    in_flight: dict[Any, tuple[int, Case, int]] = {}
-    probes: dict[Any, int] = {}
-    healthy = set(range(len(actors)))
-    load = [0] * len(actors)
-    rows: list[dict[str, Any]] = []
-
-    def finish(row: dict[str, Any]) -> None:
-        rows.append(row)
-        if on_row is not None:
-            on_row(row)
-
+    dead one and probe it (the probe waits for Ray's restart) before giving it work again.
+    The actors are killed at the end."""
+    scheduler = _Scheduler(actors, cases, retries=retries, on_row=on_row, event=event, stop=stop)
     try:
-        while pending or in_flight:
-            while pending and not stop.is_set():
-                free = [i for i in healthy if load[i] < CALLS_PER_WORKER]
-                if not free:
-                    break
-                index = min(free, key=lambda i: load[i])
-                case, attempt = pending.popleft()
-                in_flight[actors[index].process.remote(case, attempt)] = (index, case, attempt)
-                load[index] += 1
-            if not in_flight and not probes:
-                if pending and not stop.is_set():  # every worker is gone for good
-                    for case, attempt in pending:
-                        finish(
-                            case_row(case, "failed", error="no Ray worker left to run it", attempts=attempt)
-                        )
-                break
-            (ref,), _ = ray.wait([*in_flight, *probes], num_returns=1)
-            if ref in probes:
-                index = probes.pop(ref)
-                try:
-                    info = ray.get(ref)
-                except RayActorError:  # died for good (restarts exhausted or its node is gone)
-                    continue
-                healthy.add(index)
-                event(worker_index=index, restarted=True, **info)
-                continue
-            index, case, attempt = in_flight.pop(ref)
-            load[index] -= 1
-            try:
-                row = ray.get(ref)
-            except RayActorError as exc:
-                if index in healthy:
-                    healthy.discard(index)
-                    probes[actors[index].describe.options(max_task_retries=-1).remote()] = index
-                if attempt <= retries:
-                    event(retry=case.case_id, attempt=attempt + 1, reason=type(exc).__name__)
-                    pending.appendleft((case, attempt + 1))
-                    continue
-                row = case_row(
-                    case,
-                    "failed",
-                    error=f"its Ray worker died {attempt} times ({type(exc).__name__})",
-                    attempts=attempt,
-                )
-            finish(row)
+        return scheduler.run()
     finally:
         for actor in actors:
             ray.kill(actor, no_restart=True)
-    return rows
+
+
+class _Scheduler:
+    """One run of :func:`_schedule`: the pending cases, the calls in flight per actor, and the probes
+    of actors that died (an actor is healthy again when its probe answers)."""
+
+    def __init__(
+        self, actors: list, cases: list[Case], *, retries: int, on_row, event, stop: threading.Event
+    ) -> None:
+        self.actors, self.retries, self.on_row, self.event, self.stop = actors, retries, on_row, event, stop
+        self.pending: deque[tuple[Case, int]] = deque((case, 1) for case in cases)
+        self.in_flight: dict[Any, tuple[int, Case, int]] = {}
+        self.probes: dict[Any, int] = {}
+        self.healthy = set(range(len(actors)))
+        self.load = [0] * len(actors)
+        self.rows: list[dict[str, Any]] = []
+
+    def run(self) -> list[dict[str, Any]]:
+        """Submit, wait for one answer, handle it; until no case is pending or in flight."""
+        while self.pending or self.in_flight:
+            self.submit()
+            if not self.in_flight and not self.probes:
+                self.fail_stranded()
+                break
+            (ref,), _ = ray.wait([*self.in_flight, *self.probes], num_returns=1)
+            if ref in self.probes:
+                self.probe_answered(ref)
+            else:
+                self.case_answered(ref)
+        return self.rows
+
+    def finish(self, row: dict[str, Any]) -> None:
+        """Keep a case's final row and report it."""
+        self.rows.append(row)
+        if self.on_row is not None:
+            self.on_row(row)
+
+    def submit(self) -> None:
+        """Give pending cases to the least-loaded healthy actors that have room (none once stopped)."""
+        while self.pending and not self.stop.is_set():
+            free = [i for i in self.healthy if self.load[i] < CALLS_PER_WORKER]
+            if not free:
+                break
+            index = min(free, key=lambda i: self.load[i])
+            case, attempt = self.pending.popleft()
+            self.in_flight[self.actors[index].process.remote(case, attempt)] = (index, case, attempt)
+            self.load[index] += 1
+
+    def fail_stranded(self) -> None:
+        """Every worker is gone for good: the pending cases fail (unless the run is being stopped)."""
+        if self.pending and not self.stop.is_set():
+            for case, attempt in self.pending:
+                self.finish(case_row(case, "failed", error="no Ray worker left to run it", attempts=attempt))
+
+    def probe_answered(self, ref: Any) -> None:
+        """A restarted actor answered its probe: it is healthy again (one that died for good is dropped)."""
+        index = self.probes.pop(ref)
+        try:
+            info = ray.get(ref)
+        except RayActorError:  # died for good (restarts exhausted or its node is gone)
+            return
+        self.healthy.add(index)
+        self.event(worker_index=index, restarted=True, **info)
+
+    def case_answered(self, ref: Any) -> None:
+        """A case came back: its row, or, if its actor died, a retry or a failed row."""
+        index, case, attempt = self.in_flight.pop(ref)
+        self.load[index] -= 1
+        try:
+            row = ray.get(ref)
+        except RayActorError as exc:
+            self.probe_dead_actor(index)
+            if attempt <= self.retries:
+                self.event(retry=case.case_id, attempt=attempt + 1, reason=type(exc).__name__)
+                self.pending.appendleft((case, attempt + 1))
+                return
+            row = case_row(
+                case,
+                "failed",
+                error=f"its Ray worker died {attempt} times ({type(exc).__name__})",
+                attempts=attempt,
+            )
+        self.finish(row)
+
+    def probe_dead_actor(self, index: int) -> None:
+        """Take a dead actor out of service and probe it; the probe waits for Ray's restart."""
+        if index in self.healthy:
+            self.healthy.discard(index)
+            self.probes[self.actors[index].describe.options(max_task_retries=-1).remote()] = index
 
 
 __all__ = ["BatchWorker", "connect", "plan_workers", "run_ray"]
