@@ -64,7 +64,17 @@ class DestinationUnavailable(UserError):
 
 @dataclass(frozen=True)
 class DicomNode:
-    """A DICOM application entity on the network."""
+    """A DICOM application entity on the network.
+
+    Attributes
+    ----------
+    host : str
+        Host name or IP address (IPv6 without brackets).
+    port : int
+        TCP port, 1–65535.
+    aet : str
+        The called AE title (checked by :func:`check_aet`).
+    """
 
     host: str
     port: int
@@ -83,7 +93,27 @@ def check_aet(aet: str, what: str = "AE title") -> str:
 
 
 def parse_node(text: str, aet: str | None = None, *, what: str = "destination") -> DicomNode:
-    """``HOST:PORT:AET`` (or ``HOST:PORT`` plus ``aet``) -> :class:`DicomNode`."""
+    """``HOST:PORT:AET`` (or ``HOST:PORT`` plus ``aet``) -> :class:`DicomNode`.
+
+    Parameters
+    ----------
+    text : str
+        The node as a user wrote it (``[::1]:104:PACS`` for IPv6).
+    aet : str, optional
+        The called AE title from ``--aet``; must agree with one in ``text``.
+    what : str
+        What the node is, for the messages (``destination``, ``--forward`` …).
+
+    Returns
+    -------
+    DicomNode
+        The parsed node.
+
+    Raises
+    ------
+    UserError
+        Malformed text, no or conflicting AE title, a port outside 1–65535, an invalid AE title.
+    """
     parts = text.rsplit(":", 2) if text.count(":") >= 2 else text.split(":")
     if len(parts) == 3:
         host, port, node_aet = parts
@@ -101,7 +131,20 @@ def parse_node(text: str, aet: str | None = None, *, what: str = "destination") 
 
 
 def parse_destination(text: str, aet: str | None = None) -> DicomNode | str:
-    """A DICOMweb base URL (returned as is) or a :class:`DicomNode`."""
+    """A DICOMweb base URL (returned as is) or a :class:`DicomNode`.
+
+    Parameters
+    ----------
+    text : str
+        ``http(s)://…/dicom-web`` or ``HOST:PORT[:AET]``.
+    aet : str, optional
+        The called AE title when ``text`` has none.
+
+    Returns
+    -------
+    DicomNode or str
+        The node, or the URL without a trailing slash.
+    """
     if text.startswith(("http://", "https://")):
         return text.rstrip("/")
     return parse_node(text, aet)
@@ -109,7 +152,23 @@ def parse_destination(text: str, aet: str | None = None) -> DicomNode | str:
 
 @dataclass
 class InstanceResult:
-    """What happened to one file."""
+    """What happened to one file.
+
+    Attributes
+    ----------
+    path : pathlib.Path
+        The file sent.
+    sop_instance_uid : str
+        Its SOP Instance UID.
+    ok : bool
+        Whether the destination stored it (a warning status counts as stored).
+    status : str
+        ``"0x0000"``, ``"0xA700"``, ``"HTTP 409"``, ``"not sent"`` …
+    reason : str
+        The status's meaning and the peer's comment; empty on plain success.
+    attempts : int
+        How many times it was sent.
+    """
 
     path: Path
     sop_instance_uid: str = ""
@@ -126,7 +185,17 @@ class InstanceResult:
 
 @dataclass
 class SendReport:
-    """Per-instance outcome of one send."""
+    """Per-instance outcome of one send.
+
+    Attributes
+    ----------
+    destination : str
+        The node (``AET@host:port``) or URL.
+    results : list of InstanceResult
+        One per file, in the order given.
+    seconds : float
+        Wall time of the send, s.
+    """
 
     destination: str
     results: list[InstanceResult] = field(default_factory=list)
@@ -157,7 +226,23 @@ class SendReport:
 
 
 def dicom_files(paths: str | Path | Iterable[str | Path]) -> list[Path]:
-    """The DICOM Part 10 files in a folder (recursively, hidden files skipped) or a list of paths."""
+    """The DICOM Part 10 files in a folder (recursively, hidden files skipped) or a list of paths.
+
+    Parameters
+    ----------
+    paths : path-like or iterable of path-like
+        One file or folder, or a list of files.
+
+    Returns
+    -------
+    list of pathlib.Path
+        The files with the ``DICM`` preamble, sorted for a folder.
+
+    Raises
+    ------
+    UserError
+        The path does not exist, or no DICOM file was found.
+    """
     if isinstance(paths, (str, Path)):
         root = Path(paths)
         if not root.exists():
@@ -231,7 +316,27 @@ def _associate(ae: AE, node: DicomNode):
 
 
 def echo(node: DicomNode, *, calling_aet: str = DEFAULT_CALLING_AET, timeout: float = 10.0) -> float:
-    """C-ECHO ``node``; returns the round-trip seconds or raises a one-line :class:`UserError`."""
+    """C-ECHO ``node``; returns the round-trip seconds or raises a one-line :class:`UserError`.
+
+    Parameters
+    ----------
+    node : DicomNode
+        The destination.
+    calling_aet : str
+        Our AE title.
+    timeout : float
+        Connection, association and response timeout, s.
+
+    Returns
+    -------
+    float
+        Round-trip time of the echo, s.
+
+    Raises
+    ------
+    DestinationUnavailable
+        Unreachable host, rejected or aborted association, or a failed echo status.
+    """
     _check_reachable(node, timeout)
     ae = _make_ae(calling_aet, timeout)
     ae.add_requested_context(Verification)
@@ -277,6 +382,29 @@ def send_instances(
     Transient failures are retried up to ``retries`` times, waiting ``retry_delay`` x 2^(n-1) s;
     a dropped association is re-opened. Raises :class:`UserError` only when the node cannot be
     reached or refuses the association (see :func:`echo`).
+
+    Parameters
+    ----------
+    paths : sequence of path-like
+        DICOM Part 10 files.
+    node : DicomNode
+        The destination.
+    calling_aet : str
+        Our AE title.
+    timeout : float
+        Network timeouts, s.
+    retries : int
+        Further attempts for instances with a transient status or a dropped association.
+    retry_delay : float
+        First wait between attempts, s (doubled each time).
+    progress : ProgressCallback, optional
+        ``progress(stored, total, "C-STORE")`` after each instance.
+
+    Returns
+    -------
+    SendReport
+        One result per file; check :attr:`SendReport.ok` or call
+        :meth:`SendReport.raise_for_failures`.
     """
     start = time.monotonic()
     echo(node, calling_aet=calling_aet, timeout=timeout)
@@ -376,6 +504,33 @@ def stow_instances(
     dicomweb-client retries HTTP 429/5xx itself (``retries`` attempts); a 409 (some or all
     refused) is read for its FailedSOPSequence. Raises :class:`UserError` when the server cannot
     be reached or answers with another HTTP error (e.g. 404: wrong URL).
+
+    Parameters
+    ----------
+    paths : sequence of path-like
+        DICOM Part 10 files.
+    url : str
+        The DICOMweb base URL.
+    timeout : float
+        HTTP timeout, s.
+    retries : int
+        Further attempts after HTTP 429/5xx.
+    batch : int
+        Instances per STOW-RS request.
+    progress : ProgressCallback, optional
+        ``progress(sent, total, "STOW-RS")`` after each batch.
+
+    Returns
+    -------
+    SendReport
+        One result per file.
+
+    Raises
+    ------
+    DestinationUnavailable
+        The server cannot be reached.
+    UserError
+        An HTTP error other than 400/409 (wrong URL, no permission …).
     """
     start = time.monotonic()
     paths = [Path(p) for p in paths]
@@ -431,7 +586,30 @@ def send(
     retry_delay: float = 1.0,
     progress: ProgressCallback | None = None,
 ) -> SendReport:
-    """Send to a :class:`DicomNode` (C-STORE) or a DICOMweb URL (STOW-RS)."""
+    """Send to a :class:`DicomNode` (C-STORE) or a DICOMweb URL (STOW-RS).
+
+    Parameters
+    ----------
+    paths : sequence of path-like
+        DICOM Part 10 files.
+    destination : DicomNode or str
+        A node, or a DICOMweb base URL (see :func:`parse_destination`).
+    calling_aet : str
+        Our AE title (C-STORE only).
+    timeout : float
+        Network timeouts, s (at least 1 s for STOW-RS).
+    retries : int
+        Further attempts after transient failures.
+    retry_delay : float
+        First wait between C-STORE attempts, s.
+    progress : ProgressCallback, optional
+        Called as the instances are sent.
+
+    Returns
+    -------
+    SendReport
+        One result per file, as :func:`send_instances` or :func:`stow_instances`.
+    """
     if isinstance(destination, DicomNode):
         return send_instances(
             paths,
