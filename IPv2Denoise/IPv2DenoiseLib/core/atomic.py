@@ -266,6 +266,19 @@ def check_output_path(
     """
     out = Path(path)
     resolved = resolve_path(out, what)
+    _refuse_overlap_with_inputs(out, resolved, inputs, folder=folder, what=what)
+    if folder:
+        _refuse_existing_folder(out, overwrite=overwrite, what=what, overwrite_hint=overwrite_hint)
+    else:
+        _refuse_existing_file(out, overwrite=overwrite, what=what, overwrite_hint=overwrite_hint)
+    _probe_writable(_existing_parent(out, resolved, folder=folder, what=what), what)
+    return out
+
+
+def _refuse_overlap_with_inputs(
+    out: Path, resolved: Path, inputs: Iterable[str | os.PathLike], *, folder: bool, what: str
+) -> None:
+    """Refuse an output that is an input, lies inside an input folder, or (as a folder) holds an input."""
     for source in inputs:
         src = resolve_path(Path(source), "IN")
         if resolved == src or (src.is_dir() and resolved.is_relative_to(src)):
@@ -275,28 +288,39 @@ def check_output_path(
             )
         if src.is_relative_to(resolved) and (folder or out.is_dir()):
             raise UserError(f"{what} {out} contains the input {source}; choose another output")
-    if folder:
-        if out.exists() and not out.is_dir():
-            raise UserError(f"{what} {out} already exists and is not a folder; choose a new folder")
-        if out.exists() and any(out.iterdir()) and not overwrite:
-            raise UserError(
-                f"{what} {out} already exists and is not an empty folder; choose a new folder "
-                f"(or pass {overwrite_hint} to replace it)"
-            )
-    elif out.is_dir():
+
+
+def _refuse_existing_folder(out: Path, *, overwrite: bool, what: str, overwrite_hint: str) -> None:
+    """An output folder may exist only as a folder, and only empty unless ``overwrite``."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{what} {out} already exists and is not a folder; choose a new folder")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise UserError(
+            f"{what} {out} already exists and is not an empty folder; choose a new folder "
+            f"(or pass {overwrite_hint} to replace it)"
+        )
+
+
+def _refuse_existing_file(out: Path, *, overwrite: bool, what: str, overwrite_hint: str) -> None:
+    """An output file may not be a folder, nor exist unless ``overwrite``."""
+    if out.is_dir():
         raise UserError(f"{what} {out} is a folder; give a file name such as {out / 'denoised.nrrd'}")
-    elif out.exists() and not overwrite:
+    if out.exists() and not overwrite:
         raise UserError(f"{what} {out} already exists; pass {overwrite_hint} to replace it")
+
+
+def _existing_parent(out: Path, resolved: Path, *, folder: bool, what: str) -> Path:
+    """The folder the output will be created in; for an output folder (created with its parents)
+    the nearest existing ancestor. Refused when missing or not a folder."""
     parent = resolved.parent
-    if folder:  # an output folder is created with its parents: the nearest existing one must be writable
+    if folder:
         while not parent.exists() and parent != parent.parent:
             parent = parent.parent
     if not parent.exists():
         raise UserError(f"{what}: folder {out.parent} does not exist; create it first")
     if not parent.is_dir():
         raise UserError(f"{what}: {out.parent} is not a folder")
-    _probe_writable(parent, what)
-    return out
+    return parent
 
 
 def make_output_folder(path: str | os.PathLike, *, what: str = "--out") -> Path:

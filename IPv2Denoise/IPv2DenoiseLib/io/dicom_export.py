@@ -245,33 +245,14 @@ def _base_dataset(
     series_number: int,
     series_description: str,
 ) -> Dataset:
+    """The attributes every slice of the derived series shares: patient, study, series, equipment,
+    derivation, geometry and pixel description."""
     ds = Dataset()
     date, time = _now()
     derivation = options.model.describe()
     if options.warnings:
         derivation += ". Warning: " + "; ".join(options.warnings)
-    if template is not None:
-        for kw in _PATIENT_STUDY:
-            if kw in template:
-                setattr(ds, kw, template.data_element(kw).value)
-    else:
-        _new_patient_study(ds, volume, options)
-    for kw in (
-        "PatientName",
-        "PatientID",
-        "PatientBirthDate",
-        "PatientSex",
-        "StudyDate",
-        "StudyTime",
-        "ReferringPhysicianName",
-        "StudyID",
-        "AccessionNumber",
-        "PositionReferenceIndicator",
-    ):
-        if kw not in ds:
-            setattr(ds, kw, "")  # Type 2: present, may be empty
-    if "FrameOfReferenceUID" not in ds:
-        ds.FrameOfReferenceUID = generate_uid()
+    _set_patient_study(ds, volume, template, options)
 
     ds.SOPClassUID = CTImageStorage
     ds.Modality = "CT"
@@ -298,7 +279,41 @@ def _base_dataset(
         # A new series of a lung CT denoiser is a chest scan; naming the (unpaired) body part is what
         # lets Laterality (Type 2C, paired body parts only) be absent rather than empty.
         ds.BodyPartExamined = "CHEST"
+    _set_image_geometry_and_pixels(ds, volume)
+    return ds
 
+
+def _set_patient_study(
+    ds: Dataset, volume: Volume, template: Dataset | None, options: DerivedSeriesOptions
+) -> None:
+    """Patient, study and frame of reference: the source's (``template``), else new ones; the
+    Type 2 attributes are present even when empty."""
+    if template is not None:
+        for kw in _PATIENT_STUDY:
+            if kw in template:
+                setattr(ds, kw, template.data_element(kw).value)
+    else:
+        _new_patient_study(ds, volume, options)
+    for kw in (
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+        "PatientSex",
+        "StudyDate",
+        "StudyTime",
+        "ReferringPhysicianName",
+        "StudyID",
+        "AccessionNumber",
+        "PositionReferenceIndicator",
+    ):
+        if kw not in ds:
+            setattr(ds, kw, "")  # Type 2: present, may be empty
+    if "FrameOfReferenceUID" not in ds:
+        ds.FrameOfReferenceUID = generate_uid()
+
+
+def _set_image_geometry_and_pixels(ds: Dataset, volume: Volume) -> None:
+    """Orientation, spacing, the 16-bit signed HU pixel description and the window presets."""
     axes = _axes(volume)
     ds.ImageOrientationPatient = _fmt(np.concatenate([axes[:, 0], axes[:, 1]]))
     sx, sy, sz = volume.spacing
@@ -315,7 +330,6 @@ def _base_dataset(
     ds.WindowCenter = [f"{w.level:g}" for w in DISPLAY_PRESETS.values()]
     ds.WindowWidth = [f"{w.width:g}" for w in DISPLAY_PRESETS.values()]
     ds.WindowCenterWidthExplanation = [name.upper() for name in DISPLAY_PRESETS]
-    return ds
 
 
 def default_series_number(template: Dataset | None, *, now: float | None = None) -> int:
@@ -348,6 +362,59 @@ def check_replaceable_series(out_dir: str | os.PathLike) -> None:
             f"{out_dir} holds {strangers[0]!r}, which is not a DICOM file of a series; --overwrite replaces "
             "only a folder of *.dcm files, choose another output"
         )
+
+
+def _check_series_folder(out_dir: Path, *, replace: bool) -> None:
+    """``out_dir`` must be new or an empty folder; with ``replace``, an earlier series of ours."""
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        if not replace:
+            raise UserError(
+                f"out_dir: {out_dir} already exists and is not an empty folder; choose a new folder "
+                "(or pass --overwrite to replace an earlier series)"
+            )
+        check_replaceable_series(out_dir)
+
+
+def _checked_series_number(options: DerivedSeriesOptions, template: Dataset | None) -> int:
+    """The asked SeriesNumber, else :func:`default_series_number`; refused below 300 or above IS's range."""
+    series_number = options.series_number
+    if series_number is None:
+        series_number = default_series_number(template)
+    if not 300 <= int(series_number) <= 2**31 - 1:
+        raise UserError(f"series_number: got {series_number}; derived series use numbers >= 300")
+    return int(series_number)
+
+
+def _series_description(options: DerivedSeriesOptions, template: Dataset | None, volume: Volume) -> str:
+    """The asked description (marked "(denoised)" if it does not say so), else the source's plus
+    "IPv2 denoised (<model>)"."""
+    series_description = options.series_description
+    if not series_description:
+        src = str(getattr(template, "SeriesDescription", "") or volume.meta.get("SeriesDescription") or "CT")
+        return f"{src} IPv2 denoised ({options.model.name})"
+    if "denoised" not in series_description.lower():
+        return f"{series_description} (denoised)"
+    return series_description
+
+
+def _set_from_source_slice(ds: Dataset, src: Dataset) -> None:
+    """Per slice of a DICOM source: its acquisition attributes, its laterality (Type 2C) and a
+    reference to the source image."""
+    for kw in _ACQUISITION:
+        if kw in src:
+            setattr(ds, kw, src.data_element(kw).value)
+    if str(src.get("Laterality", "") or "").strip():
+        ds.Laterality = src.Laterality  # as the source says
+    elif not str(src.get("BodyPartExamined", "") or "").strip():
+        # Type 2C: required unless the body part is named and unpaired; with no body
+        # part named it must be present, and empty is the only truthful value
+        ds.Laterality = ""
+    # else absent: a named body part and no laterality (an empty copy says nothing)
+    ref = Dataset()
+    ref.ReferencedSOPClassUID = src.SOPClassUID
+    ref.ReferencedSOPInstanceUID = src.SOPInstanceUID
+    ref.PurposeOfReferenceCodeSequence = DicomSequence([_code_item(PURPOSE_CODE)])
+    ds.SourceImageSequence = DicomSequence([ref])
 
 
 def export_derived_series(
@@ -394,13 +461,7 @@ def export_derived_series(
     out_dir = Path(out_dir)
     options = options or DerivedSeriesOptions()
     nz, ny, nx = volume.shape
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        if not replace:
-            raise UserError(
-                f"out_dir: {out_dir} already exists and is not an empty folder; choose a new folder "
-                "(or pass --overwrite to replace an earlier series)"
-            )
-        check_replaceable_series(out_dir)
+    _check_series_folder(out_dir, replace=replace)
     if not np.all(np.isfinite(volume.array)):
         raise UserError("volume: contains NaN or infinite values; cannot write DICOM pixel data")
     positions = slice_positions(volume)
@@ -409,24 +470,14 @@ def export_derived_series(
         _check_source_geometry(headers, positions, volume.spacing[2])
     template = headers[0] if headers else None
 
-    series_number = options.series_number
-    if series_number is None:
-        series_number = default_series_number(template)
-    if not 300 <= int(series_number) <= 2**31 - 1:
-        raise UserError(f"series_number: got {series_number}; derived series use numbers >= 300")
-    series_description = options.series_description
-    if not series_description:
-        src = str(getattr(template, "SeriesDescription", "") or volume.meta.get("SeriesDescription") or "CT")
-        series_description = f"{src} IPv2 denoised ({options.model.name})"
-    elif "denoised" not in series_description.lower():
-        series_description = f"{series_description} (denoised)"
+    series_number = _checked_series_number(options, template)
     base_ds = _base_dataset(
         volume,
         template,
         options=options,
         series_uid=generate_uid(),
-        series_number=int(series_number),
-        series_description=series_description,
+        series_number=series_number,
+        series_description=_series_description(options, template, volume),
     )
 
     names = [f"IM{k + 1:06d}.dcm" for k in range(nz)]
@@ -438,22 +489,7 @@ def export_derived_series(
         for k in range(nz):
             ds = copy.deepcopy(base_ds)  # Dataset.copy() shares elements
             if headers is not None:
-                src = headers[k]
-                for kw in _ACQUISITION:
-                    if kw in src:
-                        setattr(ds, kw, src.data_element(kw).value)
-                if str(src.get("Laterality", "") or "").strip():
-                    ds.Laterality = src.Laterality  # as the source says
-                elif not str(src.get("BodyPartExamined", "") or "").strip():
-                    # Type 2C: required unless the body part is named and unpaired; with no body
-                    # part named it must be present, and empty is the only truthful value
-                    ds.Laterality = ""
-                # else absent: a named body part and no laterality (an empty copy says nothing)
-                ref = Dataset()
-                ref.ReferencedSOPClassUID = src.SOPClassUID
-                ref.ReferencedSOPInstanceUID = src.SOPInstanceUID
-                ref.PurposeOfReferenceCodeSequence = DicomSequence([_code_item(PURPOSE_CODE)])
-                ds.SourceImageSequence = DicomSequence([ref])
+                _set_from_source_slice(ds, headers[k])
             ds.SOPInstanceUID = generate_uid()
             ds.InstanceNumber = k + 1
             ds.ImagePositionPatient = _fmt(positions[k])

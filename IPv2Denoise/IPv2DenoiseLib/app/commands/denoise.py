@@ -18,7 +18,7 @@ from IPv2DenoiseLib.app.arguments import (
     positive_seconds,
 )
 from IPv2DenoiseLib.app.commands.send import add_peer_arguments, send_and_report
-from IPv2DenoiseLib.app.pipeline import ADAPT_SECONDS, DenoiseOptions, DenoisePipeline
+from IPv2DenoiseLib.app.pipeline import ADAPT_SECONDS, DenoiseOptions, DenoiseOutcome, DenoisePipeline
 from IPv2DenoiseLib.core.atomic import check_output_path, claim_output
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.progress import JsonLinesProgress, make_progress
@@ -134,42 +134,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    # lazy: the CLI imports every command to build --help; pydicom & co. load on use
-    from IPv2DenoiseLib.core.device import describe_device, resolve_device
-    from IPv2DenoiseLib.io.dicom_net import parse_destination
-    from IPv2DenoiseLib.io.volumes import image_suffix
-
+    """``ipv2-denoise denoise``: check every option and the output first, then read, denoise, write."""
     start = time.monotonic()
     if args.adapt_seconds is not None and not args.adapt:
         raise UserError("--adapt-seconds needs --adapt")
     if args.dicom:
-        check_output_path(args.output, inputs=[args.input], folder=True, overwrite=args.overwrite)
-        if args.overwrite and Path(args.output).exists():
-            from IPv2DenoiseLib.io.dicom_export import check_replaceable_series  # lazy: pydicom
-
-            check_replaceable_series(args.output)
-        if args.send:
-            parse_destination(args.send, args.aet)  # a malformed destination fails before any work
+        _check_dicom_output(args)
     else:
-        if image_suffix(args.output) not in {".nrrd", ".nii", ".nii.gz", ".mha"}:
-            raise UserError(
-                f"OUT {args.output!r}: unsupported output format; use .nrrd, .nii, .nii.gz or .mha (or --dicom)"
-            )
-        used = [
-            o
-            for o in ("send", "series_number", "series_description", "patient_name", "patient_id")
-            if getattr(args, o)
-        ]
-        if used:
-            raise UserError(f"--{used[0].replace('_', '-')} needs --dicom")
-        check_output_path(args.output, inputs=[args.input], overwrite=args.overwrite)
+        _check_volume_output(args)
     options = DenoiseOptions.from_args(args)
     options.reference()  # an unknown --model fails before any work
-    where = describe_device(resolve_device(options.device))  # "--device cuda" without a GPU fails here
-    if args.json_progress:
-        JsonLinesProgress().emit(device=where)
-    else:  # before the bar exists, so the line never lands on its first frame
-        print(f"running on: {where}", file=sys.stderr, flush=True)
+    _announce_device(options, json_progress=args.json_progress)
     progress = make_progress(args.json_progress, desc="denoise", percent=True)
 
     def warn(message: str) -> None:
@@ -179,26 +154,9 @@ def run(args: argparse.Namespace) -> int:
             progress.write(f"warning: {message}")
 
     pipeline = DenoisePipeline(options, progress=progress, warn=warn)
-    files = None
     with claim_output(args.output):  # a second run to the same OUT fails now, not after the work
         try:
-            volume = pipeline.read(
-                args.input, series_uid=args.series_uid, force=args.force, resample_gaps=args.resample_gaps
-            )
-            if args.json_progress:
-                progress.emit(model=pipeline.reference.name)
-            outcome = pipeline.denoise(volume)
-            if args.json_progress and outcome.adapted:
-                progress.emit(adapted=outcome.adapted)
-            if args.dicom:
-                files = pipeline.export_dicom(
-                    outcome,
-                    args.output,
-                    series_options=series_options(args),
-                    replace_existing=args.overwrite,
-                )
-            else:
-                pipeline.write_volume(outcome, args.output)
+            outcome, files = _denoise_and_write(pipeline, args, progress)
         finally:
             progress.close()
     if args.dicom and args.send:
@@ -209,6 +167,71 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"wrote {args.output} with {outcome.model_name} ({seconds:.1f} s)", file=sys.stderr)
     return 0
+
+
+def _check_dicom_output(args: argparse.Namespace) -> None:
+    """``--dicom``: OUT is a usable folder (a replaceable derived series with --overwrite), and a
+    malformed --send destination fails before any work."""
+    from IPv2DenoiseLib.io.dicom_net import parse_destination  # lazy: pydicom & co. load on use
+
+    check_output_path(args.output, inputs=[args.input], folder=True, overwrite=args.overwrite)
+    if args.overwrite and Path(args.output).exists():
+        from IPv2DenoiseLib.io.dicom_export import check_replaceable_series  # lazy: pydicom
+
+        check_replaceable_series(args.output)
+    if args.send:
+        parse_destination(args.send, args.aet)
+
+
+def _check_volume_output(args: argparse.Namespace) -> None:
+    """A volume OUT: a supported file format, no DICOM-only option, and a writable path."""
+    from IPv2DenoiseLib.io.volumes import image_suffix  # lazy: the CLI imports every command for --help
+
+    if image_suffix(args.output) not in {".nrrd", ".nii", ".nii.gz", ".mha"}:
+        raise UserError(
+            f"OUT {args.output!r}: unsupported output format; use .nrrd, .nii, .nii.gz or .mha (or --dicom)"
+        )
+    used = [
+        o
+        for o in ("send", "series_number", "series_description", "patient_name", "patient_id")
+        if getattr(args, o)
+    ]
+    if used:
+        raise UserError(f"--{used[0].replace('_', '-')} needs --dicom")
+    check_output_path(args.output, inputs=[args.input], overwrite=args.overwrite)
+
+
+def _announce_device(options: DenoiseOptions, *, json_progress: bool) -> None:
+    """Say which device runs the network; "--device cuda" without a GPU fails here, before any work."""
+    from IPv2DenoiseLib.core.device import describe_device, resolve_device  # lazy: torch
+
+    where = describe_device(resolve_device(options.device))
+    if json_progress:
+        JsonLinesProgress().emit(device=where)
+    else:  # before the bar exists, so the line never lands on its first frame
+        print(f"running on: {where}", file=sys.stderr, flush=True)
+
+
+def _denoise_and_write(
+    pipeline: DenoisePipeline, args: argparse.Namespace, progress
+) -> tuple[DenoiseOutcome, list[Path] | None]:
+    """Read IN, denoise it and write OUT (volume file or derived series); returns the outcome and,
+    for a series, its files."""
+    volume = pipeline.read(
+        args.input, series_uid=args.series_uid, force=args.force, resample_gaps=args.resample_gaps
+    )
+    if args.json_progress:
+        progress.emit(model=pipeline.reference.name)
+    outcome = pipeline.denoise(volume)
+    if args.json_progress and outcome.adapted:
+        progress.emit(adapted=outcome.adapted)
+    if not args.dicom:
+        pipeline.write_volume(outcome, args.output)
+        return outcome, None
+    files = pipeline.export_dicom(
+        outcome, args.output, series_options=series_options(args), replace_existing=args.overwrite
+    )
+    return outcome, files
 
 
 def _send_written(files, args: argparse.Namespace, progress) -> None:
