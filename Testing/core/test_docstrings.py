@@ -26,7 +26,6 @@ CHECKED_FOLDERS = ("io", "imaging", "denoiser", "denoiser/models")
 PENDING = {
     "imaging/noise_estimate.py",
     "io/dicom_export.py",
-    "io/dicom_series.py",
 }
 MODULES = sorted(
     path

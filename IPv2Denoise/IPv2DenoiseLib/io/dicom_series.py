@@ -97,7 +97,18 @@ _NUMERIC_META = {"SeriesNumber", "kVp", "mAs", "tube_current_mA", "CTDIvol", "Sl
 
 
 def orientation_name(iop: Any) -> str:
-    """'axial', 'coronal' or 'sagittal' for the axis the slice normal is closest to ('oblique' past 30°)."""
+    """'axial', 'coronal' or 'sagittal' for the axis the slice normal is closest to ('oblique' past 30°).
+
+    Parameters
+    ----------
+    iop : sequence of float
+        ImageOrientationPatient: row and column direction cosines, 6 values (LPS).
+
+    Returns
+    -------
+    str
+        The orientation, or ``"oblique (near axial)"`` etc. when the normal is more than 30° off.
+    """
     v = np.asarray([float(x) for x in iop], dtype=float)
     normal = np.cross(v[:3], v[3:])
     axis = int(np.argmax(np.abs(normal)))
@@ -107,7 +118,17 @@ def orientation_name(iop: Any) -> str:
 
 @dataclass
 class SeriesInfo:
-    """One image series found in the input: its files (GDCM order) and their headers."""
+    """One image series found in the input: its files (GDCM order) and their headers.
+
+    Attributes
+    ----------
+    uid : str
+        SeriesInstanceUID.
+    files : list of pathlib.Path
+        Its image files, in GDCM's order.
+    headers : list of pydicom.Dataset
+        Their headers (pixel data not loaded), same order.
+    """
 
     uid: str
     files: list[Path]
@@ -151,6 +172,11 @@ def quiet_readers() -> Iterator[None]:
 
     Odd VRs in a scanner's header are not the user's problem (the values we need are checked
     ourselves), and GDCM's "No Series were found" block says what our own refusal says better.
+
+    Yields
+    ------
+    None
+        Inside the ``with`` block the warnings are off; they are restored after it.
     """
     itk_warnings = sitk.ProcessObject.GetGlobalWarningDisplay()
     sitk.ProcessObject.SetGlobalWarningDisplay(False)
@@ -169,7 +195,18 @@ _HEADER_ERRORS = (InvalidDicomError, OSError, ValueError, TypeError, AttributeEr
 
 
 def read_header(path: Path) -> Dataset:
-    """The DICOM header of ``path``; PixelData is located (offset, length) but not loaded."""
+    """The DICOM header of ``path``; PixelData is located (offset, length) but not loaded.
+
+    Parameters
+    ----------
+    path : pathlib.Path
+        A DICOM file.
+
+    Returns
+    -------
+    pydicom.Dataset
+        The header, large values deferred.
+    """
     with disable_value_validation():
         return pydicom.dcmread(path, defer_size=_DEFER_BYTES)
 
@@ -191,7 +228,18 @@ def _slice_order(pair: tuple[Path, Dataset]) -> tuple[float, int]:
 
 
 def series_of_files(files: Iterable[Path]) -> list[SeriesInfo]:
-    """The image series among exactly these files, grouped by SeriesInstanceUID and sorted."""
+    """The image series among exactly these files, grouped by SeriesInstanceUID and sorted.
+
+    Parameters
+    ----------
+    files : iterable of pathlib.Path
+        Candidate files; those that are not DICOM images are left out.
+
+    Returns
+    -------
+    list of SeriesInfo
+        By SeriesNumber, then UID.
+    """
     grouped: dict[str, list[tuple[Path, Dataset]]] = {}
     for f in files:
         ds = _header(f)
@@ -209,6 +257,16 @@ def find_series(path: str | os.PathLike) -> list[SeriesInfo]:
 
     GDCM groups the files of each folder by SeriesInstanceUID and sorts them; files of one series
     spread over several folders are merged. Non-image objects (SR, RT structures) are left out.
+
+    Parameters
+    ----------
+    path : path-like
+        A DICOM file or a folder.
+
+    Returns
+    -------
+    list of SeriesInfo
+        By SeriesNumber, then UID; empty when there is no DICOM image.
     """
     p = Path(path)
     grouped: dict[str, list[Path]] = {}
@@ -236,6 +294,25 @@ def choose_series(series: list[SeriesInfo], selector: str | None, *, where: str)
 
     With one series and no selector, that one. With several and no selector: refused, listing
     them, so the user picks; the tool never guesses.
+
+    Parameters
+    ----------
+    series : list of SeriesInfo
+        The series found, in the listed order.
+    selector : str or None
+        ``--series``: a SeriesInstanceUID or a 1-based number.
+    where : str
+        The input, for the messages.
+
+    Returns
+    -------
+    SeriesInfo
+        The chosen series.
+
+    Raises
+    ------
+    UserError
+        Several series and no selector, or a selector that names none of them.
     """
     listing = "; ".join(f"{i}) {s.summary()}" for i, s in enumerate(series, start=1))
     if selector is not None:
@@ -272,7 +349,21 @@ def _label(ds: Dataset) -> str:
 
 @dataclass
 class StackGeometry:
-    """Where the slices of a sorted series lie: the regular grid they form, and how they deviate."""
+    """Where the slices of a sorted series lie: the regular grid they form, and how they deviate.
+
+    Attributes
+    ----------
+    row, col, normal : numpy.ndarray
+        Unit row, column and slice-normal directions (LPS), shape (3,).
+    positions : numpy.ndarray
+        (n, 3) ImagePositionPatient, mm, sorted along the normal.
+    heights : numpy.ndarray
+        (n,) position of each slice along the normal, mm.
+    step : float
+        Median step along the normal, mm.
+    in_plane : numpy.ndarray
+        (n, 2) in-plane offset of each slice from the first, along row/col, mm (gantry tilt).
+    """
 
     row: np.ndarray
     col: np.ndarray
@@ -300,7 +391,28 @@ class StackGeometry:
 
 
 def stack_geometry(headers: list[Dataset], *, where: str, default_step: float) -> StackGeometry:
-    """Check orientations and positions of sorted slice headers; refuse stacks that are not one volume."""
+    """Check orientations and positions of sorted slice headers; refuse stacks that are not one volume.
+
+    Parameters
+    ----------
+    headers : list of pydicom.Dataset
+        The slice headers, sorted.
+    where : str
+        The input, for the messages.
+    default_step : float
+        Step along the normal for a single slice, mm.
+
+    Returns
+    -------
+    StackGeometry
+        The slice grid and its deviations (gaps, tilt).
+
+    Raises
+    ------
+    UserError
+        Missing position or orientation, slices of different orientations, or two slices at the
+        same position.
+    """
     iops = [_iop(h) for h in headers]
     if any(i is None for i in iops) or any(_ipp(h) is None for h in headers):
         if len(headers) > 1:
@@ -360,6 +472,18 @@ def check_one_patient(info: SeriesInfo, *, where: str) -> None:
 
     A derived series is filed under the first slice's patient and study; a mixed one would put
     another patient's images there.
+
+    Parameters
+    ----------
+    info : SeriesInfo
+        The series.
+    where : str
+        The input, for the message.
+
+    Raises
+    ------
+    UserError
+        Two PatientIDs or two StudyInstanceUIDs among the slices.
     """
     for keyword, what in (("PatientID", "patients"), ("StudyInstanceUID", "studies")):
         first = str(info.first.get(keyword, "") or "")
@@ -382,7 +506,20 @@ def _rescale_pairs(ds: Dataset) -> Iterator[tuple[Any, Any]]:
 
 
 def check_rescale(ds: Dataset, path: Path) -> None:
-    """Refuse RescaleSlope <= 0 and non-finite slope or intercept: HU = slope x stored + intercept."""
+    """Refuse RescaleSlope <= 0 and non-finite slope or intercept: HU = slope x stored + intercept.
+
+    Parameters
+    ----------
+    ds : pydicom.Dataset
+        A slice header (per-frame values of a multi-frame header included).
+    path : pathlib.Path
+        Its file, for the message.
+
+    Raises
+    ------
+    UserError
+        A slope that is not a positive finite number, or a non-finite intercept.
+    """
     for slope, intercept in _rescale_pairs(ds):
         for name, value, positive in (("RescaleSlope", slope, True), ("RescaleIntercept", intercept, False)):
             if value in (None, ""):
@@ -414,6 +551,18 @@ def pixel_data_problem(path: Path, ds: Dataset) -> str | None:
     the sizes are checked here: the element's length against Rows x Columns x samples x frames x
     BitsAllocated/8, and the file's size against where the element ends. Compressed
     (encapsulated) pixel data has no fixed size; GDCM's decoder checks it.
+
+    Parameters
+    ----------
+    path : pathlib.Path
+        The file.
+    ds : pydicom.Dataset
+        Its header, as :func:`read_header` gives it.
+
+    Returns
+    -------
+    str or None
+        The problem in words, or None.
     """
     element = ds.get_item(_PIXEL_DATA_TAG, keep_deferred=True)
     if element is None:
@@ -488,6 +637,16 @@ def unreadable_neighbours(info: SeriesInfo) -> list[tuple[Path, str]]:
 
     Readable images of other series, readable non-image DICOM (SR, RT, DICOMDIR) and files that look
     like nothing DICOM (README.txt, notes) are left alone.
+
+    Parameters
+    ----------
+    info : SeriesInfo
+        The series whose folders are looked at.
+
+    Returns
+    -------
+    list of (pathlib.Path, str)
+        Each suspect file and why it cannot be read.
     """
     members = {f.resolve() for f in info.files}
     shapes = {_name_shape(f.name) for f in info.files}
@@ -524,7 +683,20 @@ def unreadable_neighbours(info: SeriesInfo) -> list[tuple[Path, str]]:
 
 
 def damaged_files(info: SeriesInfo, *, check_folders: bool) -> list[tuple[Path, str]]:
-    """Slices of the series whose pixel data is the wrong size, then unreadable neighbours."""
+    """Slices of the series whose pixel data is the wrong size, then unreadable neighbours.
+
+    Parameters
+    ----------
+    info : SeriesInfo
+        The series.
+    check_folders : bool
+        Also look for unreadable files beside the slices (:func:`unreadable_neighbours`).
+
+    Returns
+    -------
+    list of (pathlib.Path, str)
+        Each damaged file and what is wrong with it; empty when all is well.
+    """
     damaged = [(f, why) for f, h in zip(info.files, info.headers) if (why := pixel_data_problem(f, h))]
     return damaged + (unreadable_neighbours(info) if check_folders else [])
 
@@ -693,6 +865,28 @@ def read_series(
 
     ``check_folders`` also looks at the other files in the series' folders for unreadable slices
     (off when the user named one file).
+
+    Parameters
+    ----------
+    info : SeriesInfo
+        The series to read.
+    where : str
+        The input, for the messages.
+    force : bool
+        Accept non-CT modalities and values that are not HU.
+    resample_gaps : bool
+        Interpolate missing slices or uneven spacing instead of refusing them.
+    n_series : int
+        How many series the input held (recorded in ``meta["series_in_input"]``).
+    progress : ProgressCallback, optional
+        ``progress(done, total, message)`` while files are decoded.
+    check_folders : bool
+        Look for unreadable slices beside the series' files.
+
+    Returns
+    -------
+    Volume
+        float32 HU ``[z, y, x]`` with LPS geometry and ``meta``.
     """
     with quiet_readers():
         return _read_series(
@@ -807,12 +1001,27 @@ def read_dicom(
 
     Parameters
     ----------
-    series
+    path : path-like
+        A DICOM file or a folder (searched recursively).
+    series : str, optional
         SeriesInstanceUID, or the 1-based number of the series in the list a refusal prints.
-    force
+    force : bool
         Accept non-CT modalities and values that are not HU.
-    resample_gaps
+    resample_gaps : bool
         Interpolate missing slices / uneven spacing instead of refusing.
+    progress : ProgressCallback, optional
+        ``progress(done, total, message)`` while files are decoded.
+
+    Returns
+    -------
+    Volume
+        float32 HU ``[z, y, x]`` with LPS geometry and ``meta``.
+
+    Raises
+    ------
+    UserError
+        No DICOM image, no CT series (without ``force``), and every refusal of
+        :func:`choose_series` and :func:`read_series`.
     """
     where = str(path)
     with quiet_readers():
