@@ -62,6 +62,20 @@ def estimate_noise_hu(hu: np.ndarray, *, region: np.ndarray | None = None, windo
     measured in-plane, so slice-correlated noise reads the same as independent noise. With fewer than
     200 such pixels (small or tissue-poor slices): the robust SD of horizontal pixel differences
     inside the body, divided by √2.
+
+    Parameters
+    ----------
+    hu : ndarray, [z, y, x] or [y, x]
+        CT in HU; not modified.
+    region : ndarray of bool, optional
+        A homogeneous region of ``hu``'s shape to measure in; the soft-tissue mask by default.
+    window : int
+        Side of the in-plane square the region is eroded with, pixels (keeps edges out).
+
+    Returns
+    -------
+    float
+        The noise SD, HU.
     """
     vol = np.asarray(hu, dtype=np.float32)
     vol3 = vol[None] if vol.ndim == 2 else vol
@@ -106,6 +120,20 @@ def estimate_slice_correlation(hu: np.ndarray, *, region: np.ndarray | None = No
     of two adjacent slices is correlated over homogeneous tissue (default: the soft-tissue mask of
     both slices, eroded), where anatomy contributes little to the residual. One slice, or too little
     tissue, gives 0. Clipped at 0: anti-correlation does not occur in CT reconstructions.
+
+    Parameters
+    ----------
+    hu : ndarray, [z, y, x]
+        CT in HU; not modified.
+    region : ndarray of bool, optional
+        A homogeneous region of ``hu``'s shape; the soft-tissue mask by default.
+    window : int
+        Side of the local mean removed in-plane and of the region's erosion, pixels.
+
+    Returns
+    -------
+    float
+        The correlation, 0 … 1.
     """
     vol = np.asarray(hu, dtype=np.float32)
     if vol.ndim != 3 or vol.shape[0] < 2:

@@ -73,6 +73,22 @@ class DerivedSeriesOptions:
     ``series_description`` always says "denoised" (appended when the given text does not).
     The patient and study fields apply only to a new series (no source files); unset ones come
     from the volume's meta or are generated.
+
+    Attributes
+    ----------
+    model : ModelProvenance
+        Which network made the pixels (written to DerivationDescription).
+    series_number : int or None
+        SeriesNumber, >= 300; None: :func:`default_series_number`.
+    series_description : str or None
+        SeriesDescription (at most 64 characters); None: the source's plus "IPv2 denoised (<model>)".
+    patient_name, patient_id : str or None
+        Patient of a new series.
+    study_instance_uid, study_description, accession_number : str or None
+        Study of a new series (a given StudyInstanceUID makes it a study of its own).
+    warnings : tuple of str
+        Warning lines about this scan, appended to DerivationDescription so that a reader of the
+        derived series in the PACS sees them too.
     """
 
     model: ModelProvenance = ModelProvenance()
@@ -152,7 +168,18 @@ def _axes(volume: Volume) -> np.ndarray:
 
 
 def slice_positions(volume: Volume) -> np.ndarray:
-    """ImagePositionPatient (LPS mm) of every z slice, shape (nz, 3)."""
+    """ImagePositionPatient (LPS mm) of every z slice, shape (nz, 3).
+
+    Parameters
+    ----------
+    volume : Volume
+        The volume (origin, spacing and direction used).
+
+    Returns
+    -------
+    numpy.ndarray
+        (nz, 3) positions, float, LPS mm.
+    """
     axes = _axes(volume)
     k = np.arange(volume.shape[0], dtype=float)
     return np.asarray(volume.origin, dtype=float)[None, :] + np.outer(k * volume.spacing[2], axes[:, 2])
@@ -339,6 +366,18 @@ def default_series_number(template: Dataset | None, *, now: float | None = None)
     the 3xx of a derived series of that source (Slicer's convention) and a PACS shows each run as its
     own series; two derivations of one source collide only when made in the same second (or exactly
     11.6 days apart to the second). The largest value, 399 999 999, fits DICOM's IS range.
+
+    Parameters
+    ----------
+    template : pydicom.Dataset or None
+        The first source header (its SeriesNumber); None for a new series.
+    now : float, optional
+        Seconds since the epoch; the current time when omitted.
+
+    Returns
+    -------
+    int
+        The SeriesNumber, 301 000 000 … 399 999 999.
     """
     base = int(getattr(template, "SeriesNumber", 0) or 0) if template is not None else 0
     prefix = 300 + (base % 100 if base > 0 else 1)
@@ -350,6 +389,16 @@ def check_replaceable_series(out_dir: str | os.PathLike) -> None:
     """Refuse to replace ``out_dir`` unless it looks like a series we wrote: ``*.dcm`` files only.
 
     ``--overwrite`` must never delete a folder of other things a user pointed at by mistake.
+
+    Parameters
+    ----------
+    out_dir : path-like
+        The existing output that ``--overwrite`` would replace.
+
+    Raises
+    ------
+    UserError
+        ``out_dir`` is not a folder, or holds anything but ``*.dcm`` files.
     """
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
