@@ -27,9 +27,11 @@ import torch
 from scipy import ndimage as ndi
 
 from IPv2DenoiseLib.core.errors import UserError
+from IPv2DenoiseLib.denoiser.models.noise_aware_unet import noise_map_channel
 from IPv2DenoiseLib.denoiser.normalization import hu_to_net
 from IPv2DenoiseLib.imaging.masks import soft_tissue_mask
 from IPv2DenoiseLib.imaging.noise_estimate import estimate_noise_hu
+from IPv2DenoiseLib.imaging.noise_map import noise_level_map
 from IPv2DenoiseLib.io.case_folder import case_file
 from IPv2DenoiseLib.io.volumes import image_suffix, read_volume
 from IPv2DenoiseLib.physics.scanner_noise import ProtocolRanges, ScannerProtocol, draw_protocol, scanner_noise
@@ -147,7 +149,7 @@ def own_dose_flux_scale(hu: np.ndarray, *, spacing_mm: float, rounds: int = 2) -
         noisy = scanner_noise(
             one, CALIBRATION_PROTOCOL, spacing_mm=spacing_mm, seed=0, clean=False, flux_scale=scale
         )
-        inserted = float(np.std((noisy - one)[tissue]))
+        inserted = estimate_noise_hu(noisy - one, region=tissue)  # the statistic of ``own``
         scale = float(np.clip(scale * (inserted / own) ** 2, 0.05, 1e5))
     return scale
 
@@ -178,6 +180,7 @@ class ScannerNoiseSampler:
         refresh: int = 1,
         device: str = "cpu",
         real_share: float | None = None,
+        noise_map: bool = False,
     ) -> None:
         if not volumes:
             raise UserError("no training volumes for scanner-noise training")
@@ -199,10 +202,19 @@ class ScannerNoiseSampler:
             tuple[np.ndarray, np.ndarray, np.ndarray]
         ] = []  # (noisy, clean centre, regions centre)
         self.slabs_made = 0
+        #: Append the noise level map of the noisy centre slice as an input channel (noise-aware
+        #: networks); measured on the whole slice, as at inference, then cropped with the patch.
+        self.noise_map = noise_map
+        self.maps: list[np.ndarray | None] = []  # per pool slab, network units
         #: Noise SD (HU, :func:`estimate_noise_hu`) of every simulated input slice: the training range.
         self.input_noise_hu: list[float] = []
         for _ in range(pool):
             self.pool.append(self.make_slab())
+            self.maps.append(self.slab_map(self.pool[-1][0]))
+
+    def slab_map(self, noisy: np.ndarray) -> np.ndarray | None:
+        """The noise map channel of a pool slab's centre slice (None unless ``noise_map``)."""
+        return noise_map_channel(noise_level_map(noisy[self.m])) if self.noise_map else None
 
     def make_slab(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One noisy ``in_slices`` slab, its clean centre slice and the centre's regions."""
@@ -277,12 +289,15 @@ class ScannerNoiseSampler:
 
     def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         for _ in range(self.refresh):
-            self.pool[int(self.rng.integers(len(self.pool)))] = self.make_slab()
+            index = int(self.rng.integers(len(self.pool)))
+            self.pool[index] = self.make_slab()
+            self.maps[index] = self.slab_map(self.pool[index][0])
         inputs, labels = [], []
         for region in self.rng.choice(3, size=size, p=self.shares):
             code = (LUNGS, BODY, BACKGROUND)[region]
             for _ in range(8):  # a slab may lack the region (e.g. lungs outside a zoomed crop)
-                noisy, clean, regions = self.pool[int(self.rng.integers(len(self.pool)))]
+                index = int(self.rng.integers(len(self.pool)))
+                noisy, clean, regions = self.pool[index]
                 idx = np.flatnonzero(regions == code)
                 if idx.size:
                     break
@@ -292,7 +307,10 @@ class ScannerNoiseSampler:
             ny, nx = regions.shape
             p = min(self.patch, ny, nx)
             y0, x0 = int(np.clip(y - p // 2, 0, ny - p)), int(np.clip(x - p // 2, 0, nx - p))
-            inputs.append(hu_to_net(noisy[:, y0 : y0 + p, x0 : x0 + p]))
+            window = hu_to_net(noisy[:, y0 : y0 + p, x0 : x0 + p])
+            if self.noise_map:
+                window = np.concatenate([window, self.maps[index][None, y0 : y0 + p, x0 : x0 + p]])
+            inputs.append(window)
             labels.append(hu_to_net(clean[:, y0 : y0 + p, x0 : x0 + p]))
         return torch.from_numpy(np.stack(inputs)), torch.from_numpy(np.stack(labels))
 
