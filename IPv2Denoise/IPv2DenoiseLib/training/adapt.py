@@ -41,6 +41,7 @@ from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.progress import CancelToken, ProgressCallback
 from IPv2DenoiseLib.core.volume import Volume
 from IPv2DenoiseLib.denoiser.infer import Denoiser
+from IPv2DenoiseLib.denoiser.models.noise_aware_unet import wants_noise_map, with_noise_map
 from IPv2DenoiseLib.denoiser.normalization import hu_to_net
 from IPv2DenoiseLib.denoiser.windows import window_indices
 from IPv2DenoiseLib.imaging.masks import soft_tissue_mask
@@ -223,7 +224,7 @@ def adapt_denoiser(
     while iteration < config.max_iterations and time.monotonic() - start < config.seconds:
         if cancel is not None:
             cancel.check()
-        inputs, targets = [], []
+        inputs, targets, centres_hu = [], [], []
         for _ in range(config.batch):
             c = int(rng.integers(len(scans)))
             scan, noise = scans[c], noises[c]
@@ -239,10 +240,13 @@ def adapt_denoiser(
             target = y_win[k // 2 : k // 2 + 1] - z_win[k // 2 : k // 2 + 1] / alpha
             if rng.integers(2):  # left-right mirror
                 noisier, target = noisier[..., ::-1], target[..., ::-1]
+            centres_hu.append(noisier[k // 2])
             inputs.append(hu_to_net(noisier))  # clipped, as in inference
             targets.append(hu_to_net(target, clip=False))  # the target's noise stays unbiased
         x_t = torch.from_numpy(np.ascontiguousarray(np.stack(inputs), dtype=np.float32)).to(dev)
         t_t = torch.from_numpy(np.ascontiguousarray(np.stack(targets), dtype=np.float32)).to(dev)
+        if wants_noise_map(tuned):  # the map of the noisier input (of the patch: whole slices cost too much)
+            x_t = with_noise_map(x_t, np.stack(centres_hu))
         loss = F.mse_loss(tuned(x_t), t_t)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()

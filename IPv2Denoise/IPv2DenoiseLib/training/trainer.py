@@ -32,10 +32,16 @@ from IPv2DenoiseLib.core.device import describe_device, resolve_device
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.progress import CancelToken, ProgressCallback
 from IPv2DenoiseLib.denoiser.models import build_model, count_parameters, flops_per_voxel
+from IPv2DenoiseLib.denoiser.models.noise_aware_unet import (
+    noise_map_channel,
+    wants_noise_map,
+    with_noise_map,
+)
 from IPv2DenoiseLib.denoiser.normalization import HU_SCALE, NORMALIZATION, hu_to_net, net_to_hu
 from IPv2DenoiseLib.denoiser.weights import load_model, save_model
 from IPv2DenoiseLib.denoiser.windows import slice_windows, window_indices
 from IPv2DenoiseLib.imaging.metrics import psnr, roi_stats
+from IPv2DenoiseLib.imaging.noise_map import noise_level_map
 from IPv2DenoiseLib.io.case_folder import read_case
 from IPv2DenoiseLib.physics.scanner_noise import ScannerProtocol
 from IPv2DenoiseLib.purification.pairs import Strategy, build_pairs
@@ -156,8 +162,21 @@ def prepare_case(folder: str | os.PathLike, config: TrainConfig, *, seed: int) -
 class PatchSampler:
     """Draws 2.5D patches whose centres fall in lungs / body / background with fixed shares."""
 
-    def __init__(self, cases: Sequence[CasePairs], *, patch: int, in_slices: int, shares, seed: int) -> None:
+    def __init__(
+        self,
+        cases: Sequence[CasePairs],
+        *,
+        patch: int,
+        in_slices: int,
+        shares,
+        seed: int,
+        noise_map: bool = False,
+    ) -> None:
         self.cases = list(cases)
+        #: Noise map channel per case (noise-aware networks), measured on whole slices as at inference.
+        self.maps = (
+            [noise_map_channel(noise_level_map(c.train_input)) for c in self.cases] if noise_map else None
+        )
         self.patch = patch
         self.in_slices = in_slices
         self.rng = np.random.default_rng(seed)
@@ -176,15 +195,18 @@ class PatchSampler:
             raise UserError("no lung, body or background voxels found in the training cases")
         self.shares = shares * available / (shares * available).sum()
 
-    def _patch(self, case: CasePairs, flat: int, flip: bool) -> tuple[np.ndarray, np.ndarray]:
+    def _patch(self, c: int, flat: int, flip: bool) -> tuple[np.ndarray, np.ndarray]:
+        case = self.cases[c]
         z, y, x = np.unravel_index(flat, case.train_input.shape)
         nz, ny, nx = case.train_input.shape
         p = min(self.patch, ny, nx)
         y0 = int(np.clip(y - p // 2, 0, ny - p))
         x0 = int(np.clip(x - p // 2, 0, nx - p))
         zs = window_indices(z, z + 1, self.in_slices, nz)
-        inp = case.train_input[zs, y0 : y0 + p, x0 : x0 + p]
-        lab = case.train_label[z : z + 1, y0 : y0 + p, x0 : x0 + p]
+        inp = hu_to_net(case.train_input[zs, y0 : y0 + p, x0 : x0 + p])
+        if self.maps is not None:
+            inp = np.concatenate([inp, self.maps[c][z : z + 1, y0 : y0 + p, x0 : x0 + p]])
+        lab = hu_to_net(case.train_label[z : z + 1, y0 : y0 + p, x0 : x0 + p])
         if flip:  # left-right mirror: plausible anatomy, doubles the data
             inp, lab = inp[..., ::-1], lab[..., ::-1]
         return inp, lab
@@ -197,9 +219,9 @@ class PatchSampler:
             weights = np.array([i.size for i in per_case], float)
             c = int(self.rng.choice(len(per_case), p=weights / weights.sum()))
             flat = int(per_case[c][self.rng.integers(per_case[c].size)])
-            inp, lab = self._patch(self.cases[c], flat, bool(self.rng.integers(2)))
-            inputs.append(hu_to_net(inp))
-            labels.append(hu_to_net(lab))
+            inp, lab = self._patch(c, flat, bool(self.rng.integers(2)))
+            inputs.append(np.ascontiguousarray(inp))
+            labels.append(np.ascontiguousarray(lab))
         return torch.from_numpy(np.stack(inputs)), torch.from_numpy(np.stack(labels))
 
 
@@ -212,8 +234,10 @@ def _denoise_slices(
     with torch.inference_mode():
         for z0 in range(0, hu.shape[0], batch):
             zs = range(z0, min(z0 + batch, hu.shape[0]))
-            x = slice_windows(hu, zs.start, zs.stop, in_slices)
-            y = model(torch.from_numpy(hu_to_net(x)).to(device))
+            x = torch.from_numpy(hu_to_net(slice_windows(hu, zs.start, zs.stop, in_slices)))
+            if wants_noise_map(model):
+                x = with_noise_map(x, hu[zs.start : zs.stop])
+            y = model(x.to(device))
             out[z0 : z0 + len(zs)] = net_to_hu(y[:, 0].float().cpu().numpy())
     model.train()
     return out
@@ -360,6 +384,7 @@ class Trainer:
                 pool=config.noise_pool,
                 refresh=config.noise_refresh,
                 real_share=config.real_share,
+                noise_map=wants_noise_map(self.model),
             )
             if self.sampler_before:  # the training range covers the whole run, not just this part
                 self.sampler.slabs_made += int(self.sampler_before["slabs_made"])
@@ -371,6 +396,7 @@ class Trainer:
                 in_slices=self.in_slices,
                 shares=config.region_shares,
                 seed=seed,
+                noise_map=wants_noise_map(self.model),
             )
         self.loss_fn = _loss(config.loss)
 

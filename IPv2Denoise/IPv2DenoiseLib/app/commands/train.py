@@ -48,7 +48,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", required=True, help="output folder: weights, model card, curves, checkpoint")
     parser.add_argument("--name", default="model", help="file stem of the exported weights")
-    parser.add_argument("--arch", default="unet", help="unet (default), redcnn or dncnn")
+    parser.add_argument(
+        "--arch",
+        default="unet",
+        help="unet (default), unet-nm (noise-aware: + a noise level map channel), redcnn, dncnn, "
+        "or a preset size: fast (the shipped U-Net) or quality (unet-nm, 32 channels, 4 levels, 1.9 M "
+        "parameters; --model-kwargs override it)",
+    )
     parser.add_argument(
         "--model-kwargs", default=None, help="JSON constructor keywords, e.g. '{\"base_channels\": 16}'"
     )
@@ -125,6 +131,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # lazy: the CLI imports every command to build --help; torch & co. load on use
+    from IPv2DenoiseLib.denoiser.models import resolve_architecture
     from IPv2DenoiseLib.io.case_folder import expand_case_folders
     from IPv2DenoiseLib.training.trainer import TrainConfig, train
 
@@ -134,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
             kwargs = json.loads(args.model_kwargs)
         except json.JSONDecodeError as exc:
             raise UserError(f"--model-kwargs is not valid JSON: {exc}") from None
+    arch, kwargs = resolve_architecture(args.arch, kwargs or None)
     if args.noise_pool < 1 or args.noise_refresh < 0:
         raise UserError("--noise-pool must be >= 1 and --noise-refresh >= 0")
     if not args.data and not (args.noise == "scanner" and args.anatomy):
@@ -143,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
         val_cases=expand_case_folders(args.val) if args.val else [],
         out=args.out,
         name=args.name,
-        arch=args.arch,
+        arch=arch,
         strategy=args.strategy,
         dose=args.dose,
         weak_denoiser=args.weak_denoiser,

@@ -124,6 +124,10 @@ class UNet(Denoiser2p5D):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: ``[B, in_slices, H, W]`` (any H, W) → ``[B, 1, H, W]``."""
         check_input(x, self.in_slices)
+        return self.centre(x) - self.predict_noise(x)
+
+    def predict_noise(self, x: torch.Tensor) -> torch.Tensor:
+        """The noise of the centre slice, ``[B, 1, H, W]``, from all input channels (any H, W)."""
         h, w = x.shape[-2:]
         m = 2 ** (self.levels - 1)
         ph, pw = (-h) % m, (-w) % m
@@ -134,5 +138,4 @@ class UNet(Denoiser2p5D):
         y = skips.pop()
         for up in self.ups:
             y = up(y, skips.pop())
-        noise = self.head(y)[..., :h, :w]
-        return self.centre(x) - noise
+        return self.head(y)[..., :h, :w]
