@@ -66,8 +66,7 @@ from pynetdicom.sop_class import Verification
 from IPv2DenoiseLib.app.pipeline import DenoisePipeline
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.volume import Volume
-from IPv2DenoiseLib.imaging.masks import soft_tissue_mask
-from IPv2DenoiseLib.imaging.noise_estimate import estimate_noise_hu
+from IPv2DenoiseLib.imaging.noise_estimate import volume_noise_hu
 from IPv2DenoiseLib.io.dicom_export import DerivedSeriesOptions
 from IPv2DenoiseLib.io.dicom_net import DestinationUnavailable, DicomNode, check_aet, echo, send_instances
 
@@ -190,8 +189,7 @@ class _Arrival:
 
 def series_noise(before: Volume, after: Volume) -> tuple[float, float]:
     """Noise SD (HU) of a series before and after, over the same (input's) soft-tissue region."""
-    region = soft_tissue_mask(before.array)
-    return estimate_noise_hu(before.array, region=region), estimate_noise_hu(after.array, region=region)
+    return volume_noise_hu(before.array), volume_noise_hu(after.array, reference=before.array)
 
 
 def _pixel_data_problem(ds: Dataset) -> str | None:

@@ -15,18 +15,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from IPv2DenoiseLib.core.volume import Volume
-from IPv2DenoiseLib.imaging.noise_estimate import estimate_noise_hu
+from IPv2DenoiseLib.imaging.noise_estimate import volume_noise_hu
 
 #: A scan is "far below" the training noise when its measured noise is under this share of the
 #: lowest training noise (the 2nd percentile the trainer records).
 FAR_BELOW = 0.5
 #: Relative tolerance on pixel size and slice thickness.
 SPACING_TOLERANCE = 0.1
-#: Slices used to measure the noise of a large volume (evenly spaced; enough for a robust median).
-NOISE_SLICES = 8
 
 
 @dataclass(frozen=True)
@@ -75,25 +71,6 @@ class TrainingRange:
         return cls(pair("input_noise_hu"), pair("pixel_mm"), pair("slice_mm"))
 
 
-def measured_noise_hu(hu: np.ndarray) -> float:
-    """Noise SD (HU) of a scan, from up to :data:`NOISE_SLICES` evenly spaced slices.
-
-    Parameters
-    ----------
-    hu : numpy.ndarray
-        The scan in HU, (z, y, x) or one (y, x) slice.
-
-    Returns
-    -------
-    float
-        The estimated noise SD, HU (as :func:`~IPv2DenoiseLib.imaging.noise_estimate.estimate_noise_hu`).
-    """
-    vol = np.asarray(hu)
-    vol = vol[None] if vol.ndim == 2 else vol
-    picks = np.unique(np.linspace(0, vol.shape[0] - 1, min(NOISE_SLICES, vol.shape[0])).round().astype(int))
-    return estimate_noise_hu(vol[picks])
-
-
 def describe_range(bounds: tuple[float, float]) -> str:
     """``0.52–0.93``, or ``1.25`` when both ends are equal (never "1.25–1.25").
 
@@ -139,7 +116,7 @@ def applicability_warning(
         return None
     problems = []
     if rng.input_noise_hu is not None:
-        noise = measured_noise_hu(volume.array) if noise_hu is None else float(noise_hu)
+        noise = volume_noise_hu(volume.array) if noise_hu is None else float(noise_hu)
         if math.isfinite(noise) and noise < FAR_BELOW * rng.input_noise_hu[0]:
             problems.append(
                 f"its noise ({noise:.0f} HU) is far below the {rng.input_noise_hu[0]:.0f}–"

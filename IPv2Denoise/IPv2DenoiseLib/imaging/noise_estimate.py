@@ -55,6 +55,69 @@ def _robust_sd(values: np.ndarray) -> float:
     return float(1.4826 * np.median(np.abs(values - np.median(values))))
 
 
+#: Slices (evenly spaced) on which the noise of a whole volume is measured: bounded time and memory.
+NOISE_SLICES = 16
+
+
+def noise_region(hu: np.ndarray, *, window: int = 7) -> np.ndarray:
+    """The homogeneous region :func:`estimate_noise_hu` measures in by default.
+
+    Soft tissue of the scan smoothed over :data:`MASK_SMOOTH_PX` and eroded by
+    :data:`MASK_EROSION_PX`; on small or tissue-poor slices (fewer than 200 pixels left after a
+    further ``window``² erosion) the plain soft-tissue mask.
+
+    Parameters
+    ----------
+    hu : ndarray, [z, y, x]
+        CT in HU.
+    window : int
+        Side of the square the caller erodes the region with, pixels.
+
+    Returns
+    -------
+    ndarray of bool
+        Same shape as ``hu``.
+    """
+    vol3 = np.asarray(hu, dtype=np.float32)
+    region = soft_tissue_mask(vol3, smooth_px=MASK_SMOOTH_PX, erosion_radius=MASK_EROSION_PX)
+    if ndi.binary_erosion(region, np.ones((1, window, window), dtype=bool)).sum() < 200:
+        region = soft_tissue_mask(vol3)
+    return region
+
+
+def volume_noise_hu(
+    hu: np.ndarray, *, reference: np.ndarray | None = None, slices: int = NOISE_SLICES
+) -> float:
+    """Noise SD (HU) of a whole volume: :func:`estimate_noise_hu` on up to ``slices`` evenly spaced slices.
+
+    The one rule for "how noisy is this scan" (the training-range warning, ``batch``'s records,
+    the DICOM node's log). With ``reference`` (the same scan before denoising), the region comes
+    from the reference, so a before/after pair is measured on the same voxels.
+
+    Parameters
+    ----------
+    hu : ndarray, [z, y, x] or [y, x]
+        CT in HU.
+    reference : ndarray, optional
+        The scan ``hu`` was made from (same shape): its region is used.
+    slices : int
+        At most this many slices are measured.
+
+    Returns
+    -------
+    float
+        Noise SD in HU.
+    """
+    vol = np.asarray(hu, dtype=np.float32)
+    vol = vol[None] if vol.ndim == 2 else vol
+    picks = np.unique(np.linspace(0, vol.shape[0] - 1, min(slices, vol.shape[0])).round().astype(int))
+    region = None
+    if reference is not None:
+        ref = np.asarray(reference, dtype=np.float32).reshape(vol.shape)
+        region = noise_region(ref[picks])
+    return estimate_noise_hu(vol[picks], region=region)
+
+
 def estimate_noise_hu(hu: np.ndarray, *, region: np.ndarray | None = None, window: int = 7) -> float:
     """Noise SD in HU of a CT slice or volume, also for smooth (coarse-grained) noise.
 
@@ -87,9 +150,7 @@ def estimate_noise_hu(hu: np.ndarray, *, region: np.ndarray | None = None, windo
     vol3 = vol[None] if vol.ndim == 2 else vol
     square = np.ones((1, window, window), dtype=bool)
     if region is None:
-        region = soft_tissue_mask(vol3, smooth_px=MASK_SMOOTH_PX, erosion_radius=MASK_EROSION_PX)
-        if ndi.binary_erosion(region, square).sum() < 200:  # small or tissue-poor slices
-            region = soft_tissue_mask(vol3)
+        region = noise_region(vol3, window=window)
     region = np.asarray(region, dtype=bool).reshape(vol3.shape)
     inner = ndi.binary_erosion(region, square)
     if inner.sum() >= 200:

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from IPv2DenoiseLib.app.batch.cases import Case
@@ -38,11 +37,8 @@ from IPv2DenoiseLib.core.atomic import remove_stale_partials
 from IPv2DenoiseLib.core.device import describe_device
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.volume import Volume
-from IPv2DenoiseLib.imaging.noise_estimate import estimate_noise_hu
+from IPv2DenoiseLib.imaging.noise_estimate import volume_noise_hu
 from IPv2DenoiseLib.io.volumes import read_dicom_series, read_volume
-
-#: Slices (evenly spaced) on which noise before/after is estimated: bounded time and memory per case.
-NOISE_SLICES = 16
 
 RowCallback = Callable[[dict[str, Any]], None]
 
@@ -74,14 +70,6 @@ class Loaded:
     def result(self) -> Volume | None:
         """The denoised volume, once denoised."""
         return self.outcome.denoised if self.outcome is not None else None
-
-
-def noise_sd(array: np.ndarray) -> float:
-    """Noise SD (HU) of a volume from :data:`NOISE_SLICES` evenly spaced slices (imaging.noise_estimate)."""
-    index = np.unique(
-        np.linspace(0, array.shape[0] - 1, min(NOISE_SLICES, array.shape[0])).round().astype(int)
-    )
-    return round(estimate_noise_hu(array[index]), 3)
 
 
 def case_row(case: Case, status: str, **values: Any) -> dict[str, Any]:
@@ -187,7 +175,9 @@ class CaseProcessor:
             if record is not None:
                 return self._from_record(case, record, attempts)
             volume = read_dicom_series(case.files) if case.kind == "dicom" else read_volume(case.files[0])
-            return Loaded(case, volume, fingerprint, started, noise_sd(volume.array), attempts)
+            return Loaded(
+                case, volume, fingerprint, started, round(volume_noise_hu(volume.array), 3), attempts
+            )
         except Exception as exc:  # one study's problem must not stop the archive
             return self.failed(case, _one_line(exc), started=started, attempts=attempts)
 
@@ -210,7 +200,7 @@ class CaseProcessor:
             remove_stale_partials(out)
             self._write(loaded, out)
             sha256, size = hash_output(out)
-            noise_after = noise_sd(loaded.result.array)
+            noise_after = round(volume_noise_hu(loaded.result.array, reference=loaded.volume.array), 3)
             seconds = round(time.monotonic() - loaded.started, 3)
             shape = "x".join(map(str, loaded.volume.shape))
             write_record(
@@ -386,4 +376,4 @@ def _run_overlapped(
         raise crashed[0]
 
 
-__all__ = ["BatchSettings", "CaseProcessor", "Loaded", "NOISE_SLICES", "case_row", "noise_sd", "run_local"]
+__all__ = ["BatchSettings", "CaseProcessor", "Loaded", "case_row", "run_local"]
