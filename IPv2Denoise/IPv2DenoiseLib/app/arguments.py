@@ -96,7 +96,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     which.add_argument(
         "--model",
         default="default",
-        help="model name from Resources/Models/models.json (default: %(default)s)",
+        help="model name from Resources/Models/models.json, or a tier: fast, quality (default: %(default)s)",
     )
     which.add_argument(
         "--weights", metavar="FILE", help="a .safetensors weights file with its .json model card"

@@ -32,6 +32,14 @@ if TYPE_CHECKING:
 
 #: The name that stands for the catalogue's default model.
 DEFAULT_MODEL = "default"
+#: Model tiers a catalogue entry may carry (``"tier"``) and ``--model`` accepts as names: ``fast``
+#: (>= 1 Mvoxel/s on 2 CPU cores; without a ``fast`` entry, the default model) and ``quality``
+#: (larger, for GPUs and for CPU users who can wait; docs/models.md).
+TIERS = ("fast", "quality")
+#: What to do when no model of a tier is installed.
+TRAIN_A_TIER = (
+    "train one with `ipv2-denoise train --arch {tier} ...` or run scripts/gpu_train_job.py on a GPU"
+)
 
 
 def card_path(weights_path: str | os.PathLike) -> Path:
@@ -94,12 +102,15 @@ class CatalogueEntry:
         The checksum the catalogue lists, checked on load.
     summary : str
         One line for model lists.
+    tier : str or None
+        One of :data:`TIERS`, when the catalogue says.
     """
 
     name: str
     weights: Path
     sha256: str | None = None
     summary: str = ""
+    tier: str | None = None
 
 
 @dataclass(frozen=True)
@@ -144,13 +155,26 @@ class ModelCatalogue:
         return _read_catalogue(str(path.resolve()), _mtime(path))
 
     def entry(self, name: str = DEFAULT_MODEL) -> CatalogueEntry:
-        """The entry for ``name`` (``"default"`` allowed).
+        """The entry for ``name``: a model name, ``"default"``, or a tier of :data:`TIERS`.
+
+        Parameters
+        ----------
+        name : str
+            A catalogue name, ``"default"``, or a tier (``"fast"``, ``"quality"``) unless a model
+            carries that name itself.
+
+        Returns
+        -------
+        CatalogueEntry
+            The model.
 
         Raises
         ------
         UserError
-            Unknown name; the message lists the known ones.
+            Unknown name (the message lists the known ones), or no model of the tier installed.
         """
+        if name in TIERS and name not in self.entries:
+            return self.tier_entry(name)
         key = self.default if name == DEFAULT_MODEL else name
         if key not in self.entries:
             known = ", ".join(sorted(self.entries)) or "none yet (train one, or pass --weights FILE)"
@@ -160,6 +184,27 @@ class ModelCatalogue:
     def names(self) -> list[str]:
         """The shipped model names, the default first."""
         return sorted(self.entries, key=lambda n: (n != self.default, n))
+
+    def tier_entry(self, tier: str) -> CatalogueEntry:
+        """The model of a tier: the default if it carries the tier, else the first by name; for
+        ``fast``, the default model when no entry carries a tier.
+
+        Raises
+        ------
+        UserError
+            No model of that tier is installed (one line saying how to make one).
+        """
+        if tier not in TIERS:
+            raise UserError(f"unknown model tier {tier!r}; tiers: {', '.join(TIERS)}")
+        found = sorted(
+            (e for e in self.entries.values() if e.tier == tier),
+            key=lambda e: (e.name != self.default, e.name),
+        )
+        if found:
+            return found[0]
+        if tier == "fast" and self.default in self.entries and self.entries[self.default].tier is None:
+            return self.entries[self.default]
+        raise UserError(f"no {tier}-tier model is installed yet; {TRAIN_A_TIER.format(tier=tier)}")
 
 
 def _mtime(path: Path) -> int:
@@ -189,8 +234,13 @@ def _read_catalogue(path_text: str, mtime_ns: int) -> ModelCatalogue:
         weights = (path.parent / item["file"]).resolve()
         if not weights.is_relative_to(path.parent.resolve()):
             raise UserError(f"model registry {str(path)!r}: entry {name!r} points outside its folder")
+        tier = item.get("tier")
+        if tier is not None and tier not in TIERS:
+            raise UserError(
+                f"model registry {str(path)!r}: entry {name!r} has tier {tier!r}; tiers: {', '.join(TIERS)}"
+            )
         entries[str(name)] = CatalogueEntry(
-            str(name), weights, item.get("sha256"), str(item.get("summary", ""))
+            str(name), weights, item.get("sha256"), str(item.get("summary", "")), tier
         )
     return ModelCatalogue(path, raw.get("default"), entries)
 
@@ -287,6 +337,7 @@ class ModelReference:
 
 __all__ = [
     "DEFAULT_MODEL",
+    "TIERS",
     "CatalogueEntry",
     "ModelCatalogue",
     "ModelReference",
