@@ -281,7 +281,8 @@ def test_denoise_in_the_browser_shows_demo_numbers(server, chromium, web_case, t
 
     seconds = denoise_and_wait(page)
     original, denoised = view_pixels(page, "original"), view_pixels(page, "denoised")
-    assert np.abs(original - before).mean() < 1  # the original view still shows the input
+    # the original view still shows the input, grain and all
+    assert 0.8 < graininess(original) / graininess(before) < 1.25
     scan = original.max(axis=2) > 30
     changed = (np.abs(denoised - original).max(axis=2) > 8)[scan].mean()
     assert changed > 0.3, f"only {changed:.1%} of the scan differs in the denoised view"
@@ -321,6 +322,15 @@ def test_linked_slices_presets_and_a_second_browser(server, chromium) -> None:
     first, second = open_page(chromium, server), open_page(chromium, server)
     for page in (first, second):
         wait_until(lambda page=page: shows_scan(page), what="the original view")
+    first.click("#denoise-btn")
+    wait_until(lambda: "busy: denoise" in second.inner_text("#busy-chip"), what="busy in the second browser")
+    assert second.locator("#denoise-btn").is_disabled()
+    wait_until(
+        lambda: "denoise: done" in second.inner_text("#job-message"), what="the job seen by the second"
+    )
+    wait_until(lambda: "ready" in first.inner_text("#busy-chip"), what="ready again")
+    second.wait_for_selector("#metrics")
+
     sliders = first.locator(".slice-slider [role=slider]")
     values = lambda page: page.locator(".slice-slider [role=slider]").evaluate_all(  # noqa: E731
         "els => els.map(e => e.getAttribute('aria-valuenow'))"
@@ -349,14 +359,6 @@ def test_linked_slices_presets_and_a_second_browser(server, chromium) -> None:
     first.screenshot(path=str(FIGURES / "web_mediastinal.png"))
     first.click("#preset-lung")
 
-    first.click("#denoise-btn")
-    wait_until(lambda: "busy: denoise" in second.inner_text("#busy-chip"), what="busy in the second browser")
-    assert second.locator("#denoise-btn").is_disabled()
-    wait_until(
-        lambda: "denoise: done" in second.inner_text("#job-message"), what="the job seen by the second"
-    )
-    wait_until(lambda: "ready" in first.inner_text("#busy-chip"), what="ready again")
-    second.wait_for_selector("#metrics")
     first.close()
     second.close()
 
@@ -369,7 +371,7 @@ def test_cancel_stops_and_writes_nothing(server, chromium) -> None:
     wait_until(lambda: shows_scan(page), what="the original view")
     page.check("#adapt")
     page.click("#denoise-btn")
-    wait_until(lambda: "adapting" in page.inner_text("#job-message"), what="the adaptation to start")
+    wait_until(lambda: "adapt" in page.inner_text("#job-message"), what="the adaptation to start")
     assert page.locator("#cancel-btn").is_enabled()
     page.screenshot(path=str(FIGURES / "web_progress.png"))
     page.click("#cancel-btn")

@@ -169,12 +169,22 @@ class DenoiseWebApp(TrameApp):
             style="position:absolute;bottom:0;left:0;width:100%;background-color:transparent;",
             id=f"slider-{title.lower()}",
         ):
-            Slider(
-                typed_state=connect_slice_view_slider_to_state(server, view),
-                classes="slice-slider",
-                theme="dark",
-                dense=True,
-            )
+            slider_state = connect_slice_view_slider_to_state(server, view)
+            slider_state.bind_changes({slider_state.name.value: lambda value: self._link_slices(view, value)})
+            Slider(typed_state=slider_state, classes="slice-slider", theme="dark", dense=True)
+
+    def _link_slices(self, moved, offset: float) -> None:
+        """A slider moved: the other linked views go to the same slice.
+
+        Slicer's slice link logic follows mouse interaction in the views; a slider sets the offset
+        without the interaction flags it listens to, so the slider's moves are passed on here.
+        """
+        scene = self.slicer.scene
+        if not composite_node(moved.get_singleton_tag(), scene=scene).GetLinkedControl():
+            return
+        for view in self.slicer.view_manager.get_slice_views():
+            if view is not moved and composite_node(view.get_singleton_tag(), scene=scene).GetLinkedControl():
+                view.set_slice_value(offset)
 
     def _build_ui(self) -> None:
         with SinglePageWithDrawerLayout(self.server, full_height=True) as layout:
