@@ -280,6 +280,113 @@ def model_labels(models, *, adapt: bool, ensembles: tuple[int, ...]) -> list[str
     return [variant_label(name, n) for name in names for n in ensembles]
 
 
+@dataclass
+class Trial:
+    """One noisy version of an image and what every method is scored and cached with."""
+
+    truth: np.ndarray
+    noisy: np.ndarray
+    noise: np.ndarray
+    reg: Regions
+    pixel_mm: float
+    est: float  # noise SD estimated from the noisy image (HU)
+    tag: str  # cache key prefix: image, noise model and the noisy image's fingerprint
+    cache: OutputCache
+
+    def measure(self, out: np.ndarray) -> dict:
+        """:func:`measure` of ``out`` against this trial's truth."""
+        return measure(out, self.truth, self.noisy, self.reg, self.pixel_mm)
+
+
+def classical_oracle(trial: Trial, method: str, rows: dict, outputs: dict) -> None:
+    """NLM or TV at each strength of :data:`NLM_TV_FACTORS` × the estimated noise: rows for the
+    default strength and for the best one by body PSNR (the oracle), whose output is kept."""
+    best = None
+    for factor in NLM_TV_FACTORS:
+        out = trial.cache.get(
+            f"{trial.tag}-{method}-{factor}",
+            denoise_classical,
+            trial.noisy,
+            method,
+            noise_hu=trial.est * factor,
+        )
+        score = psnr(trial.truth, out, mask=trial.reg.body)
+        if factor == 1.0:
+            rows[f"{method}_default"] = trial.measure(out)
+        if best is None or score > best[0]:
+            best = (score, factor, out)
+    rows[f"{method}_oracle"] = {**trial.measure(best[2]), "factor": best[1]}
+    outputs[f"{method}_oracle"] = best[2]
+
+
+def bm3d_oracle(trial: Trial, rows: dict, outputs: dict, *, full_search: bool) -> None:
+    """BM3D with the true noise PSD: a row at the default strength and one at the best of
+    :data:`BM3D_FACTORS`, searched on the whole image (``full_search`` or a small image) or on the
+    central 192² crop and then run once on the whole image."""
+    truth, noisy, body, tag, cache = trial.truth, trial.noisy, trial.reg.body, trial.tag, trial.cache
+    psd = noise_psd(trial.noise, body)
+    default = cache.get(f"{tag}-bm3d-1.0", run_bm3d, noisy, psd, 1.0)
+    rows["bm3d_default"] = trial.measure(default)
+    factor = 1.0
+    if full_search or min(truth.shape) <= 192:
+        scored = [(psnr(truth, default, mask=body), 1.0, default)]
+        for f in (f for f in BM3D_FACTORS if f != 1.0):
+            o = cache.get(f"{tag}-bm3d-{f}", run_bm3d, noisy, psd, f)
+            scored.append((psnr(truth, o, mask=body), f, o))
+        _, factor, best_out = max(scored, key=lambda s: s[0])
+    else:  # choose the strength on the central 192² crop, then run the full image once
+        cy, cx = (s // 2 for s in truth.shape)
+        crop = (slice(cy - 96, cy + 96), slice(cx - 96, cx + 96))
+        sub_psd = noise_psd(trial.noise[crop], body[crop])
+        scores = {
+            f: psnr(
+                truth[crop],
+                cache.get(f"{tag}-bm3d-crop-{f}", run_bm3d, noisy[crop], sub_psd, f),
+                mask=body[crop],
+            )
+            for f in BM3D_FACTORS
+        }
+        factor = max(scores, key=scores.get)
+        best_out = (
+            default if factor == 1.0 else cache.get(f"{tag}-bm3d-{factor}", run_bm3d, noisy, psd, factor)
+        )
+    rows["bm3d_oracle"] = {**trial.measure(best_out), "factor": factor}
+    outputs["bm3d_oracle"] = best_out
+
+
+def network_rows(
+    trial: Trial,
+    label: str,
+    den,
+    rows: dict,
+    outputs: dict,
+    *,
+    adapt: AdaptConfig | None,
+    ensembles: tuple[int, ...],
+    remove_background: bool,
+) -> None:
+    """One network (and, with ``adapt``, its copy fine-tuned on this noisy image) at each ensemble
+    size: a row each, with the seconds spent (fine-tuning included)."""
+    noisy, pixel_mm = trial.noisy, trial.pixel_mm
+    variants = [(label, den, None, 0.0)]
+    if adapt is not None:  # the same model fine-tuned on this noisy image alone (--adapt)
+        t = time.monotonic()
+        volume = Volume(noisy[None], (pixel_mm, pixel_mm, 1.0))
+        tuned, record = adapt_denoiser(den, volume, adapt, device="cpu")
+        variants.append((f"{label}+adapt", tuned, record, time.monotonic() - t))
+    for name, model, record, spent in variants:
+        for n in ensembles:
+            t = time.monotonic()
+            out = model.denoise_array(
+                noisy[None], device="cpu", remove_background=remove_background, ensemble=n
+            )[0]
+            key = variant_label(name, n)
+            rows[key] = {**trial.measure(out), "seconds": spent + time.monotonic() - t}
+            if record is not None:
+                rows[key]["adapt"] = record.as_dict()
+            outputs[key] = out
+
+
 def evaluate_image(
     image: RealImage,
     models,
@@ -306,79 +413,26 @@ def evaluate_image(
         tag = f"{image.name}-{noise_name}-{hashlib.sha256(noisy.tobytes()).hexdigest()[:12]}"
         rows: dict[str, dict] = {"input": measure(noisy, truth, noisy, reg, pixel_mm)}
         outputs: dict[str, np.ndarray] = {"input": noisy}
+        trial = Trial(truth, noisy, noise, reg, pixel_mm, est, tag, cache)
         for method in ("nlm", "tv"):
             t = time.monotonic()
-            best = None
-            for factor in NLM_TV_FACTORS:
-                out = cache.get(
-                    f"{tag}-{method}-{factor}",
-                    denoise_classical,
-                    noisy,
-                    method,
-                    noise_hu=est * factor,
-                )
-                score = psnr(truth, out, mask=reg.body)
-                if factor == 1.0:
-                    rows[f"{method}_default"] = measure(out, truth, noisy, reg, pixel_mm)
-                if best is None or score > best[0]:
-                    best = (score, factor, out)
-            rows[f"{method}_oracle"] = {**measure(best[2], truth, noisy, reg, pixel_mm), "factor": best[1]}
-            outputs[f"{method}_oracle"] = best[2]
+            classical_oracle(trial, method, rows, outputs)
             log(f"  {image.name}/{noise_name} {method}: {time.monotonic() - t:.1f} s")
         if bm3d_mode != "off":
             t = time.monotonic()
-            psd = noise_psd(noise, reg.body)
-            default = cache.get(f"{tag}-bm3d-1.0", run_bm3d, noisy, psd, 1.0)
-            rows["bm3d_default"] = measure(default, truth, noisy, reg, pixel_mm)
-            factor = 1.0
-            if bm3d_mode == "full" or min(truth.shape) <= 192:
-                scored = [(psnr(truth, default, mask=reg.body), 1.0, default)]
-                for f in (f for f in BM3D_FACTORS if f != 1.0):
-                    o = cache.get(f"{tag}-bm3d-{f}", run_bm3d, noisy, psd, f)
-                    scored.append((psnr(truth, o, mask=reg.body), f, o))
-                _, factor, best_out = max(scored, key=lambda s: s[0])
-            else:  # choose the strength on the central 192² crop, then run the full image once
-                cy, cx = (s // 2 for s in truth.shape)
-                crop = (slice(cy - 96, cy + 96), slice(cx - 96, cx + 96))
-                sub_psd = noise_psd(noise[crop], reg.body[crop])
-                scores = {
-                    f: psnr(
-                        truth[crop],
-                        cache.get(f"{tag}-bm3d-crop-{f}", run_bm3d, noisy[crop], sub_psd, f),
-                        mask=reg.body[crop],
-                    )
-                    for f in BM3D_FACTORS
-                }
-                factor = max(scores, key=scores.get)
-                best_out = (
-                    default
-                    if factor == 1.0
-                    else cache.get(f"{tag}-bm3d-{factor}", run_bm3d, noisy, psd, factor)
-                )
-            rows["bm3d_oracle"] = {**measure(best_out, truth, noisy, reg, pixel_mm), "factor": factor}
-            outputs["bm3d_oracle"] = best_out
+            bm3d_oracle(trial, rows, outputs, full_search=bm3d_mode == "full")
             log(f"  {image.name}/{noise_name} bm3d: {time.monotonic() - t:.1f} s")
         for label, den in models:
-            variants = [(label, den, None, 0.0)]
-            if adapt is not None:  # the same model fine-tuned on this noisy image alone (--adapt)
-                t = time.monotonic()
-                volume = Volume(noisy[None], (pixel_mm, pixel_mm, 1.0))
-                tuned, record = adapt_denoiser(den, volume, adapt, device="cpu")
-                variants.append((f"{label}+adapt", tuned, record, time.monotonic() - t))
-            for name, model, record, spent in variants:
-                for n in ensembles:
-                    t = time.monotonic()
-                    out = model.denoise_array(
-                        noisy[None], device="cpu", remove_background=remove_background, ensemble=n
-                    )[0]
-                    key = variant_label(name, n)
-                    rows[key] = {
-                        **measure(out, truth, noisy, reg, pixel_mm),
-                        "seconds": spent + time.monotonic() - t,
-                    }
-                    if record is not None:
-                        rows[key]["adapt"] = record.as_dict()
-                    outputs[key] = out
+            network_rows(
+                trial,
+                label,
+                den,
+                rows,
+                outputs,
+                adapt=adapt,
+                ensembles=ensembles,
+                remove_background=remove_background,
+            )
         oracle = max((k for k in rows if k.endswith("_oracle")), key=lambda k: rows[k]["psnr"])
         result["noise"][noise_name] = {
             "estimated_noise_hu": est,
