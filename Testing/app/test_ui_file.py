@@ -1,4 +1,11 @@
-"""The module's Designer file: valid XML, every ``self.ui.<name>`` the code uses exists, bindings match."""
+"""The module's Designer file: valid XML, every ``self.ui.<name>`` the code uses exists, bindings match,
+and every class it names is one Slicer provides.
+
+Slicer is not installed here, so Qt's own loader cannot build the panel (its CTK and MRML widgets
+live in Slicer's designer plugins). The file is read as that loader reads it (UI XML 4.0) and its
+widget and layout classes are checked against what Slicer ships (Qt, CTK, Slicer's MRML widgets);
+each custom widget must be declared with the base and header Slicer's plugin has.
+"""
 
 from __future__ import annotations
 
@@ -80,3 +87,72 @@ def test_device_choices_are_the_one_vocabulary():
     )
     values = [value for _, value in ast.literal_eval(node.value)]
     assert values and set(values) <= set(DEVICE_CHOICES), values
+
+
+#: Qt widget and layout classes (QtWidgets, bundled with every Slicer) that a module panel may use.
+QT_CLASSES = {
+    "QWidget", "QFrame", "QLabel", "QPushButton", "QToolButton", "QCheckBox", "QRadioButton",
+    "QComboBox", "QLineEdit", "QPlainTextEdit", "QTextEdit", "QTextBrowser", "QSpinBox",
+    "QDoubleSpinBox", "QSlider", "QProgressBar", "QGroupBox", "QTabWidget", "QStackedWidget",
+    "QScrollArea", "QSplitter", "QListWidget", "QTreeWidget", "QTableWidget", "QTableView",
+    "QDialogButtonBox", "QVBoxLayout", "QHBoxLayout", "QGridLayout", "QFormLayout",
+}  # fmt: skip
+#: Custom widgets in Slicer's designer plugins, with the base each extends there: CTK
+#: (CTK/Libs/Widgets) and Slicer's MRML widgets (Libs/MRML/Widgets, Segmentations/Widgets).
+SLICER_WIDGETS = {
+    "ctkCollapsibleButton": "QWidget",
+    "ctkCollapsibleGroupBox": "QGroupBox",
+    "ctkCheckBox": "QCheckBox",
+    "ctkComboBox": "QComboBox",
+    "ctkPathLineEdit": "QWidget",
+    "ctkDirectoryButton": "QWidget",
+    "ctkSliderWidget": "QWidget",
+    "ctkRangeWidget": "QWidget",
+    "ctkDoubleSpinBox": "QWidget",
+    "ctkMenuButton": "QPushButton",
+    "qMRMLWidget": "QWidget",
+    "qMRMLNodeComboBox": "QWidget",
+    "qMRMLSegmentSelectorWidget": "qMRMLWidget",
+    "qMRMLSubjectHierarchyComboBox": "ctkComboBox",
+    "qMRMLTableView": "QTableView",
+    "qMRMLWindowLevelWidget": "qMRMLWidget",
+}
+
+
+def _classes() -> dict[str, str]:
+    """Object name -> class of every widget and layout in the file."""
+    return {
+        e.get("name"): e.get("class") for e in ET.parse(UI).getroot().iter() if e.tag in ("widget", "layout")
+    }
+
+
+def test_every_class_is_one_slicer_provides():
+    unknown = sorted(set(_classes().values()) - QT_CLASSES - set(SLICER_WIDGETS))
+    assert not unknown, f"{UI.name} names classes Slicer does not provide: {unknown}"
+
+
+def test_custom_widgets_are_declared_as_slicer_declares_them():
+    root = ET.parse(UI).getroot()
+    used = set(_classes().values()) & set(SLICER_WIDGETS)
+    declared = {
+        c.findtext("class"): (c.findtext("extends"), c.findtext("header")) for c in root.iter("customwidget")
+    }
+    assert used <= set(declared), f"used but not declared: {sorted(used - set(declared))}"
+    for name, (extends, header) in declared.items():
+        assert name in SLICER_WIDGETS, f"custom widget {name} is not one Slicer provides"
+        assert extends == SLICER_WIDGETS[name], f"{name} extends {SLICER_WIDGETS[name]}, not {extends}"
+        assert header == f"{name}.h", f"{name}: header {header}"
+
+
+def test_names_are_unique_and_scene_connections_reach_mrml_widgets():
+    root = ET.parse(UI).getroot()
+    names = [e.get("name") for e in root.iter() if e.tag in ("widget", "layout") and e.get("name")]
+    assert len(names) == len(set(names)), sorted({n for n in names if names.count(n) > 1})
+    classes = _classes()
+    for connection in root.iter("connection"):
+        sender, receiver = connection.findtext("sender"), connection.findtext("receiver")
+        assert sender in classes and receiver in classes, (sender, receiver)
+        if connection.findtext("slot") == "setMRMLScene(vtkMRMLScene*)":
+            assert classes[receiver].startswith("qMRML"), f"{receiver} ({classes[receiver]}) takes no scene"
+            assert connection.findtext("signal") == "mrmlSceneChanged(vtkMRMLScene*)"
+            assert classes[sender] == "qMRMLWidget"
