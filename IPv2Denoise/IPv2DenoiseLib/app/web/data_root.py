@@ -1,8 +1,9 @@
 """The one folder the web app reads from and writes into; every path a browser sends is checked here.
 
 A browser names inputs and export folders as text relative to ``--data-root``. :class:`DataRoot`
-resolves them (symbolic links included) and refuses, in one line, anything that lands outside
-the root, so a crafted ``../../etc`` or a link out of the root never reaches a reader or writer.
+resolves them (symbolic links included, through :func:`~IPv2DenoiseLib.core.paths.path_inside`)
+and refuses, in one line, anything that lands outside the root, so a crafted ``../../etc`` or a
+link out of the root never reaches a reader or writer.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 
 from IPv2DenoiseLib.core.atomic import STAGING_DIR, check_output_path
 from IPv2DenoiseLib.core.errors import UserError
+from IPv2DenoiseLib.core.paths import path_inside
 
 #: File names the readers of ``io/volumes.py`` take as one volume.
 VOLUME_SUFFIXES = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")
@@ -46,22 +48,23 @@ class DataRoot:
         Raises
         ------
         UserError
-            Empty, outside the data root (after resolving ``..`` and symbolic links).
+            Empty, the root itself, or outside it (after resolving ``..`` and symbolic links).
         """
         text = str(text or "").strip()
-        if not text:
+        if not text or "\x00" in text:
             raise UserError(f"{what}: choose a path inside the data root")
-        if "\x00" in text:
-            raise UserError(f"{what}: {text!r} is not a valid path")
-        resolved = (self.root / text).resolve()
-        if resolved != self.root and not resolved.is_relative_to(self.root):
-            raise UserError(f"{what} {text} is outside the data root; refused")
-        return resolved
+        try:
+            return path_inside(self.root, text)
+        except UserError:
+            if (self.root / text).resolve() == self.root:
+                raise UserError(
+                    f"{what}: choose a file or folder inside the data root, not the root"
+                ) from None
+            raise UserError(f"{what} {text} is outside the data root; refused") from None
 
     def relative(self, path: Path) -> str:
         """``path`` as the browser shows it (relative to the root, ``/``-separated)."""
-        rel = path.resolve().relative_to(self.root).as_posix()
-        return rel if rel != "." else ""
+        return path.resolve().relative_to(self.root).as_posix()
 
     def input(self, text: str) -> Path:
         """An existing volume file or DICOM folder inside the root."""
@@ -73,8 +76,6 @@ class DataRoot:
     def export_folder(self, text: str, *, source: Path | None = None) -> Path:
         """A new (or empty) folder inside the root for a derived series; never the input or inside it."""
         path = self.resolve(text, what="export folder")
-        if path == self.root:
-            raise UserError("export folder: choose a new folder inside the data root, not the root itself")
         check_output_path(path, inputs=[source] if source else (), folder=True, what="export folder")
         return path
 
@@ -90,8 +91,8 @@ class DataRoot:
             visible = sorted(
                 f for f in files if not f.startswith(".") and (here / f).resolve().is_relative_to(self.root)
             )
-            if any(is_dicom_file(here / f) for f in visible[:5]):
-                found.append(self.relative(here) or ".")
+            if here != self.root and any(is_dicom_file(here / f) for f in visible[:5]):
+                found.append(self.relative(here))
             found.extend(self.relative(here / f) for f in visible if f.lower().endswith(VOLUME_SUFFIXES))
             if len(found) >= MAX_LISTED:
                 break

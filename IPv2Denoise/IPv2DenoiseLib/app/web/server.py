@@ -353,7 +353,14 @@ class DenoiseWebApp(TrameApp):
         self.state.error = ""
 
     def _options(self) -> DenoiseOptions:
+        """The page's choices as :class:`DenoiseOptions`; a value a browser made up is refused."""
         model = str(self.state.model or "")
+        if model not in self.config.models:
+            raise UserError(f"model: {model!r} is not one of {', '.join(self.config.models)}")
+        try:
+            ensemble = int(self.state.ensemble)
+        except (TypeError, ValueError):
+            raise UserError(f"ensemble: {self.state.ensemble!r} is not a number") from None
         weights = (
             self.config.weights if self.config.weights and model == Path(self.config.weights).name else None
         )
@@ -362,7 +369,7 @@ class DenoiseWebApp(TrameApp):
             weights=weights,
             device=self.config.device,
             remove_background=bool(self.state.remove_background),
-            ensemble=int(self.state.ensemble),
+            ensemble=ensemble,  # checked against ENSEMBLE_SIZES by DenoiseOptions
             adapt=bool(self.state.adapt),
         )
 
