@@ -115,10 +115,15 @@ def load_anatomy_volumes(paths: Sequence[str | os.PathLike]) -> list[CleanVolume
             hu = vol.array.astype(np.float32)
             if hu.shape[0] < 1 or min(hu.shape[1:]) < 64:
                 raise UserError(f"--anatomy {source}: slices of {hu.shape[1:]} pixels are too small")
-            spacing = tuple(vol.spacing)
-            scale = own_dose_flux_scale(hu, spacing_mm=float(spacing[0]))
-            volumes.append(CleanVolume(f"real/{source.name}", hu, anatomy_regions(hu), spacing, False, scale))
+            volumes.append(real_anatomy(f"real/{source.name}", hu, tuple(vol.spacing)))
     return volumes
+
+
+def real_anatomy(name: str, hu: np.ndarray, spacing: tuple[float, float, float]) -> CleanVolume:
+    """A real normal-dose scan (float32 HU ``[z, y, x]``, spacing (sx, sy, sz) mm) as training anatomy:
+    its sampling map and its own-dose flux (:func:`own_dose_flux_scale`)."""
+    scale = own_dose_flux_scale(hu, spacing_mm=float(spacing[0]))
+    return CleanVolume(name, hu, anatomy_regions(hu), tuple(spacing), False, scale)
 
 
 #: Protocol of the flux calibration of a real scan: a middle kernel, uniform flux, parallel beam.

@@ -13,6 +13,7 @@ resumes from ``OUT/checkpoint.pt``. Exports ``safetensors`` weights plus a model
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -385,6 +386,7 @@ class Trainer:
                 refresh=config.noise_refresh,
                 real_share=config.real_share,
                 noise_map=wants_noise_map(self.model),
+                device=str(device) if device.type == "cuda" else "cpu",  # simulate on the GPU
             )
             if self.sampler_before:  # the training range covers the whole run, not just this part
                 self.sampler.slabs_made += int(self.sampler_before["slabs_made"])
@@ -399,6 +401,12 @@ class Trainer:
                 noise_map=wants_noise_map(self.model),
             )
         self.loss_fn = _loss(config.loss)
+        #: Also end a round (validate, checkpoint) when this many seconds passed since the last one
+        #: (a time-boxed job: ``scripts/gpu_train_job.py``); None: every ``val_every`` iterations only.
+        self.round_seconds: float | None = None
+        #: Called with the trainer after each round on rank 0 (e.g. to export a snapshot).
+        self.after_round: Callable[[Trainer], None] | None = None
+        self.last_round = time.monotonic()
 
     def _config_json(self) -> dict:
         return json.loads(json.dumps(asdict(self.config)))
@@ -422,7 +430,7 @@ class Trainer:
         """Train from the start (or the checkpoint) to ``config.iterations``; the card (rank 0)."""
         config = self.config
         running = []
-        self.began = time.monotonic()
+        self.began = self.last_round = time.monotonic()
         self.started_utc = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         self.stopped_by = "iterations"
         self.done = self.start
@@ -437,7 +445,7 @@ class Trainer:
             last_loss = self.step(*self.sampler.batch(config.batch), it=it)
             running.append(last_loss)
             done = self.done = it + 1
-            if done % config.val_every == 0 or done == config.iterations:
+            if done % config.val_every == 0 or done == config.iterations or self.round_due():
                 self.end_round(done, running)
                 running = []
             if progress is not None and self.rank == 0:
@@ -446,6 +454,16 @@ class Trainer:
         if self.world > 1:
             torch.distributed.barrier()
         return card
+
+    def round_due(self) -> bool:
+        """Whether ``round_seconds`` have passed since the last round (the same answer on every rank)."""
+        if self.round_seconds is None:
+            return False
+        due = torch.tensor(float(time.monotonic() - self.last_round >= self.round_seconds))
+        if self.world > 1:
+            due = due.to(self.device)
+            torch.distributed.all_reduce(due, op=torch.distributed.ReduceOp.MAX)
+        return bool(due.item())
 
     def out_of_time(self) -> bool:
         """Whether this leg's ``max_minutes`` are spent (the same answer on every DDP rank)."""
@@ -491,6 +509,7 @@ class Trainer:
         """Record the round's mean loss; rank 0 validates and writes the checkpoint."""
         self.history["iteration"].append(done)
         self.history["loss"].append(float(np.mean(losses)))
+        self.last_round = time.monotonic()
         if self.rank != 0:
             return
         val = validate(self.model, self.val_cases, self.device, self.in_slices) if self.val_cases else {}
@@ -514,20 +533,23 @@ class Trainer:
         }
         with atomic_path(self.checkpoint) as tmp:
             torch.save(state, tmp)
+        if self.after_round is not None:
+            self.after_round(self)
 
     def export(self, seconds: float) -> dict:
-        """Write the safetensors weights with their model card, and the training curves; the card."""
-        config, model = self.config, self.model
-        model.eval()
+        """Write the safetensors weights with their model card, and the training curves; the card.
+
+        Works on a CPU copy of the network, so it may also be called while training (snapshots).
+        """
+        config = self.config
+        model = copy.deepcopy(self.model).to("cpu", memory_format=torch.contiguous_format).eval()
         card = {
             "name": config.name,
             "architecture": config.arch,
             "kwargs": dict(model.config),
             "in_slices": self.in_slices,
             "parameters": count_parameters(model),
-            "flops_per_voxel": flops_per_voxel(
-                model.to("cpu").to(memory_format=torch.contiguous_format), self.in_slices
-            ),
+            "flops_per_voxel": flops_per_voxel(model, self.in_slices),
             "normalization": NORMALIZATION,
             "strategy": config.strategy if config.noise == "pairs" else "scanner-noise",
             "data": {

@@ -1,0 +1,69 @@
+"""``scripts/gpu_train_job.py`` (issue #24 item 5), its CPU path with a tiny budget: both tiers train
+with the project's trainer, write weights, curves and the job record, and stop by themselves."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from IPv2DenoiseLib.core.volume import Volume
+from IPv2DenoiseLib.denoiser.weights import load_model
+from IPv2DenoiseLib.io.volumes import write_volume
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "gpu_train_job.py"
+
+
+def run_job(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env, check=False
+    )
+
+
+@pytest.mark.slow
+def test_the_gpu_job_packs_a_corpus_trains_both_tiers_and_stops_by_itself(tmp_path) -> None:
+    # a real normal-dose volume stand-in (its own noise stays in the label) for the packed corpus
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:96, :96]
+    body = ((yy - 48) / 38) ** 2 + ((xx - 48) / 42) ** 2 < 1
+    hu = np.where(body, 40.0, -1000.0)[None] + rng.normal(0, 10, (6, 96, 96))
+    real = tmp_path / "real.nrrd"
+    write_volume(Volume(hu.astype(np.float32), spacing=(0.9, 0.9, 2.0)), real)
+    corpus = tmp_path / "corpus.npz"
+    packed = run_job("--pack-corpus", str(corpus), "--real", str(real), "--tiny")
+    assert packed.returncode == 0, packed.stderr
+    assert json.loads(packed.stdout)["volumes"] == ["real/real.nrrd", "phantom_100", "phantom_1000"]
+
+    out = tmp_path / "out"
+    job = run_job(
+        "--corpus", str(corpus), "--device", "cpu", "--minutes", "0.2", "--tiny", "--every-seconds", "2",
+        "--out", str(out),
+    )  # fmt: skip
+    assert job.returncode == 0, job.stderr
+    record = json.loads((out / "job.json").read_text())
+    assert record["corpus"] == ["real/real.nrrd", "phantom_100"] and record["validation"] == ["phantom_1000"]
+    for tier, arch in (("fast", "unet"), ("quality", "unet-nm")):
+        tier_record = record["tiers"][tier]
+        assert tier_record["stopped_by"] == "max_minutes"  # the clock, not an iteration count
+        assert tier_record["iterations"] >= 1
+        assert tier_record["validation"]["psnr_truth"] > 0
+        model, card = load_model(out / tier / f"{tier}.safetensors")
+        assert card["architecture"] == arch and model.ARCH == arch
+        assert card["legs"][-1]["stopped_by"] == "max_minutes"
+        curves = json.loads((out / tier / "curves.json").read_text())
+        assert curves["iteration"][-1] == tier_record["iterations"] and len(curves["val"]) == len(
+            curves["loss"]
+        )
+        assert (out / tier / "training_curves.png").stat().st_size > 1000
+
+
+def test_the_gpu_job_without_a_corpus_says_how_to_make_one(tmp_path) -> None:
+    job = run_job("--out", str(tmp_path), "--device", "cpu")
+    assert job.returncode == 2
+    assert job.stderr.strip() == "error: give --corpus FILE (made by --pack-corpus), or --tiny"

@@ -1,0 +1,331 @@
+"""The GPU job: train both model tiers on one GPU in a fixed wall-clock budget (issue #24 item 5).
+
+Two steps::
+
+    # once, on any machine: the real normal-dose corpus and the phantoms in one small file
+    python scripts/gpu_train_job.py --pack-corpus runs/corpus/gpu_corpus.npz \\
+        --real ../shared/data/real-ct/abdomen-series runs/corpus/head_cranium.nrrd
+
+    # on the GPU machine (the corpus file travels with the checkout): at most --minutes of wall time
+    OUT=/some/folder python scripts/gpu_train_job.py --corpus runs/corpus/gpu_corpus.npz
+
+The job trains the ``fast`` tier (the shipped U-Net's size, fine-tuned from the shipped weights) and
+then the ``quality`` tier (the noise-aware U-Net, 32 channels, 4 levels, from scratch) with the
+project's own :class:`~IPv2DenoiseLib.training.trainer.Trainer`: scanner-like noise drawn afresh
+on the training device (``train --noise scanner``), real anatomy mixed half and half with the
+phantoms, bf16 autocast and large batches on CUDA, the clock-paced constant schedule of
+``--max-minutes``. Every ``--every-seconds`` (60) it validates on a held-out phantom under the fixed
+scanner protocol and writes each tier's weights (``OUT/<tier>/<tier>.safetensors`` + card, via
+``denoiser.weights.save_model``), its curves (``curves.json``, ``training_curves.png``) and
+``OUT/job.json``; it stops by itself so that the whole job, start-up included, fits ``--minutes``.
+The benchmark images (``CT_small``, ``pydicom-data``) are never packed. ``--tiny`` (tiny networks
+and slabs, the CPU path the test suite runs) needs no corpus. See docs/training.md, "The GPU job".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+STARTED = time.monotonic()
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "IPv2Denoise"))
+
+# ruff: noqa: E402  (the package is imported from the checkout, after the path is set)
+import torch
+
+from IPv2DenoiseLib.core.atomic import atomic_path
+from IPv2DenoiseLib.core.device import resolve_device
+from IPv2DenoiseLib.core.errors import UserError
+from IPv2DenoiseLib.denoiser.model_reference import ModelCatalogue
+from IPv2DenoiseLib.denoiser.models import ARCH_PRESETS
+from IPv2DenoiseLib.denoiser.normalization import HU_MAX, HU_MIN
+from IPv2DenoiseLib.io.volumes import read_volume
+from IPv2DenoiseLib.purification.regions import anatomy_regions
+from IPv2DenoiseLib.synthetic.phantom import make_chest_phantom
+from IPv2DenoiseLib.training.scanner_data import CleanVolume, real_anatomy, validation_slabs
+from IPv2DenoiseLib.training.trainer import VALIDATION_PROTOCOL, CasePairs, TrainConfig, Trainer
+
+TIERS = ("fast", "quality")
+#: Share of the training time each tier gets (the rest of the budget is start-up and exports).
+TIER_SHARE = {"fast": 0.4, "quality": 0.6}
+#: Seconds kept free at the end of each tier for its last validation and export.
+EXPORT_RESERVE_S = {"gpu": 15.0, "tiny": 1.0}
+#: Each tier trains at least this long, even when start-up ate the budget (a --tiny run of seconds).
+MIN_TIER_SECONDS = 1.0
+#: Phantom anatomy seeds: training, and one held out for validation (never a benchmark image).
+PHANTOM_SEEDS, VALIDATION_SEED = tuple(range(100, 108)), 1_000
+
+
+@dataclass(frozen=True)
+class TierSettings:
+    """Batch, patch, noise pool and learning rate of one tier on one kind of machine."""
+
+    batch: int
+    patch: int
+    pool: int
+    lr: float
+
+
+SETTINGS = {
+    ("gpu", "fast"): TierSettings(batch=128, patch=96, pool=96, lr=5e-4),
+    ("gpu", "quality"): TierSettings(batch=64, patch=128, pool=96, lr=1e-3),
+    ("tiny", "fast"): TierSettings(batch=4, patch=32, pool=3, lr=1e-3),
+    ("tiny", "quality"): TierSettings(batch=4, patch=32, pool=3, lr=1e-3),
+}
+TINY_KWARGS = {"in_slices": 3, "base_channels": 4, "levels": 2}
+
+
+# ------------------------------------------------------------------------------------- corpus
+
+
+def phantom(seed: int, *, slices: int, size: int) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """Noise-free phantom chest (int16 HU) at 0.7 mm over 512 pixels (coarser for smaller sizes)."""
+    pixel = 0.7 * 512 / size
+    spacing = (pixel, pixel, 1.25)
+    z_centre = float(np.random.default_rng(seed).uniform(-120.0, 60.0))
+    hu = make_chest_phantom(shape=(slices, size, size), spacing=spacing, seed=seed, z_center_mm=z_centre).hu
+    return np.clip(np.rint(hu), HU_MIN, HU_MAX).astype(np.int16), spacing
+
+
+def pack_corpus(path: Path, real: list[Path], *, tiny: bool) -> dict:
+    """Write the training corpus (real normal-dose volumes + phantoms, int16 HU) as one .npz."""
+    slices, size = (5, 96) if tiny else (8, 512)
+    arrays: dict[str, np.ndarray] = {}
+    index = []
+    for source in real:
+        vol = read_volume(source)
+        key = f"real_{len(index)}"
+        arrays[key] = np.clip(np.rint(vol.array), HU_MIN, HU_MAX).astype(np.int16)
+        index.append(
+            {"key": key, "name": f"real/{Path(source).name}", "spacing": list(vol.spacing), "real": True}
+        )
+    for seed in (*PHANTOM_SEEDS[: 1 if tiny else None], VALIDATION_SEED):
+        key = f"phantom_{seed}"
+        arrays[key], spacing = phantom(seed, slices=slices, size=size)
+        index.append(
+            {
+                "key": key,
+                "name": key,
+                "spacing": list(spacing),
+                "real": False,
+                "validation": seed == VALIDATION_SEED,
+            }
+        )
+    arrays["index"] = np.frombuffer(json.dumps(index).encode(), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as handle:
+            np.savez_compressed(handle, **arrays)
+    return {"file": str(path), "bytes": path.stat().st_size, "volumes": [i["name"] for i in index]}
+
+
+def load_corpus(path: Path | None, *, tiny: bool) -> tuple[list[CleanVolume], list[CasePairs]]:
+    """Training anatomy and the held-out validation phantom under :data:`VALIDATION_PROTOCOL`."""
+    if path is None:
+        if not tiny:
+            raise UserError("give --corpus FILE (made by --pack-corpus), or --tiny")
+        entries = []
+        for seed in (PHANTOM_SEEDS[0], VALIDATION_SEED):
+            hu, spacing = phantom(seed, slices=5, size=96)
+            entries.append(
+                (
+                    {"name": f"phantom_{seed}", "real": False, "validation": seed == VALIDATION_SEED},
+                    hu,
+                    spacing,
+                )
+            )
+    else:
+        if not path.is_file():
+            raise UserError(f"--corpus {path}: not found (make it with --pack-corpus)")
+        with np.load(path) as data:
+            index = json.loads(bytes(data["index"]).decode())
+            entries = [(item, data[item["key"]], tuple(item["spacing"])) for item in index]
+    train, validation = [], []
+    for item, hu16, spacing in entries:
+        hu = hu16.astype(np.float32)
+        if item.get("validation"):
+            validation.append(CleanVolume(item["name"], hu, anatomy_regions(hu), spacing, True))
+        elif item["real"]:
+            train.append(real_anatomy(item["name"], hu, spacing))
+        else:
+            train.append(CleanVolume(item["name"], hu, anatomy_regions(hu), spacing, True))
+    val_cases = []
+    for i, volume in enumerate(validation):
+        slices = min(4, volume.hu.shape[0])
+        ((name, noisy, clean, regions),) = validation_slabs(
+            [volume], VALIDATION_PROTOCOL, slices=slices, seed=20_000 + i
+        )
+        val_cases.append(CasePairs(name, None, None, regions, noisy, clean, clean))
+    return train, val_cases
+
+
+# ---------------------------------------------------------------------------------------- job
+
+
+def tier_config(tier: str, args: argparse.Namespace, kind: str, *, has_real: bool) -> TrainConfig:
+    """The :class:`TrainConfig` of one tier (its time budget is set when its sampler is ready)."""
+    arch, kwargs = ARCH_PRESETS[tier]
+    settings = SETTINGS[(kind, tier)]
+    init = None
+    if tier == "fast" and not args.tiny and not args.fresh:
+        init = str(ModelCatalogue.read().entry("default").weights)  # fine-tune the shipped model
+    return TrainConfig(
+        cases=[],
+        out=str(args.out / tier),
+        name=tier,
+        arch=arch,
+        model_kwargs=dict(TINY_KWARGS if args.tiny else kwargs),
+        noise="scanner",
+        schedule="constant",
+        iterations=10**7,  # the clock ends the leg (max_minutes)
+        val_every=10**9,  # rounds end on the clock (Trainer.round_seconds)
+        batch=settings.batch,
+        patch=settings.patch,
+        lr=settings.lr,
+        noise_pool=args.pool or settings.pool,
+        noise_refresh=1,
+        real_share=0.5 if has_real else 0.0,
+        device=args.device,
+        seed=args.seed,
+        init_weights=init,
+    )
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """Atomically write ``payload`` as indented JSON."""
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(json.dumps(payload, indent=2, default=str), encoding="utf-8")
+
+
+def make_trainer(
+    config: TrainConfig, train: list[CleanVolume], val: list[CasePairs], device: torch.device
+) -> Trainer:
+    """The project's trainer for one tier (its noise pool is filled here, before the clock starts)."""
+    Path(config.out).mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    return Trainer(config, train, val, device=device)
+
+
+def run_tier(
+    tier: str,
+    trainer: Trainer,
+    *,
+    seconds: float,
+    every_s: float,
+    summary: dict,
+    job_json: Path,
+) -> dict:
+    """Train one tier for ``seconds`` of wall time (it stops by itself); snapshots every ``every_s``."""
+    config = trainer.config
+    config.max_minutes = seconds / 60.0
+    trainer.round_seconds = every_s
+    record = summary["tiers"].setdefault(tier, {})
+    record.update({"architecture": config.arch, "kwargs": config.model_kwargs, "budget_s": round(seconds, 1)})
+
+    def note(t: Trainer, card: dict) -> None:
+        elapsed = time.monotonic() - t.began
+        record.update(
+            {
+                "iterations": t.done,
+                "seconds": round(elapsed, 1),
+                "iterations_per_s": round((t.done - t.start) / max(elapsed, 1e-6), 2),
+                "parameters": card["parameters"],
+                "flops_per_voxel": card["flops_per_voxel"],
+                "validation": card["validation"],
+                "weights": str(Path(config.out) / f"{tier}.safetensors"),
+                "slabs_simulated": card["data"].get("slabs_simulated"),
+            }
+        )
+        write_json(Path(config.out) / "curves.json", {"tier": tier, **t.history})
+        write_json(job_json, summary)
+
+    def snapshot(t: Trainer) -> None:
+        if not t.out_of_time():  # the last round: run() exports right after it
+            note(t, t.export(time.monotonic() - t.began))
+
+    trainer.after_round = snapshot
+    card = trainer.run()
+    record.update({"stopped_by": trainer.stopped_by, "legs": card["legs"]})
+    note(trainer, card)
+    return card
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pack-corpus", type=Path, metavar="FILE", help="write the corpus .npz and stop")
+    parser.add_argument(
+        "--real", type=Path, nargs="*", default=[], help="real normal-dose CT for --pack-corpus"
+    )
+    parser.add_argument("--corpus", type=Path, metavar="FILE", help="the corpus .npz of --pack-corpus")
+    parser.add_argument(
+        "--out", type=Path, default=os.environ.get("OUT"), help="output folder (default: $OUT)"
+    )
+    parser.add_argument("--minutes", type=float, default=8.0, help="wall-clock budget of the whole job (8)")
+    parser.add_argument(
+        "--every-seconds", type=float, default=60.0, help="validate and snapshot this often (60)"
+    )
+    parser.add_argument("--device", default="auto", help="auto (CUDA if present), cuda, cpu")
+    parser.add_argument("--tiers", nargs="+", choices=TIERS, default=list(TIERS))
+    parser.add_argument("--tiny", action="store_true", help="tiny networks and slabs (the suite's CPU test)")
+    parser.add_argument(
+        "--fresh", action="store_true", help="fast tier from scratch, not the shipped weights"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--pool", type=int, help="noise pool slabs per tier (default: 96 on a GPU, 3 with --tiny)"
+    )
+    args = parser.parse_args(argv)
+    try:
+        if args.pack_corpus:
+            print(json.dumps(pack_corpus(args.pack_corpus, args.real, tiny=args.tiny), indent=2))
+            return 0
+        if args.out is None:
+            raise UserError("give --out or set $OUT")
+        if not args.minutes > 0:
+            raise UserError("--minutes must be positive")
+        deadline = STARTED + 60.0 * args.minutes
+        device = resolve_device(args.device)
+        kind = "tiny" if args.tiny else "gpu"
+        train, val = load_corpus(args.corpus, tiny=args.tiny)
+        has_real = any(not v.clean for v in train)
+        summary = {
+            "device": str(device),
+            "minutes": args.minutes,
+            "corpus": [v.name for v in train],
+            "validation": [c.name for c in val],
+            "tiers": {},
+        }
+        args.out.mkdir(parents=True, exist_ok=True)
+        job_json = args.out / "job.json"
+        trainers = {
+            tier: make_trainer(tier_config(tier, args, kind, has_real=has_real), train, val, device)
+            for tier in args.tiers
+        }
+        remaining_share = sum(TIER_SHARE[t] for t in args.tiers)
+        for tier, trainer in trainers.items():
+            left = deadline - time.monotonic() - EXPORT_RESERVE_S[kind] * len(trainers)
+            seconds = max(MIN_TIER_SECONDS, left * TIER_SHARE[tier] / remaining_share)
+            remaining_share -= TIER_SHARE[tier]
+            run_tier(
+                tier, trainer, seconds=seconds, every_s=args.every_seconds, summary=summary, job_json=job_json
+            )
+        summary["wall_seconds"] = round(time.monotonic() - STARTED, 1)
+        summary["over_budget_s"] = round(max(0.0, time.monotonic() - deadline), 1)
+        write_json(job_json, summary)
+        print(json.dumps(summary["tiers"], indent=2, default=str))
+        return 0
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
