@@ -23,7 +23,9 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+import pydicom
 import pytest
+from conftest import write_ct_series
 
 from IPv2DenoiseLib.app.web.data_root import DataRoot
 from IPv2DenoiseLib.app.web.jobs import CANCELLED, DONE, FAILED, JobRunner, table_cells
@@ -62,7 +64,8 @@ def test_data_root_refuses_every_way_out(tmp_path: Path) -> None:
         data.export_folder(".")
     with pytest.raises(UserError, match="is the input or lies inside it"):
         data.export_folder("scans/derived", source=root / "scans")  # a DICOM folder's export
-    assert data.inputs() == ["scans/a.nrrd"]  # the link out of the root is not listed
+    write_ct_series(root / "dicom" / "chest", 2)
+    assert data.inputs() == ["dicom/chest", "scans/a.nrrd"]  # the link out of the root is not listed
 
 
 def test_job_runner_one_job_at_a_time_cancel_and_failure() -> None:
@@ -169,6 +172,7 @@ def web_case(tmp_path_factory) -> Path:
     sample = read_volume(SAMPLE)  # 8 of its slices with 1.2 mm pixels: outside the training range
     coarse = Volume(sample.array[8:16].copy(), spacing=(1.2, 1.2, 1.25), origin=sample.origin)
     write_volume(coarse, root / "scans" / "coarse.nrrd")
+    write_ct_series(root / "dicom" / "chest", 4)  # a real DICOM series (pydicom's GE chest slice)
     (base / "private.nrrd").write_bytes(SAMPLE.read_bytes()[:1000])
     return base
 
@@ -408,10 +412,33 @@ def test_export_is_valid_dicom_in_the_data_root_and_on_the_pacs(server, chromium
         result = subprocess.run(["dciodvfy", str(files[0])], capture_output=True, text=True, timeout=60)
         errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
         assert not errors, errors
-    import pydicom
-
     uid = pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID
     assert len(orthanc.series_instances(uid)) == len(files)
+    page.close()
+
+
+@pytest.mark.slow
+def test_a_dicom_series_is_exported_into_its_own_study(server, chromium) -> None:
+    page = open_page(chromium, server)
+    page.locator("#input-path").fill("dicom/chest")
+    page.keyboard.press("Enter")
+    page.click("#open-btn")
+    wait_until(lambda: "dicom/chest" in page.inner_text("#loaded-name"), what="the DICOM series")
+    denoise_and_wait(page)
+    page.fill("#export-folder", "exports/chest-derived")
+    page.click("#export-btn")
+    wait_until(lambda: "wrote" in page.inner_text("#export-message"), what="the export")
+    source = pydicom.dcmread(next((server.root / "dicom" / "chest").iterdir()), stop_before_pixels=True)
+    files = sorted((server.root / "exports" / "chest-derived").iterdir())
+    derived = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    assert len(derived) == 4
+    assert {d.StudyInstanceUID for d in derived} == {source.StudyInstanceUID}
+    assert {d.SeriesInstanceUID for d in derived} != {source.SeriesInstanceUID}
+    assert "DERIVED" in derived[0].ImageType
+    if shutil.which("dciodvfy"):
+        result = subprocess.run(["dciodvfy", str(files[0])], capture_output=True, text=True, timeout=60)
+        errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
+        assert not errors, errors
     page.close()
 
 
@@ -419,6 +446,7 @@ def test_export_is_valid_dicom_in_the_data_root_and_on_the_pacs(server, chromium
 def test_a_path_outside_the_data_root_is_refused_on_the_page(server, chromium, web_case) -> None:
     page = open_page(chromium, server)
     wait_until(lambda: shows_scan(page), what="the original view")
+    loaded = page.inner_text("#loaded-name")
     for outside in ("../private.nrrd", str(web_case / "private.nrrd")):
         page.locator("#input-path").fill(outside)
         page.keyboard.press("Enter")
@@ -429,7 +457,7 @@ def test_a_path_outside_the_data_root_is_refused_on_the_page(server, chromium, w
         )
         assert "outside the data root; refused" in message
     page.screenshot(path=str(FIGURES / "web_refused.png"))
-    assert "sample_uldct.nrrd" in page.inner_text("#loaded-name")  # what was open stays open
+    assert page.inner_text("#loaded-name") == loaded  # what was open stays open
     page.fill("#export-folder", "../outside-export")
     page.click("#export-btn")
     wait_until(
