@@ -149,3 +149,23 @@ def test_noise_aware_model_trains_and_denoises_through_the_library_and_the_cli(
     cli = read_volume(written)
     assert cli.shape == uldct.shape
     np.testing.assert_allclose(cli.array, result.array, atol=1e-3)
+
+
+def test_scan_adaptation_feeds_the_noise_map_to_a_noise_aware_model(chest_slice) -> None:
+    from IPv2DenoiseLib.core.volume import Volume
+    from IPv2DenoiseLib.denoiser.infer import Denoiser
+    from IPv2DenoiseLib.training.adapt import AdaptConfig, adapt_denoiser
+
+    hu, _ = chest_slice
+    truth = np.repeat(hu[:, ::2, ::2], 4, axis=0)  # 4 slices of 192², 1.8 mm pixels
+    protocol = ScannerProtocol(dose=0.02, kernel="ramp", bowtie=False, tcm=0.0, geometry="parallel")
+    scan = scanner_noise(truth, protocol, spacing_mm=1.8, seed=4, device="cpu")
+    base = Denoiser(NoiseAwareUNet(in_slices=3, base_channels=4, levels=2))
+    adapted, report = adapt_denoiser(
+        base,
+        Volume(scan, (1.8, 1.8, 1.25)),
+        AdaptConfig(seconds=600, max_iterations=3, batch=2),
+        device="cpu",
+    )
+    assert report.iterations == 3 and isinstance(adapted.model, NoiseAwareUNet)
+    assert adapted.denoise_array(scan, device="cpu").shape == scan.shape
