@@ -25,14 +25,25 @@ import numpy as np
 import psutil
 import pydicom
 import pytest
-from conftest import write_ct_series
+from conftest import chest_like_volume, write_ct_series
 
+from IPv2DenoiseLib.app.cli import main as cli_main
+from IPv2DenoiseLib.app.pipeline import DenoiseOptions, DenoiseOutcome
 from IPv2DenoiseLib.app.web.data_root import DataRoot
-from IPv2DenoiseLib.app.web.jobs import CANCELLED, DONE, FAILED, JobRunner, table_cells
+from IPv2DenoiseLib.app.web.jobs import (
+    CANCELLED,
+    DONE,
+    FAILED,
+    DenoiseResult,
+    JobRunner,
+    export_work,
+    table_cells,
+)
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.progress import Cancelled
 from IPv2DenoiseLib.core.resources import resources_dir
 from IPv2DenoiseLib.core.volume import Volume
+from IPv2DenoiseLib.denoiser.model_reference import ModelReference
 from IPv2DenoiseLib.imaging.metrics_table import MetricsTable
 from IPv2DenoiseLib.io.volumes import read_volume, write_volume
 
@@ -112,6 +123,57 @@ def test_table_cells_are_demo_markdown_cells() -> None:
     header, rows = table_cells(table)
     assert header == ["metric", "before", "after", "change", "unit"]
     assert rows == [["lung std", "94.44", "29.58", "-64.87", "HU"], ["noise reduction", "", "", "68.68", "%"]]
+
+
+def test_export_cancelled_midway_leaves_nothing(tmp_path: Path) -> None:
+    """Cancel while the derived series is being written: no folder, no staging left behind."""
+    volume = Volume(chest_like_volume(3, (6, 48, 48)), spacing=(0.7, 0.7, 1.25))
+    reference = ModelReference.resolve()
+    outcome = DenoiseOutcome(
+        volume, volume.with_array(volume.array * 0.5), reference.name, reference.provenance()
+    )
+    result = DenoiseResult(outcome, MetricsTable())
+    runner = JobRunner()
+    written: list[str] = []
+    export = export_work(result, tmp_path / "root" / "series", options=DenoiseOptions(device="cpu"))
+
+    def export_and_click_cancel(progress, warn, cancel):
+        def watched(done: int, total: int, message: str = "") -> None:
+            progress(done, total, message)  # the runner's own hook (where a cancel takes effect)
+            if message == "writing DICOM":
+                written.append(message)
+                if len(written) == 3:
+                    runner.cancel()  # the user clicks Cancel after three slices
+
+        return export(watched, warn, cancel)
+
+    (tmp_path / "root").mkdir()
+    runner.start("export", export_and_click_cancel)
+    assert runner.wait(60).state == CANCELLED
+    assert len(written) == 3
+    assert list((tmp_path / "root").iterdir()) == []  # neither the series nor a staging folder
+
+
+def test_web_command_refuses_before_serving(tmp_path: Path, capsys) -> None:
+    """Errors a user can make on the command line: one line, exit 2, no server started."""
+    (tmp_path / "root").mkdir()
+    (tmp_path / "outside.nrrd").write_bytes(b"x")
+    cases = [
+        (["--data-root", str(tmp_path / "missing")], "is not an existing folder"),
+        (["../outside.nrrd", "--data-root", str(tmp_path / "root")], "outside the data root; refused"),
+        ([str(tmp_path / "outside.nrrd"), "--data-root", str(tmp_path / "root")], "outside the data root"),
+        (["--data-root", str(tmp_path / "root"), "--port", "70000"], "--port 70000: expected 0..65535"),
+        (
+            ["--data-root", str(tmp_path / "root"), "--weights", str(tmp_path / "no.safetensors")],
+            "does not exist",
+        ),
+        (["--data-root", str(tmp_path / "root"), "--pacs", "nohost"], "--pacs: destination 'nohost'"),
+    ]
+    for args, expected in cases:
+        assert cli_main(["web", *args]) == 2, args
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("ipv2-denoise web: error: "), lines
+        assert expected.lower() in lines[0].lower(), lines[0]
 
 
 # ------------------------------------------------------------------------- the real server
@@ -283,6 +345,10 @@ def markdown_cells(path: Path) -> tuple[list[str], list[list[str]]]:
 def test_denoise_in_the_browser_shows_demo_numbers(server, chromium, web_case, tmp_path) -> None:
     """Open (the INPUT argument), click Denoise: the denoised view differs, the table is demo's."""
     rss_alone = server.rss_mb()
+    listening = {
+        c.laddr.ip for c in psutil.Process(server.process.pid).net_connections("inet") if c.status == "LISTEN"
+    }
+    assert listening == {"127.0.0.1"}, listening  # loopback only unless told otherwise
     page = open_page(chromium, server)
     wait_until(lambda: shows_scan(page), what="the first frame of the original view")
     first_frame_s = time.monotonic() - server.began

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from IPv2DenoiseLib.app.arguments import add_device_argument
+from IPv2DenoiseLib.app.commands.send import add_peer_arguments
 from IPv2DenoiseLib.app.web.data_root import DataRoot
 from IPv2DenoiseLib.core.errors import UserError
 
@@ -53,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="HOST:PORT:AET|URL",
         help="a PACS the page may send the derived series to (C-STORE, or STOW-RS to a DICOMweb URL)",
     )
-    parser.add_argument("--calling-aet", metavar="AET", help="our AE title, as the PACS knows it")
+    add_peer_arguments(parser)  # --aet, --calling-aet, --timeout, --retries, as for send and denoise --send
     parser.add_argument(
         "--weights", default=None, help="a .safetensors model offered besides the shipped ones (listed first)"
     )
@@ -96,7 +97,10 @@ def run(args: argparse.Namespace) -> int:
     if args.pacs:
         from IPv2DenoiseLib.io.dicom_net import parse_destination  # lazy: pynetdicom
 
-        pacs = parse_destination(args.pacs)
+        try:
+            pacs = parse_destination(args.pacs, args.aet)
+        except UserError as exc:
+            raise UserError(f"--pacs: {exc}") from None
     token = args.token or os.environ.get(TOKEN_ENV) or None
 
     configure_rendering()
@@ -115,6 +119,8 @@ def run(args: argparse.Namespace) -> int:
         pacs=pacs,
         pacs_text=args.pacs or "",
         calling_aet=args.calling_aet,
+        pacs_timeout=args.timeout,
+        pacs_retries=args.retries,
         models=available_models(args.weights),
     )
     app = DenoiseWebApp(config)

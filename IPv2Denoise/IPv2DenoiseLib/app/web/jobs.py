@@ -230,6 +230,8 @@ def export_work(
     options: DenoiseOptions,
     pacs: Any = None,
     calling_aet: str | None = None,
+    timeout: float = 10.0,
+    retries: int = 3,
 ) -> Work:
     """Write the derived DICOM series into ``folder`` (atomically), then send it to ``pacs`` if given."""
 
@@ -240,7 +242,14 @@ def export_work(
         if pacs is not None:
             from IPv2DenoiseLib.io.dicom_net import DEFAULT_CALLING_AET, send  # lazy: pynetdicom
 
-            report = send(files, pacs, calling_aet=calling_aet or DEFAULT_CALLING_AET, progress=progress)
+            report = send(
+                files,
+                pacs,
+                calling_aet=calling_aet or DEFAULT_CALLING_AET,
+                timeout=timeout,
+                retries=retries,
+                progress=progress,
+            )
             report.raise_for_failures()
             sent = report.summary()
         return ExportResult(folder, files, sent)

@@ -80,6 +80,8 @@ class WebConfig:
     pacs: Any = None
     pacs_text: str = ""
     calling_aet: str | None = None
+    pacs_timeout: float = 10.0
+    pacs_retries: int = 3
     models: list[str] = field(default_factory=list)
 
 
@@ -386,7 +388,13 @@ class DenoiseWebApp(TrameApp):
             self.runner.start(
                 "export",
                 export_work(
-                    self.result, folder, options=self.options, pacs=pacs, calling_aet=self.config.calling_aet
+                    self.result,
+                    folder,
+                    options=self.options,
+                    pacs=pacs,
+                    calling_aet=self.config.calling_aet,
+                    timeout=self.config.pacs_timeout,
+                    retries=self.config.pacs_retries,
                 ),
             )
         except UserError as exc:
