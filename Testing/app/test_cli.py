@@ -79,7 +79,7 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "RGB": ([str(tmp / "rgb.nrrd")], "components"),
         "NaN": ([str(tmp / "nan.nrrd")], "NaN"),
         "no air": ([str(tmp / "noair.nrrd")], "Hounsfield"),
-        "truncated": ([str(tmp / "truncated.nrrd")], "cannot read"),
+        "truncated": ([str(tmp / "truncated.nrrd")], "cut short"),
     }
 
 
