@@ -241,11 +241,15 @@ def web_case(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def chromium():
-    playwright = pytest.importorskip("playwright.sync_api")
+    """Debian's Chromium through playwright; fails (never skips) without them: setup.sh --test installs both."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("playwright is not installed: run scripts/setup.sh --test (the [test] extra)")
     executable = shutil.which("chromium")
     if executable is None:
         pytest.fail("chromium is not installed: run scripts/setup.sh --test (apt-get install chromium)")
-    with playwright.sync_playwright() as p:
+    with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=executable)
         yield browser
         browser.close()

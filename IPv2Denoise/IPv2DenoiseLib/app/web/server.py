@@ -135,6 +135,7 @@ class DenoiseWebApp(TrameApp):
         s.input_path = ""
         s.loaded_name = ""
         s.models = self.config.models
+        s.model_summaries = model_summaries(self.config.models, self.config.weights)
         s.model = self.config.models[0] if self.config.models else ""
         s.remove_background = True
         s.ensembles = list(ENSEMBLE_SIZES)
@@ -246,7 +247,15 @@ class DenoiseWebApp(TrameApp):
             html.Div("{{ loaded_name }}", id="loaded-name", classes="text-caption")
             v3.VAlert("{{ error }}", v_if="error", type="error", density="compact", id="error-message")
             v3.VDivider()
-            v3.VSelect(v_model=("model",), items=("models",), label="Model", id="model", density="compact")
+            v3.VSelect(
+                v_model=("model",),
+                items=("models",),
+                label="Model",
+                id="model",
+                density="compact",
+                hint=("model_summaries[model] || ''",),
+                persistent_hint=True,
+            )
             v3.VCheckbox(
                 v_model=("remove_background",),
                 label="Remove background (air outside the body)",
@@ -522,4 +531,17 @@ def available_models(weights: str | None) -> list[str]:
     return [Path(weights).name, *names] if weights else names
 
 
-__all__ = ["VIEWS", "DenoiseWebApp", "WebConfig", "available_models"]
+def model_summaries(names: list[str], weights: str | None) -> dict[str, str]:
+    """One line per model for the page (the catalogue's summary and tier, as the Slicer panel's tooltip)."""
+    entries = ModelCatalogue.read().entries
+    summaries = {}
+    for name in names:
+        entry = entries.get(name)
+        if entry is not None:
+            summaries[name] = f"{entry.tier}: {entry.summary}" if entry.tier else entry.summary
+        elif weights and name == Path(weights).name:
+            summaries[name] = "the model given with --weights"
+    return summaries
+
+
+__all__ = ["VIEWS", "DenoiseWebApp", "WebConfig", "available_models", "model_summaries"]
