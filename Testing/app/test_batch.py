@@ -140,6 +140,7 @@ def test_rerun_redoes_what_it_cannot_verify(batch_archive, tmp_path) -> None:
     assert {r["status"] for r in summary_rows(out).values()} == {"done", "failed"}
 
 
+@pytest.mark.slow
 def test_resume_after_kill_finishes_only_what_was_left(batch_archive, tmp_path) -> None:
     archive, expected = batch_archive
     out = tmp_path / "out"
@@ -303,6 +304,7 @@ def test_only_the_ray_engine_imports_ray() -> None:
     assert importers == {"IPv2DenoiseLib/app/batch/ray_engine.py"}
 
 
+@pytest.mark.slow
 def test_ctrl_c_keeps_finished_cases_and_says_how_to_continue(batch_archive, tmp_path) -> None:
     # twelve more cases than the shared archive, so the signal lands while cases remain even on a
     # fast idle machine (with six tiny cases the run could finish before SIGINT arrived)
@@ -351,6 +353,7 @@ def hostile_series_archive(tmp_path: Path) -> tuple[Path, Path]:
     return source, victim
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", [["--dicom"], []], ids=["dicom", "nrrd"])
 def test_series_uid_never_becomes_a_path_outside_out(tmp_path, mode) -> None:
     source, victim = hostile_series_archive(tmp_path)
@@ -374,6 +377,7 @@ def test_series_uid_never_becomes_a_path_outside_out(tmp_path, mode) -> None:
         assert read_record(out, row["case"]) is not None
 
 
+@pytest.mark.slow
 def test_second_run_on_one_out_is_refused_and_a_killed_one_does_not_block(batch_archive, tmp_path) -> None:
     archive, expected = batch_archive
     out = tmp_path / "out"

@@ -23,6 +23,9 @@ from IPv2DenoiseLib.app.batch.records import hash_output, read_record
 from IPv2DenoiseLib.app.cli import main
 from IPv2DenoiseLib.core.atomic import STAGING_DIR
 
+#: Each test here takes more than ~20 s on 2 CPU cores (a real Ray cluster).
+pytestmark = pytest.mark.slow
+
 #: Columns that must agree between engines (timing, device and worker naturally differ).
 SAME_COLUMNS = ("status", "input", "output", "series_uid", "shape", "error")
 

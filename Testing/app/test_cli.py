@@ -83,6 +83,7 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[list[str], str]]:
     }
 
 
+@pytest.mark.slow
 def test_bad_inputs_give_one_line_and_exit_2(tmp_path) -> None:
     for case, (args, expected) in _bad_inputs(tmp_path).items():
         before = sorted(p.name for p in tmp_path.rglob("*"))
@@ -100,6 +101,7 @@ def test_mr_reads_when_forced_for_info(capsys) -> None:
     assert json.loads(capsys.readouterr().out)["meta"]["Modality"] == "MR"
 
 
+@pytest.mark.slow
 def test_demo_with_given_input_and_weights(chest, tmp_path) -> None:
     from IPv2DenoiseLib.denoiser.models import UNet
     from IPv2DenoiseLib.denoiser.weights import save_model

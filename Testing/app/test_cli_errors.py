@@ -72,6 +72,7 @@ def tiny_disk(tmp_path):
     subprocess.run(["umount", str(mount)], check=False)
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_one_line_and_leaves_nothing(tiny_disk) -> None:
     out = tiny_disk / "denoised.nrrd"
     result = _cli("denoise", str(SAMPLE), str(out), "--device", "cpu")

@@ -75,6 +75,7 @@ def spool(tmp_path) -> Path:
     return tmp_path / "spool"
 
 
+@pytest.mark.slow
 def test_serve_skips_bad_instances_keeps_series_when_pacs_is_down_and_resumes(
     orthanc, tmp_path, spool
 ) -> None:
@@ -149,6 +150,7 @@ def test_orthanc_sends_study_to_serve_and_gets_the_derived_series(orthanc, tmp_p
     assert not leftovers, (leftovers, log)
 
 
+@pytest.mark.slow
 def test_serve_accepts_only_allowed_peers_caps_instances_and_takes_compressed_ct(
     orthanc, tmp_path, spool, capsys
 ) -> None:
@@ -227,6 +229,7 @@ def test_serve_without_allow_lists_says_so_loudly_and_hints_name_its_own_options
     assert "--allow-host 'pacs.example.org': expected an IP address or network" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_serve_fails_mixed_patients_and_gaps_naming_the_final_path_and_its_own_remedy(
     orthanc, tmp_path, spool
 ) -> None:

@@ -20,6 +20,9 @@ from serve_node import NODE_AET, Node, derived_in_orthanc, derived_series_count,
 
 from IPv2DenoiseLib.app.dicom_node import KILL_AT_ENV
 
+#: Each test here takes more than ~20 s on 2 CPU cores (a real Orthanc, a tmpfs spool, kills).
+pytestmark = pytest.mark.slow
+
 SPOOL_DIRS = ("incoming", "ready", "work", "failed")
 
 

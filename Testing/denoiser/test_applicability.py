@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from IPv2DenoiseLib.core.volume import Volume
 from IPv2DenoiseLib.denoiser.applicability import TrainingRange, applicability_warning
@@ -52,6 +53,7 @@ def test_shipped_card_has_a_training_range() -> None:
     assert rng is not None and rng.input_noise_hu[0] > 20 and rng.pixel_mm is not None
 
 
+@pytest.mark.slow
 def test_denoise_cli_warns_in_one_line(tmp_path) -> None:
     from IPv2DenoiseLib.denoiser.models import UNet
     from IPv2DenoiseLib.denoiser.weights import save_model

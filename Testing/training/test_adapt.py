@@ -54,6 +54,7 @@ def test_recorruption_noise_matches_the_scans_level_texture_and_slice_correlatio
     assert estimate_slice_correlation(noise[0], region=soft) == pytest.approx(scans_rho, abs=0.1)
 
 
+@pytest.mark.slow
 def test_adapting_improves_the_shipped_model_on_an_unfamiliar_kernel(smooth_kernel_scan) -> None:
     truth, scan = smooth_kernel_scan
     base = Denoiser.from_registry("default")
@@ -95,6 +96,7 @@ def test_adapting_stops_at_its_time_budget_and_can_be_cancelled(smooth_kernel_sc
         adapt_denoiser(base, Volume(scan[:2], SPACING), AdaptConfig(seconds=60.0), device="cpu", cancel=token)
 
 
+@pytest.mark.slow
 def test_denoise_cli_adapt(tmp_path, smooth_kernel_scan) -> None:
     _, scan = smooth_kernel_scan
     source = tmp_path / "uldct.nrrd"

@@ -20,6 +20,9 @@ from IPv2DenoiseLib.training.evaluation import (
     score,
 )
 
+#: Each test here builds a small evaluation grid (more than ~20 s on 2 CPU cores).
+pytestmark = pytest.mark.slow
+
 MICRO = EvalConfig(
     name="micro",
     shape=(4, 64, 64),

@@ -25,6 +25,7 @@ def test_resume_may_change_iterations_only_for_the_constant_schedule() -> None:
     assert not same_run(one, {**one, "iterations": 300}) and same_run(one, dict(one))
 
 
+@pytest.mark.slow
 def test_scanner_noise_training_end_to_end(tmp_path) -> None:
     from IPv2DenoiseLib.app.cli import main
     from IPv2DenoiseLib.denoiser.infer import Denoiser

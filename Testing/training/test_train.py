@@ -46,6 +46,7 @@ def test_patch_sampler_respects_region_shares() -> None:
     assert all(float(p.min()) == pytest.approx(0.0, abs=1e-6) for p in y_bg)  # each patch holds air
 
 
+@pytest.mark.slow
 def test_train_loss_falls_exports_and_resumes(tmp_path) -> None:
     torch.set_num_threads(2)
     cfg = TrainConfig(
