@@ -2,7 +2,7 @@
 
 One command, one run::
 
-    OMP_NUM_THREADS=2 python benchmarks/bench_infer.py [--weights FILE | --model default] [--data DIR] [--ensemble 8]
+    OMP_NUM_THREADS=2 python benchmarks/bench_infer.py [--weights FILE | --model default] [--data DIR] [--ensemble 8] [--also-weights FILE ...]
 
 Without ``--data`` it makes ``--cases`` held-out synthetic cases (default 2 of 512×512×16 at
 0.7 mm, 2 % dose, anatomy seeds never used for training) with the project's own
@@ -186,6 +186,13 @@ def main(argv=None) -> int:
     parser.add_argument("--weights", default=None, help="safetensors weights (default: the registry's model)")
     parser.add_argument("--model", default="default", help="registry name when --weights is not given")
     parser.add_argument(
+        "--also-weights",
+        nargs="+",
+        default=[],
+        metavar="FILE",
+        help="more models to time and score in the same run (e.g. each tier's weights)",
+    )
+    parser.add_argument(
         "--data", default=None, help="dataset folder of held-out cases (with uldct_clean.nrrd)"
     )
     parser.add_argument("--cases", type=int, default=2)
@@ -219,13 +226,16 @@ def main(argv=None) -> int:
     runs = [("input", "cpu"), ("model", "cpu")] + [(m, "cpu") for m in args.methods]
     if args.ensemble > 1:
         runs.insert(2, (f"model_ens{args.ensemble}", "cpu"))
+    extra_specs = {f"model_also{i}": {"weights": w} for i, w in enumerate(args.also_weights)}
+    runs[2:2] = [(method, "cpu") for method in extra_specs]
     if torch.cuda.is_available():
         runs.append(("model", "cuda"))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for method, device in runs:
             print(f"running {method} on {device} ...", flush=True)
-            r = run_isolated(method, paths, tmp, args.threads, model_spec, device)
+            spec = extra_specs.get(method, model_spec)
+            r = run_isolated(method, paths, tmp, args.threads, spec, device)
             outputs = [np.load(p) for p in r.pop("outputs")]
             r.update(score(outputs, truths))
             r["device"] = device
@@ -253,6 +263,13 @@ def main(argv=None) -> int:
         )
     ratios = [f"model / {r['method']}: {model['mvox_s'] / r['mvox_s']:.2f}x" for r in classical]
     for r in rows:
+        if r["method"].startswith("model_also"):
+            card = r.get("model_card") or {}
+            ratios.append(
+                f"{r.get('model_name')} ({card.get('architecture')}, {card.get('parameters')} parameters, "
+                f"{card.get('flops_per_voxel')} FLOP/voxel): {r['mvox_s']:.3f} Mvoxel/s, "
+                f"{r['mvox_s'] / model['mvox_s']:.2f}x the model's speed"
+            )
         if r["method"].startswith("model_ens") and r["device"] == "cpu":
             ratios.append(
                 f"{r['method']}: {r['psnr'] - model['psnr']:+.2f} dB PSNR over one pass, "
