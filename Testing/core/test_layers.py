@@ -321,3 +321,14 @@ def test_every_function_level_import_says_why():
                 if "lazy" not in context:
                     wrong.append(f"{path.relative_to(REPO)}:{first}: {ast.unparse(group[0])}")
     assert not wrong, "function-level imports without a '# lazy: why' comment:\n" + "\n".join(wrong)
+
+
+def test_commands_never_import_each_other():
+    """What two commands share lives in app/arguments.py, app/pacs.py or app/pipeline.py (issue #22)."""
+    wrong = sorted(
+        imp.where()
+        for imp in package_imports()
+        if imp.source.startswith("IPv2DenoiseLib.app.commands.")
+        and imp.target.startswith("IPv2DenoiseLib.app.commands.")
+    )
+    assert not wrong, "\n".join(wrong)

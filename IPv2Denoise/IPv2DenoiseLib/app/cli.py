@@ -1,6 +1,8 @@
 """``ipv2-denoise`` command line: one subcommand per module in :mod:`IPv2DenoiseLib.app.commands`.
 
-Each command module defines ``NAME``, ``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``.
+Each command module defines ``NAME``, ``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``;
+they are imported here by name (commands never import each other: what two share lives in
+:mod:`~IPv2DenoiseLib.app.arguments` or :mod:`~IPv2DenoiseLib.app.pacs`).
 A :class:`~IPv2DenoiseLib.core.errors.UserError` is printed as one line on stderr with exit status 2.
 """
 
@@ -8,35 +10,49 @@ from __future__ import annotations
 
 import argparse
 import errno
-import importlib
 import os
 import sys
 from collections.abc import Sequence
 
 from IPv2DenoiseLib import __version__
+from IPv2DenoiseLib.app.commands import (
+    batch,
+    batch_summary,
+    demo,
+    denoise,
+    evaluate,
+    info,
+    make_dataset,
+    purify,
+    send,
+    serve,
+    simulate,
+    train,
+    web,
+)
 from IPv2DenoiseLib.core.errors import ExitCode, UserError
 
 #: Command modules in the order ``--help`` lists them.
-COMMAND_MODULES = (
-    "info",
-    "simulate",
-    "purify",
-    "make_dataset",
-    "train",
-    "denoise",
-    "batch",
-    "batch_summary",
-    "send",
-    "serve",
-    "demo",
-    "evaluate",
-    "web",
+COMMANDS = (
+    info,
+    simulate,
+    purify,
+    make_dataset,
+    train,
+    denoise,
+    batch,
+    batch_summary,
+    send,
+    serve,
+    demo,
+    evaluate,
+    web,
 )
 
 
 def command_modules():
-    """The command modules, imported; a module that fails to import raises (a broken command is loud)."""
-    return [importlib.import_module(f"{__package__}.commands.{name}") for name in COMMAND_MODULES]
+    """The command modules, in the order ``--help`` lists them."""
+    return list(COMMANDS)
 
 
 #: Errors of the machine or the file system that a user can cause or fix (a full disk, a folder

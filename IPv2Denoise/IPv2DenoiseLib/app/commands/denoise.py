@@ -17,7 +17,7 @@ from IPv2DenoiseLib.app.arguments import (
     positive_int,
     positive_seconds,
 )
-from IPv2DenoiseLib.app.commands.send import add_peer_arguments, send_and_report
+from IPv2DenoiseLib.app.pacs import add_peer_arguments, send_and_report
 from IPv2DenoiseLib.app.pipeline import ADAPT_SECONDS, DenoiseOptions, DenoiseOutcome, DenoisePipeline
 from IPv2DenoiseLib.core.atomic import check_output_path, claim_output
 from IPv2DenoiseLib.core.errors import UserError

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from IPv2DenoiseLib.app.arguments import add_device_argument
-from IPv2DenoiseLib.app.commands.send import add_peer_arguments
+from IPv2DenoiseLib.app.pacs import add_peer_arguments
 from IPv2DenoiseLib.app.web.data_root import DataRoot
 from IPv2DenoiseLib.core.errors import UserError
 
