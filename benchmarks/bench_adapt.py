@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "IPv2Denoise"))
 
 from IPv2DenoiseLib.core.volume import Volume  # noqa: E402
-from IPv2DenoiseLib.denoiser.infer import Denoiser  # noqa: E402
+from IPv2DenoiseLib.denoiser.model_reference import ModelReference  # noqa: E402
 from IPv2DenoiseLib.imaging.classical import denoise_classical  # noqa: E402
 from IPv2DenoiseLib.imaging.masks import body_mask, soft_tissue_mask  # noqa: E402
 from IPv2DenoiseLib.imaging.metrics import psnr  # noqa: E402
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--alpha", type=float, default=AdaptConfig.alpha)
     parser.add_argument("--json", default=str(ROOT / "benchmarks/results/bench_adapt.json"))
     args = parser.parse_args(argv)
-    base = Denoiser.from_registry(args.model)
+    base = ModelReference.resolve(args.model).load()
     config = AdaptConfig(seconds=args.seconds, lr=args.lr, alpha=args.alpha)
     rows = []
     for seed, protocol in SCANS:

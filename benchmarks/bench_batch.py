@@ -65,10 +65,10 @@ def make_archive(root: Path, *, cases: int, slices: int, size: int, seed: int) -
 
 def network_seconds(inputs: list[Path], device: str) -> float:
     """Time the network alone on every case (volumes already in memory, after a warm-up)."""
-    from IPv2DenoiseLib.denoiser.infer import Denoiser
+    from IPv2DenoiseLib.denoiser.model_reference import ModelReference
     from IPv2DenoiseLib.io.volumes import read_volume
 
-    denoiser = Denoiser.from_registry("default")
+    denoiser = ModelReference.resolve("default").load()
     volumes = [read_volume(p) for p in inputs]
     denoiser.denoise(volumes[0], device=device)
     start = time.perf_counter()

@@ -65,14 +65,10 @@ def _worker(
     result = {"method": method, "seconds": 0.0, "voxels": 0, "outputs": []}
     denoise = None
     if method.startswith("model"):
-        from IPv2DenoiseLib.denoiser.infer import Denoiser
+        from IPv2DenoiseLib.denoiser.model_reference import ModelReference
 
-        den = (
-            Denoiser.from_file(model_spec["weights"])
-            if model_spec.get("weights")
-            else Denoiser.from_registry(model_spec.get("model", "default"))
-        )
-        den.ensemble = int(method.split("_ens")[1]) if "_ens" in method else 1
+        reference = ModelReference.resolve(model_spec.get("model", "default"), model_spec.get("weights"))
+        den = reference.load(ensemble=int(method.split("_ens")[1]) if "_ens" in method else 1)
         result["model_name"] = den.name
         result["model_card"] = {
             k: den.card.get(k)

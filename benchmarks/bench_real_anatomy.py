@@ -179,11 +179,12 @@ def run_bm3d(noisy: np.ndarray, psd: np.ndarray, factor: float) -> np.ndarray:
 
 
 def load_models(specs: list[str]):
-    from IPv2DenoiseLib.denoiser.infer import Denoiser
+    from IPv2DenoiseLib.denoiser.model_reference import ModelReference
 
     models = []
     for spec in specs:
-        den = Denoiser.from_file(spec) if spec.endswith(".safetensors") else Denoiser.from_registry(spec)
+        weights = spec if spec.endswith(".safetensors") else None
+        den = ModelReference.resolve(spec if weights is None else None, weights).load()
         label = spec if not spec.endswith(".safetensors") else Path(spec).stem
         models.append((f"model:{label}", den))
     return models

@@ -117,12 +117,3 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_false",
         help="keep the denoised background instead of setting air outside the patient to -1000 HU",
     )
-
-
-def load_denoiser(args: argparse.Namespace):
-    """The :class:`~IPv2DenoiseLib.denoiser.infer.Denoiser` that ``--weights`` or ``--model`` names."""
-    from IPv2DenoiseLib.denoiser.infer import Denoiser  # lazy: torch, not at CLI start-up
-
-    denoiser = Denoiser.from_file(args.weights) if args.weights else Denoiser.from_registry(args.model)
-    denoiser.ensemble = getattr(args, "ensemble", 1)
-    return denoiser
