@@ -169,3 +169,30 @@ def test_scan_adaptation_feeds_the_noise_map_to_a_noise_aware_model(chest_slice)
     )
     assert report.iterations == 3 and isinstance(adapted.model, NoiseAwareUNet)
     assert adapted.denoise_array(scan, device="cpu").shape == scan.shape
+
+
+def test_a_noise_aware_unet_widened_from_a_unet_computes_the_same_whatever_the_map() -> None:
+    from IPv2DenoiseLib.denoiser.model_reference import ModelReference
+
+    unet = ModelReference.resolve("default").load().model
+    widened = NoiseAwareUNet.from_unet(unet).eval()
+    x = torch.rand(2, 3, 40, 44)
+    maps = 3.0 * torch.rand(2, 1, 40, 44)
+    with torch.no_grad():
+        torch.testing.assert_close(widened(torch.cat([x, maps], dim=1)), unet(x), rtol=0, atol=1e-6)
+
+
+def test_train_unet_nm_may_start_from_the_shipped_unet(tmp_path, made_dataset) -> None:
+    from IPv2DenoiseLib.app.cli import main
+    from IPv2DenoiseLib.denoiser.model_reference import ModelReference
+
+    shipped = ModelReference.resolve("default").weights
+    out = tmp_path / "run"
+    args = [
+        "train", "--noise", "scanner", "--schedule", "constant", "--data", str(made_dataset / "case_000"),
+        "--out", str(out), "--name", "nm", "--arch", "unet-nm", "--init", str(shipped), "--iterations", "1",
+        "--batch", "2", "--patch", "32", "--noise-pool", "2", "--device", "cpu",
+    ]  # fmt: skip
+    assert main(args) == 0
+    card = json.loads((out / "nm.json").read_text())
+    assert card["architecture"] == "unet-nm" and card["initialised_from"] == shipped.name

@@ -32,7 +32,7 @@ from IPv2DenoiseLib.core.atomic import atomic_path
 from IPv2DenoiseLib.core.device import describe_device, resolve_device
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.progress import CancelToken, ProgressCallback
-from IPv2DenoiseLib.denoiser.models import build_model, count_parameters, flops_per_voxel
+from IPv2DenoiseLib.denoiser.models import NoiseAwareUNet, build_model, count_parameters, flops_per_voxel
 from IPv2DenoiseLib.denoiser.models.noise_aware_unet import (
     noise_map_channel,
     wants_noise_map,
@@ -308,6 +308,8 @@ def _build_model(config: TrainConfig, device: torch.device) -> tuple[torch.nn.Mo
     start_card: dict = {}
     if config.init_weights:
         start_from, start_card = load_model(config.init_weights)
+        if model.ARCH == NoiseAwareUNet.ARCH and start_from.ARCH == "unet":
+            start_from = NoiseAwareUNet.from_unet(start_from)  # + a zero-weight noise map channel
         if start_from.ARCH != model.ARCH or start_from.config != model.config:
             raise UserError(
                 f"--init {config.init_weights} is {start_card.get('architecture')} {start_from.config}; "

@@ -113,6 +113,31 @@ class NoiseAwareUNet(UNet):
         super().__init__(in_slices=in_slices, base_channels=base_channels, levels=levels)
         self.inc = TwoConv(self.in_slices + 1, self.base_channels)
 
+    @classmethod
+    def from_unet(cls, unet: UNet) -> NoiseAwareUNet:
+        """A noise-aware U-Net that computes exactly what ``unet`` computes, whatever the map.
+
+        Fine-tuning starts from a trained plain U-Net (``train --arch unet-nm --init unet.safetensors``):
+        every weight is copied and the map channel's first-layer weights start at zero, so training
+        only has to learn what the map adds.
+
+        Parameters
+        ----------
+        unet : UNet
+            A plain U-Net (its ``config`` gives the new network's size).
+
+        Returns
+        -------
+        NoiseAwareUNet
+            The widened network.
+        """
+        net = cls(**unet.config)
+        state = unet.state_dict()
+        first = state["inc.0.weight"]  # [out, in_slices, 3, 3]
+        state["inc.0.weight"] = torch.cat([first, torch.zeros_like(first[:, :1])], dim=1)
+        net.load_state_dict(state)
+        return net
+
     def activation_floats_per_pixel(self) -> int:
         return super().activation_floats_per_pixel() + 1
 
