@@ -317,6 +317,15 @@ def shows_scan(page) -> bool:
         return False
 
 
+def choose_and_open(page, path: str) -> None:
+    """Type a path into the scan chooser and click Open (Escape closes the list of suggestions,
+    which would otherwise lie over the button)."""
+    page.locator("#input-path").fill(path)
+    page.keyboard.press("Enter")
+    page.keyboard.press("Escape")
+    page.click("#open-btn")
+
+
 def denoise_and_wait(page) -> float:
     page.click("#denoise-btn")
     clicked = time.monotonic()
@@ -490,9 +499,7 @@ def test_export_is_valid_dicom_in_the_data_root_and_on_the_pacs(server, chromium
 @pytest.mark.slow
 def test_a_dicom_series_is_exported_into_its_own_study(server, chromium) -> None:
     page = open_page(chromium, server)
-    page.locator("#input-path").fill("dicom/chest")
-    page.keyboard.press("Enter")
-    page.click("#open-btn")
+    choose_and_open(page, "dicom/chest")
     wait_until(lambda: "dicom/chest" in page.inner_text("#loaded-name"), what="the DICOM series")
     denoise_and_wait(page)
     page.fill("#export-folder", "exports/chest-derived")
@@ -518,9 +525,7 @@ def test_a_path_outside_the_data_root_is_refused_on_the_page(server, chromium, w
     wait_until(lambda: shows_scan(page), what="the original view")
     loaded = page.inner_text("#loaded-name")
     for outside in ("../private.nrrd", str(web_case / "private.nrrd")):
-        page.locator("#input-path").fill(outside)
-        page.keyboard.press("Enter")
-        page.click("#open-btn")
+        choose_and_open(page, outside)
         message = wait_until(
             lambda: page.locator("#error-message").count() and page.inner_text("#error-message"),
             what="the refusal",
@@ -541,9 +546,7 @@ def test_a_path_outside_the_data_root_is_refused_on_the_page(server, chromium, w
 def test_warnings_are_shown_above_the_views(server, chromium) -> None:
     """A scan outside the model's training range: the page says so where the user looks."""
     page = open_page(chromium, server)
-    page.locator("#input-path").fill("scans/coarse.nrrd")
-    page.keyboard.press("Enter")
-    page.click("#open-btn")
+    choose_and_open(page, "scans/coarse.nrrd")
     wait_until(lambda: "scans/coarse.nrrd" in page.inner_text("#loaded-name"), what="the coarse scan")
     denoise_and_wait(page)
     warning = wait_until(

@@ -43,6 +43,7 @@ from IPv2DenoiseLib.app.web.jobs import (
     ExportResult,
     JobRunner,
     JobSnapshot,
+    Work,
     denoise_work,
     export_work,
     format_eta,
@@ -96,6 +97,9 @@ class DenoiseWebApp(TrameApp):
         self.handled_serial = 0
         self.fitted_sizes: dict[str, tuple[int, int]] = {}
         self.source_path: Path | None = None
+        #: What the running read or denoise job works on (shown when it is done).
+        self.reading: Path | None = None
+        self.denoising: DenoiseOptions | None = None
         self.source: Volume | None = None
         self.result: DenoiseResult | None = None
         self.options: DenoiseOptions | None = None
@@ -340,28 +344,40 @@ class DenoiseWebApp(TrameApp):
         with self.state:
             self.state.error = str(exc)
 
+    def _start(self, kind: str, work: Work) -> bool:
+        """Start a job, or show in one line why not (busy); a job that ended since the last look
+        is shown first, so its result is never skipped."""
+        self._show(self.runner.snapshot())
+        try:
+            self.runner.start(kind, work)
+        except UserError as exc:
+            self._refuse(exc)
+            return False
+        with self.state:
+            self.state.error = ""
+        return True
+
     def open_input(self) -> None:
         """Read the chosen volume or DICOM series (inside the data root) in the background."""
         try:
             path = self.data_root.input(self.state.input_path)
-            self.runner.start("read", read_work(path))
         except UserError as exc:
             self._refuse(exc)
             return
-        self.source_path = path
-        self.state.error = ""
+        if self._start("read", read_work(path)):
+            self.reading = path
 
     def denoise(self) -> None:
         """Denoise the open scan with the page's options in the background."""
         try:
             if self.source is None:
                 raise UserError("open a CT volume or DICOM series first")
-            self.options = self._options()
-            self.runner.start("denoise", denoise_work(self.source, self.options))
+            options = self._options()
         except UserError as exc:
             self._refuse(exc)
             return
-        self.state.error = ""
+        if self._start("denoise", denoise_work(self.source, options)):
+            self.denoising = options
 
     def _options(self) -> DenoiseOptions:
         """The page's choices as :class:`DenoiseOptions`; a value a browser made up is refused."""
@@ -393,24 +409,21 @@ class DenoiseWebApp(TrameApp):
             if self.result is None or self.options is None:
                 raise UserError("denoise a scan first")
             folder = self.data_root.export_folder(self.state.export_folder, source=self.source_path)
-            pacs = self.config.pacs if self.state.send_to_pacs else None
-            self.runner.start(
-                "export",
-                export_work(
-                    self.result,
-                    folder,
-                    options=self.options,
-                    pacs=pacs,
-                    calling_aet=self.config.calling_aet,
-                    timeout=self.config.pacs_timeout,
-                    retries=self.config.pacs_retries,
-                ),
-            )
         except UserError as exc:
             self._refuse(exc)
             return
-        self.state.error = ""
-        self.state.export_message = ""
+        work = export_work(
+            self.result,
+            folder,
+            options=self.options,
+            pacs=self.config.pacs if self.state.send_to_pacs else None,
+            calling_aet=self.config.calling_aet,
+            timeout=self.config.pacs_timeout,
+            retries=self.config.pacs_retries,
+        )
+        if self._start("export", work):
+            with self.state:
+                self.state.export_message = ""
 
     # ------------------------------------------------------------------------- job → page
 
@@ -463,7 +476,8 @@ class DenoiseWebApp(TrameApp):
             if node is not None:
                 scene.RemoveNode(node)
             self.nodes[name] = None
-        self.source, self.result = volume, None
+        self.source, self.result, self.options = volume, None, None
+        self.source_path = self.reading
         name = self.source_path.name if self.source_path else "input"
         self.nodes["Red"] = add_volume_node(volume, name, scene=scene)
         for view, _, _ in VIEWS:
@@ -482,7 +496,7 @@ class DenoiseWebApp(TrameApp):
 
     def _show_result(self, result: DenoiseResult) -> None:
         scene = self.slicer.scene
-        self.result = result
+        self.result, self.options = result, self.denoising
         original = self.nodes["Red"]
         denoised = self.nodes["Yellow"]
         if denoised is None:
