@@ -15,9 +15,11 @@ project's own :class:`~IPv2DenoiseLib.training.trainer.Trainer`: scanner-like no
 on the training device (``train --noise scanner``), real anatomy mixed half and half with the
 phantoms, bf16 autocast and large batches on CUDA, the clock-paced constant schedule of
 ``--max-minutes``. Every ``--every-seconds`` (60) it validates on a held-out phantom under the fixed
-scanner protocol and writes each tier's weights (``OUT/<tier>/<tier>.safetensors`` + card, via
-``denoiser.weights.save_model``), its curves (``curves.json``, ``training_curves.png``) and
-``OUT/job.json``; it stops by itself so that the whole job, start-up included, fits ``--minutes``.
+scanner protocol and writes into ``OUT`` (flat, 8 files: what a lent GPU machine sends back) each
+tier's weights ``<tier>.safetensors`` with its card ``<tier>.json`` (``denoiser.weights.save_model``)
+and curves ``<tier>_curves.png``, both tiers' curves ``curves.json`` and the record ``job.json``;
+the optimiser checkpoints stay in ``--work`` (a job started again resumes from them). It stops by
+itself so that the whole job, start-up included, fits ``--minutes``.
 The benchmark images (``CT_small``, ``pydicom-data``) are never packed. ``--tiny`` (tiny networks
 and slabs, the CPU path the test suite runs) needs no corpus. See docs/training.md, "The GPU job".
 """
@@ -25,9 +27,12 @@ and slabs, the CPU path the test suite runs) needs no corpus. See docs/training.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,7 +184,7 @@ def tier_config(tier: str, args: argparse.Namespace, kind: str, *, has_real: boo
         init = str(ModelCatalogue.read().entry("default").weights)  # fine-tune the shipped model
     return TrainConfig(
         cases=[],
-        out=str(args.out / tier),
+        out=str(args.work / tier),
         name=tier,
         arch=arch,
         model_kwargs=dict(TINY_KWARGS if args.tiny else kwargs),
@@ -214,6 +219,12 @@ def make_trainer(
     return Trainer(config, train, val, device=device)
 
 
+def copy_into(source: Path, target: Path) -> None:
+    """Copy a file atomically (a reader of OUT never sees half a file)."""
+    with atomic_path(target) as tmp:
+        shutil.copyfile(source, tmp)
+
+
 def run_tier(
     tier: str,
     trainer: Trainer,
@@ -221,10 +232,12 @@ def run_tier(
     seconds: float,
     every_s: float,
     summary: dict,
-    job_json: Path,
+    out: Path,
 ) -> dict:
-    """Train one tier for ``seconds`` of wall time (it stops by itself); snapshots every ``every_s``."""
+    """Train one tier for ``seconds`` of wall time (it stops by itself); every ``every_s`` copy its
+    weights, card and curves from the trainer's folder into ``out`` and rewrite the job record."""
     config = trainer.config
+    work = Path(config.out)
     config.max_minutes = seconds / 60.0
     trainer.round_seconds = every_s
     record = summary["tiers"].setdefault(tier, {})
@@ -240,12 +253,16 @@ def run_tier(
                 "parameters": card["parameters"],
                 "flops_per_voxel": card["flops_per_voxel"],
                 "validation": card["validation"],
-                "weights": str(Path(config.out) / f"{tier}.safetensors"),
+                "weights": f"{tier}.safetensors",
                 "slabs_simulated": card["data"].get("slabs_simulated"),
             }
         )
-        write_json(Path(config.out) / "curves.json", {"tier": tier, **t.history})
-        write_json(job_json, summary)
+        copy_into(work / f"{tier}.safetensors", out / f"{tier}.safetensors")
+        copy_into(work / f"{tier}.json", out / f"{tier}.json")
+        copy_into(work / "training_curves.png", out / f"{tier}_curves.png")
+        summary["curves"][tier] = t.history
+        write_json(out / "curves.json", summary["curves"])
+        write_json(out / "job.json", {k: v for k, v in summary.items() if k != "curves"})
 
     def snapshot(t: Trainer) -> None:
         if not t.out_of_time():  # the last round: run() exports right after it
@@ -267,6 +284,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--corpus", type=Path, metavar="FILE", help="the corpus .npz of --pack-corpus")
     parser.add_argument(
         "--out", type=Path, default=os.environ.get("OUT"), help="output folder (default: $OUT)"
+    )
+    parser.add_argument(
+        "--work",
+        type=Path,
+        help="the trainers' folders with the optimiser checkpoints; a job started again with the same "
+        "--out resumes from them (default: a folder for --out under the system's temporary folder)",
     )
     parser.add_argument("--minutes", type=float, default=8.0, help="wall-clock budget of the whole job (8)")
     parser.add_argument(
@@ -291,6 +314,9 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError("give --out or set $OUT")
         if not args.minutes > 0:
             raise UserError("--minutes must be positive")
+        if args.work is None:
+            key = hashlib.sha1(str(args.out.resolve()).encode()).hexdigest()[:12]
+            args.work = Path(tempfile.gettempdir()) / f"ipv2-gpu-job-{key}"
         deadline = STARTED + 60.0 * args.minutes
         device = resolve_device(args.device)
         kind = "tiny" if args.tiny else "gpu"
@@ -302,9 +328,9 @@ def main(argv: list[str] | None = None) -> int:
             "corpus": [v.name for v in train],
             "validation": [c.name for c in val],
             "tiers": {},
+            "curves": {},
         }
         args.out.mkdir(parents=True, exist_ok=True)
-        job_json = args.out / "job.json"
         trainers = {
             tier: make_trainer(tier_config(tier, args, kind, has_real=has_real), train, val, device)
             for tier in args.tiers
@@ -315,11 +341,11 @@ def main(argv: list[str] | None = None) -> int:
             seconds = max(MIN_TIER_SECONDS, left * TIER_SHARE[tier] / remaining_share)
             remaining_share -= TIER_SHARE[tier]
             run_tier(
-                tier, trainer, seconds=seconds, every_s=args.every_seconds, summary=summary, job_json=job_json
+                tier, trainer, seconds=seconds, every_s=args.every_seconds, summary=summary, out=args.out
             )
         summary["wall_seconds"] = round(time.monotonic() - STARTED, 1)
         summary["over_budget_s"] = round(max(0.0, time.monotonic() - deadline), 1)
-        write_json(job_json, summary)
+        write_json(args.out / "job.json", {k: v for k, v in summary.items() if k != "curves"})
         print(json.dumps(summary["tiers"], indent=2, default=str))
         return 0
     except UserError as exc:
