@@ -235,6 +235,7 @@ def web_case(tmp_path_factory) -> Path:
     coarse = Volume(sample.array[8:16].copy(), spacing=(1.2, 1.2, 1.25), origin=sample.origin)
     write_volume(coarse, root / "scans" / "coarse.nrrd")
     write_ct_series(root / "dicom" / "chest", 4)  # a real DICOM series (pydicom's GE chest slice)
+    (root / "scans" / "broken.nrrd").write_bytes(SAMPLE.read_bytes()[:4000])  # a cut-off file
     (base / "private.nrrd").write_bytes(SAMPLE.read_bytes()[:1000])
     return base
 
@@ -533,6 +534,13 @@ def test_a_path_outside_the_data_root_is_refused_on_the_page(server, chromium, w
         assert "outside the data root; refused" in message
     page.screenshot(path=str(FIGURES / "web_refused.png"))
     assert page.inner_text("#loaded-name") == loaded  # what was open stays open
+    choose_and_open(page, "scans/broken.nrrd")  # inside the root, but not a readable volume
+    message = wait_until(
+        lambda: "broken.nrrd" in (m := page.inner_text("#error-message")) and "outside" not in m and m,
+        what="the reader's refusal",
+    )
+    assert len(message.strip().splitlines()) == 1, message
+    assert page.inner_text("#loaded-name") == loaded
     page.fill("#export-folder", "../outside-export")
     page.click("#export-btn")
     wait_until(

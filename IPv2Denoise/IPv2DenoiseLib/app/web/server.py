@@ -458,6 +458,7 @@ class DenoiseWebApp(TrameApp):
 
     def _finished(self, snap: JobSnapshot) -> None:
         s = self.state
+        s.inputs = self.data_root.inputs()  # an export (or another program) may have added some
         if snap.error:
             s.error = snap.error
         if snap.state != DONE:
