@@ -28,6 +28,7 @@ import pytest
 from conftest import chest_like_volume, write_ct_series
 
 from IPv2DenoiseLib.app.cli import main as cli_main
+from IPv2DenoiseLib.app.commands.web import configure_rendering
 from IPv2DenoiseLib.app.pipeline import DenoiseOptions, DenoiseOutcome
 from IPv2DenoiseLib.app.web.data_root import DataRoot
 from IPv2DenoiseLib.app.web.jobs import (
@@ -174,6 +175,25 @@ def test_web_command_refuses_before_serving(tmp_path: Path, capsys) -> None:
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("ipv2-denoise web: error: "), lines
         assert expected.lower() in lines[0].lower(), lines[0]
+
+
+@pytest.mark.parametrize(
+    ("display", "preset", "expected"),
+    [
+        (None, None, "vtkEGLRenderWindow"),  # headless: VTK would try X first
+        (None, "", "vtkEGLRenderWindow"),  # set but empty crashes VTK
+        (None, "vtkOSOpenGLRenderWindow", "vtkOSOpenGLRenderWindow"),  # the user's choice is kept
+        (":0", None, None),  # a display: VTK's own default
+    ],
+)
+def test_offscreen_rendering_is_chosen_without_a_display(monkeypatch, display, preset, expected) -> None:
+    for name, value in (("DISPLAY", display), ("VTK_DEFAULT_OPENGL_WINDOW", preset)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    configure_rendering()
+    assert os.environ.get("VTK_DEFAULT_OPENGL_WINDOW") == expected
 
 
 # ------------------------------------------------------------------------- the real server
