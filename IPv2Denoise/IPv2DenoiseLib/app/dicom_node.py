@@ -65,8 +65,6 @@ from pynetdicom.sop_class import Verification
 
 from IPv2DenoiseLib.app.pipeline import DenoisePipeline
 from IPv2DenoiseLib.core.errors import UserError
-from IPv2DenoiseLib.core.volume import Volume
-from IPv2DenoiseLib.imaging.noise_estimate import volume_noise_hu
 from IPv2DenoiseLib.io.dicom_export import DerivedSeriesOptions
 from IPv2DenoiseLib.io.dicom_net import DestinationUnavailable, DicomNode, check_aet, echo, send_instances
 
@@ -78,7 +76,6 @@ __all__ = [
     "NodeConfig",
     "out_of_space",
     "read_manifest",
-    "series_noise",
 ]
 
 LOG = logging.getLogger("ipv2denoise.node")
@@ -185,11 +182,6 @@ class _Arrival:
     acknowledged: set[str] = field(default_factory=set)
     senders: set[str] = field(default_factory=set)
     refused: set[str] = field(default_factory=set)
-
-
-def series_noise(before: Volume, after: Volume) -> tuple[float, float]:
-    """Noise SD (HU) of a series before and after, over the same (input's) soft-tissue region."""
-    return volume_noise_hu(before.array), volume_noise_hu(after.array, reference=before.array)
 
 
 def _pixel_data_problem(ds: Dataset) -> str | None:
@@ -578,14 +570,13 @@ class DenoisingNode:
         t0 = time.monotonic()
         outcome = self.pipeline.denoise(volume)
         denoise_s = time.monotonic() - t0
-        before, after = series_noise(volume, outcome.denoised)
         shutil.rmtree(out, ignore_errors=True)
         files = self.pipeline.export_dicom(outcome, out, series_options=self.config.options)
         facts = {
             "slices": len(files),
             "denoise_seconds": denoise_s,
-            "noise_before_hu": before,
-            "noise_after_hu": after,
+            "noise_before_hu": outcome.noise_before_hu,
+            "noise_after_hu": outcome.noise_after_hu,
             "warnings": outcome.warnings,
         }
         staged = job / f"{FACTS}.tmp"

@@ -115,6 +115,9 @@ class DenoiseOutcome:
     warnings: list[str] = field(default_factory=list)
     #: The record of ``--adapt`` (iterations, seconds, ...), else None.
     adapted: dict[str, Any] | None = None
+    #: Noise SD (HU) before and after, on the same voxels (``imaging.noise_estimate.volume_noise_hu``).
+    noise_before_hu: float = float("nan")
+    noise_after_hu: float = float("nan")
 
     def source_dicom_files(self) -> list[str] | None:
         """The source's DICOM files in slice order (a derived series references them), else None."""
@@ -195,7 +198,9 @@ class DenoisePipeline:
 
     def denoise(self, volume: Volume) -> DenoiseOutcome:
         """Check the scan against the model's training range, adapt if asked, denoise; warn as we go."""
-        from IPv2DenoiseLib.denoiser.applicability import applicability_warning  # lazy: SciPy
+        # lazy: SciPy
+        from IPv2DenoiseLib.denoiser.applicability import applicability_warning
+        from IPv2DenoiseLib.imaging.noise_estimate import volume_noise_hu
 
         denoiser = self.denoiser()
         warnings: list[str] = []
@@ -205,7 +210,8 @@ class DenoisePipeline:
                 warnings.append(message)
                 self.warn(message)
 
-        note(applicability_warning(volume, denoiser.card))
+        noise_before = volume_noise_hu(volume.array)  # measured once: the warning and the records
+        note(applicability_warning(volume, denoiser.card, noise_hu=noise_before))
         adapted = None
         if self.options.adapt:
             # lazy: training code loads only when the user asks for --adapt
@@ -232,7 +238,10 @@ class DenoisePipeline:
         for message in result.meta.get("warnings", []):
             note(message)
         provenance = self.reference.provenance(denoiser.card, adapted=adapted)
-        return DenoiseOutcome(volume, result, self.reference.name, provenance, warnings, adapted)
+        noise_after = volume_noise_hu(result.array, reference=volume.array)
+        return DenoiseOutcome(
+            volume, result, self.reference.name, provenance, warnings, adapted, noise_before, noise_after
+        )
 
     def write_volume(self, outcome: DenoiseOutcome, path: str | os.PathLike) -> Path:
         """Write the denoised volume (NRRD, NIfTI, MHA), atomically."""

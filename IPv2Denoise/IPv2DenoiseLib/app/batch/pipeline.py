@@ -37,7 +37,6 @@ from IPv2DenoiseLib.core.atomic import remove_stale_partials
 from IPv2DenoiseLib.core.device import describe_device
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.volume import Volume
-from IPv2DenoiseLib.imaging.noise_estimate import volume_noise_hu
 from IPv2DenoiseLib.io.volumes import read_dicom_series, read_volume
 
 RowCallback = Callable[[dict[str, Any]], None]
@@ -62,7 +61,6 @@ class Loaded:
     volume: Volume
     fingerprint: str
     started: float
-    noise_before: float
     attempts: int = 1
     outcome: DenoiseOutcome | None = None
 
@@ -175,9 +173,7 @@ class CaseProcessor:
             if record is not None:
                 return self._from_record(case, record, attempts)
             volume = read_dicom_series(case.files) if case.kind == "dicom" else read_volume(case.files[0])
-            return Loaded(
-                case, volume, fingerprint, started, round(volume_noise_hu(volume.array), 3), attempts
-            )
+            return Loaded(case, volume, fingerprint, started, attempts)
         except Exception as exc:  # one study's problem must not stop the archive
             return self.failed(case, _one_line(exc), started=started, attempts=attempts)
 
@@ -200,7 +196,8 @@ class CaseProcessor:
             remove_stale_partials(out)
             self._write(loaded, out)
             sha256, size = hash_output(out)
-            noise_after = round(volume_noise_hu(loaded.result.array, reference=loaded.volume.array), 3)
+            noise_before = round(loaded.outcome.noise_before_hu, 3)
+            noise_after = round(loaded.outcome.noise_after_hu, 3)
             seconds = round(time.monotonic() - loaded.started, 3)
             shape = "x".join(map(str, loaded.volume.shape))
             write_record(
@@ -219,7 +216,7 @@ class CaseProcessor:
                     "seconds": seconds,
                     "device": self.device_name,
                     "worker": self.worker,
-                    "noise_before_hu": loaded.noise_before,
+                    "noise_before_hu": noise_before,
                     "noise_after_hu": noise_after,
                     "warnings": loaded.outcome.warnings,
                     "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -231,7 +228,7 @@ class CaseProcessor:
                 shape=shape,
                 seconds=seconds,
                 attempts=loaded.attempts,
-                noise_before_hu=loaded.noise_before,
+                noise_before_hu=noise_before,
                 noise_after_hu=noise_after,
                 output_sha256=sha256,
                 warnings="; ".join(loaded.outcome.warnings),
