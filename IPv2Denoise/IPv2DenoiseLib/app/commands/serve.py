@@ -7,6 +7,8 @@ import logging
 import math
 import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from IPv2DenoiseLib.app.arguments import (
@@ -108,19 +110,45 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+@contextmanager
+def node_logging() -> Iterator[None]:
+    """The node's log on stderr (time, level, message; pynetdicom's warnings, not pydicom's
+    tracebacks) for the run, and the process's logging as it was afterwards.
+
+    ``serve`` may run inside another program (a test, an embedding application); leaving a handler
+    bound to a stream that is later closed turned every later pynetdicom line into a "Logging error".
+    """
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level, {n: logging.getLogger(n).level for n in ("pynetdicom", "pydicom")})
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # pydicom logs a whole traceback when a decoder fails; the node logs the refusal in one line
+    logging.getLogger("pydicom").setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        handler.flush()
+        root.handlers[:], root.level = saved[0], saved[1]
+        for name, level in saved[2].items():
+            logging.getLogger(name).setLevel(level)
+
+
 def run(args: argparse.Namespace) -> int:
+    with node_logging():
+        return _serve(args)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """Check the options, load the model once, run the node until SIGTERM/SIGINT."""
     # lazy: torch (through the Denoiser), pydicom and pynetdicom load here, not at every CLI start-up
     from IPv2DenoiseLib.app.dicom_node import DenoisingNode, HostAllowList, NodeConfig
     from IPv2DenoiseLib.app.pipeline import DenoisePipeline
     from IPv2DenoiseLib.io.dicom_export import DerivedSeriesOptions
     from IPv2DenoiseLib.io.dicom_net import check_aet, parse_node
 
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr, force=True
-    )
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    # pydicom logs a whole traceback when a decoder fails; the node logs the refusal in one line
-    logging.getLogger("pydicom").setLevel(logging.CRITICAL)
     if not 1 <= args.port <= 65535:
         raise UserError(f"--port {args.port}: must be between 1 and 65535")
     if not math.isfinite(args.max_instance_mb):
