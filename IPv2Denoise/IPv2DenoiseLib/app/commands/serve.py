@@ -118,6 +118,9 @@ def node_logging() -> Iterator[None]:
     ``serve`` may run inside another program (a test, an embedding application); leaving a handler
     bound to a stream that is later closed turned every later pynetdicom line into a "Logging error".
     """
+    # lazy: pydicom sets its own logger's level when first imported; import it before setting ours
+    import pydicom  # noqa: F401
+
     root = logging.getLogger()
     saved = (root.handlers[:], root.level, {n: logging.getLogger(n).level for n in ("pynetdicom", "pydicom")})
     handler = logging.StreamHandler(sys.stderr)
