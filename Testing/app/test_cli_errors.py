@@ -112,3 +112,10 @@ def test_every_option_of_every_command_has_help() -> None:
         if not action.help and not isinstance(action, argparse._HelpAction)  # noqa: SLF001
     ]
     assert not missing, missing
+
+
+def test_batch_with_an_unknown_model_touches_nothing(tmp_path) -> None:
+    (tmp_path / "in").mkdir()
+    result = _cli("batch", str(tmp_path / "in"), str(tmp_path / "out"), "--model", "quality")
+    assert result.returncode == 2 and "quality-tier model" in result.stderr
+    assert not (tmp_path / "out").exists()

@@ -169,6 +169,7 @@ def run(args: argparse.Namespace) -> int:
     start = time.monotonic()
     input_path, out_root = Path(args.input), Path(args.output)
     shard = parse_shard(args.shard) if args.shard else None
+    DenoiseOptions.from_args(args).reference()  # an unknown model or tier fails before OUT is touched
     check_paths(input_path, out_root)
     with batch_lock(out_root, shard):  # held until the summary is written
         return _locked_run(args, input_path, out_root, start)
