@@ -4,7 +4,7 @@ driven by playwright (no browser download), Slicer's views rendered offscreen th
 What the page shows is asserted: the denoised view's pixels differ from the original's, the
 metrics table holds ``demo``'s numbers, Cancel stops the job and writes nothing, the export is a
 series ``dciodvfy`` accepts (and lands on a real Orthanc PACS), a path outside the data root is
-refused on the page. Screenshots go to ``docs/figures/web_*.png``. Plain-Python parts (the data
+refused on the page. Screenshots go to ``docs/figures/web_*.png`` with ``IPV2_DENOISE_SCREENSHOTS=1``. Plain-Python parts (the data
 root, the job runner) are tested first, without a browser.
 """
 
@@ -16,6 +16,7 @@ import select
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -49,7 +50,13 @@ from IPv2DenoiseLib.imaging.metrics_table import MetricsTable
 from IPv2DenoiseLib.io.volumes import read_volume, write_volume
 
 REPO = Path(__file__).resolve().parents[2]
-FIGURES = REPO / "docs" / "figures"
+#: Where the screenshots go: docs/figures when IPV2_DENOISE_SCREENSHOTS=1 (to refresh the docs),
+#: else a temporary folder, so running the suite never changes the checkout.
+FIGURES = (
+    REPO / "docs" / "figures"
+    if os.environ.get("IPV2_DENOISE_SCREENSHOTS") == "1"
+    else Path(tempfile.mkdtemp(prefix="ipv2-web-screenshots-"))
+)
 SAMPLE = resources_dir() / "SampleData" / "sample_uldct.nrrd"
 #: Generous bounds for waits (never asserted as speed): a slow shared machine must still pass.
 START_S = 180.0
