@@ -21,9 +21,9 @@ from pathlib import Path
 from IPv2DenoiseLib.core.errors import UserError
 
 try:  # POSIX; on Windows the claim falls back to the no-clobber rename alone
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None
+    from IPv2DenoiseLib.core.locks import lock_holder, open_lock_file, record_holder, try_lock
+except ImportError:  # pragma: no cover - Windows (no fcntl)
+    open_lock_file = None
 
 #: Name of the hidden staging folder created beside outputs while they are written.
 STAGING_DIR = ".ipv2-denoise-tmp"
@@ -192,22 +192,19 @@ def claim_output(path: str | os.PathLike, *, what: str = "OUT") -> Iterator[None
     """
     path = Path(path)
     staging = path.parent / STAGING_DIR
-    if fcntl is None:  # pragma: no cover - Windows: the no-clobber rename still protects the output
+    if open_lock_file is None:  # pragma: no cover - Windows: the no-clobber rename still protects the output
         yield
         return
     staging.mkdir(exist_ok=True)
     lock = staging / f"{path.name}.lock"
     while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+        fd = open_lock_file(lock)
+        if not try_lock(fd):
             os.close(fd)
             raise UserError(
-                f"{what} {path} is being written by another run ({holder}); wait for it to finish "
-                "or choose another output"
-            ) from None
+                f"{what} {path} is being written by another run ({lock_holder(lock)}); wait for it to "
+                "finish or choose another output"
+            )
         try:  # the holder before us may have removed the file after we opened it: retry on the new one
             same = os.fstat(fd).st_ino == os.stat(lock).st_ino
         except FileNotFoundError:
@@ -216,8 +213,7 @@ def claim_output(path: str | os.PathLike, *, what: str = "OUT") -> Iterator[None
             break
         os.close(fd)
     try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        record_holder(fd)
         yield
     finally:
         lock.unlink(missing_ok=True)

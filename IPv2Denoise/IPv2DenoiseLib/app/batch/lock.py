@@ -12,16 +12,15 @@ shared file system ``flock`` must reach across machines (NFS does; Lustre needs 
 
 from __future__ import annotations
 
-import fcntl
 import os
 import re
-import socket
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from IPv2DenoiseLib.app.batch.records import STATE_DIR
 from IPv2DenoiseLib.core.errors import UserError
+from IPv2DenoiseLib.core.locks import lock_holder, open_lock_file, record_holder, try_lock, unlock
 
 #: Folder inside OUT holding the lock files.
 LOCK_DIR = f"{STATE_DIR}/locks"
@@ -31,30 +30,6 @@ RUN_LOCK = "run.lock"
 
 def shard_lock_name(shard: tuple[int, int]) -> str:
     return f"shard-{shard[0]}-of-{shard[1]}.lock"
-
-
-def _open(path: Path) -> int:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
-    except OSError as exc:
-        raise UserError(f"cannot open the lock file {path} ({exc.strerror or exc})") from None
-
-
-def _try_lock(fd: int, mode: int) -> bool:
-    try:
-        fcntl.flock(fd, mode | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    return True
-
-
-def _holder(path: Path) -> str:
-    try:
-        text = path.read_text(encoding="utf-8").strip()
-    except OSError:
-        text = ""
-    return text or "pid ? on host ?"
 
 
 _SHARD_LOCK = re.compile(r"^shard-(\d+)-of-(\d+)\.lock$")
@@ -68,12 +43,12 @@ def _live_shard_holders(lock_dir: Path, *, except_of: int | None = None) -> list
         match = _SHARD_LOCK.match(path.name)
         if not match or int(match.group(2)) == except_of:
             continue
-        fd = _open(path)
+        fd = open_lock_file(path)
         try:
-            if _try_lock(fd, fcntl.LOCK_EX):
-                fcntl.flock(fd, fcntl.LOCK_UN)
+            if try_lock(fd):
+                unlock(fd)
             else:
-                holders.append(f"{path.stem}: {_holder(path)}")
+                holders.append(f"{path.stem}: {lock_holder(path)}")
         finally:
             os.close(fd)
     return holders
@@ -84,12 +59,6 @@ def _refuse(out_root: Path, holder: str) -> UserError:
         f"OUT {out_root} is in use by another batch run ({holder}); wait for it to end, "
         "or split the work with --shard K/N (shards of one job may share OUT)"
     )
-
-
-def _claim(fd: int) -> None:
-    """Write who holds the exclusive lock into its file."""
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode(), 0)
 
 
 @contextmanager
@@ -105,24 +74,24 @@ def batch_lock(out_root: str | os.PathLike, shard: tuple[int, int] | None = None
     lock_dir = out_root / LOCK_DIR
     run_path = lock_dir / RUN_LOCK
     with ExitStack() as stack:
-        run_fd = _open(run_path)
+        run_fd = open_lock_file(run_path)
         stack.callback(os.close, run_fd)  # closing the descriptor releases its lock
         if shard is None:
-            if not _try_lock(run_fd, fcntl.LOCK_EX):
-                if _try_lock(run_fd, fcntl.LOCK_SH):  # only shards hold it
-                    fcntl.flock(run_fd, fcntl.LOCK_UN)
+            if not try_lock(run_fd):
+                if try_lock(run_fd, shared=True):  # only shards hold it
+                    unlock(run_fd)
                     raise _refuse(out_root, "; ".join(_live_shard_holders(lock_dir)) or "a shard run")
-                raise _refuse(out_root, _holder(run_path))
-            _claim(run_fd)
+                raise _refuse(out_root, lock_holder(run_path))
+            record_holder(run_fd)
         else:
-            if not _try_lock(run_fd, fcntl.LOCK_SH):
-                raise _refuse(out_root, _holder(run_path))
+            if not try_lock(run_fd, shared=True):
+                raise _refuse(out_root, lock_holder(run_path))
             shard_path = lock_dir / shard_lock_name(shard)
-            shard_fd = _open(shard_path)
+            shard_fd = open_lock_file(shard_path)
             stack.callback(os.close, shard_fd)
-            if not _try_lock(shard_fd, fcntl.LOCK_EX):
-                raise _refuse(out_root, f"shard {shard[0]}/{shard[1]}: {_holder(shard_path)}")
-            _claim(shard_fd)
+            if not try_lock(shard_fd):
+                raise _refuse(out_root, f"shard {shard[0]}/{shard[1]}: {lock_holder(shard_path)}")
+            record_holder(shard_fd)
             # Shards of another N cover other case lists; checked after locking ours, so of two
             # such runs starting at once at least one sees the other.
             others = _live_shard_holders(lock_dir, except_of=shard[1])
