@@ -17,6 +17,7 @@ import argparse
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -115,9 +116,17 @@ class DenoiseOutcome:
     warnings: list[str] = field(default_factory=list)
     #: The record of ``--adapt`` (iterations, seconds, ...), else None.
     adapted: dict[str, Any] | None = None
-    #: Noise SD (HU) before and after, on the same voxels (``imaging.noise_estimate.volume_noise_hu``).
+    #: Noise SD (HU) of the input (``imaging.noise_estimate.volume_noise_hu``), measured once for the
+    #: training-range check.
     noise_before_hu: float = float("nan")
-    noise_after_hu: float = float("nan")
+
+    @cached_property
+    def noise_after_hu(self) -> float:
+        """Noise SD (HU) of the denoised volume on the input's region; measured only when a front end
+        records it (``batch``, ``serve``), not on every ``denoise``."""
+        from IPv2DenoiseLib.imaging.noise_estimate import volume_noise_hu  # lazy: SciPy
+
+        return volume_noise_hu(self.denoised.array, reference=self.source.array)
 
     def source_dicom_files(self) -> list[str] | None:
         """The source's DICOM files in slice order (a derived series references them), else None."""
@@ -238,9 +247,8 @@ class DenoisePipeline:
         for message in result.meta.get("warnings", []):
             note(message)
         provenance = self.reference.provenance(denoiser.card, adapted=adapted)
-        noise_after = volume_noise_hu(result.array, reference=volume.array)
         return DenoiseOutcome(
-            volume, result, self.reference.name, provenance, warnings, adapted, noise_before, noise_after
+            volume, result, self.reference.name, provenance, warnings, adapted, noise_before
         )
 
     def write_volume(self, outcome: DenoiseOutcome, path: str | os.PathLike) -> Path:
