@@ -184,3 +184,31 @@ def test_send_to_an_unreachable_pacs_names_the_written_series_and_the_command(
     )
     assert len(list(out.glob("*.dcm"))) == 2
     assert np.isfinite(pydicom.dcmread(next(out.glob("*.dcm"))).pixel_array).all()
+
+
+def test_writers_sharing_a_folder_never_remove_each_others_staging(tmp_path: Path) -> None:
+    """Two Ray workers writing into one case folder once lost a file: one removed the emptied staging
+    folder between the other's ``mkdir`` and ``mkdtemp`` (CI, FileNotFoundError). Real processes
+    hammer one folder here; every file must arrive and the staging folder must be gone afterwards."""
+    script = textwrap.dedent(
+        f"""
+        import sys
+        from pathlib import Path
+        sys.path.insert(0, {str(LIB)!r})
+        from IPv2DenoiseLib.core.atomic import atomic_path
+        folder, prefix = Path(sys.argv[1]), sys.argv[2]
+        for index in range(300):
+            with atomic_path(folder / f"{{prefix}}-{{index}}.txt") as tmp:
+                Path(tmp).write_text("x")
+        """
+    )
+    writers = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(tmp_path), f"w{n}"], stderr=subprocess.PIPE, text=True
+        )
+        for n in range(4)
+    ]
+    failures = [w.communicate()[1] for w in writers if w.wait() != 0]
+    assert failures == []
+    assert len(list(tmp_path.glob("w*-*.txt"))) == 4 * 300
+    assert not (tmp_path / STAGING_DIR).exists()

@@ -60,7 +60,11 @@ def clean_stale_staging(folder: str | os.PathLike) -> list[Path]:
     if not staging.is_dir():
         return removed
     host = _host()
-    for entry in staging.iterdir():
+    try:
+        entries = list(staging.iterdir())
+    except FileNotFoundError:  # removed by a writer that finished meanwhile
+        return removed
+    for entry in entries:
         parts = entry.name.split("-")
         if len(parts) < 3 or parts[0] != host or not parts[1].isdigit():
             continue
@@ -102,13 +106,29 @@ def remove_stale_partials(path: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def _make_private_entry(staging: Path, attempts: int = 50) -> Path:
+    """Create ``staging`` and a fresh private folder in it, robust to concurrent clean-ups.
+
+    Another writer in the same folder removes ``staging`` when it finishes and finds it empty;
+    that can happen between our ``mkdir`` and ``mkdtemp``, so both are retried together.
+    """
+    for _ in range(attempts):
+        try:
+            staging.mkdir(exist_ok=True)
+            return Path(tempfile.mkdtemp(prefix=f"{_host()}-{os.getpid()}-", dir=staging))
+        except (FileNotFoundError, FileExistsError):
+            # mkdir's exist_ok check or mkdtemp ran just after a finishing writer removed it
+            if staging.exists() and not staging.is_dir():
+                raise UserError(f"{staging} is a file; remove it to write into {staging.parent}") from None
+    raise UserError(f"cannot create a staging folder in {staging.parent} (it keeps disappearing)")
+
+
 @contextmanager
 def _staging_entry(destination: Path) -> Iterator[Path]:
     """A fresh private folder under ``destination.parent``'s staging folder, removed afterwards."""
     clean_stale_staging(destination.parent)
     staging = destination.parent / STAGING_DIR
-    staging.mkdir(exist_ok=True)
-    entry = Path(tempfile.mkdtemp(prefix=f"{_host()}-{os.getpid()}-", dir=staging))
+    entry = _make_private_entry(staging)
     try:
         yield entry
     finally:
