@@ -610,3 +610,53 @@ def test_the_access_token_is_required(web_case, chromium) -> None:
         page.close()
     finally:
         web.stop()
+
+
+@pytest.mark.slow
+def test_a_series_is_searched_and_opened_from_the_pacs(server, chromium, orthanc, tmp_path) -> None:
+    """Search the PACS for a patient, open one of their CT series (C-FIND + C-GET from the real
+    Orthanc), denoise it, and send the derived series back into the same study."""
+    from pydicom.uid import generate_uid
+
+    from IPv2DenoiseLib.io.dicom_net import parse_node, send
+
+    source = write_ct_series(tmp_path / "on-pacs", 5)
+    other = write_ct_series(tmp_path / "mr", 2, modality="MR", series_number=2)
+    patient_id, study_uid = f"WEB{time.monotonic_ns() % 10**8}", generate_uid()
+    for path in [*source, *other]:  # a patient and study no other test stores: a CT and an MR series
+        ds = pydicom.dcmread(path)
+        ds.PatientID, ds.PatientName, ds.StudyInstanceUID = patient_id, "WEBTEST^PACS", study_uid
+        ds.save_as(path)
+    send([*source, *other], parse_node(orthanc.node)).raise_for_failures()
+    series_uid = str(pydicom.dcmread(source[0]).SeriesInstanceUID)
+
+    page = open_page(chromium, server)
+    page.fill("#pacs-patient", "webtest")  # part of the name, any case
+    page.click("#pacs-search-btn")
+    message = wait_until(lambda: page.inner_text("#pacs-message"), what="the search")
+    assert message == "1 CT series found"  # the MR series is not offered
+    assert patient_id in page.inner_text("#pacs-panel")
+    page.click("#pacs-open-btn")
+    wait_until(lambda: f"PACS/{series_uid}" in page.inner_text("#loaded-name"), what="the retrieved series")
+    assert "128x128x5 voxels" in page.inner_text("#loaded-name")
+    retrieved = sorted((server.root / "PACS" / series_uid).iterdir())
+    assert [p.name for p in retrieved] == [f"{i:05d}.dcm" for i in range(1, 6)]
+    sent = {str(pydicom.dcmread(p).SOPInstanceUID): pydicom.dcmread(p).pixel_array for p in source}
+    for path in retrieved:  # the instances themselves, pixel for pixel
+        ds = pydicom.dcmread(path)
+        assert np.array_equal(ds.pixel_array, sent[str(ds.SOPInstanceUID)])
+
+    denoise_and_wait(page)
+    page.fill("#export-folder", "exports/from-pacs")
+    page.check("#send-to-pacs")
+    page.click("#export-btn")
+    wait_until(lambda: "stored" in page.inner_text("#export-message"), what="the export to the PACS")
+    page.locator("#input-path").scroll_into_view_if_needed()  # the search fields in sight
+    page.screenshot(path=str(FIGURES / "web_pacs.png"))
+    series = {s["MainDicomTags"]["SeriesInstanceUID"] for s in orthanc.study_series(study_uid)}
+    assert len(series) == 3 and series_uid in series  # CT, MR and the derived series, in one study
+
+    page.fill("#pacs-patient", "nobody-has-this-name")
+    page.click("#pacs-search-btn")
+    wait_until(lambda: page.inner_text("#pacs-message") == "no CT series found", what="the empty search")
+    page.close()

@@ -45,31 +45,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydicom.dataset import Dataset
-from pydicom.uid import (
-    JPEG2000,
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    JPEG2000Lossless,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-    JPEGLossless,
-    JPEGLosslessSV1,
-    JPEGLSLossless,
-    JPEGLSNearLossless,
-    RLELossless,
-)
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
 from IPv2DenoiseLib.app.pipeline import DenoisePipeline
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.io.dicom_export import DerivedSeriesOptions
-from IPv2DenoiseLib.io.dicom_net import DestinationUnavailable, DicomNode, check_aet, echo, send_instances
+from IPv2DenoiseLib.io.dicom_net import (
+    ACCEPTED_TRANSFER_SYNTAXES,
+    UID_PATTERN,
+    DestinationUnavailable,
+    DicomNode,
+    check_aet,
+    echo,
+    send_instances,
+)
 
 __all__ = [
-    "ACCEPTED_TRANSFER_SYNTAXES",
     "DenoisingNode",
     "HostAllowList",
     "KILL_AT_ENV",
@@ -88,25 +80,6 @@ OUT_OF_RESOURCES = 0xA700
 REJECT_PERMANENT, REJECT_BY_USER, NO_REASON, CALLING_AE_NOT_RECOGNISED = 0x01, 0x01, 0x01, 0x03
 #: Modalities the node denoises; other instances are acknowledged and skipped.
 CT_MODALITIES = {"CT"}
-#: Transfer syntaxes the node accepts (GDCM, in SimpleITK for reading and python-gdcm for pydicom,
-#: decodes all of them): uncompressed, then what scanners and PACS send compressed.
-ACCEPTED_TRANSFER_SYNTAXES = [
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    JPEGLosslessSV1,
-    JPEGLossless,
-    JPEGLSLossless,
-    JPEG2000Lossless,
-    RLELossless,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-    JPEGLSNearLossless,
-    JPEG2000,
-]
-#: A DICOM UID (PS3.5 9.1): digits and dots, at most 64 characters; used as file and folder names.
-UID_PATTERN = re.compile(r"[0-9][0-9.]{0,63}")
 #: Longest wait between attempts to reach an unavailable forward destination.
 MAX_RETRY_SECONDS = 600.0
 #: Per-series manifest of acknowledged instances: one "SOPInstanceUID<TAB>calling AE" line each.

@@ -15,6 +15,7 @@ PS3.18 10.5 (STOW-RS; FailedSOPSequence and FailureReason in the response).
 
 from __future__ import annotations
 
+import re
 import socket
 import time
 from collections.abc import Iterable, Sequence
@@ -25,7 +26,21 @@ import pydicom
 import requests
 from dicomweb_client.api import DICOMwebClient
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    JPEG2000,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
@@ -34,13 +49,19 @@ from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.progress import ProgressCallback
 
 __all__ = [
+    "ACCEPTED_TRANSFER_SYNTAXES",
     "DEFAULT_CALLING_AET",
     "DestinationUnavailable",
     "DicomNode",
     "InstanceResult",
     "SendReport",
+    "UID_PATTERN",
+    "associate",
+    "check_aet",
+    "check_reachable",
     "dicom_files",
     "echo",
+    "make_ae",
     "parse_destination",
     "parse_node",
     "send",
@@ -49,6 +70,25 @@ __all__ = [
 ]
 
 DEFAULT_CALLING_AET = "IPV2DENOISE"
+#: Transfer syntaxes we accept when we receive (the node's C-STORE, a C-GET): uncompressed, then
+#: what scanners and PACS send compressed (GDCM, in SimpleITK and python-gdcm, decodes them all).
+ACCEPTED_TRANSFER_SYNTAXES = [
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    JPEGLosslessSV1,
+    JPEGLossless,
+    JPEGLSLossless,
+    JPEG2000Lossless,
+    RLELossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLSNearLossless,
+    JPEG2000,
+]
+#: A DICOM UID (PS3.5 9.1): digits and dots, at most 64 characters; the only tag used in file names.
+UID_PATTERN = re.compile(r"[0-9][0-9.]{0,63}")
 #: Storage statuses worth another try: the SCP may have room again in a moment.
 _TRANSIENT = range(0xA700, 0xA800)
 #: Presentation contexts per association (PS3.8 allows 128).
@@ -85,7 +125,25 @@ class DicomNode:
 
 
 def check_aet(aet: str, what: str = "AE title") -> str:
-    """An AE title as DICOM allows it (1-16 characters, no backslash or control characters)."""
+    """An AE title as DICOM allows it (1-16 characters, no backslash or control characters).
+
+    Parameters
+    ----------
+    aet : str
+        The AE title as given (surrounding spaces are dropped).
+    what : str
+        What it is, for the message (``called AE title`` …).
+
+    Returns
+    -------
+    str
+        The stripped AE title.
+
+    Raises
+    ------
+    UserError
+        Empty, longer than 16 characters, a backslash or a control character.
+    """
     aet = aet.strip()
     if not 1 <= len(aet) <= 16 or "\\" in aet or not aet.isprintable():
         raise UserError(f"{what} {aet!r}: must be 1 to 16 printable characters without a backslash")
@@ -269,7 +327,21 @@ def _status_text(code: int) -> str:
     return STORAGE_SERVICE_CLASS_STATUS.get(code, ("", "unknown status"))[1]
 
 
-def _check_reachable(node: DicomNode, timeout: float) -> None:
+def check_reachable(node: DicomNode, timeout: float) -> None:
+    """Open and close a TCP connection to ``node``: an unreachable PACS costs one timeout, one line.
+
+    Parameters
+    ----------
+    node : DicomNode
+        The peer.
+    timeout : float
+        Connection timeout, s.
+
+    Raises
+    ------
+    DestinationUnavailable
+        Unknown host, no answer within ``timeout``, connection refused.
+    """
     try:
         with socket.create_connection((node.host, node.port), timeout=timeout):
             pass
@@ -283,21 +355,63 @@ def _check_reachable(node: DicomNode, timeout: float) -> None:
         raise DestinationUnavailable(f"cannot reach {node}: {exc.strerror or exc}") from None
 
 
-def _make_ae(calling_aet: str, timeout: float) -> AE:
+def make_ae(calling_aet: str, timeout: float) -> AE:
+    """Our application entity with ``calling_aet`` and every timeout set to ``timeout``.
+
+    Parameters
+    ----------
+    calling_aet : str
+        Our AE title (checked by :func:`check_aet`).
+    timeout : float
+        Connection, ACSE, DIMSE and network timeouts, s.
+
+    Returns
+    -------
+    pynetdicom.AE
+        The application entity, without presentation contexts yet.
+    """
     ae = AE(ae_title=check_aet(calling_aet, "calling AE title"))
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.connection_timeout = timeout
     return ae
 
 
-def _associate(ae: AE, node: DicomNode):
-    """An established association, or a UserError that says why not (rejection reason included)."""
+def associate(ae: AE, node: DicomNode, *, ext_neg: Sequence | None = None, handlers: Sequence = ()):
+    """An established association with ``node``, or one line that says why not.
+
+    Parameters
+    ----------
+    ae : pynetdicom.AE
+        Our application entity with its requested contexts.
+    node : DicomNode
+        The peer.
+    ext_neg : sequence, optional
+        Extended negotiation items (e.g. SCP/SCU role selection for C-GET).
+    handlers : sequence
+        Further ``(event, handler)`` pairs for the association (e.g. ``EVT_C_STORE``).
+
+    Returns
+    -------
+    pynetdicom.association.Association
+        The established association (the caller releases it).
+
+    Raises
+    ------
+    DestinationUnavailable
+        Rejected (with the PACS's reason), aborted, or no answer.
+    """
     answers: list = []  # the ACSE primitives the peer sent (A-ASSOCIATE-AC/RJ, A-ABORT, A-P-ABORT)
 
     def on_acse(event) -> None:
         answers.append(event.primitive)
 
-    assoc = ae.associate(node.host, node.port, ae_title=node.aet, evt_handlers=[(evt.EVT_ACSE_RECV, on_acse)])
+    assoc = ae.associate(
+        node.host,
+        node.port,
+        ae_title=node.aet,
+        ext_neg=list(ext_neg) if ext_neg else None,
+        evt_handlers=[(evt.EVT_ACSE_RECV, on_acse), *handlers],
+    )
     if assoc.is_established:
         return assoc
     if assoc.is_rejected:
@@ -337,11 +451,11 @@ def echo(node: DicomNode, *, calling_aet: str = DEFAULT_CALLING_AET, timeout: fl
     DestinationUnavailable
         Unreachable host, rejected or aborted association, or a failed echo status.
     """
-    _check_reachable(node, timeout)
-    ae = _make_ae(calling_aet, timeout)
+    check_reachable(node, timeout)
+    ae = make_ae(calling_aet, timeout)
     ae.add_requested_context(Verification)
     start = time.monotonic()
-    assoc = _associate(ae, node)
+    assoc = associate(ae, node)
     try:
         status = assoc.send_c_echo()
     finally:
@@ -411,7 +525,7 @@ def send_instances(
     paths = [Path(p) for p in paths]
     headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
     report = SendReport(str(node), [InstanceResult(p, str(h.SOPInstanceUID)) for p, h in zip(paths, headers)])
-    ae = _make_ae(calling_aet, timeout)
+    ae = make_ae(calling_aet, timeout)
     for sop_class, syntaxes in _contexts(headers):
         ae.add_requested_context(sop_class, syntaxes)
     pending = list(range(len(paths)))
@@ -420,7 +534,7 @@ def send_instances(
             break
         if attempt:
             time.sleep(retry_delay * 2 ** (attempt - 1))
-        assoc = _associate(ae, node)
+        assoc = associate(ae, node)
         retry_later = []
         try:
             for i in pending:

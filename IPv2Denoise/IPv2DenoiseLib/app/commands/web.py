@@ -105,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
 
     configure_rendering()
     try:  # lazy: trame, slicer and VTK are the optional [web] extra
+        from IPv2DenoiseLib.app.web.jobs import PacsPeer
         from IPv2DenoiseLib.app.web.server import DenoiseWebApp, WebConfig, available_models
     except ImportError as exc:
         raise UserError(
@@ -116,11 +117,8 @@ def run(args: argparse.Namespace) -> int:
         input=str(start) if args.input else None,
         device=args.device,
         weights=args.weights,
-        pacs=pacs,
+        pacs=PacsPeer(pacs, args.calling_aet, args.timeout, args.retries) if pacs is not None else None,
         pacs_text=args.pacs or "",
-        calling_aet=args.calling_aet,
-        pacs_timeout=args.timeout,
-        pacs_retries=args.retries,
         models=available_models(args.weights),
     )
     app = DenoiseWebApp(config)

@@ -207,6 +207,66 @@ def read_work(source: Path) -> Work:
     return work
 
 
+@dataclass(frozen=True)
+class PacsPeer:
+    """The ``--pacs`` of the server: where the page searches, retrieves from and sends to."""
+
+    #: A DicomNode (C-FIND / C-GET / C-STORE) or a DICOMweb base URL (QIDO / WADO / STOW-RS).
+    destination: Any
+    calling_aet: str | None = None
+    timeout: float = 10.0
+    retries: int = 3
+
+    @property
+    def aet(self) -> str:
+        from IPv2DenoiseLib.io.dicom_net import DEFAULT_CALLING_AET  # lazy: pynetdicom
+
+        return self.calling_aet or DEFAULT_CALLING_AET
+
+
+def search_work(peer: PacsPeer, patient: str, study_date: str) -> Work:
+    """The PACS's CT series of the matching patients (:func:`~IPv2DenoiseLib.io.dicom_query.find_series`)."""
+
+    def work(progress: ProgressCallback, warn: WarningSink, cancel: CancelToken) -> list:
+        from IPv2DenoiseLib.io.dicom_query import find_series  # lazy: pynetdicom
+
+        progress(0, 1, f"search: asking {peer.destination}")
+        return find_series(
+            peer.destination,
+            patient=patient,
+            study_date=study_date,
+            calling_aet=peer.aet,
+            timeout=peer.timeout,
+        )
+
+    return work
+
+
+def retrieve_work(peer: PacsPeer, match: Any, folder: Path) -> Work:
+    """Fetch the chosen series into ``folder`` (unless a complete earlier copy is there), then read it
+    with every input check of the CLI, as :func:`read_work` does."""
+
+    def work(progress: ProgressCallback, warn: WarningSink, cancel: CancelToken) -> Volume:
+        from IPv2DenoiseLib.io.dicom_query import retrieve_series  # lazy: pynetdicom
+
+        have = len(list(folder.glob("*.dcm"))) if folder.is_dir() else 0
+        if not have or have != match.instances:
+            retrieve_series(
+                peer.destination,
+                match.study_uid,
+                match.series_uid,
+                folder,
+                calling_aet=peer.aet,
+                timeout=max(peer.timeout, 30.0),
+                progress=progress,
+                cancel=cancel,
+                replace=have > 0,
+            )
+        return read_work(folder)(progress, warn, cancel)
+
+    return work
+
+
 def denoise_work(volume: Volume, options: DenoiseOptions) -> Work:
     """Denoise ``volume`` through the pipeline, then the ROI metrics table of ``demo``."""
 
@@ -228,10 +288,7 @@ def export_work(
     folder: Path,
     *,
     options: DenoiseOptions,
-    pacs: Any = None,
-    calling_aet: str | None = None,
-    timeout: float = 10.0,
-    retries: int = 3,
+    pacs: PacsPeer | None = None,
 ) -> Work:
     """Write the derived DICOM series into ``folder`` (atomically), then send it to ``pacs`` if given."""
 
@@ -240,14 +297,14 @@ def export_work(
         files = pipeline.export_dicom(result.outcome, folder)
         sent = ""
         if pacs is not None:
-            from IPv2DenoiseLib.io.dicom_net import DEFAULT_CALLING_AET, send  # lazy: pynetdicom
+            from IPv2DenoiseLib.io.dicom_net import send  # lazy: pynetdicom
 
             report = send(
                 files,
-                pacs,
-                calling_aet=calling_aet or DEFAULT_CALLING_AET,
-                timeout=timeout,
-                retries=retries,
+                pacs.destination,
+                calling_aet=pacs.aet,
+                timeout=pacs.timeout,
+                retries=pacs.retries,
                 progress=progress,
             )
             report.raise_for_failures()
@@ -294,11 +351,14 @@ __all__ = [
     "ExportResult",
     "JobRunner",
     "JobSnapshot",
+    "PacsPeer",
     "Work",
     "denoise_work",
     "export_work",
     "format_eta",
     "read_work",
+    "retrieve_work",
+    "search_work",
     "table_cells",
     "warnings_of",
 ]

@@ -43,17 +43,21 @@ from IPv2DenoiseLib.app.web.jobs import (
     ExportResult,
     JobRunner,
     JobSnapshot,
+    PacsPeer,
     Work,
     denoise_work,
     export_work,
     format_eta,
     read_work,
+    retrieve_work,
+    search_work,
     table_cells,
 )
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.volume import Volume
 from IPv2DenoiseLib.denoiser.ensemble import ENSEMBLE_SIZES
 from IPv2DenoiseLib.denoiser.model_reference import ModelCatalogue
+from IPv2DenoiseLib.io.dicom_query import SeriesMatch
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +69,8 @@ VIEWS = (
 )
 #: Seconds between two looks at the running job.
 POLL_S = 0.2
+#: Folder in the data root that series retrieved from the PACS go into, one folder per series UID.
+PACS_FOLDER = "PACS"
 LAYOUT_ID = "IPv2 comparison"
 
 
@@ -77,12 +83,9 @@ class WebConfig:
     device: str = "auto"
     #: A weights file offered besides the shipped models (``--weights``).
     weights: str | None = None
-    #: A parsed ``--pacs`` destination (DicomNode or DICOMweb URL), or None.
-    pacs: Any = None
+    #: ``--pacs`` (with ``--calling-aet``, ``--timeout``, ``--retries``), or None.
+    pacs: PacsPeer | None = None
     pacs_text: str = ""
-    calling_aet: str | None = None
-    pacs_timeout: float = 10.0
-    pacs_retries: int = 3
     models: list[str] = field(default_factory=list)
 
 
@@ -99,6 +102,8 @@ class DenoiseWebApp(TrameApp):
         self.source_path: Path | None = None
         #: What the running read or denoise job works on (shown when it is done).
         self.reading: Path | None = None
+        #: The series the last PACS search found (the page lists their labels).
+        self.pacs_matches: list[SeriesMatch] = []
         self.denoising: DenoiseOptions | None = None
         self.source: Volume | None = None
         self.result: DenoiseResult | None = None
@@ -162,6 +167,11 @@ class DenoiseWebApp(TrameApp):
         s.export_message = ""
         s.pacs = self.config.pacs_text
         s.send_to_pacs = False
+        s.pacs_patient = ""
+        s.pacs_date = ""
+        s.pacs_matches = []
+        s.pacs_choice = None
+        s.pacs_message = ""
 
     def _slice_view_ui(self, server: Server, view_id: str, view) -> None:
         """A slice view's overlay: its title (Original / Denoised / Difference) and its slice slider."""
@@ -248,6 +258,7 @@ class DenoiseWebApp(TrameApp):
                 disabled=("job_busy",),
                 block=True,
             )
+            self._pacs_controls()
             html.Div("{{ loaded_name }}", id="loaded-name", classes="text-caption")
             v3.VAlert("{{ error }}", v_if="error", type="error", density="compact", id="error-message")
             v3.VDivider()
@@ -330,6 +341,53 @@ class DenoiseWebApp(TrameApp):
             )
             html.Div("{{ export_message }}", id="export-message", classes="text-caption")
 
+    def _pacs_controls(self) -> None:
+        """With ``--pacs``: search the PACS for a patient's CT series and open one."""
+        with html.Div(v_if="pacs", classes="d-flex flex-column ga-2", id="pacs-panel"):
+            html.Div("{{ 'or from the PACS ' + pacs }}", classes="text-caption")
+            with html.Div(classes="d-flex ga-2"):
+                v3.VTextField(
+                    v_model=("pacs_patient",),
+                    label="Patient ID or name",
+                    density="compact",
+                    hide_details=True,
+                    id="pacs-patient",
+                )
+                v3.VTextField(
+                    v_model=("pacs_date",),
+                    label="Study date",
+                    placeholder="YYYYMMDD[-YYYYMMDD]",
+                    density="compact",
+                    hide_details=True,
+                    id="pacs-date",
+                    style="max-width: 9rem;",
+                )
+            v3.VBtn(
+                "Search PACS",
+                id="pacs-search-btn",
+                click=self.search_pacs,
+                disabled=("job_busy",),
+                block=True,
+            )
+            html.Div("{{ pacs_message }}", id="pacs-message", classes="text-caption")
+            v3.VSelect(
+                v_model=("pacs_choice",),
+                items=("pacs_matches",),
+                label="CT series on the PACS",
+                v_if="pacs_matches.length",
+                density="compact",
+                hide_details=True,
+                id="pacs-series",
+            )
+            v3.VBtn(
+                "Open from PACS",
+                id="pacs-open-btn",
+                click=self.open_from_pacs,
+                disabled=("job_busy || pacs_choice === null",),
+                v_if="pacs_matches.length",
+                block=True,
+            )
+
     def _metrics_table(self) -> None:
         with v3.VTable(density="compact", id="metrics", v_if="metrics_rows.length"):
             with html.Thead(), html.Tr():
@@ -366,6 +424,36 @@ class DenoiseWebApp(TrameApp):
             return
         if self._start("read", read_work(path)):
             self.reading = path
+
+    def search_pacs(self) -> None:
+        """Ask the PACS for the CT series of the patients matching the page's search (a background job)."""
+        if self.config.pacs is None:
+            self._refuse(UserError("no PACS configured: start the server with --pacs"))
+            return
+        if self._start(
+            "search", search_work(self.config.pacs, self.state.pacs_patient, self.state.pacs_date)
+        ):
+            with self.state:
+                self.state.pacs_message = ""
+
+    def open_from_pacs(self) -> None:
+        """Retrieve the chosen series into ``PACS/<SeriesInstanceUID>`` in the data root, then read it."""
+        try:
+            if self.config.pacs is None:
+                raise UserError("no PACS configured: start the server with --pacs")
+            choice = self.state.pacs_choice
+            if not isinstance(choice, int) or not 0 <= choice < len(self.pacs_matches):
+                raise UserError("choose a series from the PACS search first")
+            match = self.pacs_matches[choice]
+            # the UID was checked to be digits and dots; the data root checks the path once more
+            folder = self.data_root.resolve(f"{PACS_FOLDER}/{match.series_uid}", what="PACS series folder")
+        except UserError as exc:
+            self._refuse(exc)
+            return
+        if self._start("retrieve", retrieve_work(self.config.pacs, match, folder)):
+            self.reading = folder
+            with self.state:
+                self.state.input_path = self.data_root.relative(folder)  # where the copy lies
 
     def denoise(self) -> None:
         """Denoise the open scan with the page's options in the background."""
@@ -417,9 +505,6 @@ class DenoiseWebApp(TrameApp):
             folder,
             options=self.options,
             pacs=self.config.pacs if self.state.send_to_pacs else None,
-            calling_aet=self.config.calling_aet,
-            timeout=self.config.pacs_timeout,
-            retries=self.config.pacs_retries,
         )
         if self._start("export", work):
             with self.state:
@@ -464,8 +549,10 @@ class DenoiseWebApp(TrameApp):
         if snap.state != DONE:
             return
         result = self.runner.result(snap.serial)
-        if snap.kind == "read":
+        if snap.kind in ("read", "retrieve"):
             self._show_source(result, list(snap.warnings))
+        elif snap.kind == "search":
+            self._show_matches(result)
         elif snap.kind == "denoise":
             self._show_result(result)
         elif snap.kind == "export":
@@ -515,6 +602,15 @@ class DenoiseWebApp(TrameApp):
         s.export_message = ""
         self._fit_views()
 
+    def _show_matches(self, matches: list[SeriesMatch]) -> None:
+        self.pacs_matches = list(matches)
+        s = self.state
+        s.pacs_matches = [{"title": m.label(), "value": i} for i, m in enumerate(self.pacs_matches)]
+        s.pacs_choice = 0 if self.pacs_matches else None
+        s.pacs_message = (
+            f"{len(self.pacs_matches)} CT series found" if self.pacs_matches else "no CT series found"
+        )
+
     def _show_export(self, result: ExportResult) -> None:
         where = self.data_root.relative(result.folder)
         text = f"wrote {len(result.files)} DICOM files into {where}"
@@ -559,4 +655,4 @@ def model_summaries(names: list[str], weights: str | None) -> dict[str, str]:
     return summaries
 
 
-__all__ = ["VIEWS", "DenoiseWebApp", "WebConfig", "available_models", "model_summaries"]
+__all__ = ["PACS_FOLDER", "VIEWS", "DenoiseWebApp", "WebConfig", "available_models", "model_summaries"]

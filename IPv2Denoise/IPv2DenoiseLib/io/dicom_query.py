@@ -1,0 +1,624 @@
+"""Find CT series on a PACS and fetch one: C-FIND + C-GET (pynetdicom) or QIDO-RS + WADO-RS (dicomweb-client).
+
+The peer is the same :class:`~IPv2DenoiseLib.io.dicom_net.DicomNode` or DICOMweb base URL that
+``send`` stores to. :func:`find_series` asks study by study (STUDY level, then SERIES level inside
+each study: the strict hierarchical query every PACS answers) and returns what a person chooses
+from. :func:`retrieve_series` fetches one series into a new folder, written atomically, so a
+cancelled or failed retrieval leaves nothing behind.
+
+Everything the PACS sends is hostile until checked: the UIDs we ask with are validated, every
+received instance must be a CT image of the series we asked for and under the size cap, and file
+names are a counter, never a tag value. The series is then read by the usual reader with all of
+its checks (``io/dicom_series``).
+
+References
+----------
+DICOM PS3.4 C.4.1 (C-FIND), C.4.3 (C-GET) and C.6.2 (Study Root information model); PS3.18 10.6
+(QIDO-RS) and 10.4 (WADO-RS).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import requests
+from dicomweb_client.api import DICOMwebClient
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
+from pynetdicom import build_role, evt
+from pynetdicom.sop_class import (
+    CTImageStorage,
+    EnhancedCTImageStorage,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+)
+
+from IPv2DenoiseLib.core.atomic import atomic_dir
+from IPv2DenoiseLib.core.errors import UserError
+from IPv2DenoiseLib.core.progress import CancelToken, ProgressCallback
+from IPv2DenoiseLib.io.dicom_net import (
+    ACCEPTED_TRANSFER_SYNTAXES,
+    DEFAULT_CALLING_AET,
+    UID_PATTERN,
+    DestinationUnavailable,
+    DicomNode,
+    associate,
+    check_reachable,
+    make_ae,
+)
+
+__all__ = [
+    "MAX_INSTANCE_MB",
+    "MAX_INSTANCES",
+    "MAX_MATCHES",
+    "SeriesMatch",
+    "check_uid",
+    "find_series",
+    "retrieve_series",
+]
+
+#: Studies asked about per search, and series listed at most (a broad search must not stall the page).
+MAX_MATCHES = 200
+#: Instances one retrieval accepts, and the size of one (a PACS is not trusted to be reasonable).
+MAX_INSTANCES = 5000
+MAX_INSTANCE_MB = 64.0
+#: The storage classes a retrieval accepts: what the reader turns into a CT volume.
+CT_STORAGE_CLASSES = (CTImageStorage, EnhancedCTImageStorage)
+#: C-FIND / C-GET statuses: pending, and "Cancel"; C-STORE statuses we answer the PACS with.
+_PENDING = (0xFF00, 0xFF01)
+_STORE_OK, _STORE_REFUSED_OUT_OF_RESOURCES, _STORE_NOT_OURS = 0x0000, 0xA700, 0xC000
+#: Characters PS3.4 C.2.2.2.4 gives a wildcard meaning in a C-FIND key.
+_WILDCARDS = set("*?")
+
+
+@dataclass(frozen=True)
+class SeriesMatch:
+    """One CT series a search found, as a person chooses it.
+
+    Attributes
+    ----------
+    study_uid, series_uid : str
+        Validated UIDs (digits and dots).
+    patient_id, patient_name : str
+        As the PACS reports them (shown, never used as paths).
+    study_date : str
+        ``YYYYMMDD`` or empty.
+    study_description, series_description : str
+        Free text from the PACS.
+    series_number : str
+        The series number, or empty.
+    instances : int or None
+        Number of instances, when the PACS says.
+    """
+
+    study_uid: str
+    series_uid: str
+    patient_id: str = ""
+    patient_name: str = ""
+    study_date: str = ""
+    study_description: str = ""
+    series_description: str = ""
+    series_number: str = ""
+    instances: int | None = None
+
+    def label(self) -> str:
+        """One line for a list: date, patient, study and series description, images.
+
+        Returns
+        -------
+        str
+            e.g. ``2024-03-01 · P001 DOE^JANE · Chest low dose · #3 Lung 1.0 · 120 images``.
+        """
+        date = self.study_date
+        if len(date) == 8 and date.isdigit():
+            date = f"{date[:4]}-{date[4:6]}-{date[6:]}"
+        series = " ".join(
+            p for p in (f"#{self.series_number}" if self.series_number else "", self.series_description) if p
+        )
+        parts = [date, f"{self.patient_id} {self.patient_name}".strip(), self.study_description, series]
+        if self.instances is not None:
+            parts.append(f"{self.instances} images")
+        return " · ".join(_printable(p) for p in parts if p)
+
+
+def _printable(text: str, limit: int = 64) -> str:
+    """A tag value fit for one line of a page: control characters dropped, length capped."""
+    text = "".join(c for c in str(text) if c.isprintable())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def check_uid(text: str, what: str = "UID") -> str:
+    """A DICOM UID as PS3.5 9.1 allows it (digits and dots, at most 64 characters).
+
+    Parameters
+    ----------
+    text : str
+        The UID as received or typed.
+    what : str
+        What it is, for the message.
+
+    Returns
+    -------
+    str
+        The UID, stripped of surrounding spaces and the NUL padding some PACS send.
+
+    Raises
+    ------
+    UserError
+        Not a UID.
+    """
+    uid = str(text or "").strip().rstrip("\x00")
+    if not UID_PATTERN.fullmatch(uid) or ".." in uid or uid.endswith("."):
+        raise UserError(f"{what} {_printable(text)!r} is not a DICOM UID (digits and dots, at most 64)")
+    return uid
+
+
+def _search_text(text: str) -> str:
+    """The patient search a person typed, checked: no backslash (a C-FIND value separator)."""
+    text = str(text or "").strip()
+    if "\\" in text or not text.isprintable() or len(text) > 64:
+        raise UserError("patient search: at most 64 printable characters, no backslash")
+    return text
+
+
+def _date_range(text: str) -> str:
+    """``YYYYMMDD``, ``YYYYMMDD-YYYYMMDD`` or an open range, checked; empty for any date."""
+    text = str(text or "").strip().replace("/", "").replace(" ", "")
+    parts = text.split("-") if text else []
+    ok = len(parts) <= 2 and all(p == "" or (len(p) == 8 and p.isdigit()) for p in parts)
+    if not ok or (parts and not any(parts)):
+        raise UserError(f"study date {text!r}: expected YYYYMMDD or a range YYYYMMDD-YYYYMMDD")
+    return text
+
+
+def _patient_keys(patient: str) -> list[dict[str, str]]:
+    """C-FIND key sets for ``patient``: the ID as typed, and the name containing it (merged after)."""
+    if not patient:
+        return [{}]
+    name = patient if _WILDCARDS & set(patient) else f"*{patient}*"
+    return [{"PatientID": patient}, {"PatientName": name}]
+
+
+def _text(ds: Dataset | dict, keyword: str) -> str:
+    value = ds.get(keyword, "") if isinstance(ds, Dataset) else ds.get(keyword, "")
+    return "" if value is None else str(value).strip()
+
+
+def _count(value: Any) -> int | None:
+    try:
+        return int(str(value).strip())
+    except (TypeError, ValueError):
+        return None
+
+
+def find_series(
+    peer: DicomNode | str,
+    *,
+    patient: str = "",
+    study_date: str = "",
+    calling_aet: str = DEFAULT_CALLING_AET,
+    timeout: float = 10.0,
+    limit: int = MAX_MATCHES,
+) -> list[SeriesMatch]:
+    """The CT series on ``peer`` of the patients matching ``patient``, newest study first.
+
+    Parameters
+    ----------
+    peer : DicomNode or str
+        A DICOM node (C-FIND, Study Root) or a DICOMweb base URL (QIDO-RS).
+    patient : str
+        A patient ID, or part of a name (``DOE`` finds ``DOE^JANE``); ``*`` and ``?`` are wildcards;
+        empty: every patient.
+    study_date : str
+        ``YYYYMMDD``, ``YYYYMMDD-YYYYMMDD``, ``-YYYYMMDD`` or ``YYYYMMDD-``; empty: any date.
+    calling_aet : str
+        Our AE title (DIMSE).
+    timeout : float
+        Connection and response timeout, s.
+    limit : int
+        Studies asked about, and series returned, at most.
+
+    Returns
+    -------
+    list of SeriesMatch
+        The CT series, newest study first; instances the PACS returned with malformed UIDs are left out.
+
+    Raises
+    ------
+    UserError
+        A malformed search, or the PACS refused the query.
+    DestinationUnavailable
+        The PACS cannot be reached or refuses the association.
+    """
+    patient, study_date = _search_text(patient), _date_range(study_date)
+    studies: dict[str, dict[str, str]] = {}
+    for keys in _patient_keys(patient):
+        query = {**keys, **({"StudyDate": study_date} if study_date else {})}
+        for study in _find_studies(peer, query, calling_aet=calling_aet, timeout=timeout, limit=limit):
+            studies.setdefault(study["StudyInstanceUID"], study)
+    ordered = sorted(
+        studies.values(), key=lambda s: (s.get("StudyDate", ""), s["StudyInstanceUID"]), reverse=True
+    )
+    matches: list[SeriesMatch] = []
+    for study in ordered[:limit]:
+        for series in _find_ct_series(
+            peer, study["StudyInstanceUID"], calling_aet=calling_aet, timeout=timeout
+        ):
+            matches.append(
+                SeriesMatch(
+                    study_uid=study["StudyInstanceUID"],
+                    series_uid=series["SeriesInstanceUID"],
+                    patient_id=study.get("PatientID", ""),
+                    patient_name=study.get("PatientName", ""),
+                    study_date=study.get("StudyDate", ""),
+                    study_description=study.get("StudyDescription", ""),
+                    series_description=series.get("SeriesDescription", ""),
+                    series_number=series.get("SeriesNumber", ""),
+                    instances=_count(series.get("NumberOfSeriesRelatedInstances")),
+                )
+            )
+            if len(matches) >= limit:
+                return matches
+    return matches
+
+
+STUDY_FIELDS = ("StudyInstanceUID", "PatientID", "PatientName", "StudyDate", "StudyDescription")
+SERIES_FIELDS = (
+    "SeriesInstanceUID",
+    "SeriesNumber",
+    "SeriesDescription",
+    "Modality",
+    "NumberOfSeriesRelatedInstances",
+)
+
+
+def _valid_uid_rows(rows: Iterable[dict[str, str]], key: str) -> list[dict[str, str]]:
+    """Rows whose ``key`` is a well-formed UID (a hostile or broken PACS's other rows are dropped)."""
+    valid = []
+    for row in rows:
+        try:
+            row[key] = check_uid(row.get(key, ""))
+        except UserError:
+            continue
+        valid.append(row)
+    return valid
+
+
+def _find_studies(
+    peer, query: dict[str, str], *, calling_aet: str, timeout: float, limit: int
+) -> list[dict[str, str]]:
+    if isinstance(peer, DicomNode):
+        identifier = _identifier("STUDY", STUDY_FIELDS, {**query, "ModalitiesInStudy": "CT"})
+        rows = _c_find(peer, identifier, STUDY_FIELDS, calling_aet=calling_aet, timeout=timeout, limit=limit)
+    else:
+        rows = _qido(
+            peer, "studies", {**query, "ModalitiesInStudy": "CT"}, STUDY_FIELDS, timeout=timeout, limit=limit
+        )
+    return _valid_uid_rows(rows, "StudyInstanceUID")
+
+
+def _find_ct_series(peer, study_uid: str, *, calling_aet: str, timeout: float) -> list[dict[str, str]]:
+    query = {"StudyInstanceUID": study_uid, "Modality": "CT"}
+    if isinstance(peer, DicomNode):
+        identifier = _identifier("SERIES", SERIES_FIELDS, query)
+        rows = _c_find(
+            peer, identifier, SERIES_FIELDS, calling_aet=calling_aet, timeout=timeout, limit=MAX_MATCHES
+        )
+    else:
+        rows = _qido(peer, "series", query, SERIES_FIELDS, timeout=timeout, limit=MAX_MATCHES)
+    # a PACS that ignores the Modality key (or a study's other series) must not offer non-CT series
+    return [r for r in _valid_uid_rows(rows, "SeriesInstanceUID") if r.get("Modality", "CT").upper() == "CT"]
+
+
+def _identifier(level: str, fields: Iterable[str], query: dict[str, str]) -> Dataset:
+    ds = Dataset()
+    ds.QueryRetrieveLevel = level
+    for keyword in fields:
+        setattr(ds, keyword, "")
+    for keyword, value in query.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+def _c_find(
+    node: DicomNode,
+    identifier: Dataset,
+    fields: Iterable[str],
+    *,
+    calling_aet: str,
+    timeout: float,
+    limit: int,
+) -> list[dict[str, str]]:
+    check_reachable(node, timeout)
+    ae = make_ae(calling_aet, timeout)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = associate(ae, node)
+    rows: list[dict[str, str]] = []
+    try:
+        for status, found in assoc.send_c_find(identifier, StudyRootQueryRetrieveInformationModelFind):
+            code = getattr(status, "Status", None)
+            if code is None:
+                raise DestinationUnavailable(f"C-FIND on {node}: no answer within {timeout:g} s")
+            if code in _PENDING and found is not None:
+                rows.append({k: _text(found, k) for k in fields})
+                if len(rows) >= limit:
+                    break
+            elif code not in _PENDING and code != 0x0000:
+                raise UserError(
+                    f"C-FIND on {node} refused: status 0x{code:04X}"
+                    " (does the PACS allow queries from our calling AE title?)"
+                )
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return rows
+
+
+def _web_client(url: str, timeout: float) -> DICOMwebClient:
+    client = DICOMwebClient(url, timeout=max(timeout, 1.0))
+    client.set_http_retry_params(retry=False)
+    return client
+
+
+def _qido(
+    url: str, level: str, query: dict[str, str], fields: Iterable[str], *, timeout: float, limit: int
+) -> list[dict[str, str]]:
+    client = _web_client(url, timeout)
+    filters = {k: v for k, v in query.items() if k != "StudyInstanceUID" and v}
+    try:
+        if level == "studies":
+            found = client.search_for_studies(
+                search_filters=filters, fields=list(fields), limit=limit, fuzzymatching=False
+            )
+        else:
+            found = client.search_for_series(
+                study_instance_uid=query["StudyInstanceUID"],
+                search_filters=filters,
+                fields=list(fields),
+                limit=limit,
+            )
+    except requests.HTTPError as exc:
+        code = exc.response.status_code if exc.response is not None else 0
+        raise UserError(
+            f"QIDO-RS on {url} failed: HTTP {code}; check the DICOMweb base URL (…/dicom-web)"
+        ) from None
+    except requests.RequestException as exc:
+        raise DestinationUnavailable(f"cannot reach {url}: {type(exc).__name__}") from None
+    rows = []
+    for item in found[:limit]:
+        try:
+            ds = Dataset.from_json(item)
+        except Exception:  # noqa: BLE001 - a server's JSON is hostile: any shape
+            continue
+        rows.append({k: _text(ds, k) for k in fields})
+    return rows
+
+
+# --------------------------------------------------------------------------------- retrieval
+
+
+class _Receiver:
+    """Checks and writes each instance a retrieval brings; remembers why any was refused."""
+
+    def __init__(self, folder: Path, series_uid: str, max_instances: int, max_bytes: int) -> None:
+        self.folder, self.series_uid = folder, series_uid
+        self.max_instances, self.max_bytes = max_instances, max_bytes
+        self.written: list[Path] = []
+        self.refusals: list[str] = []
+
+    def refuse(self, reason: str, status: int) -> int:
+        if reason not in self.refusals:
+            self.refusals.append(reason)
+        return status
+
+    def store(self, dataset: Dataset, file_meta: FileMetaDataset | None, size: int) -> int:
+        """Check one received instance and write it as ``NNNNN.dcm``; returns the C-STORE status."""
+        if size > self.max_bytes:
+            mb, cap = size / 2**20, self.max_bytes / 2**20
+            return self.refuse(
+                f"an instance of {mb:.2f} MB is over the {cap:.2f} MB cap", _STORE_REFUSED_OUT_OF_RESOURCES
+            )
+        if len(self.written) >= self.max_instances:
+            return self.refuse(f"more than {self.max_instances} instances", _STORE_REFUSED_OUT_OF_RESOURCES)
+        series = str(dataset.get("SeriesInstanceUID", "")).strip().rstrip("\x00")
+        if series != self.series_uid:
+            return self.refuse(
+                f"the PACS sent an instance of another series ({_printable(series)})", _STORE_NOT_OURS
+            )
+        sop_class = str(dataset.get("SOPClassUID", ""))
+        if sop_class not in CT_STORAGE_CLASSES:
+            return self.refuse(
+                f"the PACS sent a non-CT instance (SOP class {_printable(sop_class)})", _STORE_NOT_OURS
+            )
+        path = self.folder / f"{len(self.written) + 1:05d}.dcm"  # a counter, never a tag value
+        dataset.file_meta = file_meta or FileMetaDataset()
+        dataset.file_meta.setdefault("ImplementationClassUID", PYDICOM_IMPLEMENTATION_UID)
+        dataset.save_as(path, enforce_file_format=True)
+        self.written.append(path)
+        return _STORE_OK
+
+
+def retrieve_series(
+    peer: DicomNode | str,
+    study_uid: str,
+    series_uid: str,
+    folder: str | os.PathLike,
+    *,
+    calling_aet: str = DEFAULT_CALLING_AET,
+    timeout: float = 30.0,
+    progress: ProgressCallback | None = None,
+    cancel: CancelToken | None = None,
+    max_instances: int = MAX_INSTANCES,
+    max_instance_mb: float = MAX_INSTANCE_MB,
+    replace: bool = False,
+) -> list[Path]:
+    """Fetch one series from ``peer`` into the new folder ``folder`` (atomically: all of it, or nothing).
+
+    Parameters
+    ----------
+    peer : DicomNode or str
+        A DICOM node (C-GET, Study Root, at SERIES level: the PACS sends the instances on the same
+        association, so it needs no route back to us) or a DICOMweb base URL (WADO-RS).
+    study_uid, series_uid : str
+        The series to fetch (checked to be UIDs).
+    folder : path-like
+        Where the files go; must not exist yet or be empty.
+    calling_aet : str
+        Our AE title (DIMSE).
+    timeout : float
+        Connection and response timeout, s.
+    progress : ProgressCallback, optional
+        ``progress(received, expected, message)`` as instances arrive.
+    cancel : CancelToken, optional
+        Checked between instances; a cancelled retrieval leaves no folder.
+    max_instances : int
+        Instances accepted at most.
+    max_instance_mb : float
+        Size of one instance accepted at most, MB.
+    replace : bool
+        Replace an existing ``folder`` (an earlier retrieval of the series) once this one is complete.
+
+    Returns
+    -------
+    list of pathlib.Path
+        The files written, ``00001.dcm`` … in the order they arrived.
+
+    Raises
+    ------
+    UserError
+        Malformed UIDs, the PACS refused the retrieval or sent nothing, or sent what is not this
+        CT series (named); ``Cancelled`` when ``cancel`` fired.
+    DestinationUnavailable
+        The PACS cannot be reached or refuses the association.
+    """
+    study_uid, series_uid = (
+        check_uid(study_uid, "StudyInstanceUID"),
+        check_uid(series_uid, "SeriesInstanceUID"),
+    )
+    folder = Path(folder)
+    with atomic_dir(folder, replace=replace) as staging:
+        receiver = _Receiver(staging, series_uid, max_instances, int(max_instance_mb * 2**20))
+        if isinstance(peer, DicomNode):
+            _c_get(
+                peer,
+                study_uid,
+                series_uid,
+                receiver,
+                calling_aet=calling_aet,
+                timeout=timeout,
+                progress=progress,
+                cancel=cancel,
+            )
+        else:
+            _wado(peer, study_uid, series_uid, receiver, timeout=timeout, progress=progress, cancel=cancel)
+        if receiver.refusals:
+            raise UserError(
+                f"retrieving series {series_uid} from {peer}: refused, {'; '.join(receiver.refusals)}"
+            )
+        if not receiver.written:
+            raise UserError(f"retrieving series {series_uid} from {peer}: the PACS sent no CT image of it")
+        written = [folder / p.name for p in receiver.written]
+    return written
+
+
+def _c_get(
+    node: DicomNode,
+    study_uid: str,
+    series_uid: str,
+    receiver: _Receiver,
+    *,
+    calling_aet: str,
+    timeout: float,
+    progress: ProgressCallback | None,
+    cancel: CancelToken | None,
+) -> None:
+    check_reachable(node, timeout)
+    ae = make_ae(calling_aet, timeout)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    for sop_class in CT_STORAGE_CLASSES:
+        ae.add_requested_context(sop_class, ACCEPTED_TRANSFER_SYNTAXES)
+    roles = [build_role(sop_class, scp_role=True) for sop_class in CT_STORAGE_CLASSES]
+
+    def on_store(event) -> int:
+        if cancel is not None and cancel.cancelled:
+            return _STORE_REFUSED_OUT_OF_RESOURCES  # the loop below aborts the association
+        size = event.request.DataSet.getbuffer().nbytes if event.request.DataSet is not None else 0
+        return receiver.store(event.dataset, event.file_meta, size)
+
+    assoc = associate(ae, node, ext_neg=roles, handlers=[(evt.EVT_C_STORE, on_store)])
+    identifier = _identifier("SERIES", (), {"StudyInstanceUID": study_uid, "SeriesInstanceUID": series_uid})
+    try:
+        for status, _ in assoc.send_c_get(identifier, StudyRootQueryRetrieveInformationModelGet):
+            code = getattr(status, "Status", None)
+            if code is None:
+                raise DestinationUnavailable(f"C-GET from {node}: no answer within {timeout:g} s")
+            if cancel is not None:
+                cancel.check()
+            if progress is not None and code in _PENDING:
+                done, total = _sub_operations(status)
+                progress(done, total, f"retrieve: {done} of {total} images")
+            if code not in _PENDING and code not in (0x0000, 0xB000) and not receiver.refusals:
+                raise UserError(
+                    f"C-GET of series {series_uid} from {node} failed: status 0x{code:04X}; the PACS may not"
+                    " hold this series, or may not let our calling AE title retrieve"
+                )
+    except BaseException:
+        assoc.abort()  # a cancelled or failed retrieval stops the PACS sending at once
+        raise
+    assoc.release()
+
+
+def _sub_operations(status: Dataset) -> tuple[int, int]:
+    """(images done, images in all) from a pending C-GET response."""
+
+    def number(keyword: str) -> int:
+        return _count(status.get(keyword, 0)) or 0
+
+    done = sum(
+        number(k)
+        for k in (
+            "NumberOfCompletedSuboperations",
+            "NumberOfFailedSuboperations",
+            "NumberOfWarningSuboperations",
+        )
+    )
+    return done, done + number("NumberOfRemainingSuboperations")
+
+
+def _wado(
+    url: str,
+    study_uid: str,
+    series_uid: str,
+    receiver: _Receiver,
+    *,
+    timeout: float,
+    progress: ProgressCallback | None,
+    cancel: CancelToken | None,
+) -> None:
+    client = _web_client(url, timeout)
+    try:
+        expected = len(
+            client.search_for_instances(study_instance_uid=study_uid, series_instance_uid=series_uid)
+        )
+        for dataset in client.iter_series(study_uid, series_uid):
+            if cancel is not None:
+                cancel.check()
+            size = len(dataset.PixelData) if "PixelData" in dataset else 0
+            status = receiver.store(dataset, getattr(dataset, "file_meta", None), size)
+            if status != _STORE_OK:
+                return
+            if progress is not None:
+                progress(
+                    len(receiver.written),
+                    max(expected, len(receiver.written)),
+                    f"retrieve: {len(receiver.written)} images",
+                )
+    except requests.HTTPError as exc:
+        code = exc.response.status_code if exc.response is not None else 0
+        raise UserError(f"WADO-RS from {url} failed: HTTP {code}") from None
+    except requests.RequestException as exc:
+        raise DestinationUnavailable(f"cannot reach {url}: {type(exc).__name__}") from None

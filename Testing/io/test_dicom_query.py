@@ -1,0 +1,179 @@
+"""Finding and fetching CT series on a PACS (``io/dicom_query``) against a real Orthanc, over DIMSE
+(C-FIND + C-GET) and DICOMweb (QIDO-RS + WADO-RS), and against a hostile PACS (a real pynetdicom
+peer in this process) that answers a C-GET with another series."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pydicom
+import pytest
+from conftest import write_ct_series
+from orthanc_server import free_port
+from pydicom.uid import generate_uid
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelGet
+
+from IPv2DenoiseLib.core.atomic import STAGING_DIR
+from IPv2DenoiseLib.core.errors import UserError
+from IPv2DenoiseLib.core.progress import Cancelled, CancelToken
+from IPv2DenoiseLib.io.dicom_net import DestinationUnavailable, DicomNode, parse_node, send
+from IPv2DenoiseLib.io.dicom_query import check_uid, find_series, retrieve_series
+from IPv2DenoiseLib.io.volumes import read_volume
+
+
+@pytest.fixture(scope="module")
+def on_pacs(orthanc, tmp_path_factory) -> dict:
+    """One patient with two studies on the real Orthanc: a 6-slice CT (2021) and, in a 2023
+    study, a 3-slice CT and a 2-slice MR series."""
+    tmp = tmp_path_factory.mktemp("on-pacs")
+    patient = f"Q{time.monotonic_ns() % 10**9}"
+    studies = {"old": generate_uid(), "new": generate_uid()}
+    plan = [
+        ("ct6", 6, "CT", "old", "20210305"),
+        ("ct3", 3, "CT", "new", "20230711"),
+        ("mr", 2, "MR", "new", "20230711"),
+    ]
+    files, series = [], {}
+    for name, n, modality, study, date in plan:
+        paths = write_ct_series(tmp / name, n, modality=modality, series_number=len(series) + 1)
+        for path in paths:
+            ds = pydicom.dcmread(path)
+            ds.PatientID, ds.PatientName = patient, "QUERY^TEST^PATIENT"
+            ds.StudyInstanceUID, ds.StudyDate, ds.StudyDescription = studies[study], date, f"study {study}"
+            ds.SeriesDescription = name
+            ds.save_as(path)
+        series[name] = str(pydicom.dcmread(paths[0]).SeriesInstanceUID)
+        files += paths
+    send(files, parse_node(orthanc.node)).raise_for_failures()
+    return {"patient": patient, "series": series, "studies": studies, "folder": tmp}
+
+
+def peers(orthanc) -> dict[str, object]:
+    return {"dimse": parse_node(orthanc.node), "dicomweb": orthanc.dicomweb_url}
+
+
+@pytest.mark.parametrize("protocol", ["dimse", "dicomweb"])
+def test_find_lists_the_patients_ct_series_newest_first(orthanc, on_pacs, protocol) -> None:
+    peer = peers(orthanc)[protocol]
+    by_id = find_series(peer, patient=on_pacs["patient"])
+    assert [m.series_uid for m in by_id] == [on_pacs["series"]["ct3"], on_pacs["series"]["ct6"]]  # no MR
+    assert [m.instances for m in by_id] == [3, 6]
+    assert by_id[0].study_date == "20230711" and by_id[0].patient_id == on_pacs["patient"]
+    assert (
+        by_id[0]
+        .label()
+        .startswith(f"2023-07-11 · {on_pacs['patient']} QUERY^TEST^PATIENT · study new · #2 ct3")
+    )
+    if protocol == "dimse":  # Debian's DICOMweb plugin (1.7) matches no PatientName in QIDO-RS at all
+        by_name = find_series(peer, patient="test^pat")  # part of the name, any case
+        assert {m.series_uid for m in by_name} >= {on_pacs["series"]["ct3"], on_pacs["series"]["ct6"]}
+    in_2021 = find_series(peer, patient=on_pacs["patient"], study_date="20210101-20211231")
+    assert [m.series_uid for m in in_2021] == [on_pacs["series"]["ct6"]]
+    assert find_series(peer, patient="NOBODY-HAS-THIS-ID") == []
+
+
+@pytest.mark.parametrize("protocol", ["dimse", "dicomweb"])
+def test_retrieve_writes_the_series_pixel_for_pixel(orthanc, on_pacs, protocol, tmp_path) -> None:
+    match = find_series(peers(orthanc)[protocol], patient=on_pacs["patient"])[1]  # the 6-slice CT
+    seen: list[tuple[int, int]] = []
+    files = retrieve_series(
+        peers(orthanc)[protocol],
+        match.study_uid,
+        match.series_uid,
+        tmp_path / "got",
+        progress=lambda done, total, _="": seen.append((done, total)),
+    )
+    assert [f.name for f in files] == [f"{i:05d}.dcm" for i in range(1, 7)]  # counter names, no tag values
+    assert seen and seen[-1][1] == 6 and seen[-1][0] >= 5
+    originals = {str(pydicom.dcmread(p).SOPInstanceUID): p for p in (on_pacs["folder"] / "ct6").iterdir()}
+    for path in files:
+        ds = pydicom.dcmread(path)
+        assert np.array_equal(ds.pixel_array, pydicom.dcmread(originals[str(ds.SOPInstanceUID)]).pixel_array)
+    assert read_volume(tmp_path / "got").shape == (6, 128, 128)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["got"]  # no staging left
+
+
+def test_cancel_leaves_no_folder(orthanc, on_pacs, tmp_path) -> None:
+    match = find_series(parse_node(orthanc.node), patient=on_pacs["patient"])[1]
+    cancel = CancelToken()
+
+    def progress(done: int, total: int, message: str = "") -> None:
+        cancel.cancel()  # after the first image
+
+    with pytest.raises(Cancelled):
+        retrieve_series(
+            parse_node(orthanc.node),
+            match.study_uid,
+            match.series_uid,
+            tmp_path / "got",
+            progress=progress,
+            cancel=cancel,
+        )
+    assert list(tmp_path.iterdir()) == []  # neither the folder nor its staging
+
+
+def test_instances_over_the_size_cap_are_refused_and_nothing_is_kept(orthanc, on_pacs, tmp_path) -> None:
+    match = find_series(parse_node(orthanc.node), patient=on_pacs["patient"])[0]
+    with pytest.raises(UserError, match=r"refused, an instance of 0\.0\d MB is over the 0\.01 MB cap"):
+        retrieve_series(
+            parse_node(orthanc.node),
+            match.study_uid,
+            match.series_uid,
+            tmp_path / "got",
+            max_instance_mb=0.01,
+        )
+    assert not (tmp_path / "got").exists() and not (tmp_path / STAGING_DIR).exists()
+
+
+def test_an_unknown_series_is_one_line(orthanc, on_pacs, tmp_path) -> None:
+    with pytest.raises(UserError, match=r"C-GET of series [0-9.]+ from ORTHANC@.* failed: status 0xC000"):
+        retrieve_series(parse_node(orthanc.node), on_pacs["studies"]["new"], generate_uid(), tmp_path / "got")
+    assert not (tmp_path / "got").exists()
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda node, d: retrieve_series(node, "1.2.3", "../../etc", d), "is not a DICOM UID"),
+        (lambda node, d: retrieve_series(node, "1.2..3", "1.2.3", d), "is not a DICOM UID"),
+        (lambda node, d: find_series(node, patient="A\\B"), "no backslash"),
+        (lambda node, d: find_series(node, study_date="2021-13"), "expected YYYYMMDD"),
+    ],
+)
+def test_malformed_requests_are_refused_before_any_network(tmp_path, call, message) -> None:
+    nowhere = DicomNode("127.0.0.1", free_port(), "NOBODY")  # never contacted
+    with pytest.raises(UserError, match=message):
+        call(nowhere, tmp_path / "got")
+    assert check_uid(" 1.2.840.10008\x00") == "1.2.840.10008"
+
+
+def test_an_unreachable_pacs_is_one_line(tmp_path) -> None:
+    with pytest.raises(DestinationUnavailable, match="cannot reach"):
+        find_series(DicomNode("127.0.0.1", free_port(), "NOBODY"), timeout=2)
+
+
+def test_a_pacs_that_sends_another_series_is_refused(tmp_path) -> None:
+    """A real pynetdicom peer answers our C-GET with an instance of a different series (and a
+    crafted SOPInstanceUID): refused by name, nothing kept, no file named after a tag."""
+    instance = pydicom.dcmread(write_ct_series(tmp_path / "theirs", 1)[0])
+    instance.SOPInstanceUID = "1.2.3/../../evil"
+
+    def on_get(event):
+        yield 1  # sub-operations to come
+        yield (0xFF00, instance)
+
+    ae = AE(ae_title="HOSTILE")
+    ae.add_supported_context(StudyRootQueryRetrieveInformationModelGet)
+    ae.add_supported_context(CTImageStorage, scu_role=False, scp_role=True)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_GET, on_get)])
+    try:
+        with pytest.raises(UserError, match=r"refused, the PACS sent an instance of another series"):
+            retrieve_series(
+                DicomNode("127.0.0.1", port, "HOSTILE"), "1.2.3", "1.2.3.4", tmp_path / "got", timeout=5
+            )
+    finally:
+        server.shutdown()
+    assert not (tmp_path / "got").exists() and not (tmp_path / STAGING_DIR).exists()
