@@ -44,7 +44,7 @@ from IPv2DenoiseLib.app.slicer_support.views import (  # noqa: E402
     show_table,
 )
 from IPv2DenoiseLib.core.errors import UserError  # noqa: E402
-from IPv2DenoiseLib.core.progress import Cancelled  # noqa: E402
+from IPv2DenoiseLib.core.progress import Cancelled, time_left  # noqa: E402
 from IPv2DenoiseLib.core.resources import resources_dir  # noqa: E402
 from IPv2DenoiseLib.core.volume import Volume  # noqa: E402
 from IPv2DenoiseLib.denoiser.model_reference import ModelCatalogue  # noqa: E402
@@ -340,7 +340,7 @@ class IPv2DenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.logTextEdit.appendPlainText(line)
         self._logShown = len(status.log)
         if self._state == State.RUNNING:
-            eta = f" — about {status.eta_s:.0f} s left" if status.eta_s else ""
+            eta = f" — {time_left(status.eta_s)}" if status.eta_s else ""
             self._setState(State.RUNNING, f"{status.message or _('Denoising')}{eta}")
         if not job.done():
             return

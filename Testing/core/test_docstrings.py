@@ -114,7 +114,9 @@ def parse(docstring: str, where: str, problems: list[str]) -> NumpyDocString:
         except ValueError as error:
             problems.append(f"{where}: numpydoc cannot parse the docstring: {error}")
             return NumpyDocString("")
-    problems.extend(f"{where}: {warning.message}" for warning in caught)
+    # numpydoc's own warnings only: a ResourceWarning of a file some earlier test left to the
+    # garbage collector can fire inside this block too
+    problems.extend(f"{where}: {w.message}" for w in caught if not issubclass(w.category, ResourceWarning))
     return doc
 
 

@@ -138,6 +138,19 @@ class TqdmProgress:
         self.close()
 
 
+def time_left(seconds: float | None) -> str:
+    """An ETA as every front end words it: ``about 12 s left``, ``about 3 min 05 s left``; empty when unknown.
+
+    The one phrasing of the plain progress lines, the web page and the Slicer panel.
+    """
+    if seconds is None:
+        return ""
+    seconds = max(0, int(round(seconds)))
+    return (
+        f"about {seconds // 60} min {seconds % 60:02d} s left" if seconds >= 60 else f"about {seconds} s left"
+    )
+
+
 class PlainLinesProgress:
     """A progress callback for logs and pipes: one plain line every ``every_s`` seconds.
 
@@ -167,7 +180,7 @@ class PlainLinesProgress:
         self.last_time, self.last_stage = now, stage
         fraction = done / total if total else 0.0
         eta = self.eta.eta(done, total)
-        left = "" if eta is None or finished else f", about {eta:.0f} s left"
+        left = "" if eta is None or finished else f", {time_left(eta)}"
         elapsed = now - self.eta.start
         prefix = f"{self.desc}: " if self.desc else ""
         self.stream.write(f"{prefix}{100 * fraction:3.0f}% ({elapsed:.0f} s{left}) {message}".rstrip() + "\n")

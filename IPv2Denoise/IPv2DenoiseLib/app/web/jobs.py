@@ -325,14 +325,6 @@ def table_cells(table: MetricsTable) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def format_eta(seconds: float | None) -> str:
-    """``1 min 05 s left`` / ``12 s left`` / empty when unknown."""
-    if seconds is None:
-        return ""
-    seconds = int(round(seconds))
-    return f"{seconds // 60} min {seconds % 60:02d} s left" if seconds >= 60 else f"{seconds} s left"
-
-
 def warnings_of(snapshots: Sequence[JobSnapshot]) -> list[str]:
     """Every distinct warning of these jobs, in order."""
     seen: list[str] = []
@@ -355,7 +347,6 @@ __all__ = [
     "Work",
     "denoise_work",
     "export_work",
-    "format_eta",
     "read_work",
     "retrieve_work",
     "search_work",

@@ -47,13 +47,13 @@ from IPv2DenoiseLib.app.web.jobs import (
     Work,
     denoise_work,
     export_work,
-    format_eta,
     read_work,
     retrieve_work,
     search_work,
     table_cells,
 )
 from IPv2DenoiseLib.core.errors import UserError
+from IPv2DenoiseLib.core.progress import time_left
 from IPv2DenoiseLib.core.volume import Volume
 from IPv2DenoiseLib.denoiser.ensemble import ENSEMBLE_SIZES
 from IPv2DenoiseLib.denoiser.model_reference import ModelCatalogue
@@ -533,7 +533,7 @@ class DenoiseWebApp(TrameApp):
             s.job_state = snap.state
             s.job_percent = int(round(100 * snap.fraction))
             s.job_message = snap.message
-            s.job_eta = format_eta(snap.eta_s)
+            s.job_eta = time_left(snap.eta_s)
             if snap.serial and snap.serial != self.handled_serial and not snap.busy:
                 self.handled_serial = snap.serial
                 self._finished(snap)
