@@ -464,3 +464,20 @@ def test_nested_series_folders_never_nest_their_dicom_outputs(tmp_path) -> None:
     assert outputs_only() == before  # nothing redone, nothing removed
     for case, row in summary_rows(out).items():
         assert hash_output(out / row["output"])[0] == read_record(out, case)["output_sha256"]
+
+
+def test_resample_gaps_reads_a_series_with_a_missing_slice(tmp_path) -> None:
+    """A DICOM study with a slice missing fails, naming the gap; ``--resample-gaps`` reads it onto an
+    even grid with a warning in the summary, and its done record remembers how it was read."""
+    files = sorted(write_ct_series(tmp_path / "archive" / "gappy", 6, shuffle=False))
+    files[2].unlink()  # the third of six slices
+    out = tmp_path / "out"
+    assert main(["batch", str(tmp_path / "archive"), str(out), "--device", "cpu"]) == 1
+    row = summary_rows(out)["gappy"]
+    assert row["status"] == "failed" and "--resample-gaps" in row["error"], row
+
+    assert main(["batch", str(tmp_path / "archive"), str(out), "--device", "cpu", "--resample-gaps"]) == 0
+    row = summary_rows(out)["gappy"]
+    assert row["status"] == "done" and row["shape"] == "6x128x128", row  # the gap filled on the 2.5 mm grid
+    assert "gap" in row["warnings"] or "resampl" in row["warnings"], row
+    assert read_record(out, "gappy")["settings"]["resample_gaps"] is True

@@ -51,6 +51,8 @@ class BatchSettings:
     options: DenoiseOptions = DenoiseOptions()
     dicom: bool = False
     run_id: str = ""
+    #: ``--resample-gaps``: read DICOM series with missing slices onto an even grid (else: failed row).
+    resample_gaps: bool = False
 
 
 @dataclass
@@ -118,6 +120,8 @@ class CaseProcessor:
             "remove_background": self.settings.options.remove_background,
             "ensemble": self.settings.options.ensemble,
             "format": "dicom" if self.settings.dicom else "nrrd",
+            # only when set, so the done records of earlier runs stay valid
+            **({"resample_gaps": True} if self.settings.resample_gaps else {}),
         }
 
     # ------------------------------------------------------------------------------------ rows
@@ -172,7 +176,10 @@ class CaseProcessor:
             )
             if record is not None:
                 return self._from_record(case, record, attempts)
-            volume = read_dicom_series(case.files) if case.kind == "dicom" else read_volume(case.files[0])
+            if case.kind == "dicom":
+                volume = read_dicom_series(case.files, resample_gaps=self.settings.resample_gaps)
+            else:
+                volume = read_volume(case.files[0])
             return Loaded(case, volume, fingerprint, started, attempts)
         except Exception as exc:  # one study's problem must not stop the archive
             return self.failed(case, _one_line(exc), started=started, attempts=attempts)

@@ -62,6 +62,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--slab", type=positive_int, metavar="N", help="slices per slab (default: from memory)"
     )
     parser.add_argument(
+        "--resample-gaps",
+        action="store_true",
+        help="interpolate DICOM series with missing, unreadable or unevenly spaced slices onto an even "
+        "grid, with a warning (default: such a case fails, naming the file or gap)",
+    )
+    parser.add_argument(
         "--search-root",
         metavar="DIR",
         help="where manifest rows that give only a series_uid are looked up (default: the manifest's folder)",
@@ -183,7 +189,11 @@ def _locked_run(args: argparse.Namespace, input_path: Path, out_root: Path, star
     if options.weights:  # workers may run elsewhere (Ray): an absolute path
         options = replace(options, weights=str(Path(options.weights).resolve()))
     settings = BatchSettings(
-        out_root=str(out_root.resolve()), options=options, dicom=args.dicom, run_id=uuid.uuid4().hex
+        out_root=str(out_root.resolve()),
+        options=options,
+        dicom=args.dicom,
+        run_id=uuid.uuid4().hex,
+        resample_gaps=args.resample_gaps,
     )
     with _stdout_for_json_only(args.json_progress and args.engine == "ray") as json_stream:
         return _run(args, input_path, out_root, cases, found, shard, settings, start, json_stream)
