@@ -208,3 +208,36 @@ def test_inv3_converter_round_trip_and_refusals(tmp_path) -> None:
         assert run.returncode == 2 and run.stderr.startswith("inv3_to_nrrd: error:"), run.stderr
         assert not (tmp_path / f"{bad.stem}.nrrd").exists()
     assert subprocess.run([*script, str(src), str(out)], capture_output=True).returncode == 2  # exists
+
+
+def test_chest_corpus_extracts_checked_volumes_and_refuses_another_archive(tmp_path) -> None:
+    """``scripts/chest_corpus.py`` on an archive laid out like the pinned pyradiomics sdist (built
+    here: the real one is fetched only when a corpus is assembled): both volumes come out as read;
+    an archive with another hash is refused before anything is read."""
+    import hashlib
+    import importlib.util
+
+    from IPv2DenoiseLib.core.errors import UserError
+    from IPv2DenoiseLib.core.volume import Volume
+    from IPv2DenoiseLib.io.volumes import read_volume, write_volume
+
+    spec = importlib.util.spec_from_file_location("chest_corpus", REPO / "scripts" / "chest_corpus.py")
+    chest_corpus = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(chest_corpus)
+    rng = np.random.default_rng(0)
+    arrays = {}
+    archive = tmp_path / "pyradiomics-3.1.0.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for member in chest_corpus.MEMBERS:
+            arrays[member] = rng.normal(-500, 300, (3, 32, 32)).astype(np.float32)
+            write_volume(Volume(arrays[member], (0.6, 0.6, 5.0)), tmp_path / "one.nrrd")
+            tar.add(tmp_path / "one.nrrd", arcname=member)
+    digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+    written = chest_corpus.extract(archive, tmp_path / "corpus", expected_sha256=digest)
+    assert [p.name for p in written] == list(chest_corpus.MEMBERS.values())
+    for member, path in zip(chest_corpus.MEMBERS, written):
+        volume = read_volume(path)
+        assert np.allclose(volume.array, arrays[member]) and np.allclose(volume.spacing, (0.6, 0.6, 5.0))
+    with pytest.raises(UserError, match="is not the pinned"):
+        chest_corpus.extract(archive, tmp_path / "other")  # the real pin: this archive is not it
+    assert not (tmp_path / "other").exists()
