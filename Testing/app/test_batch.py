@@ -306,14 +306,16 @@ def test_only_the_ray_engine_imports_ray() -> None:
 
 @pytest.mark.slow
 def test_ctrl_c_keeps_finished_cases_and_says_how_to_continue(batch_archive, tmp_path) -> None:
-    # twelve more cases than the shared archive, so the signal lands while cases remain even on a
-    # fast idle machine (with six tiny cases the run could finish before SIGINT arrived)
+    # sixteen more cases than the shared archive, each ~10 times the voxels of the tiny ones, so the
+    # signal lands while cases remain even when the test process is descheduled for seconds on a
+    # loaded machine (with tiny cases the run once finished before SIGINT arrived: exit 1, not 130)
     archive, expected = tmp_path / "archive", dict(batch_archive[1])
     shutil.copytree(batch_archive[0], archive)
     (archive / "extra").mkdir()
-    for k in range(12):
+    for k in range(16):
         write_volume(
-            Volume(chest_like_volume(100 + k), (5.0, 5.0, 5.0)), archive / "extra" / f"e{k:02d}.nrrd"
+            Volume(chest_like_volume(100 + k, (16, 128, 128)), (2.5, 2.5, 2.5)),
+            archive / "extra" / f"e{k:02d}.nrrd",
         )
         expected[f"extra/e{k:02d}"] = "ok"
     out = tmp_path / "out"

@@ -405,6 +405,7 @@ def associate(ae: AE, node: DicomNode, *, ext_neg: Sequence | None = None, handl
     def on_acse(event) -> None:
         answers.append(event.primitive)
 
+    started = time.monotonic()
     assoc = ae.associate(
         node.host,
         node.port,
@@ -426,6 +427,11 @@ def associate(ae: AE, node: DicomNode, *, ext_neg: Sequence | None = None, handl
         )
     if answers:
         raise DestinationUnavailable(f"association with {node} aborted by the peer")
+    if time.monotonic() - started < 0.9 * ae.acse_timeout:  # not a timeout: the peer hung up first
+        raise DestinationUnavailable(
+            f"association with {node} failed: the PACS closed the connection without an answer"
+            " (a wrong called AE title or an unknown calling AE title, on some PACS)"
+        )
     raise DestinationUnavailable(f"association with {node} failed: no answer within {ae.acse_timeout:g} s")
 
 
