@@ -15,7 +15,6 @@ ratio is fair on a busy machine.
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import statistics
 import subprocess
@@ -24,36 +23,27 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import pydicom
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "IPv2Denoise"))
 sys.path.insert(0, str(ROOT / "Testing"))
 
+from bench_send import series_arguments, synthetic_series  # noqa: E402  (the same series and options)
 from orthanc_server import start_orthanc  # noqa: E402
 
-from IPv2DenoiseLib.core.volume import Volume  # noqa: E402
-from IPv2DenoiseLib.io.dicom_export import export_derived_series  # noqa: E402
 from IPv2DenoiseLib.io.dicom_net import parse_node, send_instances  # noqa: E402
 from IPv2DenoiseLib.io.dicom_query import retrieve_series  # noqa: E402
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--slices", type=int, default=100)
-    parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
+    args = series_arguments(__doc__.splitlines()[0])
     getscu = shutil.which("getscu")
     if getscu is None:
         sys.exit("getscu (Debian dcmtk) is needed for the baseline: apt-get install dcmtk")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        rng = np.random.default_rng(0)
-        hu = rng.normal(-600, 200, (args.slices, args.size, args.size)).astype(np.float32)
-        files = export_derived_series(Volume(hu, spacing=(0.7, 0.7, 1.0)), tmp / "series")
-        megabytes = sum(f.stat().st_size for f in files) / 1e6
+        files, megabytes = synthetic_series(tmp / "series", args.slices, args.size)
         first = pydicom.dcmread(files[0], stop_before_pixels=True)
         study, series = str(first.StudyInstanceUID), str(first.SeriesInstanceUID)
         orthanc = start_orthanc(tmp / "orthanc")

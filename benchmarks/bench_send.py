@@ -49,21 +49,31 @@ def _fresh_uids(files: list[Path]) -> None:
         ds.save_as(f, enforce_file_format=True)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def series_arguments(description: str) -> argparse.Namespace:
+    """``--slices``, ``--size``, ``--repeats``: the series and repeats of the PACS benchmarks."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--slices", type=int, default=100)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def synthetic_series(folder: Path, slices: int, size: int) -> tuple[list[Path], float]:
+    """A CT series of ``slices`` × ``size``² written by the project's exporter; (files, MB)."""
+    rng = np.random.default_rng(0)
+    hu = rng.normal(-600, 200, (slices, size, size)).astype(np.float32)
+    files = export_derived_series(Volume(hu, spacing=(0.7, 0.7, 1.0)), folder)
+    return files, sum(f.stat().st_size for f in files) / 1e6
+
+
+def main() -> int:
+    args = series_arguments(__doc__.splitlines()[0])
     storescu = shutil.which("storescu")
     if storescu is None:
         sys.exit("storescu (Debian dcmtk) is needed for the baseline: apt-get install dcmtk")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        rng = np.random.default_rng(0)
-        hu = rng.normal(-600, 200, (args.slices, args.size, args.size)).astype(np.float32)
-        files = export_derived_series(Volume(hu, spacing=(0.7, 0.7, 1.0)), tmp / "series")
-        megabytes = sum(f.stat().st_size for f in files) / 1e6
+        files, megabytes = synthetic_series(tmp / "series", args.slices, args.size)
         orthanc = start_orthanc(tmp / "orthanc")
         try:
             node = parse_node(f"127.0.0.1:{orthanc.dicom_port}:{orthanc.aet}")
