@@ -183,8 +183,8 @@ def _patient_keys(patient: str) -> list[dict[str, str]]:
     return [{"PatientID": patient}, {"PatientName": name}]
 
 
-def _text(ds: Dataset | dict, keyword: str) -> str:
-    value = ds.get(keyword, "") if isinstance(ds, Dataset) else ds.get(keyword, "")
+def _text(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword, "")
     return "" if value is None else str(value).strip()
 
 
@@ -311,7 +311,7 @@ def _find_ct_series(peer, study_uid: str, *, calling_aet: str, timeout: float) -
     else:
         rows = _qido(peer, "series", query, SERIES_FIELDS, timeout=timeout, limit=MAX_MATCHES)
     # a PACS that ignores the Modality key (or a study's other series) must not offer non-CT series
-    return [r for r in _valid_uid_rows(rows, "SeriesInstanceUID") if r.get("Modality", "CT").upper() == "CT"]
+    return [r for r in _valid_uid_rows(rows, "SeriesInstanceUID") if r["Modality"].upper() == "CT"]
 
 
 def _identifier(level: str, fields: Iterable[str], query: dict[str, str]) -> Dataset:
