@@ -23,6 +23,7 @@ from serve_node import (
 
 from IPv2DenoiseLib.app.cli import main
 from IPv2DenoiseLib.core.volume import Volume
+from IPv2DenoiseLib.denoiser.model_reference import ModelCatalogue
 from IPv2DenoiseLib.io.volumes import read_volume, write_volume
 
 
@@ -42,7 +43,8 @@ def test_denoise_dicom_then_send(orthanc, tmp_path, capsys) -> None:
     for ds in back:
         assert ds.SeriesNumber == 350
         assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID in source_uids
-        assert "unet-ipv2" in ds.DerivationDescription and "sha256" in ds.DerivationDescription
+        default = ModelCatalogue.read().default  # the shipped default names itself
+        assert f"model {default} " in ds.DerivationDescription and "sha256" in ds.DerivationDescription
 
 
 def test_denoise_dicom_from_nrrd_makes_a_new_series(tmp_path, capsys) -> None:

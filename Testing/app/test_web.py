@@ -259,7 +259,8 @@ def web_case(tmp_path_factory) -> Path:
     (root / "scans").mkdir(parents=True)
     shutil.copy(SAMPLE, root / "scans" / "sample_uldct.nrrd")
     sample = read_volume(SAMPLE)  # 8 of its slices with 1.2 mm pixels: outside the training range
-    coarse = Volume(sample.array[8:16].copy(), spacing=(1.2, 1.2, 1.25), origin=sample.origin)
+    # 1.5 mm pixels: outside every shipped model's trained pixel sizes (at most 1.30 mm)
+    coarse = Volume(sample.array[8:16].copy(), spacing=(1.5, 1.5, 1.25), origin=sample.origin)
     write_volume(coarse, root / "scans" / "coarse.nrrd")
     write_ct_series(root / "dicom" / "chest", 4)  # a real DICOM series (pydicom's GE chest slice)
     (root / "scans" / "broken.nrrd").write_bytes(SAMPLE.read_bytes()[:4000])  # a cut-off file
@@ -587,7 +588,7 @@ def test_warnings_are_shown_above_the_views(server, chromium) -> None:
     warning = wait_until(
         lambda: page.locator("#warnings").count() and page.inner_text("#warnings"), what="a warning"
     )
-    assert "outside the model's training range" in warning and "1.20 mm" in warning
+    assert "outside the model's training range" in warning and "1.50 mm" in warning
     box, views = page.locator("#warnings").bounding_box(), page.locator("#views").bounding_box()
     assert box["y"] + box["height"] <= views["y"] + 1  # right above the images
     page.screenshot(path=str(FIGURES / "web_warning.png"))
