@@ -320,7 +320,15 @@ def test_ctrl_c_keeps_finished_cases_and_says_how_to_continue(batch_archive, tmp
         expected[f"extra/e{k:02d}"] = "ok"
     out = tmp_path / "out"
     command = [sys.executable, "-m", "IPv2DenoiseLib", "batch", str(archive), str(out), "--json-progress"]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a test run started in the background of a shell inherits SIGINT ignored, and Python then
+    # installs no KeyboardInterrupt handler: the child gets the default disposition back
+    proc = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     for line in proc.stdout:
         if json.loads(line).get("status") == "done":
             proc.send_signal(signal.SIGINT)
