@@ -117,8 +117,10 @@ def _make_private_entry(staging: Path, attempts: int = 50) -> Path:
             staging.mkdir(exist_ok=True)
             return Path(tempfile.mkdtemp(prefix=f"{_host()}-{os.getpid()}-", dir=staging))
         except (FileNotFoundError, FileExistsError):
-            # mkdir's exist_ok check or mkdtemp ran just after a finishing writer removed it
-            if staging.exists() and not staging.is_dir():
+            # mkdir's exist_ok check or mkdtemp ran just after a finishing writer removed it.
+            # One stat only: "exists, then not a dir" would be two, and another writer can
+            # remove the folder between them.
+            if staging.is_file():
                 raise UserError(f"{staging} is a file; remove it to write into {staging.parent}") from None
     raise UserError(f"cannot create a staging folder in {staging.parent} (it keeps disappearing)")
 
