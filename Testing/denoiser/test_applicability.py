@@ -50,7 +50,9 @@ def test_shipped_card_has_a_training_range() -> None:
     from IPv2DenoiseLib.denoiser.infer import Denoiser
 
     rng = TrainingRange.from_card(Denoiser.from_registry("default").card)
-    assert rng is not None and rng.input_noise_hu[0] > 20 and rng.pixel_mm is not None
+    assert rng is not None and rng.pixel_mm is not None
+    low, high = rng.input_noise_hu  # measured on low-dose inputs: above normal-dose noise (~10 HU)
+    assert 12 < low < 40 and 150 < high < 1000
 
 
 @pytest.mark.slow

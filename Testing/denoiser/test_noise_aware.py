@@ -174,7 +174,7 @@ def test_scan_adaptation_feeds_the_noise_map_to_a_noise_aware_model(chest_slice)
 def test_a_noise_aware_unet_widened_from_a_unet_computes_the_same_whatever_the_map() -> None:
     from IPv2DenoiseLib.denoiser.model_reference import ModelReference
 
-    unet = ModelReference.resolve("default").load().model
+    unet = ModelReference.resolve("unet-ipv2").load().model
     widened = NoiseAwareUNet.from_unet(unet).eval()
     x = torch.rand(2, 3, 40, 44)
     maps = 3.0 * torch.rand(2, 1, 40, 44)
@@ -186,7 +186,7 @@ def test_train_unet_nm_may_start_from_the_shipped_unet(tmp_path, made_dataset) -
     from IPv2DenoiseLib.app.cli import main
     from IPv2DenoiseLib.denoiser.model_reference import ModelReference
 
-    shipped = ModelReference.resolve("default").weights
+    shipped = ModelReference.resolve("unet-ipv2").weights
     out = tmp_path / "run"
     args = [
         "train", "--noise", "scanner", "--schedule", "constant", "--data", str(made_dataset / "case_000"),

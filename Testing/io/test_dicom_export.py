@@ -141,3 +141,38 @@ def test_dciodvfy_reports_no_errors(source_series, tmp_path, with_sources):
         report = res.stdout + res.stderr
         errors = [line for line in report.splitlines() if line.startswith("Error")]
         assert not errors, report
+
+
+def test_warnings_outside_the_sources_character_set_switch_the_series_to_utf8(source_series, tmp_path):
+    """A warning with an en dash ("1.25–2.00 mm") reaches DerivationDescription word for word, and
+    the source's Latin-1 patient name survives the switch to UTF-8; plain ASCII text keeps the
+    source's own character set."""
+    template, paths, hu = source_series
+    latin = tmp_path / "latin"
+    latin.mkdir()
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        ds.SpecificCharacterSet = "ISO_IR 100"
+        ds.PatientName = "Müller^Jörg"
+        ds.save_as(latin / path.name)
+    latin_paths = sorted(latin.iterdir())
+    warning = "its slice thickness (2.50 mm) is outside the trained 1.25–2.00 mm"
+    provenance = ModelProvenance("unet-nm-ipv2", strategy="ipv2")
+    files = export_derived_series(
+        _volume_from(template, hu),
+        tmp_path / "out",
+        source_files=latin_paths,
+        options=DerivedSeriesOptions(model=provenance, warnings=(warning,)),
+    )
+    for ds in _read_series(files):
+        assert ds.SpecificCharacterSet == "ISO_IR 192"
+        assert warning in ds.DerivationDescription
+        assert ds.PatientName == "Müller^Jörg"
+    plain = export_derived_series(
+        _volume_from(template, hu),
+        tmp_path / "plain",
+        source_files=latin_paths,
+        options=DerivedSeriesOptions(model=provenance, warnings=("noise is low",)),
+    )
+    ds = pydicom.dcmread(plain[0])
+    assert ds.SpecificCharacterSet == "ISO_IR 100" and ds.PatientName == "Müller^Jörg"

@@ -16,8 +16,14 @@ from conftest import write_ct_series
 
 from IPv2DenoiseLib.imaging.masks import soft_tissue_mask
 from IPv2DenoiseLib.imaging.noise_estimate import estimate_noise_hu
+from IPv2DenoiseLib.io.volumes import read_volume
 from IPv2DenoiseLib.physics.scanner_noise import ProtocolRanges
-from IPv2DenoiseLib.training.scanner_data import Augmentation, ScannerNoiseSampler, load_anatomy_volumes
+from IPv2DenoiseLib.training.scanner_data import (
+    Augmentation,
+    ScannerNoiseSampler,
+    load_anatomy_volumes,
+    load_clean_volumes,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 #: The shared real corpus (20 abdomen slices, Apache-2.0; ../shared/data/real-ct/README.md).
@@ -87,6 +93,46 @@ def test_real_slab_keeps_the_real_label_and_gets_the_low_dose_difference_noise(r
         assert abs(float(np.mean((noisy[1] - label[0])[tissue]))) < 0.1 * expected  # no bias
 
 
+def test_fine_pixel_slabs_keep_the_anatomy_in_mm_and_get_the_noise_of_finer_pixels(real_series) -> None:
+    """A fine-pixel slab is the same anatomy zoomed about the centre (pixels twice as fine), scanned
+    as the same body in mm on the finer grid."""
+    (volume,) = load_anatomy_volumes([real_series])
+    dose = 0.25
+    ranges = ProtocolRanges(
+        dose=(dose, dose), kernels=("shepp-logan",), bowtie_share=0.0, tcm=(0.0, 0.0),
+        correlated_share=0.0, fan_share=0.0,
+    )  # fmt: skip
+    plain = Augmentation(
+        zoom=(1.0, 1.0), soft_tissue_texture_hu=0.0, lung_texture_hu=0.0, single_slice_share=0.0
+    )
+    fine = Augmentation(
+        zoom=(1.0, 1.0), soft_tissue_texture_hu=0.0, lung_texture_hu=0.0, single_slice_share=0.0,
+        fine_pixel_share=1.0, fine_pixel_zoom=(2.0, 2.0),
+    )  # fmt: skip
+    assert fine.pixel_scale() == (1.0, 2.0) and plain.pixel_scale() == (1.0, 1.0)
+    made = {}
+    for name, augmentation in (("plain", plain), ("fine", fine)):
+        sampler = ScannerNoiseSampler(
+            [volume], patch=32, in_slices=3, shares=(0.45, 0.4, 0.15), seed=5, ranges=ranges,
+            augmentation=augmentation, pool=1,
+        )  # fmt: skip
+        made[name] = sampler.pool[0]
+    (noisy_p, label_p, _), (noisy_f, label_f, _) = made["plain"], made["fine"]
+    ny, nx = label_p.shape[1:]
+    # the fine label's centre half is the plain label's centre quarter, twice as large
+    quarter = label_p[0, ny // 4 : ny // 4 + ny // 2, nx // 4 : nx // 4 + nx // 2]
+    upsampled = label_f[0, ::2, ::2][: ny // 2, : nx // 2]
+    assert np.median(np.abs(upsampled - quarter)) < 10.0  # linear interpolation blurs only edges
+    assert np.corrcoef(upsampled.ravel(), quarter.ravel())[0, 1] > 0.97
+    noise = {}
+    for name, (noisy, label) in {"plain": (noisy_p, label_p), "fine": (noisy_f, label_f)}.items():
+        tissue = soft_tissue_mask(label)[0]
+        noise[name] = estimate_noise_hu(noisy[1] - label[0], region=tissue)
+    # the noise is that of the same body on finer pixels (a body zoomed to twice its size in mm
+    # would attenuate far more: ~13x this noise): the simulator's pixel size follows the zoom
+    assert 0.2 * noise["plain"] < noise["fine"] < 1.5 * noise["plain"], noise
+
+
 def test_train_on_real_anatomy_mixed_with_phantoms_records_legs(real_series, made_dataset, tmp_path) -> None:
     from IPv2DenoiseLib.app.cli import main
 
@@ -112,6 +158,8 @@ def test_train_on_real_anatomy_mixed_with_phantoms_records_legs(real_series, mad
         phantom,
         "--real-share",
         "0.5",
+        "--fine-pixel-share",
+        "0.25",
         "--out",
         str(first),
     ]
@@ -124,6 +172,13 @@ def test_train_on_real_anatomy_mixed_with_phantoms_records_legs(real_series, mad
     assert leg["leg"] == 1 and leg["iterations"] == [0, 2] and leg["stopped_by"] == "iterations"
     assert leg["data"]["real_share"] == 0.5 and 0 <= leg["data"]["real_slabs"] <= leg["data"]["slabs"]
     assert "psnr_truth" in leg["validation"]  # validation on the synthetic case only
+    # fine-pixel slabs widen the trained pixel sizes the card declares (and `denoise` checks)
+    volumes = [*load_clean_volumes([phantom]), *load_anatomy_volumes([real_series])]
+    finest = min(v.spacing[0] for v in volumes)
+    assert (
+        leg["data"]["fine_pixel_share"] == 0.25 and card["data"]["augmentation"]["fine_pixel_share"] == 0.25
+    )
+    assert card["data"]["training_range"]["pixel_mm"][0] == pytest.approx(finest / 2.6, abs=1e-3)
 
     # the next leg, from the weights alone (any machine): real anatomy only, stopped by the clock
     second = tmp_path / "leg2"
@@ -160,8 +215,9 @@ def test_train_refuses_bad_real_anatomy_options(real_series, tmp_path, capsys) -
     base = ["train", "--noise", "scanner", "--anatomy", str(real_series), "--out", out]
     assert main([*base, "--max-minutes", "5"]) == 2  # the clock schedule needs --schedule constant
     assert main([*base, "--real-share", "1.5", "--schedule", "constant"]) == 2
+    assert main([*base, "--fine-pixel-share", "-0.1", "--schedule", "constant"]) == 2
     err = capsys.readouterr().err
-    assert err.count("ipv2-denoise train: error:") == 5 and "Traceback" not in err
+    assert err.count("ipv2-denoise train: error:") == 6 and "Traceback" not in err
 
 
 def _inv3(
@@ -183,7 +239,6 @@ def _inv3(
 
 
 def test_inv3_converter_round_trip_and_refusals(tmp_path) -> None:
-    from IPv2DenoiseLib.io.volumes import read_volume
 
     rng = np.random.default_rng(0)
     matrix = np.full((3, 64, 64), -1000, np.int16)

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+import pydicom.charset
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
@@ -307,7 +308,27 @@ def _base_dataset(
         # lets Laterality (Type 2C, paired body parts only) be absent rather than empty.
         ds.BodyPartExamined = "CHEST"
     _set_image_geometry_and_pixels(ds, volume)
+    _declare_text_encoding(ds)
     return ds
+
+
+def _declare_text_encoding(ds: Dataset) -> None:
+    """Switch the derived series to UTF-8 (``ISO_IR 192``) when its own text (the warnings in
+    DerivationDescription, the series description) has characters the source's character set lacks.
+
+    Without it pydicom writes ``?`` for them (an en dash in a range, say). Every value copied from
+    the source is held decoded, so re-encoding it as UTF-8 loses nothing.
+    """
+    charset = ds.get("SpecificCharacterSet") or "ISO_IR 6"
+    if charset == "ISO_IR 192":
+        return
+    text = ds.DerivationDescription + ds.SeriesDescription
+    codec = pydicom.charset.python_encoding.get(charset) if isinstance(charset, str) else None
+    try:
+        # the default repertoire and code extensions (ISO 2022): ASCII is what is safe to assume
+        text.encode(codec if codec and charset != "ISO_IR 6" else "ascii")
+    except (UnicodeEncodeError, LookupError):
+        ds.SpecificCharacterSet = "ISO_IR 192"
 
 
 def _set_patient_study(

@@ -430,15 +430,18 @@ def detector_grid_noise(
     spacing_mm: float,
     detector_mm: float = DETECTOR_PITCH_MM,
     seed: int | np.random.Generator | None = 0,
+    clean: bool = False,
     **options,
 ) -> np.ndarray:
-    """The noise (HU, same shape) :func:`insert_noise` adds to ``hu`` ``[y, x]`` or ``[z, y, x]``.
+    """The noise (HU, same shape) :func:`insert_noise` adds to ``hu`` ``[y, x]`` or ``[z, y, x]``
+    (with ``clean``: the noise of :func:`simulate_low_dose`, ``hu`` being noise-free anatomy).
 
     Pixels finer than ``detector_mm`` get their noise simulated on a ``detector_mm`` grid and
     cubic-interpolated back, so the texture is that of a real detector, not of the image's pixels
     (a 0.3 mm head reconstruction does not have 0.3 mm noise grain). ``options`` go to
     :func:`insert_noise` (geometry, filter, i0, flux, device, ...).
     """
+    scan = simulate_low_dose if clean else insert_noise
     arr = np.asarray(hu, dtype=np.float32)
     if arr.ndim not in (2, 3):
         raise UserError(f"hu has shape {arr.shape}; need a [y, x] slice or [z, y, x] volume")
@@ -446,7 +449,7 @@ def detector_grid_noise(
     sim_mm = max(float(spacing_mm), float(detector_mm))
     scale = float(spacing_mm) / sim_mm
     coarse = ndi.zoom(vol, (1.0, scale, scale), order=3, mode="nearest") if scale < 0.999 else vol
-    noise = insert_noise(coarse, dose=dose, spacing_mm=sim_mm, seed=seed, **options) - coarse
+    noise = scan(coarse, dose=dose, spacing_mm=sim_mm, seed=seed, **options) - coarse
     if scale < 0.999:  # back onto the image grid, pixel centres aligned (cubic spline)
         _, ny, nx = vol.shape
         yy, xx = np.mgrid[0:ny, 0:nx].astype(np.float64)

@@ -31,8 +31,7 @@ from IPv2DenoiseLib.physics.lowdose import (
     I0_FULL_DOSE,
     MU_WATER_PER_MM,
     FluxModel,
-    insert_noise,
-    simulate_low_dose,
+    detector_grid_noise,
 )
 from IPv2DenoiseLib.physics.projector import FILTERS
 
@@ -161,18 +160,20 @@ def scanner_noise(
     extra noise is inserted (:func:`lowdose.insert_noise`). The noise (output − input) is then mixed
     along z to ``protocol.z_correlation``. ``flux_scale`` multiplies the calibrated full-dose flux
     (:data:`lowdose.I0_FULL_DOSE`): a real scan whose own dose differs from the calibration's.
+    Pixels finer than a detector (:data:`lowdose.DETECTOR_PITCH_MM`) get a detector's noise grain,
+    interpolated onto them (:func:`lowdose.detector_grid_noise`), as a small field of view has.
     """
     if not (flux_scale > 0 and math.isfinite(flux_scale)):
         raise UserError(f"flux_scale={flux_scale!r}: need a positive number")
     arr = np.asarray(hu, dtype=np.float32)
     if arr.ndim != 3:
         raise UserError(f"hu has shape {arr.shape}; need a [z, y, x] slab")
-    scan = simulate_low_dose if clean else insert_noise
     single = arr.shape[0] == 1  # lowdose takes a [y, x] slice, not [1, y, x]
-    noisy = scan(
+    noise = detector_grid_noise(  # pixels finer than the detector: a detector's noise grain
         arr[0] if single else arr,
         dose=protocol.dose,
         spacing_mm=spacing_mm,
+        clean=clean,
         geometry=protocol.geometry,
         filter=protocol.kernel,
         flux=exposure_model(protocol),
@@ -180,8 +181,7 @@ def scanner_noise(
         device=device,
         i0=None if flux_scale == 1.0 else I0_FULL_DOSE[protocol.geometry] * flux_scale,
     )
-    noisy = np.asarray(noisy)[None] if single else np.asarray(noisy)
-    noise = correlate_slices(noisy - arr, protocol.z_correlation)
+    noise = correlate_slices(noise[None] if single else noise, protocol.z_correlation)
     return arr + noise
 
 

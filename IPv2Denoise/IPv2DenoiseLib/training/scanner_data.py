@@ -65,11 +65,27 @@ class Augmentation:
     #: Share of slabs that are one slice repeated (what the denoiser feeds the network for a
     #: single-slice input, and at a volume's first and last slice: its edge padding).
     single_slice_share: float = 0.15
+    #: Share of slabs reconstructed on a finer pixel grid: the anatomy keeps its size in mm, is
+    #: zoomed by a factor drawn log-uniformly from ``fine_pixel_zoom`` and cropped to the same
+    #: matrix (a small field of view, as for a neck or a head), and the noise is simulated for the
+    #: finer pixels. Covers scans whose pixels are finer than any training volume's.
+    fine_pixel_share: float = 0.0
+    fine_pixel_zoom: tuple[float, float] = (1.4, 2.6)
+
+    def pixel_scale(self) -> tuple[float, float]:
+        """Smallest and largest factor by which a slab's pixel size may differ from its volume's
+        (as a zoom: structures ``f`` times larger in pixels look like pixels ``f`` times finer)."""
+        lo, hi = self.zoom
+        if self.fine_pixel_share > 0:
+            hi = max(hi, self.fine_pixel_zoom[1])
+        return lo, hi
 
     def as_dict(self) -> dict:
         return {
             "single_slice_share": self.single_slice_share,
             "zoom": list(self.zoom),
+            "fine_pixel_share": self.fine_pixel_share,
+            "fine_pixel_zoom": list(self.fine_pixel_zoom),
             "soft_tissue_texture_hu": self.soft_tissue_texture_hu,
             "lung_texture_hu": self.lung_texture_hu,
         }
@@ -233,13 +249,16 @@ class ScannerNoiseSampler:
         if single:
             zs = np.array([z])
         hu, regions = vol.hu[zs], vol.regions[zs]
-        lo, hi = self.augmentation.zoom
+        sx, sy, sz = vol.spacing
+        fine = rng.random() < self.augmentation.fine_pixel_share
+        lo, hi = self.augmentation.fine_pixel_zoom if fine else self.augmentation.zoom
         zoom = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+        if fine:  # same anatomy in mm on pixels `zoom` times finer
+            sx, sy = sx / zoom, sy / zoom
         if abs(zoom - 1.0) > 0.02:
             hu, regions = _zoom_in_plane(hu, zoom, -1000.0, 1), _zoom_in_plane(regions, zoom, OUTSIDE, 0)
         if rng.random() < 0.5:
             hu, regions = hu[..., ::-1], regions[..., ::-1]
-        sx, sy, sz = vol.spacing
         if vol.clean:
             hu = add_tissue_texture(
                 hu,

@@ -55,6 +55,7 @@ from IPv2DenoiseLib.purification.regions import (
     sampling_regions,
 )
 from IPv2DenoiseLib.training.scanner_data import (
+    Augmentation,
     CleanVolume,
     ScannerNoiseSampler,
     load_anatomy_volumes,
@@ -122,6 +123,9 @@ class TrainConfig:
     anatomy: list[str] = field(default_factory=list)
     #: Share of scanner-noise slabs drawn from ``anatomy`` when case folders are given too.
     real_share: float = 0.5
+    #: Share of scanner-noise slabs on pixels 1.4-2.6x finer than their volume's (a small field of
+    #: view; :class:`~IPv2DenoiseLib.training.scanner_data.Augmentation`): covers fine-pixel scans.
+    fine_pixel_share: float = 0.0
     #: Stop this leg after so many minutes of wall time (validated, checkpointed and exported as
     #: usual); the learning-rate schedule then follows the clock (``schedule="constant"`` only).
     max_minutes: float | None = None
@@ -387,6 +391,7 @@ class Trainer:
                 pool=config.noise_pool,
                 refresh=config.noise_refresh,
                 real_share=config.real_share,
+                augmentation=Augmentation(fine_pixel_share=config.fine_pixel_share),
                 noise_map=wants_noise_map(self.model),
                 device=str(device) if device.type == "cuda" else "cpu",  # simulate on the GPU
             )
@@ -600,6 +605,7 @@ class Trainer:
             mix |= {
                 "noise": "scanner",
                 "real_share": sampler.real_share,
+                "fine_pixel_share": sampler.augmentation.fine_pixel_share,
                 "slabs": sampler.slabs_made,
                 "real_slabs": sampler.real_slabs,
             }
@@ -647,6 +653,10 @@ def train(
         raise UserError("--anatomy (real normal-dose CT) needs --noise scanner")
     if not 0.0 <= config.real_share <= 1.0:
         raise UserError(f"--real-share {config.real_share}: need a fraction in [0, 1]")
+    if not 0.0 <= config.fine_pixel_share <= 1.0 or (config.fine_pixel_share and config.noise != "scanner"):
+        raise UserError(
+            f"--fine-pixel-share {config.fine_pixel_share}: need a fraction in [0, 1] and --noise scanner"
+        )
     if config.max_minutes is not None and (config.max_minutes <= 0 or config.schedule != "constant"):
         raise UserError(
             "--max-minutes needs a positive number and --schedule constant (its decay follows the clock)"
@@ -732,7 +742,7 @@ def scanner_validation(folders: Sequence[str], *, slices: int) -> tuple[list[Cas
 def scanner_data_record(sampler: ScannerNoiseSampler, volumes) -> dict:
     """What the scanner-noise training saw, for the model card (incl. the ranges ``denoise`` checks)."""
     spacings = np.array([v.spacing for v in volumes], float)
-    lo, hi = sampler.augmentation.zoom
+    lo, hi = sampler.augmentation.pixel_scale()
     noise = np.array(sampler.input_noise_hu or [np.nan])
     return {
         "noise": "scanner",

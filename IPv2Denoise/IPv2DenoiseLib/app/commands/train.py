@@ -37,6 +37,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="--noise scanner with --data and --anatomy: share of noisy slabs cut from --anatomy (default 0.5)",
     )
     parser.add_argument(
+        "--fine-pixel-share",
+        type=float,
+        default=0.0,
+        help="--noise scanner: share of slabs on pixels 1.4-2.6x finer than their volume's (a small "
+        "field of view, as for a neck or a head); widens the card's trained pixel sizes (default 0)",
+    )
+    parser.add_argument(
         "--max-minutes",
         type=float,
         default=None,
@@ -171,6 +178,7 @@ def run(args: argparse.Namespace) -> int:
         noise_refresh=args.noise_refresh,
         anatomy=[str(p) for p in args.anatomy],
         real_share=args.real_share,
+        fine_pixel_share=args.fine_pixel_share,
         max_minutes=args.max_minutes,
     )
     if kwargs:
