@@ -48,7 +48,7 @@ def test_the_gpu_job_packs_a_corpus_trains_both_tiers_and_stops_by_itself(tmp_pa
     assert job.returncode == 0, job.stderr
     record = json.loads((out / "job.json").read_text())
     assert record["corpus"] == ["real/real.nrrd", "phantom_100"] and record["validation"] == ["phantom_1000"]
-    for tier, arch in (("fast", "unet"), ("quality", "unet-nm")):
+    for tier, arch in (("fast", "unet-nm"), ("quality", "unet-nm")):
         tier_record = record["tiers"][tier]
         assert tier_record["stopped_by"] == "max_minutes"  # the clock, not an iteration count
         assert tier_record["iterations"] >= 1
@@ -69,3 +69,15 @@ def test_the_gpu_job_without_a_corpus_says_how_to_make_one(tmp_path) -> None:
     job = run_job("--out", str(tmp_path), "--device", "cpu")
     assert job.returncode == 2
     assert job.stderr.strip() == "error: give --corpus FILE (made by --pack-corpus), or --tiny"
+
+
+def test_the_fast_preset_is_the_shipped_defaults_network_so_the_job_can_fine_tune_it() -> None:
+    """The GPU job's fast tier starts from the shipped default (``--init``): same architecture and size."""
+    from IPv2DenoiseLib.denoiser.model_reference import ModelCatalogue
+    from IPv2DenoiseLib.denoiser.models import ARCH_PRESETS, build_model
+
+    shipped, card = load_model(ModelCatalogue.read().entry("default").weights)
+    arch, kwargs = ARCH_PRESETS["fast"]
+    fresh = build_model(arch, **kwargs)
+    assert card["architecture"] == arch and shipped.config == fresh.config
+    fresh.load_state_dict(shipped.state_dict())  # every tensor fits
