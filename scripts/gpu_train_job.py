@@ -198,6 +198,7 @@ def tier_config(tier: str, args: argparse.Namespace, kind: str, *, has_real: boo
         noise_pool=args.pool or settings.pool,
         noise_refresh=1,
         real_share=0.5 if has_real else 0.0,
+        fine_pixel_share=0.25,  # 0.22-1.3 mm patients: leg 5 of the CPU campaign (docs/results.md §4)
         device=args.device,
         seed=args.seed,
         init_weights=init,

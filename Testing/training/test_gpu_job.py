@@ -55,6 +55,7 @@ def test_the_gpu_job_packs_a_corpus_trains_both_tiers_and_stops_by_itself(tmp_pa
         assert tier_record["validation"]["psnr_truth"] > 0
         model, card = load_model(out / f"{tier}.safetensors")
         assert card["architecture"] == arch and model.ARCH == arch
+        assert card["data"]["augmentation"]["fine_pixel_share"] == 0.25  # fine-pixel slabs, as leg 5
         assert card["legs"][-1]["stopped_by"] == "max_minutes"
         curves = json.loads((out / "curves.json").read_text())[tier]
         assert curves["iteration"][-1] == tier_record["iterations"]
