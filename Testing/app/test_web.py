@@ -598,10 +598,13 @@ def test_warnings_are_shown_above_the_views(server, chromium) -> None:
 @pytest.mark.slow
 def test_the_access_token_is_required(web_case, chromium) -> None:
     web = WebServer(web_case / "root", ["--token", "s3cret", "--device", "cpu"], web_case / "token.log")
+    # a browser of its own: after the earlier tests' pages, the shared one left this page at
+    # "Loading..." in a full run (never alone); a user's browser meets one server at a time
+    browser = chromium.browser_type.launch(executable_path=shutil.which("chromium"))
     try:
         assert web.url.endswith("?secret=s3cret")
         base = web.url.split("?", 1)[0]
-        page = chromium.new_page()
+        page = browser.new_page()
         page.goto(base + "?secret=wrong")
         wait_until(lambda: "connect" in page.inner_text("#app"), what="the refused connection")
         assert page.locator("#denoise-btn").count() == 0
@@ -610,6 +613,7 @@ def test_the_access_token_is_required(web_case, chromium) -> None:
         assert web.process.poll() is None
         page.close()
     finally:
+        browser.close()
         web.stop()
 
 
