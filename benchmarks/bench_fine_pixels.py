@@ -21,9 +21,7 @@ PSNR over a 2000 HU range, mean of the cases; printed with each model's differen
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -32,29 +30,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "IPv2Denoise"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_infer import held_out_cases  # noqa: E402  (the same held-out cases)
+from bench_infer import add_held_out_case_arguments, held_out_cases  # noqa: E402  (the same held-out cases)
 
 BASELINE = "unet-ipv2"
 SLICES = 8
 HU_RANGE = 2000.0
 
 
-def zoom_twice(arr: np.ndarray) -> np.ndarray:
-    """``[z, y, x]`` zoomed 2x in-plane about the centre, cropped to the same size (air outside)."""
-    from scipy import ndimage as ndi
-
-    _, ny, nx = arr.shape
-    cy, cx = (ny - 1) / 2, (nx - 1) / 2
-    matrix, offset = np.diag([1.0, 0.5, 0.5]), [0.0, cy / 2, cx / 2]
-    return ndi.affine_transform(arr, matrix, offset=offset, order=1, mode="constant", cval=-1000.0).astype(
-        np.float32
-    )
-
-
 def make_sets(cases: list[Path]) -> list[dict]:
     """Per case: {set name: (noisy, truth, spacing)}."""
     from IPv2DenoiseLib.io.case_folder import read_case
     from IPv2DenoiseLib.physics.scanner_noise import scanner_noise
+    from IPv2DenoiseLib.training.scanner_data import zoom_in_plane
     from IPv2DenoiseLib.training.trainer import VALIDATION_PROTOCOL
 
     sets = []
@@ -66,7 +53,7 @@ def make_sets(cases: list[Path]) -> list[dict]:
         sx, sy, sz = anatomy.spacing
         own = vols["uldct"].array[z0 : z0 + SLICES].astype(np.float32)
         scanner = scanner_noise(truth, VALIDATION_PROTOCOL, spacing_mm=float(sx), seed=20_000 + i)
-        fine_truth = zoom_twice(truth)
+        fine_truth = zoom_in_plane(truth, 2.0, -1000.0, 1)  # a 2x smaller field of view
         fine = scanner_noise(fine_truth, VALIDATION_PROTOCOL, spacing_mm=float(sx) / 2, seed=30_000 + i)
         sets.append(
             {
@@ -99,15 +86,7 @@ def main() -> None:
     parser.add_argument(
         "--models", nargs="+", default=["default"], help="registry names or .safetensors files"
     )
-    parser.add_argument(
-        "--data", default=None, help="a folder of case folders (default: make the held-out ones)"
-    )
-    parser.add_argument("--cases", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=9000)
-    parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--slices", type=int, default=16)
-    parser.add_argument("--spacing", type=float, default=0.7)
-    parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "ipv2_bench_infer_cases"))
+    add_held_out_case_arguments(parser)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     import torch

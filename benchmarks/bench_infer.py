@@ -120,6 +120,21 @@ def run_isolated(method: str, paths, out_dir, threads, model_spec, device) -> di
     return result
 
 
+def add_held_out_case_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options :func:`held_out_cases` reads (shared with ``bench_fine_pixels.py``)."""
+    parser.add_argument(
+        "--data", default=None, help="dataset folder of held-out cases (with uldct_clean.nrrd)"
+    )
+    parser.add_argument("--cases", type=int, default=2)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--slices", type=int, default=16)
+    parser.add_argument("--spacing", type=float, default=0.7)
+    parser.add_argument(
+        "--seed", type=int, default=9000, help="dataset seed (held out: training uses small seeds)"
+    )
+    parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "ipv2_bench_infer_cases"))
+
+
 def held_out_cases(args) -> list[Path]:
     """Case folders: ``--data`` or freshly made synthetic ones (cached in ``--cache``)."""
     if args.data:
@@ -188,17 +203,7 @@ def main(argv=None) -> int:
         metavar="FILE",
         help="more models to time and score in the same run (e.g. each tier's weights)",
     )
-    parser.add_argument(
-        "--data", default=None, help="dataset folder of held-out cases (with uldct_clean.nrrd)"
-    )
-    parser.add_argument("--cases", type=int, default=2)
-    parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--slices", type=int, default=16)
-    parser.add_argument("--spacing", type=float, default=0.7)
-    parser.add_argument(
-        "--seed", type=int, default=9000, help="dataset seed (held out: training uses small seeds)"
-    )
-    parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "ipv2_bench_infer_cases"))
+    add_held_out_case_arguments(parser)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--methods", nargs="+", default=["nlm", "tv", "curvature"])
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))

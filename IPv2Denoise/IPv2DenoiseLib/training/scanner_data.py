@@ -256,7 +256,7 @@ class ScannerNoiseSampler:
         if fine:  # same anatomy in mm on pixels `zoom` times finer
             sx, sy = sx / zoom, sy / zoom
         if abs(zoom - 1.0) > 0.02:
-            hu, regions = _zoom_in_plane(hu, zoom, -1000.0, 1), _zoom_in_plane(regions, zoom, OUTSIDE, 0)
+            hu, regions = zoom_in_plane(hu, zoom, -1000.0, 1), zoom_in_plane(regions, zoom, OUTSIDE, 0)
         if rng.random() < 0.5:
             hu, regions = hu[..., ::-1], regions[..., ::-1]
         if vol.clean:
@@ -339,7 +339,7 @@ class ScannerNoiseSampler:
         return torch.from_numpy(np.stack(inputs)), torch.from_numpy(np.stack(labels))
 
 
-def _zoom_in_plane(arr: np.ndarray, zoom: float, fill: float, order: int) -> np.ndarray:
+def zoom_in_plane(arr: np.ndarray, zoom: float, fill: float, order: int) -> np.ndarray:
     """Scale ``[z, y, x]`` in-plane about the centre, cropped or padded (with ``fill``) to the same size."""
     nz, ny, nx = arr.shape
     cy, cx = (ny - 1) / 2, (nx - 1) / 2
