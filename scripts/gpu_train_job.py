@@ -10,7 +10,8 @@ Two steps::
     OUT=/some/folder python scripts/gpu_train_job.py --corpus runs/corpus/gpu_corpus.npz
 
 The job trains the ``fast`` tier (the shipped U-Net's size, fine-tuned from the shipped weights) and
-then the ``quality`` tier (the noise-aware U-Net, 32 channels, 4 levels, from scratch) with the
+then the ``quality`` tier (the noise-aware U-Net at twice the width, started from the shipped
+weights widened without changing their output: ``UNet.widened``) with the
 project's own :class:`~IPv2DenoiseLib.training.trainer.Trainer`: scanner-like noise drawn afresh
 on the training device (``train --noise scanner``), real anatomy mixed half and half with the
 phantoms, bf16 autocast and large batches on CUDA, the clock-paced constant schedule of
@@ -81,7 +82,7 @@ class TierSettings:
 
 SETTINGS = {
     ("gpu", "fast"): TierSettings(batch=128, patch=96, pool=96, lr=5e-4),
-    ("gpu", "quality"): TierSettings(batch=64, patch=128, pool=96, lr=1e-3),
+    ("gpu", "quality"): TierSettings(batch=96, patch=96, pool=96, lr=5e-4),  # starts trained (widened)
     ("tiny", "fast"): TierSettings(batch=4, patch=32, pool=3, lr=1e-3),
     ("tiny", "quality"): TierSettings(batch=4, patch=32, pool=3, lr=1e-3),
 }
@@ -180,8 +181,9 @@ def tier_config(tier: str, args: argparse.Namespace, kind: str, *, has_real: boo
     arch, kwargs = ARCH_PRESETS[tier]
     settings = SETTINGS[(kind, tier)]
     init = None
-    if tier == "fast" and not args.tiny and not args.fresh:
-        init = str(ModelCatalogue.read().entry("default").weights)  # fine-tune the shipped model
+    if not args.tiny and not args.fresh:
+        # fine-tune the shipped model; the quality tier starts from it widened (UNet.widened, same output)
+        init = str(ModelCatalogue.read().entry("default").weights)
     return TrainConfig(
         cases=[],
         out=str(args.work / tier),
@@ -300,7 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiers", nargs="+", choices=TIERS, default=list(TIERS))
     parser.add_argument("--tiny", action="store_true", help="tiny networks and slabs (the suite's CPU test)")
     parser.add_argument(
-        "--fresh", action="store_true", help="fast tier from scratch, not the shipped weights"
+        "--fresh",
+        action="store_true",
+        help="both tiers from scratch, not from the shipped weights (widened for the quality tier)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(

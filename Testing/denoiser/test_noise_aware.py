@@ -10,6 +10,7 @@ import pytest
 import torch
 from scipy import ndimage as ndi
 
+from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.denoiser.models import ARCH_PRESETS, build_model, count_parameters, flops_per_voxel
 from IPv2DenoiseLib.denoiser.models.noise_aware_unet import NOISE_MAP_SCALE_HU, NoiseAwareUNet, with_noise_map
 from IPv2DenoiseLib.imaging.noise_map import noise_level_map
@@ -82,14 +83,39 @@ def test_noise_aware_unet_takes_the_map_as_a_last_channel() -> None:
     assert torch.equal(net(x), x[:, 1:2])
 
 
-def test_quality_preset_is_a_larger_noise_aware_unet() -> None:
+def test_quality_preset_is_the_fast_network_at_twice_the_width() -> None:
     arch, kwargs = ARCH_PRESETS["quality"]
     quality = build_model(arch, **kwargs)
     fast = build_model(*ARCH_PRESETS["fast"][:1], **ARCH_PRESETS["fast"][1])
     assert isinstance(quality, NoiseAwareUNet)
-    assert 500_000 <= count_parameters(quality) <= 2_000_000
+    assert count_parameters(quality) == 466_817
     assert count_parameters(fast) == 117_185  # the shipped default: unet-nm, 16 channels, 3 levels
-    assert flops_per_voxel(quality) > 4 * flops_per_voxel(fast)
+    assert flops_per_voxel(quality) > 3.9 * flops_per_voxel(fast)
+    assert {**fast.config, "base_channels": 32} == quality.config  # so it can start from the fast weights
+
+
+@pytest.mark.parametrize("base_channels", [8, 12])
+def test_a_widened_network_computes_what_the_narrow_one_computes(base_channels) -> None:
+    torch.manual_seed(0)
+    narrow = NoiseAwareUNet(in_slices=3, base_channels=4, levels=3)
+    for weight in narrow.parameters():  # a trained-looking network (the head starts at zero)
+        torch.nn.init.normal_(weight, std=0.3)
+    wide = narrow.widened(base_channels, seed=5)
+    assert isinstance(wide, NoiseAwareUNet) and wide.config["base_channels"] == base_channels
+    x = torch.randn(2, 4, 37, 30)
+    with torch.no_grad():
+        assert torch.allclose(wide(x), narrow(x), rtol=1e-4, atol=1e-3)  # outputs up to ~100
+    # the copies of one channel are split apart in what reads them, so training can tell them apart
+    head = wide.head.weight[0, :, 0, 0]
+    assert not torch.allclose(head[:4], head[4:8])
+    assert torch.allclose(
+        head.reshape(-1, 4).sum(0), narrow.head.weight[0, :, 0, 0]
+    )  # copy k of c: k * 4 + c
+
+
+def test_widening_to_a_width_that_is_not_a_multiple_is_refused() -> None:
+    with pytest.raises(UserError, match="cannot widen a 16-channel network to 24 channels"):
+        NoiseAwareUNet().widened(24)
 
 
 def test_noise_aware_model_trains_and_denoises_through_the_library_and_the_cli(

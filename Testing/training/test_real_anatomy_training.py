@@ -12,8 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import write_ct_series
 
+from IPv2DenoiseLib.denoiser.weights import load_model
 from IPv2DenoiseLib.imaging.masks import soft_tissue_mask
 from IPv2DenoiseLib.imaging.noise_estimate import estimate_noise_hu
 from IPv2DenoiseLib.io.volumes import read_volume
@@ -201,6 +203,22 @@ def test_train_on_real_anatomy_mixed_with_phantoms_records_legs(real_series, mad
         and last["data"]["real_slabs"] == last["data"]["slabs"]
     )
     assert card2["iterations"] == last["iterations"][1]
+
+    # a wider network of the same layout starts from these weights widened (the quality tier's start):
+    # before any step it computes what the narrow one computes, and the leg says it was widened
+    third = tmp_path / "leg3"
+    wider = [arg.replace('"base_channels": 4', '"base_channels": 8') for arg in leg2]
+    wider[wider.index(str(second))] = str(third)
+    wider[wider.index(str(first / "model.safetensors"))] = str(second / "model.safetensors")
+    assert main([*wider, "--iterations", "1", "--lr", "1e-12"]) == 0
+    card3 = json.loads((third / "model.json").read_text())
+    assert card3["legs"][-1]["widened_from_channels"] == 4 and len(card3["legs"]) == 3
+    narrow, _ = load_model(second / "model.safetensors")
+    wide, _ = load_model(third / "model.safetensors")
+    assert wide.config["base_channels"] == 8
+    x = torch.randn(1, 3, 24, 24)
+    with torch.no_grad():
+        assert torch.allclose(wide(x), narrow(x), rtol=1e-4, atol=1e-4)
 
 
 def test_train_refuses_bad_real_anatomy_options(real_series, tmp_path, capsys) -> None:

@@ -32,7 +32,13 @@ from IPv2DenoiseLib.core.atomic import atomic_path
 from IPv2DenoiseLib.core.device import describe_device, resolve_device
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.progress import CancelToken, ProgressCallback
-from IPv2DenoiseLib.denoiser.models import NoiseAwareUNet, build_model, count_parameters, flops_per_voxel
+from IPv2DenoiseLib.denoiser.models import (
+    NoiseAwareUNet,
+    UNet,
+    build_model,
+    count_parameters,
+    flops_per_voxel,
+)
 from IPv2DenoiseLib.denoiser.models.noise_aware_unet import (
     noise_map_channel,
     wants_noise_map,
@@ -307,13 +313,21 @@ def _training_device(name: str, rank: int, world: int) -> torch.device:
 
 def _build_model(config: TrainConfig, device: torch.device) -> tuple[torch.nn.Module, dict]:
     """A fresh network of ``config.arch``, or the ``--init`` weights (which must match it), on
-    ``device``; and the model card of the ``--init`` weights (empty for a fresh network)."""
+    ``device``; and the model card of the ``--init`` weights (empty for a fresh network).
+
+    Two starts change the network without changing what it computes: a plain U-Net gains a
+    zero-weight noise map channel, and a narrower U-Net of the same layout is widened
+    (:meth:`~IPv2DenoiseLib.denoiser.models.unet.UNet.widened`; the card's ``widened_from`` says
+    from how many channels), so the ``quality`` tier starts from the trained fast one."""
     model = build_model(config.arch, **config.model_kwargs)
     start_card: dict = {}
     if config.init_weights:
         start_from, start_card = load_model(config.init_weights)
         if model.ARCH == NoiseAwareUNet.ARCH and start_from.ARCH == "unet":
             start_from = NoiseAwareUNet.from_unet(start_from)  # + a zero-weight noise map channel
+        if _widens(start_from, model):
+            start_card = {**start_card, "widened_from": start_from.base_channels}
+            start_from = start_from.widened(model.base_channels, seed=config.seed)
         if start_from.ARCH != model.ARCH or start_from.config != model.config:
             raise UserError(
                 f"--init {config.init_weights} is {start_card.get('architecture')} {start_from.config}; "
@@ -324,6 +338,14 @@ def _build_model(config: TrainConfig, device: torch.device) -> tuple[torch.nn.Mo
     if device.type == "cpu":
         model = model.to(memory_format=torch.channels_last)
     return model, start_card
+
+
+def _widens(start_from: torch.nn.Module, model: torch.nn.Module) -> bool:
+    """Whether ``start_from`` is a narrower U-Net of ``model``'s class, slices and levels."""
+    if not isinstance(start_from, UNet) or type(start_from) is not type(model):
+        return False
+    narrower = {**start_from.config, "base_channels": model.base_channels}
+    return narrower == model.config and model.base_channels > start_from.base_channels
 
 
 def _schedule(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler:
@@ -367,6 +389,8 @@ class Trainer:
         self.model, init_card = _build_model(config, device)
         #: The legs of the campaign before this one (from the ``--init`` weights' model card).
         self.legs_before: list[dict] = list(init_card.get("legs") or [])
+        #: The ``--init`` network's width when it was widened to this one (else None).
+        self.widened_from: int | None = init_card.get("widened_from")
         self.in_slices = self.model.in_slices
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=1e-4)
         self.schedule = _schedule(self.optimizer, config)
@@ -615,6 +639,7 @@ class Trainer:
             "leg": len(self.legs_before) + 1,
             "started_utc": self.started_utc,
             "initialised_from": card["initialised_from"],
+            **({"widened_from_channels": self.widened_from} if self.widened_from else {}),
             "iterations": [self.start, self.done],
             "stopped_by": self.stopped_by,
             "wall_seconds": round(time.monotonic() - self.began, 1),

@@ -59,8 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--arch",
         default="unet",
         help="unet (default), unet-nm (noise-aware: + a noise level map channel), redcnn, dncnn, "
-        "or a preset size: fast (the shipped U-Net) or quality (unet-nm, 32 channels, 4 levels, 1.9 M "
-        "parameters; --model-kwargs override it)",
+        "or a preset size: fast (the shipped U-Net) or quality (unet-nm, 32 channels, 3 levels, 467 k "
+        "parameters; --model-kwargs override it; --init with fast weights widens them)",
     )
     parser.add_argument(
         "--model-kwargs", default=None, help="JSON constructor keywords, e.g. '{\"base_channels\": 16}'"

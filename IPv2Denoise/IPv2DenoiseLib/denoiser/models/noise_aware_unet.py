@@ -88,8 +88,9 @@ class NoiseAwareUNet(UNet):
     Notes
     -----
     3 slices, 16 channels, 3 levels (the fast tier's size): 117,185 parameters, 49 kFLOP per voxel;
-    32 channels, 4 levels (the ``quality`` preset): 1,925,889 parameters, 282 kFLOP per voxel
-    (docs/models.md).
+    32 channels, 3 levels (the ``quality`` preset, started from the fast weights by
+    :meth:`~IPv2DenoiseLib.denoiser.models.unet.UNet.widened`): 466,817 parameters, 195 kFLOP per
+    voxel (docs/models.md).
 
     References
     ----------

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.denoiser.models.base import Denoiser2p5D, check_input, check_positive_int
 
 
@@ -126,6 +127,54 @@ class UNet(Denoiser2p5D):
         check_input(x, self.in_slices)
         return self.centre(x) - self.predict_noise(x)
 
+    def widened(self, base_channels: int, *, seed: int = 0) -> UNet:
+        """A wider copy that computes exactly what this network computes (Net2WiderNet).
+
+        The larger ``quality`` tier starts from the trained fast network instead of from scratch:
+        every channel is repeated ``base_channels / self.base_channels`` times with its incoming
+        weights and bias, and each consumer's weights on the copies are split at random into parts
+        that sum to the original weight. The output is unchanged (the copies are equal after the
+        ReLU), and the random split makes the copies' gradients differ, so they can learn apart.
+        Written by hand: no maintained library widens a PyTorch network.
+
+        Parameters
+        ----------
+        base_channels : int
+            The new full-resolution width, a multiple of this network's.
+        seed : int
+            Seed of the random split.
+
+        Returns
+        -------
+        UNet
+            A network of the same class, slices and levels, ``base_channels`` wide.
+
+        Raises
+        ------
+        UserError
+            ``base_channels`` is not a multiple of this network's width.
+
+        References
+        ----------
+        .. [1] T. Chen, I. Goodfellow, J. Shlens, "Net2Net: Accelerating Learning via Knowledge
+           Transfer", ICLR 2016, arXiv:1511.05641.
+        """
+        factor, rest = divmod(check_positive_int("base_channels", base_channels), self.base_channels)
+        if rest or factor < 1:
+            raise UserError(
+                f"cannot widen a {self.base_channels}-channel network to {base_channels} channels; "
+                f"use a multiple of {self.base_channels}"
+            )
+        wide = type(self)(**{**self.config, "base_channels": base_channels})
+        old = dict(self.named_parameters())
+        new = dict(wide.named_parameters())
+        splitter = _ChannelSplitter(torch.Generator().manual_seed(seed))
+        for name, weight in new.items():
+            source = old[name].detach()
+            with torch.no_grad():
+                weight.copy_(splitter.widen(name, source, tuple(weight.shape)))
+        return wide
+
     def predict_noise(self, x: torch.Tensor) -> torch.Tensor:
         """The noise of the centre slice, ``[B, 1, H, W]``, from all input channels (any H, W)."""
         h, w = x.shape[-2:]
@@ -139,3 +188,43 @@ class UNet(Denoiser2p5D):
         for up in self.ups:
             y = up(y, skips.pop())
         return self.head(y)[..., :h, :w]
+
+
+class _ChannelSplitter:
+    """The index maps and random splits of :meth:`UNet.widened`.
+
+    A widened tensor is indexed by new channels; an index map gives the old channel each copies.
+    A concatenated input (``ups.*.convs.0``: upsampled half, then the skip) maps each half alone.
+    """
+
+    def __init__(self, generator: torch.Generator) -> None:
+        self.generator = generator
+
+    @staticmethod
+    def old_index(new_size: int, old_size: int, *, halves: bool = False) -> torch.Tensor:
+        if halves and new_size != old_size:
+            half = torch.arange(new_size // 2) % (old_size // 2)
+            return torch.cat([half, half + old_size // 2])
+        return torch.arange(new_size) % old_size
+
+    def split(
+        self, shape: tuple[int, ...], in_dim: int, in_index: torch.Tensor, old_size: int
+    ) -> torch.Tensor:
+        """Random parts along ``in_dim`` that sum to 1 over the copies of each old channel."""
+        if shape[in_dim] == old_size:
+            return torch.ones(shape)
+        parts = 1.0 + 0.5 * (torch.rand(shape, generator=self.generator) - 0.5)
+        moved = parts.movedim(in_dim, 0)
+        sums = torch.zeros((old_size, *moved.shape[1:])).index_add_(0, in_index, moved)
+        return (moved / sums.index_select(0, in_index)).movedim(0, in_dim)
+
+    def widen(self, name: str, source: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """The widened value of parameter ``name`` (old value ``source``), of shape ``shape``."""
+        transposed = name.endswith("up.weight")  # ConvTranspose2d weights are [in, out, kh, kw]
+        out_dim, in_dim = (1, 0) if transposed else (0, 1)
+        value = source.index_select(out_dim, self.old_index(shape[out_dim], source.shape[out_dim]))
+        if source.ndim == 1:  # a bias
+            return value
+        in_index = self.old_index(shape[in_dim], source.shape[in_dim], halves=".convs.0." in name)
+        value = value.index_select(in_dim, in_index)
+        return value * self.split(shape, in_dim, in_index, source.shape[in_dim])
