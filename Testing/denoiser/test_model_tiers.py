@@ -1,5 +1,5 @@
 """Model tiers (issue #24 item 3): ``--model fast|quality`` picks the catalogue's model of that tier;
-without a quality model the user gets one line saying how to make one."""
+the shipped quality model runs from the CLI; without one the user gets one line saying how to make one."""
 
 from __future__ import annotations
 
@@ -15,25 +15,41 @@ from IPv2DenoiseLib.denoiser.models import NoiseAwareUNet
 from IPv2DenoiseLib.denoiser.weights import save_model
 
 
-def test_fast_is_the_shipped_default_and_quality_is_not_installed_yet() -> None:
+def test_fast_is_the_shipped_default_and_quality_the_shipped_wide_model() -> None:
     catalogue = ModelCatalogue.read()
     assert catalogue.entry("fast") == catalogue.entry("default")
+    quality = ModelReference.resolve("quality")
+    assert quality.name == "unet-nm-quality-ipv2" and quality.registered
+    model = quality.load().model
+    assert isinstance(model, NoiseAwareUNet) and model.config["base_channels"] == 32
+    assert quality.load().card["legs"][-1]["widened_from_channels"] == 16  # started from the fast weights
+
+
+def test_without_a_quality_model_the_user_is_told_in_one_line_how_to_get_one(tmp_path) -> None:
+    weights = tmp_path / "fast.safetensors"
+    save_model(NoiseAwareUNet(in_slices=3, base_channels=4, levels=2), weights, {"name": "f"})
+    catalogue = tmp_path / "models.json"
+    sha = hashlib.sha256(weights.read_bytes()).hexdigest()
+    catalogue.write_text(json.dumps({"default": "f", "models": {"f": {"file": weights.name, "sha256": sha}}}))
     with pytest.raises(
         UserError, match=r"^no quality-tier model is installed yet; train one with .*gpu_train_job"
     ):
-        catalogue.entry("quality")
+        ModelCatalogue.read(catalogue).entry("quality")
 
 
-def test_cli_denoise_with_model_quality_says_in_one_line_how_to_get_one(tmp_path, capsys) -> None:
+def test_cli_denoise_with_model_quality_runs_the_quality_model(tmp_path, capsys) -> None:
     from IPv2DenoiseLib.app.cli import main
     from IPv2DenoiseLib.core.resources import resources_dir
+    from IPv2DenoiseLib.core.volume import Volume
+    from IPv2DenoiseLib.io.volumes import read_volume, write_volume
 
-    source = resources_dir() / "SampleData" / "sample_uldct.nrrd"
+    sample = read_volume(resources_dir() / "SampleData" / "sample_uldct.nrrd")
+    source = tmp_path / "crop.nrrd"
+    write_volume(Volume(sample.array[8:11].copy(), spacing=sample.spacing, origin=sample.origin), source)
     out = tmp_path / "out.nrrd"
-    assert main(["denoise", str(source), str(out), "--model", "quality", "--device", "cpu"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "no quality-tier model is installed yet" in err[0]
-    assert not out.exists()
+    assert main(["denoise", str(source), str(out), "--model", "quality", "--device", "cpu"]) == 0
+    assert "with unet-nm-quality-ipv2" in capsys.readouterr().err
+    assert read_volume(out).array.std() < sample.array[8:11].std()
 
 
 def test_a_catalogue_entry_of_the_quality_tier_is_found_loaded_and_run(tmp_path) -> None:

@@ -203,6 +203,8 @@ def test_train_on_real_anatomy_mixed_with_phantoms_records_legs(real_series, mad
         and last["data"]["real_slabs"] == last["data"]["slabs"]
     )
     assert card2["iterations"] == last["iterations"][1]
+    # it ended decayed by the clock, and the history (the curves' grey line) records that factor
+    assert card2["history"]["lr_factor"][-1] == pytest.approx(0.0, abs=1e-3)
 
     # a wider network of the same layout starts from these weights widened (the quality tier's start):
     # before any step it computes what the narrow one computes, and the leg says it was widened

@@ -540,6 +540,13 @@ class Trainer:
         """Record the round's mean loss; rank 0 validates and writes the checkpoint."""
         self.history["iteration"].append(done)
         self.history["loss"].append(float(np.mean(losses)))
+        # the factor in use: a clock-paced leg decays by the clock, not by the iterations
+        factor = (
+            self.clock_lr_factor(done)
+            if self.config.max_minutes is not None
+            else self.optimizer.param_groups[0]["lr"] / self.config.lr
+        )
+        self.history.setdefault("lr_factor", []).append(round(factor, 4))
         self.last_round = time.monotonic()
         if self.rank != 0:
             return
@@ -797,7 +804,8 @@ def plot_training_curves(
     title: str = "",
     lr: Callable[[int], float] | None = None,
 ) -> Path:
-    """Loss (and the learning-rate factor ``lr(step)``) and validation PSNR per region, as a PNG.
+    """Loss (and the learning-rate factor: the one recorded each round, else ``lr(step)``) and
+    validation PSNR per region, as a PNG.
 
     One validation panel per set: the cases' own scans (``psnr_truth*``) and, for scanner-noise
     training, the fixed scanner protocol (``scanner_psnr_truth*``).
@@ -809,7 +817,12 @@ def plot_training_curves(
     axes = fig.subplots(1, 1 + len(sets))
     axes[0].plot(history["iteration"], history["loss"], marker="o")
     axes[0].set(xlabel="iteration", ylabel="training loss", yscale="log", title="loss")
-    if lr is not None and history["iteration"]:
+    recorded = history.get("lr_factor") or []
+    if len(recorded) == len(history["iteration"]) and recorded:
+        twin = axes[0].twinx()
+        twin.plot(history["iteration"], recorded, color="0.6", lw=1, drawstyle="steps-post")
+        twin.set(ylabel="learning-rate factor", ylim=(0, 1.05))
+    elif lr is not None and history["iteration"]:
         steps = np.arange(0, history["iteration"][-1] + 1)
         twin = axes[0].twinx()
         twin.plot(steps, [lr(int(i)) for i in steps], color="0.6", lw=1)
