@@ -472,12 +472,12 @@ class IPv2DenoiseLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def models():
-        """[(name, one-line summary)] from Resources/Models/models.json, the default first."""
+        """[(name, tier and one-line summary)] from Resources/Models/models.json, the default first."""
         try:
             catalogue = ModelCatalogue.read()
         except UserError:
             return []
-        return [(name, catalogue.entries[name].summary) for name in catalogue.names()]
+        return [(name, catalogue.entries[name].description) for name in catalogue.names()]
 
     @staticmethod
     def ensureDependencies():

@@ -23,6 +23,10 @@ def test_fast_is_the_shipped_default_and_quality_the_shipped_wide_model() -> Non
     model = quality.load().model
     assert isinstance(model, NoiseAwareUNet) and model.config["base_channels"] == 32
     assert quality.load().card["legs"][-1]["widened_from_channels"] == 16  # started from the fast weights
+    # model lists (the Slicer panel, the web page) show the two tiers first, each saying its tier
+    assert catalogue.names()[:2] == [catalogue.default, "unet-nm-quality-ipv2"]
+    assert catalogue.entries["unet-nm-quality-ipv2"].description.startswith("quality tier: ")
+    assert catalogue.entries[catalogue.default].description.startswith("fast tier: ")
 
 
 def test_without_a_quality_model_the_user_is_told_in_one_line_how_to_get_one(tmp_path) -> None:

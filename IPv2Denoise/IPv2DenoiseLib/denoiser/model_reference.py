@@ -112,6 +112,11 @@ class CatalogueEntry:
     summary: str = ""
     tier: str | None = None
 
+    @property
+    def description(self) -> str:
+        """The line a model list shows beside the name (Slicer tooltip, web hint): tier, then summary."""
+        return f"{self.tier} tier: {self.summary}" if self.tier else self.summary
+
 
 @dataclass(frozen=True)
 class ModelCatalogue:
@@ -182,8 +187,8 @@ class ModelCatalogue:
         return self.entries[key]
 
     def names(self) -> list[str]:
-        """The shipped model names, the default first."""
-        return sorted(self.entries, key=lambda n: (n != self.default, n))
+        """The shipped model names: the default first, then the other tiers' models, then the rest."""
+        return sorted(self.entries, key=lambda n: (n != self.default, self.entries[n].tier is None, n))
 
     def tier_entry(self, tier: str) -> CatalogueEntry:
         """The model of a tier: the default if it carries the tier, else the first by name; for

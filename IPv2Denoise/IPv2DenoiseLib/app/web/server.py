@@ -649,7 +649,7 @@ def model_summaries(names: list[str], weights: str | None) -> dict[str, str]:
     for name in names:
         entry = entries.get(name)
         if entry is not None:
-            summaries[name] = f"{entry.tier}: {entry.summary}" if entry.tier else entry.summary
+            summaries[name] = entry.description
         elif weights and name == Path(weights).name:
             summaries[name] = "the model given with --weights"
     return summaries
