@@ -335,3 +335,25 @@ def test_chest_corpus_extracts_checked_volumes_and_refuses_another_archive(tmp_p
     assert written.name == "chest_rider_lung.nrrd"
     assert np.array_equal(read_volume(written).array, read_volume(series).array)
     assert (tmp_path / "corpus" / "chest_rider_lung.LICENSE").read_text() == "CC BY 4.0"
+
+
+def test_the_campaign_plot_reads_every_leg_of_the_shipped_cards(tmp_path) -> None:
+    """``scripts/plot_campaign.py`` on the shipped fast and quality cards: one row per leg, hours
+    cumulative, the last row the card's final validation, and the figure written."""
+    cards = [
+        REPO / "Resources" / "Models" / f"{stem}.json" for stem in ("unet_nm_ipv2", "unet_nm_quality_ipv2")
+    ]
+    out = tmp_path / "campaign.png"
+    script = [sys.executable, str(REPO / "scripts" / "plot_campaign.py"), *map(str, cards), "--out", str(out)]
+    result = subprocess.run(script, capture_output=True, text=True, check=True)
+    assert out.stat().st_size > 10_000
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| unet_nm")]
+    for path in cards:
+        card = json.loads(path.read_text())
+        mine = [r for r in rows if r[0].strip() == card["name"]]
+        assert len(mine) == len(card["legs"]) >= 3
+        hours = [float(r[2]) for r in mine]
+        assert hours == sorted(hours) and hours[-1] == pytest.approx(
+            sum(leg["wall_seconds"] for leg in card["legs"]) / 3600, abs=0.06
+        )
+        assert float(mine[-1][3]) == pytest.approx(card["legs"][-1]["validation"]["psnr_label"], abs=0.006)
