@@ -135,7 +135,9 @@ def test_fine_pixel_slabs_keep_the_anatomy_in_mm_and_get_the_noise_of_finer_pixe
     assert 0.2 * noise["plain"] < noise["fine"] < 1.5 * noise["plain"], noise
 
 
-def test_train_on_real_anatomy_mixed_with_phantoms_records_legs(real_series, made_dataset, tmp_path) -> None:
+def test_train_on_real_anatomy_mixed_with_phantoms_records_legs(
+    real_series, made_dataset, tmp_path, capsys
+) -> None:
     from IPv2DenoiseLib.app.cli import main
 
     first = tmp_path / "leg1"
@@ -193,7 +195,13 @@ def test_train_on_real_anatomy_mixed_with_phantoms_records_legs(real_series, mad
         "--init",
         str(first / "model.safetensors"),
     ]
-    assert main([*leg2, "--iterations", "100000", "--max-minutes", "0.001"]) == 0
+    capsys.readouterr()
+    assert main([*leg2, "--iterations", "100000", "--max-minutes", "0.001", "--json-progress"]) == 0
+    # its progress runs to the deadline, not to the 100000 iterations it will never reach
+    bar = [
+        json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith('{"progress"')
+    ]
+    assert bar and bar[-1]["progress"] >= 0.5
     card2 = json.loads((second / "model.json").read_text())
     assert [g["leg"] for g in card2["legs"]] == [1, 2] and card2["legs"][0] == leg
     last = card2["legs"][1]

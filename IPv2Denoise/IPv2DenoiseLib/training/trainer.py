@@ -480,11 +480,23 @@ class Trainer:
                 self.end_round(done, running)
                 running = []
             if progress is not None and self.rank == 0:
-                progress(done, config.iterations, f"loss {last_loss:.4f}")
+                progress(done, self.expected_iterations(done), f"loss {last_loss:.4f}")
         card = self.export(time.monotonic() - self.began + self.elapsed_before) if self.rank == 0 else {}
         if self.world > 1:
             torch.distributed.barrier()
         return card
+
+    def expected_iterations(self, done: int) -> int:
+        """The iteration this leg will end at, for progress and ETA: ``iterations``, or for a leg
+        with ``max_minutes`` the pace so far carried to the deadline, whichever comes first."""
+        config = self.config
+        if config.max_minutes is None:
+            return config.iterations
+        fraction = (time.monotonic() - self.began) / (60.0 * config.max_minutes)
+        if fraction <= 0.0:
+            return config.iterations
+        paced = self.start + int((done - self.start) / fraction)
+        return max(done, min(config.iterations, paced))
 
     def round_due(self) -> bool:
         """Whether ``round_seconds`` have passed since the last round (the same answer on every rank)."""
