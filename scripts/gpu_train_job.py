@@ -10,8 +10,9 @@ Two steps::
     OUT=/some/folder python scripts/gpu_train_job.py --corpus runs/corpus/gpu_corpus.npz
 
 The job trains the ``fast`` tier (the shipped U-Net's size, fine-tuned from the shipped weights) and
-then the ``quality`` tier (the noise-aware U-Net at twice the width, started from the shipped
-weights widened without changing their output: ``UNet.widened``) with the
+then the ``quality`` tier (the noise-aware U-Net at twice the width, fine-tuned from the shipped
+quality model; where none is installed, from the fast weights widened without changing their
+output: ``UNet.widened``) with the
 project's own :class:`~IPv2DenoiseLib.training.trainer.Trainer`: scanner-like noise drawn afresh
 on the training device (``train --noise scanner``), real anatomy mixed half and half with the
 phantoms, bf16 autocast and large batches on CUDA, the clock-paced constant schedule of
@@ -176,14 +177,23 @@ def load_corpus(path: Path | None, *, tiny: bool) -> tuple[list[CleanVolume], li
 # ---------------------------------------------------------------------------------------- job
 
 
+def shipped_start(tier: str) -> Path:
+    """The weights a tier fine-tunes: the shipped model of that tier, or else the default, which the
+    trainer widens for the quality tier (``UNet.widened``, same output)."""
+    catalogue = ModelCatalogue.read()
+    try:
+        return catalogue.entry(tier).weights
+    except UserError:
+        return catalogue.entry("default").weights
+
+
 def tier_config(tier: str, args: argparse.Namespace, kind: str, *, has_real: bool) -> TrainConfig:
     """The :class:`TrainConfig` of one tier (its time budget is set when its sampler is ready)."""
     arch, kwargs = ARCH_PRESETS[tier]
     settings = SETTINGS[(kind, tier)]
     init = None
     if not args.tiny and not args.fresh:
-        # fine-tune the shipped model; the quality tier starts from it widened (UNet.widened, same output)
-        init = str(ModelCatalogue.read().entry("default").weights)
+        init = str(shipped_start(tier))
     return TrainConfig(
         cases=[],
         out=str(args.work / tier),

@@ -82,3 +82,19 @@ def test_the_fast_preset_is_the_shipped_defaults_network_so_the_job_can_fine_tun
     fresh = build_model(arch, **kwargs)
     assert card["architecture"] == arch and shipped.config == fresh.config
     fresh.load_state_dict(shipped.state_dict())  # every tensor fits
+
+
+def test_each_tier_of_the_gpu_job_starts_from_the_shipped_model_of_that_tier() -> None:
+    import importlib.util
+
+    from IPv2DenoiseLib.denoiser.model_reference import ModelCatalogue
+
+    spec = importlib.util.spec_from_file_location("gpu_train_job", SCRIPT)
+    job = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = job  # its dataclasses look their module up
+    spec.loader.exec_module(job)
+    catalogue = ModelCatalogue.read()
+    assert job.shipped_start("fast") == catalogue.entry("default").weights
+    assert (
+        job.shipped_start("quality") == catalogue.entry("quality").weights != catalogue.entry("fast").weights
+    )
