@@ -4,7 +4,9 @@ Two steps::
 
     # once, on any machine: the real normal-dose corpus and the phantoms in one small file
     python scripts/gpu_train_job.py --pack-corpus runs/corpus/gpu_corpus.npz \\
-        --real ../shared/data/real-ct/abdomen-series runs/corpus/head_cranium.nrrd
+        --real ../shared/data/real-ct/abdomen-series runs/corpus/head_cranium.nrrd \\
+               runs/corpus/chest_pyradiomics_lung1.nrrd runs/corpus/chest_pyradiomics_lung2.nrrd \\
+               runs/corpus/chest_rider_lung
 
     # on the GPU machine (the corpus file travels with the checkout): at most --minutes of wall time
     OUT=/some/folder python scripts/gpu_train_job.py --corpus runs/corpus/gpu_corpus.npz
@@ -102,15 +104,27 @@ def phantom(seed: int, *, slices: int, size: int) -> tuple[np.ndarray, tuple[flo
     return np.clip(np.rint(hu), HU_MIN, HU_MAX).astype(np.int16), spacing
 
 
-def pack_corpus(path: Path, real: list[Path], *, tiny: bool) -> dict:
-    """Write the training corpus (real normal-dose volumes + phantoms, int16 HU) as one .npz."""
+#: Real volumes keep at most this many central slices in the packed corpus, so that three chests,
+#: a head and an abdomen still travel in one small file (a 236-slice chest alone is 124 MB).
+MAX_REAL_SLICES = 32
+
+
+def central_slices(array: np.ndarray, count: int) -> np.ndarray:
+    """The ``count`` contiguous slices at the middle of a volume (all of it when it has fewer)."""
+    start = max(0, (array.shape[0] - count) // 2)
+    return array[start : start + count]
+
+
+def pack_corpus(path: Path, real: list[Path], *, tiny: bool, max_slices: int = MAX_REAL_SLICES) -> dict:
+    """Write the training corpus (real normal-dose volumes, central ``max_slices`` each, + phantoms,
+    int16 HU) as one .npz."""
     slices, size = (5, 96) if tiny else (8, 512)
     arrays: dict[str, np.ndarray] = {}
     index = []
     for source in real:
         vol = read_volume(source)
         key = f"real_{len(index)}"
-        arrays[key] = np.clip(np.rint(vol.array), HU_MIN, HU_MAX).astype(np.int16)
+        arrays[key] = central_slices(np.clip(np.rint(vol.array), HU_MIN, HU_MAX).astype(np.int16), max_slices)
         index.append(
             {"key": key, "name": f"real/{Path(source).name}", "spacing": list(vol.spacing), "real": True}
         )
@@ -294,6 +308,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--real", type=Path, nargs="*", default=[], help="real normal-dose CT for --pack-corpus"
     )
+    parser.add_argument(
+        "--max-slices",
+        type=int,
+        default=MAX_REAL_SLICES,
+        help=f"--pack-corpus: central slices kept of each real volume ({MAX_REAL_SLICES})",
+    )
     parser.add_argument("--corpus", type=Path, metavar="FILE", help="the corpus .npz of --pack-corpus")
     parser.add_argument(
         "--out", type=Path, default=os.environ.get("OUT"), help="output folder (default: $OUT)"
@@ -323,7 +343,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.pack_corpus:
-            print(json.dumps(pack_corpus(args.pack_corpus, args.real, tiny=args.tiny), indent=2))
+            if args.max_slices < 3:
+                raise UserError(
+                    f"--max-slices {args.max_slices}: need at least 3 (the networks read 3 slices)"
+                )
+            packed = pack_corpus(args.pack_corpus, args.real, tiny=args.tiny, max_slices=args.max_slices)
+            print(json.dumps(packed, indent=2))
             return 0
         if args.out is None:
             raise UserError("give --out or set $OUT")

@@ -36,9 +36,16 @@ def test_the_gpu_job_packs_a_corpus_trains_both_tiers_and_stops_by_itself(tmp_pa
     real = tmp_path / "real.nrrd"
     write_volume(Volume(hu.astype(np.float32), spacing=(0.9, 0.9, 2.0)), real)
     corpus = tmp_path / "corpus.npz"
-    packed = run_job("--pack-corpus", str(corpus), "--real", str(real), "--tiny")
+    packed = run_job("--pack-corpus", str(corpus), "--real", str(real), "--tiny", "--max-slices", "4")
     assert packed.returncode == 0, packed.stderr
     assert json.loads(packed.stdout)["volumes"] == ["real/real.nrrd", "phantom_100", "phantom_1000"]
+    with np.load(corpus) as arrays:  # a long real volume travels as its central slices
+        np.testing.assert_array_equal(
+            arrays["real_0"], np.clip(np.rint(hu[1:5]), -1024, 3071).astype(np.int16)
+        )
+    refused = run_job("--pack-corpus", str(tmp_path / "x.npz"), "--real", str(real), "--max-slices", "2")
+    assert refused.returncode == 2 and "--max-slices 2: need at least 3" in refused.stderr
+    assert not (tmp_path / "x.npz").exists()
 
     out = tmp_path / "out"
     job = run_job(
