@@ -16,7 +16,7 @@ then the ``quality`` tier (the noise-aware U-Net at twice the width, fine-tuned 
 quality model; where none is installed, from the fast weights widened without changing their
 output: ``UNet.widened``) with the
 project's own :class:`~IPv2DenoiseLib.training.trainer.Trainer`: scanner-like noise drawn afresh
-on the training device (``train --noise scanner``), real anatomy mixed half and half with the
+on the training device (``train --noise scanner``), real anatomy on 35 % of the slabs with the
 phantoms, bf16 autocast and large batches on CUDA, the clock-paced constant schedule of
 ``--max-minutes``. Every ``--every-seconds`` (60) it validates on a held-out phantom under the fixed
 scanner protocol and writes into ``OUT`` (flat, 8 files: what a lent GPU machine sends back) each
@@ -223,7 +223,7 @@ def tier_config(tier: str, args: argparse.Namespace, kind: str, *, has_real: boo
         lr=settings.lr,
         noise_pool=args.pool or settings.pool,
         noise_refresh=1,
-        real_share=0.5 if has_real else 0.0,
+        real_share=0.35 if has_real else 0.0,  # as legs 6 and quality 1 of the CPU campaign
         fine_pixel_share=0.25,  # 0.22-1.3 mm patients: leg 5 of the CPU campaign (docs/results.md §4)
         device=args.device,
         seed=args.seed,
