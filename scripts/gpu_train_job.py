@@ -16,8 +16,8 @@ then the ``quality`` tier (the noise-aware U-Net at twice the width, fine-tuned 
 quality model; where none is installed, from the fast weights widened without changing their
 output: ``UNet.widened``) with the
 project's own :class:`~IPv2DenoiseLib.training.trainer.Trainer`: scanner-like noise drawn afresh
-on the training device (``train --noise scanner``), real anatomy on 35 % of the slabs with the
-phantoms, bf16 autocast and large batches on CUDA, the clock-paced constant schedule of
+on the training device (``train --noise scanner``), real anatomy on 35 % of the slabs and the
+phantoms on the rest, bf16 autocast and large batches on CUDA, the clock-paced constant schedule of
 ``--max-minutes``. Every ``--every-seconds`` (60) it validates on a held-out phantom under the fixed
 scanner protocol and writes into ``OUT`` (flat, 8 files: what a lent GPU machine sends back) each
 tier's weights ``<tier>.safetensors`` with its card ``<tier>.json`` (``denoiser.weights.save_model``)
