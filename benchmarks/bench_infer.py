@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 GOALS = {
-    "cpu_mvox_s": 0.5,  # default model on 2 CPU cores
+    "cpu_mvox_s": 1.0,  # the fast (default) tier on 2 idle CPU cores (issue #24)
     "psnr_margin_db": 2.0,  # over the best classical method
     "lung_noise_hu": 30.0,
     "background_noise_hu": 5.0,
@@ -276,7 +276,13 @@ def main(argv=None) -> int:
                 f"{r['method']}: {r['psnr'] - model['psnr']:+.2f} dB PSNR over one pass, "
                 f"at {r['mvox_s'] / model['mvox_s']:.2f}x its speed"
             )
-    goals = [("CPU speed >= 0.5 Mvoxel/s", model["mvox_s"] >= GOALS["cpu_mvox_s"], f"{model['mvox_s']:.3f}")]
+    goals = [
+        (
+            f"CPU speed >= {GOALS['cpu_mvox_s']:g} Mvoxel/s",
+            model["mvox_s"] >= GOALS["cpu_mvox_s"],
+            f"{model['mvox_s']:.3f}",
+        )
+    ]
     if best is not None:
         goals.append(
             (
