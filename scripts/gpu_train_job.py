@@ -6,7 +6,7 @@ Two steps::
     python scripts/gpu_train_job.py --pack-corpus runs/corpus/gpu_corpus.npz \\
         --real ../shared/data/real-ct/abdomen-series runs/corpus/head_cranium.nrrd \\
                runs/corpus/chest_pyradiomics_lung1.nrrd runs/corpus/chest_pyradiomics_lung2.nrrd \\
-               runs/corpus/chest_rider_lung
+               runs/corpus/chest_rider_lung.nrrd
 
     # on the GPU machine (the corpus file travels with the checkout): at most --minutes of wall time
     OUT=/some/folder python scripts/gpu_train_job.py --corpus runs/corpus/gpu_corpus.npz
@@ -191,10 +191,10 @@ def load_corpus(path: Path | None, *, tiny: bool) -> tuple[list[CleanVolume], li
 # ---------------------------------------------------------------------------------------- job
 
 
-def shipped_start(tier: str) -> Path:
+def shipped_start(tier: str, catalogue: ModelCatalogue | None = None) -> Path:
     """The weights a tier fine-tunes: the shipped model of that tier, or else the default, which the
     trainer widens for the quality tier (``UNet.widened``, same output)."""
-    catalogue = ModelCatalogue.read()
+    catalogue = catalogue or ModelCatalogue.read()
     try:
         return catalogue.entry(tier).weights
     except UserError:

@@ -25,8 +25,9 @@ def test_fast_is_the_shipped_default_and_quality_the_shipped_wide_model() -> Non
     assert quality.load().card["legs"][-1]["widened_from_channels"] == 16  # started from the fast weights
     # model lists (the Slicer panel, the web page) show the two tiers first, each saying its tier
     assert catalogue.names()[:2] == [catalogue.default, "unet-nm-quality-ipv2"]
-    assert catalogue.entries["unet-nm-quality-ipv2"].description.startswith("quality tier: ")
-    assert catalogue.entries[catalogue.default].description.startswith("fast tier: ")
+    for name, tier in (("unet-nm-quality-ipv2", "quality"), (catalogue.default, "fast")):
+        description = catalogue.entries[name].description
+        assert description.startswith(f"{tier} tier: ") and description.count("tier") == 1
 
 
 def test_without_a_quality_model_the_user_is_told_in_one_line_how_to_get_one(tmp_path) -> None:
@@ -53,7 +54,12 @@ def test_cli_denoise_with_model_quality_runs_the_quality_model(tmp_path, capsys)
     out = tmp_path / "out.nrrd"
     assert main(["denoise", str(source), str(out), "--model", "quality", "--device", "cpu"]) == 0
     assert "with unet-nm-quality-ipv2" in capsys.readouterr().err
-    assert read_volume(out).array.std() < sample.array[8:11].std()
+    fast = tmp_path / "fast.nrrd"
+    assert main(["denoise", str(source), str(fast), "--model", "fast", "--device", "cpu"]) == 0
+    quality, default = read_volume(out).array, read_volume(fast).array
+    assert quality.std() < sample.array[8:11].std()
+    # another network ran: its output is the fast one's to within a few HU, not the same
+    assert 0.5 < np.abs(quality - default).mean() < 15.0
 
 
 def test_a_catalogue_entry_of_the_quality_tier_is_found_loaded_and_run(tmp_path) -> None:

@@ -91,17 +91,26 @@ def test_the_fast_preset_is_the_shipped_defaults_network_so_the_job_can_fine_tun
     fresh.load_state_dict(shipped.state_dict())  # every tensor fits
 
 
-def test_each_tier_of_the_gpu_job_starts_from_the_shipped_model_of_that_tier() -> None:
+def test_each_tier_of_the_gpu_job_starts_from_the_shipped_model_of_that_tier(tmp_path, monkeypatch) -> None:
+    import hashlib
     import importlib.util
+    import shutil
 
     from IPv2DenoiseLib.denoiser.model_reference import ModelCatalogue
 
     spec = importlib.util.spec_from_file_location("gpu_train_job", SCRIPT)
     job = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = job  # its dataclasses look their module up
+    monkeypatch.setitem(sys.modules, spec.name, job)  # its dataclasses look their module up
     spec.loader.exec_module(job)
     catalogue = ModelCatalogue.read()
     assert job.shipped_start("fast") == catalogue.entry("default").weights
     assert (
         job.shipped_start("quality") == catalogue.entry("quality").weights != catalogue.entry("fast").weights
     )
+    # a catalogue without a quality model: the quality tier starts from the default (to be widened)
+    fast = catalogue.entry("default").weights
+    shutil.copy(fast, tmp_path / fast.name)
+    sha = hashlib.sha256(fast.read_bytes()).hexdigest()
+    only_fast = tmp_path / "models.json"
+    only_fast.write_text(json.dumps({"default": "f", "models": {"f": {"file": fast.name, "sha256": sha}}}))
+    assert job.shipped_start("quality", ModelCatalogue.read(only_fast)) == tmp_path / fast.name

@@ -480,7 +480,10 @@ class Trainer:
                 self.end_round(done, running)
                 running = []
             if progress is not None and self.rank == 0:
-                progress(done, self.expected_iterations(done), f"loss {last_loss:.4f}")
+                # counted from this run's start, so that a resumed run's rate (and ETA) is its own
+                progress(
+                    done - self.start, self.expected_iterations(done) - self.start, f"loss {last_loss:.4f}"
+                )
         card = self.export(time.monotonic() - self.began + self.elapsed_before) if self.rank == 0 else {}
         if self.world > 1:
             torch.distributed.barrier()
@@ -558,7 +561,9 @@ class Trainer:
             if self.config.max_minutes is not None
             else self.optimizer.param_groups[0]["lr"] / self.config.lr
         )
-        self.history.setdefault("lr_factor", []).append(round(factor, 4))
+        if "lr_factor" not in self.history:  # a checkpoint from before the factor was recorded
+            self.history["lr_factor"] = [None] * (len(self.history["iteration"]) - 1)  # JSON null
+        self.history["lr_factor"].append(round(factor, 4))
         self.last_round = time.monotonic()
         if self.rank != 0:
             return
@@ -695,6 +700,8 @@ def train(
     _loss(config.loss)  # an unknown loss fails before any pairs are built
     if config.anatomy and config.noise != "scanner":
         raise UserError("--anatomy (real normal-dose CT) needs --noise scanner")
+    if not config.lr > 0:
+        raise UserError(f"--lr {config.lr}: need a positive learning rate")
     if not 0.0 <= config.real_share <= 1.0:
         raise UserError(f"--real-share {config.real_share}: need a fraction in [0, 1]")
     if not 0.0 <= config.fine_pixel_share <= 1.0 or (config.fine_pixel_share and config.noise != "scanner"):
@@ -832,7 +839,8 @@ def plot_training_curves(
     recorded = history.get("lr_factor") or []
     if len(recorded) == len(history["iteration"]) and recorded:
         twin = axes[0].twinx()
-        twin.plot(history["iteration"], recorded, color="0.6", lw=1, drawstyle="steps-post")
+        factors = [math.nan if f is None else f for f in recorded]
+        twin.plot(history["iteration"], factors, color="0.6", lw=1, drawstyle="steps-post")
         twin.set(ylabel="learning-rate factor", ylim=(0, 1.05))
     elif lr is not None and history["iteration"]:
         steps = np.arange(0, history["iteration"][-1] + 1)
