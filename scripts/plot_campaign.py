@@ -41,10 +41,14 @@ def main(argv: list[str] | None = None) -> int:
     axes = fig.subplots(1, len(SERIES))
     print("| model | leg | hours (cumulative) | own (dB) | scanner (dB) |")
     print("|---|---:|---:|---:|---:|")
+    used: set[str] = set()
     for path in args.cards:
         card = json.loads(path.read_text(encoding="utf-8"))
         points = leg_points(card)
         name = card.get("name", path.stem)
+        if name in used:  # two legs of one model: tell them apart by folder
+            name = f"{name} ({path.parent.name})"
+        used.add(name)
         for number, (hours, val) in enumerate(points, start=1):
             cells = " | ".join(f"{val.get(key, float('nan')):.2f}" for key, _ in SERIES)
             print(f"| {name} | {number} | {hours:.1f} | {cells} |")
