@@ -495,7 +495,7 @@ class Trainer:
         config = self.config
         if config.max_minutes is None:
             return config.iterations
-        fraction = (time.monotonic() - self.began) / (60.0 * config.max_minutes)
+        fraction = self.clock_fraction()
         if fraction <= 0.0:
             return config.iterations
         paced = self.start + int((done - self.start) / fraction)
@@ -521,11 +521,15 @@ class Trainer:
             torch.distributed.all_reduce(over, op=torch.distributed.ReduceOp.MAX)
         return bool(over.item())
 
+    def clock_fraction(self) -> float:
+        """Share of this leg's ``max_minutes`` spent so far."""
+        return (time.monotonic() - self.began) / (60.0 * self.config.max_minutes)
+
     def clock_lr_factor(self, it: int) -> float:
         """Learning-rate factor of a leg with ``max_minutes``: the ``constant`` schedule's warm-up,
         plateau and decay, run at the pace of whichever ends first, the iterations or the clock."""
         config = self.config
-        fraction = (time.monotonic() - self.began) / (60.0 * config.max_minutes)
+        fraction = self.clock_fraction()
         left = config.iterations - self.start
         step = max(it, self.start + int(fraction * left))
         return constant_then_decay(config.iterations, config.decay_fraction)(min(step, config.iterations))
