@@ -31,7 +31,7 @@ from pydicom.data import get_testdata_file
 from IPv2DenoiseLib.app.cli import build_parser
 from IPv2DenoiseLib.app.cli import main as cli_main
 from IPv2DenoiseLib.app.slicer_support.process import JobStatus
-from IPv2DenoiseLib.core.atomic import STAGING_DIR, clean_stale_staging
+from IPv2DenoiseLib.core.atomic import STAGING_DIR, clean_stale_staging, clean_stale_staging_tree
 from IPv2DenoiseLib.core.volume import Volume
 from IPv2DenoiseLib.denoiser.models import UNet
 from IPv2DenoiseLib.denoiser.weights import save_model
@@ -318,6 +318,25 @@ def test_stale_staging_of_a_live_process_is_kept(tmp_path) -> None:
         sleeper.wait()
     time.sleep(0.1)
     assert clean_stale_staging(tmp_path) == [entry]
+
+
+def test_a_batch_end_sweeps_staging_left_anywhere_in_its_tree(tmp_path) -> None:
+    """A worker killed right after creating its entry (still empty) in a records folder: the
+    retry writes elsewhere, so only the end-of-run sweep removes it; a live writer's entry stays."""
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    try:
+        host = socket.gethostname().replace("-", "_")
+        killed = tmp_path / ".ipv2-batch" / "records" / "site_a" / STAGING_DIR / f"{host}-{dead.pid}-abc"
+        live = tmp_path / "site_b" / STAGING_DIR / f"{host}-{sleeper.pid}-def"
+        killed.mkdir(parents=True)
+        live.mkdir(parents=True)
+        assert clean_stale_staging_tree(tmp_path) == [killed]
+        assert not killed.parent.exists() and live.exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
 
 
 def test_slicer_job_status_collects_warnings_for_the_module() -> None:

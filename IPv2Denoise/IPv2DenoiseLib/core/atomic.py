@@ -78,6 +78,20 @@ def clean_stale_staging(folder: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def clean_stale_staging_tree(root: str | os.PathLike) -> list[Path]:
+    """:func:`clean_stale_staging` in every folder under ``root`` that has a staging folder.
+
+    A batch run calls it at its end: a worker killed mid-write (``kill -9``, out of memory) leaves
+    its private staging entry in whichever folder it was writing, and the retry may never write
+    in that folder again. Entries of live writers are kept, as in :func:`clean_stale_staging`.
+    """
+    removed: list[Path] = []
+    for staging in sorted(Path(root).rglob(STAGING_DIR)):
+        if staging.is_dir() and not staging.is_symlink():
+            removed += clean_stale_staging(staging.parent)
+    return removed
+
+
 def remove_stale_partials(path: str | os.PathLike) -> list[Path]:
     """Delete what a killed writer of ``path`` left: its staging entries, whatever their pid or host.
 
@@ -361,6 +375,7 @@ __all__ = [
     "check_output_path",
     "claim_output",
     "clean_stale_staging",
+    "clean_stale_staging_tree",
     "make_output_folder",
     "remove_stale_partials",
     "resolve_path",

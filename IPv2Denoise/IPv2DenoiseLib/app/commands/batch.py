@@ -18,7 +18,7 @@ from IPv2DenoiseLib.app.arguments import add_model_arguments, non_negative_int, 
 from IPv2DenoiseLib.app.batch.lock import batch_lock
 from IPv2DenoiseLib.app.batch.records import summary_stem, totals, write_summary
 from IPv2DenoiseLib.app.pipeline import DenoiseOptions
-from IPv2DenoiseLib.core.atomic import make_output_folder
+from IPv2DenoiseLib.core.atomic import clean_stale_staging_tree, make_output_folder
 from IPv2DenoiseLib.core.errors import ExitCode, UserError
 from IPv2DenoiseLib.core.paths import safe_component
 from IPv2DenoiseLib.core.progress import JsonLinesProgress, make_progress
@@ -294,6 +294,7 @@ def _run(args, input_path, out_root, cases, found, shard, settings, start, json_
             "seconds": seconds,
             "interrupted": interrupted,
         }
+        clean_stale_staging_tree(out_root)  # what workers killed mid-write left behind
         summary = write_summary(out_root, rows, info, stem=summary_stem(shard))
     counts = totals(rows)
     event(summary=str(summary), totals=counts, seconds=seconds)
