@@ -365,7 +365,9 @@ class DenoiseWebApp(TrameApp):
             v3.VBtn(
                 "Search PACS",
                 id="pacs-search-btn",
-                click=self.search_pacs,
+                # the fields' values travel with the click: a state update still in flight
+                # from typing would otherwise leave the search without its filter
+                click=(self.search_pacs, "[pacs_patient, pacs_date]"),
                 disabled=("job_busy",),
                 block=True,
             )
@@ -425,14 +427,18 @@ class DenoiseWebApp(TrameApp):
         if self._start("read", read_work(path)):
             self.reading = path
 
-    def search_pacs(self) -> None:
-        """Ask the PACS for the CT series of the patients matching the page's search (a background job)."""
+    def search_pacs(self, patient: str | None = None, date: str | None = None) -> None:
+        """Ask the PACS for the CT series of the patients matching the page's search (a background job).
+
+        ``patient`` and ``date`` are the fields as the browser had them at the click; the state's
+        copies are the fallback for a call without them.
+        """
         if self.config.pacs is None:
             self._refuse(UserError("no PACS configured: start the server with --pacs"))
             return
-        if self._start(
-            "search", search_work(self.config.pacs, self.state.pacs_patient, self.state.pacs_date)
-        ):
+        patient = self.state.pacs_patient if patient is None else patient
+        date = self.state.pacs_date if date is None else date
+        if self._start("search", search_work(self.config.pacs, patient or "", date or "")):
             with self.state:
                 self.state.pacs_message = ""
 
