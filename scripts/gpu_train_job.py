@@ -56,7 +56,6 @@ from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.denoiser.model_reference import ModelCatalogue
 from IPv2DenoiseLib.denoiser.models import ARCH_PRESETS
 from IPv2DenoiseLib.denoiser.normalization import HU_MAX, HU_MIN
-from IPv2DenoiseLib.io.volumes import read_volume
 from IPv2DenoiseLib.purification.regions import anatomy_regions
 from IPv2DenoiseLib.synthetic.phantom import make_chest_phantom
 from IPv2DenoiseLib.training.scanner_data import CleanVolume, real_anatomy, validation_slabs
@@ -115,10 +114,31 @@ def central_slices(array: np.ndarray, count: int) -> np.ndarray:
     return array[start : start + count]
 
 
-def pack_corpus(path: Path, real: list[Path], *, tiny: bool, max_slices: int = MAX_REAL_SLICES) -> dict:
-    """Write the training corpus (real normal-dose volumes, central ``max_slices`` each, + phantoms,
-    int16 HU) as one .npz."""
+def phantom_entries(*, tiny: bool) -> list[dict]:
+    """Index entries of the phantom chests: made from their seeds where the job runs (a phantom is a
+    function of its seed, so it need not travel: the corpus file stays small)."""
     slices, size = (5, 96) if tiny else (8, 512)
+    return [
+        {
+            "key": f"phantom_{seed}",
+            "name": f"phantom_{seed}",
+            "phantom_seed": seed,
+            "slices": slices,
+            "size": size,
+            "real": False,
+            "validation": seed == VALIDATION_SEED,
+        }
+        for seed in (*PHANTOM_SEEDS[: 1 if tiny else None], VALIDATION_SEED)
+    ]
+
+
+def pack_corpus(path: Path, real: list[Path], *, tiny: bool, max_slices: int = MAX_REAL_SLICES) -> dict:
+    """Write the training corpus as one .npz: the real normal-dose volumes (central ``max_slices``
+    each, int16 HU) and the index, which also names the phantoms made from their seeds at load."""
+    # here, not at the top: the GPU machine runs the job with its own PyTorch image, which has no
+    # SimpleITK or pydicom (io.volumes needs both); only packing reads DICOM and NRRD
+    from IPv2DenoiseLib.io.volumes import read_volume
+
     arrays: dict[str, np.ndarray] = {}
     index = []
     for source in real:
@@ -128,18 +148,7 @@ def pack_corpus(path: Path, real: list[Path], *, tiny: bool, max_slices: int = M
         index.append(
             {"key": key, "name": f"real/{Path(source).name}", "spacing": list(vol.spacing), "real": True}
         )
-    for seed in (*PHANTOM_SEEDS[: 1 if tiny else None], VALIDATION_SEED):
-        key = f"phantom_{seed}"
-        arrays[key], spacing = phantom(seed, slices=slices, size=size)
-        index.append(
-            {
-                "key": key,
-                "name": key,
-                "spacing": list(spacing),
-                "real": False,
-                "validation": seed == VALIDATION_SEED,
-            }
-        )
+    index += phantom_entries(tiny=tiny)
     arrays["index"] = np.frombuffer(json.dumps(index).encode(), dtype=np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
@@ -148,27 +157,25 @@ def pack_corpus(path: Path, real: list[Path], *, tiny: bool, max_slices: int = M
     return {"file": str(path), "bytes": path.stat().st_size, "volumes": [i["name"] for i in index]}
 
 
+def corpus_volume(item: dict, arrays) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """One index entry's int16 HU and spacing: a packed array, or a phantom made from its seed."""
+    if "phantom_seed" in item:
+        return phantom(item["phantom_seed"], slices=item["slices"], size=item["size"])
+    return arrays[item["key"]], tuple(item["spacing"])
+
+
 def load_corpus(path: Path | None, *, tiny: bool) -> tuple[list[CleanVolume], list[CasePairs]]:
     """Training anatomy and the held-out validation phantom under :data:`VALIDATION_PROTOCOL`."""
     if path is None:
         if not tiny:
             raise UserError("give --corpus FILE (made by --pack-corpus), or --tiny")
-        entries = []
-        for seed in (PHANTOM_SEEDS[0], VALIDATION_SEED):
-            hu, spacing = phantom(seed, slices=5, size=96)
-            entries.append(
-                (
-                    {"name": f"phantom_{seed}", "real": False, "validation": seed == VALIDATION_SEED},
-                    hu,
-                    spacing,
-                )
-            )
+        entries = [(item, *corpus_volume(item, {})) for item in phantom_entries(tiny=True)]
     else:
         if not path.is_file():
             raise UserError(f"--corpus {path}: not found (make it with --pack-corpus)")
         with np.load(path) as data:
             index = json.loads(bytes(data["index"]).decode())
-            entries = [(item, data[item["key"]], tuple(item["spacing"])) for item in index]
+            entries = [(item, *corpus_volume(item, data)) for item in index]
     train, validation = [], []
     for item, hu16, spacing in entries:
         hu = hu16.astype(np.float32)
@@ -223,6 +230,7 @@ def tier_config(tier: str, args: argparse.Namespace, kind: str, *, has_real: boo
         lr=settings.lr,
         noise_pool=args.pool or settings.pool,
         noise_refresh=1,
+        data_workers=args.workers,
         real_share=0.35 if has_real else 0.0,  # as legs 6 and quality 1 of the CPU campaign
         fine_pixel_share=0.25,  # 0.22-1.3 mm patients: leg 5 of the CPU campaign (docs/results.md §4)
         device=args.device,
@@ -340,7 +348,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--pool", type=int, help="noise pool slabs per tier (default: 96 on a GPU, 3 with --tiny)"
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        help="processes simulating slabs for each tier (default: all CPU cores but two; 0 with --tiny)",
+    )
     args = parser.parse_args(argv)
+    if args.workers is None:
+        args.workers = 0 if args.tiny else max(1, (os.cpu_count() or 3) - 2)
     try:
         if args.pack_corpus:
             if args.max_slices < 3:
@@ -352,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.out is None:
             raise UserError("give --out or set $OUT")
+        if args.workers < 0:
+            raise UserError(f"--workers {args.workers}: need 0 or more")
         if not args.minutes > 0:
             raise UserError("--minutes must be positive")
         if args.work is None:
@@ -371,10 +388,18 @@ def main(argv: list[str] | None = None) -> int:
             "curves": {},
         }
         args.out.mkdir(parents=True, exist_ok=True)
+        # a record at once, so that even a job cut short during its start-up says how far it came
+        summary["phase"] = "building the noise pools"
+        summary["workers"] = args.workers
+        summary["data_seconds"] = round(time.monotonic() - STARTED, 1)
+        write_json(args.out / "job.json", {k: v for k, v in summary.items() if k != "curves"})
         trainers = {
             tier: make_trainer(tier_config(tier, args, kind, has_real=has_real), train, val, device)
             for tier in args.tiers
         }
+        summary["phase"] = "training"
+        summary["startup_seconds"] = round(time.monotonic() - STARTED, 1)
+        write_json(args.out / "job.json", {k: v for k, v in summary.items() if k != "curves"})
         remaining_share = sum(TIER_SHARE[t] for t in args.tiers)
         for tier, trainer in trainers.items():
             left = deadline - time.monotonic() - EXPORT_RESERVE_S[kind] * len(trainers)
@@ -383,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
             run_tier(
                 tier, trainer, seconds=seconds, every_s=args.every_seconds, summary=summary, out=args.out
             )
+        summary["phase"] = "done"
         summary["wall_seconds"] = round(time.monotonic() - STARTED, 1)
         summary["over_budget_s"] = round(max(0.0, time.monotonic() - deadline), 1)
         write_json(args.out / "job.json", {k: v for k, v in summary.items() if k != "curves"})

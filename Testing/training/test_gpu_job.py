@@ -40,6 +40,7 @@ def test_the_gpu_job_packs_a_corpus_trains_both_tiers_and_stops_by_itself(tmp_pa
     assert packed.returncode == 0, packed.stderr
     assert json.loads(packed.stdout)["volumes"] == ["real/real.nrrd", "phantom_100", "phantom_1000"]
     with np.load(corpus) as arrays:  # a long real volume travels as its central slices
+        assert sorted(arrays.files) == ["index", "real_0"]  # the phantoms are made from their seeds
         np.testing.assert_array_equal(
             arrays["real_0"], np.clip(np.rint(hu[1:5]), -1024, 3071).astype(np.int16)
         )
@@ -50,15 +51,19 @@ def test_the_gpu_job_packs_a_corpus_trains_both_tiers_and_stops_by_itself(tmp_pa
     out = tmp_path / "out"
     job = run_job(
         "--corpus", str(corpus), "--device", "cpu", "--minutes", "0.2", "--tiny", "--every-seconds", "2",
-        "--out", str(out), "--work", str(tmp_path / "work"),
+        "--out", str(out), "--work", str(tmp_path / "work"), "--workers", "1",
     )  # fmt: skip
     assert job.returncode == 0, job.stderr
     record = json.loads((out / "job.json").read_text())
     assert record["corpus"] == ["real/real.nrrd", "phantom_100"] and record["validation"] == ["phantom_1000"]
+    assert record["phase"] == "done" and record["workers"] == 1  # slabs made in a worker process
+    assert 0 < record["data_seconds"] <= record["startup_seconds"] <= record["wall_seconds"]
     for tier, arch in (("fast", "unet-nm"), ("quality", "unet-nm")):
         tier_record = record["tiers"][tier]
         assert tier_record["stopped_by"] == "max_minutes"  # the clock, not an iteration count
         assert tier_record["iterations"] >= 1
+        # the pool (3) from the worker, then at least one new slab every 5 batches (max_stale_batches 4)
+        assert tier_record["slabs_simulated"] >= 3 + tier_record["iterations"] // 5
         assert tier_record["validation"]["psnr_truth"] > 0
         model, card = load_model(out / f"{tier}.safetensors")
         assert card["architecture"] == arch and model.ARCH == arch
@@ -114,3 +119,29 @@ def test_each_tier_of_the_gpu_job_starts_from_the_shipped_model_of_that_tier(tmp
     only_fast = tmp_path / "models.json"
     only_fast.write_text(json.dumps({"default": "f", "models": {"f": {"file": fast.name, "sha256": sha}}}))
     assert job.shipped_start("quality", ModelCatalogue.read(only_fast)) == tmp_path / fast.name
+
+
+def test_the_gpu_job_runs_without_simpleitk_as_on_the_gpu_machines_pytorch_image(tmp_path) -> None:
+    """The lent GPU machine has PyTorch but no SimpleITK (50 MB: too big to carry beside the corpus):
+    training, its data and the job import without it; only --pack-corpus reads volumes with it."""
+    blocker = tmp_path / "sitecustomize.py"
+    blocker.write_text(
+        "import importlib.abc, sys\n"
+        "class NoSimpleITK(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name.split('.')[0] == 'SimpleITK':\n"
+        "            raise ImportError('no SimpleITK here')\n"
+        "sys.meta_path.insert(0, NoSimpleITK())\n"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    probe = subprocess.run(
+        [sys.executable, "-c", "import SimpleITK"], capture_output=True, text=True, env=env, check=False
+    )
+    assert probe.returncode == 1 and "no SimpleITK here" in probe.stderr  # the blocker works
+    job = subprocess.run(
+        [sys.executable, str(SCRIPT), "--tiny", "--device", "cpu", "--minutes", "0.05", "--tiers", "fast",
+         "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")],
+        capture_output=True, text=True, env={**env, "OMP_NUM_THREADS": "1"}, check=False,
+    )  # fmt: skip
+    assert job.returncode == 0, job.stderr
+    assert json.loads((tmp_path / "out" / "job.json").read_text())["tiers"]["fast"]["iterations"] >= 1

@@ -365,3 +365,46 @@ def test_the_campaign_plot_reads_every_leg_of_the_shipped_cards(tmp_path) -> Non
             sum(leg["wall_seconds"] for leg in card["legs"]) / 3600, abs=0.06
         )
         assert float(mine[-1][3]) == pytest.approx(card["legs"][-1]["validation"]["psnr_label"], abs=0.006)
+
+
+def test_slab_workers_fill_and_refresh_the_pool_in_other_processes(real_series) -> None:
+    """``workers`` (the GPU job, ``train --data-workers``): slabs made in worker processes are the
+    same kind of slab (the real label untouched, the low-dose noise inserted, counted), the pool is
+    refreshed from them, and close() ends the processes."""
+    import psutil
+
+    (volume,) = load_anatomy_volumes([real_series])
+    dose = 0.25
+    ranges = ProtocolRanges(
+        dose=(dose, dose), kernels=("shepp-logan",), bowtie_share=0.0, tcm=(0.0, 0.0),
+        correlated_share=0.0, fan_share=0.0,
+    )  # fmt: skip
+    no_aug = Augmentation(
+        zoom=(1.0, 1.0), soft_tissue_texture_hu=0.0, lung_texture_hu=0.0, single_slice_share=0.0
+    )
+    sampler = ScannerNoiseSampler(
+        [volume], patch=32, in_slices=3, shares=(0.45, 0.4, 0.15), seed=3, ranges=ranges,
+        augmentation=no_aug, pool=2, workers=2, max_stale_batches=0,
+    )  # fmt: skip
+    try:
+        workers = [  # not multiprocessing's resource tracker, which outlives them by design
+            p for p in psutil.Process().children() if "spawn_main" in " ".join(p.cmdline())
+        ]
+        assert len(workers) >= 2 and sampler.slabs_made == 2 and sampler.real_slabs == 2
+        assert sampler.doses == pytest.approx([dose, dose]) and len(sampler.input_noise_hu) == 2
+        for noisy, label, _ in sampler.pool:
+            assert any(np.array_equal(s, label[0]) or np.array_equal(s[:, ::-1], label[0]) for s in volume.hu)
+            inserted = estimate_noise_hu(noisy[1] - label[0], region=soft_tissue_mask(label)[0])
+            expected = estimate_noise_hu(label[0]) * np.sqrt((1 - dose) / dose)
+            assert inserted == pytest.approx(expected, rel=0.2)
+        before = [slab[1].copy() for slab in sampler.pool]
+        for i in range(3):  # max_stale_batches=0: every batch waits for at least one new slab
+            x, y = sampler.batch(4)
+            assert x.shape == (4, 3, 32, 32) and y.shape == (4, 1, 32, 32)
+            assert sampler.slabs_made >= 3 + i
+        assert sampler.real_slabs == sampler.slabs_made == len(sampler.doses)
+        assert not all(np.array_equal(a, b[1]) for a, b in zip(before, sampler.pool))  # refreshed
+    finally:
+        sampler.close()
+    gone, alive = psutil.wait_procs(workers, timeout=30)
+    assert not alive and sampler.executor is None

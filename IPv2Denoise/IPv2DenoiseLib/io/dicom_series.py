@@ -31,6 +31,10 @@ readable non-image object (SR, RT structures) is left alone.
 
 Coronal and sagittal series are read in their own geometry; the denoiser reorients them to
 axial for the network and back (see :meth:`IPv2DenoiseLib.core.volume.Volume.to_axial`).
+
+SimpleITK is a dependency, but a missing one leaves ``sitk`` None instead of failing the import,
+so that training imports without it (the GPU machine's PyTorch image has none;
+``scripts/gpu_train_job.py``).
 """
 
 from __future__ import annotations
@@ -47,7 +51,12 @@ from typing import Any
 
 import numpy as np
 import pydicom
-import SimpleITK as sitk
+
+try:  # see the module docstring
+    import SimpleITK as sitk
+except ImportError:
+    sitk = None
+
 from pydicom.config import disable_value_validation
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset

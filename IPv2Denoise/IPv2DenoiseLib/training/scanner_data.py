@@ -13,12 +13,20 @@ synthetic cases of ``make-dataset``), else ``ndct.*`` (a real normal-dose scan: 
 the label, and only the extra low-dose noise is inserted). Real normal-dose CT also comes as plain
 series or volumes (``train --anatomy``, :func:`load_anatomy_volumes`), mixed with the phantoms at a
 chosen share of slabs (``real_share``): a hospital fine-tunes on its own archive, no pairs needed.
+
+Making a slab (texture, zoom, projection, reconstruction, noise map) costs about a second of one
+CPU core, far more than a training step on a GPU. With ``workers`` the slabs are made in that many
+processes and the pool takes whichever are ready, so a GPU trains at its own pace (the GPU job,
+``scripts/gpu_train_job.py``); without, they are made in the training process, one per batch.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -202,6 +210,8 @@ class ScannerNoiseSampler:
         device: str = "cpu",
         real_share: float | None = None,
         noise_map: bool = False,
+        workers: int = 0,
+        max_stale_batches: int = 4,
     ) -> None:
         if not volumes:
             raise UserError("no training volumes for scanner-noise training")
@@ -229,9 +239,74 @@ class ScannerNoiseSampler:
         self.maps: list[np.ndarray | None] = []  # per pool slab, network units
         #: Noise SD (HU, :func:`estimate_noise_hu`) of every simulated input slice: the training range.
         self.input_noise_hu: list[float] = []
-        for _ in range(pool):
-            self.pool.append(self.make_slab())
-            self.maps.append(self.slab_map(self.pool[-1][0]))
+        #: Worker processes that make slabs (0: this process makes one per batch, in turn).
+        self.workers = workers
+        #: With workers: batches in a row without a new slab before a batch waits for one.
+        self.max_stale_batches = max_stale_batches
+        self.stale_batches = 0
+        self.executor: ProcessPoolExecutor | None = None
+        self.in_flight: list[Future] = []
+        if workers > 0:
+            settings = {
+                "volumes": self.volumes,
+                "patch": patch,
+                "in_slices": in_slices,
+                "shares": tuple(shares),
+                "ranges": self.ranges,
+                "augmentation": self.augmentation,
+                "real_share": real_share,
+                "noise_map": noise_map,
+            }
+            self.executor = ProcessPoolExecutor(
+                workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=start_slab_worker,
+                initargs=(settings,),
+            )
+            first = [self.submit() for _ in range(pool)]
+            for future in first:
+                self.keep(future.result(), None)
+            self.in_flight = [self.submit() for _ in range(2 * workers)]
+        else:
+            for _ in range(pool):
+                self.pool.append(self.make_slab())
+                self.maps.append(self.slab_map(self.pool[-1][0]))
+
+    def submit(self) -> Future:
+        """Ask a worker for one slab, with a seed drawn here (reproducible draws, not order)."""
+        assert self.executor is not None
+        with single_threaded_children():  # a worker started now runs one thread, not one per core
+            return self.executor.submit(make_worker_slab, int(self.rng.integers(2**62)))
+
+    def keep(self, draw: SlabDraw, index: int | None) -> None:
+        """Put a worker's slab into the pool (at ``index``, or appended) and count it."""
+        if index is None:
+            self.pool.append(draw.slab)
+            self.maps.append(draw.noise_map)
+        else:
+            self.pool[index], self.maps[index] = draw.slab, draw.noise_map
+        self.doses.append(draw.dose)
+        self.slabs_made += 1
+        self.real_slabs += int(draw.real)
+        self.input_noise_hu.append(draw.input_noise_hu)
+
+    def refresh_from_workers(self) -> None:
+        """Swap every finished slab into the pool; wait for one only after ``max_stale_batches``
+        batches in a row brought none (the pool never goes stale however slow the workers)."""
+        finished = [f for f in self.in_flight if f.done()]
+        if not finished and self.stale_batches >= self.max_stale_batches:
+            finished = list(wait(self.in_flight, return_when=FIRST_COMPLETED).done)
+        self.stale_batches = 0 if finished else self.stale_batches + 1
+        for future in finished:
+            self.in_flight.remove(future)
+            self.keep(future.result(), int(self.rng.integers(len(self.pool))))
+            self.in_flight.append(self.submit())
+
+    def close(self) -> None:
+        """Stop the worker processes (no-op without workers); slabs in flight are dropped."""
+        if self.executor is not None:
+            self.executor.shutdown(wait=False, cancel_futures=True)
+            self.executor, self.in_flight = None, []
 
     def slab_map(self, noisy: np.ndarray) -> np.ndarray | None:
         """The noise map channel of a pool slab's centre slice (None unless ``noise_map``)."""
@@ -312,10 +387,13 @@ class ScannerNoiseSampler:
         return pool[int(self.rng.integers(len(pool)))]
 
     def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        for _ in range(self.refresh):
-            index = int(self.rng.integers(len(self.pool)))
-            self.pool[index] = self.make_slab()
-            self.maps[index] = self.slab_map(self.pool[index][0])
+        if self.executor is not None:
+            self.refresh_from_workers()
+        else:
+            for _ in range(self.refresh):
+                index = int(self.rng.integers(len(self.pool)))
+                self.pool[index] = self.make_slab()
+                self.maps[index] = self.slab_map(self.pool[index][0])
         inputs, labels = [], []
         for region in self.rng.choice(3, size=size, p=self.shares):
             code = (LUNGS, BODY, BACKGROUND)[region]
@@ -337,6 +415,61 @@ class ScannerNoiseSampler:
             inputs.append(window)
             labels.append(hu_to_net(clean[:, y0 : y0 + p, x0 : x0 + p]))
         return torch.from_numpy(np.stack(inputs)), torch.from_numpy(np.stack(labels))
+
+
+@dataclass(frozen=True)
+class SlabDraw:
+    """One slab made by a worker process, with what the sampler counts about it."""
+
+    slab: tuple[np.ndarray, np.ndarray, np.ndarray]
+    noise_map: np.ndarray | None
+    dose: float
+    real: bool
+    input_noise_hu: float
+
+
+#: The sampler of a slab worker process (set by :func:`start_slab_worker`).
+WORKER_SAMPLER: ScannerNoiseSampler | None = None
+#: Thread counts read by NumPy's, SciPy's and finufft's libraries when a process starts.
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+@contextmanager
+def single_threaded_children() -> Iterator[None]:
+    """Processes started inside run one thread each (many workers on one machine, none oversubscribed)."""
+    saved = {name: os.environ.get(name) for name in THREAD_VARIABLES}
+    os.environ.update(dict.fromkeys(THREAD_VARIABLES, "1"))
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def start_slab_worker(settings: dict) -> None:
+    """Initialise a slab worker process: its own sampler over the same volumes, no pool, on the CPU."""
+    global WORKER_SAMPLER
+    torch.set_num_threads(1)
+    WORKER_SAMPLER = ScannerNoiseSampler(**settings, seed=0, pool=0)
+
+
+def make_worker_slab(seed: int) -> SlabDraw:
+    """One slab in a worker process, drawn from ``seed``."""
+    sampler = WORKER_SAMPLER
+    assert sampler is not None, "start_slab_worker was not run in this process"
+    sampler.rng = np.random.default_rng(seed)
+    real_before = sampler.real_slabs
+    slab = sampler.make_slab()
+    return SlabDraw(
+        slab,
+        sampler.slab_map(slab[0]),
+        sampler.doses[-1],
+        sampler.real_slabs > real_before,
+        sampler.input_noise_hu[-1],
+    )
 
 
 def zoom_in_plane(arr: np.ndarray, zoom: float, fill: float, order: int) -> np.ndarray:

@@ -122,6 +122,9 @@ class TrainConfig:
     #: Scanner-noise pool: slabs kept, and slabs replaced per iteration.
     noise_pool: int = 24
     noise_refresh: int = 1
+    #: Processes making scanner-noise slabs beside the training step (0: the training process
+    #: makes ``noise_refresh`` per batch). For a GPU, whose step is far faster than a slab.
+    data_workers: int = 0
     #: Central slices per validation volume (scanner-noise validation).
     val_slices: int = 8
     #: Real normal-dose CT (volume files, folders of them, DICOM series folders) used as anatomy
@@ -418,6 +421,7 @@ class Trainer:
                 augmentation=Augmentation(fine_pixel_share=config.fine_pixel_share),
                 noise_map=wants_noise_map(self.model),
                 device=str(device) if device.type == "cuda" else "cpu",  # simulate on the GPU
+                workers=config.data_workers,  # these simulate on the CPU, in parallel
             )
             if self.sampler_before:  # the training range covers the whole run, not just this part
                 self.sampler.slabs_made += int(self.sampler_before["slabs_made"])
@@ -484,6 +488,8 @@ class Trainer:
                 progress(
                     done - self.start, self.expected_iterations(done) - self.start, f"loss {last_loss:.4f}"
                 )
+        if isinstance(self.sampler, ScannerNoiseSampler):
+            self.sampler.close()  # its worker processes, if any
         card = self.export(time.monotonic() - self.began + self.elapsed_before) if self.rank == 0 else {}
         if self.world > 1:
             torch.distributed.barrier()

@@ -133,6 +133,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=1,
         help="scanner noise: slabs re-simulated per iteration (default 1)",
     )
+    parser.add_argument(
+        "--data-workers",
+        type=int,
+        default=0,
+        help="scanner noise: processes simulating slabs beside the training step; the pool takes "
+        "whatever they made (for a GPU, whose step outruns the simulation; default 0: one slab per "
+        "--noise-refresh in the training process)",
+    )
     parser.add_argument("--json-progress", action="store_true", help="JSON-lines progress on stdout")
 
 
@@ -151,6 +159,8 @@ def run(args: argparse.Namespace) -> int:
     arch, kwargs = resolve_architecture(args.arch, kwargs or None)
     if args.noise_pool < 1 or args.noise_refresh < 0:
         raise UserError("--noise-pool must be >= 1 and --noise-refresh >= 0")
+    if args.data_workers < 0:
+        raise UserError(f"--data-workers {args.data_workers}: need 0 or more")
     if not args.data and not (args.noise == "scanner" and args.anatomy):
         raise UserError("give --data (case folders), or --noise scanner with --anatomy (normal-dose CT)")
     config = TrainConfig(
@@ -176,6 +186,7 @@ def run(args: argparse.Namespace) -> int:
         decay_fraction=args.decay_fraction,
         noise_pool=args.noise_pool,
         noise_refresh=args.noise_refresh,
+        data_workers=args.data_workers,
         anatomy=[str(p) for p in args.anatomy],
         real_share=args.real_share,
         fine_pixel_share=args.fine_pixel_share,
