@@ -45,16 +45,28 @@ class CancelToken:
 
 
 class EtaEstimator:
-    """Seconds left from the rate so far (None until some work is done)."""
+    """Seconds left from the rate since the first report (None until some work is done).
+
+    The rate starts at the first report, not when the estimator is made: what a job does before
+    its first unit of work (a training leg builds its noise pool for minutes) is not work, and
+    counting it made an 85-minute leg say "about 106 min left" nine minutes in.
+    """
 
     def __init__(self) -> None:
         self.start = time.monotonic()
+        #: Time and amount done at the first report: where the rate is measured from.
+        self.first: tuple[float, float] | None = None
 
     def eta(self, done: float, total: float) -> float | None:
-        if done <= 0 or total <= 0:
+        now = time.monotonic()
+        if self.first is None:
+            self.first = (now, done)
+        first_time, first_done = self.first
+        if total <= 0 or done <= 0:
             return None
-        elapsed = time.monotonic() - self.start
-        return max(0.0, elapsed * (total - done) / done)
+        if done <= first_done:  # one report so far: the rate since the start is all there is
+            return max(0.0, (now - self.start) * (total - done) / done)
+        return max(0.0, (now - first_time) * (total - done) / (done - first_done))
 
 
 class JsonLinesProgress:
@@ -115,8 +127,13 @@ class TqdmProgress:
             file=sys.stderr,
             bar_format=fmt,
         )
+        self.reported = False
 
     def __call__(self, done: int, total: int, message: str = "") -> None:
+        if not self.reported:  # the rate (and ETA) from the first report on, as EtaEstimator
+            self.reported = True
+            self.bar.reset(total=total)
+            self.bar.initial = done
         if self.bar.total != total:
             self.bar.total = total
         self.bar.n = done
