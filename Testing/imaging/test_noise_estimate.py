@@ -87,3 +87,15 @@ def test_a_denoised_real_slice_reads_below_its_noisy_input() -> None:
     scan = read_volume(get_testdata_file("CT_small.dcm"))
     denoised = Denoiser.from_registry().denoise(scan, device="cpu").array
     assert estimate_noise_hu(denoised) < 0.8 * estimate_noise_hu(scan.array)
+
+
+def test_the_noise_sd_is_a_python_float_so_a_training_checkpoint_reads_back(chest_fine, tmp_path) -> None:
+    """A scanner-noise leg records every slab's noise SD in its checkpoint, which the trainer reads
+    with ``torch.load(weights_only=True)``: a NumPy scalar there made a real leg unresumable."""
+    import torch
+
+    noisy = chest_fine + 40.0 * np.random.default_rng(0).standard_normal(chest_fine.shape)
+    values = [estimate_noise_hu(noisy), estimate_noise_hu(noisy[1])]
+    assert all(type(v) is float for v in values)
+    torch.save({"input_noise_hu": values}, tmp_path / "checkpoint.pt")
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["input_noise_hu"] == values

@@ -168,10 +168,10 @@ def estimate_noise_hu(hu: np.ndarray, *, region: np.ndarray | None = None, windo
             ]
         )
         if sd <= 0 or pairs.size < 100:
-            return sd
+            return float(sd)
         lag1 = float(np.clip(1.0 - (_robust_sd(pairs) / sd) ** 2 / 2.0, _LAG1[0], _LAG1[-1]))
         share = float(np.interp(lag1, _LAG1, _SHARE))
-        return sd / np.sqrt(share)
+        return float(sd / np.sqrt(share))  # a Python float: it goes into training checkpoints
     diff = np.diff(vol3, axis=-1)
     inside = body_mask(vol3)[..., 1:]
     values = diff[inside] if inside.sum() >= 100 else diff.ravel()

@@ -592,7 +592,11 @@ class Trainer:
             "history": self.history,
             "iteration": done,
             "config": self._config_json(),
-            "sampler": {"slabs_made": self.sampler.slabs_made, "input_noise_hu": self.sampler.input_noise_hu}
+            # plain floats: a checkpoint is read back with weights_only=True, which refuses NumPy scalars
+            "sampler": {
+                "slabs_made": int(self.sampler.slabs_made),
+                "input_noise_hu": [float(v) for v in self.sampler.input_noise_hu],
+            }
             if isinstance(self.sampler, ScannerNoiseSampler)
             else None,
         }
