@@ -40,6 +40,24 @@ TINY = [
 ]
 
 
+def one_protocol(dose: float) -> ProtocolRanges:
+    """Every slab at ``dose``: one kernel, uniform flux, parallel beam, independent slices."""
+    return ProtocolRanges(
+        dose=(dose, dose),
+        kernels=("shepp-logan",),
+        bowtie_share=0.0,
+        tcm=(0.0, 0.0),
+        correlated_share=0.0,
+        fan_share=0.0,
+    )
+
+
+#: Slabs of the volume as it is: no zoom, no texture, no single-slice slabs.
+NO_AUGMENTATION = Augmentation(
+    zoom=(1.0, 1.0), soft_tissue_texture_hu=0.0, lung_texture_hu=0.0, single_slice_share=0.0
+)
+
+
 @pytest.fixture(scope="module")
 def real_series(tmp_path_factory) -> Path:
     """A real normal-dose DICOM series: the shared abdomen corpus, else a series written from a real slice."""
@@ -56,17 +74,7 @@ def test_real_slab_keeps_the_real_label_and_gets_the_low_dose_difference_noise(r
     # a dose where quantum noise dominates: below ~10 % the electronic noise of the photon-starved
     # lateral rays adds more (physics, not a fault), and exposure control may raise the dose
     dose = 0.25
-    ranges = ProtocolRanges(
-        dose=(dose, dose),
-        kernels=("shepp-logan",),
-        bowtie_share=0.0,
-        tcm=(0.0, 0.0),
-        correlated_share=0.0,
-        fan_share=0.0,
-    )
-    no_aug = Augmentation(
-        zoom=(1.0, 1.0), soft_tissue_texture_hu=0.0, lung_texture_hu=0.0, single_slice_share=0.0
-    )
+    ranges, no_aug = one_protocol(dose), NO_AUGMENTATION
     sampler = ScannerNoiseSampler(
         [volume],
         patch=32,
@@ -100,13 +108,8 @@ def test_fine_pixel_slabs_keep_the_anatomy_in_mm_and_get_the_noise_of_finer_pixe
     as the same body in mm on the finer grid."""
     (volume,) = load_anatomy_volumes([real_series])
     dose = 0.25
-    ranges = ProtocolRanges(
-        dose=(dose, dose), kernels=("shepp-logan",), bowtie_share=0.0, tcm=(0.0, 0.0),
-        correlated_share=0.0, fan_share=0.0,
-    )  # fmt: skip
-    plain = Augmentation(
-        zoom=(1.0, 1.0), soft_tissue_texture_hu=0.0, lung_texture_hu=0.0, single_slice_share=0.0
-    )
+    ranges = one_protocol(dose)
+    plain = NO_AUGMENTATION
     fine = Augmentation(
         zoom=(1.0, 1.0), soft_tissue_texture_hu=0.0, lung_texture_hu=0.0, single_slice_share=0.0,
         fine_pixel_share=1.0, fine_pixel_zoom=(2.0, 2.0),
@@ -375,13 +378,8 @@ def test_slab_workers_fill_and_refresh_the_pool_in_other_processes(real_series) 
 
     (volume,) = load_anatomy_volumes([real_series])
     dose = 0.25
-    ranges = ProtocolRanges(
-        dose=(dose, dose), kernels=("shepp-logan",), bowtie_share=0.0, tcm=(0.0, 0.0),
-        correlated_share=0.0, fan_share=0.0,
-    )  # fmt: skip
-    no_aug = Augmentation(
-        zoom=(1.0, 1.0), soft_tissue_texture_hu=0.0, lung_texture_hu=0.0, single_slice_share=0.0
-    )
+    ranges = one_protocol(dose)
+    no_aug = NO_AUGMENTATION
     sampler = ScannerNoiseSampler(
         [volume], patch=32, in_slices=3, shares=(0.45, 0.4, 0.15), seed=3, ranges=ranges,
         augmentation=no_aug, pool=2, workers=2, max_stale_batches=0,

@@ -4,10 +4,6 @@ Per axial slice, HU in and HU out, strength set from the measured noise so one c
 dose. Parameters were chosen by measurement on this project's machine (2 cores, 512² slice:
 TV 0.12–0.16 s, curvature diffusion 0.16 s, NLM fast 0.25 s; BM3D 6.5 s and non-commercial, so it
 is offered only when the ``bm3d`` package happens to be installed, for benchmarks).
-
-SimpleITK is a dependency, but a missing one leaves ``sitk`` None instead of failing the import,
-so that training imports without it (the GPU machine's PyTorch image has none;
-``scripts/gpu_train_job.py``).
 """
 
 from __future__ import annotations
@@ -16,17 +12,12 @@ import importlib.util
 from collections.abc import Callable, Sequence
 
 import numpy as np
-
-try:  # see the module docstring
-    import SimpleITK as sitk
-except ImportError:
-    sitk = None
-
 from scipy import ndimage as ndi
 from skimage.restoration import denoise_nl_means, denoise_tv_chambolle
 
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.progress import CancelToken, ProgressCallback
+from IPv2DenoiseLib.core.simpleitk import sitk
 from IPv2DenoiseLib.imaging.noise_estimate import estimate_noise_hu
 
 #: Methods always available.

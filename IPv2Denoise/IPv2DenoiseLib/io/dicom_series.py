@@ -31,10 +31,6 @@ readable non-image object (SR, RT structures) is left alone.
 
 Coronal and sagittal series are read in their own geometry; the denoiser reorients them to
 axial for the network and back (see :meth:`IPv2DenoiseLib.core.volume.Volume.to_axial`).
-
-SimpleITK is a dependency, but a missing one leaves ``sitk`` None instead of failing the import,
-so that training imports without it (the GPU machine's PyTorch image has none;
-``scripts/gpu_train_job.py``).
 """
 
 from __future__ import annotations
@@ -51,12 +47,6 @@ from typing import Any
 
 import numpy as np
 import pydicom
-
-try:  # see the module docstring
-    import SimpleITK as sitk
-except ImportError:
-    sitk = None
-
 from pydicom.config import disable_value_validation
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
@@ -65,6 +55,7 @@ from scipy import ndimage as ndi
 
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.progress import ProgressCallback
+from IPv2DenoiseLib.core.simpleitk import sitk
 from IPv2DenoiseLib.core.volume import Volume
 
 #: Folders never searched for DICOM files (besides hidden ones such as .venv or .git).

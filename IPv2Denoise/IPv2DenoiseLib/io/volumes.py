@@ -10,10 +10,6 @@ some air below −500 HU) and raises :class:`~IPv2DenoiseLib.core.errors.UserErr
 Writers go through a staging folder beside the destination and an atomic rename
 (:func:`IPv2DenoiseLib.core.atomic.atomic_path`), so an interrupted write never leaves a half file
 under the final name.
-
-SimpleITK is a dependency, but a missing one leaves ``sitk`` None instead of failing the import,
-so that training imports without it (the GPU machine's PyTorch image has none;
-``scripts/gpu_train_job.py``).
 """
 
 from __future__ import annotations
@@ -28,15 +24,10 @@ from typing import Any
 
 import numpy as np
 
-try:  # see the module docstring
-    import SimpleITK as sitk
-except ImportError:
-    sitk = None
-
-
 from IPv2DenoiseLib.core.atomic import atomic_path
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.progress import ProgressCallback
+from IPv2DenoiseLib.core.simpleitk import sitk
 from IPv2DenoiseLib.core.volume import Volume
 from IPv2DenoiseLib.io.dicom_series import quiet_readers, read_dicom, read_series, series_of_files
 from IPv2DenoiseLib.io.image_headers import check_image_file
