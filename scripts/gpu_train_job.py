@@ -56,6 +56,7 @@ from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.denoiser.model_reference import ModelCatalogue
 from IPv2DenoiseLib.denoiser.models import ARCH_PRESETS
 from IPv2DenoiseLib.denoiser.normalization import HU_MAX, HU_MIN
+from IPv2DenoiseLib.io.volumes import read_volume
 from IPv2DenoiseLib.purification.regions import anatomy_regions
 from IPv2DenoiseLib.synthetic.phantom import make_chest_phantom
 from IPv2DenoiseLib.training.scanner_data import CleanVolume, real_anatomy, validation_slabs
@@ -135,10 +136,6 @@ def phantom_entries(*, tiny: bool) -> list[dict]:
 def pack_corpus(path: Path, real: list[Path], *, tiny: bool, max_slices: int = MAX_REAL_SLICES) -> dict:
     """Write the training corpus as one .npz: the real normal-dose volumes (central ``max_slices``
     each, int16 HU) and the index, which also names the phantoms made from their seeds at load."""
-    # here, not at the top: the GPU machine runs the job with its own PyTorch image, which has no
-    # SimpleITK or pydicom (io.volumes needs both); only packing reads DICOM and NRRD
-    from IPv2DenoiseLib.io.volumes import read_volume
-
     arrays: dict[str, np.ndarray] = {}
     index = []
     for source in real:
@@ -245,6 +242,11 @@ def write_json(path: Path, payload: dict) -> None:
         Path(tmp).write_text(json.dumps(payload, indent=2, default=str), encoding="utf-8")
 
 
+def write_job_record(out: Path, summary: dict) -> None:
+    """Rewrite ``OUT/job.json``: the job's record without the curves (those go to curves.json)."""
+    write_json(out / "job.json", {k: v for k, v in summary.items() if k != "curves"})
+
+
 def make_trainer(
     config: TrainConfig, train: list[CleanVolume], val: list[CasePairs], device: torch.device
 ) -> Trainer:
@@ -297,7 +299,7 @@ def run_tier(
         copy_into(work / "training_curves.png", out / f"{tier}_curves.png")
         summary["curves"][tier] = t.history
         write_json(out / "curves.json", summary["curves"])
-        write_json(out / "job.json", {k: v for k, v in summary.items() if k != "curves"})
+        write_job_record(out, summary)
 
     def snapshot(t: Trainer) -> None:
         if not t.out_of_time():  # the last round: run() exports right after it
@@ -392,14 +394,14 @@ def main(argv: list[str] | None = None) -> int:
         summary["phase"] = "building the noise pools"
         summary["workers"] = args.workers
         summary["data_seconds"] = round(time.monotonic() - STARTED, 1)
-        write_json(args.out / "job.json", {k: v for k, v in summary.items() if k != "curves"})
+        write_job_record(args.out, summary)
         trainers = {
             tier: make_trainer(tier_config(tier, args, kind, has_real=has_real), train, val, device)
             for tier in args.tiers
         }
         summary["phase"] = "training"
         summary["startup_seconds"] = round(time.monotonic() - STARTED, 1)
-        write_json(args.out / "job.json", {k: v for k, v in summary.items() if k != "curves"})
+        write_job_record(args.out, summary)
         remaining_share = sum(TIER_SHARE[t] for t in args.tiers)
         for tier, trainer in trainers.items():
             left = deadline - time.monotonic() - EXPORT_RESERVE_S[kind] * len(trainers)
@@ -411,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
         summary["phase"] = "done"
         summary["wall_seconds"] = round(time.monotonic() - STARTED, 1)
         summary["over_budget_s"] = round(max(0.0, time.monotonic() - deadline), 1)
-        write_json(args.out / "job.json", {k: v for k, v in summary.items() if k != "curves"})
+        write_job_record(args.out, summary)
         print(json.dumps(summary["tiers"], indent=2, default=str))
         return 0
     except UserError as exc:

@@ -239,11 +239,10 @@ class ScannerNoiseSampler:
         self.maps: list[np.ndarray | None] = []  # per pool slab, network units
         #: Noise SD (HU, :func:`estimate_noise_hu`) of every simulated input slice: the training range.
         self.input_noise_hu: list[float] = []
-        #: Worker processes that make slabs (0: this process makes one per batch, in turn).
-        self.workers = workers
         #: With workers: batches in a row without a new slab before a batch waits for one.
         self.max_stale_batches = max_stale_batches
         self.stale_batches = 0
+        #: Worker processes that make slabs (None: this process makes one per batch, in turn).
         self.executor: ProcessPoolExecutor | None = None
         self.in_flight: list[Future] = []
         if workers > 0:
