@@ -179,8 +179,13 @@ def test_wrong_called_aet_is_rejected(orthanc, derived_series, capsys) -> None:
     code = main(["send", str(files[0].parent), "--to", node, "--aet", "NOT_ORTHANC", "--timeout", "30"])
     err = capsys.readouterr().err
     assert code == 2, err
-    assert err.count("\n") == 1 and "Called AE title not recognised" in err, err
-    assert "rejected" in err and "NOT_ORTHANC" in err, err
+    assert err.count("\n") == 1 and "NOT_ORTHANC" in err, err
+    # Orthanc answers A-ASSOCIATE-RJ and closes at once. Now and then its close reaches us as a TCP
+    # reset that discards the unread reject (seen once in a fresh-clone run), so the line names the
+    # likely cause instead of quoting the PACS. Either way the user is told to look at the AE title.
+    quoted = "rejected: Called AE title not recognised (check the called AE title)" in err
+    hung_up = "closed the connection without an answer (a wrong called AE title" in err
+    assert quoted or hung_up, err
 
 
 @pytest.mark.parametrize("protocol", ["dimse", "dicomweb"])
