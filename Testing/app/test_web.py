@@ -10,6 +10,7 @@ root, the job runner) are tested first, without a browser.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import subprocess
@@ -18,8 +19,11 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import aiohttp
+import msgpack
 import numpy as np
 import psutil
 import pydicom
@@ -37,6 +41,7 @@ from web_driver import (
     view_pixels,
     wait_until,
 )
+from wslink.chunking import UnChunker, generate_chunks
 
 from IPv2DenoiseLib.app.cli import main as cli_main
 from IPv2DenoiseLib.app.commands.web import configure_rendering
@@ -496,25 +501,49 @@ def test_warnings_are_shown_above_the_views(server, chromium) -> None:
     page.close()
 
 
+def wslink_hello(http_url: str, secret: str) -> dict:
+    """Send the websocket hello a trame page sends (wslink's chunked msgpack), with ``secret``; its answer."""
+
+    async def hello() -> dict:
+        hello = {"wslink": "1.0", "id": "system:c0:0", "method": "wslink.hello", "args": [{"secret": secret}]}
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(http_url.replace("http://", "ws://", 1).rstrip("/") + "/ws") as ws:
+                for chunk in generate_chunks(msgpack.packb(hello), 65536):
+                    await ws.send_bytes(chunk)
+                unchunker = UnChunker()
+                while True:
+                    frame = await ws.receive(timeout=JOB_S)
+                    assert frame.type == aiohttp.WSMsgType.BINARY, frame
+                    message = unchunker.process_chunk(frame.data)  # unpacked once whole
+                    if message is not None:
+                        return message
+
+    with ThreadPoolExecutor(1) as thread:  # playwright's sync API holds this thread's event loop
+        return thread.submit(asyncio.run, hello()).result()
+
+
 @pytest.mark.slow
 def test_the_access_token_is_required(web_case, chromium) -> None:
     web = WebServer(web_case / "root", ["--token", "s3cret", "--device", "cpu"], web_case / "token.log")
-    # a browser of its own: after the earlier tests' pages, the shared one left this page at
-    # "Loading..." in a full run (never alone); a user's browser meets one server at a time
-    browser = chromium.browser_type.launch(executable_path=shutil.which("chromium"))
     try:
         assert web.url.endswith("?secret=s3cret")
         base = web.url.split("?", 1)[0]
-        page = browser.new_page()
-        page.goto(base + "?secret=wrong")
-        wait_until(lambda: "connect" in page.inner_text("#app"), what="the refused connection")
-        assert page.locator("#denoise-btn").count() == 0
+        # the guard: the websocket answers a wrong secret with an authentication error, nothing else
+        refused = wslink_hello(base, "wrong")
+        assert refused["error"]["message"] == "Authentication failed" and "result" not in refused, refused
+        assert "clientID" in wslink_hello(base, "s3cret")["result"]
+        # what a person sees: a wrong, missing or stale link gets one sentence, never a page stuck loading
+        page = chromium.new_page()
+        for url in (base + "?secret=wrong", base, base + "index.html?secret=s3cre"):
+            response = page.goto(url)
+            assert response.status == 403, url
+            assert "needs its access token" in page.inner_text("body"), url
+            assert page.locator("#denoise-btn").count() == 0
         page.goto(web.url)
         page.wait_for_selector("#denoise-btn", timeout=JOB_S * 1000)
         assert web.process.poll() is None
         page.close()
     finally:
-        browser.close()
         web.stop()
 
 

@@ -105,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
 
     configure_rendering()
     try:  # lazy: trame, slicer and VTK are the optional [web] extra
+        from IPv2DenoiseLib.app.web.access import require_token_for_page
         from IPv2DenoiseLib.app.web.jobs import PacsPeer
         from IPv2DenoiseLib.app.web.server import DenoiseWebApp, WebConfig, available_models
     except ImportError as exc:
@@ -132,6 +133,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"ipv2-denoise web: serving {url} (data root {root.root})", flush=True)
 
     app.ctrl.on_server_ready.add(announce)
+    if token:
+        app.ctrl.on_server_bind.add(lambda wslink_server: require_token_for_page(wslink_server, token))
     with trame_argv(token):
         app.server.start(
             host=args.host, port=args.port, open_browser=False, show_connection_info=False, timeout=0
