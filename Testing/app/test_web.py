@@ -505,10 +505,15 @@ def wslink_hello(http_url: str, secret: str) -> dict:
     """Send the websocket hello a trame page sends (wslink's chunked msgpack), with ``secret``; its answer."""
 
     async def hello() -> dict:
-        hello = {"wslink": "1.0", "id": "system:c0:0", "method": "wslink.hello", "args": [{"secret": secret}]}
+        request = {
+            "wslink": "1.0",
+            "id": "system:c0:0",
+            "method": "wslink.hello",
+            "args": [{"secret": secret}],
+        }
         async with aiohttp.ClientSession() as session:
             async with session.ws_connect(http_url.replace("http://", "ws://", 1).rstrip("/") + "/ws") as ws:
-                for chunk in generate_chunks(msgpack.packb(hello), 65536):
+                for chunk in generate_chunks(msgpack.packb(request), 65536):
                     await ws.send_bytes(chunk)
                 unchunker = UnChunker()
                 while True:

