@@ -2,7 +2,8 @@
 
 One command::
 
-    OMP_NUM_THREADS=2 python benchmarks/bench_adapt.py [--seconds 60] [--lr 5e-5] [--alpha 0.5]
+    OMP_NUM_THREADS=2 python benchmarks/bench_adapt.py [--model quality] [--seconds 60] [--steps N]
+        [--lr 5e-5] [--alpha 0.5] [--noise-gain 1.15]
 
 Held-out chest phantoms (anatomy seeds the shipped model never saw), scanned at 2 % dose with two
 scanner protocols that differ from the product's own simulator (a smooth kernel with
@@ -66,10 +67,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=AdaptConfig.seconds)
     parser.add_argument("--lr", type=float, default=AdaptConfig.lr)
     parser.add_argument("--alpha", type=float, default=AdaptConfig.alpha)
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=AdaptConfig.max_iterations,
+        help="at most this many steps (with a long --seconds: the same work on a loaded or idle core)",
+    )
+    parser.add_argument(
+        "--noise-gain",
+        type=float,
+        default=AdaptConfig.noise_gain,
+        help="scale of the recorruption noise over the level matched to the scan (sensitivity study)",
+    )
     parser.add_argument("--json", default=str(ROOT / "benchmarks/results/bench_adapt.json"))
     args = parser.parse_args(argv)
     base = ModelReference.resolve(args.model).load()
-    config = AdaptConfig(seconds=args.seconds, lr=args.lr, alpha=args.alpha)
+    config = AdaptConfig(
+        seconds=args.seconds,
+        lr=args.lr,
+        alpha=args.alpha,
+        max_iterations=args.steps,
+        noise_gain=args.noise_gain,
+    )
     rows = []
     for seed, protocol in SCANS:
         truth, noisy = scan_case(seed, protocol)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.progress import Cancelled, CancelToken
 from IPv2DenoiseLib.core.volume import Volume
 from IPv2DenoiseLib.denoiser.infer import Denoiser
@@ -81,6 +82,25 @@ def test_adapting_improves_the_shipped_model_on_an_unfamiliar_kernel(smooth_kern
         return float(np.sqrt(np.mean((out - truth)[1:-1][body[1:-1]] ** 2)))
 
     assert error(adapted) < 0.97 * error(base)
+
+
+@pytest.mark.slow
+def test_recorruption_noise_weaker_than_the_scans_teaches_the_copy_to_keep_noise(smooth_kernel_scan) -> None:
+    """The pairs are unbiased only at the matched level: at 0.7x it the adapted copy keeps noise."""
+    truth, scan = smooth_kernel_scan
+    base = Denoiser.from_registry("default")
+    soft = soft_tissue_mask(truth)[1:-1]
+
+    def kept_noise(gain: float) -> float:
+        config = AdaptConfig(seconds=600, max_iterations=60, seed=1, noise_gain=gain)
+        adapted, _ = adapt_denoiser(base, Volume(scan, SPACING), config, device="cpu")
+        out = adapted.denoise_array(scan, spacing=SPACING, device="cpu", remove_background=False)
+        return float((out - truth)[1:-1][soft].std())
+
+    assert kept_noise(0.7) > 1.1 * kept_noise(1.0)
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(UserError, match="noise_gain"):
+            AdaptConfig(noise_gain=bad)
 
 
 def test_adapting_stops_at_its_time_budget_and_can_be_cancelled(smooth_kernel_scan) -> None:

@@ -71,6 +71,9 @@ class AdaptConfig:
     lr: float = 1e-5
     #: Recorruption strength α: input ``y + αz``, target ``y − z/α``.
     alpha: float = 1.0
+    #: Scale of the recorruption noise over the level matched to the scan (1 = matched). A study knob:
+    #: ±15 % costs about 1 dB either way (docs/training.md), which is why the level is measured.
+    noise_gain: float = 1.0
     #: Independent noise realisations drawn before training (each is also used with its sign flipped).
     noise_draws: int = 2
     #: The scan's slices used: up to ``chunks`` runs of ``chunk_slices`` contiguous slices, spread evenly.
@@ -86,6 +89,8 @@ class AdaptConfig:
                 raise UserError(f"adapt {name}={getattr(self, name)!r}: need >= 1")
         if not 0.0 < self.alpha <= 1.0:
             raise UserError(f"adapt alpha={self.alpha!r}: need a value in (0, 1]")
+        if not (self.noise_gain > 0 and math.isfinite(self.noise_gain)):
+            raise UserError(f"adapt noise_gain={self.noise_gain!r}: need a positive number")
 
 
 @dataclass
@@ -233,7 +238,8 @@ def adapt_denoiser(
             p = min(config.patch, ny, nx)
             y0, x0 = int(np.clip(y - p // 2, 0, ny - p)), int(np.clip(x - p // 2, 0, nx - p))
             win = window_indices(z, z + 1, k, nz)
-            draw = noise[int(rng.integers(len(noise)))] * (1.0 if rng.integers(2) else -1.0)
+            sign = 1.0 if rng.integers(2) else -1.0
+            draw = noise[int(rng.integers(len(noise)))] * (sign * config.noise_gain)
             y_win = scan[win, y0 : y0 + p, x0 : x0 + p]
             z_win = draw[win, y0 : y0 + p, x0 : x0 + p]
             noisier = y_win + alpha * z_win
