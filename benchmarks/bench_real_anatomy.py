@@ -545,6 +545,13 @@ def main(argv: list[str] | None = None) -> int:
         "for this budget (default budget of the product: 60)",
     )
     parser.add_argument(
+        "--adapt-steps",
+        type=int,
+        metavar="N",
+        help="with --adapt: stop each fine-tuning after N steps (denoise --adapt-steps; give --adapt a "
+        "long budget): the same rows on a busy or an idle machine",
+    )
+    parser.add_argument(
         "--ensemble",
         type=int,
         default=1,
@@ -555,6 +562,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=str(ROOT / "benchmarks/results/bench_real_anatomy.json"))
     parser.add_argument("--figure", default=str(ROOT / "docs/figures/real_anatomy.png"))
     args = parser.parse_args(argv)
+    if args.adapt_steps is not None and not (args.adapt and args.adapt_steps > 0):
+        parser.error("--adapt-steps needs --adapt SECONDS and a positive number of steps")
     import torch
 
     torch.set_num_threads(args.threads)
@@ -562,7 +571,8 @@ def main(argv: list[str] | None = None) -> int:
         args.model if args.model is not None else (["default"] if not args.weights else [])
     ) + args.weights
     models = load_models(specs)
-    adapt = AdaptConfig(seconds=args.adapt) if args.adapt else None
+    steps = {"max_iterations": args.adapt_steps} if args.adapt_steps else {}
+    adapt = AdaptConfig(seconds=args.adapt, **steps) if args.adapt else None
     ensembles = (1, args.ensemble) if args.ensemble > 1 else (1,)
     labels = model_labels(models, adapt=adapt is not None, ensembles=ensembles)
     began = time.monotonic()

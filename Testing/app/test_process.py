@@ -5,11 +5,12 @@ from __future__ import annotations
 import sys
 import textwrap
 import time
+from dataclasses import replace
 
 import psutil
 import pytest
 
-from IPv2DenoiseLib.app.pipeline import DenoiseOptions
+from IPv2DenoiseLib.app.pipeline import ADAPT_STEPS_SECONDS_CAP, DenoiseOptions
 from IPv2DenoiseLib.app.slicer_support.process import (
     BackgroundProcess,
     JobStatus,
@@ -17,6 +18,7 @@ from IPv2DenoiseLib.app.slicer_support.process import (
     parse_json_line,
 )
 from IPv2DenoiseLib.core.errors import ExitCode, UserError
+from IPv2DenoiseLib.training.adapt import AdaptConfig
 
 PROGRESS_SCRIPT = textwrap.dedent(
     """
@@ -129,3 +131,15 @@ def test_denoise_command():
     adapted = DenoiseOptions(model="unet-ipv2", device="cuda:1", ensemble=4, adapt=True, adapt_seconds=20)
     args = build_parser().parse_args(denoise_command("in.nrrd", "out.nrrd", adapted)[3:])
     assert DenoiseOptions.from_args(args) == adapted
+    stepped = replace(adapted, adapt_steps=150)
+    args = build_parser().parse_args(denoise_command("in.nrrd", "out.nrrd", stepped)[3:])
+    assert DenoiseOptions.from_args(args) == stepped
+    # steps alone: the clock only stops a runaway, so the steps end the fine-tuning on any machine
+    args = build_parser().parse_args(["denoise", "in.nrrd", "out.nrrd", "--adapt", "--adapt-steps", "150"])
+    alone = DenoiseOptions.from_args(args)
+    assert alone.adapt_steps == 150 and alone.adapt_seconds == ADAPT_STEPS_SECONDS_CAP
+    config = alone.adapt_config()
+    assert config.max_iterations == 150 and config.seconds == ADAPT_STEPS_SECONDS_CAP
+    assert DenoiseOptions(adapt=True).adapt_config().max_iterations == AdaptConfig().max_iterations
+    with pytest.raises(UserError, match="adapt steps"):
+        DenoiseOptions(adapt=True, adapt_steps=0)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from IPv2DenoiseLib.app.pipeline import ADAPT_STEPS_SECONDS_CAP
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.progress import Cancelled, CancelToken
 from IPv2DenoiseLib.core.volume import Volume
@@ -103,6 +104,18 @@ def test_recorruption_noise_weaker_than_the_scans_teaches_the_copy_to_keep_noise
             AdaptConfig(noise_gain=bad)
 
 
+def test_a_step_budget_gives_the_same_adapted_model_every_time(smooth_kernel_scan) -> None:
+    """``--adapt-steps``: a radiologist who runs the same scan again gets the same series."""
+    _, scan = smooth_kernel_scan
+    base = Denoiser.from_registry("default")
+    config = AdaptConfig(seconds=600, max_iterations=4, chunks=1)
+    runs = [adapt_denoiser(base, Volume(scan[:3], SPACING), config, device="cpu") for _ in range(2)]
+    assert [report.iterations for _, report in runs] == [4, 4]
+    first, second = (model.model.state_dict() for model, _ in runs)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert not all(torch.equal(first[k], v) for k, v in base.model.state_dict().items())
+
+
 def test_adapting_stops_at_its_time_budget_and_can_be_cancelled(smooth_kernel_scan) -> None:
     _, scan = smooth_kernel_scan
     base = Denoiser.from_registry("default")
@@ -127,8 +140,8 @@ def test_denoise_cli_adapt(tmp_path, smooth_kernel_scan) -> None:
             *cmd,
             str(tmp_path / "out.nrrd"),
             "--adapt",
-            "--adapt-seconds",
-            "2",
+            "--adapt-steps",
+            "3",
             "--device",
             "cpu",
             "--json-progress",
@@ -140,13 +153,19 @@ def test_denoise_cli_adapt(tmp_path, smooth_kernel_scan) -> None:
     assert run.returncode == 0, run.stderr
     records = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
     adapted = next(r["adapted"] for r in records if "adapted" in r)
-    assert adapted["iterations"] >= 1 and adapted["config"]["seconds"] == 2.0
+    # --adapt-steps ends it after exactly those steps; the clock is only a cap
+    assert adapted["iterations"] == 3 and adapted["config"]["max_iterations"] == 3
+    assert adapted["config"]["seconds"] == ADAPT_STEPS_SECONDS_CAP
     assert any("adapt" in r.get("message", "") for r in records)
     assert (tmp_path / "out.nrrd").exists()
     refused = subprocess.run(
         [*cmd, str(tmp_path / "b.nrrd"), "--adapt-seconds", "2"], capture_output=True, text=True, timeout=120
     )
     assert refused.returncode == 2 and "--adapt-seconds needs --adapt" in refused.stderr
+    refused = subprocess.run(
+        [*cmd, str(tmp_path / "b.nrrd"), "--adapt-steps", "5"], capture_output=True, text=True, timeout=120
+    )
+    assert refused.returncode == 2 and "--adapt-steps needs --adapt" in refused.stderr
     assert not (tmp_path / "b.nrrd").exists()
     odd = subprocess.run(
         [*cmd, str(tmp_path / "c.nrrd"), "--ensemble", "3"], capture_output=True, text=True, timeout=120

@@ -31,9 +31,12 @@ from IPv2DenoiseLib.denoiser.model_reference import DEFAULT_MODEL, ModelReferenc
 
 if TYPE_CHECKING:
     from IPv2DenoiseLib.denoiser.infer import Denoiser
+    from IPv2DenoiseLib.training.adapt import AdaptConfig
 
 #: Wall-clock budget of ``--adapt`` (s) unless the caller gives one.
 ADAPT_SECONDS = 60.0
+#: With ``--adapt-steps`` and no ``--adapt-seconds``: the clock only stops a runaway, the steps end it.
+ADAPT_STEPS_SECONDS_CAP = 3600.0
 
 WarningSink = Callable[[str], None]
 
@@ -43,7 +46,9 @@ class DenoiseOptions:
     """How to denoise, passed per call: which model, where, and with which extras.
 
     ``weights`` (a file) takes precedence over ``model`` (a catalogue name). ``adapt_seconds`` is
-    the fine-tuning budget when ``adapt`` is set. Checked on creation (one line each).
+    the fine-tuning budget when ``adapt`` is set; ``adapt_steps`` ends it after that many optimiser
+    steps instead, so that the same scan gives the same output on a busy or an idle machine.
+    Checked on creation (one line each).
     """
 
     model: str = DEFAULT_MODEL
@@ -53,6 +58,7 @@ class DenoiseOptions:
     ensemble: int = 1
     adapt: bool = False
     adapt_seconds: float = ADAPT_SECONDS
+    adapt_steps: int | None = None
     #: Slices per slab (None: from free memory).
     slab: int | None = None
 
@@ -61,14 +67,17 @@ class DenoiseOptions:
         object.__setattr__(self, "ensemble", check_ensemble(int(self.ensemble)))
         if not self.adapt_seconds > 0:
             raise UserError(f"adapt seconds: expected > 0, got {self.adapt_seconds}")
+        if self.adapt_steps is not None and int(self.adapt_steps) < 1:
+            raise UserError(f"adapt steps: expected a positive number of steps, got {self.adapt_steps}")
         if self.slab is not None and int(self.slab) < 1:
             raise UserError(f"slab: expected a positive number of slices, got {self.slab}")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> DenoiseOptions:
         """From the options of :func:`~IPv2DenoiseLib.app.arguments.add_model_arguments` (and
-        ``--adapt``/``--adapt-seconds``/``--slab`` where a command has them)."""
+        ``--adapt``/``--adapt-seconds``/``--adapt-steps``/``--slab`` where a command has them)."""
         seconds = getattr(args, "adapt_seconds", None)
+        steps = getattr(args, "adapt_steps", None)
         return cls(
             model=getattr(args, "model", None) or DEFAULT_MODEL,
             weights=getattr(args, "weights", None),
@@ -76,7 +85,8 @@ class DenoiseOptions:
             remove_background=getattr(args, "remove_background", True),
             ensemble=getattr(args, "ensemble", 1),
             adapt=bool(getattr(args, "adapt", False)),
-            adapt_seconds=seconds if seconds else ADAPT_SECONDS,
+            adapt_seconds=seconds or (ADAPT_STEPS_SECONDS_CAP if steps else ADAPT_SECONDS),
+            adapt_steps=steps,
             slab=getattr(args, "slab", None),
         )
 
@@ -90,9 +100,20 @@ class DenoiseOptions:
             args += ["--ensemble", str(self.ensemble)]
         if self.adapt:
             args += ["--adapt", "--adapt-seconds", f"{self.adapt_seconds:g}"]
+            if self.adapt_steps:
+                args += ["--adapt-steps", str(int(self.adapt_steps))]
         if self.slab:
             args += ["--slab", str(int(self.slab))]
         return args
+
+    def adapt_config(self) -> AdaptConfig:
+        """The fine-tuning's budget: the seconds, and the steps when given."""
+        # lazy: training code loads only when the user asks for --adapt
+        from IPv2DenoiseLib.training.adapt import AdaptConfig
+
+        if self.adapt_steps:
+            return AdaptConfig(seconds=self.adapt_seconds, max_iterations=int(self.adapt_steps))
+        return AdaptConfig(seconds=self.adapt_seconds)
 
     def reference(self) -> ModelReference:
         """The model these options name (torch-free)."""
@@ -101,6 +122,8 @@ class DenoiseOptions:
     def stage_weights(self) -> dict[str, float]:
         """Shares of the progress bar by expected time (the fine-tuning budget against ~30 s)."""
         adapt = self.adapt_seconds if self.adapt else 0.0
+        if self.adapt and self.adapt_steps:  # a step takes 0.1-0.3 s on a CPU core (docs/training.md)
+            adapt = min(adapt, 0.2 * self.adapt_steps)
         return {"read": 4, "model": 1, "adapt": adapt, "denoise": max(30.0, adapt), "write": 5}
 
 
@@ -224,13 +247,13 @@ class DenoisePipeline:
         adapted = None
         if self.options.adapt:
             # lazy: training code loads only when the user asks for --adapt
-            from IPv2DenoiseLib.training.adapt import AdaptConfig, adapt_denoiser
+            from IPv2DenoiseLib.training.adapt import adapt_denoiser
 
             self.stages.start("adapt", "adapting the model to this scan")
             denoiser, report = adapt_denoiser(
                 denoiser,
                 volume,
-                AdaptConfig(seconds=self.options.adapt_seconds),
+                self.options.adapt_config(),
                 device=self.device,
                 progress=self.stages.stage("adapt"),
                 cancel=self.cancel,

@@ -186,7 +186,8 @@ def adapt_denoiser(
 ) -> tuple[Denoiser, AdaptReport]:
     """A copy of ``denoiser`` fine-tuned on ``volume`` (axial HU, not modified); the original is untouched.
 
-    Progress is reported in seconds of the budget (``progress(elapsed_s, budget_s, message)``).
+    Progress is reported in seconds of the budget (``progress(elapsed_s, budget_s, message)``); when
+    ``max_iterations`` ends the loop before the clock, the steps' share of it is reported instead.
     """
     config = config or AdaptConfig()
     dev = resolve_device(device)
@@ -259,9 +260,15 @@ def adapt_denoiser(
         optimiser.step()
         losses.append(float(loss.detach()))
         iteration += 1
-        if iteration % 10 == 0:
-            elapsed = min(time.monotonic() - start, config.seconds)
-            report(elapsed, config.seconds, f"adapt: step {iteration}, loss {np.mean(losses[-10:]):.2e}")
+        if (
+            iteration % 10 == 0
+        ):  # the budget's share spent: of the clock, or of the steps if they end it first
+            spent = max((time.monotonic() - start) / config.seconds, iteration / config.max_iterations)
+            report(
+                min(spent, 1.0) * config.seconds,
+                config.seconds,
+                f"adapt: step {iteration}, loss {np.mean(losses[-10:]):.2e}",
+            )
     tuned.eval()
     seconds = time.monotonic() - start
     report(config.seconds, config.seconds, f"adapt: {iteration} steps in {seconds:.0f} s")

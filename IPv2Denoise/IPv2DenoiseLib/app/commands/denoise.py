@@ -18,7 +18,13 @@ from IPv2DenoiseLib.app.arguments import (
     positive_seconds,
 )
 from IPv2DenoiseLib.app.pacs import add_peer_arguments, send_and_report
-from IPv2DenoiseLib.app.pipeline import ADAPT_SECONDS, DenoiseOptions, DenoiseOutcome, DenoisePipeline
+from IPv2DenoiseLib.app.pipeline import (
+    ADAPT_SECONDS,
+    ADAPT_STEPS_SECONDS_CAP,
+    DenoiseOptions,
+    DenoiseOutcome,
+    DenoisePipeline,
+)
 from IPv2DenoiseLib.core.atomic import check_output_path, claim_output
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.progress import JsonLinesProgress, make_progress
@@ -80,7 +86,8 @@ def series_options(args: argparse.Namespace):
 
 
 def add_adapt_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--adapt [--adapt-seconds S]``: scan-adaptive fine-tuning before denoising (training/adapt.py)."""
+    """``--adapt [--adapt-seconds S] [--adapt-steps N]``: scan-adaptive fine-tuning before denoising
+    (training/adapt.py)."""
     group = parser.add_argument_group("scan-adaptive fine-tuning")
     group.add_argument(
         "--adapt",
@@ -93,6 +100,13 @@ def add_adapt_arguments(parser: argparse.ArgumentParser) -> None:
         type=positive_seconds,
         metavar="S",
         help=f"with --adapt: wall-clock budget of the fine-tuning (default: {ADAPT_SECONDS:.0f} s)",
+    )
+    group.add_argument(
+        "--adapt-steps",
+        type=positive_int,
+        metavar="N",
+        help="with --adapt: stop after N optimiser steps instead (the same output on a busy or an idle "
+        f"machine; the clock then only stops a runaway at --adapt-seconds, default {ADAPT_STEPS_SECONDS_CAP:.0f} s)",
     )
 
 
@@ -136,8 +150,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """``ipv2-denoise denoise``: check every option and the output first, then read, denoise, write."""
     start = time.monotonic()
-    if args.adapt_seconds is not None and not args.adapt:
-        raise UserError("--adapt-seconds needs --adapt")
+    for given, flag in ((args.adapt_seconds, "--adapt-seconds"), (args.adapt_steps, "--adapt-steps")):
+        if given is not None and not args.adapt:
+            raise UserError(f"{flag} needs --adapt")
     if args.dicom:
         _check_dicom_output(args)
     else:
