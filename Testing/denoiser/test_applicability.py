@@ -36,6 +36,13 @@ def test_normal_dose_scan_is_flagged_as_over_smoothed() -> None:
     assert warning is not None and "over-smoothed" in warning and "\n" not in warning
 
 
+def test_photon_starved_scan_is_flagged() -> None:
+    """Noise far above the training range (a large patient at a very low dose) gets one line."""
+    warning = applicability_warning(_chest(400.0), CARD)
+    assert warning is not None and "far above" in warning and "\n" not in warning
+    assert applicability_warning(_chest(200.0), CARD) is None  # under 2x the highest: in range
+
+
 def test_pixel_size_and_slice_thickness_outside_the_range() -> None:
     warning = applicability_warning(_chest(100.0, pixel=0.3, slice_mm=5.0), CARD)
     assert "pixel size (0.30 mm)" in warning and "slice thickness (5.00 mm)" in warning

@@ -21,6 +21,9 @@ from IPv2DenoiseLib.imaging.noise_estimate import volume_noise_hu
 #: A scan is "far below" the training noise when its measured noise is under this share of the
 #: lowest training noise (the 2nd percentile the trainer records).
 FAR_BELOW = 0.5
+#: ... and "far above" it over this multiple of the highest (the 98th percentile): photon
+#: starvation (a large patient at a very low dose), where the network keeps noise and streaks.
+FAR_ABOVE = 2.0
 #: Relative tolerance on pixel size and slice thickness.
 SPACING_TOLERANCE = 0.1
 
@@ -94,7 +97,7 @@ def applicability_warning(
     """One line saying how ``volume`` lies outside the model's training range, or None.
 
     Checks: measured noise far below the training noise (a normal-dose scan would be
-    over-smoothed), in-plane pixel size and slice thickness outside the trained range. A card
+    over-smoothed) or far above it (photon starvation), in-plane pixel size and slice thickness outside the trained range. A card
     without a training range gives None (nothing to compare with).
 
     Parameters
@@ -117,10 +120,15 @@ def applicability_warning(
     problems = []
     if rng.input_noise_hu is not None:
         noise = volume_noise_hu(volume.array) if noise_hu is None else float(noise_hu)
+        trained = f"the {rng.input_noise_hu[0]:.0f}–{rng.input_noise_hu[1]:.0f} HU the model was trained on"
         if math.isfinite(noise) and noise < FAR_BELOW * rng.input_noise_hu[0]:
             problems.append(
-                f"its noise ({noise:.0f} HU) is far below the {rng.input_noise_hu[0]:.0f}–"
-                f"{rng.input_noise_hu[1]:.0f} HU the model was trained on (a normal-dose scan will be over-smoothed)"
+                f"its noise ({noise:.0f} HU) is far below {trained} (a normal-dose scan will be over-smoothed)"
+            )
+        elif math.isfinite(noise) and noise > FAR_ABOVE * rng.input_noise_hu[1]:
+            problems.append(
+                f"its noise ({noise:.0f} HU) is far above {trained} (photon starvation: noise and streaks "
+                "will remain, and --adapt can make it worse)"
             )
     sx, sy, sz = (float(s) for s in volume.spacing)
     for what, value, bounds in (
