@@ -571,8 +571,8 @@ def main(argv: list[str] | None = None) -> int:
         args.model if args.model is not None else (["default"] if not args.weights else [])
     ) + args.weights
     models = load_models(specs)
-    steps = {"max_iterations": args.adapt_steps} if args.adapt_steps else {}
-    adapt = AdaptConfig(seconds=args.adapt, **steps) if args.adapt else None
+    steps = args.adapt_steps or AdaptConfig.max_iterations
+    adapt = AdaptConfig(seconds=args.adapt, max_iterations=steps) if args.adapt else None
     ensembles = (1, args.ensemble) if args.ensemble > 1 else (1,)
     labels = model_labels(models, adapt=adapt is not None, ensembles=ensembles)
     began = time.monotonic()

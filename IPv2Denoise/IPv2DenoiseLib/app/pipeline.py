@@ -111,9 +111,8 @@ class DenoiseOptions:
         # lazy: training code loads only when the user asks for --adapt
         from IPv2DenoiseLib.training.adapt import AdaptConfig
 
-        if self.adapt_steps:
-            return AdaptConfig(seconds=self.adapt_seconds, max_iterations=int(self.adapt_steps))
-        return AdaptConfig(seconds=self.adapt_seconds)
+        steps = int(self.adapt_steps) if self.adapt_steps else AdaptConfig.max_iterations
+        return AdaptConfig(seconds=self.adapt_seconds, max_iterations=steps)
 
     def reference(self) -> ModelReference:
         """The model these options name (torch-free)."""

@@ -97,8 +97,8 @@ def applicability_warning(
     """One line saying how ``volume`` lies outside the model's training range, or None.
 
     Checks: measured noise far below the training noise (a normal-dose scan would be
-    over-smoothed) or far above it (photon starvation), in-plane pixel size and slice thickness outside the trained range. A card
-    without a training range gives None (nothing to compare with).
+    over-smoothed) or far above it (photon starvation), in-plane pixel size and slice thickness
+    outside the trained range. A card without a training range gives None (nothing to compare with).
 
     Parameters
     ----------

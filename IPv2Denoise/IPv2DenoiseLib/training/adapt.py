@@ -260,9 +260,8 @@ def adapt_denoiser(
         optimiser.step()
         losses.append(float(loss.detach()))
         iteration += 1
-        if (
-            iteration % 10 == 0
-        ):  # the budget's share spent: of the clock, or of the steps if they end it first
+        if iteration % 10 == 0:
+            # the budget's share spent: of the clock, or of the steps if they end it first
             spent = max((time.monotonic() - start) / config.seconds, iteration / config.max_iterations)
             report(
                 min(spent, 1.0) * config.seconds,
