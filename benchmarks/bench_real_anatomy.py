@@ -541,15 +541,15 @@ def main(argv: list[str] | None = None) -> int:
         "--adapt",
         type=float,
         metavar="SECONDS",
-        help="also run each model after scan-adaptive fine-tuning (denoise --adapt) on each noisy image "
-        "for this budget (default budget of the product: 60)",
+        help="also run each model after scan-adaptive fine-tuning (denoise --adapt) on each noisy image, "
+        "capped at this many seconds (the product's cap: 60); it runs the product's default step count",
     )
     parser.add_argument(
         "--adapt-steps",
         type=int,
         metavar="N",
-        help="with --adapt: stop each fine-tuning after N steps (denoise --adapt-steps; give --adapt a "
-        "long budget): the same rows on a busy or an idle machine",
+        help="with --adapt: another step count than the product's (denoise --adapt-steps; give --adapt a "
+        "long cap so that the steps end it)",
     )
     parser.add_argument(
         "--ensemble",

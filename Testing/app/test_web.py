@@ -388,7 +388,8 @@ def test_linked_slices_presets_and_a_second_browser(server, chromium) -> None:
 
 @pytest.mark.slow
 def test_cancel_stops_and_writes_nothing(server, chromium) -> None:
-    """Adapt (a 60 s fine-tuning) then Cancel: the job stops, the data root is unchanged."""
+    """Adapt (drawing noise, then 50 steps: several seconds) then Cancel: the job stops, the data root
+    is unchanged."""
     before = sorted(p.relative_to(server.root) for p in server.root.rglob("*"))
     page = open_page(chromium, server)
     wait_until(lambda: shows_scan(page), what="the original view")

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from IPv2DenoiseLib.denoiser.infer import Denoiser
     from IPv2DenoiseLib.training.adapt import AdaptConfig
 
-#: Wall-clock budget of ``--adapt`` (s) unless the caller gives one.
+#: Wall-clock cap of ``--adapt`` (s) unless the caller gives one; its step count (``AdaptConfig``) ends it first.
 ADAPT_SECONDS = 60.0
 #: With ``--adapt-steps`` and no ``--adapt-seconds``: the clock only stops a runaway, the steps end it.
 ADAPT_STEPS_SECONDS_CAP = 3600.0
@@ -45,9 +45,9 @@ WarningSink = Callable[[str], None]
 class DenoiseOptions:
     """How to denoise, passed per call: which model, where, and with which extras.
 
-    ``weights`` (a file) takes precedence over ``model`` (a catalogue name). ``adapt_seconds`` is
-    the fine-tuning budget when ``adapt`` is set; ``adapt_steps`` ends it after that many optimiser
-    steps instead, so that the same scan gives the same output on a busy or an idle machine.
+    ``weights`` (a file) takes precedence over ``model`` (a catalogue name). With ``adapt``, the
+    fine-tuning runs ``adapt_steps`` optimiser steps (None: the default of ``AdaptConfig``), so that
+    the same scan gives the same output on a busy or an idle machine; ``adapt_seconds`` caps it.
     Checked on creation (one line each).
     """
 
@@ -107,7 +107,7 @@ class DenoiseOptions:
         return args
 
     def adapt_config(self) -> AdaptConfig:
-        """The fine-tuning's budget: the seconds, and the steps when given."""
+        """The fine-tuning's budget: the steps (given or the default) and the seconds' cap."""
         # lazy: training code loads only when the user asks for --adapt
         from IPv2DenoiseLib.training.adapt import AdaptConfig
 
@@ -120,9 +120,8 @@ class DenoiseOptions:
 
     def stage_weights(self) -> dict[str, float]:
         """Shares of the progress bar by expected time (the fine-tuning budget against ~30 s)."""
-        adapt = self.adapt_seconds if self.adapt else 0.0
-        if self.adapt and self.adapt_steps:  # a step takes 0.1-0.3 s on a CPU core (docs/training.md)
-            adapt = min(adapt, 0.2 * self.adapt_steps)
+        # a step takes 0.1-0.3 s on a CPU core (docs/training.md)
+        adapt = min(self.adapt_seconds, 0.2 * self.adapt_config().max_iterations) if self.adapt else 0.0
         return {"read": 4, "model": 1, "adapt": adapt, "denoise": max(30.0, adapt), "write": 5}
 
 

@@ -99,14 +99,16 @@ def add_adapt_arguments(parser: argparse.ArgumentParser) -> None:
         "--adapt-seconds",
         type=positive_seconds,
         metavar="S",
-        help=f"with --adapt: wall-clock budget of the fine-tuning (default: {ADAPT_SECONDS:.0f} s)",
+        help=f"with --adapt: wall-clock cap of the fine-tuning (default: {ADAPT_SECONDS:.0f} s; with "
+        f"--adapt-steps alone {ADAPT_STEPS_SECONDS_CAP:.0f} s)",
     )
     group.add_argument(
         "--adapt-steps",
         type=positive_int,
         metavar="N",
-        help="with --adapt: stop after N optimiser steps instead (the same output on a busy or an idle "
-        f"machine; the clock then only stops a runaway at --adapt-seconds, default {ADAPT_STEPS_SECONDS_CAP:.0f} s)",
+        help="with --adapt: optimiser steps (default: the few dozen of docs/training.md; more can "
+        "over-smooth a scan whose noise texture the model does not know). A step count gives the same "
+        "output on a busy or an idle machine",
     )
 
 
