@@ -7,7 +7,12 @@ import pytest
 from scipy import ndimage as ndi
 
 from IPv2DenoiseLib.imaging.masks import soft_tissue_mask
-from IPv2DenoiseLib.imaging.noise_estimate import estimate_noise_hu, estimate_slice_correlation
+from IPv2DenoiseLib.imaging.noise_estimate import (
+    estimate_noise_hu,
+    estimate_slice_correlation,
+    noise_streakiness,
+)
+from IPv2DenoiseLib.physics.lowdose import detector_grid_noise
 from IPv2DenoiseLib.physics.scanner_noise import ScannerProtocol, correlate_slices, scanner_noise
 from IPv2DenoiseLib.synthetic.phantom import make_chest_phantom
 
@@ -99,3 +104,23 @@ def test_the_noise_sd_is_a_python_float_so_a_training_checkpoint_reads_back(ches
     assert all(type(v) is float for v in values)
     torch.save({"input_noise_hu": values}, tmp_path / "checkpoint.pt")
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["input_noise_hu"] == values
+
+
+def test_projection_noise_reads_streakier_than_noise_with_its_spectrum_and_no_direction(chest_fine) -> None:
+    """Noise inserted along the rays has a local direction that image-domain noise with the same power
+    spectrum lacks: what ``--adapt`` measures to choose the texture of its recorruption noise."""
+    slice_ = chest_fine[1:2]
+    region = ndi.binary_erosion(
+        soft_tissue_mask(slice_), ndi.generate_binary_structure(2, 1)[None], iterations=2
+    )
+    streaky = detector_grid_noise(slice_, dose=0.02, spacing_mm=0.7, seed=3)
+    amplitude = ndi.gaussian_filter(np.abs(np.fft.fft2(streaky)), (0, 2, 2))
+    white = np.random.default_rng(0).standard_normal(streaky.shape)
+    no_direction = np.real(np.fft.ifft2(np.fft.fft2(white) * amplitude))  # the same spectrum, random phases
+    along_rays = noise_streakiness(streaky, region=region, pixel_mm=0.7)
+    assert along_rays > 1.3 * noise_streakiness(no_direction, region=region, pixel_mm=0.7)
+    # it reads the direction, not the level
+    assert noise_streakiness(4.0 * streaky, region=region, pixel_mm=0.7) == pytest.approx(
+        along_rays, rel=1e-6
+    )
+    assert np.isnan(noise_streakiness(streaky, region=np.zeros_like(region), pixel_mm=0.7))

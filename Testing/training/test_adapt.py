@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage as ndi
 
 from IPv2DenoiseLib.app.pipeline import ADAPT_STEPS_SECONDS_CAP
 from IPv2DenoiseLib.core.errors import UserError
@@ -54,6 +55,36 @@ def test_recorruption_noise_matches_the_scans_level_texture_and_slice_correlatio
     scans_rho = estimate_slice_correlation(true_noise, region=soft)
     assert scans_rho > 0.3 and info["z_correlation"] == pytest.approx(scans_rho, abs=0.02)
     assert estimate_slice_correlation(noise[0], region=soft) == pytest.approx(scans_rho, abs=0.1)
+
+
+def _without_direction(noise: np.ndarray) -> np.ndarray:
+    """Image-domain noise with ``noise``'s 2D power spectrum and local SD but random phases (a smooth
+    kernel or an iterative reconstruction: no streaks)."""
+    amplitude = ndi.gaussian_filter(np.abs(np.fft.fft2(noise)), (0, 2, 2))
+    white = np.random.default_rng(0).standard_normal(noise.shape)
+    field = np.real(np.fft.ifft2(np.fft.fft2(white) * amplitude))
+    local = (0, 7, 7)
+    field *= np.sqrt(
+        ndi.gaussian_filter(noise**2, local) / np.maximum(ndi.gaussian_filter(field**2, local), 1e-6)
+    )
+    return field.astype(np.float32)
+
+
+def test_recorruption_noise_takes_the_texture_of_the_scans_noise(smooth_kernel_scan) -> None:
+    """Streaks along the rays where the scan has them, image-domain noise where it does not."""
+    truth, scan = smooth_kernel_scan
+    streaky = scan - truth
+    for residual, expected in ((streaky, "projection"), (_without_direction(streaky), "image")):
+        noise, info = recorruption_noise(truth + residual, residual, spacing=SPACING, draws=2, seed=0)
+        assert info["texture"] == expected, info
+        measured = info["streakiness"]
+        other = "image" if expected == "projection" else "projection"
+        assert abs(measured[expected] - measured["scan"]) < abs(measured[other] - measured["scan"])
+        assert noise.shape == (2, *scan.shape)
+    forced, info = recorruption_noise(scan, streaky, spacing=SPACING, draws=1, seed=0, texture="image")
+    assert info["texture"] == "image" and "streakiness" not in info
+    with pytest.raises(UserError, match="texture"):
+        AdaptConfig(texture="fbp")
 
 
 @pytest.mark.slow

@@ -4,10 +4,11 @@ A network trained on phantoms meets, on a patient, anatomy and noise it has neve
 module fine-tunes a copy of it on the scan itself with *recorrupted* pairs (Noisier2Noise, Moran et
 al., CVPR 2020; in the unbiased form of Recorrupted-to-Recorrupted, Pang et al., CVPR 2021):
 
-* ``y = x + n`` is the scan. ``z`` is fresh noise of the same kind as ``n``, drawn with our own
+* ``y = x + n`` is the scan. ``z`` is fresh noise of the same kind as ``n``: drawn with our own
   projection-domain insertion (:func:`~IPv2DenoiseLib.physics.lowdose.detector_grid_noise`: the
-  scan's own attenuation sets where the noise is strong, streaks included), then matched to the
-  scan's noise level, texture and slice correlation.
+  scan's own attenuation sets where the noise is strong, streaks included) or, where the scan's
+  noise has no streaks (a smooth kernel, an iterative reconstruction), as image-domain noise; then
+  matched to the scan's noise level, spectrum and slice correlation.
 * The network learns ``y + α·z  →  y − z/α``. When ``z`` has the covariance of ``n``, the input's
   noise ``n + αz`` and the target's ``n − z/α`` are uncorrelated, so the MSE minimiser is the
   clean image's conditional mean: a denoiser, learnt from the noisy scan alone.
@@ -16,9 +17,10 @@ al., CVPR 2020; in the unbiased form of Recorrupted-to-Recorrupted, Pang et al.,
   input's, inside the range the pretrained network already covers).
 
 The pairs are unbiased only if ``z`` has the covariance of ``n``: a level 20 % low already makes the
-adapted network keep a third of the noise. The level, texture and slice correlation are therefore
-taken from the scan itself, from the pretrained network's residual ``y − f(y)`` (see
-:func:`recorruption_noise`), not from a blind estimate.
+adapted network keep a third of the noise, and streaks where the scan has none make it over-smooth.
+The level, spectrum, streakiness and slice correlation are therefore taken from the scan itself,
+from the pretrained network's residual ``y − f(y)`` (see :func:`recorruption_noise`), not from a
+blind estimate.
 
 Written by hand: no maintained library implements recorrupted self-supervised fine-tuning of a CT
 denoiser with a physical noise model.
@@ -45,17 +47,22 @@ from IPv2DenoiseLib.denoiser.models.noise_aware_unet import wants_noise_map, wit
 from IPv2DenoiseLib.denoiser.normalization import hu_to_net
 from IPv2DenoiseLib.denoiser.windows import window_indices
 from IPv2DenoiseLib.imaging.masks import soft_tissue_mask
-from IPv2DenoiseLib.imaging.noise_estimate import estimate_slice_correlation
+from IPv2DenoiseLib.imaging.noise_estimate import estimate_slice_correlation, noise_streakiness
 from IPv2DenoiseLib.physics.lowdose import I0_FULL_DOSE, detector_grid_noise
 from IPv2DenoiseLib.physics.scanner_noise import MAX_Z_CORRELATION, correlate_slices
 
-__all__ = ["AdaptConfig", "AdaptReport", "adapt_denoiser", "recorruption_noise"]
+__all__ = ["NOISE_TEXTURES", "AdaptConfig", "AdaptReport", "adapt_denoiser", "recorruption_noise"]
 
 #: Dose the product is built for: the noise template is drawn as if the scan were at this dose,
 #: then scaled to the level measured on the scan.
 NOMINAL_DOSE = 0.02
 #: Tissue voxels (HU) patch centres are drawn from: the body and lungs, not the air around them.
 TISSUE_HU = -950.0
+#: Textures the recorruption noise can start from: our projection-domain insertion (streaks along
+#: the rays, as filtered back-projection gives) or white noise in the image domain (no direction, as
+#: a smooth kernel or an iterative reconstruction gives). ``auto`` takes the one whose streakiness,
+#: once shaped, is nearer the scan's residual's.
+NOISE_TEXTURES = ("auto", "projection", "image")
 
 
 @dataclass(frozen=True)
@@ -80,6 +87,8 @@ class AdaptConfig:
     noise_gain: float = 1.0
     #: Independent noise realisations drawn before training (each is also used with its sign flipped).
     noise_draws: int = 2
+    #: The recorruption noise's texture, one of :data:`NOISE_TEXTURES` (``auto``: measured on the scan).
+    texture: str = "auto"
     #: The scan's slices used: up to ``chunks`` runs of ``chunk_slices`` contiguous slices, spread evenly.
     chunks: int = 4
     chunk_slices: int = 6
@@ -95,6 +104,8 @@ class AdaptConfig:
             raise UserError(f"adapt alpha={self.alpha!r}: need a value in (0, 1]")
         if not (self.noise_gain > 0 and math.isfinite(self.noise_gain)):
             raise UserError(f"adapt noise_gain={self.noise_gain!r}: need a positive number")
+        if self.texture not in NOISE_TEXTURES:
+            raise UserError(f"adapt texture={self.texture!r}: need one of {', '.join(NOISE_TEXTURES)}")
 
 
 @dataclass
@@ -108,6 +119,8 @@ class AdaptReport:
     slices: int
     noise_sd_hu: float
     z_correlation: float
+    #: The recorruption noise's texture on most of the scan's runs of slices (``projection``/``image``).
+    noise_texture: str
     loss_first: float
     loss_last: float
     config: dict
@@ -135,6 +148,20 @@ def _local_sd(noise: np.ndarray, sigma_px: float) -> np.ndarray:
     return np.sqrt(ndi.gaussian_filter(noise.astype(np.float64) ** 2, (0, sigma_px, sigma_px)))
 
 
+def _template(texture: str, scan: np.ndarray, pixel_mm: float, seed: int, device: str) -> np.ndarray:
+    """One unshaped noise field of ``texture`` on ``scan``'s grid."""
+    if texture == "image":
+        return np.random.default_rng(seed).standard_normal(scan.shape).astype(np.float32)
+    return detector_grid_noise(
+        scan,
+        dose=0.5,  # as if the scan were full dose at I0 · 2 %: halving it adds its own variance
+        spacing_mm=pixel_mm,
+        i0=I0_FULL_DOSE["fan"] * NOMINAL_DOSE,
+        seed=seed,
+        device=device,
+    )
+
+
 def recorruption_noise(
     scan: np.ndarray,
     residual: np.ndarray,
@@ -143,17 +170,23 @@ def recorruption_noise(
     draws: int,
     seed: int = 0,
     device: str = "cpu",
+    texture: str = "auto",
 ) -> tuple[np.ndarray, dict]:
     """``draws`` realisations ``[draws, z, y, x]`` (HU) of noise like the scan's own, and how it was matched.
 
     ``residual`` is the scan minus the pretrained network's output: mostly the scan's noise. The
     template is projection-domain insertion as if ``scan`` were a 2 %-dose scan (where the noise is
-    strong, streaks); it is then given the residual's 2D noise power spectrum (over the slices: the
-    reconstruction kernel's texture, the anisotropy of tube-current modulation), the residual's
-    local SD (a 10 mm neighbourhood: bowtie and tube-current patterns) and the residual's slice-to-slice correlation. Recorrupted pairs are only
-    unbiased when the added noise has the scan's covariance, and a blind level estimate is off by
-    10-25 % on correlated CT noise, which biases the adapted network towards keeping noise.
+    strong, streaks) or, for ``texture="image"``, white image-domain noise; ``auto`` draws one of
+    each and keeps the texture whose streakiness (:func:`~IPv2DenoiseLib.imaging.noise_estimate.noise_streakiness`)
+    is nearer the residual's. The template is then given the residual's 2D noise power spectrum
+    (over the slices: the reconstruction kernel's texture, the anisotropy of tube-current
+    modulation), the residual's local SD (a 10 mm neighbourhood: bowtie and tube-current patterns)
+    and the residual's slice-to-slice correlation. Recorrupted pairs are only unbiased when the
+    added noise has the scan's covariance, and a blind level estimate is off by 10-25 % on
+    correlated CT noise, which biases the adapted network towards keeping noise.
     """
+    if texture not in NOISE_TEXTURES:
+        raise UserError(f"texture={texture!r}: need one of {', '.join(NOISE_TEXTURES)}")
     pixel_mm = float(min(spacing[0], spacing[1]))
     rng = np.random.default_rng(seed)
     target_power = _power_spectrum(residual)
@@ -161,22 +194,37 @@ def recorruption_noise(
     target_sd = _local_sd(residual, sigma_px)
     soft = soft_tissue_mask(scan)
     rho = min(estimate_slice_correlation(residual, region=soft), MAX_Z_CORRELATION)
+
+    def shaped(kind: str) -> np.ndarray:
+        template = _template(kind, scan, pixel_mm, int(rng.integers(2**31)), device)
+        power = _power_spectrum(template)
+        # at the residual's level first: the clip then bounds the reshaping, not the level (unit white
+        # noise under a 45 HU residual was clipped at most frequencies, and its spectrum came out wrong)
+        level = math.sqrt(float(target_power.sum()) / max(float(power.sum()), 1e-12))
+        gain = level * np.clip(np.sqrt(target_power / np.maximum(power * level**2, 1e-12)), 0.0, 10.0)
+        field = np.real(np.fft.ifft2(np.fft.fft2(template) * gain))
+        field *= target_sd / np.maximum(_local_sd(field, sigma_px), 1e-3)
+        return correlate_slices(field.astype(np.float32), rho)
+
+    info: dict = {"z_correlation": rho}
+    first: dict[str, np.ndarray] = {}
+    if texture == "auto":
+        # homogeneous tissue only: the edges of anatomy in the residual would read as streaks
+        region = ndi.binary_erosion(soft, ndi.generate_binary_structure(2, 1)[None], iterations=2)
+        streaks = {"scan": noise_streakiness(residual, region=region, pixel_mm=pixel_mm)}
+        for kind in NOISE_TEXTURES[1:]:
+            first[kind] = shaped(kind)
+            streaks[kind] = noise_streakiness(first[kind], region=region, pixel_mm=pixel_mm)
+        if math.isfinite(streaks["scan"]):
+            texture = min(NOISE_TEXTURES[1:], key=lambda kind: abs(streaks[kind] - streaks["scan"]))
+        else:  # no homogeneous tissue to measure on: our insertion, the scanner's own physics
+            texture = "projection"
+        info["streakiness"] = {kind: round(float(value), 3) for kind, value in streaks.items()}
     out = np.empty((draws, *scan.shape), dtype=np.float32)
     for d in range(draws):
-        template = detector_grid_noise(
-            scan,
-            dose=0.5,  # as if the scan were full dose at I0 · 2 %: halving it adds its own variance
-            spacing_mm=pixel_mm,
-            i0=I0_FULL_DOSE["fan"] * NOMINAL_DOSE,
-            seed=int(rng.integers(2**31)),
-            device=device,
-        )
-        gain = np.clip(np.sqrt(target_power / np.maximum(_power_spectrum(template), 1e-12)), 0.0, 10.0)
-        shaped = np.real(np.fft.ifft2(np.fft.fft2(template) * gain))
-        shaped *= target_sd / np.maximum(_local_sd(shaped, sigma_px), 1e-3)
-        out[d] = correlate_slices(shaped.astype(np.float32), rho)
+        out[d] = first.pop(texture) if d == 0 and texture in first else shaped(texture)
     sd = float(residual[soft].std()) if soft.any() else float(residual.std())
-    return out, {"z_correlation": rho, "noise_sd_hu": sd}
+    return out, {**info, "noise_sd_hu": sd, "texture": texture}
 
 
 def adapt_denoiser(
@@ -212,7 +260,12 @@ def adapt_denoiser(
             cancel.check()
         residual = scan - denoiser.denoise_array(scan, remove_background=False, device=dev)
         noise, info = recorruption_noise(
-            scan, residual, spacing=work.spacing, draws=config.noise_draws, seed=int(rng.integers(2**31))
+            scan,
+            residual,
+            spacing=work.spacing,
+            draws=config.noise_draws,
+            seed=int(rng.integers(2**31)),
+            texture=config.texture,
         )
         noises.append(noise)
         matched.append(info)
@@ -284,6 +337,7 @@ def adapt_denoiser(
         slices=int(sum(len(r) for r in runs)),
         noise_sd_hu=round(float(np.mean([m["noise_sd_hu"] for m in matched])), 2),
         z_correlation=round(float(np.mean([m["z_correlation"] for m in matched])), 3),
+        noise_texture=max(NOISE_TEXTURES[1:], key=[m["texture"] for m in matched].count),
         loss_first=float(np.mean(head)) if losses else math.nan,
         loss_last=float(np.mean(tail)) if losses else math.nan,
         config=asdict(config),
