@@ -13,8 +13,8 @@ al., CVPR 2020; in the unbiased form of Recorrupted-to-Recorrupted, Pang et al.,
   noise ``n + αz`` and the target's ``n − z/α`` are uncorrelated, so the MSE minimiser is the
   clean image's conditional mean: a denoiser, learnt from the noisy scan alone.
 * It starts from the shipped weights and runs a fixed number of steps (the clock only caps it),
-  with progress and cancel; the adapted copy then denoises ``y`` itself (noise ``n`` is √(1+α²)× below the training
-  input's, inside the range the pretrained network already covers).
+  with progress and cancel; the adapted copy then denoises ``y`` itself (noise ``n`` is √(1+α²)×
+  below the training input's, inside the range the pretrained network already covers).
 
 The pairs are unbiased only if ``z`` has the covariance of ``n``: a level 20 % low already makes the
 adapted network keep a third of the noise, and streaks where the scan has none make it over-smooth.
@@ -71,11 +71,11 @@ class AdaptConfig:
 
     #: Wall-clock cap of the fine-tuning loop (s); the noise draws before it are not counted.
     seconds: float = 60.0
-    #: Optimiser steps (whichever of the two limits comes first). Few on purpose: where the noise
-    #: template's texture differs from the scan's (image-domain noise of a smooth kernel), the pairs
-    #: are biased and the copy drifts towards over-smoothing with every step, while most of the gain
-    #: comes in the first 50 (docs/training.md, "Bounded"). A step count, not a clock, so that a GPU
-    #: does not run 40 times as many.
+    #: Optimiser steps (whichever of the two limits comes first). Few on purpose: where the
+    #: recorruption noise differs from the scan's, the pairs are biased and the copy drifts towards
+    #: over-smoothing with every step, while most of the gain comes in the first 50
+    #: (docs/training.md, "How many steps"). A step count, not a clock: a GPU must not run 40 times
+    #: as many.
     max_iterations: int = 50
     batch: int = 8
     patch: int = 64
@@ -177,8 +177,8 @@ def recorruption_noise(
     ``residual`` is the scan minus the pretrained network's output: mostly the scan's noise. The
     template is projection-domain insertion as if ``scan`` were a 2 %-dose scan (where the noise is
     strong, streaks) or, for ``texture="image"``, white image-domain noise; ``auto`` draws one of
-    each and keeps the texture whose streakiness (:func:`~IPv2DenoiseLib.imaging.noise_estimate.noise_streakiness`)
-    is nearer the residual's. The template is then given the residual's 2D noise power spectrum
+    each and keeps the texture whose streakiness
+    (:func:`~IPv2DenoiseLib.imaging.noise_estimate.noise_streakiness`) is nearer the residual's. The template is then given the residual's 2D noise power spectrum
     (over the slices: the reconstruction kernel's texture, the anisotropy of tube-current
     modulation), the residual's local SD (a 10 mm neighbourhood: bowtie and tube-current patterns)
     and the residual's slice-to-slice correlation. Recorrupted pairs are only unbiased when the
