@@ -278,7 +278,9 @@ def adapt_denoiser(
         tissue = ndi.gaussian_filter(scan, (0, 2, 2)) > TISSUE_HU
         centres.append(np.flatnonzero(tissue) if tissue.any() else np.arange(scan.size))
     rng = np.random.default_rng(config.seed + 1)
-    tuned = copy.deepcopy(model).to(dev).train()
+    # channels_last, as inference leaves a model (run_slab): a copy taken before the first inference
+    # would otherwise train with other kernels and give other weights
+    tuned = copy.deepcopy(model).to(dev, memory_format=torch.channels_last).train()
     optimiser = torch.optim.Adam(tuned.parameters(), lr=config.lr)
     alpha = float(config.alpha)
     losses: list[float] = []
