@@ -287,7 +287,7 @@ class DenoiseWebApp(TrameApp):
             )
             v3.VCheckbox(
                 v_model=("adapt",),
-                label="Adapt the model to this scan first (10-20 s more on a CPU)",
+                label="Adapt the model to this scan first (about 15-30 s more on a CPU)",
                 density="compact",
                 hide_details=True,
                 id="adapt",
