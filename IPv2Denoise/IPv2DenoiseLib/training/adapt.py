@@ -178,10 +178,11 @@ def recorruption_noise(
     template is projection-domain insertion as if ``scan`` were a 2 %-dose scan (where the noise is
     strong, streaks) or, for ``texture="image"``, white image-domain noise; ``auto`` draws one of
     each and keeps the texture whose streakiness
-    (:func:`~IPv2DenoiseLib.imaging.noise_estimate.noise_streakiness`) is nearer the residual's. The template is then given the residual's 2D noise power spectrum
-    (over the slices: the reconstruction kernel's texture, the anisotropy of tube-current
-    modulation), the residual's local SD (a 10 mm neighbourhood: bowtie and tube-current patterns)
-    and the residual's slice-to-slice correlation. Recorrupted pairs are only unbiased when the
+    (:func:`~IPv2DenoiseLib.imaging.noise_estimate.noise_streakiness`) is nearer the residual's.
+    The template is then given the residual's 2D noise power spectrum (over the slices: the
+    reconstruction kernel's texture, the anisotropy of tube-current modulation), the residual's
+    local SD (a 10 mm neighbourhood: bowtie and tube-current patterns) and the residual's
+    slice-to-slice correlation. Recorrupted pairs are only unbiased when the
     added noise has the scan's covariance, and a blind level estimate is off by 10-25 % on
     correlated CT noise, which biases the adapted network towards keeping noise.
     """
