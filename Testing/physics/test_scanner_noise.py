@@ -7,13 +7,17 @@ import pytest
 import torch
 
 from IPv2DenoiseLib.core.errors import UserError
+from IPv2DenoiseLib.imaging.noise_estimate import noise_streakiness
 from IPv2DenoiseLib.physics.scanner_noise import (
     MAX_Z_CORRELATION,
+    ProtocolRanges,
     ScannerProtocol,
     bowtie_transmission,
     correlate_slices,
     draw_protocol,
+    image_domain_texture,
     mixing_weight,
+    noise_power_spectrum,
     scanner_noise,
     tcm_factor,
 )
@@ -88,3 +92,54 @@ def test_pixels_finer_than_the_detector_get_a_detectors_noise_grain() -> None:
     protocol = ScannerProtocol(dose=0.02, kernel="shepp-logan", bowtie=False, tcm=0.0, geometry="parallel")
     noise = (scanner_noise(fine, protocol, spacing_mm=0.3, seed=1) - fine)[:, 200:440, 200:440]
     assert np.corrcoef(noise[..., 1:].ravel(), noise[..., :-1].ravel())[0, 1] > 0.5
+
+
+def test_draw_protocol_gives_the_image_texture_its_share_only_when_asked() -> None:
+    assert {draw_protocol(np.random.default_rng(0)).texture for _ in range(50)} == {"projection"}
+    rng = np.random.default_rng(1)
+    textures = [draw_protocol(rng, ProtocolRanges(image_texture_share=0.35)).texture for _ in range(400)]
+    assert textures.count("image") / len(textures) == pytest.approx(0.35, abs=0.07)
+    # the draws of a range without it are those of before (the texture is drawn last, if at all)
+    before = [draw_protocol(np.random.default_rng(5)) for _ in range(3)]
+    after = [
+        draw_protocol(np.random.default_rng(5), ProtocolRanges(image_texture_share=0.0)) for _ in range(3)
+    ]
+    assert before == after
+    with pytest.raises(UserError):
+        ScannerProtocol(texture="iterative")
+
+
+def test_image_texture_keeps_the_level_spectrum_and_local_sd_but_loses_the_streaks() -> None:
+    """The random-phase twin of FBP noise: what an iterative reconstruction's noise looks like."""
+    ph = make_chest_phantom(shape=(3, 192, 192), spacing=(1.6, 1.6, 2.5), seed=4).hu
+    kw = {"spacing_mm": 1.6, "seed": 7}
+    protocol = ScannerProtocol(dose=0.005, kernel="shepp-logan", bowtie=True, tcm=0.5, geometry="parallel")
+    fbp = scanner_noise(ph, protocol, **kw) - ph
+    image = scanner_noise(ph, ScannerProtocol(**{**protocol.as_dict(), "texture": "image"}), **kw) - ph
+    soft = (ph > -200) & (ph < 200)
+    soft[:, :40] = soft[:, -40:] = False  # inside the body, away from its edge
+    assert image[soft].std() == pytest.approx(fbp[soft].std(), rel=0.1)
+    # the same 2D spectrum: radial profiles agree within 25 % where the power is
+    f = np.fft.fftfreq(192)
+    radius = np.hypot(*np.meshgrid(f, f, indexing="ij"))
+    bins = np.digitize(radius, np.linspace(0.02, 0.5, 13))
+    own, twin = noise_power_spectrum(fbp), noise_power_spectrum(image)
+    for b in range(1, 13):
+        ring = bins == b
+        if own[ring].mean() > 0.05 * own.max():
+            assert twin[ring].mean() == pytest.approx(own[ring].mean(), rel=0.25), b
+    # the local SD follows the FBP noise (noisier behind the dense, lateral tissue) ...
+    left, centre = (slice(None), slice(80, 112), slice(45, 75)), (slice(None), slice(80, 112), slice(80, 112))
+    assert image[left].std() / image[centre].std() == pytest.approx(
+        fbp[left].std() / fbp[centre].std(), rel=0.2
+    )
+    # ... but the streaks of starved rays are gone
+    assert noise_streakiness(image, region=soft, pixel_mm=1.6) < 0.8 * noise_streakiness(
+        fbp, region=soft, pixel_mm=1.6
+    )
+    # reproducible from the seed, and independent of the detector counts drawn from it
+    again = scanner_noise(ph, ScannerProtocol(**{**protocol.as_dict(), "texture": "image"}), **kw) - ph
+    assert np.array_equal(image, again)
+    assert abs(np.corrcoef(image[soft], fbp[soft])[0, 1]) < 0.1
+    direct = image_domain_texture(fbp, pixel_mm=1.6, rng=np.random.default_rng(0))
+    assert direct.shape == fbp.shape and direct.dtype == np.float32

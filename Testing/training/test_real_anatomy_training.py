@@ -167,6 +167,12 @@ def test_train_on_real_anatomy_mixed_with_phantoms_records_legs(
         "0.5",
         "--fine-pixel-share",
         "0.25",
+        "--image-texture-share",
+        "0.5",
+        "--val-anatomy",
+        str(real_series),
+        "--val-slices",
+        "2",
         "--out",
         str(first),
     ]
@@ -178,7 +184,15 @@ def test_train_on_real_anatomy_mixed_with_phantoms_records_legs(
     (leg,) = card["legs"]
     assert leg["leg"] == 1 and leg["iterations"] == [0, 2] and leg["stopped_by"] == "iterations"
     assert leg["data"]["real_share"] == 0.5 and 0 <= leg["data"]["real_slabs"] <= leg["data"]["slabs"]
-    assert "psnr_truth" in leg["validation"]  # validation on the synthetic case only
+    assert "psnr_truth" in leg["validation"]  # the synthetic case, against its truth
+    # the held-out real scan in both textures, against the scan itself, before the leg and after it
+    for texture in ("projection", "image"):
+        for record in (leg["validation"], leg["validation_start"]):
+            assert 20 < record[f"real_{texture}_psnr_label_body"] < 60
+        assert f"real_{texture}_psnr_truth" not in leg["validation"]  # a real scan has no truth
+    assert leg["data"]["image_texture_share"] == 0.5
+    assert card["data"]["protocol_ranges"]["image_texture_share"] == 0.5
+    assert card["history"]["val_start"] == leg["validation_start"]
     # fine-pixel slabs widen the trained pixel sizes the card declares (and `denoise` checks)
     volumes = [*load_clean_volumes([phantom]), *load_anatomy_volumes([real_series])]
     finest = min(v.spacing[0] for v in volumes)
@@ -247,8 +261,11 @@ def test_train_refuses_bad_real_anatomy_options(real_series, tmp_path, capsys) -
     assert main([*base, "--max-minutes", "5"]) == 2  # the clock schedule needs --schedule constant
     assert main([*base, "--real-share", "1.5", "--schedule", "constant"]) == 2
     assert main([*base, "--fine-pixel-share", "-0.1", "--schedule", "constant"]) == 2
+    assert main([*base, "--image-texture-share", "1.5"]) == 2
+    assert main([*base, "--val-anatomy", str(tmp_path / "nope")]) == 2
+    assert main([*base, "--val-slices", "0"]) == 2
     err = capsys.readouterr().err
-    assert err.count("ipv2-denoise train: error:") == 6 and "Traceback" not in err
+    assert err.count("ipv2-denoise train: error:") == 9 and "Traceback" not in err
 
 
 def _inv3(

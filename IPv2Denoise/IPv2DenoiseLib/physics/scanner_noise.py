@@ -10,7 +10,11 @@ uniform flux and the ramp filter. Real ultra-low-dose scans differ in ways a den
   at a constant mean dose;
 * **slice-correlated noise**: helical reconstructions interpolate between rotations and overlap
   slices, so neighbouring slices share noise (lag-1 correlation 0.2–0.6 is typical);
-* a **range of doses and body sizes**.
+* a **range of doses and body sizes**;
+* **two noise textures**: the filtered back-projection's own (``projection``: streaks where the
+  rays are starved) and ``image``, the same 2D spectrum and local SD with random phases (no
+  streaks): the texture of iterative reconstructions and of image-domain noise insertion
+  (:func:`image_domain_texture`).
 
 :class:`ScannerProtocol` holds one choice of these, :func:`draw_protocol` draws one at random and
 :func:`scanner_noise` scans a clean (or normal-dose) slab with it. The projector, the photon
@@ -25,6 +29,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+from scipy import ndimage as ndi
 
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.physics.lowdose import (
@@ -34,6 +39,12 @@ from IPv2DenoiseLib.physics.lowdose import (
     detector_grid_noise,
 )
 from IPv2DenoiseLib.physics.projector import FILTERS
+
+#: Noise textures of a simulated scan: filtered back-projection's own (streaks included), or the
+#: same spectrum and local SD with random phases (iterative reconstructions; :func:`image_domain_texture`).
+NOISE_TEXTURES = ("projection", "image")
+#: Neighbourhood (Gaussian sigma, mm) over which the local noise SD of a texture is matched.
+LOCAL_SD_SIGMA_MM = 10.0
 
 #: Radius (mm) of the water cylinder a body bowtie is shaped for, and its lowest transmission.
 BOWTIE_RADIUS_MM = 160.0
@@ -52,12 +63,16 @@ class ScannerProtocol:
     #: Lag-1 correlation of the noise between adjacent slices (0 = independent).
     z_correlation: float = 0.0
     geometry: str = "fan"
+    #: One of :data:`NOISE_TEXTURES`: the reconstruction's own noise, or its random-phase twin.
+    texture: str = "projection"
 
     def __post_init__(self) -> None:
         if not 0.0 < self.dose <= 1.0:
             raise UserError(f"dose={self.dose}: need a fraction in (0, 1]")
         if self.kernel not in FILTERS:
             raise UserError(f"kernel={self.kernel!r} is not known; allowed: {', '.join(FILTERS)}")
+        if self.texture not in NOISE_TEXTURES:
+            raise UserError(f"texture={self.texture!r} is not known; allowed: {', '.join(NOISE_TEXTURES)}")
         if not 0.0 <= self.tcm <= 1.0:
             raise UserError(f"tcm={self.tcm}: need an exponent in [0, 1]")
         if not 0.0 <= self.z_correlation <= MAX_Z_CORRELATION:
@@ -143,6 +158,48 @@ def correlate_slices(noise: np.ndarray, z_correlation: float) -> np.ndarray:
     return (mixed / math.sqrt(1.0 + 2.0 * a * a)).astype(noise.dtype, copy=False)
 
 
+def noise_power_spectrum(noise: np.ndarray, sigma_bins: float = 2.0) -> np.ndarray:
+    """The 2D noise power spectrum of ``noise`` ``[z, y, x]``: mean periodogram over the slices, smoothed
+    over neighbouring frequencies (keeps the anisotropy of tube-current modulation and streaks)."""
+    centred = noise - noise.mean(axis=(-2, -1), keepdims=True)  # a bias is not noise: no DC power
+    power = (np.abs(np.fft.fft2(centred)) ** 2).mean(axis=0)
+    return np.fft.ifftshift(ndi.gaussian_filter(np.fft.fftshift(power), sigma_bins, mode="wrap"))
+
+
+def local_noise_sd(noise: np.ndarray, sigma_px: float) -> np.ndarray:
+    """Local SD of zero-mean ``noise`` ``[z, y, x]``: RMS over an in-plane Gaussian of ``sigma_px``."""
+    return np.sqrt(ndi.gaussian_filter(noise.astype(np.float64) ** 2, (0, sigma_px, sigma_px)))
+
+
+def shape_noise(
+    template: np.ndarray, power: np.ndarray, local_sd: np.ndarray, *, sigma_px: float
+) -> np.ndarray:
+    """``template`` ``[z, y, x]`` given the 2D spectrum ``power`` (:func:`noise_power_spectrum`) and then
+    the local SD ``local_sd`` (:func:`local_noise_sd` with ``sigma_px``).
+
+    The template is first brought to the target's level, so that the per-frequency gain (clipped at
+    10x) bounds the reshaping and not the level. Float32, same shape as ``template``.
+    """
+    own = noise_power_spectrum(template)
+    level = math.sqrt(float(power.sum()) / max(float(own.sum()), 1e-12))
+    gain = level * np.clip(np.sqrt(power / np.maximum(own * level**2, 1e-12)), 0.0, 10.0)
+    field = np.real(np.fft.ifft2(np.fft.fft2(template) * gain))
+    field *= local_sd / np.maximum(local_noise_sd(field, sigma_px), 1e-3)
+    return field.astype(np.float32)
+
+
+def image_domain_texture(noise: np.ndarray, *, pixel_mm: float, rng: np.random.Generator) -> np.ndarray:
+    """Noise with the 2D spectrum and local SD of ``noise`` ``[z, y, x]`` but random phases.
+
+    Filtered back-projection noise carries streaks (phase structure along starved rays) that
+    iterative reconstructions and image-domain noise insertion do not; a network trained on streaks
+    alone under-performs on such scans. White Gaussian noise shaped by :func:`shape_noise`.
+    """
+    white = rng.standard_normal(noise.shape).astype(np.float32)
+    sigma_px = LOCAL_SD_SIGMA_MM / pixel_mm
+    return shape_noise(white, noise_power_spectrum(noise), local_noise_sd(noise, sigma_px), sigma_px=sigma_px)
+
+
 def scanner_noise(
     hu: np.ndarray,
     protocol: ScannerProtocol,
@@ -162,6 +219,8 @@ def scanner_noise(
     (:data:`lowdose.I0_FULL_DOSE`): a real scan whose own dose differs from the calibration's.
     Pixels finer than a detector (:data:`lowdose.DETECTOR_PITCH_MM`) get a detector's noise grain,
     interpolated onto them (:func:`lowdose.detector_grid_noise`), as a small field of view has.
+    ``protocol.texture="image"`` then replaces each slice's noise by its random-phase twin
+    (:func:`image_domain_texture`), before the slice mixing.
     """
     if not (flux_scale > 0 and math.isfinite(flux_scale)):
         raise UserError(f"flux_scale={flux_scale!r}: need a positive number")
@@ -181,7 +240,12 @@ def scanner_noise(
         device=device,
         i0=None if flux_scale == 1.0 else I0_FULL_DOSE[protocol.geometry] * flux_scale,
     )
-    noise = correlate_slices(noise[None] if single else noise, protocol.z_correlation)
+    noise = noise[None] if single else noise
+    if protocol.texture == "image":
+        # a stream of its own: the detector counts may have been drawn from ``seed`` already
+        rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng([int(seed or 0), 1])
+        noise = image_domain_texture(noise, pixel_mm=spacing_mm, rng=rng)
+    noise = correlate_slices(noise, protocol.z_correlation)
     return arr + noise
 
 
@@ -197,6 +261,8 @@ class ProtocolRanges:
     correlated_share: float = 0.6
     #: Share of fan-beam scans; the rest are parallel-beam (4x cheaper, nearly the same texture).
     fan_share: float = 0.3
+    #: Share of scans with the ``image`` texture (:data:`NOISE_TEXTURES`); the rest keep the FBP's own.
+    image_texture_share: float = 0.0
 
     def as_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -215,4 +281,8 @@ def draw_protocol(rng: np.random.Generator, ranges: ProtocolRanges | None = None
         tcm=float(rng.uniform(*ranges.tcm)),
         z_correlation=z_corr,
         geometry="fan" if rng.random() < ranges.fan_share else "parallel",
+        # drawn last, and only when asked for: the draws of a range without it stay as they were
+        texture="image"
+        if ranges.image_texture_share > 0 and rng.random() < ranges.image_texture_share
+        else "projection",
     )

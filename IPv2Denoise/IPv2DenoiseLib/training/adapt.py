@@ -49,7 +49,14 @@ from IPv2DenoiseLib.denoiser.windows import window_indices
 from IPv2DenoiseLib.imaging.masks import soft_tissue_mask
 from IPv2DenoiseLib.imaging.noise_estimate import estimate_slice_correlation, noise_streakiness
 from IPv2DenoiseLib.physics.lowdose import I0_FULL_DOSE, detector_grid_noise
-from IPv2DenoiseLib.physics.scanner_noise import MAX_Z_CORRELATION, correlate_slices
+from IPv2DenoiseLib.physics.scanner_noise import (
+    LOCAL_SD_SIGMA_MM,
+    MAX_Z_CORRELATION,
+    correlate_slices,
+    local_noise_sd,
+    noise_power_spectrum,
+    shape_noise,
+)
 
 __all__ = ["NOISE_TEXTURES", "AdaptConfig", "AdaptReport", "adapt_denoiser", "recorruption_noise"]
 
@@ -136,18 +143,6 @@ def _chunks(depth: int, chunks: int, length: int) -> list[np.ndarray]:
     return [np.arange(s, s + length) for s in starts]
 
 
-def _power_spectrum(noise: np.ndarray, sigma_bins: float = 2.0) -> np.ndarray:
-    """The 2D noise power spectrum of ``noise`` ``[z, y, x]``: mean periodogram over the slices, smoothed
-    over neighbouring frequencies (keeps the anisotropy of tube-current modulation and streaks)."""
-    centred = noise - noise.mean(axis=(-2, -1), keepdims=True)  # a bias is not noise: no DC power
-    power = (np.abs(np.fft.fft2(centred)) ** 2).mean(axis=0)
-    return np.fft.ifftshift(ndi.gaussian_filter(np.fft.fftshift(power), sigma_bins, mode="wrap"))
-
-
-def _local_sd(noise: np.ndarray, sigma_px: float) -> np.ndarray:
-    return np.sqrt(ndi.gaussian_filter(noise.astype(np.float64) ** 2, (0, sigma_px, sigma_px)))
-
-
 def _template(texture: str, scan: np.ndarray, pixel_mm: float, seed: int, device: str) -> np.ndarray:
     """One unshaped noise field of ``texture`` on ``scan``'s grid."""
     if texture == "image":
@@ -190,22 +185,15 @@ def recorruption_noise(
         raise UserError(f"texture={texture!r}: need one of {', '.join(NOISE_TEXTURES)}")
     pixel_mm = float(min(spacing[0], spacing[1]))
     rng = np.random.default_rng(seed)
-    target_power = _power_spectrum(residual)
-    sigma_px = 10.0 / pixel_mm
-    target_sd = _local_sd(residual, sigma_px)
+    target_power = noise_power_spectrum(residual)
+    sigma_px = LOCAL_SD_SIGMA_MM / pixel_mm
+    target_sd = local_noise_sd(residual, sigma_px)
     soft = soft_tissue_mask(scan)
     rho = min(estimate_slice_correlation(residual, region=soft), MAX_Z_CORRELATION)
 
     def shaped(kind: str) -> np.ndarray:
         template = _template(kind, scan, pixel_mm, int(rng.integers(2**31)), device)
-        power = _power_spectrum(template)
-        # at the residual's level first: the clip then bounds the reshaping, not the level (unit white
-        # noise under a 45 HU residual was clipped at most frequencies, and its spectrum came out wrong)
-        level = math.sqrt(float(target_power.sum()) / max(float(power.sum()), 1e-12))
-        gain = level * np.clip(np.sqrt(target_power / np.maximum(power * level**2, 1e-12)), 0.0, 10.0)
-        field = np.real(np.fft.ifft2(np.fft.fft2(template) * gain))
-        field *= target_sd / np.maximum(_local_sd(field, sigma_px), 1e-3)
-        return correlate_slices(field.astype(np.float32), rho)
+        return correlate_slices(shape_noise(template, target_power, target_sd, sigma_px=sigma_px), rho)
 
     info: dict = {"z_correlation": rho}
     first: dict[str, np.ndarray] = {}

@@ -122,23 +122,25 @@ def load_clean_volumes(folders: Sequence[str | os.PathLike]) -> list[CleanVolume
     return volumes
 
 
-def load_anatomy_volumes(paths: Sequence[str | os.PathLike]) -> list[CleanVolume]:
+def load_anatomy_volumes(
+    paths: Sequence[str | os.PathLike], *, option: str = "--anatomy"
+) -> list[CleanVolume]:
     """Real normal-dose CT as training anatomy (``clean=False``: its own noise stays in the label).
 
     Each path is a volume file (NRRD, NIfTI, MHA), a folder of such files, or a folder holding one
     DICOM series (read by :func:`~IPv2DenoiseLib.io.volumes.read_volume`, which refuses a folder of
-    several series: give one path per series).
+    several series: give one path per series). ``option`` names the paths in error messages.
     """
     volumes = []
     for path in map(Path, paths):
         if not path.exists():
-            raise UserError(f"--anatomy {path}: not found")
+            raise UserError(f"{option} {path}: not found")
         files = sorted(f for f in path.iterdir() if f.is_file() and image_suffix(f)) if path.is_dir() else []
         for source in files or [path]:
             vol = read_volume(source)
             hu = vol.array.astype(np.float32)
             if hu.shape[0] < 1 or min(hu.shape[1:]) < 64:
-                raise UserError(f"--anatomy {source}: slices of {hu.shape[1:]} pixels are too small")
+                raise UserError(f"{option} {source}: slices of {hu.shape[1:]} pixels are too small")
             volumes.append(real_anatomy(f"real/{source.name}", hu, tuple(vol.spacing)))
     return volumes
 
@@ -190,6 +192,46 @@ def own_dose_flux_scale(hu: np.ndarray, *, spacing_mm: float, rounds: int = 2) -
 #: ULDCT the product meets (the phantom slabs span about 25-250 HU).
 AEC_MAX_NOISE_HU = 150.0
 AEC_MAX_DOUBLINGS = 3
+
+
+def exposure_controlled_scan(
+    vol: CleanVolume,
+    hu: np.ndarray,
+    regions: np.ndarray,
+    protocol: ScannerProtocol,
+    *,
+    spacing_mm: float,
+    seed: int | np.random.Generator,
+    device: str = "cpu",
+) -> tuple[np.ndarray, ScannerProtocol]:
+    """Scan the slab ``hu`` (of ``vol``, with its ``regions``) with ``protocol``; the noisy slab and
+    the protocol used.
+
+    A real scan whose inserted noise in soft tissue exceeds :data:`AEC_MAX_NOISE_HU` is scanned again
+    at twice the dose, as a scanner's automatic exposure control would have raised the mA for a
+    large patient (its own dose may be far below the calibration's); phantoms are scanned once.
+    An int ``seed`` seeds the first scan itself (fixed validation noise), a generator every scan.
+    """
+    tissue = regions == BODY
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng([seed, 2])
+    for attempt in range(AEC_MAX_DOUBLINGS + 1):
+        noisy = scanner_noise(
+            np.ascontiguousarray(hu),
+            protocol,
+            spacing_mm=spacing_mm,
+            seed=seed
+            if attempt == 0 and not isinstance(seed, np.random.Generator)
+            else int(rng.integers(2**62)),
+            clean=vol.clean,
+            device=device,
+            flux_scale=vol.flux_scale,
+        )
+        if vol.clean or protocol.dose >= 0.5 or tissue.sum() < 200:
+            break
+        if estimate_noise_hu(noisy - hu, region=tissue) <= AEC_MAX_NOISE_HU:
+            break
+        protocol = replace(protocol, dose=min(1.0, 2.0 * protocol.dose))  # the scanner's AEC
+    return noisy, protocol
 
 
 class ScannerNoiseSampler:
@@ -344,23 +386,15 @@ class ScannerNoiseSampler:
                 lung_sd=float(rng.uniform(0, self.augmentation.lung_texture_hu)),
                 beta=float(rng.uniform(2.5, 3.5)),
             )
-        protocol = draw_protocol(rng, self.ranges)
-        tissue = regions == BODY
-        for _ in range(AEC_MAX_DOUBLINGS + 1):
-            noisy = scanner_noise(
-                np.ascontiguousarray(hu),
-                protocol,
-                spacing_mm=float(sx),
-                seed=int(rng.integers(2**62)),
-                clean=vol.clean,
-                device=self.device,
-                flux_scale=vol.flux_scale,
-            )
-            if vol.clean or protocol.dose >= 0.5 or tissue.sum() < 200:
-                break
-            if estimate_noise_hu(noisy - hu, region=tissue) <= AEC_MAX_NOISE_HU:
-                break
-            protocol = replace(protocol, dose=min(1.0, 2.0 * protocol.dose))  # the scanner's AEC
+        noisy, protocol = exposure_controlled_scan(
+            vol,
+            hu,
+            regions,
+            draw_protocol(rng, self.ranges),
+            spacing_mm=float(sx),
+            seed=rng,
+            device=self.device,
+        )
         self.doses.append(protocol.dose)
         self.slabs_made += 1
         self.real_slabs += int(not vol.clean)
@@ -485,19 +519,16 @@ def zoom_in_plane(arr: np.ndarray, zoom: float, fill: float, order: int) -> np.n
 def validation_slabs(
     volumes: Sequence[CleanVolume], protocol: ScannerProtocol, *, slices: int, seed: int
 ) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
-    """Fixed (name, noisy, clean, regions) validation volumes: the central ``slices`` of each volume."""
+    """Fixed (name, noisy, clean, regions) validation volumes: the central ``slices`` of each volume,
+    scanned with ``protocol`` under the exposure control of training (:func:`exposure_controlled_scan`)."""
     out = []
     for i, vol in enumerate(volumes):
         nz = vol.hu.shape[0]
         z0 = max(0, (nz - slices) // 2)
         hu = vol.hu[z0 : z0 + slices]
-        noisy = scanner_noise(
-            hu,
-            protocol,
-            spacing_mm=float(vol.spacing[0]),
-            seed=seed + i,
-            clean=vol.clean,
-            flux_scale=vol.flux_scale,
+        regions = vol.regions[z0 : z0 + slices]
+        noisy, _ = exposure_controlled_scan(
+            vol, hu, regions, protocol, spacing_mm=float(vol.spacing[0]), seed=seed + i
         )
-        out.append((vol.name, noisy, hu, vol.regions[z0 : z0 + slices]))
+        out.append((vol.name, noisy, hu, regions))
     return out

@@ -20,7 +20,7 @@ import os
 import platform
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +50,7 @@ from IPv2DenoiseLib.denoiser.windows import slice_windows, window_indices
 from IPv2DenoiseLib.imaging.metrics import psnr, roi_stats
 from IPv2DenoiseLib.imaging.noise_map import noise_level_map
 from IPv2DenoiseLib.io.case_folder import read_case
-from IPv2DenoiseLib.physics.scanner_noise import ScannerProtocol
+from IPv2DenoiseLib.physics.scanner_noise import NOISE_TEXTURES, ProtocolRanges, ScannerProtocol
 from IPv2DenoiseLib.purification.pairs import Strategy, build_pairs
 from IPv2DenoiseLib.purification.regions import (
     BACKGROUND,
@@ -138,6 +138,12 @@ class TrainConfig:
     #: Stop this leg after so many minutes of wall time (validated, checkpointed and exported as
     #: usual); the learning-rate schedule then follows the clock (``schedule="constant"`` only).
     max_minutes: float | None = None
+    #: Share of scanner-noise slabs whose noise gets the ``image`` texture (random phases, no
+    #: streaks: iterative reconstructions; :func:`~IPv2DenoiseLib.physics.scanner_noise.image_domain_texture`).
+    image_texture_share: float = 0.0
+    #: Held-out real normal-dose CT (as ``anatomy``) to validate on each round, under the
+    #: validation protocol in both noise textures; labels are the real scans (their own noise kept).
+    val_anatomy: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -381,10 +387,13 @@ class Trainer:
         rank: int = 0,
         world: int = 1,
         scanner_val: Sequence[CasePairs] = (),
+        real_val: dict[str, Sequence[CasePairs]] | None = None,
     ) -> None:
         self.config, self.device, self.rank, self.world = config, device, rank, world
         self.train_cases, self.val_cases = list(train_cases), list(val_cases)
         self.scanner_val = list(scanner_val)
+        #: Held-out real anatomy per noise texture (:func:`anatomy_validation`).
+        self.real_val = {texture: list(cases) for texture, cases in (real_val or {}).items()}
         self.elapsed_before = 0.0  # training seconds of the run before this resume
         self.sampler_before: dict | None = None  # scanner-noise statistics of the run before this resume
         self.out = Path(config.out)
@@ -418,6 +427,7 @@ class Trainer:
                 pool=config.noise_pool,
                 refresh=config.noise_refresh,
                 real_share=config.real_share,
+                ranges=ProtocolRanges(image_texture_share=config.image_texture_share),
                 augmentation=Augmentation(fine_pixel_share=config.fine_pixel_share),
                 noise_map=wants_noise_map(self.model),
                 device=str(device) if device.type == "cuda" else "cpu",  # simulate on the GPU
@@ -469,6 +479,9 @@ class Trainer:
         self.started_utc = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         self.stopped_by = "iterations"
         self.done = self.start
+        if self.real_val and self.rank == 0 and "val_start" not in self.history:
+            # the --init network on the held-out real scans: what this leg must beat to ship
+            self.history["val_start"] = self.validation_metrics(real_only=True)
         for it in range(self.start, config.iterations):
             if cancel is not None:
                 cancel.check()
@@ -577,11 +590,7 @@ class Trainer:
         self.last_round = time.monotonic()
         if self.rank != 0:
             return
-        val = validate(self.model, self.val_cases, self.device, self.in_slices) if self.val_cases else {}
-        if self.scanner_val:
-            scanner = validate(self.model, self.scanner_val, self.device, self.in_slices)
-            val.update({f"scanner_{k}": v for k, v in scanner.items()})
-        self.history["val"].append(val)
+        self.history["val"].append(self.validation_metrics())
         self.history.setdefault("seconds", []).append(
             round(time.monotonic() - self.began + self.elapsed_before, 1)
         )
@@ -604,6 +613,20 @@ class Trainer:
             torch.save(state, tmp)
         if self.after_round is not None:
             self.after_round(self)
+
+    def validation_metrics(self, *, real_only: bool = False) -> dict[str, float]:
+        """Every validation set's metrics, prefixed by set: none for the cases' own scans,
+        ``scanner_`` for the fixed scanner protocol, ``real_<texture>_`` for held-out real anatomy."""
+        sets: dict[str, Sequence[CasePairs]] = (
+            {} if real_only else {"": self.val_cases, "scanner_": self.scanner_val}
+        )
+        sets |= {f"real_{texture}_": cases for texture, cases in self.real_val.items()}
+        val: dict[str, float] = {}
+        for prefix, cases in sets.items():
+            if cases:
+                metrics = validate(self.model, cases, self.device, self.in_slices)
+                val.update({f"{prefix}{k}": v for k, v in metrics.items()})
+        return val
 
     def export(self, seconds: float) -> dict:
         """Write the safetensors weights with their model card, and the training curves; the card.
@@ -668,6 +691,7 @@ class Trainer:
                 "noise": "scanner",
                 "real_share": sampler.real_share,
                 "fine_pixel_share": sampler.augmentation.fine_pixel_share,
+                "image_texture_share": sampler.ranges.image_texture_share,
                 "slabs": sampler.slabs_made,
                 "real_slabs": sampler.real_slabs,
             }
@@ -687,26 +711,15 @@ class Trainer:
             "hardware": card["hardware"],
             "data": mix,
             "validation": card["validation"],
+            # the held-out real scans before this leg (the --init network), when validated on
+            **({"validation_start": self.history["val_start"]} if "val_start" in self.history else {}),
         }
 
 
-def train(
-    config: TrainConfig,
-    *,
-    progress: ProgressCallback | None = None,
-    cancel: CancelToken | None = None,
-    prepared: tuple[Sequence[CasePairs], Sequence[CasePairs]] | None = None,
-) -> dict:
-    """Train, validate, checkpoint and export; returns the model card.
-
-    ``prepared`` skips reading case folders (tests and the evaluation pass pairs they built).
-    """
-    if config.iterations < 1 or config.batch < 1 or config.patch < 8:
-        raise UserError("iterations and batch must be >= 1 and patch >= 8")
-    rank, world = _distributed()
-    device = _training_device(config.device, rank, world)
-    Path(config.out).mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(config.seed + rank)
+def check_config(config: TrainConfig) -> None:
+    """Refuse a config a user got wrong, in one line each, before any data is read."""
+    if config.iterations < 1 or config.batch < 1 or config.patch < 8 or config.val_slices < 1:
+        raise UserError("iterations, batch and validation slices must be >= 1 and patch >= 8")
     if config.noise not in NOISE_SOURCES:
         raise UserError(f"noise={config.noise!r} is not known; allowed: {', '.join(NOISE_SOURCES)}")
     if config.schedule not in SCHEDULES:
@@ -722,11 +735,36 @@ def train(
         raise UserError(
             f"--fine-pixel-share {config.fine_pixel_share}: need a fraction in [0, 1] and --noise scanner"
         )
+    if not 0.0 <= config.image_texture_share <= 1.0 or (
+        config.image_texture_share and config.noise != "scanner"
+    ):
+        raise UserError(
+            f"--image-texture-share {config.image_texture_share}: need a fraction in [0, 1] and --noise scanner"
+        )
     if config.max_minutes is not None and (config.max_minutes <= 0 or config.schedule != "constant"):
         raise UserError(
             "--max-minutes needs a positive number and --schedule constant (its decay follows the clock)"
         )
+
+
+def train(
+    config: TrainConfig,
+    *,
+    progress: ProgressCallback | None = None,
+    cancel: CancelToken | None = None,
+    prepared: tuple[Sequence[CasePairs], Sequence[CasePairs]] | None = None,
+) -> dict:
+    """Train, validate, checkpoint and export; returns the model card.
+
+    ``prepared`` skips reading case folders (tests and the evaluation pass pairs they built).
+    """
+    check_config(config)
+    rank, world = _distributed()
+    device = _training_device(config.device, rank, world)
+    Path(config.out).mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed + rank)
     scanner_val: list[CasePairs] = []
+    real_val = anatomy_validation(config.val_anatomy, slices=config.val_slices) if config.val_anatomy else {}
     if prepared is not None:
         train_cases, val_cases = prepared
     elif config.noise == "scanner":
@@ -738,7 +776,14 @@ def train(
     if not train_cases:
         raise UserError("no training cases given")
     trainer = Trainer(
-        config, train_cases, val_cases, device=device, rank=rank, world=world, scanner_val=scanner_val
+        config,
+        train_cases,
+        val_cases,
+        device=device,
+        rank=rank,
+        world=world,
+        scanner_val=scanner_val,
+        real_val=real_val,
     )
     return trainer.run(progress=progress, cancel=cancel)
 
@@ -804,6 +849,26 @@ def scanner_validation(folders: Sequence[str], *, slices: int) -> tuple[list[Cas
     return standard, scanner
 
 
+def anatomy_validation(paths: Sequence[str], *, slices: int) -> dict[str, list[CasePairs]]:
+    """Validation on held-out real normal-dose CT, per noise texture (:data:`NOISE_TEXTURES`).
+
+    The central ``slices`` of each volume (:func:`load_anatomy_volumes`) under
+    :data:`VALIDATION_PROTOCOL` with that texture; the label is the real scan, its own noise kept,
+    so PSNR is against the normal-dose image (``psnr_label*``). Synthetic phantoms validate what a
+    network learnt of the noise; these tell whether it still helps on real anatomy (a leg that
+    gained on the phantoms lost on the real slices: docs/results.md, quality leg 10).
+    """
+    volumes = load_anatomy_volumes(paths, option="--val-anatomy")
+    sets: dict[str, list[CasePairs]] = {}
+    for texture in NOISE_TEXTURES:
+        protocol = replace(VALIDATION_PROTOCOL, texture=texture)
+        slabs = validation_slabs(volumes, protocol, slices=slices, seed=30_000)
+        sets[texture] = [
+            CasePairs(name, None, None, regions, noisy, label) for name, noisy, label, regions in slabs
+        ]
+    return sets
+
+
 def scanner_data_record(sampler: ScannerNoiseSampler, volumes) -> dict:
     """What the scanner-noise training saw, for the model card (incl. the ranges ``denoise`` checks)."""
     spacings = np.array([v.spacing for v in volumes], float)
@@ -840,12 +905,18 @@ def plot_training_curves(
     """Loss (and the learning-rate factor: the one recorded each round, else ``lr(step)``) and
     validation PSNR per region, as a PNG.
 
-    One validation panel per set: the cases' own scans (``psnr_truth*``) and, for scanner-noise
-    training, the fixed scanner protocol (``scanner_psnr_truth*``).
+    One validation panel per set: the cases' own scans (``psnr_truth*``), for scanner-noise
+    training the fixed scanner protocol (``scanner_psnr_truth*``), and held-out real anatomy per
+    noise texture (``real_<texture>_psnr_label*``, dashed: the leg's starting network).
     """
-    sets = [("", "validation: own 2 % scans")]
+    sets = [("", "validation: own 2 % scans", "psnr_truth")]
     if any(k.startswith("scanner_") for v in history["val"] for k in v):
-        sets.append(("scanner_", f"validation: {VALIDATION_PROTOCOL.kernel}, correlated, bowtie + TCM"))
+        sets.append(
+            ("scanner_", f"validation: {VALIDATION_PROTOCOL.kernel}, correlated, bowtie + TCM", "psnr_truth")
+        )
+    for texture in NOISE_TEXTURES:
+        if any(k.startswith(f"real_{texture}_") for v in history["val"] for k in v):
+            sets.append((f"real_{texture}_", f"held-out real CT, {texture} texture", "psnr_label"))
     fig = Figure(figsize=(5 * (1 + len(sets)), 3.6))
     axes = fig.subplots(1, 1 + len(sets))
     axes[0].plot(history["iteration"], history["loss"], marker="o")
@@ -861,14 +932,18 @@ def plot_training_curves(
         twin = axes[0].twinx()
         twin.plot(steps, [lr(int(i)) for i in steps], color="0.6", lw=1)
         twin.set(ylabel="learning-rate factor", ylim=(0, 1.05))
-    for ax, (prefix, name) in zip(axes[1:], sets):
-        keys = sorted({k for v in history["val"] for k in v if k.startswith(f"{prefix}psnr_truth")})
+    start = history.get("val_start") or {}
+    for ax, (prefix, name, metric) in zip(axes[1:], sets):
+        keys = sorted({k for v in history["val"] for k in v if k.startswith(f"{prefix}{metric}")})
         for key in keys:
-            label = key[len(prefix) :].replace("psnr_truth", "").strip("_") or "body + lungs"
-            ax.plot(
+            label = key[len(prefix) :].replace(metric, "").strip("_") or "body + lungs"
+            lines = ax.plot(
                 history["iteration"], [v.get(key, math.nan) for v in history["val"]], marker="o", label=label
             )
-        ax.set(xlabel="iteration", ylabel="PSNR vs truth (dB)", title=name)
+            if key in start:  # the leg's --init network: the line to beat
+                ax.axhline(start[key], color=lines[0].get_color(), ls="--", lw=1)
+        reference = "truth" if metric == "psnr_truth" else "normal-dose scan"
+        ax.set(xlabel="iteration", ylabel=f"PSNR vs {reference} (dB)", title=name)
         if ax.lines:
             ax.legend(fontsize=8)
     fig.suptitle(title)

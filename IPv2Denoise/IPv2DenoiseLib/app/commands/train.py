@@ -44,6 +44,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "field of view, as for a neck or a head); widens the card's trained pixel sizes (default 0)",
     )
     parser.add_argument(
+        "--image-texture-share",
+        type=float,
+        default=0.0,
+        help="--noise scanner: share of slabs whose noise has random phases (same spectrum and local SD, "
+        "no streaks), as iterative reconstructions give (default 0)",
+    )
+    parser.add_argument(
+        "--val-anatomy",
+        nargs="*",
+        default=[],
+        type=Path,
+        help="held-out real normal-dose CT (as --anatomy) validated each round in both noise textures, "
+        "against the scan itself; the card records the starting network's figures too",
+    )
+    parser.add_argument(
+        "--val-slices",
+        type=int,
+        default=8,
+        help="central slices of each validation volume of --noise scanner and --val-anatomy (default 8)",
+    )
+    parser.add_argument(
         "--max-minutes",
         type=float,
         default=None,
@@ -190,6 +211,9 @@ def run(args: argparse.Namespace) -> int:
         anatomy=[str(p) for p in args.anatomy],
         real_share=args.real_share,
         fine_pixel_share=args.fine_pixel_share,
+        image_texture_share=args.image_texture_share,
+        val_anatomy=[str(p) for p in args.val_anatomy],
+        val_slices=args.val_slices,
         max_minutes=args.max_minutes,
     )
     if kwargs:
