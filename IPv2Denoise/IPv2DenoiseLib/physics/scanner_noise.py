@@ -243,7 +243,11 @@ def scanner_noise(
     noise = noise[None] if single else noise
     if protocol.texture == "image":
         # a stream of its own: the detector counts may have been drawn from ``seed`` already
-        rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng([int(seed or 0), 1])
+        rng = (
+            seed
+            if isinstance(seed, np.random.Generator)
+            else np.random.default_rng(None if seed is None else [int(seed), 1])
+        )
         noise = image_domain_texture(noise, pixel_mm=spacing_mm, rng=rng)
     noise = correlate_slices(noise, protocol.z_correlation)
     return arr + noise
