@@ -213,15 +213,15 @@ def exposure_controlled_scan(
     An int ``seed`` seeds the first scan itself (fixed validation noise), a generator every scan.
     """
     tissue = regions == BODY
-    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng([seed, 2])
+    fixed = not isinstance(seed, np.random.Generator)
+    rng = np.random.default_rng([seed, 2]) if fixed else seed
     for attempt in range(AEC_MAX_DOUBLINGS + 1):
+        scan_seed = seed if fixed and attempt == 0 else int(rng.integers(2**62))
         noisy = scanner_noise(
             np.ascontiguousarray(hu),
             protocol,
             spacing_mm=spacing_mm,
-            seed=seed
-            if attempt == 0 and not isinstance(seed, np.random.Generator)
-            else int(rng.integers(2**62)),
+            seed=scan_seed,
             clean=vol.clean,
             device=device,
             flux_scale=vol.flux_scale,
