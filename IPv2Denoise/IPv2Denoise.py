@@ -134,6 +134,7 @@ class IPv2DenoiseParameterNode:
     removeBackground: bool = True
     adapt: bool = False
     bestQuality: bool = False
+    refine: bool = False
     model: str = ""
     device: str = "auto"
     showDifference: bool = False
@@ -297,6 +298,7 @@ class IPv2DenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.removeBackgroundCheckBox,
             self.ui.adaptCheckBox,
             self.ui.bestQualityCheckBox,
+            self.ui.refineCheckBox,
         ):
             w.enabled = not busy
         if message is not None:
@@ -319,6 +321,7 @@ class IPv2DenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 removeBackground=p.removeBackground,
                 adapt=p.adapt,
                 ensemble=8 if p.bestQuality else 1,
+                refine=p.refine,
                 synchronous=False,
             )
         except Exception as exc:  # dependency declined, bad input: show it, change nothing
@@ -494,6 +497,7 @@ class IPv2DenoiseLogic(ScriptedLoadableModuleLogic):
         removeBackground=True,
         adapt=False,
         ensemble=1,
+        refine=False,
         synchronous=True,
     ):
         """Denoise ``inputVolumeNode`` in a ``PythonSlicer -m IPv2DenoiseLib denoise`` subprocess.
@@ -506,7 +510,12 @@ class IPv2DenoiseLogic(ScriptedLoadableModuleLogic):
             raise ValueError("inputVolumeNode: no input volume selected")
         python = shutil.which("PythonSlicer") or sys.executable
         options = DenoiseOptions(
-            model=model, device=device, remove_background=removeBackground, adapt=adapt, ensemble=ensemble
+            model=model,
+            device=device,
+            remove_background=removeBackground,
+            adapt=adapt,
+            ensemble=ensemble,
+            refine=refine,
         )
         job = DenoiseJob(inputVolumeNode, outputVolumeNode, options=options, python=python).start()
         if not synchronous:

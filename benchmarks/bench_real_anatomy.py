@@ -58,8 +58,10 @@ sys.path.insert(0, str(ROOT / "IPv2Denoise"))
 from IPv2DenoiseLib.core.errors import UserError  # noqa: E402
 from IPv2DenoiseLib.core.volume import Volume  # noqa: E402
 from IPv2DenoiseLib.denoiser.ensemble import ENSEMBLE_SIZES  # noqa: E402
+from IPv2DenoiseLib.denoiser.infer import AIR_HU  # noqa: E402
+from IPv2DenoiseLib.denoiser.refine import refine_slices  # noqa: E402
 from IPv2DenoiseLib.imaging.classical import denoise_classical  # noqa: E402
-from IPv2DenoiseLib.imaging.masks import body_mask, lung_mask, soft_tissue_mask  # noqa: E402
+from IPv2DenoiseLib.imaging.masks import background_weight, body_mask, lung_mask, soft_tissue_mask  # noqa: E402
 from IPv2DenoiseLib.imaging.metrics import laa950, nps_2d, psnr, ssim  # noqa: E402
 from IPv2DenoiseLib.imaging.noise_estimate import estimate_noise_hu  # noqa: E402
 from IPv2DenoiseLib.io.volumes import read_volume  # noqa: E402
@@ -271,14 +273,17 @@ class OutputCache:
         return out
 
 
-def variant_label(name: str, ensemble: int) -> str:
-    return name if ensemble == 1 else f"{name}+ens{ensemble}"
+def variant_label(name: str, ensemble: int, refine: bool = False) -> str:
+    return (name if ensemble == 1 else f"{name}+ens{ensemble}") + ("+refine" if refine else "")
 
 
-def model_labels(models, *, adapt: bool, ensembles: tuple[int, ...]) -> list[str]:
-    """Row labels of the networks: each model, then (``--adapt``) its adapted copy, each at every ensemble size."""
+def model_labels(
+    models, *, adapt: bool, ensembles: tuple[int, ...], refines: tuple[bool, ...] = (False,)
+) -> list[str]:
+    """Row labels of the networks: each model, then (``--adapt``) its adapted copy, each at every
+    ensemble size, each without and (``--refine``) with the refinement."""
     names = [label for label, _ in models] + ([f"{label}+adapt" for label, _ in models] if adapt else [])
-    return [variant_label(name, n) for name in names for n in ensembles]
+    return [variant_label(name, n, r) for name in names for n in ensembles for r in refines]
 
 
 @dataclass
@@ -365,9 +370,11 @@ def network_rows(
     adapt: AdaptConfig | None,
     ensembles: tuple[int, ...],
     remove_background: bool,
+    refines: tuple[bool, ...] = (False,),
 ) -> None:
     """One network (and, with ``adapt``, its copy fine-tuned on this noisy image) at each ensemble
-    size: a row each, with the seconds spent (fine-tuning included)."""
+    size, without and (``refines``) with ``--refine``: a row each, with the seconds spent
+    (fine-tuning included; a refined row reuses the unrefined network output and adds its own time)."""
     noisy, pixel_mm = trial.noisy, trial.pixel_mm
     variants = [(label, den, None, 0.0)]
     if adapt is not None:  # the same model fine-tuned on this noisy image alone (--adapt)
@@ -378,14 +385,18 @@ def network_rows(
     for name, model, record, spent in variants:
         for n in ensembles:
             t = time.monotonic()
-            out = model.denoise_array(
-                noisy[None], device="cpu", remove_background=remove_background, ensemble=n
-            )[0]
-            key = variant_label(name, n)
-            rows[key] = {**trial.measure(out), "seconds": spent + time.monotonic() - t}
-            if record is not None:
-                rows[key]["adapt"] = record.as_dict()
-            outputs[key] = out
+            out = model.denoise_array(noisy[None], device="cpu", remove_background=False, ensemble=n)[0]
+            seconds = spent + time.monotonic() - t
+            for refine in refines:
+                t = time.monotonic()
+                final = refine_slices(noisy[None], out[None], pixel_mm=pixel_mm)[0] if refine else out
+                if remove_background:  # as the product: after the network (and the refinement)
+                    final = final + background_weight(noisy[None], spacing=None)[0] * (AIR_HU - final)
+                key = variant_label(name, n, refine)
+                rows[key] = {**trial.measure(final), "seconds": seconds + time.monotonic() - t}
+                if record is not None:
+                    rows[key]["adapt"] = record.as_dict()
+                outputs[key] = final
 
 
 def evaluate_image(
@@ -399,9 +410,10 @@ def evaluate_image(
     cache: OutputCache | None = None,
     adapt: AdaptConfig | None = None,
     ensembles: tuple[int, ...] = (1,),
+    refines: tuple[bool, ...] = (False,),
 ) -> dict:
     cache = cache or OutputCache(None)
-    labels = model_labels(models, adapt=adapt is not None, ensembles=ensembles)
+    labels = model_labels(models, adapt=adapt is not None, ensembles=ensembles, refines=refines)
     truth, pixel_mm = load_image(image)
     reg = regions_of(truth, pixel_mm, truncated=image.body_mm is not None, has_lung=image.has_lung)
     base = projection_noise(truth, pixel_mm, image.body_mm, image.body_hu, seed=seed)
@@ -433,6 +445,7 @@ def evaluate_image(
                 adapt=adapt,
                 ensembles=ensembles,
                 remove_background=remove_background,
+                refines=refines,
             )
         oracle = max((k for k in rows if k.endswith("_oracle")), key=lambda k: rows[k]["psnr"])
         result["noise"][noise_name] = {
@@ -558,6 +571,11 @@ def main(argv: list[str] | None = None) -> int:
         choices=ENSEMBLE_SIZES,
         help="also run each network with this test-time flip ensemble (denoise --ensemble N)",
     )
+    parser.add_argument(
+        "--refine",
+        action="store_true",
+        help="also run every network row with the collaborative Wiener refinement (denoise --refine)",
+    )
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     parser.add_argument("--json", default=str(ROOT / "benchmarks/results/bench_real_anatomy.json"))
     parser.add_argument("--figure", default=str(ROOT / "docs/figures/real_anatomy.png"))
@@ -574,7 +592,8 @@ def main(argv: list[str] | None = None) -> int:
     steps = args.adapt_steps or AdaptConfig.max_iterations
     adapt = AdaptConfig(seconds=args.adapt, max_iterations=steps) if args.adapt else None
     ensembles = (1, args.ensemble) if args.ensemble > 1 else (1,)
-    labels = model_labels(models, adapt=adapt is not None, ensembles=ensembles)
+    refines = (False, True) if args.refine else (False,)
+    labels = model_labels(models, adapt=adapt is not None, ensembles=ensembles, refines=refines)
     began = time.monotonic()
     results = {}
     for image in IMAGES:
@@ -590,6 +609,7 @@ def main(argv: list[str] | None = None) -> int:
                 cache=OutputCache(args.cache),
                 adapt=adapt,
                 ensembles=ensembles,
+                refines=refines,
             )
     summary = print_table(results, labels)
     write_figure(results, labels, Path(args.figure))

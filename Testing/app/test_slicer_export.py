@@ -75,7 +75,7 @@ def test_export_refuses_a_bad_pacs_setting_before_writing(scene, tmp_path) -> No
 
 
 def test_an_adapted_run_in_slicer_says_so_in_its_exported_series(scene, tmp_path) -> None:
-    """The Slicer job runs the real ``ipv2-denoise denoise --adapt`` in its background process; the
+    """The Slicer job runs the real ``ipv2-denoise denoise --adapt --refine`` in its background process; the
     denoised node remembers it, and Export writes "fine-tuned on this scan" and the warnings, as
     ``denoise --dicom`` does (the note was lost when the export looked the model up by name)."""
     from conftest import chest_like_volume
@@ -89,10 +89,11 @@ def test_an_adapted_run_in_slicer_says_so_in_its_exported_series(scene, tmp_path
     weights = tmp_path / "tiny.safetensors"
     save_model(UNet(in_slices=3, base_channels=4, levels=2), weights, {"strategy": "ipv2"})
     node = add_volume_node(Volume(chest_like_volume(5, (6, 64, 64)), (0.7, 0.7, 1.25)), "ULDCT")
-    options = DenoiseOptions(weights=str(weights), device="cpu", adapt=True, adapt_seconds=2)
+    options = DenoiseOptions(weights=str(weights), device="cpu", adapt=True, adapt_seconds=2, refine=True)
     job = DenoiseJob(node, options=options).start()
     denoised = job.wait(timeout=300)
     assert job.status.adapted and job.status.adapted["iterations"] > 0
     files, _ = export_dicom(denoised, tmp_path / "derived")
     description = pydicom.dcmread(files[0]).DerivationDescription
     assert "fine-tuned on this scan alone" in description and "tiny.safetensors" in description
+    assert "refined by collaborative Wiener filtering" in description  # denoise --refine, from the node

@@ -59,6 +59,7 @@ def test_parameter_bindings_name_real_fields():
     assert bound["removeBackgroundCheckBox"] == "removeBackground"
     assert bound["adaptCheckBox"] == "adapt"  # scan-adaptive fine-tuning (denoise --adapt)
     assert bound["bestQualityCheckBox"] == "bestQuality"  # denoise --ensemble 8
+    assert bound["refineCheckBox"] == "refine"  # denoise --refine
 
 
 def test_input_selector_hides_labelmaps_and_scene_is_connected():

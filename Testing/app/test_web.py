@@ -435,7 +435,9 @@ def test_a_dicom_series_is_exported_into_its_own_study(server, chromium) -> None
     page = open_page(chromium, server)
     choose_and_open(page, "dicom/chest")
     wait_until(lambda: "dicom/chest" in page.inner_text("#loaded-name"), what="the DICOM series")
+    page.check("#refine")  # denoise --refine: the derived series must say so
     denoise_and_wait(page)
+    page.uncheck("#refine")
     page.fill("#export-folder", "exports/chest-derived")
     page.click("#export-btn")
     wait_until(lambda: "wrote" in page.inner_text("#export-message"), what="the export")
@@ -446,6 +448,7 @@ def test_a_dicom_series_is_exported_into_its_own_study(server, chromium) -> None
     assert {d.StudyInstanceUID for d in derived} == {source.StudyInstanceUID}
     assert {d.SeriesInstanceUID for d in derived} != {source.SeriesInstanceUID}
     assert "DERIVED" in derived[0].ImageType
+    assert "refined by collaborative Wiener filtering" in derived[0].DerivationDescription
     if shutil.which("dciodvfy"):
         result = subprocess.run(["dciodvfy", str(files[0])], capture_output=True, text=True, timeout=60)
         errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]

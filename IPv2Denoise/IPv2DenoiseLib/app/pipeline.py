@@ -2,9 +2,9 @@
 
 ``denoise``, ``batch``, ``serve``, the Slicer module (through its background ``denoise`` process)
 and the web app all run a scan through :class:`DenoisePipeline`, configured per call by one
-:class:`DenoiseOptions` (model, device, background removal, ensemble, adaptation). So every front
+:class:`DenoiseOptions` (model, device, background removal, ensemble, refinement, adaptation). So every front
 end warns alike (training range, truncated field of view, reorientation), records the same
-provenance in what it writes (the model, its checksum, a fine-tuning on the scan) and loads the
+provenance in what it writes (the model, its checksum, a fine-tuning on the scan, the refinement) and loads the
 model through the one :class:`~IPv2DenoiseLib.denoiser.model_reference.ModelReference`.
 
 The pipeline holds the loaded network, so a long-running front end (``batch``, ``serve``, the
@@ -56,6 +56,8 @@ class DenoiseOptions:
     device: str = "auto"
     remove_background: bool = True
     ensemble: int = 1
+    #: Collaborative Wiener refinement of the network's output (``denoiser.refine``).
+    refine: bool = False
     adapt: bool = False
     adapt_seconds: float = ADAPT_SECONDS
     adapt_steps: int | None = None
@@ -84,6 +86,7 @@ class DenoiseOptions:
             device=getattr(args, "device", "auto"),
             remove_background=getattr(args, "remove_background", True),
             ensemble=getattr(args, "ensemble", 1),
+            refine=bool(getattr(args, "refine", False)),
             adapt=bool(getattr(args, "adapt", False)),
             adapt_seconds=seconds or (ADAPT_STEPS_SECONDS_CAP if steps else ADAPT_SECONDS),
             adapt_steps=steps,
@@ -98,6 +101,8 @@ class DenoiseOptions:
             args.append("--no-remove-background")
         if self.ensemble > 1:
             args += ["--ensemble", str(self.ensemble)]
+        if self.refine:
+            args.append("--refine")
         if self.adapt:
             args += ["--adapt", "--adapt-seconds", f"{self.adapt_seconds:g}"]
             if self.adapt_steps:
@@ -122,7 +127,8 @@ class DenoiseOptions:
         """Shares of the progress bar by expected time (the fine-tuning budget against ~30 s)."""
         # a step takes 0.1-0.3 s on a CPU core (docs/training.md)
         adapt = min(self.adapt_seconds, 0.2 * self.adapt_config().max_iterations) if self.adapt else 0.0
-        return {"read": 4, "model": 1, "adapt": adapt, "denoise": max(30.0, adapt), "write": 5}
+        denoise = max(30.0, adapt) * (4.0 if self.refine else 1.0)  # refining: ~3 s per slice per core
+        return {"read": 4, "model": 1, "adapt": adapt, "denoise": denoise, "write": 5}
 
 
 @dataclass
@@ -163,7 +169,7 @@ class DenoisePipeline:
     Parameters
     ----------
     options : DenoiseOptions
-        Model, device, background removal, ensemble, adaptation.
+        Model, device, background removal, ensemble, refinement, adaptation.
     progress : ProgressCallback, optional
         One 0..1000 scale over the stages (read, model, adapt, denoise, write).
     warn : callable(str), optional
@@ -203,7 +209,7 @@ class DenoisePipeline:
         """The network, loaded once per pipeline."""
         if self._denoiser is None:
             self.stages.start("model", "loading the model")
-            self._denoiser = self.reference.load(ensemble=self.options.ensemble)
+            self._denoiser = self.reference.load(ensemble=self.options.ensemble, refine=self.options.refine)
         return self._denoiser
 
     def read(
@@ -267,7 +273,7 @@ class DenoisePipeline:
         )
         for message in result.meta.get("warnings", []):
             note(message)
-        provenance = self.reference.provenance(denoiser.card, adapted=adapted)
+        provenance = self.reference.provenance(denoiser.card, adapted=adapted, refined=self.options.refine)
         return DenoiseOutcome(
             volume, result, self.reference.name, provenance, warnings, adapted, noise_before
         )

@@ -28,10 +28,17 @@ class ModelProvenance:
     strategy: str = "ipv2"
     #: Scan-adaptive fine-tuning on this very scan (``denoise --adapt``): "N steps in S s", else None.
     adapted: str | None = None
+    #: The output refined by collaborative Wiener filtering with the network as pilot (``--refine``).
+    refined: bool = False
 
     @classmethod
     def from_card(
-        cls, name: str, card: Mapping[str, Any] | None, *, default_version: str = "unversioned"
+        cls,
+        name: str,
+        card: Mapping[str, Any] | None,
+        *,
+        default_version: str = "unversioned",
+        refined: bool = False,
     ) -> ModelProvenance:
         """From a model card (:mod:`IPv2DenoiseLib.denoiser.weights`): ``version``, ``sha256``, ``strategy``,
         and ``adapted`` (the record of ``training.adapt`` when the model was fine-tuned on the scan)."""
@@ -43,6 +50,7 @@ class ModelProvenance:
             sha256=card.get("sha256"),
             strategy=str(card.get("strategy") or "ipv2"),
             adapted=f"{adapted['iterations']} steps in {adapted['seconds']:.0f} s" if adapted else None,
+            refined=bool(refined),
         )
 
     def describe(self) -> str:
@@ -53,6 +61,8 @@ class ModelProvenance:
             if self.adapted
             else ""
         )
+        if self.refined:
+            adapted += ", refined by collaborative Wiener filtering with the network as pilot"
         return (
             f"Denoised by {SOFTWARE_NAME} {__version__}: model {self.name} version {self.version}{weights}, "
             f"training strategy {self.strategy}{adapted} (see the model card; IPv2 image purification: "

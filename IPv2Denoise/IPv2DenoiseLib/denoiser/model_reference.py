@@ -315,28 +315,38 @@ class ModelReference:
         """The model card (empty when there is none); torch-free."""
         return read_card(self.weights) or {}
 
-    def load(self, *, ensemble: int = 1) -> Denoiser:
-        """The network, ready to denoise (checksum verified); ``ensemble`` as ``--ensemble``."""
+    def load(self, *, ensemble: int = 1, refine: bool = False) -> Denoiser:
+        """The network, ready to denoise (checksum verified); ``ensemble`` and ``refine`` as
+        ``--ensemble`` and ``--refine``."""
         # lazy: torch; listing models and describing provenance must work without it (Slicer, --help)
         from IPv2DenoiseLib.denoiser.infer import Denoiser
 
         denoiser = Denoiser.from_file(self.weights, expected_sha256=self.sha256)
         denoiser.name = self.name
         denoiser.ensemble = ensemble
+        denoiser.refine = refine
         return denoiser
 
     def provenance(
-        self, card: Mapping[str, Any] | None = None, *, adapted: Mapping[str, Any] | None = None
+        self,
+        card: Mapping[str, Any] | None = None,
+        *,
+        adapted: Mapping[str, Any] | None = None,
+        refined: bool = False,
     ) -> ModelProvenance:
         """What a derived output says about its model; ``card`` is the loaded model's (else read
-        from disk), ``adapted`` the record of a scan-adaptive fine-tuning (``iterations``, ``seconds``)."""
+        from disk), ``adapted`` the record of a scan-adaptive fine-tuning (``iterations``, ``seconds``),
+        ``refined`` whether ``--refine`` ran."""
         card = dict(self.card() if card is None else card)
         if self.sha256 and not card.get("sha256"):
             card["sha256"] = self.sha256
         if adapted:
             card["adapted"] = dict(adapted)
         return ModelProvenance.from_card(
-            self.name, card, default_version=__version__ if self.registered else "unversioned"
+            self.name,
+            card,
+            default_version=__version__ if self.registered else "unversioned",
+            refined=refined,
         )
 
 

@@ -247,7 +247,7 @@ def adapt_denoiser(
     for scan in scans:
         if cancel is not None:
             cancel.check()
-        residual = scan - denoiser.denoise_array(scan, remove_background=False, device=dev)
+        residual = scan - denoiser.denoise_array(scan, remove_background=False, device=dev, refine=False)
         noise, info = recorruption_noise(
             scan,
             residual,
@@ -340,5 +340,6 @@ def adapt_denoiser(
         name=f"{denoiser.name}+adapt",
         runner=denoiser.runner,
         ensemble=denoiser.ensemble,
+        refine=denoiser.refine,
     )
     return adapted, result

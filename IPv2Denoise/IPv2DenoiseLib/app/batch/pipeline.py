@@ -47,7 +47,7 @@ class BatchSettings:
     """What every worker needs to process cases the same way (picklable: sent to Ray actors)."""
 
     out_root: str
-    #: Model, device, background removal, ensemble, slab: as ``denoise`` (``adapt`` is not offered).
+    #: Model, device, background removal, ensemble, refinement, slab: as ``denoise`` (``adapt`` is not offered).
     options: DenoiseOptions = DenoiseOptions()
     dicom: bool = False
     run_id: str = ""
@@ -122,6 +122,7 @@ class CaseProcessor:
             "format": "dicom" if self.settings.dicom else "nrrd",
             # only when set, so the done records of earlier runs stay valid
             **({"resample_gaps": True} if self.settings.resample_gaps else {}),
+            **({"refine": True} if self.settings.options.refine else {}),
         }
 
     # ------------------------------------------------------------------------------------ rows

@@ -37,6 +37,7 @@ def store_provenance(
         "model": options.model,
         "weights": options.weights,
         "adapted": dict(adapted) if adapted else None,
+        "refined": bool(options.refine),
         "warnings": list(warnings or []),
     }
     node.SetAttribute(PROVENANCE_ATTRIBUTE, json.dumps(record))
@@ -54,7 +55,8 @@ def node_provenance(node, *, model_name: str = "") -> tuple[ModelProvenance, lis
         reference = ModelReference.resolve(model, record.get("weights"))
     except Exception:  # noqa: BLE001 - a weights file moved since: still name the model
         return ModelProvenance(name=str(model)), list(record.get("warnings") or [])
-    return reference.provenance(adapted=record.get("adapted")), list(record.get("warnings") or [])
+    provenance = reference.provenance(adapted=record.get("adapted"), refined=bool(record.get("refined")))
+    return provenance, list(record.get("warnings") or [])
 
 
 def dicom_source_files(node, *, database=None) -> list[str] | None:

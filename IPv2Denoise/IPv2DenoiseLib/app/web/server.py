@@ -149,6 +149,7 @@ class DenoiseWebApp(TrameApp):
         s.remove_background = True
         s.ensembles = list(ENSEMBLE_SIZES)
         s.ensemble = 1
+        s.refine = False
         s.adapt = False
         s.preset = "Lung"
         s.presets = list(WINDOW_PRESETS)
@@ -284,6 +285,13 @@ class DenoiseWebApp(TrameApp):
                 label="Ensemble (flipped passes averaged: quality for time)",
                 density="compact",
                 id="ensemble",
+            )
+            v3.VCheckbox(
+                v_model=("refine",),
+                label="Refine (collaborative Wiener filtering; about 3 s per slice on a CPU core)",
+                density="compact",
+                hide_details=True,
+                id="refine",
             )
             v3.VCheckbox(
                 v_model=("adapt",),
@@ -491,6 +499,7 @@ class DenoiseWebApp(TrameApp):
             device=self.config.device,
             remove_background=bool(self.state.remove_background),
             ensemble=ensemble,  # checked against ENSEMBLE_SIZES by DenoiseOptions
+            refine=bool(self.state.refine),
             adapt=bool(self.state.adapt),
         )
 
