@@ -2,7 +2,7 @@
 
 One command, one run::
 
-    OMP_NUM_THREADS=2 python benchmarks/bench_infer.py [--weights FILE | --model default] [--data DIR] [--ensemble 8] [--also-weights FILE ...]
+    OMP_NUM_THREADS=2 python benchmarks/bench_infer.py [--weights FILE | --model default] [--data DIR] [--ensemble 8] [--refine] [--also-weights FILE ...]
 
 Without ``--data`` it makes ``--cases`` held-out synthetic cases (default 2 of 512×512×16 at
 0.7 mm, 2 % dose, anatomy seeds never used for training) with the project's own
@@ -18,7 +18,7 @@ homogeneous ROIs — vessel-free lung parenchyma, soft tissue, background air �
 error over the whole lungs (noise and vessel blur together) and the mean soft-tissue bias. Prints one Markdown
 table, the model's speed ratio to each baseline and PASS/FAIL per goal (``--ensemble N`` adds the
 model with an N-pass test-time flip ensemble, ``denoise --ensemble N``, and its gain and cost over
-one pass); writes
+one pass; ``--refine`` adds the model with ``denoise --refine``, at that ensemble size); writes
 ``benchmarks/results/bench_infer.md`` and ``.json``.
 """
 
@@ -68,7 +68,8 @@ def _worker(
         from IPv2DenoiseLib.denoiser.model_reference import ModelReference
 
         reference = ModelReference.resolve(model_spec.get("model", "default"), model_spec.get("weights"))
-        den = reference.load(ensemble=int(method.split("_ens")[1]) if "_ens" in method else 1)
+        ensemble = int(method.split("_ens")[1].split("_")[0]) if "_ens" in method else 1
+        den = reference.load(ensemble=ensemble, refine=method.endswith("_refine"))
         result["model_name"] = den.name
         result["model_card"] = {
             k: den.card.get(k)
@@ -76,7 +77,8 @@ def _worker(
         }
 
         def denoise(hu):
-            return den.denoise_array(hu, remove_background=True, device=device)
+            # the cases' own spacing: the refinement measures the noise's local SD over 10 mm
+            return den.denoise_array(hu, remove_background=True, device=device, spacing=vols[0].spacing)
     elif method != "input":
         from IPv2DenoiseLib.imaging.classical import denoise_classical
 
@@ -214,6 +216,11 @@ def main(argv=None) -> int:
         choices=ENSEMBLE_SIZES,
         help="also run the model with this flip ensemble",
     )
+    parser.add_argument(
+        "--refine",
+        action="store_true",
+        help="also run the model (at --ensemble N when given) with the collaborative Wiener refinement",
+    )
     args = parser.parse_args(argv)
 
     import torch
@@ -227,6 +234,8 @@ def main(argv=None) -> int:
     runs = [("input", "cpu"), ("model", "cpu")] + [(m, "cpu") for m in args.methods]
     if args.ensemble > 1:
         runs.insert(2, (f"model_ens{args.ensemble}", "cpu"))
+    if args.refine:
+        runs.insert(2, (f"model_ens{args.ensemble}_refine" if args.ensemble > 1 else "model_refine", "cpu"))
     extra_specs = {f"model_also{i}": {"weights": w} for i, w in enumerate(args.also_weights)}
     runs[2:2] = [(method, "cpu") for method in extra_specs]
     if torch.cuda.is_available():
@@ -254,7 +263,12 @@ def main(argv=None) -> int:
     for r in rows:
         name = r["method"]
         if r["method"].startswith("model"):
-            passes = f", {r['method'].split('_ens')[1]}-pass ensemble" if "_ens" in r["method"] else ""
+            passes = (
+                f", {r['method'].split('_ens')[1].split('_')[0]}-pass ensemble"
+                if "_ens" in r["method"]
+                else ""
+            )
+            passes += ", refined" if r["method"].endswith("_refine") else ""
             name = f"model ({r.get('model_name', '')}{passes})"
         speed = "–" if r["method"] == "input" else f"{r['mvox_s']:.3f}"
         lines.append(
@@ -271,7 +285,7 @@ def main(argv=None) -> int:
                 f"{card.get('flops_per_voxel')} FLOP/voxel): {r['mvox_s']:.3f} Mvoxel/s, "
                 f"{r['mvox_s'] / model['mvox_s']:.2f}x the model's speed"
             )
-        if r["method"].startswith("model_ens") and r["device"] == "cpu":
+        if r["method"].startswith(("model_ens", "model_refine")) and r["device"] == "cpu":
             ratios.append(
                 f"{r['method']}: {r['psnr'] - model['psnr']:+.2f} dB PSNR over one pass, "
                 f"at {r['mvox_s'] / model['mvox_s']:.2f}x its speed"

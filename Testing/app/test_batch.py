@@ -138,6 +138,13 @@ def test_rerun_redoes_what_it_cannot_verify(batch_archive, tmp_path) -> None:
     # Another model (here: no background removal) is a different result: nothing counts as done.
     assert main(["batch", str(source), str(out), "--no-remove-background"]) == 1
     assert {r["status"] for r in summary_rows(out).values()} == {"done", "failed"}
+    # So is the refinement (denoise --refine): redone once, then verified and skipped.
+    refined = ["batch", str(source), str(out), "--no-remove-background", "--refine"]
+    assert main(refined) == 1
+    assert {r["status"] for r in summary_rows(out).values()} == {"done", "failed"}
+    assert read_record(out, "site_a/p01")["settings"].get("refine") is True
+    assert main(refined) == 1
+    assert {r["status"] for r in summary_rows(out).values()} == {"skipped", "failed"}
 
 
 @pytest.mark.slow
