@@ -15,7 +15,7 @@ from scipy import ndimage as ndi
 from IPv2DenoiseLib.denoiser.infer import Denoiser
 from IPv2DenoiseLib.denoiser.refine import (
     RefineSettings,
-    coefficient_variances,
+    coefficient_covariances,
     collaborative_wiener,
     refine_slices,
     residual_noise_model,
@@ -31,40 +31,56 @@ def _ct_small() -> tuple[np.ndarray, float]:
     return hu, float(ds.PixelSpacing[0])
 
 
-def _dct_coefficients(noise: np.ndarray, block: int) -> np.ndarray:
-    """Every non-overlapping ``block``² patch's 2D DCT coefficients, ``[patches, block²]``."""
-    h, w = (s - s % block for s in noise.shape)
+def _dct_coefficients(noise: np.ndarray, block: int, shift: int = 0) -> np.ndarray:
+    """Every non-overlapping ``block``² patch's 2D DCT coefficients, ``[patches, block²]``, the patches
+    starting ``shift`` pixels to the right."""
+    noise = noise[:, shift:]
+    h, w = (n - n % block for n in noise.shape)
     patches = noise[:h, :w].reshape(h // block, block, w // block, block).transpose(0, 2, 1, 3)
     return sfft.dctn(patches, axes=(2, 3), norm="ortho").reshape(-1, block * block)
 
 
-def test_coefficient_variances_of_white_and_coloured_noise_match_the_measured_ones():
-    block = 8
-    white = np.zeros((2 * block - 1, 2 * block - 1))
-    white[block - 1, block - 1] = 1.0
-    assert coefficient_variances(white, block) == pytest.approx(np.ones(block * block), rel=1e-9)
+def test_coefficient_covariances_of_white_and_coloured_noise_match_the_measured_ones():
+    block, reach = 8, 4
+    half = reach + block - 1
+    white = np.zeros((2 * half + 1, 2 * half + 1))
+    white[half, half] = 1.0
+    covariance = coefficient_covariances(white, block, reach)
+    assert covariance.shape == (block * block, 2 * reach + 1, 2 * reach + 1)
+    assert covariance[:, reach, reach] == pytest.approx(np.ones(block * block), rel=1e-6)
+    # white noise: the DC of two patches one pixel apart shares 7/8 of its pixels
+    assert covariance[0, reach, reach + 1] == pytest.approx(7 / 8, rel=1e-6)
+    assert covariance[0, reach + 2, reach] == pytest.approx(6 / 8, rel=1e-6)
 
     rng = np.random.default_rng(0)
     coloured = ndi.gaussian_filter(rng.standard_normal((2048, 2048)), (1.5, 0.7))  # anisotropic, low-pass
     coloured /= coloured.std()
-    variance, sd = residual_noise_model(
-        coloured.astype(np.float32), np.ones(coloured.shape, bool), pixel_mm=0.7, block=block
+    covariance, sd = residual_noise_model(
+        coloured.astype(np.float32), np.ones(coloured.shape, bool), pixel_mm=0.7, block=block, reach=reach
     )
-    measured = _dct_coefficients(coloured, block).var(axis=0)
+    here = _dct_coefficients(coloured, block)
+    measured = here.var(axis=0)
     strong = measured > 0.01  # where the noise has power (the high frequencies of a low-pass have ~none)
-    assert np.abs(variance[strong] / measured[strong] - 1).max() < 0.1
-    assert variance.sum() == pytest.approx(block * block, rel=0.1)  # unit local SD: total power b²
+    assert np.abs(covariance[strong, reach, reach] / measured[strong] - 1).max() < 0.1
+    assert covariance[:, reach, reach].sum() == pytest.approx(block * block, rel=0.1)  # unit SD: b²
     assert np.median(sd) == pytest.approx(1.0, rel=0.05)
+    # between patches 2 px apart horizontally (the same coefficient in both)
+    there = _dct_coefficients(coloured, block, shift=2)[: len(here)]
+    rows = (coloured.shape[0] // block, coloured.shape[1] // block)
+    here_aligned = here.reshape(*rows, -1)[:, : rows[1] - 1].reshape(-1, block * block)
+    there_aligned = there.reshape(rows[0], rows[1] - 1, -1).reshape(-1, block * block)
+    cross = (here_aligned * there_aligned).mean(axis=0)
+    assert np.abs(covariance[strong, reach, reach + 2] - cross[strong]).max() < 0.1 * measured[strong].max()
 
 
 def test_the_noise_model_follows_a_local_noise_level():
     rng = np.random.default_rng(1)
     level = np.where(np.arange(256) < 128, 20.0, 60.0)[None, :] * np.ones((256, 1))
     noise = (rng.standard_normal((256, 256)) * level).astype(np.float32)
-    variance, sd = residual_noise_model(noise, np.ones(noise.shape, bool), pixel_mm=0.5)
+    covariance, sd = residual_noise_model(noise, np.ones(noise.shape, bool), pixel_mm=0.5, reach=2)
     assert np.median(sd[:, 20:100]) == pytest.approx(20.0, rel=0.1)
     assert np.median(sd[:, 156:236]) == pytest.approx(60.0, rel=0.1)
-    assert variance == pytest.approx(np.ones(64), abs=0.25)  # white once whitened by its local SD
+    assert covariance[:, 2, 2] == pytest.approx(np.ones(64), abs=0.25)  # white once whitened by its local SD
 
 
 def test_refinement_improves_the_shipped_network_on_a_real_ct_slice():
@@ -103,11 +119,19 @@ def test_collaborative_wiener_groups_the_most_similar_patches():
     clean = np.zeros((64, 64), np.float32)
     clean[:, 32:] = np.where((np.arange(32) // 2) % 2 == 0, 100.0, -100.0)[None, :]
     noisy = clean + rng.normal(0, 40, clean.shape).astype(np.float32)
-    variance = torch.ones(64)
+    half = 12 + 8 - 1
+    white = np.zeros((2 * half + 1, 2 * half + 1))
+    white[half, half] = 1.0
+    covariance = torch.from_numpy(coefficient_covariances(white, 8, 12))
     sd = torch.full((64, 64), 40.0)
+    settings = RefineSettings(radius=6)
     out = collaborative_wiener(
-        torch.from_numpy(noisy), torch.from_numpy(clean), variance, sd, RefineSettings(radius=6)
+        torch.from_numpy(noisy), torch.from_numpy(clean), covariance, sd, settings
     ).numpy()
+    with pytest.raises(ValueError, match="the search needs 14"):
+        collaborative_wiener(
+            torch.from_numpy(noisy), torch.from_numpy(clean), covariance, sd, RefineSettings(radius=7)
+        )
     assert np.abs(out - clean)[:, :28].std() < 0.35 * 40  # the flat half: most noise gone
     stripes = out[:, 36:60]
     assert np.corrcoef(stripes.ravel(), clean[:, 36:60].ravel())[0, 1] > 0.95  # the stripes kept

@@ -36,7 +36,13 @@ from scipy import fft as sfft
 from IPv2DenoiseLib.imaging.masks import background_weight
 from IPv2DenoiseLib.physics.scanner_noise import LOCAL_SD_SIGMA_MM, local_noise_sd
 
-__all__ = ["RefineSettings", "collaborative_wiener", "refine_slices", "residual_noise_model"]
+__all__ = [
+    "RefineSettings",
+    "coefficient_covariances",
+    "collaborative_wiener",
+    "refine_slices",
+    "residual_noise_model",
+]
 
 
 @dataclass(frozen=True)
@@ -71,46 +77,48 @@ def _dct_matrix(n: int) -> torch.Tensor:
     return torch.from_numpy(sfft.dct(np.eye(n), norm="ortho", axis=0)).float()
 
 
-def coefficient_variances(autocovariance: np.ndarray, block: int) -> np.ndarray:
-    """Noise variance of each 2D DCT coefficient of a ``block``² patch, for stationary noise.
+def coefficient_covariances(autocovariance: np.ndarray, block: int, reach: int) -> np.ndarray:
+    """Covariance of each 2D DCT coefficient of a ``block``² patch with the same coefficient of the
+    patch ``d`` pixels away, for stationary noise and every ``|d| ≤ reach`` on both axes.
+
+    At ``d = 0`` it is the coefficient's variance. Between nearby patches it is not zero (they
+    overlap, and CT noise is correlated over several pixels at fine pixel sizes), so a group of
+    patches found close together averages less noise away than independent ones would: the filter
+    uses these covariances for each group's own coefficient variances.
 
     Parameters
     ----------
     autocovariance : np.ndarray
-        ``[2·block−1, 2·block−1]``: the noise's autocovariance at lags ``−(block−1)..block−1`` on both
-        axes, lag 0 in the centre.
+        The noise's autocovariance at lags ``−(reach+block−1)..reach+block−1`` on both axes, lag 0 in
+        the centre (side ``2·(reach+block−1)+1``).
     block : int
         Patch side.
+    reach : int
+        Largest offset between two patches, per axis.
 
     Returns
     -------
     np.ndarray
-        ``[block²]`` variances, row-major over the (vertical, horizontal) DCT frequencies, at least 1e-6.
+        ``[block², 2·reach+1, 2·reach+1]`` float32, row-major over the (vertical, horizontal) DCT
+        frequencies, offset 0 in the centre.
     """
-    basis = sfft.dct(np.eye(block), norm="ortho", axis=0)
-    patches = np.einsum("ki,lj->klij", basis, basis).reshape(block * block, block, block)
-    out = np.empty(block * block)
-    lags = 2 * block - 1
-    for index, patch in enumerate(patches):
-        # E[(Σ h n)²] = Σ_Δ R(Δ) · (h ⋆ h)(Δ)
-        corr = np.zeros((lags, lags))
-        for dy in range(-(block - 1), block):
-            for dx in range(-(block - 1), block):
-                a = patch[max(0, dy) : block + min(0, dy), max(0, dx) : block + min(0, dx)]
-                b = patch[max(0, -dy) : block + min(0, -dy), max(0, -dx) : block + min(0, -dx)]
-                corr[dy + block - 1, dx + block - 1] = float((a * b).sum())
-        out[index] = float((corr * autocovariance).sum())
-    return np.maximum(out, 1e-6)
+    basis = torch.from_numpy(sfft.dct(np.eye(block), norm="ortho", axis=0))
+    patches = torch.einsum("ki,lj->klij", basis, basis).reshape(block * block, 1, block, block)
+    # A_k(Δ) = Σ_u h_k(u + Δ) h_k(u) (torch's conv2d correlates); cov_k(d) = Σ_Δ R(d + Δ) · A_k(Δ)
+    own = F.conv2d(patches.transpose(0, 1), patches, padding=block - 1, groups=block * block)
+    lagged = torch.from_numpy(np.ascontiguousarray(autocovariance))[None, None]
+    covariance = F.conv2d(lagged, own.transpose(0, 1))[0]  # [b², 2·reach+1, 2·reach+1]
+    return covariance.float().numpy()
 
 
 def residual_noise_model(
-    residual: np.ndarray, body: np.ndarray, *, pixel_mm: float, block: int = 8
+    residual: np.ndarray, body: np.ndarray, *, pixel_mm: float, block: int = 8, reach: int = 20
 ) -> tuple[np.ndarray, np.ndarray]:
     """The noise model of one slice, measured on its residual ``noisy − pilot``.
 
     The residual is whitened by its local SD (RMS over a 10 mm Gaussian, as ``--adapt``) inside the
-    body (air outside carries little CT noise after reconstruction's clipping), then its
-    autocovariance at short lags gives the coefficient variances (:func:`coefficient_variances`).
+    body (air outside carries little CT noise after reconstruction's clipping); its autocovariance
+    then gives the covariances of the filter's coefficients (:func:`coefficient_covariances`).
 
     Parameters
     ----------
@@ -122,11 +130,14 @@ def residual_noise_model(
         In-plane pixel size, for the 10 mm local SD.
     block : int
         Patch side of the filter.
+    reach : int
+        Largest offset between two patches of a group (twice the search radius).
 
     Returns
     -------
     tuple of np.ndarray
-        ``[block²]`` float32 coefficient variances for unit local SD, and the ``[H, W]`` float32 local SD (HU).
+        ``[block², 2·reach+1, 2·reach+1]`` float32 coefficient covariances for unit local SD, and the
+        ``[H, W]`` float32 local SD (HU).
     """
     sigma_px = LOCAL_SD_SIGMA_MM / max(pixel_mm, 1e-3)
     sd = local_noise_sd(residual[None].astype(np.float32), sigma_px)[0].astype(np.float32)
@@ -136,20 +147,21 @@ def residual_noise_model(
     white = np.where(body, white - white[body].mean(), 0.0)
     power = np.abs(np.fft.fft2(white)) ** 2 / float(body.sum())
     autocovariance = np.fft.fftshift(np.real(np.fft.ifft2(power)))
-    cy, cx = (s // 2 for s in autocovariance.shape)
-    lags = np.zeros((2 * block - 1, 2 * block - 1))
-    ry = min(block - 1, cy, autocovariance.shape[0] - cy - 1)
-    rx = min(block - 1, cx, autocovariance.shape[1] - cx - 1)
-    lags[block - 1 - ry : block + ry, block - 1 - rx : block + rx] = autocovariance[
+    cy, cx = (n // 2 for n in autocovariance.shape)
+    half = reach + block - 1
+    lags = np.zeros((2 * half + 1, 2 * half + 1))
+    ry = min(half, cy, autocovariance.shape[0] - cy - 1)
+    rx = min(half, cx, autocovariance.shape[1] - cx - 1)
+    lags[half - ry : half + ry + 1, half - rx : half + rx + 1] = autocovariance[
         cy - ry : cy + ry + 1, cx - rx : cx + rx + 1
     ]
-    return coefficient_variances(lags, block).astype(np.float32), sd
+    return coefficient_covariances(lags, block, reach), sd
 
 
 def collaborative_wiener(
     noisy: torch.Tensor,
     pilot: torch.Tensor,
-    coefficient_variance: torch.Tensor,
+    covariance: torch.Tensor,
     local_sd: torch.Tensor,
     settings: RefineSettings | None = None,
 ) -> torch.Tensor:
@@ -159,9 +171,9 @@ def collaborative_wiener(
     ----------
     noisy, pilot, local_sd : torch.Tensor
         ``[H, W]`` float32 on one device: the noisy slice and the pilot (HU), the noise's local SD (HU).
-    coefficient_variance : torch.Tensor
-        ``[block²]``: each 2D DCT coefficient's noise variance for unit local SD
-        (:func:`residual_noise_model`).
+    covariance : torch.Tensor
+        ``[block², 2·reach+1, 2·reach+1]`` with ``reach ≥ 2·radius``: each 2D DCT coefficient's noise
+        covariance between patches at each offset, for unit local SD (:func:`residual_noise_model`).
     settings : RefineSettings, optional
         Patch, group and search sizes (default :class:`RefineSettings`).
 
@@ -172,6 +184,9 @@ def collaborative_wiener(
     """
     s = settings or RefineSettings()
     b, k, radius = s.block, s.group, s.radius
+    reach = (covariance.shape[-1] - 1) // 2
+    if reach < 2 * radius:
+        raise ValueError(f"covariances reach {reach} px; the search needs {2 * radius}")
     height, width = noisy.shape
     device = noisy.device
     ry = torch.unique(torch.cat([torch.arange(0, height - b + 1, s.step), torch.tensor([height - b])]))
@@ -196,14 +211,15 @@ def collaborative_wiener(
     match_x = ref_x[None] + offsets[:, 1:]
     outside = (match_y < 0) | (match_y > height - b) | (match_x < 0) | (match_x > width - b)
     distance[outside] = math.inf
-    best = distance.topk(k, dim=0, largest=False).indices  # [k, R]; the reference itself is at distance 0
-    group_y = (ref_y[None] + offsets[best, 0]).T  # [R, k] patch corners
-    group_x = (ref_x[None] + offsets[best, 1]).T
+    best = distance.topk(k, dim=0, largest=False).indices.T  # [R, k]; the reference itself is at distance 0
     del distance, match_y, match_x, outside
 
     dct_b = _dct_matrix(b).to(device)
     dct_k = _dct_matrix(k).to(device)
-    variance = coefficient_variance.to(device).reshape(b, b)
+    # the group transform's variance of 3D coefficient (l, c): Σ_ij D_li D_lj cov_c(p_i − p_j)
+    group_weights = (dct_k[:, :, None] * dct_k[:, None, :]).reshape(k, k * k)
+    side = 2 * reach + 1
+    pair_table = covariance.to(device).reshape(b * b, side * side).T  # [offsets, b²]
     sd_box = F.avg_pool2d(local_sd[None, None], b, stride=1)[0, 0]  # mean SD over each patch
     kaiser = torch.from_numpy(np.outer(np.kaiser(b, 2.0), np.kaiser(b, 2.0)).astype(np.float32)).to(device)
     within_y, within_x = (
@@ -216,12 +232,16 @@ def collaborative_wiener(
         return torch.einsum("lk,rkij->rlij", dct_k, dct_b @ patches @ dct_b.T)
 
     for start in range(0, ref_y.numel(), s.chunk):
-        gy = group_y[start : start + s.chunk, :, None, None] + within_y  # [R, k, b, b]
-        gx = group_x[start : start + s.chunk, :, None, None] + within_x
+        chosen = best[start : start + s.chunk]  # [R, k] offset indices
+        oy, ox = offsets[chosen, 0], offsets[chosen, 1]
+        gy = (ref_y[start : start + s.chunk, None] + oy)[:, :, None, None] + within_y  # [R, k, b, b]
+        gx = (ref_x[start : start + s.chunk, None] + ox)[:, :, None, None] + within_x
         coef_noisy = transform(noisy[gy, gx])
         coef_pilot = transform(pilot[gy, gx])
+        pairs = (oy[:, :, None] - oy[:, None, :] + reach) * side + (ox[:, :, None] - ox[:, None, :] + reach)
+        group_var = group_weights @ pair_table[pairs.reshape(len(chosen), k * k)]  # [R, k, b²]
         sd_ref = sd_box[ref_y[start : start + s.chunk], ref_x[start : start + s.chunk]]
-        noise_var = (variance[None, None] * (sd_ref**2)[:, None, None, None]).clamp(min=1e-6)  # [R, 1, b, b]
+        noise_var = (group_var.reshape(-1, k, b, b) * (sd_ref**2)[:, None, None, None]).clamp(min=1e-6)
         gain = coef_pilot**2 / (coef_pilot**2 + noise_var)
         filtered = torch.einsum("lk,rlij->rkij", dct_k, gain * coef_noisy)
         estimate = dct_b.T @ filtered @ dct_b
@@ -267,13 +287,15 @@ def refine_slices(
     body = background_weight(noisy, spacing=(pixel_mm, pixel_mm, 1.0)) < 0.5
     out = np.empty(denoised.shape, dtype=np.float32)
     for z in range(noisy.shape[0]):
-        variance, sd = residual_noise_model(noisy[z] - denoised[z], body[z], pixel_mm=pixel_mm, block=s.block)
+        covariance, sd = residual_noise_model(
+            noisy[z] - denoised[z], body[z], pixel_mm=pixel_mm, block=s.block, reach=2 * s.radius
+        )
         with torch.no_grad():
             out[z] = (
                 collaborative_wiener(
                     torch.from_numpy(np.ascontiguousarray(noisy[z], dtype=np.float32)).to(device),
                     torch.from_numpy(np.ascontiguousarray(denoised[z], dtype=np.float32)).to(device),
-                    torch.from_numpy(variance),
+                    torch.from_numpy(covariance),
                     torch.from_numpy(sd).to(device),
                     s,
                 )
