@@ -167,3 +167,21 @@ def test_denoise_refine_writes_a_refined_series_that_says_so(ct_series, tmp_path
         assert described == refine
         outputs[refine] = np.stack([d.pixel_array.astype(np.float32) for d in datasets])
     assert np.abs(outputs[True] - outputs[False]).mean() > 1.0  # the refinement changed the pixels
+
+
+def test_the_coarse_scales_follow_the_network():
+    """The filter cannot remove noise coarser than its patches and search window; the network can.
+    With the default split the refined slice's coarse scales stay the network's."""
+    truth, pixel_mm = _ct_small()
+    noisy = simulate_low_dose(truth[None], dose=0.05, spacing_mm=pixel_mm, seed=3, device="cpu")
+    network = Denoiser.from_registry("default").denoise_array(
+        noisy, device="cpu", remove_background=False, spacing=(pixel_mm, pixel_mm, 5.0)
+    )
+    split = refine_slices(noisy, network, pixel_mm=pixel_mm)
+    whole = refine_slices(noisy, network, pixel_mm=pixel_mm, settings=RefineSettings(pilot_below_px=0))
+
+    def coarse_departure(refined: np.ndarray) -> float:
+        return float(np.abs(ndi.gaussian_filter(refined[0] - network[0], 6.0)).mean())
+
+    assert coarse_departure(split) < 0.5 * coarse_departure(whole)
+    assert np.abs(split - whole).max() > 1.0  # the split changed the image
