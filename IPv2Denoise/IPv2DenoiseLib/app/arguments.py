@@ -114,9 +114,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--refine",
         action="store_true",
-        help="refine the network's output by collaborative Wiener filtering with the network as pilot "
-        "and the noise measured on the scan: +0.2-1 dB on real slices, about 3 s per 512x512 slice on a "
-        "CPU core (a GPU: a fraction of a second); with --ensemble 8 the quality setting",
+        help="filter once more with the network's output as the pilot of a collaborative Wiener filter "
+        "and the noise measured on the scan: +0.2-0.3 dB for one network pass on real slices, nothing on "
+        "top of --adapt --ensemble 8; about 5 s per 512x512 slice on a CPU core",
     )
     parser.add_argument(
         "--no-remove-background",

@@ -13,8 +13,14 @@ does not.
 
 Written by hand: the ``bm3d`` package is free for non-commercial use only (the benchmarks use it as
 an oracle), and neither scikit-image nor SciPy has block matching. Torch, so it runs where the
-network runs (CPU or GPU). On training-corpus slices with 80 HU of scanner noise (never the
-benchmark's images) it adds +0.2 to +1.0 dB to the quality model's output; see docs/results.md.
+network runs (CPU or GPU). On training-corpus slices with 80 HU of scanner noise it adds 0.6-1.1 dB
+to the fast model's output; on the benchmark's real slices 0.2-0.3 dB to one network pass, and
+nothing to ``--adapt --ensemble 8`` (docs/results.md §4).
+
+Two additions to the paper's filter, both for CT noise: each group's coefficient variances come from
+the noise's covariance between its patches (:func:`coefficient_covariances`; nearby patches share
+correlated noise, and the paper's independent patches lost 1.4 dB at 0.29 mm pixels), and the
+network's coarse scales are kept (``RefineSettings.pilot_below_px``), which the filter cannot clean.
 
 Per slice: block matching on the pilot (8×8 patches, every 3rd pixel as a reference, the 16 most
 similar within ±10 px), a separable 2D DCT then a 1D DCT along the group, the Wiener gain
@@ -50,7 +56,7 @@ __all__ = [
 class RefineSettings:
     """The block matching and grouping of :func:`collaborative_wiener` (BM3D's Wiener-stage patch and
     step, with a smaller search window and group for the CPU: 11 px patches, 32-patch groups and a
-    ±12 px search gained under 0.05 dB on corpus slices at three times the time).
+    ±12 px search moved corpus slices by under 0.1 dB, at up to three times the time).
 
     Parameters
     ----------

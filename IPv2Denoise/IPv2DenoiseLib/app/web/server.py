@@ -288,7 +288,7 @@ class DenoiseWebApp(TrameApp):
             )
             v3.VCheckbox(
                 v_model=("refine",),
-                label="Refine (collaborative Wiener filtering; about 3 s per slice on a CPU core)",
+                label="Refine (collaborative Wiener filtering; about 5 s per slice on a CPU core)",
                 density="compact",
                 hide_details=True,
                 id="refine",
