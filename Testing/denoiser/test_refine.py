@@ -12,6 +12,7 @@ from pydicom.data import get_testdata_file
 from scipy import fft as sfft
 from scipy import ndimage as ndi
 
+from IPv2DenoiseLib.core.progress import Cancelled, CancelToken
 from IPv2DenoiseLib.denoiser.infer import Denoiser
 from IPv2DenoiseLib.denoiser.refine import (
     RefineSettings,
@@ -110,6 +111,10 @@ def test_no_residual_leaves_the_pilot_and_small_odd_slices_work():
     noisy = crop + np.random.default_rng(2).normal(0, 30, crop.shape).astype(np.float32)
     refined = refine_slices(noisy[None], crop[None], pixel_mm=pixel_mm)
     assert np.isfinite(refined).all() and np.array_equal(crop, before)  # inputs untouched
+    token = CancelToken()
+    token.cancel()
+    with pytest.raises(Cancelled):
+        refine_slices(noisy[None], crop[None], pixel_mm=pixel_mm, cancel=token)
 
 
 def test_collaborative_wiener_groups_the_most_similar_patches():

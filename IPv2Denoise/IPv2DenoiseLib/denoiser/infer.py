@@ -315,7 +315,7 @@ class Denoiser:
             out[done : done + n] = net_to_hu(y[:, 0].numpy())
             if refine:
                 out[done : done + n] = refine_slices(
-                    hu[done : done + n], out[done : done + n], pixel_mm=pixel_mm, device=dev
+                    hu[done : done + n], out[done : done + n], pixel_mm=pixel_mm, device=dev, cancel=cancel
                 )
             done += n
             report(done, depth, f"denoised {done}/{depth} slices")
