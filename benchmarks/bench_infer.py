@@ -192,6 +192,20 @@ def score(outputs: list[np.ndarray], truths: list[np.ndarray]) -> dict[str, floa
     return {k: float(np.mean(v)) for k, v in acc.items()}
 
 
+def planned_runs(args: argparse.Namespace, extra_models: list[str], *, cuda: bool) -> list[tuple[str, str]]:
+    """(method, device) in the order they run: the input, the model and its variants, the extra
+    models, the classical methods, then the model (and its refinement) on the GPU when there is one."""
+    runs = [("input", "cpu"), ("model", "cpu")] + [(m, "cpu") for m in args.methods]
+    if args.ensemble > 1:
+        runs.insert(2, (f"model_ens{args.ensemble}", "cpu"))
+    if args.refine:
+        runs.insert(2, (f"model_ens{args.ensemble}_refine" if args.ensemble > 1 else "model_refine", "cpu"))
+    runs[2:2] = [(method, "cpu") for method in extra_models]
+    if cuda:
+        runs += [("model", "cuda")] + ([("model_refine", "cuda")] if args.refine else [])
+    return runs
+
+
 def main(argv=None) -> int:
     from IPv2DenoiseLib.denoiser.ensemble import ENSEMBLE_SIZES
 
@@ -231,15 +245,8 @@ def main(argv=None) -> int:
     paths = [c / "uldct.nrrd" for c in cases]
     truths = [read_volume(c / "uldct_clean.nrrd").array for c in cases]
     model_spec = {"weights": args.weights, "model": args.model}
-    runs = [("input", "cpu"), ("model", "cpu")] + [(m, "cpu") for m in args.methods]
-    if args.ensemble > 1:
-        runs.insert(2, (f"model_ens{args.ensemble}", "cpu"))
-    if args.refine:
-        runs.insert(2, (f"model_ens{args.ensemble}_refine" if args.ensemble > 1 else "model_refine", "cpu"))
     extra_specs = {f"model_also{i}": {"weights": w} for i, w in enumerate(args.also_weights)}
-    runs[2:2] = [(method, "cpu") for method in extra_specs]
-    if torch.cuda.is_available():
-        runs.append(("model", "cuda"))
+    runs = planned_runs(args, list(extra_specs), cuda=torch.cuda.is_available())
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for method, device in runs:
