@@ -272,13 +272,7 @@ class DenoiseWebApp(TrameApp):
                 hint=("model_summaries[model] || ''",),
                 persistent_hint=True,
             )
-            v3.VCheckbox(
-                v_model=("remove_background",),
-                label="Remove background (air outside the body)",
-                density="compact",
-                hide_details=True,
-                id="remove-background",
-            )
+            option_checkbox("remove_background", "Remove background (air outside the body)")
             v3.VSelect(
                 v_model=("ensemble",),
                 items=("ensembles",),
@@ -286,20 +280,10 @@ class DenoiseWebApp(TrameApp):
                 density="compact",
                 id="ensemble",
             )
-            v3.VCheckbox(
-                v_model=("refine",),
-                label="Refine (collaborative Wiener filtering; about 5 s per slice on a CPU core)",
-                density="compact",
-                hide_details=True,
-                id="refine",
+            option_checkbox(
+                "refine", "Refine (collaborative Wiener filtering; about 5 s per slice on a CPU core)"
             )
-            v3.VCheckbox(
-                v_model=("adapt",),
-                label="Adapt the model to this scan first (about 15-30 s more on a CPU)",
-                density="compact",
-                hide_details=True,
-                id="adapt",
-            )
+            option_checkbox("adapt", "Adapt the model to this scan first (about 15-30 s more on a CPU)")
             with html.Div(classes="d-flex ga-2"):
                 v3.VBtn(
                     "Denoise",
@@ -651,6 +635,14 @@ class DenoiseWebApp(TrameApp):
             self._fit_views()
 
 
+def option_checkbox(name: str, label: str) -> v3.VCheckbox:
+    """A compact checkbox bound to the state variable ``name`` (a denoising option); its element id is
+    ``name`` with dashes (the browser tests find it there)."""
+    return v3.VCheckbox(
+        v_model=(name,), label=label, density="compact", hide_details=True, id=name.replace("_", "-")
+    )
+
+
 def available_models(weights: str | None) -> list[str]:
     """The shipped model names (default first), plus the file name of ``--weights``."""
     names = ModelCatalogue.read().names()
@@ -670,4 +662,12 @@ def model_summaries(names: list[str], weights: str | None) -> dict[str, str]:
     return summaries
 
 
-__all__ = ["PACS_FOLDER", "VIEWS", "DenoiseWebApp", "WebConfig", "available_models", "model_summaries"]
+__all__ = [
+    "PACS_FOLDER",
+    "VIEWS",
+    "DenoiseWebApp",
+    "WebConfig",
+    "available_models",
+    "option_checkbox",
+    "model_summaries",
+]
