@@ -233,9 +233,12 @@ def collaborative_wiener(
     dct_b = _dct_matrix(b).to(device)
     dct_k = _dct_matrix(k).to(device)
     # the group transform's variance of 3D coefficient (l, c): Σ_ij D_li D_lj cov_c(p_i − p_j)
-    group_weights = (dct_k[:, :, None] * dct_k[:, None, :]).reshape(k, k * k)
+    # (D_li² sums to 1, so the diagonal gives each patch's own variance; the other pairs come twice)
+    first, second = torch.triu_indices(k, k, offset=1, device=device)
+    group_weights = 2.0 * dct_k[:, first] * dct_k[:, second]  # [k, pairs]
     side = 2 * reach + 1
     pair_table = covariance.to(device).reshape(b * b, side * side).T  # [offsets, b²]
+    own_var = pair_table[reach * side + reach]  # [b²]: offset 0
     sd_box = F.avg_pool2d(local_sd[None, None], b, stride=1)[0, 0]  # mean SD over each patch
     kaiser = torch.from_numpy(np.outer(np.kaiser(b, 2.0), np.kaiser(b, 2.0)).astype(np.float32)).to(device)
     within_y, within_x = (
@@ -254,8 +257,8 @@ def collaborative_wiener(
         gx = (ref_x[start : start + s.chunk, None] + ox)[:, :, None, None] + within_x
         coef_noisy = transform(noisy[gy, gx])
         coef_pilot = transform(pilot[gy, gx])
-        pairs = (oy[:, :, None] - oy[:, None, :] + reach) * side + (ox[:, :, None] - ox[:, None, :] + reach)
-        group_var = group_weights @ pair_table[pairs.reshape(len(chosen), k * k)]  # [R, k, b²]
+        pairs = (oy[:, first] - oy[:, second] + reach) * side + (ox[:, first] - ox[:, second] + reach)
+        group_var = own_var + group_weights @ pair_table[pairs]  # [R, k, b²]
         sd_ref = sd_box[ref_y[start : start + s.chunk], ref_x[start : start + s.chunk]]
         noise_var = (group_var.reshape(-1, k, b, b) * (sd_ref**2)[:, None, None, None]).clamp(min=1e-6)
         gain = coef_pilot**2 / (coef_pilot**2 + noise_var)
