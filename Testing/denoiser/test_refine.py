@@ -190,3 +190,15 @@ def test_the_coarse_scales_follow_the_network():
 
     assert coarse_departure(split) < 0.5 * coarse_departure(whole)
     assert np.abs(split - whole).max() > 1.0  # the split changed the image
+
+
+def test_a_flat_pilot_covers_every_pixel_up_to_the_edges():
+    """In air or water the pilot is flat and every candidate patch ties: each reference still keeps
+    its own patch, so the last rows and columns are filtered too (they came out 0 HU when a tie
+    pushed the reference out of its group)."""
+    rng = np.random.default_rng(5)
+    flat = np.full((1, 70, 61), -1000.0, np.float32)  # sides that the reference grid's step does not divide
+    noisy = flat + rng.normal(0, 40, flat.shape).astype(np.float32)
+    out = refine_slices(noisy, flat, pixel_mm=0.7, settings=RefineSettings(pilot_below_px=0))
+    assert np.abs(out - flat).max() < 40.0
+    assert np.abs(out - flat)[:, -3:].max() < 40.0 and np.abs(out - flat)[:, :, -3:].max() < 40.0

@@ -212,22 +212,30 @@ def collaborative_wiener(
         [(dy, dx) for dy in range(-radius, radius + 1) for dx in range(-radius, radius + 1)], device=device
     )
     # block matching on the pilot: each offset's patch SSD at every reference corner, from an
-    # integral image of the squared difference (float64, in HU/1000: no cancellation)
+    # integral image of the squared difference (float64, in HU/1000: no cancellation). The SSD of
+    # the patches at r and r − d is the one of r − d and (r − d) + d: one integral image serves d
+    # and −d (read at r and at r − d; a corner outside the image is masked below).
     scaled = pilot.double() / 1000.0
     padded = F.pad(scaled[None, None], (radius, radius + b, radius, radius + b))[0, 0]
-    distance = torch.empty(len(offsets), ref_y.numel(), device=device)
-    top, left, bottom, right = ref_y, ref_x, ref_y + b, ref_x + b
-    for index, (dy, dx) in enumerate(offsets.tolist()):
-        shifted = padded[radius + dy : radius + dy + height, radius + dx : radius + dx + width]
-        integral = F.pad(((scaled - shifted) ** 2).cumsum(0).cumsum(1), (1, 0, 1, 0))
-        distance[index] = (
-            integral[bottom, right] - integral[top, right] - integral[bottom, left] + integral[top, left]
-        ).float()
+    distance = torch.zeros(len(offsets), ref_y.numel(), device=device)
+    side = 2 * radius + 1
+
+    def box(integral: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        y, x = y.clamp(0, height - b), x.clamp(0, width - b)
+        return (integral[y + b, x + b] - integral[y, x + b] - integral[y + b, x] + integral[y, x]).float()
+
+    for dy in range(0, radius + 1):
+        for dx in range(-radius if dy else 1, radius + 1):
+            shifted = padded[radius + dy : radius + dy + height, radius + dx : radius + dx + width]
+            integral = F.pad(((scaled - shifted) ** 2).cumsum(0).cumsum(1), (1, 0, 1, 0))
+            distance[(dy + radius) * side + dx + radius] = box(integral, ref_y, ref_x)
+            distance[(radius - dy) * side + radius - dx] = box(integral, ref_y - dy, ref_x - dx)
     match_y = ref_y[None] + offsets[:, :1]
     match_x = ref_x[None] + offsets[:, 1:]
     outside = (match_y < 0) | (match_y > height - b) | (match_x < 0) | (match_x > width - b)
     distance[outside] = math.inf
-    best = distance.topk(k, dim=0, largest=False).indices.T  # [R, k]; the reference itself is at distance 0
+    distance[radius * side + radius] = -1.0  # the reference itself, first, whatever ties a flat pilot makes
+    best = distance.topk(k, dim=0, largest=False).indices.T  # [R, k]
     del distance, match_y, match_x, outside
 
     dct_b = _dct_matrix(b).to(device)
@@ -236,7 +244,7 @@ def collaborative_wiener(
     # (D_li² sums to 1, so the diagonal gives each patch's own variance; the other pairs come twice)
     first, second = torch.triu_indices(k, k, offset=1, device=device)
     group_weights = 2.0 * dct_k[:, first] * dct_k[:, second]  # [k, pairs]
-    side = 2 * reach + 1
+    side = 2 * reach + 1  # from here: the covariance table's side
     pair_table = covariance.to(device).reshape(b * b, side * side).T  # [offsets, b²]
     own_var = pair_table[reach * side + reach]  # [b²]: offset 0
     sd_box = F.avg_pool2d(local_sd[None, None], b, stride=1)[0, 0]  # mean SD over each patch
@@ -269,7 +277,8 @@ def collaborative_wiener(
         flat = (gy * width + gx).reshape(-1)
         numerator.index_add_(0, flat, (estimate * weights).reshape(-1))
         denominator.index_add_(0, flat, weights.reshape(-1))
-    return (numerator / denominator.clamp(min=1e-12)).reshape(height, width)
+    # every pixel lies in its own reference's patch, so every denominator is positive
+    return (numerator / denominator).reshape(height, width)
 
 
 def refine_slices(
