@@ -127,7 +127,7 @@ class DenoiseOptions:
         """Shares of the progress bar by expected time (the fine-tuning budget against ~30 s)."""
         # a step takes 0.1-0.3 s on a CPU core (docs/training.md)
         adapt = min(self.adapt_seconds, 0.2 * self.adapt_config().max_iterations) if self.adapt else 0.0
-        denoise = max(30.0, adapt) * (4.0 if self.refine else 1.0)  # refining: ~5 s per slice per core
+        denoise = max(30.0, adapt) * (4.0 if self.refine else 1.0)  # refining: ~3 s per slice per core
         return {"read": 4, "model": 1, "adapt": adapt, "denoise": denoise, "write": 5}
 
 

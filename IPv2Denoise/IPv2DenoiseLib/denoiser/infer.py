@@ -125,7 +125,7 @@ class Denoiser:
         mean over all in-plane flips and transposes, 8 times slower.
     refine : bool
         Refine the output by collaborative Wiener filtering with the network as pilot
-        (:mod:`~IPv2DenoiseLib.denoiser.refine`; ``--refine``): about 5 s per 512² slice on a CPU core.
+        (:mod:`~IPv2DenoiseLib.denoiser.refine`; ``--refine``): about 3 s per 512² slice on a CPU core.
 
     Examples
     --------
