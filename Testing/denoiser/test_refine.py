@@ -202,3 +202,26 @@ def test_a_flat_pilot_covers_every_pixel_up_to_the_edges():
     out = refine_slices(noisy, flat, pixel_mm=0.7, settings=RefineSettings(pilot_below_px=0))
     assert np.abs(out - flat).max() < 40.0
     assert np.abs(out - flat)[:, -3:].max() < 40.0 and np.abs(out - flat)[:, :, -3:].max() < 40.0
+
+
+def test_out_of_gpu_memory_while_refining_finishes_on_the_cpu(monkeypatch):
+    """The refinement runs where the network ran; when the GPU runs out of memory there, the slab is
+    refined on the CPU (same image) and the progress says so once."""
+    import IPv2DenoiseLib.denoiser.infer as infer
+
+    truth, pixel_mm = _ct_small()
+    noisy = simulate_low_dose(truth[None], dose=0.05, spacing_mm=pixel_mm, seed=3, device="cpu")
+    pilot = ndi.gaussian_filter(noisy, (0, 1.2, 1.2))
+    devices = []
+
+    def flaky(*args, device="cpu", **kwargs):
+        devices.append(str(device))
+        if len(devices) == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return refine_slices(*args, device=device, **kwargs)
+
+    monkeypatch.setattr(infer, "refine_slices", flaky)
+    messages = []
+    out = infer.refine_on(torch.device("cpu"), noisy, pilot, pixel_mm, report=messages.append)
+    assert devices == ["cpu", "cpu"] and messages == ["out of GPU memory refining; refining on the CPU"]
+    assert out == pytest.approx(refine_slices(noisy, pilot, pixel_mm=pixel_mm), abs=1e-4)

@@ -15,6 +15,7 @@ sagittal volumes are reoriented to axial slices for the network and back (exact 
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -95,6 +96,45 @@ def run_slab(model: torch.nn.Module, batch: torch.Tensor, device: torch.device) 
         else:
             y = model(x)
         return y.float().to("cpu").contiguous()
+
+
+def refine_on(
+    device: torch.device,
+    noisy: np.ndarray,
+    denoised: np.ndarray,
+    pixel_mm: float,
+    cancel: CancelToken | None = None,
+    report: Callable[[str], None] | None = None,
+) -> np.ndarray:
+    """:func:`~IPv2DenoiseLib.denoiser.refine.refine_slices` on ``device``, on the CPU when the GPU
+    runs out of memory there.
+
+    Parameters
+    ----------
+    device : torch.device
+        Where the network ran.
+    noisy, denoised : np.ndarray
+        ``[z, y, x]`` HU: the network's input and output (the pilot); not modified.
+    pixel_mm : float
+        In-plane pixel size.
+    cancel : CancelToken, optional
+        Checked before each slice.
+    report : callable(str), optional
+        Told once when the refinement falls back to the CPU.
+
+    Returns
+    -------
+    np.ndarray
+        ``[z, y, x]`` float32 HU, the refined slices.
+    """
+    try:
+        return refine_slices(noisy, denoised, pixel_mm=pixel_mm, device=device, cancel=cancel)
+    except torch.cuda.OutOfMemoryError:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if report is not None:
+            report("out of GPU memory refining; refining on the CPU")
+        return refine_slices(noisy, denoised, pixel_mm=pixel_mm, device="cpu", cancel=cancel)
 
 
 def _check_hu(hu: Any) -> np.ndarray:
@@ -314,8 +354,13 @@ class Denoiser:
                 raise UserError(f"out of memory denoising one {height}x{width} slice") from None
             out[done : done + n] = net_to_hu(y[:, 0].numpy())
             if refine:
-                out[done : done + n] = refine_slices(
-                    hu[done : done + n], out[done : done + n], pixel_mm=pixel_mm, device=dev, cancel=cancel
+                out[done : done + n] = refine_on(
+                    dev,
+                    hu[done : done + n],
+                    out[done : done + n],
+                    pixel_mm,
+                    cancel,
+                    functools.partial(report, done, depth),
                 )
             done += n
             report(done, depth, f"denoised {done}/{depth} slices")
@@ -400,4 +445,4 @@ class Denoiser:
         return result.reoriented(*Volume.inverse_plan(*plan)) if plan else result
 
 
-__all__ = ["AIR_HU", "MIN_SLICE_PX", "Denoiser", "SlabRunner", "autocast_dtype", "run_slab"]
+__all__ = ["AIR_HU", "MIN_SLICE_PX", "Denoiser", "SlabRunner", "autocast_dtype", "refine_on", "run_slab"]
