@@ -225,3 +225,17 @@ def test_out_of_gpu_memory_while_refining_finishes_on_the_cpu(monkeypatch):
     out = infer.refine_on(torch.device("cpu"), noisy, pilot, pixel_mm, report=messages.append)
     assert devices == ["cpu", "cpu"] and messages == ["out of GPU memory refining; refining on the CPU"]
     assert out == pytest.approx(refine_slices(noisy, pilot, pixel_mm=pixel_mm), abs=1e-4)
+
+
+def test_the_slicer_job_command_line_carries_the_refinement():
+    """The Slicer module runs ``denoise`` with :meth:`DenoiseOptions.command_line`: parsed back by
+    the real command-line parser it gives the same options, ``refine`` included."""
+    from IPv2DenoiseLib.app.cli import build_parser
+    from IPv2DenoiseLib.app.pipeline import DenoiseOptions
+
+    for options in (
+        DenoiseOptions(model="quality", refine=True, ensemble=8),
+        DenoiseOptions(refine=False, adapt=True, adapt_steps=7),
+    ):
+        args = build_parser().parse_args(["denoise", "in.nrrd", "out.nrrd", *options.command_line()])
+        assert DenoiseOptions.from_args(args) == options
