@@ -13,14 +13,15 @@ does not.
 
 Written by hand: the ``bm3d`` package is free for non-commercial use only (the benchmarks use it as
 an oracle), and neither scikit-image nor SciPy has block matching. Torch, so it runs where the
-network runs (CPU or GPU). On training-corpus slices with 80 HU of scanner noise it adds 0.6-1.1 dB
-to the fast model's output; on the benchmark's real slices 0.2-0.3 dB to one network pass, and
-nothing to ``--adapt --ensemble 8`` (docs/results.md §4).
+network runs (CPU or GPU). On training-corpus slices with 80 HU of scanner noise it adds 0.3-1.4 dB
+to the fast model's output; on the mean of the benchmark's real slices 0.1-0.5 dB, the head and neck
+most, nothing on its chest (docs/results.md §4).
 
-Two additions to the paper's filter, both for CT noise: each group's coefficient variances come from
+Three additions to the paper's filter, all for CT noise: each group's coefficient variances come from
 the noise's covariance between its patches (:func:`coefficient_covariances`; nearby patches share
 correlated noise, and the paper's independent patches lost 1.4 dB at 0.29 mm pixels), and the
-network's coarse scales are kept (``RefineSettings.pilot_below_px``), which the filter cannot clean.
+network's coarse scales are kept (``RefineSettings.pilot_below_px``), which the filter cannot clean,
+and the gain takes the noise as twice the residual's (``RefineSettings.noise_scale``).
 
 Per slice: block matching on the pilot (8×8 patches, every 3rd pixel as a reference, the 16 most
 similar within ±10 px), a separable 2D DCT then a 1D DCT along the group, the Wiener gain
