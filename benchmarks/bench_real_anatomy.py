@@ -58,10 +58,10 @@ sys.path.insert(0, str(ROOT / "IPv2Denoise"))
 from IPv2DenoiseLib.core.errors import UserError  # noqa: E402
 from IPv2DenoiseLib.core.volume import Volume  # noqa: E402
 from IPv2DenoiseLib.denoiser.ensemble import ENSEMBLE_SIZES  # noqa: E402
-from IPv2DenoiseLib.denoiser.infer import AIR_HU  # noqa: E402
+from IPv2DenoiseLib.denoiser.infer import remove_background_from  # noqa: E402
 from IPv2DenoiseLib.denoiser.refine import refine_slices  # noqa: E402
 from IPv2DenoiseLib.imaging.classical import denoise_classical  # noqa: E402
-from IPv2DenoiseLib.imaging.masks import background_weight, body_mask, lung_mask, soft_tissue_mask  # noqa: E402
+from IPv2DenoiseLib.imaging.masks import body_mask, lung_mask, soft_tissue_mask  # noqa: E402
 from IPv2DenoiseLib.imaging.metrics import laa950, nps_2d, psnr, ssim  # noqa: E402
 from IPv2DenoiseLib.imaging.noise_estimate import estimate_noise_hu  # noqa: E402
 from IPv2DenoiseLib.io.volumes import read_volume  # noqa: E402
@@ -391,7 +391,7 @@ def network_rows(
                 t = time.monotonic()
                 final = refine_slices(noisy[None], out[None], pixel_mm=pixel_mm)[0] if refine else out
                 if remove_background:  # as the product: after the network (and the refinement)
-                    final = final + background_weight(noisy[None], spacing=None)[0] * (AIR_HU - final)
+                    final = remove_background_from(noisy[None], final[None])[0]
                 key = variant_label(name, n, refine)
                 rows[key] = {**trial.measure(final), "seconds": seconds + time.monotonic() - t}
                 if record is not None:

@@ -61,11 +61,12 @@ class ModelProvenance:
             if self.adapted
             else ""
         )
-        if self.refined:
-            adapted += ", refined by collaborative Wiener filtering with the network as pilot"
+        refined = (
+            ", refined by collaborative Wiener filtering with the network as pilot" if self.refined else ""
+        )
         return (
             f"Denoised by {SOFTWARE_NAME} {__version__}: model {self.name} version {self.version}{weights}, "
-            f"training strategy {self.strategy}{adapted} (see the model card; IPv2 image purification: "
+            f"training strategy {self.strategy}{adapted}{refined} (see the model card; IPv2 image purification: "
             "Gong & Yu, arXiv 2602.19314)"
         )
 

@@ -137,6 +137,30 @@ def refine_on(
         return refine_slices(noisy, denoised, pixel_mm=pixel_mm, device="cpu", cancel=cancel)
 
 
+def remove_background_from(
+    hu: np.ndarray, denoised: np.ndarray, *, spacing: tuple[float, float, float] | None = None
+) -> np.ndarray:
+    """*Remove Background*: ``denoised`` blended towards air (:data:`AIR_HU`) outside the patient.
+
+    Parameters
+    ----------
+    hu : np.ndarray
+        ``[z, y, x]`` HU: the network's input, whose air the blend weight is found in.
+    denoised : np.ndarray
+        ``[z, y, x]`` HU: the output to blend; not modified.
+    spacing : tuple of float, optional
+        (x, y, z) mm, sizing the blend (default: 1 mm pixels).
+
+    Returns
+    -------
+    np.ndarray
+        ``(1 − w) · denoised + w · air`` with ``w = 0`` on every tissue voxel
+        (:func:`~IPv2DenoiseLib.imaging.masks.background_weight`).
+    """
+    weight = background_weight(hu, spacing=spacing)
+    return denoised + weight * (AIR_HU - denoised)
+
+
 def _check_hu(hu: Any) -> np.ndarray:
     arr = np.asarray(hu)
     if arr.ndim != 3 or arr.size == 0:
@@ -364,10 +388,7 @@ class Denoiser:
                 )
             done += n
             report(done, depth, f"denoised {done}/{depth} slices")
-        if remove_background:
-            weight = background_weight(hu, spacing=spacing)
-            out += weight * (AIR_HU - out)  # (1 - w) * denoised + w * air; w = 0 on tissue
-        return out
+        return remove_background_from(hu, out, spacing=spacing) if remove_background else out
 
     def denoise(
         self,
@@ -445,4 +466,13 @@ class Denoiser:
         return result.reoriented(*Volume.inverse_plan(*plan)) if plan else result
 
 
-__all__ = ["AIR_HU", "MIN_SLICE_PX", "Denoiser", "SlabRunner", "autocast_dtype", "refine_on", "run_slab"]
+__all__ = [
+    "AIR_HU",
+    "MIN_SLICE_PX",
+    "Denoiser",
+    "SlabRunner",
+    "autocast_dtype",
+    "refine_on",
+    "remove_background_from",
+    "run_slab",
+]

@@ -96,9 +96,9 @@ class RefineSettings:
     noise_scale: float = 2.0
 
 
-def _dct_matrix(n: int) -> torch.Tensor:
+def _dct_matrix(n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The orthonormal DCT-II matrix (rows are the basis vectors)."""
-    return torch.from_numpy(sfft.dct(np.eye(n), norm="ortho", axis=0)).float()
+    return torch.from_numpy(sfft.dct(np.eye(n), norm="ortho", axis=0)).to(dtype)
 
 
 def coefficient_covariances(autocovariance: np.ndarray, block: int, reach: int) -> np.ndarray:
@@ -126,7 +126,7 @@ def coefficient_covariances(autocovariance: np.ndarray, block: int, reach: int) 
         ``[block², 2·reach+1, 2·reach+1]`` float32, row-major over the (vertical, horizontal) DCT
         frequencies, offset 0 in the centre.
     """
-    basis = torch.from_numpy(sfft.dct(np.eye(block), norm="ortho", axis=0))
+    basis = _dct_matrix(block, torch.float64)
     patches = torch.einsum("ki,lj->klij", basis, basis).reshape(block * block, 1, block, block)
     # A_k(Δ) = Σ_u h_k(u + Δ) h_k(u) (torch's conv2d correlates); cov_k(d) = Σ_Δ R(d + Δ) · A_k(Δ)
     own = F.conv2d(patches.transpose(0, 1), patches, padding=block - 1, groups=block * block)
