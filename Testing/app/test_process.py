@@ -143,3 +143,19 @@ def test_denoise_command():
     assert DenoiseOptions(adapt=True).adapt_config().max_iterations == AdaptConfig().max_iterations
     with pytest.raises(UserError, match="adapt steps"):
         DenoiseOptions(adapt=True, adapt_steps=0)
+
+
+def test_progress_shares_follow_the_models_cost():
+    """The denoise stage's share of the bar grows with the network's FLOPs (read from the shipped
+    cards), the ensemble and --refine, so the ETA of a refined fast run is not 3× too short."""
+    fast = DenoiseOptions(model="fast").stage_weights()
+    quality = DenoiseOptions(model="quality").stage_weights()
+    assert quality["denoise"] / fast["denoise"] == pytest.approx(194_880 / 49_312, rel=0.01)
+    assert DenoiseOptions(model="fast", ensemble=8).stage_weights()["denoise"] == pytest.approx(
+        8 * fast["denoise"]
+    )
+    fast_refined = DenoiseOptions(model="fast", refine=True).stage_weights()["denoise"]
+    assert fast_refined / fast["denoise"] == pytest.approx(12.0)  # 1 network pass + 11 for refining
+    best = DenoiseOptions(model="quality", ensemble=8, refine=True).stage_weights()["denoise"]
+    assert 1.2 < best / (8 * quality["denoise"]) < 1.5  # refining adds a third to 8 quality passes
+    assert fast["read"] + fast["write"] < fast["denoise"]

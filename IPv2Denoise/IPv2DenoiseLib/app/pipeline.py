@@ -37,6 +37,11 @@ if TYPE_CHECKING:
 ADAPT_SECONDS = 60.0
 #: With ``--adapt-steps`` and no ``--adapt-seconds``: the clock only stops a runaway, the steps end it.
 ADAPT_STEPS_SECONDS_CAP = 3600.0
+#: The progress bar's time model (:meth:`DenoiseOptions.stage_weights`): one pass of the fast network
+#: over a 300-slice chest on two CPU cores (s), its FLOPs per voxel, and ``--refine`` in such passes.
+FAST_PASS_SECONDS = 30.0
+FAST_FLOPS_PER_VOXEL = 49_312
+REFINE_PASSES = 11.0
 
 WarningSink = Callable[[str], None]
 
@@ -124,10 +129,14 @@ class DenoiseOptions:
         return ModelReference.resolve(self.model, self.weights)
 
     def stage_weights(self) -> dict[str, float]:
-        """Shares of the progress bar by expected time (the fine-tuning budget against ~30 s)."""
-        # a step takes 0.1-0.3 s on a CPU core (docs/training.md)
+        """Shares of the progress bar by expected time, in seconds for a 300-slice chest on two CPU
+        cores: the network's passes scale with its FLOPs per voxel (its card) and ``ensemble``;
+        ``refine`` adds about 11 fast-network passes (1.1 s against 0.1 s per 512² slice,
+        ``bench_infer.py --refine``); a fine-tuning step takes 0.1-0.3 s (docs/training.md)."""
         adapt = min(self.adapt_seconds, 0.2 * self.adapt_config().max_iterations) if self.adapt else 0.0
-        denoise = max(30.0, adapt) * (4.0 if self.refine else 1.0)  # refining: ~3 s per slice per core
+        flops = float(self.reference().card().get("flops_per_voxel") or FAST_FLOPS_PER_VOXEL)
+        network = FAST_PASS_SECONDS * flops / FAST_FLOPS_PER_VOXEL * self.ensemble
+        denoise = network + (REFINE_PASSES * FAST_PASS_SECONDS if self.refine else 0.0)
         return {"read": 4, "model": 1, "adapt": adapt, "denoise": denoise, "write": 5}
 
 
