@@ -60,6 +60,7 @@ from bench_real_anatomy import (  # noqa: E402
     smooth_nps_noise,
 )
 
+from IPv2DenoiseLib.core.atomic import atomic_path  # noqa: E402
 from IPv2DenoiseLib.core.errors import UserError  # noqa: E402
 from IPv2DenoiseLib.imaging.metrics import nps_2d, psnr  # noqa: E402
 
@@ -98,6 +99,19 @@ def flat_roi_size(flat: np.ndarray) -> int:
     raise UserError("no flat soft tissue to measure the own noise in")
 
 
+def flat_nps_settings(flat: np.ndarray, pixel_mm: float) -> dict:
+    """The keywords of every NPS this benchmark takes: plane-detrended, half-overlapping ROIs of
+    :func:`flat_roi_size` in the flat soft tissue ``flat``."""
+    roi = flat_roi_size(flat)
+    return {
+        "pixel_spacing_mm": pixel_mm,
+        "roi_size": roi,
+        "mask": flat,
+        "detrend": "plane",
+        "stride": roi // 2,
+    }
+
+
 def noise_realisation(
     truth: np.ndarray, pixel_mm: float, image: RealImage, model: str, seed: int
 ) -> np.ndarray:
@@ -118,14 +132,8 @@ def genie_ceiling(
     """Own-noise NPS from the outputs' systematic error in ``flat``, the genie floor against the
     noises' NPS, and the PSNR ceiling in the body (lung window). ``outputs[0]`` is the one scored."""
     k = len(outputs)
-    roi = flat_roi_size(flat)
-    nps = {
-        "pixel_spacing_mm": pixel_mm,
-        "roi_size": roi,
-        "mask": flat,
-        "detrend": "plane",
-        "stride": roi // 2,
-    }
+    nps = flat_nps_settings(flat, pixel_mm)
+    roi = nps["roi_size"]
     errors = np.stack([o - truth for o in outputs]).astype(np.float64)
     systematic = errors.mean(0)
     s_sys = nps_2d(systematic, **nps)
@@ -186,14 +194,8 @@ def estimator_check(den, image: RealImage, *, realisations: int, seed: int, own_
     est = genie_ceiling(
         made, noises, denoise_all(den, made, noises), body=reg.body, flat=flat, pixel_mm=pixel_mm
     )
-    roi = 32 if min(truth.shape) < 256 else 64
-    nps = {
-        "pixel_spacing_mm": pixel_mm,
-        "roi_size": roi,
-        "mask": flat,
-        "detrend": "plane",
-        "stride": roi // 2,
-    }
+    nps = flat_nps_settings(flat, pixel_mm)
+    roi = nps["roi_size"]
     s_own = nps_2d(own, **nps).nps2d
     s_ins = np.mean([nps_2d(n, **nps).nps2d for n in noises], 0)
     d_f = 1.0 / (roi * pixel_mm) ** 2
@@ -336,9 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".partial")
-    tmp.write_text(json.dumps(record, indent=1, default=float))
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        Path(tmp).write_text(json.dumps(record, indent=1, default=float))
     print(f"wrote {out}")
     return 0
 

@@ -56,6 +56,8 @@ def _worker(
 ) -> None:
     """Runs in a fresh spawned process: load, denoise each case, report time and RSS."""
     os.environ["OMP_NUM_THREADS"] = str(threads)
+    if method.endswith("_f32"):  # the float32 baseline of a model that runs in bf16 here
+        os.environ["IPV2_DENOISE_FLOAT32"] = "1"
     import torch
 
     torch.set_num_threads(threads)
@@ -65,12 +67,15 @@ def _worker(
     result = {"method": method, "seconds": 0.0, "voxels": 0, "outputs": []}
     denoise = None
     if method.startswith("model"):
+        from IPv2DenoiseLib.denoiser.infer import autocast_dtype
         from IPv2DenoiseLib.denoiser.model_reference import ModelReference
 
         reference = ModelReference.resolve(model_spec.get("model", "default"), model_spec.get("weights"))
         ensemble = int(method.split("_ens")[1].split("_")[0]) if "_ens" in method else 1
         den = reference.load(ensemble=ensemble, refine=method.endswith("_refine"))
         result["model_name"] = den.name
+        precision = autocast_dtype(torch.device(device), den.model)
+        result["precision"] = str(precision).replace("torch.", "") if precision is not None else "float32"
         result["model_card"] = {
             k: den.card.get(k)
             for k in ("architecture", "kwargs", "parameters", "flops_per_voxel", "strategy", "iterations")
@@ -192,15 +197,33 @@ def score(outputs: list[np.ndarray], truths: list[np.ndarray]) -> dict[str, floa
     return {k: float(np.mean(v)) for k, v in acc.items()}
 
 
-def planned_runs(args: argparse.Namespace, extra_models: list[str], *, cuda: bool) -> list[tuple[str, str]]:
+def cpu_runs_bf16(model_spec: dict) -> bool:
+    """Whether the product runs this model in bf16 on this CPU (then a float32 baseline row is added)."""
+    import torch
+
+    from IPv2DenoiseLib.denoiser.infer import autocast_dtype
+    from IPv2DenoiseLib.denoiser.model_reference import ModelReference
+
+    if os.environ.get("IPV2_DENOISE_FLOAT32", "").strip() not in ("", "0"):
+        return False
+    model = ModelReference.resolve(model_spec.get("model", "default"), model_spec.get("weights")).load().model
+    return autocast_dtype(torch.device("cpu"), model) is not None
+
+
+def planned_runs(
+    args: argparse.Namespace, extra_models: list[str], *, cuda: bool, cpu_bf16: bool = False
+) -> list[tuple[str, str]]:
     """(method, device) in the order they run: the input, the model and its variants, the extra
-    models, the classical methods, then the model (and its refinement) on the GPU when there is one."""
+    models (each followed by its float32 baseline when ``cpu_bf16``: this CPU runs the networks in
+    bf16), the classical methods, then the model (and its refinement) on the GPU when there is one."""
     runs = [("input", "cpu"), ("model", "cpu")] + [(m, "cpu") for m in args.methods]
     if args.ensemble > 1:
         runs.insert(2, (f"model_ens{args.ensemble}", "cpu"))
     if args.refine:
         runs.insert(2, (f"model_ens{args.ensemble}_refine" if args.ensemble > 1 else "model_refine", "cpu"))
-    runs[2:2] = [(method, "cpu") for method in extra_models]
+    runs[2:2] = [(m, "cpu") for method in extra_models for m in (method, f"{method}_f32")[: 1 + cpu_bf16]]
+    if cpu_bf16:
+        runs.insert(2, ("model_f32", "cpu"))
     if cuda:
         runs += [("model", "cuda")] + ([("model_refine", "cuda")] if args.refine else [])
     return runs
@@ -246,12 +269,14 @@ def main(argv=None) -> int:
     truths = [read_volume(c / "uldct_clean.nrrd").array for c in cases]
     model_spec = {"weights": args.weights, "model": args.model}
     extra_specs = {f"model_also{i}": {"weights": w} for i, w in enumerate(args.also_weights)}
-    runs = planned_runs(args, list(extra_specs), cuda=torch.cuda.is_available())
+    runs = planned_runs(
+        args, list(extra_specs), cuda=torch.cuda.is_available(), cpu_bf16=cpu_runs_bf16(model_spec)
+    )
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for method, device in runs:
             print(f"running {method} on {device} ...", flush=True)
-            spec = extra_specs.get(method, model_spec)
+            spec = extra_specs.get(method.removesuffix("_f32"), model_spec)
             r = run_isolated(method, paths, tmp, args.threads, spec, device)
             outputs = [np.load(p) for p in r.pop("outputs")]
             r.update(score(outputs, truths))
@@ -276,6 +301,7 @@ def main(argv=None) -> int:
                 else ""
             )
             passes += ", refined" if r["method"].endswith("_refine") else ""
+            passes += f", {r.get('precision', 'float32')}"
             name = f"model ({r.get('model_name', '')}{passes})"
         speed = "–" if r["method"] == "input" else f"{r['mvox_s']:.3f}"
         lines.append(
@@ -285,12 +311,19 @@ def main(argv=None) -> int:
         )
     ratios = [f"model / {r['method']}: {model['mvox_s'] / r['mvox_s']:.2f}x" for r in classical]
     for r in rows:
-        if r["method"].startswith("model_also"):
+        if r["method"].startswith("model_also") and not r["method"].endswith("_f32"):
             card = r.get("model_card") or {}
             ratios.append(
                 f"{r.get('model_name')} ({card.get('architecture')}, {card.get('parameters')} parameters, "
                 f"{card.get('flops_per_voxel')} FLOP/voxel): {r['mvox_s']:.3f} Mvoxel/s, "
                 f"{r['mvox_s'] / model['mvox_s']:.2f}x the model's speed"
+            )
+        if r["method"].endswith("_f32"):
+            fast = next(x for x in rows if x["method"] == r["method"].removesuffix("_f32"))
+            ratios.append(
+                f"{fast.get('model_name')} in {fast.get('precision')} against float32 (IPV2_DENOISE_FLOAT32=1): "
+                f"{fast['mvox_s'] / r['mvox_s']:.2f}x the speed, {fast['psnr'] - r['psnr']:+.3f} dB PSNR, "
+                f"soft-tissue bias {fast['soft_tissue_bias']:+.1f} against {r['soft_tissue_bias']:+.1f} HU"
             )
         if r["method"].startswith(("model_ens", "model_refine")) and r["device"] == "cpu":
             ratios.append(

@@ -43,6 +43,8 @@ from IPv2DenoiseLib.imaging.masks import background_weight, truncation_warning
 AIR_HU = -1000.0
 #: Smallest slice side (pixels) the networks are run on: a 2.5D CT denoiser needs image context.
 MIN_SLICE_PX = 16
+#: Set to 1 to run every network in float32 (no bf16 / fp16 autocast on any device).
+FLOAT32_ENV = "IPV2_DENOISE_FLOAT32"
 #: Most slices per slab on the CPU (measured: larger batches gain nothing there; they cost memory and coarsen progress).
 CPU_MAX_SLAB = 4
 
@@ -51,22 +53,50 @@ CPU_MAX_SLAB = 4
 SlabRunner = Callable[[torch.nn.Module, torch.Tensor, torch.device], torch.Tensor]
 
 
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """bf16 on CUDA GPUs that support it, else fp16 on CUDA; None (float32) elsewhere.
+def autocast_dtype(device: torch.device, model: torch.nn.Module | None = None) -> torch.dtype | None:
+    """The reduced precision a network runs in: bf16 on CUDA GPUs that support it, else fp16 on
+    CUDA; bf16 on CPUs with AMX matrix units for networks that keep their input layer in float32
+    (:attr:`UNet.float32_input_layer <IPv2DenoiseLib.denoiser.models.unet.UNet>`); None (float32)
+    elsewhere, and everywhere when the environment sets ``IPV2_DENOISE_FLOAT32=1``.
+
+    On a CPU with AMX the quality network runs 2-4× faster in bf16 (docs/models.md); on one without,
+    bf16 is emulated and slower than float32. The input layer stays in float32 because CT in network
+    units ((HU + 1000) / 1000) would be rounded to 8 HU steps in bf16.
 
     Parameters
     ----------
     device : torch.device
         Where the network runs.
+    model : torch.nn.Module, optional
+        The network (the CPU's bf16 needs its float32 input layer).
 
     Returns
     -------
     torch.dtype or None
         The autocast dtype, or None to run in float32.
     """
-    if device.type != "cuda":
+    if os.environ.get(FLOAT32_ENV, "").strip() not in ("", "0"):
         return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and getattr(model, "float32_input_layer", False) and cpu_has_amx():
+        return torch.bfloat16
+    return None
+
+
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles (fast bf16 matrix products; Intel Xeon since Sapphire Rapids).
+
+    Returns
+    -------
+    bool
+        False where torch cannot tell.
+    """
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # torch's own CPU feature probe
+    try:
+        return bool(probe()) if probe is not None else False
+    except RuntimeError:
+        return False
 
 
 def run_slab(model: torch.nn.Module, batch: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -88,7 +118,7 @@ def run_slab(model: torch.nn.Module, batch: torch.Tensor, device: torch.device) 
     """
     model.to(device=device, memory_format=torch.channels_last)
     x = batch.to(device, non_blocking=device.type == "cuda").contiguous(memory_format=torch.channels_last)
-    amp = autocast_dtype(device)
+    amp = autocast_dtype(device, model)
     with torch.inference_mode():
         if amp is not None:
             with torch.autocast(device_type=device.type, dtype=amp):
@@ -471,7 +501,9 @@ __all__ = [
     "MIN_SLICE_PX",
     "Denoiser",
     "SlabRunner",
+    "FLOAT32_ENV",
     "autocast_dtype",
+    "cpu_has_amx",
     "refine_on",
     "remove_background_from",
     "run_slab",

@@ -5,12 +5,34 @@ Layout follows MONAI's ``basic_unet.py``: blocks first, then the network.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.denoiser.models.base import Denoiser2p5D, check_input, check_positive_int
+
+
+def float32_region(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
+    """A region that runs in float32 when autocast is on for ``tensor``'s device (else nothing to do:
+    the meta device of the FLOP counter has no autocast).
+
+    Parameters
+    ----------
+    tensor : torch.Tensor
+        A tensor on the device whose autocast is suspended.
+
+    Returns
+    -------
+    contextlib.AbstractContextManager
+        ``torch.autocast(..., enabled=False)`` or a no-op context.
+    """
+    kind = tensor.device.type
+    if kind in ("cpu", "cuda", "mps") and torch.is_autocast_enabled(kind):
+        return torch.autocast(device_type=kind, enabled=False)
+    return contextlib.nullcontext()
 
 
 class TwoConv(nn.Sequential):
@@ -99,6 +121,9 @@ class UNet(Denoiser2p5D):
     """
 
     ARCH = "unet"
+    #: The first convolution runs in float32 under autocast (:meth:`predict_noise`), so bf16 on a
+    #: CPU keeps the input's HU (``denoiser.infer.autocast_dtype``).
+    float32_input_layer = True
 
     def __init__(self, *, in_slices: int = 3, base_channels: int = 16, levels: int = 3) -> None:
         super().__init__(in_slices)
@@ -180,13 +205,21 @@ class UNet(Denoiser2p5D):
         m = 2 ** (self.levels - 1)
         ph, pw = (-h) % m, (-w) % m
         xp = F.pad(x, (0, pw, 0, ph), mode="replicate") if (ph or pw) else x
-        skips = [self.inc(xp)]
+        # the input layer in float32 even under autocast: CT in network units ((HU + 1000) / 1000)
+        # would be rounded to 8 HU steps in bf16 (a head slice lost 0.08 dB; 0.01 dB with this)
+        convolution, activation, *rest = self.inc
+        with float32_region(xp):
+            features = activation(convolution(xp.float()))
+        for layer in rest:
+            features = layer(features)
+        skips = [features]
         for down in self.downs:
             skips.append(down(skips[-1]))
         y = skips.pop()
         for up in self.ups:
             y = up(y, skips.pop())
-        return self.head(y)[..., :h, :w]
+        with float32_region(y):
+            return self.head(y.float())[..., :h, :w]
 
 
 class _ChannelSplitter:
