@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from IPv2DenoiseLib.denoiser.infer import FLOAT32_ENV, cpu_has_amx
 from IPv2DenoiseLib.purification.regions import BACKGROUND, BODY, LUNGS
 from IPv2DenoiseLib.training.trainer import (
     CasePairs,
@@ -69,6 +70,8 @@ def test_train_loss_falls_exports_and_resumes(tmp_path) -> None:
     assert hist["loss"][-1] < 0.8 * hist["loss"][0]
     assert card["parameters"] > 0 and card["flops_per_voxel"] > 0
     assert card["validation"]["noise_body_hu"] < 0.8 * 60  # input noise is 60 HU
+    # a CPU with AMX trains the U-Net under bf16 autocast, as it infers (float32 master weights)
+    assert card["precision"] == ("bf16 autocast" if cpu_has_amx() else "float32")
     weights = tmp_path / "run" / "tiny.safetensors"
     assert weights.exists() and (tmp_path / "run" / "training_curves.png").stat().st_size > 1000
     saved_card = json.loads((tmp_path / "run" / "tiny.json").read_text())
@@ -161,3 +164,24 @@ def test_fine_tune_starts_from_given_weights(tmp_path) -> None:
         cfg.model_kwargs = {"in_slices": 3, "base_channels": 4, "levels": 2, **kwargs}
         with pytest.raises(UserError, match="does not match|cannot widen"):
             train(cfg, prepared=([toy_case(0)], []))
+
+
+def test_float32_switch_trains_in_float32(tmp_path, monkeypatch) -> None:
+    """``IPV2_DENOISE_FLOAT32=1`` also keeps training in float32; the loss still falls."""
+    monkeypatch.setenv(FLOAT32_ENV, "1")
+    torch.set_num_threads(2)
+    cfg = TrainConfig(
+        cases=[],
+        out=str(tmp_path / "run"),
+        model_kwargs={"in_slices": 3, "base_channels": 8, "levels": 2},
+        patch=32,
+        batch=8,
+        iterations=40,
+        val_every=20,
+        lr=3e-3,
+        device="cpu",
+        name="tiny",
+    )
+    card = train(cfg, prepared=([toy_case(0), toy_case(1)], [toy_case(2)]))
+    assert card["precision"] == "float32"
+    assert card["history"]["loss"][-1] < card["history"]["loss"][0]
