@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -212,6 +213,43 @@ def test_serve_accepts_only_allowed_peers_caps_instances_and_takes_compressed_ct
     for message in warnings:
         assert f"warning: {message}" in log
         assert all(message in ds.DerivationDescription for ds in back)
+
+
+def test_an_instance_far_over_the_cap_is_stopped_while_it_arrives(tmp_path, spool) -> None:
+    """pynetdicom holds a whole message in memory before the C-STORE handler runs: a 64 MB
+    "instance" against a 0.1 MB cap is aborted after about 1.1 MB, the node's peak memory does not
+    grow by the instance, and the next association stores as before."""
+    sources = fresh_study(tmp_path / "in", n=2)
+    node = Node(spool, f"127.0.0.1:{free_port()}:PACS", quiet=30, extra=["--max-instance-mb", "0.1"])
+    try:
+        status = Path(f"/proc/{node.process.pid}/status")  # VmHWM: the node's peak resident memory
+
+        def peak_rss() -> int:
+            line = next(x for x in status.read_text().splitlines() if x.startswith("VmHWM:"))
+            return int(line.split()[1]) * 1024
+
+        before = peak_rss()
+        huge = pydicom.dcmread(sources[0])
+        huge.SOPInstanceUID = pydicom.uid.generate_uid()
+        huge.add_new(0x00091010, "OB", bytes(64 * 2**20))
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(CTImageStorage)
+        assoc = ae.associate("127.0.0.1", node.port, ae_title=NODE_AET)
+        assert assoc.is_established
+        answer = assoc.send_c_store(huge)
+        assert "Status" not in answer  # no answer: the node aborted the association
+        log = node.wait_for("aborted the association from MODALITY@127.0.0.1", 30)
+        deadline = time.monotonic() + 10
+        while assoc.is_established and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not assoc.is_established
+        assert "an instance passed 1.1 MB while arriving (--max-instance-mb 0.1)" in log
+        assert peak_rss() - before < 32 * 2**20  # without the abort: +258 MB for a 256 MB instance
+        # the node serves on: a normal instance (under the cap after its pixels are cropped) is stored
+        small = pydicom.dcmread(sources[1])
+        assert store(node.port, [small]) == [0x0000]
+    finally:
+        assert node.stop() == 0
 
 
 def test_serve_without_allow_lists_says_so_loudly_and_hints_name_its_own_options(

@@ -68,7 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=positive_float,
         default=512.0,
         metavar="MB",
-        help="refuse (0xA700) a received instance larger than this (default: %(default)g)",
+        help="refuse (0xA700) a received instance larger than this, and abort an association whose "
+        "instance passes it by 1 MB while arriving (default: %(default)g)",
     )
     parser.add_argument(
         "--spool",
