@@ -177,3 +177,42 @@ def test_a_pacs_that_sends_another_series_is_refused(tmp_path) -> None:
     finally:
         server.shutdown()
     assert not (tmp_path / "got").exists() and not (tmp_path / STAGING_DIR).exists()
+
+
+def test_a_pacs_that_sends_a_huge_instance_is_cut_off_while_it_arrives(tmp_path) -> None:
+    """A real pynetdicom peer answers our C-GET with a 48 MB "instance" of the right series: against
+    a 0.1 MB cap the association is aborted after about 1.1 MB (pynetdicom would otherwise hold the
+    whole message in memory before our handler refuses it), and the refusal names why; nothing is
+    kept."""
+    instance = pydicom.dcmread(write_ct_series(tmp_path / "theirs", 1)[0])
+    instance.add_new(0x00091010, "OB", bytes(48 * 2**20))
+
+    def on_get(event):
+        yield 1
+        yield (0xFF00, instance)
+
+    ae = AE(ae_title="HOSTILE")
+    ae.add_supported_context(StudyRootQueryRetrieveInformationModelGet)
+    ae.add_supported_context(CTImageStorage, scu_role=False, scp_role=True)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_GET, on_get)])
+    try:
+        started = time.monotonic()
+        with pytest.raises(
+            UserError,
+            match=r"refused, aborted the association with HOSTILE@127\.0\.0\.1: "
+            r"an instance passed 1\.1 MB while arriving \(cap 0\.1 MB\)",
+        ):
+            retrieve_series(
+                DicomNode("127.0.0.1", port, "HOSTILE"),
+                str(instance.StudyInstanceUID),
+                str(instance.SeriesInstanceUID),
+                tmp_path / "got",
+                timeout=10,
+                max_instance_mb=0.1,
+            )
+        # pynetdicom's C-GET loop notices the abort at its response timeout (10 s here), not before
+        assert time.monotonic() - started < 10 + 5
+    finally:
+        server.shutdown()
+    assert not (tmp_path / "got").exists() and not (tmp_path / STAGING_DIR).exists()

@@ -54,6 +54,7 @@ from IPv2DenoiseLib.io.dicom_export import DerivedSeriesOptions
 from IPv2DenoiseLib.io.dicom_net import (
     ACCEPTED_TRANSFER_SYNTAXES,
     UID_PATTERN,
+    ArrivingSizeGuard,
     DestinationUnavailable,
     DicomNode,
     check_aet,
@@ -73,9 +74,6 @@ __all__ = [
 LOG = logging.getLogger("ipv2denoise.node")
 #: C-STORE status "Cannot understand" (PS3.4 B.2.3), sent back for an instance we cannot decode.
 CANNOT_UNDERSTAND = 0xC210
-#: How far a message may pass ``max_instance_bytes`` while it arrives before the association is
-#: aborted (its command set and encoding; up to that the whole instance arrives and gets 0xA700).
-TRANSFER_SLACK_BYTES = 2**20
 #: C-STORE status "Refused: Out of Resources" (PS3.4 B.2.3): spool full, or instance over the size cap.
 OUT_OF_RESOURCES = 0xA700
 #: A-ASSOCIATE-RJ: rejected permanent, by the service user; reason "no reason given" (a host not
@@ -149,7 +147,7 @@ class NodeConfig:
     #: hosts allowed to associate; empty: any
     allow_hosts: HostAllowList = field(default_factory=HostAllowList)
     #: largest instance accepted (encoded bytes); larger ones are refused with 0xA700, and an
-    #: association whose instance passes it by :data:`TRANSFER_SLACK_BYTES` while arriving is aborted
+    #: association whose instance passes it by 1 MB while arriving is aborted (``ArrivingSizeGuard``)
     max_instance_bytes: int = 512 * 2**20
 
 
@@ -265,10 +263,8 @@ class DenoisingNode:
         self._executor = ThreadPoolExecutor(max_workers=max(1, config.jobs), thread_name_prefix="denoise")
         self._server = None
         self._monitor: threading.Thread | None = None
-        # bytes of the command and the data set each association is receiving (see _on_pdu)
-        self._receiving: dict[int, list[int]] = {}
-        self._aborted: set[int] = set()
-        self._receiving_lock = threading.Lock()
+        # an instance far over the cap is stopped while it arrives, not after it is in memory
+        self._size_guard = ArrivingSizeGuard(config.max_instance_bytes, LOG.warning)
 
     def accepted_line(self) -> str:
         """One line saying whom the node accepts C-STOREs from."""
@@ -322,9 +318,8 @@ class DenoisingNode:
                 block=False,
                 evt_handlers=[
                     (evt.EVT_REQUESTED, self._on_requested),
-                    (evt.EVT_PDU_RECV, self._on_pdu),
                     (evt.EVT_C_STORE, self._on_store),
-                    (evt.EVT_CONN_CLOSE, self._on_closed),
+                    *self._size_guard.handlers(),
                 ],
             )
         except OSError as exc:
@@ -392,48 +387,6 @@ class DenoisingNode:
         event.assoc.acse.send_reject(REJECT_PERMANENT, REJECT_BY_USER, diagnostic)
         evt.trigger(event.assoc, evt.EVT_REJECTED, {})
         event.assoc.kill()
-
-    def _on_pdu(self, event) -> None:
-        """Abort an association whose instance passes the size cap while it arrives.
-
-        pynetdicom gathers a whole message in memory before the C-STORE handler sees it, so a cap
-        checked there bounds nothing: one peer sending a 10 GB "instance" would fill the node's
-        memory. Each P-DATA-TF PDU's fragments are counted here as they come (the command set and
-        the data set apart; a last fragment ends either), and past ``max_instance_bytes`` +
-        :data:`TRANSFER_SLACK_BYTES` the association is aborted (A-ABORT) with one log line."""
-        items = getattr(event.pdu, "presentation_data_value_items", None)
-        if not items:
-            return
-        key, limit = id(event.assoc), self.config.max_instance_bytes + TRANSFER_SLACK_BYTES
-        with self._receiving_lock:
-            if key in self._aborted:
-                return
-            sizes = self._receiving.setdefault(key, [0, 0])  # command, data set
-            for item in items:
-                data = item.data or b"\x00"
-                control = data[0]  # PS3.8 E.2: bit 0 command (1) / data set (0), bit 1 last fragment
-                part = 0 if control & 0x01 else 1
-                sizes[part] += len(data) - 1
-                if sizes[part] > limit:
-                    self._aborted.add(key)
-                    requestor = event.assoc.requestor
-                    LOG.warning(
-                        "aborted the association from %s@%s: an instance passed %.4g MB while arriving "
-                        "(--max-instance-mb %.4g)",
-                        str(requestor.ae_title).strip(),
-                        requestor.address,
-                        limit / 2**20,
-                        self.config.max_instance_bytes / 2**20,
-                    )
-                    event.assoc.abort()  # non-blocking inside a handler
-                    return
-                if control & 0x02:
-                    sizes[part] = 0
-
-    def _on_closed(self, event) -> None:
-        with self._receiving_lock:
-            self._receiving.pop(id(event.assoc), None)
-            self._aborted.discard(id(event.assoc))
 
     def _on_store(self, event) -> int | Dataset:
         calling = str(event.assoc.requestor.ae_title).strip()

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import re
 import socket
+import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,8 +54,10 @@ __all__ = [
     "DEFAULT_CALLING_AET",
     "DestinationUnavailable",
     "DicomNode",
+    "ArrivingSizeGuard",
     "InstanceResult",
     "SendReport",
+    "TRANSFER_SLACK_BYTES",
     "UID_PATTERN",
     "associate",
     "check_aet",
@@ -374,6 +377,78 @@ def make_ae(calling_aet: str, timeout: float) -> AE:
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.connection_timeout = timeout
     return ae
+
+
+#: How far an arriving message may pass an instance size cap before :class:`ArrivingSizeGuard` aborts
+#: its association (the command set and the encoding; up to that the whole instance arrives and its
+#: C-STORE handler refuses it with a status).
+TRANSFER_SLACK_BYTES = 2**20
+
+
+class ArrivingSizeGuard:
+    """Aborts an association whose arriving instance passes a size cap, while it arrives.
+
+    pynetdicom gathers a whole DIMSE message in memory before the C-STORE handler sees it, so a
+    size cap checked in the handler bounds nothing: one peer sending a 10 GB "instance" fills the
+    receiver's memory. Bound :meth:`on_pdu` to ``EVT_PDU_RECV`` and :meth:`on_closed` to
+    ``EVT_CONN_CLOSE``: each P-DATA-TF PDU's fragments are counted as they come (command set and
+    data set apart; a last fragment ends either, PS3.8 E.2), and past ``max_instance_bytes`` +
+    :data:`TRANSFER_SLACK_BYTES` the association is aborted (A-ABORT) and ``warn`` gets one line.
+    Written by hand: pynetdicom offers the events, not the limit.
+
+    Parameters
+    ----------
+    max_instance_bytes : int
+        The size cap the C-STORE handler applies.
+    warn : callable
+        ``warn(message)``: one line naming the peer, called once per aborted association.
+    """
+
+    def __init__(self, max_instance_bytes: int, warn: Callable[[str], None]) -> None:
+        self.limit = max_instance_bytes + TRANSFER_SLACK_BYTES
+        self.max_instance_bytes = max_instance_bytes
+        self.warn = warn
+        self._receiving: dict[int, list[int]] = {}  # per association: command bytes, data set bytes
+        self._aborted: set[int] = set()
+        self._lock = threading.Lock()
+
+    def on_pdu(self, event) -> None:
+        """``EVT_PDU_RECV`` handler: count a P-DATA-TF PDU's fragments, abort past the limit."""
+        items = getattr(event.pdu, "presentation_data_value_items", None)
+        if not items:
+            return
+        key = id(event.assoc)
+        with self._lock:
+            if key in self._aborted:
+                return
+            sizes = self._receiving.setdefault(key, [0, 0])
+            for item in items:
+                data = item.data or b"\x00"
+                control = data[0]  # bit 0: command (1) or data set (0); bit 1: last fragment
+                part = 0 if control & 0x01 else 1
+                sizes[part] += len(data) - 1
+                if sizes[part] > self.limit:
+                    self._aborted.add(key)
+                    peer = event.assoc.acceptor if event.assoc.is_requestor else event.assoc.requestor
+                    self.warn(
+                        f"aborted the association with {str(peer.ae_title).strip()}@{peer.address}: an "
+                        f"instance passed {self.limit / 2**20:.4g} MB while arriving (cap "
+                        f"{self.max_instance_bytes / 2**20:.4g} MB)"
+                    )
+                    event.assoc.abort()  # non-blocking inside a handler
+                    return
+                if control & 0x02:
+                    sizes[part] = 0
+
+    def on_closed(self, event) -> None:
+        """``EVT_CONN_CLOSE`` handler: forget the association."""
+        with self._lock:
+            self._receiving.pop(id(event.assoc), None)
+            self._aborted.discard(id(event.assoc))
+
+    def handlers(self) -> list[tuple]:
+        """The ``(event, handler)`` pairs to bind."""
+        return [(evt.EVT_PDU_RECV, self.on_pdu), (evt.EVT_CONN_CLOSE, self.on_closed)]
 
 
 def associate(ae: AE, node: DicomNode, *, ext_neg: Sequence | None = None, handlers: Sequence = ()):

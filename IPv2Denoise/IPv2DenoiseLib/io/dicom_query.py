@@ -44,6 +44,7 @@ from IPv2DenoiseLib.io.dicom_net import (
     ACCEPTED_TRANSFER_SYNTAXES,
     DEFAULT_CALLING_AET,
     UID_PATTERN,
+    ArrivingSizeGuard,
     DestinationUnavailable,
     DicomNode,
     associate,
@@ -549,12 +550,16 @@ def _c_get(
         size = event.request.DataSet.getbuffer().nbytes if event.request.DataSet is not None else 0
         return receiver.store(event.dataset, event.file_meta, size)
 
-    assoc = associate(ae, node, ext_neg=roles, handlers=[(evt.EVT_C_STORE, on_store)])
+    # an instance far over the cap is stopped while it arrives (the handler sees it only when whole)
+    guard = ArrivingSizeGuard(receiver.max_bytes, lambda line: receiver.refusals.append(line))
+    assoc = associate(ae, node, ext_neg=roles, handlers=[(evt.EVT_C_STORE, on_store), *guard.handlers()])
     identifier = _identifier("SERIES", (), {"StudyInstanceUID": study_uid, "SeriesInstanceUID": series_uid})
     try:
         for status, _ in assoc.send_c_get(identifier, StudyRootQueryRetrieveInformationModelGet):
             code = getattr(status, "Status", None)
             if code is None:
+                if receiver.refusals:  # the size guard aborted the association: said by the caller
+                    return
                 raise DestinationUnavailable(f"C-GET from {node}: no answer within {timeout:g} s")
             if cancel is not None:
                 cancel.check()
