@@ -5,6 +5,8 @@ peer in this process) that answers a C-GET with another series."""
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import pydicom
@@ -154,11 +156,9 @@ def test_an_unreachable_pacs_is_one_line(tmp_path) -> None:
         find_series(DicomNode("127.0.0.1", free_port(), "NOBODY"), timeout=2)
 
 
-def test_a_pacs_that_sends_another_series_is_refused(tmp_path) -> None:
-    """A real pynetdicom peer answers our C-GET with an instance of a different series (and a
-    crafted SOPInstanceUID): refused by name, nothing kept, no file named after a tag."""
-    instance = pydicom.dcmread(write_ct_series(tmp_path / "theirs", 1)[0])
-    instance.SOPInstanceUID = "1.2.3/../../evil"
+@contextmanager
+def hostile_pacs(instance: pydicom.Dataset) -> Iterator[DicomNode]:
+    """A real pynetdicom peer (AE ``HOSTILE``, in this process) that answers any C-GET with ``instance``."""
 
     def on_get(event):
         yield 1  # sub-operations to come
@@ -170,12 +170,19 @@ def test_a_pacs_that_sends_another_series_is_refused(tmp_path) -> None:
     port = free_port()
     server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_GET, on_get)])
     try:
-        with pytest.raises(UserError, match=r"refused, the PACS sent an instance of another series"):
-            retrieve_series(
-                DicomNode("127.0.0.1", port, "HOSTILE"), "1.2.3", "1.2.3.4", tmp_path / "got", timeout=5
-            )
+        yield DicomNode("127.0.0.1", port, "HOSTILE")
     finally:
         server.shutdown()
+
+
+def test_a_pacs_that_sends_another_series_is_refused(tmp_path) -> None:
+    """A real pynetdicom peer answers our C-GET with an instance of a different series (and a
+    crafted SOPInstanceUID): refused by name, nothing kept, no file named after a tag."""
+    instance = pydicom.dcmread(write_ct_series(tmp_path / "theirs", 1)[0])
+    instance.SOPInstanceUID = "1.2.3/../../evil"
+    with hostile_pacs(instance) as pacs:
+        with pytest.raises(UserError, match=r"refused, the PACS sent an instance of another series"):
+            retrieve_series(pacs, "1.2.3", "1.2.3.4", tmp_path / "got", timeout=5)
     assert not (tmp_path / "got").exists() and not (tmp_path / STAGING_DIR).exists()
 
 
@@ -186,17 +193,7 @@ def test_a_pacs_that_sends_a_huge_instance_is_cut_off_while_it_arrives(tmp_path)
     kept."""
     instance = pydicom.dcmread(write_ct_series(tmp_path / "theirs", 1)[0])
     instance.add_new(0x00091010, "OB", bytes(48 * 2**20))
-
-    def on_get(event):
-        yield 1
-        yield (0xFF00, instance)
-
-    ae = AE(ae_title="HOSTILE")
-    ae.add_supported_context(StudyRootQueryRetrieveInformationModelGet)
-    ae.add_supported_context(CTImageStorage, scu_role=False, scp_role=True)
-    port = free_port()
-    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_GET, on_get)])
-    try:
+    with hostile_pacs(instance) as pacs:
         started = time.monotonic()
         with pytest.raises(
             UserError,
@@ -204,7 +201,7 @@ def test_a_pacs_that_sends_a_huge_instance_is_cut_off_while_it_arrives(tmp_path)
             r"an instance passed 1\.1 MB while arriving \(cap 0\.1 MB\)",
         ):
             retrieve_series(
-                DicomNode("127.0.0.1", port, "HOSTILE"),
+                pacs,
                 str(instance.StudyInstanceUID),
                 str(instance.SeriesInstanceUID),
                 tmp_path / "got",
@@ -213,6 +210,4 @@ def test_a_pacs_that_sends_a_huge_instance_is_cut_off_while_it_arrives(tmp_path)
             )
         # pynetdicom's C-GET loop notices the abort at its response timeout (10 s here), not before
         assert time.monotonic() - started < 10 + 5
-    finally:
-        server.shutdown()
     assert not (tmp_path / "got").exists() and not (tmp_path / STAGING_DIR).exists()

@@ -33,6 +33,22 @@ def toy_case(seed: int) -> CasePairs:
     return CasePairs(f"toy{seed}", noisy, clean, regions, test_input=noisy, test_label=clean, truth=clean)
 
 
+def tiny_config(tmp_path, *, iterations: int, val_every: int) -> TrainConfig:
+    """A 2-level, 8-channel U-Net on 32² patches: trains on the CPU in seconds."""
+    return TrainConfig(
+        cases=[],
+        out=str(tmp_path / "run"),
+        model_kwargs={"in_slices": 3, "base_channels": 8, "levels": 2},
+        patch=32,
+        batch=8,
+        iterations=iterations,
+        val_every=val_every,
+        lr=3e-3,
+        device="cpu",
+        name="tiny",
+    )
+
+
 def test_patch_sampler_respects_region_shares() -> None:
     case = toy_case(0)
     sampler = PatchSampler([case], patch=16, in_slices=3, shares=(0.5, 0.5, 0.0), seed=1)
@@ -50,18 +66,7 @@ def test_patch_sampler_respects_region_shares() -> None:
 @pytest.mark.slow
 def test_train_loss_falls_exports_and_resumes(tmp_path) -> None:
     torch.set_num_threads(2)
-    cfg = TrainConfig(
-        cases=[],
-        out=str(tmp_path / "run"),
-        model_kwargs={"in_slices": 3, "base_channels": 8, "levels": 2},
-        patch=32,
-        batch=8,
-        iterations=100,
-        val_every=50,
-        lr=3e-3,
-        device="cpu",
-        name="tiny",
-    )
+    cfg = tiny_config(tmp_path, iterations=100, val_every=50)
     prepared = ([toy_case(0), toy_case(1)], [toy_case(2)])
     card = train(cfg, prepared=prepared)
     hist = card["history"]
@@ -170,18 +175,7 @@ def test_float32_switch_trains_in_float32(tmp_path, monkeypatch) -> None:
     """``IPV2_DENOISE_FLOAT32=1`` also keeps training in float32; the loss still falls."""
     monkeypatch.setenv(FLOAT32_ENV, "1")
     torch.set_num_threads(2)
-    cfg = TrainConfig(
-        cases=[],
-        out=str(tmp_path / "run"),
-        model_kwargs={"in_slices": 3, "base_channels": 8, "levels": 2},
-        patch=32,
-        batch=8,
-        iterations=40,
-        val_every=20,
-        lr=3e-3,
-        device="cpu",
-        name="tiny",
-    )
+    cfg = tiny_config(tmp_path, iterations=40, val_every=20)
     card = train(cfg, prepared=([toy_case(0), toy_case(1)], [toy_case(2)]))
     assert card["precision"] == "float32"
     assert card["history"]["loss"][-1] < card["history"]["loss"][0]
