@@ -90,8 +90,11 @@ def test_serve_skips_bad_instances_keeps_series_when_pacs_is_down_and_resumes(
         wrong.add_requested_context(CTImageStorage)
         assert wrong.associate("127.0.0.1", node.port, ae_title="NOT_THE_NODE").is_rejected
         mr = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
-        corrupt = pydicom.dcmread(first[0])
-        corrupt.SOPInstanceUID = pydicom.uid.generate_uid()
+        corrupt = pydicom.dcmread(first[0])  # a series of its own: it fails, the good one goes on
+        corrupt.SOPInstanceUID, corrupt.SeriesInstanceUID = (
+            pydicom.uid.generate_uid(),
+            pydicom.uid.generate_uid(),
+        )
         corrupt.PixelData = corrupt.PixelData[:100]
         statuses = store(node.port, [mr, corrupt] + [pydicom.dcmread(p) for p in first])
         assert statuses == [0x0000, 0xC210] + [0x0000] * len(first)
@@ -123,8 +126,11 @@ def test_serve_skips_bad_instances_keeps_series_when_pacs_is_down_and_resumes(
     assert "resuming 1 queued and 1 incoming series" in log
     assert log.count("; noise ") == 4
     assert len(back) == len(first)
-    leftovers = [p for d in ("incoming", "ready", "work", "failed") for p in (spool / d).iterdir()]
+    leftovers = [p for d in ("incoming", "ready", "work") for p in (spool / d).iterdir()]
     assert not leftovers, (leftovers, log)
+    (junk,) = (spool / "failed").iterdir()  # the corrupt instance's series, refused and never sent again
+    assert junk.name.startswith(str(corrupt.SeriesInstanceUID))
+    assert "1 instance(s) were refused (0xC210, " in (junk / "reason.txt").read_text()
 
 
 def test_orthanc_sends_study_to_serve_and_gets_the_derived_series(orthanc, tmp_path, spool) -> None:
@@ -182,12 +188,13 @@ def test_serve_accepts_only_allowed_peers_caps_instances_and_takes_compressed_ct
         rle = [pydicom.dcmread(p) for p in sources]
         for ds in rle:
             ds.compress(pydicom.uid.RLELossless)
+        junk_series = pydicom.uid.generate_uid()  # refused instances of their own series (see below)
         broken = pydicom.dcmread(sources[0])
-        broken.SOPInstanceUID = pydicom.uid.generate_uid()
+        broken.SOPInstanceUID, broken.SeriesInstanceUID = pydicom.uid.generate_uid(), junk_series
         broken.compress(pydicom.uid.RLELossless)
         broken.PixelData = broken.PixelData[:-2000]
         large = pydicom.dcmread(sources[0])
-        large.SOPInstanceUID = pydicom.uid.generate_uid()
+        large.SOPInstanceUID, large.SeriesInstanceUID = pydicom.uid.generate_uid(), junk_series
         large.add_new(0x00091010, "OB", bytes(120_000))
         large.compress(pydicom.uid.RLELossless)
         statuses = store(node.port, [broken, large, *rle], transfer_syntax=pydicom.uid.RLELossless)
@@ -204,6 +211,11 @@ def test_serve_accepts_only_allowed_peers_caps_instances_and_takes_compressed_ct
     assert "rejected an association from MODALITY@127.0.0.2: host not in --allow-host" in log
     assert "larger than --max-instance-mb 0.1" in log and "refused a corrupt CT instance" in log
     assert "Traceback" not in log  # one line per event, nothing of pydicom's decoder tracebacks
+    (junk,) = (spool / "failed").iterdir()  # both refusals are remembered for their series
+    assert (
+        junk.name.startswith(junk_series)
+        and "2 instance(s) were refused" in (junk / "reason.txt").read_text()
+    )
     assert len(back) == len(rle)
     # the warnings reach the log and the derived series, worded exactly as `denoise` prints them
     assert main(["denoise", str(tmp_path / "in"), str(tmp_path / "d.nrrd"), "--device", "cpu"]) == 0
@@ -213,6 +225,41 @@ def test_serve_accepts_only_allowed_peers_caps_instances_and_takes_compressed_ct
     for message in warnings:
         assert f"warning: {message}" in log
         assert all(message in ds.DerivationDescription for ds in back)
+
+
+def test_a_refused_instance_keeps_its_series_back_until_it_is_sent_again(orthanc, tmp_path, spool) -> None:
+    """ "Never forwards a partial series" holds for a corrupt instance and one over the cap too, as
+    for a full spool: a series with a refused instance fails with the reason, also after a restart
+    (a missing end slice would pass every later check), and the same instance sent again,
+    readable and within the cap, clears it."""
+    kept_back = fresh_study(tmp_path / "kept-back", n=3)
+    mended = fresh_study(tmp_path / "mended", n=3)
+    cap = ["--max-instance-mb", "0.1"]
+    node = Node(spool, orthanc.node, quiet=60.0, extra=cap)  # stopped within its quiet period
+    try:
+        last = pydicom.dcmread(kept_back[-1])
+        last.PixelData = last.PixelData[:100]  # the series' own last slice, truncated
+        statuses = store(node.port, [*map(pydicom.dcmread, kept_back[:-1]), last])
+        assert statuses == [0x0000, 0x0000, 0xC210]
+    finally:
+        assert node.stop() == 0
+    node = Node(spool, orthanc.node, quiet=2.0, extra=cap)  # resumes the series and its refusal
+    try:
+        big = pydicom.dcmread(mended[0])
+        big.add_new(0x00091010, "OB", bytes(120_000))  # over the 0.1 MB cap
+        assert store(node.port, [big]) == [0xA700]
+        assert store(node.port, map(pydicom.dcmread, mended)) == [0x0000] * 3  # sent again, within the cap
+        back = derived_in_orthanc(orthanc, pydicom.dcmread(mended[0]).StudyInstanceUID, 3)
+        log = node.wait_for("was not denoised", 30)
+    finally:
+        assert node.stop() == 0
+    assert "resuming 0 queued and 1 incoming series" in log and len(back) == 3
+    assert derived_series_count(orthanc, str(last.StudyInstanceUID)) == []  # nothing forwarded
+    (failed,) = (spool / "failed").iterdir()
+    reason = (failed / "reason.txt").read_text()
+    assert failed.name.startswith(str(last.SeriesInstanceUID)) and str(last.SOPInstanceUID) in reason
+    assert "1 instance(s) were refused (0xC210, pixel data too short)" in reason
+    assert "send the whole series again once the refused instance is readable" in reason
 
 
 def test_an_instance_far_over_the_cap_is_stopped_while_it_arrives(tmp_path, spool) -> None:

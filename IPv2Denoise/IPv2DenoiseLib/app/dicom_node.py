@@ -11,7 +11,8 @@ The spool (``incoming/<SeriesInstanceUID>/``) is the node's promise to the sende
 acknowledged (0x0000) only when its file is on disk (fsync) and its SOPInstanceUID is appended
 (fsync) to the series' manifest ``.acknowledged``; when that cannot be done (full disk) the
 answer is 0xA700 "Out of Resources" and the refusal is remembered (in memory and as an empty
-``<uid>.refused`` marker). A series is complete when no instance of it has arrived for
+``<uid>.refused`` marker), as it is for a CT instance refused as corrupt (0xC210) or over the
+size cap (0xA700) whose header names its series (the marker then holds why). A series is complete when no instance of it has arrived for
 ``quiet_seconds``: if one of its instances was refused and not sent again it moves to
 ``failed/`` (never forwarded partial), else it is renamed to ``ready/`` and queued. Before
 denoising, every acknowledged instance must be present (files nobody acknowledged, left by a
@@ -44,7 +45,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pydicom.uid
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
@@ -85,8 +88,10 @@ CT_MODALITIES = {"CT"}
 MAX_RETRY_SECONDS = 600.0
 #: Per-series manifest of acknowledged instances: one "SOPInstanceUID<TAB>calling AE" line each.
 MANIFEST = ".acknowledged"
-#: Suffix of the empty marker left for an instance refused for lack of space.
+#: Suffix of the marker left for a refused instance of a series (it holds why; empty: spool full).
 REFUSED = ".refused"
+#: Why an instance was refused, as the failed series' reason names it.
+SPOOL_FULL = "0xA700, spool full"
 #: Facts of a denoised series (kept in the job so a re-send does not denoise again).
 FACTS = ".denoised.json"
 #: Disk-space errors: the series waits in the spool and is tried again (never FAILED for it).
@@ -156,7 +161,44 @@ class _Arrival:
     last_seen: float
     acknowledged: set[str] = field(default_factory=set)
     senders: set[str] = field(default_factory=set)
-    refused: set[str] = field(default_factory=set)
+    #: SOPInstanceUID → why it was refused (e.g. "0xA700, spool full"), until it is sent again
+    refused: dict[str, str] = field(default_factory=dict)
+
+
+def _marker_reason(marker: Path) -> str:
+    """Why the instance of a ``<uid>.refused`` marker was refused (an empty marker: a full spool)."""
+    try:
+        return marker.read_text(encoding="utf-8").strip()[:300] or SPOOL_FULL
+    except (OSError, UnicodeDecodeError):
+        return SPOOL_FULL
+
+
+def _ct_header_uids(event) -> tuple[str, str] | None:
+    """(SeriesInstanceUID, SOPInstanceUID) of a received CT instance whose whole data set cannot be
+    used (too large, unreadable), read from its first groups only (up to group 0020); None when they
+    cannot be read or are no UIDs (then nothing is remembered: no tag becomes a path unchecked)."""
+    raw = event.request.DataSet
+    syntax = pydicom.uid.UID(str(event.context.transfer_syntax or ""))
+    if raw is None or not syntax.is_transfer_syntax or syntax.is_deflated:
+        return None
+    try:
+        raw.seek(0)
+        ds = read_dataset(
+            raw,
+            syntax.is_implicit_VR,
+            syntax.is_little_endian,
+            stop_when=lambda tag, vr, length: tag.group > 0x0020,
+        )
+        series, sop, modality = (
+            str(ds.get(k, "")) for k in ("SeriesInstanceUID", "SOPInstanceUID", "Modality")
+        )
+    except Exception:  # noqa: BLE001 (a header too broken to name its series: nothing to remember)
+        return None
+    finally:
+        raw.seek(0)
+    if modality not in CT_MODALITIES or not (UID_PATTERN.fullmatch(series) and UID_PATTERN.fullmatch(sop)):
+        return None
+    return series, sop
 
 
 def _pixel_data_problem(ds: Dataset) -> str | None:
@@ -294,9 +336,13 @@ class DenoisingNode:
         now = time.monotonic()
         for folder in sorted(self.dirs["incoming"].iterdir()):
             acknowledged = read_manifest(folder) or {}
-            refused = {p.name.removesuffix(REFUSED) for p in folder.glob(f"*{REFUSED}")}
+            refused = {
+                p.name.removesuffix(REFUSED): _marker_reason(p)
+                for p in folder.glob(f"*{REFUSED}")
+                if p.name.removesuffix(REFUSED) not in acknowledged
+            }
             self._arrivals[folder.name] = _Arrival(
-                now, set(acknowledged), set(acknowledged.values()) or {"spool"}, refused - set(acknowledged)
+                now, set(acknowledged), set(acknowledged.values()) or {"spool"}, refused
             )
         if resumed or self._arrivals:
             LOG.info(
@@ -399,6 +445,10 @@ class DenoisingNode:
                 sender,
                 self.config.max_instance_bytes / 2**20,
             )
+            header = _ct_header_uids(event)
+            if header is not None:  # its series must not be forwarded without it
+                why = f"0xA700, larger than --max-instance-mb {self.config.max_instance_bytes / 2**20:.4g}"
+                self._remember_refusal(*header, why=why)
             status = Dataset()
             status.Status = OUT_OF_RESOURCES
             status.ErrorComment = "instance larger than this node accepts"
@@ -412,7 +462,11 @@ class DenoisingNode:
             if not (UID_PATTERN.fullmatch(sop_uid) and UID_PATTERN.fullmatch(series_uid)):  # file names
                 raise ValueError(f"invalid UID {sop_uid!r} / {series_uid!r}")
         except Exception as exc:  # noqa: BLE001 (whatever a peer sends, the node keeps serving)
-            LOG.warning("refused a corrupt instance from %s: %s", sender, str(exc).splitlines()[0][:160])
+            why = str(exc).splitlines()[0][:160]
+            LOG.warning("refused a corrupt instance from %s: %s", sender, why)
+            header = _ct_header_uids(event)
+            if header is not None:
+                self._remember_refusal(*header, why=f"0xC210, unreadable: {why}")
             return CANNOT_UNDERSTAND
         if modality not in CT_MODALITIES:
             LOG.warning(
@@ -421,11 +475,12 @@ class DenoisingNode:
             return 0x0000
         if problem:
             LOG.warning("refused a corrupt CT instance %s from %s: %s", sop_uid, sender, problem)
+            self._remember_refusal(series_uid, sop_uid, why=f"0xC210, {problem}")
             return CANNOT_UNDERSTAND
         try:
             self._spool_instance(event.encoded_dataset(include_meta=True), series_uid, sop_uid, calling)
         except OSError as exc:
-            self._remember_refusal(series_uid, sop_uid)
+            self._remember_refusal(series_uid, sop_uid, why=SPOOL_FULL)
             LOG.error(
                 "refused instance %s of series %s from %s with 0xA700 Out of Resources: cannot store it in %s: %s",
                 sop_uid,
@@ -464,23 +519,27 @@ class DenoisingNode:
                 arrival.last_seen = time.monotonic()
                 arrival.acknowledged.add(sop_uid)
                 arrival.senders.add(calling)
-                arrival.refused.discard(sop_uid)
+                arrival.refused.pop(sop_uid, None)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
 
-    def _remember_refusal(self, series_uid: str, sop_uid: str) -> None:
-        """Record that an instance of the series was refused: the series must not be forwarded without it."""
+    def _remember_refusal(self, series_uid: str, sop_uid: str, *, why: str) -> None:
+        """Record that an instance of the series was refused (full spool, corrupt, too large): the
+        series must not be forwarded without it."""
         with self._lock:
             arrival = self._arrivals.setdefault(series_uid, _Arrival(0.0))
             arrival.last_seen = time.monotonic()
-            arrival.refused.add(sop_uid)
+            arrival.refused[sop_uid] = why
             folder = self.dirs["incoming"] / series_uid
+            marker = folder / f"{sop_uid}{REFUSED}"
             try:  # an empty file needs no data block: it usually fits on a full disk, and survives a restart
                 folder.mkdir(exist_ok=True)
-                (folder / f"{sop_uid}{REFUSED}").touch()
+                marker.touch()
+                if why != SPOOL_FULL:
+                    marker.write_text(why, encoding="utf-8")
             except OSError:
-                pass  # remembered in memory only
+                pass  # remembered in memory only (or as an empty marker: read back as a full spool)
 
     def _watch(self) -> None:
         while not self._stop.wait(min(0.25, self.config.quiet_seconds / 4)):
@@ -503,10 +562,15 @@ class DenoisingNode:
                 if not folder.is_dir():
                     LOG.error("series %s: nothing stored; %d instance(s) refused", uid, len(arrival.refused))
                 elif arrival.refused:
+                    first = sorted(arrival.refused)[0]
+                    remedy = (
+                        "free space and send the whole series again"
+                        if set(arrival.refused.values()) == {SPOOL_FULL}
+                        else "send the whole series again once the refused instance is readable and within the cap"
+                    )
                     reason = (
-                        f"{len(arrival.refused)} instance(s) were refused (0xA700, spool full) and not sent "
-                        f"again, e.g. {sorted(arrival.refused)[0]}; the series is incomplete and was not "
-                        "denoised: free space and send the whole series again"
+                        f"{len(arrival.refused)} instance(s) were refused ({arrival.refused[first]}) and not "
+                        f"sent again, e.g. {first}; the series is incomplete and was not denoised: {remedy}"
                     )
                     self._fail(
                         folder, name, reason, received=len(arrival.acknowledged), senders=arrival.senders
