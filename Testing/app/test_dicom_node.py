@@ -265,9 +265,10 @@ def test_a_refused_instance_keeps_its_series_back_until_it_is_sent_again(orthanc
 def test_an_instance_far_over_the_cap_is_stopped_while_it_arrives(tmp_path, spool) -> None:
     """pynetdicom holds a whole message in memory before the C-STORE handler runs: a 64 MB
     "instance" against a 0.1 MB cap is aborted after about 1.1 MB, the node's peak memory does not
-    grow by the instance, and the next association stores as before."""
+    grow by the instance, the next association stores as before, and the instance's series is
+    kept back (never forwarded without it)."""
     sources = fresh_study(tmp_path / "in", n=2)
-    node = Node(spool, f"127.0.0.1:{free_port()}:PACS", quiet=30, extra=["--max-instance-mb", "0.1"])
+    node = Node(spool, f"127.0.0.1:{free_port()}:PACS", quiet=2, extra=["--max-instance-mb", "0.1"])
     try:
         status = Path(f"/proc/{node.process.pid}/status")  # VmHWM: the node's peak resident memory
 
@@ -278,7 +279,7 @@ def test_an_instance_far_over_the_cap_is_stopped_while_it_arrives(tmp_path, spoo
         before = peak_rss()
         huge = pydicom.dcmread(sources[0])
         huge.SOPInstanceUID = pydicom.uid.generate_uid()
-        huge.add_new(0x00091010, "OB", bytes(64 * 2**20))
+        huge.PixelData = bytes(64 * 2**20)  # the bulk where a scanner's is: after the header
         ae = AE(ae_title="MODALITY")
         ae.add_requested_context(CTImageStorage)
         assoc = ae.associate("127.0.0.1", node.port, ae_title=NODE_AET)
@@ -292,11 +293,16 @@ def test_an_instance_far_over_the_cap_is_stopped_while_it_arrives(tmp_path, spoo
         assert not assoc.is_established
         assert "an instance passed 1.1 MB while arriving (cap 0.1 MB)" in log
         assert peak_rss() - before < 32 * 2**20  # without the abort: +258 MB for a 256 MB instance
-        # the node serves on: a normal instance (under the cap after its pixels are cropped) is stored
-        small = pydicom.dcmread(sources[1])
-        assert store(node.port, [small]) == [0x0000]
+        # the node serves on: the series' other instance is stored, and the series is kept back
+        # (its header, in the first 64 KB that arrived, named it)
+        assert store(node.port, [pydicom.dcmread(sources[1])]) == [0x0000]
+        log = node.wait_for("was not denoised", 30)
     finally:
         assert node.stop() == 0
+    (failed,) = (spool / "failed").iterdir()
+    reason = (failed / "reason.txt").read_text()
+    assert failed.name.startswith(str(huge.SeriesInstanceUID)) and str(huge.SOPInstanceUID) in reason
+    assert "(aborted while arriving, over --max-instance-mb 0.1)" in reason
 
 
 def test_serve_without_allow_lists_says_so_loudly_and_hints_name_its_own_options(

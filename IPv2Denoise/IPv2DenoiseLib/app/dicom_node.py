@@ -45,9 +45,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pydicom.uid
 from pydicom.dataset import Dataset
-from pydicom.filereader import read_dataset
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
@@ -62,6 +60,7 @@ from IPv2DenoiseLib.io.dicom_net import (
     DicomNode,
     check_aet,
     echo,
+    header_uids,
     send_instances,
 )
 
@@ -175,30 +174,18 @@ def _marker_reason(marker: Path) -> str:
 
 def _ct_header_uids(event) -> tuple[str, str] | None:
     """(SeriesInstanceUID, SOPInstanceUID) of a received CT instance whose whole data set cannot be
-    used (too large, unreadable), read from its first groups only (up to group 0020); None when they
-    cannot be read or are no UIDs (then nothing is remembered: no tag becomes a path unchecked)."""
+    used (too large, unreadable), from its header only (:func:`io.dicom_net.header_uids`); None when
+    they cannot be read or it is not CT."""
     raw = event.request.DataSet
-    syntax = pydicom.uid.UID(str(event.context.transfer_syntax or ""))
-    if raw is None or not syntax.is_transfer_syntax or syntax.is_deflated:
+    header = header_uids(raw, event.context.transfer_syntax) if raw is not None else None
+    return _ct_series_and_sop(header)
+
+
+def _ct_series_and_sop(header: tuple[str, str, str] | None) -> tuple[str, str] | None:
+    """(SeriesInstanceUID, SOPInstanceUID) of a :func:`header_uids` result when it is a CT instance."""
+    if header is None or header[0] not in CT_MODALITIES:
         return None
-    try:
-        raw.seek(0)
-        ds = read_dataset(
-            raw,
-            syntax.is_implicit_VR,
-            syntax.is_little_endian,
-            stop_when=lambda tag, vr, length: tag.group > 0x0020,
-        )
-        series, sop, modality = (
-            str(ds.get(k, "")) for k in ("SeriesInstanceUID", "SOPInstanceUID", "Modality")
-        )
-    except Exception:  # noqa: BLE001 (a header too broken to name its series: nothing to remember)
-        return None
-    finally:
-        raw.seek(0)
-    if modality not in CT_MODALITIES or not (UID_PATTERN.fullmatch(series) and UID_PATTERN.fullmatch(sop)):
-        return None
-    return series, sop
+    return header[1], header[2]
 
 
 def _pixel_data_problem(ds: Dataset) -> str | None:
@@ -306,7 +293,7 @@ class DenoisingNode:
         self._server = None
         self._monitor: threading.Thread | None = None
         # an instance far over the cap is stopped while it arrives, not after it is in memory
-        self._size_guard = ArrivingSizeGuard(config.max_instance_bytes, LOG.warning)
+        self._size_guard = ArrivingSizeGuard(config.max_instance_bytes, LOG.warning, self._on_aborted)
 
     def accepted_line(self) -> str:
         """One line saying whom the node accepts C-STOREs from."""
@@ -433,6 +420,16 @@ class DenoisingNode:
         event.assoc.acse.send_reject(REJECT_PERMANENT, REJECT_BY_USER, diagnostic)
         evt.trigger(event.assoc, evt.EVT_REJECTED, {})
         event.assoc.kill()
+
+    def _on_aborted(self, header: tuple[str, str, str] | None) -> None:
+        """An instance cut off while arriving (far over the cap) keeps its series back, when its
+        header names one."""
+        uids = _ct_series_and_sop(header)
+        if uids is not None:
+            why = (
+                f"aborted while arriving, over --max-instance-mb {self.config.max_instance_bytes / 2**20:.4g}"
+            )
+            self._remember_refusal(*uids, why=why)
 
     def _on_store(self, event) -> int | Dataset:
         calling = str(event.assoc.requestor.ae_title).strip()

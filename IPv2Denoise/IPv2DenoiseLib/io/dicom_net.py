@@ -15,6 +15,7 @@ PS3.18 10.5 (STOW-RS; FailedSOPSequence and FailureReason in the response).
 
 from __future__ import annotations
 
+import io
 import re
 import socket
 import threading
@@ -22,13 +23,16 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import pydicom
 import requests
 from dicomweb_client.api import DICOMwebClient
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
 from pydicom.uid import (
     JPEG2000,
+    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
@@ -64,6 +68,7 @@ __all__ = [
     "check_reachable",
     "dicom_files",
     "echo",
+    "header_uids",
     "make_ae",
     "parse_destination",
     "parse_node",
@@ -379,6 +384,47 @@ def make_ae(calling_aet: str, timeout: float) -> AE:
     return ae
 
 
+def header_uids(raw: BinaryIO, transfer_syntax: str) -> tuple[str, str, str] | None:
+    """(Modality, SeriesInstanceUID, SOPInstanceUID) from the first groups (up to 0020) of an
+    encoded data set without file meta, as a C-STORE brings it, or None when they cannot be read
+    (broken, deflated) or the two UIDs are no UIDs: what a receiver may name a refused instance by,
+    without decoding the whole of it (it may be huge or corrupt, or cut off).
+
+    Parameters
+    ----------
+    raw : binary file-like
+        The encoded data set from its start (its position is restored).
+    transfer_syntax : str
+        The presentation context's transfer syntax UID.
+
+    Returns
+    -------
+    tuple of str, or None
+    """
+    syntax = UID(str(transfer_syntax or ""))
+    if not syntax.is_transfer_syntax or syntax.is_deflated:
+        return None
+    start = raw.tell()
+    try:
+        raw.seek(0)
+        ds = read_dataset(
+            raw,
+            syntax.is_implicit_VR,
+            syntax.is_little_endian,
+            stop_when=lambda tag, vr, length: tag.group > 0x0020,
+        )
+        modality, series, sop = (
+            str(ds.get(k, "")) for k in ("Modality", "SeriesInstanceUID", "SOPInstanceUID")
+        )
+    except Exception:  # noqa: BLE001 (a header too broken to name its series)
+        return None
+    finally:
+        raw.seek(start)
+    if not (UID_PATTERN.fullmatch(series) and UID_PATTERN.fullmatch(sop)):
+        return None
+    return modality, series, sop
+
+
 #: How far an arriving message may pass an instance size cap before :class:`ArrivingSizeGuard` aborts
 #: its association (the command set and the encoding; up to that the whole instance arrives and its
 #: C-STORE handler refuses it with a status).
@@ -402,13 +448,27 @@ class ArrivingSizeGuard:
         The size cap the C-STORE handler applies.
     warn : callable
         ``warn(message)``: one line naming the peer, called once per aborted association.
+    on_abort : callable, optional
+        ``on_abort(header)`` with the aborted instance's :func:`header_uids` (read from the first
+        :data:`HEAD_BYTES` of its data set; None when they cannot be read), so that a receiver can
+        keep its series back.
     """
 
-    def __init__(self, max_instance_bytes: int, warn: Callable[[str], None]) -> None:
+    #: Bytes of each arriving data set kept to name it (its header) if it must be aborted.
+    HEAD_BYTES = 64 * 2**10
+
+    def __init__(
+        self,
+        max_instance_bytes: int,
+        warn: Callable[[str], None],
+        on_abort: Callable[[tuple[str, str, str] | None], None] | None = None,
+    ) -> None:
         self.limit = max_instance_bytes + TRANSFER_SLACK_BYTES
         self.max_instance_bytes = max_instance_bytes
         self.warn = warn
+        self.on_abort = on_abort
         self._receiving: dict[int, list[int]] = {}  # per association: command bytes, data set bytes
+        self._heads: dict[int, bytearray] = {}  # per association: the start of the arriving data set
         self._aborted: set[int] = set()
         self._lock = threading.Lock()
 
@@ -422,11 +482,14 @@ class ArrivingSizeGuard:
             if key in self._aborted:
                 return
             sizes = self._receiving.setdefault(key, [0, 0])
+            head = self._heads.setdefault(key, bytearray())
             for item in items:
                 data = item.data or b"\x00"
                 control = data[0]  # bit 0: command (1) or data set (0); bit 1: last fragment
                 part = 0 if control & 0x01 else 1
                 sizes[part] += len(data) - 1
+                if part == 1 and len(head) < self.HEAD_BYTES:
+                    head += data[1 : 1 + self.HEAD_BYTES - len(head)]
                 if sizes[part] > self.limit:
                     self._aborted.add(key)
                     peer = event.assoc.acceptor if event.assoc.is_requestor else event.assoc.requestor
@@ -436,14 +499,27 @@ class ArrivingSizeGuard:
                         f"{self.max_instance_bytes / 2**20:.4g} MB)"
                     )
                     event.assoc.abort()  # non-blocking inside a handler
+                    if self.on_abort is not None:
+                        syntax = next(
+                            (
+                                c.transfer_syntax[0]
+                                for c in event.assoc.accepted_contexts
+                                if c.context_id == item.context_id
+                            ),
+                            "",
+                        )
+                        self.on_abort(header_uids(io.BytesIO(bytes(head)), syntax))
                     return
                 if control & 0x02:
                     sizes[part] = 0
+                    if part == 1:
+                        head.clear()
 
     def on_closed(self, event) -> None:
         """``EVT_CONN_CLOSE`` handler: forget the association."""
         with self._lock:
             self._receiving.pop(id(event.assoc), None)
+            self._heads.pop(id(event.assoc), None)
             self._aborted.discard(id(event.assoc))
 
     def handlers(self) -> list[tuple]:
