@@ -57,7 +57,7 @@ def _worker(
     """Runs in a fresh spawned process: load, denoise each case, report time and RSS."""
     os.environ["OMP_NUM_THREADS"] = str(threads)
     if method.endswith("_f32"):  # the float32 baseline of a model that runs in bf16 here
-        os.environ["IPV2_DENOISE_FLOAT32"] = "1"
+        os.environ["IPV2_DENOISE_FLOAT32"] = "1"  # denoiser.infer.FLOAT32_ENV (torch is not loaded yet)
     import torch
 
     torch.set_num_threads(threads)
@@ -204,8 +204,6 @@ def cpu_runs_bf16(model_spec: dict) -> bool:
     from IPv2DenoiseLib.denoiser.infer import autocast_dtype
     from IPv2DenoiseLib.denoiser.model_reference import ModelReference
 
-    if os.environ.get("IPV2_DENOISE_FLOAT32", "").strip() not in ("", "0"):
-        return False
     model = ModelReference.resolve(model_spec.get("model", "default"), model_spec.get("weights")).load().model
     return autocast_dtype(torch.device("cpu"), model) is not None
 

@@ -116,7 +116,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="filter once more with the network's output as the pilot of a collaborative Wiener filter "
         "and the noise measured on the scan: +0.1-0.5 dB on the mean of the benchmark's real slices (head "
-        "and neck most), none on its chest; about 3 s per 512x512 slice on a CPU core",
+        "and neck most), none on its chest; about 2 s per 512x512 slice on a CPU core",
     )
     parser.add_argument(
         "--no-remove-background",

@@ -12,8 +12,8 @@ acknowledged (0x0000) only when its file is on disk (fsync) and its SOPInstanceU
 (fsync) to the series' manifest ``.acknowledged``; when that cannot be done (full disk) the
 answer is 0xA700 "Out of Resources" and the refusal is remembered (in memory and as an empty
 ``<uid>.refused`` marker), as it is for a CT instance refused as corrupt (0xC210) or over the
-size cap (0xA700) whose header names its series (the marker then holds why). A series is complete when no instance of it has arrived for
-``quiet_seconds``: if one of its instances was refused and not sent again it moves to
+size cap (0xA700) whose header names its series (the marker then holds why). A series is
+complete when no instance of it has arrived for ``quiet_seconds``: if one of its instances was refused and not sent again it moves to
 ``failed/`` (never forwarded partial), else it is renamed to ``ready/`` and queued. Before
 denoising, every acknowledged instance must be present (files nobody acknowledged, left by a
 kill during a transfer, are dropped). At most ``jobs`` series are denoised at a time, each by the
@@ -170,15 +170,6 @@ def _marker_reason(marker: Path) -> str:
         return marker.read_text(encoding="utf-8").strip()[:300] or SPOOL_FULL
     except (OSError, UnicodeDecodeError):
         return SPOOL_FULL
-
-
-def _ct_header_uids(event) -> tuple[str, str] | None:
-    """(SeriesInstanceUID, SOPInstanceUID) of a received CT instance whose whole data set cannot be
-    used (too large, unreadable), from its header only (:func:`io.dicom_net.header_uids`); None when
-    they cannot be read or it is not CT."""
-    raw = event.request.DataSet
-    header = header_uids(raw, event.context.transfer_syntax) if raw is not None else None
-    return _ct_series_and_sop(header)
 
 
 def _ct_series_and_sop(header: tuple[str, str, str] | None) -> tuple[str, str] | None:
@@ -421,15 +412,25 @@ class DenoisingNode:
         evt.trigger(event.assoc, evt.EVT_REJECTED, {})
         event.assoc.kill()
 
-    def _on_aborted(self, header: tuple[str, str, str] | None) -> None:
-        """An instance cut off while arriving (far over the cap) keeps its series back, when its
-        header names one."""
+    @property
+    def _cap(self) -> str:
+        return f"--max-instance-mb {self.config.max_instance_bytes / 2**20:.4g}"
+
+    def _keep_back(self, header: tuple[str, str, str] | None, why: str) -> None:
+        """A refused instance whose whole data set cannot be used (too large, unreadable, cut off)
+        keeps its series back when its header (:func:`io.dicom_net.header_uids`) names a CT series."""
         uids = _ct_series_and_sop(header)
         if uids is not None:
-            why = (
-                f"aborted while arriving, over --max-instance-mb {self.config.max_instance_bytes / 2**20:.4g}"
-            )
             self._remember_refusal(*uids, why=why)
+
+    def _on_aborted(self, header: tuple[str, str, str] | None) -> None:
+        """An instance cut off while arriving (far over the cap) keeps its series back."""
+        self._keep_back(header, f"aborted while arriving, over {self._cap}")
+
+    def _header(self, event) -> tuple[str, str, str] | None:
+        """:func:`io.dicom_net.header_uids` of a received C-STORE's data set."""
+        raw = event.request.DataSet
+        return header_uids(raw, event.context.transfer_syntax) if raw is not None else None
 
     def _on_store(self, event) -> int | Dataset:
         calling = str(event.assoc.requestor.ae_title).strip()
@@ -437,15 +438,9 @@ class DenoisingNode:
         size = event.request.DataSet.getbuffer().nbytes
         if size > self.config.max_instance_bytes:
             LOG.warning(
-                "refused an instance of %.2f MB from %s: larger than --max-instance-mb %.4g",
-                size / 2**20,
-                sender,
-                self.config.max_instance_bytes / 2**20,
+                "refused an instance of %.2f MB from %s: larger than %s", size / 2**20, sender, self._cap
             )
-            header = _ct_header_uids(event)
-            if header is not None:  # its series must not be forwarded without it
-                why = f"0xA700, larger than --max-instance-mb {self.config.max_instance_bytes / 2**20:.4g}"
-                self._remember_refusal(*header, why=why)
+            self._keep_back(self._header(event), f"0xA700, larger than {self._cap}")
             status = Dataset()
             status.Status = OUT_OF_RESOURCES
             status.ErrorComment = "instance larger than this node accepts"
@@ -461,9 +456,7 @@ class DenoisingNode:
         except Exception as exc:  # noqa: BLE001 (whatever a peer sends, the node keeps serving)
             why = str(exc).splitlines()[0][:160]
             LOG.warning("refused a corrupt instance from %s: %s", sender, why)
-            header = _ct_header_uids(event)
-            if header is not None:
-                self._remember_refusal(*header, why=f"0xC210, unreadable: {why}")
+            self._keep_back(self._header(event), f"0xC210, unreadable: {why}")
             return CANNOT_UNDERSTAND
         if modality not in CT_MODALITIES:
             LOG.warning(

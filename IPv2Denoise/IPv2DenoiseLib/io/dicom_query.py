@@ -551,7 +551,7 @@ def _c_get(
         return receiver.store(event.dataset, event.file_meta, size)
 
     # an instance far over the cap is stopped while it arrives (the handler sees it only when whole)
-    guard = ArrivingSizeGuard(receiver.max_bytes, lambda line: receiver.refusals.append(line))
+    guard = ArrivingSizeGuard(receiver.max_bytes, receiver.refusals.append)
     assoc = associate(ae, node, ext_neg=roles, handlers=[(evt.EVT_C_STORE, on_store), *guard.handlers()])
     identifier = _identifier("SERIES", (), {"StudyInstanceUID": study_uid, "SeriesInstanceUID": series_uid})
     try:

@@ -32,7 +32,7 @@ from IPv2DenoiseLib.core.atomic import atomic_path
 from IPv2DenoiseLib.core.device import describe_device, resolve_device
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.progress import CancelToken, ProgressCallback
-from IPv2DenoiseLib.denoiser.infer import FLOAT32_ENV, autocast_dtype
+from IPv2DenoiseLib.denoiser.infer import autocast_dtype, float32_forced
 from IPv2DenoiseLib.denoiser.models import (
     NoiseAwareUNet,
     UNet,
@@ -582,7 +582,7 @@ class Trainer:
         (:func:`~IPv2DenoiseLib.denoiser.infer.autocast_dtype`: AMX, a float32 input layer, and no
         ``IPV2_DENOISE_FLOAT32=1``)."""
         if self.device.type == "cuda":
-            return os.environ.get(FLOAT32_ENV, "").strip() in ("", "0")
+            return not float32_forced()
         return self.device.type == "cpu" and autocast_dtype(self.device, self.model) is not None
 
     def end_round(self, done: int, losses: Sequence[float]) -> None:

@@ -281,7 +281,7 @@ class DenoiseWebApp(TrameApp):
                 id="ensemble",
             )
             option_checkbox(
-                "refine", "Refine (collaborative Wiener filtering; about 3 s per slice on a CPU core)"
+                "refine", "Refine (collaborative Wiener filtering; about 2 s per slice on a CPU core)"
             )
             option_checkbox("adapt", "Adapt the model to this scan first (about 15-30 s more on a CPU)")
             with html.Div(classes="d-flex ga-2"):
