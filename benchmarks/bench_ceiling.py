@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--reference",
-        default=str(ROOT / "results/bench_real_anatomy_refine.json"),
+        default=str(ROOT / "results/bench_real_anatomy_default.json"),
         help="bench_real_anatomy.py results at the same seed: the oracles and network rows to compare",
     )
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))

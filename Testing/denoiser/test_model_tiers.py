@@ -15,9 +15,11 @@ from IPv2DenoiseLib.denoiser.models import NoiseAwareUNet
 from IPv2DenoiseLib.denoiser.weights import save_model
 
 
-def test_fast_is_the_shipped_default_and_quality_the_shipped_wide_model() -> None:
+def test_quality_is_the_shipped_default_and_fast_the_shipped_narrow_model() -> None:
     catalogue = ModelCatalogue.read()
-    assert catalogue.entry("fast") == catalogue.entry("default")
+    assert catalogue.entry("quality") == catalogue.entry("default")
+    fast = ModelReference.resolve("fast")
+    assert fast.name == "unet-nm-ipv2" and fast.load().model.config["base_channels"] == 16
     quality = ModelReference.resolve("quality")
     assert quality.name == "unet-nm-quality-ipv2" and quality.registered
     model = quality.load().model
@@ -25,8 +27,8 @@ def test_fast_is_the_shipped_default_and_quality_the_shipped_wide_model() -> Non
     # its campaign started from the fast weights, widened
     assert [leg.get("widened_from_channels") for leg in quality.load().card["legs"]].count(16) == 1
     # model lists (the Slicer panel, the web page) show the two tiers first, each saying its tier
-    assert catalogue.names()[:2] == [catalogue.default, "unet-nm-quality-ipv2"]
-    for name, tier in (("unet-nm-quality-ipv2", "quality"), (catalogue.default, "fast")):
+    assert catalogue.names()[:2] == ["unet-nm-quality-ipv2", "unet-nm-ipv2"]
+    for name, tier in (("unet-nm-quality-ipv2", "quality"), ("unet-nm-ipv2", "fast")):
         description = catalogue.entries[name].description
         assert description.startswith(f"{tier} tier: ") and description.count("tier") == 1
 

@@ -100,12 +100,12 @@ def test_the_gpu_job_without_a_corpus_says_how_to_make_one(tmp_path) -> None:
     assert job.stderr.strip() == "error: give --corpus FILE (made by --pack-corpus), or --tiny"
 
 
-def test_the_fast_preset_is_the_shipped_defaults_network_so_the_job_can_fine_tune_it() -> None:
-    """The GPU job's fast tier starts from the shipped default (``--init``): same architecture and size."""
+def test_the_fast_preset_is_the_shipped_fast_network_so_the_job_can_fine_tune_it() -> None:
+    """The GPU job's fast tier starts from the shipped fast model (``--init``): same architecture and size."""
     from IPv2DenoiseLib.denoiser.model_reference import ModelCatalogue
     from IPv2DenoiseLib.denoiser.models import ARCH_PRESETS, build_model
 
-    shipped, card = load_model(ModelCatalogue.read().entry("default").weights)
+    shipped, card = load_model(ModelCatalogue.read().entry("fast").weights)
     arch, kwargs = ARCH_PRESETS["fast"]
     fresh = build_model(arch, **kwargs)
     assert card["architecture"] == arch and shipped.config == fresh.config
@@ -124,12 +124,14 @@ def test_each_tier_of_the_gpu_job_starts_from_the_shipped_model_of_that_tier(tmp
     monkeypatch.setitem(sys.modules, spec.name, job)  # its dataclasses look their module up
     spec.loader.exec_module(job)
     catalogue = ModelCatalogue.read()
-    assert job.shipped_start("fast") == catalogue.entry("default").weights
+    assert job.shipped_start("fast") == catalogue.entry("fast").weights != catalogue.entry("default").weights
     assert (
-        job.shipped_start("quality") == catalogue.entry("quality").weights != catalogue.entry("fast").weights
+        job.shipped_start("quality")
+        == catalogue.entry("quality").weights
+        == catalogue.entry("default").weights
     )
-    # a catalogue without a quality model: the quality tier starts from the default (to be widened)
-    fast = catalogue.entry("default").weights
+    # a catalogue without a quality model: the quality tier starts from its default (to be widened)
+    fast = catalogue.entry("fast").weights
     shutil.copy(fast, tmp_path / fast.name)
     sha = hashlib.sha256(fast.read_bytes()).hexdigest()
     only_fast = tmp_path / "models.json"
