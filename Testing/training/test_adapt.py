@@ -15,7 +15,7 @@ from IPv2DenoiseLib.app.pipeline import ADAPT_STEPS_SECONDS_CAP
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.progress import Cancelled, CancelToken
 from IPv2DenoiseLib.core.volume import Volume
-from IPv2DenoiseLib.denoiser.infer import Denoiser
+from IPv2DenoiseLib.denoiser.infer import Denoiser, cpu_has_amx, float32_forced
 from IPv2DenoiseLib.imaging.masks import body_mask, soft_tissue_mask
 from IPv2DenoiseLib.imaging.metrics import nps_2d
 from IPv2DenoiseLib.imaging.noise_estimate import estimate_slice_correlation
@@ -106,6 +106,9 @@ def test_adapting_improves_the_shipped_model_on_an_unfamiliar_kernel(smooth_kern
         adapted.name.endswith("+adapt") and adapted.card["adapted"]["iterations"] == report.iterations == 120
     )
     assert adapted.card["sha256"] == base.card["sha256"]
+    # the steps run in bf16 where inference does (a CPU with AMX), and the card says so
+    assert report.precision == ("bfloat16" if cpu_has_amx() and not float32_forced() else "float32")
+    assert adapted.card["adapted"]["precision"] == report.precision
     assert calls[0][0] == 0 and calls[-1][0] == calls[-1][1] and len(calls) >= 12
     body = truth > -900
 

@@ -42,7 +42,7 @@ from IPv2DenoiseLib.core.device import resolve_device
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.progress import CancelToken, ProgressCallback
 from IPv2DenoiseLib.core.volume import Volume
-from IPv2DenoiseLib.denoiser.infer import Denoiser
+from IPv2DenoiseLib.denoiser.infer import Denoiser, autocast_dtype
 from IPv2DenoiseLib.denoiser.models.noise_aware_unet import wants_noise_map, with_noise_map
 from IPv2DenoiseLib.denoiser.normalization import hu_to_net
 from IPv2DenoiseLib.denoiser.windows import window_indices
@@ -131,6 +131,8 @@ class AdaptReport:
     loss_first: float
     loss_last: float
     config: dict
+    #: The steps' arithmetic: ``bfloat16`` (autocast, float32 weights) where inference runs in bf16.
+    precision: str = "float32"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -271,6 +273,9 @@ def adapt_denoiser(
     # would otherwise train with other kernels and give other weights
     tuned = copy.deepcopy(model).to(dev, memory_format=torch.channels_last).train()
     optimiser = torch.optim.Adam(tuned.parameters(), lr=config.lr)
+    # steps in bf16 where inference runs in bf16 (a CPU with AMX, a GPU with bf16; float32 master
+    # weights, no loss scaling needed): on this machine's CPU a quality step takes 2.6x less time
+    in_bf16 = autocast_dtype(dev, tuned) == torch.bfloat16
     alpha = float(config.alpha)
     losses: list[float] = []
     start = time.monotonic()
@@ -302,7 +307,8 @@ def adapt_denoiser(
         t_t = torch.from_numpy(np.ascontiguousarray(np.stack(targets), dtype=np.float32)).to(dev)
         if wants_noise_map(tuned):  # the map of the noisier input (of the patch: whole slices cost too much)
             x_t = with_noise_map(x_t, np.stack(centres_hu))
-        loss = F.mse_loss(tuned(x_t), t_t)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=in_bf16):
+            loss = F.mse_loss(tuned(x_t).float(), t_t)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
@@ -332,6 +338,7 @@ def adapt_denoiser(
         loss_first=float(np.mean(head)) if losses else math.nan,
         loss_last=float(np.mean(tail)) if losses else math.nan,
         config=asdict(config),
+        precision="bfloat16" if in_bf16 else "float32",
     )
     card = {**denoiser.card, "adapted": result.as_dict()}
     adapted = Denoiser(
