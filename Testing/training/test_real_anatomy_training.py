@@ -437,3 +437,23 @@ def test_slab_workers_fill_and_refresh_the_pool_in_other_processes(real_series) 
         sampler.close()
     gone, alive = psutil.wait_procs(workers, timeout=30)
     assert not alive and sampler.executor is None
+
+
+def test_natural_corpus_writes_photographs_as_slice_continuous_ct_like_volumes(tmp_path) -> None:
+    """``scripts/natural_corpus.py`` (the natural-image texture probe of issue #24): two volumes of
+    scikit-image's shipped photographs in HU, neighbouring slices one pixel apart; never overwrites."""
+    script = [sys.executable, str(REPO / "scripts" / "natural_corpus.py")]
+    out = tmp_path / "natural"
+    assert subprocess.run([*script, str(out)], capture_output=True).returncode == 0
+    for name in ("natural_textures", "natural_scenes"):
+        vol = read_volume(out / f"{name}.nrrd")
+        assert vol.shape == (20, 384, 384) and vol.spacing == pytest.approx((0.7, 0.7, 3.0))
+        assert -700.01 <= vol.array.min() < -690 and 390 < vol.array.max() <= 400.01
+        # each photograph: four slices, the picture moved by one pixel per slice; photographs differ
+        for first in range(0, 20, 4):
+            np.testing.assert_allclose(vol.array[first + 1, :-1, :-1], vol.array[first, 1:, 1:], atol=0.05)
+        assert np.abs(vol.array[4] - vol.array[0]).mean() > 50
+    again = subprocess.run([*script, str(out)], capture_output=True, text=True)
+    assert again.returncode == 2 and again.stderr.startswith("natural_corpus: error:"), again.stderr
+    (tmp_path / "file").write_text("x")
+    assert subprocess.run([*script, str(tmp_path / "file")], capture_output=True).returncode == 2
