@@ -72,7 +72,7 @@ DOSE = 0.02
 SOFT_WINDOW = (-160.0, 240.0)
 LUNG_WINDOW = (-1350.0, 150.0)
 #: Oracle strength grids (× the default strength). BM3D's is the best oracle on every image, so its
-#: grid is fine (12 % steps) and wide: a grid of 0.6 / 1 / 1.6 left up to 0.49 dB on the table
+#: grid is fine (12 % steps) and wide: a grid of 0.6 / 1 / 1.6 left up to 0.51 dB on the table
 #: (2026-12-05). A strength chosen at either end of a grid is reported (``at_grid_edge``).
 NLM_TV_FACTORS = (0.35, 0.5, 0.7, 1.0, 1.4, 2.0, 2.8)
 BM3D_FACTORS = (0.5, 0.56, 0.63, 0.71, 0.8, 0.9, 1.0, 1.12, 1.25, 1.4, 1.6, 1.8, 2.0, 2.24, 2.5, 2.8, 3.2)
