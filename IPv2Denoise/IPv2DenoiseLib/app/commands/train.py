@@ -80,8 +80,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--arch",
         default="unet",
         help="unet (default), unet-nm (noise-aware: + a noise level map channel), redcnn, dncnn, "
-        "or a preset size: fast (the shipped U-Net) or quality (unet-nm, 32 channels, 3 levels, 467 k "
-        "parameters; --model-kwargs override it; --init with fast weights widens them)",
+        "or a preset size: fast (unet-nm, 16 channels, 3 levels: the shipped fast model) or quality "
+        "(unet-nm, 32 channels, 3 levels, 467 k parameters: the shipped default; --model-kwargs override "
+        "it; --init with fast weights widens them)",
     )
     parser.add_argument(
         "--model-kwargs", default=None, help="JSON constructor keywords, e.g. '{\"base_channels\": 16}'"
