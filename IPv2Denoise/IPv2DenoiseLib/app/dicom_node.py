@@ -172,13 +172,6 @@ def _marker_reason(marker: Path) -> str:
         return SPOOL_FULL
 
 
-def _ct_series_and_sop(header: tuple[str, str, str] | None) -> tuple[str, str] | None:
-    """(SeriesInstanceUID, SOPInstanceUID) of a :func:`header_uids` result when it is a CT instance."""
-    if header is None or header[0] not in CT_MODALITIES:
-        return None
-    return header[1], header[2]
-
-
 def _pixel_data_problem(ds: Dataset) -> str | None:
     """Why the CT instance's pixel data is unusable, or None: missing, short, or not decodable."""
     if "PixelData" not in ds:
@@ -419,9 +412,9 @@ class DenoisingNode:
     def _keep_back(self, header: tuple[str, str, str] | None, why: str) -> None:
         """A refused instance whose whole data set cannot be used (too large, unreadable, cut off)
         keeps its series back when its header (:func:`io.dicom_net.header_uids`) names a CT series."""
-        uids = _ct_series_and_sop(header)
-        if uids is not None:
-            self._remember_refusal(*uids, why=why)
+        if header is not None and header[0] in CT_MODALITIES:
+            _, series, sop = header
+            self._remember_refusal(series, sop, why=why)
 
     def _on_aborted(self, header: tuple[str, str, str] | None) -> None:
         """An instance cut off while arriving (far over the cap) keeps its series back."""
