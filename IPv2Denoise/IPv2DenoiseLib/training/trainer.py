@@ -389,6 +389,7 @@ class Trainer:
         world: int = 1,
         scanner_val: Sequence[CasePairs] = (),
         real_val: dict[str, Sequence[CasePairs]] | None = None,
+        real_val_names: Sequence[str] = (),
     ) -> None:
         self.config, self.device, self.rank, self.world = config, device, rank, world
         self.train_cases, self.val_cases = list(train_cases), list(val_cases)
@@ -402,6 +403,9 @@ class Trainer:
         self.model, init_card = _build_model(config, device)
         #: The legs of the campaign before this one (from the ``--init`` weights' model card).
         self.legs_before: list[dict] = list(init_card.get("legs") or [])
+        #: The held-out real volumes (``--val-anatomy``), and those an earlier leg trained on.
+        self.real_val_names = list(real_val_names)
+        self.real_val_seen = trained_on_before(self.real_val_names, self.legs_before)
         #: The ``--init`` network's width when it was widened to this one (else None).
         self.widened_from: int | None = init_card.get("widened_from")
         self.in_slices = self.model.in_slices
@@ -709,6 +713,10 @@ class Trainer:
             }
         else:
             mix |= {"noise": "pairs", "strategy": self.config.strategy}
+        if self.real_val_names:
+            mix["validation_real"] = self.real_val_names
+        if self.real_val_seen:  # its validation_start flatters the --init network (trained_on_before)
+            mix["validation_real_seen_before"] = self.real_val_seen
         return {
             "leg": len(self.legs_before) + 1,
             "started_utc": self.started_utc,
@@ -765,10 +773,13 @@ def train(
     progress: ProgressCallback | None = None,
     cancel: CancelToken | None = None,
     prepared: tuple[Sequence[CasePairs], Sequence[CasePairs]] | None = None,
+    notice: Callable[[str], None] | None = None,
 ) -> dict:
     """Train, validate, checkpoint and export; returns the model card.
 
     ``prepared`` skips reading case folders (tests and the evaluation pass pairs they built).
+    ``notice`` receives one-line remarks the user should read before the leg runs (a held-out
+    volume an earlier leg trained on).
     """
     check_config(config)
     rank, world = _distributed()
@@ -777,6 +788,7 @@ def train(
     torch.manual_seed(config.seed + rank)
     scanner_val: list[CasePairs] = []
     real_val = {}
+    held_out: list[CleanVolume] = []
     if config.val_anatomy:
         held_out = load_anatomy_volumes(config.val_anatomy, option="--val-anatomy")
         real_val = anatomy_validation(held_out, slices=config.val_slices)
@@ -790,6 +802,10 @@ def train(
         val_cases = [prepare_case(c, config, seed=10_000 + i) for i, c in enumerate(config.val_cases)]
     if not train_cases:
         raise UserError("no training cases given")
+    held_out_names = [v.name for v in held_out]
+    trained = sorted(set(held_out_names) & {c.name for c in train_cases})
+    if trained:
+        raise UserError(f"--val-anatomy {trained[0]} is also a training volume: hold it out of --anatomy")
     trainer = Trainer(
         config,
         train_cases,
@@ -799,8 +815,33 @@ def train(
         world=world,
         scanner_val=scanner_val,
         real_val=real_val,
+        real_val_names=held_out_names,
     )
+    if notice is not None and rank == 0:
+        for name, legs in trainer.real_val_seen.items():
+            notice(
+                f"note: --val-anatomy {name} was in the training of leg(s) {', '.join(map(str, legs))} of the "
+                "--init network, so it is not held out of that network: its validation_start flatters it"
+            )
     return trainer.run(progress=progress, cancel=cancel)
+
+
+def trained_on_before(volume_names: Sequence[str], legs: Sequence[dict]) -> dict[str, list[int]]:
+    """The held-out volumes that an earlier leg of the campaign trained on: name -> those legs.
+
+    A ``--val-anatomy`` volume the ``--init`` network (or any leg before it) trained on is not held
+    out of that network: its ``validation_start`` is flattering, and a leg that leaves the volume
+    out looks worse on it by what the earlier network learnt of it (quality legs 11-14 were judged
+    so on pyradiomics' lung 2, docs/results.md). Matched by the name the cards log
+    (``real/<file name>``), so a renamed copy is not caught.
+    """
+    seen: dict[str, list[int]] = {}
+    for leg in legs:
+        trained = set((leg.get("data") or {}).get("training") or [])
+        for name in volume_names:
+            if name in trained:
+                seen.setdefault(name, []).append(int(leg.get("leg", 0)))
+    return seen
 
 
 def same_run(saved: dict | None, current: dict) -> bool:

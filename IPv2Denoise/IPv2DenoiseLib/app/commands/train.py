@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from IPv2DenoiseLib.core.errors import UserError
@@ -226,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
             )
         config.region_shares = tuple(args.region_shares)
     progress = make_progress(args.json_progress, desc="train", unit="it")
-    card = train(config, progress=progress)
+    card = train(config, progress=progress, notice=lambda line: print(line, file=sys.stderr))
     if card:
         print(f"weights: {Path(args.out) / (args.name + '.safetensors')}")
         print(json.dumps(card.get("validation", {}), indent=2))
