@@ -490,3 +490,37 @@ def test_natural_corpus_writes_photographs_as_slice_continuous_ct_like_volumes(t
     assert again.returncode == 2 and again.stderr.startswith("natural_corpus: error:"), again.stderr
     (tmp_path / "file").write_text("x")
     assert subprocess.run([*script, str(tmp_path / "file")], capture_output=True).returncode == 2
+
+
+def test_validate_legs_compares_weights_and_marks_volumes_their_legs_trained_on(
+    real_series, made_dataset, tmp_path, capsys
+) -> None:
+    """``scripts/validate_legs.py``: the shipped fast network against itself and the older plain
+    U-Net on a phantom case and a real volume; the baseline in dB, the rest as differences, and a
+    real volume that a card's legs trained on (the shared abdomen, in the fast card's legs) starred."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("validate_legs", REPO / "scripts" / "validate_legs.py")
+    validate_legs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(validate_legs)
+    fast = REPO / "Resources" / "Models" / "unet_nm_ipv2.safetensors"
+    plain = REPO / "Resources" / "Models" / "unet_ipv2.safetensors"
+    out = tmp_path / "legs.json"
+    args = [str(fast), str(plain), "--val", str(made_dataset / "case_000"), "--val-slices", "1"]
+    assert validate_legs.main([*args, "--val-anatomy", str(real_series), "--json", str(out)]) == 0
+    table = json.loads(out.read_text())
+    texture_columns = [f"{real_series.stem} projection", f"{real_series.stem} image"]
+    assert table["columns"] == ["phantoms own", "phantoms scanner", *texture_columns]
+    fast_row, plain_row = table["rows"]["unet_nm_ipv2"], table["rows"]["unet_ipv2"]
+    for row in (fast_row, plain_row):
+        assert all(15 < value < 60 for value in row["psnr"].values())
+    # the noise-aware network beats the plain one it was trained from, on the scanner protocol
+    assert fast_row["psnr"]["phantoms scanner"] > plain_row["psnr"]["phantoms scanner"]
+    printed = capsys.readouterr().out
+    if real_series == ABDOMEN:  # the fast card's legs 1-4 trained on the shared abdomen
+        assert fast_row["trained_on"] == {"real/abdomen-series": [1, 2, 3, 4]}
+        assert "*" in printed.split("| unet_nm_ipv2 |")[1].splitlines()[0]
+    else:
+        assert fast_row["trained_on"] == {}
+    assert validate_legs.main([str(fast), "--val-slices", "1"]) == 2  # no validation set
+    assert "validate_legs: give --val" in capsys.readouterr().err

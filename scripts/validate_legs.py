@@ -1,0 +1,133 @@
+"""Validate trained weights side by side on the trainer's validation sets, real volumes one by one.
+
+    python scripts/validate_legs.py Resources/Models/unet_nm_quality_ipv2.safetensors \
+        campaign/unet_nm_quality_ipv2_leg13_bf16.safetensors ... \
+        --val runs/phantoms/case_004 runs/phantoms/case_005 \
+        --val-anatomy runs/corpus/heldout_chest_totalsegmentator.nrrd \
+                      runs/corpus/heldout_abdomen_totalsegmentator.nrrd \
+        --json runs/legs.json --figure docs/figures/legs_heldout.png
+
+A leg's card holds its own validation and its start's (``validation_start``); this compares any
+number of weights at once on the same noisy slices (the trainer's fixed seeds), for legs that were
+validated on different sets, or on a volume an earlier leg trained on (``train`` now names that in
+the leg's ``validation_real_seen_before``). The first weights are the baseline: every row also
+gives its difference to them. Each real volume is validated alone, in both noise textures, and a
+column says which of the weights' legs trained on it: a "held-out" volume is held out only of
+weights none of whose legs saw it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from IPv2DenoiseLib.core.errors import UserError
+from IPv2DenoiseLib.denoiser.weights import load_model
+from IPv2DenoiseLib.training.scanner_data import load_anatomy_volumes
+from IPv2DenoiseLib.training.trainer import (
+    anatomy_validation,
+    scanner_validation,
+    trained_on_before,
+    validate,
+)
+
+
+def validation_columns(
+    val: list[str], val_anatomy: list[str], *, slices: int
+) -> tuple[dict[str, list], dict[str, str]]:
+    """The validation sets by column name, and each real column's volume name as cards log it."""
+    own, scanner = scanner_validation(val, slices=slices) if val else ([], [])
+    columns: dict[str, list] = {"phantoms own": own, "phantoms scanner": scanner}
+    volume_of: dict[str, str] = {}
+    for volume in load_anatomy_volumes(val_anatomy, option="--val-anatomy"):
+        for texture, cases in anatomy_validation([volume], slices=slices).items():
+            column = f"{Path(volume.name).stem} {texture}"
+            columns[column], volume_of[column] = cases, volume.name
+    return {k: v for k, v in columns.items() if v}, volume_of
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("weights", nargs="+", type=Path, help=".safetensors files; the first is the baseline")
+    parser.add_argument("--val", nargs="*", default=[], help="synthetic validation case folders")
+    parser.add_argument("--val-anatomy", nargs="*", default=[], help="real normal-dose volumes")
+    parser.add_argument("--val-slices", type=int, default=8, help="central slices per volume (default 8)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", type=Path, help="write the table as JSON")
+    parser.add_argument("--figure", type=Path, help="write each weights' difference to the baseline as PNG")
+    args = parser.parse_args(argv)
+    try:
+        if not args.val and not args.val_anatomy:
+            raise UserError("give --val and/or --val-anatomy")
+        torch.set_num_threads(args.threads)
+        columns, volume_of = validation_columns(args.val, args.val_anatomy, slices=args.val_slices)
+        rows = {}
+        for path in args.weights:
+            model, card = load_model(path)
+            seen = trained_on_before(sorted(set(volume_of.values())), card.get("legs") or [])
+            rows[path.stem] = {
+                "psnr": {
+                    column: validate(model, cases, torch.device("cpu"), model.in_slices)["psnr_label"]
+                    for column, cases in columns.items()
+                },
+                "trained_on": seen,
+            }
+            print(path.stem, {k: round(v, 3) for k, v in rows[path.stem]["psnr"].items()}, flush=True)
+    except UserError as exc:
+        print(f"validate_legs: {exc}", file=sys.stderr)
+        return 2
+    base = next(iter(rows.values()))["psnr"]
+    print("\n| weights | " + " | ".join(columns) + " |")
+    print("|---|" + "---:|" * len(columns))
+    for name, row in rows.items():
+        cells = []
+        for column, value in row["psnr"].items():
+            seen = "*" if volume_of.get(column) in row["trained_on"] else ""
+            cells.append(
+                f"{value:.2f}{seen}" if name == next(iter(rows)) else f"{value - base[column]:+.2f}{seen}"
+            )
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    print("(baseline in dB, the others as differences; * the weights' legs trained on that volume)")
+    if args.json:
+        args.json.write_text(json.dumps({"columns": list(columns), "rows": rows}, indent=1))
+    if args.figure:
+        plot_differences(rows, volume_of, args.figure)
+    return 0
+
+
+def plot_differences(rows: dict[str, dict], volume_of: dict[str, str], out: Path) -> None:
+    """One group of bars per validation column: each weights' PSNR minus the baseline's; hatched
+    where those weights' legs trained on that column's volume."""
+    from matplotlib.figure import Figure
+
+    names = list(rows)
+    base = rows[names[0]]["psnr"]
+    columns = list(base)
+    fig = Figure(figsize=(max(8, 1.1 * len(columns) * len(names) / 3), 4.2))
+    ax = fig.subplots()
+    width = 0.8 / max(1, len(names) - 1)
+    for i, name in enumerate(names[1:]):
+        row = rows[name]
+        xs = [c + (i - (len(names) - 2) / 2) * width for c in range(len(columns))]
+        diffs = [row["psnr"][c] - base[c] for c in columns]
+        bars = ax.bar(xs, diffs, width, label=name)
+        for bar, column in zip(bars, columns):
+            if volume_of.get(column) in row["trained_on"]:
+                bar.set_hatch("//")
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xticks(range(len(columns)), [c.replace(" ", "\n", 1) for c in columns], fontsize=8)
+    ax.set_ylabel(f"PSNR − {names[0]} (dB)")
+    ax.set_title(
+        "validation against the baseline (hatched: that volume was in the weights' training)", fontsize=9
+    )
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
