@@ -84,6 +84,27 @@ def autocast_dtype(device: torch.device, model: torch.nn.Module | None = None) -
     return None
 
 
+def runs_in_bf16(device: torch.device, model: torch.nn.Module | None = None) -> bool:
+    """Whether ``model`` runs in bf16 on ``device`` (:func:`autocast_dtype`), and so whether a
+    training step on it does (``train``, ``denoise --adapt``): float32 master weights, no loss
+    scaling. Where inference runs in fp16 (a GPU without bf16) steps run in float32, since fp16
+    steps would need loss scaling.
+
+    Parameters
+    ----------
+    device : torch.device
+        Where the network runs.
+    model : torch.nn.Module, optional
+        The network (the CPU's bf16 needs its float32 input layer).
+
+    Returns
+    -------
+    bool
+        True for bf16 autocast.
+    """
+    return autocast_dtype(device, model) == torch.bfloat16
+
+
 def float32_forced() -> bool:
     """Whether the environment sets ``IPV2_DENOISE_FLOAT32`` (to anything but 0): float32 everywhere.
 

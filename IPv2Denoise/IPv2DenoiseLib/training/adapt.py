@@ -42,7 +42,7 @@ from IPv2DenoiseLib.core.device import resolve_device
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.progress import CancelToken, ProgressCallback
 from IPv2DenoiseLib.core.volume import Volume
-from IPv2DenoiseLib.denoiser.infer import Denoiser, autocast_dtype
+from IPv2DenoiseLib.denoiser.infer import Denoiser, runs_in_bf16
 from IPv2DenoiseLib.denoiser.models.noise_aware_unet import wants_noise_map, with_noise_map
 from IPv2DenoiseLib.denoiser.normalization import hu_to_net
 from IPv2DenoiseLib.denoiser.windows import window_indices
@@ -275,7 +275,7 @@ def adapt_denoiser(
     optimiser = torch.optim.Adam(tuned.parameters(), lr=config.lr)
     # steps in bf16 where inference runs in bf16 (a CPU with AMX, a GPU with bf16; float32 master
     # weights, no loss scaling needed): on this machine's CPU the quality network's steps take 2.5x less time
-    in_bf16 = autocast_dtype(dev, tuned) == torch.bfloat16
+    in_bf16 = runs_in_bf16(dev, tuned)
     alpha = float(config.alpha)
     losses: list[float] = []
     start = time.monotonic()

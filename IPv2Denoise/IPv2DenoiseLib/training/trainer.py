@@ -32,7 +32,7 @@ from IPv2DenoiseLib.core.atomic import atomic_path
 from IPv2DenoiseLib.core.device import describe_device, resolve_device
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.progress import CancelToken, ProgressCallback
-from IPv2DenoiseLib.denoiser.infer import autocast_dtype, float32_forced
+from IPv2DenoiseLib.denoiser.infer import runs_in_bf16
 from IPv2DenoiseLib.denoiser.models import (
     NoiseAwareUNet,
     UNet,
@@ -582,12 +582,10 @@ class Trainer:
         return loss.item()
 
     def trains_in_bf16(self) -> bool:
-        """Whether steps run under bf16 autocast: always on CUDA; on a CPU where inference does
-        (:func:`~IPv2DenoiseLib.denoiser.infer.autocast_dtype`: AMX, a float32 input layer, and no
-        ``IPV2_DENOISE_FLOAT32=1``)."""
-        if self.device.type == "cuda":
-            return not float32_forced()
-        return self.device.type == "cpu" and autocast_dtype(self.device, self.model) is not None
+        """Whether steps run under bf16 autocast: where inference does
+        (:func:`~IPv2DenoiseLib.denoiser.infer.runs_in_bf16`: a GPU with bf16; a CPU with AMX for a
+        network with a float32 input layer; never with ``IPV2_DENOISE_FLOAT32=1``)."""
+        return runs_in_bf16(self.device, self.model)
 
     def end_round(self, done: int, losses: Sequence[float]) -> None:
         """Record the round's mean loss; rank 0 validates and writes the checkpoint."""
