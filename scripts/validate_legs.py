@@ -107,7 +107,7 @@ def plot_differences(rows: dict[str, dict], volume_of: dict[str, str], out: Path
     names = list(rows)
     base = rows[names[0]]["psnr"]
     columns = list(base)
-    fig = Figure(figsize=(max(8, 1.1 * len(columns) * len(names) / 3), 4.2))
+    fig = Figure(figsize=(min(14.0, 2.0 + 1.3 * len(columns)), 5.2))
     ax = fig.subplots()
     width = 0.8 / max(1, len(names) - 1)
     for i, name in enumerate(names[1:]):
@@ -119,12 +119,12 @@ def plot_differences(rows: dict[str, dict], volume_of: dict[str, str], out: Path
             if volume_of.get(column) in row["trained_on"]:
                 bar.set_hatch("//")
     ax.axhline(0, color="k", lw=0.8)
-    ax.set_xticks(range(len(columns)), [c.replace(" ", "\n", 1) for c in columns], fontsize=8)
+    ax.set_xticks(range(len(columns)), [c.replace("_", "\n").replace(" ", "\n") for c in columns], fontsize=7)
     ax.set_ylabel(f"PSNR − {names[0]} (dB)")
     ax.set_title(
         "validation against the baseline (hatched: that volume was in the weights' training)", fontsize=9
     )
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.2))
     fig.tight_layout()
     fig.savefig(out, dpi=110)
 
