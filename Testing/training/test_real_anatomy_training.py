@@ -524,3 +524,51 @@ def test_validate_legs_compares_weights_and_marks_volumes_their_legs_trained_on(
         assert fast_row["trained_on"] == {}
     assert validate_legs.main([str(fast), "--val-slices", "1"]) == 2  # no validation set
     assert "validate_legs: give --val" in capsys.readouterr().err
+
+
+def test_soup_averages_weights_and_keeps_the_campaign_log(
+    real_series, made_dataset, tmp_path, capsys
+) -> None:
+    """``scripts/soup.py``: the mean of two networks of one architecture, with a card that logs
+    its ingredients, every volume their legs trained on, and its validation under a leg's keys."""
+    import importlib.util
+
+    from IPv2DenoiseLib.denoiser.weights import save_model
+
+    spec = importlib.util.spec_from_file_location("soup", REPO / "scripts" / "soup.py")
+    soup = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(soup)
+    fast = REPO / "Resources" / "Models" / "unet_nm_ipv2.safetensors"
+    model, card = load_model(fast)
+    other = tmp_path / "other.safetensors"
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(1e-4 * torch.randn_like(parameter))
+    perturbed = {name: value.clone() for name, value in model.state_dict().items()}
+    extra_leg = {"leg": 9, "data": {"training": ["real/only_in_other.nrrd"]}}
+    save_model(model, other, {"legs": [extra_leg]})
+    out = tmp_path / "soup.safetensors"
+    args = [str(out), str(fast), str(other), "--val", str(made_dataset / "case_000"), "--val-slices", "1"]
+    assert soup.main([*args, "--val-anatomy", str(real_series)]) == 0
+    mixed, mixed_card = load_model(out)
+    first, _ = load_model(fast)
+    for name, value in mixed.state_dict().items():
+        assert torch.allclose(value, (first.state_dict()[name] + perturbed[name]) / 2, atol=1e-7), name
+    assert [item["file"] for item in mixed_card["soup_of"]] == [
+        "unet_nm_ipv2.safetensors",
+        "other.safetensors",
+    ]
+    assert mixed_card["soup_of"][0]["sha256"] == card["sha256"]
+    last = mixed_card["legs"][-1]
+    assert last["leg"] == len(card["legs"]) + 1 and last["iterations"] == [0, 0]
+    assert {"real/abdomen-series", "real/only_in_other.nrrd"} <= set(last["data"]["training"])
+    for key in ("psnr_label", "scanner_psnr_label", "real_projection_psnr_label", "real_image_psnr_label"):
+        assert 15 < last["validation"][key] < 60 and mixed_card["validation"][key] == last["validation"][key]
+    # refused in one line: another architecture, the output among the inputs
+    quality = REPO / "Resources" / "Models" / "unet_nm_quality_ipv2.safetensors"
+    capsys.readouterr()
+    assert soup.main([str(tmp_path / "bad.safetensors"), str(fast), str(quality)]) == 2
+    assert soup.main([str(other), str(fast), str(other)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("soup: ") == 2 and "Traceback" not in err and not (tmp_path / "bad.safetensors").exists()

@@ -290,6 +290,27 @@ def validate(model, cases: Sequence[CasePairs], device: torch.device, in_slices:
     return {k: float(np.mean(v)) for k, v in sums.items()}
 
 
+def validation_record(
+    model: torch.nn.Module,
+    device: torch.device,
+    *,
+    val_cases: Sequence[CasePairs] = (),
+    scanner_val: Sequence[CasePairs] = (),
+    real_val: dict[str, Sequence[CasePairs]] | None = None,
+) -> dict[str, float]:
+    """Every validation set's metrics as a card records them, prefixed by set: none for the cases'
+    own scans, ``scanner_`` for the fixed scanner protocol, ``real_<texture>_`` for held-out real
+    anatomy (a training round, and ``scripts/soup.py`` for a soup)."""
+    sets: dict[str, Sequence[CasePairs]] = {"": val_cases, "scanner_": scanner_val}
+    sets |= {f"real_{texture}_": cases for texture, cases in (real_val or {}).items()}
+    val: dict[str, float] = {}
+    for prefix, cases in sets.items():
+        if cases:
+            metrics = validate(model, cases, device, model.in_slices)
+            val.update({f"{prefix}{k}": v for k, v in metrics.items()})
+    return val
+
+
 def huber_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Huber (smooth L1) in network units with the knee at :data:`HUBER_DELTA_HU` (see :data:`LOSSES`)."""
     return F.smooth_l1_loss(output, target, beta=HUBER_DELTA_HU / HU_SCALE)
@@ -630,16 +651,13 @@ class Trainer:
     def validation_metrics(self, *, real_only: bool = False) -> dict[str, float]:
         """Every validation set's metrics, prefixed by set: none for the cases' own scans,
         ``scanner_`` for the fixed scanner protocol, ``real_<texture>_`` for held-out real anatomy."""
-        sets: dict[str, Sequence[CasePairs]] = (
-            {} if real_only else {"": self.val_cases, "scanner_": self.scanner_val}
+        return validation_record(
+            self.model,
+            self.device,
+            val_cases=() if real_only else self.val_cases,
+            scanner_val=() if real_only else self.scanner_val,
+            real_val=self.real_val,
         )
-        sets |= {f"real_{texture}_": cases for texture, cases in self.real_val.items()}
-        val: dict[str, float] = {}
-        for prefix, cases in sets.items():
-            if cases:
-                metrics = validate(self.model, cases, self.device, self.in_slices)
-                val.update({f"{prefix}{k}": v for k, v in metrics.items()})
-        return val
 
     def export(self, seconds: float) -> dict:
         """Write the safetensors weights with their model card, and the training curves; the card.
