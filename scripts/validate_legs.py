@@ -69,14 +69,17 @@ def main(argv: list[str] | None = None) -> int:
         for path in args.weights:
             model, card = load_model(path)
             seen = trained_on_before(sorted(set(volume_of.values())), card.get("legs") or [])
-            rows[path.stem] = {
+            key = (
+                path.stem if path.stem not in rows else f"{path.parent.name}/{path.stem}"
+            )  # two legs of one name
+            rows[key] = {
                 "psnr": {
                     column: validate(model, cases, torch.device("cpu"), model.in_slices)["psnr_label"]
                     for column, cases in columns.items()
                 },
                 "trained_on": seen,
             }
-            print(path.stem, {k: round(v, 3) for k, v in rows[path.stem]["psnr"].items()}, flush=True)
+            print(key, {k: round(v, 3) for k, v in rows[key]["psnr"].items()}, flush=True)
     except UserError as exc:
         print(f"validate_legs: {exc}", file=sys.stderr)
         return 2
