@@ -66,7 +66,9 @@ def test_ray_engine_matches_local_engine(ray_cluster, batch_archive, tmp_path) -
         if row["status"] != "done":
             continue
         for key in ("noise_before_hu", "noise_after_hu"):
-            assert float(other[key]) == pytest.approx(float(row[key]), abs=1e-3)
+            # the CSV rounds to 0.001 HU and the workers' thread counts differ, so the same value
+            # may land either side of a rounding step
+            assert float(other[key]) == pytest.approx(float(row[key]), abs=2e-3)
         a = sitk.GetArrayFromImage(sitk.ReadImage(str(local / row["output"])))
         b = sitk.GetArrayFromImage(sitk.ReadImage(str(distributed / row["output"])))
         assert np.abs(a - b).max() <= 1e-3  # HU; threads per worker differ, so not always bit-equal
