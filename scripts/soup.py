@@ -27,7 +27,12 @@ import torch
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.denoiser.weights import load_model, save_model
 from IPv2DenoiseLib.training.scanner_data import load_anatomy_volumes
-from IPv2DenoiseLib.training.trainer import anatomy_validation, scanner_validation, validation_record
+from IPv2DenoiseLib.training.trainer import (
+    anatomy_validation,
+    leg_training_volumes,
+    scanner_validation,
+    validation_record,
+)
 
 
 def soup(
@@ -65,12 +70,7 @@ def soup(
     )
     ingredients = [{"file": path.name, "sha256": c["sha256"]} for path, (_, c) in zip(paths, loaded)]
     trained = sorted(
-        {
-            volume
-            for _, c in loaded
-            for leg in c.get("legs") or []
-            for volume in (leg.get("data") or {}).get("training") or []
-        }
+        set().union(*(leg_training_volumes(leg) for _, c in loaded for leg in c.get("legs") or []))
     )
     legs = list(card.get("legs") or [])
     legs.append(

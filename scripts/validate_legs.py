@@ -83,16 +83,15 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"validate_legs: {exc}", file=sys.stderr)
         return 2
-    base = next(iter(rows.values()))["psnr"]
+    baseline = next(iter(rows))
+    base = rows[baseline]["psnr"]
     print("\n| weights | " + " | ".join(columns) + " |")
     print("|---|" + "---:|" * len(columns))
     for name, row in rows.items():
         cells = []
         for column, value in row["psnr"].items():
-            seen = "*" if volume_of.get(column) in row["trained_on"] else ""
-            cells.append(
-                f"{value:.2f}{seen}" if name == next(iter(rows)) else f"{value - base[column]:+.2f}{seen}"
-            )
+            star = "*" if volume_of.get(column) in row["trained_on"] else ""
+            cells.append(f"{value:.2f}{star}" if name == baseline else f"{value - base[column]:+.2f}{star}")
         print(f"| {name} | " + " | ".join(cells) + " |")
     print("(baseline in dB, the others as differences; * the weights' legs trained on that volume)")
     if args.json:

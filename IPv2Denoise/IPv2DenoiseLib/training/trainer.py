@@ -853,11 +853,16 @@ def trained_on_before(volume_names: Sequence[str], legs: Sequence[dict]) -> dict
     """
     seen: dict[str, list[int]] = {}
     for leg in legs:
-        trained = set((leg.get("data") or {}).get("training") or [])
+        trained = leg_training_volumes(leg)
         for name in volume_names:
             if name in trained:
                 seen.setdefault(name, []).append(int(leg.get("leg", 0)))
     return seen
+
+
+def leg_training_volumes(leg: dict) -> set[str]:
+    """The volume names one leg of a model card's ``legs`` trained on (none for an older record)."""
+    return set((leg.get("data") or {}).get("training") or [])
 
 
 def same_run(saved: dict | None, current: dict) -> bool:
