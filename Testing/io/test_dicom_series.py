@@ -174,3 +174,20 @@ def test_hidden_folders_are_not_searched(tmp_path, ct_series) -> None:
         read_volume(tmp_path / "project")
     ct_series(3, name="project/scans/chest")
     assert read_volume(tmp_path / "project").shape == (3, 128, 128)
+
+
+def test_signed_padding_value_read_unsigned_still_marks_the_outside_of_the_field_of_view(tmp_path) -> None:
+    """GE writes PixelPaddingValue -2000 for signed pixels; its VR ("US or SS") is often read as US,
+    63536. Those pixels are air (-1024 HU) either way, and no other pixel changes."""
+    paths = write_series(tmp_path / "series", 3)
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        pixels = ds.pixel_array.copy()
+        pixels[:6, :] = -2000  # outside the reconstruction circle
+        ds.PixelData = pixels.tobytes()
+        ds.add_new(0x00280120, "US", 63536)  # PixelPaddingValue as an unsigned reader sees -2000
+        ds.save_as(path, enforce_file_format=True)
+    plain = read_volume(write_series(tmp_path / "plain", 3)[0].parent).array
+    hu = read_volume(tmp_path / "series").array
+    assert np.all(hu[:, :6, :] == -1024.0)
+    assert np.array_equal(hu[:, 6:, :], plain[:, 6:, :])

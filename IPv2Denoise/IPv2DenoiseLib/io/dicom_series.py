@@ -737,9 +737,13 @@ def _apply_padding(hu: np.ndarray, headers: list[Dataset]) -> None:
         padding = h.get("PixelPaddingValue")
         if padding is None:
             continue
+        padding = int(padding)
+        if int(h.get("PixelRepresentation", 0) or 0) == 1 and padding >= 1 << 15:
+            # the tag's VR is "US or SS": a signed series' padding (GE's -2000) is often read unsigned
+            padding -= 1 << 16
         slope = float(h.get("RescaleSlope", 1) or 1)
         intercept = float(h.get("RescaleIntercept", 0) or 0)
-        hu[k][np.isclose(hu[k], float(padding) * slope + intercept)] = PADDING_HU
+        hu[k][np.isclose(hu[k], padding * slope + intercept)] = PADDING_HU
 
 
 def _check_hu_units(ds: Dataset, *, where: str, force: bool) -> None:

@@ -41,6 +41,7 @@ from IPv2DenoiseLib.imaging.masks import soft_tissue_mask
 from IPv2DenoiseLib.imaging.noise_estimate import estimate_noise_hu
 from IPv2DenoiseLib.imaging.noise_map import noise_level_map
 from IPv2DenoiseLib.io.case_folder import case_file
+from IPv2DenoiseLib.io.dicom_series import PADDING_HU
 from IPv2DenoiseLib.io.volumes import image_suffix, read_volume
 from IPv2DenoiseLib.physics.scanner_noise import ProtocolRanges, ScannerProtocol, draw_protocol, scanner_noise
 from IPv2DenoiseLib.purification.regions import BACKGROUND, BODY, LUNGS, OUTSIDE, anatomy_regions
@@ -147,7 +148,13 @@ def load_anatomy_volumes(
 
 def real_anatomy(name: str, hu: np.ndarray, spacing: tuple[float, float, float]) -> CleanVolume:
     """A real normal-dose scan (float32 HU ``[z, y, x]``, spacing (sx, sy, sz) mm) as training anatomy:
-    its sampling map and its own-dose flux (:func:`own_dose_flux_scale`)."""
+    its sampling map and its own-dose flux (:func:`own_dose_flux_scale`).
+
+    Values below air (:data:`~IPv2DenoiseLib.io.dicom_series.PADDING_HU`) are no attenuation a scanner
+    measures but the outside of its reconstruction circle (-2000 to -3024 HU in many archives, where
+    no PixelPaddingValue names them); they become air, or noise would be inserted through them.
+    """
+    hu = np.maximum(hu, np.float32(PADDING_HU))
     scale = own_dose_flux_scale(hu, spacing_mm=float(spacing[0]))
     return CleanVolume(name, hu, anatomy_regions(hu), tuple(spacing), False, scale)
 
