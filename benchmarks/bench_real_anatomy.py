@@ -28,6 +28,15 @@ each at its default and tuned per image against the truth (an *oracle*: the best
 sweep). BM3D is slow (~20–50 s per 512² slice on a loaded core): its sweep runs on the central
 192² crop, and the full image at the crop's best strength and its two neighbours in the grid.
 
+**A dev set** (``--volume PATH[:FRACTION] ...``): the same protocol on slices of other real
+normal-dose volumes, in place of the images above, e.g. the held-out validation volumes of
+``scripts/chest_corpus.py`` (``runs/corpus/heldout_*.nrrd``, never in any leg's training) to choose
+between networks or settings without looking at the test images, or a hospital's own scans. Each
+volume gives its slice at ``FRACTION`` of its depth (default 0.5), values below -1024 HU (the
+outside of a reconstruction circle) read as air; the whole body cross-section must be in the field
+of view. ``--json`` and ``--figure`` are then required, so the test images' results are never
+overwritten.
+
 Metrics inside the body (docs/results.md, metrics): PSNR and SSIM in the lung window; noise SD and bias of
 (output − truth) in soft tissue; LAA-950 error (pp) where there is lung; ``nps`` = NPS mean
 frequency of (output − truth) over that of the truth's own noise (plane-detrended 32² ROIs of the
@@ -98,9 +107,34 @@ IMAGES = (
 )
 
 
+def volume_image(spec: str) -> RealImage:
+    """A dev-set image from ``PATH[:FRACTION]`` (``--volume``): the slice at ``FRACTION`` of the depth."""
+    path, colon, tail = spec.rpartition(":")
+    try:
+        fraction = float(tail)
+    except ValueError:  # no fraction given; any colon belongs to the path
+        colon = ""
+    if not colon:
+        path, fraction = spec, 0.5
+    if not 0.0 <= fraction <= 1.0:
+        raise UserError(f"--volume {spec}: the slice fraction must lie in [0, 1]")
+    if not Path(path).exists():
+        raise UserError(f"--volume {spec}: {path} not found")
+    # has_lung: the lung mask decides (regions_of keeps it only where it finds a lung)
+    return RealImage(
+        f"{Path(path).name.split('.')[0]}@{fraction:g}", f"volume:{fraction}:{path}", None, has_lung=True
+    )
+
+
 def load_image(image: RealImage) -> tuple[np.ndarray, float]:
     """The image's HU slice and pixel size (mm)."""
     kind, name = image.source.split(":", 1)
+    if kind == "volume":
+        fraction, path = name.split(":", 1)
+        vol = read_volume(path)
+        k = int(round(float(fraction) * (vol.array.shape[0] - 1)))
+        # the outside of a reconstruction circle (LIDC: -2048 HU) is air, as in training
+        return np.maximum(vol.array[k].astype(np.float32), -1024.0), float(vol.spacing[0])
     if kind == "pydicom":
         from pydicom.data import get_testdata_file
 
@@ -588,10 +622,28 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also run every network row with the collaborative Wiener refinement (denoise --refine)",
     )
+    parser.add_argument(
+        "--volume",
+        nargs="+",
+        default=[],
+        metavar="PATH[:FRACTION]",
+        help="a dev set in place of the test images: the slice at FRACTION (default 0.5) of the depth of "
+        "each real normal-dose volume (e.g. runs/corpus/heldout_chest_lidc.nrrd:0.55); needs --json and --figure",
+    )
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
-    parser.add_argument("--json", default=str(ROOT / "benchmarks/results/bench_real_anatomy.json"))
-    parser.add_argument("--figure", default=str(ROOT / "docs/figures/real_anatomy.png"))
+    parser.add_argument("--json", default=None, help="default benchmarks/results/bench_real_anatomy.json")
+    parser.add_argument("--figure", default=None, help="default docs/figures/real_anatomy.png")
     args = parser.parse_args(argv)
+    if args.volume and not (args.json and args.figure):
+        parser.error("--volume needs --json and --figure (the defaults hold the test images' results)")
+    args.json = args.json or str(ROOT / "benchmarks/results/bench_real_anatomy.json")
+    args.figure = args.figure or str(ROOT / "docs/figures/real_anatomy.png")
+    try:
+        images = [volume_image(spec) for spec in args.volume] or list(IMAGES)
+    except UserError as exc:
+        parser.exit(2, f"bench_real_anatomy: {exc}\n")
+    if args.volume and args.images == [i.name for i in IMAGES]:
+        args.images = [i.name for i in images]
     if args.adapt_steps is not None and not (args.adapt and args.adapt_steps > 0):
         parser.error("--adapt-steps needs --adapt SECONDS and a positive number of steps")
     import torch
@@ -608,7 +660,7 @@ def main(argv: list[str] | None = None) -> int:
     labels = model_labels(models, adapt=adapt is not None, ensembles=ensembles, refines=refines)
     began = time.monotonic()
     results = {}
-    for image in IMAGES:
+    for image in images:
         if image.name in args.images:
             print(f"{image.name} ...", file=sys.stderr)
             results[image.name] = evaluate_image(
