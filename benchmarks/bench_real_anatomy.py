@@ -73,6 +73,7 @@ from IPv2DenoiseLib.imaging.classical import denoise_classical  # noqa: E402
 from IPv2DenoiseLib.imaging.masks import body_mask, lung_mask, soft_tissue_mask  # noqa: E402
 from IPv2DenoiseLib.imaging.metrics import laa950, nps_2d, psnr, ssim  # noqa: E402
 from IPv2DenoiseLib.imaging.noise_estimate import estimate_noise_hu  # noqa: E402
+from IPv2DenoiseLib.io.dicom_series import PADDING_HU  # noqa: E402
 from IPv2DenoiseLib.io.volumes import read_volume  # noqa: E402
 from IPv2DenoiseLib.physics.lowdose import detector_grid_noise  # noqa: E402
 from IPv2DenoiseLib.training.adapt import AdaptConfig, adapt_denoiser  # noqa: E402
@@ -134,7 +135,7 @@ def load_image(image: RealImage) -> tuple[np.ndarray, float]:
         vol = read_volume(path)
         k = int(round(float(fraction) * (vol.array.shape[0] - 1)))
         # the outside of a reconstruction circle (LIDC: -2048 HU) is air, as in training
-        return np.maximum(vol.array[k].astype(np.float32), -1024.0), float(vol.spacing[0])
+        return np.maximum(vol.array[k].astype(np.float32), PADDING_HU), float(vol.spacing[0])
     if kind == "pydicom":
         from pydicom.data import get_testdata_file
 
