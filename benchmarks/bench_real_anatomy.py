@@ -586,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", nargs="*", default=None, help="registry names (default: default)")
     parser.add_argument("--weights", nargs="*", default=[], help=".safetensors files to benchmark as well")
-    parser.add_argument("--images", nargs="*", default=[i.name for i in IMAGES], help="subset of images")
+    parser.add_argument("--images", nargs="*", default=None, help="subset of images (default: all)")
     parser.add_argument("--bm3d", choices=["quick", "full", "off"], default="quick")
     parser.add_argument("--seed", type=int, default=14)
     parser.add_argument("--cache", default=None, help="folder keeping the classical outputs between runs")
@@ -643,8 +643,6 @@ def main(argv: list[str] | None = None) -> int:
         images = [volume_image(spec) for spec in args.volume] or list(IMAGES)
     except UserError as exc:
         parser.exit(2, f"bench_real_anatomy: {exc}\n")
-    if args.volume and args.images == [i.name for i in IMAGES]:
-        args.images = [i.name for i in images]
     if args.adapt_steps is not None and not (args.adapt and args.adapt_steps > 0):
         parser.error("--adapt-steps needs --adapt SECONDS and a positive number of steps")
     import torch
@@ -662,7 +660,7 @@ def main(argv: list[str] | None = None) -> int:
     began = time.monotonic()
     results = {}
     for image in images:
-        if image.name in args.images:
+        if args.images is None or image.name in args.images:
             print(f"{image.name} ...", file=sys.stderr)
             results[image.name] = evaluate_image(
                 image,

@@ -69,9 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         for path in args.weights:
             model, card = load_model(path)
             seen = trained_on_before(sorted(set(volume_of.values())), card.get("legs") or [])
-            key = (
-                path.stem if path.stem not in rows else f"{path.parent.name}/{path.stem}"
-            )  # two legs of one name
+            # two weights of one name (legs of different runs) are told apart by their folder
+            key = path.stem if path.stem not in rows else f"{path.parent.name}/{path.stem}"
             rows[key] = {
                 "psnr": {
                     column: validate(model, cases, torch.device("cpu"), model.in_slices)["psnr_label"]
