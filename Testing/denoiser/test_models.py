@@ -18,7 +18,7 @@ from IPv2DenoiseLib.denoiser.models import (
     count_parameters,
     flops_per_voxel,
 )
-from IPv2DenoiseLib.denoiser.models.noise_aware_unet import wants_noise_map
+from IPv2DenoiseLib.denoiser.models.noise_aware_unet import noise_channels
 from IPv2DenoiseLib.denoiser.normalization import hu_to_net, net_to_hu
 from IPv2DenoiseLib.denoiser.weights import card_path, load_model, save_model, sha256_file
 
@@ -26,6 +26,7 @@ from IPv2DenoiseLib.denoiser.weights import card_path, load_model, save_model, s
 TINY = {
     "unet": {"base_channels": 4, "levels": 3},
     "unet-nm": {"base_channels": 4, "levels": 3},
+    "unet-nmt": {"base_channels": 4, "levels": 3},
     "redcnn": {"channels": 6},
     "dncnn": {"depth": 4, "width": 6},
 }
@@ -44,7 +45,7 @@ def _last_layer(model):
 @pytest.mark.parametrize("hw", [(33, 35), (64, 64), (21, 40)])
 def test_output_shape_for_odd_sizes(arch, in_slices, hw):
     model = build_model(arch, in_slices=in_slices, **TINY[arch]).eval()
-    x = torch.rand(2, in_slices + int(wants_noise_map(model)), *hw)
+    x = torch.rand(2, in_slices + noise_channels(model), *hw)
     with torch.no_grad():
         y = model(x)
     assert y.shape == (2, 1, *hw)
@@ -58,7 +59,7 @@ def test_residual_output_is_the_centre_slice_when_noise_branch_is_zero(arch):
     last = _last_layer(model)
     torch.nn.init.zeros_(last.weight)
     torch.nn.init.zeros_(last.bias)
-    x = torch.rand(3, 5 + int(wants_noise_map(model)), 33, 35)
+    x = torch.rand(3, 5 + noise_channels(model), 33, 35)
     with torch.no_grad():
         y = model(x)
     torch.testing.assert_close(y, x[:, 2:3], rtol=0, atol=0)
@@ -69,7 +70,7 @@ def test_neighbour_slices_influence_the_output(arch):
     torch.manual_seed(1)
     model = build_model(arch, in_slices=3, **TINY[arch]).eval()
     torch.nn.init.normal_(_last_layer(model).weight)  # the U-Net starts as the identity (zero head)
-    x = torch.rand(1, 3 + int(wants_noise_map(model)), 33, 35)
+    x = torch.rand(1, 3 + noise_channels(model), 33, 35)
     x2 = x.clone()
     x2[:, 0] += 1.0  # change only the slice above
     with torch.no_grad():
@@ -171,7 +172,7 @@ def test_save_load_round_trip_gives_identical_outputs(tmp_path, arch):
 
     loaded, loaded_card = load_model(path, expected_sha256=card["sha256"])
     assert loaded_card["strategy"] == "ipv2" and not loaded.training
-    x = torch.rand(2, 3 + int(wants_noise_map(model)), 33, 35)
+    x = torch.rand(2, 3 + noise_channels(model), 33, 35)
     with torch.no_grad():
         assert torch.equal(model(x), loaded(x))
 

@@ -12,8 +12,17 @@ from scipy import ndimage as ndi
 
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.denoiser.models import ARCH_PRESETS, build_model, count_parameters, flops_per_voxel
-from IPv2DenoiseLib.denoiser.models.noise_aware_unet import NOISE_MAP_SCALE_HU, NoiseAwareUNet, with_noise_map
-from IPv2DenoiseLib.imaging.noise_map import noise_level_map
+from IPv2DenoiseLib.denoiser.models.noise_aware_unet import (
+    FINENESS_CENTRE,
+    FINENESS_SCALE,
+    NOISE_MAP_SCALE_HU,
+    NoiseAwareUNet,
+    TextureAwareUNet,
+    noise_channels,
+    noise_maps,
+    with_noise_map,
+)
+from IPv2DenoiseLib.imaging.noise_map import noise_fineness, noise_level_map
 from IPv2DenoiseLib.physics.scanner_noise import ScannerProtocol, scanner_noise
 from IPv2DenoiseLib.synthetic.phantom import make_chest_phantom
 
@@ -118,8 +127,9 @@ def test_widening_to_a_width_that_is_not_a_multiple_is_refused() -> None:
         NoiseAwareUNet().widened(24)
 
 
+@pytest.mark.parametrize(("arch", "cls"), [("unet-nm", NoiseAwareUNet), ("unet-nmt", TextureAwareUNet)])
 def test_noise_aware_model_trains_and_denoises_through_the_library_and_the_cli(
-    tmp_path, made_dataset
+    tmp_path, made_dataset, arch: str, cls: type
 ) -> None:
     from IPv2DenoiseLib.app.cli import main
     from IPv2DenoiseLib.core.volume import Volume
@@ -142,7 +152,7 @@ def test_noise_aware_model_trains_and_denoises_through_the_library_and_the_cli(
         "--name",
         "tiny-nm",
         "--arch",
-        "unet-nm",
+        arch,
         "--model-kwargs",
         '{"in_slices": 3, "base_channels": 4, "levels": 2}',
         "--iterations",
@@ -160,11 +170,11 @@ def test_noise_aware_model_trains_and_denoises_through_the_library_and_the_cli(
     ]
     assert main(train) == 0
     card = json.loads((out / "tiny-nm.json").read_text())
-    assert card["architecture"] == "unet-nm" and card["iterations"] == 3
+    assert card["architecture"] == arch and card["iterations"] == 3
     assert "scanner_psnr_truth" in card["validation"]  # validation fed the map too
     weights = out / "tiny-nm.safetensors"
     denoiser = Denoiser.from_file(weights, expected_sha256=card["sha256"])
-    assert isinstance(denoiser.model, NoiseAwareUNet)
+    assert type(denoiser.model) is cls
     uldct = read_volume(next((made_dataset / "case_001").glob("uldct.*")))
     result = denoiser.denoise(Volume(uldct.array, spacing=uldct.spacing), device="cpu")
     assert result.shape == uldct.shape and np.isfinite(result.array).all()
@@ -177,7 +187,8 @@ def test_noise_aware_model_trains_and_denoises_through_the_library_and_the_cli(
     np.testing.assert_allclose(cli.array, result.array, atol=1e-3)
 
 
-def test_scan_adaptation_feeds_the_noise_map_to_a_noise_aware_model(chest_slice) -> None:
+@pytest.mark.parametrize("cls", [NoiseAwareUNet, TextureAwareUNet])
+def test_scan_adaptation_feeds_the_noise_map_to_a_noise_aware_model(chest_slice, cls: type) -> None:
     from IPv2DenoiseLib.core.volume import Volume
     from IPv2DenoiseLib.denoiser.infer import Denoiser
     from IPv2DenoiseLib.training.adapt import AdaptConfig, adapt_denoiser
@@ -186,14 +197,14 @@ def test_scan_adaptation_feeds_the_noise_map_to_a_noise_aware_model(chest_slice)
     truth = np.repeat(hu[:, ::2, ::2], 4, axis=0)  # 4 slices of 192², 1.8 mm pixels
     protocol = ScannerProtocol(dose=0.02, kernel="ramp", bowtie=False, tcm=0.0, geometry="parallel")
     scan = scanner_noise(truth, protocol, spacing_mm=1.8, seed=4, device="cpu")
-    base = Denoiser(NoiseAwareUNet(in_slices=3, base_channels=4, levels=2))
+    base = Denoiser(cls(in_slices=3, base_channels=4, levels=2))
     adapted, report = adapt_denoiser(
         base,
         Volume(scan, (1.8, 1.8, 1.25)),
         AdaptConfig(seconds=600, max_iterations=3, batch=2),
         device="cpu",
     )
-    assert report.iterations == 3 and isinstance(adapted.model, NoiseAwareUNet)
+    assert report.iterations == 3 and type(adapted.model) is cls
     assert adapted.denoise_array(scan, device="cpu").shape == scan.shape
 
 
@@ -222,3 +233,101 @@ def test_train_unet_nm_may_start_from_the_shipped_unet(tmp_path, made_dataset) -
     assert main(args) == 0
     card = json.loads((out / "nm.json").read_text())
     assert card["architecture"] == "unet-nm" and card["initialised_from"] == shipped.name
+
+
+# ------------------------------------------------------------------ the noise's texture (issue #24)
+
+
+@pytest.mark.parametrize("level_hu", [30.0, 90.0])
+def test_noise_fineness_orders_noise_textures_on_a_chest_slice_at_any_level(chest_slice, level_hu) -> None:
+    """White noise reads about 0.9, a sharp kernel's (ramp) about the same, a smooth kernel's (Hann) lower,
+    Gaussian-smoothed noise lowest, whatever the level; the noise-free slice (edges, phantom
+    texture) reads apart from white noise."""
+    hu, tissue = chest_slice
+    rng = np.random.default_rng(7)
+    white = rng.standard_normal(hu.shape).astype(np.float32)
+    smooth = ndi.gaussian_filter(rng.standard_normal(hu.shape), (0, 1.0, 1.0)).astype(np.float32)
+
+    def scaled(noise: np.ndarray) -> np.ndarray:
+        return hu + noise * np.float32(level_hu / noise[0][tissue].std())
+
+    def scanned(kernel: str) -> np.ndarray:
+        protocol = ScannerProtocol(dose=0.02, kernel=kernel, bowtie=False, tcm=0.0, geometry="parallel")
+        noisy = scanner_noise(hu, protocol, spacing_mm=0.9, seed=3, clean=True)
+        return scaled(noisy - hu)
+
+    read = {
+        "white": float(noise_fineness(scaled(white))[0]),
+        "ramp": float(noise_fineness(scanned("ramp"))[0]),
+        "hann": float(noise_fineness(scanned("hann"))[0]),
+        "gaussian 1 px": float(noise_fineness(scaled(smooth))[0]),
+    }
+    assert read["white"] > 0.85  # measured 0.90 / 0.96
+    # measured: ramp 0.87 / 0.93, Hann 0.53 / 0.58, Gaussian 0.41 / 0.44; the noise-free slice 0.10
+    assert read["white"] > read["ramp"] - 0.02 > read["hann"] + 0.2 > read["gaussian 1 px"] + 0.25
+    assert noise_fineness(hu)[0] < 0.3
+
+
+def test_noise_fineness_is_one_value_per_slice_and_zero_without_noise() -> None:
+    rng = np.random.default_rng(0)
+    two = np.stack([rng.normal(0, 40, (96, 96)), ndi.gaussian_filter(rng.normal(0, 40, (96, 96)), 1.5)])
+    values = noise_fineness(two)
+    assert values.shape == (2,) and values.dtype == np.float32
+    assert values[0] > 0.9 > 0.5 > values[1]  # each slice on its own
+    assert noise_fineness(two[0]).shape == ()
+    assert noise_fineness(np.full((64, 64), -1000.0)) == 0.0  # padding: no block has noise
+
+
+def test_noise_maps_give_the_level_map_then_a_texture_channel_constant_over_each_slice() -> None:
+    rng = np.random.default_rng(1)
+    hu = rng.normal(0, 50, (2, 48, 40)).astype(np.float32)
+    one, two = noise_maps(hu, 1), noise_maps(hu, 2)
+    assert one.shape == (2, 1, 48, 40) and two.shape == (2, 2, 48, 40)
+    np.testing.assert_array_equal(two[:, 0], one[:, 0])
+    texture = two[:, 1]
+    assert np.all(texture == texture[:, :1, :1])
+    np.testing.assert_allclose(
+        texture[:, 0, 0], (noise_fineness(hu) - FINENESS_CENTRE) / FINENESS_SCALE, rtol=1e-6
+    )
+    batch = with_noise_map(torch.zeros(2, 3, 48, 40), hu, 2)
+    assert batch.shape == (2, 5, 48, 40)
+    with pytest.raises(ValueError, match="1 or 2"):
+        noise_maps(hu, 3)
+
+
+def test_a_texture_aware_unet_started_from_a_noise_aware_one_computes_the_same_whatever_the_texture() -> None:
+    from IPv2DenoiseLib.denoiser.model_reference import ModelReference
+
+    nm = ModelReference.resolve("unet-nm-ipv2").load().model
+    texture = TextureAwareUNet.from_noise_aware(nm).eval()
+    assert noise_channels(texture) == 2 and noise_channels(nm) == 1
+    assert texture.config == nm.config and count_parameters(texture) == count_parameters(nm) + 16 * 9
+    x = torch.rand(2, 4, 40, 44)
+    with torch.no_grad():
+        for value in (-2.0, 0.0, 1.5):
+            texture_channel = torch.full((2, 1, 40, 44), value)
+            torch.testing.assert_close(
+                texture(torch.cat([x, texture_channel], dim=1)), nm(x), rtol=0, atol=1e-6
+            )
+    with pytest.raises(ValueError):
+        texture(x)  # the texture channel is missing
+
+
+def test_train_quality_texture_starts_from_noise_aware_weights_and_says_so(tmp_path, made_dataset) -> None:
+    """``--arch fast-texture --init <unet-nm weights>``: the card records the new architecture and
+    where it started; the network then denoises through ``denoise --weights``."""
+    from IPv2DenoiseLib.app.cli import main
+    from IPv2DenoiseLib.denoiser.model_reference import ModelReference
+
+    shipped = ModelReference.resolve("unet-nm-ipv2").weights
+    out = tmp_path / "run"
+    args = [
+        "train", "--noise", "scanner", "--schedule", "constant", "--data", str(made_dataset / "case_000"),
+        "--out", str(out), "--name", "nmt", "--arch", "fast-texture", "--init", str(shipped),
+        "--iterations", "1", "--batch", "2", "--patch", "32", "--noise-pool", "2", "--device", "cpu",
+        "--image-texture-share", "0.5",
+    ]  # fmt: skip
+    assert main(args) == 0
+    card = json.loads((out / "nmt.json").read_text())
+    assert card["architecture"] == "unet-nmt" and card["initialised_from"] == shipped.name
+    assert card["kwargs"] == {"in_slices": 3, "base_channels": 16, "levels": 3}

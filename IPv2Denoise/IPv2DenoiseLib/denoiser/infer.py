@@ -32,7 +32,7 @@ from IPv2DenoiseLib.core.volume import Volume
 from IPv2DenoiseLib.denoiser.ensemble import check_ensemble, dihedral, undo_dihedral
 from IPv2DenoiseLib.denoiser.model_reference import ModelReference
 from IPv2DenoiseLib.denoiser.models.base import Denoiser2p5D
-from IPv2DenoiseLib.denoiser.models.noise_aware_unet import wants_noise_map, with_noise_map
+from IPv2DenoiseLib.denoiser.models.noise_aware_unet import noise_channels, wants_noise_map, with_noise_map
 from IPv2DenoiseLib.denoiser.normalization import hu_to_net, net_to_hu
 from IPv2DenoiseLib.denoiser.refine import refine_slices
 from IPv2DenoiseLib.denoiser.weights import load_model
@@ -421,8 +421,8 @@ class Denoiser:
             index = window_indices(done, done + n, k, depth)
             x = torch.from_numpy(hu_to_net(hu[index]))  # [n + 2m, H, W]
             batch = x.unfold(0, k, 1).permute(0, 3, 1, 2)  # [n, k, H, W] windows, centre = slice
-            if wants_noise_map(self.model):  # + the noise level map of each centre slice
-                batch = with_noise_map(batch, hu[done : done + n])
+            if wants_noise_map(self.model):  # + the noise level map (and texture) of each centre slice
+                batch = with_noise_map(batch, hu[done : done + n], noise_channels(self.model))
             try:
                 y = self.run_ensemble(batch, dev, ensemble)
             except torch.cuda.OutOfMemoryError:

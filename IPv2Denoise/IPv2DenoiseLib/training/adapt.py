@@ -43,7 +43,7 @@ from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.progress import CancelToken, ProgressCallback
 from IPv2DenoiseLib.core.volume import Volume
 from IPv2DenoiseLib.denoiser.infer import Denoiser, runs_in_bf16
-from IPv2DenoiseLib.denoiser.models.noise_aware_unet import wants_noise_map, with_noise_map
+from IPv2DenoiseLib.denoiser.models.noise_aware_unet import noise_channels, wants_noise_map, with_noise_map
 from IPv2DenoiseLib.denoiser.normalization import hu_to_net
 from IPv2DenoiseLib.denoiser.windows import window_indices
 from IPv2DenoiseLib.imaging.masks import soft_tissue_mask
@@ -306,7 +306,7 @@ def adapt_denoiser(
         x_t = torch.from_numpy(np.ascontiguousarray(np.stack(inputs), dtype=np.float32)).to(dev)
         t_t = torch.from_numpy(np.ascontiguousarray(np.stack(targets), dtype=np.float32)).to(dev)
         if wants_noise_map(tuned):  # the map of the noisier input (of the patch: whole slices cost too much)
-            x_t = with_noise_map(x_t, np.stack(centres_hu))
+            x_t = with_noise_map(x_t, np.stack(centres_hu), noise_channels(tuned))
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=in_bf16):
             loss = F.mse_loss(tuned(x_t).float(), t_t)
         optimiser.zero_grad(set_to_none=True)

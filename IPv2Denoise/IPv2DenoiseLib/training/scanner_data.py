@@ -35,11 +35,10 @@ import torch
 from scipy import ndimage as ndi
 
 from IPv2DenoiseLib.core.errors import UserError
-from IPv2DenoiseLib.denoiser.models.noise_aware_unet import noise_map_channel
+from IPv2DenoiseLib.denoiser.models.noise_aware_unet import noise_maps
 from IPv2DenoiseLib.denoiser.normalization import hu_to_net
 from IPv2DenoiseLib.imaging.masks import soft_tissue_mask
 from IPv2DenoiseLib.imaging.noise_estimate import estimate_noise_hu
-from IPv2DenoiseLib.imaging.noise_map import noise_level_map
 from IPv2DenoiseLib.io.case_folder import case_file
 from IPv2DenoiseLib.io.dicom_series import PADDING_HU
 from IPv2DenoiseLib.io.volumes import image_suffix, read_volume
@@ -258,7 +257,7 @@ class ScannerNoiseSampler:
         refresh: int = 1,
         device: str = "cpu",
         real_share: float | None = None,
-        noise_map: bool = False,
+        noise_channels: int = 0,
         workers: int = 0,
         max_stale_batches: int = 4,
     ) -> None:
@@ -282,10 +281,10 @@ class ScannerNoiseSampler:
             tuple[np.ndarray, np.ndarray, np.ndarray]
         ] = []  # (noisy, clean centre, regions centre)
         self.slabs_made = 0
-        #: Append the noise level map of the noisy centre slice as an input channel (noise-aware
-        #: networks); measured on the whole slice, as at inference, then cropped with the patch.
-        self.noise_map = noise_map
-        self.maps: list[np.ndarray | None] = []  # per pool slab, network units
+        #: Append this many noise channels of the noisy centre slice (noise-aware networks:
+        #: :func:`noise_maps`); measured on the whole slice, as at inference, then cropped with the patch.
+        self.noise_channels = noise_channels
+        self.maps: list[np.ndarray | None] = []  # per pool slab, [channels, y, x] network units
         #: Noise SD (HU, :func:`estimate_noise_hu`) of every simulated input slice: the training range.
         self.input_noise_hu: list[float] = []
         #: With workers: batches in a row without a new slab before a batch waits for one.
@@ -303,7 +302,7 @@ class ScannerNoiseSampler:
                 "ranges": self.ranges,
                 "augmentation": self.augmentation,
                 "real_share": real_share,
-                "noise_map": noise_map,
+                "noise_channels": noise_channels,
             }
             self.executor = ProcessPoolExecutor(
                 workers,
@@ -357,8 +356,8 @@ class ScannerNoiseSampler:
             self.executor, self.in_flight = None, []
 
     def slab_map(self, noisy: np.ndarray) -> np.ndarray | None:
-        """The noise map channel of a pool slab's centre slice (None unless ``noise_map``)."""
-        return noise_map_channel(noise_level_map(noisy[self.m])) if self.noise_map else None
+        """The noise channels ``[channels, y, x]`` of a pool slab's centre slice (None without)."""
+        return noise_maps(noisy[self.m][None], self.noise_channels)[0] if self.noise_channels else None
 
     def make_slab(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One noisy ``in_slices`` slab, its clean centre slice and the centre's regions."""
@@ -450,8 +449,8 @@ class ScannerNoiseSampler:
             p = min(self.patch, ny, nx)
             y0, x0 = int(np.clip(y - p // 2, 0, ny - p)), int(np.clip(x - p // 2, 0, nx - p))
             window = hu_to_net(noisy[:, y0 : y0 + p, x0 : x0 + p])
-            if self.noise_map:
-                window = np.concatenate([window, self.maps[index][None, y0 : y0 + p, x0 : x0 + p]])
+            if self.noise_channels:
+                window = np.concatenate([window, self.maps[index][:, y0 : y0 + p, x0 : x0 + p]])
             inputs.append(window)
             labels.append(hu_to_net(clean[:, y0 : y0 + p, x0 : x0 + p]))
         return torch.from_numpy(np.stack(inputs)), torch.from_numpy(np.stack(labels))

@@ -35,13 +35,15 @@ from IPv2DenoiseLib.core.progress import CancelToken, ProgressCallback
 from IPv2DenoiseLib.denoiser.infer import runs_in_bf16
 from IPv2DenoiseLib.denoiser.models import (
     NoiseAwareUNet,
+    TextureAwareUNet,
     UNet,
     build_model,
     count_parameters,
     flops_per_voxel,
 )
 from IPv2DenoiseLib.denoiser.models.noise_aware_unet import (
-    noise_map_channel,
+    noise_channels,
+    noise_maps,
     wants_noise_map,
     with_noise_map,
 )
@@ -49,7 +51,6 @@ from IPv2DenoiseLib.denoiser.normalization import HU_SCALE, NORMALIZATION, hu_to
 from IPv2DenoiseLib.denoiser.weights import load_model, save_model
 from IPv2DenoiseLib.denoiser.windows import slice_windows, window_indices
 from IPv2DenoiseLib.imaging.metrics import psnr, roi_stats
-from IPv2DenoiseLib.imaging.noise_map import noise_level_map
 from IPv2DenoiseLib.io.case_folder import read_case
 from IPv2DenoiseLib.physics.scanner_noise import NOISE_TEXTURES, ProtocolRanges, ScannerProtocol
 from IPv2DenoiseLib.purification.pairs import Strategy, build_pairs
@@ -191,12 +192,13 @@ class PatchSampler:
         in_slices: int,
         shares,
         seed: int,
-        noise_map: bool = False,
+        noise_channels: int = 0,
     ) -> None:
         self.cases = list(cases)
-        #: Noise map channel per case (noise-aware networks), measured on whole slices as at inference.
+        #: Noise channels ``[z, channels, y, x]`` per case (noise-aware networks), measured on whole
+        #: slices as at inference.
         self.maps = (
-            [noise_map_channel(noise_level_map(c.train_input)) for c in self.cases] if noise_map else None
+            [noise_maps(c.train_input, noise_channels) for c in self.cases] if noise_channels else None
         )
         self.patch = patch
         self.in_slices = in_slices
@@ -226,7 +228,7 @@ class PatchSampler:
         zs = window_indices(z, z + 1, self.in_slices, nz)
         inp = hu_to_net(case.train_input[zs, y0 : y0 + p, x0 : x0 + p])
         if self.maps is not None:
-            inp = np.concatenate([inp, self.maps[c][z : z + 1, y0 : y0 + p, x0 : x0 + p]])
+            inp = np.concatenate([inp, self.maps[c][z, :, y0 : y0 + p, x0 : x0 + p]])
         lab = hu_to_net(case.train_label[z : z + 1, y0 : y0 + p, x0 : x0 + p])
         if flip:  # left-right mirror: plausible anatomy, doubles the data
             inp, lab = inp[..., ::-1], lab[..., ::-1]
@@ -257,7 +259,7 @@ def _denoise_slices(
             zs = range(z0, min(z0 + batch, hu.shape[0]))
             x = torch.from_numpy(hu_to_net(slice_windows(hu, zs.start, zs.stop, in_slices)))
             if wants_noise_map(model):
-                x = with_noise_map(x, hu[zs.start : zs.stop])
+                x = with_noise_map(x, hu[zs.start : zs.stop], noise_channels(model))
             y = model(x.to(device))
             out[z0 : z0 + len(zs)] = net_to_hu(y[:, 0].float().cpu().numpy())
     model.train()
@@ -347,15 +349,17 @@ def _build_model(config: TrainConfig, device: torch.device) -> tuple[torch.nn.Mo
     ``device``; and the model card of the ``--init`` weights (empty for a fresh network).
 
     Two starts change the network without changing what it computes: a plain U-Net gains a
-    zero-weight noise map channel, and a narrower U-Net of the same layout is widened
+    zero-weight noise map channel (a noise-aware one a zero-weight texture channel), and a narrower U-Net of the same layout is widened
     (:meth:`~IPv2DenoiseLib.denoiser.models.unet.UNet.widened`; the card's ``widened_from`` says
     from how many channels), so the ``quality`` tier starts from the trained fast one."""
     model = build_model(config.arch, **config.model_kwargs)
     start_card: dict = {}
     if config.init_weights:
         start_from, start_card = load_model(config.init_weights)
-        if model.ARCH == NoiseAwareUNet.ARCH and start_from.ARCH == "unet":
+        if model.ARCH in (NoiseAwareUNet.ARCH, TextureAwareUNet.ARCH) and start_from.ARCH == "unet":
             start_from = NoiseAwareUNet.from_unet(start_from)  # + a zero-weight noise map channel
+        if model.ARCH == TextureAwareUNet.ARCH and start_from.ARCH == NoiseAwareUNet.ARCH:
+            start_from = TextureAwareUNet.from_noise_aware(start_from)  # + a zero-weight texture channel
         if _widens(start_from, model):
             start_card = {**start_card, "widened_from": start_from.base_channels}
             start_from = start_from.widened(model.base_channels, seed=config.seed)
@@ -455,7 +459,7 @@ class Trainer:
                 real_share=config.real_share,
                 ranges=ProtocolRanges(image_texture_share=config.image_texture_share),
                 augmentation=Augmentation(fine_pixel_share=config.fine_pixel_share),
-                noise_map=wants_noise_map(self.model),
+                noise_channels=noise_channels(self.model),
                 device=str(device) if device.type == "cuda" else "cpu",  # simulate on the GPU
                 workers=config.data_workers,  # these simulate on the CPU, in parallel
             )
@@ -469,7 +473,7 @@ class Trainer:
                 in_slices=self.in_slices,
                 shares=config.region_shares,
                 seed=seed,
-                noise_map=wants_noise_map(self.model),
+                noise_channels=noise_channels(self.model),
             )
         self.loss_fn = _loss(config.loss)
         #: Also end a round (validate, checkpoint) when this many seconds passed since the last one

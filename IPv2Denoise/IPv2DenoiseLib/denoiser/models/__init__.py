@@ -5,7 +5,7 @@ See ``docs/models.md`` for parameters and cost of each architecture.
 
 from IPv2DenoiseLib.denoiser.models.base import Denoiser2p5D
 from IPv2DenoiseLib.denoiser.models.dncnn import DnCNN
-from IPv2DenoiseLib.denoiser.models.noise_aware_unet import NoiseAwareUNet
+from IPv2DenoiseLib.denoiser.models.noise_aware_unet import NoiseAwareUNet, TextureAwareUNet
 from IPv2DenoiseLib.denoiser.models.redcnn import REDCNN
 from IPv2DenoiseLib.denoiser.models.registry import (
     ARCH_PRESETS,
@@ -24,6 +24,7 @@ __all__ = [
     "Denoiser2p5D",
     "DnCNN",
     "NoiseAwareUNet",
+    "TextureAwareUNet",
     "UNet",
     "build_model",
     "count_parameters",

@@ -5,6 +5,10 @@ an extra input channel: :func:`~IPv2DenoiseLib.imaging.noise_map.noise_level_map
 centre slice (HU, estimated from the scan itself), divided by :data:`NOISE_MAP_SCALE_HU`. Inference
 (:mod:`IPv2DenoiseLib.denoiser.infer`), the trainer's samplers and validation, and scan adaptation
 all build that channel with :func:`with_noise_map`, so training and inference see the same map.
+
+:class:`TextureAwareUNet` is also told the noise's texture: a second channel holding the slice's
+:func:`~IPv2DenoiseLib.imaging.noise_map.noise_fineness` (a smooth kernel's noise reads low, a sharp
+one's high), the "local NPS class" BM3D's spectrum stands for.
 """
 
 from __future__ import annotations
@@ -14,10 +18,14 @@ import torch
 
 from IPv2DenoiseLib.denoiser.models.base import check_input
 from IPv2DenoiseLib.denoiser.models.unet import TwoConv, UNet
-from IPv2DenoiseLib.imaging.noise_map import noise_level_map
+from IPv2DenoiseLib.imaging.noise_map import noise_fineness, noise_level_map
 
 #: Noise map HU per network unit: typical ultra-low-dose noise (20-300 HU) becomes 0.2-3.
 NOISE_MAP_SCALE_HU = 100.0
+#: The texture channel is ``(fineness - FINENESS_CENTRE) / FINENESS_SCALE``: scanner kernels
+#: (fineness 0.45-1.0) become about -1.3 ... +1.5.
+FINENESS_CENTRE = 0.7
+FINENESS_SCALE = 0.2
 
 
 def noise_map_channel(map_hu: np.ndarray) -> np.ndarray:
@@ -36,8 +44,24 @@ def noise_map_channel(map_hu: np.ndarray) -> np.ndarray:
     return np.asarray(map_hu, dtype=np.float32) / np.float32(NOISE_MAP_SCALE_HU)
 
 
+def noise_channels(model: torch.nn.Module) -> int:
+    """How many noise channels a network takes after its slices (0, 1 for the level map, 2 with texture).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Any network of :mod:`IPv2DenoiseLib.denoiser.models`.
+
+    Returns
+    -------
+    int
+        The class's ``noise_channels`` (0 for networks without noise inputs).
+    """
+    return int(getattr(model, "noise_channels", 0))
+
+
 def wants_noise_map(model: torch.nn.Module) -> bool:
-    """Whether a network takes a noise level map as its last input channel.
+    """Whether a network takes a noise level map (and maybe the texture) after its slices.
 
     Parameters
     ----------
@@ -49,26 +73,58 @@ def wants_noise_map(model: torch.nn.Module) -> bool:
     bool
         True for the noise-aware architectures.
     """
-    return bool(getattr(model, "wants_noise_map", False))
+    return noise_channels(model) > 0
 
 
-def with_noise_map(batch: torch.Tensor, centre_hu: np.ndarray) -> torch.Tensor:
-    """Append the noise level map of the centre slices to a batch of 2.5D windows.
+def noise_maps(centre_hu: np.ndarray, channels: int) -> np.ndarray:
+    """The noise channels (network units) of noisy centre slices.
+
+    Parameters
+    ----------
+    centre_hu : numpy.ndarray
+        ``[B, H, W]`` noisy slices in HU (the maps are measured on them).
+    channels : int
+        1: the level map; 2: the level map, then the texture channel (constant over each slice).
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 ``[B, channels, H, W]``.
+
+    Raises
+    ------
+    ValueError
+        ``channels`` is not 1 or 2.
+    """
+    if channels not in (1, 2):
+        raise ValueError(f"noise channels: 1 or 2, not {channels}")
+    hu = np.asarray(centre_hu, dtype=np.float32)
+    maps = [noise_map_channel(noise_level_map(hu))]
+    if channels == 2:
+        texture = (noise_fineness(hu) - np.float32(FINENESS_CENTRE)) / np.float32(FINENESS_SCALE)
+        maps.append(np.broadcast_to(texture[:, None, None], hu.shape).astype(np.float32))
+    return np.stack(maps, axis=1)
+
+
+def with_noise_map(batch: torch.Tensor, centre_hu: np.ndarray, channels: int = 1) -> torch.Tensor:
+    """Append the noise channels of the centre slices to a batch of 2.5D windows.
 
     Parameters
     ----------
     batch : torch.Tensor
         ``[B, k, H, W]`` windows in network units.
     centre_hu : numpy.ndarray
-        ``[B, H, W]`` noisy centre slices in HU (the map is measured on them).
+        ``[B, H, W]`` noisy centre slices in HU (the maps are measured on them).
+    channels : int
+        The network's :func:`noise_channels`.
 
     Returns
     -------
     torch.Tensor
-        ``[B, k + 1, H, W]``, float32, on the batch's device.
+        ``[B, k + channels, H, W]``, float32, on the batch's device.
     """
-    maps = torch.from_numpy(noise_map_channel(noise_level_map(np.asarray(centre_hu, dtype=np.float32))))
-    maps = maps.reshape(batch.shape[0], 1, *batch.shape[-2:]).to(batch.device, batch.dtype)
+    centre = np.asarray(centre_hu, dtype=np.float32).reshape(batch.shape[0], *batch.shape[-2:])
+    maps = torch.from_numpy(noise_maps(centre, channels)).to(batch.device, batch.dtype)
     return torch.cat([batch, maps], dim=1)
 
 
@@ -107,12 +163,12 @@ class NoiseAwareUNet(UNet):
     """
 
     ARCH = "unet-nm"
-    #: :mod:`~IPv2DenoiseLib.denoiser.infer` and the trainer append the map channel for this network.
-    wants_noise_map = True
+    #: :mod:`~IPv2DenoiseLib.denoiser.infer` and the trainer append this many noise channels.
+    noise_channels = 1
 
     def __init__(self, *, in_slices: int = 3, base_channels: int = 16, levels: int = 3) -> None:
         super().__init__(in_slices=in_slices, base_channels=base_channels, levels=levels)
-        self.inc = TwoConv(self.in_slices + 1, self.base_channels)
+        self.inc = TwoConv(self.in_slices + self.noise_channels, self.base_channels)
 
     @classmethod
     def from_unet(cls, unet: UNet) -> NoiseAwareUNet:
@@ -140,12 +196,74 @@ class NoiseAwareUNet(UNet):
         return net
 
     def activation_floats_per_pixel(self) -> int:
-        return super().activation_floats_per_pixel() + 1
+        return super().activation_floats_per_pixel() + self.noise_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x``: ``[B, in_slices + 1, H, W]`` (slices, then the map) → ``[B, 1, H, W]``."""
-        check_input(x, self.in_slices + 1)
+        """``x``: ``[B, in_slices + noise_channels, H, W]`` (slices, then the maps) → ``[B, 1, H, W]``."""
+        check_input(x, self.in_slices + self.noise_channels)
         return self.centre(x) - self.predict_noise(x)
 
 
-__all__ = ["NOISE_MAP_SCALE_HU", "NoiseAwareUNet", "noise_map_channel", "wants_noise_map", "with_noise_map"]
+class TextureAwareUNet(NoiseAwareUNet):
+    """:class:`NoiseAwareUNet` that is also told the noise's texture (a second noise channel).
+
+    The channel is the centre slice's :func:`~IPv2DenoiseLib.imaging.noise_map.noise_fineness`,
+    the same over the slice (:func:`noise_maps`): BM3D is handed the noise spectrum, a network that
+    sees only the level must guess whether a 40 HU noise is a sharp kernel's or a smooth one's.
+
+    Parameters
+    ----------
+    in_slices : int
+        Adjacent axial slices (odd); the input has ``in_slices + 2`` channels.
+    base_channels : int
+        Channels at full resolution; doubled at each coarser level.
+    levels : int
+        Number of resolutions.
+
+    Examples
+    --------
+    >>> net = TextureAwareUNet(in_slices=3, base_channels=4)
+    >>> net(torch.zeros(2, 5, 33, 35)).shape
+    torch.Size([2, 1, 33, 35])
+    """
+
+    ARCH = "unet-nmt"
+    noise_channels = 2
+
+    @classmethod
+    def from_noise_aware(cls, net: NoiseAwareUNet) -> TextureAwareUNet:
+        """A texture-aware U-Net that computes exactly what ``net`` computes, whatever the texture.
+
+        ``train --arch quality-texture --init <noise-aware weights>`` starts here: every weight is
+        copied and the texture channel's first-layer weights start at zero.
+
+        Parameters
+        ----------
+        net : NoiseAwareUNet
+            A trained noise-aware U-Net (its ``config`` gives the new network's size).
+
+        Returns
+        -------
+        TextureAwareUNet
+            The widened network.
+        """
+        out = cls(**net.config)
+        state = net.state_dict()
+        first = state["inc.0.weight"]  # [out, in_slices + 1, 3, 3]
+        state["inc.0.weight"] = torch.cat([first, torch.zeros_like(first[:, :1])], dim=1)
+        out.load_state_dict(state)
+        return out
+
+
+__all__ = [
+    "FINENESS_CENTRE",
+    "FINENESS_SCALE",
+    "NOISE_MAP_SCALE_HU",
+    "NoiseAwareUNet",
+    "TextureAwareUNet",
+    "noise_channels",
+    "noise_map_channel",
+    "noise_maps",
+    "wants_noise_map",
+    "with_noise_map",
+]

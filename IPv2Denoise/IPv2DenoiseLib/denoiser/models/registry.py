@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.denoiser.models.base import Denoiser2p5D
 from IPv2DenoiseLib.denoiser.models.dncnn import DnCNN
-from IPv2DenoiseLib.denoiser.models.noise_aware_unet import NoiseAwareUNet, wants_noise_map
+from IPv2DenoiseLib.denoiser.models.noise_aware_unet import NoiseAwareUNet, TextureAwareUNet, noise_channels
 from IPv2DenoiseLib.denoiser.models.redcnn import REDCNN
 from IPv2DenoiseLib.denoiser.models.unet import UNet
 
@@ -19,6 +19,7 @@ from IPv2DenoiseLib.denoiser.models.unet import UNet
 MODEL_CLASSES: dict[str, type[Denoiser2p5D]] = {
     "unet": UNet,
     "unet-nm": NoiseAwareUNet,
+    "unet-nmt": TextureAwareUNet,
     "redcnn": REDCNN,
     "dncnn": DnCNN,
 }
@@ -31,6 +32,9 @@ MODEL_CLASSES: dict[str, type[Denoiser2p5D]] = {
 ARCH_PRESETS: dict[str, tuple[str, dict]] = {
     "fast": ("unet-nm", {"in_slices": 3, "base_channels": 16, "levels": 3}),
     "quality": ("unet-nm", {"in_slices": 3, "base_channels": 32, "levels": 3}),
+    # the same two sizes, also told the noise's texture (a second noise channel; issue #24)
+    "fast-texture": ("unet-nmt", {"in_slices": 3, "base_channels": 16, "levels": 3}),
+    "quality-texture": ("unet-nmt", {"in_slices": 3, "base_channels": 32, "levels": 3}),
 }
 
 
@@ -135,7 +139,7 @@ def flops_per_voxel(model: nn.Module, in_slices: int | None = None, size: int = 
     """
     if in_slices is None:
         in_slices = getattr(model, "in_slices", 1)
-    channels = in_slices + int(wants_noise_map(model))  # the noise map channel
+    channels = in_slices + noise_channels(model)  # the noise map (and texture) channels
     meta = copy.deepcopy(model).to("meta").eval()
     x = torch.zeros(1, channels, size, size, device="meta")
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
