@@ -128,6 +128,17 @@ def with_noise_map(batch: torch.Tensor, centre_hu: np.ndarray, channels: int = 1
     return torch.cat([batch, maps], dim=1)
 
 
+def with_zero_weight_input(trained: UNet, cls: type[NoiseAwareUNet]) -> NoiseAwareUNet:
+    """``cls`` (one more input channel than ``trained`` takes) computing what ``trained`` computes:
+    every weight copied, the new last channel's first-layer weights zero."""
+    net = cls(**trained.config)
+    state = trained.state_dict()
+    first = state["inc.0.weight"]  # [out, inputs, 3, 3]
+    state["inc.0.weight"] = torch.cat([first, torch.zeros_like(first[:, :1])], dim=1)
+    net.load_state_dict(state)
+    return net
+
+
 class NoiseAwareUNet(UNet):
     """The residual U-Net of :class:`~IPv2DenoiseLib.denoiser.models.unet.UNet` with a noise map channel.
 
@@ -188,12 +199,7 @@ class NoiseAwareUNet(UNet):
         NoiseAwareUNet
             The widened network.
         """
-        net = cls(**unet.config)
-        state = unet.state_dict()
-        first = state["inc.0.weight"]  # [out, in_slices, 3, 3]
-        state["inc.0.weight"] = torch.cat([first, torch.zeros_like(first[:, :1])], dim=1)
-        net.load_state_dict(state)
-        return net
+        return with_zero_weight_input(unet, cls)
 
     def activation_floats_per_pixel(self) -> int:
         return super().activation_floats_per_pixel() + self.noise_channels
@@ -247,12 +253,7 @@ class TextureAwareUNet(NoiseAwareUNet):
         TextureAwareUNet
             The widened network.
         """
-        out = cls(**net.config)
-        state = net.state_dict()
-        first = state["inc.0.weight"]  # [out, in_slices + 1, 3, 3]
-        state["inc.0.weight"] = torch.cat([first, torch.zeros_like(first[:, :1])], dim=1)
-        out.load_state_dict(state)
-        return out
+        return with_zero_weight_input(net, cls)
 
 
 __all__ = [
