@@ -97,6 +97,8 @@ SETTINGS = {
     ("tiny", "quality"): TierSettings(batch=4, patch=32, pool=3, lr=1e-3),
 }
 TINY_KWARGS = {"in_slices": 3, "base_channels": 4, "levels": 2}
+#: With ``--texture``: the share of scans in the streak-free image texture (quality leg 18's).
+TEXTURE_IMAGE_SHARE = 0.35
 
 
 # ------------------------------------------------------------------------------------- corpus
@@ -235,7 +237,7 @@ def shipped_start(tier: str, catalogue: ModelCatalogue | None = None) -> Path:
 
 def tier_config(tier: str, args: argparse.Namespace, kind: str, *, has_real: bool) -> TrainConfig:
     """The :class:`TrainConfig` of one tier (its time budget is set when its sampler is ready)."""
-    arch, kwargs = ARCH_PRESETS[tier]
+    arch, kwargs = ARCH_PRESETS[f"{tier}-texture" if args.texture else tier]
     settings = SETTINGS[(kind, tier)]
     init = None
     if not args.tiny and not args.fresh:
@@ -258,6 +260,8 @@ def tier_config(tier: str, args: argparse.Namespace, kind: str, *, has_real: boo
         data_workers=args.workers,
         real_share=0.35 if has_real else 0.0,  # as legs 6 and quality 1 of the CPU campaign
         fine_pixel_share=0.25,  # 0.22-1.3 mm patients: leg 5 of the CPU campaign (docs/results.md §4)
+        # the texture-aware networks see both noise textures, so the channel has something to tell apart
+        image_texture_share=TEXTURE_IMAGE_SHARE if args.texture else 0.0,
         device=args.device,
         seed=args.seed,
         init_weights=init,
@@ -385,6 +389,14 @@ def main(argv: list[str] | None = None) -> int:
         "--fresh",
         action="store_true",
         help="both tiers from scratch, not from the shipped weights (widened for the quality tier)",
+    )
+    parser.add_argument(
+        "--texture",
+        action="store_true",
+        help="train the texture-aware networks (presets fast-texture, quality-texture: + the noise's "
+        "fineness as a second noise channel, docs/models.md), with a third of the scans in the image "
+        "texture; from the shipped weights with the channel at zero weight, or with --fresh from scratch, "
+        "the channel there from the first step",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(

@@ -163,3 +163,37 @@ def test_the_gpu_job_runs_without_simpleitk_as_on_the_gpu_machines_pytorch_image
     )  # fmt: skip
     assert job.returncode == 0, job.stderr
     assert json.loads((tmp_path / "out" / "job.json").read_text())["tiers"]["fast"]["iterations"] >= 1
+
+
+def test_the_gpu_job_trains_the_texture_aware_networks_when_asked(tmp_path) -> None:
+    """``--texture``: each tier is the texture-aware preset of its size, sees both noise textures,
+    and still starts from the shipped model of its tier (the trainer adds the channel at zero)."""
+    import argparse
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_train_job_texture", SCRIPT)
+    job = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = job  # its dataclasses look their module up
+    try:
+        spec.loader.exec_module(job)
+        args = argparse.Namespace(
+            texture=True, tiny=False, fresh=False, work=tmp_path, pool=None, workers=0, device="cpu", seed=0
+        )
+        for tier in ("fast", "quality"):
+            config = job.tier_config(tier, args, "gpu", has_real=True)
+            assert config.arch == "unet-nmt" and config.image_texture_share == job.TEXTURE_IMAGE_SHARE
+            assert config.init_weights == str(job.shipped_start(tier))
+        plain = job.tier_config(
+            "quality", argparse.Namespace(**{**vars(args), "texture": False}), "gpu", has_real=True
+        )
+        assert plain.arch == "unet-nm" and plain.image_texture_share == 0.0
+    finally:
+        del sys.modules[spec.name]
+    run = subprocess.run(
+        [sys.executable, str(SCRIPT), "--tiny", "--texture", "--device", "cpu", "--minutes", "0.05",
+         "--tiers", "fast", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, check=False,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    record = json.loads((tmp_path / "out" / "job.json").read_text())["tiers"]["fast"]
+    assert record["architecture"] == "unet-nmt" and record["iterations"] >= 1
