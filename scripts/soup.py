@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from IPv2DenoiseLib.core.errors import UserError
+from IPv2DenoiseLib.denoiser.models import NoiseAwareUNet, TextureAwareUNet
 from IPv2DenoiseLib.denoiser.weights import load_model, save_model
 from IPv2DenoiseLib.training.scanner_data import load_anatomy_volumes
 from IPv2DenoiseLib.training.trainer import (
@@ -49,6 +50,12 @@ def soup(
     if len(paths) < 2:
         raise UserError("a soup needs at least two weights files")
     loaded = [load_model(path) for path in paths]
+    if any(model.ARCH == TextureAwareUNet.ARCH for model, _ in loaded):
+        # a noise-aware ingredient joins texture-aware ones with its texture channel at zero weight
+        loaded = [
+            (TextureAwareUNet.from_noise_aware(model) if model.ARCH == NoiseAwareUNet.ARCH else model, card)
+            for model, card in loaded
+        ]
     base, card = loaded[0]
     for path, (model, _) in zip(paths[1:], loaded[1:]):
         if model.ARCH != base.ARCH or model.config != base.config:

@@ -603,3 +603,29 @@ def test_soup_averages_weights_and_keeps_the_campaign_log(
     assert soup.main([str(other), str(fast), str(other)]) == 2
     err = capsys.readouterr().err
     assert err.count("soup: ") == 2 and "Traceback" not in err and not (tmp_path / "bad.safetensors").exists()
+
+
+def test_a_soup_of_noise_aware_and_texture_aware_networks_is_texture_aware(tmp_path) -> None:
+    """``scripts/soup.py``: a ``unet-nm`` ingredient joins ``unet-nmt`` ones with its texture channel
+    at zero weight, so the soup of a texture leg and its start is possible and texture-aware."""
+    import importlib.util
+
+    from IPv2DenoiseLib.denoiser.models import TextureAwareUNet
+    from IPv2DenoiseLib.denoiser.weights import save_model
+
+    spec = importlib.util.spec_from_file_location("soup_texture", REPO / "scripts" / "soup.py")
+    soup = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(soup)
+    fast = REPO / "Resources" / "Models" / "unet_nm_ipv2.safetensors"
+    texture = TextureAwareUNet.from_noise_aware(load_model(fast)[0])
+    with torch.no_grad():
+        texture.inc[0].weight[:, -1].fill_(0.02)  # a texture channel that learned something
+    leg = tmp_path / "texture.safetensors"
+    save_model(texture, leg, {"legs": []})
+    out = tmp_path / "soup.safetensors"
+    assert soup.main([str(out), str(fast), str(leg)]) == 0
+    mixed, card = load_model(out)
+    assert isinstance(mixed, TextureAwareUNet) and card["architecture"] == "unet-nmt"
+    first = mixed.inc[0].weight
+    assert torch.allclose(first[:, -1], torch.full_like(first[:, -1], 0.01))
+    assert torch.allclose(first[:, :-1], texture.inc[0].weight[:, :-1])
