@@ -11,7 +11,7 @@ from pydicom.data import get_testdata_file
 
 from IPv2DenoiseLib.denoiser.infer import FLOAT32_ENV, Denoiser, autocast_dtype, cpu_has_amx
 from IPv2DenoiseLib.denoiser.models.dncnn import DnCNN
-from IPv2DenoiseLib.denoiser.models.noise_aware_unet import wants_noise_map, with_noise_map
+from IPv2DenoiseLib.denoiser.models.noise_aware_unet import noise_channels, wants_noise_map, with_noise_map
 from IPv2DenoiseLib.denoiser.normalization import hu_to_net, net_to_hu
 from IPv2DenoiseLib.imaging.masks import soft_tissue_mask
 from IPv2DenoiseLib.imaging.metrics import psnr
@@ -22,7 +22,7 @@ def _net_output(den: Denoiser, hu: np.ndarray, dtype: torch.dtype | None) -> np.
     """The network's HU output on one slice, in float32 or under CPU autocast to ``dtype``."""
     x = torch.from_numpy(hu_to_net(np.repeat(hu[None], 3, axis=0)))[None]
     if wants_noise_map(den.model):
-        x = with_noise_map(x, hu[None])
+        x = with_noise_map(x, hu[None], noise_channels(den.model))
     with (
         torch.inference_mode(),
         torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None),
