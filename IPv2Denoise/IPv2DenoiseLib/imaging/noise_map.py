@@ -33,6 +33,8 @@ over the blocks with noise), not a map the anatomy would mottle.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from scipy import ndimage as ndi
 
@@ -48,6 +50,7 @@ FINE_PASS_PX = 0.7
 MIN_BLOCK_NOISE_HU = 2.0
 
 
+@functools.lru_cache(maxsize=8)  # called per slice with one of two widths
 def white_noise_sd_ratio(high_pass_px: float) -> float:
     """SD of the high-pass residual over the SD of white noise (from the filter's impulse response).
 
