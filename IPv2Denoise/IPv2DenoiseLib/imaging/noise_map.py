@@ -118,12 +118,8 @@ def noise_level_map(hu_slices: np.ndarray) -> np.ndarray:
     if slices.ndim != 3:
         raise ValueError(f"expected [y, x] or [z, y, x] slices, got shape {arr.shape}")
     out = np.empty(slices.shape, dtype=np.float32)
-    h, w = slices.shape[1:]
     for z, hu in enumerate(slices):
-        grid = residual_block_sd(hu, HIGH_PASS_PX)
-        zoom = (h / grid.shape[0], w / grid.shape[1])
-        full = ndi.zoom(grid, zoom, order=1, mode="nearest", grid_mode=True)[:h, :w]
-        out[z] = np.clip(full, 0.0, MAX_NOISE_HU)
+        out[z] = _level_from_grid(residual_block_sd(hu, HIGH_PASS_PX), hu.shape)
     return out.reshape(arr.shape)
 
 
@@ -175,14 +171,54 @@ def noise_fineness(hu_slices: np.ndarray) -> np.ndarray:
     slices = arr[None] if arr.ndim == 2 else arr
     if slices.ndim != 3:
         raise ValueError(f"expected [y, x] or [z, y, x] slices, got shape {arr.shape}")
-    out = np.zeros(slices.shape[0], dtype=np.float32)
+    out = np.array(
+        [_fineness_from_grid(hu, residual_block_sd(hu, HIGH_PASS_PX)) for hu in slices], dtype=np.float32
+    )
+    return out.reshape(arr.shape[:-2])
+
+
+def noise_level_and_fineness(hu_slices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`noise_level_map` and :func:`noise_fineness` of the same slices, sharing their coarse residual.
+
+    Parameters
+    ----------
+    hu_slices : numpy.ndarray
+        ``[z, y, x]`` noisy HU slices.
+
+    Returns
+    -------
+    level : numpy.ndarray
+        float32 ``[z, y, x]``, as :func:`noise_level_map`.
+    fineness : numpy.ndarray
+        float32 ``[z]``, as :func:`noise_fineness`.
+    """
+    slices = np.asarray(hu_slices, dtype=np.float32)
+    if slices.ndim != 3:
+        raise ValueError(f"expected [z, y, x] slices, got shape {slices.shape}")
+    level = np.empty(slices.shape, dtype=np.float32)
+    fineness = np.empty(slices.shape[0], dtype=np.float32)
     for z, hu in enumerate(slices):
         coarse = residual_block_sd(hu, HIGH_PASS_PX)
-        fine = residual_block_sd(hu, FINE_PASS_PX)
-        noisy = coarse >= MIN_BLOCK_NOISE_HU
-        if noisy.any():
-            out[z] = float(np.median(fine[noisy] / coarse[noisy]))
-    return out.reshape(arr.shape[:-2])
+        level[z] = _level_from_grid(coarse, hu.shape)
+        fineness[z] = _fineness_from_grid(hu, coarse)
+    return level, fineness
+
+
+def _level_from_grid(grid: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A block grid of :func:`residual_block_sd` interpolated back to the slice's pixels and clipped."""
+    h, w = shape
+    zoom = (h / grid.shape[0], w / grid.shape[1])
+    full = ndi.zoom(grid, zoom, order=1, mode="nearest", grid_mode=True)[:h, :w]
+    return np.clip(full, 0.0, MAX_NOISE_HU)
+
+
+def _fineness_from_grid(hu: np.ndarray, coarse: np.ndarray) -> float:
+    """One slice's fineness, given its coarse :func:`residual_block_sd` grid (0 without noise)."""
+    noisy = coarse >= MIN_BLOCK_NOISE_HU
+    if not noisy.any():
+        return 0.0
+    fine = residual_block_sd(hu, FINE_PASS_PX)
+    return float(np.median(fine[noisy] / coarse[noisy]))
 
 
 __all__ = [
@@ -192,6 +228,7 @@ __all__ = [
     "MAX_NOISE_HU",
     "MIN_BLOCK_NOISE_HU",
     "noise_fineness",
+    "noise_level_and_fineness",
     "noise_level_map",
     "residual_block_sd",
     "white_noise_sd_ratio",

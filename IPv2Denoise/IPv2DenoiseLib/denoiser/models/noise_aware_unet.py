@@ -18,7 +18,7 @@ import torch
 
 from IPv2DenoiseLib.denoiser.models.base import check_input
 from IPv2DenoiseLib.denoiser.models.unet import TwoConv, UNet
-from IPv2DenoiseLib.imaging.noise_map import noise_fineness, noise_level_map
+from IPv2DenoiseLib.imaging.noise_map import noise_level_and_fineness, noise_level_map
 
 #: Noise map HU per network unit: typical ultra-low-dose noise (20-300 HU) becomes 0.2-3.
 NOISE_MAP_SCALE_HU = 100.0
@@ -99,11 +99,11 @@ def noise_maps(centre_hu: np.ndarray, channels: int) -> np.ndarray:
     if channels not in (1, 2):
         raise ValueError(f"noise channels: 1 or 2, not {channels}")
     hu = np.asarray(centre_hu, dtype=np.float32)
-    maps = [noise_map_channel(noise_level_map(hu))]
-    if channels == 2:
-        texture = (noise_fineness(hu) - np.float32(FINENESS_CENTRE)) / np.float32(FINENESS_SCALE)
-        maps.append(np.broadcast_to(texture[:, None, None], hu.shape).astype(np.float32))
-    return np.stack(maps, axis=1)
+    if channels == 1:
+        return noise_map_channel(noise_level_map(hu))[:, None]
+    level, fineness = noise_level_and_fineness(hu)  # one coarse residual per slice for both
+    texture = (fineness - np.float32(FINENESS_CENTRE)) / np.float32(FINENESS_SCALE)
+    return np.stack([noise_map_channel(level), np.broadcast_to(texture[:, None, None], hu.shape)], axis=1)
 
 
 def with_noise_map(batch: torch.Tensor, centre_hu: np.ndarray, channels: int = 1) -> torch.Tensor:
