@@ -238,10 +238,11 @@ def test_train_on_real_anatomy_mixed_with_phantoms_records_legs(
     # it ended decayed by the clock, and the history (the curves' grey line) records that factor
     assert card2["history"]["lr_factor"][-1] == pytest.approx(0.0, abs=1e-3)
 
-    # a wider network of the same layout starts from these weights widened (the quality tier's start):
-    # before any step it computes what the narrow one computes, and the leg says it was widened
+    # a wider network of the same layout starts from these weights widened (the quality tier's start;
+    # 4 -> 6 channels, not a multiple, as 32 -> 48 for the wide leg): before any step it computes what
+    # the narrow one computes, and the leg says it was widened
     third = tmp_path / "leg3"
-    wider = [arg.replace('"base_channels": 4', '"base_channels": 8') for arg in leg2]
+    wider = [arg.replace('"base_channels": 4', '"base_channels": 6') for arg in leg2]
     wider[wider.index(str(second))] = str(third)
     wider[wider.index(str(first / "model.safetensors"))] = str(second / "model.safetensors")
     # validated on the volume leg 1 trained on, so not held out of the network it starts from
@@ -256,7 +257,7 @@ def test_train_on_real_anatomy_mixed_with_phantoms_records_legs(
     assert card3["legs"][-1]["data"]["validation_real_seen_before"] == {f"real/{real_series.name}": [1]}
     narrow, _ = load_model(second / "model.safetensors")
     wide, _ = load_model(third / "model.safetensors")
-    assert wide.config["base_channels"] == 8
+    assert wide.config["base_channels"] == 6
     x = torch.randn(1, 3, 24, 24)
     with torch.no_grad():
         assert torch.allclose(wide(x), narrow(x), rtol=1e-4, atol=1e-4)

@@ -25,10 +25,10 @@ MODEL_CLASSES: dict[str, type[Denoiser2p5D]] = {
 }
 
 #: Named sizes (``train --arch fast|quality``): preset → (architecture, constructor keywords).
-#: ``fast`` is the shipped default (noise-aware since issue #24; >= 1 Mvoxel/s on 2 CPU cores); ``quality`` the
-#: same noise-aware U-Net at twice the width (32 channels, 3 levels: 468 k parameters, 4x the FLOPs), for GPUs
-#: and patient CPU users. Same layout, so ``train --arch quality --init <fast weights>`` starts from the trained
-#: fast network, widened without changing its output (``UNet.widened``).
+#: ``fast`` is the noise-aware U-Net of 16 channels (117 k parameters); ``quality`` the same at twice the width
+#: (32 channels, 3 levels: 467 k parameters, 4x the FLOPs), the shipped default since 2026-12-05 (docs/models.md).
+#: Same layout, so ``train --arch quality --init <fast weights>`` starts from the trained fast network, widened
+#: without changing its output (``UNet.widened``; ``--model-kwargs '{"base_channels": 48}'`` widens further).
 ARCH_PRESETS: dict[str, tuple[str, dict]] = {
     "fast": ("unet-nm", {"in_slices": 3, "base_channels": 16, "levels": 3}),
     "quality": ("unet-nm", {"in_slices": 3, "base_channels": 32, "levels": 3}),

@@ -156,16 +156,17 @@ class UNet(Denoiser2p5D):
         """A wider copy that computes exactly what this network computes (Net2WiderNet).
 
         The larger ``quality`` tier starts from the trained fast network instead of from scratch:
-        every channel is repeated ``base_channels / self.base_channels`` times with its incoming
-        weights and bias, and each consumer's weights on the copies are split at random into parts
-        that sum to the original weight. The output is unchanged (the copies are equal after the
+        new channel ``k`` copies old channel ``k mod self.base_channels`` (at each level's width)
+        with its incoming weights and bias, so at a width that is not a multiple some channels get
+        one copy more than others, and each consumer's weights on the copies of a channel are split
+        at random into parts that sum to the original weight. The output is unchanged (the copies are equal after the
         ReLU), and the random split makes the copies' gradients differ, so they can learn apart.
         Written by hand: no maintained library widens a PyTorch network.
 
         Parameters
         ----------
         base_channels : int
-            The new full-resolution width, a multiple of this network's.
+            The new full-resolution width, more than this network's.
         seed : int
             Seed of the random split.
 
@@ -177,17 +178,17 @@ class UNet(Denoiser2p5D):
         Raises
         ------
         UserError
-            ``base_channels`` is not a multiple of this network's width.
+            ``base_channels`` is not more than this network's width.
 
         References
         ----------
         .. [1] T. Chen, I. Goodfellow, J. Shlens, "Net2Net: Accelerating Learning via Knowledge
            Transfer", ICLR 2016, arXiv:1511.05641.
         """
-        if check_positive_int("base_channels", base_channels) % self.base_channels:
+        if check_positive_int("base_channels", base_channels) <= self.base_channels:
             raise UserError(
                 f"cannot widen a {self.base_channels}-channel network to {base_channels} channels; "
-                f"use a multiple of {self.base_channels}"
+                f"use more than {self.base_channels}"
             )
         wide = type(self)(**{**self.config, "base_channels": base_channels})
         old = dict(self.named_parameters())
