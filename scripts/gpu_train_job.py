@@ -235,6 +235,19 @@ def shipped_start(tier: str, catalogue: ModelCatalogue | None = None) -> Path:
         return catalogue.entry("default").weights
 
 
+def quality_width(tier: str, kwargs: dict, channels: int | None) -> dict:
+    """The preset's constructor keywords, the quality tier at ``channels`` wide when given (the
+    trainer widens the shipped 32-channel weights to it without changing their output, or with
+    ``--fresh`` builds it from scratch)."""
+    if tier != "quality" or channels is None:
+        return kwargs
+    if channels < kwargs["base_channels"]:
+        raise UserError(
+            f"--quality-channels {channels}: at least the shipped width, {kwargs['base_channels']}"
+        )
+    return {**kwargs, "base_channels": channels}
+
+
 def tier_config(tier: str, args: argparse.Namespace, kind: str, *, has_real: bool) -> TrainConfig:
     """The :class:`TrainConfig` of one tier (its time budget is set when its sampler is ready)."""
     arch, kwargs = ARCH_PRESETS[f"{tier}-texture" if args.texture else tier]
@@ -247,7 +260,7 @@ def tier_config(tier: str, args: argparse.Namespace, kind: str, *, has_real: boo
         out=str(args.work / tier),
         name=tier,
         arch=arch,
-        model_kwargs=dict(TINY_KWARGS if args.tiny else kwargs),
+        model_kwargs=dict(TINY_KWARGS if args.tiny else quality_width(tier, kwargs, args.quality_channels)),
         noise="scanner",
         schedule="constant",
         iterations=10**7,  # the clock ends the leg (max_minutes)
@@ -398,6 +411,13 @@ def main(argv: list[str] | None = None) -> int:
         "texture; from the shipped weights with the channel at zero weight, or with --fresh from scratch, "
         "the channel there from the first step",
     )
+    parser.add_argument(
+        "--quality-channels",
+        type=int,
+        metavar="N",
+        help="the quality tier's width (default: the preset's 32); wider starts from the shipped weights "
+        "widened (UNet.widened), or with --fresh from scratch (docs/results.md §4, 'A wider network')",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--pool", type=int, help="noise pool slabs per tier (default: 96 on a GPU, 3 with --tiny)"
@@ -431,6 +451,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--workers {args.workers}: need 0 or more")
         if not args.minutes > 0:
             raise UserError("--minutes must be positive")
+        quality_width("quality", ARCH_PRESETS["quality"][1], args.quality_channels)  # refused before the work
         if args.work is None:
             key = hashlib.sha1(str(args.out.resolve()).encode()).hexdigest()[:12]
             args.work = Path(tempfile.gettempdir()) / f"ipv2-gpu-job-{key}"

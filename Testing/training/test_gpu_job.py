@@ -98,6 +98,12 @@ def test_the_gpu_job_without_a_corpus_says_how_to_make_one(tmp_path) -> None:
     job = run_job("--out", str(tmp_path), "--device", "cpu")
     assert job.returncode == 2
     assert job.stderr.strip() == "error: give --corpus FILE (made by --pack-corpus), or --tiny"
+    # a quality tier narrower than the shipped one is refused in one line before any work
+    narrow = run_job(
+        "--tiny", "--quality-channels", "16", "--out", str(tmp_path / "narrow"), "--device", "cpu"
+    )
+    assert narrow.returncode == 2 and not (tmp_path / "narrow").exists()
+    assert narrow.stderr.strip() == "error: --quality-channels 16: at least the shipped width, 32"
 
 
 def test_the_fast_preset_is_the_shipped_fast_network_so_the_job_can_fine_tune_it() -> None:
@@ -177,8 +183,9 @@ def test_the_gpu_job_trains_the_texture_aware_networks_when_asked(tmp_path) -> N
     try:
         spec.loader.exec_module(job)
         args = argparse.Namespace(
-            texture=True, tiny=False, fresh=False, work=tmp_path, pool=None, workers=0, device="cpu", seed=0
-        )
+            texture=True, tiny=False, fresh=False, work=tmp_path, pool=None, workers=0, device="cpu", seed=0,
+            quality_channels=None,
+        )  # fmt: skip
         for tier in ("fast", "quality"):
             config = job.tier_config(tier, args, "gpu", has_real=True)
             assert config.arch == "unet-nmt" and config.image_texture_share == job.TEXTURE_IMAGE_SHARE
@@ -187,6 +194,18 @@ def test_the_gpu_job_trains_the_texture_aware_networks_when_asked(tmp_path) -> N
             "quality", argparse.Namespace(**{**vars(args), "texture": False}), "gpu", has_real=True
         )
         assert plain.arch == "unet-nm" and plain.image_texture_share == 0.0
+        # --quality-channels 48: the quality tier wider, from the shipped weights (the trainer widens
+        # them), or from scratch with --fresh; the fast tier keeps its width
+        wide = argparse.Namespace(**{**vars(args), "quality_channels": 48})
+        config = job.tier_config("quality", wide, "gpu", has_real=True)
+        assert config.model_kwargs["base_channels"] == 48 and config.init_weights == str(
+            job.shipped_start("quality")
+        )
+        assert job.tier_config("fast", wide, "gpu", has_real=True).model_kwargs["base_channels"] == 16
+        fresh = job.tier_config(
+            "quality", argparse.Namespace(**{**vars(wide), "fresh": True}), "gpu", has_real=True
+        )
+        assert fresh.model_kwargs["base_channels"] == 48 and fresh.init_weights is None
     finally:
         del sys.modules[spec.name]
     run = subprocess.run(
