@@ -159,8 +159,9 @@ class UNet(Denoiser2p5D):
         new channel ``k`` copies old channel ``k mod self.base_channels`` (at each level's width)
         with its incoming weights and bias, so at a width that is not a multiple some channels get
         one copy more than others, and each consumer's weights on the copies of a channel are split
-        at random into parts that sum to the original weight. The output is unchanged (the copies are equal after the
-        ReLU), and the random split makes the copies' gradients differ, so they can learn apart.
+        at random into parts that sum to the original weight. The output is unchanged (the copies
+        are equal after the ReLU), and the random split makes the copies' gradients differ, so they
+        can learn apart.
         Written by hand: no maintained library widens a PyTorch network.
 
         Parameters
