@@ -73,6 +73,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "constant: the decay then follows the clock). Resume a campaign with --init on the weights",
     )
     parser.add_argument(
+        "--legs",
+        type=int,
+        default=None,
+        help="run a campaign of so many legs back to back in --out, each from the previous leg's weights "
+        "(a leg lasts --max-minutes and/or --iterations); running the same command again continues it "
+        "after a crash or with a higher --legs (docs/training.md: a campaign in legs)",
+    )
+    parser.add_argument(
         "--val", nargs="*", default=[], help="held-out case folders for validation each round"
     )
     parser.add_argument("--out", required=True, help="output folder: weights, model card, curves, checkpoint")
@@ -172,6 +180,7 @@ def run(args: argparse.Namespace) -> int:
     # lazy: the CLI imports every command to build --help; torch & co. load on use
     from IPv2DenoiseLib.denoiser.models import resolve_architecture
     from IPv2DenoiseLib.io.case_folder import expand_case_folders
+    from IPv2DenoiseLib.training.campaign import check_campaign, run_campaign
     from IPv2DenoiseLib.training.trainer import TrainConfig, train
 
     kwargs = {}
@@ -227,8 +236,21 @@ def run(args: argparse.Namespace) -> int:
                 f"--region-shares must be non-negative with a positive sum, got {args.region_shares}"
             )
         config.region_shares = tuple(args.region_shares)
-    progress = make_progress(args.json_progress, desc="train", unit="it")
-    card = train(config, progress=progress, notice=lambda line: print(line, file=sys.stderr))
+    notice = lambda line: print(line, file=sys.stderr)  # noqa: E731
+    if args.legs is not None:
+        check_campaign(config, args.legs)  # before any data is read
+        card = run_campaign(
+            config,
+            args.legs,
+            progress_for_leg=lambda leg: make_progress(
+                args.json_progress, desc=f"train leg {leg}/{args.legs}", unit="it"
+            ),
+            notice=notice,
+        )
+    else:
+        card = train(
+            config, progress=make_progress(args.json_progress, desc="train", unit="it"), notice=notice
+        )
     if card:
         print(f"weights: {Path(args.out) / (args.name + '.safetensors')}")
         print(json.dumps(card.get("validation", {}), indent=2))

@@ -1,0 +1,226 @@
+"""A training campaign in legs, run by one command and resumed by running the same command again.
+
+A CPU campaign trains for hours or days. ``train --legs N`` runs N legs back to back, each started
+from the previous leg's exported weights (``--init``), so that a crash, a reboot or ``kill -9``
+costs at most the part of one leg since its last round (its checkpoint), and every finished leg's
+weights can be committed or copied to another machine while the next one runs.
+
+Layout of the campaign folder (``--out``)::
+
+    OUT/campaign.json        the plan (the options every leg shares) and the finished legs
+    OUT/leg_001/ ...         each leg's own training folder: checkpoint, weights, card, curves
+    OUT/NAME.safetensors     the last finished leg's weights and card (copied when a leg ends)
+    OUT/campaign.png         each leg's final validation against cumulative hours
+
+A leg is finished when its folder holds its model card (``train`` writes the weights, then the
+card, at the very end of a leg). Leg k trains with seed ``seed + k - 1``, so legs draw fresh slabs
+and patches. The plotting of a campaign's cards lives here too (``scripts/plot_campaign.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from matplotlib.figure import Figure
+
+from IPv2DenoiseLib.core.atomic import atomic_path
+from IPv2DenoiseLib.core.errors import UserError
+from IPv2DenoiseLib.core.progress import CancelToken, ProgressCallback
+from IPv2DenoiseLib.denoiser.weights import card_path
+from IPv2DenoiseLib.training.trainer import TrainConfig, check_config, train
+
+#: The campaign folder's record of its plan and finished legs.
+CAMPAIGN_FILE = "campaign.json"
+#: Options that may change between runs of one campaign: the leg's length, and the number of legs.
+_LEG_LENGTH_KEYS = ("iterations", "max_minutes")
+#: The validation keys a campaign is plotted by: the cases' own 2 % scans, the fixed scanner
+#: protocol, and held-out real anatomy under projection-domain noise.
+SERIES = (
+    ("psnr_label", "own 2 % scans"),
+    ("scanner_psnr_label", "scanner protocol"),
+    ("real_projection_psnr_label_body", "held-out real anatomy"),
+)
+
+
+def leg_folder(out: str | Path, leg: int) -> Path:
+    """The training folder of leg ``leg`` (1-based) of the campaign in ``out``."""
+    return Path(out) / f"leg_{leg:03d}"
+
+
+def leg_points(card: dict) -> list[tuple[float, dict]]:
+    """(cumulative wall hours at the leg's end, that leg's validation) for every leg of a card."""
+    points, hours = [], 0.0
+    for leg in card.get("legs", []):
+        hours += float(leg.get("wall_seconds", 0.0)) / 3600.0
+        points.append((hours, leg.get("validation", {})))
+    return points
+
+
+def campaign_table(cards: Sequence[tuple[str, dict]]) -> list[str]:
+    """A Markdown table: one row per leg of each (name, card), hours and the :data:`SERIES`."""
+    rows = [
+        "| model | leg | hours (cumulative) | " + " | ".join(f"{title} (dB)" for _, title in SERIES) + " |",
+        "|---|---:|---:|" + "---:|" * len(SERIES),
+    ]
+    for name, card in cards:
+        for number, (hours, val) in enumerate(leg_points(card), start=1):
+            cells = " | ".join(f"{val.get(key, math.nan):.2f}" for key, _ in SERIES)
+            rows.append(f"| {name} | {number} | {hours:.1f} | {cells} |")
+    return rows
+
+
+def plot_campaign(cards: Sequence[tuple[str, dict]], out: str | Path) -> None:
+    """Plot each leg's final validation against cumulative wall hours, one line per (name, card).
+
+    Written atomically; a series no leg validated on (no held-out real anatomy) is left out.
+    """
+    shown = [
+        (key, title)
+        for key, title in SERIES
+        if any(key in val for _, card in cards for _, val in leg_points(card))
+    ]
+    fig = Figure(figsize=(5 * max(1, len(shown)), 3.8))
+    axes = fig.subplots(1, max(1, len(shown)), squeeze=False)[0]
+    for name, card in cards:
+        points = leg_points(card)
+        for ax, (key, title) in zip(axes, shown):
+            ax.plot([h for h, _ in points], [v.get(key, math.nan) for _, v in points], marker="o", label=name)
+            ax.set(xlabel="wall hours (cumulative)", ylabel="PSNR (dB)", title=title)
+    for ax in axes:
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.suptitle("training campaign: validation at the end of each leg")
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+
+
+def _plan(config: TrainConfig) -> dict:
+    """The options every leg of the campaign shares (JSON), for the check on resume."""
+    plan = json.loads(json.dumps(asdict(config)))
+    for key in (*_LEG_LENGTH_KEYS, "out"):
+        plan.pop(key, None)
+    return plan
+
+
+def _write_json(path: Path, record: dict) -> None:
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+
+def _copy(source: Path, target: Path) -> None:
+    with atomic_path(target) as tmp:
+        shutil.copyfile(source, tmp)
+
+
+def finished_legs(out: str | Path, name: str) -> list[dict]:
+    """The model cards of the campaign's finished legs, in order (leg 1 first)."""
+    cards = []
+    while (card := card_path(leg_folder(out, len(cards) + 1) / f"{name}.safetensors")).is_file():
+        cards.append(json.loads(card.read_text(encoding="utf-8")))
+    return cards
+
+
+def check_campaign(config: TrainConfig, legs: int) -> dict | None:
+    """Refuse, in one line and before any data is read, a campaign that cannot run; the record of
+    the campaign already in ``config.out`` (None for a new one)."""
+    check_config(config)
+    if legs < 1:
+        raise UserError(f"--legs {legs}: need 1 or more")
+    record_path = Path(config.out) / CAMPAIGN_FILE
+    if not record_path.is_file():
+        if leg_folder(config.out, 1).exists():
+            raise UserError(
+                f"{config.out} holds legs but no {CAMPAIGN_FILE}: not a campaign; use a new --out"
+            )
+        return None
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+        saved = dict(record["plan"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{record_path} is not a campaign record ({exc}); use a new --out") from None
+    current = _plan(config)
+    differ = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
+    if differ:
+        raise UserError(
+            f"{config.out} is a campaign with other options ({', '.join(differ)} differ); "
+            "continue it with the same options (only --legs, --iterations and --max-minutes may change) "
+            "or use a new --out"
+        )
+    return record
+
+
+def run_campaign(
+    config: TrainConfig,
+    legs: int,
+    *,
+    progress_for_leg: Callable[[int], ProgressCallback | None] | None = None,
+    cancel: CancelToken | None = None,
+    notice: Callable[[str], None] | None = None,
+) -> dict:
+    """Train until the campaign in ``config.out`` has ``legs`` finished legs; the last leg's card.
+
+    ``config`` describes one leg (its length: ``max_minutes`` and/or ``iterations``); leg 1 starts
+    from ``config.init_weights`` (or a fresh network), every later leg from the leg before. Legs
+    already finished are skipped and a leg cut short resumes from its checkpoint, so running the
+    same command again continues the campaign. ``progress_for_leg(k)`` gives leg k's progress.
+    """
+    record = check_campaign(config, legs)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if record is None:
+        record = {"plan": _plan(config), "legs": []}
+        _write_json(out / CAMPAIGN_FILE, record)
+    say = notice or (lambda line: None)
+    cards = finished_legs(out, config.name)
+    if len(cards) >= legs:
+        say(f"campaign {out}: {len(cards)} leg(s) already finished, none to run (raise --legs to go on)")
+    while len(cards) < legs:
+        number = len(cards) + 1
+        start_from = (
+            str(leg_folder(out, number - 1) / f"{config.name}.safetensors") if cards else config.init_weights
+        )
+        leg_config = replace(
+            config, out=str(leg_folder(out, number)), init_weights=start_from, seed=config.seed + number - 1
+        )
+        say(f"campaign {out}: leg {number} of {legs}, from {start_from or 'a fresh network'}")
+        bar = progress_for_leg(number) if progress_for_leg else None
+        try:
+            train(leg_config, progress=bar, cancel=cancel, notice=notice)
+        finally:
+            getattr(bar, "close", lambda: None)()  # a tqdm bar per leg
+        weights = leg_folder(out, number) / f"{config.name}.safetensors"
+        card = json.loads(card_path(weights).read_text(encoding="utf-8"))  # as written: weights, sha256
+        cards.append(card)
+        _copy(weights, out / weights.name)
+        _copy(card_path(weights), card_path(out / weights.name))
+        record["legs"] = [_leg_summary(i, c) for i, c in enumerate(cards, start=1)]
+        _write_json(out / CAMPAIGN_FILE, record)
+        plot_campaign([(config.name, card)], out / "campaign.png")
+        say(f"campaign {out}: leg {number} finished: {_leg_summary(number, card)['summary']}")
+    return cards[-1] if cards else {}
+
+
+def _leg_summary(number: int, card: dict) -> dict:
+    """One finished leg for ``campaign.json``: where it is, its iterations, time and validation."""
+    leg = (card.get("legs") or [{}])[-1]
+    val = card.get("validation", {})
+    first, last = (leg.get("iterations") or [0, card.get("iterations", 0)])[:2]
+    figures = ", ".join(f"{title} {val[key]:.2f} dB" for key, title in SERIES if key in val)
+    minutes = float(leg.get("wall_seconds", card.get("training_seconds", 0.0))) / 60.0
+    return {
+        "leg": number,
+        "weights": f"{leg_folder('.', number).name}/{card.get('weights')}",
+        "sha256": card.get("sha256"),
+        "iterations": [first, last],
+        "wall_seconds": leg.get("wall_seconds"),
+        "validation": val,
+        "summary": f"{last - first} iterations in {minutes:.0f} min; {figures or 'no validation set'}",
+    }
