@@ -15,6 +15,7 @@ import pytest
 import torch
 from conftest import write_ct_series
 
+from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.denoiser.weights import load_model
 from IPv2DenoiseLib.imaging.masks import soft_tissue_mask
 from IPv2DenoiseLib.imaging.noise_estimate import estimate_noise_hu
@@ -630,3 +631,25 @@ def test_a_soup_of_noise_aware_and_texture_aware_networks_is_texture_aware(tmp_p
     first = mixed.inc[0].weight
     assert torch.allclose(first[:, -1], torch.full_like(first[:, -1], 0.01))
     assert torch.allclose(first[:, :-1], texture.inc[0].weight[:, :-1])
+
+
+def test_a_fractional_refresh_makes_one_slab_every_so_many_batches(real_series) -> None:
+    """``--noise-refresh 0.25`` (a CPU leg: a slab costs ~4 steps of the fast network): one new slab
+    every fourth batch, into the pool, and the leg's card can say so; a negative refresh is refused."""
+    (volume,) = load_anatomy_volumes([real_series])
+    sampler = ScannerNoiseSampler(
+        [volume], patch=32, in_slices=3, shares=(0.45, 0.4, 0.15), seed=2, pool=2, refresh=0.25,
+        ranges=one_protocol(0.25), augmentation=NO_AUGMENTATION,
+    )  # fmt: skip
+    assert sampler.slabs_made == 2  # the pool
+    made = []
+    for _ in range(8):
+        before = [slab[0] for slab in sampler.pool]
+        x, y = sampler.batch(3)
+        assert x.shape == (3, 3, 32, 32) and y.shape == (3, 1, 32, 32)
+        made.append(sampler.slabs_made)
+        replaced = sum(not np.array_equal(a, slab[0]) for a, slab in zip(before, sampler.pool))
+        assert replaced == (1 if len(made) % 4 == 0 else 0)
+    assert made == [2, 2, 2, 3, 3, 3, 3, 4]
+    with pytest.raises(UserError, match="noise refresh -1"):
+        ScannerNoiseSampler([volume], patch=32, in_slices=3, shares=(1, 1, 1), seed=2, pool=1, refresh=-1)

@@ -254,7 +254,7 @@ class ScannerNoiseSampler:
         ranges: ProtocolRanges | None = None,
         augmentation: Augmentation | None = None,
         pool: int = 24,
-        refresh: int = 1,
+        refresh: float = 1.0,
         device: str = "cpu",
         real_share: float | None = None,
         noise_channels: int = 0,
@@ -275,7 +275,12 @@ class ScannerNoiseSampler:
         self.rng = np.random.default_rng(seed)
         self.ranges = ranges or ProtocolRanges()
         self.augmentation = augmentation or Augmentation()
+        if refresh < 0:
+            raise UserError(f"noise refresh {refresh}: need 0 or more slabs per batch")
+        #: Slabs re-simulated per batch; a fraction re-simulates one every 1 / refresh batches
+        #: (a slab costs ~2 s of one CPU core, a step of the fast network ~0.5 s: docs/training.md).
         self.refresh, self.device = refresh, device
+        self.refresh_credit = 0.0  # slabs owed to the pool, carried from batch to batch
         self.shares = np.asarray(shares, float) / np.sum(shares)
         self.pool: list[
             tuple[np.ndarray, np.ndarray, np.ndarray]
@@ -429,7 +434,10 @@ class ScannerNoiseSampler:
         if self.executor is not None:
             self.refresh_from_workers()
         else:
-            for _ in range(self.refresh):
+            self.refresh_credit += self.refresh
+            due = int(self.refresh_credit + 1e-9)  # 4 x 0.25 makes one slab, not 0.999...
+            self.refresh_credit -= due
+            for _ in range(due):
                 index = int(self.rng.integers(len(self.pool)))
                 self.pool[index] = self.make_slab()
                 self.maps[index] = self.slab_map(self.pool[index][0])

@@ -123,7 +123,7 @@ class TrainConfig:
     decay_fraction: float = 0.25
     #: Scanner-noise pool: slabs kept, and slabs replaced per iteration.
     noise_pool: int = 24
-    noise_refresh: int = 1
+    noise_refresh: float = 1.0
     #: Processes making scanner-noise slabs beside the training step (0: the training process
     #: makes ``noise_refresh`` per batch). For a GPU, whose step is far faster than a slab.
     data_workers: int = 0
@@ -728,6 +728,8 @@ class Trainer:
                 "real_share": sampler.real_share,
                 "fine_pixel_share": sampler.augmentation.fine_pixel_share,
                 "image_texture_share": sampler.ranges.image_texture_share,
+                "noise_pool": len(sampler.pool),
+                "noise_refresh": sampler.refresh,
                 "slabs": sampler.slabs_made,
                 "real_slabs": sampler.real_slabs,
             }

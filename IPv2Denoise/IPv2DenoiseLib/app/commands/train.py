@@ -161,9 +161,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--noise-refresh",
-        type=int,
-        default=1,
-        help="scanner noise: slabs re-simulated per iteration (default 1)",
+        type=float,
+        default=1.0,
+        help="scanner noise: slabs re-simulated per iteration (default 1); a fraction makes one slab "
+        "every 1/F iterations (0.25: every fourth), for a CPU leg, where a slab costs 4x a step of the "
+        "fast network; give a larger --noise-pool with it",
     )
     parser.add_argument(
         "--data-workers",
