@@ -77,6 +77,7 @@ def test_a_campaign_runs_its_legs_in_turn_and_goes_on_where_it_stopped(
         cards[1]["validation"]["psnr_label"]
     )
     assert record["plan"]["seed"] == 0 and "iterations" not in record["plan"]  # a leg's length may change
+    assert record["plan"]["cases"] == ["case_000"]  # by name: the campaign may move to another machine
     assert (out / "campaign.png").stat().st_size > 10_000
     # leg k trains with seed + k - 1, so the legs draw different slabs and patches
     seeds = [
@@ -91,8 +92,12 @@ def test_a_campaign_runs_its_legs_in_turn_and_goes_on_where_it_stopped(
     assert "2 leg(s) already finished" in capsys.readouterr().err
     assert first.stat().st_mtime_ns == stamp and len(finished_legs(out, "model")) == 2
 
-    # one more leg: from leg 2, legs 1 and 2 untouched
-    assert main([*command, "--legs", "3"]) == 0
+    # one more leg: from leg 2, legs 1 and 2 untouched; on another machine the data may lie elsewhere
+    moved = tmp_path / "elsewhere" / "case_000"
+    moved.parent.mkdir()
+    moved.symlink_to(phantom, target_is_directory=True)
+    command = [str(moved) if arg == str(phantom) else arg for arg in command]
+    assert main([*command, "--legs", "3", "--device", "cpu"]) == 0
     third = finished_legs(out, "model")[2]
     assert [g["leg"] for g in third["legs"]] == [1, 2, 3] and first.stat().st_mtime_ns == stamp
     assert sha256_file(out / "model.safetensors") == third["sha256"]

@@ -36,8 +36,12 @@ from IPv2DenoiseLib.training.trainer import TrainConfig, check_config, train
 
 #: The campaign folder's record of its plan and finished legs.
 CAMPAIGN_FILE = "campaign.json"
-#: Options that may change between runs of one campaign: the leg's length, and the number of legs.
-_LEG_LENGTH_KEYS = ("iterations", "max_minutes")
+#: Options that may change between runs of one campaign: a leg's length, and where and how fast it
+#: runs (a campaign moves to another machine, or to a GPU).
+_FREE_KEYS = ("iterations", "max_minutes", "out", "device", "data_workers")
+#: Options that name files: compared by name, since another machine keeps them elsewhere (the
+#: model cards name the volumes the same way).
+_PATH_KEYS = ("cases", "val_cases", "anatomy", "val_anatomy", "init_weights", "weak_denoiser")
 #: The validation keys a campaign is plotted by: the cases' own 2 % scans, the fixed scanner
 #: protocol, and held-out real anatomy under projection-domain noise.
 SERIES = (
@@ -105,8 +109,14 @@ def plot_campaign(cards: Sequence[tuple[str, dict]], out: str | Path) -> None:
 def _plan(config: TrainConfig) -> dict:
     """The options every leg of the campaign shares (JSON), for the check on resume."""
     plan = json.loads(json.dumps(asdict(config)))
-    for key in (*_LEG_LENGTH_KEYS, "out"):
+    for key in _FREE_KEYS:
         plan.pop(key, None)
+    for key in _PATH_KEYS:
+        value = plan.get(key)
+        if isinstance(value, list):
+            plan[key] = [Path(v).name for v in value]
+        elif value:
+            plan[key] = Path(value).name
     return plan
 
 
@@ -147,11 +157,15 @@ def check_campaign(config: TrainConfig, legs: int) -> dict | None:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UserError(f"{record_path} is not a campaign record ({exc}); use a new --out") from None
     current = _plan(config)
+    if finished_legs(config.out, config.name):  # leg 1 is done: where it started no longer matters
+        saved.pop("init_weights", None)
+        current.pop("init_weights", None)
     differ = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
     if differ:
         raise UserError(
             f"{config.out} is a campaign with other options ({', '.join(differ)} differ); "
-            "continue it with the same options (only --legs, --iterations and --max-minutes may change) "
+            "continue it with the same options (--legs, --iterations, --max-minutes, --device and "
+            "--data-workers may change; files are compared by name) "
             "or use a new --out"
         )
     return record
