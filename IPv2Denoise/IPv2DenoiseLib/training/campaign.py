@@ -186,7 +186,7 @@ def run_campaign(
     already finished are skipped and a leg cut short resumes from its checkpoint, so running the
     same command again continues the campaign. ``progress_for_leg(k)`` gives leg k's progress.
     """
-    record = check_campaign(config, legs)
+    record = check_campaign(config, legs)  # before any data is read
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     if record is None:
@@ -218,7 +218,7 @@ def run_campaign(
         record["legs"] = [_leg_summary(i, c) for i, c in enumerate(cards, start=1)]
         _write_json(out / CAMPAIGN_FILE, record)
         plot_campaign([(config.name, card)], out / "campaign.png")
-        say(f"campaign {out}: leg {number} finished: {_leg_summary(number, card)['summary']}")
+        say(f"campaign {out}: leg {number} finished: {record['legs'][-1]['summary']}")
     return cards[-1] if cards else {}
 
 

@@ -182,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
     # lazy: the CLI imports every command to build --help; torch & co. load on use
     from IPv2DenoiseLib.denoiser.models import resolve_architecture
     from IPv2DenoiseLib.io.case_folder import expand_case_folders
-    from IPv2DenoiseLib.training.campaign import check_campaign, run_campaign
+    from IPv2DenoiseLib.training.campaign import run_campaign
     from IPv2DenoiseLib.training.trainer import TrainConfig, train
 
     kwargs = {}
@@ -240,7 +240,6 @@ def run(args: argparse.Namespace) -> int:
         config.region_shares = tuple(args.region_shares)
     notice = lambda line: print(line, file=sys.stderr)  # noqa: E731
     if args.legs is not None:
-        check_campaign(config, args.legs)  # before any data is read
         card = run_campaign(
             config,
             args.legs,
