@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from IPv2DenoiseLib.core.progress import Cancelled, CancelToken
+from IPv2DenoiseLib.core.progress import Cancelled, CancelToken, StopRequest
 from IPv2DenoiseLib.denoiser.weights import sha256_file
 from IPv2DenoiseLib.training.campaign import CAMPAIGN_FILE, finished_legs, leg_folder, run_campaign
-from IPv2DenoiseLib.training.trainer import TrainConfig
+from IPv2DenoiseLib.training.trainer import TrainConfig, train
 
 #: A tiny network and batch: the campaign's bookkeeping is under test, not the learning.
 TINY_KWARGS = {"in_slices": 3, "base_channels": 4, "levels": 2}
@@ -149,3 +154,129 @@ def test_a_campaign_runs_its_legs_in_turn_and_goes_on_where_it_stopped(
     assert card["legs"][-1]["iterations"] == [2, 4] and card["legs"][-1]["leg"] == 4
     assert card["legs"][-1]["initialised_from"] == "model.safetensors"
     assert first.stat().st_mtime_ns == stamp and len(finished_legs(out, "model")) == 4
+
+
+def _tiny_config(phantom: Path, val: Path, out: Path, iterations: int) -> TrainConfig:
+    config = TrainConfig(
+        cases=[str(phantom)],
+        val_cases=[str(val)],
+        out=str(out),
+        name="model",
+        noise="scanner",
+        schedule="constant",
+        noise_pool=2,
+        device="cpu",
+        batch=4,
+        patch=32,
+        iterations=iterations,
+        val_every=100,
+        val_slices=2,
+    )
+    config.model_kwargs = dict(TINY_KWARGS)
+    return config
+
+
+def test_a_stop_request_ends_the_running_leg_as_a_finished_leg_and_the_campaign_after_it(
+    made_dataset, tmp_path
+) -> None:
+    phantom, val = made_dataset / "case_000", made_dataset / "case_001"
+    out = tmp_path / "campaign"
+    config = _tiny_config(phantom, val, out, iterations=6)
+    stop = StopRequest()
+    seen_listening = []
+
+    def stop_leg_2_after_3_steps(leg: int):
+        def progress(done: int, total: int, message: str = "") -> None:
+            seen_listening.append(stop.listening)
+            if leg == 2 and done == 3:
+                stop.request("SIGTERM")
+
+        return progress
+
+    notices: list[str] = []
+    card = run_campaign(
+        config, 3, progress_for_leg=stop_leg_2_after_3_steps, stop=stop, notice=notices.append
+    )
+    assert all(seen_listening) and not stop.listening  # it listens while steps run, and only then
+    # leg 2 ended after its third step, validated (a round at 3, not only at 6) and exported
+    assert card["legs"][-1]["leg"] == 2 and card["legs"][-1]["iterations"] == [0, 3]
+    assert card["legs"][-1]["stopped_by"] == "SIGTERM" and card["history"]["iteration"] == [3]
+    assert card["validation"]["psnr_label"] > 0
+    cards = finished_legs(out, "model")
+    assert len(cards) == 2 and not leg_folder(out, 3).exists()  # the campaign stopped after it
+    assert sha256_file(out / "model.safetensors") == cards[1]["sha256"]
+    record = json.loads((out / CAMPAIGN_FILE).read_text())
+    assert [g["stopped_by"] for g in record["legs"]] == ["iterations", "SIGTERM"]
+    assert "(stopped by SIGTERM)" in record["legs"][1]["summary"]
+    assert any("stopped after leg 2 (SIGTERM)" in line for line in notices)
+    # the same command again goes on with leg 3, from the stopped leg's weights
+    card = run_campaign(config, 3)
+    assert card["legs"][-1]["leg"] == 3 and card["legs"][-1]["iterations"] == [0, 6]
+    assert card["legs"][-1]["initialised_from"] == "model.safetensors"
+    assert card["legs"][1]["stopped_by"] == "SIGTERM" and len(finished_legs(out, "model")) == 3
+
+
+def test_a_stop_before_the_first_step_keeps_nothing(made_dataset, tmp_path) -> None:
+    phantom, val = made_dataset / "case_000", made_dataset / "case_001"
+    stop = StopRequest()
+    stop.request("SIGTERM")
+    with pytest.raises(Cancelled, match="before the first step"):
+        train(_tiny_config(phantom, val, tmp_path / "leg", iterations=4), stop=stop)
+    assert not (tmp_path / "leg" / "model.safetensors").exists()
+    assert not (tmp_path / "leg" / "checkpoint.pt").exists()
+
+
+def test_the_train_command_turns_the_first_signal_into_a_stop_and_a_second_into_an_abort() -> None:
+    from IPv2DenoiseLib.app.commands.train import stop_on_signals
+
+    stop = StopRequest()
+    before = signal.getsignal(signal.SIGTERM)
+    with stop_on_signals(stop):
+        # nothing trains yet (reading data, filling the pool): nothing to keep, so it aborts at once
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+        assert not stop.requested
+        stop.listening = True
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while a leg trains: a stop, not an abort
+        time.sleep(0.1)
+        assert stop.requested and stop.reason == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):  # a second one aborts
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+    assert signal.getsignal(signal.SIGTERM) is before  # the handlers are put back
+
+
+def test_sigterm_to_a_training_campaign_keeps_the_leg_and_a_rerun_goes_on(made_dataset, tmp_path) -> None:
+    phantom, val = made_dataset / "case_000", made_dataset / "case_001"
+    out = tmp_path / "campaign"
+    command = _command(phantom, out, "--val", str(val), "--legs", "2", "--json-progress")
+    command[command.index("--iterations") + 1] = "100000"  # only the signal ends this leg
+    command[command.index("--val-every") + 1] = "100000"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "IPv2DenoiseLib", *command],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        steps = 0
+        for line in proc.stdout:  # a JSON progress line per step: signal once the leg made a few
+            steps += '"progress"' in line
+            if steps == 3:
+                break
+        assert steps == 3, "the leg never started"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+    finally:
+        proc.kill()
+    assert "SIGTERM: ending the leg at its next step" in err and "stopped after leg 1 (SIGTERM)" in err
+    cards = finished_legs(out, "model")
+    assert len(cards) == 1 and not leg_folder(out, 2).exists()
+    leg = cards[0]["legs"][-1]
+    assert leg["stopped_by"] == "SIGTERM" and steps <= leg["iterations"][1] < 100000
+    assert cards[0]["history"]["iteration"] == [leg["iterations"][1]]  # validated at the stop
+    checkpoint = torch.load(leg_folder(out, 1) / "checkpoint.pt", weights_only=True)
+    assert checkpoint["iteration"] == leg["iterations"][1]
+    assert sha256_file(out / "model.safetensors") == cards[0]["sha256"]

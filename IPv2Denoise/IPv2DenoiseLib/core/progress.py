@@ -1,7 +1,8 @@
 """Progress reporting and cancellation shared by every long job (docs/architecture.md).
 
 A job takes ``progress: ProgressCallback | None`` and ``cancel: CancelToken | None``; it calls
-``progress(done, total, message)`` and ``cancel.check()`` between units of work. Front ends turn
+``progress(done, total, message)`` and ``cancel.check()`` between units of work. A job whose
+partial work is worth keeping (training) also takes ``stop: StopRequest | None``. Front ends turn
 the callback into a tqdm bar (CLI), JSON lines (``--json-progress``, read by the Slicer module) or
 a Qt progress bar.
 """
@@ -42,6 +43,30 @@ class CancelToken:
     def check(self) -> None:
         if self._event.is_set():
             raise Cancelled("cancelled by the user")
+
+
+class StopRequest:
+    """Thread-safe flag asking a job to end early and keep its work, unlike :class:`CancelToken`,
+    which abandons it: a training leg ends at its next step, validates and exports what it learned.
+
+    A job sets ``listening`` while it can honour a request; a front end (the ``train`` command's
+    signal handler) aborts at once when nothing listens, since then there is nothing to keep.
+    """
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        #: Why the stop was asked for (e.g. ``"SIGTERM"``), recorded in the leg's model card.
+        self.reason: str | None = None
+        #: Whether a job is running that will honour a request at its next step.
+        self.listening = False
+
+    def request(self, reason: str) -> None:
+        self.reason = reason
+        self._event.set()
+
+    @property
+    def requested(self) -> bool:
+        return self._event.is_set()
 
 
 class EtaEstimator:

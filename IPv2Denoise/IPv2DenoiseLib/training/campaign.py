@@ -3,7 +3,9 @@
 A CPU campaign trains for hours or days. ``train --legs N`` runs N legs back to back, each started
 from the previous leg's exported weights (``--init``), so that a crash, a reboot or ``kill -9``
 costs at most the part of one leg since its last round (its checkpoint), and every finished leg's
-weights can be committed or copied to another machine while the next one runs.
+weights can be committed or copied to another machine while the next one runs. A stop request
+(``SIGTERM`` or Ctrl-C to ``train``) ends the running leg at its next step as a finished leg, so
+what it learned is kept, and ends the campaign; the same command again goes on with the next leg.
 
 Layout of the campaign folder (``--out``)::
 
@@ -30,12 +32,14 @@ from matplotlib.figure import Figure
 
 from IPv2DenoiseLib.core.atomic import atomic_path
 from IPv2DenoiseLib.core.errors import UserError
-from IPv2DenoiseLib.core.progress import CancelToken, ProgressCallback
+from IPv2DenoiseLib.core.progress import CancelToken, ProgressCallback, StopRequest
 from IPv2DenoiseLib.denoiser.weights import card_path
 from IPv2DenoiseLib.training.trainer import TrainConfig, check_config, train
 
 #: The campaign folder's record of its plan and finished legs.
 CAMPAIGN_FILE = "campaign.json"
+#: How a leg ends as planned (a model card's ``stopped_by``); anything else is a stop request (a signal).
+STOPPED_ON_PLAN = ("iterations", "max_minutes", None)
 #: Options that may change between runs of one campaign: a leg's length, and where and how fast it
 #: runs (a campaign moves to another machine, or to a GPU).
 _FREE_KEYS = ("iterations", "max_minutes", "out", "device", "data_workers")
@@ -177,6 +181,7 @@ def run_campaign(
     *,
     progress_for_leg: Callable[[int], ProgressCallback | None] | None = None,
     cancel: CancelToken | None = None,
+    stop: StopRequest | None = None,
     notice: Callable[[str], None] | None = None,
 ) -> dict:
     """Train until the campaign in ``config.out`` has ``legs`` finished legs; the last leg's card.
@@ -185,6 +190,7 @@ def run_campaign(
     from ``config.init_weights`` (or a fresh network), every later leg from the leg before. Legs
     already finished are skipped and a leg cut short resumes from its checkpoint, so running the
     same command again continues the campaign. ``progress_for_leg(k)`` gives leg k's progress.
+    A ``stop`` request ends the running leg early as a finished leg and the campaign after it.
     """
     record = check_campaign(config, legs)  # before any data is read
     out = Path(config.out)
@@ -207,7 +213,7 @@ def run_campaign(
         say(f"campaign {out}: leg {number} of {legs}, from {start_from or 'a fresh network'}")
         bar = progress_for_leg(number) if progress_for_leg else None
         try:
-            train(leg_config, progress=bar, cancel=cancel, notice=notice)
+            train(leg_config, progress=bar, cancel=cancel, stop=stop, notice=notice)
         finally:
             getattr(bar, "close", lambda: None)()  # a tqdm bar per leg
         weights = leg_folder(out, number) / f"{config.name}.safetensors"
@@ -219,6 +225,12 @@ def run_campaign(
         _write_json(out / CAMPAIGN_FILE, record)
         plot_campaign([(config.name, card)], out / "campaign.png")
         say(f"campaign {out}: leg {number} finished: {record['legs'][-1]['summary']}")
+        if stop is not None and stop.requested:
+            say(
+                f"campaign {out}: stopped after leg {number} ({stop.reason or 'stop request'}); "
+                "run the same command again to go on"
+            )
+            break
     return cards[-1] if cards else {}
 
 
@@ -236,5 +248,8 @@ def _leg_summary(number: int, card: dict) -> dict:
         "iterations": [first, last],
         "wall_seconds": leg.get("wall_seconds"),
         "validation": val,
-        "summary": f"{last - first} iterations in {minutes:.0f} min; {figures or 'no validation set'}",
+        "stopped_by": leg.get("stopped_by"),
+        "summary": f"{last - first} iterations in {minutes:.0f} min"
+        + (f" (stopped by {leg['stopped_by']})" if leg.get("stopped_by") not in STOPPED_ON_PLAN else "")
+        + f"; {figures or 'no validation set'}",
     }

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from contextlib import contextmanager
@@ -497,8 +498,13 @@ def single_threaded_children() -> Iterator[None]:
 
 
 def start_slab_worker(settings: dict) -> None:
-    """Initialise a slab worker process: its own sampler over the same volumes, no pool, on the CPU."""
+    """Initialise a slab worker process: its own sampler over the same volumes, no pool, on the CPU.
+
+    It ignores Ctrl-C, which a terminal sends to the whole process group: the main process decides
+    (``train`` ends the leg and keeps it), and a worker killed by it would break the pool mid-leg.
+    """
     global WORKER_SAMPLER
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
     WORKER_SAMPLER = ScannerNoiseSampler(**settings, seed=0, pool=0)
 

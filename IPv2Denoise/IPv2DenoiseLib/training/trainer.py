@@ -31,7 +31,7 @@ from matplotlib.figure import Figure
 from IPv2DenoiseLib.core.atomic import atomic_path
 from IPv2DenoiseLib.core.device import describe_device, resolve_device
 from IPv2DenoiseLib.core.errors import UserError
-from IPv2DenoiseLib.core.progress import CancelToken, ProgressCallback
+from IPv2DenoiseLib.core.progress import Cancelled, CancelToken, ProgressCallback, StopRequest
 from IPv2DenoiseLib.denoiser.infer import runs_in_bf16
 from IPv2DenoiseLib.denoiser.models import (
     NoiseAwareUNet,
@@ -501,10 +501,19 @@ class Trainer:
         self.sampler_before = state.get("sampler")
         return int(state["iteration"])
 
-    def run(self, *, progress: ProgressCallback | None = None, cancel: CancelToken | None = None) -> dict:
-        """Train from the start (or the checkpoint) to ``config.iterations``; the card (rank 0)."""
-        config = self.config
-        running = []
+    def run(
+        self,
+        *,
+        progress: ProgressCallback | None = None,
+        cancel: CancelToken | None = None,
+        stop: StopRequest | None = None,
+    ) -> dict:
+        """Train from the start (or the checkpoint) to ``config.iterations``; the card (rank 0).
+
+        ``stop`` ends the leg early and keeps it: at the next step the leg validates, checkpoints
+        and exports as if its ``max_minutes`` were spent (``cancel`` abandons it instead; the
+        checkpoint stays for a resume).
+        """
         self.began = self.last_round = time.monotonic()
         self.started_utc = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         self.stopped_by = "iterations"
@@ -512,11 +521,38 @@ class Trainer:
         if self.real_val and self.rank == 0 and "val_start" not in self.history:
             # the --init network on the held-out real scans: what this leg must beat to ship
             self.history["val_start"] = self.validation_metrics(real_only=True)
+        if stop is not None:
+            stop.listening = True
+        try:
+            self.train_loop(progress=progress, cancel=cancel, stop=stop)
+        finally:
+            if stop is not None:
+                stop.listening = False
+        if isinstance(self.sampler, ScannerNoiseSampler):
+            self.sampler.close()  # its worker processes, if any
+        if self.done == 0:  # stopped before its first step, with nothing to resume from: nothing to keep
+            raise Cancelled(f"stopped ({self.stopped_by}) before the first step: nothing to keep")
+        card = self.export(time.monotonic() - self.began + self.elapsed_before) if self.rank == 0 else {}
+        if self.world > 1:
+            torch.distributed.barrier()
+        return card
+
+    def train_loop(
+        self,
+        *,
+        progress: ProgressCallback | None,
+        cancel: CancelToken | None,
+        stop: StopRequest | None,
+    ) -> None:
+        """The steps of :meth:`run`, to ``config.iterations`` or an earlier stop (``stopped_by``)."""
+        config = self.config
+        running: list[float] = []
         for it in range(self.start, config.iterations):
             if cancel is not None:
                 cancel.check()
-            if self.out_of_time():
-                self.stopped_by = "max_minutes"
+            over, asked = self.out_of_time(), self.any_rank(stop is not None and stop.requested)
+            if over or asked:
+                self.stopped_by = "max_minutes" if over else (stop and stop.reason) or "stop request"
                 if running:
                     self.end_round(it, running)
                 break
@@ -531,12 +567,6 @@ class Trainer:
                 progress(
                     done - self.start, self.expected_iterations(done) - self.start, f"loss {last_loss:.4f}"
                 )
-        if isinstance(self.sampler, ScannerNoiseSampler):
-            self.sampler.close()  # its worker processes, if any
-        card = self.export(time.monotonic() - self.began + self.elapsed_before) if self.rank == 0 else {}
-        if self.world > 1:
-            torch.distributed.barrier()
-        return card
 
     def expected_iterations(self, done: int) -> int:
         """The iteration this leg will end at, for progress and ETA: ``iterations``, or for a leg
@@ -550,25 +580,25 @@ class Trainer:
         paced = self.start + int((done - self.start) / fraction)
         return max(done, min(config.iterations, paced))
 
+    def any_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on any DDP rank: one answer on every rank, so all stop together."""
+        if self.world == 1:
+            return flag
+        value = torch.tensor(float(flag), device=self.device)
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+        return bool(value.item())
+
     def round_due(self) -> bool:
         """Whether ``round_seconds`` have passed since the last round (the same answer on every rank)."""
         if self.round_seconds is None:
             return False
-        due = torch.tensor(float(time.monotonic() - self.last_round >= self.round_seconds))
-        if self.world > 1:
-            due = due.to(self.device)
-            torch.distributed.all_reduce(due, op=torch.distributed.ReduceOp.MAX)
-        return bool(due.item())
+        return self.any_rank(time.monotonic() - self.last_round >= self.round_seconds)
 
     def out_of_time(self) -> bool:
         """Whether this leg's ``max_minutes`` are spent (the same answer on every DDP rank)."""
         if self.config.max_minutes is None:
             return False
-        over = torch.tensor(float(time.monotonic() - self.began >= 60.0 * self.config.max_minutes))
-        if self.world > 1:
-            over = over.to(self.device)
-            torch.distributed.all_reduce(over, op=torch.distributed.ReduceOp.MAX)
-        return bool(over.item())
+        return self.any_rank(time.monotonic() - self.began >= 60.0 * self.config.max_minutes)
 
     def clock_fraction(self) -> float:
         """Share of this leg's ``max_minutes`` spent so far."""
@@ -794,10 +824,11 @@ def train(
     *,
     progress: ProgressCallback | None = None,
     cancel: CancelToken | None = None,
+    stop: StopRequest | None = None,
     prepared: tuple[Sequence[CasePairs], Sequence[CasePairs]] | None = None,
     notice: Callable[[str], None] | None = None,
 ) -> dict:
-    """Train, validate, checkpoint and export; returns the model card.
+    """Train, validate, checkpoint and export; returns the model card (``stop``: :meth:`Trainer.run`).
 
     ``prepared`` skips reading case folders (tests and the evaluation pass pairs they built).
     ``notice`` receives one-line remarks the user should read before the leg runs (a held-out
@@ -845,7 +876,7 @@ def train(
                 f"note: --val-anatomy {name} was in the training of leg(s) {', '.join(map(str, legs))} of the "
                 "--init network, so it is not held out of that network: its validation_start flatters it"
             )
-    return trainer.run(progress=progress, cancel=cancel)
+    return trainer.run(progress=progress, cancel=cancel, stop=stop)
 
 
 def trained_on_before(volume_names: Sequence[str], legs: Sequence[dict]) -> dict[str, list[int]]:

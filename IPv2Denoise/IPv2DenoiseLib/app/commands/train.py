@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from IPv2DenoiseLib.core.errors import UserError
-from IPv2DenoiseLib.core.progress import make_progress
+from IPv2DenoiseLib.core.progress import StopRequest, make_progress
 
 NAME = "train"
 HELP = "Train a denoiser on purified ULDCT/NDCT pairs (case folders with uldct.nrrd and ndct.nrrd)."
@@ -239,20 +243,62 @@ def run(args: argparse.Namespace) -> int:
             )
         config.region_shares = tuple(args.region_shares)
     notice = lambda line: print(line, file=sys.stderr)  # noqa: E731
-    if args.legs is not None:
-        card = run_campaign(
-            config,
-            args.legs,
-            progress_for_leg=lambda leg: make_progress(
-                args.json_progress, desc=f"train leg {leg}/{args.legs}", unit="it"
-            ),
-            notice=notice,
-        )
-    else:
-        card = train(
-            config, progress=make_progress(args.json_progress, desc="train", unit="it"), notice=notice
+    stop = StopRequest()
+    with stop_on_signals(stop):
+        if args.legs is not None:
+            card = run_campaign(
+                config,
+                args.legs,
+                progress_for_leg=lambda leg: make_progress(
+                    args.json_progress, desc=f"train leg {leg}/{args.legs}", unit="it"
+                ),
+                stop=stop,
+                notice=notice,
+            )
+        else:
+            card = train(
+                config,
+                progress=make_progress(args.json_progress, desc="train", unit="it"),
+                stop=stop,
+                notice=notice,
+            )
+    if card and stop.requested:
+        print(
+            f"ipv2-denoise train: stopped by {stop.reason} at iteration {card['iterations']}; "
+            "the leg was validated and exported",
+            file=sys.stderr,
         )
     if card:
         print(f"weights: {Path(args.out) / (args.name + '.safetensors')}")
         print(json.dumps(card.get("validation", {}), indent=2))
     return 0
+
+
+@contextlib.contextmanager
+def stop_on_signals(stop: StopRequest) -> Iterator[None]:
+    """``SIGTERM`` or Ctrl-C while a leg trains ends it at its next step and keeps it (validated,
+    checkpointed and exported as a finished leg), so a scheduler's stop or the end of a session
+    loses nothing. A second signal, or one before the first step (reading data, filling the noise
+    pool: nothing learned yet), aborts at once as before; the last checkpoint stays for a resume."""
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield
+        return
+
+    def handle(signum: int, frame: object) -> None:
+        name = signal.Signals(signum).name
+        if stop.requested or not stop.listening:
+            raise KeyboardInterrupt
+        stop.request(name)
+        print(
+            f"ipv2-denoise train: {name}: ending the leg at its next step and keeping it "
+            "(validation and export take a minute; send it again to abort)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
