@@ -62,7 +62,11 @@ def test_mismatched_uldct_differs_from_sim_as_designed(anatomy):
     # the smoother kernel shifts the NPS to lower frequencies and lowers the noise
     assert m["ratio"]["nps_mean_freq"] < 0.9
     assert m["real"]["nps_peak_freq"] <= m["sim"]["nps_peak_freq"]
-    assert m["ratio"]["sd_soft_tissue"] < 0.9
+    # ... everywhere; this tiny phantom's soft-tissue ROI swings by about ±0.1 between noise draws
+    # (0.73-0.95 over six, anatomy seeds 11-13 x scan seeds 5-6), its lungs and background far less
+    # (0.68-0.78 and 0.76-0.83), so those carry the tight bounds
+    assert m["ratio"]["sd_soft_tissue"] < 1.0
+    assert m["ratio"]["sd_lungs"] < 0.85 and m["ratio"]["sd_background"] < 0.9
     assert len(m["real"]["nps_radial"]) == len(m["sim"]["nps_radial"]) > 3
 
 

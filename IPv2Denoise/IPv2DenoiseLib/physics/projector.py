@@ -26,6 +26,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.sparse
 import torch
 
 try:  # optional: the torch back end serves where finufft is not installed
@@ -200,7 +201,8 @@ class ParallelProjector:
     device : torch device for inputs/outputs and the torch back end.
     backend : ``"finufft"`` (CPU), ``"torch"`` (any device) or ``"auto"`` (finufft on CPU when
         importable, torch otherwise).
-    eps : NUFFT tolerance for finufft.
+    eps : NUFFT tolerance for finufft. 1e-4 gives line integrals within 6e-5 (relative) of 1e-5's
+        in 0.4–0.6 of the time (fbp too); the quantum noise these carry needs far less.
     footprint : model the square pixel's footprint in the forward projection (so a piecewise-constant
         image projects to its exact, band-limited line integrals).
     """
@@ -215,7 +217,7 @@ class ParallelProjector:
         pad: int = 2,
         device: str | torch.device = "cpu",
         backend: str = "auto",
-        eps: float = 1e-5,
+        eps: float = 1e-4,
         footprint: bool = True,
     ) -> None:
         if n < 2 or views < 1:
@@ -238,6 +240,8 @@ class ParallelProjector:
         if backend == "finufft" and self.device.type != "cpu":
             raise UserError(f"backend='finufft' runs on CPU only, device={self.device}")
         self.backend_name = backend
+        #: The NUFFT tolerance asked for (finufft's; the torch back end's own error is ~1e-5).
+        self.eps = float(eps)
 
         self.theta = np.arange(self.views) * np.pi / self.views
         kk = np.arange(self.m_pad // 2 + 1)
@@ -413,11 +417,23 @@ class FanRebinner:
 
     @staticmethod
     def _csr(rows, cols, vals, shape, device) -> torch.Tensor:
-        idx = torch.from_numpy(np.stack([rows, cols]).astype(np.int64))
-        coo = torch.sparse_coo_tensor(
-            idx, torch.from_numpy(vals.astype(np.float32)), shape, check_invariants=False
-        )
-        return _to_csr(coo.coalesce(), device)
+        """The torch CSR matrix of (row, column, value) triplets, duplicates summed.
+
+        scipy's COO → CSR conversion does the summing: 0.35 → 0.05 s for a fan matrix, against
+        torch's ``coalesce`` (the same matrix), and the matrix is built again for every new pixel size (each
+        training slab draws one).
+        """
+        csr = scipy.sparse.coo_matrix((vals.astype(np.float32), (rows, cols)), shape=shape).tocsr()
+        csr.sum_duplicates()  # canonical: sorted column indices, no duplicates
+        with warnings.catch_warnings():  # silence torch's "CSR support is in beta" notice
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.sparse_csr_tensor(
+                torch.from_numpy(csr.indptr.astype(np.int64)),
+                torch.from_numpy(csr.indices.astype(np.int64)),
+                torch.from_numpy(csr.data),
+                size=shape,
+                dtype=torch.float32,
+            ).to(device)
 
     def to_fan(self, par: torch.Tensor) -> torch.Tensor:
         """``(B, V/2, n_det)`` parallel → ``(B, views, channels)`` fan sinogram."""
