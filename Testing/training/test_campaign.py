@@ -280,3 +280,34 @@ def test_sigterm_to_a_training_campaign_keeps_the_leg_and_a_rerun_goes_on(made_d
     checkpoint = torch.load(leg_folder(out, 1) / "checkpoint.pt", weights_only=True)
     assert checkpoint["iteration"] == leg["iterations"][1]
     assert sha256_file(out / "model.safetensors") == cards[0]["sha256"]
+
+
+def test_a_baseline_is_validated_beside_every_leg_on_the_same_sets(made_dataset, tmp_path, capsys) -> None:
+    from IPv2DenoiseLib.app.cli import main
+
+    phantom, val = made_dataset / "case_000", made_dataset / "case_001"
+    out = tmp_path / "campaign"
+    config = _tiny_config(phantom, val, out, iterations=2)
+    first = run_campaign(config, 1)
+    # leg 2 with leg 1's weights as the baseline: the baseline's figures are leg 1's own (to float
+    # rounding: in training the network runs channels-last)
+    reference = leg_folder(out, 1) / "model.safetensors"
+    card = run_campaign(config, 2, baseline=reference)
+    base = card["validation_baseline"]
+    assert base["weights"] == "model" and base["sha256"] == first["sha256"]
+    assert {k: base[k] for k in first["validation"]} == pytest.approx(first["validation"], rel=1e-8)
+    assert card["legs"][-1]["validation_baseline"] == base and "validation_baseline" not in card["legs"][0]
+    record = json.loads((out / CAMPAIGN_FILE).read_text())
+    difference = card["validation"]["psnr_label"] - first["validation"]["psnr_label"]
+    assert (
+        f"own 2 % scans {card['validation']['psnr_label']:.2f} dB ({difference:+.2f} against model)"
+        in (record["legs"][1]["summary"])
+    )
+    assert "against" not in record["legs"][0]["summary"]
+    # a missing baseline is refused in one line, before any work
+    capsys.readouterr()
+    command = _command(
+        phantom, tmp_path / "other", "--val", str(val), "--baseline", str(tmp_path / "no.safetensors")
+    )
+    assert main(command) == 2
+    assert "--baseline" in capsys.readouterr().err and not (tmp_path / "other").exists()

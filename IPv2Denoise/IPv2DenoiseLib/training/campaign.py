@@ -96,8 +96,21 @@ def plot_campaign(cards: Sequence[tuple[str, dict]], out: str | Path) -> None:
     axes = fig.subplots(1, max(1, len(shown)), squeeze=False)[0]
     for name, card in cards:
         points = leg_points(card)
+        # the --baseline weights validated beside each leg (the model to beat), where given
+        bases = [leg.get("validation_baseline") or {} for leg in card.get("legs", [])]
         for ax, (key, title) in zip(axes, shown):
-            ax.plot([h for h, _ in points], [v.get(key, math.nan) for _, v in points], marker="o", label=name)
+            line = ax.plot(
+                [h for h, _ in points], [v.get(key, math.nan) for _, v in points], marker="o", label=name
+            )
+            if any(key in b for b in bases):
+                ax.plot(
+                    [h for h, _ in points],
+                    [b.get(key, math.nan) for b in bases],
+                    linestyle="--",
+                    marker="x",
+                    color=line[0].get_color(),
+                    label=f"{name}: baseline {next(b['weights'] for b in bases if key in b)}",
+                )
             ax.set(xlabel="wall hours (cumulative)", ylabel="PSNR (dB)", title=title)
     for ax in axes:
         ax.legend(fontsize=8)
@@ -182,6 +195,7 @@ def run_campaign(
     progress_for_leg: Callable[[int], ProgressCallback | None] | None = None,
     cancel: CancelToken | None = None,
     stop: StopRequest | None = None,
+    baseline: str | Path | None = None,
     notice: Callable[[str], None] | None = None,
 ) -> dict:
     """Train until the campaign in ``config.out`` has ``legs`` finished legs; the last leg's card.
@@ -191,6 +205,8 @@ def run_campaign(
     already finished are skipped and a leg cut short resumes from its checkpoint, so running the
     same command again continues the campaign. ``progress_for_leg(k)`` gives leg k's progress.
     A ``stop`` request ends the running leg early as a finished leg and the campaign after it.
+    ``baseline`` weights (e.g. the shipped model) are validated beside every leg on the same sets,
+    and each leg's summary gives its difference to them.
     """
     record = check_campaign(config, legs)  # before any data is read
     out = Path(config.out)
@@ -213,7 +229,7 @@ def run_campaign(
         say(f"campaign {out}: leg {number} of {legs}, from {start_from or 'a fresh network'}")
         bar = progress_for_leg(number) if progress_for_leg else None
         try:
-            train(leg_config, progress=bar, cancel=cancel, stop=stop, notice=notice)
+            train(leg_config, progress=bar, cancel=cancel, stop=stop, baseline=baseline, notice=notice)
         finally:
             getattr(bar, "close", lambda: None)()  # a tqdm bar per leg
         weights = leg_folder(out, number) / f"{config.name}.safetensors"
@@ -238,8 +254,14 @@ def _leg_summary(number: int, card: dict) -> dict:
     """One finished leg for ``campaign.json``: where it is, its iterations, time and validation."""
     leg = (card.get("legs") or [{}])[-1]
     val = card.get("validation", {})
+    base = card.get("validation_baseline") or {}
     first, last = (leg.get("iterations") or [0, card.get("iterations", 0)])[:2]
-    figures = ", ".join(f"{title} {val[key]:.2f} dB" for key, title in SERIES if key in val)
+    figures = ", ".join(
+        f"{title} {val[key]:.2f} dB"
+        + (f" ({val[key] - base[key]:+.2f} against {base.get('weights')})" if key in base else "")
+        for key, title in SERIES
+        if key in val
+    )
     minutes = float(leg.get("wall_seconds", card.get("training_seconds", 0.0))) / 60.0
     return {
         "leg": number,
@@ -248,6 +270,7 @@ def _leg_summary(number: int, card: dict) -> dict:
         "iterations": [first, last],
         "wall_seconds": leg.get("wall_seconds"),
         "validation": val,
+        **({"validation_baseline": base} if base else {}),
         "stopped_by": leg.get("stopped_by"),
         "summary": f"{last - first} iterations in {minutes:.0f} min"
         + (f" (stopped by {leg['stopped_by']})" if leg.get("stopped_by") not in STOPPED_ON_PLAN else "")

@@ -482,6 +482,8 @@ class Trainer:
         #: Called with the trainer after each round on rank 0 (e.g. to export a snapshot).
         self.after_round: Callable[[Trainer], None] | None = None
         self.last_round = time.monotonic()
+        #: The ``baseline`` network's validation on this leg's sets (:meth:`run`), if one was given.
+        self.baseline_validation: dict | None = None
 
     def _config_json(self) -> dict:
         return json.loads(json.dumps(asdict(self.config)))
@@ -507,12 +509,15 @@ class Trainer:
         progress: ProgressCallback | None = None,
         cancel: CancelToken | None = None,
         stop: StopRequest | None = None,
+        baseline: tuple[str, torch.nn.Module, dict] | None = None,
     ) -> dict:
         """Train from the start (or the checkpoint) to ``config.iterations``; the card (rank 0).
 
         ``stop`` ends the leg early and keeps it: at the next step the leg validates, checkpoints
         and exports as if its ``max_minutes`` were spent (``cancel`` abandons it instead; the
-        checkpoint stays for a resume).
+        checkpoint stays for a resume). ``baseline`` (name, network, card: e.g. the shipped model)
+        is validated once on the same sets before the first step; the card's
+        ``validation_baseline`` then says what this leg must beat.
         """
         self.began = self.last_round = time.monotonic()
         self.started_utc = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -521,6 +526,13 @@ class Trainer:
         if self.real_val and self.rank == 0 and "val_start" not in self.history:
             # the --init network on the held-out real scans: what this leg must beat to ship
             self.history["val_start"] = self.validation_metrics(real_only=True)
+        if baseline is not None and self.rank == 0:
+            name, network, card = baseline
+            self.baseline_validation = {
+                "weights": name,
+                "sha256": card.get("sha256"),
+                **self.validation_metrics(network=network),
+            }
         if stop is not None:
             stop.listening = True
         try:
@@ -682,11 +694,14 @@ class Trainer:
         if self.after_round is not None:
             self.after_round(self)
 
-    def validation_metrics(self, *, real_only: bool = False) -> dict[str, float]:
+    def validation_metrics(
+        self, *, real_only: bool = False, network: torch.nn.Module | None = None
+    ) -> dict[str, float]:
         """Every validation set's metrics, prefixed by set: none for the cases' own scans,
-        ``scanner_`` for the fixed scanner protocol, ``real_<texture>_`` for held-out real anatomy."""
+        ``scanner_`` for the fixed scanner protocol, ``real_<texture>_`` for held-out real anatomy
+        (of the network in training, or of ``network``)."""
         return validation_record(
-            self.model,
+            self.model if network is None else network,
             self.device,
             val_cases=() if real_only else self.val_cases,
             scanner_val=() if real_only else self.scanner_val,
@@ -730,6 +745,7 @@ class Trainer:
             "precision": "bf16 autocast" if self.trains_in_bf16() else "float32",
             "training_seconds": round(seconds, 1),
             "validation": self.history["val"][-1] if self.history["val"] else {},
+            **({"validation_baseline": self.baseline_validation} if self.baseline_validation else {}),
             "history": self.history,
         }
         card["legs"] = [*self.legs_before, self.leg_record(card)]
@@ -785,6 +801,7 @@ class Trainer:
             "validation": card["validation"],
             # the held-out real scans before this leg (the --init network), when validated on
             **({"validation_start": self.history["val_start"]} if "val_start" in self.history else {}),
+            **({"validation_baseline": self.baseline_validation} if self.baseline_validation else {}),
         }
 
 
@@ -825,10 +842,12 @@ def train(
     progress: ProgressCallback | None = None,
     cancel: CancelToken | None = None,
     stop: StopRequest | None = None,
+    baseline: str | os.PathLike | None = None,
     prepared: tuple[Sequence[CasePairs], Sequence[CasePairs]] | None = None,
     notice: Callable[[str], None] | None = None,
 ) -> dict:
-    """Train, validate, checkpoint and export; returns the model card (``stop``: :meth:`Trainer.run`).
+    """Train, validate, checkpoint and export; returns the model card (``stop``, ``baseline``:
+    weights to validate beside the leg, see :meth:`Trainer.run`).
 
     ``prepared`` skips reading case folders (tests and the evaluation pass pairs they built).
     ``notice`` receives one-line remarks the user should read before the leg runs (a held-out
@@ -837,6 +856,10 @@ def train(
     check_config(config)
     rank, world = _distributed()
     device = _training_device(config.device, rank, world)
+    reference = None
+    if baseline is not None:  # checked before any data is read
+        network, card = load_model(baseline)
+        reference = (Path(baseline).stem, network.to(device).eval(), card)
     Path(config.out).mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed + rank)
     scanner_val: list[CasePairs] = []
@@ -876,7 +899,7 @@ def train(
                 f"note: --val-anatomy {name} was in the training of leg(s) {', '.join(map(str, legs))} of the "
                 "--init network, so it is not held out of that network: its validation_start flatters it"
             )
-    return trainer.run(progress=progress, cancel=cancel, stop=stop)
+    return trainer.run(progress=progress, cancel=cancel, stop=stop, baseline=reference)
 
 
 def trained_on_before(volume_names: Sequence[str], legs: Sequence[dict]) -> dict[str, list[int]]:

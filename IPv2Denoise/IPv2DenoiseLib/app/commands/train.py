@@ -85,6 +85,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "after a crash or with a higher --legs (docs/training.md: a campaign in legs)",
     )
     parser.add_argument(
+        "--baseline",
+        default=None,
+        metavar="WEIGHTS",
+        help="also validate these weights (e.g. the shipped model) on the same sets before the leg's "
+        "first step; the card's validation_baseline and each campaign leg's summary give the difference",
+    )
+    parser.add_argument(
         "--val", nargs="*", default=[], help="held-out case folders for validation each round"
     )
     parser.add_argument("--out", required=True, help="output folder: weights, model card, curves, checkpoint")
@@ -196,12 +203,7 @@ def run(args: argparse.Namespace) -> int:
         except json.JSONDecodeError as exc:
             raise UserError(f"--model-kwargs is not valid JSON: {exc}") from None
     arch, kwargs = resolve_architecture(args.arch, kwargs or None)
-    if args.noise_pool < 1 or args.noise_refresh < 0:
-        raise UserError("--noise-pool must be >= 1 and --noise-refresh >= 0")
-    if args.data_workers < 0:
-        raise UserError(f"--data-workers {args.data_workers}: need 0 or more")
-    if not args.data and not (args.noise == "scanner" and args.anatomy):
-        raise UserError("give --data (case folders), or --noise scanner with --anatomy (normal-dose CT)")
+    check_arguments(args)
     config = TrainConfig(
         cases=expand_case_folders(args.data) if args.data else [],
         val_cases=expand_case_folders(args.val) if args.val else [],
@@ -253,6 +255,7 @@ def run(args: argparse.Namespace) -> int:
                     args.json_progress, desc=f"train leg {leg}/{args.legs}", unit="it"
                 ),
                 stop=stop,
+                baseline=args.baseline,
                 notice=notice,
             )
         else:
@@ -260,6 +263,7 @@ def run(args: argparse.Namespace) -> int:
                 config,
                 progress=make_progress(args.json_progress, desc="train", unit="it"),
                 stop=stop,
+                baseline=args.baseline,
                 notice=notice,
             )
     if card and stop.requested:
@@ -272,6 +276,18 @@ def run(args: argparse.Namespace) -> int:
         print(f"weights: {Path(args.out) / (args.name + '.safetensors')}")
         print(json.dumps(card.get("validation", {}), indent=2))
     return 0
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse, in one line and before any work, options no run can use."""
+    if args.noise_pool < 1 or args.noise_refresh < 0:
+        raise UserError("--noise-pool must be >= 1 and --noise-refresh >= 0")
+    if args.baseline is not None and not Path(args.baseline).is_file():
+        raise UserError(f"--baseline {args.baseline}: no such weights file")
+    if args.data_workers < 0:
+        raise UserError(f"--data-workers {args.data_workers}: need 0 or more")
+    if not args.data and not (args.noise == "scanner" and args.anatomy):
+        raise UserError("give --data (case folders), or --noise scanner with --anatomy (normal-dose CT)")
 
 
 @contextlib.contextmanager
