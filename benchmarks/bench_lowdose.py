@@ -37,12 +37,12 @@ def rate(fn, n_slices: int, repeat: int = 1, warm: bool = True) -> float:
     return n_slices / best
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--slices", type=int, default=8)
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--views", type=int, default=720)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     n, v, k = args.size, args.views, args.slices
     img = resize(shepp_logan_phantom(), (n, n)).astype(np.float32)
     vol = np.stack([img] * k)

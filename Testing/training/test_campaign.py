@@ -124,22 +124,7 @@ def test_a_campaign_runs_its_legs_in_turn_and_goes_on_where_it_stopped(
 
     # a leg cut short (here cancelled after its first round; kill -9 leaves the same checkpoint)
     # resumes from its checkpoint when the campaign is run again, not from the leg's start
-    config = TrainConfig(
-        cases=[str(phantom)],
-        val_cases=[str(val)],
-        out=str(out),
-        name="model",
-        noise="scanner",
-        schedule="constant",
-        noise_pool=2,
-        device="cpu",
-        batch=4,
-        patch=32,
-        iterations=4,
-        val_every=2,
-        val_slices=2,
-    )
-    config.model_kwargs = dict(TINY_KWARGS)
+    config = _tiny_config(phantom, val, out, iterations=4, val_every=2)
     cancel = CancelToken()
 
     def cancel_after_first_round(done: int, total: int, message: str = "") -> None:
@@ -156,7 +141,8 @@ def test_a_campaign_runs_its_legs_in_turn_and_goes_on_where_it_stopped(
     assert first.stat().st_mtime_ns == stamp and len(finished_legs(out, "model")) == 4
 
 
-def _tiny_config(phantom: Path, val: Path, out: Path, iterations: int) -> TrainConfig:
+def _tiny_config(phantom: Path, val: Path, out: Path, iterations: int, val_every: int = 100) -> TrainConfig:
+    """One leg of the tiny network on the phantom (the API's view of ``_command``)."""
     config = TrainConfig(
         cases=[str(phantom)],
         val_cases=[str(val)],
@@ -169,7 +155,7 @@ def _tiny_config(phantom: Path, val: Path, out: Path, iterations: int) -> TrainC
         batch=4,
         patch=32,
         iterations=iterations,
-        val_every=100,
+        val_every=val_every,
         val_slices=2,
     )
     config.model_kwargs = dict(TINY_KWARGS)
