@@ -297,3 +297,46 @@ def test_a_baseline_is_validated_beside_every_leg_on_the_same_sets(made_dataset,
     )
     assert main(command) == 2
     assert "--baseline" in capsys.readouterr().err and not (tmp_path / "other").exists()
+
+
+def test_a_second_process_on_the_same_training_folder_is_refused(made_dataset, tmp_path, capsys) -> None:
+    """Two trainers on one folder would resume one checkpoint and overwrite each other's weights
+    (two ``train --legs`` on one campaign run the same leg): the second is refused in one line."""
+    from IPv2DenoiseLib.app.cli import main
+    from IPv2DenoiseLib.core.locks import open_lock_file, record_holder, try_lock
+    from IPv2DenoiseLib.training.trainer import TRAIN_LOCK
+
+    phantom, val = made_dataset / "case_000", made_dataset / "case_001"
+    out = tmp_path / "campaign"
+    command = _command(phantom, out, "--val", str(val))
+    assert main([*command, "--legs", "1"]) == 0
+    held = subprocess.Popen(  # another process holds leg 2's folder, as a running train would
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from IPv2DenoiseLib.core.locks import open_lock_file, record_holder, try_lock; "
+            "fd = open_lock_file(sys.argv[1]); assert try_lock(fd); record_holder(fd); print('held', flush=True); "
+            "time.sleep(120)",
+            str(leg_folder(out, 2) / TRAIN_LOCK),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert held.stdout.readline().strip() == "held"
+        capsys.readouterr()
+        assert main([*command, "--legs", "2"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("ipv2-denoise train: error:") == 1 and "Traceback" not in err
+        assert f"is being trained by another process (pid {held.pid} on host" in err
+        assert not (leg_folder(out, 2) / "checkpoint.pt").exists() and len(finished_legs(out, "model")) == 1
+    finally:
+        held.kill()
+        held.wait()
+    # once that process is gone (even killed), the folder is free: the same command trains
+    assert main([*command, "--legs", "2"]) == 0
+    assert len(finished_legs(out, "model")) == 2
+    fd = open_lock_file(leg_folder(out, 2) / TRAIN_LOCK)  # and released at the end of the run
+    assert try_lock(fd)
+    record_holder(fd)
+    os.close(fd)

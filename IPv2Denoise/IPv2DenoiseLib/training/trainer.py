@@ -13,13 +13,14 @@ resumes from ``OUT/checkpoint.pt``. Exports ``safetensors`` weights plus a model
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import os
 import platform
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from matplotlib.figure import Figure
 from IPv2DenoiseLib.core.atomic import atomic_path
 from IPv2DenoiseLib.core.device import describe_device, resolve_device
 from IPv2DenoiseLib.core.errors import UserError
+from IPv2DenoiseLib.core.locks import lock_holder, open_lock_file, record_holder, try_lock
 from IPv2DenoiseLib.core.progress import Cancelled, CancelToken, ProgressCallback, StopRequest
 from IPv2DenoiseLib.denoiser.infer import runs_in_bf16
 from IPv2DenoiseLib.denoiser.models import (
@@ -71,6 +73,8 @@ from IPv2DenoiseLib.training.scanner_data import (
     validation_slabs,
 )
 
+#: The lock file in a training folder that keeps a second process out (:func:`training_folder_lock`).
+TRAIN_LOCK = ".train.lock"
 #: Training data sources: purified ULDCT/NDCT pairs, or clean anatomy + fresh scanner-like noise.
 NOISE_SOURCES = ("pairs", "scanner")
 #: Training losses. ``huber`` (the default): L1 for residuals beyond :data:`HUBER_DELTA_HU`,
@@ -861,6 +865,55 @@ def train(
         network, card = load_model(baseline)
         reference = (Path(baseline).stem, network.to(device).eval(), card)
     Path(config.out).mkdir(parents=True, exist_ok=True)
+    with training_folder_lock(config.out) if rank == 0 else contextlib.nullcontext():
+        return _train_in_folder(
+            config,
+            rank=rank,
+            world=world,
+            device=device,
+            reference=reference,
+            progress=progress,
+            cancel=cancel,
+            stop=stop,
+            prepared=prepared,
+            notice=notice,
+        )
+
+
+@contextlib.contextmanager
+def training_folder_lock(out: str | os.PathLike) -> Iterator[None]:
+    """One training process per output folder: two would resume the same checkpoint and overwrite
+    each other's weights (two ``train --legs`` on one campaign run the same leg). An ``flock`` on
+    ``OUT/.train.lock``, released by the kernel even after ``kill -9``; the second process is
+    refused in one line naming the first."""
+    path = Path(out) / TRAIN_LOCK
+    fd = open_lock_file(path)
+    try:
+        if not try_lock(fd):
+            raise UserError(
+                f"{out} is being trained by another process ({lock_holder(path)}); wait for it, or stop it "
+                "(kill PID ends its leg and keeps it)"
+            )
+        record_holder(fd)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _train_in_folder(
+    config: TrainConfig,
+    *,
+    rank: int,
+    world: int,
+    device: torch.device,
+    reference: tuple[str, torch.nn.Module, dict] | None,
+    progress: ProgressCallback | None,
+    cancel: CancelToken | None,
+    stop: StopRequest | None,
+    prepared: tuple[Sequence[CasePairs], Sequence[CasePairs]] | None,
+    notice: Callable[[str], None] | None,
+) -> dict:
+    """:func:`train` once its folder is this process's: read the data, build the trainer, run it."""
     torch.manual_seed(config.seed + rank)
     scanner_val: list[CasePairs] = []
     real_val = {}
