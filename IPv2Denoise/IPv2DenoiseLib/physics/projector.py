@@ -74,11 +74,20 @@ def _ramp_response(m_pad: int) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 
 
-def _to_csr(coo: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """CSR copy on ``device`` (silencing torch's "CSR support is in beta" notice)."""
+def _to_csr(sparse: torch.Tensor | scipy.sparse.csr_matrix, device: torch.device) -> torch.Tensor:
+    """Torch CSR copy of a torch COO or a canonical scipy CSR matrix on ``device`` (silencing
+    torch's "CSR support is in beta" notice)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        return coo.to_sparse_csr().to(device)
+        if isinstance(sparse, torch.Tensor):
+            return sparse.to_sparse_csr().to(device)
+        return torch.sparse_csr_tensor(
+            torch.from_numpy(sparse.indptr.astype(np.int64)),
+            torch.from_numpy(sparse.indices.astype(np.int64)),
+            torch.from_numpy(sparse.data),
+            size=sparse.shape,
+            dtype=torch.float32,
+        ).to(device)
 
 
 class _FinufftBackend:
@@ -425,15 +434,7 @@ class FanRebinner:
         """
         csr = scipy.sparse.coo_matrix((vals.astype(np.float32), (rows, cols)), shape=shape).tocsr()
         csr.sum_duplicates()  # canonical: sorted column indices, no duplicates
-        with warnings.catch_warnings():  # silence torch's "CSR support is in beta" notice
-            warnings.simplefilter("ignore", UserWarning)
-            return torch.sparse_csr_tensor(
-                torch.from_numpy(csr.indptr.astype(np.int64)),
-                torch.from_numpy(csr.indices.astype(np.int64)),
-                torch.from_numpy(csr.data),
-                size=shape,
-                dtype=torch.float32,
-            ).to(device)
+        return _to_csr(csr, device)
 
     def to_fan(self, par: torch.Tensor) -> torch.Tensor:
         """``(B, V/2, n_det)`` parallel → ``(B, views, channels)`` fan sinogram."""
