@@ -8,6 +8,7 @@ import plistlib
 import subprocess
 import sys
 import tarfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +21,15 @@ from IPv2DenoiseLib.denoiser.weights import load_model
 from IPv2DenoiseLib.imaging.masks import soft_tissue_mask
 from IPv2DenoiseLib.imaging.noise_estimate import estimate_noise_hu
 from IPv2DenoiseLib.io.volumes import read_volume, write_volume
-from IPv2DenoiseLib.physics.scanner_noise import ProtocolRanges
+from IPv2DenoiseLib.physics.scanner_noise import ProtocolRanges, ScannerProtocol, scanner_noise
+from IPv2DenoiseLib.purification.regions import BODY
+from IPv2DenoiseLib.training import scanner_data
 from IPv2DenoiseLib.training.scanner_data import (
+    AEC_MAX_DOUBLINGS,
+    AEC_MAX_NOISE_HU,
     Augmentation,
     ScannerNoiseSampler,
+    exposure_controlled_scan,
     load_anatomy_volumes,
     load_clean_volumes,
     real_anatomy,
@@ -103,6 +109,48 @@ def test_real_slab_keeps_the_real_label_and_gets_the_low_dose_difference_noise(r
         expected = own * np.sqrt((1 - dose) / dose)
         assert inserted == pytest.approx(expected, rel=0.2), (inserted, expected, own)
         assert abs(float(np.mean((noisy[1] - label[0])[tissue]))) < 0.1 * expected  # no bias
+
+
+def test_exposure_control_jumps_to_the_lowest_passing_dose_in_fewer_scans(real_series, monkeypatch) -> None:
+    """A photon-starved real slab is scanned again at the dose the first scan predicts, not doubled
+    scan by scan: the same slab as the dose-by-dose search (each dose has its own seed), fewer scans."""
+    (volume,) = load_anatomy_volumes([real_series])
+    z = volume.hu.shape[0] // 2
+    hu, regions = volume.hu[z - 2 : z + 3], volume.regions[z - 2 : z + 3]
+    tissue = regions == BODY
+    # a dose at which the series is starved (435 HU at 2 % for the abdomen corpus; the small written
+    # series needs 0.2 %), from which the first scan predicts more than one doubling
+    dose = 0.02 if real_series == ABDOMEN else 0.002
+    drawn = ScannerProtocol(dose=dose, kernel="shepp-logan", bowtie=False, tcm=0.0, geometry="parallel")
+    scans: list[float] = []
+
+    def counted(slab, protocol, **kwargs):
+        scans.append(protocol.dose)
+        return scanner_noise(slab, protocol, **kwargs)
+
+    monkeypatch.setattr(scanner_data, "scanner_noise", counted)
+    noisy, used = exposure_controlled_scan(volume, hu, regions, drawn, spacing_mm=volume.spacing[0], seed=11)
+    doublings = round(np.log2(used.dose / drawn.dose))
+    assert used.dose == pytest.approx(drawn.dose * 2**doublings) and 1 <= doublings <= AEC_MAX_DOUBLINGS
+    # the search a dose at a time, each dose with its own seed: 11, then one stream's draws
+    level_seeds = [11, *(int(s) for s in np.random.default_rng([11, 2]).integers(2**62, size=3))]
+    noise_at = {}
+    for level in range(doublings + 1):
+        protocol = replace(drawn, dose=drawn.dose * 2**level)
+        slab = scanner_noise(
+            hu,
+            protocol,
+            spacing_mm=volume.spacing[0],
+            seed=level_seeds[level],
+            clean=False,
+            flux_scale=volume.flux_scale,
+        )
+        noise_at[level] = estimate_noise_hu(slab - hu, region=tissue)
+    np.testing.assert_allclose(noisy, slab, atol=0.01)  # the slab at the dose it says it was scanned with
+    assert noise_at[doublings] <= AEC_MAX_NOISE_HU or doublings == AEC_MAX_DOUBLINGS
+    assert noise_at[doublings - 1] > AEC_MAX_NOISE_HU  # not one doubling more than needed
+    assert len(scans) < doublings + 1 or doublings == 1, (scans, noise_at)  # fewer than the search
+    assert scans[0] == drawn.dose and scans[-1] == used.dose
 
 
 def test_fine_pixel_slabs_keep_the_anatomy_in_mm_and_get_the_noise_of_finer_pixels(real_series) -> None:
