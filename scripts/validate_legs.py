@@ -11,7 +11,9 @@ A leg's card holds its own validation and its start's (``validation_start``); th
 number of weights at once on the same noisy slices (the trainer's fixed seeds), for legs that were
 validated on different sets, or on a volume an earlier leg trained on (``train`` now names that in
 the leg's ``validation_real_seen_before``). The first weights are the baseline: every row also
-gives its difference to them. Each real volume is validated alone, in both noise textures, and a
+gives its difference to them, their mean over the columns and the lowest, and whether it passes the
+project's ship rule (:func:`ship_verdicts`: a mean above the baseline's and no column more than
+``--tolerance`` dB below it); of those that pass, the best mean ships. Each real volume is validated alone, in both noise textures, and a
 column says which of the weights' legs trained on it: a "held-out" volume is held out only of
 weights none of whose legs saw it.
 """
@@ -50,6 +52,23 @@ def validation_columns(
     return {k: v for k, v in columns.items() if v}, volume_of
 
 
+def ship_verdicts(rows: dict[str, dict], *, tolerance: float) -> dict[str, dict]:
+    """Each non-baseline row's mean and lowest difference to the first row (dB) and whether it
+    passes the ship rule: mean > 0 and lowest >= ``-tolerance``. ``best`` marks the passing row
+    with the highest mean (the one to ship), if any."""
+    names = list(rows)
+    base = rows[names[0]]["psnr"]
+    verdicts = {}
+    for name in names[1:]:
+        diffs = [rows[name]["psnr"][column] - value for column, value in base.items()]
+        mean, lowest = sum(diffs) / len(diffs), min(diffs)
+        verdicts[name] = {"mean": mean, "lowest": lowest, "passes": mean > 0 and lowest >= -tolerance}
+    passing = [name for name, v in verdicts.items() if v["passes"]]
+    for name in verdicts:
+        verdicts[name]["best"] = bool(passing) and name == max(passing, key=lambda n: verdicts[n]["mean"])
+    return verdicts
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("weights", nargs="+", type=Path, help=".safetensors files; the first is the baseline")
@@ -57,6 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--val-anatomy", nargs="*", default=[], help="real normal-dose volumes")
     parser.add_argument("--val-slices", type=int, default=8, help="central slices per volume (default 8)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.02,
+        help="ship rule: no column more than this below (dB, default 0.02)",
+    )
     parser.add_argument("--json", type=Path, help="write the table as JSON")
     parser.add_argument("--figure", type=Path, help="write each weights' difference to the baseline as PNG")
     args = parser.parse_args(argv)
@@ -84,17 +109,28 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     baseline = next(iter(rows))
     base = rows[baseline]["psnr"]
-    print("\n| weights | " + " | ".join(columns) + " |")
-    print("|---|" + "---:|" * len(columns))
+    verdicts = ship_verdicts(rows, tolerance=args.tolerance)
+    print("\n| weights | " + " | ".join(columns) + " | mean | lowest | ships |")
+    print("|---|" + "---:|" * (len(columns) + 2) + "---|")
     for name, row in rows.items():
         cells = []
         for column, value in row["psnr"].items():
             star = "*" if volume_of.get(column) in row["trained_on"] else ""
             cells.append(f"{value:.2f}{star}" if name == baseline else f"{value - base[column]:+.2f}{star}")
+        if name == baseline:
+            cells += ["", "", "baseline"]
+        else:
+            v = verdicts[name]
+            verdict = "**best**" if v["best"] else ("passes" if v["passes"] else "no")
+            cells += [f"{v['mean']:+.3f}", f"{v['lowest']:+.2f}", verdict]
         print(f"| {name} | " + " | ".join(cells) + " |")
-    print("(baseline in dB, the others as differences; * the weights' legs trained on that volume)")
+    print(
+        "(baseline in dB, the others as differences; * the weights' legs trained on that volume; ships: "
+        f"mean above the baseline and no column below -{args.tolerance:g} dB, the best mean of those)"
+    )
     if args.json:
-        args.json.write_text(json.dumps({"columns": list(columns), "rows": rows}, indent=1))
+        table = {"columns": list(columns), "rows": rows, "tolerance": args.tolerance, "verdicts": verdicts}
+        args.json.write_text(json.dumps(table, indent=1))
     if args.figure:
         plot_differences(rows, volume_of, args.figure)
     return 0

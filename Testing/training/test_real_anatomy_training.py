@@ -603,6 +603,16 @@ def test_validate_legs_compares_weights_and_marks_volumes_their_legs_trained_on(
         assert "*" in printed.split("| unet_nm_ipv2 |")[1].splitlines()[0]
     else:
         assert fast_row["trained_on"] == {}
+    # the ship rule: the plain U-Net is below the fast network on the scanner protocol, so it fails
+    verdict = table["verdicts"]["unet_ipv2"]
+    diffs = [plain_row["psnr"][c] - fast_row["psnr"][c] for c in table["columns"]]
+    assert verdict["mean"] == pytest.approx(np.mean(diffs)) and verdict["lowest"] == pytest.approx(min(diffs))
+    assert not verdict["passes"] and not verdict["best"] and "| no |" in printed
+    rows = {"base": {"psnr": {"a": 30.0, "b": 30.0}}, "up": {"psnr": {"a": 30.5, "b": 29.99}}}
+    rows["more"] = {"psnr": {"a": 30.9, "b": 29.9}}  # a higher mean, but one column 0.1 dB down
+    rows["level"] = {"psnr": {"a": 30.0, "b": 30.0}}  # no gain: does not ship
+    verdicts = validate_legs.ship_verdicts(rows, tolerance=0.02)
+    assert [name for name, v in verdicts.items() if v["passes"]] == ["up"] and verdicts["up"]["best"]
     assert validate_legs.main([str(fast), "--val-slices", "1"]) == 2  # no validation set
     assert "validate_legs: give --val" in capsys.readouterr().err
 
