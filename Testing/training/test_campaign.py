@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,13 @@ import torch
 
 from IPv2DenoiseLib.core.progress import Cancelled, CancelToken, StopRequest
 from IPv2DenoiseLib.denoiser.weights import sha256_file
-from IPv2DenoiseLib.training.campaign import CAMPAIGN_FILE, finished_legs, leg_folder, run_campaign
+from IPv2DenoiseLib.training.campaign import (
+    CAMPAIGN_FILE,
+    check_campaign,
+    finished_legs,
+    leg_folder,
+    run_campaign,
+)
 from IPv2DenoiseLib.training.trainer import TrainConfig, train
 
 #: A tiny network and batch: the campaign's bookkeeping is under test, not the learning.
@@ -121,6 +128,14 @@ def test_a_campaign_runs_its_legs_in_turn_and_goes_on_where_it_stopped(
     assert main([*command, "--legs", "4"]) == 2
     assert "holds legs but no campaign.json" in capsys.readouterr().err
     (tmp_path / "aside.json").rename(out / CAMPAIGN_FILE)
+    # the held-out volumes may change between runs (they change nothing in the training; a
+    # "held-out" volume found in the training must be dropped), on a record written before too
+    changed = replace(_tiny_config(phantom, val, out, iterations=4, val_every=2), val_anatomy=[str(phantom)])
+    assert len(check_campaign(changed, 4)["legs"]) == 3
+    record = json.loads((out / CAMPAIGN_FILE).read_text())
+    record["plan"]["val_anatomy"] = ["old_heldout.nrrd"]
+    (out / CAMPAIGN_FILE).write_text(json.dumps(record))
+    assert len(check_campaign(changed, 4)["legs"]) == 3
 
     # a leg cut short (here cancelled after its first round; kill -9 leaves the same checkpoint)
     # resumes from its checkpoint when the campaign is run again, not from the leg's start

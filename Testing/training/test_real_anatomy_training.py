@@ -34,6 +34,7 @@ from IPv2DenoiseLib.training.scanner_data import (
     load_clean_volumes,
     real_anatomy,
 )
+from IPv2DenoiseLib.training.trainer import trained_on_before
 
 REPO = Path(__file__).resolve().parents[2]
 #: The shared real corpus (20 abdomen slices, Apache-2.0; ../shared/data/real-ct/README.md).
@@ -207,10 +208,11 @@ def test_train_on_real_anatomy_mixed_with_phantoms_records_legs(
         *TINY,
     ]
     phantom = str(made_dataset / "case_000")
-    # a second real volume, held out of leg 1's training (the same scan under another name: the
-    # trainer matches held-out volumes by the name the cards log)
+    # a second real volume, held out of leg 1's training: the scan mirrored left-right, so that no
+    # slice is the same voxel for voxel (a plain copy is refused: test_train_refuses_bad_real_anatomy_options)
+    scan = read_volume(real_series)
     held_out = tmp_path / "held_out.nrrd"
-    write_volume(read_volume(real_series), held_out)
+    write_volume(replace(scan, array=np.ascontiguousarray(scan.array[..., ::-1])), held_out)
     leg1 = [
         *common,
         "--anatomy",
@@ -246,6 +248,10 @@ def test_train_on_real_anatomy_mixed_with_phantoms_records_legs(
         assert f"real_{texture}_psnr_truth" not in leg["validation"]  # a real scan has no truth
     assert leg["data"]["image_texture_share"] == 0.5
     assert leg["data"]["validation_real"] == ["real/held_out.nrrd"]
+    # the training volumes' content, so that a renamed copy of one is known later (leg 3)
+    (trained_scan,) = load_anatomy_volumes([real_series])
+    assert leg["data"]["training_digests"][f"real/{real_series.name}"] == trained_scan.digest
+    assert set(leg["data"]["training_digests"]) == set(leg["data"]["training"])
     assert "validation_real_seen_before" not in leg["data"]  # no earlier leg trained on it
     assert card["data"]["protocol_ranges"]["image_texture_share"] == 0.5
     assert card["history"]["val_start"] == leg["validation_start"]
@@ -294,16 +300,25 @@ def test_train_on_real_anatomy_mixed_with_phantoms_records_legs(
     wider = [arg.replace('"base_channels": 4', '"base_channels": 6') for arg in leg2]
     wider[wider.index(str(second))] = str(third)
     wider[wider.index(str(first / "model.safetensors"))] = str(second / "model.safetensors")
-    # validated on the volume leg 1 trained on, so not held out of the network it starts from
-    seen = ["--val-anatomy", str(real_series), "--val-slices", "1"]
+    # validated on the scan leg 1 trained on, renamed: not held out of the network it starts from,
+    # and known by its content (leg 1's card logged the digest of what it trained on)
+    renamed = tmp_path / "renamed.nrrd"
+    write_volume(scan, renamed)
+    seen = ["--val-anatomy", str(renamed), "--val-slices", "1"]
     capsys.readouterr()
     assert main([*wider, *seen, "--iterations", "1", "--lr", "1e-12"]) == 0
-    assert f"note: --val-anatomy real/{real_series.name} was in the training of leg(s) 1 of the --init" in (
+    assert "note: --val-anatomy real/renamed.nrrd was in the training of leg(s) 1 of the --init" in (
         capsys.readouterr().err
     )
     card3 = json.loads((third / "model.json").read_text())
     assert card3["legs"][-1]["widened_from_channels"] == 4 and len(card3["legs"]) == 3
-    assert card3["legs"][-1]["data"]["validation_real_seen_before"] == {f"real/{real_series.name}": [1]}
+    assert card3["legs"][-1]["data"]["validation_real_seen_before"] == {"real/renamed.nrrd": [1]}
+    # by name alone (a card from before the digests) it would not have been caught
+    legs_by_name = [
+        {k: v for k, v in g.items() if k != "data"} | {"data": {"training": g["data"]["training"]}}
+        for g in card3["legs"]
+    ]
+    assert trained_on_before(["real/renamed.nrrd"], legs_by_name) == {}
     narrow, _ = load_model(second / "model.safetensors")
     wide, _ = load_model(third / "model.safetensors")
     assert wide.config["base_channels"] == 6
@@ -328,11 +343,27 @@ def test_train_refuses_bad_real_anatomy_options(real_series, tmp_path, capsys) -
     assert main([*base, "--image-texture-share", "1.5"]) == 2
     assert main([*base, "--val-anatomy", str(tmp_path / "nope")]) == 2
     assert main([*base, "--val-slices", "0"]) == 2
-    # a validation volume that is also trained on is not held out
+    # a validation volume that is also trained on is not held out: by name, and by content (the
+    # same scan under another name and format, or a part of its slices)
     assert main([*base, "--val-anatomy", str(real_series), "--iterations", "1", "--device", "cpu"]) == 2
+    scan = read_volume(real_series)
+    n = scan.array.shape[0]
+    write_volume(scan, tmp_path / "copy.nrrd")
+    write_volume(replace(scan, array=scan.array[1:3]), tmp_path / "part.nrrd")
+    for copy in ("copy.nrrd", "part.nrrd"):
+        assert (
+            main([*base, "--val-anatomy", str(tmp_path / copy), "--iterations", "1", "--device", "cpu"]) == 2
+        )
+    written = {f.name for f in (tmp_path / "run").glob("*")} if (tmp_path / "run").exists() else set()
+    assert written <= {".train.lock"}  # refused before any step: no checkpoint, no weights
     err = capsys.readouterr().err
-    assert err.count("ipv2-denoise train: error:") == 10 and "Traceback" not in err
+    assert err.count("ipv2-denoise train: error:") == 12 and "Traceback" not in err
     assert f"--val-anatomy real/{real_series.name} is also a training volume" in err
+    assert (
+        f"--val-anatomy real/copy.nrrd shares {n} of its {n} slices with the training volume "
+        f"real/{real_series.name} (the same scan under another name)" in err
+    )
+    assert "--val-anatomy real/part.nrrd shares 2 of its 2 slices" in err
 
 
 def _inv3(

@@ -42,7 +42,9 @@ CAMPAIGN_FILE = "campaign.json"
 STOPPED_ON_PLAN = ("iterations", "max_minutes", None)
 #: Options that may change between runs of one campaign: a leg's length, and where and how fast it
 #: runs (a campaign moves to another machine, or to a GPU).
-_FREE_KEYS = ("iterations", "max_minutes", "out", "device", "data_workers")
+#: ``val_anatomy`` may change too: held-out volumes change nothing in the training, and each leg's
+#: card names its own (a "held-out" volume found in the training, docs/training.md, must be dropped).
+_FREE_KEYS = ("iterations", "max_minutes", "out", "device", "data_workers", "val_anatomy")
 #: Options that name files: compared by name, since another machine keeps them elsewhere (the
 #: model cards name the volumes the same way).
 _PATH_KEYS = ("cases", "val_cases", "anatomy", "val_anatomy", "init_weights", "weak_denoiser")
@@ -174,6 +176,8 @@ def check_campaign(config: TrainConfig, legs: int) -> dict | None:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UserError(f"{record_path} is not a campaign record ({exc}); use a new --out") from None
     current = _plan(config)
+    for key in _FREE_KEYS:  # a record written before a key became free keeps it
+        saved.pop(key, None)
     if finished_legs(config.out, config.name):  # leg 1 is done: where it started no longer matters
         saved.pop("init_weights", None)
         current.pop("init_weights", None)
@@ -181,8 +185,8 @@ def check_campaign(config: TrainConfig, legs: int) -> dict | None:
     if differ:
         raise UserError(
             f"{config.out} is a campaign with other options ({', '.join(differ)} differ); "
-            "continue it with the same options (--legs, --iterations, --max-minutes, --device and "
-            "--data-workers may change; files are compared by name) "
+            "continue it with the same options (--legs, --iterations, --max-minutes, --device, "
+            "--data-workers and --val-anatomy may change; files are compared by name) "
             "or use a new --out"
         )
     return record

@@ -22,6 +22,7 @@ processes and the pool takes whichever are ready, so a GPU trains at its own pac
 
 from __future__ import annotations
 
+import hashlib
 import math
 import multiprocessing
 import os
@@ -30,6 +31,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +63,24 @@ class CleanVolume:
     #: Full-dose flux of this scan relative to the simulator's calibration (real scans:
     #: :func:`own_dose_flux_scale`), so that a drawn dose is a fraction of the scan's own dose.
     flux_scale: float = 1.0
+
+    @cached_property
+    def slice_fingerprints(self) -> frozenset[str]:
+        """sha256 (16 hex digits) of each slice's HU: the same scan under another name, path or
+        format (a DICOM series and its NRRD copy), or a subset of its slices, shares them."""
+        return frozenset(
+            hashlib.sha256(np.ascontiguousarray(s, dtype=np.float32).tobytes()).hexdigest()[:16]
+            for s in self.hu
+        )
+
+    @cached_property
+    def digest(self) -> str:
+        """One fingerprint of the whole volume (16 hex digits), for the model card."""
+        return hashlib.sha256("".join(sorted(self.slice_fingerprints)).encode()).hexdigest()[:16]
+
+    def shared_slices(self, other: CleanVolume) -> int:
+        """How many slices of this volume are, voxel for voxel, slices of ``other``."""
+        return len(self.slice_fingerprints & other.slice_fingerprints)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import math
 import os
 import platform
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -419,6 +419,7 @@ class Trainer:
         scanner_val: Sequence[CasePairs] = (),
         real_val: dict[str, Sequence[CasePairs]] | None = None,
         real_val_names: Sequence[str] = (),
+        real_val_digests: Mapping[str, str] | None = None,
     ) -> None:
         self.config, self.device, self.rank, self.world = config, device, rank, world
         self.train_cases, self.val_cases = list(train_cases), list(val_cases)
@@ -434,7 +435,7 @@ class Trainer:
         self.legs_before: list[dict] = list(init_card.get("legs") or [])
         #: The held-out real volumes (``--val-anatomy``), and those an earlier leg trained on.
         self.real_val_names = list(real_val_names)
-        self.real_val_seen = trained_on_before(self.real_val_names, self.legs_before)
+        self.real_val_seen = trained_on_before(self.real_val_names, self.legs_before, real_val_digests)
         #: The ``--init`` network's width when it was widened to this one (else None).
         self.widened_from: int | None = init_card.get("widened_from")
         self.in_slices = self.model.in_slices
@@ -785,6 +786,9 @@ class Trainer:
             }
         else:
             mix |= {"noise": "pairs", "strategy": self.config.strategy}
+        digests = {c.name: c.digest for c in self.train_cases if isinstance(c, CleanVolume)}
+        if digests:  # content, so that a renamed copy of a training volume is known (trained_on_before)
+            mix["training_digests"] = digests
         if self.real_val_names:
             mix["validation_real"] = self.real_val_names
         if self.real_val_seen:  # its validation_start flatters the --init network (trained_on_before)
@@ -935,6 +939,7 @@ def _train_in_folder(
     trained = sorted(set(held_out_names) & {c.name for c in train_cases})
     if trained:
         raise UserError(f"--val-anatomy {trained[0]} is also a training volume: hold it out of --anatomy")
+    check_held_out(held_out, train_cases)
     trainer = Trainer(
         config,
         train_cases,
@@ -945,6 +950,7 @@ def _train_in_folder(
         scanner_val=scanner_val,
         real_val=real_val,
         real_val_names=held_out_names,
+        real_val_digests={v.name: v.digest for v in held_out},
     )
     if notice is not None and rank == 0:
         for name, legs in trainer.real_val_seen.items():
@@ -955,20 +961,39 @@ def _train_in_folder(
     return trainer.run(progress=progress, cancel=cancel, stop=stop, baseline=reference)
 
 
-def trained_on_before(volume_names: Sequence[str], legs: Sequence[dict]) -> dict[str, list[int]]:
+def check_held_out(held_out: Sequence[CleanVolume], train_cases: Sequence) -> None:
+    """Refuse a ``--val-anatomy`` volume that shares a slice, voxel for voxel, with a training
+    volume: the same scan under another name or format is not held out (the "held-out" TotalSegmentator
+    abdomen of 2026-12-05 was the training corpus's abdomen series, docs/results.md §4)."""
+    for volume in held_out:
+        for case in train_cases:
+            if isinstance(case, CleanVolume) and (shared := volume.shared_slices(case)):
+                raise UserError(
+                    f"--val-anatomy {volume.name} shares {shared} of its {volume.hu.shape[0]} slices with "
+                    f"the training volume {case.name} (the same scan under another name): hold it out of "
+                    "--anatomy, or validate on another scan"
+                )
+
+
+def trained_on_before(
+    volume_names: Sequence[str], legs: Sequence[dict], digests: Mapping[str, str] | None = None
+) -> dict[str, list[int]]:
     """The held-out volumes that an earlier leg of the campaign trained on: name -> those legs.
 
     A ``--val-anatomy`` volume the ``--init`` network (or any leg before it) trained on is not held
     out of that network: its ``validation_start`` is flattering, and a leg that leaves the volume
     out looks worse on it by what the earlier network learnt of it (quality legs 11-14 were judged
     so on pyradiomics' lung 2, docs/results.md). Matched by the name the cards log
-    (``real/<file name>``), so a renamed copy is not caught.
+    (``real/<file name>``) and, with ``digests`` (name -> :attr:`CleanVolume.digest`), by content for
+    the legs that log their volumes' digests (since 2026-12-06): a renamed copy is caught there.
     """
+    digests = digests or {}
     seen: dict[str, list[int]] = {}
     for leg in legs:
         trained = leg_training_volumes(leg)
+        trained_digests = set(((leg.get("data") or {}).get("training_digests") or {}).values())
         for name in volume_names:
-            if name in trained:
+            if name in trained or digests.get(name) in trained_digests:
                 seen.setdefault(name, []).append(int(leg.get("leg", 0)))
     return seen
 
