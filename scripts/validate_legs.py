@@ -13,8 +13,8 @@ validated on different sets, or on a volume an earlier leg trained on (``train``
 the leg's ``validation_real_seen_before``). The first weights are the baseline: every row also
 gives its difference to them, their mean over the columns and the lowest, and whether it passes the
 project's ship rule (:func:`ship_verdicts`: a mean above the baseline's and no column more than
-``--tolerance`` dB below it); of those that pass, the best mean ships. Each real volume is validated alone, in both noise textures, and a
-column says which of the weights' legs trained on it: a "held-out" volume is held out only of
+``--tolerance`` dB below it); of those that pass, the best mean ships. Each real volume is
+validated alone, in both noise textures, and a column says which of the weights' legs trained on it: a "held-out" volume is held out only of
 weights none of whose legs saw it.
 """
 

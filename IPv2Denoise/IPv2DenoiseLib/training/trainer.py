@@ -936,9 +936,6 @@ def _train_in_folder(
     if not train_cases:
         raise UserError("no training cases given")
     held_out_names = [v.name for v in held_out]
-    trained = sorted(set(held_out_names) & {c.name for c in train_cases})
-    if trained:
-        raise UserError(f"--val-anatomy {trained[0]} is also a training volume: hold it out of --anatomy")
     check_held_out(held_out, train_cases)
     trainer = Trainer(
         config,
@@ -962,9 +959,13 @@ def _train_in_folder(
 
 
 def check_held_out(held_out: Sequence[CleanVolume], train_cases: Sequence) -> None:
-    """Refuse a ``--val-anatomy`` volume that shares a slice, voxel for voxel, with a training
-    volume: the same scan under another name or format is not held out (the "held-out" TotalSegmentator
-    abdomen of 2026-12-05 was the training corpus's abdomen series, docs/results.md §4)."""
+    """Refuse a ``--val-anatomy`` volume that is a training volume by name, or shares a slice, voxel
+    for voxel, with one: the same scan under another name or format is not held out either (the
+    "held-out" TotalSegmentator abdomen of 2026-12-05 was the training corpus's abdomen series,
+    docs/results.md §4)."""
+    trained = sorted({v.name for v in held_out} & {c.name for c in train_cases})
+    if trained:
+        raise UserError(f"--val-anatomy {trained[0]} is also a training volume: hold it out of --anatomy")
     for volume in held_out:
         for case in train_cases:
             if isinstance(case, CleanVolume) and (shared := volume.shared_slices(case)):
