@@ -112,6 +112,16 @@ def write_batch_archive(root: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
+def noise_aware_weights() -> Path:
+    """Trained weights of the plain noise-aware network (``unet-nm``, 16 channels): the fast tier
+    shipped until 2026-12-06, kept in ``campaign/`` since the fast tier became texture-aware. For the
+    tests that start a texture-aware network from a noise-aware one."""
+    path = Path(__file__).resolve().parents[1] / "campaign" / "unet_nm_ipv2_fast_until_2026-12-06.safetensors"
+    assert path.is_file(), path
+    return path
+
+
+@pytest.fixture(scope="session")
 def batch_archive(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     """Session-wide read-only archive for the batch tests (tests copy it before changing it)."""
     root = tmp_path_factory.mktemp("archive")

@@ -54,8 +54,8 @@ import torch
 from IPv2DenoiseLib.core.atomic import atomic_path
 from IPv2DenoiseLib.core.device import resolve_device
 from IPv2DenoiseLib.core.errors import UserError
-from IPv2DenoiseLib.denoiser.model_reference import ModelCatalogue
-from IPv2DenoiseLib.denoiser.models import ARCH_PRESETS
+from IPv2DenoiseLib.denoiser.model_reference import ModelCatalogue, read_card
+from IPv2DenoiseLib.denoiser.models import ARCH_PRESETS, TextureAwareUNet
 from IPv2DenoiseLib.denoiser.normalization import HU_MAX, HU_MIN
 from IPv2DenoiseLib.io.volumes import read_volume
 from IPv2DenoiseLib.purification.regions import anatomy_regions
@@ -97,7 +97,7 @@ SETTINGS = {
     ("tiny", "quality"): TierSettings(batch=4, patch=32, pool=3, lr=1e-3),
 }
 TINY_KWARGS = {"in_slices": 3, "base_channels": 4, "levels": 2}
-#: With ``--texture``: the share of scans in the streak-free image texture (quality leg 18's).
+#: For the texture-aware networks: the share of scans in the streak-free image texture (quality leg 18's).
 TEXTURE_IMAGE_SHARE = 0.35
 
 
@@ -235,6 +235,11 @@ def shipped_start(tier: str, catalogue: ModelCatalogue | None = None) -> Path:
         return catalogue.entry("default").weights
 
 
+def is_texture_aware(weights: Path) -> bool:
+    """Whether the model card beside ``weights`` names the texture-aware architecture."""
+    return (read_card(weights) or {}).get("architecture") == TextureAwareUNet.ARCH
+
+
 def quality_width(tier: str, kwargs: dict, channels: int | None) -> dict:
     """The preset's constructor keywords, the quality tier at ``channels`` wide when given (the
     trainer widens the shipped 32-channel weights to it without changing their output, or with
@@ -250,11 +255,11 @@ def quality_width(tier: str, kwargs: dict, channels: int | None) -> dict:
 
 def tier_config(tier: str, args: argparse.Namespace, kind: str, *, has_real: bool) -> TrainConfig:
     """The :class:`TrainConfig` of one tier (its time budget is set when its sampler is ready)."""
-    arch, kwargs = ARCH_PRESETS[f"{tier}-texture" if args.texture else tier]
+    init = None if args.tiny or args.fresh else shipped_start(tier)
+    # a tier fine-tunes in its shipped network's architecture: texture-aware where that one is
+    texture = args.texture or (init is not None and is_texture_aware(init))
+    arch, kwargs = ARCH_PRESETS[f"{tier}-texture" if texture else tier]
     settings = SETTINGS[(kind, tier)]
-    init = None
-    if not args.tiny and not args.fresh:
-        init = str(shipped_start(tier))
     return TrainConfig(
         cases=[],
         out=str(args.work / tier),
@@ -274,10 +279,10 @@ def tier_config(tier: str, args: argparse.Namespace, kind: str, *, has_real: boo
         real_share=0.35 if has_real else 0.0,  # as legs 6 and quality 1 of the CPU campaign
         fine_pixel_share=0.25,  # 0.22-1.3 mm patients: leg 5 of the CPU campaign (docs/results.md §4)
         # the texture-aware networks see both noise textures, so the channel has something to tell apart
-        image_texture_share=TEXTURE_IMAGE_SHARE if args.texture else 0.0,
+        image_texture_share=TEXTURE_IMAGE_SHARE if texture else 0.0,
         device=args.device,
         seed=args.seed,
-        init_weights=init,
+        init_weights=None if init is None else str(init),
     )
 
 
@@ -409,7 +414,8 @@ def main(argv: list[str] | None = None) -> int:
         help="train the texture-aware networks (presets fast-texture, quality-texture: + the noise's "
         "fineness as a second noise channel, docs/models.md), with a third of the scans in the image "
         "texture; from the shipped weights with the channel at zero weight, or with --fresh from scratch, "
-        "the channel there from the first step",
+        "the channel there from the first step; a tier whose shipped network is texture-aware (both, since "
+        "2026-12-06) fine-tunes it as it is, without this flag",
     )
     parser.add_argument(
         "--quality-channels",

@@ -22,6 +22,7 @@ from IPv2DenoiseLib.denoiser.models.noise_aware_unet import (
     noise_maps,
     with_noise_map,
 )
+from IPv2DenoiseLib.denoiser.weights import load_model
 from IPv2DenoiseLib.imaging.noise_map import noise_fineness, noise_level_map
 from IPv2DenoiseLib.physics.scanner_noise import ScannerProtocol, scanner_noise
 from IPv2DenoiseLib.synthetic.phantom import make_chest_phantom
@@ -295,10 +296,10 @@ def test_noise_maps_give_the_level_map_then_a_texture_channel_constant_over_each
         noise_maps(hu, 3)
 
 
-def test_a_texture_aware_unet_started_from_a_noise_aware_one_computes_the_same_whatever_the_texture() -> None:
-    from IPv2DenoiseLib.denoiser.model_reference import ModelReference
-
-    nm = ModelReference.resolve("unet-nm-ipv2").load().model
+def test_a_texture_aware_unet_started_from_a_noise_aware_one_computes_the_same_whatever_the_texture(
+    noise_aware_weights,
+) -> None:
+    nm = load_model(noise_aware_weights)[0]
     texture = TextureAwareUNet.from_noise_aware(nm).eval()
     assert noise_channels(texture) == 2 and noise_channels(nm) == 1
     assert texture.config == nm.config and count_parameters(texture) == count_parameters(nm) + 16 * 9
@@ -313,13 +314,14 @@ def test_a_texture_aware_unet_started_from_a_noise_aware_one_computes_the_same_w
         texture(x)  # the texture channel is missing
 
 
-def test_train_quality_texture_starts_from_noise_aware_weights_and_says_so(tmp_path, made_dataset) -> None:
+def test_train_quality_texture_starts_from_noise_aware_weights_and_says_so(
+    tmp_path, made_dataset, noise_aware_weights
+) -> None:
     """``--arch fast-texture --init <unet-nm weights>``: the card records the new architecture and
     where it started; the network then denoises through ``denoise --weights``."""
     from IPv2DenoiseLib.app.cli import main
-    from IPv2DenoiseLib.denoiser.model_reference import ModelReference
 
-    shipped = ModelReference.resolve("unet-nm-ipv2").weights
+    shipped = noise_aware_weights
     out = tmp_path / "run"
     args = [
         "train", "--noise", "scanner", "--schedule", "constant", "--data", str(made_dataset / "case_000"),

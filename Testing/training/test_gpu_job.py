@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from IPv2DenoiseLib.core.volume import Volume
+from IPv2DenoiseLib.denoiser.models import build_model
 from IPv2DenoiseLib.denoiser.weights import load_model
 from IPv2DenoiseLib.io.volumes import write_volume
 
@@ -106,16 +107,18 @@ def test_the_gpu_job_without_a_corpus_says_how_to_make_one(tmp_path) -> None:
     assert narrow.stderr.strip() == "error: --quality-channels 16: at least the shipped width, 32"
 
 
-def test_the_fast_preset_is_the_shipped_fast_network_so_the_job_can_fine_tune_it() -> None:
-    """The GPU job's fast tier starts from the shipped fast model (``--init``): same architecture and size."""
+def test_the_fast_presets_are_the_shipped_fast_network_so_the_job_can_fine_tune_it() -> None:
+    """The GPU job's fast tier starts from the shipped fast model (``--init``): the fast preset of its
+    architecture (``fast-texture`` since 2026-12-06) has its size, and every tensor fits."""
     from IPv2DenoiseLib.denoiser.model_reference import ModelCatalogue
-    from IPv2DenoiseLib.denoiser.models import ARCH_PRESETS, build_model
+    from IPv2DenoiseLib.denoiser.models import ARCH_PRESETS
 
     shipped, card = load_model(ModelCatalogue.read().entry("fast").weights)
-    arch, kwargs = ARCH_PRESETS["fast"]
+    arch, kwargs = ARCH_PRESETS["fast-texture"]
     fresh = build_model(arch, **kwargs)
     assert card["architecture"] == arch and shipped.config == fresh.config
     fresh.load_state_dict(shipped.state_dict())  # every tensor fits
+    assert ARCH_PRESETS["fast"][1] == kwargs  # the plain preset: the same size without the texture channel
 
 
 def test_each_tier_of_the_gpu_job_starts_from_the_shipped_model_of_that_tier(tmp_path, monkeypatch) -> None:
@@ -190,10 +193,20 @@ def test_the_gpu_job_trains_the_texture_aware_networks_when_asked(tmp_path) -> N
             config = job.tier_config(tier, args, "gpu", has_real=True)
             assert config.arch == "unet-nmt" and config.image_texture_share == job.TEXTURE_IMAGE_SHARE
             assert config.init_weights == str(job.shipped_start(tier))
-        plain = job.tier_config(
-            "quality", argparse.Namespace(**{**vars(args), "texture": False}), "gpu", has_real=True
+        # without --texture a tier still fine-tunes its shipped network as it is (both texture-aware
+        # since 2026-12-06: a plain preset would refuse the --init); from scratch it is the plain network
+        plain = argparse.Namespace(**{**vars(args), "texture": False})
+        for tier in ("fast", "quality"):
+            config = job.tier_config(tier, plain, "gpu", has_real=True)
+            assert config.arch == "unet-nmt" and config.image_texture_share == job.TEXTURE_IMAGE_SHARE
+            shipped, _ = load_model(config.init_weights)
+            build_model(config.arch, **config.model_kwargs).load_state_dict(shipped.state_dict())
+        scratch = job.tier_config(
+            "quality", argparse.Namespace(**{**vars(plain), "fresh": True}), "gpu", has_real=True
         )
-        assert plain.arch == "unet-nm" and plain.image_texture_share == 0.0
+        assert (
+            scratch.arch == "unet-nm" and scratch.image_texture_share == 0.0 and scratch.init_weights is None
+        )
         # --quality-channels 48: the quality tier wider, from the shipped weights (the trainer widens
         # them), or from scratch with --fresh; the fast tier keeps its width
         wide = argparse.Namespace(**{**vars(args), "quality_channels": 48})
