@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -645,6 +646,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"bench_real_anatomy: {exc}\n")
     if args.adapt_steps is not None and not (args.adapt and args.adapt_steps > 0):
         parser.error("--adapt-steps needs --adapt SECONDS and a positive number of steps")
+    if args.bm3d != "off" and importlib.util.find_spec("bm3d") is None:
+        parser.exit(
+            2, "bench_real_anatomy: BM3D is not installed: pip install -e '.[bench]' (or --bm3d off)\n"
+        )
     import torch
 
     torch.set_num_threads(args.threads)

@@ -20,7 +20,7 @@ import bench_real_anatomy  # noqa: E402
 
 
 def test_dev_volume_is_scored_against_tuned_classical_oracles_and_keeps_the_test_results(
-    tmp_path, capsys
+    tmp_path, capsys, monkeypatch
 ) -> None:
     """Three real abdomen slices (the shared corpus, 512² at 0.98 mm, the outside of the reconstruction
     circle at -2048 HU as LIDC's GE scans write it) run through the benchmark's protocol: both noise
@@ -46,7 +46,14 @@ def test_dev_volume_is_scored_against_tuned_classical_oracles_and_keeps_the_test
     assert refused.value.code == 2 and "needs --json and --figure" in capsys.readouterr().err
     with pytest.raises(SystemExit) as missing:
         bench_real_anatomy.main(["--volume", str(tmp_path / "none.nrrd"), "--json", "x", "--figure", "y"])
-    assert missing.value.code == 2
+    assert missing.value.code == 2 and "none.nrrd not found" in capsys.readouterr().err
+    with monkeypatch.context() as without_bm3d:  # the [bench] extra not installed: one line, no work
+        without_bm3d.setitem(sys.modules, "bm3d", None)
+        with pytest.raises(SystemExit) as no_bm3d:
+            bench_real_anatomy.main(["--volume", str(path), "--json", "x", "--figure", "y"])
+    assert no_bm3d.value.code == 2 and capsys.readouterr().err.strip() == (
+        "bench_real_anatomy: BM3D is not installed: pip install -e '.[bench]' (or --bm3d off)"
+    )
 
     out = tmp_path / "dev.json"
     code = bench_real_anatomy.main(
