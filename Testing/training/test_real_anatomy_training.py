@@ -544,6 +544,9 @@ def test_the_campaign_plot_reads_every_leg_of_the_shipped_cards(tmp_path) -> Non
             sum(leg["wall_seconds"] for leg in card["legs"]) / 3600, abs=0.06
         )
         assert float(mine[-1][3]) == pytest.approx(card["legs"][-1]["validation"]["psnr_label"], abs=0.006)
+    # the fast card's campaign dropped the "held-out" abdomen (a training scan) from leg 10 on
+    fast_sets = [r[-1].strip() for r in rows if r[0].strip() == "unet_nm_ipv2"]
+    assert fast_sets == ["1"] * 9 + ["2"] * 2
 
 
 def test_slab_workers_fill_and_refresh_the_pool_in_other_processes(real_series) -> None:

@@ -71,16 +71,41 @@ def leg_points(card: dict) -> list[tuple[float, dict]]:
     return points
 
 
+def held_out_sets(card: dict) -> list[int]:
+    """For every leg of a card, the number (1, 2, ...) of the held-out real volumes its validation
+    was measured on: it grows where a leg names other volumes than the leg before (a "held-out"
+    volume found in the training and dropped, docs/training.md), since the figures on either side
+    are then not comparable. A leg that names none (a soup without ``--val-anatomy``) keeps the set
+    before it; volumes are compared by file name, as everywhere in a campaign."""
+    numbers: list[int] = []
+    names: tuple[str, ...] | None = None
+    for leg in card.get("legs", []):
+        listed = (leg.get("data") or {}).get("validation_real")
+        if listed is not None:
+            here = tuple(sorted(Path(str(v)).name for v in listed))
+            if names is not None and here != names:
+                numbers.append((numbers[-1] if numbers else 1) + 1)
+                names = here
+                continue
+            names = here
+        numbers.append(numbers[-1] if numbers else 1)
+    return numbers
+
+
 def campaign_table(cards: Sequence[tuple[str, dict]]) -> list[str]:
-    """A Markdown table: one row per leg of each (name, card), hours and the :data:`SERIES`."""
+    """A Markdown table: one row per leg of each (name, card), hours, the :data:`SERIES` and the
+    held-out set the real-anatomy figure was measured on (:func:`held_out_sets`)."""
     rows = [
-        "| model | leg | hours (cumulative) | " + " | ".join(f"{title} (dB)" for _, title in SERIES) + " |",
-        "|---|---:|---:|" + "---:|" * len(SERIES),
+        "| model | leg | hours (cumulative) | "
+        + " | ".join(f"{title} (dB)" for _, title in SERIES)
+        + " | held-out set |",
+        "|---|---:|---:|" + "---:|" * len(SERIES) + "---:|",
     ]
     for name, card in cards:
+        sets = held_out_sets(card)
         for number, (hours, val) in enumerate(leg_points(card), start=1):
             cells = " | ".join(f"{val.get(key, math.nan):.2f}" for key, _ in SERIES)
-            rows.append(f"| {name} | {number} | {hours:.1f} | {cells} |")
+            rows.append(f"| {name} | {number} | {hours:.1f} | {cells} | {sets[number - 1]} |")
     return rows
 
 
@@ -98,12 +123,24 @@ def plot_campaign(cards: Sequence[tuple[str, dict]], out: str | Path) -> None:
     axes = fig.subplots(1, max(1, len(shown)), squeeze=False)[0]
     for name, card in cards:
         points = leg_points(card)
+        sets = held_out_sets(card)
         # the --baseline weights validated beside each leg (the model to beat), where given
         bases = [leg.get("validation_baseline") or {} for leg in card.get("legs", [])]
         for ax, (key, title) in zip(axes, shown):
-            line = ax.plot(
-                [h for h, _ in points], [v.get(key, math.nan) for _, v in points], marker="o", label=name
-            )
+            # the held-out real anatomy's line breaks where its volumes change (not comparable)
+            groups = sorted(set(sets)) if key.startswith("real_") else [None]
+            line = None
+            for group in groups:
+                legs = [i for i in range(len(points)) if group is None or sets[i] == group]
+                line = ax.plot(
+                    [points[i][0] for i in legs],
+                    [points[i][1].get(key, math.nan) for i in legs],
+                    marker="o" if group in (None, 1) else "s",
+                    color=None if line is None else line[0].get_color(),
+                    label=name
+                    if group in (None, 1)
+                    else f"{name}: from leg {legs[0] + 1}, other held-out volumes",
+                )
             if any(key in b for b in bases):
                 ax.plot(
                     [h for h, _ in points],
