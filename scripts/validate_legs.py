@@ -14,8 +14,8 @@ the leg's ``validation_real_seen_before``). The first weights are the baseline: 
 gives its difference to them, their mean over the columns and the lowest, and whether it passes the
 project's ship rule (:func:`ship_verdicts`: a mean above the baseline's and no column more than
 ``--tolerance`` dB below it); of those that pass, the best mean ships. Each real volume is
-validated alone, in both noise textures, and a column says which of the weights' legs trained on it: a "held-out" volume is held out only of
-weights none of whose legs saw it.
+validated alone, in both noise textures, and a column says which of the weights' legs trained on
+it: a "held-out" volume is held out only of weights none of whose legs saw it.
 """
 
 from __future__ import annotations

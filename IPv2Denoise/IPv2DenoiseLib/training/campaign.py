@@ -81,14 +81,10 @@ def held_out_sets(card: dict) -> list[int]:
     names: tuple[str, ...] | None = None
     for leg in card.get("legs", []):
         listed = (leg.get("data") or {}).get("validation_real")
-        if listed is not None:
-            here = tuple(sorted(Path(str(v)).name for v in listed))
-            if names is not None and here != names:
-                numbers.append((numbers[-1] if numbers else 1) + 1)
-                names = here
-                continue
-            names = here
-        numbers.append(numbers[-1] if numbers else 1)
+        here = names if listed is None else tuple(sorted(Path(str(v)).name for v in listed))
+        changed = names is not None and here != names
+        numbers.append((numbers[-1] if numbers else 1) + changed)
+        names = here
     return numbers
 
 
