@@ -147,11 +147,18 @@ def plot_campaign(cards: Sequence[tuple[str, dict]], out: str | Path) -> None:
                     label=f"{name}: baseline {next(b['weights'] for b in bases if key in b)}",
                 )
             ax.set(xlabel="wall hours (cumulative)", ylabel="PSNR (dB)", title=title)
+    # one legend under the panels: inside each panel six or more entries hid the curves
+    entries: dict[str, object] = {}
     for ax in axes:
-        ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    columns = min(3, max(1, len(entries)))
+    rows = math.ceil(len(entries) / columns)
+    fig.set_figheight(3.8 + 0.25 * rows)
+    fig.legend(list(entries.values()), list(entries), loc="lower center", ncol=columns, fontsize=8)
     fig.suptitle("training campaign: validation at the end of each leg")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, (0.06 + 0.055 * rows) * 3.8 / (3.8 + 0.25 * rows), 1, 1))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
