@@ -363,7 +363,8 @@ def test_a_second_process_on_the_same_training_folder_is_refused(made_dataset, t
 def test_a_change_of_held_out_volumes_starts_a_new_set_in_the_plot_and_the_table(tmp_path) -> None:
     """A leg validated on other held-out volumes than the leg before (a "held-out" scan found in the
     training and dropped) starts a new set: the table says which, the plot breaks the line there;
-    a leg naming none (a soup without ``--val-anatomy``) keeps the set before it, and names are
+    a leg naming none (a soup without ``--val-anatomy``: no list, or the empty one ``scripts/soup.py``
+    writes) keeps the set before it, and names are
     compared by file name (an old card without the ``real/`` prefix is the same volume)."""
 
     def leg(hours: float, psnr: float, volumes: list[str] | None) -> dict:
@@ -377,14 +378,15 @@ def test_a_change_of_held_out_volumes_starts_a_new_set_in_the_plot_and_the_table
             leg(1, 31.0, ["real/heldout_abdomen.nrrd", "real/heldout_chest.nrrd"]),
             leg(1, 32.0, ["real/heldout_chest.nrrd", "real/heldout_lidc.nrrd"]),
             leg(0, 32.1, None),
+            leg(0, 32.2, []),
             leg(1, 32.5, ["real/heldout_chest.nrrd", "real/heldout_lidc.nrrd"]),
         ]
     }
-    assert held_out_sets(card) == [1, 1, 2, 2, 2]
+    assert held_out_sets(card) == [1, 1, 2, 2, 2, 2]
     assert held_out_sets({"legs": [leg(1, 30.0, None)]}) == [1]
     rows = campaign_table([("net", card)])
     assert rows[0].endswith("| held-out set |")
-    assert [row.split("|")[-2].strip() for row in rows[2:]] == ["1", "1", "2", "2", "2"]
+    assert [row.split("|")[-2].strip() for row in rows[2:]] == ["1", "1", "2", "2", "2", "2"]
     out = tmp_path / "campaign.png"
     plot_campaign([("net", card)], out)
     assert out.stat().st_size > 10_000

@@ -76,12 +76,13 @@ def held_out_sets(card: dict) -> list[int]:
     was measured on: it grows where a leg names other volumes than the leg before (a "held-out"
     volume found in the training and dropped, docs/training.md), since the figures on either side
     are then not comparable. A leg that names none (a soup without ``--val-anatomy``) keeps the set
-    before it; volumes are compared by file name, as everywhere in a campaign."""
+    before it (its list is absent or empty); volumes are compared by file name, as everywhere in a
+    campaign."""
     numbers: list[int] = []
     names: tuple[str, ...] | None = None
     for leg in card.get("legs", []):
         listed = (leg.get("data") or {}).get("validation_real")
-        here = names if listed is None else tuple(sorted(Path(str(v)).name for v in listed))
+        here = tuple(sorted(Path(str(v)).name for v in listed)) if listed else names
         changed = names is not None and here != names
         numbers.append((numbers[-1] if numbers else 1) + changed)
         names = here
@@ -127,10 +128,17 @@ def plot_campaign(cards: Sequence[tuple[str, dict]], out: str | Path) -> None:
             groups = sorted(set(sets)) if key.startswith("real_") else [None]
             line = None
             for group in groups:
-                legs = [i for i in range(len(points)) if group is None or sets[i] == group]
+                # a soup written without validation has no point; the line joins its neighbours
+                legs = [
+                    i
+                    for i in range(len(points))
+                    if (group is None or sets[i] == group) and key in points[i][1]
+                ]
+                if not legs:
+                    continue
                 line = ax.plot(
                     [points[i][0] for i in legs],
-                    [points[i][1].get(key, math.nan) for i in legs],
+                    [points[i][1][key] for i in legs],
                     marker="o" if group in (None, 1) else "s",
                     color=None if line is None else line[0].get_color(),
                     label=name
@@ -143,7 +151,7 @@ def plot_campaign(cards: Sequence[tuple[str, dict]], out: str | Path) -> None:
                     [b.get(key, math.nan) for b in bases],
                     linestyle="--",
                     marker="x",
-                    color=line[0].get_color(),
+                    color=None if line is None else line[0].get_color(),
                     label=f"{name}: baseline {next(b['weights'] for b in bases if key in b)}",
                 )
             ax.set(xlabel="wall hours (cumulative)", ylabel="PSNR (dB)", title=title)
