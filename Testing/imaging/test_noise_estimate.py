@@ -91,7 +91,9 @@ def test_a_denoised_real_slice_reads_below_its_noisy_input() -> None:
 
     scan = read_volume(get_testdata_file("CT_small.dcm"))
     denoised = Denoiser.from_registry().denoise(scan, device="cpu").array
-    assert estimate_noise_hu(denoised) < 0.8 * estimate_noise_hu(scan.array)
+    # below 0.8x with the fine-tuned defaults; 41 against 47 HU (0.88x) with the from-scratch one of
+    # 2026-12-06, which leaves more of this normal-dose slice's own texture: the bug read 1.6x
+    assert estimate_noise_hu(denoised) < 0.95 * estimate_noise_hu(scan.array)
 
 
 def test_the_noise_sd_is_a_python_float_so_a_training_checkpoint_reads_back(chest_fine, tmp_path) -> None:
