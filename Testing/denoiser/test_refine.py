@@ -84,19 +84,20 @@ def test_the_noise_model_follows_a_local_noise_level():
     assert covariance[:, 2, 2] == pytest.approx(np.ones(64), abs=0.25)  # white once whitened by its local SD
 
 
-def test_refinement_improves_the_shipped_network_on_a_real_ct_slice():
+def test_refinement_improves_the_fast_network_on_a_real_ct_slice():
     truth, pixel_mm = _ct_small()
     noisy = simulate_low_dose(truth[None], dose=0.05, spacing_mm=pixel_mm, seed=3, device="cpu")
-    shipped = Denoiser.from_registry("default")
+    shipped = Denoiser.from_registry("fast")
     kwargs = dict(device="cpu", remove_background=False, spacing=(pixel_mm, pixel_mm, 5.0))
     network = shipped.denoise_array(noisy, **kwargs)
     refined = shipped.denoise_array(noisy, refine=True, **kwargs)
     body = ndi.binary_erosion(truth > -500, iterations=3)
     gain = psnr(truth, refined[0], mask=body) - psnr(truth, network[0], mask=body)
-    # float32 on a CPU without AMX: +0.20 dB for quality leg 9, +0.19 for the soup that replaced it,
-    # +0.07 for the from-scratch default (a better network leaves less for the filter); the claim is
-    # a gain, not its size
-    assert gain > 0.04, gain
+    # The single pass of the fast tier is what --refine is for (CPU users who cannot wait for
+    # --ensemble 8). Float32 on a CPU without AMX: +0.13 dB on one thread, +0.14 on two. The default
+    # (quality) of 2026-12-07 gains only +0.02 to +0.05 here, so it is no test of the filter: the
+    # better the network, the less the Wiener step adds (docs/results.md §4, "Pair 5").
+    assert gain > 0.06, gain
     # the call-level switch and the denoiser's attribute give the same image
     shipped.refine = True
     assert shipped.denoise_array(noisy, **kwargs) == pytest.approx(refined, abs=1e-3)
