@@ -212,3 +212,45 @@ def test_writers_sharing_a_folder_never_remove_each_others_staging(tmp_path: Pat
     assert failures == []
     assert len(list(tmp_path.glob("w*-*.txt"))) == 4 * 300
     assert not (tmp_path / STAGING_DIR).exists()
+
+
+def test_cleaning_a_case_and_claiming_an_output_beside_a_writer_never_fails(tmp_path: Path) -> None:
+    """The same race in the other two steps that look into a shared staging folder: a batch worker
+    clears its own case's leftovers (``remove_stale_partials``) and a run claims its output
+    (``claim_output``) while another process's writes in that folder create and remove the staging
+    folder. Both once failed with FileNotFoundError when it vanished between two steps (CI, a Ray
+    worker's case marked failed); here each runs 1,500 times beside two real writers."""
+    writer = textwrap.dedent(
+        f"""
+        import sys
+        from pathlib import Path
+        sys.path.insert(0, {str(LIB)!r})
+        from IPv2DenoiseLib.core.atomic import atomic_path
+        folder, prefix = Path(sys.argv[1]), sys.argv[2]
+        while not (folder / "stop").exists():
+            with atomic_path(folder / f"{{prefix}}.txt") as tmp:
+                Path(tmp).write_text("x")
+        """
+    )
+    cleaner = textwrap.dedent(
+        f"""
+        import sys
+        from pathlib import Path
+        sys.path.insert(0, {str(LIB)!r})
+        from IPv2DenoiseLib.core.atomic import claim_output, remove_stale_partials
+        folder = Path(sys.argv[1])
+        try:
+            for index in range(1500):
+                remove_stale_partials(folder / "case.nrrd")
+                with claim_output(folder / "claimed.nrrd"):
+                    pass
+        finally:
+            (folder / "stop").touch()
+        """
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", writer, str(tmp_path), f"w{n}"]) for n in range(2)]
+    result = subprocess.run([sys.executable, "-c", cleaner, str(tmp_path)], capture_output=True, text=True)
+    assert [p.wait(timeout=60) for p in procs] == [0, 0]
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.glob("w*.txt")) == ["w0.txt", "w1.txt"]
+    assert not (tmp_path / STAGING_DIR).exists()

@@ -108,15 +108,18 @@ def remove_stale_partials(path: str | os.PathLike) -> list[Path]:
             stale.unlink(missing_ok=True)
             removed.append(stale)
     staging = path.parent / STAGING_DIR
-    if staging.is_dir():
-        for entry in staging.iterdir():
-            if (entry / path.name).exists():
-                shutil.rmtree(entry, ignore_errors=True)
-                removed.append(entry)
-        try:
-            staging.rmdir()
-        except OSError:
-            pass
+    try:
+        entries = list(staging.iterdir())
+    except (FileNotFoundError, NotADirectoryError):  # none, or a finishing writer just removed it
+        return removed
+    for entry in entries:
+        if (entry / path.name).exists():
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    try:
+        staging.rmdir()
+    except OSError:
+        pass
     return removed
 
 
@@ -231,7 +234,6 @@ def claim_output(path: str | os.PathLike, *, what: str = "OUT") -> Iterator[None
     if open_lock_file is None:  # pragma: no cover - Windows: the no-clobber rename still protects the output
         yield
         return
-    staging.mkdir(exist_ok=True)
     lock = staging / f"{path.name}.lock"
     while True:
         fd = open_lock_file(lock)
