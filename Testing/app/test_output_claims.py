@@ -243,7 +243,7 @@ def test_cleaning_a_case_and_claiming_an_output_beside_a_writer_never_fails(tmp_
             for index in range(1500):
                 remove_stale_partials(folder / "case.nrrd")
                 with claim_output(folder / "claimed.nrrd"):
-                    pass
+                    assert (folder / ".ipv2-denoise-tmp" / "claimed.nrrd.lock").is_file()
         finally:
             (folder / "stop").touch()
         """

@@ -19,6 +19,7 @@ from glob import escape as glob_escape
 from pathlib import Path
 
 from IPv2DenoiseLib.core.errors import UserError
+from IPv2DenoiseLib.core.paths import make_in_shared_folder
 
 try:  # POSIX; on Windows the claim falls back to the no-clobber rename alone
     from IPv2DenoiseLib.core.locks import lock_holder, open_lock_file, record_holder, try_lock
@@ -123,23 +124,19 @@ def remove_stale_partials(path: str | os.PathLike) -> list[Path]:
     return removed
 
 
-def _make_private_entry(staging: Path, attempts: int = 50) -> Path:
-    """Create ``staging`` and a fresh private folder in it, robust to concurrent clean-ups.
-
-    Another writer in the same folder removes ``staging`` when it finishes and finds it empty;
-    that can happen between our ``mkdir`` and ``mkdtemp``, so both are retried together.
-    """
-    for _ in range(attempts):
-        try:
-            staging.mkdir(exist_ok=True)
-            return Path(tempfile.mkdtemp(prefix=f"{_host()}-{os.getpid()}-", dir=staging))
-        except (FileNotFoundError, FileExistsError):
-            # mkdir's exist_ok check or mkdtemp ran just after a finishing writer removed it.
-            # One stat only: "exists, then not a dir" would be two, and another writer can
-            # remove the folder between them.
-            if staging.is_file():
-                raise UserError(f"{staging} is a file; remove it to write into {staging.parent}") from None
-    raise UserError(f"cannot create a staging folder in {staging.parent} (it keeps disappearing)")
+def _make_private_entry(staging: Path) -> Path:
+    """Create ``staging`` and a fresh private folder in it, robust to concurrent clean-ups
+    (another writer in the same folder removes ``staging`` when it finishes and finds it empty)."""
+    try:
+        return make_in_shared_folder(
+            staging, lambda: Path(tempfile.mkdtemp(prefix=f"{_host()}-{os.getpid()}-", dir=staging))
+        )
+    except NotADirectoryError:
+        raise UserError(f"{staging} is a file; remove it to write into {staging.parent}") from None
+    except TimeoutError:
+        raise UserError(
+            f"cannot create a staging folder in {staging.parent} (it keeps disappearing)"
+        ) from None
 
 
 @contextmanager

@@ -14,6 +14,7 @@ import socket
 from pathlib import Path
 
 from IPv2DenoiseLib.core.errors import UserError
+from IPv2DenoiseLib.core.paths import make_in_shared_folder
 
 
 def open_lock_file(path: str | os.PathLike) -> int:
@@ -35,19 +36,16 @@ def open_lock_file(path: str | os.PathLike) -> int:
         The file cannot be created or opened.
     """
     path = Path(path)
-    for _ in range(50):
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
-        except (FileNotFoundError, FileExistsError) as exc:
-            # A writer that finishes removes its emptied folder (the staging folder), which can
-            # happen inside mkdir's exist_ok check or before the open: both are retried together.
-            if isinstance(exc, FileExistsError) and path.parent.exists() and not path.parent.is_dir():
-                raise UserError(f"cannot open the lock file {path} ({path.parent} is a file)") from None
-            continue
-        except OSError as exc:
-            raise UserError(f"cannot open the lock file {path} ({exc.strerror or exc})") from None
-    raise UserError(f"cannot open the lock file {path} (its folder keeps disappearing)")
+    try:  # the folder may be a staging folder that other writers remove when they finish
+        return make_in_shared_folder(
+            path.parent, lambda: os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666), parents=True
+        )
+    except NotADirectoryError:
+        raise UserError(f"cannot open the lock file {path} ({path.parent} is a file)") from None
+    except TimeoutError:
+        raise UserError(f"cannot open the lock file {path} (its folder keeps disappearing)") from None
+    except OSError as exc:
+        raise UserError(f"cannot open the lock file {path} ({exc.strerror or exc})") from None
 
 
 def try_lock(fd: int, *, shared: bool = False) -> bool:

@@ -5,15 +5,21 @@ is hostile until checked: ``../../etc`` or ``/abs`` must never become part of an
 :func:`safe_component` makes any text one harmless path component, :func:`safe_relative` a
 relative path of such components, and :func:`path_inside` is the last check before anything is
 written or removed: the resolved path (symlinks included) must lie inside the output root.
+:func:`make_in_shared_folder` creates something in a folder that other writers may remove meanwhile
+(the staging folders of ``core/atomic.py`` and the lock files in them).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from IPv2DenoiseLib.core.errors import UserError
+
+_Made = TypeVar("_Made")
 
 #: Longest component kept as is (bytes of UTF-8); longer ones are cut and given a short hash.
 MAX_COMPONENT_BYTES = 200
@@ -62,4 +68,27 @@ def path_inside(root: str | os.PathLike, path: str | os.PathLike) -> Path:
     return resolved
 
 
-__all__ = ["MAX_COMPONENT_BYTES", "path_inside", "safe_component", "safe_relative"]
+def make_in_shared_folder(
+    folder: Path, make: Callable[[], _Made], *, parents: bool = False, attempts: int = 50
+) -> _Made:
+    """Create ``folder`` (with its missing parents when ``parents``) and call ``make`` in it.
+
+    A shared staging folder is removed by whichever writer finishes and finds it empty; that can
+    happen inside ``mkdir``'s own exist_ok check (FileExistsError) or between ``mkdir`` and
+    ``make`` (FileNotFoundError), so both steps are retried together. Raises NotADirectoryError
+    when a file stands in the folder's place, and TimeoutError after ``attempts`` tries (also when,
+    without ``parents``, the folder's parent is missing); callers turn both into their own
+    one-line :class:`UserError`.
+    """
+    for _ in range(attempts):
+        try:
+            folder.mkdir(parents=parents, exist_ok=True)
+            return make()
+        except (FileNotFoundError, FileExistsError):
+            # one stat only: "exists, then not a dir" would be two, and the folder can go in between
+            if folder.is_file():
+                raise NotADirectoryError(str(folder)) from None
+    raise TimeoutError(f"{folder} keeps disappearing")
+
+
+__all__ = ["MAX_COMPONENT_BYTES", "make_in_shared_folder", "path_inside", "safe_component", "safe_relative"]
