@@ -498,3 +498,47 @@ def test_resample_gaps_reads_a_series_with_a_missing_slice(tmp_path) -> None:
     assert row["status"] == "done" and row["shape"] == "6x128x128", row  # the gap filled on the 2.5 mm grid
     assert "gap" in row["warnings"] or "resampl" in row["warnings"], row
     assert read_record(out, "gappy")["settings"]["resample_gaps"] is True
+
+
+def test_two_attempts_of_one_case_at_once_write_it_once(batch_archive, tmp_path) -> None:
+    """A Ray retry can start while the first attempt still runs (its worker only stopped answering):
+    the later attempt waits for the case's output claim, then reports the first one's result; the
+    network runs once and the output and its record are the first attempt's."""
+    import threading
+
+    from IPv2DenoiseLib.app.batch.pipeline import BatchSettings, CaseProcessor
+
+    archive, _ = batch_archive
+    out = tmp_path / "out"
+    processor = CaseProcessor(BatchSettings(out_root=str(out), run_id="run-1"), threads=1)
+    (case,) = [c for c in discover_tree(archive) if c.case_id == "site_a/p02"]
+    both_read = threading.Barrier(2)
+    load, denoise = processor.load, processor.pipeline.denoise
+    network_runs: list[int] = []
+
+    def load_then_meet(case, *, attempts=1):  # both attempts have read the case, neither has written
+        item = load(case, attempts=attempts)
+        both_read.wait(timeout=60)
+        return item
+
+    def counted_denoise(volume):
+        network_runs.append(threading.get_ident())
+        return denoise(volume)
+
+    processor.load, processor.pipeline.denoise = load_then_meet, counted_denoise
+    rows: dict[int, dict] = {}
+    attempts = [
+        threading.Thread(target=lambda n=n: rows.__setitem__(n, processor.process(case, attempts=n)))
+        for n in (1, 2)
+    ]
+    for thread in attempts:
+        thread.start()
+    for thread in attempts:
+        thread.join(timeout=300)
+    assert sorted(rows) == [1, 2], rows
+    assert [rows[n]["status"] for n in (1, 2)] == ["done", "done"], rows
+    assert len(network_runs) == 1, f"the case was denoised {len(network_runs)} times"
+    record = read_record(out, "site_a/p02")
+    sha256, _ = hash_output(out / "site_a" / "p02.nrrd")
+    assert record["output_sha256"] == sha256 == rows[1]["output_sha256"] == rows[2]["output_sha256"]
+    assert not (out / "site_a" / STAGING_DIR).exists()  # the claim's lock file went with its holder

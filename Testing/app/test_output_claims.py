@@ -112,6 +112,30 @@ def test_a_claim_cannot_be_taken_twice_and_is_released_after_the_block(tmp_path)
     assert not (tmp_path / STAGING_DIR).exists()  # the lock file and staging folder are gone
 
 
+def test_a_waiting_claim_is_taken_when_its_holder_dies(tmp_path) -> None:
+    """``wait=True`` (a retried batch case): no error while another process holds the claim, and
+    the claim once the holder is gone, also after ``kill -9``."""
+    import threading
+
+    target = tmp_path / "out.nrrd"
+    holder = Holder(target)
+    taken = threading.Event()
+
+    def claim_and_note() -> None:
+        with claim_output(target, wait=True):
+            taken.set()
+
+    waiter = threading.Thread(target=claim_and_note)
+    try:
+        waiter.start()
+        assert not taken.wait(timeout=1.0), "claimed while another process held it"
+    finally:
+        holder.kill()
+    assert taken.wait(timeout=30), "the claim of a killed holder was never taken"
+    waiter.join(timeout=30)
+    assert not (tmp_path / STAGING_DIR).exists()
+
+
 def test_no_clobber_writes_never_replace_what_another_writer_made_meanwhile(tmp_path) -> None:
     target = tmp_path / "out.txt"
     with pytest.raises(UserError, match="first writer wins"):

@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from glob import escape as glob_escape
@@ -28,6 +29,8 @@ except ImportError:  # pragma: no cover - Windows (no fcntl)
 
 #: Name of the hidden staging folder created beside outputs while they are written.
 STAGING_DIR = ".ipv2-denoise-tmp"
+#: Seconds between two tries of a claim that waits for its holder (``claim_output(wait=True)``).
+CLAIM_POLL_S = 0.1
 
 
 def _umask() -> int:
@@ -217,7 +220,7 @@ def atomic_dir(path: str | os.PathLike, *, replace: bool = False) -> Iterator[Pa
 
 
 @contextmanager
-def claim_output(path: str | os.PathLike, *, what: str = "OUT") -> Iterator[None]:
+def claim_output(path: str | os.PathLike, *, what: str = "OUT", wait: bool = False) -> Iterator[None]:
     """Hold an exclusive claim on writing ``path`` for the block: a second writer fails at once.
 
     Two runs writing one output would otherwise both work and one result would be lost. The claim
@@ -225,6 +228,10 @@ def claim_output(path: str | os.PathLike, *, what: str = "OUT") -> Iterator[None
     the holder dies (``kill -9`` included), so a crashed run never blocks the next one. The lock
     file names the holder (host and pid) for the error message. Call it after the output checks
     and before the work; the first writer wins, the second gets :class:`UserError`.
+
+    With ``wait`` the second writer waits until the holder releases the claim (or dies) instead,
+    then holds it: for a retried batch case whose first attempt may still be running, which then
+    finds the first attempt's result rather than writing it a second time.
     """
     path = Path(path)
     staging = path.parent / STAGING_DIR
@@ -236,6 +243,9 @@ def claim_output(path: str | os.PathLike, *, what: str = "OUT") -> Iterator[None
         fd = open_lock_file(lock)
         if not try_lock(fd):
             os.close(fd)
+            if wait:
+                time.sleep(CLAIM_POLL_S)
+                continue
             raise UserError(
                 f"{what} {path} is being written by another run ({lock_holder(lock)}); wait for it to "
                 "finish or choose another output"

@@ -33,7 +33,7 @@ from IPv2DenoiseLib.app.batch.records import (
     write_record,
 )
 from IPv2DenoiseLib.app.pipeline import DenoiseOptions, DenoiseOutcome, DenoisePipeline
-from IPv2DenoiseLib.core.atomic import remove_stale_partials
+from IPv2DenoiseLib.core.atomic import claim_output, remove_stale_partials
 from IPv2DenoiseLib.core.device import describe_device
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.volume import Volume
@@ -253,13 +253,32 @@ class CaseProcessor:
         self.pipeline.export_dicom(loaded.outcome, out)
 
     def process(self, case: Case, *, attempts: int = 1) -> dict[str, Any]:
-        """All steps of one case in this thread (the Ray actors' unit of work, and ``--prefetch 0``)."""
+        """All steps of one case in this thread (the Ray actors' unit of work, and ``--prefetch 0``).
+
+        Denoising and writing hold the case's output claim, waiting while another attempt of the
+        case holds it: Ray resubmits a case whose worker stopped answering, and that worker may
+        still be running it. The later attempt then finds the earlier one's done record and
+        returns its row instead of writing the output a second time.
+        """
         item = self.load(case, attempts=attempts)
-        if isinstance(item, Loaded):
-            item = self.denoise(item)
-        if isinstance(item, Loaded):
-            item = self.store(item)
-        return item
+        if not isinstance(item, Loaded):
+            return item
+        try:
+            out = output_path(self.out_root, case.case_id, dicom=self.settings.dicom)
+            with claim_output(out, what=f"case {case.case_id}", wait=True):
+                record = verified_record(
+                    self.out_root,
+                    case.case_id,
+                    fingerprint=item.fingerprint,
+                    settings=self.record_settings,
+                    dicom=self.settings.dicom,
+                )
+                if record is not None:  # an earlier attempt finished while this one waited
+                    return self._from_record(case, record, attempts)
+                item = self.denoise(item)
+                return self.store(item) if isinstance(item, Loaded) else item
+        except UserError as exc:  # the claim's lock file cannot be made (a file in the way, a full disk)
+            return self.failed(case, str(exc), started=item.started, attempts=attempts)
 
 
 _END = object()

@@ -10,7 +10,10 @@ A worker process that dies (killed, out of memory, node lost) is restarted by Ra
 (``max_restarts=-1``); the cases it held fail with ``RayActorError`` and are submitted again, to
 whichever actor is free, up to ``retries`` times. Nothing is written twice: outputs are atomic
 and the retry first checks the done record, so a case that finished before its worker died is
-recognised, not recomputed.
+recognised, not recomputed. A worker that only stopped answering (``ActorUnavailableError``, a
+network fault between nodes) may still be running the case when its retry starts elsewhere: the
+retry waits for the case's output claim (:meth:`CaseProcessor.process`) and then finds the first
+attempt's record, so the case is never written by two attempts at once.
 
 A local cluster this module starts (no ``--address``) is stopped with the run, also when the run
 is killed: see :mod:`~IPv2DenoiseLib.app.batch.ray_watchdog`.
