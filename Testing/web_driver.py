@@ -97,9 +97,10 @@ def graininess(pixels: np.ndarray) -> float:
     return float(np.abs(np.diff(grey, axis=1))[inside].mean())
 
 
-def open_page(browser, server: WebServer, *, query: str = ""):
+def open_page(browser, server: WebServer):
+    """A new page at the address the server printed (its access token included)."""
     page = browser.new_page(viewport={"width": 1400, "height": 860})
-    page.goto(server.url + query)
+    page.goto(server.url)
     return page
 
 

@@ -110,6 +110,36 @@ def test_full_spool_answers_out_of_resources_and_never_forwards_a_partial_series
     assert len(list((spool / "failed").iterdir())) == 2
 
 
+def test_refused_instances_sent_again_after_the_series_failed_complete_it(
+    orthanc, tmp_path, small_disk
+) -> None:
+    """A PACS answered 0xA700 retries the refused instances only, often after the node's quiet
+    period has failed the series. They re-open the failed series and complete it: one derived
+    series with every slice is forwarded. (Before, the retried instances alone became a series of
+    their own and were forwarded: a partial derived series in the PACS.)"""
+    spool = small_disk / "spool"
+    series = fresh_study(tmp_path / "retried", n=16)
+    study = pydicom.dcmread(series[0]).StudyInstanceUID
+    node = Node(spool, orthanc.node, quiet=2.0, log_dir=tmp_path)
+    try:
+        filler = _fill(small_disk, 10, series[0].stat().st_size)
+        statuses = store(node.port, map(pydicom.dcmread, series))
+        refused = [path for path, status in zip(series, statuses) if status == 0xA700]
+        assert 0 < len(refused) < len(series) and set(statuses) == {0x0000, 0xA700}, statuses
+        node.wait_for("FAILED", 30)
+        assert len(list((spool / "failed").iterdir())) == 1
+        filler.unlink()  # room again; the sender retries what was refused, and only that
+        assert store(node.port, map(pydicom.dcmread, refused)) == [0x0000] * len(refused)
+        derived = derived_in_orthanc(orthanc, study, len(series))
+        log = node.wait_for(f"sent {len(series)} to", 60)
+        assert f"{len(series) - len(refused)} instance(s) acknowledged, {len(refused)} refused" in log
+    finally:
+        assert node.stop() == 0
+    assert derived_series_count(orthanc, study) == [len(series)]  # one derived series, whole
+    assert len({ds.SeriesInstanceUID for ds in derived}) == 1
+    assert list((spool / "failed").iterdir()) == [] and list((spool / "incoming").iterdir()) == []
+
+
 def _store_until_killed(port: int, datasets) -> list[int]:
     """C-STORE one by one; stop at the first instance without an answer (the node was killed)."""
     ae = AE(ae_title="MODALITY")

@@ -557,6 +557,22 @@ def test_the_access_token_is_required(web_case, chromium) -> None:
 
 
 @pytest.mark.slow
+def test_without_a_token_the_server_makes_one(server, chromium) -> None:
+    """Started without --token: a random token, printed with the address. Without it, wslink would
+    accept its built-in secret "wslink-secret", and any web site the user visits could open a
+    websocket to the loopback port (browsers allow that across sites) and drive the panel."""
+    base, _, query = server.url.partition("?secret=")
+    assert len(query) >= 20, server.url  # a random token, not a word
+    for guess in ("wslink-secret", ""):  # wslink's default, and none
+        refused = wslink_hello(base, guess)
+        assert refused["error"]["message"] == "Authentication failed" and "result" not in refused, refused
+    assert "clientID" in wslink_hello(base, query)["result"]
+    page = chromium.new_page()
+    assert page.goto(base).status == 403  # the page without the token: one sentence
+    page.close()
+
+
+@pytest.mark.slow
 def test_a_series_is_searched_and_opened_from_the_pacs(server, chromium, orthanc, tmp_path) -> None:
     """Search the PACS for a patient, open one of their CT series (C-FIND + C-GET from the real
     Orthanc), denoise it, and send the derived series back into the same study."""

@@ -14,7 +14,8 @@ answer is 0xA700 "Out of Resources" and the refusal is remembered (in memory and
 ``<uid>.refused`` marker), as it is for a CT instance refused as corrupt (0xC210) or over the
 size cap (0xA700) whose header names its series (the marker then holds why). A series is
 complete when no instance of it has arrived for ``quiet_seconds``: if one of its instances was refused and not sent again it moves to
-``failed/`` (never forwarded partial), else it is renamed to ``ready/`` and queued. Before
+``failed/`` (never forwarded partial; an instance of it arriving again re-opens it, so the
+sender's retry of the refused instances completes it), else it is renamed to ``ready/`` and queued. Before
 denoising, every acknowledged instance must be present (files nobody acknowledged, left by a
 kill during a transfer, are dropped). At most ``jobs`` series are denoised at a time, each by the
 one :class:`~IPv2DenoiseLib.app.pipeline.DenoisePipeline` (one model, loaded once; read, check,
@@ -30,6 +31,7 @@ worded as ``denoise`` prints them, go to the log and into the derived series' De
 from __future__ import annotations
 
 import errno
+import glob
 import ipaddress
 import json
 import logging
@@ -172,6 +174,36 @@ def _marker_reason(marker: Path) -> str:
         return SPOOL_FULL
 
 
+def _write_refusal_markers(folder: Path, refused: dict[str, str]) -> None:
+    """Leave a ``<uid>.refused`` marker per refused instance in the series folder (best effort: an
+    empty file usually fits on a full disk; one that does not is logged and kept in memory)."""
+    try:
+        folder.mkdir(exist_ok=True)
+        for sop_uid, why in refused.items():
+            marker = folder / f"{sop_uid}{REFUSED}"
+            marker.touch()
+            if why != SPOOL_FULL:
+                marker.write_text(why, encoding="utf-8")
+    except OSError as exc:
+        LOG.warning(
+            "series %s: could not record %d refused instance(s) on disk (%s); remembered until the node stops",
+            folder.name,
+            len(refused),
+            exc.strerror or exc,
+        )
+
+
+def _arrival_on_disk(folder: Path) -> _Arrival:
+    """A series' arrival as its folder records it (manifest and refusal markers), as of now."""
+    acknowledged = read_manifest(folder) or {}
+    refused = {
+        p.name.removesuffix(REFUSED): _marker_reason(p)
+        for p in folder.glob(f"*{REFUSED}")
+        if p.name.removesuffix(REFUSED) not in acknowledged
+    }
+    return _Arrival(time.monotonic(), set(acknowledged), set(acknowledged.values()) or {"spool"}, refused)
+
+
 def _pixel_data_problem(ds: Dataset) -> str | None:
     """Why the CT instance's pixel data is unusable, or None: missing, short, or not decodable."""
     if "PixelData" not in ds:
@@ -304,17 +336,8 @@ class DenoisingNode:
             shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink()
         for job in resumed:
             self._submit(job)
-        now = time.monotonic()
         for folder in sorted(self.dirs["incoming"].iterdir()):
-            acknowledged = read_manifest(folder) or {}
-            refused = {
-                p.name.removesuffix(REFUSED): _marker_reason(p)
-                for p in folder.glob(f"*{REFUSED}")
-                if p.name.removesuffix(REFUSED) not in acknowledged
-            }
-            self._arrivals[folder.name] = _Arrival(
-                now, set(acknowledged), set(acknowledged.values()) or {"spool"}, refused
-            )
+            self._arrivals[folder.name] = _arrival_on_disk(folder)
         if resumed or self._arrivals:
             LOG.info(
                 "resuming %d queued and %d incoming series from %s",
@@ -485,8 +508,8 @@ class DenoisingNode:
                 os.fsync(f.fileno())  # on disk before the sender hears "success"
             with self._lock:
                 folder = self.dirs["incoming"] / series_uid
+                arrival = self._arrival_of(series_uid)
                 folder.mkdir(exist_ok=True)
-                arrival = self._arrivals.setdefault(series_uid, _Arrival(time.monotonic()))
                 already = sop_uid in arrival.acknowledged  # sent again: the same instance
                 target = folder / f"{sop_uid}.dcm"
                 os.replace(tmp, target)
@@ -511,18 +534,48 @@ class DenoisingNode:
         """Record that an instance of the series was refused (full spool, corrupt, too large): the
         series must not be forwarded without it."""
         with self._lock:
-            arrival = self._arrivals.setdefault(series_uid, _Arrival(0.0))
+            arrival = self._arrival_of(series_uid)
             arrival.last_seen = time.monotonic()
             arrival.refused[sop_uid] = why
-            folder = self.dirs["incoming"] / series_uid
-            marker = folder / f"{sop_uid}{REFUSED}"
-            try:  # an empty file needs no data block: it usually fits on a full disk, and survives a restart
-                folder.mkdir(exist_ok=True)
-                marker.touch()
-                if why != SPOOL_FULL:
-                    marker.write_text(why, encoding="utf-8")
-            except OSError:
-                pass  # remembered in memory only (or as an empty marker: read back as a full spool)
+            _write_refusal_markers(self.dirs["incoming"] / series_uid, {sop_uid: why})
+
+    def _arrival_of(self, series_uid: str) -> _Arrival:
+        """The series' arrival; a new one re-opens the series if it failed for refused instances.
+
+        A sender answered 0xA700 (full spool) or 0xC210 retries the refused instances, often after
+        the quiet period has failed the series. Those instances alone must not become a series of
+        their own (a partial series, forwarded): the failed series comes back to ``incoming/`` with
+        its acknowledged instances and its refusals, and the retried instances complete it.
+        Call with the lock held.
+        """
+        arrival = self._arrivals.get(series_uid)
+        if arrival is not None:
+            return arrival
+        folder = self.dirs["incoming"] / series_uid
+        failed = sorted(  # FAILED/<uid>.<ns>; "1.2.3.*" would also match series 1.2.3.4
+            (
+                f
+                for f in self.dirs["failed"].glob(f"{glob.escape(series_uid)}.*")
+                if f.name.rsplit(".", 1)[0] == series_uid and any(f.glob(f"*{REFUSED}"))
+            ),
+            key=lambda f: f.name,
+        )
+        if failed and not folder.exists():
+            os.replace(failed[-1], folder)
+            _fsync_dir(self.dirs["incoming"])
+            (folder / "reason.txt").unlink(missing_ok=True)
+            arrival = _arrival_on_disk(folder)
+            LOG.info(
+                "series %s: re-opened from %s (%d instance(s) acknowledged, %d refused): an instance of it arrived again",
+                series_uid,
+                failed[-1],
+                len(arrival.acknowledged),
+                len(arrival.refused),
+            )
+        else:
+            arrival = _Arrival(time.monotonic())
+        self._arrivals[series_uid] = arrival
+        return arrival
 
     def _watch(self) -> None:
         while not self._stop.wait(min(0.25, self.config.quiet_seconds / 4)):
@@ -555,6 +608,8 @@ class DenoisingNode:
                         f"{len(arrival.refused)} instance(s) were refused ({arrival.refused[first]}) and not "
                         f"sent again, e.g. {first}; the series is incomplete and was not denoised: {remedy}"
                     )
+                    # markers a full disk kept out at the time: the series re-opens when they come again
+                    _write_refusal_markers(folder, arrival.refused)
                     self._fail(
                         folder, name, reason, received=len(arrival.acknowledged), senders=arrival.senders
                     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import secrets
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,7 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--token",
         default=None,
         help=f"access token the page must carry (URL ...?secret=TOKEN); better set {TOKEN_ENV}, "
-        "which other users cannot read in the process list",
+        "which other users cannot read in the process list; without either, a random token is made "
+        "and printed with the address",
     )
     parser.add_argument(
         "--pacs",
@@ -73,10 +75,10 @@ def configure_rendering() -> None:
 
 
 @contextlib.contextmanager
-def trame_argv(token: str | None) -> Iterator[None]:
+def trame_argv(token: str) -> Iterator[None]:
     """trame reads its options from ``sys.argv``: give it only ours (the token), not the CLI's."""
     saved = sys.argv
-    sys.argv = [saved[0], *(["--authKey", token] if token else [])]
+    sys.argv = [saved[0], "--authKey", token]
     try:
         yield
     finally:
@@ -101,7 +103,10 @@ def run(args: argparse.Namespace) -> int:
             pacs = parse_destination(args.pacs, args.aet)
         except UserError as exc:
             raise UserError(f"--pacs: {exc}") from None
-    token = args.token or os.environ.get(TOKEN_ENV) or None
+    # Always a token: without one, wslink accepts its built-in secret, and any web page the user
+    # visits may open a websocket to a loopback port (browsers do not stop it) and drive the panel.
+    token = args.token or os.environ.get(TOKEN_ENV) or secrets.token_urlsafe(18)
+    from_environment = not args.token and token == os.environ.get(TOKEN_ENV)
 
     configure_rendering()
     try:  # lazy: trame, slicer and VTK are the optional [web] extra
@@ -126,15 +131,11 @@ def run(args: argparse.Namespace) -> int:
 
     def announce(**_) -> None:
         url = f"http://{args.host}:{app.server.port}/"
-        if args.token:
-            url += f"?secret={args.token}"
-        elif token:
-            url += f"?secret=<{TOKEN_ENV}>"
+        url += f"?secret=<{TOKEN_ENV}>" if from_environment else f"?secret={token}"
         print(f"ipv2-denoise web: serving {url} (data root {root.root})", flush=True)
 
     app.ctrl.on_server_ready.add(announce)
-    if token:
-        app.ctrl.on_server_bind.add(lambda wslink_server: require_token_for_page(wslink_server, token))
+    app.ctrl.on_server_bind.add(lambda wslink_server: require_token_for_page(wslink_server, token))
     with trame_argv(token):
         app.server.start(
             host=args.host, port=args.port, open_browser=False, show_connection_info=False, timeout=0
