@@ -133,6 +133,51 @@ def test_serve_skips_bad_instances_keeps_series_when_pacs_is_down_and_resumes(
     assert "1 instance(s) were refused (0xC210, " in (junk / "reason.txt").read_text()
 
 
+def test_a_full_forward_pacs_is_retried_with_the_same_uids(tmp_path, spool) -> None:
+    """The forward PACS (a real pynetdicom Storage SCP) stores two instances, then answers 0xA700
+    "Out of Resources" for longer than the node's ``--retries``: the series is kept, not failed, and
+    once the PACS has room the same derived instances (same UIDs) go again. (Before, the series
+    failed after ~3 s and the two stored instances stayed in the PACS as a partial derived series.)"""
+    from pynetdicom import evt
+
+    stored: dict[str, pydicom.Dataset] = {}
+    refused: set[str] = set()
+    full = True
+
+    def on_store(event) -> int:
+        ds = event.dataset
+        if full and len(stored) >= 2:
+            refused.add(str(ds.SOPInstanceUID))
+            return 0xA700
+        stored[str(ds.SOPInstanceUID)] = ds
+        return 0x0000
+
+    pacs = AE(ae_title="FULLPACS")
+    pacs.add_supported_context(CTImageStorage)
+    pacs.add_supported_context("1.2.840.10008.1.1")  # Verification: the node C-ECHOes first
+    port = free_port()
+    server = pacs.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    series = fresh_study(tmp_path / "in", n=4)
+    node = Node(
+        spool, f"127.0.0.1:{port}:FULLPACS", quiet=1.0, extra=["--retries", "1", "--retry-seconds", "1"]
+    )
+    try:
+        assert store(node.port, map(pydicom.dcmread, series)) == [0x0000] * len(series)
+        log = node.wait_for("will retry", 60)
+        assert "denoised, but 2 of 4 instance(s) refused" in log and "0xA700" in log, log
+        assert "FAILED" not in log and not list((spool / "failed").iterdir())
+        assert len(stored) == 2 and len(refused) == 2
+        first_try = set(stored) | refused
+        full = False  # room again
+        node.wait_for("sent 4 to", 60)
+    finally:
+        assert node.stop() == 0
+        server.shutdown()
+    assert set(stored) == first_try  # the same derived instances, not a second series
+    assert len({str(ds.SeriesInstanceUID) for ds in stored.values()}) == 1
+    assert not [p for d in ("incoming", "ready", "work", "failed") for p in (spool / d).iterdir()]
+
+
 def test_orthanc_sends_study_to_serve_and_gets_the_derived_series(orthanc, tmp_path, spool) -> None:
     sources = fresh_study(tmp_path / "in", n=8)
     for path in sources:

@@ -685,6 +685,8 @@ class DenoisingNode:
                 timeout=self.config.timeout,
                 retries=self.config.retries,
             )
+            if report.may_pass_later:  # e.g. 0xA700: the PACS is full now; the same UIDs go again later
+                raise DestinationUnavailable(report.summary())
             report.raise_for_failures()
         except Exception as exc:  # noqa: BLE001 (one bad series must not stop the node)
             if not isinstance(exc, DestinationUnavailable) and not out_of_space(exc):

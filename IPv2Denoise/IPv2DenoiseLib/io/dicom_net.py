@@ -234,6 +234,9 @@ class InstanceResult:
         The status's meaning and the peer's comment; empty on plain success.
     attempts : int
         How many times it was sent.
+    transient : bool
+        Its last failure may pass later (0xA7xx "Out of Resources", no response, a dropped
+        association): a caller that can wait sends it again later instead of giving up.
     """
 
     path: Path
@@ -242,6 +245,7 @@ class InstanceResult:
     status: str = "not sent"  # "0x0000", "0xA700", "HTTP 409", ...
     reason: str = ""
     attempts: int = 0
+    transient: bool = False
 
     def line(self) -> str:
         word = "stored" if self.ok and not self.reason else ("warning" if self.ok else "REFUSED")
@@ -274,6 +278,11 @@ class SendReport:
     @property
     def ok(self) -> bool:
         return bool(self.results) and not self.failed
+
+    @property
+    def may_pass_later(self) -> bool:
+        """Some instances failed, each with a transient failure (see :attr:`InstanceResult.transient`)."""
+        return bool(self.failed) and all(r.transient for r in self.failed)
 
     def summary(self) -> str:
         n, bad = len(self.results), len(self.failed)
@@ -698,13 +707,14 @@ def send_instances(
                 result = report.results[i]
                 result.attempts += 1
                 if not assoc.is_established:  # dropped mid-way: the rest go to the next attempt
-                    result.status, result.reason = "aborted", "association dropped"
+                    result.status, result.reason, result.transient = "aborted", "association dropped", True
                     retry_later.append(i)
                     continue
                 status = assoc.send_c_store(pydicom.dcmread(paths[i]))
                 code = getattr(status, "Status", None)
                 if code is None:
                     result.status, result.reason = "no response", "association aborted or timed out"
+                    result.transient = True
                     retry_later.append(i)
                     continue
                 result.status = f"0x{code:04X}"
@@ -713,7 +723,8 @@ def send_instances(
                 comment = getattr(status, "ErrorComment", "")
                 if comment:
                     result.reason = f"{result.reason}: {comment}"
-                if not result.ok and code in _TRANSIENT:
+                result.transient = not result.ok and code in _TRANSIENT
+                if result.transient:
                     retry_later.append(i)
                 if progress is not None:
                     progress(sum(r.ok for r in report.results), len(paths), "C-STORE")
