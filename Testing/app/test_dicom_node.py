@@ -178,6 +178,39 @@ def test_a_full_forward_pacs_is_retried_with_the_same_uids(tmp_path, spool) -> N
     assert not [p for d in ("incoming", "ready", "work", "failed") for p in (spool / d).iterdir()]
 
 
+def test_a_second_node_on_one_spool_is_refused(tmp_path, spool) -> None:
+    """One node per spool: a second one would clear the first one's work/ and tmp/ and send its
+    queued series again. It exits 2 with one line naming the holder, and touches nothing."""
+    import os
+    import subprocess
+    import sys
+
+    from serve_node import LIB
+
+    first = Node(spool, f"127.0.0.1:{free_port()}:PACS", quiet=5)
+    try:
+        in_progress = spool / "work" / "a-derived-series-being-written"
+        in_progress.mkdir()
+        second = subprocess.run(
+            [sys.executable, "-m", "IPv2DenoiseLib", "serve", "--port", str(free_port()), "--aet", NODE_AET]
+            + ["--forward", f"127.0.0.1:{free_port()}:PACS", "--spool", str(spool), "--device", "cpu"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "PYTHONPATH": str(LIB)},
+        )
+        assert second.returncode == 2, second.stderr
+        errors = [line for line in second.stderr.splitlines() if "error" in line]
+        assert len(errors) == 1 and "in use by another node" in errors[0], second.stderr
+        assert f"pid {first.process.pid}" in errors[0] and "Traceback" not in second.stderr
+        assert in_progress.is_dir()  # the first node's work is untouched
+        assert first.process.poll() is None
+    finally:
+        assert first.stop() == 0
+    again = Node(spool, f"127.0.0.1:{free_port()}:PACS", quiet=5)  # released by the stop
+    assert again.stop() == 0
+
+
 def test_orthanc_sends_study_to_serve_and_gets_the_derived_series(orthanc, tmp_path, spool) -> None:
     sources = fresh_study(tmp_path / "in", n=8)
     for path in sources:

@@ -53,6 +53,7 @@ from pynetdicom.sop_class import Verification
 
 from IPv2DenoiseLib.app.pipeline import DenoisePipeline
 from IPv2DenoiseLib.core.errors import UserError
+from IPv2DenoiseLib.core.locks import lock_holder, open_lock_file, record_holder, try_lock
 from IPv2DenoiseLib.io.dicom_export import DerivedSeriesOptions
 from IPv2DenoiseLib.io.dicom_net import (
     ACCEPTED_TRANSFER_SYNTAXES,
@@ -97,6 +98,8 @@ SPOOL_FULL = "0xA700, spool full"
 FACTS = ".denoised.json"
 #: Disk-space errors: the series waits in the spool and is tried again (never FAILED for it).
 NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
+#: Lock file in the spool, held by the node using it (``pid N on host H`` inside).
+SPOOL_LOCK = "node.lock"
 #: Fault injection for the kill tests: the node SIGKILLs itself at this step (see ``_crash_point``).
 KILL_AT_ENV = "IPV2DENOISE_NODE_KILL_AT"
 
@@ -308,6 +311,7 @@ class DenoisingNode:
         self._executor = ThreadPoolExecutor(max_workers=max(1, config.jobs), thread_name_prefix="denoise")
         self._server = None
         self._monitor: threading.Thread | None = None
+        self._spool_lock: int | None = None  # descriptor of the spool's lock while the node runs
         # an instance far over the cap is stopped while it arrives, not after it is in memory
         self._size_guard = ArrivingSizeGuard(config.max_instance_bytes, LOG.warning, self._on_aborted)
 
@@ -325,7 +329,14 @@ class DenoisingNode:
     # ------------------------------------------------------------------------------- lifecycle
 
     def start(self) -> DenoisingNode:
-        """Create the spool, resume what a previous run left, and start listening."""
+        """Hold the spool, create it, resume what a previous run left, and start listening.
+
+        Raises
+        ------
+        UserError
+            Another node holds the spool (its pid and host named), or the port cannot be bound.
+        """
+        self._hold_spool()
         for d in self.dirs.values():
             d.mkdir(parents=True, exist_ok=True)
         resumed = sorted(self.dirs["ready"].iterdir())
@@ -334,8 +345,6 @@ class DenoisingNode:
             if leftover.name in keep and leftover.parent == self.dirs["work"]:
                 continue
             shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink()
-        for job in resumed:
-            self._submit(job)
         for folder in sorted(self.dirs["incoming"].iterdir()):
             self._arrivals[folder.name] = _arrival_on_disk(folder)
         if resumed or self._arrivals:
@@ -366,6 +375,8 @@ class DenoisingNode:
             raise UserError(
                 f"cannot listen on {self.config.host}:{self.config.port}: {exc.strerror or exc}"
             ) from None
+        for job in resumed:  # once listening: a node that cannot start forwards nothing
+            self._submit(job)
         self._monitor = threading.Thread(target=self._watch, name="quiet-period", daemon=True)
         self._monitor.start()
         (LOG.info if self.allow_aets else LOG.warning)(self.accepted_line())
@@ -384,6 +395,26 @@ class DenoisingNode:
             LOG.warning("forward destination not available now (series will wait in the spool): %s", exc)
         return self
 
+    def _hold_spool(self) -> None:
+        """Take the spool's lock for the node's life: a second node on one spool would clear this
+        one's ``tmp/`` and ``work/`` and send its queued series twice. The kernel releases it when the
+        node dies (``kill -9`` included)."""
+        spool = self.config.spool
+        try:
+            spool.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"--spool {spool}: cannot create it ({exc.strerror or exc})") from None
+        path = spool / SPOOL_LOCK
+        fd = open_lock_file(path)
+        if not try_lock(fd):
+            os.close(fd)
+            raise UserError(
+                f"--spool {spool} is in use by another node ({lock_holder(path)}); stop that one first, "
+                "or give this one its own --spool"
+            )
+        record_holder(fd)
+        self._spool_lock = fd
+
     def stop(self) -> None:
         """Stop listening, finish open transfers and running jobs; queued series stay in the spool."""
         self._stop.set()
@@ -401,6 +432,9 @@ class DenoisingNode:
         self._executor.shutdown(wait=True, cancel_futures=True)
         left = len(list(self.dirs["ready"].iterdir())) + len(list(self.dirs["incoming"].iterdir()))
         LOG.info("stopped; %d series left in the spool for the next start", left)
+        if self._spool_lock is not None:
+            os.close(self._spool_lock)  # releases the spool for the next node
+            self._spool_lock = None
 
     def wait(self) -> None:
         """Block until :meth:`request_stop` (e.g. from a signal handler)."""
