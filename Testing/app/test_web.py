@@ -97,6 +97,14 @@ def test_data_root_refuses_every_way_out(tmp_path: Path) -> None:
         data.export_folder("scans/derived", source=root / "scans")  # a DICOM folder's export
     write_ct_series(root / "dicom" / "chest", 2)
     assert data.inputs() == ["dicom/chest", "scans/a.nrrd"]  # the link out of the root is not listed
+    # a loop of links and a name too long: one line each, never a traceback in the server
+    (root / "scans" / "loop.nrrd").symlink_to("loop.nrrd")
+    assert data.inputs() == ["dicom/chest", "scans/a.nrrd"]
+    for name in ("scans/loop.nrrd", "x" * 300):
+        for check in (data.input, data.export_folder):
+            with pytest.raises(UserError, match="cannot follow it"):
+                check(name)
+    assert DataRoot(root).inputs() == data.inputs()  # ``web`` lists them as it starts
 
 
 def test_job_runner_one_job_at_a_time_cancel_and_failure() -> None:

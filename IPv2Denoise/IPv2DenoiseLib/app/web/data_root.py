@@ -21,6 +21,11 @@ VOLUME_SUFFIXES = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")
 MAX_LISTED = 500
 
 
+def _why(exc: BaseException) -> str:
+    """An OSError's own words (``File name too long``), or the message of another error."""
+    return (exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)) or type(exc).__name__
+
+
 def is_dicom_file(path: Path) -> bool:
     """A DICOM Part 10 file (``DICM`` at byte 128) or a ``.dcm`` file."""
     if path.suffix.lower() == ".dcm":
@@ -53,14 +58,24 @@ class DataRoot:
         text = str(text or "").strip()
         if not text or "\x00" in text:
             raise UserError(f"{what}: choose a path inside the data root")
+        try:  # a loop of symbolic links raises RuntimeError, a name too long OSError
+            resolved = (self.root / text).resolve()
+            resolved.exists()
+        except (RuntimeError, OSError) as exc:
+            raise UserError(f"{what} {text}: cannot follow it ({_why(exc)})") from None
+        if resolved == self.root:
+            raise UserError(f"{what}: choose a file or folder inside the data root, not the root")
         try:
             return path_inside(self.root, text)
         except UserError:
-            if (self.root / text).resolve() == self.root:
-                raise UserError(
-                    f"{what}: choose a file or folder inside the data root, not the root"
-                ) from None
             raise UserError(f"{what} {text} is outside the data root; refused") from None
+
+    def holds(self, path: Path) -> bool:
+        """Whether ``path`` resolves inside the root (False for a loop of links or an unreadable name)."""
+        try:
+            return path.resolve().is_relative_to(self.root)
+        except (RuntimeError, OSError):
+            return False
 
     def relative(self, path: Path) -> str:
         """``path`` as the browser shows it (relative to the root, ``/``-separated)."""
@@ -85,12 +100,10 @@ class DataRoot:
         for folder, dirs, files in os.walk(self.root):
             dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != STAGING_DIR)
             here = Path(folder)
-            if here.is_symlink() or not here.resolve().is_relative_to(self.root):
+            if here.is_symlink() or not self.holds(here):
                 dirs[:] = []
                 continue
-            visible = sorted(
-                f for f in files if not f.startswith(".") and (here / f).resolve().is_relative_to(self.root)
-            )
+            visible = sorted(f for f in files if not f.startswith(".") and self.holds(here / f))
             if here != self.root and any(is_dicom_file(here / f) for f in visible[:5]):
                 found.append(self.relative(here))
             found.extend(self.relative(here / f) for f in visible if f.lower().endswith(VOLUME_SUFFIXES))

@@ -536,9 +536,10 @@ class DenoiseWebApp(TrameApp):
             if snap.serial and snap.serial != self.handled_serial and not snap.busy:
                 self.handled_serial = snap.serial
                 self._finished(snap)
+            shown = s.warnings if isinstance(s.warnings, list) else []  # state a browser may have set
             for w in snap.warnings:
-                if w not in s.warnings:
-                    s.warnings = [*s.warnings, w]
+                if w not in shown:
+                    shown = s.warnings = [*shown, w]
 
     def _finished(self, snap: JobSnapshot) -> None:
         s = self.state
