@@ -29,6 +29,7 @@ import psutil
 import pydicom
 import pytest
 from conftest import chest_like_volume, write_ct_series
+from orthanc_server import free_port
 from web_driver import (
     JOB_S,
     WebServer,
@@ -180,6 +181,34 @@ def test_export_cancelled_midway_leaves_nothing(tmp_path: Path) -> None:
     assert runner.wait(60).state == CANCELLED
     assert len(written) == 3
     assert list((tmp_path / "root").iterdir()) == []  # neither the series nor a staging folder
+
+
+def test_an_export_whose_send_fails_keeps_the_series_and_says_so(tmp_path: Path) -> None:
+    """ "Also send to the PACS" with the PACS down: the job fails with the send's one line, and a
+    warning says the series written before the send stays in the data root (the page shows it)."""
+    from IPv2DenoiseLib.app.web.jobs import PacsPeer
+    from IPv2DenoiseLib.io.dicom_net import parse_destination
+
+    volume = Volume(chest_like_volume(3, (4, 48, 48)), spacing=(0.7, 0.7, 1.25))
+    reference = ModelReference.resolve()
+    outcome = DenoiseOutcome(
+        volume, volume.with_array(volume.array * 0.5), reference.name, reference.provenance()
+    )
+    down = PacsPeer(parse_destination(f"127.0.0.1:{free_port()}:PACS", None), timeout=2.0, retries=0)
+    runner = JobRunner()
+    (tmp_path / "root").mkdir()
+    folder = tmp_path / "root" / "series"
+    runner.start(
+        "export",
+        export_work(
+            DenoiseResult(outcome, MetricsTable()), folder, options=DenoiseOptions(device="cpu"), pacs=down
+        ),
+    )
+    snap = runner.wait(60)
+    assert snap.state == FAILED and "PACS@127.0.0.1" in snap.error, snap
+    assert len(list(folder.glob("*.dcm"))) == 4  # written before the send, and kept
+    (warning,) = [w for w in snap.warnings if "stays there" in w]
+    assert "series/ (4 files)" in warning and "ipv2-denoise send" in warning
 
 
 def test_web_command_refuses_before_serving(tmp_path: Path, capsys) -> None:

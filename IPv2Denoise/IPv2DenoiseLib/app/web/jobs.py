@@ -299,15 +299,25 @@ def export_work(
         if pacs is not None:
             from IPv2DenoiseLib.io.dicom_net import send  # lazy: pynetdicom
 
-            report = send(
-                files,
-                pacs.destination,
-                calling_aet=pacs.aet,
-                timeout=pacs.timeout,
-                retries=pacs.retries,
-                progress=progress,
-            )
-            report.raise_for_failures()
+            try:
+                report = send(
+                    files,
+                    pacs.destination,
+                    calling_aet=pacs.aet,
+                    timeout=pacs.timeout,
+                    retries=pacs.retries,
+                    progress=progress,
+                )
+                report.raise_for_failures()
+            except (
+                BaseException
+            ):  # a failed or cancelled send: the written series stays, and the page says so
+                warn(
+                    f"export: the derived series was written to {folder.name}/ ({len(files)} files) and stays "
+                    "there; sending it to the PACS did not finish (the PACS may hold part of it): send that "
+                    "folder again with `ipv2-denoise send`"
+                )
+                raise
             sent = report.summary()
         return ExportResult(folder, files, sent)
 
