@@ -275,8 +275,12 @@ def test_serve_accepts_only_allowed_peers_caps_instances_and_takes_compressed_ct
         large.SOPInstanceUID, large.SeriesInstanceUID = pydicom.uid.generate_uid(), junk_series
         large.add_new(0x00091010, "OB", bytes(120_000))
         large.compress(pydicom.uid.RLELossless)
-        statuses = store(node.port, [broken, large, *rle], transfer_syntax=pydicom.uid.RLELossless)
-        assert statuses == [0xC210, 0xA700] + [0x0000] * len(rle)
+        bomb = pydicom.dcmread(sources[0])  # 30 kB of RLE declaring 128 MB of pixels: refused undecoded
+        bomb.SOPInstanceUID, bomb.SeriesInstanceUID = pydicom.uid.generate_uid(), junk_series
+        bomb.compress(pydicom.uid.RLELossless)
+        bomb.Rows = bomb.Columns = 8192
+        statuses = store(node.port, [broken, large, bomb, *rle], transfer_syntax=pydicom.uid.RLELossless)
+        assert statuses == [0xC210, 0xA700, 0xA700] + [0x0000] * len(rle)
         back = derived_in_orthanc(orthanc, rle[0].StudyInstanceUID, len(rle))
         jpeg = jpeg_lossless(fresh_study(tmp_path / "jpeg", n=3), tmp_path / "jpeg-lossless")
         assert {str(ds.file_meta.TransferSyntaxUID) for ds in jpeg} == {pydicom.uid.JPEGLosslessSV1}
@@ -288,11 +292,12 @@ def test_serve_accepts_only_allowed_peers_caps_instances_and_takes_compressed_ct
     assert "rejected an association from INTRUDER@127.0.0.1: calling AE not in --allow-aet" in log
     assert "rejected an association from MODALITY@127.0.0.2: host not in --allow-host" in log
     assert "larger than --max-instance-mb 0.1" in log and "refused a corrupt CT instance" in log
+    assert "decoded pixel data of 128 MB, larger than --max-instance-mb 0.1" in log
     assert "Traceback" not in log  # one line per event, nothing of pydicom's decoder tracebacks
     (junk,) = (spool / "failed").iterdir()  # both refusals are remembered for their series
     assert (
         junk.name.startswith(junk_series)
-        and "2 instance(s) were refused" in (junk / "reason.txt").read_text()
+        and "3 instance(s) were refused" in (junk / "reason.txt").read_text()
     )
     assert len(back) == len(rle)
     # the warnings reach the log and the derived series, worded exactly as `denoise` prints them

@@ -211,6 +211,37 @@ def test_an_export_whose_send_fails_keeps_the_series_and_says_so(tmp_path: Path)
     assert "series/ (4 files)" in warning and "ipv2-denoise send" in warning
 
 
+def test_a_cached_pacs_copy_of_another_series_is_fetched_again(orthanc, tmp_path: Path) -> None:
+    """``PACS/<SeriesInstanceUID>/`` holds a series with as many files as the chosen one, but not it
+    (another program wrote there): the page opens the chosen series, fetched again from the real
+    Orthanc, never the stranger that happens to have the same number of files."""
+    from pydicom.uid import generate_uid
+
+    from IPv2DenoiseLib.app.web.jobs import PacsPeer, retrieve_work
+    from IPv2DenoiseLib.io.dicom_net import parse_node, send
+    from IPv2DenoiseLib.io.dicom_query import find_series
+
+    source = write_ct_series(tmp_path / "on-pacs", 3, slice_spacing=2.0)
+    patient, study = f"CACHE{time.monotonic_ns() % 10**8}", generate_uid()
+    for path in source:
+        ds = pydicom.dcmread(path)
+        ds.PatientID, ds.PatientName, ds.StudyInstanceUID = patient, "CACHE^TEST", study
+        ds.save_as(path)
+    send(source, parse_node(orthanc.node)).raise_for_failures()
+    peer = PacsPeer(parse_node(orthanc.node), timeout=30.0)
+    (match,) = find_series(peer.destination, patient=patient, calling_aet=peer.aet)
+    assert match.instances == 3
+    folder = tmp_path / "root" / "PACS" / match.series_uid
+    write_ct_series(folder, 3, slice_spacing=5.0)  # a stranger, same count
+    runner = JobRunner()
+    runner.start("retrieve", retrieve_work(peer, match, folder))
+    snap = runner.wait(120)
+    assert snap.state == DONE, snap.error
+    volume = runner.result(snap.serial)
+    assert volume.spacing[2] == pytest.approx(2.0)  # the chosen series' slices, not the stranger's
+    assert {str(pydicom.dcmread(f).SeriesInstanceUID) for f in folder.glob("*.dcm")} == {match.series_uid}
+
+
 def test_web_command_refuses_before_serving(tmp_path: Path, capsys) -> None:
     """Errors a user can make on the command line: one line, exit 2, no server started."""
     (tmp_path / "root").mkdir()
@@ -522,6 +553,13 @@ def test_a_path_outside_the_data_root_is_refused_on_the_page(server, chromium, w
         lambda: "outside the data root" in page.inner_text("#error-message"), what="the export refusal"
     )
     assert not (server.root.parent / "outside-export").exists()
+    page.fill("#export-folder", "PACS/1.2.3")  # where fetched copies lie: an export there would pass for one
+    page.click("#export-btn")
+    wait_until(
+        lambda: "holds the copies fetched from the PACS" in page.inner_text("#error-message"),
+        what="the refusal of an export into PACS/",
+    )
+    assert not (server.root / "PACS" / "1.2.3").exists()
     page.close()
 
 
@@ -570,17 +608,17 @@ def wslink_hello(http_url: str, secret: str) -> dict:
 
 @pytest.mark.slow
 def test_the_access_token_is_required(web_case, chromium) -> None:
-    web = WebServer(web_case / "root", ["--token", "s3cret", "--device", "cpu"], web_case / "token.log")
+    web = WebServer(web_case / "root", ["--token=-s3cret", "--device", "cpu"], web_case / "token.log")
     try:
-        assert web.url.endswith("?secret=s3cret")
+        assert web.url.endswith("?secret=-s3cret")  # a token may start with "-" (1 in 64 random ones do)
         base = web.url.split("?", 1)[0]
         # the guard: the websocket answers a wrong secret with an authentication error, nothing else
         refused = wslink_hello(base, "wrong")
         assert refused["error"]["message"] == "Authentication failed" and "result" not in refused, refused
-        assert "clientID" in wslink_hello(base, "s3cret")["result"]
+        assert "clientID" in wslink_hello(base, "-s3cret")["result"]
         # what a person sees: a wrong, missing or stale link gets one sentence, never a page stuck loading
         page = chromium.new_page()
-        for url in (base + "?secret=wrong", base, base + "index.html?secret=s3cre"):
+        for url in (base + "?secret=wrong", base, base + "index.html?secret=-s3cre"):
             response = page.goto(url)
             assert response.status == 403, url
             assert "needs its access token" in page.inner_text("body"), url

@@ -217,14 +217,19 @@ def _pixel_data_problem(ds: Dataset) -> str | None:
         except Exception as exc:  # noqa: BLE001 (any decoder failure means the same to the sender)
             return f"compressed pixel data cannot be decoded: {str(exc).splitlines()[0][:120]}"
         return None
-    expected = (
+    return None if len(ds.PixelData) >= declared_pixel_bytes(ds) else "pixel data too short"
+
+
+def declared_pixel_bytes(ds: Dataset) -> int:
+    """Bytes of the decoded pixel data as the header declares them (rows x columns x frames x samples
+    x bytes per sample): what a decoder allocates, however small the compressed data is."""
+    return (
         int(ds.Rows)
         * int(ds.Columns)
         * int(getattr(ds, "NumberOfFrames", 1) or 1)
         * int(getattr(ds, "SamplesPerPixel", 1))
-        * (int(ds.BitsAllocated) // 8)
+        * max(1, int(ds.BitsAllocated) // 8)
     )
-    return None if len(ds.PixelData) >= expected else "pixel data too short"
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -500,7 +505,10 @@ class DenoisingNode:
             ds.file_meta = event.file_meta
             sop_uid, series_uid = str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID)
             modality = str(ds.get("Modality", ""))
-            problem = _pixel_data_problem(ds) if modality in CT_MODALITIES else None
+            # a few kB of JPEG-LS or RLE may declare gigabytes: checked before anything decodes it
+            decoded = declared_pixel_bytes(ds) if modality in CT_MODALITIES and "PixelData" in ds else 0
+            oversize = decoded > self.config.max_instance_bytes
+            problem = _pixel_data_problem(ds) if modality in CT_MODALITIES and not oversize else None
             if not (UID_PATTERN.fullmatch(sop_uid) and UID_PATTERN.fullmatch(series_uid)):  # file names
                 raise ValueError(f"invalid UID {sop_uid!r} / {series_uid!r}")
         except Exception as exc:  # noqa: BLE001 (whatever a peer sends, the node keeps serving)
@@ -513,6 +521,14 @@ class DenoisingNode:
                 "skipped a %s instance %s from %s (only CT is denoised)", modality or "?", sop_uid, sender
             )
             return 0x0000
+        if oversize:
+            why = f"decoded pixel data of {decoded / 2**20:.4g} MB, larger than {self._cap}"
+            LOG.warning("refused CT instance %s from %s: %s", sop_uid, sender, why)
+            self._remember_refusal(series_uid, sop_uid, why=f"0xA700, {why}")
+            status = Dataset()
+            status.Status = OUT_OF_RESOURCES
+            status.ErrorComment = "decoded instance larger than this node accepts"
+            return status
         if problem:
             LOG.warning("refused a corrupt CT instance %s from %s: %s", sop_uid, sender, problem)
             self._remember_refusal(series_uid, sop_uid, why=f"0xC210, {problem}")

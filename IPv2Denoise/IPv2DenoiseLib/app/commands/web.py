@@ -78,7 +78,7 @@ def configure_rendering() -> None:
 def trame_argv(token: str) -> Iterator[None]:
     """trame reads its options from ``sys.argv``: give it only ours (the token), not the CLI's."""
     saved = sys.argv
-    sys.argv = [saved[0], "--authKey", token]
+    sys.argv = [saved[0], f"--authKey={token}"]  # one word: a token may start with "-"
     try:
         yield
     finally:

@@ -195,11 +195,13 @@ class ExportResult:
     sent: str = ""
 
 
-def read_work(source: Path) -> Work:
-    """Read a volume file or DICOM series with every input check of the CLI."""
+def read_work(source: Path, *, series_uid: str | None = None) -> Work:
+    """Read a volume file or DICOM series (only ``series_uid`` when given) with every input check of the CLI."""
 
     def work(progress: ProgressCallback, warn: WarningSink, cancel: CancelToken) -> Volume:
-        volume = DenoisePipeline(progress=progress, warn=warn, cancel=cancel).read(source)
+        volume = DenoisePipeline(progress=progress, warn=warn, cancel=cancel).read(
+            source, series_uid=series_uid
+        )
         for message in volume.meta.get("warnings", []):
             warn(message)
         return volume
@@ -249,20 +251,25 @@ def retrieve_work(peer: PacsPeer, match: Any, folder: Path) -> Work:
     def work(progress: ProgressCallback, warn: WarningSink, cancel: CancelToken) -> Volume:
         from IPv2DenoiseLib.io.dicom_query import retrieve_series  # lazy: pynetdicom
 
-        have = len(list(folder.glob("*.dcm"))) if folder.is_dir() else 0
-        if not have or have != match.instances:
-            retrieve_series(
-                peer.destination,
-                match.study_uid,
-                match.series_uid,
-                folder,
-                calling_aet=peer.aet,
-                timeout=max(peer.timeout, 30.0),
-                progress=progress,
-                cancel=cancel,
-                replace=have > 0,
-            )
-        return read_work(folder)(progress, warn, cancel)
+        read = read_work(folder, series_uid=match.series_uid)  # the chosen series, whatever else lies there
+        have = sum(f.is_file() for f in folder.iterdir()) if folder.is_dir() else 0  # whatever their names
+        if have and match.instances in (None, have):  # a copy is written whole or not at all
+            try:
+                return read(progress, warn, cancel)
+            except UserError:  # not that series, or not all of it (changed on disk): fetch it again
+                pass
+        retrieve_series(
+            peer.destination,
+            match.study_uid,
+            match.series_uid,
+            folder,
+            calling_aet=peer.aet,
+            timeout=max(peer.timeout, 30.0),
+            progress=progress,
+            cancel=cancel,
+            replace=folder.is_dir() and any(folder.iterdir()),
+        )
+        return read(progress, warn, cancel)
 
     return work
 

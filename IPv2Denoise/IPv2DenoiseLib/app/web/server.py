@@ -496,6 +496,10 @@ class DenoiseWebApp(TrameApp):
             if self.result is None or self.options is None:
                 raise UserError("denoise a scan first")
             folder = self.data_root.export_folder(self.state.export_folder, source=self.source_path)
+            if folder.is_relative_to(self.data_root.root / PACS_FOLDER):
+                raise UserError(
+                    f"export folder: {PACS_FOLDER}/ holds the copies fetched from the PACS; choose another folder"
+                )
         except UserError as exc:
             self._refuse(exc)
             return
