@@ -218,6 +218,28 @@ def test_a_tiny_gzip_nrrd_declaring_gigabytes_is_refused_before_allocation(tmp_p
         read_volume(path)
 
 
+def test_a_compressed_dicom_series_declaring_gigabytes_is_refused_before_decoding(
+    tmp_path, monkeypatch
+) -> None:
+    """Three RLE slices of pydicom's CT (30 kB each) whose headers declare 8192 x 8192 pixels: the
+    decoder would allocate what the header says, so the series is refused against the memory budget
+    first, in one line, as a volume file is."""
+    files = write_ct_series(tmp_path / "bomb", 3)
+    for path in files:
+        ds = pydicom.dcmread(path)
+        ds.compress(pydicom.uid.RLELossless)
+        ds.Rows = ds.Columns = 8192
+        ds.save_as(path)
+    assert all(path.stat().st_size < 40_000 for path in files)
+    monkeypatch.setenv(MEMORY_LIMIT_ENV, "1")
+    with pytest.raises(
+        UserError,
+        match=r"its 3 file\(s\) declare 0.4 GB of pixel data; reading it needs about 1.6 GB of memory and 1.0 GB",
+    ):
+        read_volume(tmp_path / "bomb")
+    assert len(list((tmp_path / "bomb").iterdir())) == 3  # the input is untouched
+
+
 @pytest.mark.parametrize("suffix", [".nrrd", ".mha", ".nii.gz", ".nii", ".raw.nrrd", ".mhd"])
 def test_header_declaring_fewer_or_more_slices_than_its_data_is_refused(tmp_path, small_ct, suffix) -> None:
     path = tmp_path / f"ct{suffix}"

@@ -66,6 +66,7 @@ from IPv2DenoiseLib.io.dicom_net import (
     header_uids,
     send_instances,
 )
+from IPv2DenoiseLib.io.dicom_series import declared_pixel_bytes
 
 __all__ = [
     "DenoisingNode",
@@ -218,18 +219,6 @@ def _pixel_data_problem(ds: Dataset) -> str | None:
             return f"compressed pixel data cannot be decoded: {str(exc).splitlines()[0][:120]}"
         return None
     return None if len(ds.PixelData) >= declared_pixel_bytes(ds) else "pixel data too short"
-
-
-def declared_pixel_bytes(ds: Dataset) -> int:
-    """Bytes of the decoded pixel data as the header declares them (rows x columns x frames x samples
-    x bytes per sample): what a decoder allocates, however small the compressed data is."""
-    return (
-        int(ds.Rows)
-        * int(ds.Columns)
-        * int(getattr(ds, "NumberOfFrames", 1) or 1)
-        * int(getattr(ds, "SamplesPerPixel", 1))
-        * max(1, int(ds.BitsAllocated) // 8)
-    )
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -57,6 +57,7 @@ from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.progress import ProgressCallback
 from IPv2DenoiseLib.core.simpleitk import sitk
 from IPv2DenoiseLib.core.volume import Volume
+from IPv2DenoiseLib.io.image_headers import MEMORY_LIMIT_ENV, memory_budget_bytes
 
 #: Folders never searched for DICOM files (besides hidden ones such as .venv or .git).
 SKIPPED_FOLDERS = {"__pycache__", "node_modules", "site-packages"}
@@ -536,12 +537,72 @@ def check_rescale(ds: Dataset, path: Path) -> None:
                 )
 
 
-def _expected_pixel_bytes(ds: Dataset) -> int:
-    bits = (
-        int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0) * int(ds.get("SamplesPerPixel", 1) or 1)
+def declared_values(ds: Dataset) -> int:
+    """Pixel values the header declares: rows x columns x samples x frames.
+
+    Parameters
+    ----------
+    ds : pydicom.Dataset
+        A header (pixels not needed).
+
+    Returns
+    -------
+    int
+        The number of values (0 without Rows or Columns).
+    """
+    return (
+        int(ds.get("Rows", 0) or 0)
+        * int(ds.get("Columns", 0) or 0)
+        * int(ds.get("SamplesPerPixel", 1) or 1)
+        * int(ds.get("NumberOfFrames", 1) or 1)
     )
-    bits *= int(ds.get("NumberOfFrames", 1) or 1) * int(ds.get("BitsAllocated", 16) or 16)
-    return (bits + 7) // 8
+
+
+def declared_pixel_bytes(ds: Dataset) -> int:
+    """Bytes of the pixel data as decoded, as the header declares them: what a decoder allocates,
+    however few bytes of compressed data there are.
+
+    Parameters
+    ----------
+    ds : pydicom.Dataset
+        A header (pixels not needed).
+
+    Returns
+    -------
+    int
+        Values x BitsAllocated / 8, rounded up.
+    """
+    return (declared_values(ds) * int(ds.get("BitsAllocated", 16) or 16) + 7) // 8
+
+
+def check_series_memory(info: SeriesInfo, *, where: str) -> None:
+    """Refuse, in one line, a series whose declared pixels do not fit memory, before anything decodes
+    them (a few kB of RLE or JPEG may declare gigabytes; volume files get the same check from
+    :func:`~IPv2DenoiseLib.io.image_headers.check_image_file`).
+
+    Parameters
+    ----------
+    info : SeriesInfo
+        The series, its headers read.
+    where : str
+        What the message names (the folder or file given).
+
+    Raises
+    ------
+    UserError
+        Reading would need more than :func:`~IPv2DenoiseLib.io.image_headers.memory_budget_bytes`.
+    """
+    declared = sum(declared_pixel_bytes(h) for h in info.headers)
+    needed = sum(
+        2 * declared_pixel_bytes(h) + 4 * declared_values(h) for h in info.headers
+    )  # decoded, ITK, HU
+    budget = memory_budget_bytes()
+    if needed > budget:
+        raise UserError(
+            f"{where}: its {len(info.headers)} file(s) declare {declared / 1e9:.1f} GB of pixel data; reading "
+            f"it needs about {needed / 1e9:.1f} GB of memory and {budget / 1e9:.1f} GB is available "
+            f"(set {MEMORY_LIMIT_ENV} to change the limit)"
+        )
 
 
 def pixel_data_problem(path: Path, ds: Dataset) -> str | None:
@@ -573,7 +634,7 @@ def pixel_data_problem(path: Path, ds: Dataset) -> str | None:
         length, ends_at = len(element.value or b""), None
     if length == _UNDEFINED_LENGTH:
         return None
-    expected = _expected_pixel_bytes(ds)
+    expected = declared_pixel_bytes(ds)
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if length < expected:
         return (
@@ -944,6 +1005,7 @@ def _read_series(
             "(info and denoise read it anyway with --force)"
         )
     check_one_patient(info, where=where)
+    check_series_memory(info, where=where)
     for path, header in zip(info.files, info.headers):
         check_rescale(header, path)
     info, left_out = _left_out_damaged(
@@ -1066,8 +1128,11 @@ __all__ = [
     "StackGeometry",
     "check_one_patient",
     "check_rescale",
+    "check_series_memory",
     "choose_series",
     "damaged_files",
+    "declared_pixel_bytes",
+    "declared_values",
     "find_series",
     "orientation_name",
     "pixel_data_problem",
