@@ -537,19 +537,8 @@ def check_rescale(ds: Dataset, path: Path) -> None:
                 )
 
 
-def declared_values(ds: Dataset) -> int:
-    """Pixel values the header declares: rows x columns x samples x frames.
-
-    Parameters
-    ----------
-    ds : pydicom.Dataset
-        A header (pixels not needed).
-
-    Returns
-    -------
-    int
-        The number of values (0 without Rows or Columns).
-    """
+def _declared_values(ds: Dataset) -> int:
+    """Pixel values the header declares: rows x columns x samples x frames (0 without Rows or Columns)."""
     return (
         int(ds.get("Rows", 0) or 0)
         * int(ds.get("Columns", 0) or 0)
@@ -572,7 +561,7 @@ def declared_pixel_bytes(ds: Dataset) -> int:
     int
         Values x BitsAllocated / 8, rounded up.
     """
-    return (declared_values(ds) * int(ds.get("BitsAllocated", 16) or 16) + 7) // 8
+    return (_declared_values(ds) * int(ds.get("BitsAllocated", 16) or 16) + 7) // 8
 
 
 def check_series_memory(info: SeriesInfo, *, where: str) -> None:
@@ -594,7 +583,7 @@ def check_series_memory(info: SeriesInfo, *, where: str) -> None:
     """
     declared = sum(declared_pixel_bytes(h) for h in info.headers)
     needed = sum(
-        2 * declared_pixel_bytes(h) + 4 * declared_values(h) for h in info.headers
+        2 * declared_pixel_bytes(h) + 4 * _declared_values(h) for h in info.headers
     )  # decoded, ITK, HU
     budget = memory_budget_bytes()
     if needed > budget:
@@ -1132,7 +1121,6 @@ __all__ = [
     "choose_series",
     "damaged_files",
     "declared_pixel_bytes",
-    "declared_values",
     "find_series",
     "orientation_name",
     "pixel_data_problem",

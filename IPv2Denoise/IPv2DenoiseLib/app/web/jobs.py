@@ -316,9 +316,8 @@ def export_work(
                     progress=progress,
                 )
                 report.raise_for_failures()
-            except (
-                BaseException
-            ):  # a failed or cancelled send: the written series stays, and the page says so
+            except BaseException:
+                # a failed or cancelled send: the written series stays, and the page says so
                 warn(
                     f"export: the derived series was written to {folder.name}/ ({len(files)} files) and stays "
                     "there; sending it to the PACS did not finish (the PACS may hold part of it): send that "
