@@ -229,6 +229,35 @@ def test_manifest_never_writes_outside_out_or_over_its_input(batch_archive, tmp_
     assert (tmp_path / "p02.nrrd").read_bytes() == before
 
 
+def test_no_output_lands_on_another_cases_input(batch_archive, tmp_path) -> None:
+    """A manifest naming files inside OUT, and an INPUT tree inside OUT: a case whose output would be
+    another case's input file fails with one line, and every input keeps its bytes."""
+    archive, _ = batch_archive
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("x.nrrd", "b.nrrd"):
+        shutil.copy(archive / "site_a/p02.nrrd", data / name)
+    (tmp_path / "m.csv").write_text("path,case\ndata/x.nrrd,b\ndata/b.nrrd,c\n", encoding="utf-8")
+    before = tree_digest(data)
+    assert main(["batch", str(tmp_path / "m.csv"), str(data)]) == 1  # finished, with a failure
+    rows = summary_rows(data)
+    assert rows["b"]["status"] == "failed", rows
+    assert "would overwrite the input of case c" in rows["b"]["error"]
+    assert rows["c"]["status"] == "done" and (data / "c.nrrd").is_file()
+    assert {k: v for k, v in tree_digest(data).items() if k in before} == before  # x.nrrd, b.nrrd untouched
+
+    tree = tmp_path / "t"  # batch t/in t: case "in/a" would be written to t/in/a.nrrd, case "a"'s input
+    (tree / "in" / "in").mkdir(parents=True)
+    shutil.copy(archive / "site_a/p02.nrrd", tree / "in" / "a.nrrd")
+    shutil.copy(archive / "site_b/p03.mha", tree / "in" / "in" / "a.mha")
+    before = tree_digest(tree / "in")
+    assert main(["batch", str(tree / "in"), str(tree)]) == 1
+    rows = summary_rows(tree)
+    assert rows["in/a"]["status"] == "failed" and "the input of case a" in rows["in/a"]["error"], rows
+    assert rows["a"]["status"] == "done"
+    assert tree_digest(tree / "in") == before
+
+
 def test_shards_cover_every_case_exactly_once(batch_archive, tmp_path) -> None:
     archive, expected = batch_archive
     cases = discover_tree(archive)

@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from IPv2DenoiseLib.app.batch.records import output_path
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.paths import safe_component, safe_relative
 from IPv2DenoiseLib.io.dicom_series import SeriesInfo, series_of_files
@@ -313,3 +314,57 @@ def parse_shard(text: str) -> tuple[int, int]:
 def shard_cases(cases: list[Case], k: int, n: int) -> list[Case]:
     """Every ``n``-th case of the id-sorted list, starting at ``k``: shards 0..n-1 cover each case once."""
     return sorted(cases, key=lambda c: c.case_id)[k::n]
+
+
+def refuse_outputs_over_inputs(cases: list[Case], out_root: str | os.PathLike, *, dicom: bool) -> list[Case]:
+    """``cases``, each one whose output would replace another case's input (or, a DICOM folder,
+    contain one) marked failed: no output of the run lands on any input of the run, not only on
+    its own (a manifest may name files inside OUT, and an INPUT tree may lie inside OUT).
+
+    Parameters
+    ----------
+    cases : list of Case
+        Every case of the run (all shards: another shard's input counts too).
+    out_root : path-like
+        OUT.
+    dicom : bool
+        Outputs are DICOM folders (``--dicom``), else NRRD files.
+
+    Returns
+    -------
+    list of Case
+        The same cases in order; a colliding one with ``error`` set (reported, never run).
+    """
+    root = Path(out_root).resolve()
+    owner: dict[Path, str] = {}  # every input file inside OUT -> its case
+    for case in cases:
+        for name in case.files:
+            try:
+                path = Path(name).resolve()
+            except (RuntimeError, OSError):  # a loop of links: the reader reports it
+                continue
+            if path.is_relative_to(root):
+                owner.setdefault(path, case.case_id)
+    if not owner:
+        return cases  # the usual run: no input inside OUT
+    for path, case_id in list(owner.items()):  # and every folder inside OUT that holds one
+        for folder in path.parents:
+            if not folder.is_relative_to(root) or folder == root:
+                break
+            owner.setdefault(folder, case_id)
+    checked = []
+    for case in cases:
+        try:
+            out = output_path(root, case.case_id, dicom=dicom).resolve()
+        except (UserError, RuntimeError, OSError):  # a refused id: the case's own load reports it
+            checked.append(case)
+            continue
+        victim = owner.get(out)
+        if victim is not None and not case.error:
+            whose = "its own input" if victim == case.case_id else f"the input of case {victim}"
+            case = replace(
+                case,
+                error=f"its output {out} would overwrite {whose}; choose an OUT that holds no input files",
+            )
+        checked.append(case)
+    return checked

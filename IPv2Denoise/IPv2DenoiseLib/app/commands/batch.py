@@ -141,7 +141,14 @@ def check_paths(input_path: Path, out_root: Path) -> None:
 def find_cases(args: argparse.Namespace, input_path: Path, out_root: Path):
     """The cases INPUT names (tree, manifest or one file), sharded when asked; and the shard."""
     # lazy: the CLI imports every command to build --help; SimpleITK & co. load on use
-    from IPv2DenoiseLib.app.batch.cases import Case, discover_tree, parse_shard, read_manifest, shard_cases
+    from IPv2DenoiseLib.app.batch.cases import (
+        Case,
+        discover_tree,
+        parse_shard,
+        read_manifest,
+        refuse_outputs_over_inputs,
+        shard_cases,
+    )
     from IPv2DenoiseLib.io.volumes import image_suffix
 
     shard = parse_shard(args.shard) if args.shard else None
@@ -162,6 +169,7 @@ def find_cases(args: argparse.Namespace, input_path: Path, out_root: Path):
         raise UserError(f"INPUT {input_path}: expected a folder, a .csv manifest or a volume file")
     if not cases:
         raise UserError(f"INPUT {input_path}: no DICOM series or NRRD/NIfTI/MHA volumes found")
+    cases = refuse_outputs_over_inputs(cases, out_root, dicom=args.dicom)  # before sharding: all inputs count
     total = len(cases)
     if shard is not None:
         cases = shard_cases(cases, *shard)
