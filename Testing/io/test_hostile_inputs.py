@@ -218,6 +218,33 @@ def test_a_tiny_gzip_nrrd_declaring_gigabytes_is_refused_before_allocation(tmp_p
         read_volume(path)
 
 
+@pytest.mark.parametrize(
+    "keyword, value, vr",
+    [
+        ("ImagePositionPatient", ["1", "2"], "DS"),  # two values
+        ("ImagePositionPatient", "a\\b\\c", "LO"),  # text, which also stops GDCM's grouping
+        ("ImageOrientationPatient", [1, 0, 0, 0, 1], "DS"),  # five values
+        ("ImageOrientationPatient", [0, 0, 0, 0, 0, 0], "DS"),  # no direction
+    ],
+    ids=["position-2-values", "position-text", "orientation-5-values", "orientation-zero"],
+)
+def test_a_malformed_slice_position_is_one_line_not_a_crash(tmp_path, keyword, value, vr) -> None:
+    """One slice of a real series with a hostile position or orientation: reading refuses the
+    series in one line naming the slice, and a batch's discovery still lists it as a case."""
+    from IPv2DenoiseLib.app.batch.cases import discover_tree
+
+    files = write_ct_series(tmp_path / "archive" / "series", 4)
+    ds = pydicom.dcmread(files[1])
+    ds[keyword] = DataElement(pydicom.datadict.tag_for_keyword(keyword), vr, value)
+    ds.save_as(files[1])
+    with pytest.raises(
+        UserError, match=r"lack a valid ImagePositionPatient/ImageOrientationPatient \(e.g. instance"
+    ):
+        read_volume(tmp_path / "archive" / "series")
+    (case,) = discover_tree(tmp_path / "archive")
+    assert case.case_id == "series" and len(case.files) == 4
+
+
 def test_a_compressed_dicom_series_declaring_gigabytes_is_refused_before_decoding(
     tmp_path, monkeypatch
 ) -> None:

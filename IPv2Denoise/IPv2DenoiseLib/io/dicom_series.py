@@ -225,7 +225,7 @@ def _slice_order(pair: tuple[Path, Dataset]) -> tuple[float, int]:
     ds = pair[1]
     iop, ipp = _iop(ds), _ipp(ds)
     height = float(ipp @ np.cross(iop[:3], iop[3:])) if iop is not None and ipp is not None else 0.0
-    return height, int(ds.get("InstanceNumber", 0) or 0)
+    return height, _integer(ds, "InstanceNumber")
 
 
 def series_of_files(files: Iterable[Path]) -> list[SeriesInfo]:
@@ -250,7 +250,7 @@ def series_of_files(files: Iterable[Path]) -> list[SeriesInfo]:
     for uid, pairs in grouped.items():
         pairs.sort(key=_slice_order)
         found.append(SeriesInfo(uid, [f for f, _ in pairs], [h for _, h in pairs]))
-    return sorted(found, key=lambda s: (int(s.first.get("SeriesNumber", 0) or 0), s.uid))
+    return sorted(found, key=lambda s: (_integer(s.first, "SeriesNumber"), s.uid))
 
 
 def find_series(path: str | os.PathLike) -> list[SeriesInfo]:
@@ -278,16 +278,22 @@ def find_series(path: str | os.PathLike) -> list[SeriesInfo]:
     else:
         with quiet_readers():
             for folder in _search_folders(p):
-                for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)):
-                    names = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
-                    grouped.setdefault(uid, []).extend(Path(n) for n in names)
+                try:
+                    for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)):
+                        names = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
+                        grouped.setdefault(uid, []).extend(Path(n) for n in names)
+                except (
+                    RuntimeError
+                ):  # GDCM stops at a malformed tag (e.g. a position as text): pydicom groups
+                    for info in series_of_files(f for f in sorted(folder.iterdir()) if f.is_file()):
+                        grouped.setdefault(info.uid, []).extend(info.files)
     found = []
     for uid, files in grouped.items():
         pairs = [(f, h) for f in files if (h := _header(f)) is not None]
         if pairs:
             pairs.sort(key=_slice_order)  # GDCM sorts each folder; folders are merged here
             found.append(SeriesInfo(uid, [f for f, _ in pairs], [h for _, h in pairs]))
-    return sorted(found, key=lambda s: (int(s.first.get("SeriesNumber", 0) or 0), s.uid))
+    return sorted(found, key=lambda s: (_integer(s.first, "SeriesNumber"), s.uid))
 
 
 def choose_series(series: list[SeriesInfo], selector: str | None, *, where: str) -> SeriesInfo:
@@ -333,14 +339,38 @@ def choose_series(series: list[SeriesInfo], selector: str | None, *, where: str)
 # --------------------------------------------------------------------------------------- geometry
 
 
+def _numbers(ds: Dataset, keyword: str, count: int) -> list[float] | None:
+    """``count`` finite numbers from a multi-valued tag; None when it is absent or malformed (two
+    values, text, NaN): a hostile header is a slice that cannot be placed, never a crash."""
+    try:
+        value = ds.get(keyword)
+        if value is None:
+            return None
+        items = str(value).split("\\") if isinstance(value, (str, bytes)) else list(value)
+        numbers = [float(v) for v in items]
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return numbers if len(numbers) == count and all(math.isfinite(n) for n in numbers) else None
+
+
 def _iop(ds: Dataset) -> list[float] | None:
-    iop = ds.get("ImageOrientationPatient")
-    return None if iop is None else [float(v) for v in iop]
+    iop = _numbers(ds, "ImageOrientationPatient", 6)
+    if iop is None or min(np.linalg.norm(iop[:3]), np.linalg.norm(iop[3:])) < 1e-6:
+        return None
+    return iop
 
 
 def _ipp(ds: Dataset) -> np.ndarray | None:
-    ipp = ds.get("ImagePositionPatient")
-    return None if ipp is None else np.array([float(v) for v in ipp])
+    ipp = _numbers(ds, "ImagePositionPatient", 3)
+    return None if ipp is None else np.array(ipp)
+
+
+def _integer(ds: Dataset, keyword: str) -> int:
+    """An IS tag as a sort key (0 when absent or not a number)."""
+    try:
+        return int(float(ds.get(keyword, 0) or 0))
+    except (TypeError, ValueError, OverflowError):
+        return 0
 
 
 def _label(ds: Dataset) -> str:
@@ -417,8 +447,11 @@ def stack_geometry(headers: list[Dataset], *, where: str, default_step: float) -
     iops = [_iop(h) for h in headers]
     if any(i is None for i in iops) or any(_ipp(h) is None for h in headers):
         if len(headers) > 1:
+            bad = next(h for h, i in zip(headers, iops) if i is None or _ipp(h) is None)
             raise UserError(
-                f"{where}: slices lack ImagePositionPatient/ImageOrientationPatient; cannot place them"
+                f"{where}: slices lack a valid ImagePositionPatient/ImageOrientationPatient (e.g. {_label(bad)}: "
+                f"{str(bad.get('ImagePositionPatient', 'none'))[:40]} / {str(bad.get('ImageOrientationPatient', 'none'))[:60]}); "
+                "cannot place them"
             )
         iops = [[1.0, 0.0, 0.0, 0.0, 1.0, 0.0]]
     ref = np.array(iops[0])
