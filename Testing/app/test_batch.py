@@ -22,7 +22,7 @@ import SimpleITK as sitk
 from conftest import chest_like_volume, write_ct_series
 
 from IPv2DenoiseLib.app.batch.cases import discover_tree, parse_shard, shard_cases
-from IPv2DenoiseLib.app.batch.records import hash_output, read_record
+from IPv2DenoiseLib.app.batch.records import hash_output, read_record, record_path
 from IPv2DenoiseLib.app.cli import main
 from IPv2DenoiseLib.core.atomic import STAGING_DIR
 from IPv2DenoiseLib.core.errors import UserError
@@ -299,6 +299,18 @@ def test_dicom_output_is_a_derived_series_of_the_source(batch_archive, tmp_path)
     assert hash_output(folder)[0] == read_record(out, row["case"])["output_sha256"]
     assert main(["batch", str(manifest), str(out), "--dicom"]) == 0  # verified folder: skipped
     assert summary_rows(out)[row["case"]]["status"] == "skipped"
+    # an unrecorded earlier series of ours is replaced whole; a folder of other things is never deleted
+    record_path(out, row["case"]).unlink()
+    assert main(["batch", str(manifest), str(out), "--dicom"]) == 0
+    assert summary_rows(out)[row["case"]]["status"] == "done" and len(list(folder.iterdir())) == 4
+    record_path(out, row["case"]).unlink()
+    (folder / "notes.txt").write_text("a radiologist's notes")
+    assert main(["batch", str(manifest), str(out), "--dicom"]) == 1
+    failed = summary_rows(out)[row["case"]]
+    assert failed["status"] == "failed" and "'notes.txt', which is not a DICOM file" in failed["error"], (
+        failed
+    )
+    assert (folder / "notes.txt").read_text() == "a radiologist's notes" and len(list(folder.iterdir())) == 5
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import queue
-import shutil
 import socket
 import threading
 import time
@@ -248,9 +247,9 @@ class CaseProcessor:
         if not self.settings.dicom:
             self.pipeline.write_volume(loaded.outcome, out)
             return
-        if out.exists():  # an earlier, unrecorded output of this case: ours to replace
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        self.pipeline.export_dicom(loaded.outcome, out)
+        # An earlier, unrecorded output of this case is replaced whole once the new one is written,
+        # and only if it is a folder of *.dcm files (never a folder of other things found there).
+        self.pipeline.export_dicom(loaded.outcome, out, replace_existing=out.exists())
 
     def process(self, case: Case, *, attempts: int = 1) -> dict[str, Any]:
         """All steps of one case in this thread (the Ray actors' unit of work, and ``--prefetch 0``).
