@@ -501,6 +501,27 @@ def test_stray_corrupt_copy_in_another_folder_fails_alone(tmp_path) -> None:
     )
 
 
+def test_a_series_split_over_overlapping_partial_copies_is_never_shortened(tmp_path) -> None:
+    """A transfer stopped after slice 6 in one folder, a resend of slices 5-10 landed in another:
+    each part alone looks like a whole regular stack. Neither is denoised as a shortened series;
+    both fail with one line naming the folders. (Before, both were "done": two derived series of 6.)"""
+    files = write_ct_series(tmp_path / "whole", 10, shuffle=False)
+    source = tmp_path / "archive"
+    for folder, part in (("first", files[:6]), ("resend", files[4:])):
+        (source / folder).mkdir(parents=True)
+        for f in part:
+            shutil.copy(f, source / folder / f.name)
+    out = tmp_path / "out"
+    assert main(["batch", str(source), str(out)]) == 1
+    rows = summary_rows(out)
+    assert set(rows) == {"first", "resend"}, rows
+    for row in rows.values():
+        assert row["status"] == "failed", row
+        assert "split over folders that overlap (2 instance(s)" in row["error"] and "all 10" in row["error"]
+        assert "first (6 files)" in row["error"] and "resend (6 files)" in row["error"]
+    assert not list(out.glob("*.nrrd"))
+
+
 def test_nested_series_folders_never_nest_their_dicom_outputs(tmp_path) -> None:
     """A series in ``p/`` and one in ``p/sub/``: the first one's derived-series folder must not hold
     the second's, or redoing it would delete the other's output (a rerun used to say "skipped"

@@ -82,20 +82,21 @@ def _volume_id(path: Path, root: Path) -> str:
     return rel[: -len(suffix)] if suffix and rel.lower().endswith(suffix) else rel
 
 
-#: One DICOM series of an archive: (SeriesInstanceUID, its files).
-Series = tuple[str, list[Path]]
+#: One DICOM series of an archive: (SeriesInstanceUID, its files, why it cannot be a case or "").
+Series = tuple[str, list[Path], str]
 
 
 def _series_cases(series: list[Series], root: Path, *, source: str = "") -> list[Case]:
     """One case per series; the id is the series folder, plus the SeriesInstanceUID when a folder holds several."""
-    folders = [Path(os.path.commonpath([str(f.parent) for f in files])) for _, files in series]
+    folders = [Path(os.path.commonpath([str(f.parent) for f in files])) for _, files, _ in series]
     per_folder = Counter(folders)
     cases = []
-    for (uid, files), folder in zip(series, folders):
+    for (uid, files, problem), folder in zip(series, folders):
         case_id = _relative_id(folder, root)
         if per_folder[folder] > 1:
             case_id = f"{case_id}/{safe_component(uid)}"  # a tag value: never a path
-        cases.append(Case(case_id, "dicom", tuple(sorted(str(f) for f in files)), uid, source or str(folder)))
+        files = tuple(sorted(str(f) for f in files))
+        cases.append(Case(case_id, "dicom", files, uid, source or str(folder), error=problem))
     return cases
 
 
@@ -186,10 +187,36 @@ def _group_by_folder(files: Iterable[Path]) -> list[Series]:
             clash = clash or not seen.isdisjoint(keys)
             seen |= keys
         if clash:
-            series.extend((uid, files) for files, _ in pieces)
+            problem = _partial_copies_problem(uid, pieces)
+            series.extend((uid, files, problem) for files, _ in pieces)
         else:
-            series.append((uid, [f for files, _ in pieces for f in files]))
+            series.append((uid, [f for files, _ in pieces for f in files], ""))
     return series
+
+
+def _partial_copies_problem(uid: str, pieces: list[tuple[list[Path], set[str]]]) -> str:
+    """Why folders holding parts of one series that share instances cannot be cases, or "".
+
+    Two folders with the same SOPInstanceUIDs hold copies of the same instances. When one of them
+    holds every instance any of them holds, it is the series and the others are stray copies, each
+    a case of its own (a bad copy fails alone). When none does (a transfer stopped after slice 200
+    in one folder, a resend of 190-300 in another), each part would be denoised as a whole-looking
+    but shortened series: all parts fail, naming the folders. Parts that share only positions (a
+    reused SeriesInstanceUID, other instances) stay separate cases.
+    """
+    sops = [{k for k in keys if k.startswith("sop ")} for _, keys in pieces]
+    every = set().union(*sops)
+    shared = {k for i, a in enumerate(sops) for b in sops[i + 1 :] for k in a & b}
+    if not shared or any(s == every for s in sops):
+        return ""
+    folders = ", ".join(
+        f"{os.path.commonpath([str(f.parent) for f in files])} ({len(files)} files)" for files, _ in pieces
+    )
+    return (
+        f"series {uid} is split over folders that overlap ({len(shared)} instance(s) in more than one) and "
+        f"none holds all {len(every)} of its instances: {folders}; a part alone would be a shortened "
+        "series, so none was denoised: gather the instances in one folder"
+    )
 
 
 def discover_tree(root: str | os.PathLike, *, exclude: str | os.PathLike | None = None) -> list[Case]:
@@ -233,7 +260,7 @@ def _manifest_rows(manifest: Path) -> list[dict[str, str]]:
 def _not_one_series_problem(found: list[Series], uid: str, path: Path) -> str:
     """Why a manifest row located zero or several series: copies of one UID, a missing UID, or no UID."""
     if len(found) > 1 and uid:
-        folders = ", ".join(os.path.commonpath([str(f.parent) for f in files]) for _, files in found)
+        folders = ", ".join(os.path.commonpath([str(f.parent) for f in files]) for _, files, _ in found)
         return f"series {uid} has copies of the same slices in {folders}; give one folder as path"
     if uid:
         return f"no DICOM series {uid} under {path}"
