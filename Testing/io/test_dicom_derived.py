@@ -11,6 +11,7 @@ import pytest
 from conftest import write_ct_series
 
 import IPv2DenoiseLib
+from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.volume import Volume
 from IPv2DenoiseLib.io.dicom_export import (
     MODIFYING_EQUIPMENT_CODE,
@@ -139,3 +140,41 @@ def test_dciodvfy_no_error_and_no_warning_of_our_own(source, tmp_path) -> None:
     new = export_derived_series(source.with_array(source.array), tmp_path / "new")
     assert not _dciodvfy_warnings(new[0])
     assert "Laterality" not in pydicom.dcmread(new[0])  # BodyPartExamined CHEST is unpaired
+
+
+def test_an_enhanced_multiframe_source_gives_one_slice_per_frame_referencing_it(tmp_path) -> None:
+    """``--dicom`` of an enhanced (multi-frame) CT: one classic CT slice per frame, at the frame's
+    position, each referencing its frame of the source. (Before, the export failed after the work:
+    "got 1 files for a volume of 2 slices".)"""
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file("eCT_Supplemental.dcm")  # 2 frames; a perfusion map, hence force
+    volume = read_volume(path, force=True)
+    files = export_derived_series(volume, tmp_path / "derived", source_files=volume.meta["dicom_files"])
+    source = pydicom.dcmread(path, stop_before_pixels=True)
+    assert len(files) == 2
+    for k, f in enumerate(files):
+        ds = pydicom.dcmread(f)
+        (ref,) = ds.SourceImageSequence
+        assert ref.ReferencedSOPInstanceUID == source.SOPInstanceUID and ref.ReferencedFrameNumber == k + 1
+        frame = source.PerFrameFunctionalGroupsSequence[k].PlanePositionSequence[0]
+        np.testing.assert_allclose(
+            [float(v) for v in ds.ImagePositionPatient], frame.ImagePositionPatient, atol=0.1
+        )
+        assert (
+            ds.StudyInstanceUID == source.StudyInstanceUID
+            and ds.SeriesInstanceUID != source.SeriesInstanceUID
+        )
+
+
+def test_a_source_slice_without_its_uid_is_one_line(tmp_path) -> None:
+    """A source slice that lost its SOPInstanceUID cannot be referenced: one line naming it, not an
+    AttributeError."""
+    files = write_ct_series(tmp_path / "src", 3)
+    volume = read_volume(tmp_path / "src")
+    ds = pydicom.dcmread(volume.meta["dicom_files"][1])
+    del ds.SOPInstanceUID
+    ds.save_as(volume.meta["dicom_files"][1])
+    with pytest.raises(UserError, match=r"has no SOPInstanceUID; a derived slice could not reference it"):
+        export_derived_series(volume, tmp_path / "derived", source_files=volume.meta["dicom_files"])
+    assert not (tmp_path / "derived").exists() and len(files) == 3

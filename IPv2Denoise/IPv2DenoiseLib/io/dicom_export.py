@@ -205,17 +205,27 @@ def _now() -> tuple[str, str]:
 
 
 def _read_sources(source_files: Sequence[str | os.PathLike], nz: int) -> list[Dataset]:
-    if len(source_files) != nz:
-        raise UserError(
-            f"source_files: got {len(source_files)} files for a volume of {nz} slices; "
-            "pass exactly one source DICOM file per slice, sorted like the volume's z axis"
-        )
+    """One source header per slice: the files' own, or, for one enhanced (multi-frame) file of
+    ``nz`` frames, that header once per frame (each slice then references its frame)."""
     headers = []
     for path in source_files:
         try:
             headers.append(pydicom.dcmread(path, stop_before_pixels=True))
         except (OSError, pydicom.errors.InvalidDicomError) as exc:
             raise UserError(f"source_files: cannot read {path!s} as DICOM ({exc})") from None
+    for path, header in zip(source_files, headers):
+        for keyword in ("SOPClassUID", "SOPInstanceUID"):
+            if not str(header.get(keyword, "") or "").strip():
+                raise UserError(
+                    f"source_files: {path!s} has no {keyword}; a derived slice could not reference it"
+                )
+    if len(headers) == 1 and nz > 1 and int(headers[0].get("NumberOfFrames", 1) or 1) == nz:
+        return headers * nz
+    if len(headers) != nz:
+        raise UserError(
+            f"source_files: got {len(source_files)} files for a volume of {nz} slices; "
+            "pass exactly one source DICOM file per slice, sorted like the volume's z axis"
+        )
     return headers
 
 
@@ -467,9 +477,9 @@ def _series_description(options: DerivedSeriesOptions, template: Dataset | None,
     return series_description
 
 
-def _set_from_source_slice(ds: Dataset, src: Dataset) -> None:
+def _set_from_source_slice(ds: Dataset, src: Dataset, frame: int | None = None) -> None:
     """Per slice of a DICOM source: its acquisition attributes, its laterality (Type 2C) and a
-    reference to the source image."""
+    reference to the source image (to its ``frame``, 1-based, in a multi-frame source)."""
     for kw in _ACQUISITION:
         if kw in src:
             setattr(ds, kw, src.data_element(kw).value)
@@ -483,6 +493,8 @@ def _set_from_source_slice(ds: Dataset, src: Dataset) -> None:
     ref = Dataset()
     ref.ReferencedSOPClassUID = src.SOPClassUID
     ref.ReferencedSOPInstanceUID = src.SOPInstanceUID
+    if frame is not None:
+        ref.ReferencedFrameNumber = frame
     ref.PurposeOfReferenceCodeSequence = DicomSequence([_code_item(PURPOSE_CODE)])
     ds.SourceImageSequence = DicomSequence([ref])
 
@@ -536,7 +548,8 @@ def export_derived_series(
         raise UserError("volume: contains NaN or infinite values; cannot write DICOM pixel data")
     positions = slice_positions(volume)
     headers = _read_sources(source_files, nz) if source_files is not None else None
-    if headers is not None:
+    multiframe = headers is not None and nz > 1 and headers[0] is headers[-1]  # one enhanced file
+    if headers is not None and not multiframe:  # a multi-frame file's positions are per frame, as read
         _check_source_geometry(headers, positions, volume.spacing[2])
     template = headers[0] if headers else None
 
@@ -559,7 +572,7 @@ def export_derived_series(
         for k in range(nz):
             ds = copy.deepcopy(base_ds)  # Dataset.copy() shares elements
             if headers is not None:
-                _set_from_source_slice(ds, headers[k])
+                _set_from_source_slice(ds, headers[k], frame=k + 1 if multiframe else None)
             ds.SOPInstanceUID = generate_uid()
             ds.InstanceNumber = k + 1
             ds.ImagePositionPatient = _fmt(positions[k])
