@@ -245,6 +245,49 @@ def test_a_malformed_slice_position_is_one_line_not_a_crash(tmp_path, keyword, v
     assert case.case_id == "series" and len(case.files) == 4
 
 
+def test_a_metaimage_naming_its_data_file_twice_cannot_read_a_file_outside(tmp_path) -> None:
+    """ITK matches MetaIO's field names exactly: it skips ``elementdatafile = LOCAL`` and reads the
+    ``ElementDataFile`` after it. The check read the first, found the "local" data the right size
+    (the rest of the header) and let ITK read a file outside the header's folder. Now refused."""
+    secret = tmp_path / "elsewhere" / "secret.raw"
+    secret.parent.mkdir()
+    secret.write_bytes(b"PATIENT LIST: " * 20)
+    tail = f"ElementDataFile = {secret}\n"
+    header = f"ObjectType = Image\nNDims = 3\nDimSize = {len(tail)} 1 1\nElementType = MET_UCHAR\n"
+    (tmp_path / "scan").mkdir()
+    path = tmp_path / "scan" / "evil.mha"
+    path.write_text(header + "elementdatafile = LOCAL\n" + tail)
+    with pytest.raises(
+        UserError, match="its header field 'elementdatafile' is not spelled 'ElementDataFile'"
+    ):
+        read_volume(path, force=True)
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (
+            "DimSize = 2 2 2\ndimsize = 4000 4000 4000\nElementDataFile = LOCAL\n",
+            "gives the field 'dimsize' twice",
+        ),
+        (
+            "DimSize = 37 1 1\nHeaderSize = ten\nElementDataFile = data.raw\n",
+            "its HeaderSize 'ten' is not a whole number",
+        ),
+    ],
+    ids=["second-size", "non-numeric"],
+)
+def test_a_metaimage_header_read_two_ways_is_one_line(tmp_path, fields, message) -> None:
+    """A field given twice (ITK takes one, the memory check another) or not a number: one line."""
+    (tmp_path / "data.raw").write_bytes(bytes(37))
+    path = tmp_path / "odd.mha"
+    path.write_bytes(
+        ("ObjectType = Image\nNDims = 3\nElementType = MET_UCHAR\n" + fields).encode() + bytes(8)
+    )
+    with pytest.raises(UserError, match=message):
+        read_volume(path)
+
+
 def test_a_compressed_dicom_series_declaring_gigabytes_is_refused_before_decoding(
     tmp_path, monkeypatch
 ) -> None:

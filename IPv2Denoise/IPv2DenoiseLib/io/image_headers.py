@@ -178,16 +178,56 @@ def _inside(folder: Path, name: str, *, what: str, header: Path) -> Path:
     return target
 
 
+#: MetaImage fields this module reads, as MetaIO spells them: ITK matches field names exactly, so a
+#: field spelled otherwise would be read here and skipped by ITK (which would then read another).
+_META_FIELDS = {
+    name.lower(): name
+    for name in (
+        "DimSize",
+        "ElementType",
+        "ElementDataFile",
+        "ElementNumberOfChannels",
+        "CompressedData",
+        "BinaryData",
+        "HeaderSize",
+    )
+}
+
+
+def _header_fields(
+    pairs: list[tuple[str, str]], *, path: Path, spelled: dict[str, str] | None = None
+) -> dict:
+    """``{lower-case key: value}`` of a header's ``key, value`` pairs, refusing a key given twice (in any
+    case) and, with ``spelled``, a known key spelled otherwise: the check and the reader must read the
+    same field."""
+    fields: dict[str, str] = {}
+    for key, value in pairs:
+        key = key.strip()
+        name = key.lower()
+        if name in fields:
+            raise UserError(
+                f"{path}: its header gives the field {key!r} twice; refused (which one counts is unclear)"
+            )
+        if spelled and name in spelled and key != spelled[name]:
+            raise UserError(f"{path}: its header field {key!r} is not spelled {spelled[name]!r}; refused")
+        fields[name] = value.strip()
+    return fields
+
+
+def _whole_number(value: str, *, path: Path, what: str) -> int:
+    """A header's integer field, or one line saying it is not one."""
+    try:
+        return int(value or 0)
+    except ValueError:
+        raise UserError(f"{path}: its {what} {value!r} is not a whole number") from None
+
+
 def _nrrd(path: Path) -> DeclaredImage:
     lines, offset = _header_lines(path, lambda line: line == "")
     if not lines or not re.fullmatch(r"NRRD000\d", lines[0].strip()):
         raise UserError(f"{path}: not an NRRD file (it does not start with 'NRRD000x')")
-    fields: dict[str, str] = {}
-    for line in lines[1:]:
-        if line.startswith("#") or ": " not in line:
-            continue
-        key, value = line.split(": ", 1)
-        fields[key.strip().lower()] = value.strip()
+    pairs = [tuple(line.split(": ", 1)) for line in lines[1:] if not line.startswith("#") and ": " in line]
+    fields = _header_fields(pairs, path=path)
     for key in ("sizes", "type", "encoding"):
         if key not in fields:
             raise UserError(f"{path}: the NRRD header has no '{key}' field")
@@ -199,8 +239,8 @@ def _nrrd(path: Path) -> DeclaredImage:
     encoding = {"raw": "raw", "gzip": "gzip", "gz": "gzip", "bzip2": "bzip2", "bz2": "bzip2"}.get(
         fields["encoding"].lower(), "text"
     )
-    byte_skip = int(fields.get("byte skip", "0") or 0)
-    if int(fields.get("line skip", "0") or 0) != 0:
+    byte_skip = _whole_number(fields.get("byte skip", "0"), path=path, what="byte skip")
+    if _whole_number(fields.get("line skip", "0"), path=path, what="line skip") != 0:
         encoding = "text"  # lines skipped before the data: size not checked exactly
     data_name = fields.get("data file", fields.get("datafile"))
     if data_name is None:
@@ -223,18 +263,16 @@ def _nrrd(path: Path) -> DeclaredImage:
 
 
 def _meta_image(path: Path) -> DeclaredImage:
-    lines, offset = _header_lines(
-        path, lambda line: line.split("=", 1)[0].strip().lower() == "elementdatafile"
+    lines, offset = _header_lines(path, lambda line: line.split("=", 1)[0].strip() == "ElementDataFile")
+    fields = _header_fields(
+        [tuple(line.split("=", 1)) for line in lines if "=" in line], path=path, spelled=_META_FIELDS
     )
-    fields: dict[str, str] = {}
-    for line in lines:
-        if "=" in line:
-            key, value = line.split("=", 1)
-            fields[key.strip().lower()] = value.strip()
     if offset < 0 or "dimsize" not in fields:
         raise UserError(f"{path}: not a MetaImage header (no DimSize / ElementDataFile)")
     sizes = _positive_ints(fields["dimsize"].split(), path=path, what="DimSize")
-    channels = int(fields.get("elementnumberofchannels", "1") or 1)
+    channels = _whole_number(
+        fields.get("elementnumberofchannels", "1") or "1", path=path, what="ElementNumberOfChannels"
+    )
     element_type = fields.get("elementtype", "").upper()
     if element_type not in _META_TYPES:
         raise UserError(
@@ -253,7 +291,7 @@ def _meta_image(path: Path) -> DeclaredImage:
                 f"{path}: data split over several files ({data_name!r}) is not read; join it into one .mha"
             )
         data_file = _inside(path.parent, data_name, what="ElementDataFile", header=path)
-        header_size = int(fields.get("headersize", "0") or 0)
+        header_size = _whole_number(fields.get("headersize", "0"), path=path, what="HeaderSize")
         start = None if header_size == -1 else header_size
     return DeclaredImage(path, sizes, _META_TYPES[element_type], data_file, start, encoding)
 
