@@ -247,3 +247,62 @@ def test_stow_rs_to_a_url_that_answers_404_with_json_is_one_line(derived_series,
     assert "Traceback" not in err
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and "HTTP 404" in lines[0] and "Unknown resource" in lines[0], err
+
+
+def _fresh_series(folder, n: int = 2) -> list:
+    """A CT series with fresh instance UIDs (the shared Orthanc may hold the fixture's already)."""
+    paths = sorted(write_ct_series(folder, n))
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.save_as(path)
+    return paths
+
+
+@pytest.mark.parametrize("protocol", ["dimse", "dicomweb"])
+def test_a_disc_with_a_dicomdir_is_sent_without_it(orthanc, tmp_path, capsys, protocol) -> None:
+    """A CD's folder holds a DICOMDIR (an index with no SOPInstanceUID): it is not an instance to
+    store, so ``send`` leaves it out and stores the images (before: an AttributeError traceback)."""
+    from pydicom.dataset import FileMetaDataset
+
+    paths = _fresh_series(tmp_path / "cdrom" / "IMAGES")
+    index = Dataset()
+    index.file_meta = FileMetaDataset()
+    index.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.1.3.10"  # Media Storage Directory Storage
+    index.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    index.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    index.FileSetID = "DISC"
+    index.save_as(tmp_path / "cdrom" / "DICOMDIR", enforce_file_format=True)
+    destination = {"dimse": orthanc.node, "dicomweb": orthanc.dicomweb_url}[protocol]
+    assert main(["send", str(tmp_path / "cdrom"), "--to", destination]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert out.count("stored") == len(paths) and "DICOMDIR" not in out
+    assert len(orthanc.series_instances(pydicom.dcmread(paths[0]).SeriesInstanceUID)) == len(paths)
+
+
+def test_an_instance_the_pacs_accepts_no_context_for_is_named_not_a_traceback(tmp_path, capsys) -> None:
+    """A PACS (a real pynetdicom SCP) that takes CT only uncompressed, sent an RLE file: that file is
+    "not sent" with the reason, the uncompressed one is stored (before: a ValueError traceback)."""
+    stored = []
+
+    def on_store(event) -> int:
+        stored.append(str(event.dataset.SOPInstanceUID))
+        return 0x0000
+
+    pacs = AE(ae_title="PLAINPACS")
+    pacs.add_supported_context(CTImageStorage, pydicom.uid.ExplicitVRLittleEndian)
+    pacs.add_supported_context("1.2.840.10008.1.1")
+    port = free_port()
+    server = pacs.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        plain, compressed = _fresh_series(tmp_path / "mixed")
+        ds = pydicom.dcmread(compressed)
+        ds.compress(pydicom.uid.RLELossless)
+        ds.save_as(compressed)
+        assert main(["send", str(tmp_path / "mixed"), "--to", f"127.0.0.1:{port}:PLAINPACS"]) == 2
+    finally:
+        server.shutdown()
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "1 of 2 instance(s) refused" in err, err
+    assert "accepted no presentation context" in err and compressed.name in err
+    assert stored == [str(pydicom.dcmread(plain).SOPInstanceUID)]

@@ -300,6 +300,19 @@ class SendReport:
             raise UserError(self.summary())
 
 
+#: MediaStorageSOPClassUID of a DICOMDIR (Media Storage Directory Storage): an index, not an instance.
+DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
+
+
+def _is_dicomdir(path: Path) -> bool:
+    """A DICOMDIR (a disc's index), which a PACS does not store."""
+    try:
+        meta = pydicom.filereader.read_file_meta_info(path)
+    except Exception:  # noqa: BLE001 - an unreadable file meta is the sender's to report, per file
+        return False
+    return str(meta.get("MediaStorageSOPClassUID", "")) == DICOMDIR_CLASS
+
+
 def dicom_files(paths: str | Path | Iterable[str | Path]) -> list[Path]:
     """The DICOM Part 10 files in a folder (recursively, hidden files skipped) or a list of paths.
 
@@ -330,7 +343,7 @@ def dicom_files(paths: str | Path | Iterable[str | Path]) -> list[Path]:
     for p in candidates:
         with open(p, "rb") as f:
             head = f.read(132)
-        if len(head) == 132 and head[128:132] == b"DICM":
+        if len(head) == 132 and head[128:132] == b"DICM" and not _is_dicomdir(p):
             found.append(p)
     if not found:
         raise UserError(f"{paths}: no DICOM files (Part 10, 'DICM' preamble) found")
@@ -647,6 +660,46 @@ def _contexts(headers: Sequence[Dataset]) -> list[tuple[str, list[str]]]:
     return list(by_class.items())
 
 
+#: Why a file given to a send is not sent: it is not an instance a PACS stores.
+NOT_AN_INSTANCE = "not an instance to store (no SOPClassUID / SOPInstanceUID: a DICOMDIR?)"
+
+
+def _storable(header: Dataset) -> bool:
+    """Whether a file's header names the SOP class and instance a C-STORE or STOW-RS needs."""
+    return bool(str(header.get("SOPClassUID", "") or "").strip()) and bool(
+        str(header.get("SOPInstanceUID", "") or "").strip()
+    )
+
+
+def _store_one(assoc, path: Path, result: InstanceResult) -> None:
+    """C-STORE one file on an open association, recording the outcome (and whether it may pass
+    later) in ``result``."""
+    if not assoc.is_established:  # dropped mid-way: the rest go to the next attempt
+        result.status, result.reason, result.transient = "aborted", "association dropped", True
+        return
+    try:
+        status = assoc.send_c_store(pydicom.dcmread(path))
+    except ValueError as exc:  # no accepted context for its class or transfer syntax: final
+        result.status, result.transient = "not sent", False
+        result.reason = f"the destination accepted no presentation context for it ({str(exc)[:120]})"
+        return
+    code = getattr(status, "Status", None)
+    if code is None:
+        result.status, result.reason, result.transient = (
+            "no response",
+            "association aborted or timed out",
+            True,
+        )
+        return
+    result.status = f"0x{code:04X}"
+    result.ok = code == 0x0000 or code in (0x0001, 0x0107, 0x0116) or 0xB000 <= code <= 0xBFFF
+    result.reason = "" if code == 0x0000 else _status_text(code)
+    comment = getattr(status, "ErrorComment", "")
+    if comment:
+        result.reason = f"{result.reason}: {comment}"
+    result.transient = not result.ok and code in _TRANSIENT
+
+
 def send_instances(
     paths: Sequence[str | Path],
     node: DicomNode,
@@ -690,11 +743,15 @@ def send_instances(
     echo(node, calling_aet=calling_aet, timeout=timeout)
     paths = [Path(p) for p in paths]
     headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
-    report = SendReport(str(node), [InstanceResult(p, str(h.SOPInstanceUID)) for p, h in zip(paths, headers)])
+    report = SendReport(
+        str(node), [InstanceResult(p, str(h.get("SOPInstanceUID", ""))) for p, h in zip(paths, headers)]
+    )
+    pending = [i for i, h in enumerate(headers) if _storable(h)]
+    for i in sorted(set(range(len(paths))) - set(pending)):
+        report.results[i].reason = NOT_AN_INSTANCE
     ae = make_ae(calling_aet, timeout)
-    for sop_class, syntaxes in _contexts(headers):
+    for sop_class, syntaxes in _contexts([headers[i] for i in pending]):
         ae.add_requested_context(sop_class, syntaxes)
-    pending = list(range(len(paths)))
     for attempt in range(max(0, retries) + 1):
         if not pending:
             break
@@ -706,24 +763,7 @@ def send_instances(
             for i in pending:
                 result = report.results[i]
                 result.attempts += 1
-                if not assoc.is_established:  # dropped mid-way: the rest go to the next attempt
-                    result.status, result.reason, result.transient = "aborted", "association dropped", True
-                    retry_later.append(i)
-                    continue
-                status = assoc.send_c_store(pydicom.dcmread(paths[i]))
-                code = getattr(status, "Status", None)
-                if code is None:
-                    result.status, result.reason = "no response", "association aborted or timed out"
-                    result.transient = True
-                    retry_later.append(i)
-                    continue
-                result.status = f"0x{code:04X}"
-                result.ok = code == 0x0000 or code in (0x0001, 0x0107, 0x0116) or 0xB000 <= code <= 0xBFFF
-                result.reason = "" if code == 0x0000 else _status_text(code)
-                comment = getattr(status, "ErrorComment", "")
-                if comment:
-                    result.reason = f"{result.reason}: {comment}"
-                result.transient = not result.ok and code in _TRANSIENT
+                _store_one(assoc, paths[i], result)
                 if result.transient:
                     retry_later.append(i)
                 if progress is not None:
@@ -822,11 +862,17 @@ def stow_instances(
     )
     report = SendReport(url)
     for first in range(0, len(paths), batch):
-        chunk = [pydicom.dcmread(p) for p in paths[first : first + batch]]
-        results = [
-            InstanceResult(p, str(ds.SOPInstanceUID), attempts=1) for p, ds in zip(paths[first:], chunk)
-        ]
+        read = list(
+            zip(paths[first : first + batch], (pydicom.dcmread(p) for p in paths[first : first + batch]))
+        )
+        report.results.extend(
+            InstanceResult(p, reason=NOT_AN_INSTANCE) for p, ds in read if not _storable(ds)
+        )
+        chunk = [ds for _, ds in read if _storable(ds)]
+        results = [InstanceResult(p, str(ds.SOPInstanceUID), attempts=1) for p, ds in read if _storable(ds)]
         report.results.extend(results)
+        if not chunk:
+            continue
         try:
             response = client.store_instances(chunk)
         except requests.HTTPError as exc:
