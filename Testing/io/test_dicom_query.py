@@ -157,12 +157,13 @@ def test_an_unreachable_pacs_is_one_line(tmp_path) -> None:
 
 
 @contextmanager
-def hostile_pacs(instance: pydicom.Dataset) -> Iterator[DicomNode]:
-    """A real pynetdicom peer (AE ``HOSTILE``, in this process) that answers any C-GET with ``instance``."""
+def hostile_pacs(*instances: pydicom.Dataset) -> Iterator[DicomNode]:
+    """A real pynetdicom peer (AE ``HOSTILE``, in this process) that answers any C-GET with ``instances``."""
 
     def on_get(event):
-        yield 1  # sub-operations to come
-        yield (0xFF00, instance)
+        yield len(instances)  # sub-operations to come
+        for instance in instances:
+            yield (0xFF00, instance)
 
     ae = AE(ae_title="HOSTILE")
     ae.add_supported_context(StudyRootQueryRetrieveInformationModelGet)
@@ -183,6 +184,21 @@ def test_a_pacs_that_sends_another_series_is_refused(tmp_path) -> None:
     with hostile_pacs(instance) as pacs:
         with pytest.raises(UserError, match=r"refused, the PACS sent an instance of another series"):
             retrieve_series(pacs, "1.2.3", "1.2.3.4", tmp_path / "got", timeout=5)
+    assert not (tmp_path / "got").exists() and not (tmp_path / STAGING_DIR).exists()
+
+
+def test_a_retrieval_that_lost_images_on_the_way_is_not_kept(tmp_path) -> None:
+    """A real pynetdicom peer answers our C-GET with three images of the series, one of which it
+    cannot send us (an MR object: we accept CT storage only), and ends "complete, with failures"
+    (0xB000). The two that came are a shortened series: refused in one line, nothing kept. (Before,
+    the two were kept and opened as the series.)"""
+    files = write_ct_series(tmp_path / "theirs", 3)
+    instances = [pydicom.dcmread(f) for f in files]
+    instances[2].SOPClassUID = instances[2].file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
+    study, series = str(instances[0].StudyInstanceUID), str(instances[0].SeriesInstanceUID)
+    with hostile_pacs(*instances) as pacs:
+        with pytest.raises(UserError, match=r"1 of its images could not be sent \(2 came; status 0xB000\)"):
+            retrieve_series(pacs, study, series, tmp_path / "got", timeout=5)
     assert not (tmp_path / "got").exists() and not (tmp_path / STAGING_DIR).exists()
 
 

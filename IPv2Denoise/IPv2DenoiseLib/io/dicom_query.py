@@ -28,6 +28,7 @@ from typing import Any
 import requests
 from dicomweb_client.api import DICOMwebClient
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.errors import InvalidDicomError
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
 from pynetdicom import build_role, evt
 from pynetdicom.sop_class import (
@@ -557,6 +558,8 @@ def _c_get(
     try:
         for status, _ in assoc.send_c_get(identifier, StudyRootQueryRetrieveInformationModelGet):
             code = getattr(status, "Status", None)
+            if code is not None and code not in _PENDING:
+                _check_every_image_came(status, code, node=node, series_uid=series_uid, receiver=receiver)
             if code is None:
                 if receiver.refusals:  # the size guard aborted the association: said by the caller
                     return
@@ -575,6 +578,21 @@ def _c_get(
         assoc.abort()  # a cancelled or failed retrieval stops the PACS sending at once
         raise
     assoc.release()
+
+
+def _check_every_image_came(
+    status: Dataset, code: int, *, node, series_uid: str, receiver: _Receiver
+) -> None:
+    """The final C-GET answer must report no failed sub-operation: 0xB000 ("complete, with
+    failures") means images of the series did not come, and a shortened series is not kept."""
+    failed = _count(status.get("NumberOfFailedSuboperations", 0)) or 0
+    if (code == 0xB000 or failed) and not receiver.refusals:
+        done = _count(status.get("NumberOfCompletedSuboperations", 0)) or 0
+        raise UserError(
+            f"C-GET of series {series_uid} from {node}: {failed or 'some'} of its images could not be sent "
+            f"({done} came; status 0x{code:04X}); a shortened series is not kept: ask the PACS administrator "
+            "(a transfer syntax or SOP class it cannot send us?)"
+        )
 
 
 def _sub_operations(status: Dataset) -> tuple[int, int]:
@@ -627,3 +645,10 @@ def _wado(
         raise UserError(f"WADO-RS from {url} failed: HTTP {code}") from None
     except requests.RequestException as exc:
         raise DestinationUnavailable(f"cannot reach {url}: {type(exc).__name__}") from None
+    except (ValueError, InvalidDicomError) as exc:  # not multipart, or a part that is no DICOM
+        raise UserError(f"WADO-RS from {url}: the answer is not a DICOM series ({str(exc)[:120]})") from None
+    if not receiver.refusals and len(receiver.written) < expected:
+        raise UserError(
+            f"WADO-RS of series {series_uid} from {url}: {len(receiver.written)} of the {expected} images "
+            "its search lists came; a shortened series is not kept"
+        )
