@@ -139,3 +139,13 @@ def test_demo_with_given_input_and_weights(chest, tmp_path) -> None:
     refused = run_cli(*args, "--out", str(out), "--overwrite")
     assert refused.returncode == 2 and "my-notes.txt" in refused.stderr
     assert (out / "my-notes.txt").read_text() == "keep"
+    (out / "my-notes.txt").unlink()
+    # the input inside the output: --overwrite must not replace the folder it is read from
+    inside = ["demo", "--input", str(out / "denoised.nrrd"), "--weights", str(weights), "--device", "cpu"]
+    before = (out / "denoised.nrrd").read_bytes()
+    refused = run_cli(*inside, "--out", str(out), "--overwrite")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+    assert (out / "denoised.nrrd").read_bytes() == before
+    missing = run_cli(*args, "--out", str(tmp_path / "d2"), "--reference", str(tmp_path / "no.nrrd"))
+    assert missing.returncode == 2 and "--reference" in missing.stderr and "does not exist" in missing.stderr
+    assert not (tmp_path / "d2").exists()

@@ -51,9 +51,10 @@ def sample_uldct() -> Path:
 DEMO_FILES = frozenset({"denoised.nrrd", "metrics.csv", "metrics.md", "before_after.png"})
 
 
-def check_demo_output(out: Path, overwrite: bool) -> None:
-    """Before any work: ``--out`` is new or empty, or (``--overwrite``) an earlier demo output."""
-    check_output_path(out, folder=True, overwrite=overwrite, what="--out")
+def check_demo_output(out: Path, overwrite: bool, inputs: tuple[str, ...] = ()) -> None:
+    """Before any work: ``--out`` is new or empty, or (``--overwrite``) an earlier demo output that
+    holds none of ``inputs`` (``--overwrite`` must never replace the scan being read)."""
+    check_output_path(out, inputs=inputs, folder=True, overwrite=overwrite, what="--out")
     if out.is_dir():
         strangers = sorted(p.name for p in out.iterdir() if p.name not in DEMO_FILES)
         if strangers:
@@ -65,7 +66,10 @@ def check_demo_output(out: Path, overwrite: bool) -> None:
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    check_demo_output(out, args.overwrite)  # before any work
+    if args.reference and not Path(args.reference).exists():
+        raise UserError(f"--reference {args.reference} does not exist")
+    inputs = tuple(str(p) for p in (args.input, args.reference) if p)
+    check_demo_output(out, args.overwrite, inputs)  # before any work
     with claim_output(out, what="--out"), atomic_dir(out, replace=True) as staging:
         return write_demo(args, staging, out)
 
