@@ -383,6 +383,14 @@ def test_cli_purify_user_errors(tmp_path, pair, capsys):
         == 2
     )
     assert "xyz" in capsys.readouterr().err
+    # the output is checked before the work: never a folder holding other files or the inputs
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    for out in (tmp_path / "full", tmp_path / "in"):
+        assert main(["purify", "--uldct", str(pu), "--ndct", str(pu), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "--out" in err and "Traceback" not in err, err
+    assert (tmp_path / "full" / "keep.txt").read_text() == "mine" and pu.is_file()
 
 
 def test_cli_purify_png_dataset(tmp_path, pair, capsys):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from IPv2DenoiseLib.core.atomic import atomic_dir, check_output_path
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.progress import make_progress
 from IPv2DenoiseLib.purification.weak_denoisers import DEFAULT_WEAK_DENOISER, WEAK_DENOISERS
@@ -87,34 +88,42 @@ def _check_geometry(u, n, *, ignore_origin: bool) -> None:
         )
 
 
+def _check_out(out: Path, inputs: list[str]) -> None:
+    """Before any work: ``--out`` is a new or empty folder holding no input (it is written whole,
+    under a staging name, so a kill leaves no half set of files)."""
+    check_output_path(out, inputs=inputs, folder=True, what="--out", overwrite_hint="a new --out folder")
+
+
 def run(args: argparse.Namespace) -> int:
     # lazy: the CLI imports every command to build --help; torch & co. load on use
     from IPv2DenoiseLib.purification.pairs import Strategy
 
     strategy = Strategy.from_name(args.strategy)
     out = Path(args.out)
+    inputs = [p for p in (args.png_dataset, args.uldct, args.ndct) if p]
     if args.png_dataset:
         if args.uldct or args.ndct:
             raise UserError("give either --png-dataset or --uldct/--ndct, not both")
         if not args.window:
             raise UserError("--png-dataset needs --window L W (the HU level and width of the PNGs)")
+        _check_out(out, inputs)
         # lazy: the CLI imports every command to build --help; torch & co. load on use
         from IPv2DenoiseLib.purification.png_dataset import purify_png_dataset
 
-        out.mkdir(parents=True, exist_ok=True)
         progress = make_progress(args.json_progress, desc="purify", unit="slice")
         try:
-            counts = purify_png_dataset(
-                args.png_dataset,
-                out,
-                window=tuple(args.window),
-                strategy=strategy,
-                dose=args.dose,
-                weak_denoiser=args.weak_denoiser,
-                pixel_spacing_mm=args.pixel_spacing,
-                seed=args.seed,
-                progress=progress,
-            )
+            with atomic_dir(out) as staging:
+                counts = purify_png_dataset(
+                    args.png_dataset,
+                    staging,
+                    window=tuple(args.window),
+                    strategy=strategy,
+                    dose=args.dose,
+                    weak_denoiser=args.weak_denoiser,
+                    pixel_spacing_mm=args.pixel_spacing,
+                    seed=args.seed,
+                    progress=progress,
+                )
         finally:
             progress.close()
         print(json.dumps({"result": str(out), "strategy": strategy.name, "slices": counts}))
@@ -122,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
 
     if not (args.uldct and args.ndct):
         raise UserError("give --uldct and --ndct (or --png-dataset with --window)")
+    _check_out(out, inputs)
     # lazy: the CLI imports every command to build --help; torch & co. load on use
     from IPv2DenoiseLib.io.volumes import read_volume, write_mask, write_volume
     from IPv2DenoiseLib.purification.pairs import build_pairs
@@ -129,7 +139,6 @@ def run(args: argparse.Namespace) -> int:
     u = read_volume(args.uldct)
     n = read_volume(args.ndct)
     _check_geometry(u, n, ignore_origin=args.ignore_origin)
-    out.mkdir(parents=True, exist_ok=True)
     progress = make_progress(args.json_progress, desc="purify", unit="slice")
     try:
         pair = build_pairs(
@@ -145,30 +154,33 @@ def run(args: argparse.Namespace) -> int:
     finally:
         progress.close()
     written = {}
-    for name, arr in (
-        ("train_input", pair.train_input),
-        ("train_label", pair.train_label),
-        ("test_label", pair.test_label),
-    ):
-        written[name] = str(write_volume(u.with_array(arr, purify_output=name), out / f"{name}.nrrd"))
-    for name, mask in (("dark", pair.dark), ("background", pair.background), ("lungs", pair.lungs)):
-        written[f"mask_{name}"] = str(write_mask(mask, u, out / f"mask_{name}.nrrd"))
-    record = {
-        "strategy": strategy.name,
-        "dose": args.dose,
-        "weak_denoiser": args.weak_denoiser,
-        "seed": args.seed,
-        "noise_hu_uldct": pair.noise_hu,
-        "uldct": str(args.uldct),
-        "ndct": str(args.ndct),
-        "voxels": {
-            "dark": int(pair.dark.sum()),
-            "background": int(pair.background.sum()),
-            "lungs": int(pair.lungs.sum()),
-            "purified": int(pair.purified.sum()),
-        },
-        "files": written,
-    }
-    (out / "purify.json").write_text(json.dumps(record, indent=2))
+    with atomic_dir(out) as staging:  # all files, or none (a kill leaves only a staging folder)
+        for name, arr in (
+            ("train_input", pair.train_input),
+            ("train_label", pair.train_label),
+            ("test_label", pair.test_label),
+        ):
+            write_volume(u.with_array(arr, purify_output=name), staging / f"{name}.nrrd")
+            written[name] = str(out / f"{name}.nrrd")
+        for name, mask in (("dark", pair.dark), ("background", pair.background), ("lungs", pair.lungs)):
+            write_mask(mask, u, staging / f"mask_{name}.nrrd")
+            written[f"mask_{name}"] = str(out / f"mask_{name}.nrrd")
+        record = {
+            "strategy": strategy.name,
+            "dose": args.dose,
+            "weak_denoiser": args.weak_denoiser,
+            "seed": args.seed,
+            "noise_hu_uldct": pair.noise_hu,
+            "uldct": str(args.uldct),
+            "ndct": str(args.ndct),
+            "voxels": {
+                "dark": int(pair.dark.sum()),
+                "background": int(pair.background.sum()),
+                "lungs": int(pair.lungs.sum()),
+                "purified": int(pair.purified.sum()),
+            },
+            "files": written,
+        }
+        (staging / "purify.json").write_text(json.dumps(record, indent=2))
     print(json.dumps({"result": str(out), "strategy": strategy.name}))
     return 0
