@@ -227,3 +227,49 @@ def test_a_pacs_that_sends_a_huge_instance_is_cut_off_while_it_arrives(tmp_path)
         # pynetdicom's C-GET loop notices the abort at its response timeout (10 s here), not before
         assert time.monotonic() - started < 10 + 5
     assert not (tmp_path / "got").exists() and not (tmp_path / STAGING_DIR).exists()
+
+
+def test_a_wado_answer_short_of_its_search_is_not_kept(tmp_path) -> None:
+    """A DICOMweb server (a real HTTP server in this process) whose QIDO-RS search lists three
+    images of the series but whose WADO-RS answer carries two: refused in one line, nothing kept.
+    (Before, the two were kept and opened as the series.)"""
+    import io
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    files = write_ct_series(tmp_path / "theirs", 3)
+    first = pydicom.dcmread(files[0])
+    study, series = str(first.StudyInstanceUID), str(first.SeriesInstanceUID)
+    listed = [{"00080018": {"vr": "UI", "Value": [str(pydicom.dcmread(f).SOPInstanceUID)]}} for f in files]
+
+    class ShortServer(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            if self.path.split("?")[0].endswith("/instances"):  # QIDO-RS: three instances
+                body, kind = json.dumps(listed).encode(), "application/dicom+json"
+            else:  # WADO-RS: two of them
+                parts = io.BytesIO()
+                for f in files[:2]:
+                    parts.write(
+                        b"--XYZ\r\nContent-Type: application/dicom\r\n\r\n" + f.read_bytes() + b"\r\n"
+                    )
+                parts.write(b"--XYZ--\r\n")
+                body, kind = parts.getvalue(), 'multipart/related; type="application/dicom"; boundary=XYZ'
+            self.send_response(200)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:  # quiet
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", free_port()), ShortServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/dicom-web"
+        with pytest.raises(UserError, match=r"2 of the 3 images its search lists came"):
+            retrieve_series(url, study, series, tmp_path / "got", timeout=5)
+    finally:
+        server.shutdown()
+    assert not (tmp_path / "got").exists() and not (tmp_path / STAGING_DIR).exists()
