@@ -74,6 +74,22 @@ def test_export_refuses_a_bad_pacs_setting_before_writing(scene, tmp_path) -> No
     assert not (tmp_path / "out").exists()
 
 
+def test_a_failed_send_after_the_export_says_the_series_was_written(scene, tmp_path) -> None:
+    """Export with "send to PACS" and the PACS down: the error says the files were written and
+    where, and how to send them again (the panel showed only "DICOM export failed", and a second
+    export to that folder is refused because it holds files)."""
+    from orthanc_server import free_port
+
+    volume = read_volume(write_ct_series(tmp_path / "src", 2)[0].parent)
+    node = add_volume_node(volume, "CT")
+    down = f"127.0.0.1:{free_port()}:PACS"
+    with pytest.raises(
+        UserError, match=r"wrote 2 DICOM files to .*out, but sending them failed: .*ipv2-denoise send"
+    ):
+        export_dicom(node, tmp_path / "out", send_to=down, timeout=2)
+    assert len(list((tmp_path / "out").glob("*.dcm"))) == 2
+
+
 def test_an_adapted_run_in_slicer_says_so_in_its_exported_series(scene, tmp_path) -> None:
     """The Slicer job runs the real ``ipv2-denoise denoise --adapt --refine`` in its background process; the
     denoised node remembers it, and Export writes "fine-tuned on this scan" and the warnings, as

@@ -18,6 +18,7 @@ import slicer
 
 from IPv2DenoiseLib.app.pipeline import DenoiseOptions
 from IPv2DenoiseLib.app.slicer_support.scene import node_geometry, volume_from_node
+from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.provenance import ModelProvenance
 from IPv2DenoiseLib.denoiser.model_reference import ModelReference
 
@@ -125,8 +126,14 @@ def export_dicom(
     )
     report = None
     if target is not None:
-        report = send(files, target, calling_aet=calling_aet or DEFAULT_CALLING_AET, timeout=timeout)
-        report.raise_for_failures()
+        try:
+            report = send(files, target, calling_aet=calling_aet or DEFAULT_CALLING_AET, timeout=timeout)
+            report.raise_for_failures()
+        except UserError as exc:  # the series is written: say so, and how to send it again
+            raise UserError(
+                f"wrote {len(files)} DICOM files to {out_dir}, but sending them failed: {exc}; "
+                f"they stay there: send that folder with `ipv2-denoise send {out_dir} --to {send_to}`"
+            ) from None
     return files, report
 
 
