@@ -56,6 +56,22 @@ def test_info_text_on_dicom_folder(ct_series, capsys) -> None:
     assert "128 x 128 x 3" in out and "series_choice" in out and "kVp" in out
 
 
+def test_info_never_prints_a_tag_s_escape_sequences(ct_series, capsys) -> None:
+    """A SeriesDescription holding a terminal escape (clear screen) and a line break that forges a
+    second line: ``info`` prints it on one line without them (it printed them as they were)."""
+    import pydicom
+
+    folder = ct_series(2)
+    for path in folder.iterdir():
+        ds = pydicom.dcmread(path)
+        ds.SeriesDescription = "chest\x1b[2J\nwarning      all clear"
+        ds.save_as(path)
+    assert main(["info", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "chest[2Jwarning      all clear" in out
+    assert not any(line.startswith("warning      all clear") for line in out.splitlines())
+
+
 def _bad_inputs(tmp: Path) -> dict[str, tuple[list[str], str]]:
     (tmp / "empty").mkdir()
     (tmp / "notes.txt").write_text("not an image")

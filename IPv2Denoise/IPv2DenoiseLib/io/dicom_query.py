@@ -41,6 +41,7 @@ from pynetdicom.sop_class import (
 from IPv2DenoiseLib.core.atomic import atomic_dir
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.progress import CancelToken, ProgressCallback
+from IPv2DenoiseLib.core.text import printable_line
 from IPv2DenoiseLib.io.dicom_net import (
     ACCEPTED_TRANSFER_SYNTAXES,
     DEFAULT_CALLING_AET,
@@ -124,13 +125,7 @@ class SeriesMatch:
         parts = [date, f"{self.patient_id} {self.patient_name}".strip(), self.study_description, series]
         if self.instances is not None:
             parts.append(f"{self.instances} images")
-        return " · ".join(_printable(p) for p in parts if p)
-
-
-def _printable(text: str, limit: int = 64) -> str:
-    """A tag value fit for one line of a page: control characters dropped, length capped."""
-    text = "".join(c for c in str(text) if c.isprintable())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+        return " · ".join(printable_line(p) for p in parts if p)
 
 
 def check_uid(text: str, what: str = "UID") -> str:
@@ -155,7 +150,7 @@ def check_uid(text: str, what: str = "UID") -> str:
     """
     uid = str(text or "").strip().rstrip("\x00")
     if not UID_PATTERN.fullmatch(uid) or ".." in uid or uid.endswith("."):
-        raise UserError(f"{what} {_printable(text)!r} is not a DICOM UID (digits and dots, at most 64)")
+        raise UserError(f"{what} {printable_line(text)!r} is not a DICOM UID (digits and dots, at most 64)")
     return uid
 
 
@@ -429,12 +424,12 @@ class _Receiver:
         series = str(dataset.get("SeriesInstanceUID", "")).strip().rstrip("\x00")
         if series != self.series_uid:
             return self.refuse(
-                f"the PACS sent an instance of another series ({_printable(series)})", _STORE_NOT_OURS
+                f"the PACS sent an instance of another series ({printable_line(series)})", _STORE_NOT_OURS
             )
         sop_class = str(dataset.get("SOPClassUID", ""))
         if sop_class not in CT_STORAGE_CLASSES:
             return self.refuse(
-                f"the PACS sent a non-CT instance (SOP class {_printable(sop_class)})", _STORE_NOT_OURS
+                f"the PACS sent a non-CT instance (SOP class {printable_line(sop_class)})", _STORE_NOT_OURS
             )
         path = self.folder / f"{len(self.written) + 1:05d}.dcm"  # a counter, never a tag value
         dataset.file_meta = file_meta or FileMetaDataset()

@@ -9,6 +9,7 @@ from dataclasses import asdict
 import numpy as np
 
 from IPv2DenoiseLib.app.arguments import add_reading_arguments
+from IPv2DenoiseLib.core.text import printable_line
 
 NAME = "info"
 HELP = "Describe a CT volume: dimensions, spacing, HU range, body/lung/background volumes (mL) and ROI stats."
@@ -90,9 +91,9 @@ def _text(facts: dict) -> str:
         "mAs",
         "CTDIvol",
     ):
-        if key in meta:
-            lines.append(f"{key:<12} {meta[key]}")
-    lines.extend(f"warning      {w}" for w in facts["warnings"])
+        if key in meta:  # a tag value: no escape sequence or line break reaches the terminal
+            lines.append(f"{key:<12} {printable_line(meta[key], limit=120)}")
+    lines.extend(f"warning      {printable_line(w, limit=10_000)}" for w in facts["warnings"])
     return "\n".join(lines)
 
 
