@@ -548,7 +548,7 @@ def export_derived_series(
         raise UserError("volume: contains NaN or infinite values; cannot write DICOM pixel data")
     positions = slice_positions(volume)
     headers = _read_sources(source_files, nz) if source_files is not None else None
-    multiframe = headers is not None and nz > 1 and headers[0] is headers[-1]  # one enhanced file
+    multiframe = source_files is not None and len(source_files) == 1 and nz > 1  # one enhanced file
     if headers is not None and not multiframe:  # a multi-frame file's positions are per frame, as read
         _check_source_geometry(headers, positions, volume.spacing[2])
     template = headers[0] if headers else None
