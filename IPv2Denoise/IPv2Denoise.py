@@ -30,7 +30,7 @@ if _MODULE_DIR not in sys.path:  # IPv2DenoiseLib lives next to this file
 
 from IPv2DenoiseLib.app.pipeline import DenoiseOptions  # noqa: E402
 from IPv2DenoiseLib.app.slicer_support.dependencies import ensure_in_slicer  # noqa: E402
-from IPv2DenoiseLib.app.slicer_support.dicom import export_dicom  # noqa: E402
+from IPv2DenoiseLib.app.slicer_support.dicom import export_dicom, unused_folder  # noqa: E402
 from IPv2DenoiseLib.app.slicer_support.job import DenoiseJob  # noqa: E402
 from IPv2DenoiseLib.app.slicer_support.roi_metrics import roi_table, table_node_from_metrics  # noqa: E402
 from IPv2DenoiseLib.app.slicer_support.scene import add_volume_node, denoise_node, safe_name, volume_from_node  # noqa: E402
@@ -223,6 +223,12 @@ class IPv2DenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
 
     def onSceneStartClose(self, caller, event):
+        if self._job is not None:  # the next patient: this scan's result must not land in the new scene
+            self._timer.stop()
+            self._job.cancel()
+            self._job.cleanup()
+            self._job = None
+            self._setState(State.IDLE, _("Cancelled: the scene was closed."))
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event):
@@ -232,8 +238,15 @@ class IPv2DenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def initializeParameterNode(self):
         self.setParameterNode(self.logic.getParameterNode())
         p = self._parameterNode
-        if not p.inputVolume:
-            p.inputVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+        if not p.inputVolume:  # the first image, not a label map (a subclass the selector hides)
+            p.inputVolume = next(
+                (
+                    node
+                    for node in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
+                    if not node.IsA("vtkMRMLLabelMapVolumeNode")
+                ),
+                None,
+            )
         if not p.model and self.ui.modelComboBox.count:
             p.model = self.ui.modelComboBox.itemData(0)
 
@@ -360,7 +373,8 @@ class IPv2DenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.logTextEdit.appendPlainText(stderr)
             self._setState(State.FAILED, str(exc))
             return
-        self._parameterNode.outputVolume = output
+        if self._parameterNode is not None:
+            self._parameterNode.outputVolume = output
         seconds = f" in {status.seconds:.1f} s" if status.seconds else ""
         done = _("Done{seconds}: {name}").format(seconds=seconds, name=output.GetName())
         if status.warnings:  # e.g. a truncated field of view; each is in the log
@@ -430,7 +444,7 @@ class IPv2DenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         folder = qt.QFileDialog.getExistingDirectory(None, _("Folder for the new DICOM series"))
         if not folder:
             return
-        outDir = Path(folder) / (safe_name(pair[1].GetName()) + "_dicom")
+        outDir = unused_folder(Path(folder) / (safe_name(pair[1].GetName()) + "_dicom"))
         pacs = self.ui.pacsLineEdit.text.strip()
         qt.QSettings().setValue(PACS_SETTING, pacs)
         sendTo = pacs if (pacs and self.ui.sendToPacsCheckBox.checked) else None

@@ -11,7 +11,7 @@ pytest.importorskip("slicer.util", reason="slicer-core not installed")
 import slicer  # noqa: E402
 from conftest import write_ct_series  # noqa: E402
 
-from IPv2DenoiseLib.app.slicer_support.dicom import export_dicom  # noqa: E402
+from IPv2DenoiseLib.app.slicer_support.dicom import export_dicom, unused_folder  # noqa: E402
 from IPv2DenoiseLib.app.slicer_support.scene import add_volume_node  # noqa: E402
 from IPv2DenoiseLib.core.errors import UserError  # noqa: E402
 from IPv2DenoiseLib.core.resources import models_dir  # noqa: E402
@@ -64,6 +64,30 @@ def test_export_writes_derived_series_and_sends_it_to_the_pacs(scene, orthanc, t
         derived = pydicom.dcmread(path)
         assert derived.StudyInstanceUID == volume.meta["StudyInstanceUID"]
         assert derived.SourceImageSequence[0].ReferencedSOPInstanceUID in source_uids
+
+
+def test_export_refuses_a_dicom_source_whose_files_left_the_database(scene, tmp_path) -> None:
+    """A node loaded from DICOM whose files were moved: the old export invented a new anonymous
+    patient and study and sent it to the PACS as an orphan; now it says so and writes nothing."""
+    files = write_ct_series(tmp_path / "src", 2)
+    node = add_volume_node(read_volume(files[0].parent), "CT")
+    node.SetAttribute("DICOM.instanceUIDs", " ".join(str(pydicom.dcmread(f).SOPInstanceUID) for f in files))
+    for database in (FileDatabase(files[:1]), None):
+        with pytest.raises(UserError, match="1 of its 2 source files|2 of its 2 source files"):
+            export_dicom(node, tmp_path / "out", source_node=node, database=database)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_second_export_of_a_volume_goes_beside_the_first(scene, tmp_path) -> None:
+    """The panel names the folder after the volume: a second export used to be refused with a
+    command-line flag (--overwrite) the panel does not have."""
+    node = add_volume_node(read_volume(write_ct_series(tmp_path / "src", 2)[0].parent), "CT denoised")
+    first = unused_folder(tmp_path / "CT_denoised_dicom")
+    export_dicom(node, first)
+    second = unused_folder(tmp_path / "CT_denoised_dicom")
+    assert first.name == "CT_denoised_dicom" and second.name == "CT_denoised_dicom_2"
+    export_dicom(node, second)
+    assert len(list(first.glob("*.dcm"))) == len(list(second.glob("*.dcm"))) == 2
 
 
 def test_export_refuses_a_bad_pacs_setting_before_writing(scene, tmp_path) -> None:

@@ -10,6 +10,7 @@ import pytest
 
 pytest.importorskip("slicer.util", reason="slicer-core not installed")
 import slicer  # noqa: E402
+import vtk  # noqa: E402
 
 from IPv2DenoiseLib.app.pipeline import DenoiseOptions
 from IPv2DenoiseLib.app.slicer_support.job import DenoiseJob  # noqa: E402
@@ -238,6 +239,55 @@ def test_denoise_job_subprocess(scene, mode):
     assert not workdir.exists()
 
 
+def test_a_job_never_overwrites_its_input_nor_another_scans_result(scene):
+    """The output selector lists every volume: the input itself is refused (the old job replaced the
+    original scan), and the last run's output of another scan, still selected, is not reused."""
+    fake = [sys.executable, "-c", FAKE_DENOISER, "{input}", "{output}", "ok"]
+    options = DenoiseOptions(model="unet-ipv2")
+    vol_a, vol_b = _oblique_volume(shape=(4, 20, 22), seed=1), _oblique_volume(shape=(4, 20, 22), seed=2)
+    node_a, node_b = add_volume_node(vol_a, "CaseA"), add_volume_node(vol_b, "CaseB")
+    with pytest.raises(UserError, match="output volume is the input 'CaseA'.*replace the original"):
+        DenoiseJob(node_a, node_a, options=options, command=fake).start()
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(node_a), vol_a.array)
+    out_a = DenoiseJob(node_a, options=options, command=fake).start().wait(timeout=60)
+    again = DenoiseJob(node_a, out_a, options=options, command=fake).start().wait(timeout=60)
+    assert again is out_a  # the same scan again: its own output is replaced, as asked
+    out_b = DenoiseJob(node_b, out_a, options=options, command=fake).start().wait(timeout=60)
+    assert out_b is not out_a and out_b.GetName() == "CaseB denoised"
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(out_a), vol_a.array * 0.5 - 500, atol=1e-3)
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(out_b), vol_b.array * 0.5 - 500, atol=1e-3)
+
+
+def test_closing_the_scene_during_a_run_discards_the_result(scene):
+    """Closing the scene (the next patient) while a run goes on: its result must not appear in the
+    new scene (the old job imported it there, under the previous patient's name)."""
+    node = add_volume_node(_oblique_volume(shape=(4, 20, 22)), "CaseA")
+    fake = [sys.executable, "-c", FAKE_DENOISER, "{input}", "{output}", "ok"]
+    job = DenoiseJob(node, options=DenoiseOptions(model="unet-ipv2"), command=fake).start()
+    workdir = job.workdir
+    scene.Clear(False)
+    with pytest.raises(UserError, match="'CaseA' left the scene .* result was discarded"):
+        job.wait(timeout=60)
+    assert scene.GetNodesByClass("vtkMRMLScalarVolumeNode").GetNumberOfItems() == 0
+    assert not workdir.exists()
+
+
+def test_a_job_refuses_non_ct_inputs_under_the_nodes_name(scene):
+    """An image that is not HU, or a label map, is refused in the panel's words: the node's name,
+    not the child's temporary file, and no command-line flag the panel does not have."""
+    options = DenoiseOptions(model="unet-ipv2")
+    stored = _oblique_volume(shape=(4, 20, 22))
+    raw = add_volume_node(stored.with_array(stored.array + 1024.0), "CT stored 0..4095")
+    with pytest.raises(UserError, match="input volume 'CT stored 0..4095': no voxel below") as info:
+        DenoiseJob(raw, options=options).start()
+    assert "--force" not in str(info.value) and "input.nrrd" not in str(info.value)
+    labels = add_volume_node(stored.with_array((stored.array > -500).astype(np.float32)), "lungs")
+    label_node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "lungs-label")
+    label_node.SetAndObserveImageData(labels.GetImageData())
+    with pytest.raises(UserError, match="'lungs-label' is a label map"):
+        DenoiseJob(label_node, options=options).start()
+
+
 def test_roi_mask_and_roi_table(scene):
     vol = _oblique_volume(shape=(6, 40, 44))
     vol = Volume(vol.array, spacing=(0.7, 0.8, 2.5), origin=(-12.0, 30.5, -100.0))  # axis-aligned
@@ -261,3 +311,30 @@ def test_roi_mask_and_roi_table(scene):
     row = table.rows[metrics.index("user ROI mean")]
     assert row[1] == pytest.approx(float(vol.array[expected].mean()), rel=1e-5)
     assert row[2] == pytest.approx(float(smooth.array[expected].mean()), rel=1e-5)
+
+
+def test_roi_mask_follows_a_volume_left_under_a_registration_transform(scene):
+    """The ROI is placed on the volume as drawn: a linear transform on the volume moves its voxels."""
+    vol = Volume(
+        _oblique_volume(shape=(6, 40, 44)).array, spacing=(0.7, 0.8, 2.5), origin=(-12.0, 30.5, -100.0)
+    )
+    before = add_volume_node(vol, "before")
+    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "box")
+    lo = np.array(vol.origin) + np.array([10, 5, 1]) * vol.spacing - 1e-3
+    hi = np.array(vol.origin) + np.array([19, 14, 3]) * vol.spacing + 1e-3
+    roi.SetCenter(*(LPS_TO_RAS @ ((lo + hi) / 2)))
+    roi.SetSize(*(hi - lo))
+    shift = vtk.vtkMatrix4x4()  # move the volume by 3 voxels in i and 2 in j (RAS: x, y negated)
+    shift.SetElement(0, 3, -3 * 0.7)
+    shift.SetElement(1, 3, -2 * 0.8)
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "registration")
+    transform.SetMatrixTransformToParent(shift)
+    before.SetAndObserveTransformNodeID(transform.GetID())
+    expected = np.zeros(vol.shape, bool)
+    expected[1:4, 3:13, 7:17] = True  # the box now covers voxels 3 and 2 lower (the old code: 5:15, 10:20)
+    np.testing.assert_array_equal(roi_mask(before, roi), expected)
+    bend = scene.AddNewNodeByClass("vtkMRMLGridTransformNode", "warp")
+    transform.SetAndObserveTransformNodeID(bend.GetID())
+    assert not transform.IsTransformToWorldLinear()
+    with pytest.raises(UserError, match="non-linear transform; harden"):
+        roi_mask(before, roi)

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
@@ -117,6 +118,47 @@ def save_model(
     return full
 
 
+def _check_state_fits(path: Path, arch: str, kwargs: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
+    """Refuse tensors that the card's network would not hold, before that network takes memory.
+
+    The card (or header) is as hostile as the tensors: its keywords could ask for a network of
+    terabytes. So the network is first laid out on PyTorch's ``meta`` device (shapes, no
+    storage) and compared, name by name and shape by shape, with the file's tensors, whose size
+    the file itself bounds; only a network that matches them is then built for real. Non-finite
+    values are refused too: a network with a NaN weight writes an all-NaN image.
+    """
+    try:
+        with torch.device("meta"):
+            skeleton = build_model(arch, **kwargs)
+    except (RuntimeError, ValueError, OverflowError) as exc:
+        raise UserError(
+            f"model card of {str(path)!r} does not describe a network ({arch!r} {kwargs}): {exc}"
+        ) from None
+    wanted = {name: tuple(tensor.shape) for name, tensor in skeleton.state_dict().items()}
+    missing, unexpected = sorted(set(wanted) - set(state)), sorted(set(state) - set(wanted))
+    if missing or unexpected:
+        raise UserError(
+            f"weights {str(path)!r} do not fit architecture {arch!r} {kwargs}: "
+            f"{len(missing)} missing tensors {missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}"
+        )
+    for name, shape in wanted.items():
+        if tuple(state[name].shape) != shape:
+            raise UserError(
+                f"weights {str(path)!r} do not fit architecture {arch!r} {kwargs}: "
+                f"{name} has shape {tuple(state[name].shape)}, the network needs {shape}"
+            )
+    broken = [
+        name
+        for name, tensor in state.items()
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all()
+    ]
+    if broken:
+        raise UserError(
+            f"weights {str(path)!r} hold non-finite values (NaN or infinity) in {len(broken)} tensors, "
+            f"e.g. {broken[0]}: the training that made them diverged"
+        )
+
+
 def load_model(
     path: str | os.PathLike, *, expected_sha256: str | None = None
 ) -> tuple[Denoiser2p5D, dict[str, Any]]:
@@ -148,6 +190,8 @@ def load_model(
     digest = sha256_file(path)
     card = read_card(path)
     for source, want in (("expected", expected_sha256), ("model card", (card or {}).get("sha256"))):
+        if want is not None and not isinstance(want, str):
+            raise UserError(f"{source} sha256 for {str(path)!r} is not a text checksum: {want!r}")
         if want and want.lower() != digest:
             raise UserError(f"checksum mismatch for {str(path)!r}: {source} sha256 {want}, file has {digest}")
     try:
@@ -159,9 +203,13 @@ def load_model(
     if card is None:
         if "architecture" not in header:
             raise UserError(f"weights file {str(path)!r} has no model card and no architecture in its header")
+        try:
+            header_kwargs = json.loads(header.get("kwargs", "{}"))
+        except json.JSONDecodeError as exc:
+            raise UserError(f"weights file {str(path)!r}: its header's kwargs are not JSON ({exc})") from None
         card = {
             "architecture": header["architecture"],
-            "kwargs": json.loads(header.get("kwargs", "{}")),
+            "kwargs": header_kwargs,
             "normalization": header.get("normalization"),
         }
     card = {**card, "sha256": digest}
@@ -173,14 +221,8 @@ def load_model(
     kwargs = card.get("kwargs") or {}
     if not isinstance(kwargs, dict):
         raise UserError(f"model card of {str(path)!r}: 'kwargs' must be an object, got {kwargs!r}")
+    _check_state_fits(path, str(card.get("architecture")), kwargs, state)
     model = build_model(str(card.get("architecture")), **kwargs)
-    expected_keys = set(model.state_dict())
-    missing, unexpected = sorted(expected_keys - set(state)), sorted(set(state) - expected_keys)
-    if missing or unexpected:
-        raise UserError(
-            f"weights {str(path)!r} do not fit architecture {card.get('architecture')!r} {kwargs}: "
-            f"{len(missing)} missing tensors {missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}"
-        )
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

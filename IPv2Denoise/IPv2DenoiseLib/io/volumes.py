@@ -111,11 +111,33 @@ def read_volume(
         volume = _read_itk_image(p)
     else:
         volume = read_dicom(p, series=series_uid, force=force, resample_gaps=resample_gaps, progress=progress)
-    _validate_ct(volume, where=str(p), force=force)
+    validate_ct(volume, where=str(p), force=force)
     return volume
 
 
-def _validate_ct(volume: Volume, *, where: str, force: bool) -> None:
+#: How the command line reads an image that fails the HU check anyway.
+FORCE_HINT = "info and denoise read it anyway with --force"
+
+
+def validate_ct(volume: Volume, *, where: str, force: bool, force_hint: str = FORCE_HINT) -> None:
+    """Refuse, in one line, an image the denoiser cannot treat as a CT in Hounsfield units.
+
+    Parameters
+    ----------
+    volume : Volume
+        The image as read.
+    where : str
+        What to call it in the message (a path, or a Slicer node's name).
+    force : bool
+        Skip the Hounsfield-units check (``--force``).
+    force_hint : str
+        How this front end reads such an image anyway, or what to do instead.
+
+    Raises
+    ------
+    UserError
+        Empty, NaN/inf voxels, no voxel below air (not HU), or degenerate slices.
+    """
     array = volume.array
     if array.size == 0:
         raise UserError(f"{where}: the image is empty")
@@ -125,7 +147,7 @@ def _validate_ct(volume: Volume, *, where: str, force: bool) -> None:
     if not force and float(array.min()) > AIR_HU:
         raise UserError(
             f"{where}: no voxel below {AIR_HU:g} HU (minimum {float(array.min()):.0f}); this does not look like "
-            "a CT in Hounsfield units (info and denoise read it anyway with --force)"
+            f"a CT in Hounsfield units ({force_hint})"
         )
     nz, ny, nx = array.shape
     if min(ny, nx) < MIN_SLICE_PX:
@@ -289,7 +311,7 @@ def read_dicom_series(
     if len(found) > 1:
         raise UserError(f"{where}: the files hold {len(found)} series; expected one")
     volume = read_series(found[0], where=where, force=force, resample_gaps=resample_gaps)
-    _validate_ct(volume, where=where, force=force)
+    validate_ct(volume, where=where, force=force)
     return volume
 
 

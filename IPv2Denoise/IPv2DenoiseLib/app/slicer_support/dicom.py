@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,9 +33,12 @@ def store_provenance(
     *,
     adapted: Mapping[str, Any] | None = None,
     warnings: list[str] | None = None,
+    input_node=None,
 ) -> None:
-    """Record on a denoised node which model made it and how (read back by :func:`node_provenance`)."""
+    """Record on a denoised node which model made it and how (read back by :func:`node_provenance`),
+    and from which input node (read back by :func:`made_from_another_input`)."""
     record = {
+        "input": input_node.GetID() if input_node is not None else None,
         "model": options.model,
         "weights": options.weights,
         "adapted": dict(adapted) if adapted else None,
@@ -42,6 +46,20 @@ def store_provenance(
         "warnings": list(warnings or []),
     }
     node.SetAttribute(PROVENANCE_ATTRIBUTE, json.dumps(record))
+
+
+def made_from_another_input(output_node, input_node) -> bool:
+    """Whether ``output_node`` holds the result of denoising a different input node.
+
+    The panel keeps the last run's output selected; a run on another scan must not overwrite it
+    (its name, study and record are the other scan's), so such a node is not reused as a target.
+    """
+    try:
+        record = json.loads(output_node.GetAttribute(PROVENANCE_ATTRIBUTE) or "{}")
+    except ValueError:
+        return False
+    made_from = record.get("input") if isinstance(record, dict) else None
+    return bool(made_from) and made_from != input_node.GetID()
 
 
 def node_provenance(node, *, model_name: str = "") -> tuple[ModelProvenance, list[str]]:
@@ -61,19 +79,24 @@ def node_provenance(node, *, model_name: str = "") -> tuple[ModelProvenance, lis
 
 
 def dicom_source_files(node, *, database=None) -> list[str] | None:
-    """The source DICOM files of a node loaded from DICOM, in the node's k (z) order, or None.
+    """The source DICOM files of a node loaded from DICOM, in the node's k (z) order; None if it was not.
 
     Uses the node's ``DICOM.instanceUIDs`` attribute and the DICOM database
     (``slicer.dicomDatabase`` inside Slicer), then sorts the files by their position along the
     volume's slice axis so file ``k`` is slice ``k``.
     """
     uids = (node.GetAttribute("DICOM.instanceUIDs") or "").split()
+    if not uids:
+        return None
     database = database if database is not None else getattr(slicer, "dicomDatabase", None)
-    if not uids or database is None:
-        return None
-    files = [database.fileForInstance(uid) for uid in uids]
-    if not all(files) or not all(os.path.exists(f) for f in files):
-        return None
+    files = [database.fileForInstance(uid) for uid in uids] if database is not None else []
+    lost = len(uids) - sum(1 for f in files if f and os.path.exists(f))
+    if lost:
+        # a new patient and study would be invented, and land on the PACS as an orphan
+        raise UserError(
+            f"volume {node.GetName()!r} was loaded from DICOM, but {lost} of its {len(uids)} source files are "
+            "no longer in the DICOM database (moved or deleted): import the study again, then export"
+        )
     import pydicom  # lazy: Slicer loads this module before ensure_in_slicer installs pydicom
 
     _, origin, direction = node_geometry(node)
@@ -84,6 +107,20 @@ def dicom_source_files(node, *, database=None) -> list[str] | None:
         ipp = np.asarray(getattr(ds, "ImagePositionPatient", origin), dtype=float)
         keyed.append((float((ipp - np.asarray(origin)) @ normal), f))
     return [f for _, f in sorted(keyed)]
+
+
+def unused_folder(folder: str | os.PathLike) -> Path:
+    """``folder``, or ``folder_2``, ``folder_3``…: the first that does not exist yet.
+
+    The panel names the export folder after the volume; a second export of it (after another
+    run, say) goes beside the first instead of being refused, and never replaces it.
+    """
+    folder = Path(folder)
+    candidate, number = folder, 1
+    while candidate.exists() or candidate.is_symlink():
+        number += 1
+        candidate = folder.with_name(f"{folder.name}_{number}")
+    return candidate
 
 
 def export_dicom(
@@ -141,6 +178,8 @@ __all__ = [
     "PROVENANCE_ATTRIBUTE",
     "dicom_source_files",
     "export_dicom",
+    "made_from_another_input",
     "node_provenance",
     "store_provenance",
+    "unused_folder",
 ]

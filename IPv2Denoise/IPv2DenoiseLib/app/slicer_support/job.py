@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from IPv2DenoiseLib.app.pipeline import DenoiseOptions
-from IPv2DenoiseLib.app.slicer_support.dicom import store_provenance
+from IPv2DenoiseLib.app.slicer_support.dicom import made_from_another_input, store_provenance
 from IPv2DenoiseLib.app.slicer_support.process import BackgroundProcess, JobStatus, denoise_command
 from IPv2DenoiseLib.app.slicer_support.scene import import_result, volume_from_node
 from IPv2DenoiseLib.core.errors import ExitCode, UserError
@@ -57,9 +57,24 @@ class DenoiseJob:
         self.process: BackgroundProcess | None = None
 
     def start(self) -> DenoiseJob:
-        from IPv2DenoiseLib.io.volumes import write_volume  # lazy: needs pydicom (see dicom_source_files)
+        # lazy: needs pydicom (see dicom_source_files)
+        from IPv2DenoiseLib.io.volumes import validate_ct, write_volume
 
+        if self.output_node is not None and self.output_node is self.input_node:
+            raise UserError(
+                f"the output volume is the input {self.input_node.GetName()!r}: denoising would replace the "
+                "original scan; choose another output volume or leave it empty (a new one is made)"
+            )
+        if self.output_node is not None and made_from_another_input(self.output_node, self.input_node):
+            self.output_node = None  # the last run's output of another scan stays; a new node is made
         volume = volume_from_node(self.input_node)
+        # checked here, under the node's name, not in the child under its temporary file's
+        validate_ct(
+            volume,
+            where=f"input volume {self.input_node.GetName()!r}",
+            force=False,
+            force_hint="the module denoises CT in Hounsfield units only",
+        )
         self.workdir = Path(tempfile.mkdtemp(prefix="IPv2Denoise-"))
         in_path, out_path = self.workdir / "input.nrrd", self.workdir / "output.nrrd"
         write_volume(volume, in_path)
@@ -116,7 +131,13 @@ class DenoiseJob:
             result = read_volume(self.output_path, force=True)
             self.output_node = import_result(self.input_node, self.output_node, result)
             status = self.process.status
-            store_provenance(self.output_node, self.options, adapted=status.adapted, warnings=status.warnings)
+            store_provenance(
+                self.output_node,
+                self.options,
+                adapted=status.adapted,
+                warnings=status.warnings,
+                input_node=self.input_node,
+            )
             for message in self.process.status.warnings:
                 logging.warning("IPv2 Denoise: %s", message)
             return self.output_node

@@ -41,16 +41,42 @@ def table_node_from_metrics(table: MetricsTable, *, node=None, name: str = "IPv2
     return node
 
 
+def _numpy_matrix(matrix) -> np.ndarray:
+    """A ``vtkMatrix4x4`` as a 4x4 numpy array."""
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def _volume_to_world(volume_node) -> np.ndarray:
+    """The 4x4 matrix from the volume's RAS to world: where the user sees it, transforms included.
+
+    A volume left under a registration transform (not hardened) is drawn where the transform puts
+    it, and the ROI is placed on what is drawn; a non-linear transform has no matrix and is refused.
+    """
+    parent = volume_node.GetParentTransformNode()
+    if parent is None:
+        return np.eye(4)
+    if not parent.IsTransformToWorldLinear():
+        raise UserError(
+            f"ROI metrics: volume {volume_node.GetName()!r} is under a non-linear transform; "
+            "harden the transform first (Data module, right click, Harden transform)"
+        )
+    m = vtk.vtkMatrix4x4()
+    parent.GetMatrixTransformToWorld(m)
+    return _numpy_matrix(m)
+
+
 def roi_mask(volume_node, roi_node) -> np.ndarray:
-    """Boolean ``[z, y, x]`` mask of the voxels whose centres lie inside a markups ROI (box)."""
+    """Boolean ``[z, y, x]`` mask of the voxels whose centres lie inside a markups ROI (box).
+
+    Both are taken where the user sees them, in world coordinates: the volume's transform (if it
+    is under one) and the ROI's own are applied.
+    """
     shape = slicer.util.arrayFromVolume(volume_node).shape
     m = vtk.vtkMatrix4x4()
     volume_node.GetIJKToRASMatrix(m)
-    ijk_to_ras_m = np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
+    ijk_to_ras_m = _volume_to_world(volume_node) @ _numpy_matrix(m)  # IJK to world
     roi_to_world = roi_node.GetObjectToWorldMatrix()  # box centred at 0 and axis-aligned in "object"
-    world_to_roi = np.linalg.inv(
-        np.array([[roi_to_world.GetElement(r, c) for c in range(4)] for r in range(4)])
-    )
+    world_to_roi = np.linalg.inv(_numpy_matrix(roi_to_world))
     half = 0.5 * np.asarray(roi_node.GetSize(), dtype=float)
     # only look at the voxels inside the IJK bounding box of the ROI's 8 corners
     corners = np.array(

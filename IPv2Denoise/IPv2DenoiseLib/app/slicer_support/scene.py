@@ -65,6 +65,8 @@ def volume_from_node(node) -> Volume:
     """
     if node is None or node.GetImageData() is None:
         raise UserError(f"input volume: {getattr(node, 'GetName', lambda: node)()!r} has no image data")
+    if node.IsA("vtkMRMLLabelMapVolumeNode"):
+        raise UserError(f"input volume: {node.GetName()!r} is a label map (a segmentation), not a CT image")
     if node.GetImageData().GetNumberOfScalarComponents() != 1:
         raise UserError(f"input volume: {node.GetName()!r} is not a scalar (grey-level) volume")
     if (
@@ -122,7 +124,21 @@ def denoise_node(
 
 
 def import_result(input_node, output_node, result: Volume, *, name: str | None = None):
-    """Put a result into ``output_node`` (created when None) with the input's display, transform and study."""
+    """Put a result into ``output_node`` (created when None) with the input's display, transform and study.
+
+    Raises
+    ------
+    UserError
+        The input left its scene while the result was made (the scene was closed, perhaps for the
+        next patient, or the node deleted): the result is not put anywhere.
+    """
+    if input_node.GetScene() is None:
+        raise UserError(
+            f"input volume {input_node.GetName()!r} left the scene (scene closed or node deleted) while it was "
+            "being denoised; the result was discarded"
+        )
+    if output_node is not None and output_node.GetScene() is None:
+        output_node = None  # the chosen output was deleted meanwhile: make a new one
     if output_node is None:
         output_node = add_volume_node(
             result, name or f"{input_node.GetName()} denoised", scene=input_node.GetScene()
