@@ -119,3 +119,26 @@ def test_batch_with_an_unknown_model_touches_nothing(tmp_path) -> None:
     result = _cli("batch", str(tmp_path / "in"), str(tmp_path / "out"), "--model", "no-such-model")
     assert result.returncode == 2 and "no-such-model" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_an_out_folder_that_is_a_file_is_one_line_before_any_work(tmp_path, capsys) -> None:
+    """``--out`` naming an existing file: one line, exit 2, before data is read (the --anatomy
+    volume does not even exist) and the file is left as it was."""
+    from IPv2DenoiseLib.app.cli import main
+
+    plain = tmp_path / "plain.txt"
+    plain.write_text("not a folder")
+    missing = str(tmp_path / "missing.nrrd")
+    train = ["train", "--noise", "scanner", "--anatomy", missing, "--device", "cpu", "--out", str(plain)]
+    commands = [
+        train,
+        [*train, "--legs", "2"],
+        ["make-dataset", "--cases", "1", "--size", "32", "--slices", "2", "--out", str(plain)],
+        ["evaluate", "--out", str(plain), "--device", "cpu"],
+    ]
+    for command in commands:
+        assert main(command) == ExitCode.USER_ERROR, command
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "FileExistsError" not in err and "missing.nrrd" not in err
+    assert err.count(f"error: --out: cannot create folder {plain}") == len(commands), err
+    assert plain.read_text() == "not a folder"

@@ -309,3 +309,26 @@ def test_detector_grid_noise_has_a_detectors_grain_on_fine_pixels():
         insert_noise(coarse, dose=0.1, spacing_mm=1.0, seed=2) - coarse,
         atol=1e-3,
     )
+
+
+def test_cli_simulate_checks_out_and_views_before_reading(tmp_path, capsys):
+    """OUT == IN is refused (the input is never modified), as are a format it cannot write and more
+    views than a scan can use: one line each, exit 2, before the input is read or simulated."""
+    from IPv2DenoiseLib.app.cli import main
+    from IPv2DenoiseLib.core.volume import Volume
+    from IPv2DenoiseLib.io.volumes import write_volume
+
+    src = tmp_path / "in.nrrd"
+    write_volume(Volume(np.stack([body(64)] * 2), spacing=(3.0, 3.0, 5.0)), src)
+    before = src.read_bytes()
+    assert main(["simulate", str(src), str(src), "--dose", "0.1", "--views", "60"]) == 2
+    assert src.read_bytes() == before
+    missing = str(tmp_path / "missing.nrrd")  # never read: OUT and --views are refused first
+    assert main(["simulate", missing, str(tmp_path / "out.png"), "--dose", "0.1"]) == 2
+    assert (
+        main(["simulate", missing, str(tmp_path / "out.nrrd"), "--dose", "0.1", "--views", "100000000"]) == 2
+    )
+    err = capsys.readouterr().err
+    assert err.count("ipv2-denoise simulate: error:") == 3 and "Traceback" not in err
+    assert "is the input" in err and "unsupported output format" in err and "views=100000000" in err
+    assert "missing.nrrd" not in err

@@ -67,3 +67,23 @@ def test_make_dataset_cli_resumes(made_dataset, capsys) -> None:
     assert main(make_dataset_args(made_dataset)) == 0  # second run keeps the complete cases
     assert (made_dataset / "case_001" / "case.json").read_text() == made
     assert "2 cases" in capsys.readouterr().out
+
+
+def test_make_dataset_summarises_a_case_without_lungs_and_checks_arguments_first(tmp_path, capsys) -> None:
+    """Two slices of 32² px may hold no lung: the case is made and summarised (also on a rerun).
+    Sizes, spacings and an --out that is a file are refused in one line before any work."""
+    small = ["make-dataset", "--cases", "1", "--size", "32", "--slices", "2", "--device", "cpu"]
+    out = tmp_path / "ds"
+    assert main([*small, "--out", str(out)]) == 0
+    assert main([*small, "--out", str(out)]) == 0  # the rerun summarises the kept case
+    assert "no lungs" in capsys.readouterr().out
+    plain = tmp_path / "plain.txt"
+    plain.write_text("not a folder")
+    bad = [["--spacing", "nan"], ["--slice-thickness", "-1"], ["--size", "200000"], ["--out", str(plain)]]
+    for extra in bad:
+        target = [] if "--out" in extra else ["--out", str(tmp_path / "bad")]
+        assert main([*small, *target, *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("ipv2-denoise make-dataset: error:") == len(bad) and "Traceback" not in err
+    assert "--spacing nan" in err and "--size 200000" in err and "plain.txt" in err
+    assert not (tmp_path / "bad").exists() and plain.read_text() == "not a folder"

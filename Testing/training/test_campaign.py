@@ -390,3 +390,44 @@ def test_a_change_of_held_out_volumes_starts_a_new_set_in_the_plot_and_the_table
     out = tmp_path / "campaign.png"
     plot_campaign([("net", card)], out)
     assert out.stat().st_size > 10_000
+
+
+def test_a_campaign_killed_while_publishing_its_last_leg_is_repaired_by_a_rerun(
+    made_dataset, tmp_path, capsys
+) -> None:
+    """Killed after the last leg's weights were copied to OUT but before its card and campaign.json:
+    the rerun makes OUT's pair and campaign.json the last finished leg's again (loadable)."""
+    from IPv2DenoiseLib.app.cli import main
+    from IPv2DenoiseLib.core.errors import UserError
+    from IPv2DenoiseLib.denoiser.weights import load_model
+
+    phantom, val = made_dataset / "case_000", made_dataset / "case_001"
+    out = tmp_path / "campaign"
+    config = _tiny_config(phantom, val, out, iterations=2, val_every=2)
+    run_campaign(config, 2)
+    cards = finished_legs(out, "model")
+    # the state of a kill between the two copies of leg 2: its weights, leg 1's card and record
+    (out / "model.json").write_text((leg_folder(out, 1) / "model.json").read_text())
+    record = json.loads((out / CAMPAIGN_FILE).read_text())
+    record["legs"] = record["legs"][:1]
+    (out / CAMPAIGN_FILE).write_text(json.dumps(record))
+    card = run_campaign(config, 2, notice=print)
+    assert card["sha256"] == cards[1]["sha256"] and "brought up to leg 2" in capsys.readouterr().out
+    assert json.loads((out / "model.json").read_text())["sha256"] == cards[1]["sha256"]
+    assert [g["sha256"] for g in json.loads((out / CAMPAIGN_FILE).read_text())["legs"]] == [
+        c["sha256"] for c in cards
+    ]
+    load_model(out / "model.safetensors")  # the pair matches: no sha256 refusal
+
+    # a plain training folder is not taken for a campaign: its model would be overwritten
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "model.safetensors").write_bytes((out / "model.safetensors").read_bytes())
+    with pytest.raises(UserError, match="holds a training run"):
+        run_campaign(replace(config, out=str(plain)), 1)
+    # a leg's card that is not JSON: one line, not a traceback
+    (leg_folder(out, 2) / "model.json").write_text('{"name": "model", "sha')
+    capsys.readouterr()
+    assert main([*_command(phantom, out, "--val", str(val)), "--legs", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "leg_002/model.json is not a readable model card" in err and "Traceback" not in err

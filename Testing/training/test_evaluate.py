@@ -113,6 +113,16 @@ def test_out_of_another_noise_condition_is_refused(grid):
         run_grid(replace(MICRO, noise="matched"), out, seeds=[0])
 
 
+def test_a_run_killed_between_its_weights_and_its_card_is_trained_again(grid):
+    """Weights without their model card are a run killed while exporting: a rerun trains it again
+    (the card is the sign a run finished), it does not fail on the missing card."""
+    out, result, _, _ = grid
+    card = sorted(out.rglob("model.json"))[0]
+    card.unlink()
+    again = run_grid(MICRO, out, seeds=[0])
+    assert card.is_file() and len(again.records) == len(result.records)
+
+
 def test_score_identity_and_denoiser():
     from IPv2DenoiseLib.synthetic.phantom import make_chest_phantom
 

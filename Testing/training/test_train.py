@@ -179,3 +179,31 @@ def test_float32_switch_trains_in_float32(tmp_path, monkeypatch) -> None:
     card = train(cfg, prepared=([toy_case(0), toy_case(1)], [toy_case(2)]))
     assert card["precision"] == "float32"
     assert card["history"]["loss"][-1] < card["history"]["loss"][0]
+
+
+def _anatomy_volume(path) -> str:
+    """A small chest-like normal-dose CT (5 x 96 x 96) written as NRRD, for ``train --anatomy``."""
+    from conftest import chest_like_volume
+
+    from IPv2DenoiseLib.core.volume import Volume
+    from IPv2DenoiseLib.io.volumes import write_volume
+
+    write_volume(Volume(chest_like_volume(3, (5, 96, 96)), spacing=(0.8, 0.8, 2.5)), path)
+    return str(path)
+
+
+def test_a_diverging_run_stops_in_one_line_and_writes_no_weights(tmp_path, capsys) -> None:
+    """A loss that is no longer a finite number ends the run (exit 2, the iteration and --lr named):
+    no all-NaN weights, no model card holding a bare NaN."""
+    from IPv2DenoiseLib.app.cli import main
+
+    anatomy = _anatomy_volume(tmp_path / "A.nrrd")
+    out = tmp_path / "run"
+    command = ["train", "--noise", "scanner", "--anatomy", anatomy, "--iterations", "6", "--batch", "2"]
+    command += ["--patch", "32", "--noise-pool", "1", "--schedule", "constant", "--device", "cpu"]
+    command += ["--model-kwargs", json.dumps({"in_slices": 3, "base_channels": 4, "levels": 2})]
+    assert main([*command, "--out", str(out), "--lr", "1e8"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("ipv2-denoise train: error:") == 1 and "Traceback" not in err
+    assert "training diverged at iteration" in err and "lower --lr (now 1e+08)" in err
+    assert not (out / "model.safetensors").exists() and not (out / "model.json").exists()

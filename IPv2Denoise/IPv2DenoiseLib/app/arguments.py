@@ -37,6 +37,42 @@ positive_float = _bounded(float, lambda v: v > 0, "a positive number")
 positive_seconds = _bounded(float, lambda v: v > 0, "seconds > 0")
 
 
+#: The volume formats a command writes (DICOM series are written by ``--dicom``).
+VOLUME_OUTPUT_FORMATS = (".nrrd", ".nii", ".nii.gz", ".mha")
+
+
+def check_volume_output(output: str, *, source: str, overwrite: bool, other: str = "") -> None:
+    """Refuse, in one line and before any reading, a volume OUT that cannot be written: another
+    format than :data:`VOLUME_OUTPUT_FORMATS`, the input itself (never modified), an existing file
+    without ``--overwrite``, a missing or read-only folder.
+
+    Parameters
+    ----------
+    output : str
+        The OUT argument.
+    source : str
+        The IN argument.
+    overwrite : bool
+        ``--overwrite`` was given.
+    other : str
+        Another way to write, named in the format refusal (``" (or --dicom)"``).
+
+    Raises
+    ------
+    UserError
+        Any of the refusals above.
+    """
+    from IPv2DenoiseLib.core.atomic import check_output_path
+    from IPv2DenoiseLib.io.volumes import image_suffix  # lazy: the CLI imports every command for --help
+
+    if image_suffix(output) not in VOLUME_OUTPUT_FORMATS:
+        raise UserError(
+            f"OUT {output!r}: unsupported output format; use {', '.join(VOLUME_OUTPUT_FORMATS[:-1])} "
+            f"or {VOLUME_OUTPUT_FORMATS[-1]}{other}"
+        )
+    check_output_path(output, inputs=[source], overwrite=overwrite)
+
+
 def device_name(text: str) -> str:
     """argparse type: a ``--device`` value of :mod:`core.device` (``auto``, ``cpu``, ``cuda``,
     ``cuda:N``, ``mps``), checked there without loading torch."""

@@ -55,6 +55,8 @@ COUNT_FLOOR = 1.0
 #: Default views: parallel over 180°, fan over 360° (Siemens-like 1152 per rotation).
 DEFAULT_VIEWS = {"parallel": 720, "fan": 1152}
 GEOMETRIES = ("fan", "parallel")
+#: Most views per scan: eight times a clinical fan scanner's (more only costs memory and time).
+MAX_VIEWS = 8 * DEFAULT_VIEWS["fan"]
 #: Finest in-plane sampling (mm) a clinical detector resolves at the isocentre: noise simulated for
 #: finer pixels would have a texture no scanner makes (see :func:`detector_grid_noise`).
 DETECTOR_PITCH_MM = 0.6
@@ -209,6 +211,27 @@ def draw_insertion_noise(
 # ----------------------------------------------------------------------------------------------
 
 
+def check_views(views: int | None, geometry: str) -> None:
+    """Refuse, in one line, a number of views no scan can use (``None``: the default).
+
+    Parameters
+    ----------
+    views : int or None
+        Views per scan.
+    geometry : str
+        ``fan`` (views must be even) or ``parallel``.
+
+    Raises
+    ------
+    UserError
+        Fewer than 4 views, more than :data:`MAX_VIEWS`, or an odd number for the fan geometry.
+    """
+    if views is not None and not (
+        4 <= int(views) <= MAX_VIEWS and (geometry != "fan" or int(views) % 2 == 0)
+    ):
+        raise UserError(f"views={views}: need 4 to {MAX_VIEWS} (and an even number for the fan geometry)")
+
+
 def _check(hu, dose, spacing_mm, geometry, views, filter, i0, batch) -> tuple[np.ndarray, int]:
     arr = np.asarray(hu)
     if arr.ndim not in (2, 3) or arr.size == 0 or min(arr.shape[-2:]) < 2:
@@ -228,8 +251,7 @@ def _check(hu, dose, spacing_mm, geometry, views, filter, i0, batch) -> tuple[np
         raise UserError(f"geometry={geometry!r} is not known; allowed: {', '.join(GEOMETRIES)}")
     if filter not in FILTERS:
         raise UserError(f"filter={filter!r} is not known; allowed: {', '.join(FILTERS)}")
-    if views is not None and (int(views) < 4 or (geometry == "fan" and int(views) % 2)):
-        raise UserError(f"views={views}: need >= 4 (and even for the fan geometry)")
+    check_views(views, geometry)
     if i0 is not None and not (i0 > 0 and math.isfinite(i0)):
         raise UserError(f"i0={i0!r}: need a positive number of incident photons per ray")
     if batch is not None and int(batch) < 1:

@@ -15,6 +15,7 @@ Case folder layout (:mod:`IPv2DenoiseLib.io.case_folder`; ``DIR/case_000/``): ``
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -22,15 +23,22 @@ from pathlib import Path
 
 import numpy as np
 
-from IPv2DenoiseLib.core.atomic import atomic_dir
+from IPv2DenoiseLib.core.atomic import atomic_dir, make_output_folder
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.progress import CancelToken, ProgressCallback
 from IPv2DenoiseLib.core.volume import Volume
 from IPv2DenoiseLib.io.case_folder import CASE_FILES
+from IPv2DenoiseLib.io.image_headers import MEMORY_LIMIT_ENV, memory_budget_bytes
 from IPv2DenoiseLib.io.volumes import write_volume
 from IPv2DenoiseLib.physics.lowdose import I0_FULL_DOSE, simulate_low_dose
 from IPv2DenoiseLib.synthetic.breathing import breathing_motion, motion_stats
 from IPv2DenoiseLib.synthetic.phantom import LABELS, make_chest_phantom
+
+#: In-plane matrix sizes (pixels per side) a synthetic case may have.
+SIZE_RANGE = (32, 2048)
+#: The working memory of making one case, in float32 volumes of its size (phantom and its labels,
+#: the moved copy, the displacement field, both scans, their copies while written).
+CASE_WORKING_VOLUMES = 16
 
 
 @dataclass(frozen=True)
@@ -60,6 +68,35 @@ class CaseSpec:
         varied.update(overrides)
         return cls(seed=seed, **varied)
 
+    def check(self) -> None:
+        """Refuse, in one line and before any work, a case that cannot be made or would not fit
+        in memory (:func:`~IPv2DenoiseLib.io.image_headers.memory_budget_bytes`).
+
+        Raises
+        ------
+        UserError
+            A size, slice count, spacing, dose or amplitude out of range, or too large a case.
+        """
+        low, high = SIZE_RANGE
+        if not low <= self.size <= high:
+            raise UserError(f"--size {self.size}: need {low} to {high} pixels per side")
+        if self.slices < 1:
+            raise UserError(f"--slices {self.slices}: need 1 or more")
+        for option, value in (("--spacing", self.spacing_mm), ("--slice-thickness", self.slice_thickness_mm)):
+            if not (math.isfinite(value) and value > 0):
+                raise UserError(f"{option} {value}: need a positive number of mm")
+        if not 0.0 < self.dose <= 1.0:
+            raise UserError(f"--dose {self.dose}: need a dose fraction in (0, 1]")
+        if not (math.isfinite(self.amplitude_mm) and self.amplitude_mm >= 0):
+            raise UserError(f"--amplitude {self.amplitude_mm}: need 0 or more mm")
+        needed, budget = CASE_WORKING_VOLUMES * 4 * self.size**2 * self.slices, memory_budget_bytes()
+        if needed > budget:
+            raise UserError(
+                f"--size {self.size} --slices {self.slices}: one case needs about {needed / 1e9:.1f} GB "
+                f"of memory and {budget / 1e9:.1f} GB is available (set {MEMORY_LIMIT_ENV} to change the "
+                "limit); make smaller cases"
+            )
+
 
 def make_case(
     spec: CaseSpec,
@@ -74,8 +111,7 @@ def make_case(
     The folder is built under a temporary name and renamed when complete, so an interrupted run
     never leaves a half case under the final name.
     """
-    if not 0.0 < spec.dose <= 1.0:
-        raise UserError(f"dose must be in (0, 1], got {spec.dose}")
+    spec.check()
     out = Path(out_dir)
     if out.exists():
         raise UserError(f"{out} already exists; remove it or choose another folder")
@@ -154,8 +190,8 @@ def make_dataset(
     """Make ``cases`` case folders ``case_000 ...`` under ``out_dir``; complete ones are kept (resume)."""
     if cases < 1:
         raise UserError(f"--cases must be at least 1, got {cases}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    CaseSpec.draw(seed * 1000, **spec_overrides).check()  # before any folder is made
+    out = make_output_folder(out_dir, what="--out")
     records = []
     for i in range(cases):
         folder = out / f"case_{i:03d}"

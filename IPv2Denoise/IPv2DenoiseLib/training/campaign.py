@@ -30,10 +30,10 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from IPv2DenoiseLib.core.atomic import atomic_path
+from IPv2DenoiseLib.core.atomic import atomic_path, make_output_folder
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.progress import CancelToken, ProgressCallback, StopRequest
-from IPv2DenoiseLib.denoiser.weights import card_path
+from IPv2DenoiseLib.denoiser.weights import card_path, sha256_file
 from IPv2DenoiseLib.training.trainer import TrainConfig, check_config, train
 
 #: The campaign folder's record of its plan and finished legs.
@@ -188,8 +188,8 @@ def _plan(config: TrainConfig) -> dict:
 
 
 def _write_json(path: Path, record: dict) -> None:
-    with atomic_path(path) as tmp:
-        Path(tmp).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    with atomic_path(path) as tmp:  # strict JSON: a NaN would make the record unreadable elsewhere
+        Path(tmp).write_text(json.dumps(record, indent=2, allow_nan=False) + "\n", encoding="utf-8")
 
 
 def _copy(source: Path, target: Path) -> None:
@@ -201,7 +201,13 @@ def finished_legs(out: str | Path, name: str) -> list[dict]:
     """The model cards of the campaign's finished legs, in order (leg 1 first)."""
     cards = []
     while (card := card_path(leg_folder(out, len(cards) + 1) / f"{name}.safetensors")).is_file():
-        cards.append(json.loads(card.read_text(encoding="utf-8")))
+        try:
+            cards.append(json.loads(card.read_text(encoding="utf-8")))
+        except (OSError, ValueError) as exc:
+            raise UserError(
+                f"{card} is not a readable model card ({exc}); delete it to train that leg again "
+                "from its checkpoint"
+            ) from None
     return cards
 
 
@@ -216,6 +222,12 @@ def check_campaign(config: TrainConfig, legs: int) -> dict | None:
         if leg_folder(config.out, 1).exists():
             raise UserError(
                 f"{config.out} holds legs but no {CAMPAIGN_FILE}: not a campaign; use a new --out"
+            )
+        plain = [f"{config.name}.safetensors", "checkpoint.pt"]
+        if found := [f for f in plain if (Path(config.out) / f).exists()]:
+            raise UserError(
+                f"{config.out} holds a training run ({found[0]}) but no {CAMPAIGN_FILE}: not a campaign, "
+                "and its model would be overwritten; use a new --out"
             )
         return None
     try:
@@ -261,13 +273,16 @@ def run_campaign(
     and each leg's summary gives its difference to them.
     """
     record = check_campaign(config, legs)  # before any data is read
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_output_folder(config.out, what="--out")  # a file there is refused in one line
     if record is None:
         record = {"plan": _plan(config), "legs": []}
         _write_json(out / CAMPAIGN_FILE, record)
     say = notice or (lambda line: None)
     cards = finished_legs(out, config.name)
+    if cards and not _published(out, config.name, cards, record):
+        # killed between a leg's end and its publication: the last finished leg is the campaign's
+        _publish(out, config.name, cards, record)
+        say(f"campaign {out}: {config.name}.safetensors and {CAMPAIGN_FILE} brought up to leg {len(cards)}")
     if len(cards) >= legs:
         say(f"campaign {out}: {len(cards)} leg(s) already finished, none to run (raise --legs to go on)")
     while len(cards) < legs:
@@ -287,11 +302,7 @@ def run_campaign(
         weights = leg_folder(out, number) / f"{config.name}.safetensors"
         card = json.loads(card_path(weights).read_text(encoding="utf-8"))  # as written: weights, sha256
         cards.append(card)
-        _copy(weights, out / weights.name)
-        _copy(card_path(weights), card_path(out / weights.name))
-        record["legs"] = [_leg_summary(i, c) for i, c in enumerate(cards, start=1)]
-        _write_json(out / CAMPAIGN_FILE, record)
-        plot_campaign([(config.name, card)], out / "campaign.png")
+        _publish(out, config.name, cards, record)
         say(f"campaign {out}: leg {number} finished: {record['legs'][-1]['summary']}")
         if stop is not None and stop.requested:
             say(
@@ -300,6 +311,35 @@ def run_campaign(
             )
             break
     return cards[-1] if cards else {}
+
+
+def _publish(out: Path, name: str, cards: list[dict], record: dict) -> None:
+    """Make the last finished leg the campaign's: its weights and card as ``OUT/NAME.*``, every
+    finished leg in ``campaign.json`` (``record``, updated), and the plot. Each file is replaced
+    atomically, so a kill between two leaves a state :func:`_published` sees as unfinished."""
+    weights = leg_folder(out, len(cards)) / f"{name}.safetensors"
+    _copy(weights, out / weights.name)
+    _copy(card_path(weights), card_path(out / weights.name))
+    record["legs"] = [_leg_summary(i, c) for i, c in enumerate(cards, start=1)]
+    _write_json(out / CAMPAIGN_FILE, record)
+    plot_campaign([(name, cards[-1])], out / "campaign.png")
+
+
+def _published(out: Path, name: str, cards: list[dict], record: dict) -> bool:
+    """Whether ``OUT/NAME.*`` and ``campaign.json`` are those of the last finished leg."""
+    last = cards[-1].get("sha256")
+    try:
+        card = json.loads(card_path(out / f"{name}.safetensors").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    listed = record.get("legs") or []
+    return (
+        card.get("sha256") == last
+        and (out / f"{name}.safetensors").is_file()
+        and sha256_file(out / f"{name}.safetensors") == last
+        and len(listed) == len(cards)
+        and listed[-1].get("sha256") == last
+    )
 
 
 def _leg_summary(number: int, card: dict) -> dict:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 
-from IPv2DenoiseLib.core.atomic import atomic_path
+from IPv2DenoiseLib.core.atomic import atomic_path, make_output_folder
 from IPv2DenoiseLib.core.device import describe_device, resolve_device
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.locks import lock_holder, open_lock_file, record_holder, try_lock
@@ -545,8 +545,8 @@ class Trainer:
         finally:
             if stop is not None:
                 stop.listening = False
-        if isinstance(self.sampler, ScannerNoiseSampler):
-            self.sampler.close()  # its worker processes, if any
+            if isinstance(self.sampler, ScannerNoiseSampler):
+                self.sampler.close()  # its worker processes, if any (also after an error)
         if self.done == 0:  # stopped before its first step, with nothing to resume from: nothing to keep
             raise Cancelled(f"stopped ({self.stopped_by}) before the first step: nothing to keep")
         card = self.export(time.monotonic() - self.began + self.elapsed_before) if self.rank == 0 else {}
@@ -651,7 +651,25 @@ class Trainer:
                 group["lr"] = self.config.lr * factor
         self.optimizer.step()
         self.schedule.step()
-        return loss.item()
+        value = loss.item()
+        if self.any_rank(not math.isfinite(value)):  # every DDP rank stops together
+            self.diverged(it, f"the loss is {value}")
+        return value
+
+    def diverged(self, it: int | None, what: str) -> None:
+        """Stop a run whose loss or weights stopped being finite numbers: one line naming the
+        iteration and the learning rate, and nothing exported (the last checkpoint stays).
+
+        Raises
+        ------
+        UserError
+            Always.
+        """
+        where = f"at iteration {it + 1}" if it is not None else "in a step"
+        raise UserError(
+            f"training diverged {where}: {what}; no weights were written; "
+            f"try a lower --lr (now {self.config.lr:g})"
+        )
 
     def trains_in_bf16(self) -> bool:
         """Whether steps run under bf16 autocast: where inference does
@@ -673,6 +691,9 @@ class Trainer:
             self.history["lr_factor"] = [None] * (len(self.history["iteration"]) - 1)  # JSON null
         self.history["lr_factor"].append(round(factor, 4))
         self.last_round = time.monotonic()
+        # a finite last loss can still have left non-finite weights (a huge step): never keep them
+        if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+            self.diverged(done - 1, "the weights are no longer finite numbers")
         if self.rank != 0:
             return
         self.history["val"].append(self.validation_metrics())
@@ -864,11 +885,11 @@ def train(
     check_config(config)
     rank, world = _distributed()
     device = _training_device(config.device, rank, world)
+    make_output_folder(config.out, what="--out")  # a file there is refused in one line
     reference = None
     if baseline is not None:  # checked before any data is read
         network, card = load_model(baseline)
         reference = (Path(baseline).stem, network.to(device).eval(), card)
-    Path(config.out).mkdir(parents=True, exist_ok=True)
     with training_folder_lock(config.out) if rank == 0 else contextlib.nullcontext():
         return _train_in_folder(
             config,

@@ -14,6 +14,7 @@ from pathlib import Path
 from IPv2DenoiseLib.app.arguments import (
     add_model_arguments,
     add_reading_arguments,
+    check_volume_output,
     positive_int,
     positive_seconds,
 )
@@ -202,12 +203,6 @@ def _check_dicom_output(args: argparse.Namespace) -> None:
 
 def _check_volume_output(args: argparse.Namespace) -> None:
     """A volume OUT: a supported file format, no DICOM-only option, and a writable path."""
-    from IPv2DenoiseLib.io.volumes import image_suffix  # lazy: the CLI imports every command for --help
-
-    if image_suffix(args.output) not in {".nrrd", ".nii", ".nii.gz", ".mha"}:
-        raise UserError(
-            f"OUT {args.output!r}: unsupported output format; use .nrrd, .nii, .nii.gz or .mha (or --dicom)"
-        )
     used = [
         o
         for o in ("send", "series_number", "series_description", "patient_name", "patient_id")
@@ -215,7 +210,7 @@ def _check_volume_output(args: argparse.Namespace) -> None:
     ]
     if used:
         raise UserError(f"--{used[0].replace('_', '-')} needs --dicom")
-    check_output_path(args.output, inputs=[args.input], overwrite=args.overwrite)
+    check_volume_output(args.output, source=args.input, overwrite=args.overwrite, other=" (or --dicom)")
 
 
 def _announce_device(options: DenoiseOptions, *, json_progress: bool) -> None:

@@ -72,8 +72,10 @@ def run(args: argparse.Namespace) -> int:
         f"{len(records)} cases in {args.out} ({seconds:.0f} s this run; {sum(made) / len(made):.1f} s per case to make)"
     )
     for r in records:
+        motion = r["motion_mm"]
+        # slices below or above the lungs (a small --slices) have none
+        lungs = f"lungs mean {motion['lung_mean_mm']:.1f} mm" if "lung_mean_mm" in motion else "no lungs"
         print(
-            f"  seed {r['seed']}: motion max {r['motion_mm']['max_mm']:.1f} mm, lungs mean "
-            f"{r['motion_mm']['lung_mean_mm']:.1f} mm, emphysema {r['emphysema']}"
+            f"  seed {r['seed']}: motion max {motion['max_mm']:.1f} mm, {lungs}, emphysema {r['emphysema']}"
         )
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from IPv2DenoiseLib.app.arguments import add_device_argument
+from IPv2DenoiseLib.app.arguments import add_device_argument, check_volume_output
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.progress import JsonLinesProgress, make_progress
 
@@ -49,14 +49,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--batch", type=int, default=None, help="slices per projector call (default: from free memory)"
     )
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     parser.add_argument("--json-progress", action="store_true", help="print JSON-lines progress")
 
 
 def run(args: argparse.Namespace) -> int:
     # lazy: the CLI imports every command to build --help; torch & co. load on use
     from IPv2DenoiseLib.io.volumes import read_volume, write_volume
-    from IPv2DenoiseLib.physics.lowdose import insert_noise, simulate_low_dose
+    from IPv2DenoiseLib.physics.lowdose import check_views, insert_noise, simulate_low_dose
 
+    # before reading or simulating: OUT (never IN) and the views, each refused in one line
+    check_volume_output(args.output, source=args.input, overwrite=args.overwrite)
+    check_views(args.views, args.geometry)
     vol = read_volume(args.input)
     sx, sy, _ = vol.spacing
     if abs(sx - sy) > 1e-3 * max(sx, sy):

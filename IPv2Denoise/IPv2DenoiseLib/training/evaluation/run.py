@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from IPv2DenoiseLib.core.atomic import atomic_path
+from IPv2DenoiseLib.core.atomic import atomic_path, make_output_folder
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.progress import CancelToken, ProgressCallback, Steps
 from IPv2DenoiseLib.denoiser.infer import Denoiser
@@ -77,9 +77,10 @@ def _train_model(
     config: EvalConfig,
     cancel: CancelToken | None,
 ) -> Path:
-    """The weights of one strategy × model × seed, trained unless they exist already."""
+    """The weights of one strategy × model × seed, trained unless they exist already (their model
+    card, written after the weights, says so: weights without it are a run killed while exporting)."""
     weights = folder / "model.safetensors"
-    if not weights.exists():
+    if not card_path(weights).is_file():
         tcfg = TrainConfig(
             cases=[c.name for c in train_cases],
             out=str(folder),
@@ -193,8 +194,7 @@ def run_grid(
     GridResult
     """
     began = time.monotonic()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_output_folder(out, what="--out")  # a file there is refused in one line
     say = log or (lambda line: None)
     seeds = [int(s) for s in seeds] or [0]
     _check(config)
