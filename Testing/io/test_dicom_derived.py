@@ -178,3 +178,107 @@ def test_a_source_slice_without_its_uid_is_one_line(tmp_path) -> None:
     with pytest.raises(UserError, match=r"has no SOPInstanceUID; a derived slice could not reference it"):
         export_derived_series(volume, tmp_path / "derived", source_files=volume.meta["dicom_files"])
     assert not (tmp_path / "derived").exists() and len(files) == 3
+
+
+def _edit_series(files, **values) -> None:
+    """Set the same attributes on every file of a series (and SliceLocation in the scanner's own
+    sign: the negated z, as a feet-first GE series has it)."""
+    for path in files:
+        ds = pydicom.dcmread(path)
+        for keyword, value in values.items():
+            setattr(ds, keyword, value)
+        ds.SliceLocation = -float(ds.ImagePositionPatient[2])
+        ds.save_as(path)
+
+
+def test_a_resampled_source_keeps_its_patient_study_and_acquisition(tmp_path) -> None:
+    """With --resample-gaps the slices are no longer the files' own, but the series is still the
+    source's: the old export made a new study date, an empty accession, no issuer, no birth date
+    and a CHEST body part inside the source's StudyInstanceUID (a PACS reconciles on them)."""
+    from IPv2DenoiseLib.app.cli import main
+
+    files = sorted(write_ct_series(tmp_path / "src", 6, shuffle=False))
+    files[2].unlink()  # a gap
+    kept = [f for f in files if f.exists()]
+    _edit_series(
+        kept,
+        AccessionNumber="ACC123",
+        IssuerOfPatientID="HOSP-A",
+        PatientBirthDate="19500101",
+        PatientSex="O",
+        BodyPartExamined="HEAD",
+        StudyDate="20040119",
+        KVP="120",
+    )
+    out = tmp_path / "out"
+    assert (
+        main(["denoise", str(tmp_path / "src"), str(out), "--dicom", "--model", "fast", "--resample-gaps"])
+        == 0
+    )
+    source = pydicom.dcmread(kept[0])
+    for path in sorted(out.glob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        for keyword in (
+            "StudyInstanceUID",
+            "StudyDate",
+            "StudyID",
+            "AccessionNumber",
+            "IssuerOfPatientID",
+            "PatientID",
+            "PatientBirthDate",
+            "PatientSex",
+            "BodyPartExamined",
+            "KVP",
+            "FrameOfReferenceUID",
+        ):
+            assert ds.get(keyword) == source.get(keyword), keyword
+        assert "SourceImageSequence" not in ds  # no slice is one source image
+
+
+def test_source_flags_and_positions_that_must_survive_derivation(tmp_path) -> None:
+    """Lossy compression once set is never reset (PS3.3 C.7.6.1.1.5); burned-in text stays in
+    smoothed pixels; SliceLocation is the source's at the same position; a 64-character source
+    description keeps the derived mark (the old export cut it off, and lost or reset the rest)."""
+    files = write_ct_series(tmp_path / "src", 3, shuffle=False)
+    _edit_series(
+        files,
+        LossyImageCompression="01",
+        LossyImageCompressionRatio="338.7",
+        LossyImageCompressionMethod="ISO_15444_1",
+        BurnedInAnnotation="YES",
+        SeriesDescription="X" * 64,
+    )
+    volume = read_volume(tmp_path / "src")
+    derived = export_derived_series(
+        volume,
+        tmp_path / "out",
+        source_files=volume.meta["dicom_files"],
+        options=DerivedSeriesOptions(model=MODEL),
+    )
+    for path, source_path in zip(derived, volume.meta["dicom_files"]):
+        ds, src = pydicom.dcmread(path), pydicom.dcmread(source_path)
+        assert ds.LossyImageCompression == "01" and ds.LossyImageCompressionMethod == "ISO_15444_1"
+        assert float(ds.LossyImageCompressionRatio) == pytest.approx(338.7)
+        assert ds.BurnedInAnnotation == "YES"
+        assert float(ds.SliceLocation) == pytest.approx(float(src.SliceLocation))
+        assert len(ds.SeriesDescription) <= 64 and ds.SeriesDescription.endswith("IPv2 denoised (unet-ipv2)")
+    long_asked = DerivedSeriesOptions(model=MODEL, series_description="Y" * 70)
+    (first, *_) = export_derived_series(volume, tmp_path / "out2", options=long_asked)
+    assert pydicom.dcmread(first).SeriesDescription.endswith("(denoised)")
+    assert pydicom.dcmread(first).BurnedInAnnotation == "NO"  # a new series from a volume file
+
+
+def test_a_source_that_is_not_ct_in_hu_is_not_exported_as_one(tmp_path, capsys) -> None:
+    """Read with --force, an MR series (or a perfusion map, rescale type US) would have been written
+    as a CT series in HU into the source's study."""
+    from IPv2DenoiseLib.app.cli import main
+
+    for name, modality, rescale in (("mr", "MR", None), ("perfusion", "CT", "US")):
+        files = write_ct_series(tmp_path / name, 3, modality=modality)
+        if rescale:
+            _edit_series(files, RescaleType=rescale)
+        out = tmp_path / f"{name}-out"
+        args = ["denoise", str(tmp_path / name), str(out), "--dicom", "--model", "fast", "--force"]
+        assert main(args) == 2
+        assert "not a CT in Hounsfield units" in capsys.readouterr().err
+        assert not out.exists()

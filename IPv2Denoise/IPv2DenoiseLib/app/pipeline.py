@@ -322,11 +322,14 @@ class DenoisePipeline:
             warnings=tuple(outcome.warnings),
         )
         sources = list(source_files) if source_files is not None else outcome.source_dicom_files()
+        meta = outcome.source.meta
+        series = meta.get("dicom_series_files") if sources is None and meta.get("source") == "dicom" else None
         self.stages.start("write", f"writing {out_dir}")
         files = export_derived_series(
             outcome.denoised,
             out_dir,
             source_files=sources,
+            series_files=series,
             options=options,
             progress=self.stages.stage("write"),
             replace=replace_existing,

@@ -153,7 +153,16 @@ _ACQUISITION = (
     "ContrastBolusAgent",
     "ContrastBolusRoute",
     "SliceThickness",
+    # General Image: once a source was lossy compressed, every image made from it says so
+    # (PS3.3 C.7.6.1.1.5: "once this value has been set to 01 it shall not be reset")
+    "LossyImageCompression",
+    "LossyImageCompressionRatio",
+    "LossyImageCompressionMethod",
+    # the pixels are the source's, smoothed: any burned-in text is still there
+    "BurnedInAnnotation",
 )
+#: The only source modality and rescale type a derived CT series in HU may be made from.
+_CT_MODALITY, _HU_RESCALE = "CT", "HU"
 _HU_MIN, _HU_MAX = -32768, 32767
 
 
@@ -296,7 +305,7 @@ def _base_dataset(
     ds.Modality = "CT"
     ds.SeriesInstanceUID = series_uid
     ds.SeriesNumber = series_number
-    ds.SeriesDescription = series_description[:64]
+    ds.SeriesDescription = series_description[:_LO_MAX]
     ds.SeriesDate, ds.SeriesTime = date, time
     ds.ContentDate, ds.ContentTime = date, time
     ds.Manufacturer = MANUFACTURER
@@ -306,7 +315,6 @@ def _base_dataset(
     ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
     ds.DerivationDescription = derivation[:1024]
     ds.DerivationCodeSequence = DicomSequence([_code_item(DERIVATION_CODE)])
-    ds.BurnedInAnnotation = "NO"
     if "KVP" not in ds:
         ds.KVP = ""
     if "AcquisitionNumber" not in ds:
@@ -317,6 +325,11 @@ def _base_dataset(
         # A new series of a lung CT denoiser is a chest scan; naming the (unpaired) body part is what
         # lets Laterality (Type 2C, paired body parts only) be absent rather than empty.
         ds.BodyPartExamined = "CHEST"
+        ds.BurnedInAnnotation = "NO"  # made from a volume file: no text in its pixels
+    else:
+        # a source series whose slices are not ours one to one (gaps resampled, a tilted stack
+        # de-sheared) still gives its acquisition facts; the per-slice copy overwrites them
+        _set_acquisition(ds, template)
     _set_image_geometry_and_pixels(ds, volume)
     _declare_text_encoding(ds)
     return ds
@@ -471,15 +484,45 @@ def _series_description(options: DerivedSeriesOptions, template: Dataset | None,
     series_description = options.series_description
     if not series_description:
         src = str(getattr(template, "SeriesDescription", "") or volume.meta.get("SeriesDescription") or "CT")
-        return f"{src} IPv2 denoised ({options.model.name})"
-    if "denoised" not in series_description.lower():
-        return f"{series_description} (denoised)"
-    return series_description
+        return _with_suffix(src, f" IPv2 denoised ({options.model.name})")
+    if "denoised" not in series_description.lower()[:_LO_MAX]:
+        return _with_suffix(series_description, " (denoised)")
+    return series_description[:_LO_MAX]
+
+
+#: Longest LO value (SeriesDescription): 64 characters.
+_LO_MAX = 64
+
+
+def _with_suffix(text: str, suffix: str) -> str:
+    """``text`` + ``suffix`` within :data:`_LO_MAX` characters, shortening ``text``, never the suffix:
+    a long source description cut at 64 characters must not lose the mark that tells the derived
+    series from the original in a PACS list."""
+    suffix = suffix[:_LO_MAX]
+    return text[: _LO_MAX - len(suffix)].rstrip() + suffix
 
 
 def _set_from_source_slice(ds: Dataset, src: Dataset, frame: int | None = None) -> None:
-    """Per slice of a DICOM source: its acquisition attributes, its laterality (Type 2C) and a
-    reference to the source image (to its ``frame``, 1-based, in a multi-frame source)."""
+    """Per slice of a DICOM source: its acquisition attributes, its laterality (Type 2C), its
+    SliceLocation and a reference to the source image (to its ``frame``, 1-based, in a multi-frame
+    source)."""
+    _set_acquisition(ds, src)
+    if frame is None and "SliceLocation" in src:
+        # the same position as the source's slice, in the source's own convention (its sign and
+        # origin are the scanner's: C.7.6.2.1.2), so viewers that link by it line the two up
+        ds.SliceLocation = src.SliceLocation
+    ref = Dataset()
+    ref.ReferencedSOPClassUID = src.SOPClassUID
+    ref.ReferencedSOPInstanceUID = src.SOPInstanceUID
+    if frame is not None:
+        ref.ReferencedFrameNumber = frame
+    ref.PurposeOfReferenceCodeSequence = DicomSequence([_code_item(PURPOSE_CODE)])
+    ds.SourceImageSequence = DicomSequence([ref])
+
+
+def _set_acquisition(ds: Dataset, src: Dataset) -> None:
+    """The source's acquisition attributes that still describe the derived image, and its
+    laterality (Type 2C)."""
     for kw in _ACQUISITION:
         if kw in src:
             setattr(ds, kw, src.data_element(kw).value)
@@ -490,13 +533,19 @@ def _set_from_source_slice(ds: Dataset, src: Dataset, frame: int | None = None) 
         # part named it must be present, and empty is the only truthful value
         ds.Laterality = ""
     # else absent: a named body part and no laterality (an empty copy says nothing)
-    ref = Dataset()
-    ref.ReferencedSOPClassUID = src.SOPClassUID
-    ref.ReferencedSOPInstanceUID = src.SOPInstanceUID
-    if frame is not None:
-        ref.ReferencedFrameNumber = frame
-    ref.PurposeOfReferenceCodeSequence = DicomSequence([_code_item(PURPOSE_CODE)])
-    ds.SourceImageSequence = DicomSequence([ref])
+
+
+def _check_ct_in_hu(template: Dataset) -> None:
+    """A derived series is written as a CT in HU: refuse a source that is not one (an MR, or a
+    perfusion map read with ``--force``), which the PACS would otherwise show as a CT in HU."""
+    modality = str(template.get("Modality", "") or "").strip().upper()
+    rescale = str(template.get("RescaleType", "") or "").strip().upper()
+    if modality != _CT_MODALITY or (rescale and rescale != _HU_RESCALE):
+        what = f"modality {modality or 'none'}" + (f", rescale type {rescale}" if rescale else "")
+        raise UserError(
+            f"the source series is not a CT in Hounsfield units ({what}): a derived CT series in HU "
+            "would misrepresent it in the PACS; write a volume file (.nrrd) instead of --dicom"
+        )
 
 
 def export_derived_series(
@@ -504,6 +553,7 @@ def export_derived_series(
     out_dir: str | os.PathLike,
     *,
     source_files: Sequence[str | os.PathLike] | None = None,
+    series_files: Sequence[str | os.PathLike] | None = None,
     options: DerivedSeriesOptions | None = None,
     progress: ProgressCallback | None = None,
     replace: bool = False,
@@ -521,6 +571,11 @@ def export_derived_series(
         The source DICOM file of every slice, in the volume's z order (``read_volume`` puts them in
         ``meta["dicom_files"]``). When given, patient, study and frame of reference are copied from
         them and every slice references its source image; without them a new CT series is written.
+    series_files : list of paths, optional
+        Without ``source_files``: the files of the source series when its slices are not the
+        volume's one to one (gaps resampled, a tilted stack put on a regular grid; ``read_volume``
+        puts them in ``meta["dicom_series_files"]``). Patient, study, frame of reference and the
+        acquisition facts come from the first; no slice references a source image.
     options : DerivedSeriesOptions, optional
         Model provenance, series number and description, and patient/study of a new series.
         Default description: the source's (or "CT") plus "IPv2 denoised (<model>)".
@@ -537,8 +592,9 @@ def export_derived_series(
     Raises
     ------
     UserError
-        Wrong number of source files, sources that do not match the geometry, a series number
-        below 300, or an ``out_dir`` that already holds files.
+        Wrong number of source files, sources that do not match the geometry, a source that is
+        not a CT in HU (read with ``--force``), a series number below 300, or an ``out_dir`` that
+        already holds files.
     """
     out_dir = Path(out_dir)
     options = options or DerivedSeriesOptions()
@@ -552,6 +608,10 @@ def export_derived_series(
     if headers is not None and not multiframe:  # a multi-frame file's positions are per frame, as read
         _check_source_geometry(headers, positions, volume.spacing[2])
     template = headers[0] if headers else None
+    if template is None and series_files:
+        template = _read_sources(series_files[:1], 1)[0]
+    if template is not None:
+        _check_ct_in_hu(template)
 
     series_number = _checked_series_number(options, template)
     base_ds = _base_dataset(
@@ -576,7 +636,8 @@ def export_derived_series(
             ds.SOPInstanceUID = generate_uid()
             ds.InstanceNumber = k + 1
             ds.ImagePositionPatient = _fmt(positions[k])
-            ds.SliceLocation = _fmt([float(positions[k] @ normal)])[0]
+            if "SliceLocation" not in ds:
+                ds.SliceLocation = _fmt([float(positions[k] @ normal)])[0]
             ds.PixelData = np.ascontiguousarray(hu[k]).tobytes()
             ds["PixelData"].VR = "OW"
             meta = FileMetaDataset()
