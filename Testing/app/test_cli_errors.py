@@ -142,3 +142,27 @@ def test_an_out_folder_that_is_a_file_is_one_line_before_any_work(tmp_path, caps
     assert "Traceback" not in err and "FileExistsError" not in err and "missing.nrrd" not in err
     assert err.count(f"error: --out: cannot create folder {plain}") == len(commands), err
     assert plain.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("dicom", [False, True], ids=["volume", "dicom"])
+def test_sigterm_stops_a_command_as_ctrl_c_does(tmp_path, dicom) -> None:
+    """A service manager or scheduler stops with SIGTERM: before, Python's default ended the run at
+    once (exit 143, nothing said, the output's lock and staging folder left beside it)."""
+    import json
+    import signal
+
+    from IPv2DenoiseLib.core.atomic import STAGING_DIR
+
+    out = tmp_path / ("series" if dicom else "out.nrrd")
+    env = {**os.environ, "PYTHONPATH": str(REPO / "IPv2Denoise"), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "IPv2DenoiseLib", "denoise", str(SAMPLE), str(out), "--model", "fast"]
+    command += ["--ensemble", "8", "--json-progress"] + (["--dicom"] if dicom else [])
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    for line in proc.stdout:
+        if json.loads(line).get("message", "").startswith(("denois", "slab")):
+            proc.send_signal(signal.SIGTERM)
+            break
+    proc.stdout.read()
+    assert proc.wait(timeout=120) == ExitCode.CANCELLED
+    assert proc.stderr.read().strip().endswith("denoise: cancelled (SIGTERM)")
+    assert not out.exists() and not (tmp_path / STAGING_DIR).exists()

@@ -278,3 +278,60 @@ def test_cleaning_a_case_and_claiming_an_output_beside_a_writer_never_fails(tmp_
     assert result.returncode == 0, result.stderr[-2000:]
     assert sorted(p.name for p in tmp_path.glob("w*.txt")) == ["w0.txt", "w1.txt"]
     assert not (tmp_path / STAGING_DIR).exists()
+
+
+def test_replacing_a_folder_never_leaves_the_output_name_empty(tmp_path: Path) -> None:
+    """``atomic_dir(replace=True)`` swaps the two folders in one step; where it must take two, a
+    writer killed between them left the old output only inside its staging entry, and the next
+    clean-up deleted it (``denoise --dicom --overwrite``, ``demo``): now the clean-up puts it back."""
+    import socket
+
+    from IPv2DenoiseLib.core.atomic import REPLACED_SUFFIX, clean_stale_staging
+
+    out = tmp_path / "series"
+    out.mkdir()
+    (out / "IM1.dcm").write_bytes(b"old")
+    with atomic_dir(out, replace=True) as new:
+        (new / "IM1.dcm").write_bytes(b"new")
+        assert (out / "IM1.dcm").read_bytes() == b"old"  # the old one stays until the new is complete
+    assert (out / "IM1.dcm").read_bytes() == b"new"
+    assert not (tmp_path / STAGING_DIR).exists()  # nothing left aside
+    # the state a kill between the two renames leaves: the old folder aside, the name free
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    entry = (
+        tmp_path
+        / STAGING_DIR
+        / f"{socket.gethostname().replace('-', '_') or 'host'}-{dead.stdout.strip()}-x1"
+    )
+    (entry / f"series{REPLACED_SUFFIX}").mkdir(parents=True)
+    (out / "IM1.dcm").rename(entry / f"series{REPLACED_SUFFIX}" / "IM1.dcm")
+    out.rmdir()
+    clean_stale_staging(tmp_path)
+    assert (out / "IM1.dcm").read_bytes() == b"new"  # the old code deleted the only copy
+    assert not (tmp_path / STAGING_DIR).exists()
+
+
+def test_a_figure_is_never_half_written_under_its_name(tmp_path: Path) -> None:
+    """``savefig`` wrote straight to the name: a kill mid-write left a truncated image, and a rerun
+    truncated the previous one while drawing. ``save_figure`` goes through a staging file."""
+    from matplotlib.figure import Figure
+
+    from IPv2DenoiseLib.core.atomic import save_figure
+
+    path = tmp_path / "curves.png"
+    fig = Figure()
+    fig.add_subplot().plot([0, 1], [1, 0])
+    save_figure(fig, path)
+    before = path.read_bytes()
+    assert before.startswith(b"\x89PNG")
+
+    def broken(target, **kwargs) -> None:
+        Path(target).write_bytes(b"\x89PNG half")  # a writer cut off mid-way
+        raise OSError(28, "No space left on device")
+
+    fig.savefig = broken
+    with pytest.raises(OSError):
+        save_figure(fig, path)
+    assert path.read_bytes() == before and not (tmp_path / STAGING_DIR).exists()

@@ -78,3 +78,26 @@ def test_the_terminal_bar_counts_its_rate_from_the_first_report_too() -> None:
         assert "train" in tqdm.format_meter(**state)
     finally:
         bar.close()
+
+
+def test_a_long_call_reports_inside_the_steps_it_stands_for() -> None:
+    """One call that counts as several steps (a volume's dose simulation, a model's training)
+    moves the bar inside them instead of leaving it still until it returns."""
+    from IPv2DenoiseLib.core.progress import Steps
+
+    seen: list[tuple[float, str]] = []
+    steps = Steps(4, lambda done, total, message="": seen.append((done / total, message)))
+    steps("first")
+    inner = steps.within("simulating", units=2)
+    for done in (1, 2, 3, 4):
+        inner(done, 4, "slices")
+    steps.done += 1
+    steps("after")
+    assert seen == [
+        (0.25, "first"),
+        (0.375, "simulating"),
+        (0.5, "simulating"),
+        (0.625, "simulating"),
+        (0.75, "simulating"),
+        (0.75, "after"),
+    ]

@@ -328,6 +328,9 @@ def test_cli_purify_volumes_with_real_simulator(tmp_path, pair, capsys):
     assert rc == 0
     lines = [json.loads(s) for s in capsys.readouterr().out.splitlines()]
     assert lines[-1]["strategy"] == "ipv2" and any("progress" in r for r in lines)
+    # the whole-volume dose simulation reports inside its steps (one record per 8 slices on a CPU;
+    # before, nothing between its start and its end)
+    assert any(r.get("message") == "simulating the dose" for r in lines)
     vols = {
         k: read_volume(out / f"{k}.nrrd", force=True) for k in ("train_input", "train_label", "test_label")
     }

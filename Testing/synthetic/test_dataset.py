@@ -87,3 +87,16 @@ def test_make_dataset_summarises_a_case_without_lungs_and_checks_arguments_first
     assert err.count("ipv2-denoise make-dataset: error:") == len(bad) and "Traceback" not in err
     assert "--spacing nan" in err and "--size 200000" in err and "plain.txt" in err
     assert not (tmp_path / "bad").exists() and plain.read_text() == "not a folder"
+
+
+def test_make_dataset_json_progress_is_only_json_and_moves_inside_a_case(tmp_path, capsys) -> None:
+    """For a program reading stdout every line is a JSON record (the summary was plain text), and
+    the bar moves within a case (one record a case left a default case silent for minutes)."""
+    import json
+
+    command = ["make-dataset", "--cases", "1", "--size", "64", "--slices", "4", "--device", "cpu"]
+    assert main([*command, "--out", str(tmp_path / "ds"), "--json-progress"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert records[-1] == {"result": str(tmp_path / "ds"), "cases": 1, "seconds": records[-1]["seconds"]}
+    inside = {r["progress"] for r in records if "progress" in r and 0 < r["progress"] < 1}
+    assert len(inside) >= 2  # the old command reported 1.0 only, when the case was done

@@ -431,3 +431,17 @@ def test_a_campaign_killed_while_publishing_its_last_leg_is_repaired_by_a_rerun(
     assert main([*_command(phantom, out, "--val", str(val)), "--legs", "2"]) == 2
     err = capsys.readouterr().err
     assert "leg_002/model.json is not a readable model card" in err and "Traceback" not in err
+
+
+def test_train_json_progress_is_only_json_records(made_dataset, tmp_path, capsys) -> None:
+    """``train --json-progress``: the result is one JSON record like the progress; before, a plain
+    "weights: …" line and an indented validation object followed them on stdout."""
+    from IPv2DenoiseLib.app.cli import main
+
+    out = tmp_path / "run"
+    command = _command(
+        made_dataset / "case_000", out, "--val", str(made_dataset / "case_001"), "--json-progress"
+    )
+    assert main(command) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert records[-1]["result"] == str(out / "model.safetensors") and records[-1]["validation"]

@@ -11,8 +11,11 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
+from contextlib import contextmanager
 
 from IPv2DenoiseLib import __version__
 from IPv2DenoiseLib.app.commands import (
@@ -109,18 +112,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a service manager, ``kill``, a job scheduler): stop as Ctrl-C does."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated
+
+
+@contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM becomes :class:`Terminated` for the block, so every command stops cleanly on it:
+    staged outputs removed, claims released, ``batch`` writing its summary, one line. Python's
+    default ends the process at once (exit 143, nothing said, staging folders and locks left).
+    Commands with their own handling (``train``, ``serve``) replace it while they run."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit status."""
     args = build_parser().parse_args(argv)
     try:
-        status = int(args._run(args) or 0)
+        with _terminate_as_interrupt():
+            status = int(args._run(args) or 0)
         sys.stdout.flush()  # inside the try: a closed pipe surfaces here, not at interpreter exit
         return status
     except UserError as exc:
         print(f"ipv2-denoise {args.command}: error: {exc}", file=sys.stderr)
         return ExitCode.USER_ERROR
-    except KeyboardInterrupt:
-        print(f"ipv2-denoise {args.command}: cancelled", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        why = " (SIGTERM)" if isinstance(exc, Terminated) else ""
+        print(f"ipv2-denoise {args.command}: cancelled{why}", file=sys.stderr)
         return ExitCode.CANCELLED
     except BrokenPipeError:
         # the reader stopped reading (| head): quiet, and no second error when Python flushes stdout

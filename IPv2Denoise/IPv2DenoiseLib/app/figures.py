@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
+from IPv2DenoiseLib.core.atomic import save_figure
 from IPv2DenoiseLib.imaging.metrics import LUNG_DISPLAY, MEDIASTINAL_DISPLAY
 
 
@@ -79,6 +80,4 @@ def comparison_figure(
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    out = Path(path)
-    fig.savefig(out, dpi=110)
-    return out
+    return save_figure(fig, path)

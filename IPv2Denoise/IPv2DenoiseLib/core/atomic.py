@@ -9,6 +9,7 @@ next write into the same folder removes the leftovers of writers that are no lon
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import socket
@@ -73,6 +74,8 @@ def clean_stale_staging(folder: str | os.PathLike) -> list[Path]:
         if len(parts) < 3 or parts[0] != host or not parts[1].isdigit():
             continue
         if int(parts[1]) != os.getpid() and not _pid_alive(int(parts[1])):
+            if entry.is_dir():
+                _restore_replaced(entry)
             shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
             removed.append(entry)
     try:
@@ -117,6 +120,8 @@ def remove_stale_partials(path: str | os.PathLike) -> list[Path]:
     except (FileNotFoundError, NotADirectoryError):  # none, or a finishing writer just removed it
         return removed
     for entry in entries:
+        if entry.is_dir():
+            _restore_replaced(entry, path.name)
         if (entry / path.name).exists():
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry)
@@ -190,6 +195,73 @@ def atomic_path(path: str | os.PathLike, *, suffix: str = "", replace: bool = Tr
             raise _written_meanwhile(path) from None
 
 
+#: Name suffix of a folder an ``atomic_dir(replace=True)`` moved aside while it renames the new one in.
+REPLACED_SUFFIX = ".replaced"
+
+
+def _exchange(new: Path, old: Path) -> bool:
+    """Swap two folders in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the
+    system or file system cannot, and the caller falls back to two renames.
+
+    Hand-written through ``ctypes``: the standard library has no ``renameat2`` and no well-kept
+    package offers it. Without it, a ``kill -9`` between moving the old output aside and moving
+    the new one in would leave neither under the output's name.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    done = renameat2(at_fdcwd, os.fsencode(new), at_fdcwd, os.fsencode(old), rename_exchange)
+    return done == 0
+
+
+def _restore_replaced(entry: Path, name: str = "*") -> None:
+    """Put back an output that a killed ``atomic_dir(replace=True)`` had moved aside into its
+    staging ``entry`` and not yet replaced: its name is free, and the entry holds the only copy.
+    ``name``: only that output's (an entry of a live writer of another output is not touched)."""
+    folder = entry.parent.parent
+    try:
+        aside_folders = list(entry.glob(f"{glob_escape(name) if name != '*' else name}{REPLACED_SUFFIX}"))
+    except OSError:  # removed meanwhile by the writer that owns it, or by another clean-up
+        return
+    for aside in aside_folders:
+        final = folder / aside.name[: -len(REPLACED_SUFFIX)]
+        if aside.is_dir() and not final.exists() and not final.is_symlink():
+            try:
+                os.rename(aside, final)
+            except OSError:
+                pass
+
+
+def save_figure(figure, path: str | os.PathLike, *, dpi: int = 110) -> Path:
+    """Save a matplotlib figure under ``path`` through :func:`atomic_path` (format from its suffix).
+
+    ``savefig`` writes straight to its name: a kill while it writes left a truncated image there,
+    and a rerun truncated the previous one while drawing the next.
+
+    Parameters
+    ----------
+    figure : matplotlib.figure.Figure
+        The figure to save.
+    path : path-like
+        The image file; its folder is made if missing.
+    dpi : int
+        Resolution.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".").lower() or "png")
+    return path
+
+
 @contextmanager
 def atomic_dir(path: str | os.PathLike, *, replace: bool = False) -> Iterator[Path]:
     """Yield a temporary folder to fill; it becomes ``path`` when the block succeeds.
@@ -209,7 +281,11 @@ def atomic_dir(path: str | os.PathLike, *, replace: bool = False) -> Iterator[Pa
         os.chmod(tmp, 0o777 & ~_umask())
         try:
             if replace and path.is_dir() and any(path.iterdir()):
-                os.replace(path, entry / f"{path.name}.replaced")  # removed with the staging entry
+                if _exchange(tmp, path):  # one step: the old folder is now ``tmp``, removed with the entry
+                    return
+                # two steps (no RENAME_EXCHANGE here): a kill between them leaves the old folder in
+                # the entry as ``<name>.replaced``, which the next clean-up puts back (``_restore``)
+                os.replace(path, entry / f"{path.name}{REPLACED_SUFFIX}")
             elif path.exists():
                 path.rmdir()  # callers check it is empty first; another writer may have filled it
             os.replace(tmp, path)

@@ -298,3 +298,29 @@ class Steps:
             self.cancel.check()
         if self.progress is not None:
             self.progress(self.done, self.total, message)
+
+    def within(self, message: str, units: int = 1) -> ProgressCallback:
+        """A callback for one long call that counts as the next ``units`` units: its own
+        ``(done, total)`` moves the bar inside them, so a step of minutes (a training, a whole
+        volume's dose simulation) is not silent. The caller still counts the units after it.
+
+        Parameters
+        ----------
+        message : str
+            What the bar says meanwhile.
+        units : int
+            How many units the call stands for.
+
+        Returns
+        -------
+        ProgressCallback
+            Reports ``(done + units * fraction) / total`` on a fine scale.
+        """
+        scale = 1000
+
+        def report(done: int, total: int, _message: str = "") -> None:
+            if self.progress is not None and total > 0:
+                fraction = self.done + units * min(done, total) / total
+                self.progress(int(scale * fraction), scale * self.total, message)
+
+        return report

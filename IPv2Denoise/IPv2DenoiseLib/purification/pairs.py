@@ -490,13 +490,14 @@ def build_pairs(
     if isinstance(strategy, str):
         strategy = Strategy.from_name(strategy)
     spacing_xy = _spacing_xy(spacing)
-    if (strategy.add_noise or strategy.sim_only) and simulate is None:
-        simulate = _default_simulator(spacing_xy, None, cancel)
     was_2d = u.ndim == 2
     u3, n3 = (u[None], n[None]) if was_2d else (u, n)
     nz = u3.shape[0]
     stages = 1 + int(strategy.add_noise or strategy.sim_only) + int(strategy.remove_noise)
     tick = Steps(nz * stages, progress, cancel)
+    if (strategy.add_noise or strategy.sim_only) and simulate is None:
+        # the whole volume is simulated in one call that stands for nz steps: it reports inside them
+        simulate = _default_simulator(spacing_xy, tick.within("simulating the dose", units=nz), cancel)
 
     dark = _common_dark_volume(u3, n3, tick)
     background, lungs = split_dark(dark)

@@ -25,7 +25,7 @@ import numpy as np
 
 from IPv2DenoiseLib.core.atomic import atomic_dir, make_output_folder
 from IPv2DenoiseLib.core.errors import UserError
-from IPv2DenoiseLib.core.progress import CancelToken, ProgressCallback
+from IPv2DenoiseLib.core.progress import CancelToken, ProgressCallback, Stages
 from IPv2DenoiseLib.core.volume import Volume
 from IPv2DenoiseLib.io.case_folder import CASE_FILES
 from IPv2DenoiseLib.io.image_headers import MEMORY_LIMIT_ENV, memory_budget_bytes
@@ -192,14 +192,15 @@ def make_dataset(
         raise UserError(f"--cases must be at least 1, got {cases}")
     CaseSpec.draw(seed * 1000, **spec_overrides).check()  # before any folder is made
     out = make_output_folder(out_dir, what="--out")
+    names = [f"case_{i:03d}" for i in range(cases)]
+    stages = Stages(progress, **dict.fromkeys(names, 1))  # each case's own steps, not one line a case
     records = []
-    for i in range(cases):
-        folder = out / f"case_{i:03d}"
+    for i, name in enumerate(names):
+        folder = out / name
         if (folder / "case.json").exists():
             records.append(json.loads((folder / "case.json").read_text()))
         else:
             spec = CaseSpec.draw(seed * 1000 + i, **spec_overrides)
-            records.append(make_case(spec, folder, device=device, cancel=cancel))
-        if progress is not None:
-            progress(i + 1, cases, folder.name)
+            records.append(make_case(spec, folder, device=device, progress=stages.stage(name), cancel=cancel))
+        stages.stage(name)(1, 1, name)
     return records

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from IPv2DenoiseLib.core.atomic import atomic_path, make_output_folder
+from IPv2DenoiseLib.core.atomic import atomic_path, make_output_folder, save_figure
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.progress import CancelToken, ProgressCallback, StopRequest
 from IPv2DenoiseLib.denoiser.weights import card_path, sha256_file
@@ -167,10 +167,7 @@ def plot_campaign(cards: Sequence[tuple[str, dict]], out: str | Path) -> None:
     fig.legend(list(entries.values()), list(entries), loc="lower center", ncol=columns, fontsize=8)
     fig.suptitle("training campaign: validation at the end of each leg")
     fig.tight_layout(rect=(0, (0.06 + 0.055 * rows) * 3.8 / (3.8 + 0.25 * rows), 1, 1))
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
+    save_figure(fig, out)
 
 
 def _plan(config: TrainConfig) -> dict:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 
-from IPv2DenoiseLib.core.atomic import atomic_path, make_output_folder
+from IPv2DenoiseLib.core.atomic import atomic_path, make_output_folder, save_figure
 from IPv2DenoiseLib.core.device import describe_device, resolve_device
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.locks import lock_holder, open_lock_file, record_holder, try_lock
@@ -1184,6 +1184,4 @@ def plot_training_curves(
             ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    return path
+    return save_figure(fig, path)

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import replace
 
 from IPv2DenoiseLib.app.arguments import add_device_argument
 from IPv2DenoiseLib.core.errors import UserError
-from IPv2DenoiseLib.core.progress import make_progress
+from IPv2DenoiseLib.core.progress import TqdmProgress, make_progress
 
 NAME = "evaluate"
 HELP = "Train and score naive/sim/IPv1/IPv2/ablations x denoisers plus classical baselines, under matched or mismatched noise."
@@ -77,9 +76,8 @@ def run(args: argparse.Namespace) -> int:
     if args.device:
         config = replace(config, device=args.device)
     progress = make_progress(args.json_progress, desc="evaluate", unit="job")
-    log = (
-        (lambda line: None) if args.json_progress else (lambda line: print(line, file=sys.stderr, flush=True))
-    )
+    # the step log goes above a terminal's bar; plain lines (a pipe) already say each step once
+    log = progress.write if isinstance(progress, TqdmProgress) else None
     try:
         result = run_grid(
             config,

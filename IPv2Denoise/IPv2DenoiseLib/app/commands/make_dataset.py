@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 from IPv2DenoiseLib.app.arguments import add_device_argument
@@ -68,6 +69,9 @@ def run(args: argparse.Namespace) -> int:
             progress.close()
     seconds = time.monotonic() - began
     made = [r["timings_s"]["total_s"] for r in records]
+    if args.json_progress:  # every stdout line a JSON record, the result one of them
+        print(json.dumps({"result": str(args.out), "cases": len(records), "seconds": round(seconds, 1)}))
+        return 0
     print(
         f"{len(records)} cases in {args.out} ({seconds:.0f} s this run; {sum(made) / len(made):.1f} s per case to make)"
     )

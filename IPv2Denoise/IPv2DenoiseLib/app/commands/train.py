@@ -273,8 +273,12 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     if card:
-        print(f"weights: {Path(args.out) / (args.name + '.safetensors')}")
-        print(json.dumps(card.get("validation", {}), indent=2))
+        weights = Path(args.out) / (args.name + ".safetensors")
+        if args.json_progress:  # every stdout line a JSON record, the result one of them
+            print(json.dumps({"result": str(weights), "validation": card.get("validation", {})}))
+        else:
+            print(f"weights: {weights}")
+            print(json.dumps(card.get("validation", {}), indent=2))
     return 0
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
+from IPv2DenoiseLib.core.atomic import save_figure
+
 
 def grid_figure(
     panels: dict[str, np.ndarray],
@@ -42,7 +44,4 @@ def grid_figure(
             axes[i, j].set_title(f"{strategy} / {arch}", fontsize=8)
     fig.suptitle(f"{title} — lung window [{lo:.0f}, {hi:.0f}] HU", fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    return path
+    return save_figure(fig, path)

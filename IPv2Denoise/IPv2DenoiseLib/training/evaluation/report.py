@@ -203,5 +203,6 @@ def write_results(result: GridResult, out: Path) -> tuple[Path, Path]:
         + claims_markdown(result)
         + "\n"
     )
-    md.write_text(text, encoding="utf-8")
+    with atomic_path(md) as tmp:
+        Path(tmp).write_text(text, encoding="utf-8")
     return js, md

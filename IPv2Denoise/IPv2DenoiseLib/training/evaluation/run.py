@@ -76,6 +76,7 @@ def _train_model(
     seed: int,
     config: EvalConfig,
     cancel: CancelToken | None,
+    progress: ProgressCallback | None = None,
 ) -> Path:
     """The weights of one strategy × model × seed, trained unless they exist already (their model
     card, written after the weights, says so: weights without it are a run killed while exporting)."""
@@ -98,7 +99,7 @@ def _train_model(
             device=config.device,
             name="model",
         )
-        train(tcfg, prepared=(pairs, []), cancel=cancel)
+        train(tcfg, prepared=(pairs, []), cancel=cancel, progress=progress)
     return weights
 
 
@@ -250,6 +251,7 @@ def run_grid(
                     seed=seed,
                     config=config,
                     cancel=cancel,
+                    progress=steps.within(f"training {strategy} / {arch} / seed {seed}"),
                 )
                 outputs = [_denoise_model(weights, c.uldct, config.device) for c in test_cases]
                 board.record(f"{strategy}/{arch}", strategy, arch, seed, outputs)
