@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pydicom
 import pytest
 
@@ -76,6 +77,31 @@ def test_export_refuses_a_dicom_source_whose_files_left_the_database(scene, tmp_
         with pytest.raises(UserError, match="1 of its 2 source files|2 of its 2 source files"):
             export_dicom(node, tmp_path / "out", source_node=node, database=database)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_volume_slicer_resampled_from_its_series_is_exported_in_that_study(scene, tmp_path) -> None:
+    """Slicer regularises a tilted or gapped series when it loads it: the node's instance UIDs are
+    the series' files but not its slices one to one. The old export refused it ("got 3 files for a
+    volume of 5 slices"); now the derived series goes into the source's patient and study."""
+    from IPv2DenoiseLib.core.volume import Volume
+
+    files = write_ct_series(tmp_path / "src", 3)
+    source = read_volume(files[0].parent)
+    finer = np.repeat(source.array, 2, axis=0)[:5]  # as if resampled at half the slice step
+    spacing = (source.spacing[0], source.spacing[1], source.spacing[2] / 2)
+    node = add_volume_node(Volume(finer, spacing, source.origin, source.direction), "CT")
+    node.SetAttribute("DICOM.instanceUIDs", " ".join(str(pydicom.dcmread(f).SOPInstanceUID) for f in files))
+    derived, _ = export_dicom(node, tmp_path / "out", source_node=node, database=FileDatabase(files))
+    first = pydicom.dcmread(files[0])
+    assert len(derived) == 5
+    for path in derived:
+        ds = pydicom.dcmread(path)
+        assert (ds.PatientID, ds.StudyInstanceUID, ds.StudyDate) == (
+            first.PatientID,
+            first.StudyInstanceUID,
+            first.StudyDate,
+        )
+        assert ds.SeriesInstanceUID != first.SeriesInstanceUID and "SourceImageSequence" not in ds
 
 
 def test_a_second_export_of_a_volume_goes_beside_the_first(scene, tmp_path) -> None:

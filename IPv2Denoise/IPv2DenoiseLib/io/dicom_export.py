@@ -535,6 +535,42 @@ def _set_acquisition(ds: Dataset, src: Dataset) -> None:
     # else absent: a named body part and no laterality (an empty copy says nothing)
 
 
+def slices_are_sources(volume: Volume, source_files: Sequence[str | os.PathLike]) -> bool:
+    """Whether ``source_files`` are ``volume``'s slices one to one (count and positions), or one
+    multi-frame file of as many frames; False for the files of a series the volume was resampled
+    from (a viewer that regularised a tilted stack or filled a gap), which then give patient, study
+    and acquisition but no per-slice reference (``series_files`` of :func:`export_derived_series`).
+
+    Parameters
+    ----------
+    volume : Volume
+        The volume to export.
+    source_files : sequence of path-like
+        The source series' files, in the volume's z order when they are its slices.
+
+    Returns
+    -------
+    bool
+        True when ``export_derived_series(volume, …, source_files=source_files)`` would reference them.
+
+    Raises
+    ------
+    UserError
+        A file that is not DICOM or has no SOP UIDs.
+    """
+    nz = volume.shape[0]
+    if len(source_files) == 1 and nz > 1:
+        header = _read_sources(source_files, 1)[0]
+        return int(header.get("NumberOfFrames", 1) or 1) == nz
+    if len(source_files) != nz:
+        return False
+    try:
+        _check_source_geometry(_read_sources(source_files, nz), slice_positions(volume), volume.spacing[2])
+    except UserError:
+        return False
+    return True
+
+
 def _check_ct_in_hu(template: Dataset) -> None:
     """A derived series is written as a CT in HU: refuse a source that is not one (an MR, or a
     perfusion map read with ``--force``), which the PACS would otherwise show as a CT in HU."""

@@ -151,16 +151,19 @@ def export_dicom(
         Export problems; PACS unreachable, association rejected, or instances refused (named).
     """
     # lazy: Slicer loads this module before ensure_in_slicer installs pydicom and pynetdicom
-    from IPv2DenoiseLib.io.dicom_export import DerivedSeriesOptions, export_derived_series
+    from IPv2DenoiseLib.io.dicom_export import DerivedSeriesOptions, export_derived_series, slices_are_sources
     from IPv2DenoiseLib.io.dicom_net import DEFAULT_CALLING_AET, parse_destination, send
 
     target = parse_destination(send_to) if send_to else None  # a bad setting fails before writing
     sources = dicom_source_files(source_node, database=database) if source_node is not None else None
     provenance, warnings = node_provenance(denoised_node, model_name=model_name)
     options = DerivedSeriesOptions(model=provenance, warnings=tuple(warnings))
-    files = export_derived_series(
-        volume_from_node(denoised_node), out_dir, source_files=sources, options=options
-    )
+    volume = volume_from_node(denoised_node)
+    series = None
+    if sources is not None and not slices_are_sources(volume, sources):
+        # Slicer regularised the series (a tilted stack, a gap): still its patient and study
+        sources, series = None, sources
+    files = export_derived_series(volume, out_dir, source_files=sources, series_files=series, options=options)
     report = None
     if target is not None:
         try:
