@@ -282,3 +282,30 @@ def test_a_source_that_is_not_ct_in_hu_is_not_exported_as_one(tmp_path, capsys) 
         assert main(args) == 2
         assert "not a CT in Hounsfield units" in capsys.readouterr().err
         assert not out.exists()
+
+
+def test_a_derived_series_opens_in_its_sources_window(tmp_path) -> None:
+    """A head CT's derived series opened in the lung window (ours came first and the source's was
+    dropped); now the source's first window leads, then the lung and mediastinal presets."""
+    files = write_ct_series(tmp_path / "src", 2, shuffle=False)
+    for path in files:
+        ds = pydicom.dcmread(path)
+        ds.WindowCenter, ds.WindowWidth, ds.WindowCenterWidthExplanation = (
+            ["40", "600"],
+            ["80", "2800"],
+            ["BRAIN", "BONE"],
+        )
+        ds.save_as(path)
+    volume = read_volume(tmp_path / "src")
+    (first, *_) = export_derived_series(
+        volume,
+        tmp_path / "out",
+        source_files=volume.meta["dicom_files"],
+        options=DerivedSeriesOptions(model=MODEL),
+    )
+    ds = pydicom.dcmread(first)
+    assert [float(v) for v in ds.WindowCenter][:1] == [40.0] and [float(v) for v in ds.WindowWidth][:1] == [
+        80.0
+    ]
+    assert list(ds.WindowCenterWidthExplanation) == ["BRAIN", "LUNG", "MEDIASTINAL"]
+    assert len(ds.WindowCenter) == len(ds.WindowWidth) == 3

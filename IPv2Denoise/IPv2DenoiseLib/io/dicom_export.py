@@ -331,6 +331,8 @@ def _base_dataset(
         # de-sheared) still gives its acquisition facts; the per-slice copy overwrites them
         _set_acquisition(ds, template)
     _set_image_geometry_and_pixels(ds, volume)
+    if template is not None:
+        _open_in_the_sources_window(ds, template)
     _declare_text_encoding(ds)
     return ds
 
@@ -401,6 +403,29 @@ def _set_image_geometry_and_pixels(ds: Dataset, volume: Volume) -> None:
     ds.WindowCenter = [f"{w.level:g}" for w in DISPLAY_PRESETS.values()]
     ds.WindowWidth = [f"{w.width:g}" for w in DISPLAY_PRESETS.values()]
     ds.WindowCenterWidthExplanation = [name.upper() for name in DISPLAY_PRESETS]
+
+
+def _open_in_the_sources_window(ds: Dataset, template: Dataset) -> None:
+    """Put the source's first window (HU, as ours: the VOI LUT applies after the rescale) before the
+    lung and mediastinal presets, so a head or abdomen opens as its source did, not in a lung window."""
+    center, width = template.get("WindowCenter"), template.get("WindowWidth")
+    first = [v[0] if isinstance(v, pydicom.multival.MultiValue) else v for v in (center, width)]
+    try:
+        level, span = (float(v) for v in first)
+    except (TypeError, ValueError):  # absent, empty or not a number: our presets alone
+        return
+    if span <= 0 or any(
+        float(c) == level and float(w) == span for c, w in zip(ds.WindowCenter, ds.WindowWidth)
+    ):
+        return
+    explanation = template.get("WindowCenterWidthExplanation")
+    if isinstance(explanation, pydicom.multival.MultiValue):
+        explanation = explanation[0] if explanation else None
+    ds.WindowCenter = _fmt([level]) + list(ds.WindowCenter)
+    ds.WindowWidth = _fmt([span]) + list(ds.WindowWidth)
+    ds.WindowCenterWidthExplanation = [str(explanation or "SOURCE")[:64]] + list(
+        ds.WindowCenterWidthExplanation
+    )
 
 
 def default_series_number(template: Dataset | None, *, now: float | None = None) -> int:
