@@ -6,6 +6,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,7 @@ if _MODULE_DIR not in sys.path:  # IPv2DenoiseLib lives next to this file
 
 from IPv2DenoiseLib.app.pipeline import DenoiseOptions  # noqa: E402
 from IPv2DenoiseLib.app.slicer_support.dependencies import ensure_in_slicer  # noqa: E402
-from IPv2DenoiseLib.app.slicer_support.dicom import export_dicom, unused_folder  # noqa: E402
+from IPv2DenoiseLib.app.slicer_support.dicom import check_denoised_from, export_dicom, unused_folder  # noqa: E402
 from IPv2DenoiseLib.app.slicer_support.job import DenoiseJob  # noqa: E402
 from IPv2DenoiseLib.app.slicer_support.roi_metrics import roi_table, table_node_from_metrics  # noqa: E402
 from IPv2DenoiseLib.app.slicer_support.scene import add_volume_node, denoise_node, safe_name, volume_from_node  # noqa: E402
@@ -52,6 +53,8 @@ from IPv2DenoiseLib.denoiser.model_reference import ModelCatalogue  # noqa: E402
 SAMPLE_CATEGORY = "IPv2 Denoise"
 #: Application setting (QSettings) holding the PACS node of *Export*: HOST:PORT:AET or a DICOMweb URL.
 PACS_SETTING = "IPv2Denoise/PACS"
+#: Seconds after Apply during which a second click (of a double-click) does not cancel the run.
+DOUBLE_CLICK_S = 1.0
 
 
 def resourcePath(relative):
@@ -164,6 +167,7 @@ class IPv2DenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._job = None
+        self._startedAt = 0.0
         self._state = State.IDLE
         self._previousLayout = None
         self._logShown = 0
@@ -191,13 +195,14 @@ class IPv2DenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.lungPresetButton.connect("clicked(bool)", lambda: self.onPreset("Lung"))
         self.ui.mediastinalPresetButton.connect("clicked(bool)", lambda: self.onPreset("Mediastinal"))
         self.ui.restoreLayoutButton.connect("clicked(bool)", self.onRestoreLayout)
-        self.ui.showDifferenceCheckBox.connect("toggled(bool)", lambda on: self.onCompare() if on else None)
+        # both ways: unticking must take the overlay away again
+        self.ui.showDifferenceCheckBox.connect("toggled(bool)", lambda on: self.onCompare())
         self.ui.computeMetricsButton.connect("clicked(bool)", self.onComputeMetrics)
         self.ui.exportCsvButton.connect("clicked(bool)", self.onExportCsv)
         self.ui.exportDicomButton.connect("clicked(bool)", self.onExportDicom)
         self.ui.exportFileButton.connect("clicked(bool)", self.onExportFile)
         self.ui.pacsLineEdit.text = str(qt.QSettings().value(PACS_SETTING, "") or "")
-        self.ui.sendToPacsCheckBox.checked = bool(self.ui.pacsLineEdit.text)
+        self.ui.sendToPacsCheckBox.checked = False  # sending to the PACS is chosen each session
 
         self._timer = qt.QTimer()
         self._timer.setInterval(150)
@@ -209,8 +214,11 @@ class IPv2DenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._setState(State.IDLE)
 
     def cleanup(self):
+        self._timer.stop()  # a reload or Slicer's exit: no poll on a torn-down widget
         if self._job is not None:
             self._job.cancel()
+            self._job.cleanup()  # the temporary copy of the patient's scan goes too
+            self._job = None
         self.removeObservers()
 
     def enter(self):
@@ -229,6 +237,10 @@ class IPv2DenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._job.cleanup()
             self._job = None
             self._setState(State.IDLE, _("Cancelled: the scene was closed."))
+        elif self._state != State.RUNNING:  # the previous patient's status and log are not the next one's
+            self.ui.statusLabel.setText("")
+            self.ui.logTextEdit.clear()
+            self._setState(State.IDLE)
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event):
@@ -320,6 +332,8 @@ class IPv2DenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onApplyButton(self):
         if self._state == State.RUNNING:
+            if time.monotonic() - self._startedAt < DOUBLE_CLICK_S:  # the second click of a double-click
+                return
             self._job.cancel()
             self._setState(State.CANCEL_REQUESTED, _("Cancelling..."))
             return
@@ -343,6 +357,7 @@ class IPv2DenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.progressBar.value = 0
         self.ui.logTextEdit.clear()
         self._logShown = 0
+        self._startedAt = time.monotonic()
         self._setState(State.RUNNING, _("Starting the denoiser..."))
         self._timer.start()
 
@@ -373,6 +388,10 @@ class IPv2DenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.logTextEdit.appendPlainText(stderr)
             self._setState(State.FAILED, str(exc))
             return
+        except Exception as exc:  # noqa: BLE001 - never leave the panel stuck on "Cancel"
+            logging.exception("IPv2 Denoise: importing the result failed")
+            self._setState(State.FAILED, _("Importing the result failed: {error}").format(error=exc))
+            return
         if self._parameterNode is not None:
             self._parameterNode.outputVolume = output
         seconds = f" in {status.seconds:.1f} s" if status.seconds else ""
@@ -389,14 +408,21 @@ class IPv2DenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not (p.inputVolume and p.outputVolume):
             slicer.util.errorDisplay(_("Run the denoiser first (or pick an output volume)."))
             return None
+        try:  # the last output stays selected when another input is picked: never pair two scans
+            check_denoised_from(p.outputVolume, p.inputVolume)
+        except UserError as exc:
+            slicer.util.errorDisplay(str(exc))
+            return None
         return p.inputVolume, p.outputVolume
 
     def onCompare(self):
         pair = self._pair()
         if pair:
-            previous = self.logic.showComparison(*pair, showDifference=self._parameterNode.showDifference)
-            if self._previousLayout is None:
-                self._previousLayout = previous
+            with slicer.util.tryWithErrorDisplay(_("Failed to compare the volumes."), waitCursor=True):
+                layout = slicer.app.layoutManager().layout
+                if self._previousLayout is None:  # kept before anything changes, even if the rest fails
+                    self._previousLayout = layout
+                self.logic.showComparison(*pair, showDifference=self._parameterNode.showDifference)
 
     def onPreset(self, preset):
         pair = self._pair()
@@ -446,7 +472,6 @@ class IPv2DenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         outDir = unused_folder(Path(folder) / (safe_name(pair[1].GetName()) + "_dicom"))
         pacs = self.ui.pacsLineEdit.text.strip()
-        qt.QSettings().setValue(PACS_SETTING, pacs)
         sendTo = pacs if (pacs and self.ui.sendToPacsCheckBox.checked) else None
         with slicer.util.tryWithErrorDisplay(_("DICOM export failed."), waitCursor=True):
             files = self.logic.exportDicom(
@@ -454,6 +479,7 @@ class IPv2DenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             )
             message = _("Wrote {n} DICOM files to {folder}").format(n=len(files), folder=outDir)
             if sendTo:
+                qt.QSettings().setValue(PACS_SETTING, pacs)  # remembered once a send worked
                 message += _("; sent to {pacs}").format(pacs=sendTo)
             self.ui.statusLabel.text = message
 

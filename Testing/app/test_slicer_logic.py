@@ -258,6 +258,46 @@ def test_a_job_never_overwrites_its_input_nor_another_scans_result(scene):
     np.testing.assert_allclose(slicer.util.arrayFromVolume(out_b), vol_b.array * 0.5 - 500, atol=1e-3)
 
 
+def test_another_scans_output_is_never_paired_with_the_selected_input(scene, tmp_path):
+    """The panel keeps the last output selected when another input is picked. Export then wrote
+    scan A's pixels under patient B's identity (and could send them to the PACS), and the ROI table
+    set two scans side by side as before and after; both now refuse, naming the two volumes."""
+    from IPv2DenoiseLib.app.slicer_support.dicom import export_dicom
+
+    fake = [sys.executable, "-c", FAKE_DENOISER, "{input}", "{output}", "ok"]
+    node_a = add_volume_node(_oblique_volume(shape=(4, 20, 22), seed=1), "CaseA")
+    node_b = add_volume_node(_oblique_volume(shape=(4, 20, 22), seed=2), "CaseB")
+    out_a = (
+        DenoiseJob(node_a, options=DenoiseOptions(model="unet-ipv2"), command=fake).start().wait(timeout=60)
+    )
+    with pytest.raises(
+        UserError, match="'CaseA denoised' was denoised from another volume, not from 'CaseB'"
+    ):
+        export_dicom(out_a, tmp_path / "out", source_node=node_b)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(UserError, match="denoised from another volume"):
+        roi_table(node_b, out_a)
+    table = roi_table(node_a, out_a)  # its own input: fine
+    reused = table_node_from_metrics(table, name="CaseA denoised ROI metrics")
+    table_node_from_metrics(table, node=reused, name="CaseB denoised ROI metrics")
+    assert reused.GetName().startswith("CaseB denoised ROI metrics")  # it kept CaseA's name before
+
+
+def test_a_job_that_cannot_start_leaves_no_copy_of_the_scan(scene, tmp_path, monkeypatch):
+    """The input is written to a temporary folder before the child starts; a child that cannot
+    start (or a full disk) left that copy of the patient's scan behind."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    node = add_volume_node(_oblique_volume(shape=(4, 20, 22)), "CaseA")
+    job = DenoiseJob(
+        node, options=DenoiseOptions(model="unet-ipv2"), command=[str(tmp_path / "no-such-program")]
+    )
+    with pytest.raises(OSError):
+        job.start()
+    assert list(tmp_path.glob("IPv2Denoise-*")) == []
+
+
 def test_closing_the_scene_during_a_run_discards_the_result(scene):
     """Closing the scene (the next patient) while a run goes on: its result must not appear in the
     new scene (the old job imported it there, under the previous patient's name)."""

@@ -62,6 +62,32 @@ def made_from_another_input(output_node, input_node) -> bool:
     return bool(made_from) and made_from != input_node.GetID()
 
 
+def check_denoised_from(denoised_node, original_node) -> None:
+    """Refuse a (original, denoised) pair whose denoised node records another input.
+
+    The panel keeps the last output selected when the user picks another input: Export would then
+    write scan A's pixels under patient B's identity, and the ROI table and the comparison would
+    set two scans side by side as before and after.
+
+    Parameters
+    ----------
+    denoised_node : vtkMRMLScalarVolumeNode
+        The output the panel or a script pairs with ``original_node``.
+    original_node : vtkMRMLScalarVolumeNode
+        The input it is meant to be the denoised version of.
+
+    Raises
+    ------
+    UserError
+        ``denoised_node`` was denoised from another node.
+    """
+    if made_from_another_input(denoised_node, original_node):
+        raise UserError(
+            f"{denoised_node.GetName()!r} was denoised from another volume, not from {original_node.GetName()!r}: "
+            f"run Apply on {original_node.GetName()!r} first, or select its own output"
+        )
+
+
 def node_provenance(node, *, model_name: str = "") -> tuple[ModelProvenance, list[str]]:
     """(provenance, warnings) of a denoised node: from its record, else from ``model_name`` (a node
     denoised by a script, or loaded from a file: the catalogue's model, nothing more is known)."""
@@ -155,6 +181,8 @@ def export_dicom(
     from IPv2DenoiseLib.io.dicom_net import DEFAULT_CALLING_AET, parse_destination, send
 
     target = parse_destination(send_to) if send_to else None  # a bad setting fails before writing
+    if source_node is not None:  # never scan A's pixels under patient B's identity
+        check_denoised_from(denoised_node, source_node)
     sources = dicom_source_files(source_node, database=database) if source_node is not None else None
     provenance, warnings = node_provenance(denoised_node, model_name=model_name)
     options = DerivedSeriesOptions(model=provenance, warnings=tuple(warnings))
@@ -179,6 +207,7 @@ def export_dicom(
 
 __all__ = [
     "PROVENANCE_ATTRIBUTE",
+    "check_denoised_from",
     "dicom_source_files",
     "export_dicom",
     "made_from_another_input",

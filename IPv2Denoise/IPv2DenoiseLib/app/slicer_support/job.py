@@ -77,19 +77,25 @@ class DenoiseJob:
         )
         self.workdir = Path(tempfile.mkdtemp(prefix="IPv2Denoise-"))
         in_path, out_path = self.workdir / "input.nrrd", self.workdir / "output.nrrd"
-        write_volume(volume, in_path)
-        if self.command is not None:
-            args = [
-                str(a).replace("{input}", str(in_path)).replace("{output}", str(out_path))
-                for a in self.command
-            ]
-        else:
-            args = denoise_command(in_path, out_path, self.options, python=self.python)
-        env = dict(self.env or {})
-        lib_parent = str(Path(__file__).resolve().parents[3])  # holds IPv2DenoiseLib: ``-m`` resolves
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (lib_parent, os.environ.get("PYTHONPATH", "")) if p)
-        self.output_path = out_path
-        self.process = BackgroundProcess(args, env=env).start()
+        try:  # a full disk or a child that cannot start must not leave the patient's scan in /tmp
+            write_volume(volume, in_path)
+            if self.command is not None:
+                args = [
+                    str(a).replace("{input}", str(in_path)).replace("{output}", str(out_path))
+                    for a in self.command
+                ]
+            else:
+                args = denoise_command(in_path, out_path, self.options, python=self.python)
+            env = dict(self.env or {})
+            lib_parent = str(Path(__file__).resolve().parents[3])  # holds IPv2DenoiseLib: ``-m`` resolves
+            env["PYTHONPATH"] = os.pathsep.join(
+                p for p in (lib_parent, os.environ.get("PYTHONPATH", "")) if p
+            )
+            self.output_path = out_path
+            self.process = BackgroundProcess(args, env=env).start()
+        except BaseException:
+            self.cleanup()
+            raise
         return self
 
     @property

@@ -7,6 +7,7 @@ import slicer
 import slicer.util  # noqa: F401  (slicer-core does not import it on ``import slicer``)
 import vtk
 
+from IPv2DenoiseLib.app.slicer_support.dicom import check_denoised_from
 from IPv2DenoiseLib.app.slicer_support.scene import mrml_scene, volume_from_node
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.imaging.metrics_table import MetricsTable
@@ -21,6 +22,8 @@ def table_node_from_metrics(table: MetricsTable, *, node=None, name: str = "IPv2
     scene = mrml_scene(scene)
     if node is None:
         node = scene.AddNewNodeByClass("vtkMRMLTableNode", scene.GenerateUniqueName(name))
+    elif not node.GetName().startswith(name):  # a reused table takes the name of what it now holds
+        node.SetName(scene.GenerateUniqueName(name))
     vtable = node.GetTable()
     was_modifying = node.StartModify()
     vtable.Initialize()
@@ -115,6 +118,7 @@ def roi_table(
     """
     from IPv2DenoiseLib.imaging.metrics import scan_comparison_table  # lazy: needs scikit-image
 
+    check_denoised_from(denoised_node, original_node)
     before, after = volume_from_node(original_node), volume_from_node(denoised_node)
     if not before.same_geometry(after):
         raise UserError("metrics: the original and denoised volumes are on different grids")
