@@ -217,13 +217,14 @@ def _exchange(new: Path, old: Path) -> bool:
     return done == 0
 
 
-def _restore_replaced(entry: Path, name: str = "*") -> None:
+def _restore_replaced(entry: Path, name: str | None = None) -> None:
     """Put back an output that a killed ``atomic_dir(replace=True)`` had moved aside into its
     staging ``entry`` and not yet replaced: its name is free, and the entry holds the only copy.
     ``name``: only that output's (an entry of a live writer of another output is not touched)."""
     folder = entry.parent.parent
+    pattern = "*" if name is None else glob_escape(name)
     try:
-        aside_folders = list(entry.glob(f"{glob_escape(name) if name != '*' else name}{REPLACED_SUFFIX}"))
+        aside_folders = list(entry.glob(pattern + REPLACED_SUFFIX))
     except OSError:  # removed meanwhile by the writer that owns it, or by another clean-up
         return
     for aside in aside_folders:

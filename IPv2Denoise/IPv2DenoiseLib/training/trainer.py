@@ -656,7 +656,7 @@ class Trainer:
             self.diverged(it, f"the loss is {value}")
         return value
 
-    def diverged(self, it: int | None, what: str) -> None:
+    def diverged(self, it: int, what: str) -> None:
         """Stop a run whose loss or weights stopped being finite numbers: one line naming the
         iteration and the learning rate, and nothing exported (the last checkpoint stays).
 
@@ -665,9 +665,8 @@ class Trainer:
         UserError
             Always.
         """
-        where = f"at iteration {it + 1}" if it is not None else "in a step"
         raise UserError(
-            f"training diverged {where}: {what}; no weights were written; "
+            f"training diverged at iteration {it + 1}: {what}; no weights were written; "
             f"try a lower --lr (now {self.config.lr:g})"
         )
 
