@@ -207,3 +207,38 @@ def test_a_diverging_run_stops_in_one_line_and_writes_no_weights(tmp_path, capsy
     assert err.count("ipv2-denoise train: error:") == 1 and "Traceback" not in err
     assert "training diverged at iteration" in err and "lower --lr (now 1e+08)" in err
     assert not (out / "model.safetensors").exists() and not (out / "model.json").exists()
+
+
+def test_ema_exports_the_moving_average_and_a_resume_keeps_it(tmp_path) -> None:
+    """``--ema``: the exported weights and the card's validation are the moving average of the
+    weights, not the last step's; the checkpoint carries the average, so a resume goes on from it."""
+    from IPv2DenoiseLib import UserError
+    from IPv2DenoiseLib.denoiser.weights import load_model
+    from IPv2DenoiseLib.training.trainer import validate
+
+    torch.set_num_threads(2)
+    prepared = ([toy_case(0), toy_case(1)], [toy_case(2)])
+    cfg = tiny_config(tmp_path, iterations=30, val_every=15)
+    cfg.ema = 0.9
+    card = train(cfg, prepared=prepared)
+    assert card["schedule"]["ema"] == 0.9 and card["legs"][-1]["ema"] == 0.9
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    exported, _ = load_model(tmp_path / "run" / "tiny.safetensors")
+    averaged = {k.removeprefix("module."): v for k, v in state["averaged"].items() if k.startswith("module.")}
+    assert int(state["averaged"]["n_averaged"]) == 30
+    for name, tensor in exported.state_dict().items():
+        torch.testing.assert_close(tensor, averaged[name])
+    last_step = state["model"]["head.weight"]
+    assert not torch.allclose(exported.state_dict()["head.weight"], last_step)  # not the last step's
+    # the card's validation is the exported network's
+    again = validate(exported, prepared[1], torch.device("cpu"), exported.in_slices)
+    assert again["psnr_truth"] == pytest.approx(card["validation"]["psnr_truth"], abs=1e-3)
+
+    resumed = train(TrainConfig(**cfg.__dict__), prepared=prepared)  # nothing left: the same weights
+    assert resumed["history"] == card["history"]
+    reloaded, _ = load_model(tmp_path / "run" / "tiny.safetensors")
+    torch.testing.assert_close(reloaded.state_dict()["head.weight"], exported.state_dict()["head.weight"])
+
+    cfg.ema = 1.0
+    with pytest.raises(UserError, match="--ema 1.0: need a decay between 0 and 1"):
+        train(cfg, prepared=prepared)

@@ -168,6 +168,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="constant schedule: the last share of the steps, over which the learning rate decays (cosine) (default: %(default)s)",
     )
     parser.add_argument(
+        "--ema",
+        type=float,
+        default=None,
+        metavar="DECAY",
+        help="keep an exponential moving average of the weights (decay per step, e.g. 0.999: about the "
+        "last 1,000 steps) and validate and export it instead of the last step's weights (default: off)",
+    )
+    parser.add_argument(
         "--noise-pool", type=int, default=24, help="scanner noise: noisy slabs kept in memory (default 24)"
     )
     parser.add_argument(
@@ -235,6 +243,7 @@ def run(args: argparse.Namespace) -> int:
         val_anatomy=[str(p) for p in args.val_anatomy],
         val_slices=args.val_slices,
         max_minutes=args.max_minutes,
+        ema=args.ema,
     )
     if kwargs:
         config.model_kwargs = kwargs
