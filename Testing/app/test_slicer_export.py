@@ -163,3 +163,44 @@ def test_an_adapted_run_in_slicer_says_so_in_its_exported_series(scene, tmp_path
     description = pydicom.dcmread(files[0]).DerivationDescription
     assert "fine-tuned on this scan alone" in description and "tiny.safetensors" in description
     assert "refined by collaborative Wiener filtering" in description  # denoise --refine, from the node
+
+
+def test_a_saved_denoised_node_keeps_the_weights_that_made_it_after_they_change(scene, tmp_path) -> None:
+    """The denoised node keeps what the run said about its weights (name, sha256). Exported after
+    the weights changed under that name (an upgrade ships a new default; a user retrains into the
+    same file), the derived series still names the weights that made its pixels: it named the new
+    ones, read from the catalogue or the file at export time."""
+    from conftest import chest_like_volume
+
+    from IPv2DenoiseLib.app.pipeline import DenoiseOptions
+    from IPv2DenoiseLib.app.slicer_support.job import DenoiseJob
+    from IPv2DenoiseLib.core.volume import Volume
+    from IPv2DenoiseLib.denoiser.model_reference import read_card
+    from IPv2DenoiseLib.denoiser.models import UNet
+    from IPv2DenoiseLib.denoiser.weights import save_model
+
+    weights = tmp_path / "mine.safetensors"
+    save_model(UNet(in_slices=3, base_channels=4, levels=2), weights, {"strategy": "ipv2"})
+    made_by = read_card(weights)["sha256"]
+    node = add_volume_node(Volume(chest_like_volume(5, (6, 64, 64)), (0.7, 0.7, 1.25)), "ULDCT")
+    denoised = (
+        DenoiseJob(node, options=DenoiseOptions(weights=str(weights), device="cpu")).start().wait(timeout=300)
+    )
+
+    retrained = UNet(in_slices=3, base_channels=4, levels=2)
+    torch = pytest.importorskip("torch")
+    torch.nn.init.normal_(retrained.head.weight, std=0.1)
+    save_model(retrained, weights, {"strategy": "ipv2"})
+    assert read_card(weights)["sha256"] != made_by
+    files, _ = export_dicom(denoised, tmp_path / "derived")
+    description = pydicom.dcmread(files[0]).DerivationDescription
+    assert f"weights sha256 {made_by}" in description
+
+    # a scene file is input like any other: a damaged record falls back to the weights' own card
+    from IPv2DenoiseLib.app.slicer_support.dicom import PROVENANCE_ATTRIBUTE
+
+    record = json.loads(denoised.GetAttribute(PROVENANCE_ATTRIBUTE))
+    record["provenance"] = {"name": "mine.safetensors", "sha256": 12345}
+    denoised.SetAttribute(PROVENANCE_ATTRIBUTE, json.dumps(record))
+    files, _ = export_dicom(denoised, tmp_path / "derived2")
+    assert f"weights sha256 {read_card(weights)['sha256']}" in pydicom.dcmread(files[0]).DerivationDescription

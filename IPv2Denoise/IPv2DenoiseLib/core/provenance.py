@@ -9,7 +9,7 @@ pydicom.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from IPv2DenoiseLib import __version__
@@ -52,6 +52,35 @@ class ModelProvenance:
             adapted=f"{adapted['iterations']} steps in {adapted['seconds']:.0f} s" if adapted else None,
             refined=bool(refined),
         )
+
+    def to_record(self) -> dict[str, Any]:
+        """Plain JSON-able fields, read back by :meth:`from_record` (the denoise command's JSON
+        progress carries them; the Slicer module keeps them on the denoised node, so a scene saved
+        today still names the weights that made it after an upgrade changes the shipped ones)."""
+        return asdict(self)
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> ModelProvenance:
+        """From :meth:`to_record`'s fields (a scene file is input like any other: unknown keys are
+        dropped and each value is checked for its type).
+
+        Raises
+        ------
+        ValueError
+            A field of the wrong type, or no model name.
+        """
+        values: dict[str, Any] = {}
+        for spec in fields(cls):
+            value = record.get(spec.name)
+            if value is None:
+                continue
+            wanted = bool if spec.name == "refined" else str
+            if not isinstance(value, wanted):
+                raise ValueError(f"provenance field {spec.name!r} is not a {wanted.__name__}")
+            values[spec.name] = value
+        if not values.get("name"):
+            raise ValueError("provenance without a model name")
+        return cls(**values)
 
     def describe(self) -> str:
         """One sentence for DerivationDescription (at most 1024 characters)."""

@@ -237,6 +237,8 @@ def _denoise_and_write(
     outcome = pipeline.denoise(volume)
     if args.json_progress and outcome.adapted:
         progress.emit(adapted=outcome.adapted)
+    if args.json_progress:  # the weights that made the pixels, for a front end to keep with its result
+        progress.emit(provenance=outcome.provenance.to_record())
     if not args.dicom:
         pipeline.write_volume(outcome, args.output)
         return outcome, None

@@ -34,9 +34,16 @@ def store_provenance(
     adapted: Mapping[str, Any] | None = None,
     warnings: list[str] | None = None,
     input_node=None,
+    provenance: Mapping[str, Any] | None = None,
 ) -> None:
     """Record on a denoised node which model made it and how (read back by :func:`node_provenance`),
-    and from which input node (read back by :func:`made_from_another_input`)."""
+    and from which input node (read back by :func:`made_from_another_input`).
+
+    ``provenance`` is what the run reported about its weights (name, version, sha256:
+    :meth:`~IPv2DenoiseLib.core.provenance.ModelProvenance.to_record`). It is kept as it was, so a
+    scene saved with the node and exported after an upgrade names the weights that made the pixels,
+    not the catalogue's entry of that name at export time.
+    """
     record = {
         "input": input_node.GetID() if input_node is not None else None,
         "model": options.model,
@@ -44,6 +51,7 @@ def store_provenance(
         "adapted": dict(adapted) if adapted else None,
         "refined": bool(options.refine),
         "warnings": list(warnings or []),
+        "provenance": dict(provenance) if provenance else None,
     }
     node.SetAttribute(PROVENANCE_ATTRIBUTE, json.dumps(record))
 
@@ -95,13 +103,19 @@ def node_provenance(node, *, model_name: str = "") -> tuple[ModelProvenance, lis
         record = json.loads(node.GetAttribute(PROVENANCE_ATTRIBUTE) or "{}")
     except ValueError:
         record = {}
+    warnings = [str(w) for w in record.get("warnings") or []]
+    if isinstance(record.get("provenance"), Mapping):  # what the run said about its weights
+        try:
+            return ModelProvenance.from_record(record["provenance"]), warnings
+        except ValueError:
+            pass  # a damaged record: fall back to the catalogue's entry of that name, as below
     model = record.get("model") or model_name or "default"
     try:
         reference = ModelReference.resolve(model, record.get("weights"))
     except Exception:  # noqa: BLE001 - a weights file moved since: still name the model
-        return ModelProvenance(name=str(model)), list(record.get("warnings") or [])
+        return ModelProvenance(name=str(model)), warnings
     provenance = reference.provenance(adapted=record.get("adapted"), refined=bool(record.get("refined")))
-    return provenance, list(record.get("warnings") or [])
+    return provenance, warnings
 
 
 def dicom_source_files(node, *, database=None) -> list[str] | None:

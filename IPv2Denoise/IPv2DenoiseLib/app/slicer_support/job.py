@@ -142,6 +142,7 @@ class DenoiseJob:
                 self.options,
                 adapted=status.adapted,
                 warnings=status.warnings,
+                provenance=status.provenance,
                 input_node=self.input_node,
             )
             for message in self.process.status.warnings:

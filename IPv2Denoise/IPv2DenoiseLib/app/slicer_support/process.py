@@ -72,6 +72,8 @@ class JobStatus:
     #: The model the child loaded, and the record of its fine-tuning on the scan (``--adapt``).
     model: str | None = None
     adapted: dict[str, Any] | None = None
+    #: :meth:`~IPv2DenoiseLib.core.provenance.ModelProvenance.to_record` of the weights the child ran.
+    provenance: dict[str, Any] | None = None
 
     @property
     def warning(self) -> str | None:
@@ -86,6 +88,8 @@ class JobStatus:
             self.model = str(record["model"])
         if isinstance(record.get("adapted"), Mapping):
             self.adapted = dict(record["adapted"])
+        if isinstance(record.get("provenance"), Mapping):
+            self.provenance = dict(record["provenance"])
         if "warning" in record:  # also in the log, which the Slicer module shows
             self.warnings.append(str(record["warning"]))
             self.log.append(f"warning: {record['warning']}")
