@@ -242,3 +242,37 @@ def test_ema_exports_the_moving_average_and_a_resume_keeps_it(tmp_path) -> None:
     cfg.ema = 1.0
     with pytest.raises(UserError, match="--ema 1.0: need a decay between 0 and 1"):
         train(cfg, prepared=prepared)
+
+
+def test_train_reads_a_real_series_with_a_gap_only_with_resample_gaps(tmp_path, capsys) -> None:
+    """A real archive series with a missing slice is refused as training anatomy in one line whose
+    hint (``--resample-gaps``) is an option of ``train`` itself; with it the series is interpolated
+    and the leg's card says so (``train`` had no such option: the hint named one of ``denoise``)."""
+    from conftest import write_ct_series
+
+    from IPv2DenoiseLib.app.cli import main
+
+    series = tmp_path / "series"
+    files = sorted(write_ct_series(series, 6, shuffle=False))
+    import pydicom
+
+    gone = [f for f in files if int(pydicom.dcmread(f, stop_before_pixels=True).InstanceNumber) == 3]
+    gone[0].unlink()  # a missing slice in the middle
+    command = ["train", "--noise", "scanner", "--anatomy", str(series), "--iterations", "2", "--batch", "2"]
+    command += ["--patch", "32", "--noise-pool", "1", "--schedule", "constant", "--device", "cpu"]
+    command += ["--model-kwargs", json.dumps({"in_slices": 3, "base_channels": 4, "levels": 2})]
+    assert main([*command, "--out", str(tmp_path / "refused")]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.count("ipv2-denoise train: error:") == 1 and "--resample-gaps" in err and "Traceback" not in err
+    )
+    assert main([*command, "--out", str(tmp_path / "run"), "--resample-gaps"]) == 0
+    card = json.loads((tmp_path / "run" / "model.json").read_text())
+    assert card["legs"][-1]["data"]["resample_gaps"] is True
+    from IPv2DenoiseLib import UserError
+    from IPv2DenoiseLib.training.trainer import check_config
+
+    with pytest.raises(UserError, match="--resample-gaps applies to the real series"):
+        check_config(
+            TrainConfig(cases=["case"], out=str(tmp_path / "x"), noise="scanner", resample_gaps=True)
+        )

@@ -145,13 +145,15 @@ def load_clean_volumes(folders: Sequence[str | os.PathLike]) -> list[CleanVolume
 
 
 def load_anatomy_volumes(
-    paths: Sequence[str | os.PathLike], *, option: str = "--anatomy"
+    paths: Sequence[str | os.PathLike], *, option: str = "--anatomy", resample_gaps: bool = False
 ) -> list[CleanVolume]:
     """Real normal-dose CT as training anatomy (``clean=False``: its own noise stays in the label).
 
     Each path is a volume file (NRRD, NIfTI, MHA), a folder of such files, or a folder holding one
     DICOM series (read by :func:`~IPv2DenoiseLib.io.volumes.read_volume`, which refuses a folder of
-    several series: give one path per series). ``option`` names the paths in error messages.
+    several series: give one path per series). ``option`` names the paths in error messages;
+    ``resample_gaps`` interpolates a DICOM series with missing slices or uneven spacing onto an even
+    grid instead of refusing it (as ``denoise --resample-gaps``: archives often hold such series).
     """
     volumes = []
     for path in map(Path, paths):
@@ -159,7 +161,7 @@ def load_anatomy_volumes(
             raise UserError(f"{option} {path}: not found")
         files = sorted(f for f in path.iterdir() if f.is_file() and image_suffix(f)) if path.is_dir() else []
         for source in files or [path]:
-            vol = read_volume(source)
+            vol = read_volume(source, resample_gaps=resample_gaps)
             hu = vol.array.astype(np.float32)
             if hu.shape[0] < 1 or min(hu.shape[1:]) < 64:
                 raise UserError(f"{option} {source}: slices of {hu.shape[1:]} pixels are too small")

@@ -155,6 +155,9 @@ class TrainConfig:
     #: last 1,000 steps), and validate and export it instead of the last step's weights; None: off.
     #: A mean of nearby weights lands nearer the middle of a flat minimum, as a soup of legs does.
     ema: float | None = None
+    #: Interpolate real DICOM series (``anatomy``, ``val_anatomy``) with missing slices or uneven
+    #: spacing onto an even grid instead of refusing them (``denoise --resample-gaps``).
+    resample_gaps: bool = False
 
 
 @dataclass
@@ -835,6 +838,8 @@ class Trainer:
         digests = {c.name: c.digest for c in self.train_cases if isinstance(c, CleanVolume)}
         if digests:  # content, so that a renamed copy of a training volume is known (trained_on_before)
             mix["training_digests"] = digests
+        if self.config.resample_gaps:  # series with gaps were interpolated, not refused
+            mix["resample_gaps"] = True
         if self.real_val_names:
             mix["validation_real"] = self.real_val_names
         if self.real_val_seen:  # its validation_start flatters the --init network (trained_on_before)
@@ -871,6 +876,8 @@ def check_config(config: TrainConfig) -> None:
     _loss(config.loss)  # an unknown loss fails before any pairs are built
     if config.anatomy and config.noise != "scanner":
         raise UserError("--anatomy (real normal-dose CT) needs --noise scanner")
+    if config.resample_gaps and not (config.anatomy or config.val_anatomy):
+        raise UserError("--resample-gaps applies to the real series of --anatomy and --val-anatomy: give one")
     if not config.lr > 0:
         raise UserError(f"--lr {config.lr}: need a positive learning rate")
     if config.ema is not None and not 0.0 < config.ema < 1.0:
@@ -974,12 +981,16 @@ def _train_in_folder(
     real_val = {}
     held_out: list[CleanVolume] = []
     if config.val_anatomy:
-        held_out = load_anatomy_volumes(config.val_anatomy, option="--val-anatomy")
+        held_out = load_anatomy_volumes(
+            config.val_anatomy, option="--val-anatomy", resample_gaps=config.resample_gaps
+        )
         real_val = anatomy_validation(held_out, slices=config.val_slices)
     if prepared is not None:
         train_cases, val_cases = prepared
     elif config.noise == "scanner":
-        train_cases = load_clean_volumes(config.cases) + load_anatomy_volumes(config.anatomy)
+        train_cases = load_clean_volumes(config.cases) + load_anatomy_volumes(
+            config.anatomy, resample_gaps=config.resample_gaps
+        )
         val_cases, scanner_val = scanner_validation(config.val_cases, slices=config.val_slices)
     else:
         train_cases = [prepare_case(c, config, seed=config.seed + i) for i, c in enumerate(config.cases)]
@@ -1064,7 +1075,11 @@ def same_run(saved: dict | None, current: dict) -> bool:
     if not saved:
         return False
     # a checkpoint from before a field existed ran with its default (``ema``: off)
-    strip = lambda c: {"ema": None, **{k: v for k, v in c.items() if k not in ("iterations", "max_minutes")}}  # noqa: E731
+    strip = lambda c: {
+        "ema": None,
+        "resample_gaps": False,
+        **{k: v for k, v in c.items() if k not in ("iterations", "max_minutes")},
+    }  # noqa: E731
     return strip(saved) == strip(current) and (
         current.get("schedule") == "constant" or saved.get("iterations") == current.get("iterations")
     )

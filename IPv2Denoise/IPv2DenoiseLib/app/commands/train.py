@@ -168,6 +168,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="constant schedule: the last share of the steps, over which the learning rate decays (cosine) (default: %(default)s)",
     )
     parser.add_argument(
+        "--resample-gaps",
+        action="store_true",
+        help="real DICOM series given to --anatomy or --val-anatomy with missing slices or uneven spacing: "
+        "interpolate them onto an even grid instead of refusing them (as denoise --resample-gaps)",
+    )
+    parser.add_argument(
         "--ema",
         type=float,
         default=None,
@@ -244,6 +250,7 @@ def run(args: argparse.Namespace) -> int:
         val_slices=args.val_slices,
         max_minutes=args.max_minutes,
         ema=args.ema,
+        resample_gaps=args.resample_gaps,
     )
     if kwargs:
         config.model_kwargs = kwargs
