@@ -1074,12 +1074,12 @@ def same_run(saved: dict | None, current: dict) -> bool:
     """
     if not saved:
         return False
-    # a checkpoint from before a field existed ran with its default (``ema``: off)
-    strip = lambda c: {
-        "ema": None,
-        "resample_gaps": False,
-        **{k: v for k, v in c.items() if k not in ("iterations", "max_minutes")},
-    }  # noqa: E731
+
+    def strip(config: dict) -> dict:
+        # a checkpoint from before a field existed ran with its default (``ema``: off)
+        kept = {k: v for k, v in config.items() if k not in ("iterations", "max_minutes")}
+        return {"ema": None, "resample_gaps": False, **kept}
+
     return strip(saved) == strip(current) and (
         current.get("schedule") == "constant" or saved.get("iterations") == current.get("iterations")
     )
