@@ -259,8 +259,20 @@ class IPv2DenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 ),
                 None,
             )
-        if not p.model and self.ui.modelComboBox.count:
-            p.model = self.ui.modelComboBox.itemData(0)
+        self._selectInstalledModel()
+
+    def _selectInstalledModel(self):
+        """A scene saved with a model that is no longer installed selects the default, and says so
+        (the combo box showed the first model while Apply ran the stale name)."""
+        p = self._parameterNode
+        if p is None:
+            return
+        chosen, message = self.logic.installedModel(p.model)
+        if chosen is not None and chosen != p.model:
+            p.model = chosen
+        if message:
+            logging.warning("IPv2 Denoise: %s", message)
+            self.ui.statusLabel.setText(message)
 
     def setParameterNode(self, inputParameterNode):
         if self._parameterNode:
@@ -276,6 +288,8 @@ class IPv2DenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         if p is None:
             return
+        if self.ui.modelComboBox.findData(p.model) < 0:  # e.g. a scene saved before an upgrade
+            self._selectInstalledModel()
         for combo, value in ((self.ui.modelComboBox, p.model), (self.ui.deviceComboBox, p.device)):
             index = combo.findData(value)
             if index >= 0 and index != combo.currentIndex:
@@ -521,6 +535,15 @@ class IPv2DenoiseLogic(ScriptedLoadableModuleLogic):
         except UserError:
             return []
         return [(name, catalogue.entries[name].description) for name in catalogue.names()]
+
+    @staticmethod
+    def installedModel(name):
+        """(the catalogue name to select for a kept ``name``, one line when it had to change)."""
+        try:
+            catalogue = ModelCatalogue.read()
+        except UserError:
+            return None, None
+        return catalogue.installed(name)
 
     @staticmethod
     def ensureDependencies():

@@ -96,3 +96,21 @@ def test_a_tier_the_product_does_not_know_is_refused(tmp_path) -> None:
     catalogue.write_text(json.dumps({"models": {"m": {"file": "m.safetensors", "tier": "turbo"}}}))
     with pytest.raises(UserError, match="has tier 'turbo'; tiers: fast, quality"):
         ModelCatalogue.read(catalogue)
+
+
+def test_a_kept_model_name_an_upgrade_removed_selects_the_default_and_says_so(tmp_path) -> None:
+    """A scene saved with a model that is no longer installed: the front end selects the default
+    and shows one line (the Slicer panel showed the first model while Apply ran the stale name)."""
+    catalogue = ModelCatalogue.read()
+    default = catalogue.entry().name
+    assert catalogue.installed(default) == (default, None)
+    assert catalogue.installed("") == (default, None)  # nothing kept yet: the default, silently
+    assert catalogue.installed("quality") == (catalogue.entry("quality").name, None)  # a tier
+    chosen, message = catalogue.installed("unet-ipv2-2025")
+    assert chosen == default
+    assert message == (
+        f"model 'unet-ipv2-2025' is not installed (models: {', '.join(catalogue.names())}); {default!r} is selected"
+    )
+    empty = tmp_path / "models.json"
+    empty.write_text(json.dumps({"default": None, "models": {}}))
+    assert ModelCatalogue.read(empty).installed("unet-ipv2-2025") == (None, None)

@@ -186,6 +186,35 @@ class ModelCatalogue:
             raise UserError(f"unknown model {name!r} in {self.path.name}; known models: {known}")
         return self.entries[key]
 
+    def installed(self, name: str | None) -> tuple[str | None, str | None]:
+        """The catalogue name to select for ``name`` kept from an earlier session (a saved scene's
+        parameter, a front end's setting), and one line when it had to change.
+
+        A model an upgrade renamed or removed is replaced by the default model, and the line says
+        so: a front end would otherwise show one model while running another.
+
+        Parameters
+        ----------
+        name : str or None
+            The kept name: a model name, ``"default"`` or a tier; empty or None for the default.
+
+        Returns
+        -------
+        tuple of (str or None, str or None)
+            The name to select (None when the catalogue is empty), and the line to show or None.
+        """
+        names = self.names()
+        if not names:
+            return None, None
+        try:
+            return self.entry(name or DEFAULT_MODEL).name, None
+        except UserError:
+            chosen = self.entries[self.default].name if self.default in self.entries else names[0]
+            return (
+                chosen,
+                f"model {name!r} is not installed (models: {', '.join(names)}); {chosen!r} is selected",
+            )
+
     def names(self) -> list[str]:
         """The shipped model names: the default first, then the other tiers' models, then the rest."""
         return sorted(self.entries, key=lambda n: (n != self.default, self.entries[n].tier is None, n))
