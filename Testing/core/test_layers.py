@@ -48,7 +48,7 @@ GUI_MODULES = {
 GUI_LAYERS = {"app"}
 #: Only these third-party imports may run when Slicer loads the module: Slicer bundles them, and the
 #: rest (torch, pydicom, scikit-image, tqdm ...) is installed later by ensure_in_slicer.
-SLICER_BUNDLED = {"numpy", "psutil", "slicer", "qt", "ctk", "vtk"}
+SLICER_BUNDLED = {"numpy", "slicer", "qt", "ctk", "vtk"}  # not psutil: Slicer does not ship it
 
 
 @dataclass(frozen=True)

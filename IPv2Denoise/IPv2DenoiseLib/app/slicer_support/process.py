@@ -29,8 +29,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-import psutil
-
 from IPv2DenoiseLib.app.pipeline import DenoiseOptions
 from IPv2DenoiseLib.core.errors import ExitCode
 
@@ -107,6 +105,10 @@ class JobStatus:
 
 def kill_process_tree(pid: int, *, timeout: float = 3.0) -> list[int]:
     """Terminate ``pid`` and all its descendants (then kill the stubborn); returns the pids hit."""
+    # lazy: Slicer does not bundle psutil, and its module scanner imports this file at start-up,
+    # before ensure_in_slicer (at the first Apply) can install it; a kill follows an Apply
+    import psutil
+
     try:
         parent = psutil.Process(pid)
     except psutil.NoSuchProcess:
