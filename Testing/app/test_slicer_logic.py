@@ -378,3 +378,20 @@ def test_roi_mask_follows_a_volume_left_under_a_registration_transform(scene):
     assert not transform.IsTransformToWorldLinear()
     with pytest.raises(UserError, match="non-linear transform; harden"):
         roi_mask(before, roi)
+
+
+def test_a_wait_that_times_out_stops_the_child_and_removes_the_copy(scene):
+    """``logic.process`` waits synchronously; a wait that ends early (a timeout, Ctrl-C in the
+    Python console) left the child running unseen and the copy of the scan in /tmp."""
+    import subprocess
+
+    import psutil
+
+    node = add_volume_node(_oblique_volume(shape=(4, 20, 22)), "CaseA")
+    slow = [sys.executable, "-c", "import time; time.sleep(60)", "{input}", "{output}"]
+    job = DenoiseJob(node, options=DenoiseOptions(model="unet-ipv2"), command=slow).start()
+    workdir, pid = job.workdir, job.process.pid
+    with pytest.raises(subprocess.TimeoutExpired):
+        job.wait(timeout=1)
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert job.workdir is None and not workdir.exists()

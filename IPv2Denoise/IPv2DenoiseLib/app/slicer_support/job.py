@@ -114,7 +114,18 @@ class DenoiseJob:
             self.process.cancel()
 
     def wait(self, timeout: float | None = None):
-        self.process.wait(timeout=timeout)
+        """Block until the child ends, then :meth:`finish` (the output node).
+
+        A wait that ends otherwise (``timeout`` passed: :class:`subprocess.TimeoutExpired`; Ctrl-C
+        in Slicer's Python console) stops the child and removes its copy of the scan before the
+        exception goes on: the child would otherwise run on unseen, and the copy stay in /tmp.
+        """
+        try:
+            self.process.wait(timeout=timeout)
+        except BaseException:
+            self.cancel()
+            self.cleanup()
+            raise
         return self.finish()
 
     def finish(self):
