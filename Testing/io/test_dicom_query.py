@@ -1,12 +1,20 @@
 """Finding and fetching CT series on a PACS (``io/dicom_query``) against a real Orthanc, over DIMSE
 (C-FIND + C-GET) and DICOMweb (QIDO-RS + WADO-RS), and against a hostile PACS (a real pynetdicom
-peer in this process) that answers a C-GET with another series."""
+peer in this process) that answers a C-GET with another series, and hostile DICOMweb servers (real
+HTTP servers on loopback in this process) that answer with too much."""
 
 from __future__ import annotations
 
+import gzip
+import io
+import json
+import re
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pydicom
@@ -229,47 +237,252 @@ def test_a_pacs_that_sends_a_huge_instance_is_cut_off_while_it_arrives(tmp_path)
     assert not (tmp_path / "got").exists() and not (tmp_path / STAGING_DIR).exists()
 
 
-def test_a_wado_answer_short_of_its_search_is_not_kept(tmp_path) -> None:
-    """A DICOMweb server (a real HTTP server in this process) whose QIDO-RS search lists three
-    images of the series but whose WADO-RS answer carries two: refused in one line, nothing kept.
-    (Before, the two were kept and opened as the series.)"""
-    import io
-    import json
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+@dataclass
+class FakeDicomweb:
+    """A DICOMweb server on loopback (a real HTTP server, a thread in this process) and what it did."""
 
-    files = write_ct_series(tmp_path / "theirs", 3)
-    first = pydicom.dcmread(files[0])
-    study, series = str(first.StudyInstanceUID), str(first.SeriesInstanceUID)
-    listed = [{"00080018": {"vr": "UI", "Value": [str(pydicom.dcmread(f).SOPInstanceUID)]}} for f in files]
+    url: str
+    paths: list[str] = field(default_factory=list)
+    #: body bytes each answer got out before it ended or the client hung up, in order of ending
+    sent: list[int] = field(default_factory=list)
 
-    class ShortServer(BaseHTTPRequestHandler):
+    def settled(self, timeout: float = 30.0) -> list[int]:
+        """``sent`` once every answer begun has ended (a hung-up client ends it at the next write)."""
+        deadline = time.monotonic() + timeout
+        while len(self.sent) < len(self.paths) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.sent
+
+
+#: Where an "endless" answer stops: only so that a client reading without bound (the code until
+#: 2026-12-07) cannot take the test machine down; a bounded one hangs up after about 1 MB.
+ENDLESS_BYTES = 64 * 2**20
+MULTIPART = 'multipart/related; type="application/dicom"; boundary=XYZ'
+PART_HEAD = b"--XYZ\r\nContent-Type: application/dicom\r\n\r\n"
+Answer = tuple[int, dict[str, str], Iterable[bytes]]
+
+
+def pieces(body: bytes, size: int = 2**16) -> list[bytes]:
+    """``body`` in pieces, so that what got out before the client hung up can be counted."""
+    return [body[start : start + size] for start in range(0, len(body), size)]
+
+
+def whole(kind: str, body: bytes) -> Answer:
+    """A complete answer with its Content-Length."""
+    return 200, {"Content-Type": kind, "Content-Length": str(len(body))}, pieces(body)
+
+
+def multipart(*instances: bytes) -> bytes:
+    return b"".join(PART_HEAD + i + b"\r\n" for i in instances) + b"--XYZ--\r\n"
+
+
+def listing(*sop_uids: str) -> bytes:
+    """A QIDO-RS instance list (DICOM JSON) naming ``sop_uids``."""
+    return json.dumps([{"00080018": {"vr": "UI", "Value": [uid]}} for uid in sop_uids]).encode()
+
+
+def endless(head: bytes, piece: bytes = bytes(2**16)) -> Iterator[bytes]:
+    """``head``, then ``piece`` again and again (up to :data:`ENDLESS_BYTES`); for one answer."""
+    yield head
+    for _ in range(ENDLESS_BYTES // len(piece)):
+        yield piece
+
+
+def instance_bytes(ds: pydicom.Dataset) -> bytes:
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+@contextmanager
+def dicomweb_server(listed: Answer, instance: Callable[[str], Answer]) -> Iterator[FakeDicomweb]:
+    """Answers a QIDO-RS instance search (a path ending ``/instances``) with ``listed`` and any other
+    GET (WADO-RS: an instance, or the whole series as the code until 2026-12-07 asked) with
+    ``instance(path)``; a body is written piece by piece, over a connection closed after each answer."""
+
+    class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 (http.server's name)
-            if self.path.split("?")[0].endswith("/instances"):  # QIDO-RS: three instances
-                body, kind = json.dumps(listed).encode(), "application/dicom+json"
-            else:  # WADO-RS: two of them
-                parts = io.BytesIO()
-                for f in files[:2]:
-                    parts.write(
-                        b"--XYZ\r\nContent-Type: application/dicom\r\n\r\n" + f.read_bytes() + b"\r\n"
-                    )
-                parts.write(b"--XYZ--\r\n")
-                body, kind = parts.getvalue(), 'multipart/related; type="application/dicom"; boundary=XYZ'
-            self.send_response(200)
-            self.send_header("Content-Type", kind)
-            self.send_header("Content-Length", str(len(body)))
+            record.paths.append(self.path)
+            is_listing = self.path.split("?")[0].endswith("/instances")
+            status, headers, body = listed if is_listing else instance(self.path)
+            self.send_response(status)
+            for name, value in headers.items():
+                self.send_header(name, value)
             self.end_headers()
-            self.wfile.write(body)
+            sent = 0
+            try:
+                for piece in body:
+                    self.wfile.write(piece)
+                    sent += len(piece)
+            except (BrokenPipeError, ConnectionResetError):  # the client hung up
+                pass
+            record.sent.append(sent)
 
         def log_message(self, *args) -> None:  # quiet
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", free_port()), ShortServer)
+    server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+    record = FakeDicomweb(f"http://127.0.0.1:{server.server_address[1]}/dicom-web")
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/dicom-web"
-        with pytest.raises(UserError, match=r"2 of the 3 images its search lists came"):
-            retrieve_series(url, study, series, tmp_path / "got", timeout=5)
+        yield record
     finally:
         server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture(scope="module")
+def huge_instance(tmp_path_factory) -> tuple[pydicom.Dataset, bytes]:
+    """A CT instance of 48 MB (a private OB element, as in the C-GET test above), and its file bytes."""
+    ds = pydicom.dcmread(write_ct_series(tmp_path_factory.mktemp("huge"), 1)[0])
+    ds.add_new(0x00091010, "OB", bytes(48 * 2**20))
+    return ds, instance_bytes(ds)
+
+
+def test_a_wado_answer_short_of_its_search_is_not_kept(tmp_path) -> None:
+    """A DICOMweb server whose QIDO-RS search lists three images of the series but which delivers
+    two of them (HTTP 404 for the third): refused in one line, nothing kept. (Until 2026-12-07
+    the two were kept and opened as the series.)"""
+    files = write_ct_series(tmp_path / "theirs", 3)
+    instances = [pydicom.dcmread(f) for f in files]
+    study, series = str(instances[0].StudyInstanceUID), str(instances[0].SeriesInstanceUID)
+    have = {str(ds.SOPInstanceUID): f.read_bytes() for ds, f in zip(instances[:2], files[:2])}
+
+    def instance(path: str) -> Answer:
+        body = have.get(path.rsplit("/", 1)[-1])
+        return whole(MULTIPART, multipart(body)) if body else (404, {"Content-Length": "0"}, [])
+
+    listed = whole("application/dicom+json", listing(*(str(ds.SOPInstanceUID) for ds in instances)))
+    with dicomweb_server(listed, instance) as pacs:
+        with pytest.raises(UserError, match=r"WADO-RS from .* failed: HTTP 404 \(instance [0-9.]+\)"):
+            retrieve_series(pacs.url, study, series, tmp_path / "got", timeout=5)
     assert not (tmp_path / "got").exists() and not (tmp_path / STAGING_DIR).exists()
+
+
+@pytest.mark.parametrize("mode", ["announced", "unannounced", "endless"])
+def test_a_wado_instance_over_the_cap_is_cut_off_while_it_arrives(huge_instance, tmp_path, mode) -> None:
+    """A DICOMweb server answers with a 48 MB instance of the series (with its Content-Length, or
+    without: the body ends when the connection does) or with a part that never ends. Against a
+    0.1 MB cap the retrieval hangs up before 1.1 MB (or on the Content-Length alone) and says so in
+    one line naming the server and the cap; nothing is kept. (Until 2026-12-07 the whole answer was
+    read into memory first, and the 48 MB instance was even kept: the cap counted its pixels only.)"""
+    ds, data = huge_instance
+    answers = {
+        "announced": whole(MULTIPART, multipart(data)),
+        "unannounced": (200, {"Content-Type": MULTIPART}, pieces(multipart(data))),
+        "endless": (200, {"Content-Type": MULTIPART}, endless(PART_HEAD)),
+    }
+    listed = whole("application/dicom+json", listing(str(ds.SOPInstanceUID)))
+    with dicomweb_server(listed, lambda path: answers[mode]) as pacs:
+        arriving = r"passed 1\.1 MB while arriving" if mode != "announced" else r"of 48\.\d+ MB was announced"
+        with pytest.raises(
+            UserError, match=rf"from {re.escape(pacs.url)}: refused, an instance {arriving} \(cap 0\.1 MB\)"
+        ):
+            retrieve_series(
+                pacs.url,
+                str(ds.StudyInstanceUID),
+                str(ds.SeriesInstanceUID),
+                tmp_path / "got",
+                timeout=10,
+                max_instance_mb=0.1,
+            )
+        assert max(pacs.settled()) < 24 * 2**20  # hung up: the rest never left the server
+    assert not (tmp_path / "got").exists() and not (tmp_path / STAGING_DIR).exists()
+
+
+@pytest.mark.parametrize("mode", ["no boundary", "compressed"])
+def test_a_wado_answer_that_is_not_plain_multipart_dicom_is_refused_unread(
+    huge_instance, tmp_path, mode
+) -> None:
+    """A DICOMweb server answers multipart/related without a boundary (then bytes without end), or
+    gzip-compressed although we ask for none (48 MB in 220 kB: a decompression bomb). Both are refused
+    on their headers, before the body is read. (Until 2026-12-07 the first was read whole into
+    memory, and the second inflated and its instance kept.)"""
+    ds, data = huge_instance
+    answers = {
+        "no boundary": (200, {"Content-Type": 'multipart/related; type="application/dicom"'}, endless(b"")),
+        "compressed": (
+            200,
+            {"Content-Type": MULTIPART, "Content-Encoding": "gzip"},
+            [gzip.compress(multipart(data), compresslevel=1)],
+        ),
+    }
+    listed = whole("application/dicom+json", listing(str(ds.SOPInstanceUID)))
+    why = "a multipart answer came without a valid boundary" if mode == "no boundary" else "came compressed"
+    with dicomweb_server(listed, lambda path: answers[mode]) as pacs:
+        with pytest.raises(UserError, match=rf"from {re.escape(pacs.url)}: refused, .*{why}"):
+            retrieve_series(
+                pacs.url, str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), tmp_path / "got", timeout=10
+            )
+        assert max(pacs.settled()) < 24 * 2**20
+    assert not (tmp_path / "got").exists() and not (tmp_path / STAGING_DIR).exists()
+
+
+@pytest.mark.parametrize("mode", ["endless", "too many"])
+def test_a_wado_instance_list_past_the_bounds_is_refused_before_any_image(tmp_path, mode) -> None:
+    """The QIDO-RS list of the series' instances never ends, or names more instances than a
+    retrieval accepts: refused in one line before any image is asked for. (Until 2026-12-07 the
+    endless list was read whole into memory, and the series was fetched before the bound was checked.)"""
+    files = write_ct_series(tmp_path / "theirs", 3)
+    instances = [pydicom.dcmread(f) for f in files]
+    sop_uids = [str(ds.SOPInstanceUID) for ds in instances]
+    row = listing(sop_uids[0])[1:-1] + b","
+    listed = {
+        "endless": (200, {"Content-Type": "application/dicom+json"}, endless(b"[", row * 1024)),
+        "too many": whole("application/dicom+json", listing(*sop_uids)),
+    }[mode]
+    why = {"endless": r"the instance list passed 1\.1 MB while arriving", "too many": "more than 2 instances"}
+    series = whole(MULTIPART, multipart(*(f.read_bytes() for f in files)))
+    with dicomweb_server(listed, lambda path: series) as pacs:
+        with pytest.raises(UserError, match=rf"from {re.escape(pacs.url)}: refused, {why[mode]}"):
+            retrieve_series(
+                pacs.url,
+                str(instances[0].StudyInstanceUID),
+                str(instances[0].SeriesInstanceUID),
+                tmp_path / "got",
+                timeout=10,
+                max_instances=2,
+                max_instance_mb=0.1,
+            )
+        assert all(p.split("?")[0].endswith("/instances") for p in pacs.paths)  # no image asked for
+        assert max(pacs.settled()) < 24 * 2**20
+    assert not (tmp_path / "got").exists() and not (tmp_path / STAGING_DIR).exists()
+
+
+def test_a_wado_instance_list_the_server_pages_is_refused(tmp_path) -> None:
+    """A QIDO-RS list that says it left results out (PS3.18 Warning 299): fetching only what it
+    names would keep a shortened series, so it is refused in one line and nothing is kept."""
+    files = write_ct_series(tmp_path / "theirs", 3)
+    first = pydicom.dcmread(files[0])
+    body = listing(*(str(pydicom.dcmread(f).SOPInstanceUID) for f in files[:2]))
+    status, headers, sent = whole("application/dicom+json", body)
+    headers["Warning"] = '299 pacs: "There are 1 additional results that can be requested"'
+    with dicomweb_server((status, headers, sent), lambda path: (404, {}, [])) as pacs:
+        with pytest.raises(UserError, match=r"refused, the instance list came short"):
+            retrieve_series(
+                pacs.url, str(first.StudyInstanceUID), str(first.SeriesInstanceUID), tmp_path / "got"
+            )
+    assert not (tmp_path / "got").exists() and not (tmp_path / STAGING_DIR).exists()
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["application/dicom", "multipart/related; type=application/dicom; boundary=XYZ"],
+    ids=["bare DICOM", "unquoted type"],
+)
+def test_a_wado_server_that_bends_the_media_type_is_still_read(tmp_path, kind) -> None:
+    """Answers some servers send: a bare DICOM body (not PS3.18, taken by dicomweb-client too), and
+    the multipart type parameter unquoted, after a preamble. The series is read pixel for pixel."""
+    files = write_ct_series(tmp_path / "theirs", 2)
+    by_uid = {str(pydicom.dcmread(f).SOPInstanceUID): f.read_bytes() for f in files}
+    first = pydicom.dcmread(files[0])
+
+    def instance(path: str) -> Answer:
+        data = by_uid[path.rsplit("/", 1)[-1]]
+        return whole(kind, data if kind == "application/dicom" else b"preamble\r\n" + multipart(data))
+
+    with dicomweb_server(whole("application/dicom+json", listing(*by_uid)), instance) as pacs:
+        got = retrieve_series(
+            pacs.url, str(first.StudyInstanceUID), str(first.SeriesInstanceUID), tmp_path / "got"
+        )
+    assert [pydicom.dcmread(f).PixelData for f in got] == [pydicom.dcmread(f).PixelData for f in files]

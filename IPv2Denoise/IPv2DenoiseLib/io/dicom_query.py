@@ -8,8 +8,10 @@ cancelled or failed retrieval leaves nothing behind.
 
 Everything the PACS sends is hostile until checked: the UIDs we ask with are validated, every
 received instance must be a CT image of the series we asked for and under the size cap, and file
-names are a counter, never a tag value. The series is then read by the usual reader with all of
-its checks (``io/dicom_series``).
+names are a counter, never a tag value. An instance over the cap is cut off while it arrives: C-GET
+aborts the association, and WADO-RS fetches instance by instance (as QIDO-RS lists them, at most
+``max_instances``), reading each answer in pieces and closing it once past the cap. The series is
+then read by the usual reader with all of its checks (``io/dicom_series``).
 
 References
 ----------
@@ -19,16 +21,21 @@ DICOM PS3.4 C.4.1 (C-FIND), C.4.3 (C-GET) and C.6.2 (Study Root information mode
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
+from email.message import Message
+from email.parser import BytesHeaderParser
+from email.utils import collapse_rfc2231_value
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
 import requests
 from dicomweb_client.api import DICOMwebClient
+from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.errors import InvalidDicomError
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
 from pynetdicom import build_role, evt
 from pynetdicom.sop_class import (
@@ -45,6 +52,7 @@ from IPv2DenoiseLib.core.text import printable_line
 from IPv2DenoiseLib.io.dicom_net import (
     ACCEPTED_TRANSFER_SYNTAXES,
     DEFAULT_CALLING_AET,
+    TRANSFER_SLACK_BYTES,
     UID_PATTERN,
     ArrivingSizeGuard,
     DestinationUnavailable,
@@ -459,7 +467,8 @@ def retrieve_series(
     ----------
     peer : DicomNode or str
         A DICOM node (C-GET, Study Root, at SERIES level: the PACS sends the instances on the same
-        association, so it needs no route back to us) or a DICOMweb base URL (WADO-RS).
+        association, so it needs no route back to us) or a DICOMweb base URL (QIDO-RS lists the
+        series' instances, WADO-RS fetches each).
     study_uid, series_uid : str
         The series to fetch (checked to be UIDs).
     folder : path-like
@@ -475,7 +484,8 @@ def retrieve_series(
     max_instances : int
         Instances accepted at most.
     max_instance_mb : float
-        Size of one instance accepted at most, MB.
+        Size of one instance accepted at most, MB. A transfer past it plus 1 MB (the encoding)
+        is cut off while it arrives; over DICOMweb that bounds every answer, the instance list too.
     replace : bool
         Replace an existing ``folder`` (an earlier retrieval of the series) once this one is complete.
 
@@ -607,6 +617,18 @@ def _sub_operations(status: Dataset) -> tuple[int, int]:
     return done, done + number("NumberOfRemainingSuboperations")
 
 
+#: What a WADO-RS instance answer is read in: a multipart/related body of one DICOM part (PS3.18 8.7.3).
+_WADO_ACCEPT = 'multipart/related; type="application/dicom"'
+_DICOM = "application/dicom"
+_DICOM_JSON = ("application/dicom+json", "application/json")
+#: Bytes read from a DICOMweb answer at a time; the size cap is checked after each piece.
+_CHUNK_BYTES = 2**16
+
+
+class _Refused(Exception):
+    """A DICOMweb answer the retrieval refuses; the message is one line saying why."""
+
+
 def _wado(
     url: str,
     study_uid: str,
@@ -617,33 +639,194 @@ def _wado(
     progress: ProgressCallback | None,
     cancel: CancelToken | None,
 ) -> None:
-    client = _web_client(url, timeout)
-    try:
-        expected = len(
-            client.search_for_instances(study_instance_uid=study_uid, series_instance_uid=series_uid)
-        )
-        for dataset in client.iter_series(study_uid, series_uid):
-            if cancel is not None:
-                cancel.check()
-            size = len(dataset.PixelData) if "PixelData" in dataset else 0
-            status = receiver.store(dataset, getattr(dataset, "file_meta", None), size)
-            if status != _STORE_OK:
-                return
-            if progress is not None:
-                progress(
-                    len(receiver.written),
-                    max(expected, len(receiver.written)),
-                    f"retrieve: {len(receiver.written)} images",
+    """QIDO-RS lists the series' instances, then WADO-RS fetches them one by one.
+
+    Every answer is read in pieces and closed as soon as it passes the instance size cap (plus
+    :data:`~IPv2DenoiseLib.io.dicom_net.TRANSFER_SLACK_BYTES`, as for C-GET), so no answer, endless
+    or not, is held in memory past it; a list of more instances than accepted is refused before any
+    is fetched. A refusal lands in ``receiver.refusals`` (the caller says it, nothing is kept).
+    """
+    series_url = f"{url.rstrip('/')}/studies/{study_uid}/series/{series_uid}"
+    limit = receiver.max_bytes + TRANSFER_SLACK_BYTES
+    timeout = max(timeout, 1.0)
+    with requests.Session() as session:
+        try:
+            sop_uids = _list_instances(session, series_url, url, receiver, limit, timeout, cancel)
+            for sop_uid in sop_uids:
+                if cancel is not None:
+                    cancel.check()
+                dataset, size = _fetch_instance(
+                    session, f"{series_url}/instances/{sop_uid}", url, receiver, limit, timeout, cancel
                 )
-    except requests.HTTPError as exc:
-        code = exc.response.status_code if exc.response is not None else 0
-        raise UserError(f"WADO-RS from {url} failed: HTTP {code}") from None
-    except requests.RequestException as exc:
-        raise DestinationUnavailable(f"cannot reach {url}: {type(exc).__name__}") from None
-    except (ValueError, InvalidDicomError) as exc:  # not multipart, or a part that is no DICOM
-        raise UserError(f"WADO-RS from {url}: the answer is not a DICOM series ({str(exc)[:120]})") from None
-    if not receiver.refusals and len(receiver.written) < expected:
-        raise UserError(
-            f"WADO-RS of series {series_uid} from {url}: {len(receiver.written)} of the {expected} images "
-            "its search lists came; a shortened series is not kept"
+                if receiver.store(dataset, dataset.file_meta, size) != _STORE_OK:
+                    return
+                if progress is not None:
+                    done = len(receiver.written)
+                    progress(done, len(sop_uids), f"retrieve: {done} of {len(sop_uids)} images")
+        except _Refused as exc:
+            receiver.refusals.append(str(exc))
+        except requests.RequestException as exc:
+            raise DestinationUnavailable(f"cannot reach {url}: {type(exc).__name__}") from None
+
+
+def _list_instances(
+    session: requests.Session,
+    series_url: str,
+    url: str,
+    receiver: _Receiver,
+    limit: int,
+    timeout: float,
+    cancel: CancelToken | None,
+) -> list[str]:
+    """The SOPInstanceUIDs QIDO-RS lists for the series (checked, in its order, each once)."""
+    with session.get(
+        f"{series_url}/instances",
+        params={"limit": receiver.max_instances + 1},
+        headers={"Accept": _DICOM_JSON[0], "Accept-Encoding": "identity"},
+        stream=True,
+        timeout=timeout,
+    ) as response:
+        if response.status_code == 204:  # no content: no instance
+            return []
+        if response.status_code != 200:
+            raise UserError(f"QIDO-RS on {url} failed: HTTP {response.status_code}")
+        media = _content_type(response).get_content_type()
+        if media not in _DICOM_JSON:
+            raise _Refused(f"the instance list came as {printable_line(media)}, not DICOM JSON")
+        if "additional results" in response.headers.get("Warning", "").lower():  # PS3.18 8.3.4.4
+            raise _Refused("the instance list came short (the server has more it did not send)")
+        body = _read_bounded(response, limit, receiver.max_bytes, "the instance list", cancel)
+    try:
+        rows = json.loads(body)
+    except (ValueError, RecursionError):
+        raise _Refused("the instance list is not JSON") from None
+    if not isinstance(rows, list):
+        raise _Refused("the instance list is not a JSON list")
+    if len(rows) > receiver.max_instances:
+        raise _Refused(f"more than {receiver.max_instances} instances")
+    uids: dict[str, None] = {}
+    for row in rows:
+        try:
+            uids[check_uid(Dataset.from_json(row).get("SOPInstanceUID", ""))] = None
+        except Exception:  # noqa: BLE001 - a server's JSON is hostile: any shape
+            raise _Refused("the instance list names an instance without a valid SOPInstanceUID") from None
+    return list(uids)
+
+
+def _fetch_instance(
+    session: requests.Session,
+    instance_url: str,
+    url: str,
+    receiver: _Receiver,
+    limit: int,
+    timeout: float,
+    cancel: CancelToken | None,
+) -> tuple[Dataset, int]:
+    """One instance by WADO-RS, and its size in bytes; the media type is checked before reading."""
+    with session.get(
+        instance_url,
+        headers={"Accept": _WADO_ACCEPT, "Accept-Encoding": "identity"},
+        stream=True,
+        timeout=timeout,
+    ) as response:
+        if response.status_code != 200:
+            raise UserError(
+                f"WADO-RS from {url} failed: HTTP {response.status_code} "
+                f"(instance {instance_url.rsplit('/', 1)[-1]}); a shortened series is not kept"
+            )
+        header = _content_type(response)
+        _check_dicom_answer(header)
+        body = _read_bounded(response, limit, receiver.max_bytes, "an instance", cancel)
+    bare = header.get_content_type() == _DICOM
+    content = body if bare else _single_part(body, _param(header, "boundary"))
+    try:
+        return dcmread(BytesIO(content)), len(content)
+    except Exception:  # noqa: BLE001 - a server's bytes are hostile: any parse error
+        raise _Refused("an answer is not a DICOM instance") from None
+
+
+def _content_type(response: requests.Response) -> Message:
+    """The answer's Content-Type header, parsed by the standard library's MIME header parser
+    (quoted and unquoted parameters, any case); an absent one reads as ``text/plain``."""
+    header = Message()
+    header["Content-Type"] = response.headers.get("Content-Type", "")
+    return header
+
+
+def _param(header: Message, name: str) -> str:
+    """A Content-Type parameter's value ("" if absent)."""
+    value = header.get_param(name, "")
+    return str(collapse_rfc2231_value(value) if value else "")
+
+
+def _check_dicom_answer(header: Message) -> None:
+    """Refuse, before reading it, an answer that is neither DICOM nor multipart/related DICOM with a
+    boundary (a bare DICOM body is not PS3.18 but common: dicomweb-client takes it too)."""
+    media, kind, boundary = (
+        header.get_content_type(),
+        _param(header, "type") or _DICOM,
+        _param(header, "boundary"),
+    )
+    if media == _DICOM:
+        return
+    if media != "multipart/related" or kind.lower() != _DICOM:
+        raise _Refused(
+            f"an answer came as {printable_line(header['Content-Type'] or 'nothing')[:80]}, "
+            "not multipart/related DICOM"
         )
+    if not 0 < len(boundary) <= 70 or not boundary.isascii():  # RFC 2046 5.1.1
+        raise _Refused("a multipart answer came without a valid boundary")
+
+
+def _read_bounded(
+    response: requests.Response, limit: int, cap: int, what: str, cancel: CancelToken | None
+) -> bytearray:
+    """The answer's body, read in pieces; refused (and the connection closed) once past ``limit``.
+
+    A compressed answer is refused before reading (we asked for none; a small compressed piece
+    could inflate past any cap at once), and so is one that announces more than ``limit``.
+    """
+    encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise _Refused(f"{what} came compressed ({printable_line(encoding)[:40]}) though none was asked for")
+    announced = _count(response.headers.get("Content-Length"))
+    if announced is not None and announced > limit:
+        raise _Refused(f"{what} of {announced / 2**20:.4g} MB was announced (cap {cap / 2**20:.4g} MB)")
+    body = bytearray()
+    for piece in response.iter_content(chunk_size=_CHUNK_BYTES):
+        body += piece
+        if len(body) > limit:  # the caller's ``with`` closes the connection: the rest is never read
+            raise _Refused(
+                f"{what} passed {limit / 2**20:.4g} MB while arriving (cap {cap / 2**20:.4g} MB); "
+                "the connection was closed"
+            )
+        if cancel is not None:
+            cancel.check()
+    return body
+
+
+def _single_part(body: bytearray, boundary: str) -> bytearray:
+    """The content of the one part of a multipart/related ``body`` (RFC 2046 5.1.1), copied once.
+
+    Written by hand: dicomweb-client's decoder is private and reads without bound, and the standard
+    library's ``email`` parser is exact but takes about 60 ms per MB here (per instance) and several
+    copies of the body; the part's headers are parsed by ``email``.
+    """
+    delimiter = b"\r\n--" + boundary.encode("ascii")
+    if body.startswith(delimiter[2:]):  # no preamble
+        first = -2
+    elif (first := body.find(delimiter)) < 0:
+        raise _Refused("a multipart answer has no boundary line")
+    start = first + len(delimiter)
+    end = body.find(delimiter, start)
+    if end < 0:
+        raise _Refused("a multipart answer ended before its closing boundary")
+    if body[end + len(delimiter) : end + len(delimiter) + 2] != b"--":
+        raise _Refused("one instance came as several parts")
+    head_end = body.find(b"\r\n\r\n", start, end)  # after transport padding, CRLF and the headers
+    if head_end < 0:
+        raise _Refused("a multipart part has no end of its headers")
+    part = BytesHeaderParser().parsebytes(bytes(body[start:head_end]).lstrip(b" \t\r\n") + b"\r\n\r\n")
+    if "Content-Type" in part and part.get_content_type() != _DICOM:
+        raise _Refused(f"a part came as {printable_line(part.get_content_type())[:80]}, not DICOM")
+    return body[head_end + 4 : end]
