@@ -132,7 +132,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     which.add_argument(
         "--model",
         default="default",
-        help="model name from Resources/Models/models.json, or a tier: fast, quality (default: %(default)s)",
+        help="model name from Resources/Models/models.json, or a tier: fast, quality (default: the "
+        "catalogue's default model, the quality tier; `ipv2-denoise info` lists them)",
     )
     which.add_argument(
         "--weights", metavar="FILE", help="a .safetensors weights file with its .json model card"
@@ -145,14 +146,16 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         choices=ENSEMBLE_SIZES,
         metavar="N",
         help="average the network over N in-plane flips/transposes of each slice (1, 2, 4 or 8): "
-        "N times slower, +0.3-0.5 dB; 8 is the quality setting for a GPU (default: %(default)s)",
+        "N times slower; 8 gave +0.2 dB on the mean of the benchmark's real slices (README); the quality "
+        "setting for a GPU (default: %(default)s)",
     )
     parser.add_argument(
         "--refine",
         action="store_true",
         help="filter once more with the network's output as the pilot of a collaborative Wiener filter "
-        "and the noise measured on the scan: +0.1-0.5 dB on the mean of the benchmark's real slices (head "
-        "and neck most), none on its chest; about 2 s per 512x512 slice on a CPU core",
+        "and the noise measured on the scan: about +0.2 dB on the mean of the benchmark's real slices for a "
+        "single pass (the head most; the chest and abdomen can lose, and on top of --ensemble 8 it gains "
+        "nothing: README); about 2 s per 512x512 slice on a CPU core",
     )
     parser.add_argument(
         "--no-remove-background",

@@ -100,10 +100,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--arch",
         default="unet",
         help="unet (default), unet-nm (noise-aware: + a noise level map channel), unet-nmt (+ the map and "
-        "the noise texture), redcnn, dncnn, or a preset size: fast (unet-nm, 16 channels, 3 levels: the "
-        "shipped fast model), quality (unet-nm, 32 channels, 3 levels, 467 k parameters: the shipped "
-        "default; --model-kwargs override it; --init with fast weights widens them), fast-texture or "
-        "quality-texture (the same as unet-nmt; --init with unet-nm weights adds the texture channel)",
+        "the noise texture), redcnn, dncnn, or a preset size: fast (unet-nm, 16 channels, 3 levels), "
+        "quality (unet-nm, 32 channels, 3 levels, 467 k parameters; --model-kwargs override it; --init with "
+        "fast weights widens them), fast-texture or quality-texture (the same sizes as unet-nmt: the shipped "
+        "fast and default models; --init with unet-nm weights adds the texture channel)",
     )
     parser.add_argument(
         "--model-kwargs", default=None, help="JSON constructor keywords, e.g. '{\"base_channels\": 16}'"
