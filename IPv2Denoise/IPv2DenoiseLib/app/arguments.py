@@ -133,7 +133,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--model",
         default="default",
         help="model name from Resources/Models/models.json, or a tier: fast, quality (default: the "
-        "catalogue's default model, the quality tier; `ipv2-denoise info` lists them)",
+        "catalogue's default model, the quality tier; an unknown name lists the installed ones)",
     )
     which.add_argument(
         "--weights", metavar="FILE", help="a .safetensors weights file with its .json model card"
