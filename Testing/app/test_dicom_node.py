@@ -394,9 +394,20 @@ def test_serve_without_allow_lists_says_so_loudly_and_hints_name_its_own_options
     node = Node(spool, f"127.0.0.1:{free_port()}:PACS", quiet=1.0, host=None)
     try:
         warning = next(line for line in node.text().splitlines() if "accepting from" in line)
+        failed = next(line for line in node.text().splitlines() if "failed series" in line)
     finally:
         assert node.stop() == 0
     assert "WARNING" in warning and "ANY calling AE" in warning and "any host" in warning
+    # failed series hold patient data and fill the disk: by default they go a month after they failed
+    assert (
+        f"{spool / 'failed'} holds 0 failed series (0.0 MB); each is deleted 30 day(s) after it failed"
+        in failed
+    )
+    never = ["--forward", "pacs:104:PACS", "--keep-failed-days", "0"]
+    with pytest.raises(SystemExit) as exited:  # argparse: one usage line, exit status 2
+        main(["serve", "--port", "11112", "--aet", "NODE", *never])
+    assert exited.value.code == 2
+    assert "expected a number of days > 0 or 'forever', got '0'" in capsys.readouterr().err
     assert main(["serve", "--port", "11112", "--aet", "NODE", "--forward", "pacs:104"]) == 2
     err = capsys.readouterr().err
     assert "expected HOST:PORT:AET" in err and "--aet" not in err

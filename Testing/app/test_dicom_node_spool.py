@@ -7,13 +7,17 @@ node's fault injection, ``IPV2DENOISE_NODE_KILL_AT``, makes the kill land exactl
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pydicom
 import pytest
+from orthanc_server import free_port
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 from serve_node import NODE_AET, Node, derived_in_orthanc, derived_series_count, fresh_study, store
@@ -207,3 +211,143 @@ def test_no_room_for_the_derived_series_is_retried_not_failed(orthanc, tmp_path,
     finally:
         assert node.stop() == 0
     assert len(back) == 4 and not _leftovers(spool)
+
+
+def _reason_of(spool: Path, log: str, number: int) -> str:
+    """The ``reason.txt`` of the ``number``-th failed series (in order of failure), checked against
+    its one log line, which names the folder it was moved to."""
+    failed = sorted((spool / "failed").iterdir(), key=lambda f: int(f.name.rsplit(".", 1)[1]))[number]
+    reason = (failed / "reason.txt").read_text().strip()
+    line = next(line for line in log.splitlines() if f"kept in {failed})" in line)
+    assert "FAILED" in line and reason in line and "\n" not in reason
+    return reason
+
+
+def test_late_instances_of_a_series_never_become_a_second_partial_derived_series(orthanc, tmp_path) -> None:
+    """A sender cut off for longer than the quiet period, or one re-sending a few instances, used to
+    get its late instances denoised and forwarded as a derived series of their own: a 2-slice
+    "denoised" series in the PACS beside the 3-slice one, which a radiologist could take for the
+    scan. Now a batch that lacks instances of an earlier batch of its series (queued, or forwarded:
+    the node's record of it outlives kill -9) is failed with a reason saying what happened and what
+    to do; the whole series sent again is denoised and forwarded as one complete derived series."""
+    spool = tmp_path / "spool"
+    series = fresh_study(tmp_path / "in", n=5)
+    head = pydicom.dcmread(series[0])
+    study, series_uid = str(head.StudyInstanceUID), str(head.SeriesInstanceUID)
+    # the PACS is down: the first 3 instances are denoised and wait in ready/; 2 more arrive late
+    down = f"127.0.0.1:{free_port()}:PACS"
+    node = Node(spool, down, quiet=1.0, log_dir=tmp_path, extra=["--retry-seconds", "600"])
+    try:
+        assert store(node.port, map(pydicom.dcmread, series[:3])) == [0x0000] * 3
+        node.wait_for("will retry", 60)
+        assert store(node.port, map(pydicom.dcmread, series[3:])) == [0x0000] * 2
+        log = node.wait_for("FAILED", 60)
+    finally:
+        node.kill()
+    reason = _reason_of(spool, log, 0)
+    assert reason.startswith(f"2 instance(s) arrived after series {series_uid} was complete at ")
+    assert "with 3 instance(s), queued to be denoised; 2 of them are not in it" in reason
+    assert "they were not forwarded as a partial series; send the whole series again" in reason
+    # the PACS is back: the queued 3 go (a partial series, but forwarded before the late ones came)
+    node = Node(spool, orthanc.node, quiet=1.0, log_dir=tmp_path)
+    try:
+        first = derived_in_orthanc(orthanc, study, 3)
+        node.wait_for("sent 3 to", 60)
+    finally:
+        node.kill()  # kill -9 right after: the record of the forwarded series is on disk
+    record = json.loads((spool / "forwarded" / f"{series_uid}.json").read_text())
+    assert record["derived_series_uid"] == first[0].SeriesInstanceUID
+    assert sorted(record["instances"]) == sorted(pydicom.dcmread(p).SOPInstanceUID for p in series[:3])
+    node = Node(spool, orthanc.node, quiet=1.0, log_dir=tmp_path)
+    try:
+        # the sender retries the late 2 again: still not a derived series of their own
+        assert store(node.port, map(pydicom.dcmread, series[3:])) == [0x0000] * 2
+        node.wait_for("FAILED", 60)
+        # the whole series sent again: one complete derived series
+        assert store(node.port, map(pydicom.dcmread, series)) == [0x0000] * 5
+        whole = derived_in_orthanc(orthanc, study, 5)
+        node.wait_for("sent 5 to", 60)
+        # one instance of it sent once more: nothing missing, nothing forwarded
+        assert store(node.port, [pydicom.dcmread(series[0])]) == [0x0000]
+        log = node.wait_for("FAILED", 60, count=2)
+    finally:
+        assert node.stop() == 0
+    assert sorted(derived_series_count(orthanc, study)) == [3, 5]  # never a 2- or 1-instance one
+    assert {ds.SourceImageSequence[0].ReferencedSOPInstanceUID for ds in whole} == {
+        pydicom.dcmread(p).SOPInstanceUID for p in series
+    }
+    reason = _reason_of(spool, log, 1)
+    assert reason.startswith(
+        f"2 instance(s) arrived after series {series_uid} was denoised and forwarded at "
+    )
+    derived = f"derived series number {first[0].SeriesNumber}"
+    assert (
+        f"as {derived} (UID {first[0].SeriesInstanceUID}, 3 instance(s)); 2 of them are not in it" in reason
+    )
+    assert f"send the whole series again to get one complete derived series (then delete {derived}" in reason
+    assert f"series {series_uid}: sent again whole (5 instance(s)" in log
+    reason = _reason_of(spool, log, 2)
+    assert f"(UID {whole[0].SeriesInstanceUID}, 5 instance(s)); all of them are in it already" in reason
+    assert not [p for d in ("incoming", "ready", "work") for p in (spool / d).iterdir()]
+
+
+def test_failed_series_are_deleted_keep_failed_days_after_they_failed(orthanc, tmp_path) -> None:
+    """failed/ holds patient data and was never emptied: a node running for months filled its disk.
+    At start the node deletes the failed series older than --keep-failed-days (one log line each)
+    and says how many it holds and their size; while it runs it deletes each in turn once its
+    days are over, by when it failed (not when it arrived). A folder there that is not one of its
+    series is the operator's and left alone; a forwarded series' record is forgotten after 7 days."""
+    spool = tmp_path / "spool"
+    failed = spool / "failed"
+
+    def failed_earlier(name: str, days_ago: float) -> Path:
+        """A failed series as a node leaves it: its instances and reason.txt, failed ``days_ago``."""
+        paths = fresh_study(tmp_path / name, n=2)
+        folder = failed / f"{pydicom.dcmread(paths[0]).SeriesInstanceUID}.{time.time_ns()}"
+        folder.mkdir(parents=True)
+        for path in paths:
+            shutil.copy(path, folder / f"{pydicom.dcmread(path).SOPInstanceUID}.dcm")
+        (folder / "reason.txt").write_text("a slice is missing\n")
+        when = time.time() - days_ago * 86400
+        for path in (folder / "reason.txt", folder):
+            os.utime(path, (when, when))
+        return folder
+
+    old = failed_earlier("old", days_ago=40)
+    recent = failed_earlier("recent", days_ago=0)
+    operator = failed / "operator-notes"
+    operator.mkdir()
+    os.utime(operator, (time.time() - 90 * 86400,) * 2)
+    record = spool / "forwarded" / "1.2.3.4.json"
+    record.parent.mkdir()
+    record.write_text("{}")
+    os.utime(record, (time.time() - 8 * 86400,) * 2)
+    recent_mb = f"{sum(f.stat().st_size for f in recent.iterdir()) / 2**20:.1f} MB"
+    keep = 60 / 86400  # a minute, so that the test sees one go
+    node = Node(spool, orthanc.node, quiet=1.0, log_dir=tmp_path, extra=["--keep-failed-days", f"{keep:.6g}"])
+    try:
+        log = node.text()
+        deleted = next(line for line in log.splitlines() if "deleted the failed series" in line)
+        assert f"deleted the failed series {old} (3 file(s), " in deleted
+        assert f"more than {keep:.6g} day(s) ago (--keep-failed-days)" in deleted
+        holds = next(line for line in log.splitlines() if f"{failed} holds" in line)
+        assert (
+            f"{failed} holds 1 failed series ({recent_mb}); each is deleted {keep:.6g} day(s) after it failed"
+            in holds
+        )
+        assert log.index(deleted) < log.index(holds) < log.index("listening as")
+        assert "forgot 1 series forwarded more than 7 day(s) ago" in log
+        assert not old.exists() and recent.exists() and not record.exists()
+        # a series the node fails now: deleted a minute after it failed, as the one planted before start
+        fresh = [pydicom.dcmread(p) for p in fresh_study(tmp_path / "corrupt", n=2)]
+        fresh[1].PixelData = fresh[1].PixelData[:100]
+        assert store(node.port, fresh) == [0x0000, 0xC210]
+        node.wait_for("FAILED", 30)
+        (failed_now,) = [f for f in failed.iterdir() if f.name.startswith(str(fresh[0].SeriesInstanceUID))]
+        node.wait_for(f"deleted the failed series {recent} ", 90)
+        assert failed_now.exists()  # failed after the planted one: its days are not over yet
+        log = node.wait_for(f"deleted the failed series {failed_now} ", 90)
+    finally:
+        assert node.stop() == 0
+    assert list(failed.iterdir()) == [operator]
+    assert "could not delete" not in log and "Traceback" not in log

@@ -24,8 +24,16 @@ that is C-STOREd to the forward node (``io.dicom_net``). After the send the job 
 "sent" mark) before anything is deleted, so a kill at any step never re-denoises a sent series
 (which would give a second derived series) nor sends half of one. A series that fails
 (unreadable, mixed patients, refused by the forward node) moves to ``failed/`` with a
-``reason.txt``. The pipeline's warnings (training range, truncated field of view, the reader's),
-worded as ``denoise`` prints them, go to the log and into the derived series' DerivationDescription.
+``reason.txt``; it is deleted ``keep_failed_days`` after it failed (checked at start and hourly).
+The pipeline's warnings (training range, truncated field of view, the reader's), worded as
+``denoise`` prints them, go to the log and into the derived series' DerivationDescription.
+
+Each forwarded series leaves a record, ``forwarded/<SeriesInstanceUID>.json`` (when, as which
+derived series, the source instances it covered; written whole, then renamed, before the job
+leaves ``ready/``), kept ``remember_forwarded_days``. A later batch of that series (instances
+arriving after its quiet period) that lacks any instance already forwarded or queued is not
+forwarded, which would put a partial "denoised" series into the PACS: it moves to ``failed/``
+saying so; the whole series sent again is denoised and forwarded as usual.
 """
 
 from __future__ import annotations
@@ -47,6 +55,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
@@ -103,6 +112,14 @@ NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
 SPOOL_LOCK = "node.lock"
 #: Fault injection for the kill tests: the node SIGKILLs itself at this step (see ``_crash_point``).
 KILL_AT_ENV = "IPV2DENOISE_NODE_KILL_AT"
+#: Why a series failed, in its folder under ``failed/``.
+REASON = "reason.txt"
+#: Spool folder of the forwarded series' records, one ``<SeriesInstanceUID>.json`` each.
+FORWARDED = "forwarded"
+#: Seconds in a day (the retentions are given in days).
+DAY = 86400.0
+#: Longest wait between two prunings of ``failed/`` and ``forwarded/``.
+MAX_HOUSEKEEPING_SECONDS = 3600.0
 
 
 class HostAllowList:
@@ -159,6 +176,22 @@ class NodeConfig:
     #: largest instance accepted (encoded bytes); larger ones are refused with 0xA700, and an
     #: association whose instance passes it by 1 MB while arriving is aborted (``ArrivingSizeGuard``)
     max_instance_bytes: int = 512 * 2**20
+    #: days a failed series stays in ``failed/`` after it failed; None: until deleted by hand
+    keep_failed_days: float | None = 30.0
+    #: days a forwarded series is remembered: late instances of it are recognised that long
+    remember_forwarded_days: float = 7.0
+
+
+@dataclass(frozen=True)
+class _Earlier:
+    """An earlier batch of a series: forwarded (its record) or queued in ``ready/``."""
+
+    at: float
+    instances: frozenset[str]
+    #: what became of it: "was denoised and forwarded at T as derived series number N (UID U, …)"
+    what: str
+    #: its derived series, as a PACS user finds it: "derived series number N"
+    derived: str
 
 
 @dataclass
@@ -206,6 +239,20 @@ def _arrival_on_disk(folder: Path) -> _Arrival:
         if p.name.removesuffix(REFUSED) not in acknowledged
     }
     return _Arrival(time.monotonic(), set(acknowledged), set(acknowledged.values()) or {"spool"}, refused)
+
+
+def _incomplete_reason(refused: dict[str, str]) -> str:
+    """Why a series with refused instances (SOPInstanceUID -> why) was not denoised, and the remedy."""
+    first = sorted(refused)[0]
+    remedy = (
+        "free space and send the whole series again"
+        if set(refused.values()) == {SPOOL_FULL}
+        else "send the whole series again once the refused instance is readable and within the cap"
+    )
+    return (
+        f"{len(refused)} instance(s) were refused ({refused[first]}) and not "
+        f"sent again, e.g. {first}; the series is incomplete and was not denoised: {remedy}"
+    )
 
 
 def _pixel_data_problem(ds: Dataset) -> str | None:
@@ -281,6 +328,66 @@ def _crash_point(step: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _instances_of(folder: Path) -> set[str]:
+    """SOPInstanceUIDs of a spooled series: its manifest, else (spooled by an older node) its files."""
+    acknowledged = read_manifest(folder)
+    return set(acknowledged) if acknowledged is not None else {p.stem for p in folder.glob("*.dcm")}
+
+
+def _when(epoch: float) -> str:
+    """``epoch`` as local date and time (as the log's own time stamps)."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
+
+
+def _write_durably(path: Path, text: str, staging: Path) -> None:
+    """Write ``path`` whole or not at all: staged in ``staging`` (fsync), renamed, its folder fsynced."""
+    fd, tmp = tempfile.mkstemp(suffix=path.suffix, dir=staging)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _failed_series(failed: Path) -> list[Path]:
+    """The series folders in ``failed/`` (``<SeriesInstanceUID>.<ns>``); other entries are not the node's."""
+    found = []
+    for entry in failed.iterdir():
+        uid, _, stamp = entry.name.rpartition(".")
+        if stamp.isdigit() and UID_PATTERN.fullmatch(uid) and entry.is_dir():
+            found.append(entry)
+    return sorted(found)
+
+
+def _failed_at(folder: Path) -> float:
+    """When a series failed: the later time of its folder and its ``reason.txt`` (``_fail`` sets both)."""
+    times = []
+    for path in (folder / REASON, folder):
+        try:
+            times.append(path.stat().st_mtime)
+        except OSError:
+            pass
+    return max(times, default=time.time())
+
+
+def _size_of(folder: Path) -> tuple[int, int]:
+    """Files and bytes under ``folder`` (what vanishes meanwhile is not counted)."""
+    files = size = 0
+    for root, _, names in os.walk(folder):
+        for name in names:
+            try:
+                size += os.stat(os.path.join(root, name)).st_size
+                files += 1
+            except OSError:
+                pass
+    return files, size
+
+
 class DenoisingNode:
     """Storage SCP + spool + job queue; see the module docstring.
 
@@ -298,7 +405,9 @@ class DenoisingNode:
         self.pipeline = pipeline
         self.aet = check_aet(config.aet, "--aet")
         self.allow_aets = tuple(check_aet(a, "--allow-aet") for a in config.allow_aets)
-        self.dirs = {name: config.spool / name for name in ("incoming", "ready", "work", "failed", "tmp")}
+        self.dirs = {
+            name: config.spool / name for name in ("incoming", "ready", "work", "failed", "tmp", FORWARDED)
+        }
         self._lock = threading.Lock()
         self._arrivals: dict[str, _Arrival] = {}
         self._stop = threading.Event()
@@ -339,6 +448,8 @@ class DenoisingNode:
             if leftover.name in keep and leftover.parent == self.dirs["work"]:
                 continue
             shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink()
+        self._housekeep()
+        self._log_failed()
         for folder in sorted(self.dirs["incoming"].iterdir()):
             self._arrivals[folder.name] = _arrival_on_disk(folder)
         if resumed or self._arrivals:
@@ -602,7 +713,7 @@ class DenoisingNode:
         if failed and not folder.exists():
             os.replace(failed[-1], folder)
             _fsync_dir(self.dirs["incoming"])
-            (folder / "reason.txt").unlink(missing_ok=True)
+            (folder / REASON).unlink(missing_ok=True)
             arrival = _arrival_on_disk(folder)
             LOG.info(
                 "series %s: re-opened from %s (%d instance(s) acknowledged, %d refused): an instance of it arrived again",
@@ -617,14 +728,19 @@ class DenoisingNode:
         return arrival
 
     def _watch(self) -> None:
+        housekeeping = time.monotonic() + self._housekeeping_seconds()
         while not self._stop.wait(min(0.25, self.config.quiet_seconds / 4)):
             try:
                 self._close_quiet_series()
+                if time.monotonic() >= housekeeping:
+                    housekeeping = time.monotonic() + self._housekeeping_seconds()
+                    self._housekeep()
             except Exception as exc:  # noqa: BLE001 (the thread must outlive a full disk; it retries)
                 LOG.error("quiet-period check failed, will try again: %s", exc)
 
     def _close_quiet_series(self) -> None:
-        """Queue (or fail, when incomplete) each series nothing arrived for during the quiet period."""
+        """Queue each series nothing arrived for during the quiet period; fail it instead when one
+        of its instances was refused, or when it is a late part of a series forwarded or queued before."""
         now = time.monotonic()
         with self._lock:
             quiet = [
@@ -637,20 +753,18 @@ class DenoisingNode:
                 if not folder.is_dir():
                     LOG.error("series %s: nothing stored; %d instance(s) refused", uid, len(arrival.refused))
                 elif arrival.refused:
-                    first = sorted(arrival.refused)[0]
-                    remedy = (
-                        "free space and send the whole series again"
-                        if set(arrival.refused.values()) == {SPOOL_FULL}
-                        else "send the whole series again once the refused instance is readable and within the cap"
-                    )
-                    reason = (
-                        f"{len(arrival.refused)} instance(s) were refused ({arrival.refused[first]}) and not "
-                        f"sent again, e.g. {first}; the series is incomplete and was not denoised: {remedy}"
-                    )
                     # markers a full disk kept out at the time: the series re-opens when they come again
                     _write_refusal_markers(folder, arrival.refused)
                     self._fail(
-                        folder, name, reason, received=len(arrival.acknowledged), senders=arrival.senders
+                        folder,
+                        name,
+                        _incomplete_reason(arrival.refused),
+                        received=len(arrival.acknowledged),
+                        senders=arrival.senders,
+                    )
+                elif late := self._late_reason(uid, folder):
+                    self._fail(
+                        folder, name, late, received=len(arrival.acknowledged), senders=arrival.senders
                     )
                 else:
                     job = self.dirs["ready"] / name
@@ -658,6 +772,177 @@ class DenoisingNode:
                     _fsync_dir(self.dirs["ready"])
                     self._submit(job)
                 del self._arrivals[uid]
+
+    # ------------------------------------------------------------------------ late instances
+
+    def _earlier_batches(self, series_uid: str) -> list[_Earlier]:
+        """The series' batches queued in ``ready/`` and its forwarded record, oldest first. Call
+        with the lock held: a job writes its record (under the lock) before it leaves ``ready/``,
+        so one of the two is always seen."""
+        earlier = []
+        for job in self.dirs["ready"].glob(f"{glob.escape(series_uid)}.*"):
+            uid, _, stamp = job.name.rpartition(".")
+            if uid == series_uid and stamp.isdigit():
+                at, instances = int(stamp) / 1e9, frozenset(_instances_of(job))
+                what = f"was complete at {_when(at)} with {len(instances)} instance(s), queued to be denoised"
+                derived = f"the derived series of those {len(instances)} instance(s) once it arrives"
+                earlier.append(_Earlier(at, instances, what, derived))
+        record = self._forwarded_record(series_uid)
+        if record is not None:
+            at, instances = float(record.get("forwarded_at", 0)), frozenset(record.get("instances", ()))
+            number = record.get("derived_series_number") or "?"
+            what = (
+                f"was denoised and forwarded at {_when(at)} as derived series number {number} "
+                f"(UID {record.get('derived_series_uid', '?')}, {len(instances)} instance(s))"
+            )
+            earlier.append(_Earlier(at, instances, what, f"derived series number {number}"))
+        return sorted(earlier, key=lambda e: e.at)
+
+    def _late_reason(self, series_uid: str, folder: Path) -> str | None:
+        """Why a batch must not be forwarded: it lacks instances of an earlier batch of its series
+        (forwarded, or queued) and would be a partial derived series; None when it has all of them
+        (the whole series sent again) or there is none. Call with the lock held."""
+        earlier = self._earlier_batches(series_uid)
+        if not earlier:
+            return None
+        arrived = _instances_of(folder)
+        lacking = [e for e in earlier if not e.instances <= arrived]
+        if not lacking:
+            LOG.info(
+                "series %s: sent again whole (%d instance(s), all %d of the batch that %s): it is "
+                "denoised and forwarded as a new derived series; the earlier one stays in the PACS",
+                series_uid,
+                len(arrived),
+                len(earlier[-1].instances),
+                earlier[-1].what,
+            )
+            return None
+        last = lacking[-1]
+        new = len(arrived - last.instances)
+        head = f"{len(arrived)} instance(s) arrived after series {series_uid} {last.what}"
+        if new == 0:
+            return (
+                f"{head}; all of them are in it already: not forwarded again as a partial series, "
+                "nothing is missing (delete this folder, or send the whole series again for a new derived series)"
+            )
+        return (
+            f"{head}; {new} of them are not in it: they were not forwarded as a partial series; "
+            "send the whole series again to get one complete derived series "
+            f"(then delete {last.derived} in the PACS: it lacks them)"
+        )
+
+    def _forwarded_record(self, series_uid: str) -> dict | None:
+        """The record of the series' last forwarding (``forwarded/<uid>.json``), or None."""
+        path = self.dirs[FORWARDED] / f"{series_uid}.json"
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:  # written whole by rename: only a damaged disk gets here
+            LOG.warning("series %s: ignored the unreadable record %s: %s", series_uid, path, exc)
+            return None
+        return record if isinstance(record, dict) else None
+
+    def _record_forwarded(self, series_uid: str, job: Path, out: Path) -> None:
+        """Remember that the job's series was forwarded, as which derived series, covering which
+        instances. Written before the job leaves ``ready/``: a kill in between sends (and records)
+        the same derived series again."""
+        try:
+            derived = dcmread(min(out.glob("*.dcm")), stop_before_pixels=True)
+            record = {
+                "series": series_uid,
+                "forwarded_at": time.time(),
+                "destination": str(self.config.forward),
+                "derived_series_uid": str(derived.SeriesInstanceUID),
+                "derived_series_number": str(derived.get("SeriesNumber", "")),
+                "instances": sorted(_instances_of(job)),
+            }
+            with self._lock:  # the quiet-period check sees the job in ready/ or this record
+                path = self.dirs[FORWARDED] / f"{series_uid}.json"
+                _write_durably(path, json.dumps(record), self.dirs["tmp"])
+        except Exception as exc:  # noqa: BLE001 (the series is delivered; only the record is missing)
+            LOG.error(
+                "series %s: forwarded, but could not record it (%s): instances of it arriving later "
+                "would be forwarded as a derived series of their own",
+                series_uid,
+                _one_line(exc),
+            )
+
+    # ------------------------------------------------------------------------------ housekeeping
+
+    def _housekeeping_seconds(self) -> float:
+        """How often ``failed/`` and ``forwarded/`` are pruned: hourly, or a tenth of a shorter retention."""
+        days = [self.config.remember_forwarded_days, self.config.keep_failed_days]
+        return max(1.0, min([MAX_HOUSEKEEPING_SECONDS] + [d * DAY / 10 for d in days if d is not None]))
+
+    def _housekeep(self) -> None:
+        """Delete the failed series older than ``keep_failed_days`` and forget the forwarded ones
+        older than ``remember_forwarded_days``."""
+        now = time.time()
+        keep = self.config.keep_failed_days
+        if keep is not None:
+            for folder in _failed_series(self.dirs["failed"]):
+                failed_at = _failed_at(folder)
+                if now - failed_at >= keep * DAY:
+                    self._delete_failed(folder, failed_at)
+        horizon = now - self.config.remember_forwarded_days * DAY
+        forgotten = 0
+        with self._lock:  # not while a job writes a record
+            for record in self.dirs[FORWARDED].glob("*.json"):
+                try:
+                    if record.stat().st_mtime < horizon:
+                        record.unlink()
+                        forgotten += 1
+                except OSError:
+                    pass
+        if forgotten:
+            LOG.info(
+                "forgot %d series forwarded more than %g day(s) ago (their late instances are no longer recognised)",
+                forgotten,
+                self.config.remember_forwarded_days,
+            )
+
+    def _delete_failed(self, folder: Path, failed_at: float) -> None:
+        """Delete one failed series: one rename into ``tmp/`` (emptied at every start), then delete."""
+        files, size = _size_of(folder)
+        aside = self.dirs["tmp"] / f"deleted-{folder.name}"
+        try:
+            with self._lock:  # not while an instance sent again re-opens it (``_arrival_of``)
+                if not folder.is_dir():
+                    return
+                os.replace(folder, aside)
+                _fsync_dir(self.dirs["failed"])
+        except OSError as exc:
+            LOG.error("could not delete the failed series %s: %s", folder, exc.strerror or exc)
+            return
+        shutil.rmtree(aside, ignore_errors=True)
+        LOG.info(
+            "deleted the failed series %s (%d file(s), %.1f MB): it failed %s, more than %g day(s) ago "
+            "(--keep-failed-days)",
+            folder,
+            files,
+            size / 2**20,
+            _when(failed_at),
+            self.config.keep_failed_days,
+        )
+
+    def _log_failed(self) -> None:
+        """One line: how many failed series the spool holds, their size, and how long they are kept."""
+        folders = _failed_series(self.dirs["failed"])
+        size = sum(_size_of(f)[1] for f in folders)
+        held = f"{self.dirs['failed']} holds {len(folders)} failed series ({size / 2**20:.1f} MB)"
+        if self.config.keep_failed_days is None:
+            LOG.warning(
+                "%s; kept until deleted by hand (--keep-failed-days forever): they hold patient data "
+                "and fill the spool",
+                held,
+            )
+        else:
+            LOG.info(
+                "%s; each is deleted %g day(s) after it failed (--keep-failed-days)",
+                held,
+                self.config.keep_failed_days,
+            )
 
     def _submit(self, job: Path, attempt: int = 0) -> None:
         if self._stop.is_set():
@@ -740,6 +1025,7 @@ class DenoisingNode:
             )
             self._retry_later(job, attempt + 1, delay)
             return
+        self._record_forwarded(series_uid, job, out)
         _crash_point("sent")
         self._discard_sent(job, out)
         seconds = time.monotonic() - start
@@ -811,9 +1097,13 @@ class DenoisingNode:
             LOG.error("could not move %s to %s: %s", folder, target, exc)
             target = folder
         try:
-            (target / "reason.txt").write_text(reason + "\n")
+            (target / REASON).write_text(reason + "\n")
         except OSError as exc:  # a full disk: the log line below still says why
-            LOG.error("could not write %s: %s", target / "reason.txt", exc.strerror or exc)
+            LOG.error("could not write %s: %s", target / REASON, exc.strerror or exc)
+        try:
+            os.utime(target)  # the time it failed, for --keep-failed-days, also without reason.txt
+        except OSError:
+            pass
         senders = ",".join(sorted(senders)) if isinstance(senders, set) else senders
         after = f" after {time.monotonic() - start:.1f} s" if start is not None else ""
         LOG.error(

@@ -28,6 +28,39 @@ HELP = (
 )
 
 
+#: ``--keep-failed-days`` default: a month to look into a failed series, then its disk space is back.
+KEEP_FAILED_DAYS = 30.0
+
+
+def days_or_forever(text: str) -> float | None:
+    """argparse type of ``--keep-failed-days``: a number of days > 0, or ``forever`` (None).
+
+    Parameters
+    ----------
+    text : str
+        The option's value.
+
+    Returns
+    -------
+    float or None
+        The days; None for ``forever``.
+
+    Raises
+    ------
+    argparse.ArgumentTypeError
+        Neither a finite number > 0 nor ``forever``.
+    """
+    if text.strip().lower() == "forever":
+        return None
+    try:
+        days = float(text)
+    except ValueError:
+        days = math.nan
+    if not (math.isfinite(days) and days > 0):
+        raise argparse.ArgumentTypeError(f"expected a number of days > 0 or 'forever', got {text!r}")
+    return days
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--port", type=int, required=True, help="TCP port to listen on (DICOM: often 104 or 11112)"
@@ -76,6 +109,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="ipv2-spool",
         metavar="DIR",
         help="folder for received and queued series; kept across restarts (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--keep-failed-days",
+        type=days_or_forever,
+        default=KEEP_FAILED_DAYS,
+        metavar="D",
+        help="delete a failed series (SPOOL/failed/, patient data) D days after it failed, checked at "
+        "start and hourly, each deletion logged; 'forever' keeps them until deleted by hand "
+        f"(default: {KEEP_FAILED_DAYS:g})",
     )
     parser.add_argument(
         "--quiet-seconds",
@@ -192,6 +234,7 @@ def _serve(args: argparse.Namespace) -> int:
         allow_aets=allow_aets,
         allow_hosts=allow_hosts,
         max_instance_bytes=int(args.max_instance_mb * 2**20),
+        keep_failed_days=args.keep_failed_days,
     )
     node = DenoisingNode(config, pipeline)
     for sig in (signal.SIGTERM, signal.SIGINT):  # before start: a stop while it starts is a clean stop too
