@@ -1,7 +1,8 @@
 """Finding and fetching CT series on a PACS (``io/dicom_query``) against a real Orthanc, over DIMSE
 (C-FIND + C-GET) and DICOMweb (QIDO-RS + WADO-RS), and against a hostile PACS (a real pynetdicom
 peer in this process) that answers a C-GET with another series, and hostile DICOMweb servers (real
-HTTP servers on loopback in this process) that answer with too much."""
+HTTP servers on loopback in this process) that answer with too much; a search is cancelled against
+such peers (a pynetdicom C-FIND peer and a QIDO-RS server) that record what they were asked."""
 
 from __future__ import annotations
 
@@ -21,9 +22,14 @@ import pydicom
 import pytest
 from conftest import write_ct_series
 from orthanc_server import free_port
+from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelGet
+from pynetdicom.sop_class import (
+    CTImageStorage,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+)
 
 from IPv2DenoiseLib.core.atomic import STAGING_DIR
 from IPv2DenoiseLib.core.errors import UserError
@@ -255,7 +261,8 @@ class FakeDicomweb:
 
 
 #: Where an "endless" answer stops: only so that a client reading without bound (the code until
-#: 2026-12-07) cannot take the test machine down; a bounded one hangs up after about 1 MB.
+#: 2026-12-07) cannot take the test machine down; a bounded one hangs up after about 1 MB (a
+#: retrieval's test cap) or 16 MB (a search's cap).
 ENDLESS_BYTES = 64 * 2**20
 MULTIPART = 'multipart/related; type="application/dicom"; boundary=XYZ'
 PART_HEAD = b"--XYZ\r\nContent-Type: application/dicom\r\n\r\n"
@@ -295,16 +302,14 @@ def instance_bytes(ds: pydicom.Dataset) -> bytes:
 
 
 @contextmanager
-def dicomweb_server(listed: Answer, instance: Callable[[str], Answer]) -> Iterator[FakeDicomweb]:
-    """Answers a QIDO-RS instance search (a path ending ``/instances``) with ``listed`` and any other
-    GET (WADO-RS: an instance, or the whole series as the code until 2026-12-07 asked) with
-    ``instance(path)``; a body is written piece by piece, over a connection closed after each answer."""
+def fake_dicomweb(answer: Callable[[str], Answer]) -> Iterator[FakeDicomweb]:
+    """Answers every GET with ``answer(path)`` (the path with its query); a body is written piece
+    by piece, over a connection closed after each answer."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 (http.server's name)
             record.paths.append(self.path)
-            is_listing = self.path.split("?")[0].endswith("/instances")
-            status, headers, body = listed if is_listing else instance(self.path)
+            status, headers, body = answer(self.path)
             self.send_response(status)
             for name, value in headers.items():
                 self.send_header(name, value)
@@ -329,6 +334,19 @@ def dicomweb_server(listed: Answer, instance: Callable[[str], Answer]) -> Iterat
     finally:
         server.shutdown()
         server.server_close()
+
+
+@contextmanager
+def dicomweb_server(listed: Answer, instance: Callable[[str], Answer]) -> Iterator[FakeDicomweb]:
+    """Answers a QIDO-RS instance search (a path ending ``/instances``) with ``listed`` and any other
+    GET (WADO-RS: an instance, or the whole series as the code until 2026-12-07 asked) with
+    ``instance(path)``."""
+
+    def answer(path: str) -> Answer:
+        return listed if path.split("?")[0].endswith("/instances") else instance(path)
+
+    with fake_dicomweb(answer) as record:
+        yield record
 
 
 @pytest.fixture(scope="module")
@@ -486,3 +504,176 @@ def test_a_wado_server_that_bends_the_media_type_is_still_read(tmp_path, kind) -
             pacs.url, str(first.StudyInstanceUID), str(first.SeriesInstanceUID), tmp_path / "got"
         )
     assert [pydicom.dcmread(f).PixelData for f in got] == [pydicom.dcmread(f).PixelData for f in files]
+
+
+# ------------------------------------------------------------------------------------ searching
+
+DICOM_JSON = "application/dicom+json"
+#: ``io.dicom_query.MAX_SEARCH_MB``, as the refusal says it (and docs/web.md).
+SEARCH_CAP_MB = 16
+
+
+def study_row(uid: str, date: str) -> Dataset:
+    """A STUDY-level match as a PACS answers it."""
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "STUDY"
+    ds.StudyInstanceUID, ds.StudyDate, ds.StudyDescription = uid, date, "study"
+    ds.PatientID, ds.PatientName = "P1", "SEARCH^TEST"
+    return ds
+
+
+def series_row(study_uid: str) -> Dataset:
+    """A SERIES-level match: one CT series of ``study_uid``."""
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "SERIES"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, generate_uid()
+    ds.Modality, ds.SeriesNumber, ds.SeriesDescription = "CT", 1, "lung"
+    ds.NumberOfSeriesRelatedInstances = 10
+    return ds
+
+
+def json_list(*rows: Dataset) -> bytes:
+    return json.dumps([row.to_json_dict() for row in rows]).encode()
+
+
+@contextmanager
+def finding_pacs(studies: dict[str, str]) -> Iterator[tuple[DicomNode, list[str]]]:
+    """A real pynetdicom C-FIND peer (AE ``FINDER``, in this process): STUDY level answers ``studies``
+    (UID: date), SERIES level one CT series of the study asked about; yields the node and the list
+    of studies asked about at SERIES level, in order."""
+    asked: list[str] = []
+
+    def on_find(event):
+        query = event.identifier
+        if query.QueryRetrieveLevel == "STUDY":
+            for uid, date in studies.items():
+                yield 0xFF00, study_row(uid, date)
+        else:
+            asked.append(str(query.StudyInstanceUID))
+            yield 0xFF00, series_row(str(query.StudyInstanceUID))
+
+    ae = AE(ae_title="FINDER")
+    ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_FIND, on_find)])
+    try:
+        yield DicomNode("127.0.0.1", port, "FINDER"), asked
+    finally:
+        server.shutdown()
+
+
+@contextmanager
+def qido_server(studies: dict[str, str]) -> Iterator[tuple[str, list[str]]]:
+    """The same over QIDO-RS (a real HTTP server on loopback): yields the base URL and the list of
+    studies asked about at SERIES level (``…/studies/UID/series``), in order."""
+    asked: list[str] = []
+
+    def answer(path: str) -> Answer:
+        route = path.split("?")[0].rstrip("/").split("/")
+        if route[-1] == "studies":
+            return whole(DICOM_JSON, json_list(*(study_row(u, d) for u, d in studies.items())))
+        asked.append(route[-2])
+        return whole(DICOM_JSON, json_list(series_row(route[-2])))
+
+    with fake_dicomweb(answer) as record:
+        yield record.url, asked
+
+
+@pytest.mark.parametrize("protocol", ["dimse", "dicomweb"])
+def test_cancel_stops_a_search_before_its_next_study(protocol) -> None:
+    """A search reports progress study by study (one query each), and Cancel (here from the
+    progress callback after the first study) stops it there: ``Cancelled``, and the PACS is asked
+    about no further study. (Until 2026-12-07 ``find_series`` took no cancel token and no progress
+    callback: the web page's Cancel let all of up to 200 queries run and the search end as done.)"""
+    studies = {generate_uid(): f"2024010{day}" for day in (1, 2, 3)}
+    newest_first = sorted(studies, key=studies.__getitem__, reverse=True)
+    with (finding_pacs if protocol == "dimse" else qido_server)(studies) as (peer, asked):
+        seen: list[tuple[int, int, str]] = []
+        found = find_series(peer, patient="P1", timeout=5, progress=lambda *report: seen.append(report))
+        assert [m.study_uid for m in found] == newest_first and asked == newest_first
+        assert [(done, total) for done, total, _ in seen] == [(1, 3), (2, 3), (3, 3)]
+        assert seen[-1][2] == "search: 3 of 3 studies, 3 CT series"
+
+        asked.clear()
+        cancel = CancelToken()
+        with pytest.raises(Cancelled, match="cancelled by the user"):
+            find_series(peer, patient="P1", timeout=5, progress=lambda *_: cancel.cancel(), cancel=cancel)
+        assert asked == newest_first[:1]  # the first study only: no further query
+
+
+def test_cancel_stops_a_dicomweb_search_while_its_answer_arrives() -> None:
+    """A QIDO-RS server sends its study search slowly (64 kB every 50 ms, 10 s in all): Cancel from
+    another thread stops the search at the next piece, and the connection is closed."""
+    pieces_in_all = 200
+
+    def slowly() -> Iterator[bytes]:
+        yield b"["
+        for _ in range(pieces_in_all):
+            time.sleep(0.05)
+            yield b" " * 2**16
+
+    cancel = CancelToken()
+    with fake_dicomweb(lambda path: (200, {"Content-Type": DICOM_JSON}, slowly())) as pacs:
+        timer = threading.Timer(0.5, cancel.cancel)
+        timer.start()
+        started = time.monotonic()
+        try:
+            with pytest.raises(Cancelled):
+                find_series(pacs.url, timeout=5, cancel=cancel)
+        finally:
+            timer.cancel()
+        assert time.monotonic() - started < 3
+        assert pacs.settled()[0] < pieces_in_all * 2**16  # hung up: the rest never left the server
+
+
+def big_study_search(study_uid: str, megabytes: int) -> bytes:
+    """A study search answer of about ``megabytes`` MB: rows with a 1 MB StudyDescription each."""
+    row = study_row(study_uid, "20240101").to_json_dict()
+    row["00081030"] = {"vr": "LO", "Value": ["x" * 2**20]}
+    return json.dumps([row] * megabytes).encode()
+
+
+@pytest.mark.parametrize("mode", ["endless", "announced", "compressed", "endless series search"])
+def test_a_qido_search_answer_past_the_cap_is_refused(mode) -> None:
+    """A QIDO-RS server answers the study search (or a study's series search) with DICOM JSON that
+    never ends, with 20 MB it announces (Content-Length), or with 20 MB gzip-compressed though none
+    was asked for. Each is refused in one line naming the server and the 16 MB cap, the endless
+    ones cut off while they arrive. (Until 2026-12-07 dicomweb-client read every answer whole
+    into memory, inflated the compressed one, and offered the 20 MB answers' study.)"""
+    study = generate_uid()
+    row = json_list(study_row(study, "20240101"))[1:-1] + b","
+    endless_json = (200, {"Content-Type": DICOM_JSON}, endless(b"[", row * 1024))
+    big = big_study_search(study, 20)
+    study_answer = {
+        "endless": endless_json,
+        "announced": whole(DICOM_JSON, big),
+        "compressed": (
+            200,
+            {"Content-Type": DICOM_JSON, "Content-Encoding": "gzip"},
+            [gzip.compress(big, compresslevel=1)],
+        ),
+        "endless series search": whole(DICOM_JSON, json_list(study_row(study, "20240101"))),
+    }[mode]
+    series_answer = (
+        endless_json if mode == "endless series search" else whole(DICOM_JSON, json_list(series_row(study)))
+    )
+
+    def answer(path: str) -> Answer:
+        return study_answer if path.split("?")[0].endswith("/studies") else series_answer
+
+    what, why = {
+        "endless": ("the study search", rf"passed {SEARCH_CAP_MB} MB while arriving"),
+        "announced": ("the study search", r"of 20\.\d+ MB was announced"),
+        "compressed": ("the study search", r"came compressed \(gzip\) though none was asked for"),
+        "endless series search": (
+            f"the series search of study {re.escape(study)}",
+            rf"passed {SEARCH_CAP_MB} MB while arriving",
+        ),
+    }[mode]
+    cap = "" if mode == "compressed" else rf" \(cap {SEARCH_CAP_MB} MB\)"
+    with fake_dicomweb(answer) as pacs:
+        with pytest.raises(
+            UserError, match=rf"^QIDO-RS on {re.escape(pacs.url)}: refused, {what} {why}{cap}"
+        ):
+            find_series(pacs.url, timeout=10)
+        assert max(pacs.settled()) < ENDLESS_BYTES * 3 // 4  # hung up: the rest never left the server

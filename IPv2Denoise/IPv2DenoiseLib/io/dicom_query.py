@@ -1,17 +1,19 @@
-"""Find CT series on a PACS and fetch one: C-FIND + C-GET (pynetdicom) or QIDO-RS + WADO-RS (dicomweb-client).
+"""Find CT series on a PACS and fetch one: C-FIND + C-GET (pynetdicom) or QIDO-RS + WADO-RS (requests).
 
 The peer is the same :class:`~IPv2DenoiseLib.io.dicom_net.DicomNode` or DICOMweb base URL that
 ``send`` stores to. :func:`find_series` asks study by study (STUDY level, then SERIES level inside
-each study: the strict hierarchical query every PACS answers) and returns what a person chooses
-from. :func:`retrieve_series` fetches one series into a new folder, written atomically, so a
-cancelled or failed retrieval leaves nothing behind.
+each study: the strict hierarchical query every PACS answers), checking its cancel token between
+studies, and returns what a person chooses from. :func:`retrieve_series` fetches one series into a
+new folder, written atomically, so a cancelled or failed retrieval leaves nothing behind.
 
 Everything the PACS sends is hostile until checked: the UIDs we ask with are validated, every
 received instance must be a CT image of the series we asked for and under the size cap, and file
 names are a counter, never a tag value. An instance over the cap is cut off while it arrives: C-GET
 aborts the association, and WADO-RS fetches instance by instance (as QIDO-RS lists them, at most
-``max_instances``), reading each answer in pieces and closing it once past the cap. The series is
-then read by the usual reader with all of its checks (``io/dicom_series``).
+``max_instances``), reading each answer in pieces and closing it once past the cap. Every DICOMweb
+answer, the QIDO-RS searches of :func:`find_series` too (capped at :data:`MAX_SEARCH_MB`), is read
+so, by :func:`_read_bounded`. The series is then read by the usual reader with all of its checks
+(``io/dicom_series``).
 
 References
 ----------
@@ -33,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import requests
-from dicomweb_client.api import DICOMwebClient
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
@@ -47,7 +48,7 @@ from pynetdicom.sop_class import (
 
 from IPv2DenoiseLib.core.atomic import atomic_dir
 from IPv2DenoiseLib.core.errors import UserError
-from IPv2DenoiseLib.core.progress import CancelToken, ProgressCallback
+from IPv2DenoiseLib.core.progress import Cancelled, CancelToken, ProgressCallback
 from IPv2DenoiseLib.core.text import printable_line
 from IPv2DenoiseLib.io.dicom_net import (
     ACCEPTED_TRANSFER_SYNTAXES,
@@ -66,6 +67,7 @@ __all__ = [
     "MAX_INSTANCE_MB",
     "MAX_INSTANCES",
     "MAX_MATCHES",
+    "MAX_SEARCH_MB",
     "SeriesMatch",
     "check_uid",
     "find_series",
@@ -74,6 +76,9 @@ __all__ = [
 
 #: Studies asked about per search, and series listed at most (a broad search must not stall the page).
 MAX_MATCHES = 200
+#: Size of one QIDO-RS search answer accepted at most, MB: 200 rows of the fields asked for are tens
+#: of kB, so this leaves room for a server that sends every attribute, and cuts off an endless answer.
+MAX_SEARCH_MB = 16.0
 #: Instances one retrieval accepts, and the size of one (a PACS is not trusted to be reasonable).
 MAX_INSTANCES = 5000
 MAX_INSTANCE_MB = 64.0
@@ -208,6 +213,8 @@ def find_series(
     calling_aet: str = DEFAULT_CALLING_AET,
     timeout: float = 10.0,
     limit: int = MAX_MATCHES,
+    progress: ProgressCallback | None = None,
+    cancel: CancelToken | None = None,
 ) -> list[SeriesMatch]:
     """The CT series on ``peer`` of the patients matching ``patient``, newest study first.
 
@@ -226,6 +233,11 @@ def find_series(
         Connection and response timeout, s.
     limit : int
         Studies asked about, and series returned, at most.
+    progress : ProgressCallback, optional
+        ``progress(studies done, studies found, message)`` after each study's series are listed.
+    cancel : CancelToken, optional
+        Checked before each query (one per study), and while a C-FIND's matches or a DICOMweb
+        answer's pieces arrive.
 
     Returns
     -------
@@ -235,40 +247,46 @@ def find_series(
     Raises
     ------
     UserError
-        A malformed search, or the PACS refused the query.
+        A malformed search, the PACS refused the query, or a DICOMweb answer was refused (over
+        :data:`MAX_SEARCH_MB`, compressed, not DICOM JSON); ``Cancelled`` when ``cancel`` fired.
     DestinationUnavailable
         The PACS cannot be reached or refuses the association.
     """
     patient, study_date = _search_text(patient), _date_range(study_date)
-    studies: dict[str, dict[str, str]] = {}
-    for keys in _patient_keys(patient):
-        query = {**keys, **({"StudyDate": study_date} if study_date else {})}
-        for study in _find_studies(peer, query, calling_aet=calling_aet, timeout=timeout, limit=limit):
-            studies.setdefault(study["StudyInstanceUID"], study)
-    ordered = sorted(
-        studies.values(), key=lambda s: (s.get("StudyDate", ""), s["StudyInstanceUID"]), reverse=True
-    )
-    matches: list[SeriesMatch] = []
-    for study in ordered[:limit]:
-        for series in _find_ct_series(
-            peer, study["StudyInstanceUID"], calling_aet=calling_aet, timeout=timeout
-        ):
-            matches.append(
-                SeriesMatch(
-                    study_uid=study["StudyInstanceUID"],
-                    series_uid=series["SeriesInstanceUID"],
-                    patient_id=study.get("PatientID", ""),
-                    patient_name=study.get("PatientName", ""),
-                    study_date=study.get("StudyDate", ""),
-                    study_description=study.get("StudyDescription", ""),
-                    series_description=series.get("SeriesDescription", ""),
-                    series_number=series.get("SeriesNumber", ""),
-                    instances=_count(series.get("NumberOfSeriesRelatedInstances")),
+    with _Asker(peer, calling_aet=calling_aet, timeout=timeout, cancel=cancel) as ask:
+        studies: dict[str, dict[str, str]] = {}
+        for keys in _patient_keys(patient):
+            query = {**keys, **({"StudyDate": study_date} if study_date else {})}
+            for study in ask.studies(query, limit):
+                studies.setdefault(study["StudyInstanceUID"], study)
+        ordered = sorted(
+            studies.values(), key=lambda s: (s.get("StudyDate", ""), s["StudyInstanceUID"]), reverse=True
+        )[:limit]
+        matches: list[SeriesMatch] = []
+        for done, study in enumerate(ordered, 1):
+            found = [_match(study, series) for series in ask.ct_series(study["StudyInstanceUID"])]
+            matches += found[: limit - len(matches)]
+            if progress is not None:
+                progress(
+                    done, len(ordered), f"search: {done} of {len(ordered)} studies, {len(matches)} CT series"
                 )
-            )
             if len(matches) >= limit:
-                return matches
+                break
     return matches
+
+
+def _match(study: dict[str, str], series: dict[str, str]) -> SeriesMatch:
+    return SeriesMatch(
+        study_uid=study["StudyInstanceUID"],
+        series_uid=series["SeriesInstanceUID"],
+        patient_id=study.get("PatientID", ""),
+        patient_name=study.get("PatientName", ""),
+        study_date=study.get("StudyDate", ""),
+        study_description=study.get("StudyDescription", ""),
+        series_description=series.get("SeriesDescription", ""),
+        series_number=series.get("SeriesNumber", ""),
+        instances=_count(series.get("NumberOfSeriesRelatedInstances")),
+    )
 
 
 STUDY_FIELDS = ("StudyInstanceUID", "PatientID", "PatientName", "StudyDate", "StudyDescription")
@@ -293,30 +311,62 @@ def _valid_uid_rows(rows: Iterable[dict[str, str]], key: str) -> list[dict[str, 
     return valid
 
 
-def _find_studies(
-    peer, query: dict[str, str], *, calling_aet: str, timeout: float, limit: int
-) -> list[dict[str, str]]:
-    if isinstance(peer, DicomNode):
-        identifier = _identifier("STUDY", STUDY_FIELDS, {**query, "ModalitiesInStudy": "CT"})
-        rows = _c_find(peer, identifier, STUDY_FIELDS, calling_aet=calling_aet, timeout=timeout, limit=limit)
-    else:
-        rows = _qido(
-            peer, "studies", {**query, "ModalitiesInStudy": "CT"}, STUDY_FIELDS, timeout=timeout, limit=limit
-        )
-    return _valid_uid_rows(rows, "StudyInstanceUID")
+class _Asker:
+    """The queries of one search, by C-FIND or QIDO-RS; the cancel token is checked before each.
 
+    Used as a context manager: DICOMweb queries share one HTTP session (closed at the end).
+    """
 
-def _find_ct_series(peer, study_uid: str, *, calling_aet: str, timeout: float) -> list[dict[str, str]]:
-    query = {"StudyInstanceUID": study_uid, "Modality": "CT"}
-    if isinstance(peer, DicomNode):
-        identifier = _identifier("SERIES", SERIES_FIELDS, query)
-        rows = _c_find(
-            peer, identifier, SERIES_FIELDS, calling_aet=calling_aet, timeout=timeout, limit=MAX_MATCHES
+    def __init__(
+        self, peer: DicomNode | str, *, calling_aet: str, timeout: float, cancel: CancelToken | None
+    ) -> None:
+        self.peer, self.calling_aet, self.timeout, self.cancel = peer, calling_aet, timeout, cancel
+        self.session = requests.Session()
+
+    def __enter__(self) -> _Asker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.session.close()
+
+    def _rows(
+        self, level: str, query: dict[str, str], fields: tuple[str, ...], limit: int
+    ) -> list[dict[str, str]]:
+        if self.cancel is not None:
+            self.cancel.check()
+        if isinstance(self.peer, DicomNode):
+            identifier = _identifier(level, fields, query)
+            return _c_find(
+                self.peer,
+                identifier,
+                fields,
+                calling_aet=self.calling_aet,
+                timeout=self.timeout,
+                limit=limit,
+                cancel=self.cancel,
+            )
+        return _qido(
+            self.session,
+            self.peer,
+            level,
+            query,
+            fields,
+            timeout=self.timeout,
+            limit=limit,
+            cancel=self.cancel,
         )
-    else:
-        rows = _qido(peer, "series", query, SERIES_FIELDS, timeout=timeout, limit=MAX_MATCHES)
-    # a PACS that ignores the Modality key (or a study's other series) must not offer non-CT series
-    return [r for r in _valid_uid_rows(rows, "SeriesInstanceUID") if r["Modality"].upper() == "CT"]
+
+    def studies(self, query: dict[str, str], limit: int) -> list[dict[str, str]]:
+        """The studies with a CT series matching ``query`` (STUDY level), at most ``limit``."""
+        rows = self._rows("STUDY", {**query, "ModalitiesInStudy": "CT"}, STUDY_FIELDS, limit)
+        return _valid_uid_rows(rows, "StudyInstanceUID")
+
+    def ct_series(self, study_uid: str) -> list[dict[str, str]]:
+        """The CT series of one study (SERIES level), at most :data:`MAX_MATCHES`."""
+        query = {"StudyInstanceUID": study_uid, "Modality": "CT"}
+        rows = self._rows("SERIES", query, SERIES_FIELDS, MAX_MATCHES)
+        # a PACS that ignores the Modality key (or a study's other series) must not offer non-CT series
+        return [r for r in _valid_uid_rows(rows, "SeriesInstanceUID") if r["Modality"].upper() == "CT"]
 
 
 def _identifier(level: str, fields: Iterable[str], query: dict[str, str]) -> Dataset:
@@ -337,6 +387,7 @@ def _c_find(
     calling_aet: str,
     timeout: float,
     limit: int,
+    cancel: CancelToken | None,
 ) -> list[dict[str, str]]:
     check_reachable(node, timeout)
     ae = make_ae(calling_aet, timeout)
@@ -348,6 +399,8 @@ def _c_find(
             code = getattr(status, "Status", None)
             if code is None:
                 raise DestinationUnavailable(f"C-FIND on {node}: no answer within {timeout:g} s")
+            if cancel is not None:
+                cancel.check()
             if code in _PENDING and found is not None:
                 rows.append({k: _text(found, k) for k in fields})
                 if len(rows) >= limit:
@@ -357,40 +410,46 @@ def _c_find(
                     f"C-FIND on {node} refused: status 0x{code:04X}"
                     " (does the PACS allow queries from our calling AE title?)"
                 )
+    except Cancelled:
+        assoc.abort()  # the PACS stops sending matches at once
+        raise
     finally:
         if assoc.is_established:
             assoc.release()
     return rows
 
 
-def _web_client(url: str, timeout: float) -> DICOMwebClient:
-    client = DICOMwebClient(url, timeout=max(timeout, 1.0))
-    client.set_http_retry_params(retry=False)
-    return client
-
-
 def _qido(
-    url: str, level: str, query: dict[str, str], fields: Iterable[str], *, timeout: float, limit: int
+    session: requests.Session,
+    url: str,
+    level: str,
+    query: dict[str, str],
+    fields: Iterable[str],
+    *,
+    timeout: float,
+    limit: int,
+    cancel: CancelToken | None,
 ) -> list[dict[str, str]]:
-    client = _web_client(url, timeout)
-    filters = {k: v for k, v in query.items() if k != "StudyInstanceUID" and v}
+    """One QIDO-RS search (PS3.18 10.6) at STUDY level, or at SERIES level in one study; the answer is
+    read by :func:`_read_bounded` (refused past :data:`MAX_SEARCH_MB`) and its first ``limit`` rows kept."""
+    study_uid = query.get("StudyInstanceUID", "")
+    params: dict[str, Any] = {k: v for k, v in query.items() if k != "StudyInstanceUID" and v}
+    params.update(includefield=list(fields), limit=limit)
+    if level == "STUDY":
+        target, what = f"{url.rstrip('/')}/studies", "the study search"
+        params["fuzzymatching"] = "false"
+    else:
+        target, what = (
+            f"{url.rstrip('/')}/studies/{study_uid}/series",
+            f"the series search of study {study_uid}",
+        )
+    cap = int(MAX_SEARCH_MB * 2**20)
     try:
-        if level == "studies":
-            found = client.search_for_studies(
-                search_filters=filters, fields=list(fields), limit=limit, fuzzymatching=False
-            )
-        else:
-            found = client.search_for_series(
-                study_instance_uid=query["StudyInstanceUID"],
-                search_filters=filters,
-                fields=list(fields),
-                limit=limit,
-            )
-    except requests.HTTPError as exc:
-        code = exc.response.status_code if exc.response is not None else 0
-        raise UserError(
-            f"QIDO-RS on {url} failed: HTTP {code}; check the DICOMweb base URL (…/dicom-web)"
-        ) from None
+        found = _qido_json(
+            session, target, params, url=url, what=what, limit=cap, cap=cap, timeout=timeout, cancel=cancel
+        )
+    except _Refused as exc:
+        raise UserError(f"QIDO-RS on {url}: refused, {exc}") from None
     except requests.RequestException as exc:
         raise DestinationUnavailable(f"cannot reach {url}: {type(exc).__name__}") from None
     rows = []
@@ -626,7 +685,7 @@ _CHUNK_BYTES = 2**16
 
 
 class _Refused(Exception):
-    """A DICOMweb answer the retrieval refuses; the message is one line saying why."""
+    """A DICOMweb answer a search or retrieval refuses; the message is one line saying why."""
 
 
 def _wado(
@@ -679,29 +738,18 @@ def _list_instances(
     cancel: CancelToken | None,
 ) -> list[str]:
     """The SOPInstanceUIDs QIDO-RS lists for the series (checked, in its order, each once)."""
-    with session.get(
+    rows = _qido_json(
+        session,
         f"{series_url}/instances",
-        params={"limit": receiver.max_instances + 1},
-        headers={"Accept": _DICOM_JSON[0], "Accept-Encoding": "identity"},
-        stream=True,
+        {"limit": receiver.max_instances + 1},
+        url=url,
+        what="the instance list",
+        limit=limit,
+        cap=receiver.max_bytes,
         timeout=timeout,
-    ) as response:
-        if response.status_code == 204:  # no content: no instance
-            return []
-        if response.status_code != 200:
-            raise UserError(f"QIDO-RS on {url} failed: HTTP {response.status_code}")
-        media = _content_type(response).get_content_type()
-        if media not in _DICOM_JSON:
-            raise _Refused(f"the instance list came as {printable_line(media)}, not DICOM JSON")
-        if "additional results" in response.headers.get("Warning", "").lower():  # PS3.18 8.3.4.4
-            raise _Refused("the instance list came short (the server has more it did not send)")
-        body = _read_bounded(response, limit, receiver.max_bytes, "the instance list", cancel)
-    try:
-        rows = json.loads(body)
-    except (ValueError, RecursionError):
-        raise _Refused("the instance list is not JSON") from None
-    if not isinstance(rows, list):
-        raise _Refused("the instance list is not a JSON list")
+        cancel=cancel,
+        whole=True,
+    )
     if len(rows) > receiver.max_instances:
         raise _Refused(f"more than {receiver.max_instances} instances")
     uids: dict[str, None] = {}
@@ -711,6 +759,55 @@ def _list_instances(
         except Exception:  # noqa: BLE001 - a server's JSON is hostile: any shape
             raise _Refused("the instance list names an instance without a valid SOPInstanceUID") from None
     return list(uids)
+
+
+def _qido_json(
+    session: requests.Session,
+    request_url: str,
+    params: dict[str, Any],
+    *,
+    url: str,
+    what: str,
+    limit: int,
+    cap: int,
+    timeout: float,
+    cancel: CancelToken | None,
+    whole: bool = False,
+) -> list:
+    """A QIDO-RS answer: a DICOM JSON list, read by :func:`_read_bounded` (refused past ``limit`` bytes).
+
+    The media type is checked before reading; ``whole``: an answer that says it left results out
+    (PS3.18 8.3.4.4, Warning 299) is refused too. No content (HTTP 204, or an empty body) is no match.
+    """
+    with session.get(
+        request_url,
+        params=params,
+        headers={"Accept": ", ".join(_DICOM_JSON), "Accept-Encoding": "identity"},
+        stream=True,
+        timeout=max(timeout, 1.0),
+    ) as response:
+        if response.status_code == 204:
+            return []
+        if response.status_code != 200:
+            raise UserError(
+                f"QIDO-RS on {url} failed: HTTP {response.status_code}; "
+                "check the DICOMweb base URL (…/dicom-web)"
+            )
+        media = _content_type(response).get_content_type()
+        if media not in _DICOM_JSON:
+            raise _Refused(f"{what} came as {printable_line(media)}, not DICOM JSON")
+        if whole and "additional results" in response.headers.get("Warning", "").lower():
+            raise _Refused(f"{what} came short (the server has more it did not send)")
+        body = _read_bounded(response, limit, cap, what, cancel)
+    if not body.strip():
+        return []
+    try:
+        rows = json.loads(body)
+    except (ValueError, RecursionError):
+        raise _Refused(f"{what} is not JSON") from None
+    if not isinstance(rows, list):
+        raise _Refused(f"{what} is not a JSON list")
+    return rows
 
 
 def _fetch_instance(
