@@ -4,13 +4,15 @@ and a page in Debian's Chromium (playwright). Shared by ``Testing/app/test_web.p
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import select
+import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -119,6 +121,33 @@ def choose_and_open(page, path: str) -> None:
     page.keyboard.press("Enter")
     page.keyboard.press("Escape")
     page.click("#open-btn")
+
+
+def page_synced(page) -> bool:
+    """The page has sent every change to the server and has no call waiting for an answer."""
+    return page.evaluate(
+        "() => !!window.trame.state && !window.trame.client.isBusy() && window.trame.state.dirtyKeys.size === 0"
+    )
+
+
+@contextlib.contextmanager
+def server_busy(server: WebServer, page) -> Iterator[None]:
+    """The server stops answering for a moment while the page waits for one of its answers, as when
+    it renders or reads a slow disk: what the user does meanwhile reaches it only on resuming.
+
+    trame's client (4.1.4) holds back state updates while a call of it is unanswered, but sends a
+    click at once; so here a click reaches the server before the fields changed just before it,
+    deterministically (on a loaded server this happens by chance).
+    """
+    wait_until(lambda: page_synced(page), timeout=60, what="the page to be in step with the server")
+    os.kill(server.process.pid, signal.SIGSTOP)
+    try:
+        # a call in flight (the one the page makes on connecting), unanswered while the server is stopped
+        page.evaluate("() => { window.trame.client.getRemote().Trame.getState(); }")
+        yield
+        page.wait_for_timeout(100)  # the last click's call leaves the page before the server resumes
+    finally:
+        os.kill(server.process.pid, signal.SIGCONT)
 
 
 def denoise_and_wait(page) -> float:

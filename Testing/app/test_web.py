@@ -11,8 +11,10 @@ root, the job runner) are tested first, without a browser.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -38,6 +40,7 @@ from web_driver import (
     graininess,
     lit,
     open_page,
+    server_busy,
     shows_scan,
     view_pixels,
     wait_until,
@@ -54,6 +57,8 @@ from IPv2DenoiseLib.app.web.jobs import (
     FAILED,
     DenoiseResult,
     JobRunner,
+    LoadedModel,
+    denoise_work,
     export_work,
     table_cells,
 )
@@ -106,6 +111,76 @@ def test_data_root_refuses_every_way_out(tmp_path: Path) -> None:
             with pytest.raises(UserError, match="cannot follow it"):
                 check(name)
     assert DataRoot(root).inputs() == data.inputs()  # ``web`` lists them as it starts
+
+
+def test_the_data_root_never_opens_a_fifo_and_stops_listing_at_its_cap(tmp_path: Path) -> None:
+    """A named pipe (FIFO) among a DICOM folder's first files blocked the listing for good (at the
+    server's start and after every job); one named like a volume was listed and, opened, hung a
+    job that Cancel cannot stop. Now neither is opened nor listed, and opening one is refused."""
+    root = tmp_path / "root"
+    series = root / "dicom" / "chest"
+    write_ct_series(series, 2)
+    pipes = [series / "000-pipe", root / "scans" / "pipe.nrrd"]  # read first; listed as a volume
+    pipes[1].parent.mkdir()
+    for pipe in pipes:
+        os.mkfifo(pipe)
+    data = DataRoot(root)
+    listing: list[list[str]] = []
+    lister = threading.Thread(target=lambda: listing.append(data.inputs()), daemon=True)
+    lister.start()
+    lister.join(30)
+    try:
+        assert listing == [["dicom/chest"]], "the listing blocked on a FIFO" if not listing else listing
+    finally:  # a reader stuck on a FIFO (the old code) goes on once a writer opens it
+        for pipe in pipes:
+            with contextlib.suppress(OSError):
+                os.close(os.open(pipe, os.O_WRONLY | os.O_NONBLOCK))
+        lister.join(10)
+    with pytest.raises(UserError, match=r"^input scans/pipe.nrrd is not a file or folder \(a pipe"):
+        data.input("scans/pipe.nrrd")
+    assert data.input("dicom/chest") == series.resolve()
+
+    for i in range(6):  # more folders than the cap: the list says it stops, instead of walking on
+        write_ct_series(root / "many" / f"s{i}", 2)
+    capped = data.list_inputs(max_folders=5)
+    # root, dicom, dicom/chest, many, many/s0
+    assert capped.paths == ["dicom/chest", "many/s0"] and "stops after 5 folders" in capped.note, capped
+    whole = data.list_inputs()
+    assert whole.paths == ["dicom/chest", *(f"many/s{i}" for i in range(6))] and not whole.note
+
+
+def test_denoise_jobs_keep_the_model_loaded() -> None:
+    """Each Denoise of the page loaded the model anew (weights read, sha256 verified: 0.5-2 s); now
+    it stays loaded while the choice stays the same."""
+    volume = Volume(chest_like_volume(5, (4, 64, 64)), spacing=(0.7, 0.7, 1.25))
+    kept = LoadedModel()
+    runner = JobRunner()
+
+    def denoise(**options) -> tuple[np.ndarray, list[str]]:
+        messages: list[str] = []
+        work = denoise_work(volume, DenoiseOptions(device="cpu", **options), model=kept)
+
+        def watched(progress, warn, cancel):
+            def report(done: int, total: int, message: str = "") -> None:
+                messages.append(message)
+                progress(done, total, message)
+
+            return work(report, warn, cancel)
+
+        runner.start("denoise", watched)
+        snap = runner.wait(300)
+        assert snap.state == DONE, snap.error
+        return runner.result(snap.serial).outcome.denoised.array, messages
+
+    first, messages = denoise()
+    assert "loading the model" in messages and kept.loads == 1
+    again, messages = denoise()
+    assert "loading the model" not in messages and kept.loads == 1
+    np.testing.assert_array_equal(again, first)
+    denoise(
+        ensemble=2
+    )  # another choice replaces it (--adapt fine-tunes a copy: Testing/training/test_adapt.py)
+    assert kept.loads == 2
 
 
 def test_job_runner_one_job_at_a_time_cancel_and_failure() -> None:
@@ -256,12 +331,57 @@ def test_web_command_refuses_before_serving(tmp_path: Path, capsys) -> None:
             "does not exist",
         ),
         (["--data-root", str(tmp_path / "root"), "--pacs", "nohost"], "--pacs: destination 'nohost'"),
+        # an absolute INPUT that is a loop of links (a RuntimeError traceback before)
+        ([str(tmp_path / "root" / "loop.nrrd"), "--data-root", str(tmp_path / "root")], "cannot follow it"),
     ]
-    for args, expected in cases:
-        assert cli_main(["web", *args]) == 2, args
-        lines = capsys.readouterr().err.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("ipv2-denoise web: error: "), lines
-        assert expected.lower() in lines[0].lower(), lines[0]
+    (tmp_path / "root" / "loop.nrrd").symlink_to("loop.nrrd")
+    with (
+        socket.socket() as taken
+    ):  # a port in use, an address that is not this machine's: before, a traceback
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cases += [
+            (
+                ["--data-root", str(tmp_path / "root"), "--port", str(port)],
+                f"--port {port} is in use (another ipv2-denoise web?); choose another port or --port 0",
+            ),
+            (
+                ["--data-root", str(tmp_path / "root"), "--host", "192.0.2.1"],
+                "--host 192.0.2.1 is not an address",
+            ),
+        ]
+        for args, expected in cases:
+            assert cli_main(["web", *args]) == 2, args
+            lines = capsys.readouterr().err.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith("ipv2-denoise web: error: "), lines
+            assert expected.lower() in lines[0].lower(), lines[0]
+
+
+def test_web_on_a_port_taken_while_it_starts_says_so(tmp_path: Path) -> None:
+    """The port is taken after the early check (another server started meanwhile): the bind of the
+    real server fails, and the user reads one line, exit 2, not aiohttp's traceback."""
+    (tmp_path / "root").mkdir()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        script = (
+            "import sys; import IPv2DenoiseLib.app.commands.web as web; "
+            "web.check_listen = lambda host, port: None; "  # as if the port were free at the check
+            "from IPv2DenoiseLib.app.cli import main; "
+            f"sys.exit(main(['web', '--data-root', {str(tmp_path / 'root')!r}, '--port', '{port}']))"
+        )
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        env.pop("DISPLAY", None)
+        done = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600
+        )
+    errors = [line for line in done.stderr.splitlines() if line.startswith("ipv2-denoise web")]
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert errors == [
+        f"ipv2-denoise web: error: --port {port} is in use (another ipv2-denoise web?); choose another port or --port 0"
+    ]
 
 
 @pytest.mark.parametrize(
@@ -701,3 +821,171 @@ def test_a_series_is_searched_and_opened_from_the_pacs(server, chromium, orthanc
     page.click("#pacs-search-btn")
     wait_until(lambda: page.inner_text("#pacs-message") == "no CT series found", what="the empty search")
     page.close()
+
+
+def write_patients(root: Path) -> None:
+    """Two DICOM series whose paths differ by their last character, written while the server runs."""
+    for name, slices in (("patient1", 3), ("patient12", 5)):
+        if not (root / "dicom" / name).exists():
+            write_ct_series(root / "dicom" / name, slices)
+
+
+@pytest.mark.slow
+def test_open_reads_the_path_typed_just_before_the_click(server, chromium) -> None:
+    """The last character typed, then Open at once, while the server is busy: the scan typed is
+    opened. Before, trame's client sent the click ahead of the held-back text, and the server
+    opened what the field had held: dicom/patient1 for dicom/patient12, another patient."""
+    write_patients(server.root)
+    page = open_page(chromium, server)
+    page.locator("#input-path").fill("dicom/patient1")
+    page.keyboard.press("Escape")
+    with server_busy(server, page):
+        page.locator("#input-path").press_sequentially("2")
+        page.keyboard.press("Escape")
+        page.click("#open-btn")
+    loaded = wait_until(
+        lambda: "dicom/patient1" in (t := page.inner_text("#loaded-name")) and t, what="a patient's series"
+    )
+    assert loaded.startswith("dicom/patient12: 128x128x5 voxels"), loaded
+    # the list of inputs, made in a worker thread after each job, has the folders written since the start
+    listed = wait_until(
+        lambda: (
+            "dicom/patient12" in (found := page.evaluate("() => window.trame.state.get('inputs')")) and found
+        ),
+        what="the new folders in the list",
+    )
+    assert "dicom/patient1" in listed
+    page.close()
+
+
+@pytest.mark.slow
+def test_denoise_and_export_use_the_choices_made_just_before_the_click(server, chromium, orthanc) -> None:
+    """Options ticked, an export folder typed and "send" ticked, each followed at once by the click,
+    while the server is busy: the server acts on them. Before, it denoised with the options as they
+    were and wrote the series into the previous folder, unsent."""
+    write_patients(server.root)
+    page = open_page(chromium, server)
+    choose_and_open(page, "dicom/patient12")
+    wait_until(lambda: "read: done" in page.inner_text("#job-message"), what="the small series")
+    page.check("#remove-background")
+    page.uncheck("#refine")
+    page.uncheck("#adapt")
+    page.uncheck("#send-to-pacs")
+    page.fill("#export-folder", "exports/previous")
+    with server_busy(server, page):
+        page.uncheck("#remove-background")
+        page.check("#refine")
+        page.click("#denoise-btn")
+    wait_until(lambda: "denoise: done" in page.inner_text("#job-message"), what="the denoise job")
+    with server_busy(server, page):
+        page.fill("#export-folder", "exports/just-typed")
+        page.check("#send-to-pacs")
+        page.click("#export-btn")
+    text = wait_until(
+        lambda: (
+            "wrote" in (t := page.inner_text("#export-message"))
+            and t
+            or (page.locator("#error-message").count() and page.inner_text("#error-message"))
+        ),
+        what="the export",
+    )
+    assert "into exports/just-typed" in text and "stored" in text, text
+    assert not (server.root / "exports" / "previous").exists()
+    files = sorted((server.root / "exports" / "just-typed").iterdir())
+    derived = pydicom.dcmread(files[0], stop_before_pixels=True)
+    assert "refined by collaborative Wiener filtering" in derived.DerivationDescription
+    assert len(orthanc.series_instances(derived.SeriesInstanceUID)) == len(files) == 5
+    page.check("#remove-background")  # the defaults again, for the tests after this one
+    page.uncheck("#refine")
+    page.uncheck("#send-to-pacs")
+    page.close()
+
+
+@pytest.mark.slow
+def test_open_from_pacs_fetches_the_series_chosen_just_before_the_click(
+    server, chromium, orthanc, tmp_path
+) -> None:
+    """The second series of a search chosen, then Open from PACS at once, while the server is busy:
+    that series is fetched, and the page names its patient. Before, the click carried nothing, the
+    server took the list position it had (the first series, which may be another patient's)."""
+    from pydicom.uid import generate_uid
+
+    from IPv2DenoiseLib.io.dicom_net import parse_node, send
+
+    patient_id, study_uid = f"RACE{time.monotonic_ns() % 10**8}", generate_uid()
+    uids, files = {}, []
+    for number, slices in ((1, 3), (2, 4)):
+        series = write_ct_series(tmp_path / f"series{number}", slices, series_number=number)
+        for path in series:
+            ds = pydicom.dcmread(path)
+            ds.PatientID, ds.PatientName, ds.StudyInstanceUID = patient_id, "RACE^CHOICE", study_uid
+            ds.save_as(path)
+        uids[f"{slices} images"] = str(ds.SeriesInstanceUID)
+        files += series
+    send(files, parse_node(orthanc.node)).raise_for_failures()
+
+    page = open_page(chromium, server)
+    page.fill("#pacs-patient", patient_id)
+    page.click("#pacs-search-btn")
+    wait_until(lambda: page.inner_text("#pacs-message") == "2 CT series found", what="the search")
+    with server_busy(server, page):
+        page.click("#pacs-series", force=True)  # on the text of the chosen series, which lies over it
+        option = page.get_by_role("option").nth(1)
+        chosen = option.inner_text()
+        option.click()
+        page.click("#pacs-open-btn")
+    (expected,) = [uid for images, uid in uids.items() if images in chosen]
+    loaded = wait_until(
+        lambda: any(f"PACS/{uid}" in (t := page.inner_text("#loaded-name")) for uid in uids.values()) and t,
+        what="a series from the PACS",
+    )
+    assert f"PACS/{expected}" in loaded, (chosen, loaded)
+    assert f"{patient_id} RACE^CHOICE" in loaded  # whose scan it is, not only a UID
+    page.close()
+
+
+def test_cancel_stops_a_pacs_search_in_the_page_job(tmp_path) -> None:
+    """Cancel on a running PACS search: the job ends cancelled before the next study's query (the
+    search ran to the end, finished "done" and showed its results)."""
+    from pydicom.dataset import Dataset
+    from pydicom.uid import generate_uid
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+
+    from IPv2DenoiseLib.app.web.jobs import PacsPeer, search_work
+    from IPv2DenoiseLib.io.dicom_net import DicomNode
+
+    studies = [generate_uid() for _ in range(20)]
+    asked: list[str] = []
+
+    def on_find(event):  # 20 studies; each series query takes 0.2 s, as a busy PACS
+        if event.identifier.QueryRetrieveLevel == "STUDY":
+            for uid in studies:
+                row = Dataset()
+                row.QueryRetrieveLevel, row.StudyInstanceUID, row.StudyDate = "STUDY", uid, "20240101"
+                row.PatientID, row.PatientName = "P1", "SEARCH^CANCEL"
+                yield 0xFF00, row
+        else:
+            asked.append(str(event.identifier.StudyInstanceUID))
+            time.sleep(0.2)
+            row = Dataset()
+            row.QueryRetrieveLevel, row.StudyInstanceUID = "SERIES", event.identifier.StudyInstanceUID
+            row.SeriesInstanceUID, row.Modality, row.SeriesNumber = generate_uid(), "CT", 1
+            yield 0xFF00, row
+
+    ae = AE(ae_title="FINDER")
+    ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_FIND, on_find)])
+    try:
+        runner = JobRunner()
+        runner.start("search", search_work(PacsPeer(DicomNode("127.0.0.1", port, "FINDER")), "", ""))
+        deadline = time.monotonic() + 30
+        while len(asked) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert runner.cancel()
+        snapshot = runner.wait(timeout=30)
+    finally:
+        server.shutdown()
+    assert snapshot.state == CANCELLED
+    assert 2 <= len(asked) < 6  # stopped at the next study, not after all 20

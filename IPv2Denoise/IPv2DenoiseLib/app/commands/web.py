@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import os
 import secrets
+import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +15,7 @@ from pathlib import Path
 from IPv2DenoiseLib.app.arguments import add_device_argument
 from IPv2DenoiseLib.app.pacs import add_peer_arguments
 from IPv2DenoiseLib.app.web.data_root import DataRoot
+from IPv2DenoiseLib.core.atomic import resolve_path
 from IPv2DenoiseLib.core.errors import UserError
 
 NAME = "web"
@@ -85,13 +88,78 @@ def trame_argv(token: str) -> Iterator[None]:
         sys.argv = saved
 
 
+def listen_error(exc: OSError, host: str, port: int) -> UserError | None:
+    """The one line for a failure to listen on ``host:port`` that the user can fix, else None.
+
+    Parameters
+    ----------
+    exc : OSError
+        What binding the socket raised.
+    host, port : str, int
+        ``--host`` and ``--port``.
+
+    Returns
+    -------
+    UserError or None
+        The port is taken, the address is not this machine's (or no address at all), or the port
+        needs privileges; None for anything else (a bug to report, with its traceback).
+    """
+    if exc.errno == errno.EADDRINUSE:
+        return UserError(
+            f"--port {port} is in use (another ipv2-denoise web?); choose another port or --port 0"
+        )
+    if exc.errno == errno.EADDRNOTAVAIL or isinstance(exc, socket.gaierror):
+        why = exc.strerror or str(exc)
+        return UserError(
+            f"--host {host} is not an address of this machine ({why}); use 127.0.0.1 (this machine "
+            "only) or one of its own addresses"
+        )
+    if exc.errno == errno.EACCES:
+        return UserError(
+            f"--port {port}: permission denied (ports below 1024 need privileges); choose another port"
+        )
+    return None
+
+
+def check_listen(host: str, port: int) -> None:
+    """Refuse, before the slow start, an address the server could not listen on (as aiohttp binds it).
+
+    Raises
+    ------
+    UserError
+        See :func:`listen_error`.
+    """
+    try:
+        # "" is every address, as for asyncio
+        addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        for family, kind, proto, _, address in addresses:
+            try:
+                probe = socket.socket(family, kind, proto)
+            except OSError:  # a family this machine lacks (IPv6 off): asyncio skips it too
+                continue
+            with probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio's server does
+                if family == socket.AF_INET6:
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # likewise
+                probe.bind(address)
+    except OSError as exc:
+        error = listen_error(exc, host, port)
+        if error is None:
+            raise
+        raise error from None
+
+
 def run(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port {args.port}: expected 0..65535")
     root = DataRoot(args.data_root)
     if args.input:
         start = Path(args.input)
-        start = start if not start.is_absolute() else Path(os.path.relpath(start.resolve(), root.root))
+        start = (
+            start
+            if not start.is_absolute()
+            else Path(os.path.relpath(resolve_path(start, "INPUT"), root.root))
+        )
         root.input(str(start))  # refused here, before the server starts, when outside --data-root
     if args.weights and not Path(args.weights).is_file():
         raise UserError(f"--weights {args.weights} does not exist")
@@ -107,6 +175,7 @@ def run(args: argparse.Namespace) -> int:
     # visits may open a websocket to a loopback port (browsers do not stop it) and drive the panel.
     token = args.token or os.environ.get(TOKEN_ENV) or secrets.token_urlsafe(18)
     from_environment = not args.token and token == os.environ.get(TOKEN_ENV)
+    check_listen(args.host, args.port)  # in a second, not after Slicer has loaded
 
     configure_rendering()
     try:  # lazy: trame, slicer and VTK are the optional [web] extra
@@ -137,7 +206,13 @@ def run(args: argparse.Namespace) -> int:
     app.ctrl.on_server_ready.add(announce)
     app.ctrl.on_server_bind.add(lambda wslink_server: require_token_for_page(wslink_server, token))
     with trame_argv(token):
-        app.server.start(
-            host=args.host, port=args.port, open_browser=False, show_connection_info=False, timeout=0
-        )
+        try:
+            app.server.start(
+                host=args.host, port=args.port, open_browser=False, show_connection_info=False, timeout=0
+            )
+        except OSError as exc:  # taken since the check (another server started meanwhile)
+            error = listen_error(exc, args.host, args.port)
+            if error is None:
+                raise
+            raise error from None
     return 0

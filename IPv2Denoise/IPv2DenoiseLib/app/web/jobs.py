@@ -6,24 +6,29 @@ model, warnings and derived-series export as ``denoise``) and
 :func:`~IPv2DenoiseLib.imaging.metrics.scan_comparison_table` (the numbers of ``demo`` and the
 Slicer module). :class:`JobRunner` only schedules it: the page polls :meth:`JobRunner.snapshot`,
 so any number of browsers can watch one job without touching it, and a second start while one
-runs is refused with a "busy" message.
+runs is refused with a "busy" message. :class:`LoadedModel` keeps the network of the last denoise
+loaded for the next one.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from IPv2DenoiseLib.app.pipeline import DenoiseOptions, DenoiseOutcome, DenoisePipeline, WarningSink
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.progress import Cancelled, CancelToken, EtaEstimator, ProgressCallback
 from IPv2DenoiseLib.core.volume import Volume
 from IPv2DenoiseLib.imaging.metrics_table import MetricsTable
+
+if TYPE_CHECKING:
+    from IPv2DenoiseLib.denoiser.infer import Denoiser
 
 log = logging.getLogger(__name__)
 
@@ -239,6 +244,8 @@ def search_work(peer: PacsPeer, patient: str, study_date: str) -> Work:
             study_date=study_date,
             calling_aet=peer.aet,
             timeout=peer.timeout,
+            progress=progress,  # per study
+            cancel=cancel,  # Cancel stops it before the next study (it ran to the end and showed "done")
         )
 
     return work
@@ -274,13 +281,85 @@ def retrieve_work(peer: PacsPeer, match: Any, folder: Path) -> Work:
     return work
 
 
-def denoise_work(volume: Volume, options: DenoiseOptions) -> Work:
-    """Denoise ``volume`` through the pipeline, then the ROI metrics table of ``demo``."""
+class LoadedModel:
+    """The one network a web server keeps loaded from one denoise job to the next.
+
+    Loading reads the weights and verifies their sha256 (0.5-2 s); a page denoises scan after scan
+    with the same choices. It holds one network: another model, ensemble, refine or device
+    replaces it (the old one is dropped before the new one loads, so two never share the memory),
+    and so does a weights file changed on disk. ``--adapt`` fine-tunes a copy, never this network.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._key: Hashable = None
+        self._denoiser: Denoiser | None = None
+        #: How many times a network was loaded (the page's jobs and the tests read it).
+        self.loads = 0
+
+    def get(self, key: Hashable, load: Callable[[], Denoiser]) -> Denoiser:
+        """The network held for ``key``, or ``load()``'s, which then replaces the one held.
+
+        Parameters
+        ----------
+        key : hashable
+            What the network depends on (see :func:`model_key`).
+        load : callable
+            Loads it (raises as the pipeline does: a missing file, a wrong checksum).
+
+        Returns
+        -------
+        Denoiser
+            The loaded network; the caller must not modify it.
+        """
+        with self._lock:
+            if self._denoiser is None or self._key != key:
+                self._key, self._denoiser = None, None  # released before the next one loads
+                self._denoiser = load()
+                self._key = key
+                self.loads += 1
+            return self._denoiser
+
+
+def model_key(pipeline: DenoisePipeline) -> Hashable:
+    """What a pipeline's network depends on: the model (its file's size and time too), ensemble, refine, device."""
+    reference, options = pipeline.reference, pipeline.options
+    try:
+        st = os.stat(reference.weights)
+        stamp: tuple[int, int, int] | None = (st.st_size, st.st_mtime_ns, st.st_ino)
+    except OSError:  # gone: the load says so in one line
+        stamp = None
+    return (reference, stamp, options.ensemble, options.refine, options.device)
+
+
+class _KeptModelPipeline(DenoisePipeline):
+    """A :class:`DenoisePipeline` that takes its network from a :class:`LoadedModel`."""
+
+    def __init__(self, options: DenoiseOptions, kept: LoadedModel, **hooks: Any) -> None:
+        super().__init__(options, **hooks)
+        self._kept = kept
+
+    def denoiser(self) -> Denoiser:
+        """The kept network, loaded (by the pipeline's own :meth:`DenoisePipeline.denoiser`) only when the choice changed."""
+        return self._kept.get(model_key(self), super().denoiser)
+
+
+def denoise_work(volume: Volume, options: DenoiseOptions, *, model: LoadedModel | None = None) -> Work:
+    """Denoise ``volume`` through the pipeline, then the ROI metrics table of ``demo``.
+
+    With ``model``, the network loaded for an earlier job with the same choices is used again.
+    """
 
     def work(progress: ProgressCallback, warn: WarningSink, cancel: CancelToken) -> DenoiseResult:
         from IPv2DenoiseLib.imaging.metrics import scan_comparison_table  # lazy: scikit-image
 
-        outcome = DenoisePipeline(options, progress=progress, warn=warn, cancel=cancel).denoise(volume)
+        hooks: dict[str, Any] = {"progress": progress, "warn": warn, "cancel": cancel}
+        pipeline = (
+            _KeptModelPipeline(options, model, **hooks)
+            if model is not None
+            else DenoisePipeline(options, **hooks)
+        )
+        outcome = pipeline.denoise(volume)
         cancel.check()
         table = scan_comparison_table(
             outcome.source.array, outcome.denoised.array, spacing=outcome.source.spacing
@@ -359,10 +438,12 @@ __all__ = [
     "ExportResult",
     "JobRunner",
     "JobSnapshot",
+    "LoadedModel",
     "PacsPeer",
     "Work",
     "denoise_work",
     "export_work",
+    "model_key",
     "read_work",
     "retrieve_work",
     "search_work",

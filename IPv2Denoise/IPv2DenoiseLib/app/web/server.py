@@ -6,6 +6,10 @@ All work goes through :class:`~IPv2DenoiseLib.app.web.jobs.JobRunner` (one job p
 MRML nodes come from :mod:`IPv2DenoiseLib.app.slicer_support`, the same code the Slicer module uses.
 The server's state is shared by every browser, so a second browser sees the running job, its
 progress and result, and cannot start another.
+
+A button sends the fields it acts on with its click (``click=(method, "[field, ...]")``): trame's
+client holds back state updates while it waits for an answer from the server, but sends a click at
+once, so a click could otherwise overtake the value typed just before it.
 """
 
 from __future__ import annotations
@@ -36,13 +40,14 @@ from IPv2DenoiseLib.app.slicer_support.views import (
     difference_node,
     set_window_level,
 )
-from IPv2DenoiseLib.app.web.data_root import DataRoot
+from IPv2DenoiseLib.app.web.data_root import DataRoot, InputListing
 from IPv2DenoiseLib.app.web.jobs import (
     DONE,
     DenoiseResult,
     ExportResult,
     JobRunner,
     JobSnapshot,
+    LoadedModel,
     PacsPeer,
     Work,
     denoise_work,
@@ -97,11 +102,18 @@ class DenoiseWebApp(TrameApp):
         self.config = config
         self.data_root = DataRoot(config.data_root)
         self.runner = JobRunner()
+        #: The network of the last denoise, kept for the next (one at a time).
+        self.model = LoadedModel()
+        #: The listing of the data root running in a worker thread, and whether to list again after it.
+        self._listing: asyncio.Task | None = None
+        self._list_again = False
         self.handled_serial = 0
         self.fitted_sizes: dict[str, tuple[int, int]] = {}
         self.source_path: Path | None = None
         #: What the running read or denoise job works on (shown when it is done).
         self.reading: Path | None = None
+        #: The PACS series the running retrieval fetches (its patient is shown with the scan), else None.
+        self.reading_match: SeriesMatch | None = None
         #: The series the last PACS search found (the page lists their labels).
         self.pacs_matches: list[SeriesMatch] = []
         self.denoising: DenoiseOptions | None = None
@@ -134,13 +146,14 @@ class DenoiseWebApp(TrameApp):
         self.ctrl.on_server_ready.add(self._on_server_ready)
         if config.input:
             self.state.input_path = config.input
-            self.open_input()
+            self.open_input(config.input)
 
     # ------------------------------------------------------------------------------ state, UI
 
     def _init_state(self) -> None:
         s = self.state
-        s.inputs = self.data_root.inputs()
+        s.inputs = []  # listed in a worker thread once the server runs (_refresh_inputs)
+        s.inputs_note = ""
         s.input_path = ""
         s.loaded_name = ""
         s.models = self.config.models
@@ -252,10 +265,11 @@ class DenoiseWebApp(TrameApp):
                 density="compact",
                 hide_details=True,
             )
+            html.Div("{{ inputs_note }}", v_if="inputs_note", id="inputs-note", classes="text-caption")
             v3.VBtn(
                 "Open",
                 id="open-btn",
-                click=self.open_input,
+                click=(self.open_input, "[input_path]"),  # the path as typed (module docstring)
                 disabled=("job_busy",),
                 block=True,
             )
@@ -289,7 +303,7 @@ class DenoiseWebApp(TrameApp):
                     "Denoise",
                     id="denoise-btn",
                     color="primary",
-                    click=self.denoise,
+                    click=(self.denoise, "[model, remove_background, ensemble, refine, adapt]"),
                     disabled=("job_busy || !loaded_name",),
                     classes="flex-grow-1",
                 )
@@ -327,7 +341,7 @@ class DenoiseWebApp(TrameApp):
             v3.VBtn(
                 "Export DICOM",
                 id="export-btn",
-                click=self.export,
+                click=(self.export, "[export_folder, send_to_pacs]"),
                 disabled=("job_busy || !has_result",),
                 block=True,
             )
@@ -376,7 +390,7 @@ class DenoiseWebApp(TrameApp):
             v3.VBtn(
                 "Open from PACS",
                 id="pacs-open-btn",
-                click=self.open_from_pacs,
+                click=(self.open_from_pacs, "[pacs_choice]"),  # the chosen series' UID
                 disabled=("job_busy || pacs_choice === null",),
                 v_if="pacs_matches.length",
                 block=True,
@@ -409,15 +423,20 @@ class DenoiseWebApp(TrameApp):
             self.state.error = ""
         return True
 
-    def open_input(self) -> None:
-        """Read the chosen volume or DICOM series (inside the data root) in the background."""
+    def open_input(self, input_path: str | None = None) -> None:
+        """Read the chosen volume or DICOM series (inside the data root) in the background.
+
+        ``input_path`` is the field as the browser had it at the click; the state's copy is the
+        fallback for a call without it.
+        """
+        text = self.state.input_path if input_path is None else input_path
         try:
-            path = self.data_root.input(self.state.input_path)
+            path = self.data_root.input(str(text or ""))
         except UserError as exc:
             self._refuse(exc)
             return
         if self._start("read", read_work(path)):
-            self.reading = path
+            self.reading, self.reading_match = path, None
 
     def search_pacs(self, patient: str | None = None, date: str | None = None) -> None:
         """Ask the PACS for the CT series of the patients matching the page's search (a background job).
@@ -434,46 +453,73 @@ class DenoiseWebApp(TrameApp):
             with self.state:
                 self.state.pacs_message = ""
 
-    def open_from_pacs(self) -> None:
-        """Retrieve the chosen series into ``PACS/<SeriesInstanceUID>`` in the data root, then read it."""
+    def open_from_pacs(self, series_uid: str | None = None) -> None:
+        """Retrieve the chosen series into ``PACS/<SeriesInstanceUID>`` in the data root, then read it.
+
+        ``series_uid`` is the choice as the browser had it at the click (a UID, never a position in
+        a list that a new search may have replaced); the state's copy is the fallback.
+        """
         try:
             if self.config.pacs is None:
                 raise UserError("no PACS configured: start the server with --pacs")
-            choice = self.state.pacs_choice
-            if not isinstance(choice, int) or not 0 <= choice < len(self.pacs_matches):
-                raise UserError("choose a series from the PACS search first")
-            match = self.pacs_matches[choice]
+            choice = self.state.pacs_choice if series_uid is None else series_uid
+            match = next((m for m in self.pacs_matches if choice and m.series_uid == choice), None)
+            if match is None:
+                raise UserError(
+                    "choose a series from the PACS search first (search again if the list changed)"
+                )
             # the UID was checked to be digits and dots; the data root checks the path once more
             folder = self.data_root.resolve(f"{PACS_FOLDER}/{match.series_uid}", what="PACS series folder")
         except UserError as exc:
             self._refuse(exc)
             return
         if self._start("retrieve", retrieve_work(self.config.pacs, match, folder)):
-            self.reading = folder
+            self.reading, self.reading_match = folder, match
             with self.state:
                 self.state.input_path = self.data_root.relative(folder)  # where the copy lies
 
-    def denoise(self) -> None:
-        """Denoise the open scan with the page's options in the background."""
+    def denoise(
+        self,
+        model: Any = None,
+        remove_background: Any = None,
+        ensemble: Any = None,
+        refine: Any = None,
+        adapt: Any = None,
+    ) -> None:
+        """Denoise the open scan with the page's options in the background.
+
+        The options come as the browser had them at the click; the state's copies are the
+        fallback for a call without them.
+        """
         try:
             if self.source is None:
                 raise UserError("open a CT volume or DICOM series first")
-            options = self._options()
+            options = self._options(model, remove_background, ensemble, refine, adapt)
         except UserError as exc:
             self._refuse(exc)
             return
-        if self._start("denoise", denoise_work(self.source, options)):
+        if self._start("denoise", denoise_work(self.source, options, model=self.model)):
             self.denoising = options
 
-    def _options(self) -> DenoiseOptions:
-        """The page's choices as :class:`DenoiseOptions`; a value a browser made up is refused."""
-        model = str(self.state.model or "")
+    def _options(
+        self,
+        model: Any = None,
+        remove_background: Any = None,
+        ensemble: Any = None,
+        refine: Any = None,
+        adapt: Any = None,
+    ) -> DenoiseOptions:
+        """The page's choices as :class:`DenoiseOptions` (the state's where one is None); a value a
+        browser made up is refused."""
+        s = self.state
+        model = str((s.model if model is None else model) or "")
+        ensemble = s.ensemble if ensemble is None else ensemble
         if model not in self.config.models:
             raise UserError(f"model: {model!r} is not one of {', '.join(self.config.models)}")
         try:
-            ensemble = int(self.state.ensemble)
+            ensemble = int(ensemble)
         except (TypeError, ValueError):
-            raise UserError(f"ensemble: {self.state.ensemble!r} is not a number") from None
+            raise UserError(f"ensemble: {ensemble!r} is not a number") from None
         weights = (
             self.config.weights if self.config.weights and model == Path(self.config.weights).name else None
         )
@@ -481,21 +527,27 @@ class DenoiseWebApp(TrameApp):
             model=model if not weights else "default",
             weights=weights,
             device=self.config.device,
-            remove_background=bool(self.state.remove_background),
+            remove_background=bool(s.remove_background if remove_background is None else remove_background),
             ensemble=ensemble,  # checked against ENSEMBLE_SIZES by DenoiseOptions
-            refine=bool(self.state.refine),
-            adapt=bool(self.state.adapt),
+            refine=bool(s.refine if refine is None else refine),
+            adapt=bool(s.adapt if adapt is None else adapt),
         )
 
     def cancel(self) -> None:
         self.runner.cancel()
 
-    def export(self) -> None:
-        """Write the derived DICOM series into a new folder inside the data root (and send it)."""
+    def export(self, export_folder: str | None = None, send_to_pacs: Any = None) -> None:
+        """Write the derived DICOM series into a new folder inside the data root (and send it).
+
+        ``export_folder`` and ``send_to_pacs`` are the fields as the browser had them at the click;
+        the state's copies are the fallback for a call without them.
+        """
+        text = self.state.export_folder if export_folder is None else export_folder
+        send = self.state.send_to_pacs if send_to_pacs is None else send_to_pacs
         try:
             if self.result is None or self.options is None:
                 raise UserError("denoise a scan first")
-            folder = self.data_root.export_folder(self.state.export_folder, source=self.source_path)
+            folder = self.data_root.export_folder(str(text or ""), source=self.source_path)
             if folder.is_relative_to(self.data_root.root / PACS_FOLDER):
                 raise UserError(
                     f"export folder: {PACS_FOLDER}/ holds the copies fetched from the PACS; choose another folder"
@@ -507,7 +559,7 @@ class DenoiseWebApp(TrameApp):
             self.result,
             folder,
             options=self.options,
-            pacs=self.config.pacs if self.state.send_to_pacs else None,
+            pacs=self.config.pacs if send is True else None,  # a box is true or false, nothing else
         )
         if self._start("export", work):
             with self.state:
@@ -518,6 +570,30 @@ class DenoiseWebApp(TrameApp):
     def _on_server_ready(self, **_: Any) -> None:
         self.state.change("preset")(self._apply_preset)
         asyncio.get_event_loop().create_task(self._poll())
+        self._refresh_inputs()
+
+    def _refresh_inputs(self) -> None:
+        """List the data root again, in a worker thread: the event loop that streams the views and
+        answers every browser never waits for the disk. One listing at a time; a request while one
+        runs lists once more after it."""
+        if self._listing is not None and not self._listing.done():
+            self._list_again = True
+            return
+        self._listing = asyncio.get_event_loop().create_task(self._list_inputs())
+
+    async def _list_inputs(self) -> None:
+        while True:
+            self._list_again = False
+            try:
+                listing: InputListing = await asyncio.to_thread(self.data_root.list_inputs)
+            except Exception:  # the page works without the list (a path can be typed)
+                log.exception("web: listing the data root failed")
+                return
+            with self.state:
+                self.state.inputs = listing.paths
+                self.state.inputs_note = listing.note
+            if not self._list_again:
+                return
 
     async def _poll(self) -> None:
         while True:
@@ -547,7 +623,7 @@ class DenoiseWebApp(TrameApp):
 
     def _finished(self, snap: JobSnapshot) -> None:
         s = self.state
-        s.inputs = self.data_root.inputs()  # an export (or another program) may have added some
+        self._refresh_inputs()  # an export (or another program) may have added some
         if snap.error:
             s.error = snap.error
         if snap.state != DONE:
@@ -570,6 +646,7 @@ class DenoiseWebApp(TrameApp):
             self.nodes[name] = None
         self.source, self.result, self.options = volume, None, None
         self.source_path = self.reading
+        match = self.reading_match
         name = self.source_path.name if self.source_path else "input"
         self.nodes["Red"] = add_volume_node(volume, name, scene=scene)
         for view, _, _ in VIEWS:
@@ -577,9 +654,10 @@ class DenoiseWebApp(TrameApp):
             composite.SetBackgroundVolumeID(self.nodes["Red"].GetID() if view == "Red" else None)
         self._apply_preset(self.state.preset)
         s = self.state
-        s.loaded_name = (
-            f"{self.data_root.relative(self.source_path)}: {'x'.join(map(str, volume.shape[::-1]))} voxels"
-        )
+        where = self.data_root.relative(self.source_path)
+        if match is not None:  # a UID names the folder: say whose scan it is
+            where = f"{match.label()} ({where})"
+        s.loaded_name = f"{where}: {'x'.join(map(str, volume.shape[::-1]))} voxels"
         s.warnings = list(warnings)
         s.has_result = False
         s.metrics_header, s.metrics_rows = [], []
@@ -609,8 +687,9 @@ class DenoiseWebApp(TrameApp):
     def _show_matches(self, matches: list[SeriesMatch]) -> None:
         self.pacs_matches = list(matches)
         s = self.state
-        s.pacs_matches = [{"title": m.label(), "value": i} for i, m in enumerate(self.pacs_matches)]
-        s.pacs_choice = 0 if self.pacs_matches else None
+        # the value is the series' UID: a click names the series itself, not its place in a list
+        s.pacs_matches = [{"title": m.label(), "value": m.series_uid} for m in self.pacs_matches]
+        s.pacs_choice = self.pacs_matches[0].series_uid if self.pacs_matches else None
         s.pacs_message = (
             f"{len(self.pacs_matches)} CT series found" if self.pacs_matches else "no CT series found"
         )
