@@ -6,7 +6,7 @@
 #                                  packages the tests use: dicom3tools, Orthanc, Chromium and Mesa EGL (browser tests)
 # pip's own index is never replaced: pip uses its configuration (pip.conf, PIP_INDEX_URL,
 # PIP_EXTRA_INDEX_URL), so setup works behind a hospital or company mirror.
-# torch: the CUDA build only where an NVIDIA GPU answers; otherwise the CPU build — never the
+# torch: the CUDA build only where an NVIDIA GPU is found; otherwise the CPU build — never the
 # multi-GB CUDA build without a GPU. The CPU build comes from, in this order: a local wheel pip can
 # find without an index (--find-links in pip's configuration); "torch==X+cpu" from pip's configured
 # index (a mirror that carries PyTorch's CPU wheels); "torch==X+cpu" with TORCH_CPU_INDEX_URL as an
@@ -19,13 +19,31 @@ TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 # Only for torch's "+cpu" build, added to (never replacing) pip's own index; set it to your mirror.
 TORCH_CPU_INDEX_URL=${TORCH_CPU_INDEX_URL:-https://download.pytorch.org/whl/cpu}
 
-[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+# bin/activate is written last: a venv without it is half made (python3-venv missing on Debian/Ubuntu,
+# where `python3 -m venv` fails after writing bin/python), and is made again from scratch.
+if [ ! -f .venv/bin/activate ]; then
+  if ! "$PYTHON" -m venv --clear .venv; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+      echo "setup: $PYTHON -m venv failed; installing python3-venv with apt and trying again"
+      apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
+      "$PYTHON" -m venv --clear .venv
+    else
+      echo "setup: $PYTHON -m venv failed; on Debian/Ubuntu run as root:  apt-get install -y python3-venv" >&2
+      echo "setup: then run this again" >&2
+      exit 2
+    fi
+  fi
+fi
 # shellcheck disable=SC1091
 . .venv/bin/activate
 python -m pip install -q --upgrade pip >/dev/null
 
 if ! python -c "import torch" 2>/dev/null; then
-  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  # An NVIDIA GPU: `nvidia-smi -L` lists one, or NVIDIA's kernel driver does (/proc/driver/nvidia/gpus).
+  # The Slicer module decides by the same rule (slicer_support/dependencies.py, nvidia_gpu_present).
+  if { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; } \
+    || [ -n "$(ls -A /proc/driver/nvidia/gpus 2>/dev/null)" ]; then
     echo "setup: NVIDIA GPU found, installing torch==$TORCH_VERSION (CUDA build)"
     pip install -q "torch==$TORCH_VERSION"
   elif pip install -q --no-index --no-deps "torch==$TORCH_VERSION" 2>/dev/null; then

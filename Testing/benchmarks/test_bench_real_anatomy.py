@@ -13,20 +13,33 @@ from IPv2DenoiseLib.core.volume import Volume
 from IPv2DenoiseLib.io.volumes import read_volume, write_volume
 
 REPO = Path(__file__).resolve().parents[2]
-#: The shared real corpus (20 abdomen slices, Apache-2.0; ../shared/data/real-ct/README.md).
+#: The shared real corpus (20 abdomen slices, Apache-2.0; ../shared/data/real-ct/README.md): the
+#: shared data folder beside the checkout, as CI has it (README, testing).
 ABDOMEN = REPO.parent / "shared" / "data" / "real-ct" / "abdomen-series"
 sys.path.insert(0, str(REPO / "benchmarks"))
 import bench_real_anatomy  # noqa: E402
 
 
+@pytest.fixture
+def abdomen() -> Path:
+    """The shared abdomen series; without it the test fails in one line saying where it belongs."""
+    if not ABDOMEN.is_dir() or not any(ABDOMEN.iterdir()):
+        pytest.fail(
+            f"the shared real-CT data is missing: expected the abdomen series in {ABDOMEN} (the shared "
+            "data folder ../shared beside the checkout, as CI has it; see README.md, testing)",
+            pytrace=False,
+        )
+    return ABDOMEN
+
+
 def test_dev_volume_is_scored_against_tuned_classical_oracles_and_keeps_the_test_results(
-    tmp_path, capsys, monkeypatch
+    abdomen, tmp_path, capsys, monkeypatch
 ) -> None:
     """Three real abdomen slices (the shared corpus, 512² at 0.98 mm, the outside of the reconstruction
     circle at -2048 HU as LIDC's GE scans write it) run through the benchmark's protocol: both noise
     models, NLM/TV oracles, the fast network's margin; the outside reads as air; without --json and
     --figure it is refused, so the committed results of the test images stay as they are."""
-    volume = read_volume(ABDOMEN)
+    volume = read_volume(abdomen)
     hu = volume.array[8:11].astype(np.float32)
     yy, xx = np.mgrid[: hu.shape[1], : hu.shape[2]]
     outside = np.hypot(yy - 255.5, xx - 255.5) > 256

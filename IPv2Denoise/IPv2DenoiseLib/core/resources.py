@@ -10,18 +10,25 @@ from IPv2DenoiseLib.core.errors import UserError
 def _candidates() -> list[Path]:
     here = Path(__file__).resolve().parents[1]  # .../IPv2DenoiseLib (this file is in core/)
     return [
-        here.parent.parent / "Resources",  # source checkout: <repo>/IPv2Denoise/IPv2DenoiseLib
+        here / "Resources",  # wheel or sdist install: site-packages/IPv2DenoiseLib/Resources (pyproject.toml)
+        here.parent.parent / "Resources",  # source checkout (and editable install): <repo>/Resources
         here.parent / "Resources",  # Slicer build: .../qt-scripted-modules/IPv2DenoiseLib
     ]
 
 
 def resources_dir() -> Path:
-    """The ``Resources/`` folder of a source checkout or of an installed Slicer module.
+    """The ``Resources/`` folder of a source checkout, a Slicer module or an installed wheel.
+
+    Returns
+    -------
+    Path
+        The first of ``<site-packages>/IPv2DenoiseLib/Resources``, ``<checkout>/Resources`` and
+        ``<qt-scripted-modules>/Resources`` that holds a ``Models`` folder.
 
     Raises
     ------
     UserError
-        Neither location exists (e.g. a wheel install without resources).
+        None of them exists (e.g. the package was copied without its resources).
     """
     for path in _candidates():
         if (path / "Models").is_dir():
