@@ -204,3 +204,24 @@ def test_the_slicer_doc_names_every_package_installed_at_apply() -> None:
     paragraph = doc[doc.index("**Python packages.**") :].split("\n\n", 1)[0]
     missing = [_distribution(r) for r in REQUIREMENTS.values() if _distribution(r) not in paragraph]
     assert not missing, f"docs/slicer-module.md, 'Python packages', does not name {missing}"
+
+
+def test_slicers_pip_ensure_gets_requirement_objects_from_pydeps(monkeypatch) -> None:
+    """Current Slicer's ``slicer.pydeps.pip_ensure`` takes ``packaging`` Requirement objects and the
+    packages it must never replace; the module called ``slicer.packaging.pip_ensure`` with strings."""
+    from packaging.requirements import Requirement
+
+    calls = []
+
+    def pip_ensure(requirements, **kwargs) -> None:
+        calls.append((requirements, kwargs))
+
+    monkeypatch.setattr(dependencies, "REQUIREMENTS", MISSING)
+    monkeypatch.setattr(slicer, "packaging", None, raising=False)
+    monkeypatch.setattr(slicer, "pydeps", SimpleNamespace(pip_ensure=pip_ensure), raising=False)
+    with pytest.raises(DependencyError, match="restart Slicer"):  # the stand-in installs nothing
+        ensure_in_slicer(confirm=_agree)
+    ((requirements, kwargs),) = calls
+    assert all(isinstance(r, Requirement) for r in requirements)
+    assert [str(r) for r in requirements] == list(MISSING.values())
+    assert kwargs["skip_packages"] == dependencies.SKIP_PACKAGES and kwargs["requester"] == "IPv2 Denoise"

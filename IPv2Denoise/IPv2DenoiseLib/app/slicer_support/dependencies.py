@@ -6,7 +6,7 @@ Rules (docs/slicer-module.md, installing dependencies):
   CUDA build matching the driver; otherwise, where no NVIDIA GPU is present, ``pip install torch``
   of PyTorch's CPU build after the user agreed (the rule of ``scripts/setup.sh``, in
   :func:`torch_pip_args`), and with an NVIDIA GPU one line asking for the PyTorch extension;
-- the others through ``slicer.packaging.pip_ensure`` (Slicer >= 5.12, prompts and offers a
+- the others through Slicer's ``pip_ensure`` (``slicer.pydeps``; Slicer >= 5.12, prompts and offers a
   restart) or ``slicer.util.pip_install`` after a confirmation (Slicer 5.10);
 - a declined or failed install (no network, a proxy) is one :class:`DependencyError` line that
   names the packages and what to do; never a raw ``CalledProcessError``;
@@ -27,6 +27,7 @@ import shutil
 import subprocess
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import slicer
 
@@ -230,6 +231,24 @@ def torch_pip_args(
     return f'"{TORCH_REQUIREMENT}" --extra-index-url {index}'
 
 
+def slicer_pip_ensure() -> Callable[..., Any] | None:
+    """Slicer's own ``pip_ensure`` (prompts, installs, offers a restart), or None before Slicer 5.12.
+
+    It is ``slicer.pydeps.pip_ensure`` in current Slicer (``slicer.packaging`` in some builds before
+    it), which ``import slicer`` does not import; it takes ``packaging`` Requirement objects.
+    """
+    for name in ("slicer.pydeps", "slicer.packaging"):
+        module = getattr(slicer, name.split(".")[1], None)
+        if module is None:
+            try:
+                module = importlib.import_module(name)
+            except ImportError:
+                continue
+        if hasattr(module, "pip_ensure"):
+            return module.pip_ensure
+    return None
+
+
 def ensure_in_slicer(*, confirm: Callable[[str, str], bool] | None = None) -> None:
     """Inside Slicer: install what is missing, asking first. Call from Apply, never on load.
 
@@ -252,10 +271,14 @@ def ensure_in_slicer(*, confirm: Callable[[str, str], bool] | None = None) -> No
     others = missing_requirements(include_torch=False)
     if not others:
         return
-    packaging = getattr(slicer, "packaging", None)
-    if packaging is not None and hasattr(packaging, "pip_ensure"):  # Slicer >= 5.12
+    pip_ensure = slicer_pip_ensure()
+    if pip_ensure is not None:  # Slicer >= 5.12
+        # lazy: the PyPA ``packaging`` library, which Slicer ships with pip; only this path needs it
+        from packaging.requirements import Requirement
+
+        wanted = [Requirement(r) for r in others]  # pip_ensure takes Requirement objects, not strings
         _run_install(
-            lambda: packaging.pip_ensure(others, skip_packages=SKIP_PACKAGES, requester="IPv2 Denoise"),
+            lambda: pip_ensure(wanted, skip_packages=SKIP_PACKAGES, requester="IPv2 Denoise"),
             others,
         )
     else:
