@@ -22,6 +22,7 @@ from IPv2DenoiseLib.app.slicer_support.dependencies import (  # noqa: E402
     TORCH_REQUIREMENT,
     DependencyError,
     ensure_in_slicer,
+    missing_requirements,
 )
 
 if sys.version_info >= (3, 11):
@@ -225,3 +226,15 @@ def test_slicers_pip_ensure_gets_requirement_objects_from_pydeps(monkeypatch) ->
     assert all(isinstance(r, Requirement) for r in requirements)
     assert [str(r) for r in requirements] == list(MISSING.values())
     assert kwargs["skip_packages"] == dependencies.SKIP_PACKAGES and kwargs["requester"] == "IPv2 Denoise"
+
+
+def test_a_package_older_than_required_counts_as_missing(monkeypatch) -> None:
+    """Slicer 5.10 bundles pydicom 2.4, which cannot write the derived series (``save_as`` has no
+    ``enforce_file_format``): an importable but older package must be installed anew, not taken."""
+    import numpy
+
+    monkeypatch.setattr(
+        dependencies, "REQUIREMENTS", {"numpy": f"numpy>{numpy.__version__}", "pydicom": "pydicom>=3.0"}
+    )
+    assert missing_requirements(include_torch=False) == [f"numpy>{numpy.__version__}"]
+    assert dependencies.REQUIREMENTS["pydicom"] == "pydicom>=3.0"

@@ -20,6 +20,7 @@ Slicer-only (app layer, next to the bridge): imported by the Slicer module, neve
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import importlib.util
 import os
 import platform
@@ -55,12 +56,12 @@ NVIDIA_DRIVER_GPUS = Path("/proc/driver/nvidia/gpus")
 #: Import name -> pip requirement, for what Slicer does not bundle (numpy, SimpleITK, vtk are bundled).
 REQUIREMENTS = {
     "safetensors": "safetensors>=0.4",
-    "pydicom": "pydicom>=2.4",
+    "pydicom": "pydicom>=3.0",
     "skimage": "scikit-image>=0.22",
     "scipy": "scipy>=1.10",
     "psutil": "psutil>=5.9",
     "tqdm": "tqdm>=4.60",
-    "pynetdicom": "pynetdicom>=2.1",
+    "pynetdicom": "pynetdicom>=3.0",
     "dicomweb_client": "dicomweb-client>=0.59",
 }
 #: Packages pip must never replace inside Slicer (Slicer ships its own builds).
@@ -97,7 +98,7 @@ def _installed(import_name: str) -> bool:
 
 
 def missing_requirements(*, include_torch: bool = True) -> list[str]:
-    """pip requirement strings of the packages that cannot be imported here (torch first).
+    """pip requirement strings of the packages that cannot be imported here, or are too old (torch first).
 
     Parameters
     ----------
@@ -107,12 +108,29 @@ def missing_requirements(*, include_torch: bool = True) -> list[str]:
     Returns
     -------
     list of str
-        The missing packages' requirements, e.g. ``["torch>=2.1", "pydicom>=2.4"]``.
+        The requirements of the packages missing or older than asked, e.g. ``["torch>=2.1",
+        "pydicom>=3.0"]``.
     """
     importlib.invalidate_caches()  # see what a pip run in another process just installed
     missing = [TORCH_REQUIREMENT] if include_torch and not _installed("torch") else []
-    missing += [req for name, req in REQUIREMENTS.items() if not _installed(name)]
+    missing += [req for name, req in REQUIREMENTS.items() if not _installed(name) or not _new_enough(req)]
     return missing
+
+
+def _new_enough(requirement: str) -> bool:
+    """Whether the installed distribution of ``requirement`` satisfies its version range (Slicer 5.10
+    bundles pydicom 2.4, whose ``save_as`` cannot write what the export needs: present is not enough)."""
+    try:
+        # lazy: PyPA ``packaging`` (shipped with pip in Slicer); this module loads before any install
+        from packaging.requirements import Requirement
+    except ImportError:  # cannot tell: take what is importable
+        return True
+    wanted = Requirement(requirement)
+    try:
+        installed = importlib.metadata.version(wanted.name)
+    except importlib.metadata.PackageNotFoundError:
+        return True  # importable without metadata (e.g. a build of Slicer's own): take it
+    return wanted.specifier.contains(installed, prereleases=True)
 
 
 def install_failure(packages: Sequence[str], error: BaseException) -> DependencyError:
