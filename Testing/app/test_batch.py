@@ -12,7 +12,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +25,10 @@ import SimpleITK as sitk
 from conftest import chest_like_volume, write_ct_series
 
 from IPv2DenoiseLib.app.batch.cases import discover_tree, parse_shard, shard_cases
-from IPv2DenoiseLib.app.batch.records import hash_output, read_record, record_path
+from IPv2DenoiseLib.app.batch.pipeline import BatchSettings, CaseProcessor, Loaded, run_local
+from IPv2DenoiseLib.app.batch.records import hash_output, read_record, record_path, write_summary
 from IPv2DenoiseLib.app.cli import main
-from IPv2DenoiseLib.core.atomic import STAGING_DIR
+from IPv2DenoiseLib.core.atomic import STAGING_DIR, claim_output
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.volume import Volume
 from IPv2DenoiseLib.io.volumes import write_volume
@@ -321,20 +325,36 @@ def test_dicom_output_is_a_derived_series_of_the_source(batch_archive, tmp_path)
         (["{archive}", "{archive}/site_a/out"], "lies inside it"),
         (["{archive}", "{out}", "--shard", "2/2"], "0 <= K < N"),
         (["{empty}", "{out}"], "no DICOM series"),
+        # a symbolic link to itself as OUT (until 2026-12-08 a RuntimeError traceback)
+        (["{archive}", "{loop}"], "cannot follow it"),
     ],
 )
 def test_user_errors_are_one_line_exit_2(batch_archive, tmp_path, capsys, args, message) -> None:
     archive, _ = batch_archive
     (tmp_path / "empty").mkdir()
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
     paths = {
         "missing": tmp_path / "nope",
         "out": tmp_path / "out",
         "archive": archive,
         "empty": tmp_path / "empty",
+        "loop": tmp_path / "loop",
     }
     assert main(["batch", *(a.format(**paths) for a in args)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "inf"])
+def test_a_negative_gpu_count_is_refused_by_the_parser(batch_archive, tmp_path, capsys, value) -> None:
+    """``--gpus-per-worker -1`` reached Ray and failed there after half a minute, with a traceback."""
+    archive, _ = batch_archive
+    with pytest.raises(SystemExit) as exit_info:
+        main(["batch", str(archive), str(tmp_path / "out"), "--gpus-per-worker", value])
+    assert exit_info.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "--gpus-per-worker: expected a number >= 0" in line, line
+    assert not (tmp_path / "out").exists()
 
 
 def test_only_the_ray_engine_imports_ray() -> None:
@@ -604,3 +624,288 @@ def test_two_attempts_of_one_case_at_once_write_it_once(batch_archive, tmp_path)
     sha256, _ = hash_output(out / "site_a" / "p02.nrrd")
     assert record["output_sha256"] == sha256 == rows[1]["output_sha256"] == rows[2]["output_sha256"]
     assert not (out / "site_a" / STAGING_DIR).exists()  # the claim's lock file went with its holder
+
+
+# ------------------------------------------------------------- review of 2026-12-08 (batch faults)
+
+
+def shard_document(out: Path, k: int, n: int) -> Path:
+    return out / f"batch-summary.shard-{k}-of-{n}.json"
+
+
+def test_batch_summary_combines_only_finished_shards_of_one_run(batch_archive, tmp_path, capsys) -> None:
+    """batch-summary checked only that every shard had a summary: an interrupted shard, old
+    summaries, shards of another input or of an archive that changed between their starts were
+    merged into a summary that looked complete (exit 0 or 1). Now refused in one line, exit 2."""
+    archive, expected = batch_archive
+    source, out = tmp_path / "archive", tmp_path / "out"
+    shutil.copytree(archive, source)
+    for k in range(2):
+        assert main(["batch", str(source), str(out), "--shard", f"{k}/2"]) in (0, 1)
+    assert main(["batch-summary", str(out)]) == 1  # one run, finished: combined (the corrupt study failed)
+    assert set(summary_rows(out)) == set(expected)
+    capsys.readouterr()
+
+    def refused() -> str:
+        capsys.readouterr()  # what the batch runs said
+        assert main(["batch-summary", str(out)]) == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        return line
+
+    # the larger shard stopped by Ctrl-C (or a killed job) with one of its cases left
+    k = max(range(2), key=lambda k: len(json.loads(shard_document(out, k, 2).read_text())["cases"]))
+    finished = shard_document(out, k, 2).read_text()
+    document = json.loads(finished)
+    lost = document["cases"].pop()["case"]
+    document.update(interrupted=True, pending=[lost])
+    shard_document(out, k, 2).write_text(json.dumps(document))
+    line = refused()
+    assert f"shard {k}/2 has not finished (interrupted)" in line and lost in line, line
+    shard_document(out, k, 2).write_text(finished)
+
+    # shard 1 of another input written into the same OUT
+    other = tmp_path / "other"
+    shutil.copytree(source, other)
+    (other / "site_b" / "p03.mha").unlink()
+    assert main(["batch", str(other), str(out), "--shard", "1/2"]) in (0, 1)
+    line = refused()
+    assert "shard 1/2 and shard 0/2 are not from one run: input" in line and str(other) in line, line
+
+    # the archive changed between the starts of the shards: a study added after shard 0 started
+    assert main(["batch", str(source), str(out), "--shard", "1/2"]) in (0, 1)
+    (source / "site_c").mkdir()
+    write_volume(Volume(chest_like_volume(11), (5.0, 5.0, 5.0)), source / "site_c" / "p07.nrrd")
+    assert main(["batch", str(source), str(out), "--shard", "1/2"]) in (0, 1)
+    line = refused()
+    assert "found different cases (7 and 6" in line and "rerun every shard" in line, line
+    assert main(["batch", str(source), str(out), "--shard", "0/2"]) in (0, 1)  # what the line says
+    assert main(["batch-summary", str(out)]) == 1
+    assert set(summary_rows(out)) == set(expected) | {"site_c/p07"}
+
+    # what the review wrote: summaries without a run identity, shard 1/2 interrupted with 1 of 3 cases
+    old = tmp_path / "old"
+    old.mkdir()
+    rows = [{"case": f"c{i}", "status": "done"} for i in range(4)]
+    for k, part in ((0, rows[:3]), (1, rows[3:])):
+        info = {"shard": f"{k}/2", "cases_found": 6, "interrupted": k == 1}
+        write_summary(old, part, info, stem=f"batch-summary.shard-{k}-of-2")
+    assert main(["batch-summary", str(old)]) == 2
+    assert "shard 1/2 has not finished (interrupted)" in capsys.readouterr().err
+
+
+def test_a_case_keeps_its_shard_when_the_archive_changes(batch_archive, tmp_path) -> None:
+    """Shards were every N-th case of the sorted list: a study added before shard 1 started moved
+    every later case to another shard, so cases ran twice or not at all. Now by a hash of the id."""
+    archive, _ = batch_archive
+    source = tmp_path / "archive"
+    shutil.copytree(archive, source)
+
+    def shard_by_case() -> dict[str, int]:
+        cases = discover_tree(source)
+        return {c.case_id: k for k in range(3) for c in shard_cases(cases, k, 3)}
+
+    before = shard_by_case()
+    write_volume(Volume(chest_like_volume(12), (5.0, 5.0, 5.0)), source / "a_first.nrrd")  # sorts first
+    after = shard_by_case()
+    assert set(after) == set(before) | {"a_first"}
+    assert {case: after[case] for case in before} == before
+
+
+def write_detached(image: sitk.Image, header: Path) -> Path:
+    """``header`` (``.mhd`` or ``.nhdr``) and the ``.raw`` data file ITK writes beside it."""
+    header.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(image, str(header))
+    return header.with_suffix(".raw")
+
+
+def test_a_changed_data_file_beside_its_header_makes_the_case_run_again(tmp_path, capsys) -> None:
+    """The fingerprint covered the .mhd / .nhdr header only: a re-exported .raw beside it was
+    "skipped" and its old output kept. A data file outside the header's folder fails its case."""
+    source, out = tmp_path / "archive", tmp_path / "out"
+    image = sitk.GetImageFromArray(chest_like_volume(3))
+    image.SetSpacing((5.0, 5.0, 5.0))
+    raws = [write_detached(image, source / "meta.mhd"), write_detached(image, source / "nrrd.nhdr")]
+    assert main(["batch", str(source), str(out)]) == 0
+    before = {case: row["output_sha256"] for case, row in summary_rows(out).items()}
+    assert set(before) == {"meta", "nrrd"}
+
+    other = sitk.GetArrayFromImage(image)[::-1].copy()  # the study re-exported: other voxels, same size
+    for raw in raws:
+        raw.write_bytes(other.tobytes())
+    secret = tmp_path / "secret.raw"  # a header naming a file outside its folder
+    secret.write_bytes(raws[0].read_bytes())
+    (source / "evil.mhd").write_text(
+        (source / "meta.mhd").read_text().replace("ElementDataFile = meta.raw", f"ElementDataFile = {secret}")
+    )
+    assert main(["batch", str(source), str(out)]) == 1
+    rows = summary_rows(out)
+    for case in ("meta", "nrrd"):
+        assert rows[case]["status"] == "done", rows[case]
+        assert rows[case]["output_sha256"] != before[case]
+    assert rows["evil"]["status"] == "failed" and "outside the header's folder" in rows["evil"]["error"]
+    assert not (out / "evil.nrrd").exists()
+    assert main(["batch", str(source), str(out)]) == 1  # unchanged now: verified and skipped
+    assert summary_rows(out)["meta"]["status"] == "skipped"
+
+    # a case whose output would land on the data file of a case (here its own): refused, data kept
+    data = tmp_path / "data"
+    raw = write_detached(image, data / "x.mhd")
+    raw.rename(data / "z.nrrd")
+    header = data / "x.mhd"
+    header.write_text(header.read_text().replace("ElementDataFile = x.raw", "ElementDataFile = z.nrrd"))
+    kept = (data / "z.nrrd").read_bytes()
+    (tmp_path / "m.csv").write_text("path,case\ndata/x.mhd,z\n", encoding="utf-8")
+    assert main(["batch", str(tmp_path / "m.csv"), str(data)]) == 1
+    row = summary_rows(data)["z"]
+    assert row["status"] == "failed" and "would overwrite its own input" in row["error"], row
+    assert (data / "z.nrrd").read_bytes() == kept
+
+
+@contextmanager
+def nearly_full_tmpfs(folder: Path, *, free: int = 40 << 10) -> Iterator[Path]:
+    """A real tmpfs mounted at ``folder`` with about ``free`` bytes left: a denoised case (about 80 kB
+    here) no longer fits, its summary does. Mounting needs root; skipped otherwise."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    folder.mkdir(parents=True)
+    mount = ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(folder)]
+    mounted = subprocess.run(mount, capture_output=True, text=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        (folder / "filler").write_bytes(bytes(shutil.disk_usage(folder).free - free))
+        yield folder
+    finally:
+        if subprocess.run(["umount", str(folder)], capture_output=True).returncode:
+            subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def test_a_full_disk_stops_the_run_at_the_first_case_it_cannot_write(batch_archive, tmp_path, capsys) -> None:
+    """Every write failure was one failed row: on a full OUT every remaining case was read,
+    denoised and then failed to write (thousands of rows, hours of compute). Now the first case
+    that cannot be written stops the run: summary written (interrupted, why), one line, exit 2."""
+    archive, expected = batch_archive
+    with nearly_full_tmpfs(tmp_path / "disk") as disk:
+        out = disk / "out"
+        assert main(["batch", str(archive), str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        document = json.loads((out / "batch-summary.json").read_text())
+    assert not any("Traceback" in line for line in err), err
+    assert err[-1].startswith("ipv2-denoise batch: error: stopped: cannot write "), err[-1]
+    assert "No space left on device" in err[-1] and "rerun the same command" in err[-1], err[-1]
+    assert document["interrupted"] is True and "No space left on device" in document["stopped"]
+    unwritten = [row for row in document["cases"] if "No space left on device" in row["error"]]
+    assert len(unwritten) == 1, document["cases"]  # not one failed row per remaining case
+    assert document["totals"]["done"] == 0 and document["pending"]
+    assert len(document["cases"]) + len(document["pending"]) == len(expected)
+
+
+def test_a_folder_that_cannot_be_listed_is_a_failed_case(batch_archive, tmp_path) -> None:
+    """A folder of INPUT without read permission was skipped without a word: its studies were
+    missing from the summary and the run said 0. Now a failed row naming the folder (exit 1), and
+    the next run lists it again. Root reads every folder, so root runs the batch without that power."""
+    archive, _ = batch_archive
+    source, out = tmp_path / "archive", tmp_path / "out"
+    locked = source / "site_b"
+    locked.mkdir(parents=True)
+    (source / "site_a").mkdir()
+    shutil.copy(archive / "site_a" / "p02.nrrd", source / "site_a" / "p02.nrrd")
+    shutil.copy(archive / "site_b" / "p03.mha", locked / "p03.mha")
+    command = [sys.executable, "-m", "IPv2DenoiseLib", "batch", str(source), str(out)]
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("setpriv (util-linux) is needed to run without root's access to every folder")
+        caps = "-dac_override,-dac_read_search"
+        command = ["setpriv", f"--bounding-set={caps}", f"--inh-caps={caps}", *command]
+    locked.chmod(0)
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    finally:
+        locked.chmod(0o755)
+    assert result.returncode == 1, result.stderr
+    rows = summary_rows(out)
+    assert rows["site_a/p02"]["status"] == "done"
+    assert rows["site_b"]["status"] == "failed", rows
+    assert rows["site_b"]["error"] == f"cannot list {locked}: Permission denied"
+
+
+def test_a_manifest_naming_one_study_twice_is_refused(batch_archive, tmp_path, capsys) -> None:
+    """Three identical rows gave two cases one id (the suffix was a hash of the same file), so two
+    shards wrote one output and batch-summary refused forever. Now one line before any work."""
+    archive, _ = batch_archive
+    manifest = tmp_path / "m.csv"
+    row = f"{archive / 'site_a' / 'p02.nrrd'},,\n"
+    manifest.write_text("path,series_uid,case\n" + row * 3, encoding="utf-8")
+    assert main(["batch", str(manifest), str(tmp_path / "out")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "lines 2 and 3 name the same study" in line, line
+
+
+def test_a_case_another_run_is_writing_is_reported_not_written_again(batch_archive, tmp_path) -> None:
+    """The local engine's writer took no output claim (Ray's workers did): a case that another
+    shard was writing (it saw another case list) was written a second time. Now the writer waits
+    for the claim and reports the other run's verified output."""
+    archive, _ = batch_archive
+    out, aside = tmp_path / "out", tmp_path / "aside"
+    cases = {c.case_id: c for c in discover_tree(archive)}
+    first, second = cases["site_a/p01"], cases["site_a/p02"]
+    other = CaseProcessor(BatchSettings(out_root=str(out), run_id="other-run"), threads=1)
+    assert run_local([second], other, prefetch=0)[0]["status"] == "done"
+    output, record = out / "site_a" / "p02.nrrd", record_path(out, "site_a/p02")
+    aside.mkdir()
+    for path in (output, record):
+        shutil.move(path, aside / path.name)
+    this = CaseProcessor(BatchSettings(out_root=str(out), run_id="this-run"), threads=1)
+    rows: list[dict] = []
+    first_row = threading.Event()
+    with claim_output(output, what="the other run"):  # the other run writes site_a/p02 now
+        worker = threading.Thread(
+            target=lambda: rows.extend(run_local([first, second], this, on_row=lambda row: first_row.set()))
+        )
+        worker.start()
+        assert first_row.wait(timeout=300)
+        time.sleep(1.0)  # this run's writer has reached site_a/p02 (and waits for the claim)
+        shutil.copy2(aside / output.name, output)
+        shutil.copy2(aside / record.name, record)
+    worker.join(timeout=300)
+    row = {r["case"]: r for r in rows}["site_a/p02"]
+    assert row["status"] == "skipped", row  # the other run's output, verified, not written again
+    assert read_record(out, "site_a/p02")["run_id"] == "other-run"
+    assert hash_output(output)[0] == read_record(out, "site_a/p02")["output_sha256"]
+
+
+def spanned_bytes(array: np.ndarray) -> int:
+    """Bytes of memory an array's elements span (a zero-stride view of one value spans 4)."""
+    byte_bounds = getattr(np.lib, "array_utils", np).byte_bounds
+    low, high = byte_bounds(array)
+    return high - low
+
+
+def test_a_denoised_case_waits_for_the_writer_without_its_source_array(batch_archive, tmp_path) -> None:
+    """docs/batch.md promised at most prefetch + 3 volumes in memory; each denoised case held its
+    source beside its result until written (about prefetch + 7 arrays). Now the source is dropped
+    before the case is queued for the writer, and the noise measured against it is kept."""
+    archive, _ = batch_archive
+    processor = CaseProcessor(BatchSettings(out_root=str(tmp_path / "out")), threads=1)
+    held: list[tuple[int, int, int]] = []
+    store = processor.store
+
+    def measure_then_store(item: Loaded) -> dict:
+        outcome = item.outcome
+        held.append(
+            (
+                spanned_bytes(outcome.source.array),
+                spanned_bytes(item.volume.array),
+                outcome.denoised.array.nbytes,
+            )
+        )
+        return store(item)
+
+    processor.store = measure_then_store
+    cases = [c for c in discover_tree(archive) if c.case_id in ("site_a/p01", "site_a/p02", "site_b/p03")]
+    rows = run_local(cases, processor, prefetch=2)
+    assert [row["status"] for row in rows] == ["done"] * 3, rows
+    assert all(float(row["noise_after_hu"]) < float(row["noise_before_hu"]) for row in rows)
+    assert len(held) == 3 and all(
+        source <= 4 and volume <= 4 and result > 100_000 for source, volume, result in held
+    ), held

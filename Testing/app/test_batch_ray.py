@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,11 +18,15 @@ import numpy as np
 import pytest
 import ray
 import SimpleITK as sitk
+from conftest import chest_like_volume
+from test_batch import nearly_full_tmpfs
 
 from IPv2DenoiseLib.app.batch.ray_watchdog import descendants, stop
 from IPv2DenoiseLib.app.batch.records import hash_output, read_record
 from IPv2DenoiseLib.app.cli import main
 from IPv2DenoiseLib.core.atomic import STAGING_DIR
+from IPv2DenoiseLib.core.volume import Volume
+from IPv2DenoiseLib.io.volumes import write_volume
 
 #: Each test here takes more than ~20 s on 2 CPU cores (a real Ray cluster).
 pytestmark = pytest.mark.slow
@@ -110,6 +115,26 @@ def test_worker_killed_mid_run_has_its_cases_retried(ray_cluster, batch_archive,
         assert hash_output(out / row["output"])[0] == read_record(out, case)["output_sha256"]
     assert all(int(rows[c]["attempts"]) == 2 for c in retried)
     assert not [p for p in out.rglob("*") if STAGING_DIR in p.parts]
+
+
+def test_a_full_disk_stops_the_ray_run_too(ray_cluster, batch_archive, tmp_path, capsys) -> None:
+    """As on the local engine: the first case that cannot be written because OUT is full stops the
+    run (no more cases submitted), the summary says why, one line, exit 2 (until 2026-12-08 every
+    case was denoised on the workers and failed to write)."""
+    archive = tmp_path / "archive"
+    shutil.copytree(batch_archive[0], archive)
+    (archive / "extra").mkdir()
+    for k in range(8):  # more cases than the two workers hold at once
+        write_volume(Volume(chest_like_volume(20 + k), (5.0, 5.0, 5.0)), archive / "extra" / f"e{k}.nrrd")
+    with nearly_full_tmpfs(tmp_path / "disk") as disk:
+        out = disk / "out"
+        assert main(["batch", str(archive), str(out), "--engine", "ray", "--cpus-per-worker", "1"]) == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        document = json.loads((out / "batch-summary.json").read_text())
+    assert last.startswith("ipv2-denoise batch: error: stopped: ") and "No space left on device" in last, last
+    assert document["interrupted"] is True and "No space left on device" in document["stopped"]
+    assert document["totals"]["done"] == 0 and len(document["pending"]) >= 4, document
+    assert len(document["cases"]) + len(document["pending"]) == 14
 
 
 def test_workers_that_do_not_fit_the_cluster_are_refused(

@@ -4,8 +4,15 @@ A case is one study to denoise. Its ``case_id`` is a POSIX path relative to the 
 series folder, or the volume file without its suffix); outputs and done records are named after
 it, so the output tree mirrors the input tree. Every part of an id passes through
 :func:`~IPv2DenoiseLib.core.paths.safe_component` (a SeriesInstanceUID or a manifest's ``case``
-is data, never a path: ``..``, ``/`` and hidden names cannot reach the output tree). Cases are sorted by ``case_id``, which makes
-``--shard K/N`` deterministic.
+is data, never a path: ``..``, ``/`` and hidden names cannot reach the output tree). Cases are
+sorted by ``case_id``; ``--shard K/N`` assigns each case by a hash of its id, so a case keeps its
+shard however the rest of the archive changes.
+
+A volume whose header names a detached data file (an ``.mhd``'s ``ElementDataFile``, an ``.nhdr``'s
+``data file``) has that file among its ``files``: it is fingerprinted (a changed ``.raw`` makes the
+case run again) and no output may land on it. The header is parsed by the reader's own check
+(:func:`~IPv2DenoiseLib.io.image_headers.declared_image`), which refuses a data file outside the
+header's folder: such a case fails with that line at discovery.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
+import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
@@ -22,6 +30,7 @@ from IPv2DenoiseLib.app.batch.records import output_path
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.paths import safe_component, safe_relative
 from IPv2DenoiseLib.io.dicom_series import SeriesInfo, series_of_files
+from IPv2DenoiseLib.io.image_headers import declared_image
 from IPv2DenoiseLib.io.volumes import image_suffix, may_be_dicom
 
 #: Folders never searched for studies (besides hidden ones, whose names start with a dot).
@@ -55,6 +64,67 @@ class Case:
             stat = os.stat(name)
             digest.update(f"\0{Path(name).name}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
         return digest.hexdigest()
+
+
+#: Suffixes whose header may name a detached data file (NRRD ``data file``, MetaImage ``ElementDataFile``).
+DETACHED_SUFFIXES = (".nhdr", ".nrrd", ".mhd", ".mha")
+#: Most header bytes scanned for a data-file field (headers are a few hundred bytes; the data follow).
+_HEADER_SCAN_BYTES = 1 << 16
+_DATA_FILE_FIELD = re.compile(rb"^(data ?file:|ElementDataFile\s*=)", re.IGNORECASE | re.MULTILINE)
+
+
+def _may_name_data_file(path: Path) -> bool:
+    """Whether the header of ``path`` may name a data file of its own (cheap: the first 64 KiB only;
+    an ``.mhd`` / ``.nhdr`` always counts, an ``.nrrd`` / ``.mha`` when the field appears there)."""
+    if path.name.lower().endswith((".nhdr", ".mhd")):
+        return True
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(_HEADER_SCAN_BYTES)
+    except OSError:
+        return False  # the reader reports it
+    for match in _DATA_FILE_FIELD.finditer(head):
+        end = head.find(b"\n", match.end())
+        value = head[match.end() : end if end >= 0 else len(head)].strip()
+        if value.upper() != b"LOCAL":
+            return True
+    return False
+
+
+def volume_case(case_id: str, path: str | os.PathLike, *, source: str = "") -> Case:
+    """The case of one volume file: its header and, when the header names one, its data file.
+
+    Parameters
+    ----------
+    case_id : str
+        The case's id.
+    path : path-like
+        The NRRD / NIfTI / MetaImage file.
+    source : str
+        The ``input`` column (default: ``path``).
+
+    Returns
+    -------
+    Case
+        ``kind="volume"`` with ``files`` = (header, data file) or (file,); with ``error`` set when
+        the header names a data file outside its folder, data split over several files, or a data
+        file that is missing (the reader would refuse it too: one line, the case is never read).
+    """
+    path = Path(path)
+    case = Case(case_id, "volume", (str(path),), source=source or str(path))
+    if image_suffix(path) not in DETACHED_SUFFIXES or not _may_name_data_file(path):
+        return case
+    try:
+        declared = declared_image(path)
+    except UserError as exc:
+        return replace(case, error=str(exc))
+    except OSError as exc:  # unreadable header: the reader says so in its own words
+        return replace(case, error=f"{path}: cannot read it ({exc.strerror or exc})")
+    if declared is None or declared.data_file == path:
+        return case
+    if not declared.data_file.is_file():
+        return replace(case, error=f"{path}: its data file {declared.data_file.name} is missing")
+    return replace(case, files=(str(path), str(declared.data_file)))
 
 
 def _relative_id(path: Path, root: Path) -> str:
@@ -102,9 +172,11 @@ def _series_cases(series: list[Series], root: Path, *, source: str = "") -> list
 
 def _unique_ids(cases: list[Case]) -> list[Case]:
     """Make every id a safe relative path, sort by id and make ids unique (a later duplicate gets
-    a short hash of its first file), and keep outputs from nesting (see :func:`_unnest`)."""
+    a short hash of its first file, and a counter should that be taken too), and keep outputs from
+    nesting (see :func:`_unnest`). A folder that could not be listed never takes a study's id."""
     cases = sorted(
-        (replace(c, case_id=safe_relative(c.case_id)) for c in cases), key=lambda c: (c.case_id, c.files)
+        (replace(c, case_id=safe_relative(c.case_id)) for c in cases),
+        key=lambda c: (c.case_id, c.kind == UNLISTED, c.files, c.source),
     )
     seen: set[str] = set()
     out = []
@@ -112,7 +184,10 @@ def _unique_ids(cases: list[Case]) -> list[Case]:
         case_id = case.case_id
         if case_id in seen:
             tag = hashlib.sha1((case.files[0] if case.files else case.source).encode()).hexdigest()[:8]
-            case_id = f"{case_id}-{tag}"
+            case_id, count = f"{case.case_id}-{tag}", 1
+            while case_id in seen:  # the same first file twice (a manifest naming one file twice)
+                count += 1
+                case_id = f"{case.case_id}-{tag}-{count}"
         seen.add(case_id)
         out.append(replace(case, case_id=case_id))
     return sorted(_unnest(out), key=lambda c: c.case_id)
@@ -122,7 +197,13 @@ def _unnest(cases: list[Case]) -> list[Case]:
     """A case whose id is a folder of another case's id (a series in ``p/`` and one in ``p/sub/``)
     goes one level down, ``p/<its SeriesInstanceUID or file name>``: with ``--dicom`` its output
     folder would otherwise hold the other's output, and replacing it would delete that."""
-    parents = {str(parent) for c in cases for parent in Path(c.case_id).parents if str(parent) != "."}
+    parents = {
+        str(parent)
+        for c in cases
+        if c.kind != UNLISTED  # an unlisted folder writes nothing: it cannot hold another output
+        for parent in Path(c.case_id).parents
+        if str(parent) != "."
+    }
     taken = {c.case_id for c in cases}
     out = []
     for case in cases:
@@ -137,12 +218,20 @@ def _unnest(cases: list[Case]) -> list[Case]:
     return out
 
 
-def walk_files(root: Path, *, exclude: Path | None = None) -> list[Path]:
-    """Every non-hidden file under ``root``, skipping hidden folders, :data:`SKIP_DIRS` and ``exclude``."""
+def walk_files(
+    root: Path, *, exclude: Path | None = None, unlisted: list[OSError] | None = None
+) -> list[Path]:
+    """Every non-hidden file under ``root``, skipping hidden folders, :data:`SKIP_DIRS` and ``exclude``.
+
+    A folder that cannot be listed (no permission, an I/O error) is appended to ``unlisted`` as its
+    :class:`OSError` (``filename`` is the folder); without ``unlisted`` it is skipped silently.
+    """
     root = Path(root)
     excluded = exclude.resolve() if exclude is not None else None
     found = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames in os.walk(
+        root, onerror=unlisted.append if unlisted is not None else None
+    ):
         here = Path(dirpath)
         dirnames[:] = sorted(
             d
@@ -219,17 +308,47 @@ def _partial_copies_problem(uid: str, pieces: list[tuple[list[Path], set[str]]])
     )
 
 
+#: ``Case.kind`` of a folder of the input tree that could not be listed (always a failed case).
+UNLISTED = "unlisted"
+
+
+def _unlisted_cases(errors: list[OSError], root: Path) -> list[Case]:
+    """A failed case per folder that could not be listed: what it holds is unknown, so it is in the
+    summary (exit status 1) and listed again by the next run, not skipped without a word."""
+    cases = []
+    for exc in errors:
+        folder = Path(exc.filename or root)
+        reason = exc.strerror or type(exc).__name__
+        if os.path.abspath(folder) == os.path.abspath(root):
+            raise UserError(f"INPUT {root}: cannot list it ({reason})")
+        cases.append(
+            Case(
+                _relative_id(folder, root),
+                UNLISTED,
+                source=str(folder),
+                error=f"cannot list {folder}: {reason}",
+            )
+        )
+    return cases
+
+
 def discover_tree(root: str | os.PathLike, *, exclude: str | os.PathLike | None = None) -> list[Case]:
     """The cases under ``root``: each DICOM image series (grouped by SeriesInstanceUID) and each
     NRRD/NIfTI/MHA file. Files that are neither are ignored; ``exclude`` (e.g. the output folder
-    inside the input) is not searched.
+    inside the input) is not searched. A folder that cannot be listed is a failed case of its own.
+
+    Raises
+    ------
+    UserError
+        ``root`` itself cannot be listed.
     """
     root = Path(root)
-    files = walk_files(root, exclude=Path(exclude) if exclude is not None else None)
+    unlisted: list[OSError] = []
+    files = walk_files(root, exclude=Path(exclude) if exclude is not None else None, unlisted=unlisted)
     volumes = [f for f in files if image_suffix(f)]
     series = _group_by_folder(f for f in files if may_be_dicom(f))
-    cases = [Case(_volume_id(f, root), "volume", (str(f),), source=str(f)) for f in volumes]
-    return _unique_ids(cases + _series_cases(series, root))
+    cases = [volume_case(_volume_id(f, root), f) for f in volumes]
+    return _unique_ids(cases + _series_cases(series, root) + _unlisted_cases(unlisted, root))
 
 
 def _manifest_rows(manifest: Path) -> list[dict[str, str]]:
@@ -267,6 +386,31 @@ def _not_one_series_problem(found: list[Series], uid: str, path: Path) -> str:
     return f"{path} holds {len(found)} DICOM image series; add a series_uid column"
 
 
+def _refuse_repeated_rows(rows: list[dict[str, str]], manifest: Path, base: Path) -> None:
+    """Refuse a manifest that names one study twice under one name (the same path, series_uid and
+    case): its copies would share an output; a second ``case`` name is a deliberate second output.
+
+    Raises
+    ------
+    UserError
+        Two rows with the same path (resolved against the manifest's folder), series_uid and case.
+    """
+    first: dict[tuple[str, str, str], int] = {}
+    for number, row in enumerate(rows, start=2):
+        path_text = row.get("path", "")
+        path = (
+            os.path.normpath(path_text if os.path.isabs(path_text) else base / path_text) if path_text else ""
+        )
+        key = (path, row.get("series_uid", ""), row.get("case", ""))
+        if key in first:
+            what = ", ".join(f"{k} {v!r}" for k, v in zip(("path", "series_uid", "case"), key) if v)
+            raise UserError(
+                f"manifest {manifest}: lines {first[key]} and {number} name the same study ({what}); "
+                "list each study once (or give each copy its own case name)"
+            )
+        first[key] = number
+
+
 def read_manifest(
     manifest: str | os.PathLike, *, search_root: str | os.PathLike | None = None
 ) -> tuple[list[Case], Path]:
@@ -286,12 +430,15 @@ def read_manifest(
     base = manifest.parent
     root = Path(search_root) if search_root is not None else base
     rows = _manifest_rows(manifest)
+    _refuse_repeated_rows(rows, manifest, base)
     index: list[Series] | None = None  # the series under root, found once when needed
+    index_unlisted: list[OSError] = []
     cases = []
     for number, row in enumerate(rows, start=2):
         path_text, uid, name = row.get("path", ""), row.get("series_uid", ""), row.get("case", "")
         where = f"manifest line {number}"
         name = _checked_name(name, f"manifest {manifest} line {number}") if name else ""
+        unlisted: list[OSError] = []
         if path_text:
             path = Path(path_text) if Path(path_text).is_absolute() else base / path_text
             if not path.exists():
@@ -305,18 +452,26 @@ def read_manifest(
                 )
                 continue
             if path.is_file() and image_suffix(path):
-                cases.append(Case(name or _volume_id(path, base), "volume", (str(path),), source=str(path)))
+                case = volume_case(name or _volume_id(path, base), path)
+                cases.append(replace(case, error=f"{where}: {case.error}") if case.error else case)
                 continue
-            found = _group_by_folder(walk_files(path) if path.is_dir() else [path])
+            found = _group_by_folder(walk_files(path, unlisted=unlisted) if path.is_dir() else [path])
             label = name or _relative_id(path, base)
         else:
             if index is None:
-                index = _group_by_folder(f for f in walk_files(root) if may_be_dicom(f))
-            found, label, path = index, name, root
+                index = _group_by_folder(
+                    f for f in walk_files(root, unlisted=index_unlisted) if may_be_dicom(f)
+                )
+            found, label, path, unlisted = index, name, root, index_unlisted
         if uid:
             found = [s for s in found if s[0] == uid]
-        if len(found) != 1:
-            problem = _not_one_series_problem(found, uid, path)
+        if len(found) != 1 or (unlisted and path_text):
+            if len(found) == 1:  # the series may have more slices in the folder that cannot be listed
+                problem = f"{path} holds a folder that cannot be listed, so its series may be incomplete"
+            else:
+                problem = _not_one_series_problem(found, uid, path)
+            if unlisted:
+                problem += f" (cannot list {unlisted[0].filename}: {unlisted[0].strerror or unlisted[0]})"
             cases.append(
                 Case(label or uid, "missing", series_uid=uid, source=str(path), error=f"{where}: {problem}")
             )
@@ -338,9 +493,19 @@ def parse_shard(text: str) -> tuple[int, int]:
     return k, n
 
 
+def shard_of(case_id: str, n: int) -> int:
+    """The shard (0..n-1) of a case: a stable hash of its id, the same on every machine and run."""
+    return int.from_bytes(hashlib.sha256(case_id.encode("utf-8")).digest()[:8], "big") % n
+
+
 def shard_cases(cases: list[Case], k: int, n: int) -> list[Case]:
-    """Every ``n``-th case of the id-sorted list, starting at ``k``: shards 0..n-1 cover each case once."""
-    return sorted(cases, key=lambda c: c.case_id)[k::n]
+    """The cases of shard ``k`` of ``n``, sorted by id: shards 0..n-1 cover each case once.
+
+    A case's shard depends on its id alone (:func:`shard_of`), not on its place in the list: a
+    study added to or removed from the archive between the starts of two shards moves no other
+    case to another shard (by position, cases were then done twice or not at all).
+    """
+    return [c for c in sorted(cases, key=lambda c: c.case_id) if shard_of(c.case_id, n) == k]
 
 
 def refuse_outputs_over_inputs(cases: list[Case], out_root: str | os.PathLike, *, dicom: bool) -> list[Case]:

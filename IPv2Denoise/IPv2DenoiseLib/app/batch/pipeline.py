@@ -5,15 +5,23 @@ every failure a study can cause (unreadable, not CT, too small, ...) becomes a `
 with a one-line reason instead of stopping the batch. :func:`run_local` runs the steps as a
 pipeline: a reader thread prefetches the next studies into a bounded queue while the main
 thread runs the network and a writer thread writes and records the previous case, so disk and
-decompression overlap with compute, and at most ``prefetch + 3`` volumes are in memory however
-large the archive.
+decompression overlap with compute. At most ``prefetch + 4`` cases are in flight (one being read,
+``prefetch`` queued, one being denoised, one queued for the writer, one being written); a denoised
+case drops its source array before it is queued for the writer, so they hold about ``prefetch + 5``
+volume-sized arrays (plus the network's working memory), however large the archive.
+
+OUT's file system refusing writes (full, over quota, read-only: :data:`FATAL_ERRNOS`) is not one
+study's problem: the first case that fails so stops the run (:class:`OutputUnwritable`), instead
+of denoising every remaining case only to fail writing it.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import queue
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -21,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from IPv2DenoiseLib.app.batch.cases import Case
@@ -39,6 +48,86 @@ from IPv2DenoiseLib.core.volume import Volume
 from IPv2DenoiseLib.io.volumes import read_dicom_series, read_volume
 
 RowCallback = Callable[[dict[str, Any]], None]
+
+#: Errors of OUT's file system after which no case can be written: the run stops.
+FATAL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+#: Key of a failed row whose failure stops the run (its value: the one-line reason); never in a summary.
+STOP_KEY = "stop_run"
+#: Bytes the probe writes (and fsyncs) in OUT after a failed write, to tell a full disk from one study's problem.
+PROBE_BYTES = 1 << 16
+
+
+class OutputUnwritable(UserError):
+    """OUT takes no more writes (full disk, quota, read-only file system); the run stopped."""
+
+
+def unwritable_reason(exc: BaseException, folder: Path) -> str:
+    """Why OUT takes no more writes, if that is why writing a case failed with ``exc``; else "".
+
+    Judged from an :class:`OSError` with an errno of :data:`FATAL_ERRNOS` in ``exc`` or what it
+    wraps, from the message of a one-line error that names one (``write_volume`` replaces ITK's
+    exception), or else from a probe: a small file written and synced in ``folder``.
+
+    Parameters
+    ----------
+    exc : BaseException
+        What writing the case raised.
+    folder : pathlib.Path
+        The case's output folder (or OUT), on the file system to probe.
+
+    Returns
+    -------
+    str
+        One line naming the cause and the folder, or ``""`` when the case alone failed.
+    """
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, OSError) and cause.errno in FATAL_ERRNOS:
+            return f"cannot write into {folder}: {cause.strerror or os.strerror(cause.errno)}"
+        cause = cause.__cause__ or cause.__context__
+    text = str(exc)
+    if any(os.strerror(code) in text for code in FATAL_ERRNOS):
+        return _one_line(exc)
+    return _probe_unwritable(folder)
+
+
+def _probe_unwritable(folder: Path) -> str:
+    """Nothing (``""``) when a small file can be written and synced in ``folder``; else why not
+    (for the errnos of :data:`FATAL_ERRNOS` only: another failure is the case's own)."""
+    while not folder.is_dir() and folder != folder.parent:  # the case's folder may not exist yet
+        folder = folder.parent
+    try:
+        fd, name = tempfile.mkstemp(prefix=".ipv2-batch-probe-", dir=folder)
+    except OSError as exc:
+        return f"cannot write into {folder}: {exc.strerror}" if exc.errno in FATAL_ERRNOS else ""
+    try:
+        os.write(fd, bytes(PROBE_BYTES))
+        os.fsync(fd)
+    except OSError as exc:
+        return f"cannot write into {folder}: {exc.strerror}" if exc.errno in FATAL_ERRNOS else ""
+    finally:
+        os.close(fd)
+        os.unlink(name)
+    return ""
+
+
+def _without_source_array(outcome: DenoiseOutcome) -> None:
+    """Let a denoised case hold one volume-sized array, not two, until it is written.
+
+    The noise after denoising (measured against the source) is computed and cached first; the
+    writers use only the denoised volume and the source's geometry and meta.
+    """
+    _ = outcome.noise_after_hu  # cached_property: measured now, while the source is here
+    source = outcome.source
+    outcome.source = Volume(
+        np.broadcast_to(np.float32(0), source.shape),  # the shape, in 4 bytes
+        source.spacing,
+        source.origin,
+        source.direction,
+        source.meta,
+    )
 
 
 @dataclass(frozen=True)
@@ -189,12 +278,54 @@ class CaseProcessor:
         try:
             with self._network:
                 loaded.outcome = self.pipeline.denoise(loaded.volume)
+            _without_source_array(loaded.outcome)
+            loaded.volume = loaded.outcome.source
             return loaded
         except Exception as exc:
             return self.failed(loaded.case, _one_line(exc), started=loaded.started, attempts=loaded.attempts)
 
     def store(self, loaded: Loaded) -> dict[str, Any]:
-        """Write the output atomically, then its done record; returns the summary row."""
+        """Write the output atomically, then its done record; returns the summary row.
+
+        Holds the case's output claim while writing (waiting for another holder): a case that
+        another run or shard is writing, or has just finished, is then reported from its done
+        record instead of being written twice (the local engine's writer; Ray's workers claim in
+        :meth:`process`).
+        """
+        case = loaded.case
+        try:
+            out = output_path(self.out_root, case.case_id, dicom=self.settings.dicom)
+            with claim_output(out, what=f"case {case.case_id}", wait=True):
+                record = verified_record(
+                    self.out_root,
+                    case.case_id,
+                    fingerprint=loaded.fingerprint,
+                    settings=self.record_settings,
+                    dicom=self.settings.dicom,
+                )
+                if record is not None:  # another run finished it meanwhile
+                    return self._from_record(case, record, loaded.attempts)
+                return self._store_claimed(loaded)
+        except Exception as exc:  # the claim's lock file cannot be made (a file in the way, a full disk)
+            return self._write_failed(case, exc, started=loaded.started, attempts=loaded.attempts)
+
+    def _write_failed(
+        self, case: Case, exc: BaseException, *, started: float, attempts: int
+    ) -> dict[str, Any]:
+        """The failed row of a case that could not be written; marked to stop the run
+        (:data:`STOP_KEY`) when OUT itself takes no more writes."""
+        row = self.failed(case, _one_line(exc), started=started, attempts=attempts)
+        try:
+            folder = output_path(self.out_root, case.case_id, dicom=self.settings.dicom).parent
+        except UserError:
+            folder = self.out_root
+        reason = unwritable_reason(exc, folder)
+        if reason:
+            row[STOP_KEY] = reason
+        return row
+
+    def _store_claimed(self, loaded: Loaded) -> dict[str, Any]:
+        """:meth:`store` once the output claim is held."""
         case = loaded.case
         try:
             out = output_path(self.out_root, case.case_id, dicom=self.settings.dicom)
@@ -241,7 +372,7 @@ class CaseProcessor:
                 warnings="; ".join(loaded.outcome.warnings),
             )
         except Exception as exc:
-            return self.failed(case, _one_line(exc), started=loaded.started, attempts=loaded.attempts)
+            return self._write_failed(case, exc, started=loaded.started, attempts=loaded.attempts)
 
     def _write(self, loaded: Loaded, out: Path) -> None:
         if not self.settings.dicom:
@@ -262,6 +393,7 @@ class CaseProcessor:
         item = self.load(case, attempts=attempts)
         if not isinstance(item, Loaded):
             return item
+        started = item.started
         try:
             out = output_path(self.out_root, case.case_id, dicom=self.settings.dicom)
             with claim_output(out, what=f"case {case.case_id}", wait=True):
@@ -275,9 +407,9 @@ class CaseProcessor:
                 if record is not None:  # an earlier attempt finished while this one waited
                     return self._from_record(case, record, attempts)
                 item = self.denoise(item)
-                return self.store(item) if isinstance(item, Loaded) else item
-        except UserError as exc:  # the claim's lock file cannot be made (a file in the way, a full disk)
-            return self.failed(case, str(exc), started=item.started, attempts=attempts)
+                return self._store_claimed(item) if isinstance(item, Loaded) else item
+        except Exception as exc:  # the claim's lock file cannot be made (a file in the way, a full disk)
+            return self._write_failed(case, exc, started=started, attempts=attempts)
 
 
 _END = object()
@@ -297,19 +429,32 @@ def run_local(
     queue and a writer thread writes the previous result while the network runs; ``prefetch=0``
     does each case's steps one after the other (the baseline the benchmark compares against).
     ``stop`` ends the run after the cases in flight.
+
+    Raises
+    ------
+    OutputUnwritable
+        OUT took no more writes (full disk, quota, read-only): the run stopped at the first case
+        that failed so; the rows of the cases finished before are reported (``on_row``) first.
     """
     stop = stop or threading.Event()
     rows: list[dict[str, Any]] = []
+    halted: list[str] = []  # why OUT takes no more writes, once a case found out
 
     def emit(row: dict[str, Any]) -> None:
+        reason = row.pop(STOP_KEY, None)
         rows.append(row)
         if on_row is not None:
             on_row(row)
+        if reason and not halted:
+            halted.append(reason)
+            stop.set()
 
     if prefetch < 1:
         _run_one_by_one(cases, processor, emit, stop)
     else:
-        _run_overlapped(cases, processor, emit, stop, prefetch)
+        _run_overlapped(cases, processor, emit, stop, prefetch, halted)
+    if halted:
+        raise OutputUnwritable(halted[0])
     return rows
 
 
@@ -348,11 +493,17 @@ def _write_all(
     emit: RowCallback,
     stop: threading.Event,
     crashed: list[BaseException],
+    halted: list[str],
 ) -> None:
-    """Writer thread: store each denoised case from ``written_q`` (or pass its failure row on)."""
+    """Writer thread: store each denoised case from ``written_q`` (or pass its failure row on);
+    once OUT takes no more writes (``halted``), denoised cases are dropped, not written."""
     try:
         while (item := written_q.get()) is not _END:
-            emit(processor.store(item) if isinstance(item, Loaded) else item)
+            if isinstance(item, Loaded):
+                if not halted:
+                    emit(processor.store(item))
+            else:
+                emit(item)
     except BaseException as exc:
         crashed.append(exc)
         stop.set()
@@ -366,10 +517,12 @@ def _run_overlapped(
     emit: RowCallback,
     stop: threading.Event,
     prefetch: int,
+    halted: list[str],
 ) -> None:
     """Read ahead and write behind in two threads while this thread runs the network.
 
     Re-raises the first exception of either thread; on Ctrl-C the writer finishes the case it holds.
+    Once OUT takes no more writes (``halted``), cases already read are dropped, not denoised.
     """
     loaded_q: queue.Queue = queue.Queue(maxsize=prefetch)
     written_q: queue.Queue = queue.Queue(maxsize=1)
@@ -378,12 +531,17 @@ def _run_overlapped(
         target=_read_all, args=(cases, processor, loaded_q, stop, crashed), name="batch-reader", daemon=True
     )
     writer = threading.Thread(
-        target=_write_all, args=(processor, written_q, emit, stop, crashed), name="batch-writer", daemon=True
+        target=_write_all,
+        args=(processor, written_q, emit, stop, crashed, halted),
+        name="batch-writer",
+        daemon=True,
     )
     reader.start()
     writer.start()
     try:
         while (item := loaded_q.get()) is not _END:
+            if isinstance(item, Loaded) and halted:
+                continue  # nothing more can be written: do not denoise it
             written_q.put(processor.denoise(item) if isinstance(item, Loaded) else item)
     except BaseException:
         stop.set()  # Ctrl-C: let the writer finish the case it holds, drop the rest
@@ -399,4 +557,14 @@ def _run_overlapped(
         raise crashed[0]
 
 
-__all__ = ["BatchSettings", "CaseProcessor", "Loaded", "case_row", "run_local"]
+__all__ = [
+    "FATAL_ERRNOS",
+    "STOP_KEY",
+    "BatchSettings",
+    "CaseProcessor",
+    "Loaded",
+    "OutputUnwritable",
+    "case_row",
+    "run_local",
+    "unwritable_reason",
+]

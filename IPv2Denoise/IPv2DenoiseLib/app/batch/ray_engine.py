@@ -15,6 +15,10 @@ network fault between nodes) may still be running the case when its retry starts
 retry waits for the case's output claim (:meth:`CaseProcessor.process`) and then finds the first
 attempt's record, so the case is never written by two attempts at once.
 
+A case that fails because OUT takes no more writes (full disk, quota, read-only) stops the run as
+on the local engine: no more cases are submitted, the ones in flight end, and
+:class:`~IPv2DenoiseLib.app.batch.pipeline.OutputUnwritable` is raised.
+
 A local cluster this module starts (no ``--address``) is stopped with the run, also when the run
 is killed: see :mod:`~IPv2DenoiseLib.app.batch.ray_watchdog`.
 """
@@ -37,7 +41,13 @@ import ray
 from ray.exceptions import RayActorError
 
 from IPv2DenoiseLib.app.batch.cases import Case
-from IPv2DenoiseLib.app.batch.pipeline import BatchSettings, CaseProcessor, case_row
+from IPv2DenoiseLib.app.batch.pipeline import (
+    STOP_KEY,
+    BatchSettings,
+    CaseProcessor,
+    OutputUnwritable,
+    case_row,
+)
 from IPv2DenoiseLib.app.batch.ray_watchdog import start_watchdog
 from IPv2DenoiseLib.core.errors import UserError
 
@@ -174,6 +184,12 @@ def run_ray(
     ``on_event(**record)`` receives one ``worker_index`` event per actor (with ``worker``: host:pid,
     and ``device``) and a ``retry`` event per resubmitted case.
     A case whose worker died more than ``retries`` times is recorded as failed.
+
+    Raises
+    ------
+    OutputUnwritable
+        OUT took no more writes: no case was submitted after the first that failed so, the cases
+        in flight ended, and their rows were reported first.
     """
     with connect(address):
         return _run_on_cluster(
@@ -232,10 +248,13 @@ def _schedule(
     The actors are killed at the end."""
     scheduler = _Scheduler(actors, cases, retries=retries, on_row=on_row, event=event, stop=stop)
     try:
-        return scheduler.run()
+        rows = scheduler.run()
     finally:
         for actor in actors:
             ray.kill(actor, no_restart=True)
+    if scheduler.halted:
+        raise OutputUnwritable(scheduler.halted)
+    return rows
 
 
 class _Scheduler:
@@ -252,12 +271,14 @@ class _Scheduler:
         self.healthy = set(range(len(actors)))
         self.load = [0] * len(actors)
         self.rows: list[dict[str, Any]] = []
+        #: Why OUT takes no more writes, once a case found out (then nothing more is submitted).
+        self.halted = ""
 
     def run(self) -> list[dict[str, Any]]:
         """Submit, wait for one answer, handle it; until no case is pending or in flight."""
         while self.pending or self.in_flight:
             self.submit()
-            if not self.in_flight and not self.probes:
+            if not self.in_flight and (not self.probes or self.stop.is_set()):  # stopped: nothing to wait for
                 self.fail_stranded()
                 break
             (ref,), _ = ray.wait([*self.in_flight, *self.probes], num_returns=1)
@@ -268,10 +289,14 @@ class _Scheduler:
         return self.rows
 
     def finish(self, row: dict[str, Any]) -> None:
-        """Keep a case's final row and report it."""
+        """Keep a case's final row and report it; a row saying OUT takes no more writes stops the run."""
+        reason = row.pop(STOP_KEY, None)
         self.rows.append(row)
         if self.on_row is not None:
             self.on_row(row)
+        if reason and not self.halted:
+            self.halted = reason
+            self.stop.set()
 
     def submit(self) -> None:
         """Give pending cases to the least-loaded healthy actors that have room (none once stopped)."""

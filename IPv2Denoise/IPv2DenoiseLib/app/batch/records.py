@@ -156,16 +156,145 @@ def write_summary(out_root: Path, rows: list[dict[str, Any]], info: dict[str, An
     return csv_path
 
 
+def run_identity(case_ids: Iterable[str], settings: dict[str, Any]) -> dict[str, Any]:
+    """What makes shards parts of one run: the settings and the case list every shard found.
+
+    Written into each summary (``identity`` and its hash ``run_identity``); ``batch-summary``
+    combines only shards whose hashes agree, so shards started on different inputs, models or
+    formats, or on an archive that changed between their starts, are refused instead of merged.
+
+    Parameters
+    ----------
+    case_ids : iterable of str
+        The ids of every case of the run (all shards).
+    settings : dict
+        Input, model and output settings (JSON values), e.g. ``{"input": ..., "model": ...}``.
+
+    Returns
+    -------
+    dict
+        ``settings`` plus ``cases_found`` and ``case_ids_sha256`` (sha256 of the sorted ids), and
+        ``run_identity``: the sha256 of all of it.
+    """
+    ids = sorted(case_ids)
+    identity = {
+        **settings,
+        "cases_found": len(ids),
+        "case_ids_sha256": hashlib.sha256("\n".join(ids).encode("utf-8")).hexdigest(),
+    }
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode("utf-8")).hexdigest()
+    return {**identity, "run_identity": digest}
+
+
 _SHARD_FILE = re.compile(rf"^{re.escape(SUMMARY_STEM)}\.shard-(\d+)-of-(\d+)\.json$")
+#: Keys of a shard summary that describe the shard itself, not the combined run.
+_SHARD_KEYS = ("cases", "totals", "shard", "shard_cases", "pending", "stopped")
+
+
+def _some(names: list[str], limit: int = 5) -> str:
+    """The first ``limit`` names, and how many more, for a one-line message."""
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _check_not_interrupted(document: dict[str, Any], where: str) -> None:
+    """Refuse the summary of a shard that was interrupted or stopped, naming its cases without a row."""
+    if not (document.get("interrupted") or document.get("stopped")):
+        return
+    rows, pending = document.get("cases") or [], document.get("pending")
+    why = f"stopped: {document['stopped']}" if document.get("stopped") else "interrupted"
+    if pending:
+        missing = f"{len(pending)} of its cases have no row ({_some(pending)})"
+    else:
+        missing = f"only {len(rows)} of its cases have a row (its summary does not list the others)"
+    raise UserError(
+        f"{where} has not finished ({why}): {missing}; rerun that shard (its finished cases are skipped)"
+    )
+
+
+def _check_complete(document: dict[str, Any], where: str) -> None:
+    """Refuse a shard summary without a run identity (an older version's) or without a row per case."""
+    rows, pending = document.get("cases") or [], document.get("pending")
+    if "identity" not in document or "run_identity" not in document or pending is None:
+        raise UserError(
+            f"{where}: its summary has no run identity (written by an older ipv2-denoise); rerun that "
+            "shard (its finished cases are skipped)"
+        )
+    if pending or len(rows) != document.get("shard_cases"):
+        raise UserError(
+            f"{where} has rows for {len(rows)} of its {document.get('shard_cases')} cases"
+            + (f"; no row for {_some(pending)}" if pending else "")
+            + "; rerun that shard (its finished cases are skipped)"
+        )
+
+
+def _check_one_run(found: dict[int, dict[str, Any]], n: int) -> None:
+    """Refuse shards whose run identities differ, naming the first difference."""
+    first = found[0]["identity"]
+    for k in range(1, n):
+        if found[k]["run_identity"] == found[0]["run_identity"]:
+            continue
+        other = found[k]["identity"]
+        pair = f"shard {k}/{n} and shard 0/{n} are not from one run"
+        settings = (set(first) | set(other)) - {"cases_found", "case_ids_sha256"}
+        if other.get("case_ids_sha256") != first.get("case_ids_sha256") and all(
+            other.get(key) == first.get(key) for key in settings
+        ):
+            raise UserError(
+                f"{pair}: they found different cases ({other.get('cases_found')} and {first.get('cases_found')}; "
+                "the input changed between their starts); rerun every shard with the same command "
+                "(finished cases are skipped)"
+            )
+        key = next((key for key in sorted(settings) if first.get(key) != other.get(key)), "run_identity")
+        raise UserError(
+            f"{pair}: {key} {other.get(key)!r} differs from {first.get(key)!r}; run every shard with the "
+            "same INPUT and options"
+        )
+
+
+def _rows_of_every_case(found: dict[int, dict[str, Any]], n: int, out_root: Path) -> list[dict[str, Any]]:
+    """The shards' rows, refused unless each case of the run has exactly one."""
+    rows: dict[str, dict[str, Any]] = {}
+    for k in range(n):
+        for row in found[k]["cases"]:
+            if row["case"] in rows:
+                raise UserError(
+                    f"case {row['case']!r} appears in two shards; the shards are not from one run"
+                )
+            rows[row["case"]] = row
+    expected = found[0]["identity"].get("cases_found")
+    if len(rows) != expected:
+        raise UserError(
+            f"{out_root}: the {n} shards have rows for {len(rows)} of the {expected} cases of their run; "
+            "rerun every shard with the same command (finished cases are skipped)"
+        )
+    return list(rows.values())
 
 
 def combine_shard_summaries(out_root: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Merge the shard summaries in ``out_root`` into one list of rows.
 
+    Only the finished shards of one run are combined: each summary must say it was not
+    interrupted, have a row for every case of its shard, and carry the same run identity
+    (:func:`run_identity`: input, model, options and case list) as the others.
+
+    Parameters
+    ----------
+    out_root : pathlib.Path
+        The OUT folder the shards wrote their ``batch-summary.shard-K-of-N.json`` into.
+
+    Returns
+    -------
+    rows : list of dict
+        One row per case of the run.
+    info : dict
+        The run's metadata (from shard 0; ``combined_shards``, ``seconds`` of the slowest shard).
+
     Raises
     ------
     UserError
-        No shard summaries, shards of different N, a missing shard, or a case in two shards.
+        No shard summaries, shards of different N, a missing or unfinished shard (named with its
+        cases without a row), shards of different runs, or a case in two shards.
     """
     found: dict[int, dict[str, Any]] = {}
     counts = set()
@@ -191,18 +320,15 @@ def combine_shard_summaries(out_root: Path) -> tuple[list[dict[str, Any]], dict[
         raise UserError(
             f"{out_root}: shards {', '.join(map(str, missing))} of {n} have no summary yet; run them first"
         )
-    rows: dict[str, dict[str, Any]] = {}
-    for k in range(n):
-        for row in found[k]["cases"]:
-            if row["case"] in rows:
-                raise UserError(
-                    f"case {row['case']!r} appears in two shards; the shards are not from one run"
-                )
-            rows[row["case"]] = row
-    info = {key: value for key, value in found[0].items() if key not in ("cases", "totals", "shard")}
+    for check in (_check_not_interrupted, _check_complete):
+        for k in range(n):
+            check(found[k], f"shard {k}/{n}")
+    _check_one_run(found, n)
+    rows = _rows_of_every_case(found, n, out_root)
+    info = {key: value for key, value in found[0].items() if key not in _SHARD_KEYS}
     info["combined_shards"] = n
     info["seconds"] = round(max(float(found[k].get("seconds", 0.0)) for k in range(n)), 3)
-    return list(rows.values()), info
+    return rows, info
 
 
 __all__ = [
@@ -214,6 +340,7 @@ __all__ = [
     "output_path",
     "read_record",
     "record_path",
+    "run_identity",
     "summary_stem",
     "totals",
     "verified_record",

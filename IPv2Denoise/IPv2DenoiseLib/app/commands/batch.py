@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -16,9 +17,9 @@ from typing import TextIO
 
 from IPv2DenoiseLib.app.arguments import add_model_arguments, non_negative_int, positive_float, positive_int
 from IPv2DenoiseLib.app.batch.lock import batch_lock
-from IPv2DenoiseLib.app.batch.records import summary_stem, totals, write_summary
+from IPv2DenoiseLib.app.batch.records import run_identity, summary_stem, totals, write_summary
 from IPv2DenoiseLib.app.pipeline import DenoiseOptions
-from IPv2DenoiseLib.core.atomic import clean_stale_staging_tree, make_output_folder
+from IPv2DenoiseLib.core.atomic import clean_stale_staging_tree, make_output_folder, resolve_path
 from IPv2DenoiseLib.core.errors import ExitCode, UserError
 from IPv2DenoiseLib.core.paths import safe_component
 from IPv2DenoiseLib.core.progress import JsonLinesProgress, make_progress
@@ -31,7 +32,9 @@ HELP = (
 EPILOG = """\
 exit status: 0 every case is done (now or by an earlier run); 1 the run finished but some cases
 failed (see the summary's error column); 2 bad arguments or paths, or OUT in use by another run
-(nothing processed); 130 interrupted (finished cases are kept; rerun to continue).
+(nothing processed), or OUT stopped taking writes (full disk, quota, read-only: the run stops at
+the first case that cannot be written; summary written, rerun to continue); 130 interrupted
+(finished cases are kept; rerun to continue).
 
 one run per OUT at a time (a lock in OUT/.ipv2-batch/locks/); the shards K/N of one job may share
 OUT, each shard once.
@@ -40,6 +43,17 @@ outputs: OUT/<case>.nrrd (or the derived DICOM series OUT/<case>/ with --dicom),
 case in OUT/.ipv2-batch/records/, and OUT/batch-summary.csv + .json (batch-summary.shard-K-of-N.*
 with --shard; combine them with `ipv2-denoise batch-summary OUT`).
 """
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0 (``--gpus-per-worker 0`` runs the workers on CPUs)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -75,7 +89,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--shard",
         metavar="K/N",
-        help="process only every N-th case starting at K (0 <= K < N) of the sorted case list; "
+        help="process only shard K of N (0 <= K < N): the cases whose name hashes to K, about 1/N of them; "
         "for SLURM arrays ($SLURM_ARRAY_TASK_ID) and Kubernetes indexed Jobs ($JOB_COMPLETION_INDEX)",
     )
     parser.add_argument(
@@ -105,7 +119,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--gpus-per-worker",
-        type=float,
+        type=non_negative_float,
         metavar="G",
         help="ray: GPUs per worker (default: 1 when the cluster has GPUs, else 0)",
     )
@@ -127,7 +141,7 @@ def check_paths(input_path: Path, out_root: Path) -> None:
     """Refuse a missing input or an output that would touch the input, then make OUT (one line, exit 2)."""
     if not input_path.exists():
         raise UserError(f"INPUT {input_path} does not exist")
-    out, source = out_root.resolve(), input_path.resolve()
+    out, source = resolve_path(out_root, "OUT"), resolve_path(input_path, "INPUT")
     # A manifest's folder is the root its paths, and so the outputs, are relative to.
     root = source if source.is_dir() else source.parent
     if out == root or (source.is_dir() and out.is_relative_to(root)):
@@ -138,42 +152,48 @@ def check_paths(input_path: Path, out_root: Path) -> None:
     make_output_folder(out_root, what="OUT")
 
 
-def find_cases(args: argparse.Namespace, input_path: Path, out_root: Path):
-    """The cases INPUT names (tree, manifest or one file), sharded when asked; and the shard."""
+def find_cases(args: argparse.Namespace, input_path: Path, out_root: Path) -> list:
+    """Every case INPUT names (tree, manifest or one file), all shards' (sharding is the caller's)."""
     # lazy: the CLI imports every command to build --help; SimpleITK & co. load on use
     from IPv2DenoiseLib.app.batch.cases import (
-        Case,
         discover_tree,
-        parse_shard,
         read_manifest,
         refuse_outputs_over_inputs,
-        shard_cases,
+        volume_case,
     )
     from IPv2DenoiseLib.io.volumes import image_suffix
 
-    shard = parse_shard(args.shard) if args.shard else None
     if input_path.is_dir():
         cases = discover_tree(input_path, exclude=out_root)
     elif input_path.suffix.lower() == ".csv":
         cases, _ = read_manifest(input_path, search_root=args.search_root)
     elif image_suffix(input_path):
-        cases = [
-            Case(
-                safe_component(input_path.name[: -len(image_suffix(input_path))]),
-                "volume",
-                (str(input_path),),
-                source=str(input_path),
-            )
-        ]
+        cases = [volume_case(safe_component(input_path.name[: -len(image_suffix(input_path))]), input_path)]
     else:
         raise UserError(f"INPUT {input_path}: expected a folder, a .csv manifest or a volume file")
     if not cases:
         raise UserError(f"INPUT {input_path}: no DICOM series or NRRD/NIfTI/MHA volumes found")
-    cases = refuse_outputs_over_inputs(cases, out_root, dicom=args.dicom)  # before sharding: all inputs count
-    total = len(cases)
-    if shard is not None:
-        cases = shard_cases(cases, *shard)
-    return cases, total, shard
+    return refuse_outputs_over_inputs(cases, out_root, dicom=args.dicom)  # before sharding: all inputs count
+
+
+def identity_settings(args: argparse.Namespace, input_path: Path) -> dict:
+    """What shards of one run must share besides their case list (see ``records.run_identity``):
+    the input, the model and every option that changes the outputs."""
+    manifest = input_path.suffix.lower() == ".csv" and not input_path.is_dir()
+    return {
+        "input": str(resolve_path(input_path, "INPUT")),
+        "search_root": (
+            str(resolve_path(Path(args.search_root), "--search-root"))
+            if manifest and args.search_root
+            else None
+        ),
+        "model": str(resolve_path(Path(args.weights), "--weights")) if args.weights else args.model,
+        "format": "dicom" if args.dicom else "nrrd",
+        "remove_background": args.remove_background,
+        "ensemble": args.ensemble,
+        "refine": args.refine,
+        "resample_gaps": args.resample_gaps,
+    }
 
 
 def run(args: argparse.Namespace) -> int:
@@ -190,21 +210,26 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _locked_run(args: argparse.Namespace, input_path: Path, out_root: Path, start: float) -> int:
-    from IPv2DenoiseLib.app.batch.pipeline import BatchSettings  # lazy: see run()
+    # lazy: see run()
+    from IPv2DenoiseLib.app.batch.cases import parse_shard, shard_cases
+    from IPv2DenoiseLib.app.batch.pipeline import BatchSettings
 
-    cases, found, shard = find_cases(args, input_path, out_root)
+    shard = parse_shard(args.shard) if args.shard else None
+    all_cases = find_cases(args, input_path, out_root)
+    identity = run_identity((c.case_id for c in all_cases), identity_settings(args, input_path))
+    cases = shard_cases(all_cases, *shard) if shard is not None else all_cases
     options = DenoiseOptions.from_args(args)
     if options.weights:  # workers may run elsewhere (Ray): an absolute path
         options = replace(options, weights=str(Path(options.weights).resolve()))
     settings = BatchSettings(
-        out_root=str(out_root.resolve()),
+        out_root=str(resolve_path(out_root, "OUT")),
         options=options,
         dicom=args.dicom,
         run_id=uuid.uuid4().hex,
         resample_gaps=args.resample_gaps,
     )
     with _stdout_for_json_only(args.json_progress and args.engine == "ray") as json_stream:
-        return _run(args, input_path, out_root, cases, found, shard, settings, start, json_stream)
+        return _run(args, input_path, out_root, cases, identity, shard, settings, start, json_stream)
 
 
 @contextmanager
@@ -228,17 +253,11 @@ def _stdout_for_json_only(enabled: bool) -> Iterator[TextIO | None]:
         os.close(saved)
 
 
-def _run(args, input_path, out_root, cases, found, shard, settings, start, json_stream) -> int:
-    if json_stream is not None:
-        progress = JsonLinesProgress(json_stream)
-    else:
-        progress = make_progress(args.json_progress, desc="batch", unit="case")
-    json_lines = isinstance(progress, JsonLinesProgress)
-
-    where = f"shard {shard[0]}/{shard[1]}: " if shard else ""
+def _event_reporter(progress, json_lines: bool, where: str) -> Callable[..., None]:
+    """``event(**record)``: a JSON line with --json-progress; otherwise a text line above the bar for
+    what a person should see."""
 
     def event(**record) -> None:
-        """A JSON line with --json-progress; otherwise a text line above the bar for what a person should see."""
         if json_lines:
             progress.emit(**record)
         elif "retry" in record:
@@ -253,6 +272,21 @@ def _run(args, input_path, out_root, cases, found, shard, settings, start, json_
         elif "cases" in record:
             progress.write(f"{where}{record['cases']} of {record['found']} cases; engine {record['engine']}")
 
+    return event
+
+
+def _run(args, input_path, out_root, cases, identity, shard, settings, start, json_stream) -> int:
+    from IPv2DenoiseLib.app.batch.pipeline import OutputUnwritable  # lazy: see run()
+
+    found = identity["cases_found"]
+    if json_stream is not None:
+        progress = JsonLinesProgress(json_stream)
+    else:
+        progress = make_progress(args.json_progress, desc="batch", unit="case")
+    json_lines = isinstance(progress, JsonLinesProgress)
+
+    where = f"shard {shard[0]}/{shard[1]}: " if shard else ""
+    event = _event_reporter(progress, json_lines, where)
     event(cases=len(cases), found=found, engine=args.engine, shard=args.shard, output=str(out_root))
     rows: list[dict] = []
     failed = 0
@@ -275,37 +309,41 @@ def _run(args, input_path, out_root, cases, found, shard, settings, start, json_
         )
 
     progress(0, len(cases), "starting")
-    stop = threading.Event()
     interrupted = False
+    stopped = ""  # why OUT took no more writes, when it stopped the run
     try:
-        if args.engine == "ray":
-            _run_ray(args, cases, settings, on_row, event, stop)
-        else:
-            from IPv2DenoiseLib.app.batch.pipeline import CaseProcessor, run_local  # lazy: see run()
-
-            processor = CaseProcessor(settings)
-            event(device=processor.device_name, model=processor.denoiser.name)
-            run_local(cases, processor, prefetch=args.prefetch, on_row=on_row, stop=stop)
+        _run_engine(args, cases, settings, on_row, event, threading.Event())
     except KeyboardInterrupt:
         interrupted = True
+    except OutputUnwritable as exc:
+        interrupted, stopped = True, str(exc)
     finally:
         progress.close()
         seconds = round(time.monotonic() - start, 3)
-        info = {
-            "input": str(input_path),
-            "output": str(out_root),
-            "engine": args.engine,
-            "model": args.weights or args.model,
-            "format": "dicom" if args.dicom else "nrrd",
-            "shard": args.shard,
-            "cases_found": found,
-            "seconds": seconds,
-            "interrupted": interrupted,
-        }
+        info = _summary_info(
+            args,
+            input_path,
+            out_root,
+            cases,
+            rows,
+            identity,
+            seconds=seconds,
+            interrupted=interrupted,
+            stopped=stopped,
+        )
         clean_stale_staging_tree(out_root)  # what workers killed mid-write left behind
-        summary = write_summary(out_root, rows, info, stem=summary_stem(shard))
+        summary, unwritten = _write_run_summary(out_root, rows, info, shard, stopped=stopped)
     counts = totals(rows)
-    event(summary=str(summary), totals=counts, seconds=seconds)
+    event(summary=str(summary) if summary else None, totals=counts, seconds=seconds, stopped=stopped or None)
+    if stopped:
+        where_summary = (
+            f"summary {summary}" if summary else f"the summary could not be written either ({unwritten})"
+        )
+        raise UserError(
+            f"{where}stopped: {stopped}; {counts['done']} done, {counts['skipped']} already done, "
+            f"{counts['failed']} failed, {len(cases) - len(rows)} not started of {len(cases)} cases; "
+            f"{where_summary}; rerun the same command once OUT takes writes again (finished cases are skipped)"
+        )
     print(
         f"{where}{counts['done']} done, {counts['skipped']} already done, {counts['failed']} failed"
         f" of {len(cases)} cases in {seconds:.1f} s; summary {summary}",
@@ -315,6 +353,53 @@ def _run(args, input_path, out_root, cases, found, shard, settings, start, json_
         print("interrupted: rerun the same command to finish the remaining cases", file=sys.stderr)
         return ExitCode.CANCELLED
     return ExitCode.SOME_FAILED if counts["failed"] else ExitCode.OK
+
+
+def _run_engine(args, cases, settings, on_row, event, stop: threading.Event) -> None:
+    """Process ``cases`` on the engine ``--engine`` names, reporting each row to ``on_row``."""
+    if args.engine == "ray":
+        _run_ray(args, cases, settings, on_row, event, stop)
+        return
+    from IPv2DenoiseLib.app.batch.pipeline import CaseProcessor, run_local  # lazy: see run()
+
+    processor = CaseProcessor(settings)
+    event(device=processor.device_name, model=processor.denoiser.name)
+    run_local(cases, processor, prefetch=args.prefetch, on_row=on_row, stop=stop)
+
+
+def _summary_info(
+    args, input_path, out_root, cases, rows, identity, *, seconds: float, interrupted: bool, stopped: str
+) -> dict:
+    """The summary's metadata: the run, how it ended, and what ``batch-summary`` checks (the shard's
+    case count, its cases without a row, the run identity)."""
+    finished = {row["case"] for row in rows}
+    return {
+        "input": str(input_path),
+        "output": str(out_root),
+        "engine": args.engine,
+        "model": args.weights or args.model,
+        "format": "dicom" if args.dicom else "nrrd",
+        "shard": args.shard,
+        "cases_found": identity["cases_found"],
+        "shard_cases": len(cases),
+        "seconds": seconds,
+        "interrupted": interrupted,
+        "stopped": stopped or None,
+        "pending": sorted(c.case_id for c in cases if c.case_id not in finished),
+        "identity": {k: v for k, v in identity.items() if k != "run_identity"},
+        "run_identity": identity["run_identity"],
+    }
+
+
+def _write_run_summary(out_root, rows, info, shard, *, stopped: str) -> tuple[Path | None, str]:
+    """Write the summary; (its CSV path, ""). When the run stopped because OUT takes no more
+    writes, the summary may not fit either: (None, why) instead of a second error."""
+    try:
+        return write_summary(out_root, rows, info, stem=summary_stem(shard)), ""
+    except (OSError, UserError) as exc:
+        if not stopped:
+            raise
+        return None, " ".join(str(exc).split())
 
 
 def _run_ray(args, cases, settings, on_row, event, stop) -> None:

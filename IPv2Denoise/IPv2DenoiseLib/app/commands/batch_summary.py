@@ -1,4 +1,9 @@
-"""``ipv2-denoise batch-summary OUT``: one summary from the shard summaries of a ``batch --shard`` run."""
+"""``ipv2-denoise batch-summary OUT``: one summary from the shard summaries of a ``batch --shard`` run.
+
+Only finished shards of one run are combined (``records.combine_shard_summaries``): a shard that
+was interrupted or stopped, lacks rows, or comes from another input, model, options or case list
+is refused in one line naming it (exit 2), never merged into a summary that looks complete.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ from IPv2DenoiseLib.core.errors import UserError
 NAME = "batch-summary"
 HELP = (
     "Combine the shard summaries (batch-summary.shard-K-of-N.json) in OUT into batch-summary.csv/.json; "
-    "exit 1 if any case failed, 2 if a shard is missing."
+    "exit 1 if any case failed, 2 if a shard is missing or unfinished, or the shards are not of one run."
 )
 
 
@@ -21,6 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Combine the shard summaries in OUT; 0 all done, 1 some case failed (2: UserError raised)."""
     out_root = Path(args.output)
     if not out_root.is_dir():
         raise UserError(f"OUT {out_root} is not a folder")
