@@ -326,7 +326,13 @@ def test_cli_json_progress_protocol(cli_case, capsys):
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert records[0]["device"].startswith("CPU (")
     assert {"model": "w.safetensors"} in records  # announced once loaded, inside the progress
-    progress = [r for r in records[1:-1] if "model" not in r and "warning" not in r]
+    provenance = [r["provenance"] for r in records if "provenance" in r]  # the weights that ran
+    assert (
+        len(provenance) == 1
+        and provenance[0]["name"] == "w.safetensors"
+        and len(provenance[0]["sha256"]) == 64
+    )
+    progress = [r for r in records[1:-1] if not {"model", "warning", "provenance"} & set(r)]
     assert all(set(r) == {"progress", "eta_s", "message"} for r in progress)
     fractions = [r["progress"] for r in progress]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0 and len(fractions) >= 5
