@@ -171,6 +171,15 @@ def test_overwrite_replaces_a_derived_series_and_nothing_else(tiny, tmp_path, ca
     code, err = _cli(capsys, *args[:2], str(precious), *args[3:], "--overwrite", "--device", "cpu")
     assert code == 2 and "notes.txt" in err
     assert (precious / "notes.txt").read_text() == "keep me"
+    # nor an original series named OUT by mistake, though it holds only *.dcm files (it was deleted)
+    original = tmp_path / "original_scan"
+    original.mkdir()
+    for k, f in enumerate(sorted(ct_series(3, name="scanner").iterdir())):
+        (original / f"IM{k:04d}.dcm").write_bytes(f.read_bytes())
+    before = {f.name: f.read_bytes() for f in original.iterdir()}
+    code, err = _cli(capsys, *args[:2], str(original), *args[3:], "--overwrite", "--device", "cpu")
+    assert code == 2 and "not a series derived by IPv2 Denoise" in err
+    assert {f.name: f.read_bytes() for f in original.iterdir()} == before
 
 
 def test_send_to_an_unreachable_pacs_names_the_written_series_and_the_command(

@@ -455,9 +455,12 @@ def default_series_number(template: Dataset | None, *, now: float | None = None)
 
 
 def check_replaceable_series(out_dir: str | os.PathLike) -> None:
-    """Refuse to replace ``out_dir`` unless it looks like a series we wrote: ``*.dcm`` files only.
+    """Refuse to replace ``out_dir`` unless it holds a derived series this software wrote: ``*.dcm``
+    files only, each a DERIVED image naming IPv2 Denoise as its modifying equipment, all of one series.
 
-    ``--overwrite`` must never delete a folder of other things a user pointed at by mistake.
+    ``--overwrite`` must never delete a folder of other things a user pointed at by mistake, least
+    of all an original series (until 2026-12-07 any folder of ``*.dcm`` files was replaced: the
+    scanner's own series named as OUT was deleted).
 
     Parameters
     ----------
@@ -467,7 +470,8 @@ def check_replaceable_series(out_dir: str | os.PathLike) -> None:
     Raises
     ------
     UserError
-        ``out_dir`` is not a folder, or holds anything but ``*.dcm`` files.
+        ``out_dir`` is not a folder, or holds anything but the ``*.dcm`` files of one series we
+        derived.
     """
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
@@ -480,6 +484,37 @@ def check_replaceable_series(out_dir: str | os.PathLike) -> None:
             f"{out_dir} holds {strangers[0]!r}, which is not a DICOM file of a series; --overwrite replaces "
             "only a folder of *.dcm files, choose another output"
         )
+    series: set[str] = set()
+    for path in sorted(out_dir.iterdir()):
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception:  # noqa: BLE001 - any unreadable file: not ours to delete
+            raise UserError(
+                f"{out_dir} holds {path.name!r}, which cannot be read as DICOM; --overwrite replaces only a "
+                "series this software derived, choose another output"
+            ) from None
+        if not _derived_by_us(ds):
+            raise UserError(
+                f"{out_dir} holds {path.name!r}, which is not a series derived by {MANUFACTURER} (an original "
+                "or another program's series is never deleted); --overwrite replaces only our own, choose "
+                "another output"
+            )
+        series.add(str(ds.get("SeriesInstanceUID", "")))
+    if len(series) > 1:
+        raise UserError(
+            f"{out_dir} holds {len(series)} series; --overwrite replaces only a folder of one derived series"
+        )
+
+
+def _derived_by_us(ds: Dataset) -> bool:
+    """Whether ``ds`` is a DERIVED image whose Contributing Equipment names :data:`MANUFACTURER`."""
+    image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
+    equipment = ds.get("ContributingEquipmentSequence") or []
+    return (
+        bool(image_type)
+        and image_type[0] == "DERIVED"
+        and any(str(item.get("Manufacturer", "")) == MANUFACTURER for item in equipment)
+    )
 
 
 def _check_series_folder(out_dir: Path, *, replace: bool) -> None:
