@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -386,6 +387,67 @@ def test_an_instance_far_over_the_cap_is_stopped_while_it_arrives(tmp_path, spoo
     reason = (failed / "reason.txt").read_text()
     assert failed.name.startswith(str(huge.SeriesInstanceUID)) and str(huge.SOPInstanceUID) in reason
     assert "(aborted while arriving, over --max-instance-mb 0.1)" in reason
+
+
+def _tree(folder: Path, *, leave_out: tuple[Path, ...]) -> dict[str, str]:
+    """Every path under ``folder`` (apart from those under ``leave_out``) and its file's sha256."""
+    return {
+        str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+        if path.is_file()
+        else "dir"
+        for path in folder.rglob("*")
+        if not any(path == out or out in path.parents for out in leave_out)
+    }
+
+
+def test_instances_with_hostile_uids_are_refused_and_nothing_lands_outside_the_spool(
+    tmp_path, monkeypatch
+) -> None:
+    """The node names spool files by the peer's UIDs: a SeriesInstanceUID or SOPInstanceUID of
+    '../../../escaped' would put the instance, or the refusal marker of one over --max-instance-mb
+    (named from its header alone), outside the spool. A readable one is refused with 0xC210 and a
+    line naming the invalid UID, a too large one with 0xA700, and nothing is written outside the
+    spool (the spool sits two folders down in tmp_path, so each '..' path would land in tmp_path)."""
+    for mode in ("reading_validation_mode", "writing_validation_mode"):  # as a hostile peer writes them
+        monkeypatch.setattr(pydicom.config.settings, mode, pydicom.config.IGNORE)
+    spool, logs = tmp_path / "site" / "node" / "spool", tmp_path / "logs"
+    spool.parent.mkdir(parents=True)
+    logs.mkdir()
+    (source,) = fresh_study(tmp_path / "in", n=1)
+    hostile = "../../../escaped"
+
+    def instance(
+        *, series: str | None = None, sop: str | None = None, large: bool = False
+    ) -> pydicom.Dataset:
+        ds = pydicom.dcmread(source)
+        ds.SeriesInstanceUID = series or pydicom.uid.generate_uid()
+        ds.SOPInstanceUID = sop or pydicom.uid.generate_uid()
+        if large:
+            ds.add_new(0x00091010, "OB", bytes(120_000))  # over the 0.1 MB cap
+        return ds
+
+    sent = [
+        instance(series=hostile),
+        instance(sop=hostile),
+        instance(series=hostile, large=True),
+        instance(sop=hostile, large=True),
+    ]
+    before = _tree(tmp_path, leave_out=(spool, logs))
+    closed = f"127.0.0.1:{free_port()}:PACS"
+    node = Node(spool, closed, quiet=60, extra=["--max-instance-mb", "0.1"], log_dir=logs)
+    try:
+        statuses = store(node.port, sent)
+    finally:
+        assert node.stop() == 0
+    log = node.text()
+    assert statuses == [0xC210, 0xC210, 0xA700, 0xA700], log
+    invalid = [
+        line for line in log.splitlines() if "refused a corrupt instance from MODALITY@127.0.0.1" in line
+    ]
+    assert len(invalid) == 2 and all("invalid UID" in line and repr(hostile) in line for line in invalid), log
+    assert log.count("larger than --max-instance-mb 0.1") == 2 and "Traceback" not in log
+    assert _tree(tmp_path, leave_out=(spool, logs)) == before  # nothing outside the spool
+    assert not [p for p in spool.rglob("*") if "escaped" in p.name]
 
 
 def test_serve_without_allow_lists_says_so_loudly_and_hints_name_its_own_options(

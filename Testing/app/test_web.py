@@ -423,6 +423,14 @@ def web_case(tmp_path_factory) -> Path:
     return base
 
 
+def dciodvfy_errors(path: Path) -> list[str]:
+    """dciodvfy's Error lines on ``path``; fails (never skips) without dciodvfy: setup.sh --test installs it."""
+    if shutil.which("dciodvfy") is None:
+        pytest.fail("dciodvfy is not installed: run scripts/setup.sh --test (apt-get install dicom3tools)")
+    result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    return [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
+
+
 @pytest.fixture(scope="module")
 def chromium():
     """Debian's Chromium through playwright; fails (never skips) without them: setup.sh --test installs both."""
@@ -609,10 +617,7 @@ def test_export_is_valid_dicom_in_the_data_root_and_on_the_pacs(server, chromium
     files = sorted((server.root / "exports" / "web-series").iterdir())
     assert f"wrote {len(files)} DICOM files into exports/web-series" in text
     assert "stored" in text and orthanc.aet in text
-    if shutil.which("dciodvfy"):
-        result = subprocess.run(["dciodvfy", str(files[0])], capture_output=True, text=True, timeout=60)
-        errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
-        assert not errors, errors
+    assert not (errors := dciodvfy_errors(files[0])), errors
     uid = pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID
     assert len(orthanc.series_instances(uid)) == len(files)
     page.close()
@@ -637,10 +642,7 @@ def test_a_dicom_series_is_exported_into_its_own_study(server, chromium) -> None
     assert {d.SeriesInstanceUID for d in derived} != {source.SeriesInstanceUID}
     assert "DERIVED" in derived[0].ImageType
     assert "refined by collaborative Wiener filtering" in derived[0].DerivationDescription
-    if shutil.which("dciodvfy"):
-        result = subprocess.run(["dciodvfy", str(files[0])], capture_output=True, text=True, timeout=60)
-        errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
-        assert not errors, errors
+    assert not (errors := dciodvfy_errors(files[0])), errors
     page.close()
 
 

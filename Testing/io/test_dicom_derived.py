@@ -191,6 +191,37 @@ def _edit_series(files, **values) -> None:
         ds.save_as(path)
 
 
+def _along_normal(ds) -> float:
+    """The slice's position along its normal (row x column direction of ImageOrientationPatient)."""
+    iop = np.array([float(v) for v in ds.ImageOrientationPatient])
+    return float(np.array([float(v) for v in ds.ImagePositionPatient]) @ np.cross(iop[:3], iop[3:]))
+
+
+@pytest.mark.parametrize("orientation", ["head-first", "feet-first"])
+def test_instance_numbers_follow_the_slice_normal_and_a_new_series_locates_its_slices(
+    tmp_path, orientation
+) -> None:
+    """A viewer stacks a series by InstanceNumber: 1..nz in order along the slice normal, also from
+    a feet-first source (rows flipped, normal -z, numbered the other way); a new series (no source
+    files) gives each slice SliceLocation = position . normal."""
+    files = write_ct_series(tmp_path / "src", 4, shuffle=False)
+    if orientation == "feet-first":
+        for path in files:
+            ds = pydicom.dcmread(path)
+            ds.ImageOrientationPatient = [-1, 0, 0, 0, 1, 0]
+            ds.InstanceNumber = len(files) + 1 - ds.InstanceNumber
+            ds.save_as(path)
+    volume = read_volume(tmp_path / "src")
+    derived = export_derived_series(volume, tmp_path / "out", source_files=volume.meta["dicom_files"])
+    new = export_derived_series(volume, tmp_path / "new")
+    for written in (derived, new):
+        series = sorted(map(pydicom.dcmread, written), key=_along_normal)
+        assert [int(ds.InstanceNumber) for ds in series] == [1, 2, 3, 4]
+        assert np.all(np.diff([_along_normal(ds) for ds in series]) > 1.0)  # 2.5 mm apart, none repeated
+    for ds in map(pydicom.dcmread, new):
+        assert float(ds.SliceLocation) == pytest.approx(_along_normal(ds), abs=1e-3)
+
+
 def test_a_resampled_source_keeps_its_patient_study_and_acquisition(tmp_path) -> None:
     """With --resample-gaps the slices are no longer the files' own, but the series is still the
     source's: the old export made a new study date, an empty accession, no issuer, no birth date

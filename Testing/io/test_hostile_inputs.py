@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -357,6 +358,20 @@ def test_mhd_data_file_outside_its_folder_is_refused(tmp_path, small_ct, where) 
     replace_in(folder / "ct.mhd", b"ElementDataFile = ct.raw", f"ElementDataFile = {where}".encode())
     with pytest.raises(UserError, match=f"ElementDataFile '{where}' .*outside the header's folder"):
         read_volume(folder / "ct.mhd")
+
+
+@pytest.mark.parametrize("where", ["/etc/passwd", "../outside.raw", "link.raw"])
+def test_nhdr_data_file_outside_its_folder_is_refused(tmp_path, small_ct, where) -> None:
+    """A detached NRRD header's ``data file`` is read only beside it: an absolute path, a '..' path
+    or a symlink out would read any file the user can (here one of the right size, read as a scan)."""
+    folder = tmp_path / "case"
+    folder.mkdir()
+    sitk.WriteImage(sitk.GetImageFromArray(small_ct.array), str(folder / "ct.nhdr"), useCompression=False)
+    (tmp_path / "outside.raw").write_bytes((folder / "ct.raw").read_bytes())
+    (folder / "link.raw").symlink_to(tmp_path / "outside.raw")
+    replace_in(folder / "ct.nhdr", b"data file: ct.raw", f"data file: {where}".encode())
+    with pytest.raises(UserError, match=f"data file '{re.escape(where)}' .*outside the header's folder"):
+        read_volume(folder / "ct.nhdr")
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from IPv2DenoiseLib.physics.lowdose import simulate_low_dose
 from IPv2DenoiseLib.synthetic.phantom import make_chest_phantom
 from IPv2DenoiseLib.training.evaluation import (
     CANNOT_TELL,
+    CLAIMS,
     DOES_NOT_HOLD,
     HOLDS,
     EvalConfig,
@@ -25,6 +27,7 @@ from IPv2DenoiseLib.training.evaluation import (
     training_check,
     verdict,
 )
+from IPv2DenoiseLib.training.evaluation.report import claims_markdown
 
 TINY = EvalConfig(name="tiny", shape=(6, 96, 96), spacing=(4.0, 4.0, 4.0), dose=0.01, n_train=1, n_test=1)
 
@@ -130,3 +133,49 @@ def test_claims_per_model_overall_and_untrained():
     assert overall_verdict([HOLDS], [True]) == CANNOT_TELL
     flagged = check_claims(summary, ["unet"], untrained=[("naive", "unet", 0)])
     assert all(c["verdict"] == CANNOT_TELL and c["untrained"] for c in flagged if c["b"] == "naive")
+
+
+def test_each_claims_direction_follows_from_its_metric():
+    """A claim measured in noise or bias holds when a's value is lower, in PSNR or SSIM when higher:
+    a claim pointing the wrong way would report a worse strategy as the better one."""
+    for text, a, b, metric, better in CLAIMS:
+        kind = metric.rsplit("_", 1)[-1]
+        assert kind in ("noise", "bias", "psnr", "ssim"), (text, metric)
+        assert better == ("lower" if kind in ("noise", "bias") else "higher"), text
+        assert a != b
+
+
+def test_a_false_claim_does_not_hold():
+    """ipv2's background noise above ipv1's and its lung PSNR below: both claims are false and say so
+    (``holds`` False, "does not hold" in the verdict and the report); its lung SSIM above: that one holds."""
+
+    def row(strategy, noise, lung_psnr, lung_ssim):
+        metrics = {
+            "background_noise": (noise, 0.5),
+            "lungs_psnr": (lung_psnr, 0.2),
+            "lungs_ssim": (lung_ssim, 0.01),
+        }
+        return {"strategy": strategy, "model": "unet", "reference": "truth", "n_seeds": 3, "metrics": metrics}
+
+    claims = check_claims([row("ipv2", 12.0, 28.0, 0.90), row("ipv1", 8.0, 30.0, 0.80)], ["unet"])
+    by = {c["metric"]: c for c in claims}
+    assert len(claims) == len(by) == 3
+    noise, lung_psnr, lung_ssim = by["background_noise"], by["lungs_psnr"], by["lungs_ssim"]
+    assert noise["claim"] == "IPv2 suppresses background better than IPv1"
+    assert noise["delta"] == pytest.approx(4.0) and noise["holds"] is False and noise["clear"] is False
+    assert noise["verdict"] == DOES_NOT_HOLD == "does not hold"
+    assert lung_psnr["delta"] == pytest.approx(-2.0) and lung_psnr["holds"] is False
+    assert lung_psnr["verdict"] == DOES_NOT_HOLD
+    assert lung_ssim["holds"] is True and lung_ssim["verdict"] == HOLDS
+    for c in claims:
+        assert c["holds"] == (c["delta"] < 0 if c["better"] == "lower" else c["delta"] > 0), c["claim"]
+    lines = claims_markdown(SimpleNamespace(claims=claims)).splitlines()
+    (line,) = [line for line in lines if line.startswith(f"| {noise['claim']} |")]
+    assert "**does not hold**" in line and "unet +4.00 (±1.00) does not hold" in line
+    # the same claim, true: ipv2's background noise below ipv1's
+    (true,) = [
+        c
+        for c in check_claims([row("ipv2", 5.0, 28, 0.9), row("ipv1", 8.0, 30, 0.8)], ["unet"])
+        if c["metric"] == "background_noise"
+    ]
+    assert true["holds"] is True and true["holds"] == (true["delta"] < 0) and true["verdict"] == HOLDS
