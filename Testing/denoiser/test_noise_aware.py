@@ -333,3 +333,30 @@ def test_train_quality_texture_starts_from_noise_aware_weights_and_says_so(
     card = json.loads((out / "nmt.json").read_text())
     assert card["architecture"] == "unet-nmt" and card["initialised_from"] == shipped.name
     assert card["kwargs"] == {"in_slices": 3, "base_channels": 16, "levels": 3}
+
+
+def test_padding_below_air_does_not_change_the_noise_channels_at_inference() -> None:
+    """The outside of the reconstruction circle stored at -2048 HU (many archives, no
+    PixelPaddingValue) gave the noise maps a ring of a thousand HU and moved the texture channel,
+    which is one value per slice, so the whole slice was denoised differently; training saw air
+    there. Padded at -2048 or at -1024, the shipped texture-aware default now denoises alike."""
+    from conftest import chest_like_volume
+
+    from IPv2DenoiseLib.core.volume import Volume
+    from IPv2DenoiseLib.denoiser.infer import Denoiser, undeclared_padding_as_air
+    from IPv2DenoiseLib.denoiser.model_reference import ModelReference
+
+    hu = chest_like_volume(4, (5, 96, 96))
+    yy, xx = np.mgrid[:96, :96]
+    outside = np.hypot(yy - 47.5, xx - 47.5) > 46  # the corners: outside the reconstruction circle
+    air, padded = hu.copy(), hu.copy()
+    air[:, outside], padded[:, outside] = -1024.0, -2048.0
+    denoiser: Denoiser = ModelReference.resolve("default").load()
+    assert noise_channels(denoiser.model) == 2  # level map and texture: the texture is per slice
+    torch.set_num_threads(2)
+    outputs = [denoiser.denoise(Volume(v, (0.7, 0.7, 1.25)), device="cpu").array for v in (air, padded)]
+    inside = np.hypot(yy - 47.5, xx - 47.5) < 40  # a few pixels in from the circle (88 HU apart before)
+    np.testing.assert_allclose(outputs[1][:, inside], outputs[0][:, inside], atol=0.5)
+    # noisy air swinging below -1024 HU is no padding: it reaches the noise channels as it is
+    noisy_air = air + np.random.default_rng(0).normal(0, 300, air.shape).astype(np.float32)
+    assert undeclared_padding_as_air(noisy_air) is noisy_air

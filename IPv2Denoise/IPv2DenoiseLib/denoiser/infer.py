@@ -38,6 +38,7 @@ from IPv2DenoiseLib.denoiser.refine import refine_slices
 from IPv2DenoiseLib.denoiser.weights import load_model
 from IPv2DenoiseLib.denoiser.windows import window_indices
 from IPv2DenoiseLib.imaging.masks import background_weight, truncation_warning
+from IPv2DenoiseLib.io.dicom_series import PADDING_HU
 
 #: HU written into background voxels by *Remove Background* (air).
 AIR_HU = -1000.0
@@ -233,6 +234,46 @@ def _check_hu(hu: Any) -> np.ndarray:
     return arr
 
 
+#: A constant fill at or below this (HU) is the outside of a reconstruction circle, not tissue or
+#: noisy air (archives store it at -2000 to -3024 without naming it in PixelPaddingValue).
+UNDECLARED_PADDING_BELOW_HU = -1500.0
+#: ... when it covers at least this share of a slice.
+UNDECLARED_PADDING_SHARE = 0.01
+
+
+def undeclared_padding_as_air(hu: np.ndarray) -> np.ndarray:
+    """``hu`` ``[z, y, x]`` with each slice's undeclared padding set to
+    :data:`~IPv2DenoiseLib.io.dicom_series.PADDING_HU`, as the DICOM reader sets declared padding.
+
+    The padding is the slice's minimum where that is a constant fill (at most
+    :data:`UNDECLARED_PADDING_BELOW_HU`, on at least :data:`UNDECLARED_PADDING_SHARE` of the slice);
+    noise in air, however low it swings, is never a constant and stays as it is. For the noise
+    channels only: measured raw, -2048 HU padding is a step of a thousand HU around the body, and
+    the texture channel, one value per slice, moved the whole slice's output by up to 90 HU.
+
+    Parameters
+    ----------
+    hu : ndarray, [z, y, x]
+        CT in HU; not modified.
+
+    Returns
+    -------
+    ndarray
+        ``hu`` itself when no slice holds such padding, else a copy with it set to air.
+    """
+    out = hu
+    for k in range(hu.shape[0]):
+        low = float(hu[k].min())
+        if low > UNDECLARED_PADDING_BELOW_HU:
+            continue
+        fill = hu[k] == low
+        if fill.mean() >= UNDECLARED_PADDING_SHARE:
+            if out is hu:
+                out = hu.copy()
+            out[k][fill] = PADDING_HU
+    return out
+
+
 class Denoiser:
     """A trained network ready to denoise CT volumes.
 
@@ -422,7 +463,8 @@ class Denoiser:
             x = torch.from_numpy(hu_to_net(hu[index]))  # [n + 2m, H, W]
             batch = x.unfold(0, k, 1).permute(0, 3, 1, 2)  # [n, k, H, W] windows, centre = slice
             if wants_noise_map(self.model):  # + the noise level map (and texture) of each centre slice
-                batch = with_noise_map(batch, hu[done : done + n], noise_channels(self.model))
+                centre = undeclared_padding_as_air(hu[done : done + n])
+                batch = with_noise_map(batch, centre, noise_channels(self.model))
             try:
                 y = self.run_ensemble(batch, dev, ensemble)
             except torch.cuda.OutOfMemoryError:
@@ -541,4 +583,5 @@ __all__ = [
     "refine_on",
     "remove_background_from",
     "run_slab",
+    "undeclared_padding_as_air",
 ]
