@@ -16,6 +16,17 @@ from IPv2DenoiseLib.io.volumes import write_volume
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 
+def require_dciodvfy() -> str:
+    """The ``dciodvfy`` program (dicom3tools); fails, never skips, without it: the README's test
+    command (``scripts/setup.sh --test``) installs it, and a skipped conformance check is no pass."""
+    import shutil
+
+    found = shutil.which("dciodvfy")
+    if found is None:
+        pytest.fail("dciodvfy is not installed: run scripts/setup.sh --test (apt-get install dicom3tools)")
+    return found
+
+
 def write_ct_series(
     folder: Path,
     n_slices: int = 4,

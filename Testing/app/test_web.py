@@ -30,7 +30,7 @@ import numpy as np
 import psutil
 import pydicom
 import pytest
-from conftest import chest_like_volume, write_ct_series
+from conftest import chest_like_volume, require_dciodvfy, write_ct_series
 from orthanc_server import free_port
 from web_driver import (
     JOB_S,
@@ -425,9 +425,7 @@ def web_case(tmp_path_factory) -> Path:
 
 def dciodvfy_errors(path: Path) -> list[str]:
     """dciodvfy's Error lines on ``path``; fails (never skips) without dciodvfy: setup.sh --test installs it."""
-    if shutil.which("dciodvfy") is None:
-        pytest.fail("dciodvfy is not installed: run scripts/setup.sh --test (apt-get install dicom3tools)")
-    result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([require_dciodvfy(), str(path)], capture_output=True, text=True, timeout=60)
     return [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
 
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 
 import numpy as np
 import pydicom
 import pytest
-from conftest import write_ct_series
+from conftest import require_dciodvfy, write_ct_series
 
 import IPv2DenoiseLib
 from IPv2DenoiseLib.core.errors import UserError
@@ -126,9 +125,9 @@ def _dciodvfy_warnings(path) -> set[str]:
     return {line for line in lines if line.startswith("Warning")}
 
 
-@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (dicom3tools) not installed")
 def test_dciodvfy_no_error_and_no_warning_of_our_own(source, tmp_path) -> None:
     """Derived: only the source's own warnings (e.g. its zero PatientWeight); new series: none."""
+    require_dciodvfy()
     derived = export_derived_series(
         source,
         tmp_path / "derived",

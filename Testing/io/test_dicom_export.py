@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 
 import numpy as np
 import pydicom
 import pytest
-from conftest import write_ct_series
+from conftest import require_dciodvfy, write_ct_series
 from pydicom.data import get_testdata_file
 
 from IPv2DenoiseLib.core.errors import UserError
@@ -130,9 +129,9 @@ def test_refuses_bad_arguments(source_series, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["full", "src"]
 
 
-@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (dicom3tools) not installed")
 @pytest.mark.parametrize("with_sources", [True, False])
 def test_dciodvfy_reports_no_errors(source_series, tmp_path, with_sources):
+    require_dciodvfy()
     template, paths, hu = source_series
     vol = _volume_from(template, hu)
     files = export_derived_series(vol, tmp_path / "out", source_files=paths if with_sources else None)
