@@ -25,6 +25,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -256,13 +257,7 @@ class CaseProcessor:
             if any(out == Path(f).resolve() or out in Path(f).resolve().parents for f in case.files):
                 raise UserError(f"{out} would overwrite the input; choose an OUT outside the input files")
             fingerprint = case.fingerprint()
-            record = verified_record(
-                self.out_root,
-                case.case_id,
-                fingerprint=fingerprint,
-                settings=self.record_settings,
-                dicom=self.settings.dicom,
-            )
+            record = self._done_record(case, fingerprint)
             if record is not None:
                 return self._from_record(case, record, attempts)
             if case.kind == "dicom":
@@ -284,6 +279,21 @@ class CaseProcessor:
         except Exception as exc:
             return self.failed(loaded.case, _one_line(exc), started=loaded.started, attempts=loaded.attempts)
 
+    def _claimed(self, case: Case) -> AbstractContextManager:
+        """The case's output claim, waiting for another holder (another run, shard or Ray attempt)."""
+        out = output_path(self.out_root, case.case_id, dicom=self.settings.dicom)
+        return claim_output(out, what=f"case {case.case_id}", wait=True)
+
+    def _done_record(self, case: Case, fingerprint: str) -> dict | None:
+        """The case's done record when it matches this input and these settings (else None)."""
+        return verified_record(
+            self.out_root,
+            case.case_id,
+            fingerprint=fingerprint,
+            settings=self.record_settings,
+            dicom=self.settings.dicom,
+        )
+
     def store(self, loaded: Loaded) -> dict[str, Any]:
         """Write the output atomically, then its done record; returns the summary row.
 
@@ -294,15 +304,8 @@ class CaseProcessor:
         """
         case = loaded.case
         try:
-            out = output_path(self.out_root, case.case_id, dicom=self.settings.dicom)
-            with claim_output(out, what=f"case {case.case_id}", wait=True):
-                record = verified_record(
-                    self.out_root,
-                    case.case_id,
-                    fingerprint=loaded.fingerprint,
-                    settings=self.record_settings,
-                    dicom=self.settings.dicom,
-                )
+            with self._claimed(case):
+                record = self._done_record(case, loaded.fingerprint)
                 if record is not None:  # another run finished it meanwhile
                     return self._from_record(case, record, loaded.attempts)
                 return self._store_claimed(loaded)
@@ -395,15 +398,8 @@ class CaseProcessor:
             return item
         started = item.started
         try:
-            out = output_path(self.out_root, case.case_id, dicom=self.settings.dicom)
-            with claim_output(out, what=f"case {case.case_id}", wait=True):
-                record = verified_record(
-                    self.out_root,
-                    case.case_id,
-                    fingerprint=item.fingerprint,
-                    settings=self.record_settings,
-                    dicom=self.settings.dicom,
-                )
+            with self._claimed(case):
+                record = self._done_record(case, item.fingerprint)
                 if record is not None:  # an earlier attempt finished while this one waited
                     return self._from_record(case, record, attempts)
                 item = self.denoise(item)
