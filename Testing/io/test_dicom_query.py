@@ -677,3 +677,22 @@ def test_a_qido_search_answer_past_the_cap_is_refused(mode) -> None:
         ):
             find_series(pacs.url, timeout=10)
         assert max(pacs.settled()) < ENDLESS_BYTES * 3 // 4  # hung up: the rest never left the server
+
+
+def test_a_wado_server_answering_one_instance_with_another_is_refused(tmp_path) -> None:
+    """A server that answers the request for the third image with the first again: the count of
+    images matched the search, so a series with one slice twice and one missing was kept."""
+    files = write_ct_series(tmp_path / "theirs", 3)
+    instances = [pydicom.dcmread(f) for f in files]
+    study, series = str(instances[0].StudyInstanceUID), str(instances[0].SeriesInstanceUID)
+    by_uid = {str(ds.SOPInstanceUID): f.read_bytes() for ds, f in zip(instances, files)}
+    first, third = str(instances[0].SOPInstanceUID), str(instances[2].SOPInstanceUID)
+
+    def instance(path: str) -> Answer:
+        asked = path.rsplit("/", 1)[-1]
+        return whole(MULTIPART, multipart(by_uid[first if asked == third else asked]))
+
+    with dicomweb_server(whole("application/dicom+json", listing(*by_uid)), instance) as pacs:
+        with pytest.raises(UserError, match=f"asked for instance {third}, the server sent {first}"):
+            retrieve_series(pacs.url, study, series, tmp_path / "got", timeout=5)
+    assert not (tmp_path / "got").exists() and not (tmp_path / STAGING_DIR).exists()

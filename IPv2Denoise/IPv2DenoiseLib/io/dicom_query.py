@@ -717,6 +717,11 @@ def _wado(
                 dataset, size = _fetch_instance(
                     session, f"{series_url}/instances/{sop_uid}", url, receiver, limit, timeout, cancel
                 )
+                sent = str(dataset.get("SOPInstanceUID", "")).strip().rstrip("\x00")
+                if sent != sop_uid:  # one image twice and another missing would pass the count
+                    raise _Refused(
+                        f"asked for instance {sop_uid}, the server sent {printable_line(sent) or 'one without a UID'}"
+                    )
                 if receiver.store(dataset, dataset.file_meta, size) != _STORE_OK:
                     return
                 if progress is not None:
