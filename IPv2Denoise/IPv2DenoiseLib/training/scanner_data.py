@@ -94,10 +94,12 @@ class Augmentation:
     #: Share of slabs that are one slice repeated (what the denoiser feeds the network for a
     #: single-slice input, and at a volume's first and last slice: its edge padding).
     single_slice_share: float = 0.15
-    #: Share of slabs reconstructed on a finer pixel grid: the anatomy keeps its size in mm, is
-    #: zoomed by a factor drawn log-uniformly from ``fine_pixel_zoom`` and cropped to the same
-    #: matrix (a small field of view, as for a neck or a head), and the noise is simulated for the
-    #: finer pixels. Covers scans whose pixels are finer than any training volume's.
+    #: Share of slabs reconstructed on a finer pixel grid: the anatomy keeps its size in mm and is
+    #: zoomed by a factor drawn log-uniformly from ``fine_pixel_zoom``; the whole body is scanned on
+    #: the finer pixels and the reconstruction is then cropped to the volume's matrix (a small
+    #: reconstruction field of view, as a scanner targets a neck, a head or one lung: every ray
+    #: still crosses the whole patient). Covers scans whose pixels are finer than any training
+    #: volume's.
     fine_pixel_share: float = 0.0
     fine_pixel_zoom: tuple[float, float] = (1.4, 2.6)
 
@@ -399,8 +401,10 @@ class ScannerNoiseSampler:
         zoom = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
         if fine:  # same anatomy in mm on pixels `zoom` times finer
             sx, sy = sx / zoom, sy / zoom
-        if abs(zoom - 1.0) > 0.02:
-            hu, regions = zoom_in_plane(hu, zoom, -1000.0, 1), zoom_in_plane(regions, zoom, OUTSIDE, 0)
+        field_of_view = hu.shape[1:]
+        if abs(zoom - 1.0) > 0.02:  # a fine-pixel slab keeps the whole body until it is scanned
+            hu = zoom_in_plane(hu, zoom, -1000.0, 1, whole=fine)
+            regions = zoom_in_plane(regions, zoom, OUTSIDE, 0, whole=fine)
         if rng.random() < 0.5:
             hu, regions = hu[..., ::-1], regions[..., ::-1]
         if vol.clean:
@@ -423,6 +427,8 @@ class ScannerNoiseSampler:
             seed=rng,
             device=self.device,
         )
+        if fine:  # the reconstruction's field of view: the volume's matrix about the centre
+            hu, regions, noisy = (centre_crop(a, field_of_view) for a in (hu, regions, noisy))
         self.doses.append(protocol.dose)
         self.slabs_made += 1
         self.real_slabs += int(not vol.clean)
@@ -541,15 +547,26 @@ def make_worker_slab(seed: int) -> SlabDraw:
     )
 
 
-def zoom_in_plane(arr: np.ndarray, zoom: float, fill: float, order: int) -> np.ndarray:
-    """Scale ``[z, y, x]`` in-plane about the centre, cropped or padded (with ``fill``) to the same size."""
+def zoom_in_plane(
+    arr: np.ndarray, zoom: float, fill: float, order: int, *, whole: bool = False
+) -> np.ndarray:
+    """Scale ``[z, y, x]`` in-plane about the centre, cropped or padded (with ``fill``) to the same
+    size; with ``whole``, on a matrix ``zoom`` times larger (rounded up) that keeps all of it."""
     nz, ny, nx = arr.shape
-    cy, cx = (ny - 1) / 2, (nx - 1) / 2
+    out_y, out_x = (math.ceil(ny * zoom), math.ceil(nx * zoom)) if whole else (ny, nx)
     matrix = np.diag([1.0, 1.0 / zoom, 1.0 / zoom])
-    offset = np.array([0.0, cy - cy / zoom, cx - cx / zoom])
-    return ndi.affine_transform(arr, matrix, offset=offset, order=order, mode="constant", cval=fill).astype(
-        arr.dtype
-    )
+    # the output's centre samples the input's centre
+    offset = np.array([0.0, (ny - 1) / 2 - (out_y - 1) / 2 / zoom, (nx - 1) / 2 - (out_x - 1) / 2 / zoom])
+    return ndi.affine_transform(
+        arr, matrix, offset=offset, output_shape=(nz, out_y, out_x), order=order, mode="constant", cval=fill
+    ).astype(arr.dtype)
+
+
+def centre_crop(arr: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """The central ``shape`` of ``[..., y, x]`` (the reconstruction field of view of a larger scan)."""
+    ny, nx = arr.shape[-2:]
+    y0, x0 = (ny - shape[0]) // 2, (nx - shape[1]) // 2
+    return np.ascontiguousarray(arr[..., y0 : y0 + shape[0], x0 : x0 + shape[1]])
 
 
 def validation_slabs(
