@@ -1,8 +1,9 @@
 """Finding and fetching CT series on a PACS (``io/dicom_query``) against a real Orthanc, over DIMSE
 (C-FIND + C-GET) and DICOMweb (QIDO-RS + WADO-RS), and against a hostile PACS (a real pynetdicom
-peer in this process) that answers a C-GET with another series, and hostile DICOMweb servers (real
-HTTP servers on loopback in this process) that answer with too much; a search is cancelled against
-such peers (a pynetdicom C-FIND peer and a QIDO-RS server) that record what they were asked."""
+peer in this process) that answers a C-GET with another series, an image twice or one it did not
+list, or too slowly, and hostile DICOMweb servers (real HTTP servers on loopback in this process)
+that answer with too much or trickle their answer; a search is cancelled against such peers (a
+pynetdicom C-FIND peer and a QIDO-RS server) that record what they were asked."""
 
 from __future__ import annotations
 
@@ -171,19 +172,38 @@ def test_an_unreachable_pacs_is_one_line(tmp_path) -> None:
 
 
 @contextmanager
-def hostile_pacs(*instances: pydicom.Dataset) -> Iterator[DicomNode]:
-    """A real pynetdicom peer (AE ``HOSTILE``, in this process) that answers any C-GET with ``instances``."""
+def hostile_pacs(
+    *instances: pydicom.Dataset, listed: list[str] | None = None, pause_s: float = 0.0
+) -> Iterator[DicomNode]:
+    """A real pynetdicom peer (AE ``HOSTILE``, in this process) that answers any C-GET with ``instances``
+    (waiting ``pause_s`` before each), and a C-FIND at IMAGE level with ``listed`` (by default, as a
+    PACS lists them: the SOPInstanceUIDs of those of ``instances`` in the series asked about)."""
+
+    def on_find(event):
+        series = str(event.identifier.SeriesInstanceUID)
+        uids = (
+            listed
+            if listed is not None
+            else [str(i.SOPInstanceUID) for i in instances if i.SeriesInstanceUID == series]
+        )
+        for uid in uids:
+            match = Dataset()
+            match.QueryRetrieveLevel, match.SOPInstanceUID = "IMAGE", uid
+            yield 0xFF00, match
 
     def on_get(event):
         yield len(instances)  # sub-operations to come
         for instance in instances:
+            time.sleep(pause_s)
             yield (0xFF00, instance)
 
     ae = AE(ae_title="HOSTILE")
+    ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
     ae.add_supported_context(StudyRootQueryRetrieveInformationModelGet)
     ae.add_supported_context(CTImageStorage, scu_role=False, scp_role=True)
     port = free_port()
-    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_GET, on_get)])
+    handlers = [(evt.EVT_C_FIND, on_find), (evt.EVT_C_GET, on_get)]
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=handlers)
     try:
         yield DicomNode("127.0.0.1", port, "HOSTILE")
     finally:
@@ -243,6 +263,57 @@ def test_a_pacs_that_sends_a_huge_instance_is_cut_off_while_it_arrives(tmp_path)
     assert not (tmp_path / "got").exists() and not (tmp_path / STAGING_DIR).exists()
 
 
+@pytest.mark.parametrize("mode", ["twice", "unlisted", "short"])
+def test_a_pacs_that_sends_other_images_than_it_listed_is_refused(tmp_path, mode) -> None:
+    """A real pynetdicom peer lists three images of the series (C-FIND at IMAGE level), then answers
+    the C-GET with the first two and the first again (twice), or the first two and an image of another
+    series under this series' UID (unlisted), or the first two alone, saying it is done (short). The
+    count of images fits (or the PACS says all went well), so until 2026-12-07 each was kept: a series
+    with one slice twice and another missing, or with a stranger's slice. Now refused in one line,
+    nothing kept (the check WADO-RS makes, `test_a_wado_server_answering_one_instance_with_another_is_refused`)."""
+    ours = [pydicom.dcmread(f) for f in write_ct_series(tmp_path / "ours", 3)]
+    stranger = pydicom.dcmread(write_ct_series(tmp_path / "stranger", 1, series_number=7)[0])
+    stranger.StudyInstanceUID, stranger.SeriesInstanceUID = (
+        ours[0].StudyInstanceUID,
+        ours[0].SeriesInstanceUID,
+    )
+    study, series = str(ours[0].StudyInstanceUID), str(ours[0].SeriesInstanceUID)
+    first = str(ours[0].SOPInstanceUID)
+    sent = {"twice": [*ours[:2], ours[0]], "unlisted": [*ours[:2], stranger], "short": ours[:2]}[mode]
+    why = {
+        "twice": f"the PACS sent instance {first} twice",
+        "unlisted": f"the PACS sent instance {stranger.SOPInstanceUID}, which the series' list of instances does not name",
+        "short": "1 of the 3 instances the series' list names did not come",
+    }[mode]
+    with hostile_pacs(*sent, listed=[str(ds.SOPInstanceUID) for ds in ours]) as pacs:
+        with pytest.raises(UserError) as refused:
+            retrieve_series(pacs, study, series, tmp_path / "got", timeout=5)
+    assert str(refused.value) == f"retrieving series {series} from {pacs}: refused, {why}"  # one line
+    assert not (tmp_path / "got").exists() and not (tmp_path / STAGING_DIR).exists()
+
+
+#: The one line of a retrieval stopped at a 2 s limit.
+TIME_LIMIT_MESSAGE = (
+    r"^retrieving series [0-9.]+ from \S+: stopped after 2 s, the time limit of one retrieval .*; nothing was"
+    r" kept; raise the limit with retrieve_series\(max_seconds=…\) \(default 1800 s,"
+    r" io\.dicom_query\.MAX_RETRIEVE_SECONDS\)$"
+)
+
+
+def test_a_pacs_that_sends_too_slowly_is_stopped_at_the_time_limit(tmp_path) -> None:
+    """A real pynetdicom peer sends the six images of a C-GET one every 1.5 s (each within the
+    network timeout, so no timeout fires): against a 2 s limit the association is aborted, the
+    retrieval says so in one line naming the limit and how to raise it, and nothing is kept."""
+    instances = [pydicom.dcmread(f) for f in write_ct_series(tmp_path / "theirs", 6)]
+    study, series = str(instances[0].StudyInstanceUID), str(instances[0].SeriesInstanceUID)
+    with hostile_pacs(*instances, pause_s=1.5) as pacs:
+        started = time.monotonic()
+        with pytest.raises(UserError, match=TIME_LIMIT_MESSAGE):
+            retrieve_series(pacs, study, series, tmp_path / "got", timeout=3, max_seconds=2)
+        assert time.monotonic() - started < 2 + 3 + 2  # the limit, then the C-GET's response timeout
+    assert not (tmp_path / "got").exists() and not (tmp_path / STAGING_DIR).exists()
+
+
 @dataclass
 class FakeDicomweb:
     """A DICOMweb server on loopback (a real HTTP server, a thread in this process) and what it did."""
@@ -267,6 +338,8 @@ ENDLESS_BYTES = 64 * 2**20
 MULTIPART = 'multipart/related; type="application/dicom"; boundary=XYZ'
 PART_HEAD = b"--XYZ\r\nContent-Type: application/dicom\r\n\r\n"
 Answer = tuple[int, dict[str, str], Iterable[bytes]]
+#: The status of an answer whose pieces are its status line and headers too (:func:`fake_dicomweb`).
+RAW = 0
 
 
 def pieces(body: bytes, size: int = 2**16) -> list[bytes]:
@@ -304,16 +377,18 @@ def instance_bytes(ds: pydicom.Dataset) -> bytes:
 @contextmanager
 def fake_dicomweb(answer: Callable[[str], Answer]) -> Iterator[FakeDicomweb]:
     """Answers every GET with ``answer(path)`` (the path with its query); a body is written piece
-    by piece, over a connection closed after each answer."""
+    by piece, over a connection closed after each answer. An answer of status ``RAW`` is sent as
+    its body alone: the pieces are the status line and headers as well."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 (http.server's name)
             record.paths.append(self.path)
             status, headers, body = answer(self.path)
-            self.send_response(status)
-            for name, value in headers.items():
-                self.send_header(name, value)
-            self.end_headers()
+            if status != RAW:
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.end_headers()
             sent = 0
             try:
                 for piece in body:
@@ -695,4 +770,42 @@ def test_a_wado_server_answering_one_instance_with_another_is_refused(tmp_path) 
     with dicomweb_server(whole("application/dicom+json", listing(*by_uid)), instance) as pacs:
         with pytest.raises(UserError, match=f"asked for instance {third}, the server sent {first}"):
             retrieve_series(pacs.url, study, series, tmp_path / "got", timeout=5)
+    assert not (tmp_path / "got").exists() and not (tmp_path / STAGING_DIR).exists()
+
+
+def trickle(head: bytes, seconds: float) -> Iterator[bytes]:
+    """``head``, then one byte every 0.2 s for ``seconds`` (each well within any read timeout)."""
+    yield head
+    for _ in range(int(seconds / 0.2)):
+        time.sleep(0.2)
+        yield b"x"
+
+
+@pytest.mark.parametrize("where", ["body", "headers"])
+def test_a_wado_server_that_trickles_its_answer_is_hung_up_on_at_the_time_limit(tmp_path, where) -> None:
+    """A DICOMweb server answers an instance with one byte every 0.2 s, in its body or before its
+    headers end: every read gets something within the 5 s timeout, so until 2026-12-07 one such
+    answer held the retrieval (and the web page's one job) as long as the server liked. Against a
+    2 s limit the connection is hung up there, wherever the answer is, and the retrieval fails in
+    one line naming the limit and how to raise it; nothing is kept."""
+    ds = pydicom.dcmread(write_ct_series(tmp_path / "theirs", 1)[0])
+    slow_for_s = 30.0
+    answer = {
+        "body": (200, {"Content-Type": MULTIPART}, trickle(PART_HEAD, slow_for_s)),
+        "headers": (RAW, {}, trickle(b"HTTP/1.1 200 OK\r\nContent-Type: " + MULTIPART.encode(), slow_for_s)),
+    }[where]
+    listed = whole("application/dicom+json", listing(str(ds.SOPInstanceUID)))
+    with dicomweb_server(listed, lambda path: answer) as pacs:
+        started = time.monotonic()
+        with pytest.raises(UserError, match=TIME_LIMIT_MESSAGE):
+            retrieve_series(
+                pacs.url,
+                str(ds.StudyInstanceUID),
+                str(ds.SeriesInstanceUID),
+                tmp_path / "got",
+                timeout=5,
+                max_seconds=2,
+            )
+        assert time.monotonic() - started < 2 + 2  # at the limit, not at a read timeout
+        assert len(pacs.settled(timeout=5)) == 2  # the server saw the hang-up: its answer ended early
     assert not (tmp_path / "got").exists() and not (tmp_path / STAGING_DIR).exists()

@@ -1,12 +1,16 @@
 """DICOM series that are not the textbook case, made from pydicom's real CT_small.dcm pixels.
 
 Missing slice, gantry tilt, several series, coronal orientation, enhanced multi-frame CT, a
-JPEG-lossless CT pydicom cannot decode alone (GDCM does), hidden folders.
+JPEG-lossless CT pydicom cannot decode alone (GDCM does), hidden folders, named pipes beside the
+slices.
 """
 
 from __future__ import annotations
 
 import copy
+import os
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -191,3 +195,58 @@ def test_signed_padding_value_read_unsigned_still_marks_the_outside_of_the_field
     hu = read_volume(tmp_path / "series").array
     assert np.all(hu[:, :6, :] == -1024.0)
     assert np.array_equal(hu[:, 6:, :], plain[:, 6:, :])
+
+
+def without_blocking(read: Callable[[], object], pipes: list[Path], seconds: float = 60.0) -> object:
+    """``read()``, in a thread: a reader that opens a named pipe blocks until something writes to it,
+    so if ``read`` is not done within ``seconds`` each pipe is opened for writing (which frees it)
+    and the test fails instead of hanging."""
+    outcome: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = read()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        for pipe in pipes:
+            try:
+                os.close(os.open(pipe, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:  # no reader holds this one
+                pass
+        thread.join(10)
+        pytest.fail(f"reading blocked on a named pipe for {seconds:g} s")
+    if "error" in outcome:
+        raise outcome["error"]  # type: ignore[misc]
+    return outcome["value"]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+def test_named_pipes_beside_the_slices_are_skipped_unopened(tmp_path) -> None:
+    """Named pipes in a series folder (one named like a slice, one hidden): GDCM, which opens every
+    entry of a folder, lost good slices beside them, and the series was refused with "GDCM cannot
+    read it" for a good slice (until 2026-12-07). They are skipped without being opened, the series
+    reads whole and equal to the same files without the pipes; a folder with nothing but such
+    entries says what it skipped."""
+    paths = write_series(tmp_path / "series", 6)
+    plain = read_volume(tmp_path / "series")
+    pipes = [tmp_path / "series" / "IM9999", tmp_path / "series" / ".transfer.pipe"]
+    for pipe in pipes:
+        os.mkfifo(pipe)
+    volume = without_blocking(lambda: read_volume(tmp_path / "series"), pipes)
+    assert volume.shape == (6, 128, 128) and np.array_equal(volume.array, plain.array)
+    assert sorted(volume.meta["dicom_files"]) == sorted(str(p) for p in paths)
+
+    only_pipes = tmp_path / "only-pipes"
+    only_pipes.mkdir()
+    os.mkfifo(only_pipes / "IM0001")
+    with pytest.raises(
+        UserError,
+        match=r"only-pipes: no DICOM image found .*; skipped 1 entry that is not a regular file, unopened: "
+        r"IM0001 \(a named pipe\); give a DICOM series folder",
+    ):
+        without_blocking(lambda: read_volume(only_pipes), [only_pipes / "IM0001"])

@@ -7,13 +7,16 @@ studies, and returns what a person chooses from. :func:`retrieve_series` fetches
 new folder, written atomically, so a cancelled or failed retrieval leaves nothing behind.
 
 Everything the PACS sends is hostile until checked: the UIDs we ask with are validated, every
-received instance must be a CT image of the series we asked for and under the size cap, and file
-names are a counter, never a tag value. An instance over the cap is cut off while it arrives: C-GET
-aborts the association, and WADO-RS fetches instance by instance (as QIDO-RS lists them, at most
-``max_instances``), reading each answer in pieces and closing it once past the cap. Every DICOMweb
-answer, the QIDO-RS searches of :func:`find_series` too (capped at :data:`MAX_SEARCH_MB`), is read
-so, by :func:`_read_bounded`. The series is then read by the usual reader with all of its checks
-(``io/dicom_series``).
+received instance must be a CT image of the series we asked for, named by the series' list of
+instances (C-FIND at IMAGE level, or QIDO-RS) and not received already, and under the size cap,
+and file names are a counter, never a tag value. An instance over the cap is cut off while it
+arrives: C-GET aborts the association, and WADO-RS fetches instance by instance (as QIDO-RS lists
+them, at most ``max_instances``), reading each answer in pieces and closing it once past the cap.
+Every DICOMweb answer, the QIDO-RS searches of :func:`find_series` too (capped at
+:data:`MAX_SEARCH_MB`), is read so, by :func:`_read_bounded`. A retrieval as a whole is bounded in
+time (:data:`MAX_RETRIEVE_SECONDS`): a server that trickles its answers, each piece within the
+network timeout, is hung up on at the limit (:class:`_Deadline`). The series is then read by the
+usual reader with all of its checks (``io/dicom_series``).
 
 References
 ----------
@@ -24,8 +27,12 @@ DICOM PS3.4 C.4.1 (C-FIND), C.4.3 (C-GET) and C.6.2 (Study Root information mode
 from __future__ import annotations
 
 import json
+import math
 import os
-from collections.abc import Iterable
+import socket
+import threading
+import weakref
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from email.message import Message
 from email.parser import BytesHeaderParser
@@ -39,12 +46,15 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
 from pynetdicom import build_role, evt
+from pynetdicom.association import Association
 from pynetdicom.sop_class import (
     CTImageStorage,
     EnhancedCTImageStorage,
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
 )
+from requests.adapters import HTTPAdapter
+from urllib3 import HTTPConnectionPool, PoolManager
 
 from IPv2DenoiseLib.core.atomic import atomic_dir
 from IPv2DenoiseLib.core.errors import UserError
@@ -67,6 +77,7 @@ __all__ = [
     "MAX_INSTANCE_MB",
     "MAX_INSTANCES",
     "MAX_MATCHES",
+    "MAX_RETRIEVE_SECONDS",
     "MAX_SEARCH_MB",
     "SeriesMatch",
     "check_uid",
@@ -82,6 +93,10 @@ MAX_SEARCH_MB = 16.0
 #: Instances one retrieval accepts, and the size of one (a PACS is not trusted to be reasonable).
 MAX_INSTANCES = 5000
 MAX_INSTANCE_MB = 64.0
+#: Time one retrieval may take at most, s (the list of instances and every image together): a server
+#: that trickles its answers (each piece within the network timeout) must not hold the retrieval, and
+#: the web page's one job, forever. 30 min bring a 1 GB series over 5 Mbit/s.
+MAX_RETRIEVE_SECONDS = 1800.0
 #: The storage classes a retrieval accepts: what the reader turns into a CT volume.
 CT_STORAGE_CLASSES = (CTImageStorage, EnhancedCTImageStorage)
 #: C-FIND / C-GET statuses: pending, and "Cancel"; C-STORE statuses we answer the PACS with.
@@ -388,11 +403,14 @@ def _c_find(
     timeout: float,
     limit: int,
     cancel: CancelToken | None,
+    deadline: _Deadline | None = None,
 ) -> list[dict[str, str]]:
     check_reachable(node, timeout)
     ae = make_ae(calling_aet, timeout)
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
     assoc = associate(ae, node)
+    if deadline is not None:  # a retrieval's listing: aborted when its time is up
+        deadline.on_expiry(_aborter(assoc))
     rows: list[dict[str, str]] = []
     try:
         for status, found in assoc.send_c_find(identifier, StudyRootQueryRetrieveInformationModelFind):
@@ -466,21 +484,65 @@ def _qido(
 
 
 class _Receiver:
-    """Checks and writes each instance a retrieval brings; remembers why any was refused."""
+    """Checks and writes each instance a retrieval brings; remembers why any was refused.
+
+    ``listed`` holds the SOPInstanceUIDs the series' list of instances names (C-FIND at IMAGE level,
+    or QIDO-RS), set by :meth:`expect` before any image comes: an instance it does not name, or one
+    already received, is refused (a series with one slice twice and another missing has the right
+    count). After the first refusal nothing more is written: the retrieval is lost.
+    """
 
     def __init__(self, folder: Path, series_uid: str, max_instances: int, max_bytes: int) -> None:
         self.folder, self.series_uid = folder, series_uid
         self.max_instances, self.max_bytes = max_instances, max_bytes
         self.written: list[Path] = []
         self.refusals: list[str] = []
+        self.listed: set[str] = set()
+        self.received: set[str] = set()
 
     def refuse(self, reason: str, status: int) -> int:
         if reason not in self.refusals:
             self.refusals.append(reason)
         return status
 
-    def store(self, dataset: Dataset, file_meta: FileMetaDataset | None, size: int) -> int:
-        """Check one received instance and write it as ``NNNNN.dcm``; returns the C-STORE status."""
+    def expect(self, sop_uids: Iterable[object]) -> list[str]:
+        """Take the series' list of instances: checked UIDs, each once, in its order (returned).
+
+        Raises ``_Refused`` for more than ``max_instances`` (before any image is asked for) or for
+        an entry that is not a UID.
+        """
+        sop_uids = list(sop_uids)
+        if len(sop_uids) > self.max_instances:
+            raise _Refused(f"more than {self.max_instances} instances")
+        listed: dict[str, None] = {}
+        for uid in sop_uids:
+            try:
+                listed[check_uid(str(uid))] = None
+            except UserError:
+                raise _Refused("the instance list names an instance without a valid SOPInstanceUID") from None
+        self.listed = set(listed)
+        return list(listed)
+
+    def unexpected(self, dataset: Dataset, asked: str | None) -> str | None:
+        """Why an instance is not one this retrieval waits for (None when it is): not the very one
+        ``asked`` for (WADO-RS asks for each), one received already, or one the list does not name."""
+        sent = _sop_uid(dataset)
+        named = printable_line(sent) or "one without a UID"
+        if asked is not None and sent != asked:
+            return f"asked for instance {asked}, the server sent {named}"
+        if sent in self.received:
+            return f"the PACS sent instance {named} twice"
+        if sent not in self.listed:
+            return f"the PACS sent instance {named}, which the series' list of instances does not name"
+        return None
+
+    def store(
+        self, dataset: Dataset, file_meta: FileMetaDataset | None, size: int, asked: str | None = None
+    ) -> int:
+        """Check one received instance (``asked``: the SOPInstanceUID requested, when one was) and
+        write it as ``NNNNN.dcm``; returns the C-STORE status."""
+        if self.refusals:  # the retrieval is lost already: write nothing more
+            return _STORE_REFUSED_OUT_OF_RESOURCES
         if size > self.max_bytes:
             mb, cap = size / 2**20, self.max_bytes / 2**20
             return self.refuse(
@@ -498,12 +560,143 @@ class _Receiver:
             return self.refuse(
                 f"the PACS sent a non-CT instance (SOP class {printable_line(sop_class)})", _STORE_NOT_OURS
             )
+        if why := self.unexpected(dataset, asked):
+            return self.refuse(why, _STORE_NOT_OURS)
         path = self.folder / f"{len(self.written) + 1:05d}.dcm"  # a counter, never a tag value
         dataset.file_meta = file_meta or FileMetaDataset()
         dataset.file_meta.setdefault("ImplementationClassUID", PYDICOM_IMPLEMENTATION_UID)
         dataset.save_as(path, enforce_file_format=True)
         self.written.append(path)
+        self.received.add(_sop_uid(dataset))
         return _STORE_OK
+
+    def refuse_missing(self) -> None:
+        """Once the PACS says it is done: refuse the retrieval if listed instances did not come (a
+        shortened series is not kept; when none came, the caller says the PACS sent nothing)."""
+        missing = len(self.listed - self.received)
+        if missing and self.written and not self.refusals:
+            self.refusals.append(
+                f"{missing} of the {len(self.listed)} instances the series' list names did not come"
+            )
+
+
+def _sop_uid(dataset: Dataset) -> str:
+    """The instance's SOPInstanceUID as sent (less NUL padding); empty when it has none."""
+    return str(dataset.get("SOPInstanceUID", "")).strip().rstrip("\x00")
+
+
+class _Deadline:
+    """The time one retrieval may take; when it is up, every connection the retrieval opened is
+    hung up.
+
+    The network timeout bounds each wait for the peer, not the whole: a server that trickles its
+    answer (a few bytes now and then) would hold a retrieval forever. At the limit a timer thread
+    shuts each registered socket down and aborts each registered association, which wakes a read
+    blocked on it wherever it is (status line, headers, body, DIMSE message); the retrieval then
+    fails, and :func:`retrieve_series` says that the time limit passed. Used as a context manager
+    (the timer runs inside it); ``math.inf`` seconds: no limit.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._expired = threading.Event()
+        self._hang_ups: list[Callable[[], object]] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire) if math.isfinite(seconds) else None
+        if self._timer is not None:
+            self._timer.daemon = True
+
+    def __enter__(self) -> _Deadline:
+        if self._timer is not None:
+            self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+    @property
+    def expired(self) -> bool:
+        return self._expired.is_set()
+
+    def on_expiry(self, hang_up: Callable[[], object]) -> None:
+        """Call ``hang_up`` when the time is up (at once, if it is)."""
+        with self._lock:
+            if not self._expired.is_set():
+                self._hang_ups.append(hang_up)
+                return
+        _quietly(hang_up)
+
+    def watch_socket(self, sock: object) -> None:
+        """Shut ``sock`` down (both ways) when the time is up; the socket is not kept alive for it."""
+        if not isinstance(sock, socket.socket):
+            return
+        ref = weakref.ref(sock)
+
+        def shut_down() -> None:
+            if (still_open := ref()) is not None:
+                # the plain socket's shutdown, a TLS one's too: its own would drop the TLS state
+                # under the thread reading it
+                socket.socket.shutdown(still_open, socket.SHUT_RDWR)
+
+        self.on_expiry(shut_down)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self._expired.set()
+            hang_ups, self._hang_ups = self._hang_ups, []
+        for hang_up in hang_ups:
+            _quietly(hang_up)
+
+
+def _quietly(hang_up: Callable[[], object]) -> None:
+    """Run ``hang_up``; what it closes may have closed meanwhile."""
+    try:
+        hang_up()
+    except Exception:  # noqa: BLE001 - a socket or association already closed: nothing to hang up
+        pass
+
+
+def _aborter(assoc: Association) -> Callable[[], object]:
+    """A hang-up for :meth:`_Deadline.on_expiry`: abort ``assoc`` if it is still established."""
+    return lambda: assoc.is_established and assoc.abort()
+
+
+class _HangUpAdapter(HTTPAdapter):
+    """requests' transport adapter, each connection of which (direct or through a proxy) is hung
+    up when ``deadline`` passes: its sockets are registered with :meth:`_Deadline.watch_socket`
+    as they connect. Written by hand: requests and urllib3 offer per-read timeouts only."""
+
+    def __init__(self, deadline: _Deadline) -> None:
+        self.deadline = deadline
+        super().__init__()  # calls init_poolmanager
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self._watch(self.poolmanager)
+
+    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> PoolManager:
+        new = proxy not in self.proxy_manager
+        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        if new:
+            self._watch(manager)
+        return manager
+
+    def _watch(self, manager: PoolManager) -> None:
+        """Make ``manager``'s pools open connections that register their socket with the deadline."""
+        manager.pool_classes_by_scheme = {
+            scheme: self._watched_pool(pool) for scheme, pool in manager.pool_classes_by_scheme.items()
+        }
+
+    def _watched_pool(self, pool: type[HTTPConnectionPool]) -> type[HTTPConnectionPool]:
+        deadline = self.deadline
+
+        class WatchedConnection(pool.ConnectionCls):
+            def connect(self) -> None:
+                super().connect()
+                deadline.watch_socket(self.sock)
+
+        return type(pool.__name__, (pool,), {"ConnectionCls": WatchedConnection})
 
 
 def retrieve_series(
@@ -518,6 +711,7 @@ def retrieve_series(
     cancel: CancelToken | None = None,
     max_instances: int = MAX_INSTANCES,
     max_instance_mb: float = MAX_INSTANCE_MB,
+    max_seconds: float = MAX_RETRIEVE_SECONDS,
     replace: bool = False,
 ) -> list[Path]:
     """Fetch one series from ``peer`` into the new folder ``folder`` (atomically: all of it, or nothing).
@@ -535,7 +729,7 @@ def retrieve_series(
     calling_aet : str
         Our AE title (DIMSE).
     timeout : float
-        Connection and response timeout, s.
+        Connection and response timeout, s: how long one wait for the PACS may take.
     progress : ProgressCallback, optional
         ``progress(received, expected, message)`` as instances arrive.
     cancel : CancelToken, optional
@@ -545,6 +739,10 @@ def retrieve_series(
     max_instance_mb : float
         Size of one instance accepted at most, MB. A transfer past it plus 1 MB (the encoding)
         is cut off while it arrives; over DICOMweb that bounds every answer, the instance list too.
+    max_seconds : float
+        Time the whole retrieval may take at most, s (:data:`MAX_RETRIEVE_SECONDS`; ``math.inf``:
+        no limit). At the limit its connections are hung up (a server trickling its answers holds
+        it no longer) and it fails in one line; a C-GET says so within ``timeout`` after that.
     replace : bool
         Replace an existing ``folder`` (an earlier retrieval of the series) once this one is complete.
 
@@ -556,8 +754,10 @@ def retrieve_series(
     Raises
     ------
     UserError
-        Malformed UIDs, the PACS refused the retrieval or sent nothing, or sent what is not this
-        CT series (named); ``Cancelled`` when ``cancel`` fired.
+        Malformed UIDs or ``max_seconds``, the PACS refused the retrieval or sent nothing, or sent
+        what is not this CT series (named: another series, an instance twice or one its list of
+        the series' instances does not name), or the retrieval took longer than ``max_seconds``;
+        ``Cancelled`` when ``cancel`` fired.
     DestinationUnavailable
         The PACS cannot be reached or refuses the association.
     """
@@ -565,22 +765,43 @@ def retrieve_series(
         check_uid(study_uid, "StudyInstanceUID"),
         check_uid(series_uid, "SeriesInstanceUID"),
     )
+    if not max_seconds > 0:
+        raise UserError(f"max_seconds {max_seconds}: the time limit of a retrieval must be positive")
     folder = Path(folder)
-    with atomic_dir(folder, replace=replace) as staging:
+    with atomic_dir(folder, replace=replace) as staging, _Deadline(max_seconds) as deadline:
         receiver = _Receiver(staging, series_uid, max_instances, int(max_instance_mb * 2**20))
-        if isinstance(peer, DicomNode):
-            _c_get(
-                peer,
-                study_uid,
-                series_uid,
-                receiver,
-                calling_aet=calling_aet,
-                timeout=timeout,
-                progress=progress,
-                cancel=cancel,
-            )
-        else:
-            _wado(peer, study_uid, series_uid, receiver, timeout=timeout, progress=progress, cancel=cancel)
+        try:
+            if isinstance(peer, DicomNode):
+                _c_get(
+                    peer,
+                    study_uid,
+                    series_uid,
+                    receiver,
+                    calling_aet=calling_aet,
+                    timeout=timeout,
+                    progress=progress,
+                    cancel=cancel,
+                    deadline=deadline,
+                )
+            else:
+                _wado(
+                    peer,
+                    study_uid,
+                    series_uid,
+                    receiver,
+                    timeout=timeout,
+                    progress=progress,
+                    cancel=cancel,
+                    deadline=deadline,
+                )
+        except Cancelled:
+            raise
+        except Exception:  # whatever the hang-up broke: the time limit is the reason
+            if deadline.expired:
+                raise UserError(_past_deadline(series_uid, peer, deadline)) from None
+            raise
+        if deadline.expired:  # an answer cut short by the hang-up: the time limit is the reason
+            raise UserError(_past_deadline(series_uid, peer, deadline))
         if receiver.refusals:
             raise UserError(
                 f"retrieving series {series_uid} from {peer}: refused, {'; '.join(receiver.refusals)}"
@@ -589,6 +810,16 @@ def retrieve_series(
             raise UserError(f"retrieving series {series_uid} from {peer}: the PACS sent no CT image of it")
         written = [folder / p.name for p in receiver.written]
     return written
+
+
+def _past_deadline(series_uid: str, peer: DicomNode | str, deadline: _Deadline) -> str:
+    """The one line of a retrieval stopped at its time limit: the limit, and how to raise it."""
+    return (
+        f"retrieving series {series_uid} from {peer}: stopped after {deadline.seconds:g} s, the time limit"
+        " of one retrieval (is the PACS that slow, or the series that large?); nothing was kept; raise"
+        f" the limit with retrieve_series(max_seconds=…) (default {MAX_RETRIEVE_SECONDS:g} s,"
+        " io.dicom_query.MAX_RETRIEVE_SECONDS)"
+    )
 
 
 def _c_get(
@@ -601,23 +832,28 @@ def _c_get(
     timeout: float,
     progress: ProgressCallback | None,
     cancel: CancelToken | None,
+    deadline: _Deadline,
 ) -> None:
+    """C-FIND lists the series' instances (IMAGE level), then one C-GET at SERIES level brings them.
+
+    Each instance that comes must be one the list names, and come once (:meth:`_Receiver.store`,
+    the check WADO-RS makes too); one listed but never sent is refused at the end. A refusal lands
+    in ``receiver.refusals`` (the caller says it, nothing is kept).
+    """
+    listing = {"calling_aet": calling_aet, "timeout": timeout, "cancel": cancel, "deadline": deadline}
+    if not _c_find_instances(node, study_uid, series_uid, receiver, **listing):
+        return
     check_reachable(node, timeout)
     ae = make_ae(calling_aet, timeout)
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
     for sop_class in CT_STORAGE_CLASSES:
         ae.add_requested_context(sop_class, ACCEPTED_TRANSFER_SYNTAXES)
     roles = [build_role(sop_class, scp_role=True) for sop_class in CT_STORAGE_CLASSES]
-
-    def on_store(event) -> int:
-        if cancel is not None and cancel.cancelled:
-            return _STORE_REFUSED_OUT_OF_RESOURCES  # the loop below aborts the association
-        size = event.request.DataSet.getbuffer().nbytes if event.request.DataSet is not None else 0
-        return receiver.store(event.dataset, event.file_meta, size)
-
+    on_store = _store_handler(receiver, cancel, deadline)
     # an instance far over the cap is stopped while it arrives (the handler sees it only when whole)
     guard = ArrivingSizeGuard(receiver.max_bytes, receiver.refusals.append)
     assoc = associate(ae, node, ext_neg=roles, handlers=[(evt.EVT_C_STORE, on_store), *guard.handlers()])
+    deadline.on_expiry(_aborter(assoc))
     identifier = _identifier("SERIES", (), {"StudyInstanceUID": study_uid, "SeriesInstanceUID": series_uid})
     try:
         for status, _ in assoc.send_c_get(identifier, StudyRootQueryRetrieveInformationModelGet):
@@ -642,6 +878,57 @@ def _c_get(
         assoc.abort()  # a cancelled or failed retrieval stops the PACS sending at once
         raise
     assoc.release()
+    receiver.refuse_missing()
+
+
+def _store_handler(
+    receiver: _Receiver, cancel: CancelToken | None, deadline: _Deadline
+) -> Callable[[Any], int]:
+    """The ``EVT_C_STORE`` handler of a C-GET: each instance to ``receiver``, none once cancelled or
+    past the deadline (the C-GET loop, or the deadline, aborts the association)."""
+
+    def on_store(event: Any) -> int:
+        if (cancel is not None and cancel.cancelled) or deadline.expired:
+            return _STORE_REFUSED_OUT_OF_RESOURCES
+        size = event.request.DataSet.getbuffer().nbytes if event.request.DataSet is not None else 0
+        return receiver.store(event.dataset, event.file_meta, size)
+
+    return on_store
+
+
+def _c_find_instances(
+    node: DicomNode,
+    study_uid: str,
+    series_uid: str,
+    receiver: _Receiver,
+    *,
+    calling_aet: str,
+    timeout: float,
+    cancel: CancelToken | None,
+    deadline: _Deadline,
+) -> bool:
+    """Give ``receiver`` the SOPInstanceUIDs a C-FIND at IMAGE level lists for the series (asked for
+    one more than accepted, so that too many is seen); False when the list is refused (the reason
+    is in ``receiver.refusals``). An unknown series lists none: the C-GET then says so."""
+    identifier = _identifier(
+        "IMAGE", ("SOPInstanceUID",), {"StudyInstanceUID": study_uid, "SeriesInstanceUID": series_uid}
+    )
+    rows = _c_find(
+        node,
+        identifier,
+        ("SOPInstanceUID",),
+        calling_aet=calling_aet,
+        timeout=timeout,
+        limit=receiver.max_instances + 1,
+        cancel=cancel,
+        deadline=deadline,
+    )
+    try:
+        receiver.expect(row["SOPInstanceUID"] for row in rows)
+    except _Refused as exc:
+        receiver.refusals.append(str(exc))
+        return False
+    return True
 
 
 def _check_every_image_came(
@@ -697,18 +984,24 @@ def _wado(
     timeout: float,
     progress: ProgressCallback | None,
     cancel: CancelToken | None,
+    deadline: _Deadline,
 ) -> None:
     """QIDO-RS lists the series' instances, then WADO-RS fetches them one by one.
 
     Every answer is read in pieces and closed as soon as it passes the instance size cap (plus
     :data:`~IPv2DenoiseLib.io.dicom_net.TRANSFER_SLACK_BYTES`, as for C-GET), so no answer, endless
     or not, is held in memory past it; a list of more instances than accepted is refused before any
-    is fetched. A refusal lands in ``receiver.refusals`` (the caller says it, nothing is kept).
+    is fetched, and each answer must be the very instance asked for (:meth:`_Receiver.store`). Every
+    connection is hung up when ``deadline`` passes. A refusal lands in ``receiver.refusals`` (the
+    caller says it, nothing is kept).
     """
     series_url = f"{url.rstrip('/')}/studies/{study_uid}/series/{series_uid}"
     limit = receiver.max_bytes + TRANSFER_SLACK_BYTES
     timeout = max(timeout, 1.0)
     with requests.Session() as session:
+        hang_up = _HangUpAdapter(deadline)
+        session.mount("http://", hang_up)
+        session.mount("https://", hang_up)
         try:
             sop_uids = _list_instances(session, series_url, url, receiver, limit, timeout, cancel)
             for sop_uid in sop_uids:
@@ -717,12 +1010,7 @@ def _wado(
                 dataset, size = _fetch_instance(
                     session, f"{series_url}/instances/{sop_uid}", url, receiver, limit, timeout, cancel
                 )
-                sent = str(dataset.get("SOPInstanceUID", "")).strip().rstrip("\x00")
-                if sent != sop_uid:  # one image twice and another missing would pass the count
-                    raise _Refused(
-                        f"asked for instance {sop_uid}, the server sent {printable_line(sent) or 'one without a UID'}"
-                    )
-                if receiver.store(dataset, dataset.file_meta, size) != _STORE_OK:
+                if receiver.store(dataset, dataset.file_meta, size, asked=sop_uid) != _STORE_OK:
                     return
                 if progress is not None:
                     done = len(receiver.written)
@@ -755,15 +1043,13 @@ def _list_instances(
         cancel=cancel,
         whole=True,
     )
-    if len(rows) > receiver.max_instances:
-        raise _Refused(f"more than {receiver.max_instances} instances")
-    uids: dict[str, None] = {}
+    uids = []
     for row in rows:
         try:
-            uids[check_uid(Dataset.from_json(row).get("SOPInstanceUID", ""))] = None
+            uids.append(str(Dataset.from_json(row).get("SOPInstanceUID", "")))
         except Exception:  # noqa: BLE001 - a server's JSON is hostile: any shape
             raise _Refused("the instance list names an instance without a valid SOPInstanceUID") from None
-    return list(uids)
+    return receiver.expect(uids)
 
 
 def _qido_json(

@@ -21,7 +21,11 @@ silently misplaces slices when the series is not a regular stack:
 * a damaged slice (PixelData shorter or longer than Rows x Columns x BitsAllocated/8 x frames, a
   file cut short) or a file beside the series that looks like one of its slices but cannot be
   read: a missing slice, refused naming the file unless ``resample_gaps`` (then left out);
-* RescaleSlope <= 0 or a non-finite slope/intercept: refused.
+* RescaleSlope <= 0 or a non-finite slope/intercept: refused;
+* a named pipe, socket, device or broken link in a folder: skipped, never opened (opening a named
+  pipe blocks until something writes to it, and GDCM, which opens every entry of a folder, lost
+  good slices beside one); that folder's files are grouped by pydicom, regular files only. When no
+  image remains, the refusal says what was skipped.
 
 Which neighbouring files count as "looks like a slice" (:func:`unreadable_neighbours`): a file in
 a folder of the series, not hidden, not read as an image of any series, and either starting with
@@ -38,6 +42,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import stat
 import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -56,6 +61,7 @@ from scipy import ndimage as ndi
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.progress import ProgressCallback
 from IPv2DenoiseLib.core.simpleitk import sitk
+from IPv2DenoiseLib.core.text import printable_line
 from IPv2DenoiseLib.core.volume import Volume
 from IPv2DenoiseLib.io.image_headers import MEMORY_LIMIT_ENV, memory_budget_bytes
 
@@ -167,6 +173,70 @@ def _search_folders(root: Path) -> list[Path]:
     return folders
 
 
+def _not_regular(folder: Path) -> list[Path]:
+    """The entries of ``folder`` that are neither folders nor regular files, hidden ones too (named
+    pipes, sockets, devices, broken links), found by ``stat`` alone: none of them is ever opened."""
+    try:
+        with os.scandir(folder) as entries:
+            return sorted(Path(e.path) for e in entries if not e.is_dir() and not e.is_file())
+    except OSError:
+        return []
+
+
+def _entry_kind(path: Path) -> str:
+    """What a non-regular entry is, for a message (``stat`` only: nothing is opened)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return "a broken link"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "not a regular file"
+
+
+def skipped_entries(path: str | os.PathLike) -> list[Path]:
+    """What :func:`find_series` skips unopened in ``path``: ``path`` itself when it is neither a
+    folder nor a regular file, else the non-regular entries of the folders it searches.
+
+    Parameters
+    ----------
+    path : path-like
+        A DICOM file or a folder.
+
+    Returns
+    -------
+    list of pathlib.Path
+        The skipped entries (named pipes, sockets, devices, broken links), folder by folder.
+    """
+    p = Path(path)
+    if p.is_dir():
+        return [entry for folder in _search_folders(p) for entry in _not_regular(folder)]
+    return [] if p.is_file() or not os.path.lexists(p) else [p]
+
+
+def _skipped_phrase(path: str | os.PathLike, skipped: list[Path]) -> str:
+    """``; skipped 2 entries that are not regular files, unopened: a.pipe (a named pipe), …`` or empty."""
+    if not skipped:
+        return ""
+    root = Path(path)
+    names = [
+        f"{printable_line(str(e.relative_to(root) if e != root and e.is_relative_to(root) else e))}"
+        f" ({_entry_kind(e)})"
+        for e in skipped[:3]
+    ]
+    more = f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+    what = (
+        "1 entry that is not a regular file"
+        if len(skipped) == 1
+        else f"{len(skipped)} entries that are not regular files"
+    )
+    return f"; skipped {what}, unopened: {', '.join(names)}{more}"
+
+
 @contextmanager
 def quiet_readers() -> Iterator[None]:
     """Keep pydicom's value-validation warnings and ITK's warning blocks off the terminal.
@@ -257,7 +327,10 @@ def find_series(path: str | os.PathLike) -> list[SeriesInfo]:
     """Every image series in a DICOM file or folder (searched recursively, hidden folders skipped).
 
     GDCM groups the files of each folder by SeriesInstanceUID and sorts them; files of one series
-    spread over several folders are merged. Non-image objects (SR, RT structures) are left out.
+    spread over several folders are merged. Non-image objects (SR, RT structures) are left out. A
+    folder that holds a named pipe, socket, device or broken link is grouped by pydicom instead,
+    regular files only (GDCM opens every entry, and a named pipe blocks whoever opens it; see
+    :func:`skipped_entries`).
 
     Parameters
     ----------
@@ -278,15 +351,8 @@ def find_series(path: str | os.PathLike) -> list[SeriesInfo]:
     else:
         with quiet_readers():
             for folder in _search_folders(p):
-                try:
-                    for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)):
-                        names = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
-                        grouped.setdefault(uid, []).extend(Path(n) for n in names)
-                except (
-                    RuntimeError
-                ):  # GDCM stops at a malformed tag (e.g. a position as text): pydicom groups
-                    for info in series_of_files(f for f in sorted(folder.iterdir()) if f.is_file()):
-                        grouped.setdefault(info.uid, []).extend(info.files)
+                for uid, names in _series_in_folder(folder):
+                    grouped.setdefault(uid, []).extend(names)
     found = []
     for uid, files in grouped.items():
         pairs = [(f, h) for f in files if (h := _header(f)) is not None]
@@ -294,6 +360,24 @@ def find_series(path: str | os.PathLike) -> list[SeriesInfo]:
             pairs.sort(key=_slice_order)  # GDCM sorts each folder; folders are merged here
             found.append(SeriesInfo(uid, [f for f, _ in pairs], [h for _, h in pairs]))
     return sorted(found, key=lambda s: (_integer(s.first, "SeriesNumber"), s.uid))
+
+
+def _series_in_folder(folder: Path) -> list[tuple[str, list[Path]]]:
+    """(SeriesInstanceUID, files) of each image series in ``folder`` alone: found by GDCM, or by
+    pydicom among the regular files when GDCM must not read the folder (an entry that is not a
+    regular file) or cannot (it stops at a malformed tag, e.g. a position as text)."""
+    if not _not_regular(folder):
+        try:
+            return [
+                (uid, [Path(n) for n in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)])
+                for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+            ]
+        except RuntimeError:
+            pass
+    # Path.is_file is a stat (following links): true for regular files only, nothing is opened
+    return [
+        (info.uid, info.files) for info in series_of_files(f for f in sorted(folder.iterdir()) if f.is_file())
+    ]
 
 
 def choose_series(series: list[SeriesInfo], selector: str | None, *, where: str) -> SeriesInfo:
@@ -1116,8 +1200,9 @@ def read_dicom(
         found = find_series(path)
     if not found:
         hint = " (hidden folders such as .venv are not searched)" if Path(path).is_dir() else ""
+        skipped = _skipped_phrase(path, skipped_entries(path))
         raise UserError(
-            f"{where}: no DICOM image found{hint}; give a DICOM series folder, a DICOM file or an "
+            f"{where}: no DICOM image found{hint}{skipped}; give a DICOM series folder, a DICOM file or an "
             "NRRD/NIfTI/MHA image"
         )
     candidates = found if force else [s for s in found if s.modality == "CT"]
@@ -1162,6 +1247,7 @@ __all__ = [
     "read_header",
     "read_series",
     "series_of_files",
+    "skipped_entries",
     "stack_geometry",
     "unreadable_neighbours",
 ]
