@@ -351,3 +351,100 @@ def test_failed_series_are_deleted_keep_failed_days_after_they_failed(orthanc, t
         assert node.stop() == 0
     assert list(failed.iterdir()) == [operator]
     assert "could not delete" not in log and "Traceback" not in log
+
+
+def _line_of(log: str, needle: str) -> str:
+    """The first log line holding ``needle``."""
+    return next(line for line in log.splitlines() if needle in line)
+
+
+def test_late_instances_of_a_failed_series_never_become_a_partial_derived_series(orthanc, tmp_path) -> None:
+    """A series that failed (its first 3 instances mix two patients) and whose last 2 instances
+    arrive after its quiet period: before, those 2 became a series of their own, denoised and
+    forwarded, a 2-slice "denoised" series in the PACS. Now they fail as late instances of the
+    failed series, as those of a forwarded one do, in one line saying to send the whole series
+    again; the whole series sent again, mended, is forwarded as one complete derived series."""
+    spool = tmp_path / "spool"
+    paths = fresh_study(tmp_path / "in", n=5)
+    head = pydicom.dcmread(paths[0])
+    study, series_uid = str(head.StudyInstanceUID), str(head.SeriesInstanceUID)
+    mixed = [pydicom.dcmread(p) for p in paths[:3]]
+    mixed[2].PatientID = "SOMEONE-ELSE"
+    late_line = f"series {series_uid}: received 2 instance(s)"
+    node = Node(spool, orthanc.node, quiet=1.0, log_dir=tmp_path)
+    try:
+        assert store(node.port, mixed) == [0x0000] * 3
+        node.wait_for("FAILED", 60)
+        (first_failed,) = (spool / "failed").iterdir()
+        assert store(node.port, map(pydicom.dcmread, paths[3:])) == [0x0000] * 2  # cut off, then the rest
+        late = _line_of(node.wait_for(late_line, 60), late_line)
+        assert "FAILED" in late, late  # not denoised and forwarded on their own
+        assert store(node.port, map(pydicom.dcmread, paths)) == [0x0000] * 5  # the whole series, mended
+        whole = derived_in_orthanc(orthanc, study, 5)
+        log = node.wait_for("sent 5 to", 60)
+    finally:
+        assert node.stop() == 0
+    assert derived_series_count(orthanc, study) == [5]  # never a 2-instance one
+    assert {ds.SourceImageSequence[0].ReferencedSOPInstanceUID for ds in whole} == {
+        pydicom.dcmread(p).SOPInstanceUID for p in paths
+    }
+    assert "mixes two patients" in _reason_of(spool, log, 0)
+    reason = _reason_of(spool, log, 1)
+    assert reason.startswith(f"2 instance(s) arrived after series {series_uid} failed at ")
+    assert (
+        f"with 3 instance(s) (kept in {first_failed}, why in reason.txt); 2 of them are not in it" in reason
+    )
+    assert "they were not forwarded as a partial series; send the whole series again" in reason
+    assert f"delete {first_failed} first" in reason
+    assert f"series {series_uid}: sent again whole (5 instance(s)" in log
+    assert not [p for d in ("incoming", "ready", "work") for p in (spool / d).iterdir()]
+
+
+def test_a_failed_series_deleted_before_its_sender_retries_never_becomes_a_partial_series(
+    orthanc, tmp_path
+) -> None:
+    """A series whose last 2 instances were refused (corrupt, 0xC210) fails; its sender sends them
+    again, mended, minutes later. A --keep-failed-days shorter than that deleted the failed series
+    first, and the retried instances became a series of their own, forwarded as a 2-slice derived
+    series. Now pruning leaves a record of the deleted series' instances (its log line says it
+    still awaited the refused ones): the retried instances fail in one line, and the whole series
+    sent again is forwarded complete."""
+    spool = tmp_path / "spool"
+    paths = fresh_study(tmp_path / "in", n=5)
+    head = pydicom.dcmread(paths[0])
+    study, series_uid = str(head.StudyInstanceUID), str(head.SeriesInstanceUID)
+    sent = [pydicom.dcmread(p) for p in paths]
+    for ds in sent[3:]:
+        ds.PixelData = ds.PixelData[:100]
+    keep = 3 / 86400  # 3 s: over long before a sender's retry
+    late_line = f"series {series_uid}: received 2 instance(s)"
+    extra = ["--keep-failed-days", f"{keep:.6g}"]
+    node = Node(spool, orthanc.node, quiet=1.0, log_dir=tmp_path, extra=extra)
+    try:
+        assert store(node.port, sent) == [0x0000] * 3 + [0xC210] * 2
+        node.wait_for("FAILED", 30)
+        log = node.wait_for("deleted the failed series", 30)
+        assert not list((spool / "failed").iterdir())
+        assert store(node.port, map(pydicom.dcmread, paths[3:])) == [0x0000] * 2  # the sender's retry
+        late = _line_of(node.wait_for(late_line, 60), late_line)
+        assert "FAILED" in late, late  # not denoised and forwarded on their own
+        assert store(node.port, map(pydicom.dcmread, paths)) == [0x0000] * 5  # the whole series
+        whole = derived_in_orthanc(orthanc, study, 5)
+        node.wait_for("sent 5 to", 60)
+        log = node.wait_for("deleted the failed series", 30, count=2)  # the retried 2, failed
+    finally:
+        assert node.stop() == 0
+    assert derived_series_count(orthanc, study) == [5]  # never a 2-instance one
+    assert len(whole) == 5
+    record = spool / "forwarded" / f"{series_uid}.failed.json"
+    deleted = _line_of(log, "deleted the failed series")
+    assert (
+        f"more than {keep:.6g} day(s) ago (--keep-failed-days); it still awaited 2 refused instance(s)"
+        in deleted
+    )
+    assert f"its instances are remembered 7 day(s) in {record}" in deleted and "WARNING" in deleted
+    assert f"2 instance(s) arrived after series {series_uid} failed at " in late
+    assert "with 3 instance(s) and was deleted at " in late and f"delete {record} first" in late
+    assert f"series {series_uid}: sent again whole (5 instance(s)" in log
+    # both failed batches are remembered: the first 3 and the retried 2
+    assert sorted(json.loads(record.read_text())["instances"]) == sorted(ds.SOPInstanceUID for ds in sent)

@@ -24,16 +24,20 @@ that is C-STOREd to the forward node (``io.dicom_net``). After the send the job 
 "sent" mark) before anything is deleted, so a kill at any step never re-denoises a sent series
 (which would give a second derived series) nor sends half of one. A series that fails
 (unreadable, mixed patients, refused by the forward node) moves to ``failed/`` with a
-``reason.txt``; it is deleted ``keep_failed_days`` after it failed (checked at start and hourly).
+``reason.txt``; it is deleted ``keep_failed_days`` after it failed (checked at start and hourly),
+leaving a record of its instances (``forwarded/<SeriesInstanceUID>.failed.json``, kept
+``remember_forwarded_days``) so that its late instances (e.g. its sender's retry of the refused
+ones) still fail rather than become a partial series.
 The pipeline's warnings (training range, truncated field of view, the reader's), worded as
 ``denoise`` prints them, go to the log and into the derived series' DerivationDescription.
 
 Each forwarded series leaves a record, ``forwarded/<SeriesInstanceUID>.json`` (when, as which
 derived series, the source instances it covered; written whole, then renamed, before the job
 leaves ``ready/``), kept ``remember_forwarded_days``. A later batch of that series (instances
-arriving after its quiet period) that lacks any instance already forwarded or queued is not
-forwarded, which would put a partial "denoised" series into the PACS: it moves to ``failed/``
-saying so; the whole series sent again is denoised and forwarded as usual.
+arriving after its quiet period) that lacks any instance of an earlier batch (forwarded, queued,
+or failed: in ``failed/``, or its record once deleted) is not forwarded, which would put a partial
+"denoised" series into the PACS: it moves to ``failed/`` saying so; the whole series sent again (a
+batch with every instance of each earlier one) is denoised and forwarded as usual.
 """
 
 from __future__ import annotations
@@ -114,8 +118,11 @@ SPOOL_LOCK = "node.lock"
 KILL_AT_ENV = "IPV2DENOISE_NODE_KILL_AT"
 #: Why a series failed, in its folder under ``failed/``.
 REASON = "reason.txt"
-#: Spool folder of the forwarded series' records, one ``<SeriesInstanceUID>.json`` each.
+#: Spool folder of the forwarded series' records, one ``<SeriesInstanceUID>.json`` each (and of the
+#: failed series ``keep_failed_days`` deleted, one ``<SeriesInstanceUID>.failed.json`` each).
 FORWARDED = "forwarded"
+#: Suffix of the record a failed series leaves in ``forwarded/`` when it is deleted.
+FAILED_RECORD = ".failed.json"
 #: Seconds in a day (the retentions are given in days).
 DAY = 86400.0
 #: Longest wait between two prunings of ``failed/`` and ``forwarded/``.
@@ -178,20 +185,24 @@ class NodeConfig:
     max_instance_bytes: int = 512 * 2**20
     #: days a failed series stays in ``failed/`` after it failed; None: until deleted by hand
     keep_failed_days: float | None = 30.0
-    #: days a forwarded series is remembered: late instances of it are recognised that long
+    #: days a forwarded series, or a failed one after it was deleted, is remembered: late instances
+    #: of it are recognised that long
     remember_forwarded_days: float = 7.0
 
 
 @dataclass(frozen=True)
 class _Earlier:
-    """An earlier batch of a series: forwarded (its record) or queued in ``ready/``."""
+    """An earlier batch of a series: forwarded (its record), queued in ``ready/``, or failed (its
+    folder in ``failed/``, or its record once deleted)."""
 
     at: float
     instances: frozenset[str]
     #: what became of it: "was denoised and forwarded at T as derived series number N (UID U, …)"
     what: str
-    #: its derived series, as a PACS user finds it: "derived series number N"
-    derived: str
+    #: its derived series, as a PACS user finds it: "derived series number N"; None: it failed
+    derived: str | None
+    #: of a failed batch: what the node keeps of it (its folder, or its record); deleted, it is forgotten
+    kept: Path | None = None
 
 
 @dataclass
@@ -352,6 +363,17 @@ def _write_durably(path: Path, text: str, staging: Path) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _batches_of(parent: Path, series_uid: str) -> list[Path]:
+    """The series' batch folders in ``ready/`` or ``failed/`` (``<SeriesInstanceUID>.<ns>``), by name;
+    a glob of ``1.2.3.*`` alone would also match series 1.2.3.4."""
+    found = []
+    for entry in parent.glob(f"{glob.escape(series_uid)}.*"):
+        uid, _, stamp = entry.name.rpartition(".")
+        if uid == series_uid and stamp.isdigit():
+            found.append(entry)
+    return sorted(found, key=lambda f: f.name)
 
 
 def _failed_series(failed: Path) -> list[Path]:
@@ -702,14 +724,7 @@ class DenoisingNode:
         if arrival is not None:
             return arrival
         folder = self.dirs["incoming"] / series_uid
-        failed = sorted(  # FAILED/<uid>.<ns>; "1.2.3.*" would also match series 1.2.3.4
-            (
-                f
-                for f in self.dirs["failed"].glob(f"{glob.escape(series_uid)}.*")
-                if f.name.rsplit(".", 1)[0] == series_uid and any(f.glob(f"*{REFUSED}"))
-            ),
-            key=lambda f: f.name,
-        )
+        failed = [f for f in _batches_of(self.dirs["failed"], series_uid) if any(f.glob(f"*{REFUSED}"))]
         if failed and not folder.exists():
             os.replace(failed[-1], folder)
             _fsync_dir(self.dirs["incoming"])
@@ -776,18 +791,31 @@ class DenoisingNode:
     # ------------------------------------------------------------------------ late instances
 
     def _earlier_batches(self, series_uid: str) -> list[_Earlier]:
-        """The series' batches queued in ``ready/`` and its forwarded record, oldest first. Call
-        with the lock held: a job writes its record (under the lock) before it leaves ``ready/``,
-        so one of the two is always seen."""
+        """The series' earlier batches, oldest first: queued in ``ready/``, failed (in ``failed/``,
+        or the record pruning left of it) and forwarded (its record). Call with the lock held: a job
+        leaves ``ready/`` only after writing its record, or by its move to ``failed/``, and pruning
+        writes a failed series' record before deleting it, each under the lock, so every batch is seen."""
         earlier = []
-        for job in self.dirs["ready"].glob(f"{glob.escape(series_uid)}.*"):
-            uid, _, stamp = job.name.rpartition(".")
-            if uid == series_uid and stamp.isdigit():
-                at, instances = int(stamp) / 1e9, frozenset(_instances_of(job))
-                what = f"was complete at {_when(at)} with {len(instances)} instance(s), queued to be denoised"
-                derived = f"the derived series of those {len(instances)} instance(s) once it arrives"
-                earlier.append(_Earlier(at, instances, what, derived))
-        record = self._forwarded_record(series_uid)
+        for job in _batches_of(self.dirs["ready"], series_uid):
+            at, instances = int(job.name.rpartition(".")[2]) / 1e9, frozenset(_instances_of(job))
+            what = f"was complete at {_when(at)} with {len(instances)} instance(s), queued to be denoised"
+            derived = f"the derived series of those {len(instances)} instance(s) once it arrives"
+            earlier.append(_Earlier(at, instances, what, derived))
+        for folder in _batches_of(self.dirs["failed"], series_uid):
+            at, instances = _failed_at(folder), frozenset(_instances_of(folder))
+            what = (
+                f"failed at {_when(at)} with {len(instances)} instance(s) (kept in {folder}, why in {REASON})"
+            )
+            earlier.append(_Earlier(at, instances, what, None, folder))
+        record = self._series_record(series_uid, FAILED_RECORD)
+        if record is not None:
+            at, instances = float(record.get("failed_at", 0)), frozenset(record.get("instances", ()))
+            what = (
+                f"failed at {_when(at)} with {len(instances)} instance(s) and was deleted at "
+                f"{_when(float(record.get('deleted_at', 0)))} (--keep-failed-days)"
+            )
+            earlier.append(_Earlier(at, instances, what, None, self._record_path(series_uid, FAILED_RECORD)))
+        record = self._series_record(series_uid)
         if record is not None:
             at, instances = float(record.get("forwarded_at", 0)), frozenset(record.get("instances", ()))
             number = record.get("derived_series_number") or "?"
@@ -800,26 +828,36 @@ class DenoisingNode:
 
     def _late_reason(self, series_uid: str, folder: Path) -> str | None:
         """Why a batch must not be forwarded: it lacks instances of an earlier batch of its series
-        (forwarded, or queued) and would be a partial derived series; None when it has all of them
-        (the whole series sent again) or there is none. Call with the lock held."""
+        (forwarded, queued, or failed) and would be a partial derived series; None when it has all
+        of them (the whole series sent again) or there is none. Call with the lock held."""
         earlier = self._earlier_batches(series_uid)
         if not earlier:
             return None
         arrived = _instances_of(folder)
         lacking = [e for e in earlier if not e.instances <= arrived]
         if not lacking:
+            delivered = [e for e in earlier if e.derived is not None]
+            cited = (delivered or earlier)[-1]
             LOG.info(
                 "series %s: sent again whole (%d instance(s), all %d of the batch that %s): it is "
-                "denoised and forwarded as a new derived series; the earlier one stays in the PACS",
+                "denoised and forwarded%s",
                 series_uid,
                 len(arrived),
-                len(earlier[-1].instances),
-                earlier[-1].what,
+                len(cited.instances),
+                cited.what,
+                " as a new derived series; the earlier one stays in the PACS" if delivered else "",
             )
             return None
         last = lacking[-1]
         new = len(arrived - last.instances)
         head = f"{len(arrived)} instance(s) arrived after series {series_uid} {last.what}"
+        if last.derived is None:  # it failed: nothing of it is in the PACS
+            which = "all of them are in it" if new == 0 else f"{new} of them are not in it"
+            return (
+                f"{head}; {which}: they were not forwarded as a partial series; send the whole series "
+                "again to get one complete derived series (to send it without instances the failed one "
+                f"had, e.g. mended at the source, delete {last.kept} first)"
+            )
         if new == 0:
             return (
                 f"{head}; all of them are in it already: not forwarded again as a partial series, "
@@ -831,9 +869,14 @@ class DenoisingNode:
             f"(then delete {last.derived} in the PACS: it lacks them)"
         )
 
-    def _forwarded_record(self, series_uid: str) -> dict | None:
-        """The record of the series' last forwarding (``forwarded/<uid>.json``), or None."""
-        path = self.dirs[FORWARDED] / f"{series_uid}.json"
+    def _record_path(self, series_uid: str, suffix: str = ".json") -> Path:
+        """Where the series' record is: ``forwarded/<uid>.json`` (its last forwarding), or
+        ``forwarded/<uid>.failed.json`` (its failed batches that pruning deleted)."""
+        return self.dirs[FORWARDED] / f"{series_uid}{suffix}"
+
+    def _series_record(self, series_uid: str, suffix: str = ".json") -> dict | None:
+        """The series' record (see ``_record_path``), or None."""
+        path = self._record_path(series_uid, suffix)
         try:
             record = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
@@ -858,8 +901,7 @@ class DenoisingNode:
                 "instances": sorted(_instances_of(job)),
             }
             with self._lock:  # the quiet-period check sees the job in ready/ or this record
-                path = self.dirs[FORWARDED] / f"{series_uid}.json"
-                _write_durably(path, json.dumps(record), self.dirs["tmp"])
+                _write_durably(self._record_path(series_uid), json.dumps(record), self.dirs["tmp"])
         except Exception as exc:  # noqa: BLE001 (the series is delivered; only the record is missing)
             LOG.error(
                 "series %s: forwarded, but could not record it (%s): instances of it arriving later "
@@ -876,8 +918,8 @@ class DenoisingNode:
         return max(1.0, min([MAX_HOUSEKEEPING_SECONDS] + [d * DAY / 10 for d in days if d is not None]))
 
     def _housekeep(self) -> None:
-        """Delete the failed series older than ``keep_failed_days`` and forget the forwarded ones
-        older than ``remember_forwarded_days``."""
+        """Delete the failed series older than ``keep_failed_days`` and forget the forwarded ones,
+        and the failed ones deleted, older than ``remember_forwarded_days``."""
         now = time.time()
         keep = self.config.keep_failed_days
         if keep is not None:
@@ -886,29 +928,46 @@ class DenoisingNode:
                 if now - failed_at >= keep * DAY:
                     self._delete_failed(folder, failed_at)
         horizon = now - self.config.remember_forwarded_days * DAY
-        forgotten = 0
+        forgotten = {"forwarded": 0, "failed and deleted": 0}
         with self._lock:  # not while a job writes a record
             for record in self.dirs[FORWARDED].glob("*.json"):
                 try:
                     if record.stat().st_mtime < horizon:
                         record.unlink()
-                        forgotten += 1
+                        kind = "failed and deleted" if record.name.endswith(FAILED_RECORD) else "forwarded"
+                        forgotten[kind] += 1
                 except OSError:
                     pass
-        if forgotten:
+        if any(forgotten.values()):
             LOG.info(
-                "forgot %d series forwarded more than %g day(s) ago (their late instances are no longer recognised)",
-                forgotten,
+                "forgot %s more than %g day(s) ago (their late instances are no longer recognised)",
+                " and ".join(f"{n} series {what}" for what, n in forgotten.items() if n),
                 self.config.remember_forwarded_days,
             )
 
     def _delete_failed(self, folder: Path, failed_at: float) -> None:
-        """Delete one failed series: one rename into ``tmp/`` (emptied at every start), then delete."""
+        """Delete one failed series: record its instances (``_record_failed``), then one rename into
+        ``tmp/`` (emptied at every start), then delete. Without the record, instances of it arriving
+        later (its sender's retry of those it refused, often minutes later) would become a series of
+        their own, forwarded partial, once a short ``--keep-failed-days`` deleted it."""
         files, size = _size_of(folder)
+        series_uid = folder.name.rpartition(".")[0]
         aside = self.dirs["tmp"] / f"deleted-{folder.name}"
         try:
-            with self._lock:  # not while an instance sent again re-opens it (``_arrival_of``)
+            with self._lock:  # not while an instance sent again re-opens it, nor a batch is checked
                 if not folder.is_dir():
+                    return
+                awaited = len(_arrival_on_disk(folder).refused)
+                try:
+                    self._record_failed(series_uid, folder, failed_at)
+                except OSError as exc:
+                    LOG.error(
+                        "kept the failed series %s past --keep-failed-days: could not record its instances "
+                        "(%s), and instances of it arriving later would then be forwarded as a partial "
+                        "series; tried again at the next pruning",
+                        folder,
+                        exc.strerror or exc,
+                    )
                     return
                 os.replace(folder, aside)
                 _fsync_dir(self.dirs["failed"])
@@ -916,15 +975,37 @@ class DenoisingNode:
             LOG.error("could not delete the failed series %s: %s", folder, exc.strerror or exc)
             return
         shutil.rmtree(aside, ignore_errors=True)
-        LOG.info(
+        retry = (
+            f"; it still awaited {awaited} refused instance(s): sent again now, they fail instead of "
+            "becoming a partial series (send the whole series again)"
+            if awaited
+            else ""
+        )
+        (LOG.warning if awaited else LOG.info)(
             "deleted the failed series %s (%d file(s), %.1f MB): it failed %s, more than %g day(s) ago "
-            "(--keep-failed-days)",
+            "(--keep-failed-days)%s; its instances are remembered %g day(s) in %s",
             folder,
             files,
             size / 2**20,
             _when(failed_at),
             self.config.keep_failed_days,
+            retry,
+            self.config.remember_forwarded_days,
+            self._record_path(series_uid, FAILED_RECORD),
         )
+
+    def _record_failed(self, series_uid: str, folder: Path, failed_at: float) -> None:
+        """Remember a failed series' instances before its folder is deleted, with those of its
+        batches deleted before: late instances of it still fail (``_earlier_batches``). Kept
+        ``remember_forwarded_days`` as a forwarded series' record. Call with the lock held."""
+        before = self._series_record(series_uid, FAILED_RECORD) or {}
+        record = {
+            "series": series_uid,
+            "failed_at": max(failed_at, float(before.get("failed_at", 0))),
+            "deleted_at": time.time(),
+            "instances": sorted(set(before.get("instances", ())) | _instances_of(folder)),
+        }
+        _write_durably(self._record_path(series_uid, FAILED_RECORD), json.dumps(record), self.dirs["tmp"])
 
     def _log_failed(self) -> None:
         """One line: how many failed series the spool holds, their size, and how long they are kept."""
@@ -1070,8 +1151,11 @@ class DenoisingNode:
         threading.Thread(target=resubmit, name="retry", daemon=True).start()
 
     def _fail_job(self, job: Path, out: Path, reason: str, received: int, senders: str, start: float) -> None:
+        """Fail a queued series; it moves from ``ready/`` to ``failed/`` under the lock, so the
+        quiet-period check sees it in one of the two (``_earlier_batches``)."""
         shutil.rmtree(out, ignore_errors=True)
-        self._fail(job, job.name, reason, received=received, senders=senders, start=start)
+        with self._lock:
+            self._fail(job, job.name, reason, received=received, senders=senders, start=start)
 
     def _fail(
         self,
