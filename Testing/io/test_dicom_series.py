@@ -7,6 +7,7 @@ slices.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import threading
@@ -214,10 +215,8 @@ def without_blocking(read: Callable[[], object], pipes: list[Path], seconds: flo
     thread.join(seconds)
     if thread.is_alive():
         for pipe in pipes:
-            try:
+            with contextlib.suppress(OSError):  # no reader holds this one
                 os.close(os.open(pipe, os.O_WRONLY | os.O_NONBLOCK))
-            except OSError:  # no reader holds this one
-                pass
         thread.join(10)
         pytest.fail(f"reading blocked on a named pipe for {seconds:g} s")
     if "error" in outcome:
