@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import aiohttp
@@ -317,6 +318,68 @@ def test_a_cached_pacs_copy_of_another_series_is_fetched_again(orthanc, tmp_path
     assert {str(pydicom.dcmread(f).SeriesInstanceUID) for f in folder.glob("*.dcm")} == {match.series_uid}
 
 
+@contextlib.contextmanager
+def trickling_dicomweb() -> Iterator[str]:
+    """A DICOMweb server on loopback (a real HTTP server, threads in this process) that answers any
+    GET with DICOM JSON one byte every 0.2 s for 30 s: each read gets something within any network
+    timeout, and the answer does not end in time; yields its base URL."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            self.send_response(200)
+            self.send_header("Content-Type", "application/dicom+json")
+            self.end_headers()
+            try:
+                self.wfile.write(b"[")
+                for _ in range(150):
+                    time.sleep(0.2)
+                    self.wfile.write(b" ")
+            except (BrokenPipeError, ConnectionResetError):  # the client hung up
+                pass
+
+        def log_message(self, *args) -> None:  # quiet
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/dicom-web"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_the_retrieve_time_limit_option_bounds_the_pages_retrieval(tmp_path: Path) -> None:
+    """``web --retrieve-max-minutes 0.05`` reaches the page's retrieve job: a real DICOMweb server on
+    loopback trickles its list of the series' images, and the job fails at 3 s, in one line naming
+    the limit and the option; nothing is kept. (Until 2026-12-07 the page had no such option: every
+    retrieval had 30 minutes, too few for a large series over a slow link.)"""
+    from pydicom.uid import generate_uid
+
+    from IPv2DenoiseLib.app.cli import build_parser
+    from IPv2DenoiseLib.app.commands.web import pacs_peer
+    from IPv2DenoiseLib.app.web.jobs import retrieve_work
+    from IPv2DenoiseLib.io.dicom_query import SeriesMatch
+
+    (tmp_path / "root").mkdir()
+    match = SeriesMatch(study_uid=generate_uid(), series_uid=generate_uid())
+    with trickling_dicomweb() as url:
+        peer = pacs_peer(build_parser().parse_args(["web", "--pacs", url, "--retrieve-max-minutes", "0.05"]))
+        assert peer is not None and peer.retrieve_max_seconds == pytest.approx(3.0)
+        runner = JobRunner()
+        started = time.monotonic()
+        runner.start("retrieve", retrieve_work(peer, match, tmp_path / "root" / "PACS" / match.series_uid))
+        snap = runner.wait(60)
+        took = time.monotonic() - started
+    assert snap.state == FAILED, snap
+    assert "stopped after 3 s, the time limit of one retrieval" in snap.error, snap.error
+    assert "raise the limit with ipv2-denoise web --retrieve-max-minutes M" in snap.error
+    assert 3 <= took < 3 + 3  # at the limit, not at the 30 s network timeout
+    assert list((tmp_path / "root" / "PACS").iterdir()) == []  # neither the series nor its staging
+    default = pacs_peer(build_parser().parse_args(["web", "--pacs", url]))
+    assert default is not None and default.retrieve_max_seconds is None  # io.dicom_query's 30 min
+
+
 def test_web_command_refuses_before_serving(tmp_path: Path, capsys) -> None:
     """Errors a user can make on the command line: one line, exit 2, no server started."""
     (tmp_path / "root").mkdir()
@@ -331,6 +394,24 @@ def test_web_command_refuses_before_serving(tmp_path: Path, capsys) -> None:
             "does not exist",
         ),
         (["--data-root", str(tmp_path / "root"), "--pacs", "nohost"], "--pacs: destination 'nohost'"),
+        *(
+            (
+                [
+                    "--data-root",
+                    str(tmp_path / "root"),
+                    "--pacs",
+                    "127.0.0.1:104:PACS",
+                    "--retrieve-max-minutes",
+                    bad,
+                ],
+                f"argument --retrieve-max-minutes: expected a positive number, got {shown}",
+            )
+            for bad, shown in (("0", "0.0"), ("-5", "-5.0"), ("nan", "nan"), ("soon", "'soon'"))
+        ),
+        (
+            ["--data-root", str(tmp_path / "root"), "--retrieve-max-minutes", "60"],
+            "--retrieve-max-minutes: there is no --pacs to retrieve from",
+        ),
         # an absolute INPUT that is a loop of links (a RuntimeError traceback before)
         ([str(tmp_path / "root" / "loop.nrrd"), "--data-root", str(tmp_path / "root")], "cannot follow it"),
     ]
@@ -352,7 +433,11 @@ def test_web_command_refuses_before_serving(tmp_path: Path, capsys) -> None:
             ),
         ]
         for args, expected in cases:
-            assert cli_main(["web", *args]) == 2, args
+            try:
+                code = cli_main(["web", *args])
+            except SystemExit as exc:  # argparse refused an option's value
+                code = exc.code
+            assert code == 2, args
             lines = capsys.readouterr().err.strip().splitlines()
             assert len(lines) == 1 and lines[0].startswith("ipv2-denoise web: error: "), lines
             assert expected.lower() in lines[0].lower(), lines[0]

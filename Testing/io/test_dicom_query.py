@@ -2,27 +2,36 @@
 (C-FIND + C-GET) and DICOMweb (QIDO-RS + WADO-RS), and against a hostile PACS (a real pynetdicom
 peer in this process) that answers a C-GET with another series, an image twice or one it did not
 list, or too slowly, and hostile DICOMweb servers (real HTTP servers on loopback in this process)
-that answer with too much or trickle their answer; a search is cancelled against such peers (a
-pynetdicom C-FIND peer and a QIDO-RS server) that record what they were asked."""
+that answer with too much or trickle their answer (over HTTPS too); a search is cancelled against
+such peers (a pynetdicom C-FIND peer and a QIDO-RS server) that record what they were asked. A
+second real Orthanc caps its C-FIND answers (``LimitFindInstances``), as a hospital PACS may."""
 
 from __future__ import annotations
 
+import datetime
 import gzip
 import io
+import ipaddress
 import json
+import logging
 import re
+import shutil
+import ssl
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
+import requests
 from conftest import write_ct_series
-from orthanc_server import free_port
+from orthanc_server import Orthanc, free_port, start_orthanc
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE, evt
@@ -173,14 +182,26 @@ def test_an_unreachable_pacs_is_one_line(tmp_path) -> None:
 
 @contextmanager
 def hostile_pacs(
-    *instances: pydicom.Dataset, listed: list[str] | None = None, pause_s: float = 0.0
+    *instances: pydicom.Dataset,
+    listed: list[str] | None = None,
+    pause_s: float = 0.0,
+    series_count: int | None = None,
+    cut_short: bool = False,
 ) -> Iterator[DicomNode]:
     """A real pynetdicom peer (AE ``HOSTILE``, in this process) that answers any C-GET with ``instances``
     (waiting ``pause_s`` before each), and a C-FIND at IMAGE level with ``listed`` (by default, as a
-    PACS lists them: the SOPInstanceUIDs of those of ``instances`` in the series asked about)."""
+    PACS lists them: the SOPInstanceUIDs of those of ``instances`` in the series asked about), ended
+    with 0xFE00 if ``cut_short`` (as a PACS capping its answers does). At SERIES level it says the
+    series has ``series_count`` instances; without one, it answers as at IMAGE level (no count)."""
 
     def on_find(event):
         series = str(event.identifier.SeriesInstanceUID)
+        if event.identifier.QueryRetrieveLevel == "SERIES" and series_count is not None:
+            match = Dataset()
+            match.QueryRetrieveLevel, match.SeriesInstanceUID = "SERIES", series
+            match.NumberOfSeriesRelatedInstances = series_count
+            yield 0xFF00, match
+            return
         uids = (
             listed
             if listed is not None
@@ -190,6 +211,8 @@ def hostile_pacs(
             match = Dataset()
             match.QueryRetrieveLevel, match.SOPInstanceUID = "IMAGE", uid
             yield 0xFF00, match
+        if cut_short:
+            yield 0xFE00, None
 
     def on_get(event):
         yield len(instances)  # sub-operations to come
@@ -282,7 +305,9 @@ def test_a_pacs_that_sends_other_images_than_it_listed_is_refused(tmp_path, mode
     sent = {"twice": [*ours[:2], ours[0]], "unlisted": [*ours[:2], stranger], "short": ours[:2]}[mode]
     why = {
         "twice": f"the PACS sent instance {first} twice",
-        "unlisted": f"the PACS sent instance {stranger.SOPInstanceUID}, which the series' list of instances does not name",
+        "unlisted": f"the PACS sent instance {stranger.SOPInstanceUID}, which the series' list of"
+        " instances does not name (if the PACS caps its C-FIND answers, lift the cap: on Orthanc"
+        " LimitFindInstances = 0)",
         "short": "1 of the 3 instances the series' list names did not come",
     }[mode]
     with hostile_pacs(*sent, listed=[str(ds.SOPInstanceUID) for ds in ours]) as pacs:
@@ -292,11 +317,152 @@ def test_a_pacs_that_sends_other_images_than_it_listed_is_refused(tmp_path, mode
     assert not (tmp_path / "got").exists() and not (tmp_path / STAGING_DIR).exists()
 
 
+#: Matches a C-FIND at IMAGE level answers at most on the capped Orthanc (LimitFindInstances).
+FIND_CAP = 3
+
+
+@pytest.fixture(scope="module")
+def capped_orthanc(tmp_path_factory) -> Iterator[tuple[Orthanc, list[Path]]]:
+    """A second real Orthanc whose lists of a series' instances (C-FIND at IMAGE level, and its
+    QIDO-RS) stop after :data:`FIND_CAP` matches (``LimitFindInstances``, as a hospital PACS may be
+    configured), holding one 6-slice CT series; yields it and the series' files.
+
+    ``start_orthanc`` writes the test configuration; Orthanc is then started again on it with the cap.
+    """
+    folder = tmp_path_factory.mktemp("capped-orthanc")
+    pacs = start_orthanc(folder)
+    pacs.stop()
+    config_path = folder / "orthanc.json"
+    config = {**json.loads(config_path.read_text()), "LimitFindInstances": FIND_CAP}
+    config_path.write_text(json.dumps(config, indent=2))
+    with open(folder / "orthanc.log", "a") as log:
+        pacs.process = subprocess.Popen(
+            [shutil.which("Orthanc") or "Orthanc", str(config_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=folder,
+        )
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            pacs.get("/system")
+            break
+        except requests.RequestException:
+            if pacs.process.poll() is not None or time.monotonic() > deadline:
+                pacs.stop()
+                pytest.fail(f"the capped Orthanc did not start; see {folder / 'orthanc.log'}")
+            time.sleep(0.1)
+    try:
+        files = write_ct_series(folder / "ct6", 6)
+        send(files, parse_node(pacs.node)).raise_for_failures()
+        yield pacs, files
+    finally:
+        pacs.stop()
+
+
+def test_a_series_past_the_pacs_listing_cap_is_retrieved_whole_by_its_count(
+    capped_orthanc, tmp_path, caplog
+) -> None:
+    """A real Orthanc answers a C-FIND at IMAGE level with 3 matches at most (``LimitFindInstances``),
+    then 0xFE00. Until 2026-12-07 the retrieval of its 6-slice series was refused ("C-FIND …
+    refused: status 0xFE00"; a PACS capping without saying so had its C-GET refused as sending
+    images its list did not name): no series past the cap could be opened. Now the list is taken as
+    partial, the series' own count (6, by a C-FIND at SERIES level) is held instead, one warning
+    says so, and the series comes whole."""
+    pacs, files = capped_orthanc
+    first = pydicom.dcmread(files[0])
+    with caplog.at_level(logging.WARNING, logger="IPv2DenoiseLib.io.dicom_query"):
+        got = retrieve_series(
+            parse_node(pacs.node), str(first.StudyInstanceUID), str(first.SeriesInstanceUID), tmp_path / "got"
+        )
+    sop_uids = sorted(str(pydicom.dcmread(f).SOPInstanceUID) for f in files)
+    assert sorted(str(pydicom.dcmread(f).SOPInstanceUID) for f in got) == sop_uids
+    assert read_volume(tmp_path / "got").shape == (6, 128, 128)
+    (warning,) = [r for r in caplog.records if r.name == "IPv2DenoiseLib.io.dicom_query"]
+    assert warning.levelno == logging.WARNING and "\n" not in warning.getMessage()
+    assert f"capped its C-FIND list of series {first.SeriesInstanceUID} at 3 of the series' 6 instances" in (
+        warning.getMessage()
+    )
+
+
+def test_a_dicomweb_list_capped_short_of_the_series_is_refused(capped_orthanc, tmp_path) -> None:
+    """The same capped Orthanc over DICOMweb: its QIDO-RS list names 4 of the 6 instances and does
+    not say it left any out (no Warning 299). Until 2026-12-07 those 4 were fetched and kept, a
+    shortened series opened as the whole. The series' own count (QIDO-RS at SERIES level) now shows
+    the list short; WADO-RS can fetch only the instances it names, so the retrieval is refused in
+    one line naming the cap, and nothing is kept."""
+    pacs, files = capped_orthanc
+    first = pydicom.dcmread(files[0])
+    with pytest.raises(
+        UserError,
+        match=r"refused, the instance list names \d of the series' 6 instances \(the server caps its"
+        r" answers; on Orthanc: LimitFindInstances = 0\)",
+    ):
+        retrieve_series(
+            pacs.dicomweb_url, str(first.StudyInstanceUID), str(first.SeriesInstanceUID), tmp_path / "got"
+        )
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "mode", ["twice", "another series", "past the count", "short", "a listed one missing"]
+)
+def test_a_pacs_whose_list_is_capped_is_held_to_the_series_count(tmp_path, mode) -> None:
+    """A real pynetdicom peer lists 2 of a series' 4 images (its C-FIND capped: it ends 0xFE00) and
+    says at SERIES level that the series has 4, then answers the C-GET with one image twice, one of
+    another series, 5 images of the series, 3 of them, or 4 of the series without a listed one. The
+    list being partial, images it does not name are taken, but each of these is refused in one
+    line, and nothing is kept (all 4 once:
+    ``test_a_series_past_the_pacs_listing_cap_is_retrieved_whole_by_its_count``)."""
+    ours = [pydicom.dcmread(f) for f in write_ct_series(tmp_path / "ours", 5)]  # the 5th: past the count
+    other = pydicom.dcmread(write_ct_series(tmp_path / "other", 1, series_number=7)[0])
+    study, series = str(ours[0].StudyInstanceUID), str(ours[0].SeriesInstanceUID)
+    sent = {
+        "twice": [*ours[:3], ours[2]],
+        "another series": [*ours[:3], other],
+        "past the count": ours,
+        "short": ours[:3],
+        "a listed one missing": [ours[0], *ours[2:]],
+    }[mode]
+    why = {
+        "twice": f"the PACS sent instance {ours[2].SOPInstanceUID} twice",
+        "another series": f"the PACS sent an instance of another series ({other.SeriesInstanceUID})",
+        "past the count": "the PACS sent more than the series' 4 instances",
+        "short": "3 of the series' 4 instances came (its capped list named 2)",
+        "a listed one missing": "1 of the 2 instances the series' list names did not come",
+    }[mode]
+    listed = [str(ds.SOPInstanceUID) for ds in ours[:2]]
+    with hostile_pacs(*sent, listed=listed, series_count=4, cut_short=True) as pacs:
+        with pytest.raises(UserError) as refused:
+            retrieve_series(pacs, study, series, tmp_path / "got", timeout=5)
+    assert str(refused.value) == f"retrieving series {series} from {pacs}: refused, {why}"  # one line
+    assert not (tmp_path / "got").exists() and not (tmp_path / STAGING_DIR).exists()
+
+
+def test_a_capped_list_without_a_count_is_refused_naming_the_cap(tmp_path) -> None:
+    """A real pynetdicom peer cuts its list of a series' images short (2 of 3, then 0xFE00) and says
+    no count at SERIES level: nothing tells the images it left out from a stranger's, so the
+    retrieval is refused before any image comes, in one line saying the PACS capped its answer and
+    how to lift the cap. (Until 2026-12-07: "C-FIND … refused: status 0xFE00 (does the PACS allow
+    queries from our calling AE title?)", the wrong lead.)"""
+    ours = [pydicom.dcmread(f) for f in write_ct_series(tmp_path / "ours", 3)]
+    study, series = str(ours[0].StudyInstanceUID), str(ours[0].SeriesInstanceUID)
+    with hostile_pacs(*ours, listed=[str(ds.SOPInstanceUID) for ds in ours[:2]], cut_short=True) as pacs:
+        with pytest.raises(UserError) as refused:
+            retrieve_series(pacs, study, series, tmp_path / "got", timeout=5)
+    assert str(refused.value) == (
+        f"retrieving series {series} from {pacs}: refused, the PACS cut its list of the series' instances"
+        " short after 2 (it caps its C-FIND answers) and gave no count of the series' instances to check"
+        " the rest against; lift the cap (on Orthanc: LimitFindInstances = 0)"
+    )
+    assert not (tmp_path / "got").exists() and not (tmp_path / STAGING_DIR).exists()
+
+
 #: The one line of a retrieval stopped at a 2 s limit.
 TIME_LIMIT_MESSAGE = (
     r"^retrieving series [0-9.]+ from \S+: stopped after 2 s, the time limit of one retrieval .*; nothing was"
-    r" kept; raise the limit with retrieve_series\(max_seconds=…\) \(default 1800 s,"
-    r" io\.dicom_query\.MAX_RETRIEVE_SECONDS\)$"
+    r" kept; raise the limit with ipv2-denoise web --retrieve-max-minutes M, or"
+    r" retrieve_series\(max_seconds=…\) \(default 1800 s, io\.dicom_query\.MAX_RETRIEVE_SECONDS\)$"
 )
 
 
@@ -375,10 +541,12 @@ def instance_bytes(ds: pydicom.Dataset) -> bytes:
 
 
 @contextmanager
-def fake_dicomweb(answer: Callable[[str], Answer]) -> Iterator[FakeDicomweb]:
+def fake_dicomweb(
+    answer: Callable[[str], Answer], tls: ssl.SSLContext | None = None
+) -> Iterator[FakeDicomweb]:
     """Answers every GET with ``answer(path)`` (the path with its query); a body is written piece
     by piece, over a connection closed after each answer. An answer of status ``RAW`` is sent as
-    its body alone: the pieces are the status line and headers as well."""
+    its body alone: the pieces are the status line and headers as well. With ``tls``, over HTTPS."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 (http.server's name)
@@ -394,7 +562,7 @@ def fake_dicomweb(answer: Callable[[str], Answer]) -> Iterator[FakeDicomweb]:
                 for piece in body:
                     self.wfile.write(piece)
                     sent += len(piece)
-            except (BrokenPipeError, ConnectionResetError):  # the client hung up
+            except (BrokenPipeError, ConnectionResetError, ssl.SSLError):  # the client hung up
                 pass
             record.sent.append(sent)
 
@@ -402,7 +570,10 @@ def fake_dicomweb(answer: Callable[[str], Answer]) -> Iterator[FakeDicomweb]:
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-    record = FakeDicomweb(f"http://127.0.0.1:{server.server_address[1]}/dicom-web")
+    if tls is not None:  # the handshake in each answer's thread, not in the accepting one
+        server.socket = tls.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
+    scheme = "https" if tls is not None else "http"
+    record = FakeDicomweb(f"{scheme}://127.0.0.1:{server.server_address[1]}/dicom-web")
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         yield record
@@ -411,16 +582,29 @@ def fake_dicomweb(answer: Callable[[str], Answer]) -> Iterator[FakeDicomweb]:
         server.server_close()
 
 
+#: A QIDO-RS answer with no match (HTTP 204): a series search that says no count of instances.
+NO_MATCH: Answer = (204, {"Content-Length": "0"}, [])
+
+
 @contextmanager
-def dicomweb_server(listed: Answer, instance: Callable[[str], Answer]) -> Iterator[FakeDicomweb]:
-    """Answers a QIDO-RS instance search (a path ending ``/instances``) with ``listed`` and any other
-    GET (WADO-RS: an instance, or the whole series as the code until 2026-12-07 asked) with
-    ``instance(path)``."""
+def dicomweb_server(
+    listed: Answer,
+    instance: Callable[[str], Answer],
+    series: Answer = NO_MATCH,
+    tls: ssl.SSLContext | None = None,
+) -> Iterator[FakeDicomweb]:
+    """Answers a QIDO-RS instance search (a path ending ``/instances``) with ``listed``, a series
+    search (``/series``: the series' count of instances) with ``series``, and any other GET
+    (WADO-RS: an instance, or the whole series as the code until 2026-12-07 asked) with
+    ``instance(path)``; with ``tls``, over HTTPS."""
 
     def answer(path: str) -> Answer:
-        return listed if path.split("?")[0].endswith("/instances") else instance(path)
+        route = path.split("?")[0]
+        if route.endswith("/instances"):
+            return listed
+        return series if route.endswith("/series") else instance(path)
 
-    with fake_dicomweb(answer) as record:
+    with fake_dicomweb(answer, tls) as record:
         yield record
 
 
@@ -781,13 +965,76 @@ def trickle(head: bytes, seconds: float) -> Iterator[bytes]:
         yield b"x"
 
 
+@pytest.fixture(scope="module")
+def tls_server(tmp_path_factory) -> tuple[ssl.SSLContext, Path]:
+    """A TLS context for a server on 127.0.0.1 and the PEM file of its self-signed certificate (made
+    with ``cryptography``; a client trusts it as a hospital's own CA)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ipv2-denoise test DICOMweb server")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    usage = {
+        k: False for k in ("content_commitment", "key_encipherment", "data_encipherment", "key_agreement")
+    }
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+                **usage,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    folder = tmp_path_factory.mktemp("tls")
+    cert_file, key_file = folder / "server.pem", folder / "server.key"
+    cert_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert_file, key_file)
+    return context, cert_file
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
 @pytest.mark.parametrize("where", ["body", "headers"])
-def test_a_wado_server_that_trickles_its_answer_is_hung_up_on_at_the_time_limit(tmp_path, where) -> None:
+def test_a_wado_server_that_trickles_its_answer_is_hung_up_on_at_the_time_limit(
+    tmp_path, where, scheme, request, monkeypatch
+) -> None:
     """A DICOMweb server answers an instance with one byte every 0.2 s, in its body or before its
     headers end: every read gets something within the 5 s timeout, so until 2026-12-07 one such
     answer held the retrieval (and the web page's one job) as long as the server liked. Against a
     2 s limit the connection is hung up there, wherever the answer is, and the retrieval fails in
-    one line naming the limit and how to raise it; nothing is kept."""
+    one line naming the limit and how to raise it; nothing is kept. Over HTTPS too (a TLS socket is
+    hung up below its TLS layer), the server's certificate trusted as requests trusts a hospital's
+    own CA: ``REQUESTS_CA_BUNDLE``."""
+    tls = None
+    if scheme == "https":
+        tls, certificate = request.getfixturevalue("tls_server")
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(certificate))
     ds = pydicom.dcmread(write_ct_series(tmp_path / "theirs", 1)[0])
     slow_for_s = 30.0
     answer = {
@@ -795,7 +1042,8 @@ def test_a_wado_server_that_trickles_its_answer_is_hung_up_on_at_the_time_limit(
         "headers": (RAW, {}, trickle(b"HTTP/1.1 200 OK\r\nContent-Type: " + MULTIPART.encode(), slow_for_s)),
     }[where]
     listed = whole("application/dicom+json", listing(str(ds.SOPInstanceUID)))
-    with dicomweb_server(listed, lambda path: answer) as pacs:
+    with dicomweb_server(listed, lambda path: answer, tls=tls) as pacs:
+        assert pacs.url.startswith(f"{scheme}://")
         started = time.monotonic()
         with pytest.raises(UserError, match=TIME_LIMIT_MESSAGE):
             retrieve_series(
@@ -807,5 +1055,19 @@ def test_a_wado_server_that_trickles_its_answer_is_hung_up_on_at_the_time_limit(
                 max_seconds=2,
             )
         assert time.monotonic() - started < 2 + 2  # at the limit, not at a read timeout
-        assert len(pacs.settled(timeout=5)) == 2  # the server saw the hang-up: its answer ended early
+        # the list, the series' count, the instance: the server saw the hang-up, its answer ended early
+        assert len(pacs.settled(timeout=5)) == 3
     assert not (tmp_path / "got").exists() and not (tmp_path / STAGING_DIR).exists()
+
+
+def test_a_wado_server_whose_certificate_is_not_trusted_is_refused(tls_server, tmp_path, monkeypatch) -> None:
+    """The same HTTPS server with its certificate trusted by nobody: the retrieval verifies it and
+    stops in one line (the trust of the test above is the CA bundle, not a check left out)."""
+    tls, _ = tls_server
+    for name in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):
+        monkeypatch.delenv(name, raising=False)
+    listed = whole("application/dicom+json", listing(generate_uid()))
+    with dicomweb_server(listed, lambda path: NO_MATCH, tls=tls) as pacs:
+        with pytest.raises(DestinationUnavailable, match=rf"^cannot reach {re.escape(pacs.url)}: SSLError$"):
+            retrieve_series(pacs.url, generate_uid(), generate_uid(), tmp_path / "got", timeout=5)
+    assert list(tmp_path.iterdir()) == []

@@ -9,7 +9,10 @@ new folder, written atomically, so a cancelled or failed retrieval leaves nothin
 Everything the PACS sends is hostile until checked: the UIDs we ask with are validated, every
 received instance must be a CT image of the series we asked for, named by the series' list of
 instances (C-FIND at IMAGE level, or QIDO-RS) and not received already, and under the size cap,
-and file names are a counter, never a tag value. An instance over the cap is cut off while it
+and file names are a counter, never a tag value. A list shorter than the series' own count
+(NumberOfSeriesRelatedInstances: a PACS that caps its C-FIND answers) is partial: over C-GET the
+count is held instead (:meth:`_Receiver.take_count`), over WADO-RS, which fetches only what the
+list names, the retrieval is refused. An instance over the cap is cut off while it
 arrives: C-GET aborts the association, and WADO-RS fetches instance by instance (as QIDO-RS lists
 them, at most ``max_instances``), reading each answer in pieces and closing it once past the cap.
 Every DICOMweb answer, the QIDO-RS searches of :func:`find_series` too (capped at
@@ -27,6 +30,7 @@ DICOM PS3.4 C.4.1 (C-FIND), C.4.3 (C-GET) and C.6.2 (Study Root information mode
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import socket
@@ -85,6 +89,8 @@ __all__ = [
     "retrieve_series",
 ]
 
+log = logging.getLogger(__name__)
+
 #: Studies asked about per search, and series listed at most (a broad search must not stall the page).
 MAX_MATCHES = 200
 #: Size of one QIDO-RS search answer accepted at most, MB: 200 rows of the fields asked for are tens
@@ -99,8 +105,12 @@ MAX_INSTANCE_MB = 64.0
 MAX_RETRIEVE_SECONDS = 1800.0
 #: The storage classes a retrieval accepts: what the reader turns into a CT volume.
 CT_STORAGE_CLASSES = (CTImageStorage, EnhancedCTImageStorage)
-#: C-FIND / C-GET statuses: pending, and "Cancel"; C-STORE statuses we answer the PACS with.
+#: C-FIND / C-GET statuses: pending.
 _PENDING = (0xFF00, 0xFF01)
+#: The C-FIND status "matching terminated due to cancel": a PACS that caps its answers (Orthanc's
+#: ``LimitFindInstances``) ends a longer list with it, though we asked for no cancel.
+_CUT_SHORT = 0xFE00
+#: C-STORE statuses we answer the PACS with.
 _STORE_OK, _STORE_REFUSED_OUT_OF_RESOURCES, _STORE_NOT_OURS = 0x0000, 0xA700, 0xC000
 #: Characters PS3.4 C.2.2.2.4 gives a wildcard meaning in a C-FIND key.
 _WILDCARDS = set("*?")
@@ -405,6 +415,38 @@ def _c_find(
     cancel: CancelToken | None,
     deadline: _Deadline | None = None,
 ) -> list[dict[str, str]]:
+    """The first ``limit`` matches of one C-FIND; an answer the PACS cut short is refused."""
+    rows, cut_short = _c_find_matches(
+        node,
+        identifier,
+        fields,
+        calling_aet=calling_aet,
+        timeout=timeout,
+        limit=limit,
+        cancel=cancel,
+        deadline=deadline,
+    )
+    if cut_short:
+        raise UserError(
+            f"C-FIND on {node} refused: status 0x{_CUT_SHORT:04X}"
+            " (does the PACS allow queries from our calling AE title?)"
+        )
+    return rows
+
+
+def _c_find_matches(
+    node: DicomNode,
+    identifier: Dataset,
+    fields: Iterable[str],
+    *,
+    calling_aet: str,
+    timeout: float,
+    limit: int,
+    cancel: CancelToken | None,
+    deadline: _Deadline | None = None,
+) -> tuple[list[dict[str, str]], bool]:
+    """The first ``limit`` matches of one C-FIND, and whether the PACS cut its answer short (it ended
+    with 0xFE00 though we asked for no cancel: Orthanc does so past its ``LimitFindInstances``)."""
     check_reachable(node, timeout)
     ae = make_ae(calling_aet, timeout)
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
@@ -412,6 +454,7 @@ def _c_find(
     if deadline is not None:  # a retrieval's listing: aborted when its time is up
         deadline.on_expiry(_aborter(assoc))
     rows: list[dict[str, str]] = []
+    cut_short = False
     try:
         for status, found in assoc.send_c_find(identifier, StudyRootQueryRetrieveInformationModelFind):
             code = getattr(status, "Status", None)
@@ -423,6 +466,8 @@ def _c_find(
                 rows.append({k: _text(found, k) for k in fields})
                 if len(rows) >= limit:
                     break
+            elif code == _CUT_SHORT:
+                cut_short = True
             elif code not in _PENDING and code != 0x0000:
                 raise UserError(
                     f"C-FIND on {node} refused: status 0x{code:04X}"
@@ -434,7 +479,7 @@ def _c_find(
     finally:
         if assoc.is_established:
             assoc.release()
-    return rows
+    return rows, cut_short
 
 
 def _qido(
@@ -489,7 +534,11 @@ class _Receiver:
     ``listed`` holds the SOPInstanceUIDs the series' list of instances names (C-FIND at IMAGE level,
     or QIDO-RS), set by :meth:`expect` before any image comes: an instance it does not name, or one
     already received, is refused (a series with one slice twice and another missing has the right
-    count). After the first refusal nothing more is written: the retrieval is lost.
+    count). A PACS that caps its C-FIND answers lists only part of a larger series: when the series'
+    own count says so (:meth:`take_count`), the list is partial, an instance of the series it does
+    not name is taken too, and the count is held instead: no instance twice, none past the count,
+    and at the end exactly the count, every listed one among them. After the first refusal nothing
+    more is written: the retrieval is lost.
     """
 
     def __init__(self, folder: Path, series_uid: str, max_instances: int, max_bytes: int) -> None:
@@ -499,6 +548,10 @@ class _Receiver:
         self.refusals: list[str] = []
         self.listed: set[str] = set()
         self.received: set[str] = set()
+        #: The series' own count of instances (NumberOfSeriesRelatedInstances), None when unknown.
+        self.series_count: int | None = None
+        #: The list names fewer instances than the series' count: it was capped.
+        self.partial = False
 
     def refuse(self, reason: str, status: int) -> int:
         if reason not in self.refusals:
@@ -523,6 +576,18 @@ class _Receiver:
         self.listed = set(listed)
         return list(listed)
 
+    def take_count(self, count: int | None) -> bool:
+        """Take the series' own count of instances (None: the PACS gave none); True when it shows
+        the list to be partial (more than it names).
+
+        Raises ``_Refused`` for a count over ``max_instances`` (before any image is asked for).
+        """
+        self.series_count = count
+        self.partial = count is not None and count > len(self.listed)
+        if self.partial and count > self.max_instances:
+            raise _Refused(f"more than {self.max_instances} instances (the series has {count})")
+        return self.partial
+
     def unexpected(self, dataset: Dataset, asked: str | None) -> str | None:
         """Why an instance is not one this retrieval waits for (None when it is): not the very one
         ``asked`` for (WADO-RS asks for each), one received already, or one the list does not name."""
@@ -532,8 +597,14 @@ class _Receiver:
             return f"asked for instance {asked}, the server sent {named}"
         if sent in self.received:
             return f"the PACS sent instance {named} twice"
-        if sent not in self.listed:
-            return f"the PACS sent instance {named}, which the series' list of instances does not name"
+        if sent not in self.listed and not self.partial:
+            why = f"the PACS sent instance {named}, which the series' list of instances does not name"
+            # without a count, nothing tells a stranger from an instance that a capped list left out
+            if self.series_count is None:
+                why += (
+                    " (if the PACS caps its C-FIND answers, lift the cap: on Orthanc LimitFindInstances = 0)"
+                )
+            return why
         return None
 
     def store(
@@ -550,7 +621,7 @@ class _Receiver:
             )
         if len(self.written) >= self.max_instances:
             return self.refuse(f"more than {self.max_instances} instances", _STORE_REFUSED_OUT_OF_RESOURCES)
-        series = str(dataset.get("SeriesInstanceUID", "")).strip().rstrip("\x00")
+        series = _series_uid(dataset)
         if series != self.series_uid:
             return self.refuse(
                 f"the PACS sent an instance of another series ({printable_line(series)})", _STORE_NOT_OURS
@@ -562,6 +633,10 @@ class _Receiver:
             )
         if why := self.unexpected(dataset, asked):
             return self.refuse(why, _STORE_NOT_OURS)
+        if self.partial and self.series_count is not None and len(self.written) >= self.series_count:
+            return self.refuse(
+                f"the PACS sent more than the series' {self.series_count} instances", _STORE_NOT_OURS
+            )
         path = self.folder / f"{len(self.written) + 1:05d}.dcm"  # a counter, never a tag value
         dataset.file_meta = file_meta or FileMetaDataset()
         dataset.file_meta.setdefault("ImplementationClassUID", PYDICOM_IMPLEMENTATION_UID)
@@ -571,18 +646,31 @@ class _Receiver:
         return _STORE_OK
 
     def refuse_missing(self) -> None:
-        """Once the PACS says it is done: refuse the retrieval if listed instances did not come (a
-        shortened series is not kept; when none came, the caller says the PACS sent nothing)."""
+        """Once the PACS says it is done: refuse the retrieval if listed instances did not come, or,
+        after a partial list, fewer than the series' count (a shortened series is not kept; when none
+        came, the caller says the PACS sent nothing)."""
+        if not self.written or self.refusals:
+            return
         missing = len(self.listed - self.received)
-        if missing and self.written and not self.refusals:
+        if missing:
             self.refusals.append(
                 f"{missing} of the {len(self.listed)} instances the series' list names did not come"
+            )
+        elif self.partial and self.series_count is not None and len(self.received) < self.series_count:
+            self.refusals.append(
+                f"{len(self.received)} of the series' {self.series_count} instances came"
+                f" (its capped list named {len(self.listed)})"
             )
 
 
 def _sop_uid(dataset: Dataset) -> str:
     """The instance's SOPInstanceUID as sent (less NUL padding); empty when it has none."""
     return str(dataset.get("SOPInstanceUID", "")).strip().rstrip("\x00")
+
+
+def _series_uid(dataset: Dataset) -> str:
+    """The SeriesInstanceUID as sent (less NUL padding); empty when there is none."""
+    return str(dataset.get("SeriesInstanceUID", "")).strip().rstrip("\x00")
 
 
 class _Deadline:
@@ -699,6 +787,23 @@ class _HangUpAdapter(HTTPAdapter):
         return type(pool.__name__, (pool,), {"ConnectionCls": WatchedConnection})
 
 
+@dataclass(frozen=True)
+class _Retrieval:
+    """One C-GET retrieval: the PACS, the series, where its instances go and what bounds it; the
+    steps that list and fetch the series (:func:`_c_get`, :func:`_c_find_instances`,
+    :func:`_c_find_series_count`) take it whole."""
+
+    node: DicomNode
+    study_uid: str
+    series_uid: str
+    receiver: _Receiver
+    calling_aet: str
+    timeout: float
+    cancel: CancelToken | None
+    deadline: _Deadline
+    progress: ProgressCallback | None = None
+
+
 def retrieve_series(
     peer: DicomNode | str,
     study_uid: str,
@@ -756,8 +861,10 @@ def retrieve_series(
     UserError
         Malformed UIDs or ``max_seconds``, the PACS refused the retrieval or sent nothing, or sent
         what is not this CT series (named: another series, an instance twice or one its list of
-        the series' instances does not name), or the retrieval took longer than ``max_seconds``;
-        ``Cancelled`` when ``cancel`` fired.
+        the series' instances does not name, or, after a list capped short of the series' count,
+        other than that count), or capped its list with no count to check against (C-GET) or at
+        all (WADO-RS), or the retrieval took longer than ``max_seconds``; ``Cancelled`` when
+        ``cancel`` fired.
     DestinationUnavailable
         The PACS cannot be reached or refuses the association.
     """
@@ -773,15 +880,17 @@ def retrieve_series(
         try:
             if isinstance(peer, DicomNode):
                 _c_get(
-                    peer,
-                    study_uid,
-                    series_uid,
-                    receiver,
-                    calling_aet=calling_aet,
-                    timeout=timeout,
-                    progress=progress,
-                    cancel=cancel,
-                    deadline=deadline,
+                    _Retrieval(
+                        peer,
+                        study_uid,
+                        series_uid,
+                        receiver,
+                        calling_aet=calling_aet,
+                        timeout=timeout,
+                        cancel=cancel,
+                        deadline=deadline,
+                        progress=progress,
+                    )
                 )
             else:
                 _wado(
@@ -813,38 +922,32 @@ def retrieve_series(
 
 
 def _past_deadline(series_uid: str, peer: DicomNode | str, deadline: _Deadline) -> str:
-    """The one line of a retrieval stopped at its time limit: the limit, and how to raise it."""
+    """The one line of a retrieval stopped at its time limit: the limit, and how to raise it (the web
+    server's option, the API)."""
     return (
         f"retrieving series {series_uid} from {peer}: stopped after {deadline.seconds:g} s, the time limit"
         " of one retrieval (is the PACS that slow, or the series that large?); nothing was kept; raise"
-        f" the limit with retrieve_series(max_seconds=…) (default {MAX_RETRIEVE_SECONDS:g} s,"
-        " io.dicom_query.MAX_RETRIEVE_SECONDS)"
+        " the limit with ipv2-denoise web --retrieve-max-minutes M, or retrieve_series(max_seconds=…)"
+        f" (default {MAX_RETRIEVE_SECONDS:g} s, io.dicom_query.MAX_RETRIEVE_SECONDS)"
     )
 
 
-def _c_get(
-    node: DicomNode,
-    study_uid: str,
-    series_uid: str,
-    receiver: _Receiver,
-    *,
-    calling_aet: str,
-    timeout: float,
-    progress: ProgressCallback | None,
-    cancel: CancelToken | None,
-    deadline: _Deadline,
-) -> None:
-    """C-FIND lists the series' instances (IMAGE level), then one C-GET at SERIES level brings them.
+def _c_get(retrieval: _Retrieval) -> None:
+    """C-FIND lists the series' instances (IMAGE level) and counts them (SERIES level), then one
+    C-GET at SERIES level brings them.
 
     Each instance that comes must be one the list names, and come once (:meth:`_Receiver.store`,
-    the check WADO-RS makes too); one listed but never sent is refused at the end. A refusal lands
-    in ``receiver.refusals`` (the caller says it, nothing is kept).
+    the check WADO-RS makes too); one listed but never sent is refused at the end. A list shorter
+    than the series' count (a PACS that caps its C-FIND answers) is taken as partial and the count
+    held instead (:meth:`_Receiver.take_count`). A refusal lands in ``receiver.refusals`` (the
+    caller says it, nothing is kept).
     """
-    listing = {"calling_aet": calling_aet, "timeout": timeout, "cancel": cancel, "deadline": deadline}
-    if not _c_find_instances(node, study_uid, series_uid, receiver, **listing):
+    node, receiver, timeout = retrieval.node, retrieval.receiver, retrieval.timeout
+    cancel, deadline, series_uid = retrieval.cancel, retrieval.deadline, retrieval.series_uid
+    if not _c_find_instances(retrieval):
         return
     check_reachable(node, timeout)
-    ae = make_ae(calling_aet, timeout)
+    ae = make_ae(retrieval.calling_aet, timeout)
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
     for sop_class in CT_STORAGE_CLASSES:
         ae.add_requested_context(sop_class, ACCEPTED_TRANSFER_SYNTAXES)
@@ -854,7 +957,7 @@ def _c_get(
     guard = ArrivingSizeGuard(receiver.max_bytes, receiver.refusals.append)
     assoc = associate(ae, node, ext_neg=roles, handlers=[(evt.EVT_C_STORE, on_store), *guard.handlers()])
     deadline.on_expiry(_aborter(assoc))
-    identifier = _identifier("SERIES", (), {"StudyInstanceUID": study_uid, "SeriesInstanceUID": series_uid})
+    identifier = _identifier("SERIES", (), _series_keys(retrieval))
     try:
         for status, _ in assoc.send_c_get(identifier, StudyRootQueryRetrieveInformationModelGet):
             code = getattr(status, "Status", None)
@@ -866,9 +969,9 @@ def _c_get(
                 raise DestinationUnavailable(f"C-GET from {node}: no answer within {timeout:g} s")
             if cancel is not None:
                 cancel.check()
-            if progress is not None and code in _PENDING:
+            if retrieval.progress is not None and code in _PENDING:
                 done, total = _sub_operations(status)
-                progress(done, total, f"retrieve: {done} of {total} images")
+                retrieval.progress(done, total, f"retrieve: {done} of {total} images")
             if code not in _PENDING and code not in (0x0000, 0xB000) and not receiver.refusals:
                 raise UserError(
                     f"C-GET of series {series_uid} from {node} failed: status 0x{code:04X}; the PACS may not"
@@ -896,39 +999,73 @@ def _store_handler(
     return on_store
 
 
-def _c_find_instances(
-    node: DicomNode,
-    study_uid: str,
-    series_uid: str,
-    receiver: _Receiver,
-    *,
-    calling_aet: str,
-    timeout: float,
-    cancel: CancelToken | None,
-    deadline: _Deadline,
-) -> bool:
+def _series_keys(retrieval: _Retrieval) -> dict[str, str]:
+    """The C-FIND / C-GET keys that name the retrieval's series."""
+    return {"StudyInstanceUID": retrieval.study_uid, "SeriesInstanceUID": retrieval.series_uid}
+
+
+def _c_find_instances(retrieval: _Retrieval) -> bool:
     """Give ``receiver`` the SOPInstanceUIDs a C-FIND at IMAGE level lists for the series (asked for
-    one more than accepted, so that too many is seen); False when the list is refused (the reason
-    is in ``receiver.refusals``). An unknown series lists none: the C-GET then says so."""
-    identifier = _identifier(
-        "IMAGE", ("SOPInstanceUID",), {"StudyInstanceUID": study_uid, "SeriesInstanceUID": series_uid}
-    )
-    rows = _c_find(
-        node,
-        identifier,
+    one more than accepted, so that too many is seen) and the series' count; False when the list is
+    refused (the reason is in ``receiver.refusals``). An unknown series lists none: the C-GET then
+    says so.
+
+    A list shorter than the count is partial (the PACS caps its C-FIND answers): the count is held
+    instead, with one warning. A list the PACS says it cut short (0xFE00) with no count to check the
+    rest against is refused, naming the cap.
+    """
+    receiver = retrieval.receiver
+    rows, cut_short = _c_find_matches(
+        retrieval.node,
+        _identifier("IMAGE", ("SOPInstanceUID",), _series_keys(retrieval)),
         ("SOPInstanceUID",),
-        calling_aet=calling_aet,
-        timeout=timeout,
+        calling_aet=retrieval.calling_aet,
+        timeout=retrieval.timeout,
         limit=receiver.max_instances + 1,
-        cancel=cancel,
-        deadline=deadline,
+        cancel=retrieval.cancel,
+        deadline=retrieval.deadline,
     )
     try:
-        receiver.expect(row["SOPInstanceUID"] for row in rows)
+        listed = receiver.expect(row["SOPInstanceUID"] for row in rows)
+        count = _c_find_series_count(retrieval)
+        if receiver.take_count(count):
+            log.warning(
+                "%s capped its C-FIND list of series %s at %d of the series' %d instances (e.g. Orthanc's"
+                " LimitFindInstances): the retrieval checks that count instead (each instance of the series,"
+                " once, every listed one among them)",
+                retrieval.node,
+                retrieval.series_uid,
+                len(listed),
+                count,
+            )
+        elif cut_short and count is None:
+            raise _Refused(
+                f"the PACS cut its list of the series' instances short after {len(listed)} (it caps its"
+                " C-FIND answers) and gave no count of the series' instances to check the rest against;"
+                " lift the cap (on Orthanc: LimitFindInstances = 0)"
+            )
     except _Refused as exc:
         receiver.refusals.append(str(exc))
         return False
     return True
+
+
+def _c_find_series_count(retrieval: _Retrieval) -> int | None:
+    """The series' own count of instances (NumberOfSeriesRelatedInstances, by a C-FIND at SERIES
+    level); None when the PACS does not say it for this series."""
+    fields = ("SeriesInstanceUID", "NumberOfSeriesRelatedInstances")
+    rows = _c_find(
+        retrieval.node,
+        _identifier("SERIES", fields, _series_keys(retrieval)),
+        fields,
+        calling_aet=retrieval.calling_aet,
+        timeout=retrieval.timeout,
+        limit=2,  # one match is expected: read to its end, so the association is released cleanly
+        cancel=retrieval.cancel,
+        deadline=retrieval.deadline,
+    )
+    named = [row for row in rows if row["SeriesInstanceUID"].rstrip("\x00") == retrieval.series_uid]
+    return _count(named[0]["NumberOfSeriesRelatedInstances"]) if named else None
 
 
 def _check_every_image_came(
@@ -986,12 +1123,14 @@ def _wado(
     cancel: CancelToken | None,
     deadline: _Deadline,
 ) -> None:
-    """QIDO-RS lists the series' instances, then WADO-RS fetches them one by one.
+    """QIDO-RS lists the series' instances and counts them, then WADO-RS fetches them one by one.
 
     Every answer is read in pieces and closed as soon as it passes the instance size cap (plus
     :data:`~IPv2DenoiseLib.io.dicom_net.TRANSFER_SLACK_BYTES`, as for C-GET), so no answer, endless
     or not, is held in memory past it; a list of more instances than accepted is refused before any
-    is fetched, and each answer must be the very instance asked for (:meth:`_Receiver.store`). Every
+    is fetched, and so is a list shorter than the series' own count (a server that caps its answers:
+    the instances it leaves out cannot be asked for); each answer must be the very instance asked
+    for (:meth:`_Receiver.store`). Every
     connection is hung up when ``deadline`` passes. A refusal lands in ``receiver.refusals`` (the
     caller says it, nothing is kept).
     """
@@ -1004,6 +1143,22 @@ def _wado(
         session.mount("https://", hang_up)
         try:
             sop_uids = _list_instances(session, series_url, url, receiver, limit, timeout, cancel)
+            count = _qido_series_count(
+                session,
+                url,
+                study_uid,
+                series_uid,
+                limit=limit,
+                cap=receiver.max_bytes,
+                timeout=timeout,
+                cancel=cancel,
+            )
+            if count is not None and count > len(sop_uids):
+                raise _Refused(
+                    f"the instance list names {len(sop_uids)} of the series' {count} instances (the server"
+                    " caps its answers; on Orthanc: LimitFindInstances = 0), and WADO-RS fetches only the"
+                    " instances it names"
+                )
             for sop_uid in sop_uids:
                 if cancel is not None:
                     cancel.check()
@@ -1050,6 +1205,40 @@ def _list_instances(
         except Exception:  # noqa: BLE001 - a server's JSON is hostile: any shape
             raise _Refused("the instance list names an instance without a valid SOPInstanceUID") from None
     return receiver.expect(uids)
+
+
+def _qido_series_count(
+    session: requests.Session,
+    url: str,
+    study_uid: str,
+    series_uid: str,
+    *,
+    limit: int,
+    cap: int,
+    timeout: float,
+    cancel: CancelToken | None,
+) -> int | None:
+    """The series' own count of instances (NumberOfSeriesRelatedInstances) by QIDO-RS at SERIES
+    level; None when the server does not say it for this series."""
+    rows = _qido_json(
+        session,
+        f"{url.rstrip('/')}/studies/{study_uid}/series",
+        {"SeriesInstanceUID": series_uid, "includefield": "NumberOfSeriesRelatedInstances"},
+        url=url,
+        what="the series' count of instances",
+        limit=limit,
+        cap=cap,
+        timeout=timeout,
+        cancel=cancel,
+    )
+    for row in rows:
+        try:
+            ds = Dataset.from_json(row)
+        except Exception:  # noqa: BLE001 - a server's JSON is hostile: any shape
+            continue
+        if _series_uid(ds) == series_uid:
+            return _count(ds.get("NumberOfSeriesRelatedInstances"))
+    return None
 
 
 def _qido_json(

@@ -11,12 +11,16 @@ import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from IPv2DenoiseLib.app.arguments import add_device_argument
+from IPv2DenoiseLib.app.arguments import add_device_argument, positive_float
 from IPv2DenoiseLib.app.pacs import add_peer_arguments
 from IPv2DenoiseLib.app.web.data_root import DataRoot
 from IPv2DenoiseLib.core.atomic import resolve_path
 from IPv2DenoiseLib.core.errors import UserError
+
+if TYPE_CHECKING:
+    from IPv2DenoiseLib.app.web.jobs import PacsPeer
 
 NAME = "web"
 HELP = (
@@ -60,6 +64,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a PACS the page may send the derived series to (C-STORE, or STOW-RS to a DICOMweb URL)",
     )
     add_peer_arguments(parser)  # --aet, --calling-aet, --timeout, --retries, as for send and denoise --send
+    parser.add_argument(
+        "--retrieve-max-minutes",
+        type=positive_float,
+        default=None,
+        metavar="M",
+        help="minutes one retrieval from --pacs (its list of images and every image) may take at most; "
+        "raise it for large series over a slow link (default: 30; inf: no limit)",
+    )
     parser.add_argument(
         "--weights", default=None, help="a .safetensors model offered besides the shipped ones (listed first)"
     )
@@ -149,6 +161,45 @@ def check_listen(host: str, port: int) -> None:
         raise error from None
 
 
+def pacs_peer(args: argparse.Namespace) -> PacsPeer | None:
+    """The ``--pacs`` the page's jobs search, retrieve from and send to, with its options.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The parsed ``web`` options.
+
+    Returns
+    -------
+    PacsPeer or None
+        None without ``--pacs``.
+
+    Raises
+    ------
+    UserError
+        A malformed ``--pacs``, or ``--retrieve-max-minutes`` without one.
+    """
+    if not args.pacs:
+        if args.retrieve_max_minutes is not None:
+            raise UserError("--retrieve-max-minutes: there is no --pacs to retrieve from")
+        return None
+    from IPv2DenoiseLib.app.web.jobs import PacsPeer  # lazy: the pipeline
+    from IPv2DenoiseLib.io.dicom_net import parse_destination  # lazy: pynetdicom
+
+    try:
+        destination = parse_destination(args.pacs, args.aet)
+    except UserError as exc:
+        raise UserError(f"--pacs: {exc}") from None
+    minutes = args.retrieve_max_minutes
+    return PacsPeer(
+        destination,
+        args.calling_aet,
+        args.timeout,
+        args.retries,
+        retrieve_max_seconds=None if minutes is None else minutes * 60.0,
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port {args.port}: expected 0..65535")
@@ -163,14 +214,7 @@ def run(args: argparse.Namespace) -> int:
         root.input(str(start))  # refused here, before the server starts, when outside --data-root
     if args.weights and not Path(args.weights).is_file():
         raise UserError(f"--weights {args.weights} does not exist")
-    pacs = None
-    if args.pacs:
-        from IPv2DenoiseLib.io.dicom_net import parse_destination  # lazy: pynetdicom
-
-        try:
-            pacs = parse_destination(args.pacs, args.aet)
-        except UserError as exc:
-            raise UserError(f"--pacs: {exc}") from None
+    pacs = pacs_peer(args)
     # Always a token: without one, wslink accepts its built-in secret, and any web page the user
     # visits may open a websocket to a loopback port (browsers do not stop it) and drive the panel.
     token = args.token or os.environ.get(TOKEN_ENV) or secrets.token_urlsafe(18)
@@ -180,7 +224,6 @@ def run(args: argparse.Namespace) -> int:
     configure_rendering()
     try:  # lazy: trame, slicer and VTK are the optional [web] extra
         from IPv2DenoiseLib.app.web.access import require_token_for_page
-        from IPv2DenoiseLib.app.web.jobs import PacsPeer
         from IPv2DenoiseLib.app.web.server import DenoiseWebApp, WebConfig, available_models
     except ImportError as exc:
         raise UserError(
@@ -192,7 +235,7 @@ def run(args: argparse.Namespace) -> int:
         input=str(start) if args.input else None,
         device=args.device,
         weights=args.weights,
-        pacs=PacsPeer(pacs, args.calling_aet, args.timeout, args.retries) if pacs is not None else None,
+        pacs=pacs,
         pacs_text=args.pacs or "",
         models=available_models(args.weights),
     )

@@ -223,6 +223,9 @@ class PacsPeer:
     calling_aet: str | None = None
     timeout: float = 10.0
     retries: int = 3
+    #: The time one retrieval may take at most, s (``--retrieve-max-minutes``); None: the library's
+    #: default, :data:`~IPv2DenoiseLib.io.dicom_query.MAX_RETRIEVE_SECONDS`.
+    retrieve_max_seconds: float | None = None
 
     @property
     def aet(self) -> str:
@@ -253,10 +256,11 @@ def search_work(peer: PacsPeer, patient: str, study_date: str) -> Work:
 
 def retrieve_work(peer: PacsPeer, match: Any, folder: Path) -> Work:
     """Fetch the chosen series into ``folder`` (unless a complete earlier copy is there), then read it
-    with every input check of the CLI, as :func:`read_work` does."""
+    with every input check of the CLI, as :func:`read_work` does. The retrieval is bounded in time by
+    ``peer.retrieve_max_seconds``."""
 
     def work(progress: ProgressCallback, warn: WarningSink, cancel: CancelToken) -> Volume:
-        from IPv2DenoiseLib.io.dicom_query import retrieve_series  # lazy: pynetdicom
+        from IPv2DenoiseLib.io.dicom_query import MAX_RETRIEVE_SECONDS, retrieve_series  # lazy: pynetdicom
 
         read = read_work(folder, series_uid=match.series_uid)  # the chosen series, whatever else lies there
         have = sum(f.is_file() for f in folder.iterdir()) if folder.is_dir() else 0  # whatever their names
@@ -265,6 +269,8 @@ def retrieve_work(peer: PacsPeer, match: Any, folder: Path) -> Work:
                 return read(progress, warn, cancel)
             except UserError:  # not that series, or not all of it (changed on disk): fetch it again
                 pass
+        limit = peer.retrieve_max_seconds
+        max_seconds = MAX_RETRIEVE_SECONDS if limit is None else limit
         retrieve_series(
             peer.destination,
             match.study_uid,
@@ -274,6 +280,7 @@ def retrieve_work(peer: PacsPeer, match: Any, folder: Path) -> Work:
             timeout=max(peer.timeout, 30.0),
             progress=progress,
             cancel=cancel,
+            max_seconds=max_seconds,
             replace=folder.is_dir() and any(folder.iterdir()),
         )
         return read(progress, warn, cancel)
