@@ -53,6 +53,7 @@ from IPv2DenoiseLib.core.progress import Cancelled, time_left  # noqa: E402
 from IPv2DenoiseLib.core.resources import resources_dir  # noqa: E402
 from IPv2DenoiseLib.core.volume import Volume  # noqa: E402
 from IPv2DenoiseLib.denoiser.model_reference import ModelCatalogue  # noqa: E402
+from IPv2DenoiseLib.denoiser.strength import DEFAULT_STRENGTH, STRENGTH_RANGE  # noqa: E402
 
 SAMPLE_CATEGORY = "IPv2 Denoise"
 #: Application setting (QSettings) holding the PACS node of *Export*: HOST:PORT:AET or a DICOMweb URL.
@@ -142,6 +143,7 @@ class IPv2DenoiseParameterNode:
     adapt: bool = False
     bestQuality: bool = False
     refine: bool = False
+    strength: float = DEFAULT_STRENGTH
     model: str = ""
     device: str = "auto"
     showDifference: bool = False
@@ -189,6 +191,7 @@ class IPv2DenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.modelComboBox.setItemData(self.ui.modelComboBox.count - 1, summary, qt.Qt.ToolTipRole)
         for text, value in DEVICES:
             self.ui.deviceComboBox.addItem(text, value)
+        self.ui.strengthSliderWidget.minimum, self.ui.strengthSliderWidget.maximum = STRENGTH_RANGE
         self.ui.progressBar.setRange(0, 1000)
         self.ui.progressBar.hide()
 
@@ -342,6 +345,7 @@ class IPv2DenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.adaptCheckBox,
             self.ui.bestQualityCheckBox,
             self.ui.refineCheckBox,
+            self.ui.strengthSliderWidget,
         ):
             w.enabled = not busy
         if message is not None:
@@ -367,6 +371,7 @@ class IPv2DenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 adapt=p.adapt,
                 ensemble=8 if p.bestQuality else 1,
                 refine=p.refine,
+                strength=p.strength,
                 synchronous=False,
             )
         except DependencyError as exc:  # declined, no network, or installed but importable after a restart
@@ -572,6 +577,7 @@ class IPv2DenoiseLogic(ScriptedLoadableModuleLogic):
         adapt=False,
         ensemble=1,
         refine=False,
+        strength=DEFAULT_STRENGTH,
         synchronous=True,
     ):
         """Denoise ``inputVolumeNode`` in a ``PythonSlicer -m IPv2DenoiseLib denoise`` subprocess.
@@ -590,6 +596,7 @@ class IPv2DenoiseLogic(ScriptedLoadableModuleLogic):
             adapt=adapt,
             ensemble=ensemble,
             refine=refine,
+            strength=strength,
         )
         job = DenoiseJob(inputVolumeNode, outputVolumeNode, options=options, python=python).start()
         if not synchronous:

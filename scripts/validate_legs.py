@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from IPv2DenoiseLib.core.errors import UserError
+from IPv2DenoiseLib.denoiser.strength import check_strength
 from IPv2DenoiseLib.denoiser.weights import load_model
 from IPv2DenoiseLib.training.scanner_data import load_anatomy_volumes
 from IPv2DenoiseLib.training.trainer import (
@@ -86,6 +87,16 @@ def main(argv: list[str] | None = None) -> int:
         default=0.02,
         help="ship rule: no column more than this below (dB, default 0.02)",
     )
+    parser.add_argument(
+        "--strengths",
+        nargs="+",
+        type=float,
+        default=[1.0],
+        help="denoising strengths to validate each weights at (the level map scaled, as denoise"
+        " --strength; default 1). With several, each weights' best strength by the mean of the columns"
+        " is printed too: the comparison at matched strength, where a leg that only learnt to denoise"
+        " more or less strongly gains nothing",
+    )
     parser.add_argument("--json", type=Path, help="write the table as JSON")
     parser.add_argument("--figure", type=Path, help="write each weights' difference to the baseline as PNG")
     args = parser.parse_args(argv)
@@ -94,20 +105,9 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError("give --val and/or --val-anatomy")
         torch.set_num_threads(args.threads)
         columns, volume_of, digests = validation_columns(args.val, args.val_anatomy, slices=args.val_slices)
-        rows = {}
-        for path in args.weights:
-            model, card = load_model(path)
-            seen = trained_on_before(sorted(set(volume_of.values())), card.get("legs") or [], digests)
-            # two weights of one name (legs of different runs) are told apart by their folder
-            key = path.stem if path.stem not in rows else f"{path.parent.name}/{path.stem}"
-            rows[key] = {
-                "psnr": {
-                    column: validate(model, cases, torch.device("cpu"), model.in_slices)["psnr_label"]
-                    for column, cases in columns.items()
-                },
-                "trained_on": seen,
-            }
-            print(key, {k: round(v, 3) for k, v in rows[key]["psnr"].items()}, flush=True)
+        for strength in args.strengths:
+            check_strength(strength)
+        rows, strength_of = validate_weights(args.weights, args.strengths, columns, volume_of, digests)
     except UserError as exc:
         print(f"validate_legs: {exc}", file=sys.stderr)
         return 2
@@ -132,12 +132,70 @@ def main(argv: list[str] | None = None) -> int:
         "(baseline in dB, the others as differences; * the weights' legs trained on that volume; ships: "
         f"mean above the baseline and no column below -{args.tolerance:g} dB, the best mean of those)"
     )
+    matched = best_strengths(rows, strength_of) if len(args.strengths) > 1 else {}
+    if matched:
+        first = next(iter(matched.values()))["mean"]
+        print("\nat matched strength (each weights at its best strength by the mean of the columns):")
+        for stem, best in matched.items():
+            print(
+                f"  {stem}: strength {best['strength']:g}, mean {best['mean']:.3f} dB ({best['mean'] - first:+.3f})"
+            )
     if args.json:
-        table = {"columns": list(columns), "rows": rows, "tolerance": args.tolerance, "verdicts": verdicts}
+        table = {
+            "columns": list(columns),
+            "rows": rows,
+            "tolerance": args.tolerance,
+            "verdicts": verdicts,
+            "best_strengths": matched,
+        }
         args.json.write_text(json.dumps(table, indent=1))
     if args.figure:
         plot_differences(rows, volume_of, args.figure)
     return 0
+
+
+def validate_weights(
+    paths: list[Path],
+    strengths: list[float],
+    columns: dict[str, list],
+    volume_of: dict[str, str],
+    digests: dict[str, str],
+) -> tuple[dict[str, dict], dict[str, tuple[str, float]]]:
+    """Each weights' PSNR per column at each strength (rows by name, "name @S" with several
+    strengths), and each row's weights name and strength."""
+    rows: dict[str, dict] = {}
+    strength_of: dict[str, tuple[str, float]] = {}
+    for path in paths:
+        model, card = load_model(path)
+        seen = trained_on_before(sorted(set(volume_of.values())), card.get("legs") or [], digests)
+        # two weights of one name (legs of different runs) are told apart by their folder
+        stems = {stem for stem, _ in strength_of.values()}
+        stem = path.stem if path.stem not in stems else f"{path.parent.name}/{path.stem}"
+        for strength in strengths:
+            key = stem if strengths == [1.0] else f"{stem} @{strength:g}"
+            psnrs = {
+                column: validate(model, cases, torch.device("cpu"), model.in_slices, strength=strength)
+                for column, cases in columns.items()
+            }
+            rows[key] = {
+                "psnr": {column: result["psnr_label"] for column, result in psnrs.items()},
+                "trained_on": seen,
+                "strength": strength,
+            }
+            strength_of[key] = (stem, strength)
+            print(key, {k: round(v, 3) for k, v in rows[key]["psnr"].items()}, flush=True)
+    return rows, strength_of
+
+
+def best_strengths(rows: dict[str, dict], strength_of: dict[str, tuple[str, float]]) -> dict[str, dict]:
+    """Each weights' strength with the highest mean PSNR over the columns, and that mean (dB)."""
+    best: dict[str, dict] = {}
+    for key, row in rows.items():
+        stem, strength = strength_of[key]
+        mean = sum(row["psnr"].values()) / len(row["psnr"])
+        if stem not in best or mean > best[stem]["mean"]:
+            best[stem] = {"strength": strength, "mean": mean}
+    return best
 
 
 def plot_differences(rows: dict[str, dict], volume_of: dict[str, str], out: Path) -> None:

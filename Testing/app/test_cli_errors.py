@@ -35,6 +35,49 @@ def test_a_bad_option_value_is_one_line_not_the_whole_usage(tmp_path) -> None:
     assert "--ensemble" in lines[0] and "1, 2, 4, 8" in lines[0] and "usage:" not in result.stderr
 
 
+#: The options each command needs before it reads --strength (serve's node; files that need not exist).
+STRENGTH_COMMANDS = {
+    "denoise": ["denoise", str(SAMPLE), "{tmp}/o.nrrd"],
+    "batch": ["batch", str(SAMPLE), "{tmp}/out"],
+    "serve": [
+        "serve",
+        "--port",
+        "11112",
+        "--aet",
+        "NODE",
+        "--forward",
+        "127.0.0.1:104:PACS",
+        "--spool",
+        "{tmp}/spool",
+    ],
+}
+
+
+@pytest.mark.parametrize("value", ["0.3", "2.5", "strong", "nan"])
+@pytest.mark.parametrize("command", sorted(STRENGTH_COMMANDS))
+def test_a_strength_out_of_range_or_not_a_number_is_one_line(tmp_path, command, value) -> None:
+    args = [a.format(tmp=tmp_path) for a in STRENGTH_COMMANDS[command]]
+    result = _cli(*args, "--strength", value)
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert "argument --strength: must be a number from 0.5 to 2, got " in line, line
+    assert list(tmp_path.iterdir()) == []  # refused before anything was written
+
+
+@pytest.mark.parametrize("command", sorted(STRENGTH_COMMANDS))
+def test_a_strength_on_a_model_without_a_noise_map_is_one_line(tmp_path, capsys, command) -> None:
+    """``--model unet-ipv2`` (the plain U-Net, still shipped) has no noise level map to scale."""
+    from IPv2DenoiseLib.app.cli import main
+
+    args = [a.format(tmp=tmp_path) for a in STRENGTH_COMMANDS[command]]
+    assert main([*args, "--model", "unet-ipv2", "--strength", "0.8", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert "strength 0.8: model unet-ipv2 takes no noise level map, so only strength 1 applies" in errors[0]
+    assert list(tmp_path.iterdir()) == []  # no output, OUT folder or spool
+
+
 def test_a_reader_that_closes_the_pipe_ends_quietly() -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO / "IPv2Denoise"), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(

@@ -165,6 +165,27 @@ def test_an_adapted_run_in_slicer_says_so_in_its_exported_series(scene, tmp_path
     assert "refined by collaborative Wiener filtering" in description  # denoise --refine, from the node
 
 
+def test_a_run_at_another_strength_in_slicer_says_so_in_its_exported_series(scene, tmp_path) -> None:
+    """The panel's strength goes to the background ``denoise --strength``; the node keeps it and
+    Export writes it into DerivationDescription and the SeriesDescription."""
+    from conftest import chest_like_volume
+
+    from IPv2DenoiseLib.app.pipeline import DenoiseOptions
+    from IPv2DenoiseLib.app.slicer_support.dicom import PROVENANCE_ATTRIBUTE
+    from IPv2DenoiseLib.app.slicer_support.job import DenoiseJob
+    from IPv2DenoiseLib.core.volume import Volume
+
+    node = add_volume_node(Volume(chest_like_volume(5, (6, 64, 64)), (0.7, 0.7, 1.25)), "ULDCT")
+    job = DenoiseJob(node, options=DenoiseOptions(model="fast", device="cpu", strength=1.25)).start()
+    assert job.process.args[job.process.args.index("--strength") + 1] == "1.25"
+    denoised = job.wait(timeout=300)
+    assert json.loads(denoised.GetAttribute(PROVENANCE_ATTRIBUTE))["strength"] == 1.25
+    files, _ = export_dicom(denoised, tmp_path / "derived")
+    derived = pydicom.dcmread(files[0])
+    assert "denoising strength 1.25 (the noise level map scaled by it" in derived.DerivationDescription
+    assert derived.SeriesDescription.endswith("strength 1.25)")
+
+
 def test_a_saved_denoised_node_keeps_the_weights_that_made_it_after_they_change(scene, tmp_path) -> None:
     """The denoised node keeps what the run said about its weights (name, sha256). Exported after
     the weights changed under that name (an upgrade ships a new default; a user retrains into the

@@ -60,6 +60,7 @@ def test_parameter_bindings_name_real_fields():
     assert bound["adaptCheckBox"] == "adapt"  # scan-adaptive fine-tuning (denoise --adapt)
     assert bound["bestQualityCheckBox"] == "bestQuality"  # denoise --ensemble 8
     assert bound["refineCheckBox"] == "refine"  # denoise --refine
+    assert bound["strengthSliderWidget"] == "strength"  # denoise --strength
 
 
 def test_input_selector_hides_labelmaps_and_scene_is_connected():

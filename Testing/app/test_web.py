@@ -50,7 +50,7 @@ from wslink.chunking import UnChunker, generate_chunks
 
 from IPv2DenoiseLib.app.cli import main as cli_main
 from IPv2DenoiseLib.app.commands.web import configure_rendering
-from IPv2DenoiseLib.app.pipeline import DenoiseOptions, DenoiseOutcome
+from IPv2DenoiseLib.app.pipeline import DenoiseOptions, DenoiseOutcome, DenoisePipeline
 from IPv2DenoiseLib.app.web.data_root import DataRoot
 from IPv2DenoiseLib.app.web.jobs import (
     CANCELLED,
@@ -182,6 +182,28 @@ def test_denoise_jobs_keep_the_model_loaded() -> None:
         ensemble=2
     )  # another choice replaces it (--adapt fine-tunes a copy: Testing/training/test_adapt.py)
     assert kept.loads == 2
+
+
+def test_a_denoise_job_runs_the_kept_network_at_the_strength_chosen() -> None:
+    """The page's strength reaches the network through the job, and choosing another keeps the
+    loaded network (the strength scales its input map, not its weights)."""
+    volume = Volume(chest_like_volume(6, (4, 64, 64)), spacing=(0.7, 0.7, 1.25))
+    kept = LoadedModel()
+    runner = JobRunner()
+    denoised = {}
+    for strength in (1.0, 0.7):
+        runner.start(
+            "denoise", denoise_work(volume, DenoiseOptions(device="cpu", strength=strength), model=kept)
+        )
+        snap = runner.wait(300)
+        assert snap.state == DONE, snap.error
+        outcome = runner.result(snap.serial).outcome
+        assert outcome.provenance.strength == strength and outcome.denoised.meta["strength"] == strength
+        denoised[strength] = outcome.denoised.array
+    assert kept.loads == 1
+    default = ModelReference.resolve().load()
+    np.testing.assert_array_equal(denoised[0.7], default.denoise(volume, device="cpu", strength=0.7).array)
+    assert np.abs(denoised[0.7] - denoised[1.0]).max() > 5.0
 
 
 def test_job_runner_one_job_at_a_time_cancel_and_failure() -> None:
@@ -726,6 +748,47 @@ def test_a_dicom_series_is_exported_into_its_own_study(server, chromium) -> None
     assert "DERIVED" in derived[0].ImageType
     assert "refined by collaborative Wiener filtering" in derived[0].DerivationDescription
     assert not (errors := dciodvfy_errors(files[0])), errors
+    page.close()
+
+
+def strength_slider(page):
+    """The thumb of the page's strength slider (a keyboard moves it one step per arrow key)."""
+    return page.locator("div.v-slider", has=page.locator("input#strength")).get_by_role("slider")
+
+
+@pytest.mark.slow
+def test_the_strength_slider_reaches_the_network_and_the_exported_series(server, chromium) -> None:
+    """Strength 0.7 set on the slider with the keyboard, then Denoise: the series exported holds the
+    network's output at 0.7 (as the pipeline computes it here) and says so."""
+    page = open_page(chromium, server)
+    choose_and_open(page, "dicom/chest")
+    wait_until(lambda: "dicom/chest" in page.inner_text("#loaded-name"), what="the DICOM series")
+    thumb = strength_slider(page)
+    thumb.focus()
+    for _ in range(6):  # 1 - 6 x 0.05
+        page.keyboard.press("ArrowLeft")
+    wait_until(lambda: thumb.get_attribute("aria-valuenow") == "0.7", timeout=30, what="the slider at 0.7")
+    assert "Strength 0.70" in page.inner_text("label#strength")
+    denoise_and_wait(page)
+    page.fill("#export-folder", "exports/chest-strength")
+    page.click("#export-btn")
+    wait_until(lambda: "wrote" in page.inner_text("#export-message"), what="the export")
+    files = sorted((server.root / "exports" / "chest-strength").iterdir())
+    derived = [pydicom.dcmread(f) for f in files]
+    assert "denoising strength 0.7 (the noise level map scaled by it" in derived[0].DerivationDescription
+    assert derived[0].SeriesDescription.endswith("strength 0.7)")
+    written = read_volume(server.root / "exports" / "chest-strength").array
+    source = server.root / "dicom" / "chest"
+    at = {
+        s: DenoisePipeline(DenoiseOptions(device="cpu", strength=s)).run(source).denoised.array
+        for s in (0.7, 1.0)
+    }
+    assert np.abs(written - at[0.7]).max() <= 1.0  # stored as whole HU
+    assert np.abs(written - at[1.0]).max() > 5.0
+    thumb.focus()
+    for _ in range(6):  # back to 1 for the tests after this one
+        page.keyboard.press("ArrowRight")
+    wait_until(lambda: thumb.get_attribute("aria-valuenow") == "1", timeout=30, what="the slider at 1")
     page.close()
 
 

@@ -675,6 +675,37 @@ def test_validate_legs_compares_weights_and_marks_volumes_their_legs_trained_on(
     assert "validate_legs: give --val" in capsys.readouterr().err
 
 
+def test_validate_legs_compares_weights_at_matched_strength(made_dataset, tmp_path, capsys) -> None:
+    """``validate_legs.py --strengths``: each weights at each denoising strength (the level map
+    scaled, as ``denoise --strength``), rows "name @S", and each weights' best strength by the mean
+    of the columns; a strength the product refuses is refused here too."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("validate_legs", REPO / "scripts" / "validate_legs.py")
+    validate_legs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(validate_legs)
+    fast = REPO / "Resources" / "Models" / "unet_nm_ipv2.safetensors"
+    out = tmp_path / "legs.json"
+    args = [str(fast), "--val", str(made_dataset / "case_000"), "--val-slices", "1", "--json", str(out)]
+    assert validate_legs.main([*args, "--strengths", "0.5", "1", "2"]) == 0
+    table = json.loads(out.read_text())
+    assert list(table["rows"]) == ["unet_nm_ipv2 @0.5", "unet_nm_ipv2 @1", "unet_nm_ipv2 @2"]
+    means = {key: np.mean(list(row["psnr"].values())) for key, row in table["rows"].items()}
+    assert len({round(m, 6) for m in means.values()}) == 3  # the strength reaches the network
+    best_key = max(means, key=means.get)
+    best = table["best_strengths"]["unet_nm_ipv2"]
+    assert best["strength"] == table["rows"][best_key]["strength"]
+    assert best["mean"] == pytest.approx(means[best_key])
+    assert "at matched strength" in capsys.readouterr().out
+    # strength 1 alone is today's table, by the plain names
+    assert validate_legs.main(args) == 0
+    plain = json.loads(out.read_text())
+    assert list(plain["rows"]) == ["unet_nm_ipv2"] and plain["best_strengths"] == {}
+    assert plain["rows"]["unet_nm_ipv2"]["psnr"] == table["rows"]["unet_nm_ipv2 @1"]["psnr"]
+    assert validate_legs.main([*args, "--strengths", "3"]) == 2
+    assert "strength" in capsys.readouterr().err
+
+
 def test_soup_averages_weights_and_keeps_the_campaign_log(
     real_series, made_dataset, tmp_path, capsys
 ) -> None:

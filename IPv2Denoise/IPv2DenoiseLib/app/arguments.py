@@ -12,6 +12,7 @@ from collections.abc import Callable
 from IPv2DenoiseLib.core.device import check_device_name
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.denoiser.ensemble import ENSEMBLE_SIZES
+from IPv2DenoiseLib.denoiser.strength import DEFAULT_STRENGTH, STRENGTH_RANGE, check_strength
 
 
 def _bounded(parse: Callable[[str], float], ok: Callable[[float], bool], what: str):
@@ -82,6 +83,18 @@ def device_name(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc).removeprefix("--device ")) from None
 
 
+def strength_value(text: str) -> float:
+    """argparse type: a ``--strength`` value, checked by :func:`~IPv2DenoiseLib.denoiser.strength.check_strength`."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = text  # refused below, in the words of every other front end
+    try:
+        return check_strength(value)
+    except UserError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("strength ")) from None
+
+
 #: What each kind of job can run on: the network (CUDA, Apple MPS, CPU), the projector (CUDA, CPU).
 DEVICE_HELP = {
     "network": "where the network runs: auto = CUDA, then Apple MPS, then CPU; cuda:N picks one GPU",
@@ -127,7 +140,7 @@ def add_reading_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Which model runs where and how (``--model`` | ``--weights``, ``--device``, ``--ensemble``, ``--refine``,
-    ``--no-remove-background``): denoise, batch, serve and demo."""
+    ``--strength``, ``--no-remove-background``): denoise, batch, serve and demo."""
     which = parser.add_mutually_exclusive_group()
     which.add_argument(
         "--model",
@@ -156,6 +169,16 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "and the noise measured on the scan: about +0.2 dB on the mean of the benchmark's real slices for a "
         "single pass (the head most; the chest and abdomen can lose, and on top of --ensemble 8 it gains "
         "nothing: README); about 2 s per 512x512 slice on a CPU core",
+    )
+    low, high = STRENGTH_RANGE
+    parser.add_argument(
+        "--strength",
+        type=strength_value,
+        default=DEFAULT_STRENGTH,
+        metavar="S",
+        help=f"denoising strength, {low:g} to {high:g}: the noise-aware network is told the noise is S times "
+        "as strong as measured; below 1 removes less noise and keeps more of the scan's grain, above 1 "
+        "smooths more; 1 is what the models were validated at (docs/models.md) (default: %(default)g)",
     )
     parser.add_argument(
         "--no-remove-background",

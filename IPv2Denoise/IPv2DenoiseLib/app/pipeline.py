@@ -2,10 +2,11 @@
 
 ``denoise``, ``batch``, ``serve``, the Slicer module (through its background ``denoise`` process)
 and the web app all run a scan through :class:`DenoisePipeline`, configured per call by one
-:class:`DenoiseOptions` (model, device, background removal, ensemble, refinement, adaptation). So every front
-end warns alike (training range, truncated field of view, reorientation), records the same
-provenance in what it writes (the model, its checksum, a fine-tuning on the scan, the refinement) and loads the
-model through the one :class:`~IPv2DenoiseLib.denoiser.model_reference.ModelReference`.
+:class:`DenoiseOptions` (model, device, background removal, ensemble, refinement, strength, adaptation). So
+every front end warns alike (training range, truncated field of view, reorientation), records the same
+provenance in what it writes (the model, its checksum, a fine-tuning on the scan, the refinement, a strength
+other than 1) and loads the model through the one
+:class:`~IPv2DenoiseLib.denoiser.model_reference.ModelReference`.
 
 The pipeline holds the loaded network, so a long-running front end (``batch``, ``serve``, the
 web server) loads it once and denoises many scans.
@@ -28,6 +29,7 @@ from IPv2DenoiseLib.core.provenance import ModelProvenance
 from IPv2DenoiseLib.core.volume import Volume
 from IPv2DenoiseLib.denoiser.ensemble import check_ensemble
 from IPv2DenoiseLib.denoiser.model_reference import DEFAULT_MODEL, ModelReference
+from IPv2DenoiseLib.denoiser.strength import DEFAULT_STRENGTH, check_strength
 
 if TYPE_CHECKING:
     from IPv2DenoiseLib.denoiser.infer import Denoiser
@@ -53,6 +55,7 @@ class DenoiseOptions:
     ``weights`` (a file) takes precedence over ``model`` (a catalogue name). With ``adapt``, the
     fine-tuning runs ``adapt_steps`` optimiser steps (None: the default of ``AdaptConfig``), so that
     the same scan gives the same output on a busy or an idle machine; ``adapt_seconds`` caps it.
+    ``strength`` applies to the final pass only: a fine-tuning measures and trains at 1.
     Checked on creation (one line each).
     """
 
@@ -63,6 +66,8 @@ class DenoiseOptions:
     ensemble: int = 1
     #: Collaborative Wiener refinement of the network's output (``denoiser.refine``).
     refine: bool = False
+    #: Denoising strength: the factor on a noise-aware network's noise level map (``denoiser.strength``).
+    strength: float = DEFAULT_STRENGTH
     adapt: bool = False
     adapt_seconds: float = ADAPT_SECONDS
     adapt_steps: int | None = None
@@ -72,6 +77,7 @@ class DenoiseOptions:
     def __post_init__(self) -> None:
         object.__setattr__(self, "device", check_device_name(self.device))
         object.__setattr__(self, "ensemble", check_ensemble(int(self.ensemble)))
+        object.__setattr__(self, "strength", check_strength(self.strength))
         if not self.adapt_seconds > 0:
             raise UserError(f"adapt seconds: expected > 0, got {self.adapt_seconds}")
         if self.adapt_steps is not None and int(self.adapt_steps) < 1:
@@ -92,6 +98,7 @@ class DenoiseOptions:
             remove_background=getattr(args, "remove_background", True),
             ensemble=getattr(args, "ensemble", 1),
             refine=bool(getattr(args, "refine", False)),
+            strength=getattr(args, "strength", DEFAULT_STRENGTH),
             adapt=bool(getattr(args, "adapt", False)),
             adapt_seconds=seconds or (ADAPT_STEPS_SECONDS_CAP if steps else ADAPT_SECONDS),
             adapt_steps=steps,
@@ -108,6 +115,8 @@ class DenoiseOptions:
             args += ["--ensemble", str(self.ensemble)]
         if self.refine:
             args.append("--refine")
+        if self.strength != DEFAULT_STRENGTH:
+            args += ["--strength", repr(self.strength)]  # the shortest text that reads back as the same float
         if self.adapt:
             args += ["--adapt", "--adapt-seconds", f"{self.adapt_seconds:g}"]
             if self.adapt_steps:
@@ -178,7 +187,7 @@ class DenoisePipeline:
     Parameters
     ----------
     options : DenoiseOptions
-        Model, device, background removal, ensemble, refinement, adaptation.
+        Model, device, background removal, ensemble, refinement, strength, adaptation.
     progress : ProgressCallback, optional
         One 0..1000 scale over the stages (read, model, adapt, denoise, write).
     warn : callable(str), optional
@@ -215,10 +224,13 @@ class DenoisePipeline:
         return self._device
 
     def denoiser(self) -> Denoiser:
-        """The network, loaded once per pipeline."""
+        """The network, loaded once per pipeline; a strength other than 1 on a network without a noise
+        map is refused here, before any scan (``batch`` and ``serve`` load it first)."""
         if self._denoiser is None:
             self.stages.start("model", "loading the model")
-            self._denoiser = self.reference.load(ensemble=self.options.ensemble, refine=self.options.refine)
+            denoiser = self.reference.load(ensemble=self.options.ensemble, refine=self.options.refine)
+            denoiser.check_strength(self.options.strength)
+            self._denoiser = denoiser
         return self._denoiser
 
     def read(
@@ -279,10 +291,13 @@ class DenoisePipeline:
             slab_slices=self.options.slab,
             progress=self.stages.stage("denoise"),
             cancel=self.cancel,
+            strength=self.options.strength,
         )
         for message in result.meta.get("warnings", []):
             note(message)
-        provenance = self.reference.provenance(denoiser.card, adapted=adapted, refined=self.options.refine)
+        provenance = self.reference.provenance(
+            denoiser.card, adapted=adapted, refined=self.options.refine, strength=self.options.strength
+        )
         return DenoiseOutcome(
             volume, result, self.reference.name, provenance, warnings, adapted, noise_before
         )

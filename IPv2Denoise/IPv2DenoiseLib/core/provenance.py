@@ -30,6 +30,8 @@ class ModelProvenance:
     adapted: str | None = None
     #: The output refined by collaborative Wiener filtering with the network as pilot (``--refine``).
     refined: bool = False
+    #: The denoising strength (``--strength``): the factor on the network's noise level map; 1 as validated.
+    strength: float = 1.0
 
     @classmethod
     def from_card(
@@ -39,9 +41,11 @@ class ModelProvenance:
         *,
         default_version: str = "unversioned",
         refined: bool = False,
+        strength: float = 1.0,
     ) -> ModelProvenance:
         """From a model card (:mod:`IPv2DenoiseLib.denoiser.weights`): ``version``, ``sha256``, ``strategy``,
-        and ``adapted`` (the record of ``training.adapt`` when the model was fine-tuned on the scan)."""
+        and ``adapted`` (the record of ``training.adapt`` when the model was fine-tuned on the scan);
+        ``refined`` and ``strength`` as the run had them."""
         card = card or {}
         adapted = card.get("adapted")
         return cls(
@@ -51,6 +55,7 @@ class ModelProvenance:
             strategy=str(card.get("strategy") or "ipv2"),
             adapted=f"{adapted['iterations']} steps in {adapted['seconds']:.0f} s" if adapted else None,
             refined=bool(refined),
+            strength=float(strength),
         )
 
     def to_record(self) -> dict[str, Any]:
@@ -74,7 +79,9 @@ class ModelProvenance:
             value = record.get(spec.name)
             if value is None:
                 continue
-            wanted = bool if spec.name == "refined" else str
+            wanted = {"refined": bool, "strength": float}.get(spec.name, str)
+            if wanted is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)  # a whole strength, as JSON may write it
             if not isinstance(value, wanted):
                 raise ValueError(f"provenance field {spec.name!r} is not a {wanted.__name__}")
             values[spec.name] = value
@@ -93,10 +100,15 @@ class ModelProvenance:
         refined = (
             ", refined by collaborative Wiener filtering with the network as pilot" if self.refined else ""
         )
+        strength = (
+            f", denoising strength {self.strength:g} (the noise level map scaled by it; 1 as validated)"
+            if self.strength != 1.0
+            else ""
+        )
         return (
             f"Denoised by {SOFTWARE_NAME} {__version__}: model {self.name} version {self.version}{weights}, "
-            f"training strategy {self.strategy}{adapted}{refined} (see the model card; IPv2 image purification: "
-            "Gong & Yu, arXiv 2602.19314)"
+            f"training strategy {self.strategy}{adapted}{refined}{strength} (see the model card; "
+            "IPv2 image purification: Gong & Yu, arXiv 2602.19314)"
         )
 
 

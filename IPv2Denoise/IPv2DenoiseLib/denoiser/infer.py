@@ -11,6 +11,9 @@ arXiv 2602.19314) then blends the air outside the patient towards −1000 HU wit
 :func:`~IPv2DenoiseLib.imaging.masks.background_weight`: 0 on every tissue voxel (skin, lungs
 also where they reach a cropped image edge, table, arms), 1 a few mm away from it. Coronal and
 sagittal volumes are reoriented to axial slices for the network and back (exact permutations).
+A denoising strength other than 1 (:mod:`~IPv2DenoiseLib.denoiser.strength`) scales the noise level
+map of a noise-aware network, per call, so a fine-tuning on the scan (``--adapt``) measures and
+trains at 1 and only the final pass is stronger or weaker.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from IPv2DenoiseLib.denoiser.models.base import Denoiser2p5D
 from IPv2DenoiseLib.denoiser.models.noise_aware_unet import noise_channels, wants_noise_map, with_noise_map
 from IPv2DenoiseLib.denoiser.normalization import hu_to_net, net_to_hu
 from IPv2DenoiseLib.denoiser.refine import refine_slices
+from IPv2DenoiseLib.denoiser.strength import DEFAULT_STRENGTH, check_strength
 from IPv2DenoiseLib.denoiser.weights import load_model
 from IPv2DenoiseLib.denoiser.windows import window_indices
 from IPv2DenoiseLib.imaging.masks import background_weight, truncation_warning
@@ -338,6 +342,27 @@ class Denoiser:
             total = y if total is None else total + y
         return total / ensemble if ensemble > 1 else total
 
+    def check_strength(self, strength: object) -> float:
+        """``strength`` if this network can be run at it, else one line naming the network.
+
+        Parameters
+        ----------
+        strength : object
+            A denoising strength (:mod:`~IPv2DenoiseLib.denoiser.strength`).
+
+        Returns
+        -------
+        float
+            The strength.
+
+        Raises
+        ------
+        UserError
+            Outside :data:`~IPv2DenoiseLib.denoiser.strength.STRENGTH_RANGE`, or other than 1 for a
+            network without a noise level map input.
+        """
+        return check_strength(strength, model=self.name, takes_noise_map=wants_noise_map(self.model))
+
     # ----------------------------------------------------------------------------------- loading
 
     @classmethod
@@ -422,13 +447,16 @@ class Denoiser:
         cancel: CancelToken | None = None,
         ensemble: int | None = None,
         refine: bool | None = None,
+        strength: float = DEFAULT_STRENGTH,
     ) -> np.ndarray:
         """Denoise axial ``[z, y, x]`` HU slices; returns a new float32 HU array (see :meth:`denoise`).
 
         ``spacing`` (x, y, z mm) sizes the background blend (default: 1 mm pixels) and the refinement's
-        noise model; ``ensemble`` and ``refine`` override :attr:`ensemble` and :attr:`refine`.
+        noise model; ``ensemble`` and ``refine`` override :attr:`ensemble` and :attr:`refine`;
+        ``strength`` scales the noise level map (:meth:`check_strength`).
         """
         hu = _check_hu(hu)
+        strength = self.check_strength(strength)
         ensemble = self.ensemble if ensemble is None else check_ensemble(ensemble)
         refine = self.refine if refine is None else bool(refine)
         pixel_mm = float(spacing[0]) if spacing is not None else 1.0
@@ -453,6 +481,7 @@ class Denoiser:
         report = progress or (lambda done, total, message: None)
         passes = f", {ensemble} flipped passes each" if ensemble > 1 else ""
         passes += ", refined" if refine else ""
+        passes += f", strength {strength:g}" if strength != DEFAULT_STRENGTH else ""
         report(0, depth, f"denoising {depth} slices, {slab} per slab{passes}, on {dev.type}")
         done = 0
         while done < depth:
@@ -464,7 +493,7 @@ class Denoiser:
             batch = x.unfold(0, k, 1).permute(0, 3, 1, 2)  # [n, k, H, W] windows, centre = slice
             if wants_noise_map(self.model):  # + the noise level map (and texture) of each centre slice
                 centre = undeclared_padding_as_air(hu[done : done + n])
-                batch = with_noise_map(batch, centre, noise_channels(self.model))
+                batch = with_noise_map(batch, centre, noise_channels(self.model), strength)
             try:
                 y = self.run_ensemble(batch, dev, ensemble)
             except torch.cuda.OutOfMemoryError:
@@ -505,6 +534,7 @@ class Denoiser:
         memory_budget_mb: float | None = None,
         progress: ProgressCallback | None = None,
         cancel: CancelToken | None = None,
+        strength: float = DEFAULT_STRENGTH,
     ) -> Volume:
         """Denoise a CT volume.
 
@@ -525,18 +555,22 @@ class Denoiser:
             ``progress(done_slices, total_slices, message)`` once per slab and on fallbacks.
         cancel : CancelToken, optional
             Checked between slabs; cancelling raises :class:`~IPv2DenoiseLib.core.progress.Cancelled`.
+        strength : float
+            Denoising strength (:mod:`~IPv2DenoiseLib.denoiser.strength`): the noise level map is
+            scaled by it; below 1 keeps more of the scan's grain, above 1 smooths more.
 
         Returns
         -------
         Volume
-            Same geometry, ``meta`` extended with ``denoiser`` (model name), its sha256 and
-            ``warnings`` (one line each: truncated field of view, reorientation, and those of the
-            reader).
+            Same geometry, ``meta`` extended with ``denoiser`` (model name), its sha256, the
+            options (``ensemble``, ``refined``, ``strength`` …) and ``warnings`` (one line each:
+            truncated field of view, reorientation, and those of the reader).
 
         Raises
         ------
         UserError
-            Bad device, too-small slices, out of memory even on the CPU; ``Cancelled``.
+            Bad device, too-small slices, out of memory even on the CPU, a strength out of range or
+            other than 1 for a network without a noise map; ``Cancelled``.
         """
         warnings = list(volume.meta.get("warnings", []))
         plan = volume.axial_plan()
@@ -555,6 +589,7 @@ class Denoiser:
             memory_budget_mb=memory_budget_mb,
             progress=progress,
             cancel=cancel,
+            strength=strength,
         )
         truncated = truncation_warning(work.array, spacing=work.spacing)
         if truncated:
@@ -566,6 +601,7 @@ class Denoiser:
             remove_background=bool(remove_background),
             ensemble=self.ensemble,
             refined=self.refine,
+            strength=float(strength),
             warnings=warnings,
         )
         return result.reoriented(*Volume.inverse_plan(*plan)) if plan else result

@@ -82,7 +82,8 @@ class DerivedSeriesOptions:
     series_number : int or None
         SeriesNumber, >= 300; None: :func:`default_series_number`.
     series_description : str or None
-        SeriesDescription (at most 64 characters); None: the source's plus "IPv2 denoised (<model>)".
+        SeriesDescription (at most 64 characters); None: the source's plus "IPv2 denoised (<model>)"
+        (with ", strength S" after the model for a strength other than 1).
     patient_name, patient_id : str or None
         Patient of a new series.
     study_instance_uid, study_description, accession_number : str or None
@@ -540,11 +541,13 @@ def _checked_series_number(options: DerivedSeriesOptions, template: Dataset | No
 
 def _series_description(options: DerivedSeriesOptions, template: Dataset | None, volume: Volume) -> str:
     """The asked description (marked "(denoised)" if it does not say so), else the source's plus
-    "IPv2 denoised (<model>)"."""
+    "IPv2 denoised (<model>)", or "IPv2 denoised (<model>, strength S)" for a strength other than 1
+    (two series of one scan at two strengths must not look alike in a PACS list)."""
     series_description = options.series_description
     if not series_description:
         src = str(getattr(template, "SeriesDescription", "") or volume.meta.get("SeriesDescription") or "CT")
-        return _with_suffix(src, f" IPv2 denoised ({options.model.name})")
+        strength = f", strength {options.model.strength:g}" if options.model.strength != 1.0 else ""
+        return _with_suffix(src, f" IPv2 denoised ({options.model.name}{strength})")
     if "denoised" not in series_description.lower()[:_LO_MAX]:
         return _with_suffix(series_description, " (denoised)")
     return series_description[:_LO_MAX]

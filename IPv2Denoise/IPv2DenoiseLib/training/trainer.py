@@ -261,9 +261,10 @@ class PatchSampler:
 
 
 def _denoise_slices(
-    model, hu: np.ndarray, device: torch.device, in_slices: int, batch: int = 4
+    model, hu: np.ndarray, device: torch.device, in_slices: int, batch: int = 4, strength: float = 1.0
 ) -> np.ndarray:
-    """Whole-slice inference for validation (small volumes)."""
+    """Whole-slice inference for validation (small volumes), at a denoising ``strength`` (noise-aware
+    networks: the level map scaled, as ``denoise --strength`` does)."""
     out = np.empty_like(hu, dtype=np.float32)
     model.eval()
     with torch.inference_mode():
@@ -271,20 +272,23 @@ def _denoise_slices(
             zs = range(z0, min(z0 + batch, hu.shape[0]))
             x = torch.from_numpy(hu_to_net(slice_windows(hu, zs.start, zs.stop, in_slices)))
             if wants_noise_map(model):
-                x = with_noise_map(x, hu[zs.start : zs.stop], noise_channels(model))
+                x = with_noise_map(x, hu[zs.start : zs.stop], noise_channels(model), strength)
             y = model(x.to(device))
             out[z0 : z0 + len(zs)] = net_to_hu(y[:, 0].float().cpu().numpy())
     model.train()
     return out
 
 
-def validate(model, cases: Sequence[CasePairs], device: torch.device, in_slices: int) -> dict[str, float]:
-    """Per-region metrics of the denoised test input, against the truth and the purified test label."""
+def validate(
+    model, cases: Sequence[CasePairs], device: torch.device, in_slices: int, strength: float = 1.0
+) -> dict[str, float]:
+    """Per-region metrics of the denoised test input, against the truth and the purified test label
+    (at a denoising ``strength``: 1, what training validates, unless a comparison asks otherwise)."""
     sums: dict[str, list[float]] = {}
     for case in cases:
         if case.test_input is None:
             continue
-        out = _denoise_slices(model, case.test_input, device, in_slices)
+        out = _denoise_slices(model, case.test_input, device, in_slices, strength=strength)
         body = (case.regions == BODY) | (case.regions == LUNGS)
         refs = {"label": case.test_label}
         if case.truth is not None:

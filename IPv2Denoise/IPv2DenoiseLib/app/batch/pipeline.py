@@ -46,6 +46,7 @@ from IPv2DenoiseLib.core.atomic import claim_output, remove_stale_partials
 from IPv2DenoiseLib.core.device import describe_device
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.volume import Volume
+from IPv2DenoiseLib.denoiser.strength import DEFAULT_STRENGTH
 from IPv2DenoiseLib.io.volumes import read_dicom_series, read_volume
 
 RowCallback = Callable[[dict[str, Any]], None]
@@ -203,15 +204,17 @@ class CaseProcessor:
     @property
     def record_settings(self) -> dict[str, Any]:
         """What a done record must match besides the input: the model and what is written."""
+        options = self.settings.options
         return {
             "model": self.denoiser.name,
             "model_sha256": self.denoiser.card.get("sha256"),
-            "remove_background": self.settings.options.remove_background,
-            "ensemble": self.settings.options.ensemble,
+            "remove_background": options.remove_background,
+            "ensemble": options.ensemble,
             "format": "dicom" if self.settings.dicom else "nrrd",
             # only when set, so the done records of earlier runs stay valid
             **({"resample_gaps": True} if self.settings.resample_gaps else {}),
-            **({"refine": True} if self.settings.options.refine else {}),
+            **({"refine": True} if options.refine else {}),
+            **({"strength": options.strength} if options.strength != DEFAULT_STRENGTH else {}),
         }
 
     # ------------------------------------------------------------------------------------ rows

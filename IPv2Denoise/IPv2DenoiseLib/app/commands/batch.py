@@ -23,6 +23,7 @@ from IPv2DenoiseLib.core.atomic import clean_stale_staging_tree, make_output_fol
 from IPv2DenoiseLib.core.errors import ExitCode, UserError
 from IPv2DenoiseLib.core.paths import safe_component
 from IPv2DenoiseLib.core.progress import JsonLinesProgress, make_progress
+from IPv2DenoiseLib.denoiser.strength import DEFAULT_STRENGTH
 
 NAME = "batch"
 HELP = (
@@ -193,6 +194,8 @@ def identity_settings(args: argparse.Namespace, input_path: Path) -> dict:
         "ensemble": args.ensemble,
         "refine": args.refine,
         "resample_gaps": args.resample_gaps,
+        # only when set, so shards started before --strength existed still combine with later ones
+        **({"strength": args.strength} if args.strength != DEFAULT_STRENGTH else {}),
     }
 
 
@@ -203,7 +206,10 @@ def run(args: argparse.Namespace) -> int:
     start = time.monotonic()
     input_path, out_root = Path(args.input), Path(args.output)
     shard = parse_shard(args.shard) if args.shard else None
-    DenoiseOptions.from_args(args).reference()  # an unknown model or tier fails before OUT is touched
+    options = DenoiseOptions.from_args(args)
+    reference = options.reference()  # an unknown model or tier fails before OUT is touched
+    if options.strength != DEFAULT_STRENGTH:  # so does a strength the model cannot take (Ray workers too)
+        reference.load().check_strength(options.strength)
     check_paths(input_path, out_root)
     with batch_lock(out_root, shard):  # held until the summary is written
         return _locked_run(args, input_path, out_root, start)
@@ -378,6 +384,7 @@ def _summary_info(
         "output": str(out_root),
         "engine": args.engine,
         "model": args.weights or args.model,
+        "strength": args.strength,
         "format": "dicom" if args.dicom else "nrrd",
         "shard": args.shard,
         "cases_found": identity["cases_found"],

@@ -215,9 +215,13 @@ def _serve(args: argparse.Namespace) -> int:
     pipeline = DenoisePipeline(DenoiseOptions.from_args(args))
     device = pipeline.device  # "--device cuda" without a GPU fails before the model loads
     denoiser = pipeline.denoiser()  # loaded once, before the job threads share it
-    provenance = pipeline.reference.provenance(denoiser.card)
+    provenance = pipeline.reference.provenance(denoiser.card, strength=pipeline.options.strength)
     logging.getLogger("ipv2denoise.node").info(
-        "model %s (sha256 %s) on %s", denoiser.name, provenance.sha256, describe_device(device)
+        "model %s (sha256 %s) on %s, denoising strength %g",
+        denoiser.name,
+        provenance.sha256,
+        describe_device(device),
+        provenance.strength,
     )
     config = NodeConfig(
         aet=args.aet,

@@ -2,8 +2,9 @@
 
 A denoised node carries how it was made in the attribute :data:`PROVENANCE_ATTRIBUTE` (set by
 :class:`~IPv2DenoiseLib.app.slicer_support.job.DenoiseJob`): the model, a weights file, the record
-of a fine-tuning on the scan (*Adapt*) and the warnings. The export writes exactly that into the
-derived series, as ``ipv2-denoise denoise --dicom`` does, whatever happened in the scene since.
+of a fine-tuning on the scan (*Adapt*), the refinement, the strength and the warnings. The export
+writes exactly that into the derived series, as ``ipv2-denoise denoise --dicom`` does, whatever
+happened in the scene since.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from IPv2DenoiseLib.app.slicer_support.scene import node_geometry, volume_from_n
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.provenance import ModelProvenance
 from IPv2DenoiseLib.denoiser.model_reference import ModelReference
+from IPv2DenoiseLib.denoiser.strength import DEFAULT_STRENGTH, check_strength
 
 #: Node attribute holding the JSON record of how the node was denoised.
 PROVENANCE_ATTRIBUTE = "IPv2Denoise.Provenance"
@@ -50,6 +52,7 @@ def store_provenance(
         "weights": options.weights,
         "adapted": dict(adapted) if adapted else None,
         "refined": bool(options.refine),
+        "strength": options.strength,
         "warnings": list(warnings or []),
         "provenance": dict(provenance) if provenance else None,
     }
@@ -114,7 +117,13 @@ def node_provenance(node, *, model_name: str = "") -> tuple[ModelProvenance, lis
         reference = ModelReference.resolve(model, record.get("weights"))
     except Exception:  # noqa: BLE001 - a weights file moved since: still name the model
         return ModelProvenance(name=str(model)), warnings
-    provenance = reference.provenance(adapted=record.get("adapted"), refined=bool(record.get("refined")))
+    try:  # a record from before --strength, or a damaged one: the strength every model was validated at
+        strength = check_strength(record.get("strength", DEFAULT_STRENGTH))
+    except UserError:
+        strength = DEFAULT_STRENGTH
+    provenance = reference.provenance(
+        adapted=record.get("adapted"), refined=bool(record.get("refined")), strength=strength
+    )
     return provenance, warnings
 
 

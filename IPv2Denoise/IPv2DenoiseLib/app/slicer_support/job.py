@@ -34,7 +34,8 @@ class DenoiseJob:
     Parameters
     ----------
     options : DenoiseOptions
-        Model, device, background removal, ensemble, refinement, adaptation: as ``ipv2-denoise denoise``.
+        Model, device, background removal, ensemble, refinement, strength, adaptation: as
+        ``ipv2-denoise denoise``.
     command : list of str, optional
         Replace the command line (tests); ``{input}`` and ``{output}`` are substituted.
     """

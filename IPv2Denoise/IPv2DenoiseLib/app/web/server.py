@@ -62,6 +62,7 @@ from IPv2DenoiseLib.core.progress import time_left
 from IPv2DenoiseLib.core.volume import Volume
 from IPv2DenoiseLib.denoiser.ensemble import ENSEMBLE_SIZES
 from IPv2DenoiseLib.denoiser.model_reference import ModelCatalogue
+from IPv2DenoiseLib.denoiser.strength import DEFAULT_STRENGTH, STRENGTH_RANGE
 from IPv2DenoiseLib.io.dicom_query import SeriesMatch
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,8 @@ POLL_S = 0.2
 #: Folder in the data root that series retrieved from the PACS go into, one folder per series UID.
 PACS_FOLDER = "PACS"
 LAYOUT_ID = "IPv2 comparison"
+#: The page's strength slider moves in steps of this (the command line takes any value in the range).
+STRENGTH_STEP = 0.05
 
 
 @dataclass
@@ -163,6 +166,7 @@ class DenoiseWebApp(TrameApp):
         s.ensembles = list(ENSEMBLE_SIZES)
         s.ensemble = 1
         s.refine = False
+        s.strength = DEFAULT_STRENGTH
         s.adapt = False
         s.preset = "Lung"
         s.presets = list(WINDOW_PRESETS)
@@ -297,13 +301,24 @@ class DenoiseWebApp(TrameApp):
             option_checkbox(
                 "refine", "Refine (collaborative Wiener filtering; about 2 s per slice on a CPU core)"
             )
+            v3.VSlider(
+                v_model=("strength",),
+                min=STRENGTH_RANGE[0],
+                max=STRENGTH_RANGE[1],
+                step=STRENGTH_STEP,
+                label=("'Strength ' + Number(strength).toFixed(2)",),
+                hint="below 1 keeps more of the scan's grain, above 1 smooths more; 1 as validated",
+                persistent_hint=True,
+                density="compact",
+                id="strength",
+            )
             option_checkbox("adapt", "Adapt the model to this scan first (about 15-30 s more on a CPU)")
             with html.Div(classes="d-flex ga-2"):
                 v3.VBtn(
                     "Denoise",
                     id="denoise-btn",
                     color="primary",
-                    click=(self.denoise, "[model, remove_background, ensemble, refine, adapt]"),
+                    click=(self.denoise, "[model, remove_background, ensemble, refine, adapt, strength]"),
                     disabled=("job_busy || !loaded_name",),
                     classes="flex-grow-1",
                 )
@@ -485,6 +500,7 @@ class DenoiseWebApp(TrameApp):
         ensemble: Any = None,
         refine: Any = None,
         adapt: Any = None,
+        strength: Any = None,
     ) -> None:
         """Denoise the open scan with the page's options in the background.
 
@@ -494,7 +510,7 @@ class DenoiseWebApp(TrameApp):
         try:
             if self.source is None:
                 raise UserError("open a CT volume or DICOM series first")
-            options = self._options(model, remove_background, ensemble, refine, adapt)
+            options = self._options(model, remove_background, ensemble, refine, adapt, strength)
         except UserError as exc:
             self._refuse(exc)
             return
@@ -508,12 +524,14 @@ class DenoiseWebApp(TrameApp):
         ensemble: Any = None,
         refine: Any = None,
         adapt: Any = None,
+        strength: Any = None,
     ) -> DenoiseOptions:
         """The page's choices as :class:`DenoiseOptions` (the state's where one is None); a value a
         browser made up is refused."""
         s = self.state
         model = str((s.model if model is None else model) or "")
         ensemble = s.ensemble if ensemble is None else ensemble
+        strength = s.strength if strength is None else strength
         if model not in self.config.models:
             raise UserError(f"model: {model!r} is not one of {', '.join(self.config.models)}")
         try:
@@ -530,6 +548,7 @@ class DenoiseWebApp(TrameApp):
             remove_background=bool(s.remove_background if remove_background is None else remove_background),
             ensemble=ensemble,  # checked against ENSEMBLE_SIZES by DenoiseOptions
             refine=bool(s.refine if refine is None else refine),
+            strength=strength,  # checked against STRENGTH_RANGE by DenoiseOptions
             adapt=bool(s.adapt if adapt is None else adapt),
         )
 

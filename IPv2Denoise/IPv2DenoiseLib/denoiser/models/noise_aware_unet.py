@@ -18,6 +18,7 @@ import torch
 
 from IPv2DenoiseLib.denoiser.models.base import check_input
 from IPv2DenoiseLib.denoiser.models.unet import TwoConv, UNet
+from IPv2DenoiseLib.denoiser.strength import DEFAULT_STRENGTH, check_strength
 from IPv2DenoiseLib.imaging.noise_map import noise_level_and_fineness, noise_level_map
 
 #: Noise map HU per network unit: typical ultra-low-dose noise (20-300 HU) becomes 0.2-3.
@@ -76,7 +77,7 @@ def wants_noise_map(model: torch.nn.Module) -> bool:
     return noise_channels(model) > 0
 
 
-def noise_maps(centre_hu: np.ndarray, channels: int) -> np.ndarray:
+def noise_maps(centre_hu: np.ndarray, channels: int, strength: float = DEFAULT_STRENGTH) -> np.ndarray:
     """The noise channels (network units) of noisy centre slices.
 
     Parameters
@@ -85,6 +86,9 @@ def noise_maps(centre_hu: np.ndarray, channels: int) -> np.ndarray:
         ``[B, H, W]`` noisy slices in HU (the maps are measured on them).
     channels : int
         1: the level map; 2: the level map, then the texture channel (constant over each slice).
+    strength : float
+        The denoising strength (:mod:`~IPv2DenoiseLib.denoiser.strength`): the level map is scaled by
+        it, telling the network the noise is that many times as strong; the texture channel is not.
 
     Returns
     -------
@@ -95,18 +99,25 @@ def noise_maps(centre_hu: np.ndarray, channels: int) -> np.ndarray:
     ------
     ValueError
         ``channels`` is not 1 or 2.
+    UserError
+        ``strength`` is outside :data:`~IPv2DenoiseLib.denoiser.strength.STRENGTH_RANGE`.
     """
     if channels not in (1, 2):
         raise ValueError(f"noise channels: 1 or 2, not {channels}")
+    factor = np.float32(check_strength(strength))  # x * 1.0 is x: the default leaves the map bit for bit
     hu = np.asarray(centre_hu, dtype=np.float32)
     if channels == 1:
-        return noise_map_channel(noise_level_map(hu))[:, None]
+        return (noise_map_channel(noise_level_map(hu)) * factor)[:, None]
     level, fineness = noise_level_and_fineness(hu)  # one coarse residual per slice for both
     texture = (fineness - np.float32(FINENESS_CENTRE)) / np.float32(FINENESS_SCALE)
-    return np.stack([noise_map_channel(level), np.broadcast_to(texture[:, None, None], hu.shape)], axis=1)
+    return np.stack(
+        [noise_map_channel(level) * factor, np.broadcast_to(texture[:, None, None], hu.shape)], axis=1
+    )
 
 
-def with_noise_map(batch: torch.Tensor, centre_hu: np.ndarray, channels: int = 1) -> torch.Tensor:
+def with_noise_map(
+    batch: torch.Tensor, centre_hu: np.ndarray, channels: int = 1, strength: float = DEFAULT_STRENGTH
+) -> torch.Tensor:
     """Append the noise channels of the centre slices to a batch of 2.5D windows.
 
     Parameters
@@ -117,14 +128,21 @@ def with_noise_map(batch: torch.Tensor, centre_hu: np.ndarray, channels: int = 1
         ``[B, H, W]`` noisy centre slices in HU (the maps are measured on them).
     channels : int
         The network's :func:`noise_channels`.
+    strength : float
+        The factor on the level map (:func:`noise_maps`); 1 for training and scan adaptation.
 
     Returns
     -------
     torch.Tensor
         ``[B, k + channels, H, W]``, float32, on the batch's device.
+
+    Raises
+    ------
+    UserError
+        ``strength`` is outside :data:`~IPv2DenoiseLib.denoiser.strength.STRENGTH_RANGE`.
     """
     centre = np.asarray(centre_hu, dtype=np.float32).reshape(batch.shape[0], *batch.shape[-2:])
-    maps = torch.from_numpy(noise_maps(centre, channels)).to(batch.device, batch.dtype)
+    maps = torch.from_numpy(noise_maps(centre, channels, strength)).to(batch.device, batch.dtype)
     return torch.cat([batch, maps], dim=1)
 
 
