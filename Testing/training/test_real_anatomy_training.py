@@ -250,6 +250,9 @@ def test_train_on_real_anatomy_mixed_with_phantoms_records_legs(
         "0.25",
         "--image-texture-share",
         "0.5",
+        "--dose-range",
+        "0.005",
+        "0.03",
         "--val-anatomy",
         str(held_out),
         "--val-slices",
@@ -279,6 +282,11 @@ def test_train_on_real_anatomy_mixed_with_phantoms_records_legs(
     assert set(leg["data"]["training_digests"]) == set(leg["data"]["training"])
     assert "validation_real_seen_before" not in leg["data"]  # no earlier leg trained on it
     assert card["data"]["protocol_ranges"]["image_texture_share"] == 0.5
+    # the dose range the slabs were drawn from, in the card and the leg (a hospital's own protocol)
+    assert card["data"]["protocol_ranges"]["dose"] == [0.005, 0.03] and leg["data"]["dose_range"] == [
+        0.005,
+        0.03,
+    ]
     assert card["history"]["val_start"] == leg["validation_start"]
     # fine-pixel slabs widen the trained pixel sizes the card declares (and `denoise` checks)
     volumes = [*load_clean_volumes([phantom]), *load_anatomy_volumes([real_series])]
@@ -366,6 +374,9 @@ def test_train_refuses_bad_real_anatomy_options(real_series, tmp_path, capsys) -
     assert main([*base, "--real-share", "1.5", "--schedule", "constant"]) == 2
     assert main([*base, "--fine-pixel-share", "-0.1", "--schedule", "constant"]) == 2
     assert main([*base, "--image-texture-share", "1.5"]) == 2
+    for low, high in (("0.04", "0.01"), ("0", "0.02"), ("0.01", "1.5"), ("0.01", "0.01")):
+        assert main([*base, "--dose-range", low, high]) == 2
+    assert main(["train", "--data", str(tmp_path), "--dose-range", "0.01", "0.04", "--out", out]) == 2
     assert main([*base, "--val-anatomy", str(tmp_path / "nope")]) == 2
     assert main([*base, "--val-slices", "0"]) == 2
     # a validation volume that is also trained on is not held out: by name, and by content (the
@@ -382,7 +393,8 @@ def test_train_refuses_bad_real_anatomy_options(real_series, tmp_path, capsys) -
     written = {f.name for f in (tmp_path / "run").glob("*")} if (tmp_path / "run").exists() else set()
     assert written <= {".train.lock"}  # refused before any step: no checkpoint, no weights
     err = capsys.readouterr().err
-    assert err.count("ipv2-denoise train: error:") == 12 and "Traceback" not in err
+    assert err.count("ipv2-denoise train: error:") == 17 and "Traceback" not in err
+    assert err.count("error: --dose-range") == 4  # the four bad ranges, each in one line
     assert f"--val-anatomy real/{real_series.name} is also a training volume" in err
     assert (
         f"--val-anatomy real/copy.nrrd shares {n} of its {n} slices with the training volume "

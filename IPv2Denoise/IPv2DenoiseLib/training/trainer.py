@@ -148,6 +148,9 @@ class TrainConfig:
     #: Share of scanner-noise slabs whose noise gets the ``image`` texture (random phases, no
     #: streaks: iterative reconstructions; :func:`~IPv2DenoiseLib.physics.scanner_noise.image_domain_texture`).
     image_texture_share: float = 0.0
+    #: Dose fractions the scanner-noise slabs are drawn from (log-uniform), low and high: a hospital
+    #: fine-tuning for its own protocol sets its range; None keeps :class:`ProtocolRanges`'s.
+    dose_range: tuple[float, float] | None = None
     #: Held-out real normal-dose CT (as ``anatomy``) to validate on each round, under the
     #: validation protocol in both noise textures; labels are the real scans (their own noise kept).
     val_anatomy: list[str] = field(default_factory=list)
@@ -277,6 +280,13 @@ def _denoise_slices(
             out[z0 : z0 + len(zs)] = net_to_hu(y[:, 0].float().cpu().numpy())
     model.train()
     return out
+
+
+def protocol_ranges(config: TrainConfig) -> ProtocolRanges:
+    """The scanner protocols a run's slabs are drawn from: the defaults, with the run's texture
+    share and dose range."""
+    ranges = ProtocolRanges(image_texture_share=config.image_texture_share)
+    return replace(ranges, dose=tuple(config.dose_range)) if config.dose_range is not None else ranges
 
 
 def validate(
@@ -480,7 +490,7 @@ class Trainer:
                 pool=config.noise_pool,
                 refresh=config.noise_refresh,
                 real_share=config.real_share,
-                ranges=ProtocolRanges(image_texture_share=config.image_texture_share),
+                ranges=protocol_ranges(config),
                 augmentation=Augmentation(fine_pixel_share=config.fine_pixel_share),
                 noise_channels=noise_channels(self.model),
                 device=str(device) if device.type == "cuda" else "cpu",  # simulate on the GPU
@@ -832,6 +842,7 @@ class Trainer:
                 "real_share": sampler.real_share,
                 "fine_pixel_share": sampler.augmentation.fine_pixel_share,
                 "image_texture_share": sampler.ranges.image_texture_share,
+                "dose_range": list(sampler.ranges.dose),
                 "noise_pool": len(sampler.pool),
                 "noise_refresh": sampler.refresh,
                 "slabs": sampler.slabs_made,
@@ -888,6 +899,15 @@ def check_config(config: TrainConfig) -> None:
         raise UserError(
             f"--ema {config.ema}: need a decay between 0 and 1 (0.999: about the last 1,000 steps)"
         )
+    check_scanner_options(config)
+    if config.max_minutes is not None and (config.max_minutes <= 0 or config.schedule != "constant"):
+        raise UserError(
+            "--max-minutes needs a positive number and --schedule constant (its decay follows the clock)"
+        )
+
+
+def check_scanner_options(config: TrainConfig) -> None:
+    """Refuse the shares and the dose range of scanner-noise slabs a user got wrong, one line each."""
     if not 0.0 <= config.real_share <= 1.0:
         raise UserError(f"--real-share {config.real_share}: need a fraction in [0, 1]")
     if not 0.0 <= config.fine_pixel_share <= 1.0 or (config.fine_pixel_share and config.noise != "scanner"):
@@ -900,10 +920,12 @@ def check_config(config: TrainConfig) -> None:
         raise UserError(
             f"--image-texture-share {config.image_texture_share}: need a fraction in [0, 1] and --noise scanner"
         )
-    if config.max_minutes is not None and (config.max_minutes <= 0 or config.schedule != "constant"):
-        raise UserError(
-            "--max-minutes needs a positive number and --schedule constant (its decay follows the clock)"
-        )
+    if config.dose_range is not None:
+        low, high = config.dose_range
+        if config.noise != "scanner" or not (0.0 < low < high <= 1.0):
+            raise UserError(
+                f"--dose-range {low:g} {high:g}: need 0 < LOW < HIGH <= 1 (dose fractions) and --noise scanner"
+            )
 
 
 def train(

@@ -56,6 +56,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "no streaks), as iterative reconstructions give (default 0)",
     )
     parser.add_argument(
+        "--dose-range",
+        nargs=2,
+        type=float,
+        metavar=("LOW", "HIGH"),
+        help="--noise scanner: dose fractions the slabs are drawn from, log-uniform (default 0.01 0.04:"
+        " 1-4 %% of a normal dose); set your protocol's range when fine-tuning",
+    )
+    parser.add_argument(
         "--val-anatomy",
         nargs="*",
         default=[],
@@ -246,6 +254,7 @@ def run(args: argparse.Namespace) -> int:
         real_share=args.real_share,
         fine_pixel_share=args.fine_pixel_share,
         image_texture_share=args.image_texture_share,
+        dose_range=tuple(args.dose_range) if args.dose_range else None,
         val_anatomy=[str(p) for p in args.val_anatomy],
         val_slices=args.val_slices,
         max_minutes=args.max_minutes,
