@@ -180,6 +180,33 @@ def test_an_unreachable_pacs_is_one_line(tmp_path) -> None:
         find_series(DicomNode("127.0.0.1", free_port(), "NOBODY"), timeout=2)
 
 
+def test_a_search_the_pacs_cut_short_is_refused_naming_the_cap() -> None:
+    """A real pynetdicom peer answers a study search with one match, then ends it 0xFE00, as a PACS
+    capping its C-FIND answers (Orthanc's LimitFindResults) does: the search is refused in one line
+    that names the cap, not shown as if the one match were all (until 2026-12-07 the line asked
+    whether the PACS allowed our AE title)."""
+
+    def on_find(event):
+        match = Dataset()
+        match.QueryRetrieveLevel = "STUDY"
+        match.StudyInstanceUID, match.PatientID, match.StudyDate = "1.2.3.4", "P1", "20260101"
+        yield 0xFF00, match
+        yield 0xFE00, None
+
+    ae = AE(ae_title="CAPPED")
+    ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_FIND, on_find)])
+    try:
+        with pytest.raises(UserError) as refused:
+            find_series(DicomNode("127.0.0.1", port, "CAPPED"), patient="P*", timeout=5)
+    finally:
+        server.shutdown()
+    message = str(refused.value)
+    assert "cut its answer short" in message and "LimitFindResults" in message and "\n" not in message
+    assert "AE title" not in message
+
+
 @contextmanager
 def hostile_pacs(
     *instances: pydicom.Dataset,

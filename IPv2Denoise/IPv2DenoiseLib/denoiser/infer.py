@@ -343,24 +343,8 @@ class Denoiser:
         return total / ensemble if ensemble > 1 else total
 
     def check_strength(self, strength: object) -> float:
-        """``strength`` if this network can be run at it, else one line naming the network.
-
-        Parameters
-        ----------
-        strength : object
-            A denoising strength (:mod:`~IPv2DenoiseLib.denoiser.strength`).
-
-        Returns
-        -------
-        float
-            The strength.
-
-        Raises
-        ------
-        UserError
-            Outside :data:`~IPv2DenoiseLib.denoiser.strength.STRENGTH_RANGE`, or other than 1 for a
-            network without a noise level map input.
-        """
+        """``strength`` if this network can be run at it (:func:`~IPv2DenoiseLib.denoiser.strength.check_strength`
+        with this network's name and whether it takes a noise map); :class:`UserError` otherwise."""
         return check_strength(strength, model=self.name, takes_noise_map=wants_noise_map(self.model))
 
     # ----------------------------------------------------------------------------------- loading

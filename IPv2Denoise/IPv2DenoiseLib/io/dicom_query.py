@@ -405,31 +405,15 @@ def _identifier(level: str, fields: Iterable[str], query: dict[str, str]) -> Dat
 
 
 def _c_find(
-    node: DicomNode,
-    identifier: Dataset,
-    fields: Iterable[str],
-    *,
-    calling_aet: str,
-    timeout: float,
-    limit: int,
-    cancel: CancelToken | None,
-    deadline: _Deadline | None = None,
+    node: DicomNode, identifier: Dataset, fields: Iterable[str], **options: Any
 ) -> list[dict[str, str]]:
-    """The first ``limit`` matches of one C-FIND; an answer the PACS cut short is refused."""
-    rows, cut_short = _c_find_matches(
-        node,
-        identifier,
-        fields,
-        calling_aet=calling_aet,
-        timeout=timeout,
-        limit=limit,
-        cancel=cancel,
-        deadline=deadline,
-    )
+    """The first ``limit`` matches of one C-FIND (``options``: those of :func:`_c_find_matches`); an
+    answer the PACS cut short is refused: a search must not show part of what matches as all of it."""
+    rows, cut_short = _c_find_matches(node, identifier, fields, **options)
     if cut_short:
         raise UserError(
-            f"C-FIND on {node} refused: status 0x{_CUT_SHORT:04X}"
-            " (does the PACS allow queries from our calling AE title?)"
+            f"C-FIND on {node}: the PACS cut its answer short (status 0x{_CUT_SHORT:04X}: a cap on"
+            " C-FIND answers, e.g. Orthanc's LimitFindResults); narrow the search or lift the cap"
         )
     return rows
 
