@@ -415,6 +415,7 @@ def network_rows(
     ensembles: tuple[int, ...],
     remove_background: bool,
     refines: tuple[bool, ...] = (False,),
+    strength: float = 1.0,
 ) -> None:
     """One network (and, with ``adapt``, its copy fine-tuned on this noisy image) at each ensemble
     size, without and (``refines``) with ``--refine``: a row each, with the seconds spent
@@ -429,7 +430,9 @@ def network_rows(
     for name, model, record, spent in variants:
         for n in ensembles:
             t = time.monotonic()
-            out = model.denoise_array(noisy[None], device="cpu", remove_background=False, ensemble=n)[0]
+            out = model.denoise_array(
+                noisy[None], device="cpu", remove_background=False, ensemble=n, strength=strength
+            )[0]
             seconds = spent + time.monotonic() - t
             for refine in refines:
                 t = time.monotonic()
@@ -455,6 +458,7 @@ def evaluate_image(
     adapt: AdaptConfig | None = None,
     ensembles: tuple[int, ...] = (1,),
     refines: tuple[bool, ...] = (False,),
+    strength: float = 1.0,
 ) -> dict:
     cache = cache or OutputCache(None)
     labels = model_labels(models, adapt=adapt is not None, ensembles=ensembles, refines=refines)
@@ -494,6 +498,7 @@ def evaluate_image(
                 ensembles=ensembles,
                 remove_background=remove_background,
                 refines=refines,
+                strength=strength,
             )
         oracle = max((k for k in rows if k.endswith("_oracle")), key=lambda k: rows[k]["psnr"])
         result["noise"][noise_name] = {
@@ -625,6 +630,12 @@ def main(argv: list[str] | None = None) -> int:
         help="also run every network row with the collaborative Wiener refinement (denoise --refine)",
     )
     parser.add_argument(
+        "--strength",
+        type=float,
+        default=1.0,
+        help="run every network at this denoising strength (denoise --strength; rows named MODEL@S)",
+    )
+    parser.add_argument(
         "--volume",
         nargs="+",
         default=[],
@@ -657,6 +668,8 @@ def main(argv: list[str] | None = None) -> int:
         args.model if args.model is not None else (["default"] if not args.weights else [])
     ) + args.weights
     models = load_models(specs)
+    if args.strength != 1.0:  # the rows say the strength they were run at
+        models = [(f"{label}@{args.strength:g}", den) for label, den in models]
     steps = args.adapt_steps or AdaptConfig.max_iterations
     adapt = AdaptConfig(seconds=args.adapt, max_iterations=steps) if args.adapt else None
     ensembles = (1, args.ensemble) if args.ensemble > 1 else (1,)
@@ -678,6 +691,7 @@ def main(argv: list[str] | None = None) -> int:
                 adapt=adapt,
                 ensembles=ensembles,
                 refines=refines,
+                strength=args.strength,
             )
     summary = print_table(results, labels)
     write_figure(results, labels, Path(args.figure))

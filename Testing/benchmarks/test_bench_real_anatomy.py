@@ -85,3 +85,20 @@ def test_dev_volume_is_scored_against_tuned_classical_oracles_and_keeps_the_test
         assert margin == pytest.approx(rows["model:fast"]["psnr"] - rows[result["best_oracle"]]["psnr"])
         assert rows["model:fast"]["psnr"] > rows["input"]["psnr"] + 3.0  # the network denoises this slice
     assert (committed.read_bytes() if committed.exists() else None) == before
+    # --strength: every network row at that denoising strength, named for it, and a different image
+    weaker = tmp_path / "dev_weaker.json"
+    code = bench_real_anatomy.main(
+        ["--volume", f"{path}:1", "--bm3d", "off", "--model", "fast", "--threads", "1", "--strength", "0.7"]
+        + ["--json", str(weaker), "--figure", str(tmp_path / "dev_weaker.png")]
+    )
+    assert code == 0
+    for name, result in json.loads(weaker.read_text())["images"]["dev@1"]["noise"].items():
+        rows = result["rows"]
+        assert (
+            "model:fast" not in rows
+            and rows["model:fast@0.7"]["psnr"] != noise[name]["rows"]["model:fast"]["psnr"]
+        )
+        # the same oracles (the same noisy image): only the network rows moved
+        assert rows[result["best_oracle"]]["psnr"] == pytest.approx(
+            noise[name]["rows"][result["best_oracle"]]["psnr"]
+        )
