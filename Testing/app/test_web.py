@@ -359,8 +359,8 @@ def trickling_dicomweb() -> Iterator[str]:
             except (BrokenPipeError, ConnectionResetError):  # the client hung up
                 pass
 
-        def log_message(self, *args) -> None:  # quiet
-            pass
+        def log_message(self, *args) -> None:
+            """Quiet: the test reports its assertions, not the server's access log."""
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()

@@ -593,8 +593,8 @@ def fake_dicomweb(
                 pass
             record.sent.append(sent)
 
-        def log_message(self, *args) -> None:  # quiet
-            pass
+        def log_message(self, *args) -> None:
+            """Quiet: the test reports its assertions, not the server's access log."""
 
     server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
     if tls is not None:  # the handshake in each answer's thread, not in the accepting one
