@@ -8,6 +8,7 @@ the race is deterministic, and a ``kill -9`` of the holder must release it.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -134,6 +135,46 @@ def test_a_waiting_claim_is_taken_when_its_holder_dies(tmp_path) -> None:
     assert taken.wait(timeout=30), "the claim of a killed holder was never taken"
     waiter.join(timeout=30)
     assert not (tmp_path / STAGING_DIR).exists()
+
+
+def test_a_lock_file_left_by_a_killed_holder_is_cleaned_and_a_held_one_kept(tmp_path) -> None:
+    """A holder killed inside its claim leaves its lock file (the kernel only releases the lock).
+    The staging clean-up removes that file, and never the file of a claim that is still held."""
+    from IPv2DenoiseLib.core.atomic import clean_stale_staging
+
+    dead, alive = tmp_path / "dead.nrrd", tmp_path / "alive.nrrd"
+    Holder(dead).kill()
+    holder = Holder(alive)
+    try:
+        staging = tmp_path / STAGING_DIR
+        assert {p.name for p in staging.iterdir()} == {"dead.nrrd.lock", "alive.nrrd.lock"}
+        assert clean_stale_staging(tmp_path) == []  # lock files only when asked (a batch's end)
+        removed = clean_stale_staging(tmp_path, locks=True)
+        assert [p.name for p in removed] == ["dead.nrrd.lock"]
+        assert [p.name for p in staging.iterdir()] == ["alive.nrrd.lock"]
+        with pytest.raises(UserError, match="being written by another run"):  # still held
+            with claim_output(alive):
+                pass
+    finally:
+        holder.kill()
+    assert [p.name for p in clean_stale_staging(tmp_path, locks=True)] == ["alive.nrrd.lock"]
+    assert not (tmp_path / STAGING_DIR).exists()
+
+
+def test_a_batch_ends_without_the_lock_of_a_worker_killed_after_its_record(batch_archive, tmp_path) -> None:
+    """The race behind a red CI run: a Ray worker killed after it recorded a case but before it
+    removed the case's lock file. Its retry finds the record and never claims the case, so the
+    lock file stayed in OUT; the batch's final clean-up now removes it."""
+    archive, _ = batch_archive
+    source = tmp_path / "archive"
+    shutil.copytree(archive / "site_a", source / "site_a")
+    out = tmp_path / "out"
+    assert cli_main(["batch", str(source), str(out), "--prefetch", "0"]) == 1  # site_a has a corrupt study
+    Holder(out / "site_a" / "p01.nrrd").kill()  # the killed worker's leftover
+    assert (out / "site_a" / STAGING_DIR / "p01.nrrd.lock").is_file()
+    assert cli_main(["batch", str(source), str(out)]) == 1
+    assert "site_a/p01,skipped" in (out / "batch-summary.csv").read_text()  # verified from its record
+    assert not [p for p in out.rglob("*") if STAGING_DIR in p.parts]
 
 
 def test_no_clobber_writes_never_replace_what_another_writer_made_meanwhile(tmp_path) -> None:

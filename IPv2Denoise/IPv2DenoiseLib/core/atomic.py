@@ -24,12 +24,23 @@ from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.paths import make_in_shared_folder
 
 try:  # POSIX; on Windows the claim falls back to the no-clobber rename alone
-    from IPv2DenoiseLib.core.locks import lock_holder, open_lock_file, record_holder, try_lock
+    from IPv2DenoiseLib.core.locks import (
+        lock_holder,
+        open_lock_file,
+        record_holder,
+        remove_if_unheld,
+        try_lock,
+    )
 except ImportError:  # pragma: no cover - Windows (no fcntl)
-    open_lock_file = None
+    open_lock_file = remove_if_unheld = None
 
 #: Name of the hidden staging folder created beside outputs while they are written.
 STAGING_DIR = ".ipv2-denoise-tmp"
+#: Name suffix of a claim's lock file in the staging folder (:func:`claim_output`).
+LOCK_SUFFIX = ".lock"
+#: Seconds a claim that does not wait still retries before it refuses: a staging clean-up
+#: (``clean_stale_staging(locks=True)``) holds an unheld lock file for an instant while it tests it.
+CLAIM_GRACE_S = 0.5
 #: Seconds between two tries of a claim that waits for its holder (``claim_output(wait=True)``).
 CLAIM_POLL_S = 0.1
 
@@ -54,11 +65,14 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def clean_stale_staging(folder: str | os.PathLike) -> list[Path]:
+def clean_stale_staging(folder: str | os.PathLike, *, locks: bool = False) -> list[Path]:
     """Remove what crashed writers left in ``folder``'s staging folder; returns what was removed.
 
     Only entries made on this host by a process that is no longer running are removed, so a
     concurrent writer (another process, or another machine on a shared disk) is never disturbed.
+    With ``locks``, claim lock files (:func:`claim_output`) that no process holds are removed
+    too: testing one holds it for an instant, so only a caller whose claimers wait (a batch run's
+    end) asks for it; a plain claim retries for :data:`CLAIM_GRACE_S` besides.
     """
     staging = Path(folder) / STAGING_DIR
     removed: list[Path] = []
@@ -70,6 +84,12 @@ def clean_stale_staging(folder: str | os.PathLike) -> list[Path]:
     except FileNotFoundError:  # removed by a writer that finished meanwhile
         return removed
     for entry in entries:
+        if entry.name.endswith(LOCK_SUFFIX):
+            if (
+                locks and remove_if_unheld is not None and remove_if_unheld(entry)
+            ):  # a claim whose holder died before it removed its file
+                removed.append(entry)
+            continue
         parts = entry.name.split("-")
         if len(parts) < 3 or parts[0] != host or not parts[1].isdigit():
             continue
@@ -90,12 +110,15 @@ def clean_stale_staging_tree(root: str | os.PathLike) -> list[Path]:
 
     A batch run calls it at its end: a worker killed mid-write (``kill -9``, out of memory) leaves
     its private staging entry in whichever folder it was writing, and the retry may never write
-    in that folder again. Entries of live writers are kept, as in :func:`clean_stale_staging`.
+    in that folder again. A worker killed after it recorded a case but before it removed the case's
+    lock file leaves that file, and the retry, which finds the record, never claims the case: such
+    unheld lock files are removed too. Entries of live writers are kept, as in
+    :func:`clean_stale_staging`.
     """
     removed: list[Path] = []
     for staging in sorted(Path(root).rglob(STAGING_DIR)):
         if staging.is_dir() and not staging.is_symlink():
-            removed += clean_stale_staging(staging.parent)
+            removed += clean_stale_staging(staging.parent, locks=True)
     return removed
 
 
@@ -304,7 +327,8 @@ def claim_output(path: str | os.PathLike, *, what: str = "OUT", wait: bool = Fal
     is an ``flock`` on ``<folder>/.ipv2-denoise-tmp/<name>.lock``: the kernel releases it when
     the holder dies (``kill -9`` included), so a crashed run never blocks the next one. The lock
     file names the holder (host and pid) for the error message. Call it after the output checks
-    and before the work; the first writer wins, the second gets :class:`UserError`.
+    and before the work; the first writer wins, the second gets :class:`UserError` (after
+    :data:`CLAIM_GRACE_S` of retries, which a staging clean-up testing the lock file may need).
 
     With ``wait`` the second writer waits until the holder releases the claim (or dies) instead,
     then holds it: for a retried batch case whose first attempt may still be running, which then
@@ -315,12 +339,13 @@ def claim_output(path: str | os.PathLike, *, what: str = "OUT", wait: bool = Fal
     if open_lock_file is None:  # pragma: no cover - Windows: the no-clobber rename still protects the output
         yield
         return
-    lock = staging / f"{path.name}.lock"
+    lock = staging / f"{path.name}{LOCK_SUFFIX}"
+    grace_until = time.monotonic() + CLAIM_GRACE_S
     while True:
         fd = open_lock_file(lock)
         if not try_lock(fd):
             os.close(fd)
-            if wait:
+            if wait or time.monotonic() < grace_until:
                 time.sleep(CLAIM_POLL_S)
                 continue
             raise UserError(

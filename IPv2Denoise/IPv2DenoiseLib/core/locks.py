@@ -93,6 +93,43 @@ def record_holder(fd: int) -> None:
     os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode(), 0)
 
 
+def remove_if_unheld(path: str | os.PathLike) -> bool:
+    """Remove the lock file ``path`` when no process holds its lock; True when it was removed.
+
+    A holder killed between creating its lock file and removing it (``kill -9`` inside a claim's
+    first lines, or a second attempt killed while it waited) leaves the file behind; the kernel
+    has released its lock. Removing it is safe against a claimer that opened the file meanwhile:
+    claimers check, once locked, that the name still leads to the file they locked, and retry.
+    The file is never created here, and a symbolic link is never followed.
+
+    Parameters
+    ----------
+    path : path-like
+        The lock file.
+
+    Returns
+    -------
+    bool
+        Whether the file was removed (False: held, gone already, or not a regular file).
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+    except OSError:  # gone, a link, or not ours to open
+        return False
+    try:
+        if not try_lock(fd):
+            return False
+        try:
+            if os.fstat(fd).st_ino != os.stat(path).st_ino:  # replaced after we opened it
+                return False
+        except FileNotFoundError:
+            return False
+        os.unlink(path)
+        return True
+    finally:
+        os.close(fd)
+
+
 def lock_holder(path: str | os.PathLike) -> str:
     """Who holds a lock, as its file says (``pid N on host H``), for a refusal message.
 
@@ -113,4 +150,4 @@ def lock_holder(path: str | os.PathLike) -> str:
     return text or "pid ? on host ?"
 
 
-__all__ = ["lock_holder", "open_lock_file", "record_holder", "try_lock", "unlock"]
+__all__ = ["lock_holder", "open_lock_file", "record_holder", "remove_if_unheld", "try_lock", "unlock"]
