@@ -5,7 +5,7 @@ and the web app all run a scan through :class:`DenoisePipeline`, configured per 
 :class:`DenoiseOptions` (model, device, background removal, ensemble, refinement, strength, adaptation). So
 every front end warns alike (training range, truncated field of view, reorientation), records the same
 provenance in what it writes (the model, its checksum, a fine-tuning on the scan, the refinement, a strength
-other than 1) and loads the model through the one
+other than 1, a test-time ensemble) and loads the model through the one
 :class:`~IPv2DenoiseLib.denoiser.model_reference.ModelReference`.
 
 The pipeline holds the loaded network, so a long-running front end (``batch``, ``serve``, the
@@ -225,7 +225,8 @@ class DenoisePipeline:
 
     def denoiser(self) -> Denoiser:
         """The network, loaded once per pipeline; a strength other than 1 on a network without a noise
-        map is refused here, before any scan (``batch`` and ``serve`` load it first)."""
+        map is refused here, before any scan (``serve`` and each ``batch`` worker load it first; the
+        ``batch`` command asks the model card before it touches OUT)."""
         if self._denoiser is None:
             self.stages.start("model", "loading the model")
             denoiser = self.reference.load(ensemble=self.options.ensemble, refine=self.options.refine)
@@ -296,7 +297,11 @@ class DenoisePipeline:
         for message in result.meta.get("warnings", []):
             note(message)
         provenance = self.reference.provenance(
-            denoiser.card, adapted=adapted, refined=self.options.refine, strength=self.options.strength
+            denoiser.card,
+            adapted=adapted,
+            refined=self.options.refine,
+            strength=self.options.strength,
+            ensemble=self.options.ensemble,
         )
         return DenoiseOutcome(
             volume, result, self.reference.name, provenance, warnings, adapted, noise_before

@@ -32,6 +32,8 @@ class ModelProvenance:
     refined: bool = False
     #: The denoising strength (``--strength``): the factor on the network's noise level map; 1 as validated.
     strength: float = 1.0
+    #: The test-time ensemble size (``--ensemble``): the mean over this many flipped and rotated passes; 1: one pass.
+    ensemble: int = 1
 
     @classmethod
     def from_card(
@@ -42,10 +44,11 @@ class ModelProvenance:
         default_version: str = "unversioned",
         refined: bool = False,
         strength: float = 1.0,
+        ensemble: int = 1,
     ) -> ModelProvenance:
         """From a model card (:mod:`IPv2DenoiseLib.denoiser.weights`): ``version``, ``sha256``, ``strategy``,
         and ``adapted`` (the record of ``training.adapt`` when the model was fine-tuned on the scan);
-        ``refined`` and ``strength`` as the run had them."""
+        ``refined``, ``strength`` and ``ensemble`` as the run had them."""
         card = card or {}
         adapted = card.get("adapted")
         return cls(
@@ -56,6 +59,7 @@ class ModelProvenance:
             adapted=f"{adapted['iterations']} steps in {adapted['seconds']:.0f} s" if adapted else None,
             refined=bool(refined),
             strength=float(strength),
+            ensemble=int(ensemble),
         )
 
     def to_record(self) -> dict[str, Any]:
@@ -72,18 +76,20 @@ class ModelProvenance:
         Raises
         ------
         ValueError
-            A field of the wrong type, or no model name.
+            A field of the wrong type, an ensemble below 1, or no model name.
         """
         values: dict[str, Any] = {}
         for spec in fields(cls):
             value = record.get(spec.name)
             if value is None:
                 continue
-            wanted = {"refined": bool, "strength": float}.get(spec.name, str)
+            wanted = {"refined": bool, "strength": float, "ensemble": int}.get(spec.name, str)
             if wanted is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)  # a whole strength, as JSON may write it
-            if not isinstance(value, wanted):
+            if not isinstance(value, wanted) or (wanted is int and isinstance(value, bool)):
                 raise ValueError(f"provenance field {spec.name!r} is not a {wanted.__name__}")
+            if spec.name == "ensemble" and value < 1:
+                raise ValueError(f"provenance field 'ensemble' must be at least 1, got {value}")
             values[spec.name] = value
         if not values.get("name"):
             raise ValueError("provenance without a model name")
@@ -105,9 +111,14 @@ class ModelProvenance:
             if self.strength != 1.0
             else ""
         )
+        ensemble = (
+            f", averaged over {self.ensemble} flipped and rotated passes (test-time ensemble)"
+            if self.ensemble > 1
+            else ""
+        )
         return (
             f"Denoised by {SOFTWARE_NAME} {__version__}: model {self.name} version {self.version}{weights}, "
-            f"training strategy {self.strategy}{adapted}{refined}{strength} (see the model card; "
+            f"training strategy {self.strategy}{adapted}{refined}{strength}{ensemble} (see the model card; "
             "IPv2 image purification: Gong & Yu, arXiv 2602.19314)"
         )
 

@@ -26,6 +26,7 @@ from IPv2DenoiseLib import __version__
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.provenance import ModelProvenance
 from IPv2DenoiseLib.core.resources import models_dir
+from IPv2DenoiseLib.denoiser.ensemble import check_ensemble
 from IPv2DenoiseLib.denoiser.strength import DEFAULT_STRENGTH, check_strength
 
 if TYPE_CHECKING:
@@ -364,10 +365,12 @@ class ModelReference:
         adapted: Mapping[str, Any] | None = None,
         refined: bool = False,
         strength: float = DEFAULT_STRENGTH,
+        ensemble: int = 1,
     ) -> ModelProvenance:
         """What a derived output says about its model; ``card`` is the loaded model's (else read
         from disk), ``adapted`` the record of a scan-adaptive fine-tuning (``iterations``, ``seconds``),
-        ``refined`` whether ``--refine`` ran, ``strength`` the denoising strength (``--strength``)."""
+        ``refined`` whether ``--refine`` ran, ``strength`` the denoising strength (``--strength``),
+        ``ensemble`` the test-time ensemble size (``--ensemble``)."""
         card = dict(self.card() if card is None else card)
         if self.sha256 and not card.get("sha256"):
             card["sha256"] = self.sha256
@@ -379,6 +382,7 @@ class ModelReference:
             default_version=__version__ if self.registered else "unversioned",
             refined=refined,
             strength=check_strength(strength),
+            ensemble=check_ensemble(ensemble),
         )
 
 

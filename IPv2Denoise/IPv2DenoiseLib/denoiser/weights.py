@@ -21,8 +21,9 @@ from safetensors.torch import save_file
 from IPv2DenoiseLib.core.atomic import atomic_path
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.denoiser.model_reference import card_path, read_card
-from IPv2DenoiseLib.denoiser.models import build_model, count_parameters, flops_per_voxel
+from IPv2DenoiseLib.denoiser.models import MODEL_CLASSES, build_model, count_parameters, flops_per_voxel
 from IPv2DenoiseLib.denoiser.models.base import Denoiser2p5D
+from IPv2DenoiseLib.denoiser.models.noise_aware_unet import noise_channels
 from IPv2DenoiseLib.denoiser.normalization import NORMALIZATION
 
 #: Card keys :func:`save_model` fills in itself (a caller's values for these are replaced).
@@ -159,6 +160,67 @@ def _check_state_fits(path: Path, arch: str, kwargs: dict[str, Any], state: dict
         )
 
 
+def _not_safetensors(path: Path, exc: Exception) -> UserError:
+    return UserError(f"weights file {str(path)!r} is not a valid safetensors file: {exc}")
+
+
+def _card_from_header(path: Path, header: dict[str, str]) -> dict[str, Any]:
+    """The card of a weights file without one: what :func:`save_model` wrote into its header."""
+    if "architecture" not in header:
+        raise UserError(f"weights file {str(path)!r} has no model card and no architecture in its header")
+    try:
+        header_kwargs = json.loads(header.get("kwargs", "{}"))
+    except json.JSONDecodeError as exc:
+        raise UserError(f"weights file {str(path)!r}: its header's kwargs are not JSON ({exc})") from None
+    return {
+        "architecture": header["architecture"],
+        "kwargs": header_kwargs,
+        "normalization": header.get("normalization"),
+    }
+
+
+def takes_noise_map(path: str | os.PathLike) -> bool:
+    """Whether the network of a weights file takes a noise level map, from its model card (else the
+    file's header) alone: no tensor is read, no checksum taken, no network built.
+
+    ``batch`` asks it before any work, so that a ``--strength`` the network cannot take is refused
+    at once; :func:`load_model` reads the same card or header.
+
+    Parameters
+    ----------
+    path : path-like
+        The ``.safetensors`` file. Its model card (``.json`` next to it) is read if present.
+
+    Returns
+    -------
+    bool
+        True for the noise-aware architectures (``unet-nm``, ``unet-nmt``).
+
+    Raises
+    ------
+    UserError
+        Missing or corrupt file, an invalid card, no architecture or an unknown one.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"weights file {str(path)!r} does not exist")
+    card = read_card(path)
+    if card is None:
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                header = f.metadata() or {}
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise _not_safetensors(path, exc) from None
+        card = _card_from_header(path, header)
+    arch = str(card.get("architecture"))
+    network = MODEL_CLASSES.get(arch)
+    if network is None:
+        raise UserError(
+            f"weights {str(path)!r}: unknown architecture {arch!r}; known: {', '.join(sorted(MODEL_CLASSES))}"
+        )
+    return noise_channels(network) > 0  # a class attribute of the network
+
+
 def load_model(
     path: str | os.PathLike, *, expected_sha256: str | None = None
 ) -> tuple[Denoiser2p5D, dict[str, Any]]:
@@ -199,19 +261,9 @@ def load_model(
             header = f.metadata() or {}
             state = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
-        raise UserError(f"weights file {str(path)!r} is not a valid safetensors file: {exc}") from None
+        raise _not_safetensors(path, exc) from None
     if card is None:
-        if "architecture" not in header:
-            raise UserError(f"weights file {str(path)!r} has no model card and no architecture in its header")
-        try:
-            header_kwargs = json.loads(header.get("kwargs", "{}"))
-        except json.JSONDecodeError as exc:
-            raise UserError(f"weights file {str(path)!r}: its header's kwargs are not JSON ({exc})") from None
-        card = {
-            "architecture": header["architecture"],
-            "kwargs": header_kwargs,
-            "normalization": header.get("normalization"),
-        }
+        card = _card_from_header(path, header)
     card = {**card, "sha256": digest}
     norm = card.get("normalization")
     if norm is not None and norm != NORMALIZATION:
@@ -234,4 +286,4 @@ def load_model(
     return model, card
 
 
-__all__ = ["DERIVED_KEYS", "card_path", "load_model", "save_model", "sha256_file"]
+__all__ = ["DERIVED_KEYS", "card_path", "load_model", "save_model", "sha256_file", "takes_noise_map"]

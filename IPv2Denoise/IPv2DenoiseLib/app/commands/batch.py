@@ -23,7 +23,7 @@ from IPv2DenoiseLib.core.atomic import clean_stale_staging_tree, make_output_fol
 from IPv2DenoiseLib.core.errors import ExitCode, UserError
 from IPv2DenoiseLib.core.paths import safe_component
 from IPv2DenoiseLib.core.progress import JsonLinesProgress, make_progress
-from IPv2DenoiseLib.denoiser.strength import DEFAULT_STRENGTH
+from IPv2DenoiseLib.denoiser.strength import DEFAULT_STRENGTH, check_strength
 
 NAME = "batch"
 HELP = (
@@ -209,7 +209,12 @@ def run(args: argparse.Namespace) -> int:
     options = DenoiseOptions.from_args(args)
     reference = options.reference()  # an unknown model or tier fails before OUT is touched
     if options.strength != DEFAULT_STRENGTH:  # so does a strength the model cannot take (Ray workers too)
-        reference.load().check_strength(options.strength)
+        # lazy: torch; the model card (or the weights' header) says it, no network is loaded here
+        from IPv2DenoiseLib.denoiser.weights import takes_noise_map
+
+        check_strength(
+            options.strength, model=reference.name, takes_noise_map=takes_noise_map(reference.weights)
+        )
     check_paths(input_path, out_root)
     with batch_lock(out_root, shard):  # held until the summary is written
         return _locked_run(args, input_path, out_root, start)

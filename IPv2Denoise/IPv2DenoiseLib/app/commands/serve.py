@@ -215,13 +215,16 @@ def _serve(args: argparse.Namespace) -> int:
     pipeline = DenoisePipeline(DenoiseOptions.from_args(args))
     device = pipeline.device  # "--device cuda" without a GPU fails before the model loads
     denoiser = pipeline.denoiser()  # loaded once, before the job threads share it
-    provenance = pipeline.reference.provenance(denoiser.card, strength=pipeline.options.strength)
+    provenance = pipeline.reference.provenance(
+        denoiser.card, strength=pipeline.options.strength, ensemble=pipeline.options.ensemble
+    )
     logging.getLogger("ipv2denoise.node").info(
-        "model %s (sha256 %s) on %s, denoising strength %g",
+        "model %s (sha256 %s) on %s, denoising strength %g, test-time ensemble %d",
         denoiser.name,
         provenance.sha256,
         describe_device(device),
         provenance.strength,
+        provenance.ensemble,
     )
     config = NodeConfig(
         aet=args.aet,

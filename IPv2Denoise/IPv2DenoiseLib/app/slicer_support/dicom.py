@@ -2,9 +2,9 @@
 
 A denoised node carries how it was made in the attribute :data:`PROVENANCE_ATTRIBUTE` (set by
 :class:`~IPv2DenoiseLib.app.slicer_support.job.DenoiseJob`): the model, a weights file, the record
-of a fine-tuning on the scan (*Adapt*), the refinement, the strength and the warnings. The export
-writes exactly that into the derived series, as ``ipv2-denoise denoise --dicom`` does, whatever
-happened in the scene since.
+of a fine-tuning on the scan (*Adapt*), the refinement, the strength, the ensemble and the warnings.
+The export writes exactly that into the derived series, as ``ipv2-denoise denoise --dicom`` does,
+whatever happened in the scene since.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from IPv2DenoiseLib.app.pipeline import DenoiseOptions
 from IPv2DenoiseLib.app.slicer_support.scene import node_geometry, volume_from_node
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.core.provenance import ModelProvenance
+from IPv2DenoiseLib.denoiser.ensemble import check_ensemble
 from IPv2DenoiseLib.denoiser.model_reference import ModelReference
 from IPv2DenoiseLib.denoiser.strength import DEFAULT_STRENGTH, check_strength
 
@@ -53,6 +54,7 @@ def store_provenance(
         "adapted": dict(adapted) if adapted else None,
         "refined": bool(options.refine),
         "strength": options.strength,
+        "ensemble": options.ensemble,
         "warnings": list(warnings or []),
         "provenance": dict(provenance) if provenance else None,
     }
@@ -121,8 +123,15 @@ def node_provenance(node, *, model_name: str = "") -> tuple[ModelProvenance, lis
         strength = check_strength(record.get("strength", DEFAULT_STRENGTH))
     except UserError:
         strength = DEFAULT_STRENGTH
+    try:  # likewise a record from before the ensemble was kept: one pass
+        ensemble = check_ensemble(record.get("ensemble", 1))
+    except UserError:
+        ensemble = 1
     provenance = reference.provenance(
-        adapted=record.get("adapted"), refined=bool(record.get("refined")), strength=strength
+        adapted=record.get("adapted"),
+        refined=bool(record.get("refined")),
+        strength=strength,
+        ensemble=ensemble,
     )
     return provenance, warnings
 
