@@ -5,26 +5,14 @@ ensemble is checked like its other fields."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-import pydicom
 import pytest
+from test_strength_provenance import denoise_to_dicom  # the same run, with --ensemble instead
 
-from IPv2DenoiseLib.app.cli import main
 from IPv2DenoiseLib.core.provenance import ModelProvenance
 
 #: What DerivationDescription adds for an ensemble of N (N > 1).
 CLAUSE = "averaged over {} flipped and rotated passes (test-time ensemble)"
-
-
-def denoise_to_dicom(source: Path, out: Path, capsys, *ensemble: str) -> tuple[list[pydicom.Dataset], dict]:
-    """``denoise SOURCE OUT --dicom`` with the fast tier (and ``--ensemble``): the derived series'
-    datasets and the provenance record the run printed (what the Slicer job keeps on its node)."""
-    assert main(["denoise", str(source), str(out), "--dicom", "--model", "fast", "--device", "cpu",
-                 "--json-progress", *ensemble]) == 0  # fmt: skip
-    records = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
-    provenance = next(r["provenance"] for r in records if "provenance" in r)
-    return [pydicom.dcmread(f) for f in sorted(out.iterdir())], provenance
 
 
 def test_denoise_writes_the_ensemble_into_the_derived_series(ct_series, tmp_path, capsys) -> None:
