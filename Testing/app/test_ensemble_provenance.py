@@ -50,6 +50,15 @@ def test_a_scene_files_ensemble_must_be_a_whole_number_of_passes(value) -> None:
         ModelProvenance.from_record(record)
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 0.0, -0.7])
+def test_a_scene_files_strength_must_be_a_positive_number(value) -> None:
+    """The strength of a record is checked too: NaN, infinity, zero or a negative is refused."""
+    record = ModelProvenance(name="unet-nm-ipv2").to_record() | {"strength": value}
+    with pytest.raises(ValueError, match="'strength'"):
+        ModelProvenance.from_record(record)
+    assert ModelProvenance.from_record(record | {"strength": 0.7}).strength == 0.7
+
+
 def test_the_slicer_node_keeps_the_ensemble_for_its_export(tmp_path) -> None:
     """The denoised node's record names the ensemble; a node whose run reported no provenance (or a
     damaged one) is described from that record, an unusable ensemble there read as one pass."""

@@ -8,6 +8,7 @@ pydicom.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -76,7 +77,8 @@ class ModelProvenance:
         Raises
         ------
         ValueError
-            A field of the wrong type, an ensemble below 1, or no model name.
+            A field of the wrong type, an ensemble below 1, a strength that is not a positive
+            number, or no model name.
         """
         values: dict[str, Any] = {}
         for spec in fields(cls):
@@ -90,6 +92,8 @@ class ModelProvenance:
                 raise ValueError(f"provenance field {spec.name!r} is not a {wanted.__name__}")
             if spec.name == "ensemble" and value < 1:
                 raise ValueError(f"provenance field 'ensemble' must be at least 1, got {value}")
+            if spec.name == "strength" and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"provenance field 'strength' must be a positive number, got {value}")
             values[spec.name] = value
         if not values.get("name"):
             raise ValueError("provenance without a model name")
