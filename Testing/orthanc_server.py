@@ -1,8 +1,9 @@
 """A real Orthanc PACS for the network tests: Debian's ``orthanc`` (+ ``orthanc-dicomweb``) on loopback.
 
-:func:`start_orthanc` writes a throwaway JSON configuration and storage folder, starts the
-``Orthanc`` binary on free loopback ports (DICOM and HTTP), waits for its REST API and returns an
-:class:`Orthanc` handle (REST helpers, ``stop()``). ``.ci/run`` installs the packages on CI.
+:func:`start_orthanc` writes a throwaway JSON configuration (plus any ``extra_config``, e.g. a cap
+on C-FIND answers) and storage folder, starts the ``Orthanc`` binary on free loopback ports (DICOM
+and HTTP), waits for its REST API and returns an :class:`Orthanc` handle (REST helpers, ``stop()``).
+``.ci/run`` installs the packages on CI.
 """
 
 from __future__ import annotations
@@ -98,8 +99,12 @@ class Orthanc:
                 self.process.wait()
 
 
-def start_orthanc(folder: Path, *, timeout: float = 30.0) -> Orthanc:
-    """Start Orthanc with a fresh configuration and storage in ``folder``; raise when it cannot."""
+def start_orthanc(folder: Path, *, extra_config: dict | None = None, timeout: float = 30.0) -> Orthanc:
+    """Start Orthanc with a fresh configuration and storage in ``folder``; raise when it cannot.
+
+    ``extra_config`` is merged into the JSON configuration (its keys win, top level only), e.g.
+    ``{"LimitFindResults": 2}`` for a PACS that caps its C-FIND answers.
+    """
     binary = shutil.which("Orthanc")
     if binary is None:
         raise RuntimeError(
@@ -127,6 +132,7 @@ def start_orthanc(folder: Path, *, timeout: float = 30.0) -> Orthanc:
         "StableAge": 1,
         "Plugins": [str(DICOMWEB_PLUGIN)] if DICOMWEB_PLUGIN.exists() else [],
         "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+        **(extra_config or {}),
     }
     config_path = folder / "orthanc.json"
     config_path.write_text(json.dumps(config, indent=2))

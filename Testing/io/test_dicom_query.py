@@ -4,7 +4,8 @@ peer in this process) that answers a C-GET with another series, an image twice o
 list, or too slowly, and hostile DICOMweb servers (real HTTP servers on loopback in this process)
 that answer with too much or trickle their answer (over HTTPS too); a search is cancelled against
 such peers (a pynetdicom C-FIND peer and a QIDO-RS server) that record what they were asked. A
-second real Orthanc caps its C-FIND answers (``LimitFindInstances``), as a hospital PACS may."""
+second real Orthanc caps its C-FIND answers (``LimitFindInstances``, ``LimitFindResults``), as a
+hospital PACS may."""
 
 from __future__ import annotations
 
@@ -15,9 +16,7 @@ import ipaddress
 import json
 import logging
 import re
-import shutil
 import ssl
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -29,7 +28,6 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-import requests
 from conftest import write_ct_series
 from orthanc_server import Orthanc, free_port, start_orthanc
 from pydicom.dataset import Dataset
@@ -346,45 +344,74 @@ def test_a_pacs_that_sends_other_images_than_it_listed_is_refused(tmp_path, mode
 
 #: Matches a C-FIND at IMAGE level answers at most on the capped Orthanc (LimitFindInstances).
 FIND_CAP = 3
+#: Matches a C-FIND at PATIENT, STUDY or SERIES level answers at most on it (LimitFindResults).
+RESULTS_CAP = 2
 
 
 @pytest.fixture(scope="module")
 def capped_orthanc(tmp_path_factory) -> Iterator[tuple[Orthanc, list[Path]]]:
-    """A second real Orthanc whose lists of a series' instances (C-FIND at IMAGE level, and its
-    QIDO-RS) stop after :data:`FIND_CAP` matches (``LimitFindInstances``, as a hospital PACS may be
-    configured), holding one 6-slice CT series; yields it and the series' files.
-
-    ``start_orthanc`` writes the test configuration; Orthanc is then started again on it with the cap.
-    """
+    """A second real Orthanc that caps its C-FIND answers, as a hospital PACS may be configured: its
+    lists of a series' instances (C-FIND at IMAGE level, and its QIDO-RS) stop after
+    :data:`FIND_CAP` matches (``LimitFindInstances``), its searches for studies or series after
+    :data:`RESULTS_CAP` (``LimitFindResults``). It holds one 6-slice CT series; yields it and the
+    series' files."""
     folder = tmp_path_factory.mktemp("capped-orthanc")
-    pacs = start_orthanc(folder)
-    pacs.stop()
-    config_path = folder / "orthanc.json"
-    config = {**json.loads(config_path.read_text()), "LimitFindInstances": FIND_CAP}
-    config_path.write_text(json.dumps(config, indent=2))
-    with open(folder / "orthanc.log", "a") as log:
-        pacs.process = subprocess.Popen(
-            [shutil.which("Orthanc") or "Orthanc", str(config_path)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=folder,
+    try:
+        pacs = start_orthanc(
+            folder, extra_config={"LimitFindInstances": FIND_CAP, "LimitFindResults": RESULTS_CAP}
         )
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            pacs.get("/system")
-            break
-        except requests.RequestException:
-            if pacs.process.poll() is not None or time.monotonic() > deadline:
-                pacs.stop()
-                pytest.fail(f"the capped Orthanc did not start; see {folder / 'orthanc.log'}")
-            time.sleep(0.1)
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
     try:
         files = write_ct_series(folder / "ct6", 6)
         send(files, parse_node(pacs.node)).raise_for_failures()
         yield pacs, files
     finally:
         pacs.stop()
+
+
+@pytest.fixture(scope="module")
+def past_the_results_cap(capped_orthanc, tmp_path_factory) -> dict[str, str]:
+    """Three patients on the capped Orthanc, each with one-slice CT series: one with a study more
+    than :data:`RESULTS_CAP` (three studies), one with a series more in a study (three), and one at
+    the cap (two studies of two series each); maps each case to its patient ID."""
+    pacs, _ = capped_orthanc
+    tmp = tmp_path_factory.mktemp("past-the-results-cap")
+    stamp = time.monotonic_ns() % 10**9
+    plan = {"studies": [1, 1, 1], "series": [3], "at the cap": [2, 2]}  # series per study
+    patients, files = {}, []
+    for case, studies in plan.items():
+        patients[case] = f"CAP{len(patients)}-{stamp}"
+        for s, n_series in enumerate(studies):
+            study_uid = generate_uid()
+            for number in range(1, n_series + 1):
+                (path,) = write_ct_series(tmp / f"{len(patients)}-{s}-{number}", 1, series_number=number)
+                ds = pydicom.dcmread(path)
+                ds.PatientID, ds.StudyInstanceUID, ds.StudyDate = patients[case], study_uid, f"202{s}0101"
+                ds.save_as(path)
+                files.append(path)
+    send(files, parse_node(pacs.node)).raise_for_failures()
+    return patients
+
+
+@pytest.mark.parametrize("past", ["studies", "series"])
+def test_a_search_past_orthancs_results_cap_is_refused_naming_the_cap(
+    capped_orthanc, past_the_results_cap, past
+) -> None:
+    """A real Orthanc capped at 2 matches per C-FIND (``LimitFindResults``) sends 2 matches, then
+    0xFE00, for a patient with 3 CT studies (STUDY level) or a study with 3 CT series (SERIES level):
+    the search is refused in one line naming the cap, not shown as if 2 were all. A patient at the
+    cap (2 studies of 2 series; Orthanc ends that answer 0x0000) is listed whole."""
+    pacs, _ = capped_orthanc
+    node = parse_node(pacs.node)
+    at_the_cap = find_series(node, patient=past_the_results_cap["at the cap"])
+    assert len(at_the_cap) == 4 and len({m.study_uid for m in at_the_cap}) == 2
+    with pytest.raises(UserError) as refused:
+        find_series(node, patient=past_the_results_cap[past])
+    assert str(refused.value) == (
+        f"C-FIND on {node}: the PACS cut its answer short (status 0xFE00: a cap on C-FIND answers,"
+        " e.g. Orthanc's LimitFindResults); narrow the search or lift the cap"
+    )
 
 
 def test_a_series_past_the_pacs_listing_cap_is_retrieved_whole_by_its_count(
