@@ -5,7 +5,9 @@
         "2:benchmarks/results/campaign_pairs/validate10.json,benchmarks/results/campaign_pairs/validate10b.json" ...
 
 Each argument is ``PAIR:FILE[,FILE...]``: the ``scripts/validate_legs.py --json`` results of that
-pair's candidates (legs, soups, mixes), each measured against the default of its day. A point is a
+pair's candidates (legs, soups, mixes), each measured against the default of its day. ``FILE#A+B``
+keeps only candidates ``A`` and ``B`` of a file that also holds other rows (an earlier pair's
+control, the same weights at another ``--strengths`` value). A point is a
 candidate's mean difference over the validation columns (dB); a filled point passed the ship rule
 (mean above the default, no column more than the tolerance below it). The figure answers "is the
 campaign flat yet?" across pairs, where ``plot_campaign.py`` shows the legs inside one card.
@@ -19,12 +21,20 @@ from pathlib import Path
 
 
 def pair_points(spec: str) -> tuple[str, list[tuple[str, float, float, bool]]]:
-    """(pair label, [(candidate, mean, lowest, passes), ...]) from ``PAIR:FILE[,FILE...]``."""
+    """(pair label, [(candidate, mean, lowest, passes), ...]) from ``PAIR:FILE[#A+B][,FILE...]``."""
     label, _, files = spec.partition(":")
     points = []
-    for name in files.split(","):
-        for candidate, verdict in json.loads(Path(name).read_text(encoding="utf-8"))["verdicts"].items():
-            points.append((candidate, verdict["mean"], verdict["lowest"], bool(verdict["passes"])))
+    for item in files.split(","):
+        name, _, keep = item.partition("#")
+        wanted = set(keep.split("+")) if keep else None
+        verdicts = json.loads(Path(name).read_text(encoding="utf-8"))["verdicts"]
+        if wanted is not None and not wanted <= set(verdicts):
+            raise SystemExit(
+                f"{name}: no candidate {sorted(wanted - set(verdicts))}; it has {sorted(verdicts)}"
+            )
+        for candidate, verdict in verdicts.items():
+            if wanted is None or candidate in wanted:
+                points.append((candidate, verdict["mean"], verdict["lowest"], bool(verdict["passes"])))
     return label, points
 
 
