@@ -7,9 +7,14 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import chest_like_volume
 from test_strength_provenance import denoise_to_dicom  # the same run, with --ensemble instead
 
+from IPv2DenoiseLib.app.batch.records import read_record
+from IPv2DenoiseLib.app.cli import main
 from IPv2DenoiseLib.core.provenance import ModelProvenance
+from IPv2DenoiseLib.core.volume import Volume
+from IPv2DenoiseLib.io.volumes import write_volume
 
 #: What DerivationDescription adds for an ensemble of N (N > 1).
 CLAUSE = "averaged over {} flipped and rotated passes (test-time ensemble)"
@@ -88,3 +93,18 @@ def test_the_slicer_node_keeps_the_ensemble_for_its_export(tmp_path) -> None:
         assert node_provenance(node)[0].ensemble == 1
     finally:
         slicer.mrmlScene.Clear(True)
+
+
+def test_batch_records_the_ensemble_in_its_summary_and_records(tmp_path) -> None:
+    """The summary's top level names the ensemble beside the strength (the identity and the done
+    records already did): a reader of one archive's summary sees how its cases were made."""
+    source = tmp_path / "archive"
+    source.mkdir()
+    write_volume(Volume(chest_like_volume(1, (4, 64, 64)), (0.7, 0.7, 1.25)), source / "p01.nrrd")
+    out = tmp_path / "out"
+    assert (
+        main(["batch", str(source), str(out), "--model", "fast", "--device", "cpu", "--ensemble", "2"]) == 0
+    )
+    summary = json.loads((out / "batch-summary.json").read_text())
+    assert summary["ensemble"] == 2 and summary["identity"]["ensemble"] == 2
+    assert read_record(out, "p01")["settings"]["ensemble"] == 2

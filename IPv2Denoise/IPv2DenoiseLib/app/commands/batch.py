@@ -390,6 +390,7 @@ def _summary_info(
         "engine": args.engine,
         "model": args.weights or args.model,
         "strength": args.strength,
+        "ensemble": args.ensemble,
         "format": "dicom" if args.dicom else "nrrd",
         "shard": args.shard,
         "cases_found": identity["cases_found"],
