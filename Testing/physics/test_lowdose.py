@@ -334,21 +334,23 @@ def test_cli_simulate_checks_out_and_views_before_reading(tmp_path, capsys):
     assert "missing.nrrd" not in err
 
 
-def test_a_seed_gives_the_same_noise_under_any_thread_count() -> None:
+@pytest.mark.parametrize("backend", ["finufft", "torch"])
+def test_a_seed_gives_the_same_noise_under_any_thread_count(backend) -> None:
     """finufft spread with ``OMP_NUM_THREADS`` threads: another summation order, and a Poisson
     draw on the rounded mean then drew another stream, so a fixed validation set changed with the
-    machine's threads. Each count runs in its own process, as finufft reads the variable once."""
+    machine's threads. Each count runs in its own process, as finufft reads the variable once; the
+    torch back end (no finufft, or a GPU) is held to the same."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
     script = (
-        "import hashlib, numpy as np\n"
+        "import hashlib, sys, numpy as np\n"
         "from IPv2DenoiseLib.physics.lowdose import simulate_low_dose\n"
         "hu = np.full((4, 192, 192), -1000, np.float32); hu[:, 40:150, 30:165] = 40; hu[:, 70:120, 50:90] = -850\n"
         "for geometry in ('parallel', 'fan'):\n"
-        "    out = simulate_low_dose(hu, dose=0.02, spacing_mm=0.8, geometry=geometry, seed=5, device='cpu')\n"
+        "    out = simulate_low_dose(hu, dose=0.02, spacing_mm=0.8, geometry=geometry, seed=5, device='cpu', backend=sys.argv[1])\n"
         "    print(hashlib.sha256(np.ascontiguousarray(out).tobytes()).hexdigest())\n"
     )
     lib = Path(__file__).resolve().parents[2] / "IPv2Denoise"
@@ -356,7 +358,7 @@ def test_a_seed_gives_the_same_noise_under_any_thread_count() -> None:
     for threads in ("1", "2"):
         env = {**os.environ, "OMP_NUM_THREADS": threads, "PYTHONPATH": str(lib)}
         run = subprocess.run(
-            [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+            [sys.executable, "-c", script, backend], env=env, capture_output=True, text=True, timeout=300
         )
         assert run.returncode == 0, run.stderr[-2000:]
         digests.append(run.stdout.split())
