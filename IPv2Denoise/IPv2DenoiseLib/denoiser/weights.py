@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from IPv2DenoiseLib.core.atomic import atomic_path
 from IPv2DenoiseLib.core.errors import UserError
 from IPv2DenoiseLib.denoiser.model_reference import card_path, read_card
-from IPv2DenoiseLib.denoiser.models import MODEL_CLASSES, build_model, count_parameters, flops_per_voxel
+from IPv2DenoiseLib.denoiser.models import build_model, count_parameters, flops_per_voxel, model_class
 from IPv2DenoiseLib.denoiser.models.base import Denoiser2p5D
 from IPv2DenoiseLib.denoiser.models.noise_aware_unet import noise_channels
 from IPv2DenoiseLib.denoiser.normalization import NORMALIZATION
@@ -212,13 +212,11 @@ def takes_noise_map(path: str | os.PathLike) -> bool:
         except (SafetensorError, OSError, ValueError) as exc:
             raise _not_safetensors(path, exc) from None
         card = _card_from_header(path, header)
-    arch = str(card.get("architecture"))
-    network = MODEL_CLASSES.get(arch)
-    if network is None:
-        raise UserError(
-            f"weights {str(path)!r}: unknown architecture {arch!r}; known: {', '.join(sorted(MODEL_CLASSES))}"
-        )
-    return noise_channels(network) > 0  # a class attribute of the network
+    try:
+        network = model_class(str(card.get("architecture")))
+    except UserError as exc:
+        raise UserError(f"weights {str(path)!r}: {exc}") from None
+    return noise_channels(network) > 0
 
 
 def load_model(

@@ -13,6 +13,7 @@ from IPv2DenoiseLib.denoiser.models.registry import (
     build_model,
     count_parameters,
     flops_per_voxel,
+    model_class,
     resolve_architecture,
 )
 from IPv2DenoiseLib.denoiser.models.unet import UNet
@@ -29,5 +30,6 @@ __all__ = [
     "build_model",
     "count_parameters",
     "flops_per_voxel",
+    "model_class",
     "resolve_architecture",
 ]

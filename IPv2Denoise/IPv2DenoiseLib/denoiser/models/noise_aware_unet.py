@@ -45,13 +45,13 @@ def noise_map_channel(map_hu: np.ndarray) -> np.ndarray:
     return np.asarray(map_hu, dtype=np.float32) / np.float32(NOISE_MAP_SCALE_HU)
 
 
-def noise_channels(model: torch.nn.Module) -> int:
+def noise_channels(model: torch.nn.Module | type[torch.nn.Module]) -> int:
     """How many noise channels a network takes after its slices (0, 1 for the level map, 2 with texture).
 
     Parameters
     ----------
-    model : torch.nn.Module
-        Any network of :mod:`IPv2DenoiseLib.denoiser.models`.
+    model : torch.nn.Module or its class
+        Any network of :mod:`IPv2DenoiseLib.denoiser.models`, built or not (a class attribute).
 
     Returns
     -------

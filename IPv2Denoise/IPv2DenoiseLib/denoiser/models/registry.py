@@ -69,6 +69,30 @@ def resolve_architecture(name: str, kwargs: dict | None = None) -> tuple[str, di
     return name, kwargs
 
 
+def model_class(arch: str) -> type[Denoiser2p5D]:
+    """The network class of an architecture name (a model card's ``architecture``).
+
+    Parameters
+    ----------
+    arch : str
+        One of :data:`MODEL_CLASSES`.
+
+    Returns
+    -------
+    type
+        The class, not built.
+
+    Raises
+    ------
+    UserError
+        Unknown ``arch`` (the message lists the known ones).
+    """
+    cls = MODEL_CLASSES.get(arch)
+    if cls is None:
+        raise UserError(f"unknown architecture {arch!r}; known: {', '.join(sorted(MODEL_CLASSES))}")
+    return cls
+
+
 def build_model(arch: str, **kwargs) -> Denoiser2p5D:
     """Build an untrained network.
 
@@ -89,9 +113,7 @@ def build_model(arch: str, **kwargs) -> Denoiser2p5D:
     UserError
         Unknown ``arch`` or keywords the class does not take.
     """
-    cls = MODEL_CLASSES.get(arch)
-    if cls is None:
-        raise UserError(f"unknown architecture {arch!r}; known: {', '.join(sorted(MODEL_CLASSES))}")
+    cls = model_class(arch)
     try:
         return cls(**kwargs)
     except TypeError as exc:
