@@ -232,7 +232,7 @@ def test_stow_rs_to_a_url_that_answers_404_with_json_is_one_line(derived_series,
             self.wfile.write(body)
 
         def log_message(self, *args) -> None:
-            pass
+            """Quiet: the test reports its assertions, not the server's access log."""
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
     threading.Thread(target=server.serve_forever, daemon=True).start()
